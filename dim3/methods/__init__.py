@@ -1,0 +1,83 @@
+"""The registry of merge rules: name -> (function, options class, paper).
+
+A rule is a pure function ``fn(base, tuned, options, *, name="") -> Tensor``:
+
+- ``base`` (Tensor of shape (out, in) or (n,)): the base model's tensor, float32.
+- ``tuned`` (list of Tensors shaped like ``base``): the fine-tuned models' tensors, float32, in the
+  engine's fixed order ``[multimodal, multilingual]``.
+- ``options``: a frozen dataclass instance of the method's ``options`` class.
+- ``name``: the tensor's name, for rules that need a per-tensor seed (DARE) and for messages.
+
+It returns the merged tensor, float32, shaped like ``base``, on ``base``'s device. It does no I/O
+and chooses no device. 2-D tensors are (out, in) with columns as the units that rules such as DiM3
+rank; the engine transposes token embeddings first, so their columns are tokens.
+
+Options classes are frozen dataclasses validated in ``__post_init__``. Each field carries
+``metadata={"help": str, "min": float, "max": float}`` (min/max where they apply), so the CLI and
+the app can show and check them without knowing the method.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor
+
+from dim3.methods import dim3
+
+RuleFn = Callable[..., Tensor]
+
+
+@dataclass(frozen=True)
+class Method:
+    """One merge method: its rule, its options class and where it comes from."""
+
+    name: str
+    fn: RuleFn
+    options: type
+    paper: str
+    summary: str
+
+    def make_options(self, values: dict[str, Any] | None = None) -> Any:
+        """Build validated options from a plain dict; unknown keys raise ``ValueError``."""
+        values = dict(values or {})
+        known = {f.name for f in dataclasses.fields(self.options)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown option(s) {unknown} for method {self.name!r}; "
+                f"valid options: {sorted(known)}"
+            )
+        return self.options(**values)
+
+    def merge(self, base: Tensor, tuned: Sequence[Tensor], options: Any, name: str = "") -> Tensor:
+        return self.fn(base, list(tuned), options, name=name)
+
+
+METHODS: dict[str, Method] = {
+    "dim3": Method(
+        name="dim3",
+        fn=dim3.merge,
+        options=dim3.DiM3Options,
+        paper="https://arxiv.org/abs/2605.12960",
+        summary="Direction- and magnitude-aware column weighting of each residual update.",
+    ),
+}
+
+
+def get_method(name: str) -> Method:
+    """Return the registered method ``name``; an unknown name lists the valid ones."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown merge method {name!r}; valid methods: {', '.join(sorted(METHODS))}"
+        ) from None
+
+
+def option_fields(method: str) -> list[dataclasses.Field]:
+    """The options of ``method`` as dataclass fields (name, default, metadata help/min/max)."""
+    return list(dataclasses.fields(get_method(method).options))

@@ -1,0 +1,148 @@
+"""The DiM3 rule (Direction- and Magnitude-aware Multilingual Multimodal merging).
+
+Paper: https://arxiv.org/abs/2605.12960. This module knows tensors only: no files, no devices, no
+model layouts. The engine hands it float32 tensors, with token embeddings already transposed so
+that their columns are tokens.
+
+For a 2-D tensor (out, in), each column j of each model is split into a magnitude ``m = ‖col‖₂``
+and a direction ``d = col / (m + 1e-8)``. Per tuned model t, the column's magnitude change
+``|m_t − m_base|`` and direction change ``1 − cos(d_t, d_base)`` are ranked among the model's own
+columns (stable ascending argsort, rank value ``position / n_columns``). A rank matrix S
+(models × columns) is scored by a softmax over the models, except where ``S`` exceeds
+``above_average_ratio`` × its mean over columns: there the score is ``calibration``. The weight of
+update t on column j is the mean of its magnitude and direction scores, and
+``merged = base + Σ_t Δ_t · w_t`` with the weight broadcast down each column.
+
+1-D tensors (norms, biases) have no columns: their significance is ``|tuned − base|`` elementwise,
+scored the same way without ranking.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+EPS = 1e-8
+
+
+@dataclass(frozen=True)
+class DiM3Options:
+    """Options of the DiM3 rule."""
+
+    above_average_ratio: float = field(
+        default=1.0,
+        metadata={
+            "help": "A column whose change ranks above this multiple of the model's average "
+            "keeps its full update (gets the calibration weight) instead of a softmax share.",
+            "min": 0.0,
+            "max": 10.0,
+        },
+    )
+    calibration: float = field(
+        default=1.0,
+        metadata={
+            "help": "Weight given to an update on the columns it changed more than average "
+            "(1.0 keeps that update whole).",
+            "min": 0.0,
+            "max": 10.0,
+        },
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("above_average_ratio", "calibration"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise ValueError(f"DiM3 option {name} must be a number, got {value!r}")
+            if not (0.0 <= float(value) <= 10.0) or value != value:
+                raise ValueError(f"DiM3 option {name} must lie in [0, 10], got {value!r}")
+
+
+@dataclass(frozen=True)
+class DiM3Weights:
+    """What the rule decided for one tensor, for diagnostics.
+
+    weights (Tensor of shape (T, n)): the weight of each update on each column (or element).
+    magnitude_calibrated, direction_calibrated (bool Tensors of shape (T, n)): where the
+    calibration value replaced the softmax score. For 1-D tensors both masks are the same.
+    """
+
+    weights: Tensor
+    magnitude_calibrated: Tensor
+    direction_calibrated: Tensor
+
+
+def ranks(changes: Tensor) -> Tensor:
+    """Rank each row's values among that row's columns: ``position / n`` in a stable ascending sort.
+
+    changes (Tensor of shape (T, n)) -> (T, n), values in {0, 1/n, ..., (n-1)/n}.
+    """
+    n = changes.shape[-1]
+    order = torch.argsort(changes, dim=-1, stable=True)  # (T, n): column index at each position
+    positions = torch.arange(n, device=changes.device, dtype=torch.float32).expand_as(changes)
+    out = torch.empty_like(changes, dtype=torch.float32)
+    out.scatter_(-1, order, positions / n)  # column order[p] gets rank p / n
+    return out
+
+
+def score(s: Tensor, above_average_ratio: float, calibration: float) -> tuple[Tensor, Tensor]:
+    """Softmax over models, with ``calibration`` wherever S is above its row mean × ratio.
+
+    s (Tensor of shape (T, n)) -> (scores (T, n), calibrated mask (T, n)).
+    """
+    soft = torch.softmax(s, dim=0)  # (T, n): models compete for each column
+    calibrated = s > s.mean(dim=1, keepdim=True) * above_average_ratio  # (T, n)
+    return torch.where(calibrated, torch.full_like(soft, calibration), soft), calibrated
+
+
+def _as_columns(t: Tensor) -> Tensor:
+    """View any tensor of 2 or more dims as (out, in): columns are the trailing dims flattened."""
+    return t.reshape(t.shape[0], -1)
+
+
+def column_changes(base: Tensor, tuned: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """Per-column magnitude and direction change of each tuned tensor against the base.
+
+    base (out, in), tuned T × (out, in) -> (magnitude change (T, in), direction change (T, in)).
+    """
+    m_base = torch.linalg.vector_norm(base, dim=0)  # (in,)
+    mags, dirs = [], []
+    for t in tuned:
+        m_t = torch.linalg.vector_norm(t, dim=0)  # (in,)
+        # cos(d_t, d_base) with d = col / (m + eps), without materialising the directions
+        cos = (t * base).sum(dim=0) / ((m_t + EPS) * (m_base + EPS))  # (in,)
+        mags.append((m_t - m_base).abs())
+        dirs.append(1.0 - cos)
+    return torch.stack(mags), torch.stack(dirs)
+
+
+def dim3_weights(base: Tensor, tuned: list[Tensor], options: DiM3Options) -> DiM3Weights:
+    """The weight DiM3 gives each update: (T, in) for 2-D tensors, (T, n) for 1-D ones."""
+    ratio, calib = options.above_average_ratio, options.calibration
+    if base.dim() < 2:
+        significance = torch.stack([(t - base).abs().reshape(-1) for t in tuned])  # (T, n)
+        w, mask = score(significance, ratio, calib)
+        return DiM3Weights(w, mask, mask)
+    mag, dirc = column_changes(_as_columns(base), [_as_columns(t) for t in tuned])
+    mag_score, mag_mask = score(ranks(mag), ratio, calib)
+    dir_score, dir_mask = score(ranks(dirc), ratio, calib)
+    return DiM3Weights(0.5 * (mag_score + dir_score), mag_mask, dir_mask)
+
+
+def merge(base: Tensor, tuned: list[Tensor], options: DiM3Options, *, name: str = "") -> Tensor:
+    """DiM3-merge one tensor: ``base + Σ_t (tuned_t − base) · w_t``.
+
+    base (Tensor of shape (out, in) or (n,)), tuned: list of T tensors shaped like base.
+    Returns a float32 tensor shaped like base.
+    """
+    w = dim3_weights(base, tuned, options).weights  # (T, in) or (T, n)
+    flat = base.dim() < 2
+    merged = base.clone()
+    for t, w_t in zip(tuned, w):
+        delta = t - base
+        if flat:
+            merged += delta * w_t.reshape(base.shape)
+        else:
+            merged += (_as_columns(delta) * w_t).reshape(base.shape)  # w_t broadcast down columns
+    return merged

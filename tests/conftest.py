@@ -1,0 +1,38 @@
+"""Session fixtures: tiny real trios, built once per test session in a temporary folder."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.tiny_models import Trio, build_llava_trio, build_qwen2vl_trio, rewrite_to_new_layout
+
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_trio(tmp_path_factory) -> Trio:
+    """LLaVA (Llama) trio, older key layout, padded VLM vocabulary, untied embeddings."""
+    return build_llava_trio(tmp_path_factory.mktemp("llava"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_new_layout_trio(tmp_path_factory) -> Trio:
+    """LLaVA trio whose VLM is stored in the newer ``model.language_model.*`` layout."""
+    trio = build_llava_trio(tmp_path_factory.mktemp("llava_new"), seed=3)
+    rewrite_to_new_layout(trio.multimodal, "llava")
+    return trio
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2vl_trio(tmp_path_factory) -> Trio:
+    """Qwen2-VL (Qwen2) trio, older layout, tied embeddings."""
+    return build_qwen2vl_trio(tmp_path_factory.mktemp("qwen2vl"))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2vl_new_layout_trio(tmp_path_factory) -> Trio:
+    """Qwen2-VL trio in the newer layout."""
+    trio = build_qwen2vl_trio(tmp_path_factory.mktemp("qwen2vl_new"), seed=5)
+    rewrite_to_new_layout(trio.multimodal, "qwen2_vl")
+    return trio
