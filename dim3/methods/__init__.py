@@ -26,7 +26,7 @@ from typing import Any
 
 from torch import Tensor
 
-from dim3.methods import dim3
+from dim3.methods import breadcrumbs, dare, dim3, linear, task_arithmetic, ties
 
 RuleFn = Callable[..., Tensor]
 
@@ -64,6 +64,48 @@ METHODS: dict[str, Method] = {
         options=dim3.DiM3Options,
         paper="https://arxiv.org/abs/2605.12960",
         summary="Direction- and magnitude-aware column weighting of each residual update.",
+    ),
+    "task_arithmetic": Method(
+        name="task_arithmetic",
+        fn=task_arithmetic.merge,
+        options=task_arithmetic.TaskArithmeticOptions,
+        paper="https://arxiv.org/abs/2212.04089",
+        summary="Base plus the weighted sum of both updates, scaled by λ.",
+    ),
+    "linear": Method(
+        name="linear",
+        fn=linear.merge,
+        options=linear.LinearOptions,
+        paper="https://arxiv.org/abs/2203.05482",
+        summary="Weighted average of the two tuned models (weights normalised to sum to 1).",
+    ),
+    "ties": Method(
+        name="ties",
+        fn=ties.merge,
+        options=ties.TiesOptions,
+        paper="https://arxiv.org/abs/2306.01708",
+        summary="Trim each update to its largest entries, elect a sign, average the agreeing ones.",
+    ),
+    "dare_task_arithmetic": Method(
+        name="dare_task_arithmetic",
+        fn=dare.merge_task_arithmetic,
+        options=dare.DareOptions,
+        paper="https://arxiv.org/abs/2311.03099",
+        summary="Randomly drop a fraction p of each update, rescale by 1/(1-p), then add them.",
+    ),
+    "dare_ties": Method(
+        name="dare_ties",
+        fn=dare.merge_ties,
+        options=dare.DareOptions,
+        paper="https://arxiv.org/abs/2311.03099",
+        summary="DARE's random drop and rescale, then TIES' sign election and disjoint mean.",
+    ),
+    "breadcrumbs": Method(
+        name="breadcrumbs",
+        fn=breadcrumbs.merge,
+        options=breadcrumbs.BreadcrumbsOptions,
+        paper="https://arxiv.org/abs/2312.06795",
+        summary="Drop each update's largest and smallest entries, then add what is left.",
     ),
 }
 

@@ -1,0 +1,146 @@
+"""Shared pieces of the baseline merge rules: option checks, magnitude masks, sign election,
+disjoint mean and DARE's seeded drop-and-rescale.
+
+Everything here works on one tensor at a time, in float32, on whatever device the tensor is on,
+except the DARE mask, which is always drawn on the CPU so that it is the same on every device. It
+knows nothing about files, models or layouts. The pieces follow the papers' definitions:
+TIES-merging (https://arxiv.org/abs/2306.01708), DARE (https://arxiv.org/abs/2311.03099) and
+Model Breadcrumbs (https://arxiv.org/abs/2312.06795); ``prune``/``disjoint_merge`` mirror the
+shape of peft's ``merge_utils``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+def check_options(options: object, method: str) -> None:
+    """Check every field of a frozen options dataclass against its metadata ``min``/``max``.
+
+    A field whose default is an ``int`` must be an int; any other numeric field accepts int or
+    float. Raises ``ValueError`` naming the method, the option and the allowed range.
+    """
+    for f in dataclasses.fields(options):  # type: ignore[arg-type]
+        value = getattr(options, f.name)
+        lo, hi = f.metadata.get("min"), f.metadata.get("max")
+        integral = isinstance(f.default, int) and not isinstance(f.default, bool)
+        kinds = (int,) if integral else (int, float)
+        kind = "an integer" if integral else "a number"
+        if not isinstance(value, kinds) or isinstance(value, bool) or value != value:
+            raise ValueError(
+                f"{method} option {f.name} must be {kind} in [{lo}, {hi}], got {value!r}"
+            )
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            raise ValueError(f"{method} option {f.name} must lie in [{lo}, {hi}], got {value!r}")
+
+
+def number(default: float, help: str, lo: float, hi: float) -> dataclasses.Field:
+    """A dataclass field with the registry's metadata (help, min, max)."""
+    return dataclasses.field(default=default, metadata={"help": help, "min": lo, "max": hi})
+
+
+def two_models(tuned: Sequence[Tensor], method: str) -> None:
+    """Methods with per-model weights need exactly the engine's ``[multimodal, multilingual]``."""
+    if len(tuned) != 2:
+        raise ValueError(
+            f"{method} takes exactly two tuned tensors [multimodal, multilingual], got {len(tuned)}"
+        )
+
+
+def deltas(base: Tensor, tuned: Sequence[Tensor]) -> Tensor:
+    """Task vectors ``Δ_t = tuned_t − base``: T × base.shape -> (T, *base.shape)."""
+    return torch.stack([t - base for t in tuned])
+
+
+def keep_count(fraction: float, n: int) -> int:
+    """How many of ``n`` entries a fraction keeps: round half up, at least 1 when fraction > 0."""
+    if fraction <= 0.0:
+        return 0
+    return min(n, max(1, math.floor(fraction * n + 0.5)))
+
+
+def magnitude_order(delta: Tensor) -> Tensor:
+    """Flat indices of ``delta`` from smallest to largest ``|delta|`` (stable: on equal
+    magnitudes the lower index counts as smaller). delta (any shape) -> (numel,) int64."""
+    return torch.argsort(delta.abs().reshape(-1), stable=True)
+
+
+def band_mask(delta: Tensor, drop_small: int, drop_large: int) -> Tensor:
+    """Keep all but the ``drop_small`` smallest and ``drop_large`` largest magnitudes.
+
+    delta (any shape) -> bool mask of the same shape.
+    """
+    n = delta.numel()
+    order = magnitude_order(delta)  # (n,)
+    mask = torch.zeros(n, dtype=torch.bool, device=delta.device)
+    mask[order[drop_small : n - drop_large]] = True
+    return mask.reshape(delta.shape)
+
+
+def trim_mask(delta: Tensor, density: float) -> Tensor:
+    """TIES trim: keep the ``keep_count(density, n)`` largest magnitudes of one task vector.
+
+    delta (any shape) -> bool mask of the same shape.
+    """
+    n = delta.numel()
+    return band_mask(delta, n - keep_count(density, n), 0)
+
+
+def breadcrumbs_mask(delta: Tensor, density: float, gamma: float) -> Tensor:
+    """Model Breadcrumbs: drop the ``gamma`` largest magnitudes and then as many of the smallest
+    as needed to leave ``density`` of the entries (fewer large ones when gamma > 1 − density).
+
+    delta (any shape) -> bool mask of the same shape.
+    """
+    n = delta.numel()
+    keep = keep_count(density, n)  # = n when density is 1
+    drop_large = min(math.floor(gamma * n + 0.5), n - keep)
+    return band_mask(delta, n - keep - drop_large, drop_large)
+
+
+def elect_sign(masked: Tensor) -> Tensor:
+    """TIES sign election: the sign of the summed (trimmed) updates, i.e. the sign holding more
+    total magnitude; a zero sum elects +1. masked (T, ...) -> (...) of ±1.0."""
+    return torch.where(masked.sum(dim=0) >= 0, 1.0, -1.0)
+
+
+def disjoint_mean(masked: Tensor) -> Tensor:
+    """TIES disjoint merge: mean of the non-zero updates that agree with the elected sign;
+    0 where none agrees. masked (T, ...) -> (...)."""
+    agree = torch.sign(masked) == elect_sign(masked)  # (T, ...): zeros never agree
+    count = agree.sum(dim=0).clamp(min=1)
+    return (masked * agree).sum(dim=0) / count
+
+
+def dare_seed(seed: int, name: str, index: int) -> int:
+    """A stable 63-bit generator seed from (options seed, tensor name, tuned index).
+
+    Stable across processes, platforms and devices (unlike ``hash()``), and independent of the
+    order in which tensors are merged.
+    """
+    key = f"dim3-dare\0{seed}\0{index}\0{name}".encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
+
+
+def dare_keep_mask(shape: torch.Size, drop_rate: float, seed: int, name: str, index: int) -> Tensor:
+    """DARE's Bernoulli keep mask (keep with probability 1 − p), drawn on the CPU.
+
+    Returns a bool CPU tensor of ``shape``; identical for identical (seed, name, index).
+    """
+    gen = torch.Generator(device="cpu").manual_seed(dare_seed(seed, name, index))
+    return torch.rand(shape, generator=gen, dtype=torch.float32) >= drop_rate
+
+
+def dare(delta: Tensor, drop_rate: float, seed: int, name: str, index: int) -> Tensor:
+    """DARE drop-and-rescale of one task vector: zero a random fraction ``p`` of its entries and
+    scale the rest by ``1 / (1 − p)``. delta (any shape) -> same shape, on delta's device."""
+    if drop_rate == 0.0:
+        return delta.clone()
+    keep = dare_keep_mask(delta.shape, drop_rate, seed, name, index).to(delta.device)
+    return torch.where(keep, delta / (1.0 - drop_rate), torch.zeros_like(delta))

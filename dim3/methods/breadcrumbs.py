@@ -1,0 +1,46 @@
+"""Model Breadcrumbs: task arithmetic over task vectors stripped of outliers and of noise.
+
+Paper: Davari & Belilovsky, "Model Breadcrumbs: Scaling Multi-Task Model Merging with Sparse
+Masks", https://arxiv.org/abs/2312.06795. Per tensor and per task vector, the ``gamma`` fraction of
+entries with the largest magnitude is dropped, then the smallest ones, so that a ``density``
+fraction remains (when ``gamma > 1 − density`` fewer large ones are dropped, so the density holds).
+``merged = base + λ Σ_t mask_t ⊙ Δ_t``. Defaults are mergekit's ``breadcrumbs`` example values
+(density 0.9, gamma 0.01, i.e. drop the top 1 % and the bottom 9 %) with λ = 1. This module knows
+tensors only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from dim3.methods._utils import breadcrumbs_mask, check_options, deltas, number
+
+NAME = "breadcrumbs"
+
+
+@dataclass(frozen=True)
+class BreadcrumbsOptions:
+    """Options of Model Breadcrumbs."""
+
+    density: float = number(
+        0.9, "Fraction of each update's entries kept after dropping both ends.", 0.01, 1.0
+    )
+    gamma: float = number(
+        0.01, "Fraction of each update's largest-magnitude entries dropped (outliers).", 0.0, 0.99
+    )
+    scaling: float = number(1.0, "λ: scale of the summed task vectors.", 0, 10)
+
+    def __post_init__(self) -> None:
+        check_options(self, NAME)
+
+
+def merge(
+    base: Tensor, tuned: list[Tensor], options: BreadcrumbsOptions, *, name: str = ""
+) -> Tensor:
+    """``base + λ Σ_t mask_t ⊙ Δ_t``. base (out, in) or (n,), tuned: T like base -> like base."""
+    d = deltas(base, tuned)  # (T, *shape)
+    kept = [torch.where(breadcrumbs_mask(x, options.density, options.gamma), x, 0.0) for x in d]
+    return base + options.scaling * torch.stack(kept).sum(dim=0)

@@ -1,0 +1,67 @@
+"""DARE (Drop And REscale) on top of Task Arithmetic and of TIES.
+
+Paper: Yu et al., "Language Models are Super Mario: Absorbing Abilities from Homologous Models as
+a Free Lunch", https://arxiv.org/abs/2311.03099. Each task vector loses a random fraction ``p`` of
+its entries and the survivors are scaled by ``1 / (1 − p)``, then the sparse task vectors are
+merged:
+
+- ``dare_task_arithmetic``: ``base + λ Σ_t DARE(Δ_t)``.
+- ``dare_ties``: TIES' sign election and disjoint mean over the DARE'd vectors (no magnitude trim:
+  the random drop replaces it, as in mergekit's ``dare_ties``), ``base + λ · disjoint_mean``.
+
+Default ``p = 0.9``: the paper's headline finding that 90 % of SFT delta parameters can be dropped
+without loss; λ = 1. The mask is reproducible: it depends only on (seed, tensor name, tuned index),
+is drawn on the CPU so CPU and CUDA merges agree bit for bit, and does not depend on the order in
+which tensors are merged. This module knows tensors only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from dim3.methods import _utils
+from dim3.methods._utils import check_options, disjoint_mean, number
+
+
+@dataclass(frozen=True)
+class DareOptions:
+    """Options of DARE (both variants)."""
+
+    drop_rate: float = number(
+        0.9,
+        "p: fraction of each update's entries dropped at random (survivors × 1/(1−p)).",
+        0.0,
+        0.99,
+    )
+    scaling: float = number(1.0, "λ: scale of the merged task vector.", 0, 10)
+    seed: int = number(0, "Seed of the random drop (with the tensor name and model).", 0, 2**32 - 1)
+
+    def __post_init__(self) -> None:
+        check_options(self, "dare")
+
+
+def dropped(base: Tensor, tuned: list[Tensor], options: DareOptions, name: str) -> Tensor:
+    """The DARE'd task vectors: (T, *base.shape); model t's mask is seeded by (seed, name, t)."""
+    return torch.stack(
+        [
+            _utils.dare(t - base, options.drop_rate, options.seed, name, i)
+            for i, t in enumerate(tuned)
+        ]
+    )
+
+
+def merge_task_arithmetic(
+    base: Tensor, tuned: list[Tensor], options: DareOptions, *, name: str = ""
+) -> Tensor:
+    """``base + λ Σ_t DARE(Δ_t)``. base (out, in) or (n,), tuned: T like base -> like base."""
+    return base + options.scaling * dropped(base, tuned, options, name).sum(dim=0)
+
+
+def merge_ties(
+    base: Tensor, tuned: list[Tensor], options: DareOptions, *, name: str = ""
+) -> Tensor:
+    """``base + λ · disjoint_mean(DARE(Δ_t))``. base (out, in) or (n,) -> like base."""
+    return base + options.scaling * disjoint_mean(dropped(base, tuned, options, name))

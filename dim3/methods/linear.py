@@ -1,0 +1,46 @@
+"""Linear merge: a weighted average of the tuned models (a "model soup").
+
+Reference: Wortsman et al., "Model soups", https://arxiv.org/abs/2203.05482, as mergekit's
+``linear`` computes it with ``normalize: true`` (its default): ``Σ_t w_t tuned_t / Σ_t w_t``. The
+base takes no part, except that the result equals it when both tuned tensors do. Default weights
+are equal, i.e. the plain mean. This module knows tensors only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from dim3.methods._utils import check_options, number, two_models
+
+NAME = "linear"
+
+
+@dataclass(frozen=True)
+class LinearOptions:
+    """Options of the linear (weighted average) merge."""
+
+    multimodal_weight: float = number(1.0, "Weight of the multimodal (VLM) model.", 0, 10)
+    multilingual_weight: float = number(1.0, "Weight of the multilingual model.", 0, 10)
+
+    def __post_init__(self) -> None:
+        check_options(self, NAME)
+        if self.multimodal_weight + self.multilingual_weight <= 0:
+            raise ValueError(
+                "linear options multimodal_weight and multilingual_weight must not both be 0 "
+                "(they are normalised to sum to 1)"
+            )
+
+
+def merge(base: Tensor, tuned: list[Tensor], options: LinearOptions, *, name: str = "") -> Tensor:
+    """``(w_mm · multimodal + w_ml · multilingual) / (w_mm + w_ml)``.
+
+    base (Tensor of shape (out, in) or (n,)), tuned = [multimodal, multilingual] shaped like base.
+    Returns a float32 tensor shaped like base.
+    """
+    two_models(tuned, NAME)
+    w_mm, w_ml = options.multimodal_weight, options.multilingual_weight
+    total = w_mm + w_ml
+    # written as base + weighted mean of the deltas, so equal inputs give back base exactly
+    return base + (w_mm / total) * (tuned[0] - base) + (w_ml / total) * (tuned[1] - base)

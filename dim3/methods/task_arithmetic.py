@@ -1,0 +1,48 @@
+"""Task Arithmetic: add the scaled task vectors to the base.
+
+Paper: Ilharco et al., "Editing Models with Task Arithmetic", https://arxiv.org/abs/2212.04089.
+``merged = base + λ · Σ_t w_t · Δ_t`` with ``Δ_t = tuned_t − base``. The paper picks λ on held-out
+validation data; with none available here the default is λ = 1 and w_t = 1, which is what
+mergekit's ``task_arithmetic`` computes for weights of 1.0 (``lambda`` 1.0, no normalisation):
+the plain sum of both updates. This module knows tensors only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from dim3.methods._utils import check_options, deltas, number, two_models
+
+NAME = "task_arithmetic"
+
+
+@dataclass(frozen=True)
+class TaskArithmeticOptions:
+    """Options of Task Arithmetic."""
+
+    scaling: float = number(
+        1.0, "λ: scale of the summed task vectors (the paper tunes it on validation data).", 0, 10
+    )
+    multimodal_weight: float = number(1.0, "Weight of the multimodal (VLM) update.", 0, 10)
+    multilingual_weight: float = number(1.0, "Weight of the multilingual update.", 0, 10)
+
+    def __post_init__(self) -> None:
+        check_options(self, NAME)
+
+
+def merge(
+    base: Tensor, tuned: list[Tensor], options: TaskArithmeticOptions, *, name: str = ""
+) -> Tensor:
+    """``base + λ (w_mm Δmm + w_ml Δml)``.
+
+    base (Tensor of shape (out, in) or (n,)), tuned = [multimodal, multilingual] shaped like base.
+    Returns a float32 tensor shaped like base.
+    """
+    two_models(tuned, NAME)
+    w = torch.tensor([options.multimodal_weight, options.multilingual_weight], device=base.device)
+    d = deltas(base, tuned)  # (2, *shape)
+    summed = (d * w.reshape(-1, *([1] * base.dim()))).sum(dim=0)  # Σ_t w_t Δ_t
+    return base + options.scaling * summed
