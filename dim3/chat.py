@@ -1,0 +1,298 @@
+"""Chat with a vision-language model: load it, turn a conversation into inputs, stream a reply.
+
+This module knows transformers VLMs (``AutoModelForImageTextToText`` + ``AutoProcessor``) and plain
+conversations: a list of ``{"role": "user" | "assistant", "content": str}`` dicts plus at most one
+image, which belongs to the first user turn (LLaVA-1.5 style: a new image starts a new
+conversation). It does not know Gradio, model management (see ``dim3.models``) or merging.
+
+``stream_reply`` starts ``model.generate`` in a thread with a ``TextIteratorStreamer`` and a stopping
+criterion that reads a ``threading.Event``; setting the event (or closing the iterator) really ends
+generation within one token. ``interleave`` merges two reply streams into snapshots of both texts,
+so two models can answer side by side.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+MAX_IMAGE_PIXELS = 40_000_000  # larger images are refused (decompression-bomb guard)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp")
+
+
+class ChatError(ValueError):
+    """A conversation, image or setting that cannot be used; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """How to sample a reply. ``temperature == 0`` means greedy decoding."""
+
+    max_new_tokens: int = field(
+        default=64, metadata={"help": "Longest reply, in tokens.", "min": 1, "max": 2048}
+    )
+    temperature: float = field(
+        default=0.0,
+        metadata={
+            "help": "0 = always the most likely token; higher = more varied.",
+            "min": 0.0,
+            "max": 2.0,
+        },
+    )
+    top_p: float = field(
+        default=1.0,
+        metadata={
+            "help": "Sample only from the smallest set of tokens with this total probability.",
+            "min": 0.05,
+            "max": 1.0,
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_new_tokens, int) or not 1 <= self.max_new_tokens <= 2048:
+            raise ChatError(
+                f"max new tokens must be an integer in [1, 2048], got {self.max_new_tokens!r}"
+            )
+        if not 0.0 <= float(self.temperature) <= 2.0:
+            raise ChatError(f"temperature must lie in [0, 2], got {self.temperature!r}")
+        if not 0.05 <= float(self.top_p) <= 1.0:
+            raise ChatError(f"top-p must lie in [0.05, 1], got {self.top_p!r}")
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``model.generate``."""
+        if self.temperature == 0:
+            return {"max_new_tokens": self.max_new_tokens, "do_sample": False}
+        return {
+            "max_new_tokens": self.max_new_tokens,
+            "do_sample": True,
+            "temperature": float(self.temperature),
+            "top_p": float(self.top_p),
+        }
+
+
+def load_vlm(
+    path: str | Path, *, dtype: torch.dtype, device_map: Any = None, max_memory: dict | None = None
+) -> tuple[Any, Any]:
+    """Load a VLM and its processor from a local folder (safetensors only, no remote code).
+
+    dtype: e.g. ``torch.float32`` on CPU, ``torch.bfloat16`` on GPU. device_map: None (CPU), a
+    dict ``{"": "cuda:0"}`` or ``"auto"`` (accelerate spreads the layers over the GPUs, within
+    ``max_memory`` bytes per GPU index when given).
+    Returns ``(model, processor)`` with the model in eval mode.
+    """
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    try:
+        processor = AutoProcessor.from_pretrained(str(path))
+    except ImportError as exc:  # e.g. Qwen2-VL's video processor needs torchvision
+        raise ChatError(f"cannot load the processor of {path}: {exc}".strip()) from exc
+    model = AutoModelForImageTextToText.from_pretrained(
+        str(path), dtype=dtype, device_map=device_map, max_memory=max_memory, use_safetensors=True
+    )
+    model.eval()
+    return model, processor
+
+
+def load_image(path: str | Path, *, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Open an uploaded image as RGB, or raise ``ChatError`` saying what is wrong with the file."""
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            if width * height > max_pixels:
+                raise ChatError(
+                    f"the image {path.name} is {width}×{height} pixels, more than the "
+                    f"{max_pixels:,} allowed; upload a smaller picture"
+                )
+            img.load()
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
+        raise ChatError(
+            f"the file {path.name} is not a readable image ({type(exc).__name__}); "
+            f"upload a PNG, JPEG or WebP picture"
+        ) from exc
+
+
+def to_processor_messages(messages: Sequence[dict], with_image: bool) -> list[dict]:
+    """Plain ``{"role", "content": str}`` turns -> the processor's chat format.
+
+    The image placeholder goes first in the first user turn. Empty assistant turns are dropped.
+    """
+    if not messages or messages[-1].get("role") != "user":
+        raise ChatError("the conversation must end with a user message")
+    out: list[dict] = []
+    image_pending = with_image
+    for m in messages:
+        role, text = m.get("role"), m.get("content")
+        if role not in ("user", "assistant", "system") or not isinstance(text, str):
+            raise ChatError(f"bad message {m!r}: need role user/assistant/system and text content")
+        if role == "assistant" and not text:
+            continue
+        parts: list[dict] = []
+        if image_pending and role == "user":
+            parts.append({"type": "image"})
+            image_pending = False
+        parts.append({"type": "text", "text": text})
+        out.append({"role": role, "content": parts})
+    return out
+
+
+def build_inputs(model: Any, processor: Any, messages: Sequence[dict], image: Image.Image | None):
+    """Tokenize a conversation (and image) for ``model.generate``, on the model's device.
+
+    Returns a ``BatchFeature`` with ``input_ids`` (1, L) and, with an image, the processor's
+    pixel tensors cast to the model's dtype.
+    """
+    if getattr(processor, "chat_template", None) is None:
+        raise ChatError(
+            "this model's processor has no chat template; use a chat (instruct) VLM checkpoint"
+        )
+    chat = to_processor_messages(messages, with_image=image is not None)
+    prompt = processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    kwargs: dict[str, Any] = {"text": prompt, "return_tensors": "pt"}
+    if image is not None:
+        kwargs["images"] = image
+    inputs = processor(**kwargs)
+    return inputs.to(model.device, dtype=model.dtype)
+
+
+class _StopOnEvent:
+    """Stopping criterion: true once either event is set; counts the steps it was asked."""
+
+    def __init__(self, *events: threading.Event) -> None:
+        self.events = events
+        self.steps = 0
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        self.steps += 1
+        stop = any(e.is_set() for e in self.events)
+        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+
+
+class Reply:
+    """An iterator of text chunks from a generation thread (what ``stream_reply`` returns).
+
+    ``thread`` is the generation thread; ``new_tokens`` how many tokens it produced so far;
+    ``stopped`` whether the stop flag (or ``close()``) ended it. Closing the iterator early stops
+    the generation and waits for the thread.
+    """
+
+    def __init__(
+        self,
+        streamer: Any,
+        thread: threading.Thread,
+        criterion: _StopOnEvent,
+        closed: threading.Event,
+        errors: list[BaseException],
+    ) -> None:
+        self._streamer, self.thread, self._criterion = streamer, thread, criterion
+        self._closed, self._errors = closed, errors
+        self._done = False
+
+    @property
+    def new_tokens(self) -> int:
+        return self._criterion.steps
+
+    @property
+    def stopped(self) -> bool:
+        return any(e.is_set() for e in self._criterion.events)
+
+    def __iter__(self) -> Reply:
+        return self
+
+    def __next__(self) -> str:
+        if self._done:
+            raise StopIteration
+        try:
+            return next(self._streamer)
+        except StopIteration:
+            self._finish()
+            raise
+
+    def _finish(self) -> None:
+        self._done = True
+        self.thread.join()
+        if self._errors:
+            raise self._errors[0]
+
+    def close(self) -> None:
+        """Stop generating and wait for the thread to end."""
+        self._closed.set()
+        self._done = True
+        for _ in self._streamer:  # drain so the thread never blocks on a full queue
+            pass
+        self.thread.join()
+
+
+def stream_reply(
+    model: Any,
+    processor: Any,
+    messages: Sequence[dict],
+    image: Image.Image | None,
+    params: GenerationParams,
+    stop: threading.Event | None = None,
+) -> Reply:
+    """Start generating the assistant's next turn and return an iterator of text chunks.
+
+    messages: plain turns ending with the user's, ``[{"role": "user", "content": "..."}, ...]``.
+    image: the conversation's picture (belongs to the first user turn) or None.
+    stop: set it from any thread to end generation after the current token.
+    Input errors (no chat template, bad messages) raise ``ChatError`` here, before any thread starts;
+    errors inside ``generate`` are re-raised by the iterator.
+    """
+    from transformers import StoppingCriteriaList, TextIteratorStreamer
+
+    inputs = build_inputs(model, processor, messages, image)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    closed = threading.Event()
+    criterion = _StopOnEvent(*(e for e in (stop, closed) if e is not None))
+    errors: list[BaseException] = []
+    kwargs = dict(
+        **inputs,
+        **params.generate_kwargs(),
+        streamer=streamer,
+        stopping_criteria=StoppingCriteriaList([criterion]),
+    )
+    if getattr(tokenizer, "pad_token_id", None) is None and tokenizer.eos_token_id is not None:
+        kwargs["pad_token_id"] = tokenizer.eos_token_id
+
+    def run() -> None:
+        try:
+            with torch.inference_mode():
+                model.generate(**kwargs)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            errors.append(exc)
+            streamer.end()
+
+    thread = threading.Thread(target=run, name="dim3-generate", daemon=True)
+    thread.start()
+    return Reply(streamer, thread, criterion, closed, errors)
+
+
+def interleave(left: Iterable[str], right: Iterable[str]) -> Iterator[tuple[str, str]]:
+    """Merge two streams of text chunks into snapshots ``(left_text, right_text)``.
+
+    Takes one chunk from each live stream in turn and yields both full texts so far after each
+    chunk, so two replies generated concurrently appear side by side. A stream that ends stays
+    at its final text; the other goes on. Pure: no threads, no models.
+    """
+    streams = [iter(left), iter(right)]
+    texts = ["", ""]
+    live = [True, True]
+    while any(live):
+        for i in (0, 1):
+            if not live[i]:
+                continue
+            try:
+                texts[i] += next(streams[i])
+            except StopIteration:
+                live[i] = False
+                continue
+            yield texts[0], texts[1]
