@@ -139,7 +139,7 @@ def merge(base: Tensor, tuned: list[Tensor], options: DiM3Options, *, name: str 
     w = dim3_weights(base, tuned, options).weights  # (T, in) or (T, n)
     flat = base.dim() < 2
     merged = base.clone()
-    for t, w_t in zip(tuned, w):
+    for t, w_t in zip(tuned, w, strict=True):
         delta = t - base
         if flat:
             merged += delta * w_t.reshape(base.shape)

@@ -1,0 +1,167 @@
+"""The command line: ``python -m dim3 merge|plan|diagnose|eval ...``.
+
+Each subcommand lives in a module exposing ``add_arguments(parser)`` and ``run(args) -> int``;
+:data:`SUBCOMMANDS` lists them explicitly. Expected failures (bad options, missing or unrelated
+checkpoints, an occupied output folder) exit with status 2 and one clear line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from dim3.checkpoints import CheckpointError
+from dim3.methods import METHODS, option_fields
+from dim3.recipe import DEVICES, DTYPES, ROLES, Recipe, Source
+
+# name -> (module, one-line help). Modules are imported only when their subcommand runs.
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "merge": ("dim3.cli", "merge three checkpoints into a new VLM checkpoint"),
+    "plan": ("dim3.cli", "check three checkpoints and print the merge plan; writes nothing"),
+}
+
+
+def add_source_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    """``--base/--multilingual/--multimodal`` and their ``--revision-*``."""
+    for role, what in zip(
+        ROLES,
+        ("the base LLM", "the multilingual fine-tune of the base", "the VLM tuned from the base"),
+        strict=True,
+    ):
+        parser.add_argument(f"--{role}", required=required, help=f"{what}: Hub id or folder")
+        parser.add_argument(f"--revision-{role}", default=None, help=f"Hub revision of --{role}")
+
+
+def add_method_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--method", default="dim3", choices=sorted(METHODS))
+    parser.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a method option, repeatable (see each method's options in the README)",
+    )
+    for f in option_fields("dim3"):
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"),
+            type=float,
+            default=None,
+            help=f"DiM3: {f.metadata.get('help', '')} (default {f.default})",
+        )
+
+
+def parse_option(text: str) -> tuple[str, Any]:
+    """``key=value`` -> (key, number, bool, list of numbers or string)."""
+    if "=" not in text:
+        raise ValueError(f"--option {text!r} is not KEY=VALUE")
+    key, raw = (part.strip() for part in text.split("=", 1))
+    for parse in (int, float):
+        try:
+            return key, parse(raw)
+        except ValueError:
+            pass
+    if raw.lower() in ("true", "false"):
+        return key, raw.lower() == "true"
+    if "," in raw:
+        return key, [float(x) for x in raw.split(",")]
+    return key, raw
+
+
+def recipe_from_args(args: argparse.Namespace) -> Recipe:
+    options = dict(parse_option(o) for o in args.option)
+    for f in option_fields("dim3"):
+        value = getattr(args, f.name, None)
+        if value is not None:
+            if args.method != "dim3":
+                raise ValueError(f"--{f.name.replace('_', '-')} is a DiM3 option; use --option")
+            options[f.name] = value
+    sources = {
+        role: Source(getattr(args, role), getattr(args, f"revision_{role}")) for role in ROLES
+    }
+    return Recipe(
+        **sources,
+        method=args.method,
+        options=options,
+        dtype=getattr(args, "dtype", "auto"),
+        device=getattr(args, "device", "auto"),
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``merge`` and ``plan`` (``plan`` ignores the output ones)."""
+    add_source_arguments(parser, required=False)
+    add_method_arguments(parser)
+    parser.add_argument("--recipe", help="replay a dim3_recipe.json instead of the options")
+    parser.add_argument("--out", help="output folder (merge)")
+    parser.add_argument("--dtype", default="auto", choices=DTYPES, help="output dtype")
+    parser.add_argument("--device", default="auto", help=f"one of {', '.join(DEVICES)}, cuda:N")
+    parser.add_argument("--shard-size", default="5GB", help="max shard size, e.g. 5GB")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+
+
+def _recipe(args: argparse.Namespace) -> Recipe:
+    if args.recipe:
+        return Recipe.load(args.recipe)
+    missing = [f"--{r}" for r in ROLES if not getattr(args, r)]
+    if missing:
+        raise ValueError(f"missing {', '.join(missing)} (or give --recipe FILE)")
+    return recipe_from_args(args)
+
+
+def run(args: argparse.Namespace) -> int:
+    from dim3 import engine
+
+    recipe = _recipe(args)
+    if args.command == "plan":
+        print(engine.plan(recipe).describe())
+        return 0
+    if not args.out:
+        raise ValueError("merge needs --out DIR")
+    from tqdm.auto import tqdm
+
+    bar = tqdm(unit="tensor", desc="merging")
+
+    def progress(p: engine.Progress) -> None:
+        bar.total = p.total
+        bar.set_postfix_str(p.key[-48:], refresh=False)
+        bar.update(p.done - bar.n)
+
+    try:
+        result = engine.merge_to_folder(
+            recipe,
+            args.out,
+            overwrite=args.overwrite,
+            shard_size=args.shard_size,
+            progress=progress,
+        )
+    finally:
+        bar.close()
+    print(result.plan.describe())
+    print(f"Wrote {result.out_dir} in {result.seconds:.1f} s")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m dim3", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    module = importlib.import_module(SUBCOMMANDS[args.command][0])
+    try:
+        return module.run(args)
+    except (ValueError, CheckpointError, FileExistsError, OSError, KeyError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,291 @@
+"""The merge plan: every VLM tensor matched, classified and checked before anything is written.
+
+Given three opened checkpoints, :func:`build_plan` decides for each tensor of the VLM whether it is
+merged (a language-model tensor, matched by canonical name to a base and a multilingual tensor of
+the same shape) or copied (vision encoder, projector, rows only the VLM's tokenizer has). Every
+problem is collected and raised at once as a :class:`PlanError` that names the first few tensors
+and the likely cause. This module reads headers, tokenizer files and one tensor pair per model
+(to check that the three share a base); it merges nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from dim3.checkpoints import Checkpoint
+from dim3.layout import EMBED, LANGUAGE, LM_HEAD, VOCAB_KEYS, layout_for
+
+SHOWN = 4  # tensors named per problem in an error message
+RELATED_MIN_COSINE = 0.5  # below this, a "fine-tune" does not descend from the base
+
+
+class PlanError(ValueError):
+    """The three checkpoints cannot be merged as given; the message says why and how to fix."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """What happens to one tensor of the VLM.
+
+    key: its name in the VLM (and in the output). action: "merge" or "copy".
+    role: "language", "vision" or "projector". base_key / multilingual_key: the matched tensors.
+    shape, dtype: the VLM tensor's. rows: for vocabulary tensors, the leading rows (tokens) that
+    all three share and that are merged; later rows stay the VLM's. transpose: token embeddings are
+    transposed for the rule, so that its columns are tokens. tied_to: an output embedding stored
+    beside the input embedding it is tied to; it receives that merged tensor.
+    """
+
+    key: str
+    action: str
+    role: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    base_key: str | None = None
+    multilingual_key: str | None = None
+    rows: int | None = None
+    transpose: bool = False
+    tied_to: str | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return int(torch.Size(self.shape).numel()) * self.dtype.itemsize
+
+    @property
+    def padded(self) -> bool:
+        return self.rows is not None and self.rows < self.shape[0]
+
+
+@dataclass
+class MergePlan:
+    """The ordered plan of a merge: one :class:`Entry` per VLM tensor, plus notes."""
+
+    family: str
+    entries: list[Entry]
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict[str, int]:
+        merged = [e for e in self.entries if e.action == "merge"]
+        return {
+            "tensors": len(self.entries),
+            "merged": len(merged),
+            "copied": len(self.entries) - len(merged),
+            "padded": sum(e.padded for e in merged),
+            "bytes": sum(e.nbytes for e in self.entries),
+        }
+
+    def describe(self) -> str:
+        """A short human-readable account of the plan."""
+        s = self.summary()
+        roles: dict[str, int] = {}
+        for e in self.entries:
+            if e.action == "copy":
+                roles[e.role] = roles.get(e.role, 0) + 1
+        copied = ", ".join(f"{n} {role}" for role, n in sorted(roles.items())) or "none"
+        lines = [
+            f"Family: {self.family}",
+            f"Merged: {s['merged']} language-model tensors",
+            f"Copied unchanged: {s['copied']} tensors ({copied})",
+            f"Vocabulary tensors with VLM-only rows kept: {s['padded']}",
+            f"Output size: {s['bytes'] / 2**30:.2f} GiB in {s['tensors']} tensors",
+        ]
+        for e in self.entries:
+            if e.padded:
+                lines.append(
+                    f"  {e.key}: rows 0..{e.rows - 1} merged, {e.rows}..{e.shape[0] - 1} kept"
+                )
+        return "\n".join(lines + [f"Note: {n}" for n in self.notes])
+
+
+def _shown(items: list[str]) -> str:
+    more = f" (and {len(items) - SHOWN} more)" if len(items) > SHOWN else ""
+    return ", ".join(items[:SHOWN]) + more
+
+
+def _ties(ckpt: Checkpoint) -> bool:
+    cfg = ckpt.config
+    text = cfg.get("text_config") or {}
+    return bool(cfg.get("tie_word_embeddings", text.get("tie_word_embeddings", False)))
+
+
+def _llm_key(ckpt: Checkpoint, canonical: str) -> str | None:
+    """The tensor of a plain LLM that plays ``canonical``'s part (tied heads use the embedding)."""
+    if canonical in ckpt:
+        return canonical
+    if canonical == LM_HEAD and EMBED in ckpt and _ties(ckpt):
+        return EMBED
+    return None
+
+
+def tokenizer_vocab(folder: Path) -> dict[str, int] | None:
+    """Token -> id from ``tokenizer.json`` (model vocabulary plus added tokens), if present."""
+    path = folder / "tokenizer.json"
+    if not path.exists():
+        return None
+    data = json.loads(path.read_text(encoding="utf-8"))
+    vocab = data.get("model", {}).get("vocab")
+    if isinstance(vocab, list):  # Unigram: [[piece, score], ...]
+        vocab = {piece: i for i, (piece, _score) in enumerate(vocab)}
+    vocab = dict(vocab or {})
+    for tok in data.get("added_tokens", []):
+        vocab[tok["content"]] = tok["id"]
+    return vocab
+
+
+def _tokenizer_rows(
+    base: Checkpoint, ml: Checkpoint, vlm: Checkpoint, notes: list[str]
+) -> int | None:
+    """How many leading token rows the three share; refuses a multilingual tokenizer change."""
+    vb, vm, vv = (tokenizer_vocab(c.path) for c in (base, ml, vlm))
+    if vb is None or vm is None:
+        notes.append(
+            "tokenizers not compared (no tokenizer.json in the base or multilingual model)"
+        )
+        return None
+    if vb != vm:
+        diff = sorted(set(vb.items()) ^ set(vm.items()), key=lambda kv: kv[1])
+        raise PlanError(
+            f"the multilingual model's tokenizer differs from the base's ({len(vb)} vs {len(vm)} "
+            f"tokens; first differences: {_shown([repr(t) for t, _ in diff])}). DiM3 merges "
+            "embedding rows token by token, so the multilingual model must keep the base "
+            "tokenizer; a vocabulary-extended model cannot be merged this way"
+        )
+    n = max(vb.values()) + 1
+    if vv is not None:
+        mismatched = [t for t, i in vb.items() if vv.get(t) != i]
+        if mismatched:
+            raise PlanError(
+                f"the VLM's tokenizer does not extend the base's: {len(mismatched)} base tokens "
+                f"have other ids in the VLM (e.g. {_shown([repr(t) for t in mismatched])}). "
+                "Likely cause: these three models do not share a base"
+            )
+    return n
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float().flatten(), b.float().flatten()
+    return float(a @ b / (a.norm() * b.norm() + 1e-12))
+
+
+def _check_related(entries: list[Entry], base: Checkpoint, ml: Checkpoint, vlm: Checkpoint) -> None:
+    """Refuse models that share shapes but not weights, comparing one attention matrix."""
+    probe = next(
+        (e for e in entries if e.action == "merge" and len(e.shape) == 2 and "layers.0." in e.key),
+        None,
+    )
+    if probe is None:
+        return
+    b = base.get(probe.base_key)
+    for name, ckpt, key in (("VLM", vlm, probe.key), ("multilingual", ml, probe.multilingual_key)):
+        cos = _cosine(b, ckpt.get(key))
+        if cos < RELATED_MIN_COSINE:
+            raise PlanError(
+                f"the {name} model's {key} is unrelated to the base's {probe.base_key} "
+                f"(cosine {cos:.2f}; fine-tunes of one base are near 1). "
+                "Likely cause: these three models do not share a base"
+            )
+
+
+def build_plan(base: Checkpoint, multilingual: Checkpoint, multimodal: Checkpoint) -> MergePlan:
+    """Match every tensor of ``multimodal`` and check the three fit; raise PlanError if not."""
+    notes: list[str] = []
+    keys = multimodal.keys()
+    try:
+        layout = layout_for(multimodal.config, keys)
+    except ValueError as exc:
+        raise PlanError(str(exc)) from None
+    shared_rows = _tokenizer_rows(base, multilingual, multimodal, notes)
+    entries: list[Entry] = []
+    unknown, unmatched, mismatched, used = [], [], [], set()
+    for key in keys:
+        cls = layout.classify(key)
+        shape, dtype = multimodal.shape(key), multimodal.dtype(key)
+        if cls is None:
+            unknown.append(key)
+            continue
+        role, canonical = cls
+        if role != LANGUAGE:
+            entries.append(Entry(key, "copy", role, shape, dtype))
+            continue
+        if not dtype.is_floating_point:
+            notes.append(f"{key} is not floating point ({dtype}); copied from the VLM")
+            entries.append(Entry(key, "copy", role, shape, dtype))
+            continue
+        bkey, mkey = _llm_key(base, canonical), _llm_key(multilingual, canonical)
+        if bkey is None or mkey is None:
+            where = "base" if bkey is None else "multilingual model"
+            unmatched.append(f"{key} (as {canonical}, not in the {where})")
+            continue
+        used.add(bkey)
+        entry, problem = _match(
+            key, canonical, shape, dtype, bkey, mkey, base, multilingual, shared_rows
+        )
+        if problem:
+            mismatched.append(problem)
+        else:
+            entries.append(entry)
+    _tie_heads(entries, multimodal)
+    missing_in_vlm = sorted(
+        k for k in base.keys() if k not in used and not (k == LM_HEAD and _ties(multimodal))
+    )
+    _raise_problems(unknown, unmatched, mismatched, missing_in_vlm, layout.family)
+    _check_related(entries, base, multilingual, multimodal)
+    return MergePlan(layout.family, entries, notes)
+
+
+def _match(key, canonical, shape, dtype, bkey, mkey, base, ml, shared_rows):
+    """One language tensor's entry, or a mismatch message naming all three shapes."""
+    bshape, mshape = base.shape(bkey), ml.shape(mkey)
+    same_width = bshape[1:] == mshape[1:] == tuple(shape[1:])
+    if canonical in VOCAB_KEYS and same_width and (bshape[0] == mshape[0] or shared_rows):
+        # rows beyond the shared tokenizer (or beyond any model's table) stay the VLM's
+        rows = min(bshape[0], mshape[0], shape[0], shared_rows or shape[0])
+        transpose = canonical == EMBED
+        return Entry(key, "merge", LANGUAGE, shape, dtype, bkey, mkey, rows, transpose), None
+    if canonical not in VOCAB_KEYS and bshape == mshape == tuple(shape):
+        return Entry(key, "merge", LANGUAGE, shape, dtype, bkey, mkey), None
+    return None, (
+        f"{key}: VLM {tuple(shape)}, base {tuple(bshape)} ({bkey}), "
+        f"multilingual {tuple(mshape)} ({mkey})"
+    )
+
+
+def _tie_heads(entries: list[Entry], vlm: Checkpoint) -> None:
+    """If the VLM ties its embeddings yet stores both, the head takes the merged embedding."""
+    if not _ties(vlm):
+        return
+    embed = next((e for e in entries if e.action == "merge" and e.transpose), None)
+    for i, e in enumerate(entries):
+        if embed and e.action == "merge" and e.rows is not None and not e.transpose:
+            entries[i] = Entry(e.key, "merge", e.role, e.shape, e.dtype, tied_to=embed.key)
+    if embed:  # the embedding must be computed before any tensor tied to it
+        entries.sort(key=lambda e: e.tied_to is not None)
+
+
+def _raise_problems(unknown, unmatched, mismatched, missing_in_vlm, family) -> None:
+    problems = []
+    if unknown:
+        problems.append(
+            f"{len(unknown)} VLM tensor(s) fit no part of the {family} layout: {_shown(unknown)}. "
+            "Likely cause: an unsupported architecture variant"
+        )
+    if unmatched:
+        problems.append(
+            f"{len(unmatched)} language-model tensor(s) have no counterpart: {_shown(unmatched)}. "
+            "Likely cause: these three models do not share a base (different architecture)"
+        )
+    if mismatched:
+        problems.append(
+            f"tensor size mismatch for {len(mismatched)} tensor(s): {_shown(mismatched)}. "
+            "Likely cause: these three models do not share a base"
+        )
+    if missing_in_vlm:
+        problems.append(
+            f"{len(missing_in_vlm)} base tensor(s) are missing from the VLM's language model: "
+            f"{_shown(missing_in_vlm)}. Likely cause: these three models do not share a base"
+        )
+    if problems:
+        raise PlanError("cannot merge these checkpoints: " + "; ".join(problems))

@@ -1,0 +1,135 @@
+"""Recipes (what to merge, how) and the model card written beside a merged checkpoint.
+
+A :class:`Recipe` is plain data: the three sources with revisions, the method and its options, the
+output dtype and the device. It validates itself on construction (so bad input fails before any
+tensor is read), round-trips through JSON (``dim3_recipe.json`` in every output, which
+``python -m dim3 merge --recipe`` replays), and renders the model card. It opens no checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import dim3
+from dim3.methods import get_method
+
+RECIPE_FILE = "dim3_recipe.json"
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda")
+ROLES = ("base", "multilingual", "multimodal")
+
+
+@dataclass(frozen=True)
+class Source:
+    """A checkpoint reference: a Hub id (``org/name``) or a local folder, with optional revision."""
+
+    ref: str
+    revision: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.ref, str) or not self.ref.strip():
+            raise ValueError("a checkpoint reference is empty: give a Hub id or a local folder")
+
+    def __str__(self) -> str:
+        return f"{self.ref}@{self.revision}" if self.revision else self.ref
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that determines a merge's output."""
+
+    base: Source
+    multilingual: Source
+    multimodal: Source
+    method: str = "dim3"
+    options: dict[str, Any] = field(default_factory=dict)
+    dtype: str = "auto"
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.device not in DEVICES and not str(self.device).startswith("cuda:"):
+            raise ValueError(f"device {self.device!r} is not one of {', '.join(DEVICES)}, cuda:N")
+        self.method_options()  # unknown method or bad options fail here
+
+    def method_options(self) -> Any:
+        """The method's validated options object."""
+        return get_method(self.method).make_options(self.options)
+
+    def sources(self) -> dict[str, Source]:
+        return {role: getattr(self, role) for role in ROLES}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"dim3_version": dim3.__version__, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Recipe:
+        data = {k: v for k, v in data.items() if k not in ("dim3_version", "resolved")}
+        try:
+            sources = {role: Source(**data.pop(role)) for role in ROLES}
+            return cls(**sources, **data)
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"not a valid DiM3 recipe: {exc}") from None
+
+    @classmethod
+    def load(cls, path: str | Path) -> Recipe:
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ValueError(f"cannot read recipe {path}: {exc}") from None
+
+
+def write_recipe(folder: Path, recipe: Recipe, resolved: dict[str, str | None]) -> None:
+    """Save the recipe, plus the Hub commits it resolved to, as ``dim3_recipe.json``."""
+    data = recipe.to_dict() | {"resolved": resolved}
+    (folder / RECIPE_FILE).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def _hub_ids(recipe: Recipe) -> list[str]:
+    from dim3.checkpoints import looks_local
+
+    return [s.ref for s in recipe.sources().values() if not looks_local(s.ref)]
+
+
+def model_card(recipe: Recipe, summary: dict[str, int], resolved: dict[str, str | None]) -> str:
+    """A Hugging Face model card (README.md) with front matter and the full recipe."""
+    method = get_method(recipe.method)
+    hub = _hub_ids(recipe)
+    front = ["---", "library_name: transformers", "pipeline_tag: image-text-to-text"]
+    if hub:
+        front += ["base_model:"] + [f"- {h}" for h in hub]
+    front += ["tags:", "- merge", "- dim3", f"- {recipe.method}", "---"]
+    rows = "\n".join(
+        f"| {role} | `{s.ref}` | {s.revision or 'default'} | {resolved.get(role) or 'local'} |"
+        for role, s in recipe.sources().items()
+    )
+    options = json.dumps(recipe.method_options().__dict__, ensure_ascii=False)
+    return (
+        "\n".join(front)
+        + f"""
+
+# Merged VLM ({recipe.method})
+
+This vision-language model was made without training by merging, with DiM3 Studio
+(dim3 {dim3.__version__}), the language model of a VLM with a multilingual fine-tune of the same
+base LLM. The vision encoder and projector are the VLM's, unchanged.
+
+Method: **{method.name}**: {method.summary} ([paper]({method.paper}))
+
+| role | checkpoint | revision | resolved commit |
+|---|---|---|---|
+{rows}
+
+- Options: `{options}`
+- Output dtype: `{recipe.dtype}`
+- Tensors: {summary["merged"]} merged, {summary["copied"]} copied, {summary["padded"]} vocabulary
+  tensors with VLM-only rows kept as the VLM's.
+
+Reproduce with `python -m dim3 merge --recipe {RECIPE_FILE} --out DIR`.
+No evaluation of this merge is claimed here: test it on your own tasks.
+"""
+    )

@@ -1,0 +1,221 @@
+"""A streaming, sharded safetensors writer that moves its folder into place only on success.
+
+Because the plan fixes every output tensor's name, dtype and shape before the first write, each
+shard's header is written first and tensors are then streamed into it one at a time: memory holds
+one tensor, never a shard. The files follow the safetensors format (8-byte little-endian header
+length, JSON header padded to 8 bytes, then the raw little-endian data) and the Hugging Face
+sharding convention (``model-00001-of-00002.safetensors`` plus ``model.safetensors.index.json``;
+a single shard is ``model.safetensors``). The ``safetensors`` library's own writer needs all of a
+shard's tensors in memory at once, hence this one. This module knows nothing of models or merging.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import tempfile
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+import torch
+
+DTYPE_NAMES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
+
+
+def parse_size(size: str | int) -> int:
+    """``"5GB"`` -> 5_000_000_000 (decimal units as the Hub uses; KiB/MiB/GiB binary)."""
+    if isinstance(size, int):
+        value = size
+    else:
+        text = size.strip().upper().replace(" ", "")
+        unit = next((u for u in sorted(UNITS, key=len, reverse=True) if text.endswith(u)), "")
+        try:
+            value = int(float(text[: len(text) - len(unit)]) * UNITS.get(unit, 1))
+        except ValueError:
+            raise ValueError(f"shard size {size!r} is not a size; use e.g. 5GB, 500MB") from None
+    if value <= 0:
+        raise ValueError(f"shard size must be positive, got {size!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One output tensor: name, dtype and shape, known before any data."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return int(torch.Size(self.shape).numel()) * self.dtype.itemsize
+
+
+def split_shards(specs: Sequence[TensorSpec], max_bytes: int) -> list[list[TensorSpec]]:
+    """Greedy, order-keeping split into shards of at most ``max_bytes`` (a larger tensor alone)."""
+    shards: list[list[TensorSpec]] = [[]]
+    size = 0
+    for spec in specs:
+        if shards[-1] and size + spec.nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += spec.nbytes
+    return shards
+
+
+def _header(specs: Sequence[TensorSpec], metadata: dict[str, str]) -> bytes:
+    header: dict[str, object] = {"__metadata__": metadata}
+    offset = 0
+    for spec in specs:
+        header[spec.name] = {
+            "dtype": DTYPE_NAMES[spec.dtype],
+            "shape": list(spec.shape),
+            "data_offsets": [offset, offset + spec.nbytes],
+        }
+        offset += spec.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # align the data to 8 bytes, as the reference writer does
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def _raw_bytes(t: torch.Tensor) -> memoryview:
+    flat = t.detach().to("cpu").contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+
+
+class ShardedWriter:
+    """Write tensors, in a fixed announced order, into a temporary folder beside ``out_dir``.
+
+    Use as a context manager: on a clean exit the folder is moved to ``out_dir``; on any error
+    (or a missing tensor) the temporary folder is removed and ``out_dir`` is left untouched.
+    Extra files (config, tokenizer, card) go into :attr:`folder` before the context closes.
+    """
+
+    def __init__(
+        self,
+        out_dir: str | Path,
+        specs: Sequence[TensorSpec],
+        *,
+        shard_size: str | int = "5GB",
+        overwrite: bool = False,
+    ):
+        self.out_dir = Path(out_dir).expanduser().resolve()
+        check_destination(self.out_dir, overwrite)
+        self.overwrite = overwrite
+        self.shards = split_shards(list(specs), parse_size(shard_size))
+        self.folder: Path = Path()
+        self._order = [s for shard in self.shards for s in shard]
+        self._next = 0
+        self._file = None
+        self._shard = -1
+
+    def shard_name(self, i: int) -> str:
+        n = len(self.shards)
+        return "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+
+    def __enter__(self) -> ShardedWriter:
+        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+        self.folder = Path(
+            tempfile.mkdtemp(prefix=f".{self.out_dir.name}.dim3-tmp-", dir=self.out_dir.parent)
+        )
+        return self
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Append the next tensor; it must be the one the plan announced, in dtype and shape."""
+        if self._next >= len(self._order):
+            raise RuntimeError(f"unexpected extra tensor {name!r}")
+        spec = self._order[self._next]
+        got = (name, tensor.dtype, tuple(tensor.shape))
+        if got != (spec.name, spec.dtype, spec.shape):
+            raise RuntimeError(f"writer expected {spec}, got {got}")
+        if self._file is None or self._shard_done():
+            self._open_next_shard()
+        self._file.write(_raw_bytes(tensor))
+        self._next += 1
+
+    def _shard_done(self) -> bool:
+        done = sum(len(s) for s in self.shards[: self._shard + 1])
+        return self._next >= done
+
+    def _open_next_shard(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        self._shard += 1
+        self._file = open(self.folder / self.shard_name(self._shard), "wb")  # noqa: SIM115
+        self._file.write(_header(self.shards[self._shard], {"format": "pt"}))
+
+    def _write_index(self) -> None:
+        if len(self.shards) == 1:
+            return
+        weight_map = {
+            spec.name: self.shard_name(i) for i, shard in enumerate(self.shards) for spec in shard
+        }
+        index = {
+            "metadata": {"total_size": sum(s.nbytes for s in self._order)},
+            "weight_map": dict(sorted(weight_map.items())),
+        }
+        (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._file is not None:
+            self._file.close()
+        try:
+            if exc_type is None:
+                if self._next != len(self._order):
+                    missing = self._order[self._next].name
+                    raise RuntimeError(f"merge ended before writing {missing!r}")
+                self._write_index()
+                move_into_place(self.folder, self.out_dir)
+        finally:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def check_destination(out_dir: Path, overwrite: bool) -> None:
+    """Refuse an existing non-empty destination unless ``overwrite``; refuse a file there."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir} is a file; choose a folder for the merged model")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise FileExistsError(
+            f"{out_dir} already exists and is not empty; choose another folder or pass --overwrite"
+        )
+
+
+def move_into_place(folder: Path, out_dir: Path) -> None:
+    """Atomically replace ``out_dir`` with ``folder`` (same filesystem), old copy removed after."""
+    old = None
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.dim3-old-{uuid.uuid4().hex[:8]}")
+        os.replace(out_dir, old)
+    try:
+        os.replace(folder, out_dir)
+    except BaseException:
+        if old is not None:
+            os.replace(old, out_dir)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
