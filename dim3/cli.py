@@ -21,6 +21,7 @@ from dim3.recipe import DEVICES, DTYPES, ROLES, Recipe, Source
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "merge": ("dim3.cli", "merge three checkpoints into a new VLM checkpoint"),
     "plan": ("dim3.cli", "check three checkpoints and print the merge plan; writes nothing"),
+    "eval": ("dim3.evaluate", "accuracy of the original VLM and of each merge on a probe set"),
 }
 
 
@@ -122,12 +123,13 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("merge needs --out DIR")
     from tqdm.auto import tqdm
 
-    bar = tqdm(unit="tensor", desc="merging")
+    bars: list[tqdm] = []  # created at the first tensor, so early errors print one clean line
 
     def progress(p: engine.Progress) -> None:
-        bar.total = p.total
-        bar.set_postfix_str(p.key[-48:], refresh=False)
-        bar.update(p.done - bar.n)
+        if not bars:
+            bars.append(tqdm(total=p.total, unit="tensor", desc="merging"))
+        bars[0].set_postfix_str(p.key[-48:], refresh=False)
+        bars[0].update(p.done - bars[0].n)
 
     try:
         result = engine.merge_to_folder(
@@ -138,7 +140,8 @@ def run(args: argparse.Namespace) -> int:
             progress=progress,
         )
     finally:
-        bar.close()
+        for bar in bars:
+            bar.close()
     print(result.plan.describe())
     print(f"Wrote {result.out_dir} in {result.seconds:.1f} s")
     return 0

@@ -57,6 +57,7 @@ QWEN_TEMPLATE = (
     "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+LM_PREFIXES = ("model.language_model.", "lm_head.")  # the VLM's language model, in memory
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]
 QWEN_VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 
@@ -96,12 +97,14 @@ def train_tokenizer(
     return fast
 
 
-def _perturb(model: torch.nn.Module, scale: float, seed: int, prefix_filter: str = "") -> None:
+def _perturb(
+    model: torch.nn.Module, scale: float, seed: int, prefixes: tuple[str, ...] = ("",)
+) -> None:
     """Add a seeded random residual (relative to each tensor's scale) to the matching params."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if prefix_filter and not name.startswith(prefix_filter):
+            if not name.startswith(prefixes):
                 continue
             noise = torch.randn(p.shape, generator=g) * scale * (p.float().std() + 1e-3)
             p.add_(noise.to(p.dtype))
@@ -175,7 +178,7 @@ def build_llava_trio(root: Path, *, tied: bool = False, seed: int = 0) -> Trio:
     )
     vlm = LlavaForConditionalGeneration(cfg)
     _copy_lm_into_vlm(base, vlm, vocab)
-    _perturb(vlm, 0.3, seed + 2, prefix_filter="model.language_model.")
+    _perturb(vlm, 0.3, seed + 2, LM_PREFIXES)
     vlm.save_pretrained(trio.multimodal)
     processor = LlavaProcessor(
         image_processor=CLIPImageProcessor(
@@ -235,7 +238,7 @@ def build_qwen2vl_trio(root: Path, *, tied: bool = True, seed: int = 0) -> Trio:
     )
     vlm = Qwen2VLForConditionalGeneration(cfg)
     _copy_lm_into_vlm(base, vlm, vocab)
-    _perturb(vlm, 0.3, seed + 2, prefix_filter="model.language_model.")
+    _perturb(vlm, 0.3, seed + 2, LM_PREFIXES)
     vlm.save_pretrained(trio.multimodal)
     # Qwen2VLProcessor needs torchvision in transformers 5 (its video processor); the CPU torch
     # here has no matching torchvision, so the tokenizer and image processor are saved on their own

@@ -1,0 +1,497 @@
+"""End-to-end merges of tiny real trios, checked against a straightforward reference of the rule."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from dim3 import engine
+from dim3.checkpoints import CheckpointError
+from dim3.cli import main
+from dim3.plan import PlanError
+from dim3.recipe import Recipe, Source
+from tests.tiny_models import Trio, build_llava_trio, read_config
+
+pytestmark = pytest.mark.slow
+
+
+# ---------------------------------------------------------------- an independent reference
+
+
+def ref_ranks(values: list[float]) -> list[float]:
+    order = sorted(range(len(values)), key=lambda j: values[j])  # Python's sort is stable
+    out = [0.0] * len(values)
+    for pos, j in enumerate(order):
+        out[j] = pos / len(values)
+    return out
+
+
+def ref_score(s: list[list[float]], ratio: float, calib: float) -> list[list[float]]:
+    t, n = len(s), len(s[0])
+    means = [sum(row) / n for row in s]
+    out = [[0.0] * n for _ in range(t)]
+    for j in range(n):
+        exps = [torch.tensor(s[i][j], dtype=torch.float64).exp().item() for i in range(t)]
+        for i in range(t):
+            soft = exps[i] / sum(exps)
+            out[i][j] = calib if s[i][j] > means[i] * ratio else soft
+    return out
+
+
+def ref_dim3(base: torch.Tensor, tuned: list[torch.Tensor], ratio=1.0, calib=1.0) -> torch.Tensor:
+    """The rule as the issue states it, one column at a time, in float64."""
+    b = base.double()
+    ts = [t.double() for t in tuned]
+    if b.dim() == 1:
+        sig = [[abs(float(t[j] - b[j])) for j in range(b.numel())] for t in ts]
+        w = ref_score(sig, ratio, calib)
+        return (
+            b
+            + sum(
+                (t - b) * torch.tensor(w_i, dtype=torch.float64)
+                for t, w_i in zip(ts, w, strict=True)
+            )
+        ).float()
+    mags, dirs = [], []
+    for t in ts:
+        mag_row, dir_row = [], []
+        for j in range(b.shape[1]):
+            cb, ct = b[:, j], t[:, j]
+            mb, mt = cb.norm(), ct.norm()
+            db, dt = cb / (mb + 1e-8), ct / (mt + 1e-8)
+            cos = float(db @ dt / (db.norm() * dt.norm()))
+            mag_row.append(abs(float(mt - mb)))
+            dir_row.append(1.0 - cos)
+        mags.append(ref_ranks(mag_row))
+        dirs.append(ref_ranks(dir_row))
+    wm, wd = ref_score(mags, ratio, calib), ref_score(dirs, ratio, calib)
+    merged = b.clone()
+    for i, t in enumerate(ts):
+        w = torch.tensor(
+            [(wm[i][j] + wd[i][j]) / 2 for j in range(b.shape[1])], dtype=torch.float64
+        )
+        merged += (t - b) * w
+    return merged.float()
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def base_name(vlm_key: str) -> str | None:
+    """The plain-LLM name of a VLM language tensor, by explicit string rules (not dim3.layout)."""
+    for old, new in (
+        ("language_model.model.", "model."),
+        ("model.language_model.", "model."),
+        ("language_model.lm_head.", "lm_head."),
+    ):
+        if vlm_key.startswith(old):
+            return new + vlm_key[len(old) :]
+    vision = ("visual.", "vision_tower.", "multi_modal_projector.")
+    if vlm_key.startswith(vision + tuple("model." + v for v in vision)):
+        return None
+    if vlm_key.startswith(("model.", "lm_head.")):
+        return vlm_key
+    return None
+
+
+def load_all(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(file))
+    return out
+
+
+def recipe_of(trio: Trio, **kw) -> Recipe:
+    return Recipe(
+        Source(str(trio.base)), Source(str(trio.multilingual)), Source(str(trio.multimodal)), **kw
+    )
+
+
+def expected_tensor(key, vlm, base, ml, base_tok_len, ratio=1.0, calib=1.0):
+    name = base_name(key)
+    b = base[name] if name in base else base["model.embed_tokens.weight"]
+    m = ml[name] if name in ml else ml["model.embed_tokens.weight"]
+    v = vlm[key]
+    if name in ("model.embed_tokens.weight", "lm_head.weight"):
+        rows = base_tok_len
+        out = v.clone()
+        if name == "model.embed_tokens.weight":
+            out[:rows] = ref_dim3(b[:rows].T, [v[:rows].T, m[:rows].T], ratio, calib).T
+        else:
+            out[:rows] = ref_dim3(b[:rows], [v[:rows], m[:rows]], ratio, calib)
+        return out
+    return ref_dim3(b, [v, m], ratio, calib)
+
+
+def tokenizer_len(folder: Path) -> int:
+    data = json.loads((folder / "tokenizer.json").read_text())
+    ids = list(data["model"]["vocab"].values()) + [t["id"] for t in data["added_tokens"]]
+    return max(ids) + 1
+
+
+def digest(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+# ---------------------------------------------------------------- merges
+
+
+TRIOS = [
+    "tiny_llava_trio",
+    "tiny_llava_new_layout_trio",
+    "tiny_qwen2vl_trio",
+    "tiny_qwen2vl_new_layout_trio",
+]
+
+
+@pytest.mark.parametrize("trio_name", TRIOS)
+def test_merge_matches_reference_and_keeps_vision(trio_name, request, tmp_path):
+    trio: Trio = request.getfixturevalue(trio_name)
+    before = {r: digest(getattr(trio, r)) for r in ("base", "multilingual", "multimodal")}
+    result = engine.merge_to_folder(recipe_of(trio), tmp_path / "out")
+
+    out, vlm = load_all(tmp_path / "out"), load_all(trio.multimodal)
+    base, ml = load_all(trio.base), load_all(trio.multilingual)
+    assert set(out) == set(vlm)
+    n_merged = 0
+    for key, tensor in out.items():
+        assert tensor.dtype == vlm[key].dtype and tensor.shape == vlm[key].shape
+        if base_name(key) is None:
+            assert torch.equal(tensor, vlm[key]), f"{key} (vision/projector) changed"
+            continue
+        n_merged += 1
+        want = expected_tensor(key, vlm, base, ml, tokenizer_len(trio.base))
+        torch.testing.assert_close(tensor, want, rtol=1e-5, atol=1e-6, msg=key)
+        assert not torch.equal(tensor, vlm[key]), f"{key} was not merged"
+    assert n_merged == result.plan.summary()["merged"]
+    assert before == {r: digest(getattr(trio, r)) for r in ("base", "multilingual", "multimodal")}
+
+
+def test_padded_rows_stay_the_vlms(tiny_llava_trio, tmp_path):
+    engine.merge_to_folder(recipe_of(tiny_llava_trio), tmp_path / "out")
+    out, vlm = load_all(tmp_path / "out"), load_all(tiny_llava_trio.multimodal)
+    n = tokenizer_len(tiny_llava_trio.base)
+    for key in ("language_model.model.embed_tokens.weight", "language_model.lm_head.weight"):
+        assert out[key].shape[0] > n
+        assert torch.equal(out[key][n:], vlm[key][n:])
+        assert not torch.equal(out[key][:n], vlm[key][:n])
+
+
+def test_output_loads_and_generates_with_transformers(tiny_llava_trio, tmp_path):
+    from PIL import Image
+
+    engine.merge_to_folder(recipe_of(tiny_llava_trio), tmp_path / "out")
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path / "out")
+    processor = AutoProcessor.from_pretrained(tmp_path / "out")
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "image": Image.new("RGB", (40, 40), "red")},
+                {"type": "text", "text": "Welche Farbe hat die Form?"},
+            ],
+        }
+    ]
+    inputs = processor.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
+    out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 4
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert card.startswith("---") and "dim3" in card and str(tiny_llava_trio.base) in card
+    for name in (
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "chat_template.jinja",
+        "processor_config.json",
+        "dim3_recipe.json",
+    ):
+        assert (tmp_path / "out" / name).exists(), name
+
+
+def test_tied_embeddings_stay_tied(tiny_qwen2vl_trio, tmp_path):
+    engine.merge_to_folder(recipe_of(tiny_qwen2vl_trio), tmp_path / "out")
+    assert read_config(tmp_path / "out")["tie_word_embeddings"] is True
+    assert "lm_head.weight" not in load_all(tmp_path / "out")
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path / "out")
+    assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    merged = load_all(tmp_path / "out")["model.embed_tokens.weight"]
+    assert torch.equal(model.lm_head.weight.detach(), merged)
+
+
+def test_merge_into_model_equals_folder_merge(tiny_llava_new_layout_trio, tmp_path):
+    trio = tiny_llava_new_layout_trio
+    engine.merge_to_folder(recipe_of(trio, options={"above_average_ratio": 1.2}), tmp_path / "out")
+    from_disk = AutoModelForImageTextToText.from_pretrained(tmp_path / "out").state_dict()
+    model = AutoModelForImageTextToText.from_pretrained(trio.multimodal)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    events = []
+    engine.merge_into_model(
+        model, recipe_of(trio, options={"above_average_ratio": 1.2}), progress=events.append
+    )
+    state = model.state_dict()
+    assert set(state) == set(from_disk)
+    changed = [k for k in state if not torch.equal(state[k], original[k])]
+    assert changed and all("language_model" in k or k == "lm_head.weight" for k in changed)
+    for key in state:
+        assert torch.equal(state[key], from_disk[key]), key
+    assert [e.done for e in events] == list(range(1, len(events) + 1))
+    assert events[-1].bytes_done == events[-1].bytes_total and events[-1].eta == 0
+
+
+def test_dtype_override_and_sharding(tiny_llava_trio, tmp_path):
+    out = tmp_path / "out"
+    engine.merge_to_folder(recipe_of(tiny_llava_trio, dtype="bfloat16"), out, shard_size="40KB")
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(out.glob("model-*.safetensors"))
+    assert len(shards) > 1 and set(index["weight_map"].values()) == {p.name for p in shards}
+    total = 0
+    for shard in shards:
+        assert shard.stat().st_size <= 40_000 + 8 + 8_000 or len(safe_open(shard, "pt").keys()) == 1
+        with safe_open(shard, "pt") as f:
+            for key in f.keys():
+                t = f.get_tensor(key)
+                assert t.dtype == torch.bfloat16
+                total += t.numel() * 2
+    assert index["metadata"]["total_size"] == total
+    assert read_config(out)["dtype"] == "bfloat16"
+    reference = load_all(tiny_llava_trio.multimodal)["vision_tower.post_layernorm.weight"]
+    got = load_all(out)["vision_tower.post_layernorm.weight"]
+    assert torch.equal(got, reference.to(torch.bfloat16))
+    model = AutoModelForImageTextToText.from_pretrained(out)
+    assert model.dtype == torch.bfloat16
+
+
+def test_options_change_the_result(tiny_llava_trio, tmp_path):
+    default = engine.merge_to_folder(recipe_of(tiny_llava_trio), tmp_path / "a").out_dir
+    other = engine.merge_to_folder(
+        recipe_of(tiny_llava_trio, options={"above_average_ratio": 2.0, "calibration": 0.5}),
+        tmp_path / "b",
+    ).out_dir
+    key = "language_model.model.layers.1.mlp.up_proj.weight"
+    a, b = load_all(default)[key], load_all(other)[key]
+    assert not torch.equal(a, b)
+    vlm, base, ml = (
+        load_all(p)
+        for p in (tiny_llava_trio.multimodal, tiny_llava_trio.base, tiny_llava_trio.multilingual)
+    )
+    torch.testing.assert_close(
+        b, expected_tensor(key, vlm, base, ml, 0, 2.0, 0.5), rtol=1e-5, atol=1e-6
+    )
+
+
+# ---------------------------------------------------------------- safety and errors
+
+
+def test_existing_output_is_refused_unless_overwrite(tiny_llava_trio, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        engine.merge_to_folder(recipe_of(tiny_llava_trio), out)
+    assert (out / "keep.txt").read_text() == "mine"
+    engine.merge_to_folder(recipe_of(tiny_llava_trio), out, overwrite=True)
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+
+
+def test_aborted_merge_leaves_nothing(tiny_llava_trio, tmp_path):
+    def stop(p):
+        if p.done == 5:
+            raise KeyboardInterrupt("user stopped")
+
+    with pytest.raises(KeyboardInterrupt):
+        engine.merge_to_folder(recipe_of(tiny_llava_trio), tmp_path / "out", progress=stop)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_output_inside_an_input_is_refused(tiny_llava_trio):
+    before = digest(tiny_llava_trio.multimodal)
+    with pytest.raises(ValueError, match="overlaps the multimodal"):
+        engine.merge_to_folder(
+            recipe_of(tiny_llava_trio), tiny_llava_trio.multimodal, overwrite=True
+        )
+    assert digest(tiny_llava_trio.multimodal) == before
+
+
+def test_unrelated_shapes_name_tensors_and_cause(tiny_llava_trio, tiny_qwen2vl_trio):
+    recipe = Recipe(
+        Source(str(tiny_qwen2vl_trio.base)),
+        Source(str(tiny_qwen2vl_trio.multilingual)),
+        Source(str(tiny_llava_trio.multimodal)),
+    )
+    with pytest.raises(PlanError, match="do not share a base") as err:
+        engine.plan(recipe)
+    assert "model.layers.0.self_attn.k_proj.bias" in str(err.value)
+
+
+def test_shape_mismatch_names_tensor_and_all_shapes(tiny_llava_trio, tmp_path):
+    from safetensors.torch import save_file
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_llava_trio.base, base)
+    tensors = load_file(base / "model.safetensors")
+    tensors["model.layers.1.mlp.up_proj.weight"] = torch.zeros(80, 32)
+    save_file(tensors, base / "model.safetensors", metadata={"format": "pt"})
+    recipe = Recipe(
+        Source(str(base)),
+        Source(str(tiny_llava_trio.multilingual)),
+        Source(str(tiny_llava_trio.multimodal)),
+    )
+    with pytest.raises(
+        PlanError,
+        match=r"size mismatch.*language_model.model.layers.1.mlp.up_proj.weight: "
+        r"VLM \(64, 32\), base \(80, 32\).*multilingual \(64, 32\).*do not share a base",
+    ):
+        engine.plan(recipe)
+
+
+def test_same_shape_but_unrelated_weights_are_refused(tiny_llava_trio, tmp_path):
+    other = build_llava_trio(tmp_path / "other", seed=11)  # same shapes, another random base
+    recipe = Recipe(
+        Source(str(other.base)),
+        Source(str(other.multilingual)),
+        Source(str(tiny_llava_trio.multimodal)),
+    )
+    with pytest.raises(PlanError, match=r"unrelated to the base.*do not share a base"):
+        engine.plan(recipe)
+
+
+def test_multilingual_with_another_tokenizer_is_refused(tiny_llava_trio, tmp_path):
+    ml = tmp_path / "ml"
+    shutil.copytree(tiny_llava_trio.multilingual, ml)
+    data = json.loads((ml / "tokenizer.json").read_text())
+    vocab = data["model"]["vocab"]
+    token = next(t for t, i in vocab.items() if i == 100)
+    vocab["zzextra"] = vocab.pop(token)
+    (ml / "tokenizer.json").write_text(json.dumps(data))
+    recipe = Recipe(
+        Source(str(tiny_llava_trio.base)), Source(str(ml)), Source(str(tiny_llava_trio.multimodal))
+    )
+    with pytest.raises(PlanError, match="multilingual model's tokenizer differs"):
+        engine.plan(recipe)
+
+
+def test_pickle_only_checkpoint_is_refused(tiny_llava_trio, tmp_path):
+    base = tmp_path / "pickled"
+    shutil.copytree(tiny_llava_trio.base, base)
+    torch.save(load_file(base / "model.safetensors"), base / "pytorch_model.bin")
+    (base / "model.safetensors").unlink()
+    recipe = Recipe(
+        Source(str(base)),
+        Source(str(tiny_llava_trio.multilingual)),
+        Source(str(tiny_llava_trio.multimodal)),
+    )
+    with pytest.raises(CheckpointError, match="pickle"):
+        engine.plan(recipe)
+
+
+def test_local_paths_outside_allowed_roots_are_refused(tiny_llava_trio, tmp_path):
+    with pytest.raises(CheckpointError, match="outside the allowed folders"):
+        engine.plan(recipe_of(tiny_llava_trio), allowed_roots=[tmp_path / "elsewhere"])
+    assert engine.plan(recipe_of(tiny_llava_trio), allowed_roots=[tiny_llava_trio.base.parent])
+
+
+def test_bad_options_fail_before_reading(tmp_path):
+    with pytest.raises(ValueError, match="valid methods"):
+        Recipe(Source("a/b"), Source("a/c"), Source("a/d"), method="nope")
+    with pytest.raises(ValueError, match="valid options"):
+        Recipe(Source("a/b"), Source("a/c"), Source("a/d"), options={"ratio": 1})
+    with pytest.raises(ValueError, match=r"\[0, 10\]"):
+        Recipe(Source("a/b"), Source("a/c"), Source("a/d"), options={"calibration": -1})
+    with pytest.raises(ValueError, match="dtype"):
+        Recipe(Source("a/b"), Source("a/c"), Source("a/d"), dtype="int8")
+
+
+def test_hub_ids_resolve_from_the_cache_offline(tiny_llava_trio, tmp_path, monkeypatch):
+    """A real Hub-cache layout, read by huggingface_hub in offline mode."""
+    cache = tmp_path / "hub"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    for role, name in (("base", "llm"), ("multilingual", "llm-ml"), ("multimodal", "vlm")):
+        repo = cache / f"models--tiny--{name}"
+        shutil.copytree(getattr(tiny_llava_trio, role), repo / "snapshots" / commit)
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    recipe = Recipe(Source("tiny/llm"), Source("tiny/llm-ml"), Source("tiny/vlm"))
+    result = engine.merge_to_folder(recipe, tmp_path / "out")
+    saved = json.loads((tmp_path / "out" / "dim3_recipe.json").read_text())
+    assert saved["resolved"] == {"base": commit, "multilingual": commit, "multimodal": commit}
+    assert "base_model:\n- tiny/llm" in (tmp_path / "out" / "README.md").read_text()
+    assert result.plan.summary()["merged"] > 0
+    with pytest.raises(CheckpointError, match="offline"):
+        engine.plan(Recipe(Source("tiny/missing"), Source("tiny/llm-ml"), Source("tiny/vlm")))
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def test_cli_plan_merge_and_recipe_replay(tiny_llava_trio, tmp_path, capsys):
+    args = [
+        "--base",
+        str(tiny_llava_trio.base),
+        "--multilingual",
+        str(tiny_llava_trio.multilingual),
+        "--multimodal",
+        str(tiny_llava_trio.multimodal),
+    ]
+    assert main(["plan", *args]) == 0
+    assert "Merged: 21 language-model tensors" in capsys.readouterr().out
+    assert not any(tmp_path.iterdir())
+    assert main(["merge", *args, "--out", str(tmp_path / "a"), "--calibration", "0.8"]) == 0
+    assert (
+        main(
+            [
+                "merge",
+                "--recipe",
+                str(tmp_path / "a" / "dim3_recipe.json"),
+                "--out",
+                str(tmp_path / "b"),
+            ]
+        )
+        == 0
+    )
+    a, b = load_all(tmp_path / "a"), load_all(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "b" / "dim3_recipe.json").read_text())["options"] == {
+        "calibration": 0.8
+    }
+    capsys.readouterr()
+    assert main(["merge", *args, "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "--overwrite" in err and len(err.splitlines()) == 1
+    assert (
+        main(["plan", "--base", "/nonexistent/x", "--multilingual", "a/b", "--multimodal", "a/c"])
+        == 2
+    )
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_inputs_never_modified_even_on_overwrite(tiny_qwen2vl_trio, tmp_path):
+    before = {
+        r: digest(getattr(tiny_qwen2vl_trio, r)) for r in ("base", "multilingual", "multimodal")
+    }
+    out = tmp_path / "out"
+    engine.merge_to_folder(recipe_of(tiny_qwen2vl_trio), out)
+    engine.merge_to_folder(
+        recipe_of(tiny_qwen2vl_trio, method="dim3", dtype="float16"), out, overwrite=True
+    )
+    assert before == {
+        r: digest(getattr(tiny_qwen2vl_trio, r)) for r in ("base", "multilingual", "multimodal")
+    }
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert os.listdir(out)
