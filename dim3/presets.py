@@ -36,9 +36,8 @@ def demo_preset() -> Preset:
     try:
         from dim3.demo import demo_trio
 
-        trio = demo_trio()
-        base, ml, mm = trio.base, trio.multilingual, trio.multimodal
-    except (ImportError, AttributeError):  # the demo package may not offer demo_trio yet
+        base, ml, mm = demo_trio()
+    except (ImportError, FileNotFoundError):  # not trained yet: the merge will say so
         base, ml, mm = (ASSETS / "demo" / name for name in ("base", "multilingual", "multimodal"))
     return Preset(
         DEMO_KEY,
