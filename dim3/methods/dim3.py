@@ -137,12 +137,9 @@ def merge(base: Tensor, tuned: list[Tensor], options: DiM3Options, *, name: str 
     Returns a float32 tensor shaped like base.
     """
     w = dim3_weights(base, tuned, options).weights  # (T, in) or (T, n)
-    flat = base.dim() < 2
     merged = base.clone()
+    cols = merged if base.dim() < 2 else _as_columns(merged)  # a view: updates land in merged
     for t, w_t in zip(tuned, w, strict=True):
         delta = t - base
-        if flat:
-            merged += delta * w_t.reshape(base.shape)
-        else:
-            merged += (_as_columns(delta) * w_t).reshape(base.shape)  # w_t broadcast down columns
+        cols.addcmul_(delta.reshape(cols.shape), w_t)  # += Δ_t · w_t, w_t broadcast down columns
     return merged

@@ -1,0 +1,279 @@
+"""Merge a synthetic Llama/LLaVA-shaped trio and print wall time, throughput and peak memory.
+
+Beside the merge it measures the I/O floor on the same machine: the time to merely read the three
+inputs and write one output of the same size. Peak process memory is anonymous RSS (RssAnon,
+sampled every 20 ms), which excludes the safetensors files' memory-mapped pages.
+
+    python benchmarks/merge_throughput.py --shape tiny          # seconds, any machine
+    python benchmarks/merge_throughput.py --shape 1b --dtype bfloat16
+    python benchmarks/merge_throughput.py --shape 7b --device cuda   # ~40 GB of disk
+
+The trio is written straight to safetensors (random weights; the multilingual and multimodal
+models are the base plus small residuals), in the older LLaVA key layout with a small CLIP-like
+vision tower and projector, so the plan, vocabulary padding and copying all take part.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a clone, no install
+
+from dim3 import engine
+from dim3.recipe import Recipe, Source
+from dim3.writer import ShardedWriter, TensorSpec
+
+SHAPES = {  # hidden, layers, intermediate, vocab, heads
+    "tiny": (256, 4, 688, 32000, 8),
+    "1b": (2048, 16, 5632, 32000, 16),
+    "7b": (4096, 32, 11008, 32000, 32),
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def llm_specs(hidden: int, layers: int, inter: int, vocab: int) -> dict[str, tuple[int, ...]]:
+    specs = {
+        "model.embed_tokens.weight": (vocab, hidden),
+        "model.norm.weight": (hidden,),
+        "lm_head.weight": (vocab, hidden),
+    }
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            specs[p + f"self_attn.{name}.weight"] = (hidden, hidden)
+        specs[p + "mlp.gate_proj.weight"] = (inter, hidden)
+        specs[p + "mlp.up_proj.weight"] = (inter, hidden)
+        specs[p + "mlp.down_proj.weight"] = (hidden, inter)
+        specs[p + "input_layernorm.weight"] = (hidden,)
+        specs[p + "post_attention_layernorm.weight"] = (hidden,)
+    return specs
+
+
+def vlm_key(key: str) -> str:
+    return "language_model." + key
+
+
+def write_model(
+    folder: Path,
+    specs: dict,
+    dtype: torch.dtype,
+    seed: int,
+    base_seed: int,
+    residual: float,
+    config: dict,
+    rename=lambda k: k,
+    pad_rows: int = 0,
+) -> None:
+    """Write base-plus-residual weights tensor by tensor (memory: one tensor)."""
+    vocab = ("embed_tokens.weight", "lm_head.weight")
+    out = {
+        rename(k): (s[0] + pad_rows, *s[1:]) if k.endswith(vocab) else s for k, s in specs.items()
+    }
+    original = {
+        rename(k): k for k in specs
+    }  # seeds follow the LLM name, so the VLM shares the base
+    vision = {
+        "vision_tower.embeddings.patch_embedding.weight": (1024, 3, 14, 14),
+        "vision_tower.post_layernorm.weight": (1024,),
+        "multi_modal_projector.linear_1.weight": (config.get("hidden", 0), 1024),
+        "multi_modal_projector.linear_2.weight": (config.get("hidden", 0), config.get("hidden", 0)),
+    }
+    if config.get("vlm"):
+        out.update(vision)
+    tensor_specs = [TensorSpec(k, dtype, tuple(s)) for k, s in out.items()]
+    with ShardedWriter(folder, tensor_specs, shard_size="2GB") as w:
+        for spec in tensor_specs:
+            key = original.get(spec.name, spec.name)
+            g = torch.Generator().manual_seed(base_seed + hash_key(key))
+            t = torch.randn(spec.shape, generator=g) * 0.02
+            if residual:
+                g2 = torch.Generator().manual_seed(seed + hash_key(key))
+                t += torch.randn(spec.shape, generator=g2) * 0.02 * residual
+            w.write(spec.name, t.to(dtype))
+        (w.folder / "config.json").write_text(json.dumps(config["json"]))
+
+
+def hash_key(key: str) -> int:
+    import zlib
+
+    return zlib.crc32(key.encode())
+
+
+def build_trio(root: Path, shape: str, dtype: torch.dtype) -> Recipe:
+    hidden, layers, inter, vocab, heads = SHAPES[shape]
+    specs = llm_specs(hidden, layers, inter, vocab)
+    text = {
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "intermediate_size": inter,
+        "vocab_size": vocab,
+        "num_attention_heads": heads,
+    }
+    write_model(root / "base", specs, dtype, 0, 0, 0.0, {"json": text})
+    write_model(root / "multilingual", specs, dtype, 1, 0, 0.3, {"json": text})
+    llava = {
+        "model_type": "llava",
+        "text_config": {**text, "vocab_size": vocab + 64},
+        "vision_config": {"model_type": "clip_vision_model"},
+    }
+    write_model(
+        root / "multimodal",
+        specs,
+        dtype,
+        2,
+        0,
+        0.3,
+        {"json": llava, "vlm": True, "hidden": hidden},
+        rename=vlm_key,
+        pad_rows=64,
+    )
+    return Recipe(
+        Source(str(root / "base")),
+        Source(str(root / "multilingual")),
+        Source(str(root / "multimodal")),
+    )
+
+
+class AnonPeak:
+    """Sample RssAnon (anonymous resident memory, excluding mapped file pages) in a thread."""
+
+    def __init__(self):
+        self.peak, self._stop = 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def now() -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    def _run(self):
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, self.now())
+
+    def __enter__(self):
+        self.peak = self.now()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def io_floor(recipe: Recipe, out: Path) -> tuple[float, int, int]:
+    """Read every tensor of the three inputs; write as many bytes as the output will have."""
+    from safetensors import safe_open
+
+    start, read = time.perf_counter(), 0
+    for src in recipe.sources().values():
+        for file in sorted(Path(src.ref).glob("*.safetensors")):
+            with safe_open(file, "pt") as f:
+                for key in f.keys():
+                    read += f.get_tensor(key).numel()
+    written = sum(p.stat().st_size for p in Path(recipe.multimodal.ref).glob("*.safetensors"))
+    chunk = bytearray(64 * 2**20)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "floor.bin", "wb") as f:
+        left = written
+        while left > 0:
+            f.write(chunk[: min(left, len(chunk))])
+            left -= len(chunk)
+        f.flush()
+        os.fsync(f.fileno())
+    seconds = time.perf_counter() - start
+    read_bytes = sum(
+        p.stat().st_size
+        for s in recipe.sources().values()
+        for p in Path(s.ref).glob("*.safetensors")
+    )
+    return seconds, read_bytes, written
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=SHAPES, default="tiny")
+    parser.add_argument("--dtype", choices=DTYPES, default="bfloat16")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--method", default="dim3")
+    parser.add_argument("--workdir", default=None, help="where to write the trio (default: temp)")
+    parser.add_argument("--repeat", type=int, default=2, help="merge runs (the best is reported)")
+    args = parser.parse_args()
+
+    root = Path(args.workdir or tempfile.mkdtemp(prefix="dim3-bench-"))
+    try:
+        t0 = time.perf_counter()
+        recipe = build_trio(root / "trio", args.shape, DTYPES[args.dtype])
+        recipe = Recipe(
+            recipe.base,
+            recipe.multilingual,
+            recipe.multimodal,
+            method=args.method,
+            device=args.device,
+        )
+        print(f"built {args.shape} trio ({args.dtype}) in {time.perf_counter() - t0:.1f} s")
+        floor_s, read_b, write_b = io_floor(recipe, root / "floor")
+        shutil.rmtree(root / "floor")
+        runs = []
+        for i in range(args.repeat):
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+            with AnonPeak() as mem:
+                result = engine.merge_to_folder(recipe, root / f"out{i}")
+                out_files = list((root / f"out{i}").glob("*.safetensors"))
+                for f in out_files:  # the floor includes fsync; so does the merge
+                    fd = os.open(f, os.O_RDONLY)
+                    os.fsync(fd)
+                    os.close(fd)
+            gpu = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
+            runs.append((result.seconds, mem.peak, gpu))
+            shutil.rmtree(root / f"out{i}")
+        best = min(runs)
+        device = engine.resolve_device(args.device)
+        gib = 2**30
+        rows = [
+            (
+                "machine",
+                f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
+                + (f", {torch.cuda.get_device_name()}" if device.type == "cuda" else ""),
+            ),
+            (
+                "shape / dtype / device / method",
+                f"{args.shape} / {args.dtype} / {device} / {args.method}",
+            ),
+            ("inputs read / output written", f"{read_b / gib:.2f} GiB / {write_b / gib:.2f} GiB"),
+            ("I/O floor (read 3 + write 1)", f"{floor_s:.2f} s"),
+            (
+                "merge wall time (best of runs)",
+                f"{best[0]:.2f} s  ({best[0] / floor_s:.2f}x floor)",
+            ),
+            (
+                "merge throughput",
+                f"read {read_b / gib / best[0]:.2f} GiB/s, write {write_b / gib / best[0]:.2f} GiB/s",
+            ),
+            ("peak anonymous RSS (process)", f"{best[1] / gib:.2f} GiB"),
+            ("peak GPU memory", f"{best[2] / gib:.2f} GiB" if best[2] else "n/a"),
+        ]
+        width = max(len(k) for k, _ in rows)
+        for k, v in rows:
+            print(f"{k:<{width}}  {v}")
+    finally:
+        if not args.workdir:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
