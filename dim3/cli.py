@@ -21,6 +21,7 @@ from dim3.recipe import DEVICES, DTYPES, ROLES, Recipe, Source
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "merge": ("dim3.cli", "merge three checkpoints into a new VLM checkpoint"),
     "plan": ("dim3.cli", "check three checkpoints and print the merge plan; writes nothing"),
+    "diagnose": ("dim3.diagnostics", "per-layer residual geometry of three checkpoints: CSV, PNG"),
     "eval": ("dim3.evaluate", "accuracy of the original VLM and of each merge on a probe set"),
 }
 

@@ -1,0 +1,503 @@
+"""Residual geometry of a trio, per layer and module: the paper's Figure 1 and DiM3's own weights.
+
+For every language-model tensor that a merge would merge, streamed one trio at a time through the
+engine's plan (the same tensors, rows and transposes the rule sees, so memory stays that of the
+merge), it measures:
+
+- ``mm_norm`` / ``ml_norm``: ‖Δ‖ / ‖base‖ (Frobenius) of the multimodal and multilingual updates;
+- ``mm_reorientation`` / ``ml_reorientation``: mean over columns of 1 − cos(tuned column, base
+  column) (a 1-D tensor counts as one column);
+- ``cross_alignment``: cos(Δml, Δmm) over the flattened tensor;
+- ``dim3_*_weight``: the mean weight DiM3 gives each update, and ``dim3_*_calibrated_magnitude`` /
+  ``_direction``: the share of columns where that score was replaced by the calibration value.
+
+Undefined values (a zero base or a zero update) are NaN. Rows come from :func:`iter_diagnostics`
+(or :func:`diagnose` for a recipe); :func:`to_csv`, :func:`summarize`, :func:`long_table` and
+:func:`plot` turn them into a CSV, a per-module table, plot data and PNG line plots over layers (one
+line per module type). The ``diagnose`` CLI subcommand writes all of them. This module knows the
+plan and the DiM3 rule; it writes no checkpoint and imports no UI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import io
+import math
+import re
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from dim3.engine import Inputs, Progress, open_inputs, resolve_device
+from dim3.layout import layout_for
+from dim3.methods.dim3 import EPS, DiM3Options, dim3_weights
+from dim3.plan import Entry, MergePlan, build_plan
+from dim3.recipe import Recipe
+
+CSV_FILE = "diagnostics.csv"
+SUMMARY_FILE = "diagnostics_by_module.csv"
+
+# metric -> label for plots and tables
+METRICS: dict[str, str] = {
+    "mm_norm": "‖Δmm‖ / ‖base‖",
+    "ml_norm": "‖Δml‖ / ‖base‖",
+    "mm_reorientation": "multimodal: mean 1 − cos(col, base col)",
+    "ml_reorientation": "multilingual: mean 1 − cos(col, base col)",
+    "cross_alignment": "cos(Δml, Δmm)",
+    "dim3_mm_weight": "DiM3 mean weight of Δmm",
+    "dim3_ml_weight": "DiM3 mean weight of Δml",
+    "dim3_mm_calibrated_magnitude": "multimodal: share calibrated (magnitude)",
+    "dim3_ml_calibrated_magnitude": "multilingual: share calibrated (magnitude)",
+    "dim3_mm_calibrated_direction": "multimodal: share calibrated (direction)",
+    "dim3_ml_calibrated_direction": "multilingual: share calibrated (direction)",
+}
+
+# figure name -> (title, metrics); one PNG each from the CLI
+FIGURES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "residual_norms": ("Residual norm relative to the base", ("mm_norm", "ml_norm")),
+    "reorientation": (
+        "Base-relative reorientation",
+        ("mm_reorientation", "ml_reorientation"),
+    ),
+    "cross_alignment": ("Cross-residual alignment", ("cross_alignment",)),
+    "dim3_weights": ("DiM3: mean weight of each update", ("dim3_mm_weight", "dim3_ml_weight")),
+    "dim3_calibrated": (
+        "DiM3: share of calibrated columns",
+        (
+            "dim3_mm_calibrated_magnitude",
+            "dim3_ml_calibrated_magnitude",
+            "dim3_mm_calibrated_direction",
+            "dim3_ml_calibrated_direction",
+        ),
+    ),
+}
+
+GROUPS = ("attention", "mlp", "norm", "embedding", "other")
+LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class DiagnosticRow:
+    """The diagnostics of one language-model tensor (see the module docstring for each metric).
+
+    key: the VLM tensor's name; name: its canonical LLM name; layer: decoder layer index (None for
+    embeddings, the final norm and the head); module: e.g. ``q_proj``, ``q_proj.bias``,
+    ``input_layernorm``, ``embed_tokens``; group: attention, mlp, norm, embedding or other;
+    shape: the tensor as the rule sees it (shared rows only, token embeddings transposed);
+    columns: its number of columns (elements for 1-D tensors).
+    """
+
+    key: str
+    name: str
+    layer: int | None
+    module: str
+    group: str
+    shape: tuple[int, ...]
+    columns: int
+    base_norm: float
+    mm_norm: float
+    ml_norm: float
+    mm_reorientation: float
+    ml_reorientation: float
+    cross_alignment: float
+    dim3_mm_weight: float
+    dim3_ml_weight: float
+    dim3_mm_calibrated_magnitude: float
+    dim3_ml_calibrated_magnitude: float
+    dim3_mm_calibrated_direction: float
+    dim3_ml_calibrated_direction: float
+
+
+# ---------------------------------------------------------------------------- naming
+
+
+def describe_name(name: str) -> tuple[int | None, str, str]:
+    """(layer, module label, group) of a canonical LLM tensor name.
+
+    ``model.layers.3.self_attn.q_proj.weight`` -> (3, "q_proj", "attention");
+    ``model.layers.3.self_attn.q_proj.bias`` -> (3, "q_proj.bias", "attention");
+    ``model.embed_tokens.weight`` -> (None, "embed_tokens", "embedding").
+    """
+    match = LAYER.search(name)
+    layer = int(match.group(1)) if match else None
+    parts = name.split(".")
+    param, module = parts[-1], parts[-2] if len(parts) > 1 else parts[-1]
+    label = module if param == "weight" else f"{module}.{param}"
+    parents = ".".join(parts[:-2])
+    if module in ("embed_tokens", "lm_head", "wte", "wpe"):
+        group = "embedding"
+    elif "norm" in module:
+        group = "norm"
+    elif "attn" in parents or "attention" in parents:
+        group = "attention"
+    elif "mlp" in parents or "feed_forward" in parents:
+        group = "mlp"
+    else:
+        group = "other"
+    return layer, label, group
+
+
+# ---------------------------------------------------------------------------- measurements
+
+
+def _ratio(num: Tensor, den: Tensor) -> float:
+    den_f = float(den)
+    return float(num) / den_f if den_f > 0 else math.nan
+
+
+def _cosine(a: Tensor, b: Tensor) -> float:
+    """cos of two flattened tensors; NaN when either is zero."""
+    na, nb = torch.linalg.vector_norm(a), torch.linalg.vector_norm(b)
+    if float(na) == 0.0 or float(nb) == 0.0:
+        return math.nan
+    return float((a.reshape(-1) @ b.reshape(-1)) / (na * nb))
+
+
+def reorientation(base: Tensor, tuned: Tensor) -> float:
+    """Mean over columns of ``1 − cos(tuned column, base column)``; a 1-D tensor is one column.
+
+    base, tuned (out, in) or (n,). Cosines use DiM3's convention ``d = col / (‖col‖ + 1e-8)``,
+    so a zero column counts as fully reoriented (cos 0).
+    """
+    b = base.reshape(-1, 1) if base.dim() < 2 else base.reshape(base.shape[0], -1)
+    t = tuned.reshape(-1, 1) if tuned.dim() < 2 else tuned.reshape(tuned.shape[0], -1)
+    m_b, m_t = torch.linalg.vector_norm(b, dim=0), torch.linalg.vector_norm(t, dim=0)  # (in,)
+    cos = (t * b).sum(dim=0) / ((m_t + EPS) * (m_b + EPS))  # (in,)
+    return float((1.0 - cos).clamp(0.0, 2.0).mean())  # clamp: rounding can put cos past ±1
+
+
+def measure(base: Tensor, mm: Tensor, ml: Tensor, options: DiM3Options) -> dict[str, float | int]:
+    """All metrics of one trio shaped as the rule sees it: base, mm, ml (out, in) or (n,)."""
+    w = dim3_weights(base, [mm, ml], options)  # weights (2, columns)
+    out: dict[str, float | int] = {
+        "columns": int(w.weights.shape[1]),
+        "base_norm": float(torch.linalg.vector_norm(base)),
+        "mm_reorientation": reorientation(base, mm),
+        "ml_reorientation": reorientation(base, ml),
+        "dim3_mm_weight": float(w.weights[0].mean()),
+        "dim3_ml_weight": float(w.weights[1].mean()),
+        "dim3_mm_calibrated_magnitude": float(w.magnitude_calibrated[0].float().mean()),
+        "dim3_ml_calibrated_magnitude": float(w.magnitude_calibrated[1].float().mean()),
+        "dim3_mm_calibrated_direction": float(w.direction_calibrated[0].float().mean()),
+        "dim3_ml_calibrated_direction": float(w.direction_calibrated[1].float().mean()),
+    }
+    del w
+    base_norm = torch.tensor(out["base_norm"])
+    d_mm = mm - base
+    out["mm_norm"] = _ratio(torch.linalg.vector_norm(d_mm), base_norm)
+    d_ml = ml - base
+    out["ml_norm"] = _ratio(torch.linalg.vector_norm(d_ml), base_norm)
+    out["cross_alignment"] = _cosine(d_ml, d_mm)
+    return out
+
+
+# ---------------------------------------------------------------------------- streaming
+
+
+def _merged_entries(plan: MergePlan) -> list[Entry]:
+    """The entries a merge computes (tied heads repeat their embedding and are skipped)."""
+    return [e for e in plan.entries if e.action == "merge" and not e.tied_to]
+
+
+def _read(entry: Entry, inputs: Inputs) -> tuple[Tensor, Tensor, Tensor]:
+    return (
+        inputs.base.get(entry.base_key),
+        inputs.multimodal.get(entry.key),
+        inputs.multilingual.get(entry.multilingual_key),
+    )
+
+
+def _shape_for_rule(entry: Entry, t: Tensor, device: torch.device) -> Tensor:
+    """As the engine hands it to the rule: float32, shared rows only, embeddings transposed."""
+    t = t.to(device).float()
+    if entry.rows is not None:
+        t = t[: entry.rows]
+    return t.T if entry.transpose else t
+
+
+def iter_diagnostics(
+    plan: MergePlan,
+    inputs: Inputs,
+    *,
+    options: DiM3Options | None = None,
+    device: str | torch.device = "cpu",
+) -> Iterator[DiagnosticRow]:
+    """Yield one :class:`DiagnosticRow` per merged tensor, in plan order, one trio in memory
+    (plus the next one, prefetched on a thread, as the engine does)."""
+    options = options or DiM3Options()
+    device = torch.device(device)
+    layout = layout_for(inputs.multimodal.config, inputs.multimodal.keys())
+    entries = _merged_entries(plan)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dim3-diag") as pool:
+        pending = pool.submit(_read, entries[0], inputs) if entries else None
+        for i, entry in enumerate(entries):
+            raw = pending.result()
+            pending = pool.submit(_read, entries[i + 1], inputs) if i + 1 < len(entries) else None
+            base, mm, ml = (_shape_for_rule(entry, t, device) for t in raw)
+            del raw
+            name = (layout.classify(entry.key) or ("", entry.key))[1] or entry.key
+            layer, module, group = describe_name(name)
+            values = measure(base, mm, ml, options)
+            yield DiagnosticRow(
+                key=entry.key,
+                name=name,
+                layer=layer,
+                module=module,
+                group=group,
+                shape=tuple(base.shape),
+                **values,
+            )
+            del base, mm, ml
+
+
+def diagnose(
+    recipe: Recipe,
+    *,
+    progress: Callable[[Progress], None] | None = None,
+    allowed_roots: Sequence[str | Path] | None = None,
+    token: str | None = None,
+) -> list[DiagnosticRow]:
+    """Diagnostics of a recipe's three checkpoints (its DiM3 options when its method is dim3).
+
+    ``progress`` gets one :class:`dim3.engine.Progress` per tensor; if it raises, nothing more is
+    read and the exception propagates.
+    """
+    options = recipe.method_options() if recipe.method == "dim3" else DiM3Options()
+    device = resolve_device(recipe.device)
+    rows: list[DiagnosticRow] = []
+    with open_inputs(recipe, allowed_roots=allowed_roots, token=token) as inputs:
+        plan = build_plan(inputs.base, inputs.multilingual, inputs.multimodal)
+        entries = _merged_entries(plan)
+        total_bytes = sum(e.nbytes for e in entries)
+        start, done_bytes = time.perf_counter(), 0
+        for i, row in enumerate(iter_diagnostics(plan, inputs, options=options, device=device)):
+            rows.append(row)
+            done_bytes += entries[i].nbytes
+            if progress is not None:
+                elapsed = time.perf_counter() - start
+                progress(Progress(i + 1, len(entries), row.key, done_bytes, total_bytes, elapsed))
+    return rows
+
+
+# ---------------------------------------------------------------------------- tables
+
+
+def table(rows: Sequence[DiagnosticRow]) -> list[dict[str, Any]]:
+    """One plain dict per row (shape as ``"out×in"``), in row order."""
+    out = []
+    for row in rows:
+        d = dataclasses.asdict(row)
+        d["shape"] = "×".join(str(s) for s in row.shape)
+        out.append(d)
+    return out
+
+
+def to_csv(rows: Sequence[DiagnosticRow] | Sequence[dict[str, Any]]) -> str:
+    """CSV text of :func:`table` (or of :func:`summarize`'s dicts), with a header line."""
+    records = table(rows) if rows and isinstance(rows[0], DiagnosticRow) else list(rows)
+    if not records:
+        records_fields = [f.name for f in dataclasses.fields(DiagnosticRow)]
+    else:
+        records_fields = list(records[0])
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=records_fields, lineterminator="\n")
+    writer.writeheader()
+    for r in records:
+        writer.writerow({k: "" if v is None else v for k, v in r.items()})
+    return buf.getvalue()
+
+
+def _nanmean(values: list[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return sum(finite) / len(finite) if finite else math.nan
+
+
+def summarize(rows: Sequence[DiagnosticRow]) -> list[dict[str, Any]]:
+    """Per module type: how many tensors, and each metric's mean over them (NaNs ignored)."""
+    modules: dict[str, list[DiagnosticRow]] = {}
+    for row in rows:
+        modules.setdefault(row.module, []).append(row)
+    out = []
+    for module, group_rows in sorted(modules.items(), key=lambda kv: _module_order(kv[0], rows)):
+        record: dict[str, Any] = {
+            "module": module,
+            "group": group_rows[0].group,
+            "tensors": len(group_rows),
+        }
+        for metric in METRICS:
+            record[metric] = _nanmean([getattr(r, metric) for r in group_rows])
+        out.append(record)
+    return out
+
+
+def _module_order(module: str, rows: Sequence[DiagnosticRow]) -> tuple[int, int]:
+    """Modules in group order, then in the order they first appear."""
+    first = next(i for i, r in enumerate(rows) if r.module == module)
+    return GROUPS.index(rows[first].group), first
+
+
+def long_table(
+    rows: Sequence[DiagnosticRow], metrics: Sequence[str] = tuple(METRICS)
+) -> list[dict[str, Any]]:
+    """Plot data: one ``{layer, module, metric, value}`` per layered row and metric.
+
+    Tensors outside the decoder layers (embeddings, final norm, head) have no layer and are left
+    out; they are in :func:`table` and :func:`summarize`.
+    """
+    return [
+        {"layer": r.layer, "module": r.module, "metric": m, "value": getattr(r, m)}
+        for m in metrics
+        for r in rows
+        if r.layer is not None
+    ]
+
+
+# ---------------------------------------------------------------------------- plots
+
+
+def plot(
+    rows: Sequence[DiagnosticRow],
+    path: str | Path,
+    metrics: Sequence[str] | None = None,
+    title: str | None = None,
+) -> Path:
+    """Write a PNG of line plots over layers (one panel per metric, one line per module type).
+
+    Tensors outside the decoder layers are drawn as markers left of layer 0 ("embed": the token
+    embeddings) and right of the last layer ("out": final norm, head). Returns the path written.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+    metrics = list(metrics or METRICS)
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown:
+        raise ValueError(f"unknown metric(s) {unknown}; valid metrics: {', '.join(METRICS)}")
+    layers = [r.layer for r in rows if r.layer is not None]
+    last = max(layers) if layers else 0
+    modules = [s["module"] for s in summarize(rows)]
+
+    def ticks(x: float, _pos: int) -> str:
+        return {-1: "embed", last + 1: "out"}.get(round(x), str(round(x)))
+
+    cmap = plt.get_cmap("tab20")
+    colors = {m: cmap(i % 20) for i, m in enumerate(modules)}
+    styles = {"attention": "-", "mlp": "--", "norm": ":", "embedding": "-", "other": "-."}
+    ncols = 2 if len(metrics) > 1 else 1
+    nrows = math.ceil(len(metrics) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(6.5 * ncols, 3.6 * nrows), squeeze=False)
+    for ax, metric in zip(axes.flat, metrics, strict=False):
+        for module in modules:
+            own = [r for r in rows if r.module == module]
+            layered = sorted((r.layer, getattr(r, metric)) for r in own if r.layer is not None)
+            style = styles[own[0].group]
+            if layered:
+                xs, ys = zip(*layered, strict=True)
+                ax.plot(xs, ys, style, color=colors[module], label=module, marker=".")
+            for r in own:
+                if r.layer is None:
+                    x = -1 if r.group == "embedding" and "embed" in module else last + 1
+                    ax.plot([x], [getattr(r, metric)], "D", color=colors[module], label=module)
+        ax.set_title(METRICS[metric], fontsize=10)
+        ax.set_xlabel("layer")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.xaxis.set_major_formatter(FuncFormatter(ticks))
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(metrics) :]:
+        ax.set_visible(False)
+    handles, labels = {}, []
+    for ax in axes.flat:
+        for h, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            if label not in handles:
+                handles[label] = h
+                labels.append(label)
+    fig.legend([handles[x] for x in labels], labels, loc="center right", fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0, 0.85, 1))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(rows: Sequence[DiagnosticRow], out_dir: str | Path) -> list[Path]:
+    """Write ``diagnostics.csv``, ``diagnostics_by_module.csv`` and one PNG per figure."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = [out / CSV_FILE, out / SUMMARY_FILE]
+    written[0].write_text(to_csv(rows), encoding="utf-8")
+    written[1].write_text(to_csv(summarize(rows)), encoding="utf-8")
+    for name, (title, metrics) in FIGURES.items():
+        written.append(plot(rows, out / f"{name}.png", metrics, title))
+    return written
+
+
+# ---------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``python -m dim3 diagnose``."""
+    from dim3.cli import add_source_arguments
+    from dim3.methods import option_fields
+    from dim3.recipe import DEVICES
+
+    add_source_arguments(parser, required=True)
+    parser.add_argument("--out", required=True, help="folder for the CSV files and PNGs")
+    parser.add_argument("--device", default="auto", help=f"one of {', '.join(DEVICES)}, cuda:N")
+    for f in option_fields("dim3"):
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"),
+            type=float,
+            default=None,
+            help=f"DiM3 (for its weights): {f.metadata.get('help', '')} (default {f.default})",
+        )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Compute the diagnostics of ``--base/--multilingual/--multimodal`` and write the report."""
+    from tqdm.auto import tqdm
+
+    from dim3.methods import option_fields
+    from dim3.recipe import ROLES, Source
+
+    options = {
+        f.name: getattr(args, f.name)
+        for f in option_fields("dim3")
+        if getattr(args, f.name, None) is not None
+    }
+    sources = {r: Source(getattr(args, r), getattr(args, f"revision_{r}")) for r in ROLES}
+    recipe = Recipe(**sources, method="dim3", options=options, device=args.device)
+    bars: list[Any] = []  # made at the first tensor, so that an early error prints one line
+
+    def progress(p: Progress) -> None:
+        if not bars:
+            bars.append(tqdm(total=p.total, unit="tensor", desc="diagnosing"))
+        bars[0].update(p.done - bars[0].n)
+
+    try:
+        rows = diagnose(recipe, progress=progress)
+    finally:
+        for bar in bars:
+            bar.close()
+    for path in write_report(rows, args.out):
+        print(f"wrote {path}")
+    for s in summarize(rows):
+        print(
+            f"{s['module']:>26}  ‖Δmm‖/‖b‖ {s['mm_norm']:.4f}  ‖Δml‖/‖b‖ {s['ml_norm']:.4f}  "
+            f"cos(Δml,Δmm) {s['cross_alignment']:+.4f}  w_mm {s['dim3_mm_weight']:.3f}  "
+            f"w_ml {s['dim3_ml_weight']:.3f}"
+        )
+    return 0
