@@ -1,0 +1,317 @@
+"""``python -m dim3 eval``: accuracy of the original VLM and of every merge on a probe set.
+
+For each model (the original VLM, then the VLM merged in memory by each method) the probe's
+questions are answered by greedy decoding and judged by exact match of the answer in the
+question's language (after trimming spaces and end punctuation, Unicode NFC and case folding).
+Results are per language plus ``overall`` (all questions pooled). The probe is the built-in demo
+set (``--probe demo``, with the demo trio as default checkpoints) or a user's JSONL file with any
+three checkpoints. Merges use ``dim3.engine.merge_into_model``; between methods the VLM's loaded
+weights are restored from an in-memory copy (so memory is twice the VLM's: fine for demo and
+small models; for large ones, evaluate one method at a time).
+
+This module knows probe files, generation and scoring; it knows nothing about Gradio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import unicodedata
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dim3.demo.probe import ProbeItem, load_probe
+
+END_PUNCTUATION = ".。!！?？,，;；:：\"'«»“”„()[]"
+ORIGINAL = "original"
+
+
+def normalise(text: str) -> str:
+    """The form answers are compared in: NFC, trimmed of spaces and end punctuation, case-folded."""
+    return unicodedata.normalize("NFC", text).strip().strip(END_PUNCTUATION).strip().casefold()
+
+
+def is_correct(prediction: str, answer: str) -> bool:
+    """Exact match of ``prediction`` and ``answer`` after ``normalise``."""
+    return normalise(prediction) == normalise(answer)
+
+
+def accuracy(items: Sequence[ProbeItem], predictions: Sequence[str]) -> dict[str, float]:
+    """Per-language accuracy (0..1) plus ``overall`` over every item; languages in probe order."""
+    totals: dict[str, list[int]] = {}
+    for item, pred in zip(items, predictions, strict=True):
+        hits = totals.setdefault(item.language, [0, 0])
+        hits[0] += is_correct(pred, item.answer)
+        hits[1] += 1
+    result = {lang: hit / n for lang, (hit, n) in totals.items()}
+    result["overall"] = sum(h for h, _ in totals.values()) / max(1, len(items))
+    return result
+
+
+def _tokenizer(processor: Any) -> Any:
+    return getattr(processor, "tokenizer", processor)
+
+
+def _prompt(processor: Any, item: ProbeItem) -> str:
+    text = f"{item.context}\n{item.question}" if item.context else item.question
+    if item.image is not None:
+        content: Any = [{"type": "image"}, {"type": "text", "text": text}]
+    elif hasattr(processor, "image_processor"):
+        content = [{"type": "text", "text": text}]
+    else:
+        content = text
+    messages = [{"role": "user", "content": content}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+@torch.no_grad()
+def generate_answers(
+    model: Any,
+    processor: Any,
+    items: Sequence[ProbeItem],
+    *,
+    batch_size: int = 64,
+    max_new_tokens: int = 12,
+) -> list[str]:
+    """Greedy answers to ``items``, in order. ``processor``: a VLM processor or an LLM tokenizer."""
+    from PIL import Image
+
+    tokenizer = _tokenizer(processor)
+    tokenizer.padding_side = "left"
+    answers: dict[int, str] = {}
+    groups = [
+        [i for i, it in enumerate(items) if it.image is not None],
+        [i for i, it in enumerate(items) if it.image is None],
+    ]
+    for group in groups:
+        for start in range(0, len(group), batch_size):
+            chunk = group[start : start + batch_size]
+            prompts = [_prompt(processor, items[i]) for i in chunk]
+            kwargs: dict[str, Any] = {"text": prompts, "return_tensors": "pt", "padding": True}
+            if items[chunk[0]].image is not None:
+                kwargs["images"] = [Image.open(items[i].image).convert("RGB") for i in chunk]
+            if "images" in kwargs or hasattr(processor, "image_processor"):
+                inputs = processor(**kwargs, add_special_tokens=False)
+            else:
+                inputs = tokenizer(
+                    prompts, return_tensors="pt", padding=True, add_special_tokens=False
+                )
+            inputs = inputs.to(model.device)
+            if "pixel_values" in inputs:
+                inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+            out = model.generate(
+                **inputs,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            new = out[:, inputs["input_ids"].shape[1] :]
+            for i, text in zip(
+                chunk, tokenizer.batch_decode(new, skip_special_tokens=True), strict=True
+            ):
+                answers[i] = text
+    return [answers[i] for i in range(len(items))]
+
+
+def evaluate_model(
+    model: Any, processor: Any, items: Sequence[ProbeItem], batch_size: int = 64
+) -> dict[str, float]:
+    """Accuracy of ``model`` on ``items`` (per language + overall)."""
+    return accuracy(items, generate_answers(model, processor, items, batch_size=batch_size))
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """What to evaluate: three checkpoints, the methods (with options) and the probe items."""
+
+    base: str
+    multilingual: str
+    multimodal: str
+    items: tuple[ProbeItem, ...]
+    methods: tuple[str, ...]
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        from dim3.methods import get_method
+
+        if not self.items:
+            raise ValueError("the probe set is empty: give at least one question")
+        for name in self.methods:
+            get_method(name).make_options(self.options.get(name, {}))  # unknown names fail here
+        unknown = sorted(set(self.options) - set(self.methods))
+        if unknown:
+            raise ValueError(f"options given for methods not evaluated: {unknown}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+
+
+Progress = Callable[[str, int, int], None]  # (model name, models done, models total)
+
+
+def evaluate_merges(
+    spec: EvalSpec, progress: Progress | None = None
+) -> dict[str, dict[str, float]]:
+    """``{"original": {lang: acc, ..., "overall": acc}, method: {...}, ...}`` for ``spec``.
+
+    Loads the VLM once (float32, CPU unless CUDA is present), scores it, then for each method
+    restores its weights, merges into it in memory and scores it again.
+    """
+    from dim3.chat import load_vlm
+    from dim3.engine import merge_into_model
+    from dim3.recipe import Recipe, Source
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    model, processor = load_vlm(
+        spec.multimodal, dtype=dtype, device_map={"": device} if device == "cuda" else None
+    )
+    loaded = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    names = [ORIGINAL, *spec.methods]
+    results: dict[str, dict[str, float]] = {}
+    for done, name in enumerate(names):
+        if progress:
+            progress(name, done, len(names))
+        if name != ORIGINAL:
+            _restore(model, loaded)
+            recipe = Recipe(
+                base=Source(spec.base),
+                multilingual=Source(spec.multilingual),
+                multimodal=Source(spec.multimodal),
+                method=name,
+                options=spec.options.get(name, {}),
+                device=device,
+            )
+            merge_into_model(model, recipe)
+        results[name] = evaluate_model(model, processor, spec.items, spec.batch_size)
+    _restore(model, loaded)
+    if progress:
+        progress("", len(names), len(names))
+    return results
+
+
+@torch.no_grad()
+def _restore(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    for key, tensor in model.state_dict().items():
+        tensor.copy_(state[key])
+
+
+def format_table(results: dict[str, dict[str, float]]) -> str:
+    """A fixed-width text table: one row per model, one column per language, then overall."""
+    languages = [k for k in next(iter(results.values())) if k != "overall"]
+    columns = [*languages, "overall"]
+    width = max(len(n) for n in results) + 2
+    lines = ["model".ljust(width) + "".join(c.rjust(8) for c in columns)]
+    for name, accs in results.items():
+        lines.append(
+            name.ljust(width) + "".join(f"{accs.get(c, float('nan')):8.3f}" for c in columns)
+        )
+    return "\n".join(lines)
+
+
+def parse_methods(text: str | None) -> tuple[str, ...]:
+    """``"dim3,ties"`` -> ("dim3", "ties"); None or "all" -> every registered method; "none" -> ()."""
+    from dim3.methods import METHODS, get_method
+
+    if text is None or text.strip() == "all":
+        return tuple(METHODS)
+    if text.strip() == "none":
+        return ()
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    for n in names:
+        get_method(n)
+    return names
+
+
+def parse_options(values: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``["dim3.calibration=0.8"]`` -> ``{"dim3": {"calibration": 0.8}}``."""
+    from dim3.cli import parse_option
+
+    out: dict[str, dict[str, Any]] = {}
+    for text in values:
+        method, sep, rest = text.partition(".")
+        if not sep or "=" not in rest:
+            raise ValueError(
+                f"--option {text!r} is not METHOD.KEY=VALUE (e.g. dim3.calibration=0.8)"
+            )
+        key, value = parse_option(rest)
+        out.setdefault(method, {})[key] = value
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``python -m dim3 eval``."""
+    parser.add_argument(
+        "--probe", default="demo", help="'demo' (built-in probe set) or a JSONL probe file"
+    )
+    for role in ("base", "multilingual", "multimodal"):
+        parser.add_argument(
+            f"--{role}", default=None, help=f"the {role} checkpoint (default: the demo trio's)"
+        )
+    parser.add_argument(
+        "--methods", default=None, help="comma-separated merge methods, 'all' (default) or 'none'"
+    )
+    parser.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="METHOD.KEY=VALUE",
+        help="a method option, repeatable",
+    )
+    parser.add_argument(
+        "--json", type=Path, default=None, help="also write the results as JSON here"
+    )
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument(
+        "--limit", type=int, default=None, help="use only the first N probe questions"
+    )
+
+
+def spec_from_args(args: argparse.Namespace) -> EvalSpec:
+    """Resolve ``--probe`` and the checkpoints (demo defaults) into an :class:`EvalSpec`."""
+    from dim3.demo import demo_probe_path, demo_trio
+
+    roles = ("base", "multilingual", "multimodal")
+    given = {r: getattr(args, r) for r in roles}
+    if any(given.values()) and not all(given.values()):
+        missing = [f"--{r}" for r in roles if not given[r]]
+        raise ValueError(
+            f"give all three checkpoints or none (for the demo trio); missing {', '.join(missing)}"
+        )
+    if not all(given.values()):
+        given = dict(zip(roles, (str(p) for p in demo_trio()), strict=True))
+    items = load_probe(demo_probe_path() if args.probe == "demo" else args.probe)
+    if args.limit is not None:
+        items = items[: args.limit]
+    return EvalSpec(
+        **given,
+        items=tuple(items),
+        methods=parse_methods(args.methods),
+        options=parse_options(args.option),
+        batch_size=args.batch_size,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    spec = spec_from_args(args)
+    start = time.perf_counter()
+
+    def progress(name: str, done: int, total: int) -> None:
+        if name:
+            print(f"[{done + 1}/{total}] {name} ({time.perf_counter() - start:.0f}s)", flush=True)
+
+    results = evaluate_merges(spec, progress)
+    print(f"\n{len(spec.items)} questions; exact match in the question's language\n")
+    print(format_table(results))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(
+            json.dumps({"models": results, "questions": len(spec.items)}, indent=1) + "\n"
+        )
+        print(f"\nwrote {args.json}")
+    return 0
