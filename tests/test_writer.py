@@ -1,0 +1,76 @@
+"""The streaming safetensors writer, read back with the safetensors library itself."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from dim3.writer import ShardedWriter, TensorSpec, parse_size, split_shards
+
+TENSORS = {
+    "a.weight": torch.randn(7, 5),
+    "b.bias": torch.randn(3).to(torch.bfloat16),
+    "c.mask": torch.tensor([True, False, True]),
+    "d.ids": torch.arange(6, dtype=torch.int64).reshape(2, 3),
+    "e.empty": torch.zeros(0, 4),
+    "f.half": torch.randn(4, 4).to(torch.float16),
+}
+
+
+def specs():
+    return [TensorSpec(k, v.dtype, tuple(v.shape)) for k, v in TENSORS.items()]
+
+
+@pytest.mark.parametrize("shard_size", ["1GB", 100])
+def test_round_trip_through_safetensors(tmp_path, shard_size):
+    out = tmp_path / "out"
+    with ShardedWriter(out, specs(), shard_size=shard_size) as w:
+        for k, v in TENSORS.items():
+            w.write(k, v)
+    files = sorted(out.glob("*.safetensors"))
+    read = {}
+    for file in files:
+        with safe_open(file, "pt") as f:
+            assert f.metadata() == {"format": "pt"}
+            read.update({k: f.get_tensor(k) for k in f.keys()})
+    assert read.keys() == TENSORS.keys()
+    for k, v in TENSORS.items():
+        assert read[k].dtype == v.dtype and torch.equal(read[k], v), k
+    if len(files) == 1:
+        assert files[0].name == "model.safetensors"
+        assert not (out / "model.safetensors.index.json").exists()
+    else:
+        index = json.loads((out / "model.safetensors.index.json").read_text())
+        assert set(index["weight_map"]) == set(TENSORS)
+        assert index["metadata"]["total_size"] == sum(
+            v.numel() * v.element_size() for v in TENSORS.values()
+        )
+        assert files[0].name == f"model-00001-of-{len(files):05d}.safetensors"
+
+
+def test_wrong_tensor_or_missing_tensor_leaves_nothing(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="expected"), ShardedWriter(out, specs()) as w:
+        w.write("a.weight", torch.randn(5, 7))
+    with (
+        pytest.raises(RuntimeError, match="before writing 'b.bias'"),
+        ShardedWriter(out, specs()) as w,
+    ):
+        w.write("a.weight", TENSORS["a.weight"])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sizes_and_shards():
+    assert (
+        parse_size("5GB") == 5 * 10**9 and parse_size("2MiB") == 2 * 2**20 and parse_size(10) == 10
+    )
+    with pytest.raises(ValueError, match="not a size"):
+        parse_size("lots")
+    with pytest.raises(ValueError, match="positive"):
+        parse_size("0MB")
+    sizes = [TensorSpec(str(i), torch.float32, (n,)) for i, n in enumerate([10, 10, 30, 5])]
+    shards = split_shards(sizes, 80)  # 40, 40, 120 (alone), 20 bytes
+    assert [[s.name for s in shard] for shard in shards] == [["0", "1"], ["2"], ["3"]]
