@@ -656,3 +656,82 @@ def test_dim3_calibration_scales_only_calibrated_columns():
     assert torch.equal(w1.weights[none], w3.weights[none])
     both = w1.magnitude_calibrated & w1.direction_calibrated
     assert torch.all(w3.weights[both] == 3.0) and torch.all(w1.weights[both] == 1.0)
+
+
+# --------------------------------------------------------------------------- through the engine
+
+E2E_OPTIONS = {
+    "dim3": {"above_average_ratio": 0.9},
+    "task_arithmetic": {"scaling": 0.5, "multilingual_weight": 1.5},
+    "linear": {"multimodal_weight": 2.0},
+    "ties": {"density": 0.3},
+    "dare_task_arithmetic": {"drop_rate": 0.5, "seed": 4},
+    "dare_ties": {"drop_rate": 0.5, "seed": 4},
+    "breadcrumbs": {"density": 0.8, "gamma": 0.05},
+}
+LANGUAGE_KEY = "language_model.model.layers.1.mlp.up_proj.weight"
+VISION_KEY = "vision_tower.encoder.layers.0.self_attn.q_proj.weight"
+PROJECTOR_KEY = "multi_modal_projector.linear_1.weight"
+
+
+def _tensors(folder) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(file))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ALL)
+def test_each_method_merges_a_tiny_trio_through_the_engine(method, tiny_llava_trio, tmp_path):
+    from dim3.engine import merge_to_folder
+    from dim3.recipe import Recipe, Source
+
+    trio = tiny_llava_trio
+    assert set(E2E_OPTIONS) == set(ALL)
+    recipe = Recipe(
+        Source(str(trio.base)),
+        Source(str(trio.multilingual)),
+        Source(str(trio.multimodal)),
+        method=method,
+        options=E2E_OPTIONS[method],
+        device="cpu",
+    )
+    merge_to_folder(recipe, tmp_path / "out")
+    out = _tensors(tmp_path / "out")
+    base, ml, vlm = _tensors(trio.base), _tensors(trio.multilingual), _tensors(trio.multimodal)
+    canonical = LANGUAGE_KEY.removeprefix("language_model.")
+    m = get_method(method)
+    expected = m.fn(
+        base[canonical].float(),
+        [vlm[LANGUAGE_KEY].float(), ml[canonical].float()],
+        m.make_options(E2E_OPTIONS[method]),
+        name=LANGUAGE_KEY,
+    )
+    assert torch.equal(out[LANGUAGE_KEY], expected.to(out[LANGUAGE_KEY].dtype))
+    assert not torch.equal(out[LANGUAGE_KEY], vlm[LANGUAGE_KEY])
+    for key in (VISION_KEY, PROJECTOR_KEY):
+        assert out[key].dtype == vlm[key].dtype and torch.equal(out[key], vlm[key])
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert method in card and m.paper in card
+
+
+@pytest.mark.slow
+def test_cli_method_and_options(tiny_qwen2vl_trio, tmp_path):
+    from dim3.cli import main
+
+    trio = tiny_qwen2vl_trio
+    args = ["--base", str(trio.base), "--multilingual", str(trio.multilingual)]
+    args += ["--multimodal", str(trio.multimodal), "--device", "cpu", "--method", "dare_ties"]
+    for seed, out in ((1, "a"), (1, "b"), (2, "c")):
+        opts = ["--option", "drop_rate=0.3", "--option", f"seed={seed}"]
+        assert main(["merge", *args, *opts, "--out", str(tmp_path / out)]) == 0
+    a, b, c = (_tensors(tmp_path / x) for x in "abc")
+    key = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(a[key], b[key]) and not torch.equal(a[key], c[key])
+    recipe = (tmp_path / "a" / "dim3_recipe.json").read_text()
+    assert '"dare_ties"' in recipe and '"drop_rate": 0.3' in recipe
+    assert main(["merge", *args, "--option", "drop_rate=1.5", "--out", str(tmp_path / "d")]) == 2
+    assert not (tmp_path / "d").exists()
