@@ -230,6 +230,36 @@ def _run(
     return time.perf_counter() - start
 
 
+class _Pipe:
+    """Run ``write(key, tensor)`` calls in order on one thread, at most ``depth`` queued.
+
+    Writing the previous tensor then overlaps computing the next; a failed write is raised at
+    the next ``put`` or at ``drain``.
+    """
+
+    def __init__(self, write: Callable[[str, torch.Tensor], None], depth: int = 2):
+        self._write, self._depth = write, depth
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dim3-write")
+        self._pending: list[Future] = []
+
+    def put(self, key: str, tensor: torch.Tensor) -> None:
+        self._pending.append(self._pool.submit(self._write, key, tensor))
+        while len(self._pending) > self._depth:
+            self._pending.pop(0).result()
+
+    def drain(self) -> None:
+        while self._pending:
+            self._pending.pop(0).result()
+
+    def __enter__(self) -> _Pipe:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for future in self._pending:
+            future.cancel()
+        self._pool.shutdown(wait=True)
+
+
 def _check_not_an_input(out_dir: Path, inputs: Inputs) -> None:
     for role in ("base", "multilingual", "multimodal"):
         src = getattr(inputs, role).path.resolve()
@@ -282,12 +312,16 @@ def merge_to_folder(
             TensorSpec(e.key, output_dtype(e, recipe.dtype), e.shape) for e in merge_plan.entries
         ]
         dtypes = {s.name: s.dtype for s in specs}
-        with ShardedWriter(out, specs, shard_size=shard_size, overwrite=overwrite) as writer:
+        with (
+            ShardedWriter(out, specs, shard_size=shard_size, overwrite=overwrite) as writer,
+            _Pipe(writer.write) as pipe,
+        ):
 
             def sink(entry: Entry, tensor: torch.Tensor) -> None:
-                writer.write(entry.key, tensor.to(dtypes[entry.key]))
+                pipe.put(entry.key, tensor.to(dtypes[entry.key]))
 
             seconds = _run(merge_plan, inputs, recipe, sink, progress)
+            pipe.drain()
             _copy_side_files(inputs.multimodal.path, writer.folder, recipe.dtype)
             resolved = inputs.resolved()
             write_recipe(writer.folder, recipe, resolved)
