@@ -133,7 +133,28 @@ def _resolve_hub(ref: str, revision: str | None, token: str | None) -> Path:
         )
     except Exception as exc:  # the Hub client raises many types; each is mapped to a message
         raise _hub_error(ref, revision, exc) from exc
-    return Path(folder)
+    folder = Path(folder)
+    if not any(folder.glob("*.safetensors")):
+        _refuse_pickle_repo(ref, revision, token)
+    return folder
+
+
+def _refuse_pickle_repo(ref: str, revision: str | None, token: str | None) -> None:
+    """A Hub repo without safetensors: say so, naming its pickle files when the Hub answers."""
+    from huggingface_hub import HfApi
+
+    try:
+        files = HfApi().list_repo_files(ref, revision=revision, token=token or None)
+    except Exception:  # offline or unreachable: the generic message below still holds
+        files = []
+    pickles = [f for f in files if f.endswith(PICKLE_SUFFIXES)]
+    kind = (
+        f"only pickle weights ({', '.join(pickles[:3])})" if pickles else "no safetensors weights"
+    )
+    raise CheckpointError(
+        f"{ref!r} has {kind}; DiM3 reads safetensors only, since pickle can run code: pick a "
+        "revision with safetensors (many repos have a refs/pr/N conversion) or convert it first"
+    )
 
 
 def resolve(

@@ -378,6 +378,12 @@ def _check_model_fits(merge_plan: MergePlan, layout, targets: dict[str, torch.Te
             continue
         canonical = layout.classify(entry.key)[1]
         target = targets.get(canonical)
+        if target is not None and target.device.type == "meta":
+            raise PlanError(
+                f"{entry.key} of the loaded model is offloaded (on the meta device); merging in "
+                "memory needs every language-model weight loaded: load without disk offload, "
+                "or merge to a folder instead"
+            )
         if target is None or tuple(target.shape) != tuple(entry.shape):
             got = None if target is None else tuple(target.shape)
             raise PlanError(

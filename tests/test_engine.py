@@ -435,6 +435,16 @@ def test_hub_ids_resolve_from_the_cache_offline(tiny_llava_trio, tmp_path, monke
     assert result.plan.summary()["merged"] > 0
     with pytest.raises(CheckpointError, match="offline"):
         engine.plan(Recipe(Source("tiny/missing"), Source("tiny/llm-ml"), Source("tiny/vlm")))
+    pickled = cache / "models--tiny--pickled" / "snapshots" / commit
+    pickled.mkdir(parents=True)
+    shutil.copy(tiny_llava_trio.base / "config.json", pickled)
+    torch.save({"w": torch.zeros(1)}, pickled / "pytorch_model.bin")
+    (pickled.parent.parent / "refs").mkdir()
+    (pickled.parent.parent / "refs" / "main").write_text(commit)
+    with pytest.raises(
+        CheckpointError, match="'tiny/pickled' has no safetensors weights.*safetensors only"
+    ):
+        engine.plan(Recipe(Source("tiny/pickled"), Source("tiny/llm-ml"), Source("tiny/vlm")))
 
 
 # ---------------------------------------------------------------- CLI
