@@ -505,3 +505,29 @@ def test_inputs_never_modified_even_on_overwrite(tiny_qwen2vl_trio, tmp_path):
     }
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     assert os.listdir(out)
+
+
+def test_qwen2vl_output_answers_an_image_question(tiny_qwen2vl_new_layout_trio, tmp_path):
+    """Qwen2-VL's processor needs torchvision; tokenizer and image processor are used directly."""
+    from PIL import Image
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    out = tmp_path / "out"
+    engine.merge_to_folder(recipe_of(tiny_qwen2vl_new_layout_trio), out)
+    model = AutoModelForImageTextToText.from_pretrained(out)
+    tok, images = AutoTokenizer.from_pretrained(out), AutoImageProcessor.from_pretrained(out)
+    pixels = images(images=[Image.new("RGB", (56, 56), "blue")], return_tensors="pt")
+    n_image_tokens = int(pixels["image_grid_thw"].prod()) // images.merge_size**2
+    text = tok.apply_chat_template(
+        [
+            {
+                "role": "user",
+                "content": [{"type": "image"}, {"type": "text", "text": "Какого цвета фигура?"}],
+            }
+        ],
+        add_generation_prompt=True,
+        tokenize=False,
+    ).replace("<|image_pad|>", "<|image_pad|>" * n_image_tokens)
+    inputs = tok(text, return_tensors="pt")
+    generated = model.generate(**inputs, **pixels, max_new_tokens=3, do_sample=False)
+    assert generated.shape[1] == inputs["input_ids"].shape[1] + 3
