@@ -1,0 +1,49 @@
+"""The Gradio app: a Merge tab and a Chat tab over one shared model manager.
+
+``build_app()`` lays out the Blocks; ``launch_options()`` holds what ``Blocks.launch`` needs
+(theme, CSS, upload limit). This package is the only part of dim3 that imports Gradio.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import gradio as gr
+
+from dim3.ui.chat import build_chat_tab, refresh_status
+from dim3.ui.common import CSS, MAX_UPLOAD, AppContext
+from dim3.ui.merge import build_merge_tab
+
+TITLE = "DiM3 Studio"
+INTRO = (
+    "# DiM3 Studio\n"
+    "Give a vision-language model the languages of a multilingual fine-tune of its base LLM, "
+    "without training ([DiM3, arXiv 2605.12960](https://arxiv.org/abs/2605.12960)). "
+    "**Merge** three checkpoints, then **Chat** with the original and the merged VLM side by side."
+)
+
+
+def build_app(ctx: AppContext | None = None) -> gr.Blocks:
+    """The whole app (not launched). ``ctx`` defaults to one built from the environment."""
+    ctx = ctx or AppContext.from_env()
+    with gr.Blocks(title=TITLE, analytics_enabled=False) as app:
+        gr.Markdown(INTRO)
+        with gr.Tabs():
+            with gr.Tab("Merge", id="merge", elem_id="dim3-tab-merge"):
+                build_merge_tab(ctx)
+            with gr.Tab("Chat", id="chat", elem_id="dim3-tab-chat") as chat_tab:
+                chat = build_chat_tab(ctx)
+        chat_tab.select(refresh_status(ctx, chat), outputs=[chat.status], queue=False)
+    app.queue(default_concurrency_limit=int(os.environ.get("DIM3_CONCURRENCY", "4")))
+    return app
+
+
+def launch_options() -> dict[str, Any]:
+    """Keyword arguments for ``Blocks.launch``: look, upload limit, no telemetry pages."""
+    return {
+        "theme": gr.themes.Soft(primary_hue="indigo"),
+        "css": CSS,
+        "max_file_size": MAX_UPLOAD,
+        "show_error": False,
+    }

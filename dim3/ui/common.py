@@ -1,0 +1,150 @@
+"""Shared UI bits: the app context, error messages in plain words, ZeroGPU, progress text, CSS.
+
+This module knows Gradio and how dim3's exceptions read to a user. It holds no layout; the tabs
+(``dim3.ui.merge``, ``dim3.ui.chat``) do.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import os
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from dim3.chat import ChatError
+from dim3.checkpoints import CheckpointError, allowed_roots_from_env
+from dim3.models import ModelManager, ModelMemoryError
+from dim3.plan import PlanError
+from dim3.presets import DEMO_KEY, get_preset
+
+log = logging.getLogger("dim3.ui")
+F = TypeVar("F", bound=Callable[..., Any])
+
+MAX_UPLOAD = os.environ.get("DIM3_MAX_UPLOAD", "10mb")  # per file, enforced by Gradio
+ENV_OUTPUT = "DIM3_OUTPUT_DIR"
+
+
+def gpu(duration: int = 120) -> Callable[[F], F]:
+    """``spaces.GPU(duration=...)`` on Hugging Face ZeroGPU; a no-op when ``spaces`` is absent."""
+    try:
+        import spaces  # type: ignore[import-not-found]
+    except ImportError:
+        return lambda fn: fn
+    return spaces.GPU(duration=duration)
+
+
+def output_root_from_env() -> Path:
+    """Where "Save to folder" writes: ``$DIM3_OUTPUT_DIR`` or ``./outputs``."""
+    return Path(os.environ.get(ENV_OUTPUT, "outputs")).expanduser().resolve()
+
+
+class StopFlags:
+    """One stop flag (``threading.Event``) per browser session, for the Stop button."""
+
+    def __init__(self) -> None:
+        self._flags: dict[str, threading.Event] = {}
+        self._lock = threading.Lock()
+
+    def start(self, session: str) -> threading.Event:
+        """A fresh, unset flag for the session's new generation."""
+        with self._lock:
+            flag = self._flags[session] = threading.Event()
+            return flag
+
+    def stop(self, session: str) -> bool:
+        """Set the session's flag; False when nothing is generating."""
+        with self._lock:
+            flag = self._flags.get(session)
+        if flag is None:
+            return False
+        flag.set()
+        return True
+
+    def finish(self, session: str, flag: threading.Event) -> None:
+        with self._lock:
+            if self._flags.get(session) is flag:
+                del self._flags[session]
+
+
+@dataclass
+class AppContext:
+    """What every handler of one server shares: models, folders, the default trio."""
+
+    manager: ModelManager
+    allowed_roots: Sequence[Path]
+    output_root: Path
+    default_preset: str = DEMO_KEY
+    stop_flags: StopFlags = field(default_factory=StopFlags)
+
+    @classmethod
+    def from_env(cls) -> AppContext:
+        """Allowed roots from ``$DIM3_ALLOWED_ROOTS``, outputs from ``$DIM3_OUTPUT_DIR``, the
+        demo trio's VLM as the original model until a merge chooses another."""
+        roots = allowed_roots_from_env()
+        output = output_root_from_env()
+        default_vlm = get_preset(DEMO_KEY).multimodal
+        manager = ModelManager(allowed_roots=[*roots, output], default_vlm=default_vlm)
+        return cls(manager=manager, allowed_roots=[*roots, output], output_root=output)
+
+
+KNOWN_ERRORS = (CheckpointError, PlanError, ModelMemoryError, ChatError, ValueError)
+
+
+def error_text(exc: BaseException) -> str:
+    """A one-paragraph message for the user: the problem and how to fix it (plain text)."""
+    if isinstance(exc, PlanError):
+        return f"These checkpoints cannot be merged: {exc}"
+    if isinstance(exc, KNOWN_ERRORS):
+        return str(exc)
+    if isinstance(exc, MemoryError):
+        return "The server ran out of memory; pick a smaller preset or unload a model."
+    if isinstance(exc, OSError):
+        return f"A file could not be read or written: {exc}"
+    if type(exc).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError
+        return "The GPU ran out of memory; choose a smaller preset, float16, or fewer new tokens."
+    log.exception("unexpected error", exc_info=exc)
+    return f"Unexpected error ({type(exc).__name__}): {exc}. The server is still running."
+
+
+def error_html(exc: BaseException) -> str:
+    """``error_text`` escaped for Gradio's HTML toasts."""
+    return html.escape(error_text(exc))
+
+
+def clock(seconds: float | None) -> str:
+    """Seconds as ``m:ss`` (``h:mm:ss`` past an hour); ``?`` when unknown."""
+    if seconds is None:
+        return "?"
+    s = int(round(seconds))
+    h, rem = divmod(s, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def size(n: int) -> str:
+    """Bytes in a readable unit."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+# Right-to-left text (Arabic, Hebrew, ...) is laid out by the browser per paragraph:
+# `unicode-bidi: plaintext` takes each paragraph's direction from its first strong character and
+# `text-align: start` then aligns it to that side, so mixed-language chats read correctly.
+CSS = """
+.dim3-pane .message-content, .dim3-pane .message-content p, .dim3-bidi textarea,
+.dim3-examples button, .dim3-examples td {
+    unicode-bidi: plaintext;
+    text-align: start;
+}
+.dim3-pane img { max-height: 180px; width: auto; object-fit: contain; }
+.dim3-status { font-size: 0.9em; opacity: 0.85; }
+.dim3-error { color: var(--error-text-color, #b91c1c); }
+footer { display: none !important; }
+"""
