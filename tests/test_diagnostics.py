@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import os
 
 import pytest
 import torch
@@ -268,3 +269,109 @@ def test_cli_error_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "\n" not in err
     assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------------------- the Analysis tab
+
+
+def _analysis_app(trio, tmp_path):
+    """A Blocks with the real Merge tab and the Analysis tab, its refs set to ``trio``."""
+    import gradio as gr
+
+    from dim3.models import ModelManager
+    from dim3.ui.analysis import build_analysis_tab
+    from dim3.ui.common import AppContext
+    from dim3.ui.merge import build_merge_tab
+
+    roots = [trio.base.parent, tmp_path]
+    ctx = AppContext(
+        manager=ModelManager(allowed_roots=roots), allowed_roots=roots, output_root=tmp_path / "o"
+    )
+    with gr.Blocks() as app:
+        with gr.Tab("Merge"):
+            merge = build_merge_tab(ctx)
+        with gr.Tab("Analysis"):
+            analysis = build_analysis_tab(ctx, merge)
+    return app, ctx, merge, analysis
+
+
+def _form_values(merge, trio, **changes):
+    values = {c: getattr(c, "value", None) for c in merge.form.inputs()}
+    for role in ("base", "multilingual", "multimodal"):
+        values[merge.form.refs[role]] = str(getattr(trio, role))
+        values[merge.form.revisions[role]] = ""
+    values[merge.form.device] = "cpu"
+    for (method, field), widget in merge.form.options.items():
+        if method == "dim3" and field in changes:
+            values[widget] = changes[field]
+    return values
+
+
+def test_analysis_handler_shows_plots_table_and_csv(tiny_llava_trio, tmp_path):
+    from dim3.ui.analysis import _compute
+
+    app, ctx, merge, tab = _analysis_app(tiny_llava_trio, tmp_path)
+    handler = _compute(ctx, merge, tab)
+    seen = []
+    values = _form_values(merge, tiny_llava_trio, calibration=0.5)
+    out = handler(values, progress=lambda *a, **k: seen.append(a[0]))
+    assert out[tab.status].startswith("✅"), out[tab.status]
+    rows = dg.diagnose(recipe_of(tiny_llava_trio, calibration=0.5))
+    assert seen[-1] == (len(rows), len(rows))
+    frame = out[tab.plots["ml_norm"]]
+    layered = [r for r in rows if r.layer is not None]
+    assert len(frame) == len(layered) and set(frame.columns) == {"layer", "module", "value"}
+    assert frame["value"].tolist() == [r.ml_norm for r in layered]
+    weights = out[tab.plots["dim3_ml_weight"]]["value"].tolist()
+    assert weights == [r.dim3_ml_weight for r in layered]  # the Merge tab's DiM3 options
+    table = out[tab.table]
+    assert set(table["module"]) == {r.module for r in rows}
+    assert open(out[tab.download], encoding="utf-8").read() == dg.to_csv(rows)
+
+
+def test_analysis_handler_shows_errors_as_messages(tiny_llava_trio, tmp_path):
+    from dim3.ui.analysis import _compute
+
+    app, ctx, merge, tab = _analysis_app(tiny_llava_trio, tmp_path)
+    values = _form_values(merge, tiny_llava_trio)
+    values[merge.form.refs["multilingual"]] = "/definitely/not/allowed"
+    out = _compute(ctx, merge, tab)(values, progress=lambda *a, **k: None)
+    assert out[tab.status].startswith("❌") and "allowed" in out[tab.status]
+    assert set(out) == {tab.status}
+
+
+@pytest.mark.browser
+def test_analysis_tab_in_a_browser(tiny_qwen2vl_trio, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    app, _ctx, _merge, _tab = _analysis_app(tiny_qwen2vl_trio, tmp_path)
+    app.queue()
+    _, url, _ = app.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True)
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path="/usr/bin/chromium")
+            page = browser.new_page()
+            page.goto(url)
+            for role in ("base", "multilingual", "multimodal"):
+                box = page.locator(f"#dim3-ref-{role} textarea, #dim3-ref-{role} input").first
+                box.fill(str(getattr(tiny_qwen2vl_trio, role)))
+            page.get_by_role("tab", name="Analysis").click()
+            page.locator("#dim3-diagnose").click()
+            status = page.locator("#dim3-analysis-status")
+            status.get_by_text("language-model tensors").wait_for(timeout=60_000)
+            assert "✅" in status.inner_text()
+            plot = page.locator("#dim3-plot-cross_alignment")
+            plot.locator("canvas, svg").first.wait_for(timeout=30_000)
+            assert "q_proj" in page.locator("#dim3-analysis-table").inner_text()
+            link = page.locator("#dim3-analysis-csv a").first
+            link.wait_for(timeout=30_000)
+            csv_text = page.request.get(link.get_attribute("href")).text()
+            assert csv_text.startswith("key,name,layer,module,group")
+            assert len(csv_text.strip().splitlines()) == 1 + len(
+                dg.diagnose(recipe_of(tiny_qwen2vl_trio))
+            )
+            if os.environ.get("DIM3_SCREENSHOTS"):
+                page.screenshot(path=os.environ["DIM3_SCREENSHOTS"], full_page=True)
+            browser.close()
+    finally:
+        app.close()
