@@ -91,7 +91,11 @@ def load_vlm(
     try:
         processor = AutoProcessor.from_pretrained(str(path))
     except ImportError as exc:  # e.g. Qwen2-VL's video processor needs torchvision
-        raise ChatError(f"cannot load the processor of {path}: {exc}".strip()) from exc
+        hint = "install torchvision (`pip install torchvision`) and restart the app; "
+        raise ChatError(
+            f"cannot load the processor of {path}: "
+            f"{hint if 'orchvision' in str(exc) else ''}{str(exc).strip().splitlines()[0]}"
+        ) from exc
     model = AutoModelForImageTextToText.from_pretrained(
         str(path), dtype=dtype, device_map=device_map, max_memory=max_memory, use_safetensors=True
     )

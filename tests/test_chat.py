@@ -1,0 +1,212 @@
+"""dim3.chat on a tiny real LLaVA: streaming, stopping, inputs, interleaving, bad input."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+from PIL import Image
+
+from dim3.chat import (
+    ChatError,
+    GenerationParams,
+    build_inputs,
+    interleave,
+    load_image,
+    load_vlm,
+    stream_reply,
+    to_processor_messages,
+)
+
+QUESTION = [{"role": "user", "content": "What colour is the shape?"}]
+
+
+@pytest.fixture(scope="module")
+def llava(tiny_llava_trio):
+    model, processor = load_vlm(tiny_llava_trio.multimodal, dtype=torch.float32)
+    return model, processor
+
+
+@pytest.fixture()
+def endless(llava):
+    """The tiny LLaVA with no end-of-sequence token, so only max_new_tokens or stop end a reply."""
+    model, processor = llava
+    eos = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = None
+    yield model, processor
+    model.generation_config.eos_token_id = eos
+
+
+def red() -> Image.Image:
+    return Image.new("RGB", (48, 40), (215, 35, 35))
+
+
+def test_stream_yields_the_same_tokens_as_generate(llava):
+    model, processor = llava
+    params = GenerationParams(max_new_tokens=12)
+    reply = stream_reply(model, processor, QUESTION, red(), params)
+    chunks = list(reply)
+    assert not reply.thread.is_alive()
+    assert reply.new_tokens >= 1 and not reply.stopped
+
+    inputs = build_inputs(model, processor, QUESTION, red())
+    with torch.inference_mode():
+        out = model.generate(**inputs, **params.generate_kwargs())
+    expected = processor.tokenizer.decode(
+        out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True
+    )
+    assert "".join(chunks) == expected
+    assert sum(1 for c in chunks if c) >= 1
+
+
+def test_stop_flag_ends_generation_early(endless):
+    model, processor = endless
+    stop = threading.Event()
+    reply = stream_reply(
+        model, processor, QUESTION, red(), GenerationParams(max_new_tokens=400), stop
+    )
+    received = []
+    for chunk in reply:
+        received.append(chunk)
+        if len(received) == 2:
+            stop.set()
+    reply.thread.join(timeout=10)
+    assert not reply.thread.is_alive()
+    assert reply.stopped
+    assert reply.new_tokens < 20, "generation went on after the stop flag was set"
+
+
+def test_closing_the_reply_stops_the_thread(endless):
+    model, processor = endless
+    reply = stream_reply(model, processor, QUESTION, None, GenerationParams(max_new_tokens=400))
+    next(reply)
+    started = time.monotonic()
+    reply.close()
+    assert not reply.thread.is_alive()
+    assert reply.new_tokens < 400
+    assert time.monotonic() - started < 10
+
+
+def test_without_stop_it_runs_to_max_new_tokens(endless):
+    model, processor = endless
+    reply = stream_reply(model, processor, QUESTION, None, GenerationParams(max_new_tokens=15))
+    list(reply)
+    assert reply.new_tokens == 15 and not reply.stopped
+
+
+def test_image_and_text_reach_the_processor(llava):
+    model, processor = llava
+    inputs = build_inputs(model, processor, QUESTION, red())
+    image_id = model.config.image_token_id
+    n_image_tokens = int((inputs["input_ids"] == image_id).sum())
+    # 32 px / patch 8 = 16 patches, + the class token, which the "default" strategy drops again
+    extra = processor.num_additional_image_tokens
+    dropped = processor.vision_feature_select_strategy == "default"
+    assert n_image_tokens == (32 // 8) ** 2 + extra - dropped
+    own = processor.image_processor(red(), return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(inputs["pixel_values"], own)
+    prompt = processor.tokenizer.decode(inputs["input_ids"][0])
+    assert "What colour is the shape?" in prompt
+
+    # The picture changes what the model computes.
+    blue = Image.new("RGB", (48, 40), (40, 70, 215))
+    other = build_inputs(model, processor, QUESTION, blue)
+    with torch.inference_mode():
+        a = model(**inputs).logits[0, -1]
+        b = model(**other).logits[0, -1]
+    assert not torch.allclose(a, b)
+
+
+def test_text_only_question_has_no_image_tokens(llava):
+    model, processor = llava
+    inputs = build_inputs(model, processor, QUESTION, None)
+    assert "pixel_values" not in inputs
+    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 0
+
+
+def test_multi_turn_messages_put_the_image_in_the_first_turn():
+    turns = [
+        {"role": "user", "content": "What is it?"},
+        {"role": "assistant", "content": "A circle."},
+        {"role": "user", "content": "And its colour?"},
+        {"role": "assistant", "content": ""},
+    ]
+    with pytest.raises(ChatError, match="end with a user message"):
+        to_processor_messages(turns, with_image=True)
+    out = to_processor_messages(turns[:3], with_image=True)
+    assert [m["role"] for m in out] == ["user", "assistant", "user"]
+    assert out[0]["content"][0] == {"type": "image"}
+    assert all({"type": "image"} not in m["content"] for m in out[1:])
+    assert out[2]["content"] == [{"type": "text", "text": "And its colour?"}]
+
+
+def test_multi_turn_reply_streams(llava):
+    model, processor = llava
+    turns = [
+        *QUESTION,
+        {"role": "assistant", "content": "red"},
+        {"role": "user", "content": "Sure?"},
+    ]
+    chunks = list(stream_reply(model, processor, turns, red(), GenerationParams(max_new_tokens=5)))
+    assert chunks
+
+
+def test_interleave_yields_snapshots_of_both_streams():
+    snaps = list(interleave(["a", "b", "c"], ["x"]))
+    assert snaps == [("a", ""), ("a", "x"), ("ab", "x"), ("abc", "x")]
+    assert list(interleave([], [])) == []
+    assert list(interleave([], ["1", "2"])) == [("", "1"), ("", "12")]
+
+
+def test_two_concurrent_replies_match_sequential_ones(llava):
+    model, processor = llava
+    params = GenerationParams(max_new_tokens=10)
+    second = [{"role": "user", "content": "Welche Farbe hat die Form?"}]
+    alone = (
+        "".join(stream_reply(model, processor, QUESTION, red(), params)),
+        "".join(stream_reply(model, processor, second, None, params)),
+    )
+    both = (
+        stream_reply(model, processor, QUESTION, red(), params),
+        stream_reply(model, processor, second, None, params),
+    )
+    *_, last = interleave(*both)
+    assert last == alone
+
+
+def test_generation_params_are_checked():
+    assert GenerationParams(temperature=0).generate_kwargs()["do_sample"] is False
+    sampled = GenerationParams(temperature=0.7, top_p=0.9).generate_kwargs()
+    assert sampled["do_sample"] and sampled["top_p"] == 0.9
+    with pytest.raises(ChatError, match="max new tokens"):
+        GenerationParams(max_new_tokens=0)
+    with pytest.raises(ChatError, match="temperature"):
+        GenerationParams(temperature=3.0)
+    with pytest.raises(ChatError, match="top-p"):
+        GenerationParams(top_p=0.0)
+
+
+def test_load_image_refuses_non_images_and_huge_ones(tmp_path):
+    fake = tmp_path / "notes.png"
+    fake.write_text("this is text, not a picture")
+    with pytest.raises(ChatError, match="not a readable image"):
+        load_image(fake)
+    big = tmp_path / "big.png"
+    Image.new("RGB", (300, 200), (1, 2, 3)).save(big)
+    with pytest.raises(ChatError, match="300×200 pixels"):
+        load_image(big, max_pixels=10_000)
+    rgba = tmp_path / "rgba.png"
+    Image.new("RGBA", (10, 10), (1, 2, 3, 4)).save(rgba)
+    assert load_image(rgba).mode == "RGB"
+
+
+def test_processor_without_chat_template_is_refused(llava):
+    model, processor = llava
+    template, processor.chat_template = processor.chat_template, None
+    try:
+        with pytest.raises(ChatError, match="no chat template"):
+            stream_reply(model, processor, QUESTION, None, GenerationParams())
+    finally:
+        processor.chat_template = template
