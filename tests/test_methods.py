@@ -445,6 +445,18 @@ def test_keep_count_rounds_half_up_and_keeps_at_least_one():
     assert U.keep_count(0.2, 3) == 1 and U.keep_count(0.5, 3) == 2
 
 
+@pytest.mark.parametrize(
+    "drop_small,drop_large", [(0, 0), (7, 0), (0, 9), (13, 5), (49, 1), (0, 50)]
+)
+def test_band_mask_equals_a_stable_sort_even_with_many_ties(drop_small, drop_large):
+    g = torch.Generator().manual_seed(drop_small * 100 + drop_large)
+    d = torch.randint(-3, 4, (5, 10), generator=g).float()  # magnitudes 0..3: ties everywhere
+    n = d.numel()
+    keep = n - drop_small - drop_large
+    expected = ref_keep(d.flatten().tolist(), keep, drop_large)
+    assert U.band_mask(d, drop_small, drop_large).flatten().tolist() == expected
+
+
 def test_trim_mask_breaks_ties_by_position():
     d = torch.tensor([1.0, -1.0, 1.0, 0.5])
     # two of four: the three equal magnitudes compete; the later positions count as larger

@@ -65,22 +65,34 @@ def keep_count(fraction: float, n: int) -> int:
     return min(n, max(1, math.floor(fraction * n + 0.5)))
 
 
-def magnitude_order(delta: Tensor) -> Tensor:
-    """Flat indices of ``delta`` from smallest to largest ``|delta|`` (stable: on equal
-    magnitudes the lower index counts as smaller). delta (any shape) -> (numel,) int64."""
-    return torch.argsort(delta.abs().reshape(-1), stable=True)
+def first_by_magnitude(delta: Tensor, k: int) -> Tensor:
+    """The ``k`` entries of smallest ``|delta|``, ties going to the lower index: exactly the first
+    ``k`` of a stable ascending sort, found by selection (``kthvalue``) instead of sorting.
+
+    delta (any shape) -> bool mask of the same shape.
+    """
+    mag = delta.abs().reshape(-1)  # (n,)
+    n = mag.numel()
+    if k <= 0:
+        return torch.zeros_like(delta, dtype=torch.bool)
+    if k >= n:
+        return torch.ones_like(delta, dtype=torch.bool)
+    kth = torch.kthvalue(mag, k).values  # the k-th smallest magnitude
+    mask = mag < kth
+    need = k - int(mask.sum())  # how many entries equal to kth still belong to the first k
+    tied = torch.nonzero(mag == kth).reshape(-1)[:need]  # ascending positions
+    mask[tied] = True
+    return mask.reshape(delta.shape)
 
 
 def band_mask(delta: Tensor, drop_small: int, drop_large: int) -> Tensor:
-    """Keep all but the ``drop_small`` smallest and ``drop_large`` largest magnitudes.
+    """Keep all but the ``drop_small`` smallest and ``drop_large`` largest magnitudes (order as
+    in a stable ascending sort of ``|delta|``: on equal magnitudes the lower index is smaller).
 
     delta (any shape) -> bool mask of the same shape.
     """
     n = delta.numel()
-    order = magnitude_order(delta)  # (n,)
-    mask = torch.zeros(n, dtype=torch.bool, device=delta.device)
-    mask[order[drop_small : n - drop_large]] = True
-    return mask.reshape(delta.shape)
+    return first_by_magnitude(delta, n - drop_large) & ~first_by_magnitude(delta, drop_small)
 
 
 def trim_mask(delta: Tensor, density: float) -> Tensor:
