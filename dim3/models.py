@@ -118,10 +118,11 @@ def choose_placement(
     in bytes, or None when unknown (no check). Pure: reads no hardware.
     """
     needed = int(n_weights * dtype.itemsize * OVERHEAD)
+    dname = str(dtype).removeprefix("torch.")
     if device == "cpu":
         if cpu_free is not None and needed + RESERVE > cpu_free:
             raise ModelMemoryError(
-                f"the model needs ~{_gib(needed)} of RAM in {dtype} but only {_gib(cpu_free)} "
+                f"the model needs ~{_gib(needed)} of RAM in {dname} but only {_gib(cpu_free)} "
                 "is free; unload the other model, pick a smaller preset, or use a GPU"
             )
         return Placement("cpu", dtype, None, None, needed)
@@ -135,7 +136,7 @@ def choose_placement(
         return Placement("cuda", dtype, "auto", dict(enumerate(usable)), needed)
     free = " + ".join(_gib(f) for f in gpu_free)
     raise ModelMemoryError(
-        f"the model needs ~{_gib(needed)} of GPU memory in {dtype} but the GPU(s) have "
+        f"the model needs ~{_gib(needed)} of GPU memory in {dname} but the GPU(s) have "
         f"{free} free; unload the other model, pick a smaller preset, or choose float16/bfloat16"
     )
 
