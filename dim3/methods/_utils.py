@@ -54,8 +54,15 @@ def two_models(tuned: Sequence[Tensor], method: str) -> None:
 
 
 def deltas(base: Tensor, tuned: Sequence[Tensor]) -> Tensor:
-    """Task vectors ``Δ_t = tuned_t − base``: T × base.shape -> (T, *base.shape)."""
-    return torch.stack([t - base for t in tuned])
+    """Task vectors ``Δ_t = tuned_t − base``, written into one new buffer (no temporaries).
+
+    T × base.shape -> (T, *base.shape). The rules then work in place on this buffer, so a merge
+    holds the inputs plus about T + 1 tensors.
+    """
+    out = torch.empty((len(tuned), *base.shape), dtype=base.dtype, device=base.device)
+    for i, t in enumerate(tuned):
+        torch.sub(t, base, out=out[i])
+    return out
 
 
 def keep_count(fraction: float, n: int) -> int:
@@ -65,24 +72,24 @@ def keep_count(fraction: float, n: int) -> int:
     return min(n, max(1, math.floor(fraction * n + 0.5)))
 
 
-def first_by_magnitude(delta: Tensor, k: int) -> Tensor:
-    """The ``k`` entries of smallest ``|delta|``, ties going to the lower index: exactly the first
-    ``k`` of a stable ascending sort, found by selection (``kthvalue``) instead of sorting.
+def first_by_magnitude(mag: Tensor, k: int) -> Tensor:
+    """The ``k`` smallest entries of ``mag`` (flat magnitudes), ties going to the lower index:
+    exactly the first ``k`` of a stable ascending sort, found by selection (``kthvalue``, about
+    ten times faster than sorting on a CPU) instead of sorting.
 
-    delta (any shape) -> bool mask of the same shape.
+    mag (Tensor of shape (n,)) -> bool mask (n,).
     """
-    mag = delta.abs().reshape(-1)  # (n,)
     n = mag.numel()
     if k <= 0:
-        return torch.zeros_like(delta, dtype=torch.bool)
+        return torch.zeros_like(mag, dtype=torch.bool)
     if k >= n:
-        return torch.ones_like(delta, dtype=torch.bool)
+        return torch.ones_like(mag, dtype=torch.bool)
     kth = torch.kthvalue(mag, k).values  # the k-th smallest magnitude
     mask = mag < kth
     need = k - int(mask.sum())  # how many entries equal to kth still belong to the first k
-    tied = torch.nonzero(mag == kth).reshape(-1)[:need]  # ascending positions
+    tied = torch.nonzero(mag == kth).reshape(-1)[:need]  # their positions, ascending
     mask[tied] = True
-    return mask.reshape(delta.shape)
+    return mask
 
 
 def band_mask(delta: Tensor, drop_small: int, drop_large: int) -> Tensor:
@@ -91,8 +98,10 @@ def band_mask(delta: Tensor, drop_small: int, drop_large: int) -> Tensor:
 
     delta (any shape) -> bool mask of the same shape.
     """
-    n = delta.numel()
-    return first_by_magnitude(delta, n - drop_large) & ~first_by_magnitude(delta, drop_small)
+    mag = delta.abs().reshape(-1)  # (n,)
+    keep = first_by_magnitude(mag, mag.numel() - drop_large)
+    keep &= ~first_by_magnitude(mag, drop_small)
+    return keep.reshape(delta.shape)
 
 
 def trim_mask(delta: Tensor, density: float) -> Tensor:
@@ -116,18 +125,21 @@ def breadcrumbs_mask(delta: Tensor, density: float, gamma: float) -> Tensor:
     return band_mask(delta, n - keep - drop_large, drop_large)
 
 
-def elect_sign(masked: Tensor) -> Tensor:
-    """TIES sign election: the sign of the summed (trimmed) updates, i.e. the sign holding more
-    total magnitude; a zero sum elects +1. masked (T, ...) -> (...) of ±1.0."""
-    return torch.where(masked.sum(dim=0) >= 0, 1.0, -1.0)
+def elect_positive(masked: Tensor) -> Tensor:
+    """TIES sign election: is the sign of the summed (trimmed) updates, i.e. the sign holding
+    more total magnitude, positive? A zero sum elects +. masked (T, ...) -> bool (...)."""
+    return masked.sum(dim=0) >= 0
 
 
-def disjoint_mean(masked: Tensor) -> Tensor:
-    """TIES disjoint merge: mean of the non-zero updates that agree with the elected sign;
-    0 where none agrees. masked (T, ...) -> (...)."""
-    agree = torch.sign(masked) == elect_sign(masked)  # (T, ...): zeros never agree
-    count = agree.sum(dim=0).clamp(min=1)
-    return (masked * agree).sum(dim=0) / count
+def disjoint_mean_(masked: Tensor) -> Tensor:
+    """TIES disjoint merge: mean of the non-zero updates that agree with the elected sign; 0
+    where none agrees. Zeroes the disagreeing entries of ``masked`` in place.
+
+    masked (T, ...) -> (...).
+    """
+    agree = torch.where(elect_positive(masked), masked > 0, masked < 0)  # (T, ...); 0 never agrees
+    count = agree.sum(dim=0, dtype=masked.dtype).clamp_(min=1)  # (...)
+    return masked.masked_fill_(~agree, 0.0).sum(dim=0).div_(count)
 
 
 def dare_seed(seed: int, name: str, index: int) -> int:
@@ -149,10 +161,15 @@ def dare_keep_mask(shape: torch.Size, drop_rate: float, seed: int, name: str, in
     return torch.rand(shape, generator=gen, dtype=torch.float32) >= drop_rate
 
 
-def dare(delta: Tensor, drop_rate: float, seed: int, name: str, index: int) -> Tensor:
-    """DARE drop-and-rescale of one task vector: zero a random fraction ``p`` of its entries and
-    scale the rest by ``1 / (1 − p)``. delta (any shape) -> same shape, on delta's device."""
+def dare_(delta: Tensor, drop_rate: float, seed: int, name: str, index: int) -> Tensor:
+    """DARE drop-and-rescale of one task vector, in place: zero a random fraction ``p`` of its
+    entries and scale the rest by ``1 / (1 − p)``. delta (any shape) -> delta."""
     if drop_rate == 0.0:
-        return delta.clone()
+        return delta
     keep = dare_keep_mask(delta.shape, drop_rate, seed, name, index).to(delta.device)
-    return torch.where(keep, delta / (1.0 - drop_rate), torch.zeros_like(delta))
+    return delta.masked_fill_(~keep, 0.0).div_(1.0 - drop_rate)
+
+
+def dare(delta: Tensor, drop_rate: float, seed: int, name: str, index: int) -> Tensor:
+    """:func:`dare_` on a copy of ``delta``."""
+    return dare_(delta.clone(), drop_rate, seed, name, index)

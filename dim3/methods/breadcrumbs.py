@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 from dim3.methods._utils import breadcrumbs_mask, check_options, deltas, number
@@ -41,6 +40,7 @@ def merge(
     base: Tensor, tuned: list[Tensor], options: BreadcrumbsOptions, *, name: str = ""
 ) -> Tensor:
     """``base + λ Σ_t mask_t ⊙ Δ_t``. base (out, in) or (n,), tuned: T like base -> like base."""
-    d = deltas(base, tuned)  # (T, *shape)
-    kept = [torch.where(breadcrumbs_mask(x, options.density, options.gamma), x, 0.0) for x in d]
-    return base + options.scaling * torch.stack(kept).sum(dim=0)
+    d = deltas(base, tuned)  # (T, *shape), masked in place below
+    for x in d:
+        x.masked_fill_(~breadcrumbs_mask(x, options.density, options.gamma), 0.0)
+    return d.sum(dim=0).mul_(options.scaling).add_(base)

@@ -19,11 +19,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 from dim3.methods import _utils
-from dim3.methods._utils import check_options, disjoint_mean, number
+from dim3.methods._utils import check_options, deltas, disjoint_mean_, number
 
 
 @dataclass(frozen=True)
@@ -45,23 +44,21 @@ class DareOptions:
 
 def dropped(base: Tensor, tuned: list[Tensor], options: DareOptions, name: str) -> Tensor:
     """The DARE'd task vectors: (T, *base.shape); model t's mask is seeded by (seed, name, t)."""
-    return torch.stack(
-        [
-            _utils.dare(t - base, options.drop_rate, options.seed, name, i)
-            for i, t in enumerate(tuned)
-        ]
-    )
+    d = deltas(base, tuned)  # (T, *shape), dropped and rescaled in place
+    for i, x in enumerate(d):
+        _utils.dare_(x, options.drop_rate, options.seed, name, i)
+    return d
 
 
 def merge_task_arithmetic(
     base: Tensor, tuned: list[Tensor], options: DareOptions, *, name: str = ""
 ) -> Tensor:
     """``base + λ Σ_t DARE(Δ_t)``. base (out, in) or (n,), tuned: T like base -> like base."""
-    return base + options.scaling * dropped(base, tuned, options, name).sum(dim=0)
+    return dropped(base, tuned, options, name).sum(dim=0).mul_(options.scaling).add_(base)
 
 
 def merge_ties(
     base: Tensor, tuned: list[Tensor], options: DareOptions, *, name: str = ""
 ) -> Tensor:
     """``base + λ · disjoint_mean(DARE(Δ_t))``. base (out, in) or (n,) -> like base."""
-    return base + options.scaling * disjoint_mean(dropped(base, tuned, options, name))
+    return disjoint_mean_(dropped(base, tuned, options, name)).mul_(options.scaling).add_(base)

@@ -42,5 +42,7 @@ def merge(base: Tensor, tuned: list[Tensor], options: LinearOptions, *, name: st
     two_models(tuned, NAME)
     w_mm, w_ml = options.multimodal_weight, options.multilingual_weight
     total = w_mm + w_ml
-    # written as base + weighted mean of the deltas, so equal inputs give back base exactly
-    return base + (w_mm / total) * (tuned[0] - base) + (w_ml / total) * (tuned[1] - base)
+    # base + the weighted mean of the deltas, so that equal inputs give back base exactly
+    merged = (tuned[0] - base).mul_(w_mm / total)
+    merged.add_(tuned[1] - base, alpha=w_ml / total)
+    return merged.add_(base)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from dim3.methods._utils import check_options, deltas, number, two_models
+from dim3.methods._utils import check_options, number, two_models
 
 NAME = "task_arithmetic"
 
@@ -42,7 +42,8 @@ def merge(
     Returns a float32 tensor shaped like base.
     """
     two_models(tuned, NAME)
-    w = torch.tensor([options.multimodal_weight, options.multilingual_weight], device=base.device)
-    d = deltas(base, tuned)  # (2, *shape)
-    summed = (d * w.reshape(-1, *([1] * base.dim()))).sum(dim=0)  # Σ_t w_t Δ_t
-    return base + options.scaling * summed
+    weights = (options.multimodal_weight, options.multilingual_weight)
+    summed = torch.zeros_like(base)
+    for w, t in zip(weights, tuned, strict=True):
+        summed.add_(t - base, alpha=w)  # Σ_t w_t Δ_t, one delta alive at a time
+    return summed.mul_(options.scaling).add_(base)

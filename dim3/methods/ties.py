@@ -19,10 +19,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
-from dim3.methods._utils import check_options, deltas, disjoint_mean, number, trim_mask
+from dim3.methods._utils import check_options, deltas, disjoint_mean_, number, trim_mask
 
 NAME = "ties"
 
@@ -49,6 +48,7 @@ def merge(base: Tensor, tuned: list[Tensor], options: TiesOptions, *, name: str 
     base (Tensor of shape (out, in) or (n,)), tuned: T tensors shaped like base.
     Returns a float32 tensor shaped like base.
     """
-    d = deltas(base, tuned)  # (T, *shape)
-    trimmed = torch.stack([torch.where(trim_mask(x, options.density), x, 0.0) for x in d])
-    return base + options.scaling * disjoint_mean(trimmed)
+    d = deltas(base, tuned)  # (T, *shape), trimmed in place below
+    for x in d:
+        x.masked_fill_(~trim_mask(x, options.density), 0.0)
+    return disjoint_mean_(d).mul_(options.scaling).add_(base)
