@@ -396,7 +396,10 @@ def plot(
     styles = {"attention": "-", "mlp": "--", "norm": ":", "embedding": "-", "other": "-."}
     ncols = 2 if len(metrics) > 1 else 1
     nrows = math.ceil(len(metrics) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(6.5 * ncols, 3.6 * nrows), squeeze=False)
+    panels_w, legend_w = 6.5 * ncols, 2.6  # inches; the legend gets its own strip on the right
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(panels_w + legend_w, 3.6 * nrows + 0.4), squeeze=False
+    )
     for ax, metric in zip(axes.flat, metrics, strict=False):
         for module in modules:
             own = [r for r in rows if r.module == module]
@@ -422,10 +425,18 @@ def plot(
             if label not in handles:
                 handles[label] = h
                 labels.append(label)
-    fig.legend([handles[x] for x in labels], labels, loc="center right", fontsize=8)
+    right = panels_w / (panels_w + legend_w)
+    fig.legend(
+        [handles[x] for x in labels],
+        labels,
+        loc="center left",
+        bbox_to_anchor=(right, 0.5),
+        fontsize=8,
+        frameon=False,
+    )
     if title:
         fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0, 0.85, 1))
+    fig.tight_layout(rect=(0, 0, right, 1))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
