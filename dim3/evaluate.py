@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from dim3.demo.probe import ProbeItem, load_probe
+from dim3.recipe import Recipe, Source
 
 END_PUNCTUATION = ".。!！?？,，;；:：\"'«»“”„()[]"
 ORIGINAL = "original"
@@ -129,9 +130,9 @@ def evaluate_model(
 class EvalSpec:
     """What to evaluate: three checkpoints, the methods (with options) and the probe items."""
 
-    base: str
-    multilingual: str
-    multimodal: str
+    base: Source
+    multilingual: Source
+    multimodal: Source
     items: tuple[ProbeItem, ...]
     methods: tuple[str, ...]
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -140,6 +141,10 @@ class EvalSpec:
     def __post_init__(self) -> None:
         from dim3.methods import get_method
 
+        for role in ("base", "multilingual", "multimodal"):
+            ref = getattr(self, role)
+            if not isinstance(ref, Source):
+                object.__setattr__(self, role, Source(str(ref)))
         if not self.items:
             raise ValueError("the probe set is empty: give at least one question")
         for name in self.methods:
@@ -155,21 +160,29 @@ Progress = Callable[[str, int, int], None]  # (model name, models done, models t
 
 
 def evaluate_merges(
-    spec: EvalSpec, progress: Progress | None = None
+    spec: EvalSpec,
+    progress: Progress | None = None,
+    *,
+    allowed_roots: Sequence[str | Path] | None = None,
+    token: str | None = None,
 ) -> dict[str, dict[str, float]]:
     """``{"original": {lang: acc, ..., "overall": acc}, method: {...}, ...}`` for ``spec``.
 
-    Loads the VLM once (float32, CPU unless CUDA is present), scores it, then for each method
-    restores its weights, merges into it in memory and scores it again.
+    Loads the VLM once (float32 on CPU, bfloat16 on CUDA), scores it, then for each method
+    restores its weights, merges into it in memory and scores it again. ``allowed_roots``
+    restricts local folders as in :func:`dim3.checkpoints.resolve` (None: any folder).
     """
     from dim3.chat import load_vlm
+    from dim3.checkpoints import resolve
     from dim3.engine import merge_into_model
-    from dim3.recipe import Recipe, Source
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    folder = resolve(
+        spec.multimodal.ref, spec.multimodal.revision, allowed_roots=allowed_roots, token=token
+    )
     model, processor = load_vlm(
-        spec.multimodal, dtype=dtype, device_map={"": device} if device == "cuda" else None
+        folder, dtype=dtype, device_map={"": device} if device == "cuda" else None
     )
     loaded = {k: v.detach().clone() for k, v in model.state_dict().items()}
     names = [ORIGINAL, *spec.methods]
@@ -180,14 +193,14 @@ def evaluate_merges(
         if name != ORIGINAL:
             _restore(model, loaded)
             recipe = Recipe(
-                base=Source(spec.base),
-                multilingual=Source(spec.multilingual),
-                multimodal=Source(spec.multimodal),
+                base=spec.base,
+                multilingual=spec.multilingual,
+                multimodal=spec.multimodal,
                 method=name,
                 options=spec.options.get(name, {}),
                 device=device,
             )
-            merge_into_model(model, recipe)
+            merge_into_model(model, recipe, allowed_roots=allowed_roots, token=token)
         results[name] = evaluate_model(model, processor, spec.items, spec.batch_size)
     _restore(model, loaded)
     if progress:
@@ -289,7 +302,7 @@ def spec_from_args(args: argparse.Namespace) -> EvalSpec:
     if args.limit is not None:
         items = items[: args.limit]
     return EvalSpec(
-        **given,
+        **{role: Source(ref) for role, ref in given.items()},
         items=tuple(items),
         methods=parse_methods(args.methods),
         options=parse_options(args.option),

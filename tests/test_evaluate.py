@@ -1,0 +1,180 @@
+"""``python -m dim3 eval``: scoring, argument checks, and runs on the demo trio with real merges."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dim3 import cli
+from dim3.demo import DEMO_DIR, ProbeItem, demo_probe, demo_trio
+from dim3.evaluate import (
+    EvalSpec,
+    accuracy,
+    format_table,
+    is_correct,
+    normalise,
+    parse_methods,
+    parse_options,
+)
+from dim3.methods import METHODS
+
+
+@pytest.mark.parametrize(
+    ("prediction", "answer", "expected"),
+    [
+        (" Rot. ", "rot", True),
+        ("红色。", "红色", True),
+        ("«красный»", "красный", True),
+        ("red", "rot", False),
+        ("rote", "rot", False),
+        ("", "rot", False),
+        ("Kreis rot", "Kreis", False),
+    ],
+)
+def test_exact_match_after_normalising(prediction, answer, expected):
+    assert is_correct(prediction, answer) is expected
+
+
+def test_normalise_composes_unicode():
+    assert normalise("gru\u0308n") == normalise("grün") == "grün"
+
+
+def test_accuracy_is_per_language_plus_overall():
+    items = [
+        ProbeItem("q", "red", "en"),
+        ProbeItem("q", "blue", "en"),
+        ProbeItem("q", "rot", "de"),
+        ProbeItem("q", "blau", "de"),
+    ]
+    result = accuracy(items, ["red", "blue", "rot", "red"])
+    assert result == {"en": 1.0, "de": 0.5, "overall": 0.75}
+    assert list(result) == ["en", "de", "overall"]
+    table = format_table({"original": result})
+    assert table.splitlines()[0].split() == ["model", "en", "de", "overall"]
+    assert "0.750" in table
+
+
+def test_methods_and_options_parse_and_fail_clearly():
+    assert parse_methods(None) == tuple(METHODS) == parse_methods("all")
+    assert parse_methods("none") == ()
+    assert parse_methods("dim3, task_arithmetic") == ("dim3", "task_arithmetic")
+    with pytest.raises(ValueError, match="valid methods"):
+        parse_methods("dim3,nope")
+    assert parse_options(["dim3.calibration=0.5"]) == {"dim3": {"calibration": 0.5}}
+    with pytest.raises(ValueError, match="METHOD.KEY=VALUE"):
+        parse_options(["calibration=0.5"])
+
+
+def test_eval_spec_rejects_bad_input_before_loading_anything():
+    item = (ProbeItem("q", "a", "en"),)
+    with pytest.raises(ValueError, match="probe set is empty"):
+        EvalSpec("b", "m", "v", items=(), methods=("dim3",))
+    with pytest.raises(ValueError, match="methods not evaluated"):
+        EvalSpec("b", "m", "v", items=item, methods=("dim3",), options={"ties": {}})
+    with pytest.raises(ValueError, match="unknown option"):
+        EvalSpec("b", "m", "v", items=item, methods=("dim3",), options={"dim3": {"bogus": 1}})
+
+
+def test_eval_needs_all_three_checkpoints_or_none(capsys):
+    rc = cli.main(["eval", "--base", str(demo_trio()[0]), "--methods", "none"])
+    assert rc == 2
+    assert "missing --multilingual, --multimodal" in capsys.readouterr().err
+
+
+def test_eval_of_a_missing_probe_file_fails_with_one_line(tmp_path, capsys):
+    rc = cli.main(["eval", "--probe", str(tmp_path / "nope.jsonl"), "--methods", "none"])
+    assert rc == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_eval_on_a_user_probe_file_with_real_merges_writes_json(tmp_path, capsys):
+    """A user JSONL (relative image paths + one text-only line) over the demo trio, merged twice."""
+    picked = [it for it in demo_probe() if it.language in ("en", "de")][:16]
+    (tmp_path / "pics").mkdir()
+    lines = []
+    for i, item in enumerate(picked):
+        (tmp_path / "pics" / f"{i}.png").write_bytes(item.image.read_bytes())
+        row = {"image": f"pics/{i}.png", "question": item.question, "answer": item.answer}
+        lines.append(json.dumps({**row, "language": item.language}, ensure_ascii=False))
+    lines.append(
+        json.dumps({"question": "What colour is the shape?", "answer": "red", "language": "en"})
+    )
+    probe = tmp_path / "mine.jsonl"
+    probe.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    base, ml, mm = (str(p) for p in demo_trio())
+    out = tmp_path / "out" / "results.json"
+    argv = ["eval", "--probe", str(probe), "--base", base, "--multilingual", ml, "--multimodal", mm]
+    rc = cli.main([*argv, "--methods", "dim3,task_arithmetic", "--json", str(out)])
+    assert rc == 0
+    results = json.loads(out.read_text())
+    assert results["questions"] == 17
+    assert list(results["models"]) == ["original", "dim3", "task_arithmetic"]
+    for accs in results["models"].values():
+        assert set(accs) == {"en", "de", "overall"}
+        assert all(0.0 <= v <= 1.0 for v in accs.values())
+    # 8 English picture questions + 1 unanswerable text one: the demo VLM gets the pictures right
+    assert results["models"]["original"]["en"] >= 7 / 9
+    printed = capsys.readouterr().out
+    assert "task_arithmetic" in printed and "overall" in printed
+
+
+def _evaluate_tab(methods, probe="", per_language=8):
+    import gradio as gr
+
+    from dim3.ui.common import AppContext
+    from dim3.ui.evaluate import build_evaluate_tab, evaluate_handler
+    from dim3.ui.merge import build_merge_tab
+
+    ctx = AppContext.from_env()
+    with gr.Blocks():
+        merge = build_merge_tab(ctx)
+        tab = build_evaluate_tab(ctx, merge)
+    values = {c: c.value for c in merge.form.inputs()}
+    roles = ("base", "multilingual", "multimodal")
+    values |= {merge.form.refs[r]: str(p) for r, p in zip(roles, demo_trio(), strict=True)}
+    values |= {
+        merge.form.method: "dim3",
+        tab.methods: methods,
+        tab.probe: probe,
+        tab.per_language: per_language,
+    }
+    return tab, evaluate_handler(ctx, merge, tab)(values, progress=lambda *a, **k: None)
+
+
+@pytest.mark.slow
+def test_evaluate_tab_shows_a_per_language_table_and_a_bar_chart(monkeypatch):
+    monkeypatch.setenv("DIM3_ALLOWED_ROOTS", str(DEMO_DIR))
+    tab, out = _evaluate_tab(["dim3"])
+    assert out[tab.status].startswith("✅ 64 questions, 2 models"), out[tab.status]
+    frame = out[tab.table]
+    assert list(frame["model"]) == ["original", "dim3"]
+    assert list(frame.columns) == [
+        "model",
+        "en",
+        "de",
+        "es",
+        "ru",
+        "zh",
+        "ar",
+        "hi",
+        "sw",
+        "overall",
+    ]
+    assert (
+        frame[frame.columns[1:]].to_numpy().min() >= 0
+        and frame[frame.columns[1:]].to_numpy().max() <= 1
+    )
+    bars = out[tab.chart].axes[0].patches
+    assert len(bars) == 2 * 9
+    assert bars[0].get_height() == frame.loc[0, "en"]
+
+
+def test_evaluate_tab_refuses_a_probe_file_outside_the_allowed_folders(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIM3_ALLOWED_ROOTS", str(DEMO_DIR))
+    probe = tmp_path / "probe.jsonl"
+    probe.write_text('{"question": "q", "answer": "a", "language": "en"}\n')
+    tab, out = _evaluate_tab(["dim3"], probe=str(probe))
+    assert out[tab.status].startswith("❌") and "outside the allowed folders" in out[tab.status]
+    assert set(out) == {tab.status}
