@@ -226,11 +226,12 @@ class Reply:
             raise self._errors[0]
 
     def close(self) -> None:
-        """Stop generating and wait for the thread to end."""
+        """Stop generating and wait for the thread to end (at once if it already has)."""
         self._closed.set()
-        self._done = True
-        for _ in self._streamer:  # drain so the thread never blocks on a full queue
-            pass
+        if not self._done:
+            self._done = True
+            for _ in self._streamer:  # up to the end signal, which follows the stop
+                pass
         self.thread.join()
 
 

@@ -89,6 +89,15 @@ def test_closing_the_reply_stops_the_thread(endless):
     assert time.monotonic() - started < 10
 
 
+def test_closing_a_finished_reply_returns_at_once(llava):
+    model, processor = llava
+    reply = stream_reply(model, processor, QUESTION, None, GenerationParams(max_new_tokens=3))
+    list(reply)
+    done = threading.Event()
+    threading.Thread(target=lambda: (reply.close(), done.set()), daemon=True).start()
+    assert done.wait(timeout=10), "close() blocked on a reply that had already ended"
+
+
 def test_without_stop_it_runs_to_max_new_tokens(endless):
     model, processor = endless
     reply = stream_reply(model, processor, QUESTION, None, GenerationParams(max_new_tokens=15))

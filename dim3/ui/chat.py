@@ -22,6 +22,7 @@ from dim3.ui.common import AppContext, error_html, error_text, gpu
 
 NO_MERGE = "No merged model yet: run a merge in the **Merge** tab, then ask again."
 STOPPED = " ⏹"
+EMPTY = "(no answer: the model produced only blank tokens)"
 MIN_UPDATE = 0.05  # seconds between streamed screen updates
 
 
@@ -293,8 +294,8 @@ def _stream(ctx: AppContext, tab: ChatTab):
             for p in panes:
                 p.close()
             ctx.stop_flags.finish(request.session_hash, flag)
-        left = [*left, {"role": "assistant", "content": texts[0]}]
-        right = [*right, {"role": "assistant", "content": texts[1]}]
+        left = [*left, {"role": "assistant", "content": _final(texts[0])}]
+        right = [*right, {"role": "assistant", "content": _final(texts[1])}]
         yield done | {
             tab.left: display(left, image_path),
             tab.right: display(right, image_path),
@@ -304,6 +305,10 @@ def _stream(ctx: AppContext, tab: ChatTab):
         }
 
     return handler
+
+
+def _final(text: str) -> str:
+    return text if text.strip() else EMPTY
 
 
 def _show(
