@@ -160,16 +160,18 @@ def _add_turn(tab: ChatTab):
             values[tab.image],
         )
         if not text:
-            raise gr.Error(
+            gr.Warning(
                 "Type a question to go with your picture: the models need text to "
                 "answer (an image alone is not a prompt).",
                 title="No question",
             )
+            return {tab.box: gr.skip()}  # nothing changes; the stream sees no new question
         if files:
             try:
                 load_image(files[0])  # checks it really is a readable, not oversized, image
             except ValueError as exc:
-                raise gr.Error(error_html(exc), title="Not an image") from None
+                gr.Warning(error_html(exc), title="Not an image")
+                return {tab.box: gr.skip()}
             if left:
                 gr.Info("A new picture starts a new conversation.")
             left, right, image = [], [], str(files[0])
@@ -191,7 +193,8 @@ def _regenerate(tab: ChatTab):
         left, right, image = values[tab.left_msgs], values[tab.right_msgs], values[tab.image]
         left, right = _drop_reply(left), _drop_reply(right)
         if not left:
-            raise gr.Error("Nothing to regenerate yet: ask a question first.", title="No question")
+            gr.Warning("Nothing to regenerate yet: ask a question first.", title="No question")
+            return {tab.box: gr.skip()}
         return {
             tab.left: display(left, image),
             tab.right: display(right, image),
@@ -264,8 +267,10 @@ def _stream(ctx: AppContext, tab: ChatTab):
     @gpu(duration=120)
     def handler(values: dict, request: gr.Request) -> Iterator[dict]:
         left, right, image_path = values[tab.left_msgs], values[tab.right_msgs], values[tab.image]
-        flag = ctx.stop_flags.start(request.session_hash)
         done = {tab.box: gr.MultimodalTextbox(interactive=True)}
+        if not left or left[-1]["role"] != "user":  # the question was refused: nothing to answer
+            yield done
+            return
         try:
             params = GenerationParams(
                 int(values[tab.max_new_tokens]),
@@ -276,10 +281,11 @@ def _stream(ctx: AppContext, tab: ChatTab):
             if ctx.manager.get(ORIGINAL) is None:
                 yield {tab.status: "⏳ Loading the original VLM (first question only)…"}
             original, merged = ctx.manager.ensure_original(), ctx.manager.get(MERGED)
-        except Exception as exc:  # noqa: BLE001 - the UI boundary
-            gr.Warning(error_html(exc))
-            yield done | {tab.status: status_text(ctx)}
+        except Exception as exc:  # noqa: BLE001 - the UI boundary: the answer is the message
+            problem = f"⚠️ {error_text(exc)}"
+            yield done | _finish(tab, left, right, (problem, problem), image_path, ctx)
             return
+        flag = ctx.stop_flags.start(request.session_hash)
         panes = (
             _pane(original, left, image, params, flag, "No original VLM is loaded."),
             _pane(merged, right, image, params, flag, NO_MERGE),
@@ -294,17 +300,29 @@ def _stream(ctx: AppContext, tab: ChatTab):
             for p in panes:
                 p.close()
             ctx.stop_flags.finish(request.session_hash, flag)
-        left = [*left, {"role": "assistant", "content": _final(texts[0])}]
-        right = [*right, {"role": "assistant", "content": _final(texts[1])}]
-        yield done | {
-            tab.left: display(left, image_path),
-            tab.right: display(right, image_path),
-            tab.left_msgs: left,
-            tab.right_msgs: right,
-            tab.status: status_text(ctx),
-        }
+        yield done | _finish(tab, left, right, texts, image_path, ctx)
 
     return handler
+
+
+def _finish(
+    tab: ChatTab,
+    left: list[dict],
+    right: list[dict],
+    texts: tuple[str, str],
+    image: str | None,
+    ctx: AppContext,
+) -> dict:
+    """The final update: both replies stored in the conversation and shown."""
+    left = [*left, {"role": "assistant", "content": _final(texts[0])}]
+    right = [*right, {"role": "assistant", "content": _final(texts[1])}]
+    return {
+        tab.left: display(left, image),
+        tab.right: display(right, image),
+        tab.left_msgs: left,
+        tab.right_msgs: right,
+        tab.status: status_text(ctx),
+    }
 
 
 def _final(text: str) -> str:
