@@ -21,7 +21,7 @@ from dim3.models import MERGED, ORIGINAL, LoadedVLM
 from dim3.ui.common import AppContext, error_html, error_text, gpu
 
 NO_MERGE = "No merged model yet: run a merge in the **Merge** tab, then ask again."
-STOPPED = " ⏹"
+STOPPED = " ⏹ (stopped)"
 EMPTY = "(no answer: the model produced only blank tokens)"
 MIN_UPDATE = 0.05  # seconds between streamed screen updates
 
@@ -96,6 +96,7 @@ def _layout(ctx: AppContext) -> tuple[ChatTab, dict[str, gr.Button]]:
                 value=f.default,
                 step=1 if name == "max_new_tokens" else 0.05,
                 label=name.replace("_", " "),
+                elem_id=f"dim3-{name.replace('_', '-')}",
                 info=f.metadata["help"],
             )
             for name, f in fields.items()
