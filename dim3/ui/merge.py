@@ -406,10 +406,15 @@ def _save(ctx: AppContext, tab: MergeTab) -> Callable:
                 )
             recipe = tab.form.recipe(values)
             dest = ctx.output_root / name
+            overwrite = bool(values[tab.overwrite])
+            if dest.exists() and any(dest.iterdir()) and not overwrite:
+                raise ValueError(
+                    f"a folder named {name!r} already exists in {ctx.output_root}; "
+                    "choose another name or tick Overwrite"
+                )
             ctx.output_root.mkdir(parents=True, exist_ok=True)
             log.append(f"Writing the {recipe.method} merge to {dest}…")
             yield {tab.log_box: "\n".join(log), tab.status: "⏳ Saving…"}
-            overwrite = bool(values[tab.overwrite])
             yield from _drive(
                 lambda cb: engine.merge_to_folder(
                     recipe, dest, overwrite=overwrite, progress=cb, allowed_roots=ctx.allowed_roots
@@ -452,8 +457,10 @@ def _push(tab: MergeTab) -> Callable:
                     "https://huggingface.co/settings/tokens"
                 )
             url = upload(Path(folder), repo_id, secret, private=bool(values[tab.private]))
+        except ValueError as exc:
+            return {tab.status: _err(exc)}
         except Exception as exc:  # noqa: BLE001 - the UI boundary
-            return {tab.status: _err(_without(exc, secret))}
+            return {tab.status: f"❌ {hub_error_text(_without(exc, secret))}"}
         return {tab.status: _ok(f"Pushed to [{repo_id}]({url}).")}
 
     return handler
@@ -468,6 +475,20 @@ def upload(folder: Path, repo_id: str, token: str, *, private: bool) -> str:
         repo_id=repo_id, folder_path=str(folder), token=token, commit_message="Upload DiM3 merge"
     )
     return str(url)
+
+
+def hub_error_text(exc: BaseException) -> str:
+    """Why a push to the Hub failed, in plain words."""
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    if status in (401, 403):
+        return (
+            f"the Hub refused the token (HTTP {status}): use a token with write access to that "
+            "repository"
+        )
+    name = type(exc).__name__
+    if "Connect" in name or "Timeout" in name or isinstance(exc, (ConnectionError, TimeoutError)):
+        return "cannot reach the Hugging Face Hub (no network?); try again when online"
+    return f"the push failed ({name}): {exc}"
 
 
 def _without(exc: BaseException, secret: str | None) -> BaseException:
