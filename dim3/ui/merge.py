@@ -113,7 +113,7 @@ def _form(ctx: AppContext) -> tuple[MergeForm, gr.Markdown]:
             value="auto",
             label="dtype",
             scale=1,
-            info="auto: bf16 on GPU, fp32 on CPU",
+            info="auto: bf16 on GPU, fp32 on CPU (a saved folder keeps the VLM's dtype)",
         )
         device = gr.Dropdown(
             list(DEVICES), value="auto", label="Device", scale=1, info="auto: GPU when there is one"
