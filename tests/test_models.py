@@ -164,3 +164,29 @@ def test_aborted_merge_leaves_no_merged_model(tiny_llava_trio):
 def test_unknown_slot_is_refused():
     with pytest.raises(ValueError, match="valid: original, merged"):
         ModelManager().get("third")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_load_is_bf16_and_merges_and_chats_on_the_gpu(tiny_llava_trio):
+    from dim3.chat import GenerationParams, stream_reply
+
+    manager = ModelManager()
+    recipe = Recipe(
+        Source(str(tiny_llava_trio.base)),
+        Source(str(tiny_llava_trio.multilingual)),
+        Source(str(tiny_llava_trio.multimodal)),
+        device="auto",
+    )
+    merged, _ = manager.merge(recipe)
+    for loaded in (manager.get(ORIGINAL), merged):
+        assert loaded.placement.device == "cuda"
+        assert next(loaded.model.parameters()).device.type == "cuda"
+        assert loaded.model.dtype == resolve_dtype("auto", "cuda")
+    question = [{"role": "user", "content": "What colour is the shape?"}]
+    reply = stream_reply(
+        merged.model, merged.processor, question, None, GenerationParams(max_new_tokens=4)
+    )
+    list(reply)
+    assert reply.new_tokens >= 1
+    manager.clear()
