@@ -62,12 +62,13 @@ _HUB_PRESETS = (
     ),
     Preset(
         "qwen2-vl-7b-seallm",
-        "Qwen2-VL-7B-Instruct + SeaLLMs-v3-7B (GPU, ~16 GB per model)",
+        "Qwen2-VL-7B-Instruct + SeaLLMs-v3-7B-Chat (GPU, ~16 GB per model)",
         base="Qwen/Qwen2-7B",
-        multilingual="SeaLLMs/SeaLLMs-v3-7B",
+        multilingual="SeaLLMs/SeaLLMs-v3-7B-Chat",
         multimodal="Qwen/Qwen2-VL-7B-Instruct",
         note="Qwen2-VL's language model starts from Qwen2-7B; SeaLLMs-v3 continues Qwen2 on "
-        "Southeast Asian languages. Needs torchvision for Qwen2-VL's processor.",
+        "Southeast Asian languages (Check plan confirms they share the base). Needs torchvision "
+        "for Qwen2-VL's processor.",
     ),
     Preset(
         "qwen2-vl-2b-seallm",
