@@ -182,6 +182,16 @@ def test_merge_the_offline_trio_and_chat_side_by_side(server, browser):
     assert box["x"] + box["width"] > bubble["x"] + bubble["width"] - 30  # hugs the right edge
     screenshot(page, "chat")
 
+    page.click("#dim3-tab-evaluate-button")
+    slider = page.locator("#dim3-eval-n input[type=number]")
+    slider.fill("8")
+    slider.press("Enter")
+    page.click("#dim3-evaluate")
+    page.locator("#dim3-eval-status").filter(has_text="✅").or_(
+        page.locator("#dim3-eval-status").filter(has_text="❌")
+    ).wait_for()
+    screenshot(page, "evaluate")
+
     page.click("#dim3-tab-analysis-button")
     page.click("#dim3-diagnose")
     page.locator("#dim3-analysis-status").filter(has_text="tensors").wait_for()

@@ -1,4 +1,4 @@
-"""The Gradio app: Merge, Chat and Analysis tabs over one shared model manager.
+"""The Gradio app: Merge, Chat, Evaluate and Analysis tabs over one shared model manager.
 
 ``build_app()`` lays out the Blocks; ``launch_options()`` holds what ``Blocks.launch`` needs
 (theme, CSS, upload limit). This package is the only part of dim3 that imports Gradio.
@@ -14,6 +14,7 @@ import gradio as gr
 from dim3.ui.analysis import build_analysis_tab
 from dim3.ui.chat import build_chat_tab, refresh_status
 from dim3.ui.common import CSS, MAX_UPLOAD, AppContext
+from dim3.ui.evaluate import build_evaluate_tab
 from dim3.ui.merge import build_merge_tab
 
 TITLE = "DiM3 Studio"
@@ -35,6 +36,8 @@ def build_app(ctx: AppContext | None = None) -> gr.Blocks:
                 merge = build_merge_tab(ctx)
             with gr.Tab("Chat", id="chat", elem_id="dim3-tab-chat") as chat_tab:
                 chat = build_chat_tab(ctx)
+            with gr.Tab("Evaluate", id="evaluate", elem_id="dim3-tab-evaluate"):
+                build_evaluate_tab(ctx, merge)
             with gr.Tab("Analysis", id="analysis", elem_id="dim3-tab-analysis"):
                 build_analysis_tab(ctx, merge)
         chat_tab.select(refresh_status(ctx, chat), outputs=[chat.status], queue=False)
