@@ -227,7 +227,8 @@ def _layout(ctx: AppContext) -> tuple[MergeTab, dict[str, gr.Button]]:
         "Merge a **base** LLM, a **multilingual** fine-tune of it and a **VLM** built on the same "
         "base. The vision encoder and projector are copied; every language-model tensor becomes "
         "`base + w_mm·Δmm + w_ml·Δml`, with DiM3 choosing the weights per column from how much "
-        "each update changed its magnitude and direction."
+        "each update changed its magnitude and direction. One merge runs at a time on this "
+        "server; others wait in line and see their place in the queue."
     )
     form, note = _form(ctx)
     with gr.Row():
