@@ -60,10 +60,10 @@ class ModelSize:
     heads: int = 4
     intermediate: int = 256
     max_positions: int = 160
-    vision_hidden: int = 64
-    vision_layers: int = 2
+    vision_hidden: int = 96
+    vision_layers: int = 3
     vision_heads: int = 4
-    vision_intermediate: int = 128
+    vision_intermediate: int = 192
     patch_size: int = 8
 
     def __post_init__(self) -> None:

@@ -130,10 +130,8 @@ def encode(
     labels = list(ids)
     if sample.answer_only or sample.image is not None:
         labels[:n_prompt] = [-100] * n_prompt
-    labels = [
-        -100 if t == tokenizer.convert_tokens_to_ids(tokenizer.image_token) else t for t in labels
-    ]
-    return ids, labels
+    image_id = tokenizer.convert_tokens_to_ids(tokenizer.image_token)
+    return ids, [-100 if t == image_id else t for t in labels]
 
 
 def collate(encoded: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, Tensor]:

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from dim3.demo import build, data
+from dim3.demo import build, data, world
 from dim3.demo.build import ModelSize
 
 THREADS = 2  # fixed, so reductions split the same way on every run
@@ -45,7 +45,10 @@ class TrainConfig:
     batch: int = 32
     tokenizer_texts: int = 6000
     base_steps: int = 1200
-    multilingual_steps: int = 1500
+    multilingual_steps: int = 2000
+    tower_steps: int = 2000
+    tower_batch: int = 64
+    tower_lr: float = 3e-3
     projector_steps: int = 500
     vlm_steps: int = 150
     lr: float = 3e-3
@@ -63,7 +66,12 @@ class TrainConfig:
 
 
 QUICK = TrainConfig(
-    tokenizer_texts=400, base_steps=6, multilingual_steps=6, projector_steps=4, vlm_steps=3
+    tokenizer_texts=400,
+    base_steps=6,
+    multilingual_steps=6,
+    tower_steps=4,
+    projector_steps=4,
+    vlm_steps=3,
 )
 
 
@@ -126,92 +134,118 @@ def text_loss(model: nn.Module, sampler, tokenizer, batch: int, image_tokens: in
 
 def vlm_loss(model: nn.Module, tokenizer, image_processor, batch: int, image_tokens: int):
     """A ``loss_fn`` over English picture-question batches."""
-    from dim3.demo.world import render
 
     def loss_fn(rng: random.Random) -> Tensor:
         samples = [data.vlm_sample(rng) for _ in range(batch)]
         encoded = [data.encode(s, tokenizer, image_tokens) for s in samples]
         inputs = data.collate(encoded, tokenizer.pad_token_id)
-        pixels = image_processor([render(s.image) for s in samples], return_tensors="pt")
+        pixels = image_processor([world.render(s.image) for s in samples], return_tensors="pt")
         return model(**inputs, pixel_values=pixels["pixel_values"]).loss
 
     return loss_fn
 
 
+def tower_loss(tower: nn.Module, heads: nn.ModuleDict, image_processor, batch: int):
+    """A ``loss_fn`` pretraining the vision tower alone: name each picture's shape, colour, size.
+
+    It stands in for CLIP's contrastive pretraining (a LLaVA tower comes pretrained): a linear
+    head per attribute reads the mean of the patch features, the features LLaVA passes on.
+    """
+    attributes = {"shape": world.SHAPES, "colour": world.COLOURS, "size": world.SIZES}
+
+    def loss_fn(rng: random.Random) -> Tensor:
+        scenes = [world.random_scene(rng) for _ in range(batch)]
+        pixels = image_processor([world.render(s) for s in scenes], return_tensors="pt")[
+            "pixel_values"
+        ]
+        features = (
+            tower(pixel_values=pixels).last_hidden_state[:, 1:].mean(dim=1)
+        )  # (batch, hidden)
+        loss = torch.zeros(())
+        for name, values in attributes.items():
+            target = torch.tensor([values.index(getattr(s, name)) for s in scenes])
+            loss = loss + nn.functional.cross_entropy(heads[name](features), target)
+        return loss
+
+    return loss_fn
+
+
+def tower_heads(hidden: int) -> nn.ModuleDict:
+    """Linear read-outs of the tower's features used only by its pretraining (then dropped)."""
+    return nn.ModuleDict(
+        {
+            "shape": nn.Linear(hidden, len(world.SHAPES)),
+            "colour": nn.Linear(hidden, len(world.COLOURS)),
+            "size": nn.Linear(hidden, len(world.SIZES)),
+        }
+    )
+
+
 def train_all(config: TrainConfig, out: Path) -> dict:
-    """Train the tokenizer and the three models per ``config`` and save them under ``out``."""
+    """Train the tokenizer and the three models per ``config`` and save them under ``out``.
+
+    Returns the seconds each stage took.
+    """
     set_determinism(config.seed)
+    t0 = time.perf_counter()
+    texts = data.tokenizer_corpus(random.Random(config.seed), config.tokenizer_texts)
+    tokenizer = build.train_tokenizer(texts, config.size.vocab_size)
+    timings = {"tokenizer": time.perf_counter() - t0}
+    timings |= train_llms(config, tokenizer, out)
+    t0 = time.perf_counter()
+    train_vlm(config, tokenizer, out)
+    timings["multimodal"] = time.perf_counter() - t0
+    return timings
+
+
+def train_llms(config: TrainConfig, tokenizer, out: Path) -> dict:
+    """Base (mostly English), then the same model on far more text in every language."""
     size, timings = config.size, {}
-    t0 = time.perf_counter()
-    rng = random.Random(config.seed)
-    tokenizer = build.train_tokenizer(
-        data.tokenizer_corpus(rng, config.tokenizer_texts), size.vocab_size
-    )
-    timings["tokenizer"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    print(f"base: {config.base_steps} steps", flush=True)
     model = build.new_llm(size, tokenizer, config.seed)
-    loss = text_loss(model, data.base_sample, tokenizer, config.batch, size.image_tokens)
-    train_loop(
-        model.parameters(),
-        loss,
-        config.base_steps,
-        config.lr,
-        random.Random(config.seed + 1),
-        "base",
+    stages = (
+        ("base", data.base_sample, config.base_steps),
+        ("multilingual", data.multilingual_sample, config.multilingual_steps),
     )
-    build.save_llm(model, tokenizer, out / "base")
-    timings["base"] = time.perf_counter() - t0
+    for offset, (name, sampler, steps) in enumerate(stages, start=1):
+        t0 = time.perf_counter()
+        print(f"{name}: {steps} steps", flush=True)
+        loss = text_loss(model, sampler, tokenizer, config.batch, size.image_tokens)
+        train_loop(
+            model.parameters(), loss, steps, config.lr, random.Random(config.seed + offset), name
+        )
+        build.save_llm(model, tokenizer, out / name)
+        timings[name] = time.perf_counter() - t0
+    return timings
 
-    t0 = time.perf_counter()
-    print(f"multilingual: {config.multilingual_steps} steps", flush=True)
-    loss = text_loss(model, data.multilingual_sample, tokenizer, config.batch, size.image_tokens)
-    train_loop(
-        model.parameters(),
-        loss,
-        config.multilingual_steps,
-        config.lr,
-        random.Random(config.seed + 2),
-        "multilingual",
-    )
-    build.save_llm(model, tokenizer, out / "multilingual")
-    timings["multilingual"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
+def train_vlm(config: TrainConfig, tokenizer, out: Path) -> None:
+    """LLaVA from the base: tower pretraining, projector (+ tower) with the LM frozen, then all."""
+    size = config.size
     base = build.new_llm(size, tokenizer, config.seed)
     base.load_state_dict(_load_state(out / "base"))
     vlm = build.new_vlm(size, base, tokenizer, config.seed + 3)
     proc = build.processor(size, tokenizer)
+    print(f"vision tower: {config.tower_steps} pretraining steps", flush=True)
+    tower = vlm.model.vision_tower
+    heads = tower_heads(size.vision_hidden)
+    loss = tower_loss(tower, heads, proc.image_processor, config.tower_batch)
+    params = [*tower.parameters(), *heads.parameters()]
+    rng = random.Random(config.seed + 6)
+    train_loop(params, loss, config.tower_steps, config.tower_lr, rng, "tower")
     loss = vlm_loss(vlm, tokenizer, proc.image_processor, config.batch, size.image_tokens)
-    print(
-        f"multimodal: {config.projector_steps} projector steps + {config.vlm_steps} full steps",
-        flush=True,
-    )
+    print(f"multimodal: {config.projector_steps} + {config.vlm_steps} steps", flush=True)
     lm = [*vlm.model.language_model.parameters(), *vlm.lm_head.parameters()]
     for p in lm:
         p.requires_grad_(False)
+    rng = random.Random(config.seed + 4)
     train_loop(
-        vlm.parameters(),
-        loss,
-        config.projector_steps,
-        config.projector_lr,
-        random.Random(config.seed + 4),
-        "projector",
+        vlm.parameters(), loss, config.projector_steps, config.projector_lr, rng, "projector"
     )
     for p in lm:
         p.requires_grad_(True)
-    train_loop(
-        vlm.parameters(),
-        loss,
-        config.vlm_steps,
-        config.vlm_lr,
-        random.Random(config.seed + 5),
-        "multimodal",
-    )
+    rng = random.Random(config.seed + 5)
+    train_loop(vlm.parameters(), loss, config.vlm_steps, config.vlm_lr, rng, "multimodal")
     build.save_vlm(vlm, proc, tokenizer, out / "multimodal")
-    timings["multimodal"] = time.perf_counter() - t0
-    return timings
 
 
 def _load_state(folder: Path) -> dict[str, Tensor]:
