@@ -101,15 +101,21 @@ def _as_columns(t: Tensor) -> Tensor:
     return t.reshape(t.shape[0], -1)
 
 
+def _column_norms(x: Tensor) -> Tensor:
+    """‖col‖₂ of each column: (out, in) -> (in,). Plain sum of squares: on CPU it is ~3x faster
+    than ``vector_norm`` over the strided dim, and float32 holds weight magnitudes safely."""
+    return (x * x).sum(dim=0).sqrt()
+
+
 def column_changes(base: Tensor, tuned: list[Tensor]) -> tuple[Tensor, Tensor]:
     """Per-column magnitude and direction change of each tuned tensor against the base.
 
     base (out, in), tuned T × (out, in) -> (magnitude change (T, in), direction change (T, in)).
     """
-    m_base = torch.linalg.vector_norm(base, dim=0)  # (in,)
+    m_base = _column_norms(base)  # (in,)
     mags, dirs = [], []
     for t in tuned:
-        m_t = torch.linalg.vector_norm(t, dim=0)  # (in,)
+        m_t = _column_norms(t)  # (in,)
         # cos(d_t, d_base) with d = col / (m + eps), without materialising the directions
         cos = (t * base).sum(dim=0) / ((m_t + EPS) * (m_base + EPS))  # (in,)
         mags.append((m_t - m_base).abs())
