@@ -165,12 +165,14 @@ def evaluate_merges(
     *,
     allowed_roots: Sequence[str | Path] | None = None,
     token: str | None = None,
+    answers: dict[str, list[str]] | None = None,
 ) -> dict[str, dict[str, float]]:
     """``{"original": {lang: acc, ..., "overall": acc}, method: {...}, ...}`` for ``spec``.
 
     Loads the VLM once (float32 on CPU, bfloat16 on CUDA), scores it, then for each method
     restores its weights, merges into it in memory and scores it again. ``allowed_roots``
-    restricts local folders as in :func:`dim3.checkpoints.resolve` (None: any folder).
+    restricts local folders as in :func:`dim3.checkpoints.resolve` (None: any folder). When
+    ``answers`` is a dict, each model's raw answers (in ``spec.items`` order) are put in it.
     """
     from dim3.chat import load_vlm
     from dim3.checkpoints import resolve
@@ -201,7 +203,10 @@ def evaluate_merges(
                 device=device,
             )
             merge_into_model(model, recipe, allowed_roots=allowed_roots, token=token)
-        results[name] = evaluate_model(model, processor, spec.items, spec.batch_size)
+        predictions = generate_answers(model, processor, spec.items, batch_size=spec.batch_size)
+        results[name] = accuracy(spec.items, predictions)
+        if answers is not None:
+            answers[name] = predictions
     _restore(model, loaded)
     if progress:
         progress("", len(names), len(names))

@@ -6,19 +6,22 @@ For each seed: train the trio (or reuse ``DIR/seed{N}`` if it is already trained
   on the base and the multilingual LLM: does the multilingual model know every language?
 - the picture probe on the original VLM and on the VLM merged by each registered method.
 
-Prints markdown tables of the mean and the spread (min–max over seeds) per language, and writes
-every number to ``DIR/report.json``. This module only orchestrates ``train`` and ``dim3.evaluate``.
+Also per model: accuracy on colour and on shape questions, and how often the answer is a word of
+the question's language (right or wrong). Prints markdown tables of the mean and the spread
+(min–max over seeds) per language, and writes every number to ``DIR/report.json``. This module only orchestrates ``train`` and ``dim3.evaluate``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
 from pathlib import Path
 
 from dim3.demo import probe as demo_probe_module
+from dim3.demo import world
 from dim3.demo.train import TrainConfig, train_all, write_manifest
 
 ROLES = ("base", "multilingual", "multimodal")
@@ -47,19 +50,58 @@ def text_accuracy(folder: Path, items) -> dict[str, float]:
     return evaluate_model(model, AutoTokenizer.from_pretrained(folder), items)
 
 
+def right_language(items, predictions) -> dict[str, float]:
+    """Per language (+ overall): the share of answers that are a word of the question's kind in
+    the question's language, right or wrong (e.g. "braun" to a German colour question)."""
+    from dim3.evaluate import accuracy, normalise
+
+    def vocabulary(language: str, kind: str) -> set[str]:
+        concepts = world.COLOURS if kind == "colour" else world.SHAPES
+        return {normalise(world.WORDS[language][c]) for c in concepts}
+
+    hits = [
+        "x" if normalise(p) in vocabulary(it.language, it.kind) else ""
+        for it, p in zip(items, predictions, strict=True)
+    ]
+    return accuracy([dataclasses.replace(it, answer="x") for it in items], hits)
+
+
 def measure_seed(folder: Path, methods: tuple[str, ...]) -> dict:
-    """Text probe of base + multilingual and picture probe of the VLM and its merges."""
+    """Text probe of base + multilingual and picture probe of the VLM and its merges.
+
+    Besides accuracy per language, records for each model the accuracy on colour and on shape
+    questions and how often it answers with a word of the question's language.
+    """
     from dim3.demo import demo_probe
-    from dim3.evaluate import EvalSpec, evaluate_merges
+    from dim3.evaluate import EvalSpec, accuracy, evaluate_merges
 
     text_items = demo_probe_module.text_probe()
     text = {role: text_accuracy(folder / role, text_items) for role in ("base", "multilingual")}
-    spec = EvalSpec(*(str(folder / r) for r in ROLES), items=tuple(demo_probe()), methods=methods)
-    return {"text": text, "image": evaluate_merges(spec)}
+    items = tuple(demo_probe())
+    spec = EvalSpec(*(str(folder / r) for r in ROLES), items=items, methods=methods)
+    answers: dict[str, list[str]] = {}
+    out = {"text": text, "image": evaluate_merges(spec, answers=answers)}
+    out["right_language"] = {m: right_language(items, a) for m, a in answers.items()}
+    for kind in world.QUESTION_KINDS:
+        keep = [i for i, it in enumerate(items) if it.kind == kind]
+        out[kind] = {
+            m: accuracy([items[i] for i in keep], [a[i] for i in keep]) for m, a in answers.items()
+        }
+    return out
+
+
+def with_others(accs: dict[str, float]) -> dict[str, float]:
+    """``accs`` plus ``others``: the mean over the non-English languages (before ``overall``)."""
+    languages = [k for k in accs if k not in ("en", "overall")]
+    out = {k: v for k, v in accs.items() if k != "overall"}
+    out["others"] = statistics.fmean(accs[k] for k in languages)
+    out["overall"] = accs["overall"]
+    return out
 
 
 def summarise(per_seed: list[dict[str, dict[str, float]]]) -> str:
     """A markdown table: rows = models, columns = languages; cells 'mean (min–max)' over seeds."""
+    per_seed = [{m: with_others(a) for m, a in run.items()} for run in per_seed]
     models = list(per_seed[0])
     columns = list(per_seed[0][models[0]])
     lines = ["| model | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
@@ -107,8 +149,15 @@ def main(argv: list[str] | None = None) -> int:
     runs = list(results.values())
     print(f"\nText-only probe (LLMs), seeds {args.seeds}: mean (min–max)\n")
     print(summarise([r["text"] for r in runs]))
-    print(f"\nPicture probe (VLM and merges), seeds {args.seeds}: mean (min–max)\n")
-    print(summarise([r["image"] for r in runs]))
+    tables = {
+        "image": "Picture probe (VLM and merges): accuracy",
+        "colour": "Picture probe, colour questions only: accuracy",
+        "shape": "Picture probe, shape questions only: accuracy",
+        "right_language": "Picture probe: answers that are a word of the question's language and kind",
+    }
+    for key, title in tables.items():
+        print(f"\n{title}, seeds {args.seeds}: mean (min–max)\n")
+        print(summarise([r[key] for r in runs]))
     return 0
 
 
