@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dim3.demo import DEMO_DIR, ProbeError, demo_probe, demo_trio, load_probe, world
+from dim3.demo import DEMO_DIR, ProbeError, ProbeItem, demo_probe, demo_trio, load_probe, world
 from dim3.demo import data as demo_data
 from dim3.demo.train import QUICK, fingerprint, train_all
 
@@ -205,3 +205,24 @@ def test_missing_or_empty_probe_file_is_refused(tmp_path):
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(ProbeError, match="no questions"):
         load_probe(tmp_path / "empty.jsonl")
+
+
+def test_report_counts_answers_in_the_question_language_right_or_wrong():
+    from dim3.demo.report import right_language, with_others
+
+    items = [
+        ProbeItem("q", "rot", "de", kind="colour"),
+        ProbeItem("q", "Kreis", "de", kind="shape"),
+        ProbeItem("q", "red", "en", kind="colour"),
+        ProbeItem("q", "circle", "en", kind="shape"),
+    ]
+    # German but wrong; English to a German question; English but wrong; a colour for a shape
+    shares = right_language(items, ["braun", "circle", "blue", "red"])
+    assert shares == {"de": 0.5, "en": 0.5, "overall": 0.5}
+    assert with_others({"en": 1.0, "de": 0.5, "ru": 0.0, "overall": 0.5}) == {
+        "en": 1.0,
+        "de": 0.5,
+        "ru": 0.0,
+        "others": 0.25,
+        "overall": 0.5,
+    }
