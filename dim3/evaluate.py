@@ -70,6 +70,32 @@ def _prompt(processor: Any, item: ProbeItem) -> str:
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
+def _batch_inputs(model: Any, processor: Any, items: Sequence[ProbeItem]) -> Any:
+    """Tokenized prompts (left-padded) and pictures of ``items`` (all with or all without one)."""
+    from dim3.chat import load_image
+
+    tokenizer = _tokenizer(processor)
+    prompts = [_prompt(processor, item) for item in items]
+    # as transformers' apply_chat_template does: no second BOS when the template writes one
+    bos = tokenizer.bos_token
+    special = not (bos and prompts[0].startswith(bos))
+    kwargs: dict[str, Any] = {
+        "return_tensors": "pt",
+        "padding": True,
+        "add_special_tokens": special,
+    }
+    if items[0].image is not None:
+        inputs = processor(text=prompts, images=[load_image(it.image) for it in items], **kwargs)
+    elif hasattr(processor, "image_processor"):
+        inputs = processor(text=prompts, **kwargs)
+    else:
+        inputs = tokenizer(prompts, **kwargs)
+    inputs = inputs.to(model.device)
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    return inputs
+
+
 @torch.no_grad()
 def generate_answers(
     model: Any,
@@ -79,43 +105,31 @@ def generate_answers(
     batch_size: int = 64,
     max_new_tokens: int = 12,
 ) -> list[str]:
-    """Greedy answers to ``items``, in order. ``processor``: a VLM processor or an LLM tokenizer."""
-    from PIL import Image
+    """Greedy answers to ``items``, in order. ``processor``: a VLM processor or an LLM tokenizer.
 
+    Items with and without a picture are batched apart; prompts use the model's chat template.
+    """
     tokenizer = _tokenizer(processor)
     tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
     answers: dict[int, str] = {}
-    groups = [
-        [i for i, it in enumerate(items) if it.image is not None],
-        [i for i, it in enumerate(items) if it.image is None],
-    ]
-    for group in groups:
+    with_image = [i for i, it in enumerate(items) if it.image is not None]
+    without = [i for i, it in enumerate(items) if it.image is None]
+    for group in (with_image, without):
         for start in range(0, len(group), batch_size):
             chunk = group[start : start + batch_size]
-            prompts = [_prompt(processor, items[i]) for i in chunk]
-            kwargs: dict[str, Any] = {"text": prompts, "return_tensors": "pt", "padding": True}
-            if items[chunk[0]].image is not None:
-                kwargs["images"] = [Image.open(items[i].image).convert("RGB") for i in chunk]
-            if "images" in kwargs or hasattr(processor, "image_processor"):
-                inputs = processor(**kwargs, add_special_tokens=False)
-            else:
-                inputs = tokenizer(
-                    prompts, return_tensors="pt", padding=True, add_special_tokens=False
-                )
-            inputs = inputs.to(model.device)
-            if "pixel_values" in inputs:
-                inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+            inputs = _batch_inputs(model, processor, [items[i] for i in chunk])
             out = model.generate(
                 **inputs,
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 pad_token_id=tokenizer.pad_token_id,
             )
-            new = out[:, inputs["input_ids"].shape[1] :]
-            for i, text in zip(
-                chunk, tokenizer.batch_decode(new, skip_special_tokens=True), strict=True
-            ):
-                answers[i] = text
+            texts = tokenizer.batch_decode(
+                out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True
+            )
+            answers.update(zip(chunk, texts, strict=True))
     return [answers[i] for i in range(len(items))]
 
 
