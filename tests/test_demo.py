@@ -12,6 +12,7 @@ from PIL import Image
 
 from dim3.demo import DEMO_DIR, ProbeError, ProbeItem, demo_probe, demo_trio, load_probe, world
 from dim3.demo import data as demo_data
+from dim3.demo.build import ModelSize
 from dim3.demo.train import QUICK, fingerprint, train_all
 
 ROLES = ("base", "multilingual", "multimodal")
@@ -50,10 +51,11 @@ def test_encode_masks_the_prompt_of_picture_questions():
     processor = AutoProcessor.from_pretrained(demo_trio()[2])
     tok = processor.tokenizer
     sample = demo_data.vlm_sample(random.Random(0))
-    ids, labels = demo_data.encode(sample, tok, image_tokens=16)
+    n_image = ModelSize().image_tokens
+    ids, labels = demo_data.encode(sample, tok, image_tokens=n_image)
     kept = [t for t in labels if t != -100]
     assert tok.decode(kept) == f"{sample.answer}<|end|>\n"
-    assert ids.count(processor.image_token_id) == 16
+    assert ids.count(processor.image_token_id) == n_image
     # the same ids as the processor makes from the chat template
     messages = [
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": sample.user}]}
