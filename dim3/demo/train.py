@@ -46,10 +46,10 @@ class TrainConfig:
     tokenizer_texts: int = 6000
     base_steps: int = 1200
     multilingual_steps: int = 2000
-    tower_steps: int = 2000
+    tower_steps: int = 3000
     tower_batch: int = 64
     tower_lr: float = 3e-3
-    projector_steps: int = 500
+    projector_steps: int = 800
     vlm_steps: int = 150
     lr: float = 3e-3
     projector_lr: float = 2e-3
