@@ -46,13 +46,32 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="a method option, repeatable (see each method's options in the README)",
     )
+    add_dim3_arguments(parser)
+
+
+def add_dim3_arguments(parser: argparse.ArgumentParser, prefix: str = "DiM3") -> None:
+    """``--above-average-ratio`` and ``--calibration``, from the DiM3 options' metadata."""
     for f in option_fields("dim3"):
         parser.add_argument(
             "--" + f.name.replace("_", "-"),
             type=float,
             default=None,
-            help=f"DiM3: {f.metadata.get('help', '')} (default {f.default})",
+            help=f"{prefix}: {f.metadata.get('help', '')} (default {f.default})",
         )
+
+
+def dim3_options_from_args(args: argparse.Namespace) -> dict[str, float]:
+    """The DiM3 options given on the command line (unset ones left to their defaults)."""
+    return {
+        f.name: getattr(args, f.name)
+        for f in option_fields("dim3")
+        if getattr(args, f.name, None) is not None
+    }
+
+
+def sources_from_args(args: argparse.Namespace) -> dict[str, Source]:
+    """``--base/--multilingual/--multimodal`` with their ``--revision-*`` as Sources."""
+    return {role: Source(getattr(args, role), getattr(args, f"revision_{role}")) for role in ROLES}
 
 
 def parse_option(text: str) -> tuple[str, Any]:
@@ -74,17 +93,13 @@ def parse_option(text: str) -> tuple[str, Any]:
 
 def recipe_from_args(args: argparse.Namespace) -> Recipe:
     options = dict(parse_option(o) for o in args.option)
-    for f in option_fields("dim3"):
-        value = getattr(args, f.name, None)
-        if value is not None:
-            if args.method != "dim3":
-                raise ValueError(f"--{f.name.replace('_', '-')} is a DiM3 option; use --option")
-            options[f.name] = value
-    sources = {
-        role: Source(getattr(args, role), getattr(args, f"revision_{role}")) for role in ROLES
-    }
+    dim3_options = dim3_options_from_args(args)
+    if dim3_options and args.method != "dim3":
+        flag = "--" + next(iter(dim3_options)).replace("_", "-")
+        raise ValueError(f"{flag} is a DiM3 option; use --option")
+    options.update(dim3_options)
     return Recipe(
-        **sources,
+        **sources_from_args(args),
         method=args.method,
         options=options,
         dtype=getattr(args, "dtype", "auto"),

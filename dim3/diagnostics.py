@@ -461,36 +461,23 @@ def write_report(rows: Sequence[DiagnosticRow], out_dir: str | Path) -> list[Pat
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``python -m dim3 diagnose``."""
-    from dim3.cli import add_source_arguments
-    from dim3.methods import option_fields
+    from dim3.cli import add_dim3_arguments, add_source_arguments
     from dim3.recipe import DEVICES
 
     add_source_arguments(parser, required=True)
     parser.add_argument("--out", required=True, help="folder for the CSV files and PNGs")
     parser.add_argument("--device", default="auto", help=f"one of {', '.join(DEVICES)}, cuda:N")
-    for f in option_fields("dim3"):
-        parser.add_argument(
-            "--" + f.name.replace("_", "-"),
-            type=float,
-            default=None,
-            help=f"DiM3 (for its weights): {f.metadata.get('help', '')} (default {f.default})",
-        )
+    add_dim3_arguments(parser, prefix="DiM3 (for its weights)")
 
 
 def run(args: argparse.Namespace) -> int:
     """Compute the diagnostics of ``--base/--multilingual/--multimodal`` and write the report."""
     from tqdm.auto import tqdm
 
-    from dim3.methods import option_fields
-    from dim3.recipe import ROLES, Source
+    from dim3.cli import dim3_options_from_args, sources_from_args
 
-    options = {
-        f.name: getattr(args, f.name)
-        for f in option_fields("dim3")
-        if getattr(args, f.name, None) is not None
-    }
-    sources = {r: Source(getattr(args, r), getattr(args, f"revision_{r}")) for r in ROLES}
-    recipe = Recipe(**sources, method="dim3", options=options, device=args.device)
+    options = dim3_options_from_args(args)
+    recipe = Recipe(**sources_from_args(args), method="dim3", options=options, device=args.device)
     bars: list[Any] = []  # made at the first tensor, so that an early error prints one line
 
     def progress(p: Progress) -> None:
