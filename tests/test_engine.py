@@ -489,6 +489,8 @@ def test_cli_plan_merge_and_recipe_replay(tiny_llava_trio, tmp_path, capsys):
         == 2
     )
     assert "does not exist" in capsys.readouterr().err
+    assert main(["plan", *args, "--method", "ties", "--calibration", "0.5"]) == 2
+    assert "--calibration is a DiM3 option; use --option" in capsys.readouterr().err
 
 
 def test_inputs_never_modified_even_on_overwrite(tiny_qwen2vl_trio, tmp_path):
