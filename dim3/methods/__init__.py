@@ -40,6 +40,11 @@ class Method:
     options: type
     paper: str
     summary: str
+    # How the engine may cut a tensor for this rule (see dim3/engine.py): "elementwise" (any row
+    # slice on its own), "columns" (per-column statistics gathered over row slices, then applied
+    # slice by slice), "selection" (a per-tensor magnitude threshold found first) or "matrix"
+    # (the whole tensor at once: SVD or optimisation).
+    kind: str = "elementwise"
 
     def make_options(self, values: dict[str, Any] | None = None) -> Any:
         """Build validated options from a plain dict; unknown keys raise ``ValueError``."""
