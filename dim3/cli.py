@@ -27,14 +27,33 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 
 
 def add_source_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
-    """``--base/--multilingual/--multimodal`` and their ``--revision-*``."""
+    """``--base/--multilingual/--multimodal`` and their ``--revision-*``.
+
+    ``--multilingual`` (and ``--revision-multilingual``) may be given several times: language
+    experts, all fine-tuned from the base, merged in the order given.
+    """
     for role, what in zip(
         ROLES,
-        ("the base LLM", "the multilingual fine-tune of the base", "the VLM tuned from the base"),
+        (
+            "the base LLM",
+            "a multilingual fine-tune of the base (repeat for several experts)",
+            "the VLM tuned from the base",
+        ),
         strict=True,
     ):
-        parser.add_argument(f"--{role}", required=required, help=f"{what}: Hub id or folder")
-        parser.add_argument(f"--revision-{role}", default=None, help=f"Hub revision of --{role}")
+        several = role == "multilingual"
+        parser.add_argument(
+            f"--{role}",
+            required=required,
+            action="append" if several else "store",
+            help=f"{what}: Hub id or folder",
+        )
+        parser.add_argument(
+            f"--revision-{role}",
+            default=None,
+            action="append" if several else "store",
+            help=f"Hub revision of --{role}" + (" (repeat, in the same order)" if several else ""),
+        )
 
 
 def add_method_arguments(parser: argparse.ArgumentParser) -> None:
@@ -69,9 +88,21 @@ def dim3_options_from_args(args: argparse.Namespace) -> dict[str, float]:
     }
 
 
-def sources_from_args(args: argparse.Namespace) -> dict[str, Source]:
-    """``--base/--multilingual/--multimodal`` with their ``--revision-*`` as Sources."""
-    return {role: Source(getattr(args, role), getattr(args, f"revision_{role}")) for role in ROLES}
+def sources_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """``--base/--multilingual/--multimodal`` with their ``--revision-*`` as Recipe keywords:
+    a Source for base and multimodal, a tuple of Sources for multilingual."""
+    refs, revisions = args.multilingual or [], args.revision_multilingual or []
+    if len(revisions) > len(refs):
+        raise ValueError(
+            f"{len(revisions)} --revision-multilingual for {len(refs)} --multilingual: give one "
+            "revision per multilingual model, in the same order (or none)"
+        )
+    revisions = revisions + [None] * (len(refs) - len(revisions))
+    return {
+        "base": Source(args.base, args.revision_base),
+        "multilingual": tuple(Source(r, v) for r, v in zip(refs, revisions, strict=True)),
+        "multimodal": Source(args.multimodal, args.revision_multimodal),
+    }
 
 
 def parse_option(text: str) -> tuple[str, Any]:

@@ -211,7 +211,7 @@ def _read(entry: Entry, inputs: Inputs) -> tuple[Tensor, Tensor, Tensor]:
     return (
         inputs.base.get(entry.base_key),
         inputs.multimodal.get(entry.key),
-        inputs.multilingual.get(entry.multilingual_key),
+        inputs.multilingual[0].get(entry.multilingual_keys[0]),
     )
 
 
@@ -270,6 +270,11 @@ def diagnose(
     ``progress`` gets one :class:`dim3.engine.Progress` per tensor; if it raises, nothing more is
     read and the exception propagates.
     """
+    if len(recipe.multilingual) != 1:
+        raise ValueError(
+            f"diagnostics compare one multilingual model with the VLM; {len(recipe.multilingual)} "
+            "were given: run diagnose once per multilingual model"
+        )
     options = recipe.method_options() if recipe.method == "dim3" else DiM3Options()
     device = resolve_device(recipe.device)
     rows: list[DiagnosticRow] = []

@@ -1,7 +1,7 @@
 """The merge engine: one streaming loop from checkpoints, through a rule, to a writer or a model.
 
 :func:`iter_merged` is the only loop that moves tensors: for each planned tensor it reads the base,
-multilingual and VLM tensors (the next trio is prefetched on a thread while the current one is
+multilingual and VLM tensors (the next entry's tensors are prefetched on a thread while the current one is
 computed), applies the method on the chosen device in float32, and yields the result. Its two
 consumers are :func:`merge_to_folder` (a sharded safetensors checkpoint with configs, tokenizer,
 processor, model card and recipe, moved into place only when complete) and
@@ -28,7 +28,14 @@ from dim3.checkpoints import Checkpoint
 from dim3.layout import layout_for
 from dim3.methods import Method, get_method
 from dim3.plan import Entry, MergePlan, PlanError, build_plan
-from dim3.recipe import RECIPE_FILE, Recipe, Source, model_card, write_recipe
+from dim3.recipe import (
+    RECIPE_FILE,
+    Recipe,
+    Source,
+    model_card,
+    multilingual_labels,
+    write_recipe,
+)
 from dim3.writer import ShardedWriter, TensorSpec, check_destination
 
 __all__ = [
@@ -81,14 +88,25 @@ class MergeResult:
 
 
 class Inputs:
-    """The three opened checkpoints of a recipe; a context manager that closes them."""
+    """The opened checkpoints of a recipe; a context manager that closes them.
 
-    def __init__(self, base: Checkpoint, multilingual: Checkpoint, multimodal: Checkpoint):
-        self.base, self.multilingual, self.multimodal = base, multilingual, multimodal
+    ``multilingual`` is a tuple of one or more checkpoints, in the recipe's order.
+    """
+
+    def __init__(
+        self, base: Checkpoint, multilingual: Sequence[Checkpoint], multimodal: Checkpoint
+    ):
+        self.base, self.multilingual, self.multimodal = base, tuple(multilingual), multimodal
+
+    def roles(self) -> dict[str, Checkpoint]:
+        """Every checkpoint by role label, as :meth:`Recipe.sources` names them."""
+        labels = multilingual_labels(len(self.multilingual))
+        ml = dict(zip(labels, self.multilingual, strict=True))
+        return {"base": self.base, **ml, "multimodal": self.multimodal}
 
     def resolved(self) -> dict[str, str | None]:
         """Each role's Hub commit (None for local folders)."""
-        return {r: getattr(self, r).commit for r in ("base", "multilingual", "multimodal")}
+        return {role: ckpt.commit for role, ckpt in self.roles().items()}
 
     def __enter__(self) -> Inputs:
         return self
@@ -99,7 +117,7 @@ class Inputs:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        for ckpt in (self.base, self.multilingual, self.multimodal):
+        for ckpt in self.roles().values():
             ckpt.close()
 
 
@@ -109,14 +127,27 @@ def open_inputs(
     allowed_roots: Sequence[str | Path] | None = None,
     token: str | None = None,
 ) -> Inputs:
-    """Resolve and open the recipe's three checkpoints (downloading Hub ids as needed)."""
+    """Resolve and open the recipe's checkpoints (downloading Hub ids as needed).
+
+    If one fails to open, those already opened are closed before the error propagates.
+    """
+    opened: list[Checkpoint] = []
 
     def one(source: Source) -> Checkpoint:
-        return Checkpoint.open(
+        ckpt = Checkpoint.open(
             source.ref, source.revision, allowed_roots=allowed_roots, token=token
         )
+        opened.append(ckpt)
+        return ckpt
 
-    return Inputs(one(recipe.base), one(recipe.multilingual), one(recipe.multimodal))
+    try:
+        base = one(recipe.base)
+        mls = [one(s) for s in recipe.multilingual]
+        return Inputs(base, mls, one(recipe.multimodal))
+    except BaseException:
+        for ckpt in opened:
+            ckpt.close()
+        raise
 
 
 def plan(recipe: Recipe, **kwargs: Any) -> MergePlan:
@@ -144,13 +175,13 @@ def output_dtype(entry: Entry, dtype: str) -> torch.dtype:
 
 
 def _read(entry: Entry, inputs: Inputs) -> tuple[torch.Tensor, ...]:
-    """The CPU tensors one entry needs: (vlm,) to copy, (vlm, base, multilingual) to merge."""
+    """The CPU tensors one entry needs: (vlm,) to copy, (vlm, base, *multilingual) to merge."""
     if entry.action == "copy" or entry.tied_to:
         return (inputs.multimodal.get(entry.key),) if entry.action == "copy" else ()
     return (
         inputs.multimodal.get(entry.key),
         inputs.base.get(entry.base_key),
-        inputs.multilingual.get(entry.multilingual_key),
+        *(ml.get(k) for ml, k in zip(inputs.multilingual, entry.multilingual_keys, strict=True)),
     )
 
 
@@ -162,12 +193,12 @@ def _apply(
     device: torch.device,
 ) -> torch.Tensor:
     """Merge one entry's tensors on ``device`` in float32; returns the full VLM-shaped tensor."""
-    vlm, base, ml = (t.to(device).float() for t in tensors)
+    vlm, base, *mls = (t.to(device).float() for t in tensors)
     rows = entry.rows if entry.rows is not None else vlm.shape[0]
-    part = [t[:rows] for t in (base, vlm, ml)]  # shared token rows only
+    part = [t[:rows] for t in (base, vlm, *mls)]  # shared token rows only
     if entry.transpose:
         part = [t.T for t in part]  # (hidden, vocab): columns are tokens
-    merged = method.fn(part[0], [part[1], part[2]], options, name=entry.key)
+    merged = method.fn(part[0], part[1:], options, name=entry.key)
     if entry.transpose:
         merged = merged.T
     if rows == vlm.shape[0]:
@@ -261,8 +292,8 @@ class _Pipe:
 
 
 def _check_not_an_input(out_dir: Path, inputs: Inputs) -> None:
-    for role in ("base", "multilingual", "multimodal"):
-        src = getattr(inputs, role).path.resolve()
+    for role, ckpt in inputs.roles().items():
+        src = ckpt.path.resolve()
         if out_dir == src or out_dir.is_relative_to(src) or src.is_relative_to(out_dir):
             raise ValueError(
                 f"output folder {out_dir} overlaps the {role} checkpoint {src}; inputs are never "

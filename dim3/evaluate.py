@@ -142,10 +142,11 @@ def evaluate_model(
 
 @dataclass(frozen=True)
 class EvalSpec:
-    """What to evaluate: three checkpoints, the methods (with options) and the probe items."""
+    """What to evaluate: the checkpoints (one or more multilingual models), the methods (with
+    options) and the probe items."""
 
     base: Source
-    multilingual: Source
+    multilingual: tuple[Source, ...]
     multimodal: Source
     items: tuple[ProbeItem, ...]
     methods: tuple[str, ...]
@@ -155,10 +156,16 @@ class EvalSpec:
     def __post_init__(self) -> None:
         from dim3.methods import get_method
 
-        for role in ("base", "multilingual", "multimodal"):
+        for role in ("base", "multimodal"):
             ref = getattr(self, role)
             if not isinstance(ref, Source):
                 object.__setattr__(self, role, Source(str(ref)))
+        ml = self.multilingual
+        ml = (ml,) if isinstance(ml, (Source, str)) else tuple(ml)
+        ml = tuple(m if isinstance(m, Source) else Source(str(m)) for m in ml)
+        if not ml:
+            raise ValueError("give at least one multilingual model")
+        object.__setattr__(self, "multilingual", ml)
         if not self.items:
             raise ValueError("the probe set is empty: give at least one question")
         for name in self.methods:
@@ -282,8 +289,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--probe", default="demo", help="'demo' (built-in probe set) or a JSONL probe file"
     )
     for role in ("base", "multilingual", "multimodal"):
+        several = " (repeat for several experts)" if role == "multilingual" else ""
         parser.add_argument(
-            f"--{role}", default=None, help=f"the {role} checkpoint (default: the demo trio's)"
+            f"--{role}",
+            default=None,
+            action="append" if several else "store",
+            help=f"the {role} checkpoint{several} (default: the demo trio's)",
         )
     parser.add_argument(
         "--methods", default=None, help="comma-separated merge methods, 'all' (default) or 'none'"
@@ -317,11 +328,15 @@ def spec_from_args(args: argparse.Namespace) -> EvalSpec:
         )
     if not all(given.values()):
         given = dict(zip(roles, (str(p) for p in demo_trio()), strict=True))
+    ml = given.pop("multilingual")
+    given["multilingual"] = tuple(Source(r) for r in ([ml] if isinstance(ml, str) else ml))
     items = load_probe(demo_probe_path() if args.probe == "demo" else args.probe)
     if args.limit is not None:
         items = items[: args.limit]
     return EvalSpec(
-        **{role: Source(ref) for role, ref in given.items()},
+        base=Source(given["base"]),
+        multilingual=given["multilingual"],
+        multimodal=Source(given["multimodal"]),
         items=tuple(items),
         methods=parse_methods(args.methods),
         options=parse_options(args.option),

@@ -1,8 +1,8 @@
 """The merge plan: every VLM tensor matched, classified and checked before anything is written.
 
 Given three opened checkpoints, :func:`build_plan` decides for each tensor of the VLM whether it is
-merged (a language-model tensor, matched by canonical name to a base and a multilingual tensor of
-the same shape) or copied (vision encoder, projector, rows only the VLM's tokenizer has). Every
+merged (a language-model tensor, matched by canonical name to a base tensor and a tensor of each
+multilingual model, of the same shape) or copied (vision encoder, projector, rows only the VLM's tokenizer has). Every
 problem is collected and raised at once as a :class:`PlanError` that names the first few tensors
 and the likely cause. This module reads headers, tokenizer files and one tensor pair per model
 (to check that the three share a base); it merges nothing.
@@ -11,6 +11,7 @@ and the likely cause. This module reads headers, tokenizer files and one tensor 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +33,8 @@ class Entry:
     """What happens to one tensor of the VLM.
 
     key: its name in the VLM (and in the output). action: "merge" or "copy".
-    role: "language", "vision" or "projector". base_key / multilingual_key: the matched tensors.
+    role: "language", "vision" or "projector". base_key / multilingual_keys: the matched tensors
+    (one per multilingual model, in the recipe's order).
     shape, dtype: the VLM tensor's. rows: for vocabulary tensors, the leading rows (tokens) that
     all three share and that are merged; later rows stay the VLM's. transpose: token embeddings are
     transposed for the rule, so that its columns are tokens. tied_to: an output embedding stored
@@ -45,7 +47,7 @@ class Entry:
     shape: tuple[int, ...]
     dtype: torch.dtype
     base_key: str | None = None
-    multilingual_key: str | None = None
+    multilingual_keys: tuple[str, ...] = ()
     rows: int | None = None
     transpose: bool = False
     tied_to: str | None = None
@@ -136,23 +138,25 @@ def tokenizer_vocab(folder: Path) -> dict[str, int] | None:
 
 
 def _tokenizer_rows(
-    base: Checkpoint, ml: Checkpoint, vlm: Checkpoint, notes: list[str]
+    base: Checkpoint, mls: Sequence[Checkpoint], vlm: Checkpoint, notes: list[str]
 ) -> int | None:
-    """How many leading token rows the three share; refuses a multilingual tokenizer change."""
-    vb, vm, vv = (tokenizer_vocab(c.path) for c in (base, ml, vlm))
-    if vb is None or vm is None:
+    """How many leading token rows all share; refuses a multilingual tokenizer change."""
+    vb, vv = tokenizer_vocab(base.path), tokenizer_vocab(vlm.path)
+    vms = [tokenizer_vocab(c.path) for c in mls]
+    if vb is None or any(vm is None for vm in vms):
         notes.append(
-            "tokenizers not compared (no tokenizer.json in the base or multilingual model)"
+            "tokenizers not compared (no tokenizer.json in the base or a multilingual model)"
         )
         return None
-    if vb != vm:
-        diff = sorted(set(vb.items()) ^ set(vm.items()), key=lambda kv: kv[1])
-        raise PlanError(
-            f"the multilingual model's tokenizer differs from the base's ({len(vb)} vs {len(vm)} "
-            f"tokens; first differences: {_shown([repr(t) for t, _ in diff])}). DiM3 merges "
-            "embedding rows token by token, so the multilingual model must keep the base "
-            "tokenizer; a vocabulary-extended model cannot be merged this way"
-        )
+    for i, vm in enumerate(vms):
+        if vb != vm:
+            diff = sorted(set(vb.items()) ^ set(vm.items()), key=lambda kv: kv[1])
+            raise PlanError(
+                f"the {_ml_name(i, len(mls))}'s tokenizer differs from the base's ({len(vb)} vs "
+                f"{len(vm)} tokens; first differences: {_shown([repr(t) for t, _ in diff])}). "
+                "DiM3 merges embedding rows token by token, so a multilingual model must keep "
+                "the base tokenizer; a vocabulary-extended model cannot be merged this way"
+            )
     n = max(vb.values()) + 1
     if vv is not None:
         mismatched = [t for t, i in vb.items() if vv.get(t) != i]
@@ -170,7 +174,14 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(a @ b / (a.norm() * b.norm() + 1e-12))
 
 
-def _check_related(entries: list[Entry], base: Checkpoint, ml: Checkpoint, vlm: Checkpoint) -> None:
+def _ml_name(i: int, n: int) -> str:
+    """``multilingual model`` alone, else ``multilingual model i`` (1-based), for messages."""
+    return "multilingual model" if n == 1 else f"multilingual model {i + 1}"
+
+
+def _check_related(
+    entries: list[Entry], base: Checkpoint, mls: Sequence[Checkpoint], vlm: Checkpoint
+) -> None:
     """Refuse models that share shapes but not weights, comparing one attention matrix."""
     probe = next(
         (e for e in entries if e.action == "merge" and len(e.shape) == 2 and "layers.0." in e.key),
@@ -179,7 +190,11 @@ def _check_related(entries: list[Entry], base: Checkpoint, ml: Checkpoint, vlm: 
     if probe is None:
         return
     b = base.get(probe.base_key)
-    for name, ckpt, key in (("VLM", vlm, probe.key), ("multilingual", ml, probe.multilingual_key)):
+    others = [("VLM", vlm, probe.key)] + [
+        (_ml_name(i, len(mls)), ml, key)
+        for i, (ml, key) in enumerate(zip(mls, probe.multilingual_keys, strict=True))
+    ]
+    for name, ckpt, key in others:
         cos = _cosine(b, ckpt.get(key))
         if cos < RELATED_MIN_COSINE:
             raise PlanError(
@@ -189,15 +204,23 @@ def _check_related(entries: list[Entry], base: Checkpoint, ml: Checkpoint, vlm: 
             )
 
 
-def build_plan(base: Checkpoint, multilingual: Checkpoint, multimodal: Checkpoint) -> MergePlan:
-    """Match every tensor of ``multimodal`` and check the three fit; raise PlanError if not."""
+def build_plan(
+    base: Checkpoint, multilingual: Checkpoint | Sequence[Checkpoint], multimodal: Checkpoint
+) -> MergePlan:
+    """Match every tensor of ``multimodal`` and check all models fit; raise PlanError if not.
+
+    ``multilingual`` is one checkpoint or a sequence of them (several language experts).
+    """
+    mls = [multilingual] if isinstance(multilingual, Checkpoint) else list(multilingual)
+    if not mls:
+        raise PlanError("give at least one multilingual model")
     notes: list[str] = []
     keys = multimodal.keys()
     try:
         layout = layout_for(multimodal.config, keys)
     except ValueError as exc:
         raise PlanError(str(exc)) from None
-    shared_rows = _tokenizer_rows(base, multilingual, multimodal, notes)
+    shared_rows = _tokenizer_rows(base, mls, multimodal, notes)
     entries: list[Entry] = []
     unknown, unmatched, mismatched, used = [], [], [], set()
     for key in keys:
@@ -214,15 +237,14 @@ def build_plan(base: Checkpoint, multilingual: Checkpoint, multimodal: Checkpoin
             notes.append(f"{key} is not floating point ({dtype}); copied from the VLM")
             entries.append(Entry(key, "copy", role, shape, dtype))
             continue
-        bkey, mkey = _llm_key(base, canonical), _llm_key(multilingual, canonical)
-        if bkey is None or mkey is None:
-            where = "base" if bkey is None else "multilingual model"
+        bkey = _llm_key(base, canonical)
+        mkeys = [_llm_key(ml, canonical) for ml in mls]
+        if bkey is None or None in mkeys:
+            where = "base" if bkey is None else _ml_name(mkeys.index(None), len(mls))
             unmatched.append(f"{key} (as {canonical}, not in the {where})")
             continue
         used.add(bkey)
-        entry, problem = _match(
-            key, canonical, shape, dtype, bkey, mkey, base, multilingual, shared_rows
-        )
+        entry, problem = _match(key, canonical, shape, dtype, bkey, mkeys, base, mls, shared_rows)
         if problem:
             mismatched.append(problem)
         else:
@@ -232,25 +254,29 @@ def build_plan(base: Checkpoint, multilingual: Checkpoint, multimodal: Checkpoin
         k for k in base.keys() if k not in used and not (k == LM_HEAD and _ties(multimodal))
     )
     _raise_problems(unknown, unmatched, mismatched, missing_in_vlm, layout.family)
-    _check_related(entries, base, multilingual, multimodal)
+    _check_related(entries, base, mls, multimodal)
     return MergePlan(layout.family, entries, notes)
 
 
-def _match(key, canonical, shape, dtype, bkey, mkey, base, ml, shared_rows):
-    """One language tensor's entry, or a mismatch message naming all three shapes."""
-    bshape, mshape = base.shape(bkey), ml.shape(mkey)
-    same_width = bshape[1:] == mshape[1:] == tuple(shape[1:])
-    if canonical in VOCAB_KEYS and same_width and (bshape[0] == mshape[0] or shared_rows):
+def _match(key, canonical, shape, dtype, bkey, mkeys, base, mls, shared_rows):
+    """One language tensor's entry, or a mismatch message naming all the shapes."""
+    bshape = base.shape(bkey)
+    mshapes = [ml.shape(k) for ml, k in zip(mls, mkeys, strict=True)]
+    mkeys = tuple(mkeys)
+    same_width = all(s[1:] == bshape[1:] == tuple(shape[1:]) for s in mshapes)
+    same_rows = all(s[0] == bshape[0] for s in mshapes)
+    if canonical in VOCAB_KEYS and same_width and (same_rows or shared_rows):
         # rows beyond the shared tokenizer (or beyond any model's table) stay the VLM's
-        rows = min(bshape[0], mshape[0], shape[0], shared_rows or shape[0])
+        rows = min(bshape[0], *(s[0] for s in mshapes), shape[0], shared_rows or shape[0])
         transpose = canonical == EMBED
-        return Entry(key, "merge", LANGUAGE, shape, dtype, bkey, mkey, rows, transpose), None
-    if canonical not in VOCAB_KEYS and bshape == mshape == tuple(shape):
-        return Entry(key, "merge", LANGUAGE, shape, dtype, bkey, mkey), None
-    return None, (
-        f"{key}: VLM {tuple(shape)}, base {tuple(bshape)} ({bkey}), "
-        f"multilingual {tuple(mshape)} ({mkey})"
+        return Entry(key, "merge", LANGUAGE, shape, dtype, bkey, mkeys, rows, transpose), None
+    if canonical not in VOCAB_KEYS and all(s == bshape == tuple(shape) for s in mshapes):
+        return Entry(key, "merge", LANGUAGE, shape, dtype, bkey, mkeys), None
+    mls_text = ", ".join(
+        f"{_ml_name(i, len(mls)).replace(' model', '')} {tuple(s)} ({k})"
+        for i, (s, k) in enumerate(zip(mshapes, mkeys, strict=True))
     )
+    return None, f"{key}: VLM {tuple(shape)}, base {tuple(bshape)} ({bkey}), {mls_text}"
 
 
 def _tie_heads(entries: list[Entry], vlm: Checkpoint) -> None:

@@ -1,7 +1,7 @@
 """Recipes (what to merge, how) and the model card written beside a merged checkpoint.
 
-A :class:`Recipe` is plain data: the three sources with revisions, the method and its options, the
-output dtype and the device. It validates itself on construction (so bad input fails before any
+A :class:`Recipe` is plain data: the base, one or more multilingual fine-tunes of it and the VLM,
+with revisions, the method and its options, the output dtype and the device. It validates itself on construction (so bad input fails before any
 tensor is read), round-trips through JSON (``dim3_recipe.json`` in every output, which
 ``python -m dim3 merge --recipe`` replays), and renders the model card. It opens no checkpoint.
 """
@@ -22,6 +22,11 @@ DEVICES = ("auto", "cpu", "cuda")
 ROLES = ("base", "multilingual", "multimodal")
 
 
+def multilingual_labels(n: int) -> list[str]:
+    """Role labels of ``n`` multilingual models: ``multilingual`` alone, else ``multilingual_1..n``."""
+    return ["multilingual"] if n == 1 else [f"multilingual_{i}" for i in range(1, n + 1)]
+
+
 @dataclass(frozen=True)
 class Source:
     """A checkpoint reference: a Hub id (``org/name``) or a local folder, with optional revision."""
@@ -39,10 +44,15 @@ class Source:
 
 @dataclass(frozen=True)
 class Recipe:
-    """Everything that determines a merge's output."""
+    """Everything that determines a merge's output.
+
+    ``multilingual`` is a tuple of one or more Sources (a single Source or a list is accepted and
+    normalised). Their order is kept and recorded: it is the order of the updates the method sees,
+    ``[multimodal, multilingual_1, ..., multilingual_K]``.
+    """
 
     base: Source
-    multilingual: Source
+    multilingual: tuple[Source, ...]
     multimodal: Source
     method: str = "dim3"
     options: dict[str, Any] = field(default_factory=dict)
@@ -50,6 +60,12 @@ class Recipe:
     device: str = "auto"
 
     def __post_init__(self) -> None:
+        ml = self.multilingual
+        ml = (ml,) if isinstance(ml, (Source, str)) else tuple(ml)
+        ml = tuple(s if isinstance(s, Source) else Source(str(s)) for s in ml)
+        if not ml:
+            raise ValueError("give at least one multilingual model")
+        object.__setattr__(self, "multilingual", ml)
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
         if self.device not in DEVICES and not str(self.device).startswith("cuda:"):
@@ -61,17 +77,22 @@ class Recipe:
         return get_method(self.method).make_options(self.options)
 
     def sources(self) -> dict[str, Source]:
-        return {role: getattr(self, role) for role in ROLES}
+        """Every checkpoint by role label: base, multilingual (or multilingual_1..K), multimodal."""
+        ml = dict(zip(multilingual_labels(len(self.multilingual)), self.multilingual, strict=True))
+        return {"base": self.base, **ml, "multimodal": self.multimodal}
 
     def to_dict(self) -> dict[str, Any]:
         return {"dim3_version": dim3.__version__, **asdict(self)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Recipe:
+        """From JSON data; ``multilingual`` may be one source (older recipes) or a list."""
         data = {k: v for k, v in data.items() if k not in ("dim3_version", "resolved")}
         try:
-            sources = {role: Source(**data.pop(role)) for role in ROLES}
-            return cls(**sources, **data)
+            ml = data.pop("multilingual")
+            ml = [ml] if isinstance(ml, dict) else ml
+            sources = {role: Source(**data.pop(role)) for role in ("base", "multimodal")}
+            return cls(**sources, multilingual=tuple(Source(**m) for m in ml), **data)
         except (KeyError, TypeError) as exc:
             raise ValueError(f"not a valid DiM3 recipe: {exc}") from None
 
@@ -95,6 +116,11 @@ def _hub_ids(recipe: Recipe) -> list[str]:
     return [s.ref for s in recipe.sources().values() if not looks_local(s.ref)]
 
 
+def _fine_tunes(recipe: Recipe) -> str:
+    n = len(recipe.multilingual)
+    return "a multilingual fine-tune" if n == 1 else f"{n} multilingual fine-tunes (in this order)"
+
+
 def model_card(recipe: Recipe, summary: dict[str, int], resolved: dict[str, str | None]) -> str:
     """A Hugging Face model card (README.md) with front matter and the full recipe."""
     method = get_method(recipe.method)
@@ -115,7 +141,7 @@ def model_card(recipe: Recipe, summary: dict[str, int], resolved: dict[str, str 
 # Merged VLM ({recipe.method})
 
 This vision-language model was made without training by merging, with DiM3 Studio
-(dim3 {dim3.__version__}), the language model of a VLM with a multilingual fine-tune of the same
+(dim3 {dim3.__version__}), the language model of a VLM with {_fine_tunes(recipe)} of the same
 base LLM. The vision encoder and projector are the VLM's, unchanged.
 
 Method: **{method.name}**: {method.summary} ([paper]({method.paper}))

@@ -118,13 +118,17 @@ def test_linear_refuses_two_zero_weights():
         get_method("linear").make_options({"multimodal_weight": 0, "multilingual_weight": 0})
 
 
-@pytest.mark.parametrize(
-    "method", ["task_arithmetic", "linear"]
-)  # the methods with per-model weights
-def test_per_model_weights_need_exactly_two_models(method):
-    base, tuned = trio((2, 3))
-    with pytest.raises(ValueError, match="exactly two"):
-        run(method, base, tuned + [tuned[0]])
+@pytest.mark.parametrize("method", ["task_arithmetic", "linear"])  # per-model weights
+def test_each_multilingual_model_gets_the_multilingual_weight(method):
+    base, (mm, ml) = trio((2, 3))
+    ml2 = ml * 0.5 + base * 0.5
+    options = {"multimodal_weight": 0.7, "multilingual_weight": 0.4}
+    got = run(method, base, [mm, ml, ml2], **options)
+    w = (0.7, 0.4, 0.4)
+    deltas = [t - base for t in (mm, ml, ml2)]
+    scale = 1.0 / sum(w) if method == "linear" else 1.0
+    want = base + scale * sum(wt * d for wt, d in zip(w, deltas, strict=True))
+    torch.testing.assert_close(got, want)
 
 
 # --------------------------------------------------------------------------- references

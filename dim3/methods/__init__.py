@@ -4,7 +4,8 @@ A rule is a pure function ``fn(base, tuned, options, *, name="") -> Tensor``:
 
 - ``base`` (Tensor of shape (out, in) or (n,)): the base model's tensor, float32.
 - ``tuned`` (list of Tensors shaped like ``base``): the fine-tuned models' tensors, float32, in the
-  engine's fixed order ``[multimodal, multilingual]``.
+  engine's fixed order ``[multimodal, multilingual_1, ..., multilingual_K]`` (any N >= 1
+  in tests; rules must not assume two).
 - ``options``: a frozen dataclass instance of the method's ``options`` class.
 - ``name``: the tensor's name, for rules that need a per-tensor seed (DARE) and for messages.
 

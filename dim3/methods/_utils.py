@@ -45,12 +45,12 @@ def number(default: float, help: str, lo: float, hi: float) -> dataclasses.Field
     return dataclasses.field(default=default, metadata={"help": help, "min": lo, "max": hi})
 
 
-def two_models(tuned: Sequence[Tensor], method: str) -> None:
-    """Methods with per-model weights need exactly the engine's ``[multimodal, multilingual]``."""
-    if len(tuned) != 2:
-        raise ValueError(
-            f"{method} takes exactly two tuned tensors [multimodal, multilingual], got {len(tuned)}"
-        )
+def model_weights(tuned: Sequence[Tensor], multimodal: float, multilingual: float) -> list[float]:
+    """Per-update weights for the engine's order ``[multimodal, multilingual_1, ...]``: the
+    multimodal weight, then the multilingual weight for each multilingual model (experts alike)."""
+    if not tuned:
+        raise ValueError("a merge needs at least one tuned tensor")
+    return [multimodal] + [multilingual] * (len(tuned) - 1)
 
 
 def deltas(base: Tensor, tuned: Sequence[Tensor]) -> Tensor:

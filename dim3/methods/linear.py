@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
-from dim3.methods._utils import check_options, number, two_models
+from dim3.methods._utils import check_options, model_weights, number
 
 NAME = "linear"
 
@@ -22,7 +23,7 @@ class LinearOptions:
     """Options of the linear (weighted average) merge."""
 
     multimodal_weight: float = number(1.0, "Weight of the multimodal (VLM) model.", 0, 10)
-    multilingual_weight: float = number(1.0, "Weight of the multilingual model.", 0, 10)
+    multilingual_weight: float = number(1.0, "Weight of each multilingual model.", 0, 10)
 
     def __post_init__(self) -> None:
         check_options(self, NAME)
@@ -34,15 +35,18 @@ class LinearOptions:
 
 
 def merge(base: Tensor, tuned: list[Tensor], options: LinearOptions, *, name: str = "") -> Tensor:
-    """``(w_mm · multimodal + w_ml · multilingual) / (w_mm + w_ml)``.
+    """``Σ_t w_t · tuned_t / Σ_t w_t``, with ``w_mm`` for the multimodal model and ``w_ml`` for
+    each multilingual one.
 
-    base (Tensor of shape (out, in) or (n,)), tuned = [multimodal, multilingual] shaped like base.
-    Returns a float32 tensor shaped like base.
+    base (Tensor of shape (out, in) or (n,)), tuned = [multimodal, multilingual_1, ...] shaped like
+    base. Returns a float32 tensor shaped like base.
     """
-    two_models(tuned, NAME)
-    w_mm, w_ml = options.multimodal_weight, options.multilingual_weight
-    total = w_mm + w_ml
+    weights = model_weights(tuned, options.multimodal_weight, options.multilingual_weight)
+    total = sum(weights)
+    if total <= 0:
+        raise ValueError("linear: the model weights sum to 0; give a positive weight")
     # base + the weighted mean of the deltas, so that equal inputs give back base exactly
-    merged = (tuned[0] - base).mul_(w_mm / total)
-    merged.add_(tuned[1] - base, alpha=w_ml / total)
+    merged = torch.zeros_like(base)
+    for w, t in zip(weights, tuned, strict=True):
+        merged.add_(t - base, alpha=w / total)
     return merged.add_(base)

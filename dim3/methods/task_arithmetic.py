@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from dim3.methods._utils import check_options, number, two_models
+from dim3.methods._utils import check_options, model_weights, number
 
 NAME = "task_arithmetic"
 
@@ -27,7 +27,7 @@ class TaskArithmeticOptions:
         1.0, "λ: scale of the summed task vectors (the paper tunes it on validation data).", 0, 10
     )
     multimodal_weight: float = number(1.0, "Weight of the multimodal (VLM) update.", 0, 10)
-    multilingual_weight: float = number(1.0, "Weight of the multilingual update.", 0, 10)
+    multilingual_weight: float = number(1.0, "Weight of each multilingual update.", 0, 10)
 
     def __post_init__(self) -> None:
         check_options(self, NAME)
@@ -38,11 +38,11 @@ def merge(
 ) -> Tensor:
     """``base + λ (w_mm Δmm + w_ml Δml)``.
 
-    base (Tensor of shape (out, in) or (n,)), tuned = [multimodal, multilingual] shaped like base.
+    base (Tensor of shape (out, in) or (n,)), tuned = [multimodal, multilingual_1, ...] shaped like base
+    (each multilingual update gets ``multilingual_weight``).
     Returns a float32 tensor shaped like base.
     """
-    two_models(tuned, NAME)
-    weights = (options.multimodal_weight, options.multilingual_weight)
+    weights = model_weights(tuned, options.multimodal_weight, options.multilingual_weight)
     summed = torch.zeros_like(base)
     for w, t in zip(weights, tuned, strict=True):
         summed.add_(t - base, alpha=w)  # Σ_t w_t Δ_t, one delta alive at a time
