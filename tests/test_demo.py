@@ -351,3 +351,16 @@ def test_experts_stage_refuses_a_seed_other_than_the_bases(tmp_path, capsys):
     shutil.copy(DEMO_DIR / "manifest.json", tmp_path / "manifest.json")
     assert train_main(["--out", str(tmp_path), "--stage", "experts", "--seed", "5"]) == 2
     assert "records seed 0 for the base; pass --seed 0" in capsys.readouterr().err
+
+
+def test_report_merges_one_expert_as_an_llm_into_that_expert():
+    """The report's LLM-only merge of the experts: with one expert, sum and mean give it back."""
+    from dim3.demo.probe import text_probe
+    from dim3.demo.report import combined_text_accuracy, text_accuracy
+
+    items = text_probe(n=4)
+    expert = EXPERTS_DIR / ExpertConfig().groups[0]
+    alone = text_accuracy(expert, items)
+    for mean in (False, True):
+        assert combined_text_accuracy(DEMO_DIR / "base", [expert], mean, items) == alone
+    assert alone != text_accuracy(DEMO_DIR / "base", items)

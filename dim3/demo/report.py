@@ -87,6 +87,24 @@ def text_accuracy(folder: Path, items) -> dict[str, float]:
     return evaluate_model(model, AutoTokenizer.from_pretrained(folder), items)
 
 
+def combined_text_accuracy(base: Path, experts: list[Path], mean: bool, items) -> dict[str, float]:
+    """Text-probe accuracy of the experts merged as plain LLMs (no VLM): ``base + Σ Δ_i`` (task
+    arithmetic, λ = 1) or, with ``mean``, ``base + mean Δ_i`` (their weight average). A check on
+    whether the experts' updates compose at all before any VLM is involved."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dim3.evaluate import evaluate_model
+
+    state = load_file(str(base / "model.safetensors"))
+    deltas = [load_file(str(e / "model.safetensors")) for e in experts]
+    scale = 1 / len(experts) if mean else 1.0
+    merged = {k: w + scale * sum(d[k] - w for d in deltas) for k, w in state.items()}
+    model = AutoModelForCausalLM.from_pretrained(base, use_safetensors=True).eval()
+    model.load_state_dict(merged)
+    return evaluate_model(model, AutoTokenizer.from_pretrained(base), items)
+
+
 def right_language(items, predictions) -> dict[str, float]:
     """Per language (+ overall): the share of answers that are a word of the question's kind in
     the question's language, right or wrong (e.g. "braun" to a German colour question)."""
@@ -122,6 +140,8 @@ def measure_experts(folder: Path, methods: tuple[str, ...]) -> dict:
     text_items = demo_probe_module.text_probe()
     for expert in experts:
         one["text"][f"expert {expert.name}"] = text_accuracy(expert, text_items)
+    for label, mean in (("experts summed (LLM)", False), ("experts averaged (LLM)", True)):
+        one["text"][label] = combined_text_accuracy(folder / "base", experts, mean, text_items)
     several = measure_merges(folder, tuple(experts), methods)
     out = {"text": one["text"]}
     for key, rows in several.items():
