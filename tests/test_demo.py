@@ -310,13 +310,13 @@ def test_committed_experts_share_the_base_tokenizer_and_config():
 
 
 def test_each_committed_expert_knows_its_languages_better_than_the_base():
-    """Text probe (16 described pictures x 2 questions per language): each expert beats the base
+    """Text probe (48 described pictures x 2 questions per language): each expert beats the base
     on every language of its group."""
     from dim3.demo.probe import text_probe
     from dim3.demo.report import text_accuracy
     from dim3.demo.train import group_languages
 
-    items = text_probe(n=16)
+    items = text_probe(n=48)
     for expert in sorted(p for p in EXPERTS_DIR.iterdir() if p.is_dir()):
         mine = [it for it in items if it.language in group_languages(expert.name)]
         base, ours = text_accuracy(DEMO_DIR / "base", mine), text_accuracy(expert, mine)
