@@ -285,6 +285,10 @@ class Checkpoint:
         """Load one tensor (CPU, its stored dtype)."""
         return self._handle(key).get_tensor(key)
 
+    def get_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of one tensor (CPU, stored dtype), read without loading the rest."""
+        return self._handle(key).get_slice(key)[start:stop]
+
     def file_of(self, key: str) -> Path:
         return self._files[key]
 

@@ -147,6 +147,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", choices=DTYPES, help="output dtype")
     parser.add_argument("--device", default="auto", help=f"one of {', '.join(DEVICES)}, cuda:N")
     parser.add_argument("--shard-size", default="5GB", help="max shard size, e.g. 5GB")
+    parser.add_argument(
+        "--chunk-size",
+        default=None,
+        help="memory budget per slice: tensors larger than this in float32 are merged in row "
+        "slices (default 64MiB; results agree to float rounding)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
 
 
@@ -185,6 +191,7 @@ def run(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             shard_size=args.shard_size,
             progress=progress,
+            **({"chunk_size": args.chunk_size} if args.chunk_size else {}),
         )
     finally:
         for bar in bars:

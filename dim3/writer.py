@@ -126,6 +126,7 @@ class ShardedWriter:
         self.folder: Path = Path()
         self._order = [s for shard in self.shards for s in shard]
         self._next = 0
+        self._rows_done = 0  # rows of the current tensor written so far
         self._file = None
         self._shard = -1
 
@@ -142,16 +143,26 @@ class ShardedWriter:
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Append the next tensor; it must be the one the plan announced, in dtype and shape."""
+        self.write_rows(name, 0, tensor)
+
+    def write_rows(self, name: str, start: int, rows: torch.Tensor) -> None:
+        """Append rows ``start:start + len(rows)`` of the next tensor (dim 0 of a tensor of one
+        or more dims). Rows come in order; the tensor is complete when its last row is written."""
         if self._next >= len(self._order):
             raise RuntimeError(f"unexpected extra tensor {name!r}")
         spec = self._order[self._next]
-        got = (name, tensor.dtype, tuple(tensor.shape))
-        if got != (spec.name, spec.dtype, spec.shape):
-            raise RuntimeError(f"writer expected {spec}, got {got}")
-        if self._file is None or self._shard_done():
+        got = (name, rows.dtype, tuple(rows.shape[1:]) if rows.dim() else ())
+        if got != (spec.name, spec.dtype, tuple(spec.shape[1:])) or start != self._rows_done:
+            raise RuntimeError(f"writer expected {spec} from row {self._rows_done}, got {got}")
+        if self._rows_done == 0 and (self._file is None or self._shard_done()):
             self._open_next_shard()
-        self._file.write(_raw_bytes(tensor))
-        self._next += 1
+        self._file.write(_raw_bytes(rows))
+        self._rows_done += rows.shape[0] if rows.dim() else 1
+        if not spec.shape or self._rows_done >= spec.shape[0]:
+            if spec.shape and self._rows_done != spec.shape[0]:
+                raise RuntimeError(f"writer got {self._rows_done} rows for {spec}")
+            self._next += 1
+            self._rows_done = 0
 
     def _shard_done(self) -> bool:
         done = sum(len(s) for s in self.shards[: self._shard + 1])

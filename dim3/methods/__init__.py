@@ -46,6 +46,8 @@ class Method:
     # slice by slice), "selection" (a per-tensor magnitude threshold found first) or "matrix"
     # (the whole tensor at once: SVD or optimisation).
     kind: str = "elementwise"
+    # The pieces the engine drives slice by slice for "columns" and "selection" rules.
+    parts: Any = None
 
     def make_options(self, values: dict[str, Any] | None = None) -> Any:
         """Build validated options from a plain dict; unknown keys raise ``ValueError``."""
@@ -70,6 +72,8 @@ METHODS: dict[str, Method] = {
         options=dim3.DiM3Options,
         paper="https://arxiv.org/abs/2605.12960",
         summary="Direction- and magnitude-aware column weighting of each residual update.",
+        kind="columns",
+        parts=dim3.PARTS,
     ),
     "task_arithmetic": Method(
         name="task_arithmetic",
@@ -91,6 +95,8 @@ METHODS: dict[str, Method] = {
         options=ties.TiesOptions,
         paper="https://arxiv.org/abs/2306.01708",
         summary="Trim each update to its largest entries, elect a sign, average the agreeing ones.",
+        kind="selection",
+        parts=ties.PARTS,
     ),
     "dare_task_arithmetic": Method(
         name="dare_task_arithmetic",
@@ -112,6 +118,8 @@ METHODS: dict[str, Method] = {
         options=breadcrumbs.BreadcrumbsOptions,
         paper="https://arxiv.org/abs/2312.06795",
         summary="Drop each update's largest and smallest entries, then add what is left.",
+        kind="selection",
+        parts=breadcrumbs.PARTS,
     ),
 }
 
