@@ -17,7 +17,15 @@ from pathlib import Path
 import torch
 
 from dim3.checkpoints import Checkpoint
-from dim3.layout import EMBED, LANGUAGE, LM_HEAD, VOCAB_KEYS, layout_for
+from dim3.layout import (
+    EMBED,
+    LANGUAGE,
+    LM_HEAD,
+    VOCAB_KEYS,
+    buffer_kind,
+    layout_for,
+    unconverted_layout,
+)
 
 SHOWN = 4  # tensors named per problem in an error message
 RELATED_MIN_COSINE = 0.5  # below this, a "fine-tune" does not descend from the base
@@ -192,7 +200,9 @@ def _check_related(entries: list[Entry], base: Checkpoint, ml: Checkpoint, vlm: 
 def build_plan(base: Checkpoint, multilingual: Checkpoint, multimodal: Checkpoint) -> MergePlan:
     """Match every tensor of ``multimodal`` and check the three fit; raise PlanError if not."""
     notes: list[str] = []
-    keys = multimodal.keys()
+    _refuse_unconverted(base, multilingual, multimodal)
+    notes.extend(_ignored_buffers(base, multilingual, multimodal))
+    keys = weight_keys(multimodal)
     try:
         layout = layout_for(multimodal.config, keys)
     except ValueError as exc:
@@ -229,11 +239,39 @@ def build_plan(base: Checkpoint, multilingual: Checkpoint, multimodal: Checkpoin
             entries.append(entry)
     _tie_heads(entries, multimodal)
     missing_in_vlm = sorted(
-        k for k in base.keys() if k not in used and not (k == LM_HEAD and _ties(multimodal))
+        k for k in weight_keys(base) if k not in used and not (k == LM_HEAD and _ties(multimodal))
     )
     _raise_problems(unknown, unmatched, mismatched, missing_in_vlm, layout.family)
     _check_related(entries, base, multilingual, multimodal)
     return MergePlan(layout.family, entries, notes)
+
+
+def weight_keys(ckpt: Checkpoint) -> list[str]:
+    """The checkpoint's tensors less stored buffers (rotary inv_freq...), in reading order."""
+    return [k for k in ckpt.keys() if buffer_kind(k) is None]
+
+
+def _ignored_buffers(base: Checkpoint, ml: Checkpoint, vlm: Checkpoint) -> list[str]:
+    """One note per kind of stored buffer left out of the merge, naming the models that hold them."""
+    found: dict[str, list[str]] = {}
+    for role, ckpt in (("the base", base), ("the multilingual model", ml), ("the VLM", vlm)):
+        kinds = [kind for kind in map(buffer_kind, ckpt.keys()) if kind]
+        for kind in dict.fromkeys(kinds):
+            found.setdefault(kind, []).append(f"{kinds.count(kind)} of {role}")
+    return [
+        f"ignored: {parts[0].replace(' of ', f' {kind} buffers of ', 1)}"
+        + "".join(f", {p}" for p in parts[1:])
+        + " (buffers that transformers recomputes, not weights: never merged or written)"
+        for kind, parts in found.items()
+    ]
+
+
+def _refuse_unconverted(*ckpts: Checkpoint) -> None:
+    """A checkpoint in a layout transformers cannot load (original LLaVA) is refused by name."""
+    for ckpt in ckpts:
+        reason = unconverted_layout(ckpt.config)
+        if reason:
+            raise PlanError(f"{ckpt.ref}: {reason}")
 
 
 def _match(key, canonical, shape, dtype, bkey, mkey, base, ml, shared_rows):
