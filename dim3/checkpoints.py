@@ -276,7 +276,9 @@ def _dominant_dtype(tensors: dict[str, tuple[str, tuple[int, ...]]]) -> str | No
     return max(weight, key=weight.__getitem__) if weight else None
 
 
-def _check_shard_dtypes(headers: dict[Path, dict], total_size: int | None) -> None:
+def _check_shard_dtypes(
+    headers: dict[Path, dict], total_size: int | None, declared: str | None
+) -> None:
     """Refuse a shard whose dtype differs from the others' when the index's size disagrees too.
 
     Mixed dtypes alone are legitimate (Llama-2-7b-hf keeps its rotary buffers in float32); a shard
@@ -293,13 +295,26 @@ def _check_shard_dtypes(headers: dict[Path, dict], total_size: int | None) -> No
     )
     if total_size is not None and total_size == stored:
         return
-    usual = max(set(kinds), key=kinds.count)
+    usual = declared if declared in kinds else max(set(kinds), key=kinds.count)
     odd = next(f for f, d in dominant.items() if d and d != usual)
-    said = "" if total_size is None else f" (the index announces {total_size} bytes, not {stored})"
+    said = "" if total_size is None else f"; the index announces {total_size} bytes, not {stored}"
     raise CheckpointError(
-        f"{odd} holds {dominant[odd]} tensors but the other shards hold {usual}{said}: the shard "
-        f"belongs to another download or conversion; {REDOWNLOAD.removeprefix('likely ')}"
+        f"{odd} holds {dominant[odd]} tensors but the other shards hold {usual}{said}: it "
+        "belongs to another download or conversion of the model; re-download it"
     )
+
+
+def _declared_dtype(config: dict) -> str | None:
+    """The safetensors dtype name ``config.json`` declares (``torch_dtype`` or ``dtype``), if any."""
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    for cfg in (config, text):
+        for field in ("torch_dtype", "dtype"):
+            name = cfg.get(field)
+            dtype = getattr(torch, name, None) if isinstance(name, str) else None
+            for key, value in SAFETENSORS_DTYPES.items():
+                if value == dtype:
+                    return key
+    return None
 
 
 def _read_index(index: Path) -> tuple[dict[str, str], int | None]:
@@ -312,7 +327,9 @@ def _read_index(index: Path) -> tuple[dict[str, str], int | None]:
     return weight_map, int(total) if isinstance(total, int | float | str) else None
 
 
-def _weight_files(path: Path) -> tuple[dict[str, Path], dict[str, tuple[str, tuple[int, ...]]]]:
+def _weight_files(
+    path: Path, config: dict
+) -> tuple[dict[str, Path], dict[str, tuple[str, tuple[int, ...]]]]:
     """Each tensor's shard and ``(dtype, shape)``, from the index if present, else the headers.
 
     Every shard's header is read and checked against its file size; the index must agree with
@@ -342,10 +359,10 @@ def _weight_files(path: Path) -> tuple[dict[str, Path], dict[str, tuple[str, tup
                     f"{path / name} does not hold {key!r}, which {index.name} places there: "
                     f"the shard and the index come from different versions; {REDOWNLOAD}"
                 )
-        _check_shard_dtypes(headers, total_size)
+        _check_shard_dtypes(headers, total_size, _declared_dtype(config))
         mapping = {key: path / name for key, name in weight_map.items()}
     else:
-        _check_shard_dtypes(headers, None)
+        _check_shard_dtypes(headers, None, _declared_dtype(config))
         mapping = {}
         for file, tensors in headers.items():
             for key in tensors:
@@ -398,7 +415,7 @@ class Checkpoint:
         except ValueError as exc:
             raise CheckpointError(f"{config} is not valid JSON ({exc}): {REDOWNLOAD}") from None
         _refuse_unconverted(self.path, self.ref)
-        self._files, self._info = _weight_files(self.path)
+        self._files, self._info = _weight_files(self.path, self.config)
         self._handles: dict[Path, object] = {}
 
     @classmethod
