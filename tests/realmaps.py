@@ -7,10 +7,12 @@ reader of headers: the real ``config.json``, the real shard names and split, the
 safetensors files whose headers carry the real names, dtypes and shapes.
 
 Data is either ``"sparse"`` (the default: the files are sized by ``truncate``, so unwritten tensors
-are zeros that cost no disk and a 7B checkpoint takes a few hundred MB) with a few real-valued
-tensors where a check reads them (:data:`REAL_DEFAULT`: layer 0's query and MLP down
-projections, one of which the plan's relatedness check compares), or ``"random"`` (every tensor real-valued: costs the
-full size on disk; for benchmarks, which must not merge zeros). Values are a seeded function of the
+are zeros that cost no disk and a 7B checkpoint takes a few MB) with a few real-valued tensors
+where a check reads them (:data:`REAL_DEFAULT`: layer 0's attention and MLP matrices, one of
+which the plan's relatedness check compares; only their first ``real_elements`` values are
+written, the rest stays zero, which leaves a cosine between two models' tensors as telling as over
+the whole tensor), or ``"random"`` (every tensor real-valued: costs the full size on disk; for
+benchmarks, which must not merge zeros). Values are a seeded function of the
 tensor's language-model name (``language_model.model.X`` and ``model.language_model.X`` count as
 ``model.X``), so a VLM or fine-tune built with ``noise > 0`` is the base plus a small residual and
 cosines between them are ~1, as for real fine-tunes of one base.
@@ -50,7 +52,10 @@ DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U8"
 TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 CONFIG_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 # Tensors given real values in sparse checkpoints: what the plan's relatedness check may read.
-REAL_DEFAULT = (r"layers\.0\.self_attn\.q_proj\.weight$", r"layers\.0\.mlp\.down_proj\.weight$")
+REAL_DEFAULT = (
+    r"layers\.0\.self_attn\.[qkvo]_proj\.weight$",
+    r"layers\.0\.mlp\.(down|gate|up)_proj\.weight$",
+)
 # Reconstructed key maps have no config of their own: the real config they were derived from.
 CONFIG_FROM = {
     "Qwen__Qwen2-7B__reconstructed": "SeaLLMs__SeaLLMs-v3-7B-Chat",
@@ -347,6 +352,7 @@ def _write_shard(
     seed: int,
     noise: float,
     chunk: int,
+    real_elements: int | None,
 ) -> None:
     head = _header(tensors)
     with open(path, "wb") as f:
@@ -357,8 +363,12 @@ def _write_shard(
             numeric = t.dtype in TORCH_DTYPES and not t.key.endswith("inv_freq")
             if numeric and (real is None or any(p.search(t.key) for p in real)):
                 f.seek(offset)
-                for block in _blocks(t, seed, noise, chunk):
+                left = real_elements if real is not None and real_elements else t.nbytes
+                for block in _blocks(t, seed, noise, min(chunk, left)):
                     f.write(block.contiguous().view(torch.uint8).numpy().tobytes())
+                    left -= block.numel()
+                    if left <= 0:
+                        break
             elif t.key.endswith("inv_freq"):
                 f.seek(offset)
                 f.write(_inv_freq(t).numpy().tobytes())
@@ -405,6 +415,7 @@ def build_checkpoint(
     noise: float = 0.0,
     tokenizer: bool = True,
     chunk: int = 2**24,
+    real_elements: int | None = 2**20,
 ) -> Path:
     """Write ``keymap`` (a KeyMap or a realmaps folder name) as a checkpoint folder ``out``.
 
@@ -412,6 +423,8 @@ def build_checkpoint(
     or "random" (every tensor real-valued; costs the model's full size on disk). seed / noise:
     this model's residual, ``noise`` relative to the base values (0: the base itself).
     chunk: elements generated at a time (memory bound while writing random data).
+    real_elements: in sparse data, how many leading values of each ``real`` tensor are written
+    (None: all of them).
     """
     if data not in ("sparse", "random"):
         raise ValueError(f"data must be 'sparse' or 'random', not {data!r}")
@@ -424,7 +437,7 @@ def build_checkpoint(
     for t in km.tensors:
         by_shard.setdefault(t.shard, []).append(t)
     for shard, tensors in by_shard.items():
-        _write_shard(folder / shard, tensors, patterns, seed, noise, chunk)
+        _write_shard(folder / shard, tensors, patterns, seed, noise, chunk, real_elements)
     if len(by_shard) > 1:
         index = {
             "metadata": {"total_size": km.nbytes},
