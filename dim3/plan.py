@@ -24,7 +24,6 @@ from dim3.layout import (
     VOCAB_KEYS,
     buffer_kind,
     layout_for,
-    unconverted_layout,
 )
 
 SHOWN = 4  # tensors named per problem in an error message
@@ -200,7 +199,6 @@ def _check_related(entries: list[Entry], base: Checkpoint, ml: Checkpoint, vlm: 
 def build_plan(base: Checkpoint, multilingual: Checkpoint, multimodal: Checkpoint) -> MergePlan:
     """Match every tensor of ``multimodal`` and check the three fit; raise PlanError if not."""
     notes: list[str] = []
-    _refuse_unconverted(base, multilingual, multimodal)
     notes.extend(_ignored_buffers(base, multilingual, multimodal))
     keys = weight_keys(multimodal)
     try:
@@ -264,14 +262,6 @@ def _ignored_buffers(base: Checkpoint, ml: Checkpoint, vlm: Checkpoint) -> list[
         + " (buffers that transformers recomputes, not weights: never merged or written)"
         for kind, parts in found.items()
     ]
-
-
-def _refuse_unconverted(*ckpts: Checkpoint) -> None:
-    """A checkpoint in a layout transformers cannot load (original LLaVA) is refused by name."""
-    for ckpt in ckpts:
-        reason = unconverted_layout(ckpt.config)
-        if reason:
-            raise PlanError(f"{ckpt.ref}: {reason}")
 
 
 def _match(key, canonical, shape, dtype, bkey, mkey, base, ml, shared_rows):
