@@ -151,7 +151,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--chunk-size",
         default=None,
         help="memory budget per slice: tensors larger than this in float32 are merged in row "
-        "slices (default 64MiB; results agree to float rounding)",
+        "slices (default 32MiB; results agree to float rounding)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
 

@@ -6,7 +6,7 @@ computed), applies the method on the chosen device in float32, and yields the re
 consumers are :func:`merge_to_folder` (a sharded safetensors checkpoint with configs, tokenizer,
 processor, model card and recipe, moved into place only when complete) and
 :func:`merge_into_model` (an already loaded VLM, updated in place, so the app can chat with the
-result without writing it to disk). A tensor larger than the chunk budget (``chunk_size``, 64 MiB of
+result without writing it to disk). A tensor larger than the chunk budget (``chunk_size``, 32 MiB of
 float32 by default) is read and merged in row slices, in as many passes as its method's kind needs
 (:data:`PASSES`: DiM3 gathers column statistics first, TIES and Breadcrumbs find their exact
 magnitude thresholds in two radix passes), so peak memory is a few slices per model whatever the
@@ -61,7 +61,7 @@ SIDE_FILE_PATTERNS = ("*.json", "*.jinja", "*.txt", "*.model", "*.tiktoken")
 SKIPPED_SIDE_FILES = {"model.safetensors.index.json", RECIPE_FILE}
 # Tensors larger than this (in float32) are merged in row slices of at most this size: peak memory
 # is then a few such slices per model, whatever the vocabulary.
-DEFAULT_CHUNK = "64MiB"
+DEFAULT_CHUNK = "32MiB"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

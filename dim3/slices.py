@@ -105,7 +105,10 @@ class FirstMask:
     def __call__(self, bits: Tensor) -> Tensor:
         if self.all or self.none:
             return torch.full_like(bits, self.all, dtype=torch.bool)
-        equal = bits == self.bits
-        rank = torch.cumsum(equal, 0) + (self.seen - 1)  # flat rank among the equal ones
-        self.seen += int(equal.sum())
-        return (bits < self.bits) | (equal & (rank < self.need))
+        mask = bits < self.bits
+        left = self.need - self.seen  # equal entries still to take, the first ones in flat order
+        if left > 0:
+            equal = torch.nonzero(bits == self.bits).reshape(-1)
+            mask[equal[:left]] = True
+            self.seen += min(left, equal.numel())
+        return mask
