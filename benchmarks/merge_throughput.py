@@ -294,7 +294,7 @@ def main() -> None:
     )
     parser.add_argument("--layers", type=int, default=None, help="real shapes: cut to N layers")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--method", default="dim3")
+    parser.add_argument("--method", default="dim3", help="a method, or several: dim3,ties,...")
     parser.add_argument("--workdir", default=None, help="where to write the trio (default: temp)")
     parser.add_argument("--repeat", type=int, default=2, help="merge runs (the best is reported)")
     args = parser.parse_args()
@@ -316,12 +316,21 @@ def main() -> None:
         print(f"built {args.shape} trio ({dtype}) in {time.perf_counter() - t0:.1f} s", flush=True)
         floor_s, read_b, write_b = io_floor(recipe, root / "floor")
         shutil.rmtree(root / "floor")
-        runs = []
-        for i in range(args.repeat):
-            runs.append(run_child(recipe, root / f"out{i}", args.method, args.device))
-            shutil.rmtree(root / f"out{i}")
-        best = min(runs, key=lambda r: r["seconds"])
-        report(args, real, best, floor_s, read_b, write_b)
+        for method in args.method.split(","):
+            runs = []
+            for i in range(args.repeat):
+                runs.append(run_child(recipe, root / f"out{i}", method, args.device))
+                shutil.rmtree(root / f"out{i}")
+            best = min(runs, key=lambda r: r["seconds"])
+            report(
+                argparse.Namespace(**{**vars(args), "method": method}),
+                real,
+                best,
+                floor_s,
+                read_b,
+                write_b,
+            )
+            print(flush=True)
     finally:
         if not args.workdir:
             shutil.rmtree(root, ignore_errors=True)
