@@ -16,9 +16,12 @@ The engine knows no tokenization and no UI; progress goes to an optional callbac
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
 import math
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -385,6 +388,25 @@ def iter_merged(
                 yield step.out, step.start, out, step.last
 
 
+@functools.cache
+def _return_freed_memory() -> None:
+    """Make glibc hand large freed blocks back to the system (once per process).
+
+    glibc raises its mmap threshold after the first large free (up to 32 MiB), so the slices of a
+    merge then come from heap arenas (one per thread: reader, computer, writer) that keep what is
+    freed: measured on the Qwen2-VL-2B shape, anonymous memory grew to ~2.5 GiB with 32 MiB slices
+    instead of a few hundred MiB. A fixed threshold of 1 MiB keeps every slice-sized buffer in its
+    own mapping, returned when freed. Other C libraries are left alone.
+    """
+    if sys.platform != "linux":
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def _run(
     plan: MergePlan,
     inputs: Inputs,
@@ -394,6 +416,7 @@ def _run(
     chunk_size: str | int = DEFAULT_CHUNK,
 ) -> float:
     """Drive :func:`iter_merged` into ``sink``, reporting progress; returns seconds taken."""
+    _return_freed_memory()
     method, options = get_method(recipe.method), recipe.method_options()
     device = resolve_device(recipe.device)
     total_bytes = sum(e.nbytes for e in plan.entries)
