@@ -264,7 +264,9 @@ def test_method_matches_straightforward_reference(method, options, reference, sh
 
 
 def test_every_method_has_a_reference_case():
-    assert {c[0] for c in CASES} | {"dim3"} == set(ALL)
+    from tests.test_methods_matrix import REFERENCED  # SVD, optimisation and PCB rules
+
+    assert {c[0] for c in CASES} | {"dim3"} | REFERENCED == set(ALL)
 
 
 # --------------------------------------------------------------------------- worked by hand
@@ -680,6 +682,12 @@ E2E_OPTIONS = {
     "dare_task_arithmetic": {"drop_rate": 0.5, "seed": 4},
     "dare_ties": {"drop_rate": 0.5, "seed": 4},
     "breadcrumbs": {"density": 0.8, "gamma": 0.05},
+    "tsv": {"scaling": 0.8},
+    "iso_c": {"scaling": 0.5},
+    "iso_cts": {"common_space_fraction": 0.6},
+    "wudi": {"iterations": 10, "lr": 1e-4},
+    "optmerge": {"lr": 1e-3},
+    "pcb": {"ratio": 0.2},
 }
 LANGUAGE_KEY = "language_model.model.layers.1.mlp.up_proj.weight"
 VISION_KEY = "vision_tower.encoder.layers.0.self_attn.q_proj.weight"
