@@ -42,7 +42,14 @@ def numerical_rank(s: Tensor, shape: tuple[int, ...], scale: float = 0.0) -> int
 
 
 def exact_svd(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Thin SVD ``a = U diag(S) Vh``: (m, n) -> U (m, r), S (r,), Vh (r, n), r = min(m, n)."""
+    """Thin SVD ``a = U diag(S) Vh``: (m, n) -> U (m, r), S (r,), Vh (r, n), r = min(m, n).
+
+    A wide matrix is decomposed as its (tall) transpose: on the CPU, LAPACK is several times
+    faster on a (32000, 256) matrix than on the (256, 32000) one (measured: 2.4 s vs 16 s).
+    """
+    if a.shape[0] < a.shape[1]:
+        u, s, vh = torch.linalg.svd(a.T, full_matrices=False)  # aᵀ = u s vh -> a = vhᵀ s uᵀ
+        return vh.T, s, u.T
     return torch.linalg.svd(a, full_matrices=False)
 
 
