@@ -102,11 +102,16 @@ def main() -> None:
     parser.add_argument("--methods", default="all", help="comma-separated, or 'all'")
     parser.add_argument("--option", action="append", default=[], metavar="METHOD.KEY=VALUE")
     parser.add_argument("--workdir", default=None, help="where to write the trio (default: temp)")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch CPU threads per merge (default: torch's)"
+    )
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child: one method
     args = parser.parse_args()
     options = parse_options(args.option)
 
     if args.one:  # a child: merge once, print one JSON line
+        if args.threads:
+            torch.set_num_threads(args.threads)
         folder, out = Path(args.trio), Path(args.workdir)
         result = run_one(folder, args.one, options.get(args.one, {}), args.device, out)
         print("RESULT " + json.dumps(result))
@@ -133,7 +138,9 @@ def main() -> None:
         print(
             f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
             + (f", {torch.cuda.get_device_name()}" if device.type == "cuda" else "")
-            + f"; trio {size / 2**20:.0f} MB on disk; device {device}",
+            + f"; trio {size / 2**20:.0f} MB on disk; device {device}; torch threads "
+            + f"{args.threads or torch.get_num_threads()}; load average "
+            + " ".join(f"{x:.1f}" for x in os.getloadavg()),
             flush=True,
         )
         gib = 2**30
@@ -142,7 +149,7 @@ def main() -> None:
         for method in methods:
             out = root / f"out-{method}"
             cmd = [sys.executable, __file__, "--one", method, "--trio", str(folder)]
-            cmd += ["--device", args.device, "--workdir", str(out)]
+            cmd += ["--device", args.device, "--workdir", str(out), "--threads", str(args.threads)]
             cmd += [f"--option={o}" for o in args.option if o.startswith(method + ".")]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             shutil.rmtree(out, ignore_errors=True)
