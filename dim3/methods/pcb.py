@@ -63,29 +63,31 @@ def order_statistic(x: Tensor, index: int) -> Tensor:
     return torch.kthvalue(x, index + 1, dim=1, keepdim=True).values
 
 
-def minmax(x: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
-    """``(x − lo) / (hi − lo)`` per row, 0 where ``hi == lo`` (instead of 0/0)."""
+def minmax_(x: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+    """``(x − lo) / (hi − lo)`` per row, in place; 0 where ``hi == lo`` (instead of 0/0)."""
     span = hi - lo
-    return torch.where(span > 0, (x - lo) / torch.where(span > 0, span, 1.0), 0.0)
+    return x.sub_(lo).div_(torch.where(span > 0, span, 1.0)).mul_(span > 0)
 
 
 def pcb_weights(tau: Tensor, ratio: float) -> tuple[Tensor, Tensor]:
-    """(clipped updates, weights β̂), both (N, d), from the flat updates ``tau`` (N, d)."""
+    """(clipped updates, weights β̂), both (N, d), from the flat updates ``tau`` (N, d).
+
+    Works in place on a few (N, d) buffers: the updates, their clipped magnitudes, the balance.
+    """
     n_models, d = tau.shape
     mag = tau.abs()
     lo = order_statistic(mag, int(d * CLIP))
     hi = order_statistic(mag, int(d * (1 - CLIP) - 1))
-    mag = torch.minimum(torch.maximum(mag, lo), hi)  # clip outliers
-    intra = torch.exp(n_models * minmax(mag, lo, hi).square())
-    inter = torch.tanh(tau * tau.sum(dim=0, keepdim=True))
-    balance = intra * inter  # (N, d)
+    mag = torch.minimum(mag.clamp_(min=lo), hi, out=mag)  # clip outliers
+    balance = minmax_(mag.clone(), lo, hi).square_().mul_(n_models).exp_()  # intra-balancing
+    balance.mul_(torch.tanh(tau * tau.sum(dim=0, keepdim=True)))  # × inter-balancing
     floor = order_statistic(balance, int(d * (1 - ratio)))
     top = balance.max(dim=1, keepdim=True).values
-    weights = minmax(torch.maximum(balance, floor), floor, top)
     # a top share tied with the threshold (floor == top): keep the tied entries whole, if positive
     tied = (top == floor) & (top > 0) & (balance == top)
-    weights = torch.where(tied, 1.0, weights)
-    return torch.sign(tau) * mag, weights
+    weights = minmax_(torch.maximum(balance, floor, out=balance), floor, top)
+    weights.masked_fill_(tied, 1.0)
+    return mag.mul_(torch.sign(tau)), weights
 
 
 def merge(base: Tensor, tuned: list[Tensor], options: PcbOptions, *, name: str = "") -> Tensor:
