@@ -484,3 +484,18 @@ def test_tiny_qwen2vl_trio_merges_through_the_engine(method, tiny_qwen2vl_trio, 
         assert torch.isfinite(tensor.float()).all()
         checked += 1
     assert checked > 10
+
+
+@pytest.mark.slow
+def test_cli_merges_with_a_new_method_and_refuses_a_bad_option(tiny_qwen2vl_trio, tmp_path):
+    from dim3.cli import main
+
+    trio = tiny_qwen2vl_trio
+    args = ["merge", "--base", str(trio.base), "--multilingual", str(trio.multilingual)]
+    args += ["--multimodal", str(trio.multimodal), "--device", "cpu", "--method", "optmerge"]
+    assert main([*args, "--option", "momentum=0.5", "--out", str(tmp_path / "a")]) == 0
+    recipe = (tmp_path / "a" / "dim3_recipe.json").read_text()
+    assert '"optmerge"' in recipe and '"momentum": 0.5' in recipe
+    assert "optmerge" in (tmp_path / "a" / "README.md").read_text()
+    assert main([*args, "--option", "momentum=2", "--out", str(tmp_path / "b")]) == 2
+    assert not (tmp_path / "b").exists()
