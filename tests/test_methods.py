@@ -436,7 +436,10 @@ def test_cuda_matches_cpu(method):
     if method.startswith("dare"):  # the same mask on both devices
         kept_cpu, kept_gpu = cpu != base, gpu.cpu() != base
         assert torch.equal(kept_cpu, kept_gpu)
-    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-5, atol=1e-6)
+    # Adam (wudi) normalises each step: where a gradient entry is ~0, rounding differences
+    # between devices can flip a step of ±lr (1e-5), so its tolerance is a few steps
+    atol = 1e-4 if method == "wudi" else 1e-6
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-5, atol=atol)
 
 
 # --------------------------------------------------------------------------- helpers
