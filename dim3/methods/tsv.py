@@ -18,8 +18,9 @@ Where the concatenation has full rank (the normal case) this is exactly the pape
 N = 1 keeps all ``min(m, n)`` components of the one update and ``U⊥ = U``, ``V⊥ = V``: the result
 is ``base + λ τ`` (up to rounding). Tensors that are not 2-D (norms, biases) get the mean of the
 updates, ``base + λ · Σ τ_i / N``, as in the reference code. Note the MLLM merging benchmark's
-original baseline script ran its TSV only on ``lm_head.weight`` (``==`` where ``!=`` was meant)
-and averaged everything else; here every 2-D tensor the engine merges gets TSV.
+original baseline script applied its TSV only where ``param_name == 'lm_head.weight'`` (``!=`` was
+meant), a tensor its own exclusion list removes, so it averaged every tensor; here every 2-D tensor
+the engine merges gets TSV.
 
 On the CPU the per-update SVDs are randomized when k is at most a quarter of the rank
 (N ≥ 5, see ``_svd.top_svd``); the orthogonalisations are always exact. This module knows tensors
