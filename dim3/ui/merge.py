@@ -93,7 +93,8 @@ def _option_widget(field: dataclasses.Field) -> gr.components.Component:
         return gr.Checkbox(value=default, label=label, info=info)
     if isinstance(default, int) and (lo is None or hi is None or hi - lo > 1000):
         return gr.Number(value=default, label=label, info=info, precision=0, minimum=lo, maximum=hi)
-    if isinstance(default, (int, float)) and lo is not None and hi is not None:
+    fine = isinstance(default, float) and default != round(default, 2)  # e.g. a learning rate
+    if isinstance(default, (int, float)) and lo is not None and hi is not None and not fine:
         step = 1 if isinstance(default, int) else 0.01
         return gr.Slider(lo, hi, value=default, step=step, label=label, info=info)
     if isinstance(default, (int, float)):
