@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -55,6 +56,17 @@ def build_app(ctx: AppContext | None = None) -> gr.Blocks:
         app.unload(stop_session(ctx))
     app.queue(default_concurrency_limit=int(os.environ.get("DIM3_CONCURRENCY", "4")))
     return app
+
+
+def configure_logging() -> None:
+    """dim3's own messages (showcase start-up, refused requests) at INFO on stderr; no tokens,
+    no user text."""
+    logger = logging.getLogger("dim3")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
 
 
 def launch_options() -> dict[str, Any]:

@@ -62,6 +62,7 @@ class ChatTab:
     right_msgs: gr.State
     image: gr.State
     seen: gr.State  # the merged model's version this session last answered with
+    asked: gr.State  # the session's Clear count when the question was asked
     max_new_tokens: gr.Slider
     temperature: gr.Slider
     top_p: gr.Slider
@@ -146,7 +147,7 @@ def _layout(ctx: AppContext) -> tuple[ChatTab, dict[str, gr.Button]]:
             for name, f in GenerationParams.__dataclass_fields__.items()
         ]
     _examples(box)
-    states = gr.State([]), gr.State([]), gr.State(None), gr.State(None)
+    states = gr.State([]), gr.State([]), gr.State(None), gr.State(None), gr.State(0)
     tab = ChatTab(status, left, right, box, *states, *sliders)
     return tab, {"stop": stop, "regen": regen, "clear": clear}
 
@@ -169,22 +170,23 @@ def build_chat_tab(ctx: AppContext) -> ChatTab:
     """Lay out the Chat tab inside the current Blocks and wire its events."""
     tab, buttons = _layout(ctx)
     shown = [tab.left, tab.right, tab.left_msgs, tab.right_msgs, tab.image, tab.box]
-    stream_in = [tab.left_msgs, tab.right_msgs, tab.image, tab.seen, *tab.settings()]
+    turn_out = [*shown, tab.asked]
+    stream_in = [tab.left_msgs, tab.right_msgs, tab.image, tab.seen, tab.asked, *tab.settings()]
     stream_out = [*shown, tab.status, tab.seen]
     stream = _stream(ctx, tab)
     streaming = {"concurrency_limit": 4, "concurrency_id": "dim3-chat", **PRIVATE}
     asked = tab.box.submit(
-        _add_turn(tab),
+        _add_turn(ctx, tab),
         inputs=[tab.box, tab.left_msgs, tab.right_msgs, tab.image],
-        outputs=shown,
+        outputs=turn_out,
         **PRIVATE,
     ).success(stream, inputs=stream_in, outputs=stream_out, **streaming)
     again = (
         buttons["regen"]
         .click(
-            _regenerate(tab),
+            _regenerate(ctx, tab),
             inputs=[tab.left_msgs, tab.right_msgs, tab.image],
-            outputs=shown,
+            outputs=turn_out,
             **PRIVATE,
         )
         .success(stream, inputs=stream_in, outputs=stream_out, **streaming)
@@ -205,7 +207,7 @@ def stop_session(ctx: AppContext):
     """A handler for ``Blocks.unload``: a closed or reloaded tab ends its generation."""
 
     def handler(request: gr.Request) -> None:
-        ctx.stop_flags.stop(request.session_hash, clear=True)
+        ctx.stop_flags.forget(request.session_hash)
 
     return handler
 
@@ -214,8 +216,10 @@ def _locked(tab: ChatTab) -> dict:
     return {tab.box: gr.MultimodalTextbox(value=None, interactive=False)}
 
 
-def _add_turn(tab: ChatTab):
-    def handler(box: dict | None, left: list, right: list, image: str | None) -> dict:
+def _add_turn(ctx: AppContext, tab: ChatTab):
+    def handler(
+        box: dict | None, left: list, right: list, image: str | None, request: gr.Request
+    ) -> dict:
         box = box or {}
         text = (box.get("text") or "").strip()
         files = box.get("files") or []
@@ -247,7 +251,8 @@ def _add_turn(tab: ChatTab):
             left, right, image = [], [], str(files[0])
         turn = {"role": "user", "content": text}
         left, right = [*left, turn], [*right, turn]
-        return _shown(tab, left, right, image) | _locked(tab)
+        asked = {tab.asked: ctx.stop_flags.epoch(request.session_hash)}
+        return _shown(tab, left, right, image) | _locked(tab) | asked
 
     return handler
 
@@ -262,13 +267,14 @@ def _shown(tab: ChatTab, left: list[dict], right: list[dict], image: str | None)
     }
 
 
-def _regenerate(tab: ChatTab):
-    def handler(left: list, right: list, image: str | None) -> dict:
+def _regenerate(ctx: AppContext, tab: ChatTab):
+    def handler(left: list, right: list, image: str | None, request: gr.Request) -> dict:
         left, right = _drop_reply(left), _drop_reply(right)
         if not left:
             gr.Warning("Nothing to regenerate yet: ask a question first.", title="No question")
             return {tab.box: gr.skip()}
-        return _shown(tab, left, right, image) | _locked(tab)
+        asked = {tab.asked: ctx.stop_flags.epoch(request.session_hash)}
+        return _shown(tab, left, right, image) | _locked(tab) | asked
 
     return handler
 
@@ -357,13 +363,19 @@ def _stream(ctx: AppContext, tab: ChatTab):
         right: list,
         image_path: str | None,
         seen: int | None,
+        asked: int,
         max_new_tokens: float,
         temperature: float,
         top_p: float,
         request: gr.Request,
     ) -> Iterator[dict]:
         done = {tab.box: gr.MultimodalTextbox(interactive=True)}
+        flag = ctx.stop_flags.start(request.session_hash, int(asked or 0))
+        if flag.cleared:  # Clear came after the question: it is not answered, nothing is shown
+            ctx.stop_flags.finish(request.session_hash, flag)
+            return
         if not left or left[-1]["role"] != "user":  # the question was refused: nothing to answer
+            ctx.stop_flags.finish(request.session_hash, flag)
             yield done
             return
         try:
@@ -375,13 +387,18 @@ def _stream(ctx: AppContext, tab: ChatTab):
             served = ctx.manager.served()
             note = _notice(served, seen)
             left, right = _with_notice(left, note), _with_notice(right, note)
-            flag = ctx.stop_flags.start(request.session_hash)
             replies = _start(served, (left, right), image, params, flag)
         except ChatError as exc:  # refused before any forward pass: the question is taken back
+            ctx.stop_flags.finish(request.session_hash, flag)
+            if flag.cleared:
+                return
             gr.Warning(error_html(exc, ctx.allowed_roots), title="Cannot answer this")
             yield done | _shown(tab, left[:-1], right[:-1], image_path)
             return
         except Exception as exc:  # noqa: BLE001 - the UI boundary: the answer is the message
+            ctx.stop_flags.finish(request.session_hash, flag)
+            if flag.cleared:
+                return
             problem = f"⚠️ {error_text(exc, ctx.allowed_roots)}"
             yield done | _finish(ctx, tab, (left, right), (problem, problem), image_path, None)
             return

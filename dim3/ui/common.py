@@ -48,34 +48,60 @@ def output_root_from_env() -> Path:
 
 
 class Generation(threading.Event):
-    """A session's running generation: set to stop it; ``cleared`` when Clear stopped it (then
-    its conversation is gone and nothing it produced may be shown or stored)."""
+    """A session's running generation: set it to stop after the current token. ``cleared``
+    turns true once Clear (or a closed tab) ended the conversation it answers: from then on
+    nothing it produced may be shown or stored."""
 
-    cleared = False
+    def __init__(self, flags: StopFlags, session: str, epoch: int) -> None:
+        super().__init__()
+        self._flags, self._session, self._epoch = flags, session, epoch
+
+    @property
+    def cleared(self) -> bool:
+        return self._flags.epoch(self._session) != self._epoch
 
 
 class StopFlags:
-    """One stop flag (:class:`Generation`) per browser session, for Stop and Clear."""
+    """Per browser session: the running generation's stop flag (for Stop), and a count of
+    Clears (the *epoch*), so that a question asked before a Clear is never answered after it,
+    however the Clear and the answer's start interleave."""
 
     def __init__(self) -> None:
-        self._flags: dict[str, threading.Event] = {}
+        self._flags: dict[str, Generation] = {}
+        self._epochs: dict[str, int] = {}
         self._lock = threading.Lock()
 
-    def start(self, session: str) -> Generation:
-        """A fresh, unset flag for the session's new generation."""
+    def epoch(self, session: str) -> int:
+        """How many times the session was cleared; a question records it when it is asked."""
         with self._lock:
-            flag = self._flags[session] = Generation()
-            return flag
+            return self._epochs.get(session, 0)
+
+    def start(self, session: str, epoch: int | None = None) -> Generation:
+        """A fresh flag for the session's new generation, answering a question asked in
+        ``epoch`` (default: now); already set if the session was cleared since."""
+        with self._lock:
+            now = self._epochs.get(session, 0)
+            flag = self._flags[session] = Generation(self, session, now if epoch is None else epoch)
+        if flag.cleared:
+            flag.set()
+        return flag
 
     def stop(self, session: str, *, clear: bool = False) -> bool:
-        """Set the session's flag (marking it cleared with ``clear``); False when idle."""
+        """Set the session's flag (with ``clear``, also end its conversation); False when idle."""
         with self._lock:
+            if clear:
+                self._epochs[session] = self._epochs.get(session, 0) + 1
             flag = self._flags.get(session)
         if flag is None:
             return False
-        flag.cleared = flag.cleared or clear
         flag.set()
         return True
+
+    def forget(self, session: str) -> None:
+        """A closed session: stop its generation and drop its records."""
+        self.stop(session, clear=True)
+        with self._lock:
+            self._epochs.pop(session, None)
 
     def finish(self, session: str, flag: threading.Event) -> None:
         with self._lock:
