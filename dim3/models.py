@@ -178,6 +178,7 @@ class MergeInfo:
     label: str  # e.g. "dim3 merge of ./assets/demo/multimodal"
     merged_at: float  # time.time()
     recipe: Any = None  # dim3.recipe.Recipe
+    summary: dict | None = None  # the plan's counts (merged, copied, padded), when merged here
 
     def when(self) -> str:
         return time.strftime("%H:%M:%S UTC", time.gmtime(self.merged_at))
@@ -420,7 +421,7 @@ class ModelManager:
             staged.clear()
             _collect()
             raise
-        self._swap(original, copy, recipe)
+        self._swap(original, copy, recipe, result.plan.summary())
         return copy, result
 
     def _serve_saved(self, folder: Path, recipe: Any) -> None:
@@ -435,12 +436,13 @@ class ModelManager:
         merged = self._stage(merged_path, str(folder), dev, torch_dtype, label)
         self._swap(original, merged, recipe)
 
-    def _swap(self, original: LoadedVLM, merged: LoadedVLM, recipe: Any) -> None:
+    def _swap(
+        self, original: LoadedVLM, merged: LoadedVLM, recipe: Any, summary: dict | None = None
+    ) -> None:
         with self._lock:
             self._version += 1
-            label = merged.label
             self._slots[ORIGINAL], self._slots[MERGED] = original, merged
-            self._info = MergeInfo(self._version, label, time.time(), recipe)
+            self._info = MergeInfo(self._version, merged.label, time.time(), recipe, summary)
         _collect()  # the replaced models go once no chat holds them
 
     def _stage(

@@ -8,6 +8,7 @@ small screenshot of each tab to assets/screenshots/.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -304,7 +305,9 @@ def test_showcase_mode_in_a_browser(browser, tmp_path):
         page.get_by_text("This Space is a showcase").wait_for()
         assert page.locator("#dim3-merge").count() == 0 and page.locator("#dim3-check").count() == 0
         assert '"task_arithmetic"' in page.locator("#dim3-showcase-recipe").inner_text()
-        assert "Merged VLM (task_arithmetic)" in page.locator("#dim3-showcase-card").inner_text()
+        card = page.locator("#dim3-showcase-card").inner_text()
+        assert "Merged VLM (task_arithmetic)" in card
+        assert re.search(r"Tensors: [1-9]\d* merged, [1-9]\d* copied", card), card
         assert str(ROOT) not in page.locator("body").inner_text()
         screenshot(page, "showcase")
         ask(page, "Welche Farbe hat die Form?", IMAGE)

@@ -155,7 +155,7 @@ class AppContext:
         if card.is_file():
             self.showcase_card = card.read_text(encoding="utf-8")
         else:
-            summary = {"merged": 0, "copied": 0, "padded": 0}
+            summary = info.summary or {"merged": 0, "copied": 0, "padded": 0}
             self.showcase_card = model_card(info.recipe, summary, {})
         self.showcase = info
         log.info("showcase: serving %s", info.label)

@@ -368,8 +368,8 @@ def _layout(ctx: AppContext) -> tuple[MergeTab, dict[str, gr.Button]]:
     return tab, {"check": check, "merge": merge, "save": save, "push": push}
 
 
-def _plan_and_log() -> tuple[gr.Textbox, gr.Textbox]:
-    with gr.Row():
+def _plan_and_log(visible: bool = True) -> tuple[gr.Textbox, gr.Textbox]:
+    with gr.Row(visible=visible):
         plan_box = gr.Textbox(
             label="Plan", lines=8, max_lines=16, interactive=False, elem_id="dim3-plan"
         )
@@ -410,7 +410,7 @@ def _showcase_layout(ctx: AppContext) -> MergeTab:
             )
     with gr.Accordion("The recipe as a form (read-only)", open=False):
         form, note = _form(ctx)
-    plan_box, log_box = _plan_and_log()
+    plan_box, log_box = _plan_and_log(visible=False)
     return MergeTab(form, note, plan_box, log_box, status)
 
 
