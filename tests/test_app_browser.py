@@ -188,6 +188,9 @@ def test_bad_inputs_show_messages_and_the_server_keeps_serving(
 
     ask(page, "", IMAGE)
     page.get_by_text("Type a question to go with your picture").wait_for()
+    page.click("#dim3-box .delete-button")
+    page.press("#dim3-box textarea", "Enter")
+    page.get_by_text("Type a question first").wait_for()
 
     # Still serving: the default trio checks out.
     page.reload()

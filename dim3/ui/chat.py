@@ -168,6 +168,8 @@ def _examples(box: gr.MultimodalTextbox) -> None:
 
 def build_chat_tab(ctx: AppContext) -> ChatTab:
     """Lay out the Chat tab inside the current Blocks and wire its events."""
+    from dim3.ui.chat_api import chat_api
+
     tab, buttons = _layout(ctx)
     shown = [tab.left, tab.right, tab.left_msgs, tab.right_msgs, tab.image, tab.box]
     turn_out = [*shown, tab.asked]
@@ -194,7 +196,7 @@ def build_chat_tab(ctx: AppContext) -> ChatTab:
     buttons["stop"].click(_stop(ctx), queue=False, **PRIVATE)
     for event in (buttons["clear"].click, tab.left.clear, tab.right.clear):
         event(_clear(ctx, tab), outputs=shown, queue=False, cancels=[asked, again], **PRIVATE)
-    _chat_api(ctx, tab)
+    chat_api(ctx, tab)
     return tab
 
 
@@ -304,7 +306,7 @@ def _clear(ctx: AppContext, tab: ChatTab):
     return handler
 
 
-def _pane(reply: Reply | None, missing: str) -> Iterator[str]:
+def pane_chunks(reply: Reply | None, missing: str) -> Iterator[str]:
     """One pane's reply as text chunks; problems become a visible message, never an exception."""
     if reply is None:
         yield missing
@@ -319,7 +321,7 @@ def _pane(reply: Reply | None, missing: str) -> Iterator[str]:
         reply.close()
 
 
-def _start(
+def start_replies(
     served: Served, panes: tuple[list, list], image, params: GenerationParams, flag
 ) -> tuple[Reply | None, Reply | None]:
     """Start both replies; a refused input (too long for a model, ...) raises ``ChatError``
@@ -387,7 +389,7 @@ def _stream(ctx: AppContext, tab: ChatTab):
             served = ctx.manager.served()
             note = _notice(served, seen)
             left, right = _with_notice(left, note), _with_notice(right, note)
-            replies = _start(served, (left, right), image, params, flag)
+            replies = start_replies(served, (left, right), image, params, flag)
         except ChatError as exc:  # refused before any forward pass: the question is taken back
             ctx.stop_flags.finish(request.session_hash, flag)
             if flag.cleared:
@@ -411,7 +413,10 @@ def _stream(ctx: AppContext, tab: ChatTab):
 
 def _run(ctx, tab, session, flag, served, convs, replies, image_path, done) -> Iterator[dict]:
     """Stream both replies into the panes; nothing more once Clear has stopped them."""
-    panes = (_pane(replies[0], "No original VLM is loaded."), _pane(replies[1], NO_MERGE))
+    panes = (
+        pane_chunks(replies[0], "No original VLM is loaded."),
+        pane_chunks(replies[1], NO_MERGE),
+    )
     texts, last = ("", ""), 0.0
     try:
         for texts in interleave(*panes):
@@ -449,14 +454,14 @@ def _finish(
     """The final update: both replies stored in the conversation (with who gave them) and shown."""
     by = _by(served)
     left, right = (
-        [*conv, {"role": "assistant", "content": _final(text), "by": who}]
+        [*conv, {"role": "assistant", "content": final_text(text), "by": who}]
         for conv, text, who in zip(convs, texts, by, strict=True)
     )
     out = _shown(tab, left, right, image) | {tab.status: status_text(ctx)}
     return out | {tab.seen: served.version} if served else out
 
 
-def _final(text: str) -> str:
+def final_text(text: str) -> str:
     return text if text.strip() else EMPTY
 
 
@@ -470,63 +475,3 @@ def _partial(
         tab.left: display([*convs[0], {"role": "assistant", "content": texts[0]}], image),
         tab.right: display([*convs[1], {"role": "assistant", "content": texts[1]}], image),
     }
-
-
-def _chat_api(ctx: AppContext, tab: ChatTab) -> None:
-    """``/chat``: one question (and an optional picture) to both models, both answers back."""
-    with gr.Group(visible=False):
-        message = gr.Textbox(label="message", max_length=MAX_MESSAGE_CHARS)
-        image = gr.Image(label="image", type="filepath")
-        answers = gr.Textbox(label="original answer"), gr.Textbox(label="merged answer")
-        trigger = gr.Button("chat")
-    trigger.click(
-        _api_chat(ctx),
-        inputs_kwargs={
-            "message": message,
-            "image": image,
-            "max_new_tokens": tab.max_new_tokens,
-            "temperature": tab.temperature,
-            "top_p": tab.top_p,
-        },
-        outputs=list(answers),
-        api_name="chat",
-        concurrency_limit=4,
-        concurrency_id="dim3-chat",
-    )
-
-
-def _api_chat(ctx: AppContext):
-    @gpu(duration=120)
-    def chat(
-        message: str,
-        image: str | None = None,
-        max_new_tokens: float = 64,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        request: gr.Request = None,  # type: ignore[assignment]
-    ) -> Iterator[tuple[str, str]]:
-        """Ask both models one question (with an optional picture); streams (original, merged)."""
-        try:
-            text = (message or "").strip()
-            if not text:
-                raise ChatError("the message is empty: ask a question")
-            params = GenerationParams(int(max_new_tokens), float(temperature), float(top_p))
-            picture = load_image(image) if image else None
-            ctx.manager.ensure_original()
-            served = ctx.manager.served()
-            turn = [{"role": "user", "content": text}]
-            flag = ctx.stop_flags.start(request.session_hash if request else "api")
-            replies = _start(served, (turn, turn), picture, params, flag)
-        except Exception as exc:  # noqa: BLE001 - the API's answer is the message
-            raise gr.Error(error_text(exc, ctx.allowed_roots), print_exception=False) from None
-        panes = (_pane(replies[0], "No original VLM is loaded."), _pane(replies[1], NO_MERGE))
-        texts: tuple[str, str] = ("", "")
-        try:
-            for texts in interleave(*panes):
-                yield texts
-        finally:
-            for p in panes:
-                p.close()
-        yield tuple(_final(t) for t in texts)  # type: ignore[misc]
-
-    return chat
