@@ -1,7 +1,10 @@
 """The Gradio app: Merge, Chat, Evaluate and Analysis tabs over one shared model manager.
 
 ``build_app()`` lays out the Blocks; ``launch_options()`` holds what ``Blocks.launch`` needs
-(theme, CSS, upload limit). This package is the only part of dim3 that imports Gradio.
+(theme, CSS, the chat box's length cap, upload limit). This package is the only part of dim3 that
+imports Gradio. What one visitor may change for the others (the loaded models) is decided by the
+``ModelManager`` in ``AppContext`` (open mode: swap only a complete merge and tell the other chats;
+showcase, ``$DIM3_SHOWCASE``: nobody), never by a handler.
 """
 
 from __future__ import annotations
