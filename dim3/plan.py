@@ -75,6 +75,7 @@ class MergePlan:
     family: str
     entries: list[Entry]
     notes: list[str] = field(default_factory=list)
+    multilingual: int = 1  # how many multilingual models are merged
 
     def summary(self) -> dict[str, int]:
         merged = [e for e in self.entries if e.action == "merge"]
@@ -97,6 +98,11 @@ class MergePlan:
         lines = [
             f"Family: {self.family}",
             f"Merged: {s['merged']} language-model tensors",
+            *(
+                [f"Multilingual models: {self.multilingual} (their updates in the order given)"]
+                if self.multilingual > 1
+                else []
+            ),
             f"Copied unchanged: {s['copied']} tensors ({copied})",
             f"Vocabulary tensors with VLM-only rows kept: {s['padded']}",
             f"Output size: {s['bytes'] / 2**30:.2f} GiB in {s['tensors']} tensors",
@@ -263,7 +269,7 @@ def build_plan(
     )
     _raise_problems(unknown, unmatched, mismatched, missing_in_vlm, layout.family)
     _check_related(entries, base, mls, multimodal)
-    return MergePlan(layout.family, entries, notes)
+    return MergePlan(layout.family, entries, notes, len(mls))
 
 
 def weight_keys(ckpt: Checkpoint) -> list[str]:
