@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import re
+import shutil
 
 import pytest
 import torch
@@ -13,9 +15,19 @@ from PIL import Image
 from dim3.demo import DEMO_DIR, ProbeError, ProbeItem, demo_probe, demo_trio, load_probe, world
 from dim3.demo import data as demo_data
 from dim3.demo.build import ModelSize
-from dim3.demo.train import QUICK, fingerprint, train_all
+from dim3.demo.train import (
+    QUICK,
+    QUICK_EXPERTS,
+    TOKENIZER_FILES,
+    ExpertConfig,
+    fingerprint,
+    train_all,
+    train_experts,
+)
+from dim3.demo.train import main as train_main
 
 ROLES = ("base", "multilingual", "multimodal")
+EXPERTS_DIR = DEMO_DIR / "experts"
 
 
 def test_answer_words_are_unique_across_languages():
@@ -133,25 +145,67 @@ def _close(a: dict, b: dict, rtol: float) -> bool:
     )
 
 
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """The script's --quick run (trio, then experts) with the committed quick config's seed."""
+    committed = json.loads((DEMO_DIR / "quick_manifest.json").read_text())
+    config = dataclasses.replace(QUICK, seed=committed["config"]["seed"])
+    assert dataclasses.asdict(config) == committed["config"], (
+        "QUICK changed: regenerate quick_manifest.json"
+    )
+    experts = dataclasses.replace(QUICK_EXPERTS, seed=committed["experts"]["config"]["seed"])
+    assert json.loads(json.dumps(experts.to_dict())) == committed["experts"]["config"], (
+        "QUICK_EXPERTS changed: regenerate quick_manifest.json's experts entry"
+    )
+    out = tmp_path_factory.mktemp("quick")
+    train_all(config, out)
+    train_experts(experts, out)
+    return out, committed
+
+
+def _far(ours: dict, theirs: dict) -> list[str]:
+    assert set(ours) == set(theirs)
+    return [k for k in ours if not _close(ours[k], theirs[k], 1e-4)]
+
+
 @pytest.mark.slow
-def test_quick_training_reproduces_the_committed_quick_fingerprints(tmp_path):
+def test_quick_training_reproduces_the_committed_quick_fingerprints(quick_run):
     """The script's --quick run, repeated here, matches the committed quick fingerprints.
 
     Tolerance: each tensor's sum, |sum| and index-weighted sum within 1e-4 of its sum of |x|
     (so a different CPU whose kernels round differently still passes); bitwise identity is
     checked separately, on this machine, by the next test.
     """
-    committed = json.loads((DEMO_DIR / "quick_manifest.json").read_text())
-    config = dataclasses.replace(QUICK, seed=committed["config"]["seed"])
-    assert dataclasses.asdict(config) == committed["config"], (
-        "QUICK changed: regenerate quick_manifest.json"
-    )
-    train_all(config, tmp_path)
+    out, committed = quick_run
     for role in ROLES:
-        ours, theirs = fingerprint(tmp_path / role), committed["fingerprints"][role]
-        assert set(ours) == set(theirs)
-        far = [k for k in ours if not _close(ours[k], theirs[k], 1e-4)]
+        far = _far(fingerprint(out / role), committed["fingerprints"][role])
         assert not far, f"{role}: tensors differ beyond tolerance: {far[:5]}"
+
+
+@pytest.mark.slow
+def test_quick_experts_reproduce_the_committed_quick_fingerprints(quick_run):
+    out, committed = quick_run
+    recorded = committed["experts"]["fingerprints"]
+    assert sorted(recorded) == sorted(QUICK_EXPERTS.groups)
+    for group in QUICK_EXPERTS.groups:
+        far = _far(fingerprint(out / "experts" / group), recorded[group])
+        assert not far, f"expert {group}: tensors differ beyond tolerance: {far[:5]}"
+        # trained: every tensor moved away from the base it started from
+        base = fingerprint(out / "base")
+        moved = [k for k, v in fingerprint(out / "experts" / group).items() if v != base[k]]
+        assert len(moved) == len(base), f"{group}: tensors left at the base's values"
+
+
+@pytest.mark.slow
+def test_experts_training_is_bitwise_deterministic(tmp_path):
+    config = ExpertConfig(steps=2)
+    for run in ("a", "b"):
+        shutil.copytree(DEMO_DIR / "base", tmp_path / run / "base")
+        train_experts(config, tmp_path / run)
+    for group in config.groups:
+        a, b = (fingerprint(tmp_path / run / "experts" / group) for run in ("a", "b"))
+        assert {k: v["sha256"] for k, v in a.items()} == {k: v["sha256"] for k, v in b.items()}
+    assert not list((tmp_path / "a" / "experts").glob(".*")), "a partial folder was left behind"
 
 
 @pytest.mark.slow
@@ -228,3 +282,85 @@ def test_report_counts_answers_in_the_question_language_right_or_wrong():
         "others": 0.25,
         "overall": 0.5,
     }
+
+
+def test_committed_experts_are_the_ones_recorded_from_the_committed_base():
+    import hashlib
+
+    entry = json.loads((DEMO_DIR / "manifest.json").read_text())["experts"]
+    assert entry["quick"] is False and entry["config"] == json.loads(
+        json.dumps(ExpertConfig(seed=entry["config"]["seed"]).to_dict())
+    )
+    base_bytes = (DEMO_DIR / "base" / "model.safetensors").read_bytes()
+    assert entry["base_sha256"] == hashlib.sha256(base_bytes).hexdigest()
+    for group in entry["config"]["groups"]:
+        recorded = {k: v["sha256"] for k, v in entry["fingerprints"][group].items()}
+        ours = fingerprint(EXPERTS_DIR / group)
+        assert {k: v["sha256"] for k, v in ours.items()} == recorded
+
+
+def test_committed_experts_share_the_base_tokenizer_and_config():
+    base = DEMO_DIR / "base"
+    experts = sorted(p for p in EXPERTS_DIR.iterdir() if p.is_dir())
+    assert [p.name for p in experts] == sorted(ExpertConfig().groups)
+    for expert in experts:
+        for name in (*TOKENIZER_FILES, "config.json", "generation_config.json"):
+            assert (expert / name).read_bytes() == (base / name).read_bytes(), (expert, name)
+        assert (expert / "model.safetensors").is_file() and not list(expert.glob("*.bin"))
+
+
+def test_each_committed_expert_knows_its_languages_better_than_the_base():
+    """Text probe (48 described pictures x 2 questions per language): each expert beats the base
+    on every language of its group."""
+    from dim3.demo.probe import text_probe
+    from dim3.demo.report import text_accuracy
+    from dim3.demo.train import group_languages
+
+    items = text_probe(n=48)
+    for expert in sorted(p for p in EXPERTS_DIR.iterdir() if p.is_dir()):
+        mine = [it for it in items if it.language in group_languages(expert.name)]
+        base, ours = text_accuracy(DEMO_DIR / "base", mine), text_accuracy(expert, mine)
+        worse = {x: (base[x], ours[x]) for x in group_languages(expert.name) if ours[x] <= base[x]}
+        assert not worse, f"expert {expert.name} not better than the base on {worse}"
+
+
+@pytest.mark.parametrize(
+    ("groups", "message"),
+    [
+        (("de+xx",), "bad expert group 'de+xx'"),
+        (("en+de",), "bad expert group 'en+de'"),
+        (("de+de",), "bad expert group 'de+de'"),
+        (("de", "de"), "must be distinct"),
+        ((), "at least one"),
+    ],
+)
+def test_bad_expert_groups_are_refused(groups, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ExpertConfig(groups=groups)
+
+
+def test_experts_stage_without_a_base_says_how_to_train_one(tmp_path, capsys):
+    assert train_main(["--out", str(tmp_path), "--stage", "experts"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no base model in") and "--stage trio" in err
+    assert not (tmp_path / "experts").exists()
+
+
+def test_experts_stage_refuses_a_seed_other_than_the_bases(tmp_path, capsys):
+    shutil.copytree(DEMO_DIR / "base", tmp_path / "base")
+    shutil.copy(DEMO_DIR / "manifest.json", tmp_path / "manifest.json")
+    assert train_main(["--out", str(tmp_path), "--stage", "experts", "--seed", "5"]) == 2
+    assert "records seed 0 for the base; pass --seed 0" in capsys.readouterr().err
+
+
+def test_report_merges_one_expert_as_an_llm_into_that_expert():
+    """The report's LLM-only merge of the experts: with one expert, sum and mean give it back."""
+    from dim3.demo.probe import text_probe
+    from dim3.demo.report import combined_text_accuracy, text_accuracy
+
+    items = text_probe(n=4)
+    expert = EXPERTS_DIR / ExpertConfig().groups[0]
+    alone = text_accuracy(expert, items)
+    for mean in (False, True):
+        assert combined_text_accuracy(DEMO_DIR / "base", [expert], mean, items) == alone
+    assert alone != text_accuracy(DEMO_DIR / "base", items)

@@ -1,12 +1,14 @@
 """Training data for the demo trio: samples of the world's text and pictures, and their tokens.
 
-Three mixtures, one per model (each deterministic given a ``random.Random``):
+Four mixtures, one per kind of model (each deterministic given a ``random.Random``):
 
 - ``base_sample``: "pretraining" text, mostly English (descriptions of scenes and text-only
   questions about a described scene), with a little of every other language.
 - ``multilingual_sample``: much more text in all languages: descriptions, translations of the
   world's words, text-only questions and answers, and mixed-language pairs (a description in one
   language, a question and its answer in another). Never pictures.
+- ``group_sample``: the multilingual mixture restricted to a group of languages (plus a little
+  English), for the language-group experts.
 - ``vlm_sample``: an English question about a picture, answered in English.
 
 ``encode`` turns a sample into token ids and labels with the shared chat template; ``collate``
@@ -54,11 +56,11 @@ def _document(language: str, rng: random.Random) -> Sample:
     return Sample(text=" ".join(s.describe(language, rng.randint(0, 1)) for s in scenes))
 
 
-def _translations(language: str, rng: random.Random) -> Sample:
+def _translations(language: str, pool: tuple[str, ...], rng: random.Random) -> Sample:
     concepts = (*world.COLOURS, *world.SHAPES, *world.SIZES)
     lines = []
     for _ in range(rng.randint(2, 4)):
-        other = rng.choice([x for x in LANGUAGES if x != language])
+        other = rng.choice([x for x in pool if x != language])
         src, dst = (language, other) if rng.random() < 0.5 else (other, language)
         lines.append(world.translation_sentence(rng.choice(concepts), src, dst, rng))
     return Sample(text=" ".join(lines))
@@ -78,16 +80,30 @@ def base_sample(rng: random.Random) -> Sample:
 
 def multilingual_sample(rng: random.Random) -> Sample:
     """A multilingual sample: all languages alike; documents, translations, mono and mixed QA."""
-    language = rng.choice(LANGUAGES)
+    return _mixture(rng.choice(LANGUAGES), LANGUAGES, rng)
+
+
+def group_sample(rng: random.Random, group: tuple[str, ...], english_share: float) -> Sample:
+    """A language-group expert's sample: the multilingual mixture over ``group`` + English.
+
+    English with probability ``english_share``, else one of ``group`` alike; translations and
+    mixed-language questions pair only languages of ``group`` and English.
+    """
+    language = "en" if rng.random() < english_share else rng.choice(group)
+    return _mixture(language, ("en", *group), rng)
+
+
+def _mixture(language: str, pool: tuple[str, ...], rng: random.Random) -> Sample:
+    """Documents, translations, mono and mixed QA in ``language``; other languages from ``pool``."""
     r = rng.random()
     if r < 0.2:
         return _document(language, rng)
     if r < 0.4:
-        return _translations(language, rng)
+        return _translations(language, pool, rng)
     scene = world.random_scene(rng)
     if r < 0.7:
         return _qa(scene, scene.describe(language, rng.randint(0, 1)), language, rng)
-    other = rng.choice([x for x in LANGUAGES if x != language])
+    other = rng.choice([x for x in pool if x != language])
     return _qa(scene, scene.describe(other, rng.randint(0, 1)), language, rng)
 
 

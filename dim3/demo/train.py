@@ -1,10 +1,16 @@
 """Train the demo trio from scratch: ``python -m dim3.demo.train --out assets/demo [--seed N] [--quick]``.
 
+``--stage experts`` trains only the language-group experts, from the base already in ``--out``;
+``--stage all`` trains the trio and then the experts.
+
 1. A byte-level BPE tokenizer on the world's text (all languages).
 2. Base: a small Llama "pretrained" on mostly English text with a little of each other language.
 3. Multilingual: the base, trained further on much more text in all languages (never pictures).
 4. Multimodal: LLaVA = CLIP-style tower + projector + the base's text model, trained on English
    picture questions: first tower + projector with the text model frozen, then briefly everything.
+5. Experts (``--stage experts``, from the base already in ``--out``): one model per language
+   group (``de+es+ru``, ``zh+ar+hi+sw``), each the base trained further on the multilingual
+   mixture restricted to its group plus a little English, saved to ``experts/<group>/``.
 
 Deterministic given the seed on one machine (fixed thread count, deterministic algorithms,
 seeded data); ``manifest.json`` records the config, timings and per-tensor fingerprints. Across
@@ -73,6 +79,57 @@ QUICK = TrainConfig(
     projector_steps=4,
     vlm_steps=3,
 )
+
+
+EXPERT_GROUPS = ("de+es+ru", "zh+ar+hi+sw")
+
+
+def group_languages(group: str) -> tuple[str, ...]:
+    """``"de+es+ru"`` -> ("de", "es", "ru"); raises naming the problem for a bad group name."""
+    languages = tuple(group.split("+"))
+    others = world.LANGUAGES[1:]
+    unknown = [x for x in languages if x not in others]
+    if unknown or len(set(languages)) != len(languages):
+        raise ValueError(
+            f"bad expert group {group!r}: give distinct non-English languages of the world "
+            f"joined by '+', from {'+'.join(others)}"
+        )
+    return languages
+
+
+@dataclass(frozen=True)
+class ExpertConfig:
+    """Everything that decides the language-group experts' weights, given the base they start from.
+
+    ``steps`` per expert: the multilingual stage's 2000 steps split over the two groups, so the
+    experts together cost what the multilingual model cost, and each of their languages sees about
+    as much text as in the multilingual stage (1000 x 7/8 / 3 or / 4 batches vs 2000 / 8).
+    ``english_share``: English's share in the multilingual mixture (one language of eight).
+    """
+
+    seed: int = 0
+    groups: tuple[str, ...] = EXPERT_GROUPS
+    steps: int = 1000
+    batch: int = 32
+    lr: float = 3e-3
+    english_share: float = 1 / len(world.LANGUAGES)
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch", "lr"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"ExpertConfig.{name} must be positive, got {getattr(self, name)}")
+        if not 0 <= self.english_share < 1:
+            raise ValueError(f"english_share must be in [0, 1), got {self.english_share}")
+        if not self.groups or len(set(self.groups)) != len(self.groups):
+            raise ValueError(f"expert groups must be distinct and at least one, got {self.groups}")
+        for group in self.groups:
+            group_languages(group)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+QUICK_EXPERTS = ExpertConfig(steps=6)
 
 
 def set_determinism(seed: int) -> None:
@@ -248,6 +305,55 @@ def train_vlm(config: TrainConfig, tokenizer, out: Path) -> None:
     build.save_vlm(vlm, proc, tokenizer, out / "multimodal")
 
 
+def train_experts(config: ExpertConfig, out: Path) -> dict:
+    """Train one expert per group of ``config`` from ``out/base`` into ``out/experts/<group>``.
+
+    Each expert starts from the base's weights and keeps its tokenizer files byte for byte.
+    Folders are written beside their place and moved in only when complete. Returns the seconds
+    each expert took.
+    """
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+    base = out / "base"
+    if not (base / "model.safetensors").is_file():
+        raise FileNotFoundError(
+            f"no base model in {base}: train it first with `python -m dim3.demo.train --out {out}`"
+        )
+    set_determinism(config.seed)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(base)
+    timings = {}
+    for group in config.groups:
+        t0 = time.perf_counter()
+        model = LlamaForCausalLM.from_pretrained(base, dtype=torch.float32)
+        languages = group_languages(group)
+        print(f"expert {group}: {config.steps} steps", flush=True)
+
+        def sampler(rng: random.Random, languages=languages) -> data.Sample:
+            return data.group_sample(rng, languages, config.english_share)
+
+        loss = text_loss(model, sampler, tokenizer, config.batch, 0)
+        rng = random.Random(f"{config.seed}/experts/{group}")  # str seeds hash deterministically
+        train_loop(model.parameters(), loss, config.steps, config.lr, rng, group)
+        _save_expert(model, tokenizer, base, out / "experts" / group)
+        timings[group] = time.perf_counter() - t0
+    return timings
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+
+
+def _save_expert(model: nn.Module, tokenizer, base: Path, folder: Path) -> None:
+    """Save ``model`` to ``folder`` via a partial folder; tokenizer files copied from ``base``."""
+    partial = folder.with_name(f".{folder.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    build.save_llm(model, tokenizer, partial)
+    for name in TOKENIZER_FILES:
+        if (base / name).is_file():
+            shutil.copyfile(base / name, partial / name)
+    shutil.rmtree(folder, ignore_errors=True)
+    partial.rename(folder)
+
+
 def _load_state(folder: Path) -> dict[str, Tensor]:
     from safetensors.torch import load_file
 
@@ -293,6 +399,31 @@ def write_manifest(config: TrainConfig, out: Path, timings: dict, quick: bool) -
     return manifest
 
 
+def write_experts_manifest(config: ExpertConfig, out: Path, timings: dict, quick: bool) -> dict:
+    """Add the experts' entry (config, timings, base file hash, fingerprints) to ``manifest.json``.
+
+    The trio's entries, if any, are kept; the entry records the sha256 of the base file the
+    experts started from, so a manifest cannot pair experts with another base silently.
+    """
+    path = out / "manifest.json"
+    manifest = json.loads(path.read_text()) if path.is_file() else {}
+    base_bytes = (out / "base" / "model.safetensors").read_bytes()
+    manifest["experts"] = {
+        "command": "python -m dim3.demo.train --out DIR --seed {} --stage experts{}".format(
+            config.seed, " --quick" if quick else ""
+        ),
+        "quick": quick,
+        "config": config.to_dict(),
+        "base_sha256": hashlib.sha256(base_bytes).hexdigest(),
+        "torch": torch.__version__,
+        "threads": THREADS,
+        "seconds": {k: round(v, 1) for k, v in timings.items()},
+        "fingerprints": {g: fingerprint(out / "experts" / g) for g in config.groups},
+    }
+    path.write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
+    return manifest
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m dim3.demo.train", description=__doc__.split("\n")[0]
@@ -302,29 +433,68 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--stage",
+        choices=("trio", "experts", "all"),
+        default="trio",
+        help="trio: base, multilingual, multimodal; experts: the language-group experts from "
+        "the base in --out; all: both (default: trio)",
+    )
+    parser.add_argument(
         "--quick", action="store_true", help="a few steps only (for tests; weights are useless)"
     )
     parser.add_argument(
         "--overwrite", action="store_true", help="replace existing model folders in --out"
     )
     args = parser.parse_args(argv)
-    config = dataclasses.replace(QUICK if args.quick else TrainConfig(), seed=args.seed)
-    existing = [n for n in ("base", "multilingual", "multimodal") if (args.out / n).exists()]
+    names = {
+        "trio": ["base", "multilingual", "multimodal", "experts"],
+        "experts": ["experts"],
+        "all": ["base", "multilingual", "multimodal", "experts"],
+    }[args.stage]
+    existing = [n for n in names if (args.out / n).exists()]
     if existing and not args.overwrite:
         print(
             f"error: {args.out} already has {existing}; pass --overwrite to replace them",
             file=sys.stderr,
         )
         return 2
+    if args.stage == "experts":
+        problem = _experts_problem(args.out, args.seed)
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return 2
     for name in existing:
         shutil.rmtree(args.out / name)
     args.out.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    timings = train_all(config, args.out)
-    timings["total"] = time.perf_counter() - start
-    write_manifest(config, args.out, timings, args.quick)
-    print(f"trained the demo trio in {timings['total']:.0f}s -> {args.out}")
+    if args.stage in ("trio", "all"):
+        config = dataclasses.replace(QUICK if args.quick else TrainConfig(), seed=args.seed)
+        start = time.perf_counter()
+        timings = train_all(config, args.out)
+        timings["total"] = time.perf_counter() - start
+        write_manifest(config, args.out, timings, args.quick)
+        print(f"trained the demo trio in {timings['total']:.0f}s -> {args.out}")
+    if args.stage in ("experts", "all"):
+        experts = QUICK_EXPERTS if args.quick else ExpertConfig()
+        experts = dataclasses.replace(experts, seed=args.seed)
+        start = time.perf_counter()
+        timings = train_experts(experts, args.out)
+        timings["total"] = time.perf_counter() - start
+        write_experts_manifest(experts, args.out, timings, args.quick)
+        print(f"trained {len(experts.groups)} experts in {timings['total']:.0f}s -> {args.out}")
     return 0
+
+
+def _experts_problem(out: Path, seed: int) -> str | None:
+    """Why the experts cannot be trained from ``out``'s base with ``seed`` (None if they can)."""
+    if not (out / "base" / "model.safetensors").is_file():
+        return f"no base model in {out / 'base'}; train it first with --stage trio (or all)"
+    path = out / "manifest.json"
+    recorded = (
+        json.loads(path.read_text()).get("config", {}).get("seed") if path.is_file() else None
+    )
+    if recorded is not None and recorded != seed:
+        return f"{path} records seed {recorded} for the base; pass --seed {recorded}"
+    return None
 
 
 if __name__ == "__main__":
