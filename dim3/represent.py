@@ -455,6 +455,28 @@ def write_outputs(
 # --- models -----------------------------------------------------------------------------------
 
 
+def represent_models(
+    models: dict[str, tuple[Any, Any]],
+    items: Sequence[ParallelItem],
+    *,
+    batch_size: int = 16,
+    probe: str = "",
+    progress: Progress | None = None,
+) -> Representations:
+    """Pooled states and metrics of already loaded ``{name: (model, processor)}`` (the app's
+    original and merged VLMs); nothing is loaded or changed."""
+    check_parallel(items, probe or "the parallel set")
+    rep = Representations(list(items), {}, {}, probe=probe)
+    for name, (model, processor) in models.items():
+
+        def step(done: int, total: int, name: str = name) -> None:
+            if progress:
+                progress(name, done, total)
+
+        rep.add(name, pooled_states(model, processor, items, batch_size=batch_size, progress=step))
+    return rep
+
+
 def _load_llm(path: Path, device: str) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
