@@ -51,9 +51,9 @@ POOLING = (
     "template's user turn; template tokens, BOS, image tokens and padding excluded"
 )
 METRICS = {
-    "silhouette_language": "silhouette by language (lower: languages aligned)",
-    "silhouette_content": "silhouette by content (higher: same meaning together)",
-    "retrieval": "parallel-item retrieval accuracy (nearest neighbour, all language pairs)",
+    "silhouette_language": "silhouette by language (low: aligned)",
+    "silhouette_content": "silhouette by content (high: meaning)",
+    "retrieval": "retrieval of translations",
 }
 CSV_FILE, JSON_FILE = "represent.csv", "represent.json"
 CURVES_FILE = "represent_curves.png"
@@ -368,9 +368,11 @@ def project(points: np.ndarray, method: str = "tsne", seed: int = 0) -> np.ndarr
     from sklearn.manifold import TSNE
 
     perplexity = float(min(30.0, max(2.0, (len(points) - 1) / 3)))
-    return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(
-        points
-    )
+    # exact gradients beat Barnes-Hut below ~1000 points (5 s against 48 s for 192 points on a
+    # busy 2-core machine)
+    how = "exact" if len(points) <= 1000 else "barnes_hut"
+    tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed, method=how)
+    return tsne.fit_transform(points)
 
 
 def _pyplot():

@@ -89,7 +89,11 @@ def _layout() -> SweepView:
     gr.Markdown(INTRO)
     with gr.Row():
         method = gr.Dropdown(
-            sorted(METHODS), value="ties", label="Method", scale=1, elem_id="dim3-sweep-method"
+            sorted(METHODS),
+            value="ties",
+            label="Method to sweep",
+            scale=1,
+            elem_id="dim3-sweep-method",
         )
         grid = gr.Textbox(
             EXAMPLE_GRIDS["ties"],
