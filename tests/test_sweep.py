@@ -193,12 +193,14 @@ def test_represent_and_sweep_views_in_the_browser(server, browser):
     n.fill("8")
     n.press("Enter")
     page.fill("#dim3-sweep-grid textarea", "density=0.6")
+    page.uncheck("#dim3-sweep-refs input[type=checkbox]")  # no reference methods: quicker
     page.click("#dim3-sweep")
     status = page.locator("#dim3-sweep-status")
     status.filter(has_text="✅").or_(status.filter(has_text="❌")).wait_for()
     assert "Chosen on the tuning half" in status.inner_text(), status.inner_text()
     table = page.locator("#dim3-sweep-table").inner_text()
     assert "original" in table and "ties (default)" in table and "ties density=0.6" in table
+    assert "dim3 (default)" not in table
     screenshot(page, "sweep")
     page.click("#dim3-sweep-send")
     status.filter(has_text="The Merge tab is set to").wait_for()

@@ -129,7 +129,10 @@ def _layout() -> SweepView:
             elem_id="dim3-sweep-probe",
         )
         references = gr.Checkbox(
-            value=True, label="Other methods at their defaults as reference points", scale=1
+            value=True,
+            label="Other methods at their defaults as reference points",
+            scale=1,
+            elem_id="dim3-sweep-refs",
         )
     run = gr.Button("Run sweep", variant="primary", elem_id="dim3-sweep")
     status = gr.Markdown("", elem_id="dim3-sweep-status")
