@@ -318,7 +318,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from dim3.cli import add_method_arguments, add_source_arguments
 
     add_source_arguments(parser, required=False)
-    add_method_arguments(parser)  # here --option KEY=V1,V2,... is a grid axis
+    add_method_arguments(parser)
+    axis = parser._option_string_actions["--option"]  # here each --option is a grid axis
+    axis.metavar, axis.help = "KEY=V1,V2,...", "an axis of the grid of options, repeatable"
     parser.add_argument(
         "--probe", default="demo", help="'demo' (built-in probe set) or a JSONL probe file"
     )
