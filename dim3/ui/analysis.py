@@ -23,6 +23,7 @@ from dim3 import diagnostics as dg
 from dim3.engine import Progress
 from dim3.ui.common import AppContext, error_text, gpu, md_escape
 from dim3.ui.merge import HEAVY, MergeTab
+from dim3.ui.represent import build_represent_view
 
 INTRO = (
     "How the two updates relate, per layer and module (the paper's Figure 1): their size "
@@ -103,6 +104,7 @@ def build_analysis_tab(ctx: AppContext, merge: MergeTab) -> AnalysisTab:
         concurrency_limit=1,
         concurrency_id=HEAVY,
     )
+    build_represent_view(ctx)  # the representation view (dim3/ui/represent.py)
     return tab
 
 

@@ -24,6 +24,7 @@ from dim3.evaluate import ORIGINAL, EvalSpec, evaluate_merges
 from dim3.methods import METHODS
 from dim3.ui.common import AppContext, check_text, error_text, gpu, md_escape
 from dim3.ui.merge import HEAVY, MergeTab
+from dim3.ui.sweep import build_sweep_view
 
 INTRO = (
     "How often each model answers a probe question with the right word **in the question's "
@@ -145,6 +146,7 @@ def build_evaluate_tab(ctx: AppContext, merge: MergeTab) -> EvaluateTab:
         concurrency_limit=1,
         concurrency_id=HEAVY,
     )
+    build_sweep_view(ctx, merge)  # the Sweep view (dim3/ui/sweep.py)
     return tab
 
 
