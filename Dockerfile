@@ -6,13 +6,15 @@
 # CUDA image: take PyTorch from a CUDA wheel index instead (the wheels bring the CUDA runtime):
 #   docker build -t dim3-studio:cuda --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu128 .
 #   docker run --rm --gpus all -p 7860:7860 -e HF_TOKEN dim3-studio:cuda
+# Showcase (the models fixed at start-up; see the README):
+#   docker run --rm -p 7860:7860 -e DIM3_SHOWCASE=showcase.json dim3-studio
 #
 # Installs exactly what the README does: `pip install -r requirements.txt`, then `python app.py`.
 ARG PYTHON_VERSION=3.11
 FROM python:${PYTHON_VERSION}-slim
 
-# Where torch (and only the packages it hosts) may also come from; its +cpu / +cuXXX builds win
-# over PyPI's plain ones.
+# Where torch and torchvision (a matching pair, pinned in requirements.txt) may also come from;
+# their +cpu / +cuXXX builds win over PyPI's plain ones.
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 
 ENV PYTHONDONTWRITEBYTECODE=1 \

@@ -4,8 +4,9 @@ Listens on ``$GRADIO_SERVER_NAME:$GRADIO_SERVER_PORT`` (default 127.0.0.1:7860; 
 set 0.0.0.0). Everything else lives in ``dim3.ui``.
 """
 
-from dim3.ui import build_app, launch_options
+from dim3.ui import build_app, configure_logging, launch_options
 
+configure_logging()
 demo = build_app()
 
 if __name__ == "__main__":

@@ -5,24 +5,32 @@ conversations: a list of ``{"role": "user" | "assistant", "content": str}`` dict
 image, which belongs to the first user turn (LLaVA-1.5 style: a new image starts a new
 conversation). It does not know Gradio, model management (see ``dim3.models``) or merging.
 
-``stream_reply`` starts ``model.generate`` in a thread with a ``TextIteratorStreamer`` and a stopping
-criterion that reads a ``threading.Event``; setting the event (or closing the iterator) really ends
-generation within one token. ``interleave`` merges two reply streams into snapshots of both texts,
+``stream_reply`` starts ``model.generate`` in a thread with a :class:`TokenStreamer` (text of every
+token as soon as it decodes to whole characters, not held back until a word ends) and a stopping
+criterion that reads a ``threading.Event``; setting the event, closing the iterator or leaving it
+unread for ``idle_timeout`` seconds (a client that went away) ends generation within one token.
+Work per request is bounded before any forward pass: a message longer than
+``MAX_MESSAGE_CHARS`` is refused before tokenizing, a conversation longer than the model's
+context after tokenizing, and ``max_new_tokens`` is cut to the room the context leaves. ``interleave`` merges two reply streams into snapshots of both texts,
 so two models can answer side by side.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image, UnidentifiedImageError
+from transformers import TextIteratorStreamer
 
 MAX_IMAGE_PIXELS = 40_000_000  # larger images are refused (decompression-bomb guard)
+MAX_MESSAGE_CHARS = 4000  # one message; longer ones are refused before tokenizing
+IDLE_TIMEOUT = 20.0  # seconds a reply may stay unread before its generation stops
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp")
 
 
@@ -116,7 +124,12 @@ def load_image(path: str | Path, *, max_pixels: int = MAX_IMAGE_PIXELS) -> Image
                 )
             img.load()
             return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError:
+        raise ChatError(
+            f"the image {path.name} has too many pixels (more than {max_pixels:,} allowed); "
+            "upload a smaller picture"
+        ) from None
+    except (UnidentifiedImageError, OSError) as exc:
         raise ChatError(
             f"the file {path.name} is not a readable image ({type(exc).__name__}); "
             f"upload a PNG, JPEG or WebP picture"
@@ -138,6 +151,11 @@ def to_processor_messages(messages: Sequence[dict], with_image: bool) -> list[di
             raise ChatError(f"bad message {m!r}: need role user/assistant/system and text content")
         if role == "assistant" and not text:
             continue
+        if role == "user" and len(text) > MAX_MESSAGE_CHARS:
+            raise ChatError(
+                f"the message is {len(text):,} characters long; the limit is "
+                f"{MAX_MESSAGE_CHARS:,}: shorten it"
+            )
         parts: list[dict] = []
         if image_pending and role == "user":
             parts.append({"type": "image"})
@@ -166,16 +184,71 @@ def build_inputs(model: Any, processor: Any, messages: Sequence[dict], image: Im
     return inputs.to(model.device, dtype=model.dtype)
 
 
+def context_length(model: Any) -> int | None:
+    """The most tokens the model's language model reads (prompt + reply), or None if unknown."""
+    config = model.config
+    text = getattr(config, "text_config", None) or config
+    return getattr(text, "max_position_embeddings", None) or getattr(
+        config, "max_position_embeddings", None
+    )
+
+
+def fit_to_context(model: Any, prompt_tokens: int, params: GenerationParams) -> GenerationParams:
+    """``params`` with ``max_new_tokens`` cut to the room the context leaves after the prompt.
+
+    Raises ``ChatError`` when the prompt alone (the conversation, picture tokens included) fills
+    the context, so nothing longer than the model can read ever reaches a forward pass.
+    """
+    limit = context_length(model)
+    if limit is None or prompt_tokens + params.max_new_tokens <= limit:
+        return params
+    room = limit - prompt_tokens
+    if room < 1:
+        raise ChatError(
+            f"the conversation is {prompt_tokens:,} tokens long (picture included) but this model "
+            f"reads at most {limit:,}; ask a shorter question or press Clear to start afresh"
+        )
+    return GenerationParams(room, params.temperature, params.top_p)
+
+
+class TokenStreamer(TextIteratorStreamer):
+    """A ``TextIteratorStreamer`` that hands out each token's text at once.
+
+    transformers' streamers hold text back until a word ends (a space, a newline or a CJK
+    character), so the first visible text waits for the first whole word. This one emits the new
+    text after every token, holding back only an incomplete UTF-8 character (a byte-level token
+    that decodes to U+FFFD until its next byte arrives).
+    """
+
+    def put(self, value: torch.Tensor) -> None:
+        if value.dim() > 1:
+            if value.shape[0] > 1:
+                raise ValueError("TokenStreamer only supports batch size 1")
+            value = value[0]
+        if self.skip_prompt and self.next_tokens_are_prompt:
+            self.next_tokens_are_prompt = False
+            return
+        self.token_cache.extend(value.tolist())
+        text = self.tokenizer.decode(self.token_cache, **self.decode_kwargs)
+        if text.endswith("\ufffd"):
+            return
+        printable, self.print_len = text[self.print_len :], len(text)
+        if printable:
+            self.on_finalized_text(printable)
+
+
 class _StopOnEvent:
-    """Stopping criterion: true once either event is set; counts the steps it was asked."""
+    """Stopping criterion: true once an event is set or ``idle()`` says the reader is gone;
+    counts the steps it was asked."""
 
     def __init__(self, *events: threading.Event) -> None:
         self.events = events
         self.steps = 0
+        self.idle: Callable[[], bool] = lambda: False
 
     def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
         self.steps += 1
-        stop = any(e.is_set() for e in self.events)
+        stop = any(e.is_set() for e in self.events) or self.idle()
         return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
 
@@ -183,8 +256,9 @@ class Reply:
     """An iterator of text chunks from a generation thread (what ``stream_reply`` returns).
 
     ``thread`` is the generation thread; ``new_tokens`` how many tokens it produced so far;
-    ``stopped`` whether the stop flag (or ``close()``) ended it. Closing the iterator early stops
-    the generation and waits for the thread.
+    ``stopped`` whether the stop flag, ``close()`` or an idle reader ended it; ``max_new_tokens``
+    the limit it runs under (cut to the model's context). Closing the iterator early stops the
+    generation and waits for the thread.
     """
 
     def __init__(
@@ -194,10 +268,22 @@ class Reply:
         criterion: _StopOnEvent,
         closed: threading.Event,
         errors: list[BaseException],
+        *,
+        max_new_tokens: int = 0,
+        idle_timeout: float | None = None,
     ) -> None:
         self._streamer, self.thread, self._criterion = streamer, thread, criterion
         self._closed, self._errors = closed, errors
         self._done = False
+        self.max_new_tokens = max_new_tokens
+        self._last_read = time.monotonic()
+        if idle_timeout is not None:
+            criterion.idle = lambda: self._idle(idle_timeout)
+
+    def _idle(self, timeout: float) -> bool:
+        if time.monotonic() - self._last_read > timeout:
+            self._closed.set()
+        return self._closed.is_set()
 
     @property
     def new_tokens(self) -> int:
@@ -214,10 +300,12 @@ class Reply:
         if self._done:
             raise StopIteration
         try:
-            return next(self._streamer)
+            chunk = next(self._streamer)
         except StopIteration:
             self._finish()
             raise
+        self._last_read = time.monotonic()
+        return chunk
 
     def _finish(self) -> None:
         self._done = True
@@ -242,20 +330,26 @@ def stream_reply(
     image: Image.Image | None,
     params: GenerationParams,
     stop: threading.Event | None = None,
+    *,
+    idle_timeout: float | None = IDLE_TIMEOUT,
 ) -> Reply:
     """Start generating the assistant's next turn and return an iterator of text chunks.
 
     messages: plain turns ending with the user's, ``[{"role": "user", "content": "..."}, ...]``.
     image: the conversation's picture (belongs to the first user turn) or None.
     stop: set it from any thread to end generation after the current token.
-    Input errors (no chat template, bad messages) raise ``ChatError`` here, before any thread starts;
-    errors inside ``generate`` are re-raised by the iterator.
+    idle_timeout: seconds the iterator may stay unread before generation stops (the reader went
+    away); None never.
+    Input errors (no chat template, bad messages, a message or conversation too long for the
+    model) raise ``ChatError`` here, before any thread starts; errors inside ``generate`` are
+    re-raised by the iterator.
     """
-    from transformers import StoppingCriteriaList, TextIteratorStreamer
+    from transformers import StoppingCriteriaList
 
     inputs = build_inputs(model, processor, messages, image)
+    params = fit_to_context(model, int(inputs["input_ids"].shape[-1]), params)
     tokenizer = getattr(processor, "tokenizer", processor)
-    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    streamer = TokenStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     closed = threading.Event()
     criterion = _StopOnEvent(*(e for e in (stop, closed) if e is not None))
     errors: list[BaseException] = []
@@ -277,8 +371,17 @@ def stream_reply(
             streamer.end()
 
     thread = threading.Thread(target=run, name="dim3-generate", daemon=True)
+    reply = Reply(
+        streamer,
+        thread,
+        criterion,
+        closed,
+        errors,
+        max_new_tokens=params.max_new_tokens,
+        idle_timeout=idle_timeout,
+    )
     thread.start()
-    return Reply(streamer, thread, criterion, closed, errors)
+    return reply
 
 
 def interleave(left: Iterable[str], right: Iterable[str]) -> Iterator[tuple[str, str]]:

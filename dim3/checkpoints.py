@@ -2,21 +2,32 @@
 
 This module knows files: where a checkpoint lives, which safetensors shard holds which tensor,
 each tensor's shape and dtype (read from the headers, no data loaded), and how to load one tensor.
-It knows nothing of model families or merging. It reads safetensors only: pickle (``.bin``)
-checkpoints are refused, and no remote code is ever run.
+It knows nothing of model families or merging (it only asks ``dim3.layout`` whether a config names
+a layout transformers cannot load). It reads safetensors only: pickle (``.bin``) checkpoints are
+refused, and no remote code is ever run.
+
+Damaged downloads are caught when a checkpoint is opened, from the headers and file sizes alone
+(cheap: one header read and one ``os.stat`` per shard): a truncated or corrupt shard, a header whose
+sizes do not add up, an index naming a missing shard or a tensor its shard lacks, a shard in
+another dtype than the rest. Each is one line naming the file and the likely cause; errors the
+safetensors library raises later, while reading, are translated the same way.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
+import struct
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
+
+from dim3.layout import unconverted_layout
 
 # The files a merge needs from a Hub repository: weights, their index, configs, tokenizer,
 # processor and chat template. Never ``*.bin``, ``*.py`` or anything else.
@@ -47,6 +58,11 @@ SAFETENSORS_DTYPES = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+
+
+MAX_HEADER = 100 * 2**20  # the safetensors library's own limit on a header's size
+REDOWNLOAD = "likely an interrupted or mixed-up download; re-download it"
+DTYPE_BYTES = {name: dtype.itemsize for name, dtype in SAFETENSORS_DTYPES.items()}
 
 
 class CheckpointError(ValueError):
@@ -134,6 +150,7 @@ def _resolve_hub(ref: str, revision: str | None, token: str | None) -> Path:
     except Exception as exc:  # the Hub client raises many types; each is mapped to a message
         raise _hub_error(ref, revision, exc) from exc
     folder = Path(folder)
+    _refuse_unconverted(folder, ref)
     if not any(folder.glob("*.safetensors")):
         _refuse_pickle_repo(ref, revision, token)
     return folder
@@ -180,36 +197,203 @@ def resolve(
     return _resolve_hub(ref, revision, token)
 
 
-def _weight_files(path: Path) -> dict[str, Path]:
-    """Map each tensor name to its shard, from the index if present, else from the headers."""
+def _refuse_unconverted(folder: Path, ref: str) -> None:
+    """Refuse, by its config's ``architectures``, a layout transformers cannot load."""
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # no or unreadable config: reported where the config is read
+    reason = unconverted_layout(config) if isinstance(config, dict) else None
+    if reason:
+        raise CheckpointError(f"{ref}: {reason}")
+
+
+def read_header(file: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """``name -> (dtype, shape)`` from one shard's header, checked against the file's size.
+
+    Raises CheckpointError naming the file and the likely cause when the file is truncated or
+    longer than its header says, the header is not valid JSON, or its offsets and sizes disagree.
+    """
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        head = f.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        raw = f.read(n) if 0 <= n <= MAX_HEADER else b""
+    if n < 0 or n > MAX_HEADER:
+        what = "is empty" if size == 0 else "does not start with a safetensors header"
+        raise CheckpointError(f"{file} {what} (corrupt or truncated): {REDOWNLOAD}")
+    if len(raw) < n:
+        raise CheckpointError(
+            f"{file} is truncated ({size} bytes, shorter than its own header): {REDOWNLOAD}"
+        )
+    try:
+        header = json.loads(raw)
+        entries = {k: v for k, v in header.items() if k != "__metadata__"}
+        tensors, end = _check_offsets(entries)
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise CheckpointError(f"{file} has a corrupt header ({exc}): {REDOWNLOAD}") from None
+    expected = 8 + n + end
+    if size < expected:
+        raise CheckpointError(
+            f"{file} is truncated ({size} bytes; its header describes {expected}): {REDOWNLOAD}"
+        )
+    if size > expected:
+        raise CheckpointError(
+            f"{file} is {size - expected} bytes longer than its header describes ({expected}): "
+            f"corrupt; {REDOWNLOAD}"
+        )
+    return tensors
+
+
+def _check_offsets(entries: dict) -> tuple[dict[str, tuple[str, tuple[int, ...]]], int]:
+    """Each tensor's bytes match its dtype and shape; the data is covered without gap or overlap."""
+    tensors, spans = {}, []
+    for key, info in entries.items():
+        dtype, shape = info["dtype"], tuple(int(d) for d in info["shape"])
+        begin, end = (int(x) for x in info["data_offsets"])
+        if dtype not in DTYPE_BYTES:
+            raise ValueError(f"tensor {key!r} has unknown dtype {dtype}")
+        if end - begin != math.prod(shape) * DTYPE_BYTES[dtype]:
+            raise ValueError(
+                f"tensor {key!r} is {dtype} {list(shape)} but its offsets span {end - begin} bytes"
+            )
+        tensors[key] = (dtype, shape)
+        spans.append((begin, end, key))
+    pos = 0
+    for begin, end, key in sorted(spans):
+        if begin != pos:
+            raise ValueError(f"tensor {key!r} starts at byte {begin}, not {pos}")
+        pos = end
+    return tensors, pos
+
+
+def _dominant_dtype(tensors: dict[str, tuple[str, tuple[int, ...]]]) -> str | None:
+    """The floating-point dtype holding most of a shard's bytes."""
+    weight: dict[str, int] = {}
+    for dtype, shape in tensors.values():
+        if dtype.startswith(("F", "BF")):
+            weight[dtype] = weight.get(dtype, 0) + math.prod(shape) * DTYPE_BYTES[dtype]
+    return max(weight, key=weight.__getitem__) if weight else None
+
+
+def _check_shard_dtypes(
+    headers: dict[Path, dict], total_size: int | None, declared: str | None
+) -> None:
+    """Refuse a shard whose dtype differs from the others' when the index's size disagrees too.
+
+    Mixed dtypes alone are legitimate (Llama-2-7b-hf keeps its rotary buffers in float32); a shard
+    replaced by a conversion in another dtype also changes the bytes the index announces.
+    """
+    dominant = {file: _dominant_dtype(tensors) for file, tensors in headers.items()}
+    kinds = [d for d in dominant.values() if d]
+    if len(set(kinds)) < 2:
+        return
+    stored = sum(
+        math.prod(shape) * DTYPE_BYTES[dtype]
+        for tensors in headers.values()
+        for dtype, shape in tensors.values()
+    )
+    if total_size is not None and total_size == stored:
+        return
+    usual = declared if declared in kinds else max(set(kinds), key=kinds.count)
+    odd = next(f for f, d in dominant.items() if d and d != usual)
+    said = "" if total_size is None else f"; the index announces {total_size} bytes, not {stored}"
+    raise CheckpointError(
+        f"{odd} holds {dominant[odd]} tensors but the other shards hold {usual}{said}: it "
+        "belongs to another download or conversion of the model; re-download it"
+    )
+
+
+def _declared_dtype(config: dict) -> str | None:
+    """The safetensors dtype name ``config.json`` declares (``torch_dtype`` or ``dtype``), if any."""
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    for cfg in (config, text):
+        for field in ("torch_dtype", "dtype"):
+            name = cfg.get(field)
+            dtype = getattr(torch, name, None) if isinstance(name, str) else None
+            for key, value in SAFETENSORS_DTYPES.items():
+                if value == dtype:
+                    return key
+    return None
+
+
+def _read_index(index: Path) -> tuple[dict[str, str], int | None]:
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+        weight_map = {str(k): str(v) for k, v in data["weight_map"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"{index} is not a valid shard index ({exc}): {REDOWNLOAD}") from None
+    total = (data.get("metadata") or {}).get("total_size")
+    return weight_map, int(total) if isinstance(total, int | float | str) else None
+
+
+def _weight_files(
+    path: Path, config: dict
+) -> tuple[dict[str, Path], dict[str, tuple[str, tuple[int, ...]]]]:
+    """Each tensor's shard and ``(dtype, shape)``, from the index if present, else the headers.
+
+    Every shard's header is read and checked against its file size; the index must agree with
+    the headers.
+    """
     index = path / "model.safetensors.index.json"
     if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        missing = sorted({f for f in weight_map.values() if not (path / f).exists()})
+        weight_map, total_size = _read_index(index)
+        missing = sorted({f for f in weight_map.values() if not (path / f).is_file()})
         if missing:
             raise CheckpointError(
-                f"{path} is incomplete: its index names missing shard(s) {missing[:3]}; "
-                "download the checkpoint again"
+                f"{path / missing[0]} is missing (named by {index.name}"
+                + (f", with {len(missing) - 1} more" if len(missing) > 1 else "")
+                + f"): {REDOWNLOAD}"
             )
-        return {key: path / f for key, f in weight_map.items()}
-    files = sorted(path.glob("*.safetensors"))
+        files = sorted({path / f for f in weight_map.values()})
+    else:
+        weight_map, total_size = {}, None
+        files = sorted(path.glob("*.safetensors"))
     if not files:
-        pickles = sorted(p.name for p in path.iterdir() if p.name.endswith(PICKLE_SUFFIXES))
-        if pickles:
-            raise CheckpointError(
-                f"{path} holds only pickle weights ({', '.join(pickles[:3])}); DiM3 reads "
-                "safetensors only, since pickle can run code: use a safetensors revision of "
-                "the model (many Hub repos have one) or convert it yourself first"
-            )
-        raise CheckpointError(f"{path} has no *.safetensors weights; is it a model folder?")
-    mapping: dict[str, Path] = {}
-    for file in files:
-        with safe_open(file, "pt") as f:
-            for key in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+        _refuse_no_safetensors(path)
+    headers = {file: read_header(file) for file in files}
+    if index.exists():
+        for key, name in weight_map.items():
+            if key not in headers[path / name]:
+                raise CheckpointError(
+                    f"{path / name} does not hold {key!r}, which {index.name} places there: "
+                    f"the shard and the index come from different versions; {REDOWNLOAD}"
+                )
+        _check_shard_dtypes(headers, total_size, _declared_dtype(config))
+        mapping = {key: path / name for key, name in weight_map.items()}
+    else:
+        _check_shard_dtypes(headers, None, _declared_dtype(config))
+        mapping = {}
+        for file, tensors in headers.items():
+            for key in tensors:
                 if key in mapping:
                     raise CheckpointError(f"tensor {key!r} appears in two shards of {path}")
                 mapping[key] = file
-    return mapping
+    info = {key: headers[file][key] for key, file in mapping.items()}
+    return mapping, info
+
+
+def _refuse_no_safetensors(path: Path) -> None:
+    pickles = sorted(p.name for p in path.iterdir() if p.name.endswith(PICKLE_SUFFIXES))
+    if pickles:
+        raise CheckpointError(
+            f"{path} holds only pickle weights ({', '.join(pickles[:3])}); DiM3 reads "
+            "safetensors only, since pickle can run code: use a safetensors revision of "
+            "the model (many Hub repos have one) or convert it yourself first"
+        )
+    raise CheckpointError(f"{path} has no *.safetensors weights; is it a model folder?")
+
+
+def _read_error(file: Path, exc: Exception, key: str | None = None) -> CheckpointError:
+    """A safetensors or OS error while reading ``file``, as one line with its likely cause."""
+    what = f"reading {key!r} from {file}" if key else f"opening {file}"
+    detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if isinstance(exc, FileNotFoundError):
+        return CheckpointError(f"{what} failed: the file is gone ({detail}); re-download it")
+    return CheckpointError(
+        f"{what} failed ({detail}): the file is damaged or changed since it was opened; "
+        f"{REDOWNLOAD}"
+    )
 
 
 class Checkpoint:
@@ -226,8 +410,12 @@ class Checkpoint:
         config = self.path / "config.json"
         if not config.exists():
             raise CheckpointError(f"{self.path} has no config.json; is it a model folder?")
-        self.config: dict = json.loads(config.read_text())
-        self._files = _weight_files(self.path)
+        try:
+            self.config: dict = json.loads(config.read_text(encoding="utf-8"))
+        except ValueError as exc:
+            raise CheckpointError(f"{config} is not valid JSON ({exc}): {REDOWNLOAD}") from None
+        _refuse_unconverted(self.path, self.ref)
+        self._files, self._info = _weight_files(self.path, self.config)
         self._handles: dict[Path, object] = {}
 
     @classmethod
@@ -255,7 +443,10 @@ class Checkpoint:
         except KeyError:
             raise KeyError(f"tensor {key!r} is not in {self.ref}") from None
         if file not in self._handles:
-            self._handles[file] = safe_open(file, "pt")
+            try:
+                self._handles[file] = safe_open(file, "pt")
+            except (SafetensorError, OSError) as exc:
+                raise _read_error(file, exc) from None
         return self._handles[file]
 
     def keys(self) -> list[str]:
@@ -265,11 +456,17 @@ class Checkpoint:
     def __contains__(self, key: str) -> bool:
         return key in self._files
 
+    def _entry(self, key: str) -> tuple[str, tuple[int, ...]]:
+        try:
+            return self._info[key]
+        except KeyError:
+            raise KeyError(f"tensor {key!r} is not in {self.ref}") from None
+
     def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._handle(key).get_slice(key).get_shape())
+        return self._entry(key)[1]
 
     def dtype(self, key: str) -> torch.dtype:
-        name = self._handle(key).get_slice(key).get_dtype()
+        name = self._entry(key)[0]
         try:
             return SAFETENSORS_DTYPES[name]
         except KeyError:
@@ -283,7 +480,15 @@ class Checkpoint:
 
     def get(self, key: str) -> torch.Tensor:
         """Load one tensor (CPU, its stored dtype)."""
-        return self._handle(key).get_tensor(key)
+        handle = self._handle(key)
+        try:
+            return handle.get_tensor(key)
+        except (SafetensorError, OSError) as exc:
+            raise _read_error(self._files[key], exc, key) from None
+
+    def get_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of one tensor (CPU, stored dtype), read without loading the rest."""
+        return self._handle(key).get_slice(key)[start:stop]
 
     def file_of(self, key: str) -> Path:
         return self._files[key]

@@ -23,6 +23,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "plan": ("dim3.cli", "check three checkpoints and print the merge plan; writes nothing"),
     "diagnose": ("dim3.diagnostics", "per-layer residual geometry of three checkpoints: CSV, PNG"),
     "eval": ("dim3.evaluate", "accuracy of the original VLM and of each merge on a probe set"),
+    "represent": ("dim3.represent", "per-layer cross-lingual structure of hidden states: CSV, PNG"),
+    "sweep": ("dim3.sweep", "a grid of one method's options, tuned and reported on probe halves"),
 }
 
 
@@ -147,6 +149,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", choices=DTYPES, help="output dtype")
     parser.add_argument("--device", default="auto", help=f"one of {', '.join(DEVICES)}, cuda:N")
     parser.add_argument("--shard-size", default="5GB", help="max shard size, e.g. 5GB")
+    parser.add_argument(
+        "--chunk-size",
+        default=None,
+        help="memory budget per slice: tensors larger than this in float32 are merged in row "
+        "slices (default 32MiB; results agree to float rounding)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
 
 
@@ -185,6 +193,7 @@ def run(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             shard_size=args.shard_size,
             progress=progress,
+            **({"chunk_size": args.chunk_size} if args.chunk_size else {}),
         )
     finally:
         for bar in bars:

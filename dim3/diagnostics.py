@@ -4,6 +4,10 @@ For every language-model tensor that a merge would merge, streamed one trio at a
 engine's plan (the same tensors, rows and transposes the rule sees, so memory stays that of the
 merge), it measures:
 
+With several multilingual models (language experts) there is one row per tensor and multilingual
+update (``update``: ``multilingual_1``, ``multilingual_2``, ...): its ``ml_*`` figures are that
+update's, DiM3's weights are computed over all N+1 updates as the merge does.
+
 - ``mm_norm`` / ``ml_norm``: ‖Δ‖ / ‖base‖ (Frobenius) of the multimodal and multilingual updates;
 - ``mm_reorientation`` / ``ml_reorientation``: mean over columns of 1 − cos(tuned column, base
   column) (a 1-D tensor counts as one column);
@@ -40,7 +44,7 @@ from dim3.engine import Inputs, Progress, open_inputs, resolve_device
 from dim3.layout import layout_for
 from dim3.methods.dim3 import EPS, DiM3Options, dim3_weights
 from dim3.plan import Entry, MergePlan, build_plan
-from dim3.recipe import Recipe
+from dim3.recipe import Recipe, multilingual_labels
 
 CSV_FILE = "diagnostics.csv"
 SUMMARY_FILE = "diagnostics_by_module.csv"
@@ -114,6 +118,7 @@ class DiagnosticRow:
     dim3_ml_calibrated_magnitude: float
     dim3_mm_calibrated_direction: float
     dim3_ml_calibrated_direction: float
+    update: str = "multilingual"  # which multilingual model the ml_* figures describe
 
 
 # ---------------------------------------------------------------------------- naming
@@ -174,9 +179,19 @@ def reorientation(base: Tensor, tuned: Tensor) -> float:
     return float((1.0 - cos).clamp(0.0, 2.0).mean())  # clamp: rounding can put cos past ±1
 
 
-def measure(base: Tensor, mm: Tensor, ml: Tensor, options: DiM3Options) -> dict[str, float | int]:
-    """All metrics of one trio shaped as the rule sees it: base, mm, ml (out, in) or (n,)."""
-    w = dim3_weights(base, [mm, ml], options)  # weights (2, columns)
+def measure(
+    base: Tensor,
+    mm: Tensor,
+    ml: Tensor,
+    options: DiM3Options,
+    others: Sequence[Tensor] = (),
+) -> dict[str, float | int]:
+    """All metrics of one trio shaped as the rule sees it: base, mm, ml (out, in) or (n,).
+
+    ``others``: further multilingual tensors merged alongside ``ml``; DiM3's weights are then
+    computed over all updates ``[mm, ml, *others]``, as the merge computes them.
+    """
+    w = dim3_weights(base, [mm, ml, *others], options)  # weights (T, columns)
     out: dict[str, float | int] = {
         "columns": int(w.weights.shape[1]),
         "base_norm": float(torch.linalg.vector_norm(base)),
@@ -207,11 +222,13 @@ def _merged_entries(plan: MergePlan) -> list[Entry]:
     return [e for e in plan.entries if e.action == "merge" and not e.tied_to]
 
 
-def _read(entry: Entry, inputs: Inputs) -> tuple[Tensor, Tensor, Tensor]:
+def _read(entry: Entry, inputs: Inputs) -> tuple[Tensor, ...]:
+    """(base, multimodal, *multilingual) tensors of one entry."""
+    mls = zip(inputs.multilingual, entry.multilingual_keys, strict=True)
     return (
         inputs.base.get(entry.base_key),
         inputs.multimodal.get(entry.key),
-        inputs.multilingual[0].get(entry.multilingual_keys[0]),
+        *(ml.get(k) for ml, k in mls),
     )
 
 
@@ -230,8 +247,8 @@ def iter_diagnostics(
     options: DiM3Options | None = None,
     device: str | torch.device = "cpu",
 ) -> Iterator[DiagnosticRow]:
-    """Yield one :class:`DiagnosticRow` per merged tensor, in plan order, one trio in memory
-    (plus the next one, prefetched on a thread, as the engine does)."""
+    """Yield one :class:`DiagnosticRow` per merged tensor (and multilingual model), in plan
+    order, one entry's tensors in memory (plus the next one's, prefetched on a thread)."""
     options = options or DiM3Options()
     device = torch.device(device)
     layout = layout_for(inputs.multimodal.config, inputs.multimodal.keys())
@@ -241,21 +258,24 @@ def iter_diagnostics(
         for i, entry in enumerate(entries):
             raw = pending.result()
             pending = pool.submit(_read, entries[i + 1], inputs) if i + 1 < len(entries) else None
-            base, mm, ml = (_shape_for_rule(entry, t, device) for t in raw)
+            base, mm, *mls = (_shape_for_rule(entry, t, device) for t in raw)
             del raw
             name = (layout.classify(entry.key) or ("", entry.key))[1] or entry.key
             layer, module, group = describe_name(name)
-            values = measure(base, mm, ml, options)
-            yield DiagnosticRow(
-                key=entry.key,
-                name=name,
-                layer=layer,
-                module=module,
-                group=group,
-                shape=tuple(base.shape),
-                **values,
-            )
-            del base, mm, ml
+            labels = multilingual_labels(len(mls))
+            for i, (label, ml) in enumerate(zip(labels, mls, strict=True)):
+                values = measure(base, mm, ml, options, mls[:i] + mls[i + 1 :])
+                yield DiagnosticRow(
+                    key=entry.key,
+                    name=name,
+                    layer=layer,
+                    module=module,
+                    group=group,
+                    shape=tuple(base.shape),
+                    update=label,
+                    **values,
+                )
+            del base, mm, mls
 
 
 def diagnose(
@@ -270,11 +290,6 @@ def diagnose(
     ``progress`` gets one :class:`dim3.engine.Progress` per tensor; if it raises, nothing more is
     read and the exception propagates.
     """
-    if len(recipe.multilingual) != 1:
-        raise ValueError(
-            f"diagnostics compare one multilingual model with the VLM; {len(recipe.multilingual)} "
-            "were given: run diagnose once per multilingual model"
-        )
     options = recipe.method_options() if recipe.method == "dim3" else DiM3Options()
     device = resolve_device(recipe.device)
     rows: list[DiagnosticRow] = []
@@ -283,12 +298,16 @@ def diagnose(
         entries = _merged_entries(plan)
         total_bytes = sum(e.nbytes for e in entries)
         start, done_bytes = time.perf_counter(), 0
+        per_entry = len(recipe.multilingual)
         for i, row in enumerate(iter_diagnostics(plan, inputs, options=options, device=device)):
             rows.append(row)
-            done_bytes += entries[i].nbytes
+            if (i + 1) % per_entry:
+                continue
+            done = (i + 1) // per_entry
+            done_bytes += entries[done - 1].nbytes
             if progress is not None:
                 elapsed = time.perf_counter() - start
-                progress(Progress(i + 1, len(entries), row.key, done_bytes, total_bytes, elapsed))
+                progress(Progress(done, len(entries), row.key, done_bytes, total_bytes, elapsed))
     return rows
 
 
@@ -449,15 +468,36 @@ def plot(
     return path
 
 
+def updates(rows: Sequence[DiagnosticRow]) -> list[str]:
+    """The multilingual updates the rows describe, in order."""
+    return list(dict.fromkeys(r.update for r in rows))
+
+
+def summarize_updates(rows: Sequence[DiagnosticRow]) -> list[dict[str, Any]]:
+    """:func:`summarize` per multilingual update (with an ``update`` column when several)."""
+    labels = updates(rows)
+    if len(labels) == 1:
+        return summarize(rows)
+    return [
+        {"update": u, **s} for u in labels for s in summarize([r for r in rows if r.update == u])
+    ]
+
+
 def write_report(rows: Sequence[DiagnosticRow], out_dir: str | Path) -> list[Path]:
-    """Write ``diagnostics.csv``, ``diagnostics_by_module.csv`` and one PNG per figure."""
+    """Write ``diagnostics.csv``, ``diagnostics_by_module.csv`` and one PNG per figure (per
+    multilingual update when there are several: ``NAME_multilingual_2.png``)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = [out / CSV_FILE, out / SUMMARY_FILE]
     written[0].write_text(to_csv(rows), encoding="utf-8")
-    written[1].write_text(to_csv(summarize(rows)), encoding="utf-8")
-    for name, (title, metrics) in FIGURES.items():
-        written.append(plot(rows, out / f"{name}.png", metrics, title))
+    labels = updates(rows)
+    written[1].write_text(to_csv(summarize_updates(rows)), "utf-8")
+    for u in labels:
+        own = [r for r in rows if r.update == u]
+        suffix = f"_{u}" if len(labels) > 1 else ""
+        for name, (title, metrics) in FIGURES.items():
+            label = f"{title} ({u})" if suffix else title
+            written.append(plot(own, out / f"{name}{suffix}.png", metrics, label))
     return written
 
 
@@ -497,9 +537,12 @@ def run(args: argparse.Namespace) -> int:
             bar.close()
     for path in write_report(rows, args.out):
         print(f"wrote {path}")
-    for s in summarize(rows):
+    labels = updates(rows)
+    summary = summarize_updates(rows)
+    for s in summary:
         print(
-            f"{s['module']:>26}  ‖Δmm‖/‖b‖ {s['mm_norm']:.4f}  ‖Δml‖/‖b‖ {s['ml_norm']:.4f}  "
+            (f"{s['update']:>16} " if len(labels) > 1 else "")
+            + f"{s['module']:>26}  ‖Δmm‖/‖b‖ {s['mm_norm']:.4f}  ‖Δml‖/‖b‖ {s['ml_norm']:.4f}  "
             f"cos(Δml,Δmm) {s['cross_alignment']:+.4f}  w_mm {s['dim3_mm_weight']:.3f}  "
             f"w_ml {s['dim3_ml_weight']:.3f}"
         )

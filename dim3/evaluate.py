@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from dim3.demo.probe import ProbeItem, load_probe
+from dim3.probes import ProbeItem, load_probe
 from dim3.recipe import Recipe, Source
 
 END_PUNCTUATION = ".。!！?？,，;；:：\"'«»“”„()[]"

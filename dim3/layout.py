@@ -3,11 +3,15 @@
 Layouts are data, one table per family: prefixes on disk (both the older ``language_model.model.*``
 layout and the newer ``model.language_model.*`` one) mapped to the canonical LLM names that a
 plain causal LM uses (``model.layers.*``, ``model.embed_tokens.weight``, ``lm_head.weight``).
-This module knows key names only: no shapes, files or tensors.
+Real checkpoints hold more than a family's weights, and those facts are data here too: buffers
+stored beside the weights (:data:`BUFFERS`, left out of every match) and layouts that transformers
+cannot load (:data:`UNCONVERTED`, refused with a pointer to a converted checkpoint).
+This module knows key names and config fields only: no shapes, files or tensors.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -15,6 +19,48 @@ LANGUAGE, VISION, PROJECTOR = "language", "vision", "projector"
 EMBED = "model.embed_tokens.weight"
 LM_HEAD = "lm_head.weight"
 VOCAB_KEYS = (EMBED, LM_HEAD)  # canonical tensors with one row per token
+
+# Buffers some checkpoints store as if they were weights: (pattern, what they are). transformers 5
+# computes them at load time and drops them from a checkpoint silently (``rotary_emb.inv_freq`` and
+# ``position_ids``: PreTrainedModel._adjust_missing_and_unexpected_keys), so they are never merged,
+# matched or written. Seen in real files: 32 ``model.layers.N.self_attn.rotary_emb.inv_freq``
+# (shape [64]) in Llama-2-7b-hf (float32 in a float16 checkpoint), Llama-2-7b-chat-hf,
+# vicuna-7b-v1.5 and liuhaotian/llava-v1.5-7b; llava-hf/llava-1.5-7b-hf has none. Old CLIP/BERT
+# checkpoints store ``embeddings.position_ids`` the same way.
+BUFFERS: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"(^|\.)rotary_emb\.inv_freq$"), "rotary inv_freq"),
+    (re.compile(r"(^|\.)position_ids$"), "position_ids"),
+)
+
+# Architectures whose checkpoints transformers cannot load as a VLM, by ``architectures`` (their
+# ``model_type`` may be "llava" too, with a flat Llama config): what they are, and what to use.
+_ORIGINAL_LLAVA = (
+    "the original LLaVA layout (haotian-liu/LLaVA: a Llama with model.mm_projector.* and no vision "
+    "tower in the checkpoint), which transformers cannot load; use a transformers checkpoint of it "
+    "(for LLaVA-1.5-7B: llava-hf/llava-1.5-7b-hf) or convert it with transformers' "
+    "models/llava/convert_llava_weights_to_hf.py"
+)
+UNCONVERTED: dict[str, str] = {
+    "LlavaLlamaForCausalLM": _ORIGINAL_LLAVA,
+    "LlavaMistralForCausalLM": _ORIGINAL_LLAVA,
+    "LlavaMptForCausalLM": _ORIGINAL_LLAVA,
+}
+
+
+def buffer_kind(key: str) -> str | None:
+    """What stored buffer ``key`` is (e.g. "rotary inv_freq"), or None for a weight."""
+    for pattern, kind in BUFFERS:
+        if pattern.search(key):
+            return kind
+    return None
+
+
+def unconverted_layout(config: dict) -> str | None:
+    """Why a checkpoint with this ``config.json`` cannot be used and what to do, or None."""
+    for arch in config.get("architectures") or ():
+        if arch in UNCONVERTED:
+            return f"its architecture {arch} is {UNCONVERTED[arch]}"
+    return None
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,8 @@
 
 This module knows where a VLM goes (CPU or which GPUs, in which dtype), whether it fits before it
 is loaded, and how to free it again. One ``ModelManager`` owns every loaded model; nothing else
-keeps references to models between requests. It does not know Gradio, chat formatting (see
+keeps references to models between requests, and its policy says what one visitor's action may
+change for the others (see ``ModelManager``). It does not know Gradio, chat formatting (see
 ``dim3.chat``) or the merge rule (see ``dim3.engine``).
 
 Placement rules: bf16 on GPU (fp16 where bf16 is unsupported), fp32 on CPU. A model that fits on
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import gc
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +28,7 @@ from dim3.chat import load_vlm
 from dim3.checkpoints import Checkpoint, resolve
 
 ORIGINAL, MERGED = "original", "merged"
+MODES = ("open", "showcase")
 SLOTS = (ORIGINAL, MERGED)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEVICES = ("auto", "cpu", "cuda")
@@ -167,8 +170,52 @@ class LoadedVLM:
     placement: Placement
 
 
+@dataclass(frozen=True)
+class MergeInfo:
+    """Which recipe made the merged model now served, and when (``version`` counts swaps)."""
+
+    version: int
+    label: str  # e.g. "dim3 merge of ./assets/demo/multimodal"
+    merged_at: float  # time.time()
+    recipe: Any = None  # dim3.recipe.Recipe
+    summary: dict | None = None  # the plan's counts (merged, copied, padded), when merged here
+
+    def when(self) -> str:
+        return time.strftime("%H:%M:%S UTC", time.gmtime(self.merged_at))
+
+
+@dataclass(frozen=True)
+class Served:
+    """One consistent view of the served models, as a chat answer uses them."""
+
+    original: LoadedVLM | None
+    merged: LoadedVLM | None
+    info: MergeInfo | None
+
+    @property
+    def version(self) -> int:
+        return self.info.version if self.info else 0
+
+
+class ShowcaseError(ValueError):
+    """A visitor tried to change the models of a showcase; the message says what they can do."""
+
+
 class ModelManager:
     """Owns the loaded original and merged VLMs of one server; thread-safe.
+
+    The sharing policy (what one visitor's action may change for the others) lives here:
+
+    - ``mode="showcase"``: the models are fixed at start-up (:meth:`start_showcase`); every later
+      :meth:`merge`, :meth:`load` or :meth:`unload` raises :class:`ShowcaseError`.
+    - ``mode="open"``: anyone may merge, one merge at a time. A merge is built in a staging copy
+      while the current models keep serving; only a complete merge replaces them (original and
+      merged together), and :attr:`Served.info` then names the new recipe and time so that chats
+      can tell their visitors. A failed or aborted merge changes nothing.
+
+    Memory: two models are served (original + merged); a merge holds one more staging copy (two
+    when it also changes the original VLM) until the swap. The staging copy is checked against
+    free memory before any weight is read and refused with the sizes when it does not fit.
 
     allowed_roots: local folders models may come from (None: any). token: a Hub token for
     private or gated repos (never logged). default_vlm: what the "original" slot loads when a chat
@@ -181,17 +228,37 @@ class ModelManager:
         allowed_roots: Sequence[str | Path] | None = None,
         token: str | None = None,
         default_vlm: str | None = None,
+        mode: str = "open",
     ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         self.allowed_roots = allowed_roots
         self.token = token
         self.default_vlm = default_vlm
+        self.mode = mode
         self._slots: dict[str, LoadedVLM | None] = dict.fromkeys(SLOTS)
-        self._lock = threading.RLock()
+        self._info: MergeInfo | None = None
+        self._version = 0
+        self._lock = threading.RLock()  # guards the slots
+        self._merging = threading.Lock()  # one merge at a time
+        self._frozen = False
+
+    # -- reading -----------------------------------------------------------------------------
 
     def get(self, slot: str) -> LoadedVLM | None:
         """The model in ``slot`` (``ORIGINAL`` or ``MERGED``), or None."""
         self._check_slot(slot)
         return self._slots[slot]
+
+    def served(self) -> Served:
+        """The original and merged models and the merge's info, read together."""
+        with self._lock:
+            return Served(self._slots[ORIGINAL], self._slots[MERGED], self._info)
+
+    @property
+    def frozen(self) -> bool:
+        """True once a showcase has started: nobody may change the models."""
+        return self._frozen
 
     def status(self) -> dict[str, str]:
         """One line per slot for display: label and placement, or "not loaded"."""
@@ -200,11 +267,37 @@ class ModelManager:
             for s, m in self._slots.items()
         }
 
+    def memory_note(self) -> str:
+        """What the served models cost and what a merge needs besides, in words."""
+        sizes = [m.placement.needed for m in self._slots.values() if m]
+        if not sizes:
+            return "No model is loaded yet."
+        served = _gib(sum(sizes))
+        if self.mode == "showcase":
+            return f"Served models: ~{served} (fixed by the owner)."
+        return (
+            f"Served models: ~{served}. A merge builds its result in a staging copy "
+            f"(~{_gib(max(sizes))} more) while these keep answering, and is refused when memory "
+            "does not allow both."
+        )
+
+    def display_ref(self, ref: str) -> str:
+        """A source reference as visitors may see it (local folders without the server path)."""
+        from dim3.checkpoints import looks_local
+        from dim3.paths import public_path
+
+        return public_path(ref, self.allowed_roots or []) if looks_local(ref) else ref
+
+    # -- changing ----------------------------------------------------------------------------
+
     def unload(self, slot: str) -> None:
         """Drop ``slot``'s model and give its memory back (CPU and GPU)."""
         self._check_slot(slot)
+        self._check_open("unload a model")
         with self._lock:
             self._slots[slot] = None
+            if slot == MERGED:
+                self._info = None
         _collect()
 
     def clear(self) -> None:
@@ -227,20 +320,16 @@ class ModelManager:
         freed before the new one is loaded, and the memory check runs before any weight is read.
         """
         self._check_slot(slot)
+        self._check_open("load a model")
         with self._lock:
             path = resolve(ref, revision, allowed_roots=self.allowed_roots, token=self.token)
             dev = resolve_device(device)
             torch_dtype = resolve_dtype(dtype, dev)
             current = self._slots[slot]
-            if (
-                current
-                and current.path == path
-                and current.placement.dtype == torch_dtype
-                and current.placement.device == dev
-            ):
+            if _same(current, path, dev, torch_dtype):
                 return current
             self.unload(slot)
-            loaded = self._load_fresh(path, ref, dev, torch_dtype, label or ref)
+            loaded = self._load_fresh(path, ref, dev, torch_dtype, label or self.display_ref(ref))
             self._slots[slot] = loaded
             return loaded
 
@@ -249,52 +338,125 @@ class ModelManager:
         if self._slots[ORIGINAL] is not None:  # no lock: a running merge must not block chats
             return self._slots[ORIGINAL]
         with self._lock:
-            if self._slots[ORIGINAL] is None and self.default_vlm:
-                self.load(ORIGINAL, self.default_vlm, label=f"{self.default_vlm} (original)")
+            if self._slots[ORIGINAL] is None and self.default_vlm and not self._frozen:
+                path = resolve(self.default_vlm, allowed_roots=self.allowed_roots)
+                dev = resolve_device("auto")
+                self._slots[ORIGINAL] = self._load_fresh(
+                    path,
+                    self.default_vlm,
+                    dev,
+                    resolve_dtype("auto", dev),
+                    f"{self.display_ref(self.default_vlm)} (original)",
+                )
             return self._slots[ORIGINAL]
 
     def merge(self, recipe: Any, *, progress: Callable | None = None) -> tuple[LoadedVLM, Any]:
-        """Merge ``recipe`` into a fresh copy of its VLM and keep it as the merged model.
+        """Merge ``recipe`` into a staging copy of its VLM; serve it only once it is complete.
 
-        The original slot is (re)loaded with the recipe's VLM so both panes compare the same
-        model; the previous merged model is freed first. Returns (merged model, MergeResult).
-        A failed or aborted merge leaves the merged slot empty, never half-merged.
+        The original slot gets the recipe's VLM too (both panes compare the same model), swapped
+        in at the same moment. Until then the current models keep serving; if anything fails
+        (bad input, memory, an aborted merge) they stay as they were. Returns (merged model,
+        MergeResult). ``ShowcaseError`` in a showcase.
         """
+        self._check_open("merge")
+        if not self._merging.acquire(blocking=False):
+            raise ModelMemoryError(
+                "another merge is running on this server; try again when it has finished"
+            )
+        try:
+            return self._merge(recipe, progress)
+        finally:
+            self._merging.release()
+
+    def start_showcase(self, source: str | Path) -> MergeInfo:
+        """Fix the served models for good: merge a recipe file, or load a saved merged folder
+        (with its ``dim3_recipe.json``). Only the owner calls this, at start-up."""
+        from dim3.recipe import RECIPE_FILE, Recipe
+
+        if self._frozen:
+            raise ShowcaseError("the showcase has already started")
+        path = Path(source).expanduser()
+        if path.is_dir():
+            recipe = Recipe.load(path / RECIPE_FILE)
+            self._serve_saved(path, recipe)
+        elif path.is_file():
+            self._merge(Recipe.load(path), None)
+        else:
+            raise ValueError(
+                f"DIM3_SHOWCASE={source!r} is neither a recipe file nor a merged folder"
+            )
+        self.mode, self._frozen = "showcase", True
+        assert self._info is not None
+        return self._info
+
+    # -- inside ------------------------------------------------------------------------------
+
+    def _merge(self, recipe: Any, progress: Callable | None) -> tuple[LoadedVLM, Any]:
         from dim3 import engine
 
         src = recipe.multimodal
+        path = resolve(src.ref, src.revision, allowed_roots=self.allowed_roots, token=self.token)
+        dev = resolve_device(recipe.device)
+        torch_dtype = resolve_dtype(recipe.dtype, dev)
+        shown = self.display_ref(src.ref)
+        current = self._slots[ORIGINAL]
+        original = current if _same(current, path, dev, torch_dtype) else None
+        staged: list[LoadedVLM] = []
+        copy = None
+        try:
+            if original is None:
+                original = self._stage(path, src.ref, dev, torch_dtype, f"{shown} (original)")
+                staged.append(original)
+            copy = self._stage(path, src.ref, dev, torch_dtype, f"{recipe.method} merge of {shown}")
+            staged.append(copy)
+            result = engine.merge_into_model(
+                copy.model,
+                recipe,
+                progress=progress,
+                allowed_roots=self.allowed_roots,
+                token=self.token,
+            )
+        except BaseException:
+            original = copy = None  # the traceback keeps this frame: drop the staged models
+            staged.clear()
+            _collect()
+            raise
+        self._swap(original, copy, recipe, result.plan.summary())
+        return copy, result
+
+    def _serve_saved(self, folder: Path, recipe: Any) -> None:
+        src = recipe.multimodal
+        dev = resolve_device(recipe.device)
+        torch_dtype = resolve_dtype(recipe.dtype, dev)
+        path = resolve(src.ref, src.revision, allowed_roots=self.allowed_roots, token=self.token)
+        shown = self.display_ref(src.ref)
+        original = self._stage(path, src.ref, dev, torch_dtype, f"{shown} (original)")
+        merged_path = resolve(str(folder), allowed_roots=self.allowed_roots)
+        label = f"{recipe.method} merge of {shown} (saved as {self.display_ref(str(folder))})"
+        merged = self._stage(merged_path, str(folder), dev, torch_dtype, label)
+        self._swap(original, merged, recipe)
+
+    def _swap(
+        self, original: LoadedVLM, merged: LoadedVLM, recipe: Any, summary: dict | None = None
+    ) -> None:
         with self._lock:
-            original = self.load(
-                ORIGINAL,
-                src.ref,
-                src.revision,
-                device=recipe.device,
-                dtype=recipe.dtype,
-                label=f"{src.ref} (original)",
-            )
-            self.unload(MERGED)
-            place = original.placement
-            copy = self._load_fresh(
-                original.path,
-                src.ref,
-                place.device,
-                place.dtype,
-                f"{src.ref} + {recipe.method} merge",
-            )
-            try:
-                result = engine.merge_into_model(
-                    copy.model,
-                    recipe,
-                    progress=progress,
-                    allowed_roots=self.allowed_roots,
-                    token=self.token,
-                )
-            except BaseException:
-                del copy
-                _collect()
-                raise
-            self._slots[MERGED] = copy
-            return copy, result
+            self._version += 1
+            self._slots[ORIGINAL], self._slots[MERGED] = original, merged
+            self._info = MergeInfo(self._version, merged.label, time.time(), recipe, summary)
+        _collect()  # the replaced models go once no chat holds them
+
+    def _stage(
+        self, path: Path, ref: str, device: str, dtype: torch.dtype, label: str
+    ) -> LoadedVLM:
+        """Load a model beside the served ones, or explain why memory does not allow it."""
+        try:
+            return self._load_fresh(path, ref, device, dtype, label)
+        except ModelMemoryError as exc:
+            raise ModelMemoryError(
+                f"not enough memory to merge while the current models keep serving: {exc}. "
+                "Try again later, choose a smaller preset, or (as the owner) give the server "
+                "more memory"
+            ) from None
 
     def _load_fresh(
         self, path: Path, ref: str, device: str, dtype: torch.dtype, label: str
@@ -308,10 +470,26 @@ class ModelManager:
         )
         return LoadedVLM(model, processor, label, ref, path, placement)
 
+    def _check_open(self, what: str) -> None:
+        if self._frozen:
+            raise ShowcaseError(
+                f"this server is a showcase: its models are fixed by its owner, so visitors "
+                f"cannot {what}; duplicate the Space to merge your own"
+            )
+
     @staticmethod
     def _check_slot(slot: str) -> None:
         if slot not in SLOTS:
             raise ValueError(f"unknown model slot {slot!r}; valid: {', '.join(SLOTS)}")
+
+
+def _same(current: LoadedVLM | None, path: Path, device: str, dtype: torch.dtype) -> bool:
+    return bool(
+        current
+        and current.path == path
+        and current.placement.dtype == dtype
+        and current.placement.device == device
+    )
 
 
 def _collect() -> None:

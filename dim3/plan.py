@@ -18,7 +18,14 @@ from pathlib import Path
 import torch
 
 from dim3.checkpoints import Checkpoint
-from dim3.layout import EMBED, LANGUAGE, LM_HEAD, VOCAB_KEYS, layout_for
+from dim3.layout import (
+    EMBED,
+    LANGUAGE,
+    LM_HEAD,
+    VOCAB_KEYS,
+    buffer_kind,
+    layout_for,
+)
 
 SHOWN = 4  # tensors named per problem in an error message
 RELATED_MIN_COSINE = 0.5  # below this, a "fine-tune" does not descend from the base
@@ -68,6 +75,7 @@ class MergePlan:
     family: str
     entries: list[Entry]
     notes: list[str] = field(default_factory=list)
+    multilingual: int = 1  # how many multilingual models are merged
 
     def summary(self) -> dict[str, int]:
         merged = [e for e in self.entries if e.action == "merge"]
@@ -90,6 +98,11 @@ class MergePlan:
         lines = [
             f"Family: {self.family}",
             f"Merged: {s['merged']} language-model tensors",
+            *(
+                [f"Multilingual models: {self.multilingual} (their updates in the order given)"]
+                if self.multilingual > 1
+                else []
+            ),
             f"Copied unchanged: {s['copied']} tensors ({copied})",
             f"Vocabulary tensors with VLM-only rows kept: {s['padded']}",
             f"Output size: {s['bytes'] / 2**30:.2f} GiB in {s['tensors']} tensors",
@@ -215,7 +228,8 @@ def build_plan(
     if not mls:
         raise PlanError("give at least one multilingual model")
     notes: list[str] = []
-    keys = multimodal.keys()
+    notes.extend(_ignored_buffers(base, mls, multimodal))
+    keys = weight_keys(multimodal)
     try:
         layout = layout_for(multimodal.config, keys)
     except ValueError as exc:
@@ -251,11 +265,33 @@ def build_plan(
             entries.append(entry)
     _tie_heads(entries, multimodal)
     missing_in_vlm = sorted(
-        k for k in base.keys() if k not in used and not (k == LM_HEAD and _ties(multimodal))
+        k for k in weight_keys(base) if k not in used and not (k == LM_HEAD and _ties(multimodal))
     )
     _raise_problems(unknown, unmatched, mismatched, missing_in_vlm, layout.family)
     _check_related(entries, base, mls, multimodal)
-    return MergePlan(layout.family, entries, notes)
+    return MergePlan(layout.family, entries, notes, len(mls))
+
+
+def weight_keys(ckpt: Checkpoint) -> list[str]:
+    """The checkpoint's tensors less stored buffers (rotary inv_freq...), in reading order."""
+    return [k for k in ckpt.keys() if buffer_kind(k) is None]
+
+
+def _ignored_buffers(base: Checkpoint, mls: Sequence[Checkpoint], vlm: Checkpoint) -> list[str]:
+    """One note per kind of stored buffer left out of the merge, naming the models that hold them."""
+    found: dict[str, list[str]] = {}
+    models = [("the base", base)]
+    models += [(f"the {_ml_name(i, len(mls))}", ml) for i, ml in enumerate(mls)]
+    for role, ckpt in [*models, ("the VLM", vlm)]:
+        kinds = [kind for kind in map(buffer_kind, ckpt.keys()) if kind]
+        for kind in dict.fromkeys(kinds):
+            found.setdefault(kind, []).append(f"{kinds.count(kind)} of {role}")
+    return [
+        f"ignored: {parts[0].replace(' of ', f' {kind} buffers of ', 1)}"
+        + "".join(f", {p}" for p in parts[1:])
+        + " (buffers that transformers recomputes, not weights: never merged or written)"
+        for kind, parts in found.items()
+    ]
 
 
 def _match(key, canonical, shape, dtype, bkey, mkeys, base, mls, shared_rows):

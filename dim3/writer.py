@@ -5,7 +5,10 @@ shard's header is written first and tensors are then streamed into it one at a t
 one tensor, never a shard. The files follow the safetensors format (8-byte little-endian header
 length, JSON header padded to 8 bytes, then the raw little-endian data) and the Hugging Face
 sharding convention (``model-00001-of-00002.safetensors`` plus ``model.safetensors.index.json``;
-a single shard is ``model.safetensors``). The ``safetensors`` library's own writer needs all of a
+a single shard is ``model.safetensors``). Temporary folders are named ``.NAME.dim3-tmp-PID-XXXXXXXX``
+beside the destination ``NAME``; those a killed merge left behind are removed when the next merge
+to ``NAME`` starts (:func:`remove_stale_temporaries`; :func:`remove_stale_in_folder` for a whole
+output folder). The ``safetensors`` library's own writer needs all of a
 shard's tensors in memory at once, hence this one. This module knows nothing of models or merging.
 """
 
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import struct
 import tempfile
@@ -38,6 +42,11 @@ DTYPE_NAMES = {
     torch.uint8: "U8",
     torch.bool: "BOOL",
 }
+TMP_TAG, OLD_TAG = ".dim3-tmp-", ".dim3-old-"
+# what follows ``.NAME`` + tag in our folders: the owner's pid (absent before it was recorded)
+# and mkdtemp's or uuid's 8 characters
+_OURS = re.compile(r"^(?:(\d+)-)?[a-z0-9_]{8}$")
+_ANY_OURS = re.compile(r"^\.(?P<name>.+?)(?P<tag>\.dim3-tmp-|\.dim3-old-)(?P<rest>[^/]+)$")
 UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
 
 
@@ -126,6 +135,7 @@ class ShardedWriter:
         self.folder: Path = Path()
         self._order = [s for shard in self.shards for s in shard]
         self._next = 0
+        self._rows_done = 0  # rows of the current tensor written so far
         self._file = None
         self._shard = -1
 
@@ -135,23 +145,33 @@ class ShardedWriter:
 
     def __enter__(self) -> ShardedWriter:
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        self.folder = Path(
-            tempfile.mkdtemp(prefix=f".{self.out_dir.name}.dim3-tmp-", dir=self.out_dir.parent)
-        )
+        remove_stale_temporaries(self.out_dir)
+        prefix = f".{self.out_dir.name}{TMP_TAG}{os.getpid()}-"
+        self.folder = Path(tempfile.mkdtemp(prefix=prefix, dir=self.out_dir.parent))
         return self
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Append the next tensor; it must be the one the plan announced, in dtype and shape."""
+        self.write_rows(name, 0, tensor)
+
+    def write_rows(self, name: str, start: int, rows: torch.Tensor) -> None:
+        """Append rows ``start:start + len(rows)`` of the next tensor (dim 0 of a tensor of one
+        or more dims). Rows come in order; the tensor is complete when its last row is written."""
         if self._next >= len(self._order):
             raise RuntimeError(f"unexpected extra tensor {name!r}")
         spec = self._order[self._next]
-        got = (name, tensor.dtype, tuple(tensor.shape))
-        if got != (spec.name, spec.dtype, spec.shape):
-            raise RuntimeError(f"writer expected {spec}, got {got}")
-        if self._file is None or self._shard_done():
+        got = (name, rows.dtype, tuple(rows.shape[1:]) if rows.dim() else ())
+        if got != (spec.name, spec.dtype, tuple(spec.shape[1:])) or start != self._rows_done:
+            raise RuntimeError(f"writer expected {spec} from row {self._rows_done}, got {got}")
+        if self._rows_done == 0 and (self._file is None or self._shard_done()):
             self._open_next_shard()
-        self._file.write(_raw_bytes(tensor))
-        self._next += 1
+        self._file.write(_raw_bytes(rows))
+        self._rows_done += rows.shape[0] if rows.dim() else 1
+        if not spec.shape or self._rows_done >= spec.shape[0]:
+            if spec.shape and self._rows_done != spec.shape[0]:
+                raise RuntimeError(f"writer got {self._rows_done} rows for {spec}")
+            self._next += 1
+            self._rows_done = 0
 
     def _shard_done(self) -> bool:
         done = sum(len(s) for s in self.shards[: self._shard + 1])
@@ -209,7 +229,7 @@ def move_into_place(folder: Path, out_dir: Path) -> None:
     """Atomically replace ``out_dir`` with ``folder`` (same filesystem), old copy removed after."""
     old = None
     if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.dim3-old-{uuid.uuid4().hex[:8]}")
+        old = out_dir.with_name(f".{out_dir.name}{OLD_TAG}{os.getpid()}-{uuid.uuid4().hex[:8]}")
         os.replace(out_dir, old)
     try:
         os.replace(folder, out_dir)
@@ -219,3 +239,63 @@ def move_into_place(folder: Path, out_dir: Path) -> None:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _owner_alive(rest: str) -> bool:
+    """Whether the process that made a temporary folder (pid in its name) still runs here."""
+    match = _OURS.match(rest)
+    if match is None or match.group(1) is None:
+        return False
+    try:
+        os.kill(int(match.group(1)), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True  # exists under another user, or cannot tell: keep it
+    return True
+
+
+def _stale(entry: Path, out_dir: Path, tag: str, rest: str) -> bool:
+    if not _OURS.match(rest) or entry.is_symlink() or not entry.is_dir():
+        return False
+    if tag == OLD_TAG and not out_dir.exists():
+        return False  # a merge died between the two renames: this is the previous output
+    return not _owner_alive(rest)
+
+
+def remove_stale_temporaries(out_dir: str | Path) -> list[Path]:
+    """Remove the folders a killed merge to ``out_dir`` left beside it; returns those removed.
+
+    Only this tool's: ``.NAME.dim3-tmp-*`` (a partial output) and ``.NAME.dim3-old-*`` (a replaced
+    output, removed only once ``NAME`` exists again), exactly as the writer names them, and only
+    when the process that made them is no longer running. Nothing else is touched.
+    """
+    out_dir = Path(out_dir).expanduser().resolve()
+    removed = []
+    if not out_dir.parent.is_dir():
+        return removed
+    for entry in out_dir.parent.iterdir():
+        for tag in (TMP_TAG, OLD_TAG):
+            prefix = f".{out_dir.name}{tag}"
+            if entry.name.startswith(prefix):
+                rest = entry.name[len(prefix) :]
+                if _stale(entry, out_dir, tag, rest):
+                    shutil.rmtree(entry, ignore_errors=True)
+                    removed.append(entry)
+    return removed
+
+
+def remove_stale_in_folder(folder: str | Path) -> list[Path]:
+    """:func:`remove_stale_temporaries` for every destination directly inside ``folder``.
+
+    For an app's output folder: call it at start-up or before saving into ``folder``.
+    """
+    folder = Path(folder).expanduser().resolve()
+    if not folder.is_dir():
+        return []
+    names = set()
+    for entry in folder.iterdir():
+        match = _ANY_OURS.match(entry.name)
+        if match and _OURS.match(match.group("rest")):
+            names.add(match.group("name"))
+    return [p for name in sorted(names) for p in remove_stale_temporaries(folder / name)]

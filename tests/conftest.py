@@ -36,3 +36,15 @@ def tiny_qwen2vl_new_layout_trio(tmp_path_factory) -> Trio:
     trio = build_qwen2vl_trio(tmp_path_factory.mktemp("qwen2vl_new"), seed=5)
     rewrite_to_new_layout(trio.multimodal, "qwen2_vl")
     return trio
+
+
+@pytest.fixture(scope="session")
+def app_server(tmp_path_factory):
+    """``python app.py`` serving offline (demo trio; the session's temporary folders allowed),
+    shared by the browser and API tests: (url, scratch folder)."""
+    from tests.app_server import ROOT, running_app
+
+    scratch = tmp_path_factory.mktemp("app")
+    roots = [ROOT / "assets", tmp_path_factory.getbasetemp()]
+    with running_app(scratch, roots) as url:
+        yield url, scratch

@@ -8,19 +8,16 @@ small screenshot of each tab to assets/screenshots/.
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
+import re
 from pathlib import Path
 
 import pytest
 
+from tests.app_server import ROOT, running_app
+
 pytestmark = pytest.mark.browser
 playwright = pytest.importorskip("playwright.sync_api")
 
-ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = os.environ.get("DIM3_CHROMIUM", "/usr/bin/chromium")
 SHOTS = ROOT / "assets" / "screenshots"
 IMAGE = ROOT / "assets" / "examples" / "red_circle.png"
@@ -30,52 +27,10 @@ if not Path(CHROMIUM).exists():
     pytest.skip(f"no Chromium at {CHROMIUM} (set DIM3_CHROMIUM)", allow_module_level=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(app_server):
     """The app as users start it, offline, with a scratch folder inside the allowed roots."""
-    scratch = tmp_path_factory.mktemp("app")
-    port = _free_port()
-    env = os.environ | {
-        "GRADIO_SERVER_NAME": "127.0.0.1",
-        "GRADIO_SERVER_PORT": str(port),
-        "GRADIO_ANALYTICS_ENABLED": "False",
-        "HF_HUB_OFFLINE": "1",
-        "DIM3_ALLOWED_ROOTS": os.pathsep.join(
-            [str(ROOT / "assets"), str(tmp_path_factory.getbasetemp())]
-        ),
-        "DIM3_OUTPUT_DIR": str(scratch / "outputs"),
-        "PYTHONUNBUFFERED": "1",
-    }
-    log = open(scratch / "app.log", "w")  # noqa: SIM115 - closed at teardown
-    proc = subprocess.Popen(
-        [sys.executable, "app.py"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
-    )
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError(
-                    f"the app did not start:\n{(scratch / 'app.log').read_text()[-3000:]}"
-                ) from None
-            time.sleep(0.5)
-    yield url, scratch
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    return app_server
 
 
 @pytest.fixture(scope="module")
@@ -233,6 +188,9 @@ def test_bad_inputs_show_messages_and_the_server_keeps_serving(
 
     ask(page, "", IMAGE)
     page.get_by_text("Type a question to go with your picture").wait_for()
+    page.click("#dim3-box .delete-button")
+    page.press("#dim3-box textarea", "Enter")
+    page.get_by_text("Type a question first").wait_for()
 
     # Still serving: the default trio checks out.
     page.reload()
@@ -242,18 +200,136 @@ def test_bad_inputs_show_messages_and_the_server_keeps_serving(
     page.close()
 
 
-def test_two_chats_while_a_third_browser_merges(server, browser):
+def pane_texts(page) -> str:
+    return page.locator("#dim3-original").inner_text() + page.locator("#dim3-merged").inner_text()
+
+
+def test_two_chats_while_a_third_browser_merges_fails_and_merges_again(server, browser):
     url, _ = server
     pages = [open_app(browser, url) for _ in range(3)]
-    merge(pages[2])  # a merged model exists, then: two chats and a new merge at once
-    pages[2].click("#dim3-merge")
-    for page, text in zip(
-        pages[:2], ("What colour is the shape?", "Welche Farbe hat die Form?"), strict=True
-    ):
+    assert "Merged" in merge(pages[2])  # a merged model is served
+    questions = ("What colour is the shape?", "Welche Farbe hat die Form?")
+    for page, text in zip(pages[:2], questions, strict=True):
         ask(page, text, IMAGE)
     for page in pages[:2]:
         assert all(answers(page, 1))
-    status = pages[2].locator("#dim3-merge-status")
-    status.filter(has_text="Merged").wait_for()
+
+    # A failing merge (base /etc) while both chat: their merged model stays.
+    pages[2].fill("#dim3-ref-base textarea", "/etc")
+    pages[2].click("#dim3-merge")
+    for page, text in zip(pages[:2], questions, strict=True):
+        ask(page, text)
+    pages[2].locator("#dim3-merge-status").filter(has_text="❌").wait_for()
+    assert "outside the allowed folders" in pages[2].inner_text("#dim3-merge-status")
+    for page in pages[:2]:
+        _, merged = answers(page, 2)
+        assert "No merged model" not in merged and "merged at" in merged
+
+    # A merge that succeeds: the others are told before their next answer.
+    pages[2].reload()
+    pages[2].wait_for_selector("#dim3-merge")
+    assert "Merged" in merge(pages[2])
+    for page, text in zip(pages[:2], questions, strict=True):
+        ask(page, text)
+    for page in pages[:2]:
+        answers(page, 3)
+        right = page.locator("#dim3-merged").inner_text()
+        assert right.count("The merged model is now dim3 merge of ./assets/demo/multimodal") == 1
+        assert "No merged model" not in right
     for page in pages:
         page.close()
+
+
+def test_clear_during_an_answer_is_final(server, browser):
+    url, _ = server
+    page = open_app(browser, url)
+    for _ in range(3):
+        ask(page, "What colour is the shape?", IMAGE)
+        page.locator("#dim3-original [data-testid='user']").first.wait_for()
+        page.click("#dim3-clear")
+        page.wait_for_timeout(1500)  # longer than an answer takes: nothing may come back
+        assert page.locator("#dim3-original [data-testid='bot']").count() == 0
+        assert page.locator("#dim3-merged [data-testid='user']").count() == 0
+        assert "stopped" not in pane_texts(page)
+    page.click("#dim3-regen")
+    page.get_by_text("Nothing to regenerate yet").wait_for()
+    page.close()
+
+
+def test_an_over_long_message_is_capped_in_the_browser_and_refused_by_the_server(server, browser):
+    url, _ = server
+    page = open_app(browser, url)
+    page.click("#dim3-tab-chat-button")
+    box = page.locator("#dim3-box textarea")
+    assert box.get_attribute("maxlength") == "4000"
+    box.fill("x" * 5000)
+    assert len(box.input_value()) == 4000
+
+    # A client that ignores maxlength still hits the server's check.
+    page.evaluate("document.querySelector('#dim3-box textarea').removeAttribute('maxlength')")
+    page.wait_for_timeout(100)
+    box.evaluate("t => { t.removeAttribute('maxlength'); }")
+    page.evaluate(
+        "() => { const t = document.querySelector('#dim3-box textarea');"
+        " const set = Object.getOwnPropertyDescriptor(HTMLTextAreaElement.prototype, 'value').set;"
+        " t.removeAttribute('maxlength'); set.call(t, 'y'.repeat(5000));"
+        " t.dispatchEvent(new Event('input', {bubbles: true})); }"
+    )
+    box.press("Enter")
+    page.get_by_text("the limit is 4,000").wait_for()
+
+    # Under the character cap but longer than the demo model's 160-token context: refused
+    # before any forward pass, and the question is taken back.
+    ask(page, "rot blau grün " * 150)
+    page.get_by_text("reads at most 160").first.wait_for()
+    page.wait_for_function("() => !document.querySelector('#dim3-box textarea').disabled")
+    assert page.locator("#dim3-original [data-testid='user']").count() == 0
+    page.close()
+
+
+def test_showcase_mode_in_a_browser(browser, tmp_path):
+    from dim3.presets import get_preset
+    from dim3.recipe import Recipe, Source
+
+    demo = get_preset("demo")
+    recipe = Recipe(
+        Source(demo.base),
+        Source(demo.multilingual),
+        Source(demo.multimodal),
+        method="task_arithmetic",
+        device="cpu",
+    )
+    path = tmp_path / "showcase.json"
+    path.write_text(recipe_json(recipe))
+    with running_app(tmp_path, [ROOT / "assets", tmp_path], DIM3_SHOWCASE=str(path)) as url:
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.set_default_timeout(TIMEOUT)
+        page.goto(url)
+        page.get_by_text("This Space is a showcase").wait_for()
+        assert page.locator("#dim3-merge").count() == 0 and page.locator("#dim3-check").count() == 0
+        assert '"task_arithmetic"' in page.locator("#dim3-showcase-recipe").inner_text()
+        card = page.locator("#dim3-showcase-card").inner_text()
+        assert "Merged VLM (task_arithmetic)" in card
+        assert re.search(r"Tensors: [1-9]\d* merged, [1-9]\d* copied", card), card
+        assert str(ROOT) not in page.locator("body").inner_text()
+        screenshot(page, "showcase")
+        ask(page, "Welche Farbe hat die Form?", IMAGE)
+        _, merged = answers(page, 1)
+        assert "task_arithmetic merge of ./assets/demo/multimodal" in merged
+        page.close()
+
+        # Through the API too: no merge, save or push endpoints; chat answers with the showcase.
+        from gradio_client import Client
+
+        client = Client(url, verbose=False)
+        info = client.view_api(return_format="dict", print_info=False)
+        assert set(info["named_endpoints"]) == {"/chat", "/evaluate", "/diagnose"}
+        original, merged = client.predict("Welche Farbe?", api_name="/chat")
+        assert original.strip() and merged.strip() and "No merged model" not in merged
+    assert "showcase: serving task_arithmetic merge of" in (tmp_path / "app.log").read_text()
+
+
+def recipe_json(recipe) -> str:
+    import json
+
+    return json.dumps(recipe.to_dict())

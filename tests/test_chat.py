@@ -219,3 +219,138 @@ def test_processor_without_chat_template_is_refused(llava):
             stream_reply(model, processor, QUESTION, None, GenerationParams())
     finally:
         processor.chat_template = template
+
+
+def test_text_streams_token_by_token_not_word_by_word(llava):
+    """Each token's text comes out as it is generated; transformers' streamer waits for the
+    word to end."""
+    from transformers import TextIteratorStreamer
+
+    from dim3.chat import TokenStreamer
+
+    tok = llava[1].tokenizer
+    ids = tok("the red circle is big", add_special_tokens=False).input_ids
+    assert len(ids) > 5  # more tokens than words: the words are split
+
+    def chunks(streamer) -> list[str]:
+        for i in ids:
+            streamer.put(torch.tensor([i]))
+        streamer.end()
+        return [c for c in streamer if c]
+
+    ours = chunks(TokenStreamer(tok, skip_special_tokens=True))
+    words = chunks(TextIteratorStreamer(tok, skip_special_tokens=True))
+    assert "".join(ours) == "".join(words) == tok.decode(ids)
+    assert len(ours) == len(ids) and len(words) <= 5
+    assert ours[0] == tok.decode(ids[:1])  # the first token, before its word is complete
+
+
+def test_token_streamer_holds_back_only_an_incomplete_character(llava):
+    from dim3.chat import TokenStreamer
+
+    _, processor = llava
+    tok = processor.tokenizer
+    streamer = TokenStreamer(tok, skip_special_tokens=True)
+    ids = tok("héllo wörld", add_special_tokens=False).input_ids
+    for i in ids:
+        streamer.put(torch.tensor([i]))
+    streamer.end()
+    chunks = [c for c in streamer if c]
+    assert "".join(chunks) == tok.decode(ids, skip_special_tokens=True)
+    assert all("\ufffd" not in c for c in chunks)
+
+
+def test_over_long_messages_are_refused_before_tokenizing(llava):
+    from dim3.chat import MAX_MESSAGE_CHARS
+
+    model, processor = llava
+    long = [{"role": "user", "content": "x" * (MAX_MESSAGE_CHARS + 1)}]
+    with pytest.raises(ChatError, match=r"4,001 characters long; the limit is 4,000"):
+        stream_reply(model, processor, long, None, GenerationParams())
+
+
+def test_conversations_longer_than_the_context_are_refused_before_a_forward_pass(llava):
+    from dim3.chat import context_length
+
+    model, processor = llava
+    limit = context_length(model)
+    words = " ".join(["red blue"] * limit)  # well over the context in tokens, under the char cap
+    calls = []
+    hook = model.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        with pytest.raises(ChatError, match=f"reads at most {limit:,}.*Clear"):
+            stream_reply(
+                model,
+                processor,
+                [{"role": "user", "content": words[:3000]}],
+                None,
+                GenerationParams(),
+            )
+    finally:
+        hook.remove()
+    assert not calls
+
+
+def test_max_new_tokens_is_cut_to_the_room_the_context_leaves(endless):
+    from dim3.chat import build_inputs, context_length
+
+    model, processor = endless
+    limit = context_length(model)
+    prompt = build_inputs(model, processor, QUESTION, None)["input_ids"].shape[1]
+    reply = stream_reply(model, processor, QUESTION, None, GenerationParams(max_new_tokens=2048))
+    list(reply)
+    assert reply.max_new_tokens == limit - prompt == reply.new_tokens
+
+
+def test_an_unread_reply_stops_generating(endless):
+    model, processor = endless
+    reply = stream_reply(
+        model, processor, QUESTION, None, GenerationParams(max_new_tokens=2048), idle_timeout=0.3
+    )
+    next(reply)  # then the reader goes away
+    reply.thread.join(timeout=30)
+    assert not reply.thread.is_alive() and reply.stopped
+    assert reply.new_tokens < reply.max_new_tokens
+
+
+def test_a_decompression_bomb_is_refused_as_too_many_pixels(tmp_path):
+    from PIL import PngImagePlugin
+
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (20000, 20000)).save(bomb)  # 400 megapixels, a small file
+    assert bomb.stat().st_size < 5_000_000
+    with pytest.raises(ChatError, match="too many pixels"):
+        load_image(bomb)
+    assert PngImagePlugin  # the PNG plugin read the header, not the pixels
+
+
+def test_qwen2vl_chats_through_the_processor_autoprocessor_builds(tiny_qwen2vl_trio, tmp_path):
+    """What `pip install -r requirements.txt` must give: Qwen2-VL's processor (which needs
+    torchvision in transformers 5) built by AutoProcessor, and a streamed answer to a picture."""
+    import shutil
+
+    from transformers import (
+        AutoImageProcessor,
+        AutoTokenizer,
+        Qwen2VLProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    folder = tmp_path / "qwen2vl-chat"
+    shutil.copytree(tiny_qwen2vl_trio.multimodal, folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    Qwen2VLProcessor(
+        image_processor=AutoImageProcessor.from_pretrained(folder),
+        tokenizer=tok,
+        video_processor=Qwen2VLVideoProcessor(),  # needs torchvision
+        chat_template=tok.chat_template,
+    ).save_pretrained(folder)
+    model, processor = load_vlm(folder, dtype=torch.float32)
+    assert type(processor).__name__ == "Qwen2VLProcessor"
+    inputs = build_inputs(model, processor, QUESTION, red())
+    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) >= 1
+    assert "pixel_values" in inputs and "image_grid_thw" in inputs
+    reply = stream_reply(model, processor, QUESTION, red(), GenerationParams(max_new_tokens=6))
+    text = "".join(reply)
+    assert reply.new_tokens >= 1 and not reply.stopped
+    assert isinstance(text, str)

@@ -296,14 +296,13 @@ def _analysis_app(trio, tmp_path):
 
 
 def _form_values(merge, trio, **changes):
-    values = {c: getattr(c, "value", None) for c in merge.form.inputs()}
+    """The form's values by API parameter name (what the handlers receive)."""
+    values = {name: getattr(c, "value", None) for name, c in merge.form.kwargs().items()}
     for role in ("base", "multilingual", "multimodal"):
-        values[merge.form.refs[role]] = str(getattr(trio, role))
-        values[merge.form.revisions[role]] = ""
-    values[merge.form.device] = "cpu"
-    for (method, field), widget in merge.form.options.items():
-        if method == "dim3" and field in changes:
-            values[widget] = changes[field]
+        values[role] = str(getattr(trio, role))
+        values[f"{role}_revision"] = ""
+    values["device"] = "cpu"
+    values |= {f"dim3_{field}": value for field, value in changes.items()}
     return values
 
 
@@ -314,7 +313,7 @@ def test_analysis_handler_shows_plots_table_and_csv(tiny_llava_trio, tmp_path):
     handler = _compute(ctx, merge, tab)
     seen = []
     values = _form_values(merge, tiny_llava_trio, calibration=0.5)
-    out = handler(values, progress=lambda *a, **k: seen.append(a[0]))
+    out = handler(progress=lambda *a, **k: seen.append(a[0]), **values)
     assert out[tab.status].startswith("✅"), out[tab.status]
     rows = dg.diagnose(recipe_of(tiny_llava_trio, calibration=0.5))
     assert seen[-1] == (len(rows), len(rows))
@@ -334,8 +333,8 @@ def test_analysis_handler_shows_errors_as_messages(tiny_llava_trio, tmp_path):
 
     app, ctx, merge, tab = _analysis_app(tiny_llava_trio, tmp_path)
     values = _form_values(merge, tiny_llava_trio)
-    values[merge.form.refs["multilingual"]] = "/definitely/not/allowed"
-    out = _compute(ctx, merge, tab)(values, progress=lambda *a, **k: None)
+    values["multilingual"] = "/definitely/not/allowed"
+    out = _compute(ctx, merge, tab)(progress=lambda *a, **k: None, **values)
     assert out[tab.status].startswith("❌") and "allowed" in out[tab.status]
     assert set(out) == {tab.status}
 

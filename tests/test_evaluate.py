@@ -131,16 +131,16 @@ def _evaluate_tab(methods, probe="", per_language=8):
     with gr.Blocks():
         merge = build_merge_tab(ctx)
         tab = build_evaluate_tab(ctx, merge)
-    values = {c: c.value for c in merge.form.inputs()}
+    values = {name: c.value for name, c in merge.form.kwargs().items()}
     roles = ("base", "multilingual", "multimodal")
-    values |= {merge.form.refs[r]: str(p) for r, p in zip(roles, demo_trio(), strict=True)}
+    values |= {r: str(p) for r, p in zip(roles, demo_trio(), strict=True)}
     values |= {
-        merge.form.method: "dim3",
-        tab.methods: methods,
-        tab.probe: probe,
-        tab.per_language: per_language,
+        "method": "dim3",
+        "methods": methods,
+        "probe": probe,
+        "questions_per_language": per_language,
     }
-    return tab, evaluate_handler(ctx, merge, tab)(values, progress=lambda *a, **k: None)
+    return tab, evaluate_handler(ctx, merge, tab)(progress=lambda *a, **k: None, **values)
 
 
 @pytest.mark.slow

@@ -139,3 +139,29 @@ def test_an_expert_with_another_tokenizer_is_named(tiny_llava_trio, tmp_path):
     with pytest.raises(PlanError, match="multilingual model 2's tokenizer differs"):
         engine.plan(r)
     assert not (tmp_path / "out").exists()
+
+
+def test_diagnostics_give_one_row_per_expert(tiny_llava_trio, second_expert, tmp_path, capsys):
+    from dim3 import diagnostics as dg
+    from dim3.methods.dim3 import DiM3Options, dim3_weights
+
+    experts = [tiny_llava_trio.multilingual, second_expert]
+    rows = dg.diagnose(recipe(tiny_llava_trio, experts))
+    assert dg.updates(rows) == ["multilingual_1", "multilingual_2"]
+    by_update = {u: [r for r in rows if r.update == u] for u in dg.updates(rows)}
+    assert len(by_update["multilingual_1"]) == len(by_update["multilingual_2"])
+    # one layer tensor by hand: DiM3's weights over all three updates, as the merge sees them
+    row = next(
+        r for r in by_update["multilingual_2"] if r.key.endswith("layers.0.mlp.up_proj.weight")
+    )
+    base, vlm = load_all(tiny_llava_trio.base), load_all(tiny_llava_trio.multimodal)
+    ml1, ml2 = load_all(experts[0]), load_all(experts[1])
+    name = "model.layers.0.mlp.up_proj.weight"
+    w = dim3_weights(base[name], [vlm[row.key], ml2[name], ml1[name]], DiM3Options()).weights
+    assert row.dim3_ml_weight == pytest.approx(float(w[1].mean()), rel=1e-5)
+    t = tiny_llava_trio
+    args = ["--base", str(t.base), "--multimodal", str(t.multimodal), "--out", str(tmp_path / "d")]
+    args += ["--multilingual", str(experts[0]), "--multilingual", str(experts[1])]
+    assert main(["diagnose", *args]) == 0
+    assert (tmp_path / "d" / "residual_norms_multilingual_2.png").stat().st_size > 1000
+    assert "multilingual_2" in capsys.readouterr().out

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-import pytest
+import shutil
 
-from dim3.layout import LANGUAGE, PROJECTOR, VISION, layout_for
+import pytest
+import torch
+from safetensors import safe_open
+
+from dim3.layout import LANGUAGE, PROJECTOR, VISION, buffer_kind, layout_for, unconverted_layout
+from tests import realmaps
 
 CASES = [
     (
@@ -52,3 +57,83 @@ def test_unknown_family_is_inferred_from_keys_or_refused():
         ValueError, match="unsupported VLM family 'blip'.*Supported model types: .*llava"
     ):
         layout_for({"model_type": "blip"}, ["text_decoder.w", "vision_model.w"])
+
+
+# ---------------------------------------------------------------- facts of real checkpoints
+
+BUFFER_CASES = [
+    ("model.layers.0.self_attn.rotary_emb.inv_freq", "rotary inv_freq"),  # Llama-2-7b-hf
+    ("language_model.model.layers.31.self_attn.rotary_emb.inv_freq", "rotary inv_freq"),
+    ("vision_tower.vision_model.embeddings.position_ids", "position_ids"),  # old CLIP files
+    ("model.layers.0.self_attn.q_proj.weight", None),
+    ("vision_tower.vision_model.embeddings.position_embedding.weight", None),
+    ("model.inv_freq_scale.weight", None),
+]
+
+
+@pytest.mark.parametrize(("key", "kind"), BUFFER_CASES)
+def test_stored_buffers_are_told_from_weights(key, kind):
+    assert buffer_kind(key) == kind
+
+
+def test_original_llava_layout_is_named_by_architectures():
+    flat = {"architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava", "vocab_size": 32000}
+    reason = unconverted_layout(flat)
+    assert "LlavaLlamaForCausalLM" in reason and "llava-hf/llava-1.5-7b-hf" in reason
+    assert "convert_llava_weights_to_hf" in reason
+    hf = {"architectures": ["LlavaForConditionalGeneration"], "model_type": "llava"}
+    assert unconverted_layout(hf) is None and unconverted_layout({}) is None
+
+
+@pytest.mark.skipif(not realmaps.available(), reason="../shared/realmaps is absent")
+@pytest.mark.parametrize(
+    "name",
+    [
+        "llava-hf__llava-1.5-7b-hf",
+        "Qwen__Qwen2-VL-2B",
+        "allenai__olmOCR-7B-0225-preview",
+        "Qwen__Qwen2.5-VL-7B-Instruct",
+        "Qwen__Qwen2.5-VL-3B-Instruct",
+    ],
+)
+def test_every_tensor_of_real_vlms_has_a_role(name):
+    """Every key of the real VLM files lands in the language model, vision tower or projector."""
+    km = realmaps.load_keymap(name)
+    keys = [t.key for t in km.tensors]
+    layout = layout_for(km.config, keys)
+    roles = {}
+    for key in keys:
+        cls = layout.classify(key)
+        assert cls is not None, key
+        roles[cls[0]] = roles.get(cls[0], 0) + 1
+    assert roles[LANGUAGE] and roles[VISION] and roles[PROJECTOR]
+    text = km.config.get("text_config") or km.config
+    layers = text.get("num_hidden_layers", 32)  # llava-hf's partial text_config: Llama's default
+    per_layer = sum(1 for k in keys if ".layers.0." in k and layout.classify(k)[0] == LANGUAGE)
+    assert roles[LANGUAGE] == layers * per_layer + sum(
+        1 for k in keys if layout.classify(k)[0] == LANGUAGE and ".layers." not in k
+    )
+
+
+@pytest.mark.slow
+def test_a_vlms_own_buffers_are_not_written(tiny_llava_trio, tmp_path):
+    """A VLM file that stores rotary buffers: left out of the plan and of the output."""
+    from safetensors.torch import load_file, save_file
+
+    from dim3 import engine
+    from dim3.recipe import Recipe, Source
+
+    vlm = tmp_path / "vlm"
+    shutil.copytree(tiny_llava_trio.multimodal, vlm)
+    tensors = load_file(vlm / "model.safetensors")
+    for i in range(2):
+        key = f"language_model.model.layers.{i}.self_attn.rotary_emb.inv_freq"
+        tensors[key] = 1.0 / 10000 ** (torch.arange(0, 8, 2).float() / 8)
+    save_file(tensors, vlm / "model.safetensors", metadata={"format": "pt"})
+    t = tiny_llava_trio
+    recipe = Recipe(Source(str(t.base)), Source(str(t.multilingual)), Source(str(vlm)))
+    result = engine.merge_to_folder(recipe, tmp_path / "out")
+    assert "ignored: 2 rotary inv_freq buffers of the VLM" in result.plan.describe()
+    with safe_open(tmp_path / "out" / "model.safetensors", "pt") as f:
+        written = set(f.keys())
+    assert written == {k for k in tensors if "inv_freq" not in k}

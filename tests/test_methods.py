@@ -268,7 +268,9 @@ def test_method_matches_straightforward_reference(method, options, reference, sh
 
 
 def test_every_method_has_a_reference_case():
-    assert {c[0] for c in CASES} | {"dim3"} == set(ALL)
+    from tests.test_methods_matrix import REFERENCED  # SVD, optimisation and PCB rules
+
+    assert {c[0] for c in CASES} | {"dim3"} | REFERENCED == set(ALL)
 
 
 # --------------------------------------------------------------------------- worked by hand
@@ -438,7 +440,10 @@ def test_cuda_matches_cpu(method):
     if method.startswith("dare"):  # the same mask on both devices
         kept_cpu, kept_gpu = cpu != base, gpu.cpu() != base
         assert torch.equal(kept_cpu, kept_gpu)
-    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-5, atol=1e-6)
+    # Adam (wudi) normalises each step: where a gradient entry is ~0, rounding differences
+    # between devices can flip a step of ±lr (1e-5), so its tolerance is a few steps
+    atol = 1e-4 if method == "wudi" else 1e-6
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-5, atol=atol)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -684,6 +689,12 @@ E2E_OPTIONS = {
     "dare_task_arithmetic": {"drop_rate": 0.5, "seed": 4},
     "dare_ties": {"drop_rate": 0.5, "seed": 4},
     "breadcrumbs": {"density": 0.8, "gamma": 0.05},
+    "tsv": {"scaling": 0.8},
+    "iso_c": {"scaling": 0.5},
+    "iso_cts": {"common_space_fraction": 0.6},
+    "wudi": {"iterations": 10, "lr": 1e-4},
+    "optmerge": {"lr": 1e-3},
+    "pcb": {"ratio": 0.2},
 }
 LANGUAGE_KEY = "language_model.model.layers.1.mlp.up_proj.weight"
 VISION_KEY = "vision_tower.encoder.layers.0.self_attn.q_proj.weight"

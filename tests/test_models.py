@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import json
 import weakref
 
 import pytest
@@ -16,6 +17,7 @@ from dim3.models import (
     ORIGINAL,
     ModelManager,
     ModelMemoryError,
+    ShowcaseError,
     choose_placement,
     resolve_dtype,
     weight_count,
@@ -70,13 +72,16 @@ def test_gpu_placement_refuses_what_fits_nowhere():
 
 
 def test_weight_count_matches_the_loaded_model(tiny_llava_trio):
-    manager = ModelManager()
+    folder = tiny_llava_trio.multimodal
+    manager = ModelManager(allowed_roots=[folder.parent])
     loaded = manager.load(ORIGINAL, str(tiny_llava_trio.multimodal), device="cpu")
     assert weight_count(tiny_llava_trio.multimodal) == sum(
         p.numel() for p in loaded.model.parameters()
     )
     assert loaded.placement.dtype == torch.float32 and loaded.model.dtype == torch.float32
-    assert manager.status()[ORIGINAL].startswith(str(tiny_llava_trio.multimodal))
+    # Labels name the folder relative to its allowed root, never the server's absolute path.
+    assert manager.status()[ORIGINAL].startswith(f"{folder.parent.name}/multimodal (CPU")
+    assert str(folder) not in manager.status()[ORIGINAL]
     assert manager.status()[MERGED] == "not loaded"
 
 
@@ -136,8 +141,11 @@ def test_merge_in_memory_matches_the_merged_folder(tiny_llava_trio, tmp_path):
         torch.testing.assert_close(value, on_disk[key], msg=key)
 
 
-def test_failed_merge_leaves_no_merged_model(tiny_llava_trio, tiny_qwen2vl_trio):
+def test_failed_merge_keeps_serving_the_models_it_had(tiny_llava_trio, tiny_qwen2vl_trio):
     manager = ModelManager()
+    assert manager.merge(recipe_of(tiny_llava_trio))[0] is manager.get(MERGED)
+    before = manager.served()
+    state = {k: v.clone() for k, v in before.merged.model.state_dict().items()}
     bad = Recipe(
         Source(str(tiny_qwen2vl_trio.base)),
         Source(str(tiny_qwen2vl_trio.multilingual)),
@@ -146,19 +154,92 @@ def test_failed_merge_leaves_no_merged_model(tiny_llava_trio, tiny_qwen2vl_trio)
     )
     with pytest.raises(ValueError):
         manager.merge(bad)
-    assert manager.get(MERGED) is None
+    etc = Recipe(
+        Source("/etc"),
+        Source(str(tiny_llava_trio.multilingual)),
+        Source(str(tiny_llava_trio.multimodal)),
+        device="cpu",
+    )
+    with pytest.raises(CheckpointError):  # the "base /etc"
+        manager.merge(etc)
+    after = manager.served()
+    assert after.merged is before.merged and after.original is before.original
+    assert after.info == before.info and after.version == 1
+    for key, value in after.merged.model.state_dict().items():
+        assert torch.equal(value, state[key]), key  # not half-merged either
 
 
-def test_aborted_merge_leaves_no_merged_model(tiny_llava_trio):
+def test_aborted_merge_changes_nothing(tiny_llava_trio):
     manager = ModelManager()
+    manager.merge(recipe_of(tiny_llava_trio))
+    before = manager.served()
+    probe = next(before.merged.model.parameters()).clone()
 
     def abort(progress):
         if progress.done == 3:
             raise KeyboardInterrupt("user cancelled")
 
     with pytest.raises(KeyboardInterrupt):
-        manager.merge(recipe_of(tiny_llava_trio), progress=abort)
-    assert manager.get(MERGED) is None
+        manager.merge(recipe_of(tiny_llava_trio, method="ties"), progress=abort)
+    assert manager.served() == before
+    assert torch.equal(next(manager.get(MERGED).model.parameters()), probe)
+
+
+def test_a_merge_swaps_in_only_when_complete_and_says_which_recipe(tiny_llava_trio):
+    manager = ModelManager()
+    first, _ = manager.merge(recipe_of(tiny_llava_trio))
+    seen_during = []
+
+    def watch(progress):
+        seen_during.append(manager.get(MERGED) is first)
+
+    second, _ = manager.merge(recipe_of(tiny_llava_trio, method="linear"), progress=watch)
+    assert seen_during and all(seen_during)  # the old merge served while the new one was built
+    served = manager.served()
+    assert served.merged is second and second is not first
+    assert served.version == 2 and served.info.recipe.method == "linear"
+    assert served.info.label.startswith("linear merge of") and "UTC" in served.info.when()
+
+
+def test_merge_refused_politely_when_memory_does_not_allow_a_staging_copy(
+    tiny_llava_trio, monkeypatch
+):
+    manager = ModelManager()
+    manager.merge(recipe_of(tiny_llava_trio))
+    before = manager.served()
+    monkeypatch.setattr("dim3.models.free_memory", lambda: ([], 100 * 1024**2))  # below the reserve
+    with pytest.raises(ModelMemoryError, match="current models keep serving.*Try again later"):
+        manager.merge(recipe_of(tiny_llava_trio, method="linear"))
+    assert manager.served() == before
+    assert "staging copy" in manager.memory_note()
+
+
+def test_a_showcase_cannot_be_changed(tiny_llava_trio, tmp_path):
+    recipe = recipe_of(tiny_llava_trio, method="task_arithmetic")
+    path = tmp_path / "showcase.json"
+    path.write_text(json.dumps(recipe.to_dict()))
+    manager = ModelManager()
+    info = manager.start_showcase(path)
+    assert manager.frozen and info.recipe == recipe and manager.get(MERGED) is not None
+    served = manager.served()
+    for change in (
+        lambda: manager.merge(recipe),
+        lambda: manager.unload(MERGED),
+        lambda: manager.clear(),
+        lambda: manager.load(ORIGINAL, str(tiny_llava_trio.multimodal)),
+    ):
+        with pytest.raises(ShowcaseError, match="showcase"):
+            change()
+    assert manager.served() == served
+
+
+def test_a_showcase_serves_a_saved_merged_folder(tiny_llava_trio, tmp_path):
+    recipe = recipe_of(tiny_llava_trio)
+    out = merge_to_folder(recipe, tmp_path / "saved").out_dir
+    manager = ModelManager()
+    info = manager.start_showcase(out)
+    assert info.recipe == recipe and manager.get(MERGED).path == out
+    assert manager.get(ORIGINAL).path == tiny_llava_trio.multimodal.resolve()
 
 
 def test_unknown_slot_is_refused():

@@ -4,8 +4,8 @@ A rule is a pure function ``fn(base, tuned, options, *, name="") -> Tensor``:
 
 - ``base`` (Tensor of shape (out, in) or (n,)): the base model's tensor, float32.
 - ``tuned`` (list of Tensors shaped like ``base``): the fine-tuned models' tensors, float32, in the
-  engine's fixed order ``[multimodal, multilingual_1, ..., multilingual_K]`` (any N >= 1
-  in tests; rules must not assume two).
+  engine's fixed order ``[multimodal, multilingual_1, ..., multilingual_K]``. Rules without
+  per-model weights accept any number N ≥ 1 of them.
 - ``options``: a frozen dataclass instance of the method's ``options`` class.
 - ``name``: the tensor's name, for rules that need a per-tensor seed (DARE) and for messages.
 
@@ -27,7 +27,19 @@ from typing import Any
 
 from torch import Tensor
 
-from dim3.methods import breadcrumbs, dare, dim3, linear, task_arithmetic, ties
+from dim3.methods import (
+    breadcrumbs,
+    dare,
+    dim3,
+    iso,
+    linear,
+    optmerge,
+    pcb,
+    task_arithmetic,
+    ties,
+    tsv,
+    wudi,
+)
 
 RuleFn = Callable[..., Tensor]
 
@@ -46,6 +58,8 @@ class Method:
     # slice by slice), "selection" (a per-tensor magnitude threshold found first) or "matrix"
     # (the whole tensor at once: SVD or optimisation).
     kind: str = "elementwise"
+    # The pieces the engine drives slice by slice for "columns" and "selection" rules.
+    parts: Any = None
 
     def make_options(self, values: dict[str, Any] | None = None) -> Any:
         """Build validated options from a plain dict; unknown keys raise ``ValueError``."""
@@ -70,6 +84,8 @@ METHODS: dict[str, Method] = {
         options=dim3.DiM3Options,
         paper="https://arxiv.org/abs/2605.12960",
         summary="Direction- and magnitude-aware column weighting of each residual update.",
+        kind="columns",
+        parts=dim3.PARTS,
     ),
     "task_arithmetic": Method(
         name="task_arithmetic",
@@ -91,6 +107,8 @@ METHODS: dict[str, Method] = {
         options=ties.TiesOptions,
         paper="https://arxiv.org/abs/2306.01708",
         summary="Trim each update to its largest entries, elect a sign, average the agreeing ones.",
+        kind="selection",
+        parts=ties.PARTS,
     ),
     "dare_task_arithmetic": Method(
         name="dare_task_arithmetic",
@@ -112,6 +130,58 @@ METHODS: dict[str, Method] = {
         options=breadcrumbs.BreadcrumbsOptions,
         paper="https://arxiv.org/abs/2312.06795",
         summary="Drop each update's largest and smallest entries, then add what is left.",
+        kind="selection",
+        parts=breadcrumbs.PARTS,
+    ),
+    "pcb": Method(
+        name="pcb",
+        fn=pcb.merge,
+        options=pcb.PcbOptions,
+        paper="https://arxiv.org/abs/2410.02396",
+        summary="Weigh each update's entries by intra- and inter-model balance, keep the top r.",
+        # elementwise but for four order statistics per update found in two passes; until the
+        # engine drives those passes, PCB takes each tensor whole (like the SVD methods)
+        kind="matrix",
+    ),
+    "tsv": Method(
+        name="tsv",
+        fn=tsv.merge,
+        options=tsv.TsvOptions,
+        paper="https://arxiv.org/abs/2412.00081",
+        summary="Top singular vectors of each update, orthogonalised together (TSV-M).",
+        kind="matrix",
+    ),
+    "iso_c": Method(
+        name="iso_c",
+        fn=iso.merge_c,
+        options=iso.IsoCOptions,
+        paper="https://arxiv.org/abs/2502.04959",
+        summary="The summed update with all its singular values set to their mean.",
+        kind="matrix",
+    ),
+    "iso_cts": Method(
+        name="iso_cts",
+        fn=iso.merge_cts,
+        options=iso.IsoCTSOptions,
+        paper="https://arxiv.org/abs/2502.04959",
+        summary="A common subspace plus each update's own directions, with an isotropic spectrum.",
+        kind="matrix",
+    ),
+    "wudi": Method(
+        name="wudi",
+        fn=wudi.merge,
+        options=wudi.WudiOptions,
+        paper="https://arxiv.org/abs/2503.08099",
+        summary="Adam on the updates' interference loss, from their sum (data-free).",
+        kind="matrix",
+    ),
+    "optmerge": Method(
+        name="optmerge",
+        fn=optmerge.merge,
+        options=optmerge.OptMergeOptions,
+        paper="https://arxiv.org/abs/2505.19892",
+        summary="SGD on the interference loss of low-rank denoised updates, from their mean.",
+        kind="matrix",
     ),
 }
 

@@ -14,7 +14,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -125,6 +127,35 @@ def breadcrumbs_mask(delta: Tensor, density: float, gamma: float) -> Tensor:
     return band_mask(delta, n - keep - drop_large, drop_large)
 
 
+@dataclass(frozen=True)
+class SelectionParts:
+    """A rule that keeps, per update, entries chosen by their rank in ``|Δ|`` over the whole
+    tensor (TIES' trim, Breadcrumbs' band), in three pieces the engine can also drive slice by
+    slice:
+
+    - ``ks(options, n) -> tuple[int, ...]``: the ranks it needs; for each k, ``first_k`` marks the
+      k smallest magnitudes (ties to the lower flat index, as :func:`first_by_magnitude`);
+    - ``keep(firsts) -> bool Tensor``: the kept entries from those ``first_k`` masks;
+    - ``combine(masked, options) -> Tensor``: the merged update from the masked deltas (T, ...),
+      elementwise across models.
+    """
+
+    ks: Callable[[Any, int], tuple[int, ...]]
+    keep: Callable[[list[Tensor]], Tensor]
+    combine: Callable[[Tensor, Any], Tensor]
+
+
+def selection_merge(base: Tensor, tuned: Sequence[Tensor], options: Any, parts: SelectionParts):
+    """A whole tensor through a :class:`SelectionParts` rule: ``base + combine(mask_t ⊙ Δ_t)``."""
+    d = deltas(base, tuned)  # (T, *shape), masked in place below
+    ks = parts.ks(options, base.numel())
+    for x in d:
+        mag = x.abs().reshape(-1)
+        keep = parts.keep([first_by_magnitude(mag, k) for k in ks])
+        x.masked_fill_(~keep.reshape(x.shape), 0.0)
+    return parts.combine(d, options).add_(base)
+
+
 def elect_positive(masked: Tensor) -> Tensor:
     """TIES sign election: is the sign of the summed (trimmed) updates, i.e. the sign holding
     more total magnitude, positive? A zero sum elects +. masked (T, ...) -> bool (...)."""
@@ -152,24 +183,49 @@ def dare_seed(seed: int, name: str, index: int) -> int:
     return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
 
 
-def dare_keep_mask(shape: torch.Size, drop_rate: float, seed: int, name: str, index: int) -> Tensor:
+DARE_BLOCK = 2**20  # elements per random block of a DARE mask (rows of whole rows)
+
+
+def dare_keep_mask(
+    shape: torch.Size, drop_rate: float, seed: int, name: str, index: int, offset: int = 0
+) -> Tensor:
     """DARE's Bernoulli keep mask (keep with probability 1 − p), drawn on the CPU.
 
-    Returns a bool CPU tensor of ``shape``; identical for identical (seed, name, index).
+    ``shape`` is a slice of rows ``offset:offset + shape[0]`` of the tensor (the whole tensor when
+    ``offset`` is 0 and the shape is complete). The mask is drawn in fixed blocks of whole rows,
+    each from its own generator seeded by (seed, name, index, block), so any slicing of the tensor
+    gives the same mask as the whole. Returns a bool CPU tensor of ``shape``.
     """
-    gen = torch.Generator(device="cpu").manual_seed(dare_seed(seed, name, index))
-    return torch.rand(shape, generator=gen, dtype=torch.float32) >= drop_rate
+    if len(shape) == 0:
+        gen = torch.Generator(device="cpu").manual_seed(dare_seed(seed, f"{name}\0b0", index))
+        return torch.rand((), generator=gen) >= drop_rate
+    rows, row_shape = shape[0], tuple(shape[1:])
+    per_row = max(1, math.prod(row_shape))
+    block = max(1, DARE_BLOCK // per_row)  # rows per block
+    parts = []
+    for b in range(offset // block, -(-(offset + rows) // block) if rows else offset // block):
+        gen = torch.Generator(device="cpu").manual_seed(dare_seed(seed, f"{name}\0b{b}", index))
+        part = torch.rand((block, *row_shape), generator=gen, dtype=torch.float32)
+        lo, hi = max(offset, b * block) - b * block, min(offset + rows, (b + 1) * block) - b * block
+        parts.append(part[lo:hi])
+    if not parts:
+        return torch.ones(shape, dtype=torch.bool)
+    return torch.cat(parts) >= drop_rate
 
 
-def dare_(delta: Tensor, drop_rate: float, seed: int, name: str, index: int) -> Tensor:
+def dare_(
+    delta: Tensor, drop_rate: float, seed: int, name: str, index: int, offset: int = 0
+) -> Tensor:
     """DARE drop-and-rescale of one task vector, in place: zero a random fraction ``p`` of its
-    entries and scale the rest by ``1 / (1 − p)``. delta (any shape) -> delta."""
+    entries and scale the rest by ``1 / (1 − p)``. delta (rows ``offset:`` of a tensor) -> delta."""
     if drop_rate == 0.0:
         return delta
-    keep = dare_keep_mask(delta.shape, drop_rate, seed, name, index).to(delta.device)
+    keep = dare_keep_mask(delta.shape, drop_rate, seed, name, index, offset).to(delta.device)
     return delta.masked_fill_(~keep, 0.0).div_(1.0 - drop_rate)
 
 
-def dare(delta: Tensor, drop_rate: float, seed: int, name: str, index: int) -> Tensor:
+def dare(
+    delta: Tensor, drop_rate: float, seed: int, name: str, index: int, offset: int = 0
+) -> Tensor:
     """:func:`dare_` on a copy of ``delta``."""
-    return dare_(delta.clone(), drop_rate, seed, name, index)
+    return dare_(delta.clone(), drop_rate, seed, name, index, offset)

@@ -11,11 +11,18 @@ tensors only.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from torch import Tensor
 
-from dim3.methods._utils import breadcrumbs_mask, check_options, deltas, number
+from dim3.methods._utils import (
+    SelectionParts,
+    check_options,
+    keep_count,
+    number,
+    selection_merge,
+)
 
 NAME = "breadcrumbs"
 
@@ -36,11 +43,30 @@ class BreadcrumbsOptions:
         check_options(self, NAME)
 
 
+def _ks(options: BreadcrumbsOptions, n: int) -> tuple[int, ...]:
+    keep = keep_count(options.density, n)  # = n when density is 1
+    drop_large = min(math.floor(options.gamma * n + 0.5), n - keep)
+    return (n - drop_large, n - keep - drop_large)  # below the dropped top; the dropped bottom
+
+
+def _keep(firsts: list[Tensor]) -> Tensor:
+    return firsts[0] & ~firsts[1]
+
+
+def _combine(masked: Tensor, options: BreadcrumbsOptions) -> Tensor:
+    return masked.sum(dim=0).mul_(options.scaling)
+
+
+PARTS = SelectionParts(_ks, _keep, _combine)
+
+
 def merge(
-    base: Tensor, tuned: list[Tensor], options: BreadcrumbsOptions, *, name: str = ""
+    base: Tensor,
+    tuned: list[Tensor],
+    options: BreadcrumbsOptions,
+    *,
+    name: str = "",
+    offset: int = 0,
 ) -> Tensor:
     """``base + λ Σ_t mask_t ⊙ Δ_t``. base (out, in) or (n,), tuned: T like base -> like base."""
-    d = deltas(base, tuned)  # (T, *shape), masked in place below
-    for x in d:
-        x.masked_fill_(~breadcrumbs_mask(x, options.density, options.gamma), 0.0)
-    return d.sum(dim=0).mul_(options.scaling).add_(base)
+    return selection_merge(base, tuned, options, PARTS)

@@ -12,7 +12,7 @@ merged:
 Default ``p = 0.9``: the paper's headline finding that 90 % of SFT delta parameters can be dropped
 without loss; λ = 1. The mask is reproducible: it depends only on (seed, tensor name, tuned index),
 is drawn on the CPU so CPU and CUDA merges agree bit for bit, and does not depend on the order in
-which tensors are merged. This module knows tensors only.
+which tensors are merged nor on how the engine slices them (it is drawn in fixed blocks of rows). This module knows tensors only.
 """
 
 from __future__ import annotations
@@ -42,23 +42,30 @@ class DareOptions:
         check_options(self, "dare")
 
 
-def dropped(base: Tensor, tuned: list[Tensor], options: DareOptions, name: str) -> Tensor:
-    """The DARE'd task vectors: (T, *base.shape); model t's mask is seeded by (seed, name, t)."""
+def dropped(
+    base: Tensor, tuned: list[Tensor], options: DareOptions, name: str, offset: int = 0
+) -> Tensor:
+    """The DARE'd task vectors: (T, *base.shape); model t's mask is seeded by (seed, name, t).
+
+    ``base`` may be rows ``offset:`` of a larger tensor: the mask is the same as the whole's.
+    """
     d = deltas(base, tuned)  # (T, *shape), dropped and rescaled in place
     for i, x in enumerate(d):
-        _utils.dare_(x, options.drop_rate, options.seed, name, i)
+        _utils.dare_(x, options.drop_rate, options.seed, name, i, offset)
     return d
 
 
 def merge_task_arithmetic(
-    base: Tensor, tuned: list[Tensor], options: DareOptions, *, name: str = ""
+    base: Tensor, tuned: list[Tensor], options: DareOptions, *, name: str = "", offset: int = 0
 ) -> Tensor:
     """``base + λ Σ_t DARE(Δ_t)``. base (out, in) or (n,), tuned: T like base -> like base."""
-    return dropped(base, tuned, options, name).sum(dim=0).mul_(options.scaling).add_(base)
+    d = dropped(base, tuned, options, name, offset)
+    return d.sum(dim=0).mul_(options.scaling).add_(base)
 
 
 def merge_ties(
-    base: Tensor, tuned: list[Tensor], options: DareOptions, *, name: str = ""
+    base: Tensor, tuned: list[Tensor], options: DareOptions, *, name: str = "", offset: int = 0
 ) -> Tensor:
     """``base + λ · disjoint_mean(DARE(Δ_t))``. base (out, in) or (n,) -> like base."""
-    return disjoint_mean_(dropped(base, tuned, options, name)).mul_(options.scaling).add_(base)
+    d = dropped(base, tuned, options, name, offset)
+    return disjoint_mean_(d).mul_(options.scaling).add_(base)

@@ -34,7 +34,9 @@ class LinearOptions:
             )
 
 
-def merge(base: Tensor, tuned: list[Tensor], options: LinearOptions, *, name: str = "") -> Tensor:
+def merge(
+    base: Tensor, tuned: list[Tensor], options: LinearOptions, *, name: str = "", offset: int = 0
+) -> Tensor:
     """``Σ_t w_t · tuned_t / Σ_t w_t``, with ``w_mm`` for the multimodal model and ``w_ml`` for
     each multilingual one.
 

@@ -34,7 +34,12 @@ class TaskArithmeticOptions:
 
 
 def merge(
-    base: Tensor, tuned: list[Tensor], options: TaskArithmeticOptions, *, name: str = ""
+    base: Tensor,
+    tuned: list[Tensor],
+    options: TaskArithmeticOptions,
+    *,
+    name: str = "",
+    offset: int = 0,
 ) -> Tensor:
     """``base + λ (w_mm Δmm + w_ml Δml)``.
 

@@ -21,7 +21,14 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from dim3.methods._utils import check_options, deltas, disjoint_mean_, number, trim_mask
+from dim3.methods._utils import (
+    SelectionParts,
+    check_options,
+    disjoint_mean_,
+    keep_count,
+    number,
+    selection_merge,
+)
 
 NAME = "ties"
 
@@ -42,13 +49,27 @@ class TiesOptions:
         check_options(self, NAME)
 
 
-def merge(base: Tensor, tuned: list[Tensor], options: TiesOptions, *, name: str = "") -> Tensor:
+def _ks(options: TiesOptions, n: int) -> tuple[int, ...]:
+    return (n - keep_count(options.density, n),)  # the entries below the kept top
+
+
+def _keep(firsts: list[Tensor]) -> Tensor:
+    return ~firsts[0]
+
+
+def _combine(masked: Tensor, options: TiesOptions) -> Tensor:
+    return disjoint_mean_(masked).mul_(options.scaling)
+
+
+PARTS = SelectionParts(_ks, _keep, _combine)
+
+
+def merge(
+    base: Tensor, tuned: list[Tensor], options: TiesOptions, *, name: str = "", offset: int = 0
+) -> Tensor:
     """``base + λ · disjoint_mean(trim(Δ_t))``.
 
     base (Tensor of shape (out, in) or (n,)), tuned: T tensors shaped like base.
     Returns a float32 tensor shaped like base.
     """
-    d = deltas(base, tuned)  # (T, *shape), trimmed in place below
-    for x in d:
-        x.masked_fill_(~trim_mask(x, options.density), 0.0)
-    return disjoint_mean_(d).mul_(options.scaling).add_(base)
+    return selection_merge(base, tuned, options, PARTS)

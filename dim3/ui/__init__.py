@@ -1,18 +1,22 @@
 """The Gradio app: Merge, Chat, Evaluate and Analysis tabs over one shared model manager.
 
 ``build_app()`` lays out the Blocks; ``launch_options()`` holds what ``Blocks.launch`` needs
-(theme, CSS, upload limit). This package is the only part of dim3 that imports Gradio.
+(theme, CSS, the chat box's length cap, upload limit). This package is the only part of dim3 that
+imports Gradio. What one visitor may change for the others (the loaded models) is decided by the
+``ModelManager`` in ``AppContext`` (open mode: swap only a complete merge and tell the other chats;
+showcase, ``$DIM3_SHOWCASE``: nobody), never by a handler.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
 import gradio as gr
 
 from dim3.ui.analysis import build_analysis_tab
-from dim3.ui.chat import build_chat_tab, refresh_status
+from dim3.ui.chat import MAXLENGTH_JS, build_chat_tab, refresh_status, stop_session
 from dim3.ui.common import CSS, MAX_UPLOAD, AppContext
 from dim3.ui.evaluate import build_evaluate_tab
 from dim3.ui.merge import build_merge_tab
@@ -26,11 +30,17 @@ INTRO = (
 )
 
 
+SHOWCASE_NOTE = (
+    "\n\n*A showcase: the models here were fixed by this Space's owner; every visitor chats "
+    "with the same merge.*"
+)
+
+
 def build_app(ctx: AppContext | None = None) -> gr.Blocks:
     """The whole app (not launched). ``ctx`` defaults to one built from the environment."""
     ctx = ctx or AppContext.from_env()
     with gr.Blocks(title=TITLE, analytics_enabled=False) as app:
-        gr.Markdown(INTRO)
+        gr.Markdown(INTRO + (SHOWCASE_NOTE if ctx.is_showcase else ""))
         with gr.Tabs():
             with gr.Tab("Merge", id="merge", elem_id="dim3-tab-merge"):
                 merge = build_merge_tab(ctx)
@@ -40,9 +50,26 @@ def build_app(ctx: AppContext | None = None) -> gr.Blocks:
                 build_evaluate_tab(ctx, merge)
             with gr.Tab("Analysis", id="analysis", elem_id="dim3-tab-analysis"):
                 build_analysis_tab(ctx, merge)
-        chat_tab.select(refresh_status(ctx, chat), outputs=[chat.status], queue=False)
+        chat_tab.select(
+            refresh_status(ctx, chat),
+            outputs=[chat.status],
+            queue=False,
+            api_visibility="private",
+        )
+        app.unload(stop_session(ctx))
     app.queue(default_concurrency_limit=int(os.environ.get("DIM3_CONCURRENCY", "4")))
     return app
+
+
+def configure_logging() -> None:
+    """dim3's own messages (showcase start-up, refused requests) at INFO on stderr; no tokens,
+    no user text."""
+    logger = logging.getLogger("dim3")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
 
 
 def launch_options() -> dict[str, Any]:
@@ -50,6 +77,7 @@ def launch_options() -> dict[str, Any]:
     return {
         "theme": gr.themes.Soft(primary_hue="indigo"),
         "css": CSS,
+        "js": MAXLENGTH_JS,
         "max_file_size": MAX_UPLOAD,
         "show_error": False,
     }

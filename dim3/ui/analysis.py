@@ -21,8 +21,9 @@ import pandas as pd
 
 from dim3 import diagnostics as dg
 from dim3.engine import Progress
-from dim3.ui.common import AppContext, error_text, gpu
+from dim3.ui.common import AppContext, error_text, gpu, md_escape
 from dim3.ui.merge import HEAVY, MergeTab
+from dim3.ui.represent import build_represent_view
 
 INTRO = (
     "How the two updates relate, per layer and module (the paper's Figure 1): their size "
@@ -97,11 +98,13 @@ def build_analysis_tab(ctx: AppContext, merge: MergeTab) -> AnalysisTab:
     tab = _layout()
     tab.compute.click(
         _compute(ctx, merge, tab),
-        inputs=merge.form.inputs(),
+        inputs_kwargs=merge.form.kwargs(),
         outputs=[tab.status, tab.table, tab.download, *tab.plots.values()],
+        api_name="diagnose",
         concurrency_limit=1,
         concurrency_id=HEAVY,
     )
+    build_represent_view(ctx)  # the representation view (dim3/ui/represent.py)
     return tab
 
 
@@ -114,7 +117,9 @@ def _write_csv(rows: list[dg.DiagnosticRow]) -> Path:
 
 def _compute(ctx: AppContext, merge: MergeTab, tab: AnalysisTab) -> Callable:
     @gpu(duration=300)
-    def handler(values: dict, progress=gr.Progress()) -> dict[Any, Any]:  # noqa: B008
+    def diagnose(progress=gr.Progress(), **values: Any) -> dict[Any, Any]:  # noqa: B008
+        """Per-layer residual geometry of the three checkpoints (plots, table and CSV)."""
+
         def report(p: Progress) -> None:
             progress((p.done, p.total), desc=f"{p.done}/{p.total} tensors", unit="tensors")
 
@@ -125,12 +130,13 @@ def _compute(ctx: AppContext, merge: MergeTab, tab: AnalysisTab) -> Callable:
                 raise ValueError("these checkpoints have no language-model tensors to compare")
             csv_path = _write_csv(rows)
         except Exception as exc:  # noqa: BLE001 - the UI boundary: shown, never raised
-            return {tab.status: f"❌ {error_text(exc)}"}
+            return {tab.status: f"❌ {md_escape(error_text(exc, ctx.allowed_roots), None)}"}
         options = "its DiM3 options" if recipe.method == "dim3" else "default DiM3 options"
         layers = len({r.layer for r in rows if r.layer is not None})
         status = (
             f"✅ {len(rows)} language-model tensors over {layers} layers of "
-            f"`{recipe.multimodal}` (DiM3 weights with {options})."
+            f"{md_escape(ctx.manager.display_ref(recipe.multimodal.ref))} "
+            f"(DiM3 weights with {options})."
         )
         out: dict[Any, Any] = {
             tab.status: status,
@@ -139,4 +145,4 @@ def _compute(ctx: AppContext, merge: MergeTab, tab: AnalysisTab) -> Callable:
         }
         return out | {plot: plot_frame(rows, m) for m, plot in tab.plots.items()}
 
-    return handler
+    return diagnose

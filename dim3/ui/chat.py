@@ -1,9 +1,17 @@
 """The Chat tab: the original and the DiM3-merged VLM answer the same question side by side.
 
 Layout and wiring only. The conversation lives in ``gr.State`` as plain message lists (one per
-pane, ``[{"role": "user" | "assistant", "content": str}]``) plus the path of the conversation's
-image; both replies stream at once through ``dim3.chat.stream_reply`` and ``interleave``. Stop
-sets the session's stop flag, which the generation threads read after every token.
+pane, ``[{"role": "user" | "assistant", "content": str}]``; an answer also records ``by``, the
+model that gave it, and a ``notice`` entry marks a message from the app that the models never
+see) plus the path of the conversation's image and the version of the merged model this session
+last saw. Both replies stream at once through ``dim3.chat.stream_reply`` and ``interleave``.
+
+What the session sees of the shared models: each answer uses one consistent pair
+(``ModelManager.served``); when another visitor's merge has replaced the merged model since the
+last answer, a notice says so before the next one. Stop ends the session's generation after the
+current token; Clear does too and is final (nothing the stopped stream produced is shown or kept);
+a closed tab stops it through ``unload``. ``/chat`` is the one-call API: a message, an optional
+image and generation settings in, both answers out.
 """
 
 from __future__ import annotations
@@ -15,15 +23,31 @@ from pathlib import Path
 
 import gradio as gr
 
-from dim3.chat import GenerationParams, interleave, load_image, stream_reply
+from dim3.chat import (
+    MAX_MESSAGE_CHARS,
+    ChatError,
+    GenerationParams,
+    Reply,
+    interleave,
+    load_image,
+    stream_reply,
+)
 from dim3.examples import load_examples
-from dim3.models import MERGED, ORIGINAL, LoadedVLM
-from dim3.ui.common import AppContext, error_html, error_text, gpu
+from dim3.models import Served
+from dim3.ui.common import AppContext, error_html, error_text, gpu, md_escape
 
 NO_MERGE = "No merged model yet: run a merge in the **Merge** tab, then ask again."
 STOPPED = " ⏹ (stopped)"
 EMPTY = "(no answer: the model produced only blank tokens)"
 MIN_UPDATE = 0.05  # seconds between streamed screen updates
+PRIVATE = {"api_visibility": "private"}
+# The browser cannot send more than the server accepts (MultimodalTextbox has no max_length).
+MAXLENGTH_JS = f"""() => {{
+  const cap = () => document.querySelectorAll('#dim3-box textarea').forEach(
+    t => t.setAttribute('maxlength', '{MAX_MESSAGE_CHARS}'));
+  cap();
+  new MutationObserver(cap).observe(document.body, {{childList: true, subtree: true}});
+}}"""
 
 
 @dataclass
@@ -37,45 +61,67 @@ class ChatTab:
     left_msgs: gr.State
     right_msgs: gr.State
     image: gr.State
+    seen: gr.State  # the merged model's version this session last answered with
+    asked: gr.State  # the session's Clear count when the question was asked
     max_new_tokens: gr.Slider
     temperature: gr.Slider
     top_p: gr.Slider
 
+    def settings(self) -> list[gr.Slider]:
+        return [self.max_new_tokens, self.temperature, self.top_p]
+
 
 def display(messages: list[dict], image: str | None) -> list[dict]:
-    """A pane's plain messages -> Chatbot messages; the image is shown before the first question."""
+    """A pane's plain messages -> Chatbot messages; the image is shown before the first question.
+
+    A user's text is shown literally (escaped), an answer as Markdown with a small caption naming
+    the model that gave it; app notices in italics."""
     out: list[dict] = []
     for i, m in enumerate(messages):
         if i == 0 and image:
             out.append({"role": "user", "content": {"path": image}})
-        out.append({"role": m["role"], "content": m["content"] or "…"})
+        if m.get("notice"):
+            out.append({"role": "assistant", "content": f"ℹ️ *{md_escape(m['content'], None)}*"})
+        elif m["role"] == "user":
+            out.append({"role": "user", "content": md_escape(m["content"], None)})
+        else:
+            text = m["content"] or "…"
+            if m.get("by"):
+                text += f"\n\n<sub>— {md_escape(m['by'])}</sub>"
+            out.append({"role": "assistant", "content": text})
     return out
+
+
+def for_model(messages: list[dict]) -> list[dict]:
+    """The turns a model reads: app notices left out, only role and content kept."""
+    return [{"role": m["role"], "content": m["content"]} for m in messages if not m.get("notice")]
 
 
 def status_text(ctx: AppContext) -> str:
     s = ctx.manager.status()
-    return f"**Original:** {s['original']} · **Merged:** {s[MERGED]}"
+    served = ctx.manager.served()
+    when = f", merged at {served.info.when()}" if served.info else ""
+    return f"**Original:** {md_escape(s['original'])} · **Merged:** {md_escape(s['merged'])}{when}"
 
 
 def _layout(ctx: AppContext) -> tuple[ChatTab, dict[str, gr.Button]]:
     status = gr.Markdown(status_text(ctx), elem_classes="dim3-status", elem_id="dim3-chat-status")
     with gr.Row(equal_height=True):
-        left = gr.Chatbot(
-            label="Original VLM",
-            height=420,
-            elem_id="dim3-original",
-            elem_classes="dim3-pane",
-            buttons=["copy"],
-        )
-        right = gr.Chatbot(
-            label="DiM3-merged",
-            height=420,
-            elem_id="dim3-merged",
-            elem_classes="dim3-pane",
-            buttons=["copy"],
+        left, right = (
+            gr.Chatbot(
+                label=label,
+                height=420,
+                elem_id=elem,
+                elem_classes="dim3-pane",
+                buttons=["copy"],
+            )
+            for label, elem in (("Original VLM", "dim3-original"), ("Merged", "dim3-merged"))
         )
     box = gr.MultimodalTextbox(
-        placeholder="Ask about a picture, in any language. Attach an image with the clip.",
+        placeholder=(
+            f"Ask about a picture, in any language (up to {MAX_MESSAGE_CHARS:,} characters). "
+            "Attach an image with the clip."
+        ),
         file_types=["image"],
         file_count="single",
         sources=["upload"],
@@ -88,7 +134,6 @@ def _layout(ctx: AppContext) -> tuple[ChatTab, dict[str, gr.Button]]:
         regen = gr.Button("🔄 Regenerate", elem_id="dim3-regen")
         clear = gr.Button("🗑 Clear", elem_id="dim3-clear")
     with gr.Accordion("Generation settings", open=False):
-        fields = GenerationParams.__dataclass_fields__
         sliders = [
             gr.Slider(
                 f.metadata["min"],
@@ -99,8 +144,15 @@ def _layout(ctx: AppContext) -> tuple[ChatTab, dict[str, gr.Button]]:
                 elem_id=f"dim3-{name.replace('_', '-')}",
                 info=f.metadata["help"],
             )
-            for name, f in fields.items()
+            for name, f in GenerationParams.__dataclass_fields__.items()
         ]
+    _examples(box)
+    states = gr.State([]), gr.State([]), gr.State(None), gr.State(None), gr.State(0)
+    tab = ChatTab(status, left, right, box, *states, *sliders)
+    return tab, {"stop": stop, "regen": regen, "clear": clear}
+
+
+def _examples(box: gr.MultimodalTextbox) -> None:
     examples = load_examples()
     if examples:
         gr.Examples(
@@ -110,34 +162,41 @@ def _layout(ctx: AppContext) -> tuple[ChatTab, dict[str, gr.Button]]:
             label=f"Examples in {len({e.language for e, _ in examples})} languages",
             examples_per_page=len(examples),
             elem_id="dim3-examples",
+            api_visibility="private",
         )
-    tab = ChatTab(status, left, right, box, gr.State([]), gr.State([]), gr.State(None), *sliders)
-    return tab, {"stop": stop, "regen": regen, "clear": clear}
 
 
 def build_chat_tab(ctx: AppContext) -> ChatTab:
     """Lay out the Chat tab inside the current Blocks and wire its events."""
+    from dim3.ui.chat_api import chat_api
+
     tab, buttons = _layout(ctx)
     shown = [tab.left, tab.right, tab.left_msgs, tab.right_msgs, tab.image, tab.box]
-    stream_inputs = {
-        tab.left_msgs,
-        tab.right_msgs,
-        tab.image,
-        tab.max_new_tokens,
-        tab.temperature,
-        tab.top_p,
-    }
+    turn_out = [*shown, tab.asked]
+    stream_in = [tab.left_msgs, tab.right_msgs, tab.image, tab.seen, tab.asked, *tab.settings()]
+    stream_out = [*shown, tab.status, tab.seen]
     stream = _stream(ctx, tab)
-    streaming = {"concurrency_limit": 4, "concurrency_id": "dim3-chat"}
-    tab.box.submit(
-        _add_turn(tab), inputs={tab.box, tab.left_msgs, tab.right_msgs, tab.image}, outputs=shown
-    ).success(stream, inputs=stream_inputs, outputs=[*shown, tab.status], **streaming)
-    buttons["regen"].click(
-        _regenerate(tab), inputs={tab.left_msgs, tab.right_msgs, tab.image}, outputs=shown
-    ).success(stream, inputs=stream_inputs, outputs=[*shown, tab.status], **streaming)
-    buttons["stop"].click(_stop(ctx), queue=False)
+    streaming = {"concurrency_limit": 4, "concurrency_id": "dim3-chat", **PRIVATE}
+    asked = tab.box.submit(
+        _add_turn(ctx, tab),
+        inputs=[tab.box, tab.left_msgs, tab.right_msgs, tab.image],
+        outputs=turn_out,
+        **PRIVATE,
+    ).success(stream, inputs=stream_in, outputs=stream_out, **streaming)
+    again = (
+        buttons["regen"]
+        .click(
+            _regenerate(ctx, tab),
+            inputs=[tab.left_msgs, tab.right_msgs, tab.image],
+            outputs=turn_out,
+            **PRIVATE,
+        )
+        .success(stream, inputs=stream_in, outputs=stream_out, **streaming)
+    )
+    buttons["stop"].click(_stop(ctx), queue=False, **PRIVATE)
     for event in (buttons["clear"].click, tab.left.clear, tab.right.clear):
-        event(_clear(ctx, tab), outputs=shown, queue=False)
+        event(_clear(ctx, tab), outputs=shown, queue=False, cancels=[asked, again], **PRIVATE)
+    chat_api(ctx, tab)
     return tab
 
 
@@ -146,69 +205,84 @@ def refresh_status(ctx: AppContext, tab: ChatTab):
     return lambda: {tab.status: status_text(ctx)}
 
 
+def stop_session(ctx: AppContext):
+    """A handler for ``Blocks.unload``: a closed or reloaded tab ends its generation."""
+
+    def handler(request: gr.Request) -> None:
+        ctx.stop_flags.forget(request.session_hash)
+
+    return handler
+
+
 def _locked(tab: ChatTab) -> dict:
     return {tab.box: gr.MultimodalTextbox(value=None, interactive=False)}
 
 
-def _add_turn(tab: ChatTab):
-    def handler(values: dict) -> dict:
-        box = values[tab.box] or {}
+def _add_turn(ctx: AppContext, tab: ChatTab):
+    def handler(
+        box: dict | None, left: list, right: list, image: str | None, request: gr.Request
+    ) -> dict:
+        box = box or {}
         text = (box.get("text") or "").strip()
         files = box.get("files") or []
-        left, right, image = (
-            list(values[tab.left_msgs]),
-            list(values[tab.right_msgs]),
-            values[tab.image],
-        )
+        left, right = list(left), list(right)
         if not text:
-            gr.Warning(
-                "Type a question to go with your picture: the models need text to "
-                "answer (an image alone is not a prompt).",
-                title="No question",
+            message = (
+                "Type a question to go with your picture: the models need text to answer "
+                "(an image alone is not a prompt)."
+                if files
+                else "Type a question first."
             )
+            gr.Warning(message, title="No question")
             return {tab.box: gr.skip()}  # nothing changes; the stream sees no new question
+        if len(text) > MAX_MESSAGE_CHARS:
+            gr.Warning(
+                f"Your message is {len(text):,} characters long; the limit is "
+                f"{MAX_MESSAGE_CHARS:,}. Shorten it and send it again.",
+                title="Message too long",
+            )
+            return {tab.box: gr.skip()}
         if files:
             try:
                 load_image(files[0])  # checks it really is a readable, not oversized, image
             except ValueError as exc:
-                gr.Warning(error_html(exc), title="Not an image")
+                gr.Warning(error_html(exc), title="Not a usable image")
                 return {tab.box: gr.skip()}
             if left:
                 gr.Info("A new picture starts a new conversation.")
             left, right, image = [], [], str(files[0])
         turn = {"role": "user", "content": text}
         left, right = [*left, turn], [*right, turn]
-        return {
-            tab.left: display(left, image),
-            tab.right: display(right, image),
-            tab.left_msgs: left,
-            tab.right_msgs: right,
-            tab.image: image,
-        } | _locked(tab)
+        asked = {tab.asked: ctx.stop_flags.epoch(request.session_hash)}
+        return _shown(tab, left, right, image) | _locked(tab) | asked
 
     return handler
 
 
-def _regenerate(tab: ChatTab):
-    def handler(values: dict) -> dict:
-        left, right, image = values[tab.left_msgs], values[tab.right_msgs], values[tab.image]
+def _shown(tab: ChatTab, left: list[dict], right: list[dict], image: str | None) -> dict:
+    return {
+        tab.left: display(left, image),
+        tab.right: display(right, image),
+        tab.left_msgs: left,
+        tab.right_msgs: right,
+        tab.image: image,
+    }
+
+
+def _regenerate(ctx: AppContext, tab: ChatTab):
+    def handler(left: list, right: list, image: str | None, request: gr.Request) -> dict:
         left, right = _drop_reply(left), _drop_reply(right)
         if not left:
             gr.Warning("Nothing to regenerate yet: ask a question first.", title="No question")
             return {tab.box: gr.skip()}
-        return {
-            tab.left: display(left, image),
-            tab.right: display(right, image),
-            tab.left_msgs: left,
-            tab.right_msgs: right,
-            tab.image: image,
-        } | _locked(tab)
+        asked = {tab.asked: ctx.stop_flags.epoch(request.session_hash)}
+        return _shown(tab, left, right, image) | _locked(tab) | asked
 
     return handler
 
 
 def _drop_reply(messages: list[dict]) -> list[dict]:
-    """The conversation without its last assistant turn (so the last user turn is answered anew)."""
+    """The conversation without its last answers (so the last user turn is answered anew)."""
     messages = list(messages)
     while messages and messages[-1]["role"] == "assistant":
         messages.pop()
@@ -224,35 +298,18 @@ def _stop(ctx: AppContext):
 
 def _clear(ctx: AppContext, tab: ChatTab):
     def handler(request: gr.Request) -> dict:
-        ctx.stop_flags.stop(request.session_hash)
-        return {
-            tab.left: [],
-            tab.right: [],
-            tab.left_msgs: [],
-            tab.right_msgs: [],
-            tab.image: None,
-            tab.box: gr.MultimodalTextbox(value=None, interactive=True),
+        ctx.stop_flags.stop(request.session_hash, clear=True)
+        return _shown(tab, [], [], None) | {
+            tab.box: gr.MultimodalTextbox(value=None, interactive=True)
         }
 
     return handler
 
 
-def _pane(
-    model: LoadedVLM | None,
-    messages: list[dict],
-    image,
-    params: GenerationParams,
-    stop,
-    missing: str,
-) -> Iterator[str]:
+def pane_chunks(reply: Reply | None, missing: str) -> Iterator[str]:
     """One pane's reply as text chunks; problems become a visible message, never an exception."""
-    if model is None:
+    if reply is None:
         yield missing
-        return
-    try:
-        reply = stream_reply(model.model, model.processor, messages, image, params, stop)
-    except Exception as exc:  # noqa: BLE001 - shown in the pane
-        yield f"⚠️ {error_text(exc)}"
         return
     try:
         yield from reply
@@ -264,80 +321,157 @@ def _pane(
         reply.close()
 
 
+def start_replies(
+    served: Served, panes: tuple[list, list], image, params: GenerationParams, flag
+) -> tuple[Reply | None, Reply | None]:
+    """Start both replies; a refused input (too long for a model, ...) raises ``ChatError``
+    before either model runs a forward pass."""
+    started: list[Reply] = []
+    try:
+        for model, messages in zip((served.original, served.merged), panes, strict=True):
+            if model is None:
+                started.append(None)  # type: ignore[arg-type]
+                continue
+            started.append(
+                stream_reply(model.model, model.processor, for_model(messages), image, params, flag)
+            )
+    except Exception:
+        for r in started:
+            if r is not None:
+                r.close()
+        raise
+    return started[0], started[1]
+
+
+def _notice(served: Served, seen: int | None) -> dict | None:
+    """The app's note to this session when the merged model changed since its last answer."""
+    if seen is None or served.info is None or served.version == seen:
+        return None
+    text = f"The merged model is now {served.info.label}, merged at {served.info.when()}."
+    return {"role": "assistant", "content": text, "notice": True}
+
+
+def _with_notice(messages: list[dict], note: dict | None) -> list[dict]:
+    """``note`` placed before the last question."""
+    if note is None:
+        return messages
+    return [*messages[:-1], note, messages[-1]]
+
+
 def _stream(ctx: AppContext, tab: ChatTab):
     @gpu(duration=120)
-    def handler(values: dict, request: gr.Request) -> Iterator[dict]:
-        left, right, image_path = values[tab.left_msgs], values[tab.right_msgs], values[tab.image]
+    def handler(
+        left: list,
+        right: list,
+        image_path: str | None,
+        seen: int | None,
+        asked: int,
+        max_new_tokens: float,
+        temperature: float,
+        top_p: float,
+        request: gr.Request,
+    ) -> Iterator[dict]:
         done = {tab.box: gr.MultimodalTextbox(interactive=True)}
+        flag = ctx.stop_flags.start(request.session_hash, int(asked or 0))
+        if flag.cleared:  # Clear came after the question: it is not answered, nothing is shown
+            ctx.stop_flags.finish(request.session_hash, flag)
+            return
         if not left or left[-1]["role"] != "user":  # the question was refused: nothing to answer
+            ctx.stop_flags.finish(request.session_hash, flag)
             yield done
             return
         try:
-            params = GenerationParams(
-                int(values[tab.max_new_tokens]),
-                float(values[tab.temperature]),
-                float(values[tab.top_p]),
-            )
+            params = GenerationParams(int(max_new_tokens), float(temperature), float(top_p))
             image = load_image(image_path) if image_path else None
-            if ctx.manager.get(ORIGINAL) is None:
+            if ctx.manager.get("original") is None:
                 yield {tab.status: "⏳ Loading the original VLM (first question only)…"}
-            original, merged = ctx.manager.ensure_original(), ctx.manager.get(MERGED)
-        except Exception as exc:  # noqa: BLE001 - the UI boundary: the answer is the message
-            problem = f"⚠️ {error_text(exc)}"
-            yield done | _finish(tab, left, right, (problem, problem), image_path, ctx)
-            return
-        flag = ctx.stop_flags.start(request.session_hash)
-        panes = (
-            _pane(original, left, image, params, flag, "No original VLM is loaded."),
-            _pane(merged, right, image, params, flag, NO_MERGE),
-        )
-        texts, last = ("", ""), 0.0
-        try:
-            for texts in interleave(*panes):
-                if time.monotonic() - last >= MIN_UPDATE:
-                    last = time.monotonic()
-                    yield _show(tab, left, right, texts, image_path)
-        finally:
-            for p in panes:
-                p.close()
+            ctx.manager.ensure_original()
+            served = ctx.manager.served()
+            note = _notice(served, seen)
+            left, right = _with_notice(left, note), _with_notice(right, note)
+            replies = start_replies(served, (left, right), image, params, flag)
+        except ChatError as exc:  # refused before any forward pass: the question is taken back
             ctx.stop_flags.finish(request.session_hash, flag)
-        yield done | _finish(tab, left, right, texts, image_path, ctx)
+            if flag.cleared:
+                return
+            gr.Warning(error_html(exc, ctx.allowed_roots), title="Cannot answer this")
+            yield done | _shown(tab, left[:-1], right[:-1], image_path)
+            return
+        except Exception as exc:  # noqa: BLE001 - the UI boundary: the answer is the message
+            ctx.stop_flags.finish(request.session_hash, flag)
+            if flag.cleared:
+                return
+            problem = f"⚠️ {error_text(exc, ctx.allowed_roots)}"
+            yield done | _finish(ctx, tab, (left, right), (problem, problem), image_path, None)
+            return
+        yield from _run(
+            ctx, tab, request.session_hash, flag, served, (left, right), replies, image_path, done
+        )
 
     return handler
 
 
+def _run(ctx, tab, session, flag, served, convs, replies, image_path, done) -> Iterator[dict]:
+    """Stream both replies into the panes; nothing more once Clear has stopped them."""
+    panes = (
+        pane_chunks(replies[0], "No original VLM is loaded."),
+        pane_chunks(replies[1], NO_MERGE),
+    )
+    texts, last = ("", ""), 0.0
+    try:
+        for texts in interleave(*panes):
+            if flag.cleared:
+                return
+            if time.monotonic() - last >= MIN_UPDATE:
+                last = time.monotonic()
+                yield _partial(tab, convs, texts, image_path)
+    finally:
+        for p in panes:
+            p.close()
+        ctx.stop_flags.finish(session, flag)
+    if not flag.cleared:
+        yield done | _finish(ctx, tab, convs, texts, image_path, served)
+
+
+def _by(served: Served | None) -> tuple[str | None, str | None]:
+    if served is None:
+        return None, None
+    left = served.original.label if served.original else None
+    right = None
+    if served.merged and served.info:
+        right = f"{served.merged.label}, merged at {served.info.when()}"
+    return left, right
+
+
 def _finish(
+    ctx: AppContext,
     tab: ChatTab,
-    left: list[dict],
-    right: list[dict],
+    convs: tuple[list[dict], list[dict]],
     texts: tuple[str, str],
     image: str | None,
-    ctx: AppContext,
+    served: Served | None,
 ) -> dict:
-    """The final update: both replies stored in the conversation and shown."""
-    left = [*left, {"role": "assistant", "content": _final(texts[0])}]
-    right = [*right, {"role": "assistant", "content": _final(texts[1])}]
-    return {
-        tab.left: display(left, image),
-        tab.right: display(right, image),
-        tab.left_msgs: left,
-        tab.right_msgs: right,
-        tab.status: status_text(ctx),
-    }
+    """The final update: both replies stored in the conversation (with who gave them) and shown."""
+    by = _by(served)
+    left, right = (
+        [*conv, {"role": "assistant", "content": final_text(text), "by": who}]
+        for conv, text, who in zip(convs, texts, by, strict=True)
+    )
+    out = _shown(tab, left, right, image) | {tab.status: status_text(ctx)}
+    return out | {tab.seen: served.version} if served else out
 
 
-def _final(text: str) -> str:
+def final_text(text: str) -> str:
     return text if text.strip() else EMPTY
 
 
-def _show(
+def _partial(
     tab: ChatTab,
-    left: list[dict],
-    right: list[dict],
+    convs: tuple[list[dict], list[dict]],
     texts: tuple[str, str],
     image: str | Path | None,
 ) -> dict:
     return {
-        tab.left: display([*left, {"role": "assistant", "content": texts[0]}], image),
-        tab.right: display([*right, {"role": "assistant", "content": texts[1]}], image),
+        tab.left: display([*convs[0], {"role": "assistant", "content": texts[0]}], image),
+        tab.right: display([*convs[1], {"role": "assistant", "content": texts[1]}], image),
     }

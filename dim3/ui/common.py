@@ -9,6 +9,7 @@ from __future__ import annotations
 import html
 import logging
 import os
+import re
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -17,7 +18,8 @@ from typing import Any, TypeVar
 
 from dim3.chat import ChatError
 from dim3.checkpoints import CheckpointError, allowed_roots_from_env
-from dim3.models import ModelManager, ModelMemoryError
+from dim3.models import MergeInfo, ModelManager, ModelMemoryError, ShowcaseError
+from dim3.paths import redact_paths
 from dim3.plan import PlanError
 from dim3.presets import DEMO_KEY, get_preset
 
@@ -26,6 +28,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 MAX_UPLOAD = os.environ.get("DIM3_MAX_UPLOAD", "10mb")  # per file, enforced by Gradio
 ENV_OUTPUT = "DIM3_OUTPUT_DIR"
+ENV_SHOWCASE = "DIM3_SHOWCASE"
+MAX_ERROR_CHARS = 600  # longer messages are cut (they may echo user input)
+MAX_REF_CHARS = 300  # a Hub id, revision or folder path typed into the form
 
 
 def gpu(duration: int = 120) -> Callable[[F], F]:
@@ -42,27 +47,61 @@ def output_root_from_env() -> Path:
     return Path(os.environ.get(ENV_OUTPUT, "outputs")).expanduser().resolve()
 
 
+class Generation(threading.Event):
+    """A session's running generation: set it to stop after the current token. ``cleared``
+    turns true once Clear (or a closed tab) ended the conversation it answers: from then on
+    nothing it produced may be shown or stored."""
+
+    def __init__(self, flags: StopFlags, session: str, epoch: int) -> None:
+        super().__init__()
+        self._flags, self._session, self._epoch = flags, session, epoch
+
+    @property
+    def cleared(self) -> bool:
+        return self._flags.epoch(self._session) != self._epoch
+
+
 class StopFlags:
-    """One stop flag (``threading.Event``) per browser session, for the Stop button."""
+    """Per browser session: the running generation's stop flag (for Stop), and a count of
+    Clears (the *epoch*), so that a question asked before a Clear is never answered after it,
+    however the Clear and the answer's start interleave."""
 
     def __init__(self) -> None:
-        self._flags: dict[str, threading.Event] = {}
+        self._flags: dict[str, Generation] = {}
+        self._epochs: dict[str, int] = {}
         self._lock = threading.Lock()
 
-    def start(self, session: str) -> threading.Event:
-        """A fresh, unset flag for the session's new generation."""
+    def epoch(self, session: str) -> int:
+        """How many times the session was cleared; a question records it when it is asked."""
         with self._lock:
-            flag = self._flags[session] = threading.Event()
-            return flag
+            return self._epochs.get(session, 0)
 
-    def stop(self, session: str) -> bool:
-        """Set the session's flag; False when nothing is generating."""
+    def start(self, session: str, epoch: int | None = None) -> Generation:
+        """A fresh flag for the session's new generation, answering a question asked in
+        ``epoch`` (default: now); already set if the session was cleared since."""
         with self._lock:
+            now = self._epochs.get(session, 0)
+            flag = self._flags[session] = Generation(self, session, now if epoch is None else epoch)
+        if flag.cleared:
+            flag.set()
+        return flag
+
+    def stop(self, session: str, *, clear: bool = False) -> bool:
+        """Set the session's flag (with ``clear``, also end its conversation); False when idle."""
+        with self._lock:
+            if clear:
+                self._epochs[session] = self._epochs.get(session, 0) + 1
             flag = self._flags.get(session)
         if flag is None:
             return False
         flag.set()
         return True
+
+    def forget(self, session: str) -> None:
+        """A closed session: stop its generation and drop its records."""
+        self.stop(session, clear=True)
+        with self._lock:
+            self._epochs.pop(session, None)
 
     def finish(self, session: str, flag: threading.Event) -> None:
         with self._lock:
@@ -72,30 +111,78 @@ class StopFlags:
 
 @dataclass
 class AppContext:
-    """What every handler of one server shares: models, folders, the default trio."""
+    """What every handler of one server shares: models, folders, the default trio.
+
+    ``showcase`` is set when the owner fixed the models (``$DIM3_SHOWCASE``): the Merge tab is
+    then read-only and the manager refuses every change.
+    """
 
     manager: ModelManager
     allowed_roots: Sequence[Path]
     output_root: Path
     default_preset: str = DEMO_KEY
     stop_flags: StopFlags = field(default_factory=StopFlags)
+    showcase: MergeInfo | None = None
+    showcase_card: str = ""
 
     @classmethod
     def from_env(cls) -> AppContext:
         """Allowed roots from ``$DIM3_ALLOWED_ROOTS``, outputs from ``$DIM3_OUTPUT_DIR``, the
-        demo trio's VLM as the original model until a merge chooses another."""
+        demo trio's VLM as the original model until a merge chooses another; with
+        ``$DIM3_SHOWCASE`` (a recipe file or a saved merged folder) the showcase is merged or
+        loaded here, before the server starts."""
         roots = allowed_roots_from_env()
         output = output_root_from_env()
         default_vlm = get_preset(DEMO_KEY).multimodal
         manager = ModelManager(allowed_roots=[*roots, output], default_vlm=default_vlm)
-        return cls(manager=manager, allowed_roots=[*roots, output], output_root=output)
+        ctx = cls(manager=manager, allowed_roots=[*roots, output], output_root=output)
+        source = os.environ.get(ENV_SHOWCASE, "").strip()
+        if source:
+            ctx.start_showcase(source)
+        return ctx
+
+    @property
+    def is_showcase(self) -> bool:
+        return self.showcase is not None
+
+    def start_showcase(self, source: str) -> None:
+        """Merge or load the owner's showcase and freeze the models (logs what it serves)."""
+        from dim3.recipe import model_card
+
+        log.info("showcase: preparing %s", source)
+        info = self.manager.start_showcase(source)
+        card = Path(source).expanduser() / "README.md"
+        if card.is_file():
+            self.showcase_card = card.read_text(encoding="utf-8")
+        else:
+            summary = info.summary or {"merged": 0, "copied": 0, "padded": 0}
+            self.showcase_card = model_card(info.recipe, summary, {})
+        self.showcase = info
+        log.info("showcase: serving %s", info.label)
+
+    def public(self, text: str) -> str:
+        """``text`` without absolute server paths (see ``dim3.paths.redact_paths``)."""
+        return redact_paths(text, self.allowed_roots)
 
 
-KNOWN_ERRORS = (CheckpointError, PlanError, ModelMemoryError, ChatError, ValueError)
+KNOWN_ERRORS = (
+    CheckpointError,
+    PlanError,
+    ModelMemoryError,
+    ChatError,
+    ShowcaseError,
+    ValueError,
+)
 
 
-def error_text(exc: BaseException) -> str:
-    """A one-paragraph message for the user: the problem and how to fix it (plain text)."""
+def error_text(exc: BaseException, roots: Sequence[str | Path] = ()) -> str:
+    """A one-paragraph message for the user: the problem and how to fix it (plain text), with
+    server paths shortened (see ``dim3.paths.redact_paths``) and cut to a readable length."""
+    text = redact_paths(_error_text(exc), roots)
+    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 1] + "…"
+
+
+def _error_text(exc: BaseException) -> str:
     if isinstance(exc, PlanError):
         return f"These checkpoints cannot be merged: {exc}"
     if isinstance(exc, KNOWN_ERRORS):
@@ -110,9 +197,34 @@ def error_text(exc: BaseException) -> str:
     return f"Unexpected error ({type(exc).__name__}): {exc}. The server is still running."
 
 
-def error_html(exc: BaseException) -> str:
+def error_html(exc: BaseException, roots: Sequence[str | Path] = ()) -> str:
     """``error_text`` escaped for Gradio's HTML toasts."""
-    return html.escape(error_text(exc))
+    return html.escape(error_text(exc, roots))
+
+
+_MARKDOWN = re.compile(r"([\\`*_{}\[\]()#+\-.!|~>:])")
+
+
+def md_escape(text: str, limit: int | None = 300) -> str:
+    """Plain ``text`` (user input, or a message that may echo it) made safe to show in a
+    Markdown component: cut to ``limit`` characters, HTML escaped, Markdown punctuation
+    backslash-escaped (so no link, image or emphasis comes out of it)."""
+    if limit is not None and len(text) > limit:
+        text = text[: limit - 1] + "…"
+    return _MARKDOWN.sub(r"\\\1", html.escape(text, quote=False))
+
+
+def check_text(value: str | None, label: str, limit: int = MAX_REF_CHARS) -> str:
+    """A typed field, stripped; a clear ``ValueError`` for one that is too long or holds
+    control characters (a NUL byte would otherwise surface as "embedded null byte")."""
+    text = (value or "").strip()
+    if len(text) > limit:
+        raise ValueError(
+            f"the {label} is {len(text):,} characters long; at most {limit} are allowed"
+        )
+    if any(ord(c) < 32 or ord(c) == 127 for c in text):
+        raise ValueError(f"the {label} contains a control character; type it again")
+    return text
 
 
 def clock(seconds: float | None) -> str:

@@ -22,8 +22,9 @@ from dim3.demo import demo_probe_path, load_probe
 from dim3.demo.probe import ProbeItem
 from dim3.evaluate import ORIGINAL, EvalSpec, evaluate_merges
 from dim3.methods import METHODS
-from dim3.ui.common import AppContext, error_text, gpu
+from dim3.ui.common import AppContext, check_text, error_text, gpu, md_escape
 from dim3.ui.merge import HEAVY, MergeTab
+from dim3.ui.sweep import build_sweep_view
 
 INTRO = (
     "How often each model answers a probe question with the right word **in the question's "
@@ -120,7 +121,8 @@ def _layout() -> EvaluateTab:
         )
     probe = gr.Textbox(
         label="Probe file (JSONL: image, question, answer, language); empty = built-in demo probe",
-        placeholder="/path/to/probe.jsonl",
+        placeholder="./my-probe/probe.jsonl",
+        max_length=300,
         elem_id="dim3-eval-probe",
     )
     run = gr.Button("Evaluate", variant="primary", elem_id="dim3-evaluate")
@@ -137,11 +139,14 @@ def build_evaluate_tab(ctx: AppContext, merge: MergeTab) -> EvaluateTab:
     tab = _layout()
     tab.run.click(
         evaluate_handler(ctx, merge, tab),
-        inputs=merge.form.inputs() | {tab.methods, tab.probe, tab.per_language},
+        inputs_kwargs=merge.form.kwargs()
+        | {"methods": tab.methods, "probe": tab.probe, "questions_per_language": tab.per_language},
         outputs=[tab.status, tab.table, tab.chart],
+        api_name="evaluate",
         concurrency_limit=1,
         concurrency_id=HEAVY,
     )
+    build_sweep_view(ctx, merge)  # the Sweep view (dim3/ui/sweep.py)
     return tab
 
 
@@ -149,16 +154,17 @@ def evaluate_handler(ctx: AppContext, merge: MergeTab, tab: EvaluateTab) -> Call
     """The "Evaluate" click handler: form values -> status, table and chart updates."""
 
     @gpu(duration=600)
-    def handler(values: dict, progress=gr.Progress()) -> dict[Any, Any]:  # noqa: B008
+    def evaluate(progress=gr.Progress(), **values: Any) -> dict[Any, Any]:  # noqa: B008
+        """Probe-set accuracy per language of the original VLM and of each ticked merge."""
+
         def report(name: str, done: int, total: int) -> None:
             progress((done, total), desc=f"evaluating {name}" if name else "done", unit="models")
 
         try:
             recipe = merge.form.recipe(values)
-            methods = tuple(values[tab.methods] or ())
-            items = per_language(
-                probe_items(ctx, values[tab.probe] or ""), int(values[tab.per_language])
-            )
+            methods = tuple(values["methods"] or ())
+            probe = check_text(values["probe"], "probe file path")
+            items = per_language(probe_items(ctx, probe), int(values["questions_per_language"]))
             options = {recipe.method: recipe.options} if recipe.method in methods else {}
             spec = EvalSpec(
                 recipe.base,
@@ -170,7 +176,7 @@ def evaluate_handler(ctx: AppContext, merge: MergeTab, tab: EvaluateTab) -> Call
             )
             results = evaluate_merges(spec, report, allowed_roots=ctx.allowed_roots)
         except Exception as exc:  # noqa: BLE001 - the UI boundary: shown, never raised
-            return {tab.status: f"❌ {error_text(exc)}"}
+            return {tab.status: f"❌ {md_escape(error_text(exc, ctx.allowed_roots), None)}"}
         best = max(
             (m for m in results if m != ORIGINAL), key=lambda m: results[m]["overall"], default=None
         )
@@ -183,4 +189,4 @@ def evaluate_handler(ctx: AppContext, merge: MergeTab, tab: EvaluateTab) -> Call
             tab.chart: chart_figure(results),
         }
 
-    return handler
+    return evaluate

@@ -1,0 +1,114 @@
+"""Pieces the engine uses to merge a tensor larger than its memory budget, slice by slice.
+
+- :func:`row_slices`: cut dim 0 of a tensor into slices of at most a budget of float32 bytes.
+- :class:`ExactSelect`: the k-th smallest magnitude of a tensor seen only in slices, exactly
+  (a two-pass radix select over the float32 bit patterns, 16 bits per pass), with how many
+  entries equal to it belong to the first k, so that selection rules (TIES, Breadcrumbs) get the
+  very same masks as :func:`dim3.methods._utils.first_by_magnitude` on the whole tensor.
+- :class:`FirstMask`: applies one such selection to successive slices (ties go to the lower flat
+  index, counted across slices).
+
+This module knows tensors and budgets only: no files, no rules, no models.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+BINS = 1 << 16
+
+
+def row_slices(shape: Sequence[int], budget: int, rows: int | None = None) -> list[tuple[int, int]]:
+    """``[(start, stop), ...]`` covering rows ``0:rows`` (default all) of a tensor of ``shape``,
+    each slice at most ``budget`` bytes in float32 (at least one row)."""
+    total = shape[0] if shape else 1
+    rows = total if rows is None else rows
+    per_row = 4 * max(1, math.prod(shape[1:]))
+    step = max(1, budget // per_row)
+    return [(a, min(a + step, rows)) for a in range(0, rows, step)] or [(0, 0)]
+
+
+def magnitude_bits(x: Tensor) -> Tensor:
+    """``|x|`` as int32 bit patterns (flat), which order like the float magnitudes."""
+    return x.abs().reshape(-1).contiguous().view(torch.int32)
+
+
+class ExactSelect:
+    """Find, for several ranks k, the k-th smallest of a set of non-negative float32 values seen
+    in slices: two passes over the data (:meth:`observe` then :meth:`next_pass`, twice).
+
+    After the second pass, :meth:`result` gives per k ``(bits of the k-th value, need)``: the
+    first k values are those below it plus the first ``need`` equal to it (in flat order).
+    k ≤ 0 selects nothing and k ≥ n everything (``None`` there).
+    """
+
+    def __init__(self, ks: Sequence[int], n: int, device: torch.device):
+        self.ks, self.n, self.device = list(ks), n, device
+        self.stage = 0
+        self.hist = torch.zeros(BINS, dtype=torch.int64, device=device)
+        self.hi: list[int] = []  # per k: the high 16 bits of the k-th value
+        self.below: list[int] = []  # per k: how many values have smaller high bits
+        self.lo_hist: Tensor | None = None
+
+    def observe(self, bits: Tensor) -> None:
+        """One slice's bit patterns (flat int32, from :func:`magnitude_bits`)."""
+        hi = bits >> 16
+        if self.stage == 0:
+            self.hist += torch.bincount(hi, minlength=BINS)
+            return
+        assert self.lo_hist is not None
+        lo = bits & 0xFFFF
+        for i, h in enumerate(self.hi):
+            self.lo_hist[i] += torch.bincount(lo[hi == h], minlength=BINS)
+
+    def next_pass(self) -> None:
+        """End a pass: after the first, fix each k's high bits; after the second, its value."""
+        if self.stage == 0:
+            cum = torch.cumsum(self.hist, 0).cpu()
+            for k in self.ks:
+                kk = min(max(k, 1), self.n)
+                h = int(torch.searchsorted(cum, kk))  # first bin whose cumulative count ≥ k
+                self.hi.append(h)
+                self.below.append(int(cum[h - 1]) if h > 0 else 0)
+            self.lo_hist = torch.zeros((len(self.ks), BINS), dtype=torch.int64, device=self.device)
+        self.stage += 1
+
+    def result(self) -> list[tuple[int, int] | None]:
+        """Per k: (bits of the k-th smallest value, how many equal to it are in the first k)."""
+        assert self.stage == 2 and self.lo_hist is not None
+        out: list[tuple[int, int] | None] = []
+        for i, k in enumerate(self.ks):
+            if k <= 0 or k >= self.n:
+                out.append(None)
+                continue
+            cum = torch.cumsum(self.lo_hist[i], 0).cpu()
+            rest = k - self.below[i]  # rank of the k-th value within its high bin
+            lo = int(torch.searchsorted(cum, rest))
+            less = self.below[i] + (int(cum[lo - 1]) if lo > 0 else 0)
+            out.append(((self.hi[i] << 16) | lo, k - less))
+        return out
+
+
+class FirstMask:
+    """The ``first_k`` mask of one selection, slice after slice in flat order."""
+
+    def __init__(self, k: int, n: int, found: tuple[int, int] | None):
+        self.all = k >= n
+        self.none = k <= 0
+        self.bits, self.need = found if found else (0, 0)
+        self.seen = 0  # entries equal to the k-th value met so far
+
+    def __call__(self, bits: Tensor) -> Tensor:
+        if self.all or self.none:
+            return torch.full_like(bits, self.all, dtype=torch.bool)
+        mask = bits < self.bits
+        left = self.need - self.seen  # equal entries still to take, the first ones in flat order
+        if left > 0:
+            equal = torch.nonzero(bits == self.bits).reshape(-1)
+            mask[equal[:left]] = True
+            self.seen += min(left, equal.numel())
+        return mask

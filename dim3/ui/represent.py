@@ -1,0 +1,204 @@
+"""The Analysis tab's representation view: the paper's Figures 3–9 for the models in memory.
+
+Layout and wiring only. "Compute representations" runs a parallel set (the demo's pictures or
+descriptions, the bundled everyday sentences, or a JSONL file under the allowed folders) through
+the original VLM and, when the Merge tab has made one, the merged VLM held by the model manager
+(nothing is loaded or merged here; the original is loaded if no model is in memory yet), and
+shows per layer the silhouette by language, by content and the retrieval accuracy
+(``dim3.represent``). A slider picks the layer of the 2-D map (PCA, or t-SNE). Errors are shown
+as messages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+
+from dim3 import represent as rp
+from dim3.checkpoints import check_under_roots
+from dim3.models import MERGED, ORIGINAL
+from dim3.ui.common import AppContext, error_text, gpu
+from dim3.ui.merge import HEAVY
+
+INTRO = (
+    "### Representations\n"
+    "How each model's hidden states of the same content in several languages relate, layer by "
+    "layer (the paper's Figures 3–9): averaged over the tokens of each item's text (the question, "
+    "for a picture). **Silhouette by language** is high when languages sit apart (cross-lingual "
+    "alignment lowers it); **by content**, high when the same meaning sits together; "
+    "**retrieval** is how often an item's nearest neighbour in another language is its "
+    "translation. Uses the original and merged VLMs in memory: merge in the **Merge** tab first."
+)
+PROBES = [
+    ("Demo: pictures + colour question (8 languages)", "demo"),
+    ("Demo: scene descriptions, text only (8 languages)", "demo-text"),
+    ("Everyday sentences (12 languages)", "sentences"),
+    ("A JSONL file (below)", "file"),
+]
+
+
+@dataclass
+class RepresentView:
+    """The representation view's components."""
+
+    probe: gr.Dropdown
+    path: gr.Textbox
+    map_method: gr.Radio
+    compute: gr.Button
+    status: gr.Markdown
+    curves: dict[str, gr.LinePlot]
+    layer: gr.Slider
+    map: gr.Plot
+    state: gr.State
+
+
+def curve_frame(rep: rp.Representations, metric: str) -> pd.DataFrame:
+    """Plot data of one metric: columns layer, model, value (undefined values left out)."""
+    rows = [
+        {"layer": layer, "model": name, "value": v}
+        for name, m in rep.metrics.items()
+        for layer, v in enumerate(m[metric])
+        if v == v
+    ]
+    return pd.DataFrame(rows, columns=["layer", "model", "value"])
+
+
+def _layout() -> RepresentView:
+    gr.Markdown(INTRO)
+    with gr.Row():
+        probe = gr.Dropdown(
+            [(label, key) for label, key in PROBES],
+            value="demo",
+            label="Parallel set",
+            scale=2,
+            elem_id="dim3-rep-probe",
+        )
+        path = gr.Textbox(
+            label="JSONL file (id, language, text, image)",
+            placeholder="/path/to/parallel.jsonl",
+            scale=2,
+            elem_id="dim3-rep-file",
+        )
+        map_method = gr.Radio(
+            [("PCA (fast)", "pca"), ("t-SNE", "tsne")],
+            value="pca",
+            label="Map",
+            scale=1,
+            elem_id="dim3-rep-map-method",
+        )
+    compute = gr.Button("Compute representations", variant="primary", elem_id="dim3-represent")
+    status = gr.Markdown("", elem_id="dim3-rep-status")
+    curves = {}
+    with gr.Row(equal_height=True):
+        for metric, title in rp.METRICS.items():
+            curves[metric] = gr.LinePlot(
+                x="layer",
+                y="value",
+                color="model",
+                title=title,
+                x_title="layer (0 = embeddings)",
+                y_title=metric,
+                height=240,
+                elem_id=f"dim3-rep-{metric}",
+            )
+    layer = gr.Slider(0, 1, value=0, step=1, label="Layer of the map", elem_id="dim3-rep-layer")
+    map_plot = gr.Plot(label="2-D map: colour = language, marker = content", elem_id="dim3-rep-map")
+    return RepresentView(
+        probe, path, map_method, compute, status, curves, layer, map_plot, gr.State(None)
+    )
+
+
+def build_represent_view(ctx: AppContext) -> RepresentView:
+    """Lay out the representation view inside the current Blocks and wire its events."""
+    view = _layout()
+    view.compute.click(
+        compute_handler(ctx, view),
+        inputs=[view.probe, view.path, view.map_method],
+        outputs=[view.status, view.state, view.layer, view.map, *view.curves.values()],
+        api_name="represent",
+        concurrency_limit=1,
+        concurrency_id=HEAVY,
+    )
+    for trigger in (view.layer.release, view.map_method.change):
+        trigger(
+            map_handler(view),
+            inputs=[view.state, view.layer, view.map_method],
+            outputs=[view.map, view.status],
+            api_visibility="private",
+            show_progress="minimal",
+        )
+    return view
+
+
+def load_items(ctx: AppContext, probe: str, path: str) -> list[rp.ParallelItem]:
+    """A built-in parallel set, or a JSONL file that must lie under the allowed folders."""
+    if probe != "file":
+        return rp.parallel_items(probe)
+    if not (path or "").strip():
+        raise ValueError("choose a built-in parallel set or give the path of a JSONL file")
+    file = check_under_roots(Path(path.strip()), ctx.allowed_roots)
+    return rp.parallel_items(str(file))
+
+
+def _loaded(ctx: AppContext) -> dict[str, tuple[Any, Any]]:
+    original = ctx.manager.ensure_original()
+    merged = ctx.manager.get(MERGED)
+    models = {}
+    if original is not None:
+        models[ORIGINAL] = (original.model, original.processor)
+    if merged is not None:
+        models[MERGED] = (merged.model, merged.processor)
+    if not models:
+        raise ValueError("no VLM is loaded: merge one in the Merge tab first")
+    return models
+
+
+def compute_handler(ctx: AppContext, view: RepresentView) -> Callable:
+    @gpu(duration=300)
+    def represent(probe: str, probe_file: str, map_method: str, progress=gr.Progress()):  # noqa: B008
+        """Per-layer silhouette and retrieval of the loaded original and merged VLMs."""
+
+        def report(name: str, done: int, total: int) -> None:
+            progress((done, total), desc=f"{name}: {done}/{total} items", unit="items")
+
+        try:
+            items = load_items(ctx, probe, probe_file)
+            models = _loaded(ctx)
+            rep = rp.represent_models(models, items, probe=probe, progress=report)
+            layer = len(rep.layers) // 2
+            figure = rp.map_figure(rep, layer, map_method)
+        except Exception as exc:  # noqa: BLE001 - the UI boundary: shown, never raised
+            return {view.status: f"❌ {error_text(exc)}"}
+        languages = len({it.language for it in items})
+        note = "" if MERGED in models else " No merged model yet: merge in the Merge tab."
+        status = (
+            f"✅ {len(items)} items ({languages} languages) through {', '.join(models)}, "
+            f"{len(rep.layers)} layers (0 = embeddings); retrieval chance "
+            f"{rep.to_json()['retrieval_chance']:.2f}.{note}"
+        )
+        out: dict[Any, Any] = {
+            view.status: status,
+            view.state: rep,
+            view.layer: gr.Slider(0, len(rep.layers) - 1, value=layer, step=1),
+            view.map: figure,
+        }
+        return out | {plot: curve_frame(rep, m) for m, plot in view.curves.items()}
+
+    return represent
+
+
+def map_handler(view: RepresentView) -> Callable:
+    def redraw(rep: rp.Representations | None, layer: float, map_method: str) -> dict[Any, Any]:
+        if rep is None:
+            return {view.status: "Compute the representations first."}
+        try:
+            return {view.map: rp.map_figure(rep, int(layer), map_method)}
+        except Exception as exc:  # noqa: BLE001 - the UI boundary
+            return {view.status: f"❌ {error_text(exc)}"}
+
+    return redraw

@@ -1,0 +1,140 @@
+"""Save a merge to a folder and push it to the Hub: the handlers behind the Merge tab's
+"Save to folder" and "Push to Hub".
+
+Saving writes only inside the server's output folder (``dim3.paths.save_destination`` refuses
+names that are paths and any symbolic link in the way, before the engine's writer runs). Pushing
+uploads the folder this session saved last, with a token the visitor types (never stored or
+logged, blanked out of any error message).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import gradio as gr
+
+from dim3 import engine
+from dim3.paths import save_destination
+from dim3.ui.common import AppContext, check_text, gpu, md_escape
+from dim3.ui.progress import LOG_LINES, drive, err, ok, plain
+
+if TYPE_CHECKING:
+    from dim3.ui.merge import MergeTab
+
+REPO_ID_CHARS = 96
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def save_handler(ctx: AppContext, tab: MergeTab) -> Callable:
+    @gpu(duration=300)
+    def save(
+        progress=gr.Progress(),  # noqa: B008
+        folder: str = "",
+        overwrite: bool = False,
+        **values: Any,
+    ) -> Iterator[dict]:
+        """Merge to a new checkpoint folder inside the server's output folder."""
+        log: list[str] = []
+        out: dict = {}
+        try:
+            name = check_text(folder, "folder name", 100)
+            dest = save_destination(ctx.output_root, name)
+            recipe = tab.form.recipe(values)
+            if dest.exists() and any(dest.iterdir()) and not overwrite:
+                raise ValueError(
+                    f"a folder named {name!r} already exists in the output folder; "
+                    "choose another name or tick Overwrite"
+                )
+            ctx.output_root.mkdir(parents=True, exist_ok=True)
+            log.append(f"Writing the {recipe.method} merge to {name} in the output folder…")
+            yield {tab.log_box: "\n".join(log), tab.status: "⏳ Saving…"}
+            yield from drive(
+                lambda cb: engine.merge_to_folder(
+                    recipe,
+                    save_destination(ctx.output_root, name),
+                    overwrite=bool(overwrite),
+                    progress=cb,
+                    allowed_roots=ctx.allowed_roots,
+                ),
+                progress,
+                log,
+                tab.log_box,
+                out,
+            )
+            result = out["result"]
+        except Exception as exc:  # noqa: BLE001 - the UI boundary
+            log.append(plain(ctx, exc))
+            yield {tab.log_box: "\n".join(log[-LOG_LINES:]), tab.status: err(ctx, exc)}
+            return
+        log.append(f"Saved in {result.seconds:.1f} s.")
+        yield {
+            tab.log_box: "\n".join(log[-LOG_LINES:]),
+            tab.saved: str(result.out_dir),
+            tab.status: ok(
+                f"Saved as `{md_escape(name)}` in the output folder; it loads with "
+                "`AutoModelForImageTextToText.from_pretrained`."
+            ),
+        }
+
+    return save
+
+
+def push_handler(ctx: AppContext, tab: MergeTab) -> Callable:
+    def push(repo_id: str = "", token: str = "", private: bool = True, saved=None) -> dict:
+        """Upload the folder saved last in this session to a Hub repository."""
+        secret = (token or "").strip()
+        try:
+            repo = check_text(repo_id, "Hub repository", REPO_ID_CHARS)
+            if not saved or not Path(saved).is_dir():
+                raise ValueError("nothing to push yet: save the merge to a folder first")
+            if not REPO_ID.match(repo):
+                raise ValueError("the Hub repository must look like your-name/model-name")
+            if not secret:
+                raise ValueError(
+                    "a Hub token with write access is needed to push; create one at "
+                    "https://huggingface.co/settings/tokens"
+                )
+            url = upload(Path(saved), repo, secret, private=bool(private))
+        except ValueError as exc:
+            return {tab.status: err(ctx, exc)}
+        except Exception as exc:  # noqa: BLE001 - the UI boundary
+            text = ctx.public(hub_error_text(_without(exc, secret)))
+            return {tab.status: f"❌ {md_escape(text, 600)}"}
+        return {tab.status: ok(f"Pushed to [{md_escape(repo)}]({url}).")}
+
+    return push
+
+
+def upload(folder: Path, repo_id: str, token: str, *, private: bool) -> str:
+    """Create ``repo_id`` (if needed) and upload ``folder`` to it; returns the repo URL."""
+    from huggingface_hub import create_repo, upload_folder
+
+    url = create_repo(repo_id, token=token, private=private, exist_ok=True, repo_type="model")
+    upload_folder(
+        repo_id=repo_id, folder_path=str(folder), token=token, commit_message="Upload DiM3 merge"
+    )
+    return str(url)
+
+
+def hub_error_text(exc: BaseException) -> str:
+    """Why a push to the Hub failed, in plain words."""
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    if status in (401, 403):
+        return (
+            f"the Hub refused the token (HTTP {status}): use a token with write access to that "
+            "repository"
+        )
+    name = type(exc).__name__
+    if "Connect" in name or "Timeout" in name or isinstance(exc, (ConnectionError, TimeoutError)):
+        return "cannot reach the Hugging Face Hub (no network?); try again when online"
+    return f"the push failed ({name}): {exc}"
+
+
+def _without(exc: BaseException, secret: str | None) -> BaseException:
+    """The exception, with the token blanked out of its message should it appear there."""
+    if secret and secret.strip() and secret.strip() in str(exc):
+        return RuntimeError(str(exc).replace(secret.strip(), "***"))
+    return exc

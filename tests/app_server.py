@@ -1,0 +1,63 @@
+"""Start ``python app.py`` as users do, offline, on a free port (for browser and API tests)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_app(scratch: Path, roots: list[Path], **env: str) -> Iterator[str]:
+    """The app serving on 127.0.0.1 with ``roots`` allowed and outputs in ``scratch``; yields
+    its URL. The server's log is ``scratch/app.log``."""
+    port = free_port()
+    full_env = os.environ | {
+        "GRADIO_SERVER_NAME": "127.0.0.1",
+        "GRADIO_SERVER_PORT": str(port),
+        "GRADIO_ANALYTICS_ENABLED": "False",
+        "HF_HUB_OFFLINE": "1",
+        "DIM3_ALLOWED_ROOTS": os.pathsep.join(str(r) for r in roots),
+        "DIM3_OUTPUT_DIR": str(scratch / "outputs"),
+        "PYTHONUNBUFFERED": "1",
+        **env,
+    }
+    log_path = scratch / "app.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "app.py"], cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT
+        )
+        url = f"http://127.0.0.1:{port}/"
+        deadline = time.monotonic() + 180
+        try:
+            while True:
+                try:
+                    urllib.request.urlopen(url, timeout=2)
+                    break
+                except OSError:
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError(
+                            f"the app did not start:\n{log_path.read_text()[-3000:]}"
+                        ) from None
+                    time.sleep(0.5)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
