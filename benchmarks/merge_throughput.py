@@ -333,7 +333,10 @@ def report(args, real: bool, best: dict, floor_s: float, read_b: int, write_b: i
     device = engine.resolve_device(args.device)
     gib = 2**30
     over = best["peak"] - best["imported"]
-    shape = args.shape + (f" (cut to {args.layers} layers)" if args.layers else "")
+    shape = args.shape
+    if real and args.layers:
+        vlm = realmaps.load_keymap(realmaps.TRIOS[args.shape][2])
+        shape += f" (cut to layers {realmaps.kept_layers(vlm, args.layers)})"
     data = f"{args.data} data" if real else args.dtype
     rows = [
         (
