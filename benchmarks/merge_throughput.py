@@ -228,7 +228,9 @@ def build_real_trio(root: Path, shape: str, data: str, layers: int | None) -> Re
 
 def disk_needed(shape: str, layers: int | None) -> tuple[int, int]:
     """(bytes of the three inputs, bytes of one output) of a real shape, from the key maps."""
-    sizes = [realmaps.cut(realmaps.load_keymap(n), layers).nbytes for n in realmaps.TRIOS[shape]]
+    maps = [realmaps.load_keymap(n) for n in realmaps.TRIOS[shape]]
+    keep = realmaps.kept_layers(maps[2], layers) if layers else None
+    sizes = [realmaps.cut(km, keep).nbytes for km in maps]
     return sum(sizes), sizes[2]
 
 
@@ -340,7 +342,10 @@ def report(args, real: bool, best: dict, floor_s: float, read_b: int, write_b: i
     device = engine.resolve_device(args.device)
     gib = 2**30
     over = best["peak"] - best["imported"]
-    shape = args.shape + (f" (cut to {args.layers} layers)" if args.layers else "")
+    shape = args.shape
+    if real and args.layers:
+        vlm = realmaps.load_keymap(realmaps.TRIOS[args.shape][2])
+        shape += f" (cut to layers {realmaps.kept_layers(vlm, args.layers)})"
     data = f"{args.data} data" if real else args.dtype
     rows = [
         (
