@@ -323,8 +323,12 @@ def _read_index(index: Path) -> tuple[dict[str, str], int | None]:
         weight_map = {str(k): str(v) for k, v in data["weight_map"].items()}
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise CheckpointError(f"{index} is not a valid shard index ({exc}): {REDOWNLOAD}") from None
-    total = (data.get("metadata") or {}).get("total_size")
-    return weight_map, int(total) if isinstance(total, int | float | str) else None
+    meta = data.get("metadata")
+    total = meta.get("total_size") if isinstance(meta, dict) else None
+    try:
+        return weight_map, int(total) if total is not None else None
+    except (TypeError, ValueError):
+        return weight_map, None  # an unreadable size is no reason to refuse the weights
 
 
 def _weight_files(

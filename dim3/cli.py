@@ -94,6 +94,8 @@ def sources_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """``--base/--multilingual/--multimodal`` with their ``--revision-*`` as Recipe keywords:
     a Source for base and multimodal, a tuple of Sources for multilingual."""
     refs, revisions = args.multilingual or [], args.revision_multilingual or []
+    refs = [refs] if isinstance(refs, str) else refs
+    revisions = [revisions] if isinstance(revisions, str) else revisions
     if len(revisions) > len(refs):
         raise ValueError(
             f"{len(revisions)} --revision-multilingual for {len(refs)} --multilingual: give one "

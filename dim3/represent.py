@@ -617,7 +617,7 @@ def demo_defaults(args: argparse.Namespace) -> None:
         )
     if not any(given.values()):
         for role, path in zip(ROLES, demo_trio(), strict=True):
-            setattr(args, role, [str(path)] if isinstance(given[role], list) else str(path))
+            setattr(args, role, [str(path)] if role == "multilingual" else str(path))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -249,11 +249,13 @@ def _layer_numbers(tensors: Iterable[TensorInfo], pattern: re.Pattern) -> dict[i
     return found
 
 
-def _kept_layers(found: dict[int, set[str]], n: int) -> list[int]:
-    """The first layers, every layer split across shards, and the last: ``n`` in all (at least)."""
-    split = {i for i, shards in found.items() if len(shards) > 1}
-    last = max(found)
-    keep = set(split) | {last}
+def kept_layers(keymap: KeyMap, n: int, vision: bool = False) -> list[int]:
+    """Which ``n`` (or a few more) layers a cut keeps: the first ones, every layer the real files
+    split across shards, and the last. Pass the VLM's choice to all three models of a trio."""
+    found = _layer_numbers(keymap.tensors, _VISION_LAYER if vision else _LM_LAYER)
+    if not found:
+        return []
+    keep = {i for i, shards in found.items() if len(shards) > 1} | {max(found)}
     for i in sorted(found):
         if len(keep) >= n:
             break
@@ -261,13 +263,17 @@ def _kept_layers(found: dict[int, set[str]], n: int) -> list[int]:
     return sorted(keep)
 
 
-def _renumber(tensors, pattern, n: int | None) -> tuple[list[TensorInfo], int | None]:
-    found = _layer_numbers(tensors, pattern)
-    if n is None or not found or n >= len(found):
-        return list(tensors), None
-    new = {old: i for i, old in enumerate(_kept_layers(found, n))}
+Cut = int | Sequence[int] | None  # a number of layers, or the original layer numbers to keep
+
+
+def _renumber(keymap: KeyMap, pattern, vision: bool, n: Cut) -> tuple[list[TensorInfo], int | None]:
+    found = _layer_numbers(keymap.tensors, pattern)
+    keep = kept_layers(keymap, n, vision) if isinstance(n, int) else n
+    if keep is None or not found or set(keep) >= set(found):
+        return list(keymap.tensors), None
+    new = {old: i for i, old in enumerate(sorted(keep))}
     out = []
-    for t in tensors:
+    for t in keymap.tensors:
         m = pattern.match(t.key)
         if m is None:
             out.append(t)
@@ -277,10 +283,14 @@ def _renumber(tensors, pattern, n: int | None) -> tuple[list[TensorInfo], int | 
     return out, len(new)
 
 
-def cut(keymap: KeyMap, layers: int | None = None, vision_layers: int | None = None) -> KeyMap:
-    """The key map with its language model (and vision tower) cut to a few layers; config too."""
-    tensors, n_lm = _renumber(keymap.tensors, _LM_LAYER, layers)
-    tensors, n_vis = _renumber(tensors, _VISION_LAYER, vision_layers)
+def cut(keymap: KeyMap, layers: Cut = None, vision_layers: Cut = None) -> KeyMap:
+    """The key map with its language model (and vision tower) cut to a few layers; config too.
+
+    layers / vision_layers: a number (see :func:`kept_layers`) or the layer numbers to keep.
+    """
+    tensors, n_lm = _renumber(keymap, _LM_LAYER, False, layers)
+    km = KeyMap(keymap.name, keymap.config, tuple(tensors), keymap.special_tokens)
+    tensors, n_vis = _renumber(km, _VISION_LAYER, True, vision_layers)
     config = json.loads(json.dumps(keymap.config))
     if n_lm is not None:
         text = config.get("text_config")
@@ -407,8 +417,8 @@ def build_checkpoint(
     keymap: KeyMap | str,
     out: str | Path,
     *,
-    layers: int | None = None,
-    vision_layers: int | None = None,
+    layers: Cut = None,
+    vision_layers: Cut = None,
     data: str = "sparse",
     real: Sequence[str] = REAL_DEFAULT,
     seed: int = 0,
@@ -481,15 +491,35 @@ TRIOS: dict[str, tuple[str, str, str]] = {
 
 
 def build_trio(
-    name: str, root: str | Path, *, data: str = "sparse", **kwargs
+    name: str,
+    root: str | Path,
+    *,
+    data: str = "sparse",
+    layers: int | None = None,
+    vision_layers: int | None = None,
+    **kwargs,
 ) -> tuple[Path, Path, Path]:
     """Build the trio ``name`` of :data:`TRIOS` under ``root``: base, multilingual (base + noise
-    0.05, seed 1) and VLM (base + noise 0.05, seed 2). ``kwargs`` go to :func:`build_checkpoint`."""
+    0.05, seed 1) and VLM (base + noise 0.05, seed 2), cut alike to the layers the VLM's cut
+    keeps. ``kwargs`` go to :func:`build_checkpoint`."""
     root = Path(root)
+    vlm = load_keymap(TRIOS[name][2])
+    keep = kept_layers(vlm, layers) if layers else None
+    keep_vision = kept_layers(vlm, vision_layers, vision=True) if vision_layers else None
     paths = []
     for role, keymap, seed in zip(ROLES, TRIOS[name], (0, 1, 2), strict=True):
         noise = 0.0 if role == "base" else 0.05
+        folder = root / role
         paths.append(
-            build_checkpoint(keymap, root / role, data=data, seed=seed, noise=noise, **kwargs)
+            build_checkpoint(
+                keymap,
+                folder,
+                data=data,
+                seed=seed,
+                noise=noise,
+                layers=keep,
+                vision_layers=keep_vision,
+                **kwargs,
+            )
         )
     return paths[0], paths[1], paths[2]

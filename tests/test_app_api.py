@@ -17,7 +17,17 @@ from tests.app_server import ROOT
 gradio_client = pytest.importorskip("gradio_client")
 NO_MERGE = "No merged model yet"
 EXPERT = "zh+ar+hi+sw"  # a language-group expert of the demo world (assets/demo/experts)
-PUBLIC = {"/plan", "/merge", "/save", "/push", "/chat", "/evaluate", "/diagnose"}
+PUBLIC = {
+    "/plan",
+    "/merge",
+    "/save",
+    "/push",
+    "/chat",
+    "/evaluate",
+    "/diagnose",
+    "/represent",
+    "/sweep",
+}
 
 
 @pytest.fixture(scope="module")

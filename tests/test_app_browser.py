@@ -333,3 +333,25 @@ def recipe_json(recipe) -> str:
     import json
 
     return json.dumps(recipe.to_dict())
+
+
+def test_multilingual_rows_can_be_added_and_removed(server, browser):
+    page = open_app(browser, server[0])
+    page.click("#dim3-tab-merge-button")
+    assert not page.locator("#dim3-ref-multilingual_2").is_visible()
+    page.click("#dim3-add-expert")
+    page.fill("#dim3-ref-multilingual_2 textarea", "./assets/demo/experts/zh+ar+hi+sw")
+    plan = page.locator("#dim3-plan textarea")
+    page.click("#dim3-check")
+    page.wait_for_function(
+        "() => document.querySelector('#dim3-plan textarea').value.includes('Multilingual models: 2')"
+    )
+    page.click("#dim3-remove-expert")
+    page.locator("#dim3-ref-multilingual_2").wait_for(state="hidden")
+    page.click("#dim3-check")
+    page.wait_for_function(
+        "() => { const v = document.querySelector('#dim3-plan textarea').value;"
+        " return v.includes('Merged:') && !v.includes('Multilingual models'); }"
+    )
+    assert "Multilingual models" not in plan.input_value()
+    page.close()

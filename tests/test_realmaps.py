@@ -45,7 +45,14 @@ class Models:
             self.built[key] = build_checkpoint(name, folder, seed=seed, noise=noise, **kwargs)
         return self.built[key]
 
-    def trio(self, trio: str, **kwargs) -> Recipe:
+    def trio(
+        self, trio: str, layers: int | None = None, vision_layers: int | None = None
+    ) -> Recipe:
+        kwargs = {}
+        if layers:  # every model keeps the layers the VLM's cut keeps
+            vlm = load_keymap(TRIOS[trio][2])
+            kwargs["layers"] = tuple(realmaps.kept_layers(vlm, layers))
+            kwargs["vision_layers"] = tuple(realmaps.kept_layers(vlm, vision_layers, vision=True))
         paths = [self.get(n, seed, **kwargs) for seed, n in enumerate(TRIOS[trio])]
         return Recipe(*(Source(str(p)) for p in paths))
 
@@ -175,6 +182,7 @@ def test_qwen2_vl_2b_merges_and_loads_in_transformers(models, tmp_path):
                 }
             )
     expected = {}
+    assert realmaps.kept_layers(load_keymap(TRIOS["qwen2-vl-2b"][2]), 2) == [23, 27]
     for t in realmaps.cut(load_keymap(TRIOS["qwen2-vl-2b"][2]), 2, 1).tensors:
         expected[t.key] = (t.dtype, t.shape)
     assert keys == expected and "lm_head.weight" not in keys

@@ -174,15 +174,7 @@ def build_sweep_view(ctx: AppContext, merge: MergeTab) -> SweepView:
     )
     view.run.click(
         sweep_handler(ctx, merge, view),
-        inputs=merge.form.inputs()
-        | {
-            view.method,
-            view.grid,
-            view.probe,
-            view.per_language,
-            view.select,
-            view.references,
-        },
+        inputs_kwargs=merge.form.kwargs() | sweep_kwargs(view),
         outputs=[view.status, view.plot, view.table, view.point, view.points],
         api_name="sweep",
         concurrency_limit=1,
@@ -198,11 +190,25 @@ def build_sweep_view(ctx: AppContext, merge: MergeTab) -> SweepView:
     return view
 
 
+def sweep_kwargs(view: SweepView) -> dict[str, gr.components.Component]:
+    """The sweep's own API parameters (beside the Merge form's checkpoints)."""
+    return {
+        "sweep_method": view.method,
+        "grid": view.grid,
+        "probe": view.probe,
+        "per_language": view.per_language,
+        "select": view.select,
+        "references": view.references,
+    }
+
+
 def sweep_handler(ctx: AppContext, merge: MergeTab, view: SweepView) -> Callable:
     @gpu(duration=600)
-    def handler(values: dict, progress=gr.Progress()) -> Iterator[dict[Any, Any]]:  # noqa: B008
+    def handler(progress=gr.Progress(), **named: Any) -> Iterator[dict[Any, Any]]:  # noqa: B008
         from dim3.ui.evaluate import probe_items
 
+        own = sweep_kwargs(view)
+        values = {own[k] if k in own else k: v for k, v in named.items()}
         try:
             method = values[view.method]
             recipe = dataclasses.replace(merge.form.recipe(values), method=method, options={})
