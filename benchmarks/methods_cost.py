@@ -39,7 +39,7 @@ from dim3 import engine  # noqa: E402
 from dim3.methods import METHODS  # noqa: E402
 from dim3.recipe import Recipe, Source  # noqa: E402
 
-REAL_SHAPES = {"qwen2-vl-2b": "Qwen__Qwen2-VL-2B"}
+REAL_SHAPES = {"qwen2-vl-2b": "qwen2-vl-2b"}  # names of tests/realmaps.py TRIOS
 
 
 def trio_recipe(folder: Path, method: str, options: dict, device: str) -> Recipe:
@@ -53,19 +53,15 @@ def trio_recipe(folder: Path, method: str, options: dict, device: str) -> Recipe
     )
 
 
-def build_real(root: Path, name: str, dtype: torch.dtype) -> None:
-    """The hook for the real shapes: tests/realmaps.py's ``build_trio(root, name, dtype)``."""
-    try:
-        from tests import realmaps  # type: ignore[attr-defined]
-    except ImportError:
-        sys.exit(
-            f"--shape {name}: tests/realmaps.py (the builder of header-true checkpoints from "
-            "../shared/realmaps) is not in this checkout yet; build a trio with it and pass "
-            "--trio DIR instead"
-        )
-    if not hasattr(realmaps, "build_trio"):
-        sys.exit("tests/realmaps.py has no build_trio(root, name, dtype); pass --trio DIR instead")
-    realmaps.build_trio(root, REAL_SHAPES[name], dtype)
+def build_real(root: Path, name: str, layers: int | None) -> None:
+    """A header-true copy of a real trio with random data (tests/realmaps.py), cut to ``layers``
+    decoder layers when given (the vocabulary stays whole; the real dtypes are kept)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from tests import realmaps
+
+    if not realmaps.available():
+        sys.exit(f"--shape {name} needs the key maps in {realmaps.REALMAPS}")
+    realmaps.build_trio(REAL_SHAPES[name], root, data="random", layers=layers)
 
 
 def run_one(folder: Path, method: str, options: dict, device: str, out: Path) -> dict:
@@ -97,6 +93,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=[*SHAPES, *REAL_SHAPES], default="tiny")
     parser.add_argument("--trio", default=None, help="an existing trio folder (skips building)")
+    parser.add_argument("--layers", type=int, default=None, help="real shapes: cut to N layers")
     parser.add_argument("--dtype", choices=DTYPES, default="bfloat16")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--methods", default="all", help="comma-separated, or 'all'")
@@ -129,7 +126,7 @@ def main() -> None:
             folder = root / "trio"
             t0 = time.perf_counter()
             if args.shape in REAL_SHAPES:
-                build_real(folder, args.shape, DTYPES[args.dtype])
+                build_real(folder, args.shape, args.layers)
             else:
                 build_trio(folder, args.shape, DTYPES[args.dtype])
             print(f"built {args.shape} trio ({args.dtype}) in {time.perf_counter() - t0:.1f} s")
