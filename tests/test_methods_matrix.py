@@ -499,3 +499,13 @@ def test_cli_merges_with_a_new_method_and_refuses_a_bad_option(tiny_qwen2vl_trio
     assert "optmerge" in (tmp_path / "a" / "README.md").read_text()
     assert main([*args, "--option", "momentum=2", "--out", str(tmp_path / "b")]) == 2
     assert not (tmp_path / "b").exists()
+
+
+def test_gram_svd_fallback_reconstructs_and_drops_zero_directions():
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(40, 6, generator=g) @ torch.diag(torch.tensor([5.0, 3, 2, 1, 0, 0]))
+    u, s, vh = S.gram_svd(a)
+    torch.testing.assert_close((u * s) @ vh, a, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(s, torch.linalg.svdvals(a), rtol=1e-4, atol=1e-4)
+    assert (s[4:] == 0).all() and (u[:, 4:] == 0).all()
+    torch.testing.assert_close(u[:, :4].T @ u[:, :4], torch.eye(4), rtol=1e-4, atol=1e-4)

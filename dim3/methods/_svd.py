@@ -41,6 +41,37 @@ def numerical_rank(s: Tensor, shape: tuple[int, ...], scale: float = 0.0) -> int
     return int((s > tol).sum()) if bool(s[0] > 0) else 0
 
 
+def gram_svd(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Thin SVD of a tall ``a`` (m ≥ n) from the eigendecomposition of ``aᵀa`` in float64.
+
+    Slower and less accurate for tiny singular values than LAPACK's divide and conquer, but it
+    always converges: the fallback when ``torch.linalg.svd`` reports an ill-conditioned input.
+    """
+    a64 = a.double()
+    evals, v = torch.linalg.eigh(a64.T @ a64)  # ascending
+    evals, v = evals.flip(0), v.flip(1)
+    s = evals.clamp(min=0.0).sqrt()  # (n,)
+    keep = s > s[0] * max(a.shape) * torch.finfo(a.dtype).eps if s.numel() else s > 0
+    u = torch.zeros((a.shape[0], s.numel()), dtype=torch.float64, device=a.device)
+    u[:, keep] = (a64 @ v[:, keep]) / s[keep]
+    s = torch.where(keep, s, torch.zeros_like(s))
+    return u.to(a.dtype), s.to(a.dtype), v.T.to(a.dtype)
+
+
+def _tall_svd(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``torch.linalg.svd`` of a tall matrix; if LAPACK fails to converge (it does on some
+    ill-conditioned inputs with many repeated singular values), float64, then :func:`gram_svd`."""
+    try:
+        return torch.linalg.svd(a, full_matrices=False)
+    except torch.linalg.LinAlgError:
+        pass
+    try:
+        u, s, vh = torch.linalg.svd(a.double(), full_matrices=False)
+        return u.to(a.dtype), s.to(a.dtype), vh.to(a.dtype)
+    except torch.linalg.LinAlgError:
+        return gram_svd(a)
+
+
 def exact_svd(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Thin SVD ``a = U diag(S) Vh``: (m, n) -> U (m, r), S (r,), Vh (r, n), r = min(m, n).
 
@@ -48,9 +79,9 @@ def exact_svd(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     faster on a (32000, 256) matrix than on the (256, 32000) one (measured: 2.4 s vs 16 s).
     """
     if a.shape[0] < a.shape[1]:
-        u, s, vh = torch.linalg.svd(a.T, full_matrices=False)  # aᵀ = u s vh -> a = vhᵀ s uᵀ
+        u, s, vh = _tall_svd(a.T)  # aᵀ = u s vh -> a = vhᵀ s uᵀ
         return vh.T, s, u.T
-    return torch.linalg.svd(a, full_matrices=False)
+    return _tall_svd(a)
 
 
 def _randomized_svd(a: Tensor, q: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -61,9 +92,7 @@ def _randomized_svd(a: Tensor, q: int) -> tuple[Tensor, Tensor, Tensor]:
     for _ in range(NITER):  # power iterations, re-orthonormalised each half step
         z, _ = torch.linalg.qr(a.T @ y)  # (n, q)
         y, _ = torch.linalg.qr(a @ z)  # (m, q)
-    u_small, s, vh = torch.linalg.svd(
-        y.T @ a, full_matrices=False
-    )  # (q, n) -> (q, q), (q,), (q, n)
+    u_small, s, vh = exact_svd(y.T @ a)  # (q, n) -> (q, q), (q,), (q, n)
     return y @ u_small, s, vh
 
 
