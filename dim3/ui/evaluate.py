@@ -22,6 +22,7 @@ from dim3.demo import demo_probe_path, load_probe
 from dim3.demo.probe import ProbeItem
 from dim3.evaluate import ORIGINAL, EvalSpec, evaluate_merges
 from dim3.methods import METHODS
+from dim3.sweep import first_per_language
 from dim3.ui.common import AppContext, check_text, error_text, gpu, md_escape
 from dim3.ui.merge import HEAVY, MergeTab
 from dim3.ui.sweep import build_sweep_view
@@ -78,19 +79,6 @@ def chart_figure(results: dict[str, dict[str, float]]):
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     return fig
-
-
-def per_language(items: list[ProbeItem], n: int) -> list[ProbeItem]:
-    """The first ``n`` questions of each language (all of them when ``n`` is 0)."""
-    if n <= 0:
-        return items
-    seen: dict[str, int] = {}
-    kept = []
-    for item in items:
-        seen[item.language] = seen.get(item.language, 0) + 1
-        if seen[item.language] <= n:
-            kept.append(item)
-    return kept
 
 
 def probe_items(ctx: AppContext, path: str) -> list[ProbeItem]:
@@ -164,7 +152,9 @@ def evaluate_handler(ctx: AppContext, merge: MergeTab, tab: EvaluateTab) -> Call
             recipe = merge.form.recipe(values)
             methods = tuple(values["methods"] or ())
             probe = check_text(values["probe"], "probe file path")
-            items = per_language(probe_items(ctx, probe), int(values["questions_per_language"]))
+            items = first_per_language(
+                probe_items(ctx, probe), int(values["questions_per_language"])
+            )
             options = {recipe.method: recipe.options} if recipe.method in methods else {}
             spec = EvalSpec(
                 recipe.base,
