@@ -185,7 +185,8 @@ def run(args: argparse.Namespace) -> int:
     def progress(p: engine.Progress) -> None:
         if not bars:
             bars.append(tqdm(total=p.total, unit="tensor", desc="merging"))
-        bars[0].set_postfix_str(p.key[-48:], refresh=False)
+        step = f" step {p.step}/{p.steps}" if p.steps else ""
+        bars[0].set_postfix_str(p.key[-48:] + step, refresh=bool(p.steps))
         bars[0].update(p.done - bars[0].n)
 
     try:

@@ -9,7 +9,8 @@ processor, model card and recipe, moved into place only when complete) and
 result without writing it to disk). A tensor larger than the chunk budget (``chunk_size``, 32 MiB of
 float32 by default) is read and merged in row slices, in as many passes as its method's kind needs
 (:data:`PASSES`: DiM3 gathers column statistics first, TIES and Breadcrumbs find their exact
-magnitude thresholds in two radix passes), so peak memory is a few slices per model whatever the
+magnitude thresholds in two radix passes, PCB its four order statistics in two stages of two
+passes), so peak memory is a few slices per model whatever the
 vocabulary; "matrix" methods (SVD, optimisation) take each tensor whole.
 The engine knows no tokenization and no UI; progress goes to an optional callback.
 """
@@ -25,7 +26,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -35,6 +36,7 @@ import torch
 from dim3.checkpoints import Checkpoint
 from dim3.layout import layout_for
 from dim3.methods import Method, get_method
+from dim3.methods._utils import listen_steps, rank_indexes
 from dim3.plan import Entry, MergePlan, PlanError, build_plan
 from dim3.recipe import (
     RECIPE_FILE,
@@ -44,7 +46,7 @@ from dim3.recipe import (
     multilingual_labels,
     write_recipe,
 )
-from dim3.slices import ExactSelect, FirstMask, magnitude_bits, row_slices
+from dim3.slices import ExactSelect, FirstMask, key_value, magnitude_bits, order_keys, row_slices
 from dim3.writer import ShardedWriter, TensorSpec, check_destination, parse_size
 
 __all__ = [
@@ -70,7 +72,12 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclass(frozen=True)
 class Progress:
-    """One step of a merge: ``done`` of ``total`` tensors, the last one ``key``."""
+    """One step of a merge: ``done`` of ``total`` tensors, the last one ``key``.
+
+    While a slow rule works on one tensor (WUDI's Adam steps, the SVDs of TSV, Iso-CTS and
+    OptMerge), ``key`` is that tensor and ``step`` of ``steps`` its inner steps are done;
+    ``steps`` is 0 otherwise.
+    """
 
     done: int
     total: int
@@ -78,6 +85,8 @@ class Progress:
     bytes_done: int
     bytes_total: int
     elapsed: float
+    step: int = 0
+    steps: int = 0
 
     @property
     def eta(self) -> float | None:
@@ -203,7 +212,19 @@ class _Step:
     last: bool  # the last step of its stage for this entry
 
 
-PASSES = {"elementwise": 0, "columns": 1, "selection": 2, "matrix": 0}
+PASSES = {
+    "elementwise": 0,
+    "columns": 1,
+    "selection": 2,
+    "matrix": 0,
+    "ranked": 2,
+}  # ranked: per stage
+
+
+def _passes(method: Method) -> int:
+    """Statistics passes over a sliced tensor before its merged rows can be written."""
+    stages = method.parts.stages if method.kind == "ranked" else 1
+    return PASSES[method.kind] * stages
 
 
 def _schedule(plan: MergePlan, method: Method, budget: int) -> list[_Step]:
@@ -227,7 +248,7 @@ def _schedule(plan: MergePlan, method: Method, budget: int) -> list[_Step]:
         if small or method.kind == "matrix" or len(src.shape) < 2:
             steps.append(_Step(src, entry, "whole", 0, src.shape[0], True))
             continue
-        for p in range(PASSES[method.kind]):
+        for p in range(_passes(method)):
             stage(src, entry, f"stats{p}", rows)
         stage(src, entry, "apply", src.shape[0])
     return steps
@@ -254,8 +275,15 @@ class _Merger:
     """Applies a method to the steps of one entry after another, holding what a sliced merge
     gathers between its passes (column statistics, exact selections)."""
 
-    def __init__(self, method: Method, options: Any, device: torch.device):
+    def __init__(
+        self,
+        method: Method,
+        options: Any,
+        device: torch.device,
+        on_step: Callable[[str, int, int], None] | None = None,
+    ):
         self.method, self.options, self.device = method, options, device
+        self.on_step = on_step
         self.state: Any = None
 
     def __call__(self, step: _Step, tensors: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
@@ -268,6 +296,8 @@ class _Merger:
         if step.stage.startswith("stats"):
             if kind == "columns":
                 self._column_stats(step, part)
+            elif kind == "ranked":
+                self._ranked_stats(step, part)
             else:
                 self._selection_stats(step, part)
             return None
@@ -279,6 +309,10 @@ class _Merger:
             )
         elif kind == "columns":
             merged = self._column_apply(step, part)
+        elif kind == "ranked":
+            tau = torch.stack([(t - part[0]).reshape(-1) for t in part[1:]])  # (T, r)
+            merged = self.method.parts.apply(tau, self.state.found, self.options)
+            merged = merged.reshape(part[0].shape).add_(part[0])
         else:
             merged = self._selection_apply(step, part)
         vlm[:r] = merged
@@ -291,7 +325,11 @@ class _Merger:
         transpose = e.transpose and self.method.kind in ("columns", "matrix")
         if transpose:
             part = [t.T for t in part]  # (hidden, vocab): columns are tokens
-        merged = self.method.fn(part[0], part[1:], self.options, name=e.key)
+        if self.on_step is None:
+            merged = self.method.fn(part[0], part[1:], self.options, name=e.key)
+        else:
+            with listen_steps(functools.partial(self.on_step, e.key)):
+                merged = self.method.fn(part[0], part[1:], self.options, name=e.key)
         if transpose:
             merged = merged.T
         if rows == vlm.shape[0]:
@@ -349,6 +387,47 @@ class _Merger:
             x.masked_fill_(~keep.reshape(x.shape), 0.0)
         return parts.combine(d, self.options).add_(part[0])
 
+    # -- ranked (PCB): per stage, exact order statistics of values over two passes, then apply
+    def _ranked_stats(self, step: _Step, part: list[torch.Tensor]) -> None:
+        parts, p = self.method.parts, int(step.stage[len("stats") :])
+        stage, first = divmod(p, 2)[0], step.start == 0
+        if first and p == 0:
+            e = step.source
+            n = (e.rows if e.rows is not None else e.shape[0]) * math.prod(e.shape[1:])
+            self.state = _RankState(n, rank_indexes(parts, self.options, n))
+        st: _RankState = self.state
+        if first and p % 2 == 0:  # a stage begins
+            ks = [i + 1 for i in st.indexes[stage]]
+            st.selects = [ExactSelect(ks, st.n, self.device) for _ in part[1:]]
+            st.top = torch.full((len(part) - 1,), -math.inf, device=self.device)
+        tau = torch.stack([(t - part[0]).reshape(-1) for t in part[1:]])  # (T, r)
+        values = parts.values(stage, tau, st.found, self.options)
+        for select, v in zip(st.selects, values, strict=True):
+            select.observe(order_keys(v))
+        if p % 2 == 0:
+            torch.maximum(st.top, values.max(dim=1).values, out=st.top)
+        if not step.last:
+            return
+        for select in st.selects:
+            select.next_pass()
+        if p % 2 == 1:  # the stage's statistics are known: (T, len(indexes) + 1)
+            rows = []
+            for select, top in zip(st.selects, st.top.tolist(), strict=True):
+                stats = [top if r is None else key_value(r[0]) for r in select.result()]
+                rows.append([*stats, top])
+            st.found.append(torch.tensor(rows, dtype=torch.float32, device=self.device))
+
+
+@dataclass
+class _RankState:
+    """What a ranked rule has gathered for one tensor so far."""
+
+    n: int
+    indexes: tuple[tuple[int, ...], ...]
+    found: list[torch.Tensor] = field(default_factory=list)
+    selects: list[ExactSelect] = field(default_factory=list)
+    top: torch.Tensor | None = None
+
 
 def iter_merged(
     plan: MergePlan,
@@ -357,6 +436,7 @@ def iter_merged(
     options: Any,
     device: torch.device,
     chunk_size: str | int = DEFAULT_CHUNK,
+    on_step: Callable[[str, int, int], None] | None = None,
 ) -> Iterator[tuple[Entry, int, torch.Tensor, bool]]:
     """Yield ``(entry, start_row, rows, done)`` pieces of every planned tensor, in plan order.
 
@@ -365,9 +445,11 @@ def iter_merged(
     tensor of a "matrix" method) comes whole. Copied rows come back as stored (CPU, their dtype);
     merged ones as float32 on ``device``. ``done`` marks an entry's last piece. Reads of the next
     step overlap the current computation (one prefetch thread).
+    ``on_step(key, done, total)`` hears the inner steps of slow rules
+    (:func:`dim3.methods._utils.report_step`) and may raise to stop.
     """
     steps = _schedule(plan, method, parse_size(chunk_size))
-    merger = _Merger(method, options, device)
+    merger = _Merger(method, options, device, on_step)
     tied_sources = {e.tied_to for e in plan.entries if e.tied_to}
     whole: dict[str, torch.Tensor] = {}  # merged whole tensors that a tied head repeats
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dim3-read") as pool:
@@ -421,7 +503,17 @@ def _run(
     device = resolve_device(recipe.device)
     total_bytes = sum(e.nbytes for e in plan.entries)
     start, done_bytes, done = time.perf_counter(), 0, 0
-    pieces = iter_merged(plan, inputs, method, options, device, chunk_size)
+
+    def on_step(key: str, step: int, steps: int) -> None:
+        if progress is not None:
+            elapsed = time.perf_counter() - start
+            progress(
+                Progress(
+                    done, len(plan.entries), key, done_bytes, total_bytes, elapsed, step, steps
+                )
+            )
+
+    pieces = iter_merged(plan, inputs, method, options, device, chunk_size, on_step)
     for entry, first_row, tensor, last in pieces:
         sink(entry, first_row, tensor)
         done_bytes += (

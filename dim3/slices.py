@@ -7,6 +7,8 @@
   very same masks as :func:`dim3.methods._utils.first_by_magnitude` on the whole tensor.
 - :class:`FirstMask`: applies one such selection to successive slices (ties go to the lower flat
   index, counted across slices).
+- :func:`order_keys` / :func:`key_value`: signed float32 values as keys the same selection
+  orders (PCB's balance scores can be negative).
 
 This module knows tensors and budgets only: no files, no rules, no models.
 """
@@ -35,6 +37,19 @@ def row_slices(shape: Sequence[int], budget: int, rows: int | None = None) -> li
 def magnitude_bits(x: Tensor) -> Tensor:
     """``|x|`` as int32 bit patterns (flat), which order like the float magnitudes."""
     return x.abs().reshape(-1).contiguous().view(torch.int32)
+
+
+def order_keys(x: Tensor) -> Tensor:
+    """Float32 values of any sign as int64 keys in ``[0, 2**32)`` that order like the values
+    (flat; −0 counts as +0), for :class:`ExactSelect`; :func:`key_value` turns a key back."""
+    bits = (x.reshape(-1) + 0.0).contiguous().view(torch.int32).to(torch.int64)
+    return torch.where(bits < 0, -1 - bits, bits + (1 << 31))
+
+
+def key_value(key: int) -> float:
+    """The float32 value of an :func:`order_keys` key."""
+    bits = key - (1 << 31) if key >= 1 << 31 else -1 - key
+    return float(torch.tensor([bits], dtype=torch.int32).view(torch.float32))
 
 
 class ExactSelect:

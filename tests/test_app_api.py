@@ -144,3 +144,22 @@ def test_plan_and_merge_take_several_multilingual_experts(app):
     *_, status = c.predict(multilingual_2="./assets/demo/nowhere", api_name="/plan")
     assert status.startswith("❌") and "nowhere" in status and str(ROOT) not in status
     c.predict(api_name="/merge")  # leave the default merge served for the other tests
+
+
+def test_a_wudi_merge_shows_its_optimisation_steps_as_it_runs(app):
+    import time
+
+    url, _ = app
+    c = client(url)
+    job = c.submit(method="wudi", wudi_iterations=300, api_name="/merge")
+    seen: set[str] = set()
+    while not job.done():
+        for unit in job.status().progress_data or []:
+            if unit.desc:
+                seen.add(unit.desc)
+        time.sleep(0.05)
+    *_, status = job.result()
+    assert status.startswith("✅ Merged"), status
+    steps = [d for d in seen if "step " in d and "/300" in d]
+    assert steps, seen  # the bar moved inside tensors, not only between them
+    c.predict(api_name="/merge")  # leave the default merge served for the other tests

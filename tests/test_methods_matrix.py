@@ -189,7 +189,8 @@ def test_pcb_matches_reference_on_a_larger_tensor_and_1d():
         torch.testing.assert_close(run("pcb", base, tuned), ref_pcb(base, tuned).float())
 
 
-@pytest.mark.parametrize("shape", [(12, 9), (9, 14)])
+# (3, 40): n > 2 N m, the gradient's wide form (transposed token embeddings); the others: Gram
+@pytest.mark.parametrize("shape", [(12, 9), (9, 14), (3, 40)])
 @pytest.mark.parametrize("n", [2, 3])
 def test_wudi_matches_the_papers_adam_loop(shape, n):
     base, tuned = updates(shape, n, seed=n)
@@ -429,7 +430,7 @@ def test_new_methods_are_registered_with_their_kind():
         "iso_cts": "matrix",
         "wudi": "matrix",
         "optmerge": "matrix",
-        "pcb": "matrix",
+        "pcb": "ranked",
     }
     assert METHODS["iso_c"].paper == METHODS["iso_cts"].paper
     assert get_method("wudi").make_options({}).iterations == 300
@@ -509,3 +510,77 @@ def test_gram_svd_fallback_reconstructs_and_drops_zero_directions():
     torch.testing.assert_close(s, torch.linalg.svdvals(a), rtol=1e-4, atol=1e-4)
     assert (s[4:] == 0).all() and (u[:, 4:] == 0).all()
     torch.testing.assert_close(u[:, :4].T @ u[:, :4], torch.eye(4), rtol=1e-4, atol=1e-4)
+
+
+# --------------------------------------------------------------------------- inner-step progress
+
+
+def _recipe(trio, method, **options):
+    from dim3.recipe import Recipe, Source
+
+    return Recipe(
+        Source(str(trio.base)),
+        Source(str(trio.multilingual)),
+        Source(str(trio.multimodal)),
+        method=method,
+        options=options,
+        device="cpu",
+    )
+
+
+@pytest.mark.parametrize(
+    ("method", "options", "steps"), [("wudi", {"iterations": 7}, 7), ("tsv", {}, 4)]
+)
+def test_slow_rules_report_their_inner_steps_through_the_engine(
+    method, options, steps, tiny_qwen2vl_trio, tmp_path
+):
+    from dim3 import engine
+    from dim3.ui.progress import progress_fraction, progress_line
+
+    events = []
+    engine.merge_to_folder(
+        _recipe(tiny_qwen2vl_trio, method, **options), tmp_path / "out", progress=events.append
+    )
+    inner = [p for p in events if p.steps]
+    assert inner and all(p.steps == steps for p in inner)
+    per_tensor: dict[str, list[int]] = {}
+    for p in inner:
+        per_tensor.setdefault(p.key, []).append(p.step)
+    assert all(seen == list(range(1, steps + 1)) for seen in per_tensor.values()), per_tensor
+    assert all(key.endswith("weight") for key in per_tensor)
+    # the step events sit between the tensor counts: done is the tensors finished before
+    finished = [p.done for p in events if not p.steps]
+    assert finished == sorted(finished) and finished[-1] == events[-1].total
+    fractions = [progress_fraction(p) for p in events]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    line = progress_line(inner[0])
+    assert f"step 1/{steps}" in line, line
+
+
+def test_a_merge_stops_inside_a_wudi_tensor_and_leaves_nothing(tiny_qwen2vl_trio, tmp_path):
+    from dim3 import engine
+
+    seen = []
+
+    def stop(p):
+        seen.append(p)
+        if p.steps and p.step == 3:
+            raise KeyboardInterrupt("user stopped")
+
+    with pytest.raises(KeyboardInterrupt):
+        engine.merge_to_folder(
+            _recipe(tiny_qwen2vl_trio, "wudi", iterations=50), tmp_path / "out", progress=stop
+        )
+    assert seen[-1].step == 3 and seen[-1].steps == 50  # stopped within the tensor's optimisation
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_report_step_is_silent_without_a_listener_and_scoped_with_one():
+    from dim3.methods._utils import listen_steps, report_step
+
+    report_step(1, 2)  # no listener: nothing happens
+    heard = []
+    with listen_steps(lambda d, t: heard.append((d, t))):
+        wudi.optimise([torch.ones(3, 2), -torch.ones(3, 2)], 4, 1e-3)
+    report_step(5, 6)
+    assert heard == [(1, 4), (2, 4), (3, 4), (4, 4)]

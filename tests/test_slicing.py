@@ -9,7 +9,7 @@ from transformers import AutoModelForImageTextToText
 from dim3 import engine
 from dim3.methods import METHODS
 from dim3.methods._utils import first_by_magnitude
-from dim3.slices import ExactSelect, FirstMask, magnitude_bits, row_slices
+from dim3.slices import ExactSelect, FirstMask, key_value, magnitude_bits, order_keys, row_slices
 from tests.test_engine import load_all, recipe_of
 
 SLICED = [name for name, m in METHODS.items() if m.kind != "matrix"]
@@ -40,6 +40,30 @@ def test_exact_select_matches_first_by_magnitude_with_many_ties(seed):
         first = FirstMask(k, x.numel(), found)
         got = torch.cat([first(magnitude_bits(x[a:b])) for a, b in cuts])
         assert torch.equal(got, first_by_magnitude(mag, k)), k
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_exact_select_finds_order_statistics_of_signed_values(seed):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(4001, generator=g)).to(torch.bfloat16).float()  # ties, both signs
+    x[::5] = 0.0
+    x[1::9] = -0.0
+    x[3] = float("inf")
+    ks = [1, 2, 800, 2000, 3999, 4000]
+    cuts = [(0, 1), (1, 1500), (1500, 4001)]
+    select = ExactSelect(ks, x.numel(), x.device)
+    for _ in range(2):
+        for a, b in cuts:
+            select.observe(order_keys(x[a:b]))
+        select.next_pass()
+    want = x.sort().values
+    for k, found in zip(ks, select.result(), strict=True):
+        assert key_value(found[0]) == float(want[k - 1]), k
+    whole = ExactSelect([x.numel()], x.numel(), x.device)  # k = n: everything, no value needed
+    for _ in range(2):
+        whole.observe(order_keys(x))
+        whole.next_pass()
+    assert whole.result() == [None]
 
 
 @pytest.mark.parametrize("method", SLICED)

@@ -55,10 +55,11 @@ class Method:
     summary: str
     # How the engine may cut a tensor for this rule (see dim3/engine.py): "elementwise" (any row
     # slice on its own), "columns" (per-column statistics gathered over row slices, then applied
-    # slice by slice), "selection" (a per-tensor magnitude threshold found first) or "matrix"
-    # (the whole tensor at once: SVD or optimisation).
+    # slice by slice), "selection" (a per-tensor magnitude threshold found first), "ranked"
+    # (per-update order statistics found in stages, each two passes: PCB) or "matrix" (the whole
+    # tensor at once: SVD or optimisation).
     kind: str = "elementwise"
-    # The pieces the engine drives slice by slice for "columns" and "selection" rules.
+    # The pieces the engine drives slice by slice for "columns", "selection" and "ranked" rules.
     parts: Any = None
 
     def make_options(self, values: dict[str, Any] | None = None) -> Any:
@@ -139,9 +140,8 @@ METHODS: dict[str, Method] = {
         options=pcb.PcbOptions,
         paper="https://arxiv.org/abs/2410.02396",
         summary="Weigh each update's entries by intra- and inter-model balance, keep the top r.",
-        # elementwise but for four order statistics per update found in two passes; until the
-        # engine drives those passes, PCB takes each tensor whole (like the SVD methods)
-        kind="matrix",
+        kind="ranked",
+        parts=pcb.PARTS,
     ),
     "tsv": Method(
         name="tsv",

@@ -14,7 +14,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +42,31 @@ def check_options(options: object, method: str) -> None:
             )
         if (lo is not None and value < lo) or (hi is not None and value > hi):
             raise ValueError(f"{method} option {f.name} must lie in [{lo}, {hi}], got {value!r}")
+
+
+_STEP_LISTENER: ContextVar[Callable[[int, int], None] | None] = ContextVar(
+    "dim3_step_listener", default=None
+)
+
+
+def report_step(done: int, total: int) -> None:
+    """Inside a rule: ``done`` of ``total`` inner steps of the current tensor are finished (WUDI's
+    Adam steps; the SVDs of TSV, Iso-CTS and OptMerge). A no-op unless someone listens through
+    :func:`listen_steps`; the listener may raise to stop the rule (a cancelled merge)."""
+    listener = _STEP_LISTENER.get()
+    if listener is not None:
+        listener(done, total)
+
+
+@contextmanager
+def listen_steps(listener: Callable[[int, int], None]) -> Iterator[None]:
+    """Call ``listener(done, total)`` for every :func:`report_step` of rules run in this context
+    (this thread, or a generator resumed from it)."""
+    token = _STEP_LISTENER.set(listener)
+    try:
+        yield
+    finally:
+        _STEP_LISTENER.reset(token)
 
 
 def number(default: float, help: str, lo: float, hi: float) -> dataclasses.Field:
@@ -143,6 +170,50 @@ class SelectionParts:
     ks: Callable[[Any, int], tuple[int, ...]]
     keep: Callable[[list[Tensor]], Tensor]
     combine: Callable[[Tensor, Any], Tensor]
+
+
+@dataclass(frozen=True)
+class RankParts:
+    """A rule whose weights need, per update, order statistics of values derived from the whole
+    tensor, found stage after stage (PCB: the clip bounds of ``|τ_i|``, then the drop threshold
+    of its balance score, which depends on those bounds). Pieces the engine can also drive slice
+    by slice, two exact selection passes per stage:
+
+    - ``stages``: how many stages;
+    - ``indexes(options, n) -> tuple[tuple[int, ...], ...]``: per stage, the 0-based positions in
+      the ascending order of that stage's values (over the n entries of one update) it needs;
+    - ``values(stage, tau, found, options) -> Tensor``: the stage's values (T, r) for the flat
+      updates ``tau`` (T, r) of any slice, given ``found`` of the earlier stages;
+    - ``apply(tau, found, options) -> Tensor``: the merged update (r,) of the slice.
+
+    ``found[s]`` (T, len(indexes[s]) + 1) holds stage s's order statistics, then the maximum.
+    """
+
+    stages: int
+    indexes: Callable[[Any, int], tuple[tuple[int, ...], ...]]
+    values: Callable[[int, Tensor, list[Tensor], Any], Tensor]
+    apply: Callable[[Tensor, list[Tensor], Any], Tensor]
+
+
+def rank_indexes(parts: RankParts, options: Any, n: int) -> tuple[tuple[int, ...], ...]:
+    """``parts.indexes`` clamped to the entries that exist, ``[0, n − 1]``."""
+    top = max(0, n - 1)
+    return tuple(tuple(min(max(i, 0), top) for i in stage) for stage in parts.indexes(options, n))
+
+
+def ranked_merge(base: Tensor, tuned: Sequence[Tensor], options: Any, parts: RankParts) -> Tensor:
+    """A whole tensor through a :class:`RankParts` rule: ``base + apply(τ, found)``, the order
+    statistics found by ``kthvalue`` over each update's entries."""
+    tau = deltas(base, tuned).reshape(len(tuned), -1)  # (T, n)
+    indexes = rank_indexes(parts, options, tau.shape[1])
+    found: list[Tensor] = []
+    for stage in range(parts.stages):
+        values = parts.values(stage, tau, found, options)
+        stats = [torch.kthvalue(values, i + 1, dim=1, keepdim=True).values for i in indexes[stage]]
+        stats.append(values.max(dim=1, keepdim=True).values)
+        found.append(torch.cat(stats, dim=1))
+        del values
+    return parts.apply(tau, found, options).reshape(base.shape).add_(base)
 
 
 def selection_merge(base: Tensor, tuned: Sequence[Tensor], options: Any, parts: SelectionParts):

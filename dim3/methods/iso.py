@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from dim3.methods._svd import exact_svd, mean_update, numerical_rank, polar, summed, top_svd
-from dim3.methods._utils import check_options, number
+from dim3.methods._utils import check_options, number, report_step
 
 
 @dataclass(frozen=True)
@@ -82,15 +82,20 @@ def iso_cts_update(deltas: list[Tensor], fraction: float) -> Tensor:
     """Iso-CTS's update of N (m, n) updates, unscaled: ``U⊥ diag(mean) V⊥ᵀ``."""
     r = min(deltas[0].shape)
     common, per_task = split_rank(r, len(deltas), fraction)
+    stages = len(deltas) + 3  # the sum's SVD, one per update, two orthogonalisations
     u_c, s_c, vh_c = top_svd(summed(deltas), common)  # (m, rc), (rc,), (rc, n)
+    report_step(1, stages)
     us, ss, vhs = [u_c], [s_c], [vh_c]
-    for d in deltas:
+    for i, d in enumerate(deltas):
         own = d - u_c @ (u_c.T @ d)  # the update without its common-subspace part
         u, s, vh = top_svd(own, per_task, scale=float(d.norm()))  # rounding residue is no direction
         us.append(u), ss.append(s), vhs.append(vh)
+        report_step(i + 2, stages)
     s_all = torch.cat(ss)  # (r,)
     u_perp = polar(torch.cat(us, dim=1))  # (m, r)
+    report_step(stages - 1, stages)
     v_perp_t = polar(torch.cat(vhs, dim=0).T).T  # (r, n)
+    report_step(stages, stages)
     return (u_perp * s_all.mean()) @ v_perp_t
 
 

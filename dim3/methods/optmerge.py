@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from dim3.methods._svd import exact_svd, mean_update, numerical_rank, top_svd
-from dim3.methods._utils import check_options, number
+from dim3.methods._utils import check_options, number, report_step
 
 NAME = "optmerge"
 
@@ -71,7 +71,8 @@ def problem(deltas: list[Tensor]) -> Problem:
     """Truncate each (m, n) update to its top ``⌊min(m, n)/N⌋`` components (zero ones dropped)."""
     k = max(1, min(deltas[0].shape) // len(deltas))
     targets, inputs, norms = [], [], []
-    for d in deltas:
+    for i, d in enumerate(deltas):
+        report_step(i, len(deltas) + 1)  # one SVD per update, then the solve's
         norm2 = float((d * d).sum())
         if norm2 == 0.0:
             continue
@@ -79,6 +80,7 @@ def problem(deltas: list[Tensor]) -> Problem:
         targets.append((u * s) @ vh)  # τ̂_i = U_K S_K V_Kᵀ
         inputs.append(s[:, None] * vh)  # L_i = S_K V_Kᵀ
         norms.append(norm2)
+    report_step(len(deltas), len(deltas) + 1)
     return Problem(targets, inputs, norms, mean_update(deltas))
 
 
@@ -130,6 +132,7 @@ def merge(base: Tensor, tuned: list[Tensor], options: OptMergeOptions, *, name: 
     deltas = [t - base for t in tuned]
     if base.dim() == 2:
         update = solve(problem(deltas), options.iterations, options.lr, options.momentum)
+        report_step(len(deltas) + 1, len(deltas) + 1)
     else:
         update = mean_update(deltas)
     return update.mul_(options.scaling).add_(base)

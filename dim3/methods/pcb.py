@@ -23,14 +23,14 @@ tiny update) those entries get weight 1 if their balance is positive, else 0, so
 update takes no part. PCB never reduces to
 ``base + λ τ``: with N = 1 it keeps the one update's top-``ratio`` entries by balance.
 
-Registered as kind "matrix" (each tensor whole) for now. Its structure is that of a selection:
-everything is elementwise across the models except four per-tensor, per-model
-order statistics found before the weights can be applied: the two clip bounds of ``|τ_i|``
-(which are also the min and max of step 2's scaling), then, in a second pass over the tensor,
-the ``(1 − ratio)`` order statistic and the maximum of ``β_i``. A sliced engine needs those two
-selection passes (not yet wired: dim3/engine.py drives TIES and Breadcrumbs' exact selections);
-then steps 2-5 run on any slice. Any shape (1-D tensors included) is merged
-the same way. This module knows tensors only.
+Its structure is that of a selection: everything is elementwise across the models except
+four per-tensor, per-model order statistics, found in two stages: the two clip bounds of
+``|τ_i|`` (which are also the min and max of step 2's scaling), then the ``(1 − ratio)`` order
+statistic and the maximum of ``β_i``, which depends on the first two. Registered as kind
+"ranked" (:class:`dim3.methods._utils.RankParts`): a tensor larger than the engine's chunk is
+read in row slices, twice per stage for exact radix selections, then merged slice by slice; a
+smaller one goes through ``kthvalue`` whole. Both give the same numbers. Any shape (1-D tensors
+included) is merged the same way. This module knows tensors only.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from dim3.methods._utils import check_options, deltas, number
+from dim3.methods._utils import RankParts, check_options, number, ranked_merge
 
 NAME = "pcb"
 CLIP = 1e-4  # the reference code's outlier share clipped at each end of |τ_i|
@@ -59,37 +59,47 @@ class PcbOptions:
         check_options(self, NAME)
 
 
-def order_statistic(x: Tensor, index: int) -> Tensor:
-    """Per row of ``x`` (N, d), the value at 0-based ``index`` of its ascending sort: (N, 1)."""
-    index = min(max(index, 0), x.shape[1] - 1)
-    return torch.kthvalue(x, index + 1, dim=1, keepdim=True).values
-
-
 def minmax_(x: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
     """``(x − lo) / (hi − lo)`` per row, in place; 0 where ``hi == lo`` (instead of 0/0)."""
     span = hi - lo
     return x.sub_(lo).div_(torch.where(span > 0, span, 1.0)).mul_(span > 0)
 
 
-def pcb_weights(tau: Tensor, ratio: float) -> tuple[Tensor, Tensor]:
-    """(clipped updates, weights β̂), both (N, d), from the flat updates ``tau`` (N, d).
+def _indexes(options: PcbOptions, n: int) -> tuple[tuple[int, ...], ...]:
+    """Stage 0: the clip bounds of |τ_i|; stage 1: the drop threshold of the balance β_i."""
+    return ((int(n * CLIP), int(n * (1 - CLIP) - 1)), (int(n * (1 - options.ratio)),))
 
-    Works in place on a few (N, d) buffers: the updates, their clipped magnitudes, the balance.
-    """
-    n_models, d = tau.shape
-    mag = tau.abs()
-    lo = order_statistic(mag, int(d * CLIP))
-    hi = order_statistic(mag, int(d * (1 - CLIP) - 1))
-    mag = torch.minimum(mag.clamp_(min=lo), hi, out=mag)  # clip outliers
-    balance = minmax_(mag.clone(), lo, hi).square_().mul_(n_models).exp_()  # intra-balancing
-    balance.mul_(torch.tanh(tau * tau.sum(dim=0, keepdim=True)))  # × inter-balancing
-    floor = order_statistic(balance, int(d * (1 - ratio)))
-    top = balance.max(dim=1, keepdim=True).values
+
+def _clipped_magnitude(tau: Tensor, found: list[Tensor]) -> Tensor:
+    lo, hi = found[0][:, 0:1], found[0][:, 1:2]
+    return torch.minimum(tau.abs().clamp_(min=lo), hi)
+
+
+def _balance(tau: Tensor, found: list[Tensor]) -> Tensor:
+    """β_i = exp(N · minmax(clip|τ_i|)²) · tanh(τ_i ⊙ Σ_j τ_j), (T, r); −0 made +0."""
+    lo, hi = found[0][:, 0:1], found[0][:, 1:2]
+    balance = minmax_(_clipped_magnitude(tau, found), lo, hi).square_().mul_(tau.shape[0]).exp_()
+    return balance.mul_(torch.tanh(tau * tau.sum(dim=0, keepdim=True))).add_(0.0)
+
+
+def _values(stage: int, tau: Tensor, found: list[Tensor], options: PcbOptions) -> Tensor:
+    return tau.abs() if stage == 0 else _balance(tau, found)
+
+
+def _apply(tau: Tensor, found: list[Tensor], options: PcbOptions) -> Tensor:
+    """``λ Σ_i β̂_i clip(τ_i) / Σ_i β̂_i`` for one slice of flat updates (T, r) -> (r,)."""
+    balance = _balance(tau, found)
+    floor, top = found[1][:, 0:1], found[1][:, 1:2]
     # a top share tied with the threshold (floor == top): keep the tied entries whole, if positive
     tied = (top == floor) & (top > 0) & (balance == top)
     weights = minmax_(torch.maximum(balance, floor, out=balance), floor, top)
     weights.masked_fill_(tied, 1.0)
-    return mag.mul_(torch.sign(tau)), weights
+    clipped = _clipped_magnitude(tau, found).mul_(torch.sign(tau))
+    merged = (clipped * weights).sum(dim=0) / weights.sum(dim=0).clamp(min=1e-12)
+    return merged.mul_(options.scaling)
+
+
+PARTS = RankParts(stages=2, indexes=_indexes, values=_values, apply=_apply)
 
 
 def merge(base: Tensor, tuned: list[Tensor], options: PcbOptions, *, name: str = "") -> Tensor:
@@ -97,8 +107,4 @@ def merge(base: Tensor, tuned: list[Tensor], options: PcbOptions, *, name: str =
 
     base (Tensor of any shape), tuned: N ≥ 1 tensors shaped like base. Returns float32 like base.
     """
-    tau = deltas(base, tuned).reshape(len(tuned), -1)  # (N, d)
-    clipped, weights = pcb_weights(tau, options.ratio)
-    total = weights.sum(dim=0)
-    merged = (clipped * weights).sum(dim=0) / total.clamp(min=1e-12)
-    return merged.reshape(base.shape).mul_(options.scaling).add_(base)
+    return ranked_merge(base, tuned, options, PARTS)

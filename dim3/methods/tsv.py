@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from dim3.methods._svd import mean_update, polar, top_svd
-from dim3.methods._utils import check_options, number
+from dim3.methods._utils import check_options, number, report_step
 
 NAME = "tsv"
 
@@ -54,12 +54,19 @@ def tsv_update(deltas: list[Tensor]) -> Tensor:
     """The TSV-M merged update of N (m, n) updates, unscaled: ``U⊥ diag(S) V⊥ᵀ`` (m, n)."""
     n_models = len(deltas)
     k = max(1, min(deltas[0].shape) // n_models)
-    us, ss, vhs = zip(*(top_svd(d, k) for d in deltas), strict=True)
+    stages = n_models + 2  # one SVD per update, then two orthogonalisations
+    us, ss, vhs = [], [], []
+    for i, d in enumerate(deltas):
+        u, s, vh = top_svd(d, k)
+        us.append(u), ss.append(s), vhs.append(vh)
+        report_step(i + 1, stages)
     u = torch.cat(us, dim=1)  # (m, Nk)
     s = torch.cat(ss)  # (Nk,)
     vh = torch.cat(vhs, dim=0)  # (Nk, n)
     u_perp = polar(u)  # (m, Nk)
+    report_step(stages - 1, stages)
     v_perp_t = polar(vh.T).T  # (Nk, n)
+    report_step(stages, stages)
     return (u_perp * s) @ v_perp_t
 
 

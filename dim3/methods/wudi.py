@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from dim3.methods._svd import mean_update, summed
-from dim3.methods._utils import check_options, number
+from dim3.methods._utils import check_options, number, report_step
 
 NAME = "wudi"
 
@@ -62,8 +62,12 @@ def wudi_loss(theta: Tensor, deltas: list[Tensor]) -> float:
 
 
 def _gradient(deltas: list[Tensor]) -> Callable[[Tensor], Tensor]:
-    """``θ -> ∇L(θ)`` for the non-zero ``deltas`` (m, n), using the cheaper of the two forms."""
+    """``θ -> ∇L(θ)`` for the non-zero ``deltas`` (m, n), using the cheaper of the two forms.
+
+    The gradient is written into one buffer, reused every step (Adam reads it before the next).
+    """
     m, n = deltas[0].shape
+    out = torch.empty_like(deltas[0])
     if n <= 2 * len(deltas) * m:
         g = torch.zeros(n, n, dtype=deltas[0].dtype, device=deltas[0].device)
         dd = torch.zeros_like(deltas[0])
@@ -71,13 +75,14 @@ def _gradient(deltas: list[Tensor]) -> Callable[[Tensor], Tensor]:
             gram = d.T @ d / (d * d).sum()  # (n, n)
             g.add_(gram)
             dd.add_(d @ gram)  # τ_i τ_iᵀ τ_i / ‖τ_i‖²
-        return lambda theta: (theta @ g).sub_(dd).mul_(2.0)
-    scaled = [(d, d / (d * d).sum(), d @ d.T) for d in deltas]  # τ_i, τ_i/‖τ_i‖², τ_i τ_iᵀ
+        return lambda theta: torch.matmul(theta, g, out=out).sub_(dd).mul_(2.0)
+    # the wide case: only (m, m) matrices besides the updates themselves, no scaled copies
+    terms = [(d, float((d * d).sum()), d @ d.T) for d in deltas]  # τ_i, ‖τ_i‖², τ_i τ_iᵀ
 
     def grad(theta: Tensor) -> Tensor:
-        out = torch.zeros_like(theta)
-        for d, d_scaled, outer in scaled:
-            out.addmm_((theta @ d.T).sub_(outer), d_scaled)  # (θ τᵀ − τ τᵀ) τ / ‖τ‖²
+        out.zero_()
+        for d, norm2, outer in terms:
+            out.addmm_((theta @ d.T).sub_(outer).div_(norm2), d)  # (θ τᵀ − τ τᵀ) τ / ‖τ‖²
         return out.mul_(2.0)
 
     return grad
@@ -96,9 +101,10 @@ def optimise(
     optimizer = torch.optim.Adam([theta], lr=lr, foreach=False)
     if losses is not None:
         losses.append(wudi_loss(theta.data, live))
-    for _ in range(iterations):
+    for step in range(iterations):
         theta.grad = grad(theta.data)
         optimizer.step()
+        report_step(step + 1, iterations)
         if losses is not None:
             losses.append(wudi_loss(theta.data, live))
     return theta.data

@@ -26,10 +26,20 @@ class Aborted(Exception):
 
 
 def progress_line(p: Progress) -> str:
-    return (
+    line = (
         f"{p.done}/{p.total} tensors · {size(p.bytes_done)} of {size(p.bytes_total)} · "
         f"ETA {clock(p.eta)}"
     )
+    if p.steps:  # a slow rule (WUDI, TSV, Iso-CTS, OptMerge) inside one tensor
+        name = ".".join(p.key.split(".")[-2:-1]) or p.key
+        line += f" · {name}: step {p.step}/{p.steps}"
+    return line
+
+
+def progress_fraction(p: Progress) -> float:
+    """The merge's share done, counting a slow rule's inner steps within its tensor."""
+    inner = p.step / p.steps if p.steps else 0.0
+    return min(1.0, (p.done + inner) / max(1, p.total))
 
 
 def run_with_progress(
@@ -39,8 +49,9 @@ def run_with_progress(
 ) -> Iterator[str | tuple[str, Any]]:
     """Run ``work(callback)`` on a thread; yield the log text while it runs, then ("done", result).
 
-    The engine's per-tensor callback feeds ``gr.Progress`` (bar, tensors done, ETA); if the
-    browser goes away the generator is closed and the next callback aborts the merge.
+    The engine's callback (per tensor, and per inner step of a slow rule) feeds ``gr.Progress``
+    (bar, tensors done, steps, ETA); if the browser goes away the generator is closed and the
+    next callback aborts the merge, within a step of WUDI's optimisation.
     """
     events: queue.Queue[Progress] = queue.Queue()
     aborted = threading.Event()
@@ -64,9 +75,12 @@ def run_with_progress(
         while thread.is_alive() or not events.empty():
             try:
                 last = events.get(timeout=0.2)
+                while not events.empty():  # a fast rule's steps come faster than a browser needs
+                    last = events.get_nowait()
             except queue.Empty:
                 continue
-            progress((last.done, last.total), desc=progress_line(last), unit="tensors")
+            progress(progress_fraction(last), desc=progress_line(last), unit="tensors")
+            time.sleep(0.05)  # at most ~20 updates a second go to the browser
             if time.monotonic() - shown > 1.0 or last.done == last.total:
                 shown = time.monotonic()
                 log.append(f"{progress_line(last)} · {last.key}")
