@@ -364,3 +364,19 @@ def test_report_merges_one_expert_as_an_llm_into_that_expert():
     for mean in (False, True):
         assert combined_text_accuracy(DEMO_DIR / "base", [expert], mean, items) == alone
     assert alone != text_accuracy(DEMO_DIR / "base", items)
+
+
+def test_report_resume_keeps_measured_seeds_and_prints_their_tables(tmp_path, capsys):
+    from dim3.demo.report import main as report_main
+
+    committed = DEMO_DIR / "experts_report.json"
+    (tmp_path / "experts_report.json").write_bytes(committed.read_bytes())
+    seeds = sorted(json.loads(committed.read_text()), key=int)
+    assert report_main(["--seeds", *seeds, "--work", str(tmp_path), "--experts", "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"seed {s}: kept" in out for s in seeds)
+    assert "One multilingual model vs the experts" in out and "| dim3 |" in out
+    assert not any(tmp_path.glob("seed*"))  # nothing trained
+    assert json.loads((tmp_path / "experts_report.json").read_text()) == json.loads(
+        committed.read_text()
+    )

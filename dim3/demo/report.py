@@ -257,11 +257,23 @@ def main(argv: list[str] | None = None) -> int:
         help="also train the language-group experts and compare every method merged with the "
         "one multilingual model vs with the experts (writes experts_report.json)",
     )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the seeds already measured in the work folder's report file and measure only "
+        "the others (e.g. a seed run on another machine, its results copied in)",
+    )
     args = parser.parse_args(argv)
     methods = parse_methods(args.methods)
     report = args.work / ("experts_report.json" if args.experts else "report.json")
-    results = {}
+    results: dict[int, dict] = {}
+    if args.resume and report.is_file():
+        kept = {int(k): v for k, v in json.loads(report.read_text()).items()}
+        results = {seed: kept[seed] for seed in args.seeds if seed in kept}
     for seed in args.seeds:
+        if seed in results:
+            print(f"seed {seed}: kept from {report.name}", flush=True)
+            continue
         folder = args.work / f"seed{seed}"
         seconds = train_seed(seed, folder)
         if args.experts:
@@ -275,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         report.write_text(json.dumps(results, indent=1) + "\n")
-    runs = list(results.values())
+    report.write_text(json.dumps(dict(sorted(results.items())), indent=1) + "\n")
+    runs = [results[seed] for seed in args.seeds]
     print(f"\nText-only probe (LLMs), seeds {args.seeds}: mean (min–max)\n")
     print(summarise([r["text"] for r in runs]))
     for key, title in TABLES.items():
