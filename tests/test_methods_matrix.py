@@ -46,6 +46,19 @@ def polar64(x):
     return p @ qh
 
 
+def _recipe(trio, method, **options):
+    from dim3.recipe import Recipe, Source
+
+    return Recipe(
+        Source(str(trio.base)),
+        Source(str(trio.multilingual)),
+        Source(str(trio.multimodal)),
+        method=method,
+        options=options,
+        device="cpu",
+    )
+
+
 # --------------------------------------------------------------------------- references
 
 
@@ -449,20 +462,11 @@ FAST = {"wudi": {"iterations": 10, "lr": 1e-4}, "optmerge": {"lr": 1e-3}}
 @pytest.mark.parametrize("method", NEW)
 def test_tiny_qwen2vl_trio_merges_through_the_engine(method, tiny_qwen2vl_trio, tmp_path):
     from dim3.engine import merge_to_folder
-    from dim3.recipe import Recipe, Source
     from tests.test_engine import base_name, load_all, tokenizer_len
 
     trio = tiny_qwen2vl_trio
     options = FAST.get(method, {})
-    recipe = Recipe(
-        Source(str(trio.base)),
-        Source(str(trio.multilingual)),
-        Source(str(trio.multimodal)),
-        method=method,
-        options=options,
-        device="cpu",
-    )
-    merge_to_folder(recipe, tmp_path / "out")
+    merge_to_folder(_recipe(trio, method, **options), tmp_path / "out")
     out, vlm = load_all(tmp_path / "out"), load_all(trio.multimodal)
     base, ml = load_all(trio.base), load_all(trio.multilingual)
     m = get_method(method)
@@ -513,19 +517,6 @@ def test_gram_svd_fallback_reconstructs_and_drops_zero_directions():
 
 
 # --------------------------------------------------------------------------- inner-step progress
-
-
-def _recipe(trio, method, **options):
-    from dim3.recipe import Recipe, Source
-
-    return Recipe(
-        Source(str(trio.base)),
-        Source(str(trio.multilingual)),
-        Source(str(trio.multimodal)),
-        method=method,
-        options=options,
-        device="cpu",
-    )
 
 
 @pytest.mark.parametrize(
