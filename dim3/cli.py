@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -181,12 +182,16 @@ def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     bars: list[tqdm] = []  # created at the first tensor, so early errors print one clean line
+    shown_at = [0.0]  # when a slow rule's step was last drawn
 
     def progress(p: engine.Progress) -> None:
         if not bars:
             bars.append(tqdm(total=p.total, unit="tensor", desc="merging"))
         step = f" step {p.step}/{p.steps}" if p.steps else ""
-        bars[0].set_postfix_str(p.key[-48:] + step, refresh=bool(p.steps))
+        show = bool(p.steps) and time.monotonic() - shown_at[0] >= 0.5  # a step line twice a second
+        if show:
+            shown_at[0] = time.monotonic()
+        bars[0].set_postfix_str(p.key[-48:] + step, refresh=show)
         bars[0].update(p.done - bars[0].n)
 
     try:

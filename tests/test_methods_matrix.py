@@ -575,3 +575,15 @@ def test_report_step_is_silent_without_a_listener_and_scoped_with_one():
         wudi.optimise([torch.ones(3, 2), -torch.ones(3, 2)], 4, 1e-3)
     report_step(5, 6)
     assert heard == [(1, 4), (2, 4), (3, 4), (4, 4)]
+
+
+@pytest.mark.slow
+def test_cli_bar_shows_the_steps_of_a_slow_rule(tiny_qwen2vl_trio, tmp_path, capsys):
+    from dim3.cli import main
+
+    trio = tiny_qwen2vl_trio
+    args = ["merge", "--base", str(trio.base), "--multilingual", str(trio.multilingual)]
+    args += ["--multimodal", str(trio.multimodal), "--device", "cpu", "--method", "wudi"]
+    assert main([*args, "--option", "iterations=4", "--out", str(tmp_path / "w")]) == 0
+    err = capsys.readouterr().err
+    assert "step 1/4" in err, err[-500:]  # the first step of the first optimised tensor is drawn
