@@ -163,3 +163,11 @@ def test_a_wudi_merge_shows_its_optimisation_steps_as_it_runs(app):
     steps = [d for d in seen if "step " in d and "/100" in d]
     assert steps, seen  # the bar moved inside tensors, not only between them
     c.predict(api_name="/merge")  # leave the default merge served for the other tests
+
+
+def test_sweep_errors_echo_the_grid_escaped(app):
+    url, _ = app
+    c = client(url)
+    status, *_ = c.predict(grid="density=**big**", probe="", api_name="/sweep")
+    assert status.startswith("❌") and "'**big**'" not in status, status
+    assert r"\*\*big\*\*" in status, status  # shown literally, not as bold

@@ -22,8 +22,9 @@ import pandas as pd
 from dim3 import represent as rp
 from dim3.checkpoints import check_under_roots
 from dim3.models import MERGED, ORIGINAL
-from dim3.ui.common import AppContext, error_text, gpu
+from dim3.ui.common import AppContext, gpu
 from dim3.ui.merge import HEAVY
+from dim3.ui.progress import err
 
 INTRO = (
     "### Representations\n"
@@ -126,7 +127,7 @@ def build_represent_view(ctx: AppContext) -> RepresentView:
     )
     for trigger in (view.layer.release, view.map_method.change):
         trigger(
-            map_handler(view),
+            map_handler(ctx, view),
             inputs=[view.state, view.layer, view.map_method],
             outputs=[view.map, view.status],
             api_visibility="private",
@@ -173,7 +174,7 @@ def compute_handler(ctx: AppContext, view: RepresentView) -> Callable:
             layer = len(rep.layers) // 2
             figure = rp.map_figure(rep, layer, map_method)
         except Exception as exc:  # noqa: BLE001 - the UI boundary: shown, never raised
-            return {view.status: f"❌ {error_text(exc)}"}
+            return {view.status: err(ctx, exc)}
         languages = len({it.language for it in items})
         note = "" if MERGED in models else " No merged model yet: merge in the Merge tab."
         status = (
@@ -192,13 +193,13 @@ def compute_handler(ctx: AppContext, view: RepresentView) -> Callable:
     return represent
 
 
-def map_handler(view: RepresentView) -> Callable:
+def map_handler(ctx: AppContext, view: RepresentView) -> Callable:
     def redraw(rep: rp.Representations | None, layer: float, map_method: str) -> dict[Any, Any]:
         if rep is None:
             return {view.status: "Compute the representations first."}
         try:
             return {view.map: rp.map_figure(rep, int(layer), map_method)}
         except Exception as exc:  # noqa: BLE001 - the UI boundary
-            return {view.status: f"❌ {error_text(exc)}"}
+            return {view.status: err(ctx, exc)}
 
     return redraw

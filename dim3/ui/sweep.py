@@ -21,8 +21,9 @@ import pandas as pd
 
 from dim3 import sweep as sw
 from dim3.methods import METHODS
-from dim3.ui.common import AppContext, error_text, gpu
+from dim3.ui.common import AppContext, gpu
 from dim3.ui.merge import HEAVY, MergeTab
+from dim3.ui.progress import err
 
 INTRO = (
     "### Sweep\n"
@@ -223,7 +224,7 @@ def sweep_handler(ctx: AppContext, merge: MergeTab, view: SweepView) -> Callable
                 recipe, grid, tuple(items), references=refs, select=values[view.select]
             )
         except Exception as exc:  # noqa: BLE001 - the UI boundary: shown, never raised
-            yield {view.status: f"❌ {error_text(exc)}"}
+            yield {view.status: err(ctx, exc)}
             return
         points: list[sw.SweepPoint] = []
         total = spec.total()
@@ -237,7 +238,7 @@ def sweep_handler(ctx: AppContext, merge: MergeTab, view: SweepView) -> Callable
                     view.table: points_frame(points, spec.select),
                 }
         except Exception as exc:  # noqa: BLE001 - the UI boundary
-            yield {view.status: f"❌ {error_text(exc)}"}
+            yield {view.status: err(ctx, exc)}
             return
         chosen = sw.select(points, spec.select)
         tune, report = sw.split_units(spec.items, spec.split_seed)
