@@ -26,6 +26,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -36,7 +37,7 @@ import torch
 from dim3.checkpoints import Checkpoint
 from dim3.layout import layout_for
 from dim3.methods import Method, get_method
-from dim3.methods._utils import listen_steps, rank_indexes
+from dim3.methods._utils import deltas, listen_steps, rank_indexes
 from dim3.plan import Entry, MergePlan, PlanError, build_plan
 from dim3.recipe import (
     RECIPE_FILE,
@@ -310,8 +311,7 @@ class _Merger:
         elif kind == "columns":
             merged = self._column_apply(step, part)
         elif kind == "ranked":
-            tau = torch.stack([(t - part[0]).reshape(-1) for t in part[1:]])  # (T, r)
-            merged = self.method.parts.apply(tau, self.state.found, self.options)
+            merged = self.method.parts.apply(_flat_updates(part), self.state.found, self.options)
             merged = merged.reshape(part[0].shape).add_(part[0])
         else:
             merged = self._selection_apply(step, part)
@@ -325,11 +325,11 @@ class _Merger:
         transpose = e.transpose and self.method.kind in ("columns", "matrix")
         if transpose:
             part = [t.T for t in part]  # (hidden, vocab): columns are tokens
-        if self.on_step is None:
+        steps = (
+            listen_steps(functools.partial(self.on_step, e.key)) if self.on_step else nullcontext()
+        )
+        with steps:
             merged = self.method.fn(part[0], part[1:], self.options, name=e.key)
-        else:
-            with listen_steps(functools.partial(self.on_step, e.key)):
-                merged = self.method.fn(part[0], part[1:], self.options, name=e.key)
         if transpose:
             merged = merged.T
         if rows == vlm.shape[0]:
@@ -390,7 +390,7 @@ class _Merger:
     # -- ranked (PCB): per stage, exact order statistics of values over two passes, then apply
     def _ranked_stats(self, step: _Step, part: list[torch.Tensor]) -> None:
         parts, p = self.method.parts, int(step.stage[len("stats") :])
-        stage, first = divmod(p, 2)[0], step.start == 0
+        stage, first = p // 2, step.start == 0
         if first and p == 0:
             e = step.source
             n = (e.rows if e.rows is not None else e.shape[0]) * math.prod(e.shape[1:])
@@ -400,8 +400,7 @@ class _Merger:
             ks = [i + 1 for i in st.indexes[stage]]
             st.selects = [ExactSelect(ks, st.n, self.device) for _ in part[1:]]
             st.top = torch.full((len(part) - 1,), -math.inf, device=self.device)
-        tau = torch.stack([(t - part[0]).reshape(-1) for t in part[1:]])  # (T, r)
-        values = parts.values(stage, tau, st.found, self.options)
+        values = parts.values(stage, _flat_updates(part), st.found, self.options)
         for select, v in zip(st.selects, values, strict=True):
             select.observe(order_keys(v))
         if p % 2 == 0:
@@ -416,6 +415,11 @@ class _Merger:
                 stats = [top if r is None else key_value(r[0]) for r in select.result()]
                 rows.append([*stats, top])
             st.found.append(torch.tensor(rows, dtype=torch.float32, device=self.device))
+
+
+def _flat_updates(part: list[torch.Tensor]) -> torch.Tensor:
+    """The slice's updates ``tuned_t − base``, flattened: (T, r)."""
+    return deltas(part[0], part[1:]).reshape(len(part) - 1, -1)
 
 
 @dataclass
