@@ -30,8 +30,10 @@ from safetensors import SafetensorError, safe_open
 from dim3.layout import unconverted_layout
 
 # The files a merge needs from a Hub repository: weights, their index, configs, tokenizer,
-# processor and chat template. Never ``*.bin``, ``*.py`` or anything else.
+# processor and chat template, and the model card (its license and languages go into the merge's
+# card). Never ``*.bin``, ``*.py`` or anything else.
 HUB_PATTERNS = [
+    "README.md",
     "*.safetensors",
     "*.safetensors.index.json",
     "*.json",

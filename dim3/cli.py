@@ -1,4 +1,4 @@
-"""The command line: ``python -m dim3 merge|plan|diagnose|eval ...``.
+"""The command line: ``python -m dim3 COMMAND ...`` (``python -m dim3 --help`` lists them).
 
 Each subcommand lives in a module exposing ``add_arguments(parser)`` and ``run(args) -> int``;
 :data:`SUBCOMMANDS` lists them explicitly. Expected failures (bad options, missing or unrelated
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import textwrap
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -211,11 +212,24 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+DESCRIPTION = (
+    "DiM3 Studio: merge a base LLM, multilingual fine-tunes of it and a VLM built on it into a VLM "
+    "that keeps its vision and gains the languages; then check, evaluate and analyse the result."
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m dim3", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    width = max(len(name) for name in SUBCOMMANDS) + 2
+    commands = "\n".join(f"  {name:<{width}}{text}" for name, (_, text) in SUBCOMMANDS.items())
+    parser = argparse.ArgumentParser(
+        prog="python -m dim3",
+        description=textwrap.fill(DESCRIPTION, 80),
+        epilog=f"commands:\n{commands}\n\n'python -m dim3 COMMAND --help' shows a command's options.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_text) in SUBCOMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, description=help_text)
         importlib.import_module(module).add_arguments(p)
     return parser
 

@@ -43,6 +43,7 @@ from dim3.recipe import (
     RECIPE_FILE,
     Recipe,
     Source,
+    card_metadata,
     model_card,
     multilingual_labels,
     write_recipe,
@@ -627,8 +628,14 @@ def merge_to_folder(
             pipe.drain()
             _copy_side_files(inputs.multimodal.path, writer.folder, recipe.dtype)
             resolved = inputs.resolved()
-            write_recipe(writer.folder, recipe, resolved)
-            card = model_card(recipe, merge_plan.summary(), resolved)
+            write_recipe(writer.folder, recipe, resolved, final_dir=out)
+            written = sorted(
+                {str(d).removeprefix("torch.") for d in dtypes.values() if d.is_floating_point}
+            )
+            cards = {role: card_metadata(c.path) for role, c in inputs.roles().items()}
+            card = model_card(
+                recipe, merge_plan.summary(), resolved, dtype=", ".join(written), source_cards=cards
+            )
             (writer.folder / "README.md").write_text(card)
     return MergeResult(merge_plan, out, seconds)
 

@@ -3,13 +3,17 @@
 A :class:`Recipe` is plain data: the base, one or more multilingual fine-tunes of it and the VLM,
 with revisions, the method and its options, the output dtype and the device. It validates itself on construction (so bad input fails before any
 tensor is read), round-trips through JSON (``dim3_recipe.json`` in every output, which
-``python -m dim3 merge --recipe`` replays), and renders the model card. It opens no checkpoint.
+``python -m dim3 merge --recipe`` replays from any folder: local sources are recorded with their
+absolute path and their path relative to the recipe), and renders the model card. It opens no
+checkpoint; it reads only the sources' own model cards (front matter) for the card's metadata.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+import os
+import re
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +91,7 @@ class Recipe:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Recipe:
         """From JSON data; ``multilingual`` may be one source (older recipes) or a list."""
-        data = {k: v for k, v in data.items() if k not in ("dim3_version", "resolved")}
+        data = {k: v for k, v in data.items() if k not in ("dim3_version", "resolved", "local")}
         try:
             ml = data.pop("multilingual")
             ml = [ml] if isinstance(ml, dict) else ml
@@ -98,22 +102,84 @@ class Recipe:
 
     @classmethod
     def load(cls, path: str | Path) -> Recipe:
+        """Read a recipe file; local sources are found wherever the recipe is replayed from.
+
+        A local source is looked for where the recipe recorded it (its absolute path), then
+        relative to the recipe file, then as written (relative to the working folder); if it is in
+        none of them, the error names the role and every place looked.
+        """
+        path = Path(path)
         try:
-            return cls.from_dict(json.loads(Path(path).read_text()))
+            data = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise ValueError(f"cannot read recipe {path}: {exc}") from None
+        recipe = cls.from_dict(data)
+        local = data.get("local") if isinstance(data.get("local"), dict) else {}
+        found = {
+            role: _find_local(role, source, local.get(role) or {}, path.parent)
+            for role, source in recipe.sources().items()
+        }
+        ml = tuple(found[r] for r in multilingual_labels(len(recipe.multilingual)))
+        return replace(recipe, base=found["base"], multilingual=ml, multimodal=found["multimodal"])
 
 
-def write_recipe(folder: Path, recipe: Recipe, resolved: dict[str, str | None]) -> None:
-    """Save the recipe, plus the Hub commits it resolved to, as ``dim3_recipe.json``."""
-    data = recipe.to_dict() | {"resolved": resolved}
+def _find_local(role: str, source: Source, recorded: dict, recipe_dir: Path) -> Source:
+    """``source`` with its local folder found (see :meth:`Recipe.load`); Hub ids unchanged."""
+    from dim3.checkpoints import looks_local
+
+    if not looks_local(source.ref) and not recorded:
+        return source
+    candidates = [
+        Path(p)
+        for p in (
+            recorded.get("absolute"),
+            recorded.get("relative_to_recipe") and recipe_dir / recorded["relative_to_recipe"],
+            source.ref,
+        )
+        if p
+    ]
+    for candidate in candidates:
+        if candidate.expanduser().is_dir():
+            return replace(source, ref=str(candidate.expanduser().resolve()))
+    looked = "; ".join(dict.fromkeys(str(c) for c in candidates))
+    raise ValueError(
+        f"the recipe's {role} folder {source.ref!r} is missing: looked for {looked}. Restore "
+        "that folder, or edit the recipe's path to where the checkpoint is now"
+    )
+
+
+def local_paths(recipe: Recipe, recipe_dir: Path) -> dict[str, dict[str, str]]:
+    """Where each local source is: its absolute path and its path relative to ``recipe_dir``."""
+    from dim3.checkpoints import looks_local
+
+    out = {}
+    for role, source in recipe.sources().items():
+        if looks_local(source.ref):
+            folder = Path(source.ref).expanduser().resolve()
+            out[role] = {
+                "absolute": str(folder),
+                "relative_to_recipe": os.path.relpath(folder, recipe_dir.resolve()),
+            }
+    return out
+
+
+def write_recipe(
+    folder: Path, recipe: Recipe, resolved: dict[str, str | None], final_dir: Path | None = None
+) -> None:
+    """Save the recipe as ``dim3_recipe.json``, plus the Hub commits it resolved to and where its
+    local folders are (relative paths are computed from ``final_dir``, where the folder will be
+    moved to; default ``folder``)."""
+    data = recipe.to_dict() | {
+        "resolved": resolved,
+        "local": local_paths(recipe, final_dir or folder),
+    }
     (folder / RECIPE_FILE).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 def _hub_ids(recipe: Recipe) -> list[str]:
     from dim3.checkpoints import looks_local
 
-    return [s.ref for s in recipe.sources().values() if not looks_local(s.ref)]
+    return list(dict.fromkeys(s.ref for s in recipe.sources().values() if not looks_local(s.ref)))
 
 
 def _fine_tunes(recipe: Recipe) -> str:
@@ -121,19 +187,71 @@ def _fine_tunes(recipe: Recipe) -> str:
     return "a multilingual fine-tune" if n == 1 else f"{n} multilingual fine-tunes (in this order)"
 
 
-def model_card(recipe: Recipe, summary: dict[str, int], resolved: dict[str, str | None]) -> str:
-    """A Hugging Face model card (README.md) with front matter and the full recipe."""
+def card_metadata(folder: Path | None) -> dict[str, Any]:
+    """The YAML front matter of a checkpoint's own model card (``README.md``), or {}."""
+    if folder is None or not (Path(folder) / "README.md").is_file():
+        return {}
+    from huggingface_hub.repocard import metadata_load
+
+    try:
+        return metadata_load(Path(folder) / "README.md") or {}
+    except Exception:  # a card without valid front matter is simply not used  # noqa: BLE001
+        return {}
+
+
+def _as_list(value: Any) -> list[str]:
+    if value is None:
+        return []
+    return [str(v) for v in (value if isinstance(value, list) else [value])]
+
+
+def _yaml_scalar(value: str) -> str:
+    """A YAML scalar: plain for Hub ids, language codes and the like, else JSON-quoted."""
+    return value if re.fullmatch(r"[A-Za-z0-9][\w./+-]*", value) else json.dumps(value)
+
+
+def _yaml_list(name: str, values: list[str]) -> list[str]:
+    return [f"{name}:"] + [f"- {_yaml_scalar(v)}" for v in values] if values else []
+
+
+def model_card(
+    recipe: Recipe,
+    summary: dict[str, int],
+    resolved: dict[str, str | None],
+    *,
+    dtype: str | None = None,
+    source_cards: dict[str, dict[str, Any]] | None = None,
+) -> str:
+    """A Hugging Face model card (README.md): Hub metadata in the front matter, a snippet that
+    loads the merge, and the full recipe.
+
+    ``dtype`` is what the output was written in (default: the recipe's dtype); ``source_cards``
+    holds each role's own card metadata (:func:`card_metadata`): the card takes its ``language``
+    from the multilingual models' and the VLM's cards and its ``license`` from the VLM's.
+    """
     method = get_method(recipe.method)
-    hub = _hub_ids(recipe)
+    cards = source_cards or {}
+    vlm = cards.get("multimodal", {})
+    languages = list(
+        dict.fromkeys(
+            lang
+            for role in [*multilingual_labels(len(recipe.multilingual)), "multimodal"]
+            for lang in _as_list(cards.get(role, {}).get("language"))
+        )
+    )
     front = ["---", "library_name: transformers", "pipeline_tag: image-text-to-text"]
-    if hub:
-        front += ["base_model:"] + [f"- {h}" for h in hub]
-    front += ["tags:", "- merge", "- dim3", f"- {recipe.method}", "---"]
+    front += _yaml_list("base_model", _hub_ids(recipe))
+    front += ["base_model_relation: merge"] if _hub_ids(recipe) else []
+    front += _yaml_list("language", languages)
+    front += [f"license: {_yaml_scalar(str(vlm['license']))}"] if vlm.get("license") else []
+    tags = dict.fromkeys(["merge", "dim3-studio", recipe.method, "multilingual", "vision"])
+    front += _yaml_list("tags", list(tags)) + ["---"]
     rows = "\n".join(
         f"| {role} | `{s.ref}` | {s.revision or 'default'} | {resolved.get(role) or 'local'} |"
         for role, s in recipe.sources().items()
     )
     options = json.dumps(recipe.method_options().__dict__, ensure_ascii=False)
+    written = dtype or recipe.dtype
     return (
         "\n".join(front)
         + f"""
@@ -151,9 +269,26 @@ Method: **{method.name}**: {method.summary} ([paper]({method.paper}))
 {rows}
 
 - Options: `{options}`
-- Output dtype: `{recipe.dtype}`
+- Output dtype: `{written}`{" (the VLM's own)" if recipe.dtype == "auto" else ""}
 - Tensors: {summary["merged"]} merged, {summary["copied"]} copied, {summary["padded"]} vocabulary
   tensors with VLM-only rows kept as the VLM's.
+
+## Use it
+
+```python
+from transformers import AutoModelForImageTextToText, AutoProcessor
+from PIL import Image
+
+path = "PATH_OR_HUB_ID_OF_THIS_MODEL"
+processor = AutoProcessor.from_pretrained(path)
+model = AutoModelForImageTextToText.from_pretrained(path, dtype="auto", device_map="auto")
+messages = [{{"role": "user", "content": [
+    {{"type": "image"}}, {{"type": "text", "text": "Welche Farbe hat die Form?"}}]}}]
+prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+inputs = processor(images=[Image.open("picture.png")], text=prompt, return_tensors="pt")
+output = model.generate(**inputs.to(model.device), max_new_tokens=64)
+print(processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+```
 
 Reproduce with `python -m dim3 merge --recipe {RECIPE_FILE} --out DIR`.
 No evaluation of this merge is claimed here: test it on your own tasks.

@@ -112,6 +112,20 @@ def _raw_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
 
 
+def _umask() -> int:
+    """The process's umask: from /proc on Linux (no change to the process), else by setting it
+    and restoring it at once."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 class ShardedWriter:
     """Write tensors, in a fixed announced order, into a temporary folder beside ``out_dir``.
 
@@ -148,6 +162,9 @@ class ShardedWriter:
         remove_stale_temporaries(self.out_dir)
         prefix = f".{self.out_dir.name}{TMP_TAG}{os.getpid()}-"
         self.folder = Path(tempfile.mkdtemp(prefix=prefix, dir=self.out_dir.parent))
+        # mkdtemp makes the folder private (0700); the finished checkpoint gets the umask's modes
+        # like any folder the user creates.
+        self.folder.chmod(0o777 & ~_umask())
         return self
 
     def write(self, name: str, tensor: torch.Tensor) -> None:

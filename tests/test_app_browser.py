@@ -2,13 +2,18 @@
 
 Merges the built-in offline trio, asks an image question and sees both panes answer; bad inputs
 show their messages and the server keeps serving; two chats and a merge run at once. Saves a
-small screenshot of each tab to assets/screenshots/.
+small screenshot of each tab into a temporary folder, or into ``$DIM3_SCREENSHOTS`` when that is set
+(never into the repository: the README's screenshots are taken by an explicit command).
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
+import shutil
+import tempfile
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -19,7 +24,6 @@ pytestmark = pytest.mark.browser
 playwright = pytest.importorskip("playwright.sync_api")
 
 CHROMIUM = os.environ.get("DIM3_CHROMIUM", "/usr/bin/chromium")
-SHOTS = ROOT / "assets" / "screenshots"
 IMAGE = ROOT / "assets" / "examples" / "red_circle.png"
 TIMEOUT = 90_000  # ms, for a merge or a reply on a busy 2-core machine
 
@@ -92,18 +96,30 @@ def answers(page, turn: int) -> tuple[str, str]:
     )
 
 
-def screenshot(page, name: str) -> None:
-    """A small PNG of the page (downscaled, palette) in assets/screenshots/."""
+@cache
+def shots_dir() -> Path:
+    """``$DIM3_SCREENSHOTS`` if set, else a temporary folder removed when the tests end."""
+    if os.environ.get("DIM3_SCREENSHOTS"):
+        return Path(os.environ["DIM3_SCREENSHOTS"])
+    folder = tempfile.mkdtemp(prefix="dim3-screenshots-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return Path(folder)
+
+
+def screenshot(page, name: str) -> Path:
+    """A small PNG of the page (downscaled, palette) in :func:`shots_dir`; returns its path."""
     from PIL import Image
 
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    raw = SHOTS / f"{name}.raw.png"
+    shots = shots_dir()
+    shots.mkdir(parents=True, exist_ok=True)
+    raw = shots / f"{name}.raw.png"
     page.screenshot(path=str(raw), full_page=True)
     with Image.open(raw) as img:
         img = img.convert("RGB")
         img.thumbnail((960, 1400))
-        img.quantize(colors=128).save(SHOTS / f"{name}.png", optimize=True)
+        img.quantize(colors=128).save(shots / f"{name}.png", optimize=True)
     raw.unlink()
+    return shots / f"{name}.png"
 
 
 def test_merge_the_offline_trio_and_chat_side_by_side(server, browser):
