@@ -124,8 +124,8 @@ def test_save_refuses_a_symlink_and_writes_inside_the_output_folder(app, tmp_pat
     assert (outputs / "kept" / "dim3_recipe.json").is_file()
 
 
-def test_readme_api_example_matches_the_endpoints():
-    readme = (ROOT / "README.md").read_text()
+def test_documented_api_example_matches_the_endpoints():
+    readme = (ROOT / "docs" / "app.md").read_text()
     assert 'Client("http://127.0.0.1:7860/")' in readme
     assert 'api_name="/merge"' in readme and 'api_name="/chat"' in readme
 
