@@ -163,18 +163,32 @@ def quick_run(tmp_path_factory):
     return out, committed
 
 
+# Tolerance of the cross-machine fingerprint check, in units of each tensor's sum of |x|.
+# Measured spread (benchmarks/demo_fingerprint_spread.py --threads 1, 2026-11-29): the quick run
+# with torch 2.14.1 against the manifest made with torch 2.13.0+cpu differs by at most 6.2e-6, and
+# a 1-thread run against a 2-thread one by 2.4e-7. 1e-4 leaves a margin of 16x over two torch
+# builds' kernels, and is still far below what a real change of the training moves.
+TOLERANCE = 1e-4
+
+
+def zero_gradient(key: str) -> bool:
+    """Attention key biases: their exact gradient is zero (softmax ignores a constant added to
+    every logit of a query), so Adam moves them by rounding noise alone (measured: 0.27-0.34 of
+    their sum of |x| between two torch builds). They cannot be compared across machines; the
+    bitwise determinism tests still cover them on one machine."""
+    return key.endswith("self_attn.k_proj.bias")
+
+
 def _far(ours: dict, theirs: dict) -> list[str]:
     assert set(ours) == set(theirs)
-    return [k for k in ours if not _close(ours[k], theirs[k], 1e-4)]
+    return [k for k in ours if not zero_gradient(k) and not _close(ours[k], theirs[k], TOLERANCE)]
 
 
 @pytest.mark.slow
 def test_quick_training_reproduces_the_committed_quick_fingerprints(quick_run):
-    """The script's --quick run, repeated here, matches the committed quick fingerprints.
-
-    Tolerance: each tensor's sum, |sum| and index-weighted sum within 1e-4 of its sum of |x|
-    (so a different CPU whose kernels round differently still passes); bitwise identity is
-    checked separately, on this machine, by the next test.
+    """The script's --quick run, repeated here, matches the committed quick fingerprints (made
+    with the pinned torch) within :data:`TOLERANCE`, so a CPU whose kernels round differently
+    still passes; bitwise identity is checked separately, on this machine, by the next tests.
     """
     out, committed = quick_run
     for role in ROLES:
