@@ -22,7 +22,9 @@ from dim3.layout import (
     EMBED,
     LANGUAGE,
     LM_HEAD,
+    NOT_LOADED,
     VOCAB_KEYS,
+    DerivedLayout,
     buffer_kind,
     layout_for,
 )
@@ -237,12 +239,15 @@ def build_plan(
     shared_rows = _tokenizer_rows(base, mls, multimodal, notes)
     entries: list[Entry] = []
     unknown, unmatched, mismatched, used = [], [], [], set()
+    unloadable = _unloadable(layout, multimodal, keys)
     for key in keys:
         cls = layout.classify(key)
         shape, dtype = multimodal.shape(key), multimodal.dtype(key)
         if cls is None:
             unknown.append(key)
             continue
+        if cls[0] == NOT_LOADED:
+            continue  # counted by _unloadable
         role, canonical = cls
         if role != LANGUAGE:
             entries.append(Entry(key, "copy", role, shape, dtype))
@@ -267,9 +272,65 @@ def build_plan(
     missing_in_vlm = sorted(
         k for k in weight_keys(base) if k not in used and not (k == LM_HEAD and _ties(multimodal))
     )
-    _raise_problems(unknown, unmatched, mismatched, missing_in_vlm, layout.family)
+    _raise_problems(unknown, unmatched, mismatched, missing_in_vlm, layout.family, unloadable)
     _check_related(entries, base, mls, multimodal)
+    notes.extend(_layout_notes(layout, multimodal.config, entries))
     return MergePlan(layout.family, entries, notes, len(mls))
+
+
+def _unloadable(layout, vlm: Checkpoint, keys: list[str]) -> list[str]:
+    """What transformers' class of the VLM would not load as stored: unknown names, other shapes,
+    and tensors it needs that the checkpoint lacks (it would leave them random)."""
+    if not isinstance(layout, DerivedLayout):
+        return []
+    problems, seen = [], set()
+    for key in keys:
+        name, converted = layout.to_memory(key)
+        seen.add(name)
+        if converted:
+            continue
+        if name not in layout.shapes:
+            problems.append(f"{key} (no such tensor in {layout.class_name})")
+        elif layout.shapes[name] != tuple(vlm.shape(key)):
+            problems.append(
+                f"{key} ({tuple(vlm.shape(key))} on disk, {layout.shapes[name]} in "
+                f"{layout.class_name} built from its config.json)"
+            )
+    missing = [k for k in layout.expected() if k not in seen]
+    problems += [f"{k} (needed by {layout.class_name}, absent from the VLM)" for k in missing]
+    return problems
+
+
+# Config fields of the VLM's own placeholder tokens (image, video, begin/end of image).
+_MEDIA_TOKEN_FIELDS = (
+    "image_token_id",
+    "image_token_index",
+    "video_token_id",
+    "boi_token_index",
+    "eoi_token_index",
+    "vision_start_token_id",
+    "vision_end_token_id",
+)
+
+
+def _layout_notes(layout, config: dict, entries: list[Entry]) -> list[str]:
+    """Where the layout came from, VLM-only layers, and media tokens inside the merged rows."""
+    notes = []
+    if isinstance(layout, DerivedLayout):
+        notes.append(f"layout derived from transformers' {layout.class_name}")
+        if layout.describe_layers():
+            notes.append(layout.describe_layers())
+    embed = next((e for e in entries if e.transpose and e.rows is not None), None)
+    ids = {f: config.get(f) for f in _MEDIA_TOKEN_FIELDS if isinstance(config.get(f), int)}
+    inside = {f: i for f, i in ids.items() if embed is not None and i < embed.rows}
+    if inside:
+        shown = ", ".join(f"{i} ({f})" for f, i in sorted(inside.items(), key=lambda kv: kv[1]))
+        notes.append(
+            f"media tokens inside the base vocabulary: {shown}; their rows are merged like any "
+            "token (the base and multilingual tokenizers hold them too), so a fine-tune that "
+            "never saw them leaves the VLM's rows unchanged"
+        )
+    return notes
 
 
 def weight_keys(ckpt: Checkpoint) -> list[str]:
@@ -327,8 +388,14 @@ def _tie_heads(entries: list[Entry], vlm: Checkpoint) -> None:
         entries.sort(key=lambda e: e.tied_to is not None)
 
 
-def _raise_problems(unknown, unmatched, mismatched, missing_in_vlm, family) -> None:
+def _raise_problems(unknown, unmatched, mismatched, missing_in_vlm, family, unloadable) -> None:
     problems = []
+    if unloadable:
+        problems.append(
+            f"transformers would not load {len(unloadable)} VLM tensor(s) as stored: "
+            f"{_shown(unloadable)}. Likely cause: a damaged, edited or other-version checkpoint; "
+            "nothing was written"
+        )
     if unknown:
         problems.append(
             f"{len(unknown)} VLM tensor(s) fit no part of the {family} layout: {_shown(unknown)}. "
