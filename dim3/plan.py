@@ -11,6 +11,7 @@ and the likely cause. This module reads headers, tokenizer files and one tensor 
 from __future__ import annotations
 
 import json
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from dim3.layout import (
     VOCAB_KEYS,
     DerivedLayout,
     buffer_kind,
+    derived_layout,
     layout_for,
 )
 
@@ -128,12 +130,43 @@ def _ties(ckpt: Checkpoint) -> bool:
     return bool(cfg.get("tie_word_embeddings", text.get("tie_word_embeddings", False)))
 
 
+def llm_names(ckpt: Checkpoint) -> dict[str, str]:
+    """Canonical LLM name -> the checkpoint's own key, for its language-model tensors.
+
+    A plain LLM's keys are canonical already. A base or multilingual model that is itself a VLM
+    (Gemma 3's 4B-27B "base" checkpoints, Mistral-Small-3.1-Base) holds its language model under
+    its family's names: those are read through the family's layout, and its vision tower and
+    projector are left aside.
+    """
+    if ckpt in _LLM_NAMES:
+        return _LLM_NAMES[ckpt]
+    layout = derived_layout(ckpt.config) if _is_vlm_config(ckpt.config) else None
+    if layout is None:
+        names = {k: k for k in weight_keys(ckpt)}
+    else:
+        names = {}
+        for key in weight_keys(ckpt):
+            role, canonical = layout.classify(key)
+            if role == LANGUAGE and canonical:
+                names[canonical] = key
+    _LLM_NAMES[ckpt] = names
+    return names
+
+
+_LLM_NAMES: weakref.WeakKeyDictionary[Checkpoint, dict[str, str]] = weakref.WeakKeyDictionary()
+
+
+def _is_vlm_config(config: dict) -> bool:
+    return isinstance(config.get("vision_config"), dict)
+
+
 def _llm_key(ckpt: Checkpoint, canonical: str) -> str | None:
-    """The tensor of a plain LLM that plays ``canonical``'s part (tied heads use the embedding)."""
-    if canonical in ckpt:
-        return canonical
-    if canonical == LM_HEAD and EMBED in ckpt and _ties(ckpt):
-        return EMBED
+    """The tensor of an LLM that plays ``canonical``'s part (tied heads use the embedding)."""
+    names = llm_names(ckpt)
+    if canonical in names:
+        return names[canonical]
+    if canonical == LM_HEAD and EMBED in names and _ties(ckpt):
+        return names[EMBED]
     return None
 
 
@@ -270,8 +303,18 @@ def build_plan(
             entries.append(entry)
     _tie_heads(entries, multimodal)
     missing_in_vlm = sorted(
-        k for k in weight_keys(base) if k not in used and not (k == LM_HEAD and _ties(multimodal))
+        c
+        for c, k in llm_names(base).items()
+        if k not in used and not (c == LM_HEAD and _ties(multimodal))
     )
+    for i, ckpt in enumerate([base, *mls]):
+        if _is_vlm_config(ckpt.config):
+            role = "base" if i == 0 else _ml_name(i - 1, len(mls))
+            left = len(weight_keys(ckpt)) - len(llm_names(ckpt))
+            notes.append(
+                f"the {role} is itself a VLM ({ckpt.config.get('model_type')}): its language "
+                f"model is merged, its {left} vision and projector tensors are not used"
+            )
     _raise_problems(unknown, unmatched, mismatched, missing_in_vlm, layout.family, unloadable)
     _check_related(entries, base, mls, multimodal)
     notes.extend(_layout_notes(layout, multimodal.config, entries))

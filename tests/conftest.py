@@ -64,3 +64,13 @@ def tiny_family_trios(tmp_path_factory):
         return built[model_type]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3_multimodal_base_trio(tmp_path_factory) -> Trio:
+    """Gemma 3 trio whose base and multilingual model are Gemma3ForConditionalGeneration too."""
+    from tests.tiny_families import build_family_trio
+
+    return build_family_trio(
+        "gemma3", tmp_path_factory.mktemp("gemma3_mm_base"), seed=7, multimodal_base=True
+    )

@@ -182,3 +182,25 @@ def test_a_tensor_transformers_would_not_load_is_refused_before_writing(
     )
     assert f"{key} ((63, 32) on disk, (64, 32) in" in msg
     assert not out.exists()
+
+
+def test_a_base_and_fine_tune_that_are_vlms_themselves(tiny_gemma3_multimodal_base_trio, tmp_path):
+    """Gemma 3's base checkpoints of 4B and up are multimodal: their language models are merged
+    (read through the family's layout), their vision towers left aside, and the plan says so."""
+    from transformers import AutoModelForImageTextToText
+
+    trio = tiny_gemma3_multimodal_base_trio
+    result = engine.merge_to_folder(_recipe(trio), tmp_path / "out")
+    notes = "\n".join(result.plan.notes)
+    assert "the base is itself a VLM (gemma3): its language model is merged" in notes
+    assert "the multilingual model is itself a VLM (gemma3)" in notes
+    out, info = _auto(result.out_dir)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert not info["mismatched_keys"]
+    base, ml, vlm = (
+        AutoModelForImageTextToText.from_pretrained(str(p), dtype=torch.float32)
+        for p in (trio.base, trio.multilingual, trio.multimodal)
+    )
+    parts = [m.model.language_model.state_dict() for m in (out, vlm, ml, base)]
+    for name, got in parts[0].items():
+        torch.testing.assert_close(got, parts[1][name] + parts[2][name] - parts[3][name])

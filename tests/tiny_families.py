@@ -409,8 +409,15 @@ def _copy_base_into_vlm(fam: Family, base: torch.nn.Module, vlm: torch.nn.Module
             vlm.lm_head.weight[: base.lm_head.weight.shape[0]].copy_(base.lm_head.weight)
 
 
-def build_family_trio(model_type: str, root: Path, *, seed: int = 0) -> Trio:
-    """The tiny trio of ``model_type`` (a key of :data:`FAMILIES`) under ``root``."""
+def build_family_trio(
+    model_type: str, root: Path, *, seed: int = 0, multimodal_base: bool = False
+) -> Trio:
+    """The tiny trio of ``model_type`` (a key of :data:`FAMILIES`) under ``root``.
+
+    multimodal_base: save the base and the multilingual model as VLMs of the family too (their
+    language models are the LLMs', vision and projector the VLM's), as Gemma 3's 4B-27B "base"
+    checkpoints and their fine-tunes are.
+    """
     fam = FAMILIES[model_type]
     torch.manual_seed(seed)
     tok, vtok = _tokenizers(fam)
@@ -427,18 +434,24 @@ def build_family_trio(model_type: str, root: Path, *, seed: int = 0) -> Trio:
     )
     base = getattr(tf, fam.llm)(base_cfg)
     trio = Trio(root / "base", root / "multilingual", root / "multimodal")
-    base.save_pretrained(trio.base)
-    _save_tok(tok, fam.template, trio.base)
     ml = getattr(tf, fam.llm)(base_cfg)
     ml.load_state_dict(base.state_dict())
     _perturb(ml, 0.3, seed + 1)
-    ml.save_pretrained(trio.multilingual)
-    _save_tok(tok, fam.template, trio.multilingual)
 
     cfg = _vlm_config(fam, text, vtok, vocab)
-    vlm = getattr(
+    vlm_class = getattr(
         tf, tf.models.auto.modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES[fam.model_type]
-    )(cfg)
+    )
+    vlm = vlm_class(cfg)
+    for llm, folder in ((base, trio.base), (ml, trio.multilingual)):
+        if multimodal_base:
+            as_vlm = vlm_class(cfg)
+            as_vlm.load_state_dict(vlm.state_dict())
+            _copy_base_into_vlm(fam, llm, as_vlm)
+            as_vlm.save_pretrained(folder)
+        else:
+            llm.save_pretrained(folder)
+        _save_tok(tok, fam.template, folder)
     _copy_base_into_vlm(fam, base, vlm)
     _perturb(vlm, 0.3, seed + 2, ("model.language_model.", "lm_head."))
     vlm.save_pretrained(trio.multimodal)
