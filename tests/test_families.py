@@ -204,3 +204,16 @@ def test_a_base_and_fine_tune_that_are_vlms_themselves(tiny_gemma3_multimodal_ba
     parts = [m.model.language_model.state_dict() for m in (out, vlm, ml, base)]
     for name, got in parts[0].items():
         torch.testing.assert_close(got, parts[1][name] + parts[2][name] - parts[3][name])
+
+
+def test_every_family_has_one_real_preset_marked_untested():
+    """One real trio per tested family, with its size and GPU; none claims a real-weight test."""
+    from dim3.presets import FAMILY_PRESETS, presets
+
+    assert sorted(p.family for p in FAMILY_PRESETS) == TYPES
+    table = presets()
+    for p in FAMILY_PRESETS:
+        assert table[p.key] is p and p.gigabytes > 0 and "GB" in p.title
+        assert p.title.endswith(", untested)") and not p.tested
+        for ref in (p.base, p.multilingual, p.multimodal):
+            assert ref.count("/") == 1 and " " not in ref  # a Hub id, not a local path
