@@ -20,7 +20,7 @@ from dim3 import engine
 from dim3.chat import GenerationParams, build_inputs, load_vlm, stream_reply
 from dim3.plan import PlanError
 from dim3.recipe import Recipe, Source
-from tests.tiny_families import CROSS_LAYER, FAMILIES
+from tests.tiny_families import CROSS_LAYER, FAMILIES, STRETCH, build_stretch_trio
 
 pytestmark = pytest.mark.slow
 TYPES = sorted(FAMILIES)
@@ -217,3 +217,28 @@ def test_every_family_has_one_real_preset_marked_untested():
         assert p.title.endswith(", untested)") and not p.tested
         for ref in (p.base, p.multilingual, p.multimodal):
             assert ref.count("/") == 1 and " " not in ref  # a Hub id, not a local path
+
+
+@pytest.mark.parametrize("model_type", sorted(STRETCH))
+def test_stretch_families_plan_merge_and_load(model_type, tmp_path):
+    """InternVL (-hf), Aya Vision, PaliGemma, Idefics3: the layout from transformers alone plans,
+    merges and loads cleanly, VLM + (multilingual - base) in the language model (no processor
+    or chat is built for these: untested)."""
+    from transformers import AutoModelForCausalLM
+
+    trio = build_stretch_trio(model_type, tmp_path / "trio")
+    result = engine.merge_to_folder(_recipe(trio), tmp_path / "out")
+    assert result.plan.family == model_type
+    assert sorted(e.key for e in result.plan.entries) == sorted(_keys(trio.multimodal))
+    out, info = _auto(result.out_dir)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert not info["mismatched_keys"]
+    vlm = _auto(trio.multimodal)[0]
+    base, ml = (
+        AutoModelForCausalLM.from_pretrained(str(p), dtype=torch.float32)
+        for p in (trio.base, trio.multilingual)
+    )
+    got, own = out.get_decoder().state_dict(), vlm.get_decoder().state_dict()
+    b, m = base.model.state_dict(), ml.model.state_dict()
+    for name, tensor in got.items():
+        torch.testing.assert_close(tensor, own[name] + m[name] - b[name], msg=name)

@@ -478,3 +478,90 @@ def _with_named_tokens(tok: PreTrainedTokenizerFast, named: dict) -> PreTrainedT
 def _save_tok(tok: PreTrainedTokenizerFast, template: str, path: Path) -> None:
     tok.chat_template = template
     tok.save_pretrained(path)
+
+
+# ---------------------------------------------------------------- stretch families: no processor
+
+_SIGLIP = dict(
+    model_type="siglip_vision_model",
+    hidden_size=H,
+    intermediate_size=2 * H,
+    num_hidden_layers=1,
+    num_attention_heads=4,
+    image_size=32,
+    patch_size=8,
+)
+_TOWER = dict(hidden_size=H, intermediate_size=2 * H, num_hidden_layers=1, num_attention_heads=4)
+# model_type -> (base LLM class, its config class, extra text kwargs, VLM config(vocab, image id))
+STRETCH = {
+    "internvl": (
+        "Qwen2ForCausalLM",
+        "Qwen2Config",
+        {},
+        lambda text, img: tf.InternVLConfig(
+            text_config=dict(text, model_type="qwen2"),
+            vision_config=dict(_TOWER, image_size=[32, 32], patch_size=[8, 8]),
+            image_token_id=img,
+            downsample_ratio=0.5,
+            vision_feature_layer=-1,
+        ),
+    ),
+    "aya_vision": (
+        "Cohere2ForCausalLM",
+        "Cohere2Config",
+        {},
+        lambda text, img: tf.AyaVisionConfig(
+            text_config=dict(text, model_type="cohere2"),
+            vision_config=_SIGLIP,
+            image_token_index=img,
+            downsample_factor=2,
+        ),
+    ),
+    "paligemma": (
+        "GemmaForCausalLM",
+        "GemmaConfig",
+        {"head_dim": 8},
+        lambda text, img: tf.PaliGemmaConfig(
+            text_config=dict(text, model_type="gemma"),
+            vision_config=_SIGLIP,
+            image_token_index=img,
+            projection_dim=H,
+        ),
+    ),
+    "idefics3": (
+        "LlamaForCausalLM",
+        "LlamaConfig",
+        {},
+        lambda text, img: tf.Idefics3Config(
+            text_config=dict(text, model_type="llama"),
+            vision_config=dict(_TOWER, image_size=32, patch_size=8),
+            image_token_id=img,
+            scale_factor=2,
+        ),
+    ),
+}
+
+
+def build_stretch_trio(model_type: str, root: Path, *, seed: int = 0) -> Trio:
+    """A tiny trio of a stretch family (:data:`STRETCH`): weights and tokenizer, no processor."""
+    llm_name, cfg_name, extra, vlm_config = STRETCH[model_type]
+    torch.manual_seed(seed)
+    tok = train_tokenizer(300, extra_special=["<image>"])
+    text = dict(_text(**extra), vocab_size=len(tok))
+    base = getattr(tf, llm_name)(getattr(tf, cfg_name)(**text))
+    ml = getattr(tf, llm_name)(base.config)
+    ml.load_state_dict(base.state_dict())
+    _perturb(ml, 0.3, seed + 1)
+    names = tf.models.auto.modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+    vlm = getattr(tf, names[model_type])(vlm_config(text, tok.convert_tokens_to_ids("<image>")))
+    decoder = vlm.get_decoder()
+    with torch.no_grad():
+        decoder.load_state_dict(base.model.state_dict())
+        if not vlm.config.get_text_config().tie_word_embeddings:
+            vlm.lm_head.weight.copy_(base.lm_head.weight)
+    _perturb(vlm, 0.3, seed + 2, ("model.language_model.", "model.text_model.", "lm_head."))
+    trio = Trio(root / "base", root / "multilingual", root / "multimodal")
+    for model, folder in ((base, trio.base), (ml, trio.multilingual), (vlm, trio.multimodal)):
+        model.save_pretrained(folder)
+        tok.save_pretrained(folder)
+    return trio
