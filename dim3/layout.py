@@ -20,6 +20,7 @@ This module knows key names and config fields only: no shapes, files or tensors.
 from __future__ import annotations
 
 import re
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -266,7 +267,22 @@ def _layer_map(model: object, decoder: str) -> tuple[dict[int, int], set[int]]:
     return {j: i for i, j in enumerate(kept)}, only
 
 
-_DERIVED: dict[str, DerivedLayout | None] = {}
+_DERIVED: OrderedDict[str, DerivedLayout | None] = OrderedDict()  # the last few configs' layouts
+_DERIVED_KEPT = 16
+DERIVE_ERRORS: dict[str, str] = {}  # model_type -> why transformers could not build its class
+# Families tested end to end on tiny real models (tests/test_families.py, tests/test_engine.py);
+# others that transformers loads are derived the same way, untested (docs/families.md).
+TESTED_FAMILIES = (
+    "llava",
+    "llava_next",
+    "llava_onevision",
+    "mistral3",
+    "gemma3",
+    "mllama",
+    "qwen2_vl",
+    "qwen2_5_vl",
+    "qwen3_vl",
+)
 
 
 def derived_layout(config: dict) -> DerivedLayout | None:
@@ -281,6 +297,9 @@ def derived_layout(config: dict) -> DerivedLayout | None:
     key = json.dumps(config, sort_keys=True, default=str)
     if key not in _DERIVED:
         _DERIVED[key] = _derive(model_type, config)
+        while len(_DERIVED) > _DERIVED_KEPT:
+            _DERIVED.popitem(last=False)
+    _DERIVED.move_to_end(key)
     return _DERIVED[key]
 
 
@@ -300,15 +319,15 @@ def _derive(model_type: str, config: dict) -> DerivedLayout | None:
         with torch.device("meta"):
             model = getattr(transformers, name)(cfg)
         return DerivedLayout(model_type, model)
-    except Exception:  # noqa: BLE001 - a config transformers cannot build: use the hand tables
+    except Exception as exc:  # noqa: BLE001 - a config transformers cannot build: hand tables
+        DERIVE_ERRORS[model_type] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
         return None
 
 
 def supported_model_types() -> list[str]:
-    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
-
-    known = {t for layout in LAYOUTS for t in layout.model_types}
-    return sorted(known | set(MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES))
+    """Model types tested here and those of the hand tables (any type transformers' image-text-to-
+    text auto class loads is derived too)."""
+    return sorted({t for layout in LAYOUTS for t in layout.model_types} | set(TESTED_FAMILIES))
 
 
 def layout_for(config: dict, keys: Iterable[str] = ()) -> Layout | DerivedLayout:
@@ -330,6 +349,12 @@ def layout_for(config: dict, keys: Iterable[str] = ()) -> Layout | DerivedLayout
         if keys and all(classes) and {c[0] for c in classes if c} >= {LANGUAGE, VISION}:
             return layout
     raise ValueError(
-        f"unsupported VLM family {model_type!r}: its tensor names match no known layout. "
-        f"Supported model types: {', '.join(supported_model_types())}"
+        f"unsupported VLM family {model_type!r}: its tensor names match no known layout"
+        + (
+            f" (transformers could not build it: {DERIVE_ERRORS[model_type]})"
+            if model_type in DERIVE_ERRORS
+            else ""
+        )
+        + ". Supported: any model type transformers' AutoModelForImageTextToText loads; tested: "
+        + ", ".join(supported_model_types())
     )

@@ -20,6 +20,7 @@ import torch
 
 from dim3.checkpoints import Checkpoint
 from dim3.layout import (
+    DERIVE_ERRORS,
     EMBED,
     LANGUAGE,
     LM_HEAD,
@@ -363,6 +364,13 @@ def _layout_notes(layout, config: dict, entries: list[Entry]) -> list[str]:
         notes.append(f"layout derived from transformers' {layout.class_name}")
         if layout.describe_layers():
             notes.append(layout.describe_layers())
+    else:
+        why = DERIVE_ERRORS.get(config.get("model_type", ""))
+        notes.append(
+            f"layout from dim3's table for {layout.family}"
+            + (f" (transformers could not build the class: {why})" if why else "")
+            + "; transformers' own key check was not run"
+        )
     embed = next((e for e in entries if e.transpose and e.rows is not None), None)
     ids = {f: config.get(f) for f in _MEDIA_TOKEN_FIELDS if isinstance(config.get(f), int)}
     inside = {f: i for f, i in ids.items() if embed is not None and i < embed.rows}
