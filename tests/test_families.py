@@ -242,3 +242,41 @@ def test_stretch_families_plan_merge_and_load(model_type, tmp_path):
     b, m = base.model.state_dict(), ml.model.state_dict()
     for name, tensor in got.items():
         torch.testing.assert_close(tensor, own[name] + m[name] - b[name], msg=name)
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_cli_merges_each_family_with_dim3_and_transformers_runs_it(
+    tiny_family_trios, model_type, tmp_path, capsys
+):
+    """``python -m dim3 plan`` names the family, ``merge`` (DiM3, the default) writes a folder
+    that transformers loads cleanly and generates from, picture included."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from dim3.cli import main
+
+    trio = tiny_family_trios(model_type)
+    args = [
+        f"--base={trio.base}",
+        f"--multilingual={trio.multilingual}",
+        f"--multimodal={trio.multimodal}",
+    ]
+    assert main(["plan", *args]) == 0
+    assert f"Family: {model_type}" in capsys.readouterr().out
+    out = tmp_path / "merged"
+    assert main(["merge", *args, f"--out={out}"]) == 0
+    model, info = AutoModelForImageTextToText.from_pretrained(str(out), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert not info["mismatched_keys"]
+    if model_type in NEEDS_TORCHVISION:
+        pytest.importorskip("torchvision", reason=f"{model_type}'s processor needs torchvision")
+    processor = AutoProcessor.from_pretrained(str(out))
+    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Farbe?"}]}]
+    prompt = processor.apply_chat_template(chat, add_generation_prompt=True)
+    image = Image.new("RGB", (32, 32), (30, 30, 200))
+    inputs = processor(text=prompt, images=image, return_tensors="pt")
+    with torch.inference_mode():
+        ids = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert (
+        ids.shape[1] == inputs["input_ids"].shape[1] + 4
+        or ids.shape[1] > inputs["input_ids"].shape[1]
+    )
