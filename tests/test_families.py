@@ -276,7 +276,4 @@ def test_cli_merges_each_family_with_dim3_and_transformers_runs_it(
     inputs = processor(text=prompt, images=image, return_tensors="pt")
     with torch.inference_mode():
         ids = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-    assert (
-        ids.shape[1] == inputs["input_ids"].shape[1] + 4
-        or ids.shape[1] > inputs["input_ids"].shape[1]
-    )
+    assert ids.shape[1] > inputs["input_ids"].shape[1]  # new tokens after the prompt
