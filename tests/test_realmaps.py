@@ -277,3 +277,22 @@ def test_qwen3_vl_4b_cut_merges_with_the_real_vocabulary_and_loads(models, tmp_p
     assert not info["missing_keys"] and not info["unexpected_keys"]
     assert not info["mismatched_keys"]
     assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "Qwen__Qwen3-VL-8B-Instruct",
+        "Qwen__Qwen3-VL-4B-Instruct",
+        "google__medgemma-27b-it",
+        "gghfez__gemma-3-4b-novision",
+        "mistralai__Mistral-7B-Instruct-v0.2",
+    ],
+)
+def test_index_only_maps_get_shapes_that_add_up_to_the_real_size(name):
+    """Maps with an index but no headers: shapes from transformers' class of the real config,
+    byte for byte the index's total_size (load_keymap checks it; this says so)."""
+    km = load_keymap(name)
+    index = json.loads((realmaps.REALMAPS / name / "model.safetensors.index.json").read_text())
+    assert km.nbytes == int(index["metadata"]["total_size"])
+    assert {t.key for t in km.tensors} == set(index["weight_map"])
