@@ -195,6 +195,10 @@ class DerivedLayout:
             and not self.decoder.startswith(n + ".")
         )
         self.tied = _tied_keys(model)
+        # names the class itself lets a checkpoint lack (transformers does not report them)
+        self.optional = tuple(
+            re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_missing", None) or ()
+        )
         self.layer_map, self.vlm_only_layers = _layer_map(model, self.decoder)
 
     def to_memory(self, key: str) -> tuple[str, bool]:
@@ -225,8 +229,13 @@ class DerivedLayout:
         return PROJECTOR, None
 
     def expected(self) -> dict[str, tuple[int, ...]]:
-        """Tensors the class loads (name -> shape), less tied copies that transformers fills."""
-        return {k: v for k, v in self.shapes.items() if k not in self.tied}
+        """Tensors the class needs (name -> shape), less tied copies that transformers fills and
+        names the class marks optional (``_keys_to_ignore_on_load_missing``)."""
+        return {
+            k: v
+            for k, v in self.shapes.items()
+            if k not in self.tied and not any(p.search(k) for p in self.optional)
+        }
 
     def describe_layers(self) -> str | None:
         """A line naming the VLM-only layers and the LLM layer renumbering, if any."""

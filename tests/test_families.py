@@ -158,7 +158,8 @@ def test_merged_model_answers_a_picture_question_streamed(merged, model_type):
 def test_a_tensor_transformers_would_not_load_is_refused_before_writing(
     tiny_family_trios, tmp_path
 ):
-    """An extra tensor in the VLM file (an edited checkpoint): refused, nothing written."""
+    """An extra, a mis-shaped and a missing tensor in the VLM file (an edited checkpoint):
+    refused before anything is written, each named."""
     import shutil
 
     from safetensors.torch import load_file, save_file
@@ -170,17 +171,20 @@ def test_a_tensor_transformers_would_not_load_is_refused_before_writing(
     tensors["multi_modal_projector.extra_gate"] = torch.zeros(3)
     key = next(k for k in tensors if "vision_tower" in k and k.endswith("fc1.weight"))
     tensors[key] = tensors[key][:-1].clone()
+    gone = next(k for k in tensors if k.endswith("post_layernorm.bias"))
+    del tensors[gone]
     save_file(tensors, vlm / "model.safetensors", metadata={"format": "pt"})
     recipe = Recipe(Source(str(trio.base)), Source(str(trio.multilingual)), Source(str(vlm)))
     out = tmp_path / "out"
     with pytest.raises(PlanError) as err:
         engine.merge_to_folder(recipe, out)
     msg = str(err.value)
-    assert "transformers would not load 2 VLM tensor(s)" in msg
+    assert "transformers would not load 3 VLM tensor(s)" in msg
     assert (
         "multi_modal_projector.extra_gate (no such tensor in Gemma3ForConditionalGeneration)" in msg
     )
     assert f"{key} ((63, 32) on disk, (64, 32) in" in msg
+    assert "(needed by Gemma3ForConditionalGeneration, absent from the VLM)" in msg
     assert not out.exists()
 
 
