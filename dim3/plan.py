@@ -11,6 +11,7 @@ and the likely cause. This module reads headers, tokenizer files and one tensor 
 from __future__ import annotations
 
 import json
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,11 +20,15 @@ import torch
 
 from dim3.checkpoints import Checkpoint
 from dim3.layout import (
+    DERIVE_ERRORS,
     EMBED,
     LANGUAGE,
     LM_HEAD,
+    NOT_LOADED,
     VOCAB_KEYS,
+    DerivedLayout,
     buffer_kind,
+    derived_layout,
     layout_for,
 )
 
@@ -126,12 +131,43 @@ def _ties(ckpt: Checkpoint) -> bool:
     return bool(cfg.get("tie_word_embeddings", text.get("tie_word_embeddings", False)))
 
 
+def llm_names(ckpt: Checkpoint) -> dict[str, str]:
+    """Canonical LLM name -> the checkpoint's own key, for its language-model tensors.
+
+    A plain LLM's keys are canonical already. A base or multilingual model that is itself a VLM
+    (Gemma 3's 4B-27B "base" checkpoints, Mistral-Small-3.1-Base) holds its language model under
+    its family's names: those are read through the family's layout, and its vision tower and
+    projector are left aside.
+    """
+    if ckpt in _LLM_NAMES:
+        return _LLM_NAMES[ckpt]
+    layout = derived_layout(ckpt.config) if _is_vlm_config(ckpt.config) else None
+    if layout is None:
+        names = {k: k for k in weight_keys(ckpt)}
+    else:
+        names = {}
+        for key in weight_keys(ckpt):
+            role, canonical = layout.classify(key)
+            if role == LANGUAGE and canonical:
+                names[canonical] = key
+    _LLM_NAMES[ckpt] = names
+    return names
+
+
+_LLM_NAMES: weakref.WeakKeyDictionary[Checkpoint, dict[str, str]] = weakref.WeakKeyDictionary()
+
+
+def _is_vlm_config(config: dict) -> bool:
+    return isinstance(config.get("vision_config"), dict)
+
+
 def _llm_key(ckpt: Checkpoint, canonical: str) -> str | None:
-    """The tensor of a plain LLM that plays ``canonical``'s part (tied heads use the embedding)."""
-    if canonical in ckpt:
-        return canonical
-    if canonical == LM_HEAD and EMBED in ckpt and _ties(ckpt):
-        return EMBED
+    """The tensor of an LLM that plays ``canonical``'s part (tied heads use the embedding)."""
+    names = llm_names(ckpt)
+    if canonical in names:
+        return names[canonical]
+    if canonical == LM_HEAD and EMBED in names and _ties(ckpt):
+        return names[EMBED]
     return None
 
 
@@ -237,12 +273,15 @@ def build_plan(
     shared_rows = _tokenizer_rows(base, mls, multimodal, notes)
     entries: list[Entry] = []
     unknown, unmatched, mismatched, used = [], [], [], set()
+    unloadable = _unloadable(layout, multimodal, keys)
     for key in keys:
         cls = layout.classify(key)
         shape, dtype = multimodal.shape(key), multimodal.dtype(key)
         if cls is None:
             unknown.append(key)
             continue
+        if cls[0] == NOT_LOADED:
+            continue  # counted by _unloadable
         role, canonical = cls
         if role != LANGUAGE:
             entries.append(Entry(key, "copy", role, shape, dtype))
@@ -265,11 +304,84 @@ def build_plan(
             entries.append(entry)
     _tie_heads(entries, multimodal)
     missing_in_vlm = sorted(
-        k for k in weight_keys(base) if k not in used and not (k == LM_HEAD and _ties(multimodal))
+        c
+        for c, k in llm_names(base).items()
+        if k not in used and not (c == LM_HEAD and _ties(multimodal))
     )
-    _raise_problems(unknown, unmatched, mismatched, missing_in_vlm, layout.family)
+    for i, ckpt in enumerate([base, *mls]):
+        if _is_vlm_config(ckpt.config):
+            role = "base" if i == 0 else _ml_name(i - 1, len(mls))
+            left = len(weight_keys(ckpt)) - len(llm_names(ckpt))
+            notes.append(
+                f"the {role} is itself a VLM ({ckpt.config.get('model_type')}): its language "
+                f"model is merged, its {left} vision and projector tensors are not used"
+            )
+    _raise_problems(unknown, unmatched, mismatched, missing_in_vlm, layout.family, unloadable)
     _check_related(entries, base, mls, multimodal)
+    notes.extend(_layout_notes(layout, multimodal.config, entries))
     return MergePlan(layout.family, entries, notes, len(mls))
+
+
+def _unloadable(layout, vlm: Checkpoint, keys: list[str]) -> list[str]:
+    """What transformers' class of the VLM would not load as stored: unknown names, other shapes,
+    and tensors it needs that the checkpoint lacks (it would leave them random)."""
+    if not isinstance(layout, DerivedLayout):
+        return []
+    problems, seen = [], set()
+    for key in keys:
+        name, converted = layout.to_memory(key)
+        seen.add(name)
+        if converted:
+            continue
+        if name not in layout.shapes:
+            problems.append(f"{key} (no such tensor in {layout.class_name})")
+        elif layout.shapes[name] != tuple(vlm.shape(key)):
+            problems.append(
+                f"{key} ({tuple(vlm.shape(key))} on disk, {layout.shapes[name]} in "
+                f"{layout.class_name} built from its config.json)"
+            )
+    missing = [k for k in layout.expected() if k not in seen]
+    problems += [f"{k} (needed by {layout.class_name}, absent from the VLM)" for k in missing]
+    return problems
+
+
+# Config fields of the VLM's own placeholder tokens (image, video, begin/end of image).
+_MEDIA_TOKEN_FIELDS = (
+    "image_token_id",
+    "image_token_index",
+    "video_token_id",
+    "boi_token_index",
+    "eoi_token_index",
+    "vision_start_token_id",
+    "vision_end_token_id",
+)
+
+
+def _layout_notes(layout, config: dict, entries: list[Entry]) -> list[str]:
+    """Where the layout came from, VLM-only layers, and media tokens inside the merged rows."""
+    notes = []
+    if isinstance(layout, DerivedLayout):
+        notes.append(f"layout derived from transformers' {layout.class_name}")
+        if layout.describe_layers():
+            notes.append(layout.describe_layers())
+    else:
+        why = DERIVE_ERRORS.get(config.get("model_type", ""))
+        notes.append(
+            f"layout from dim3's table for {layout.family}"
+            + (f" (transformers could not build the class: {why})" if why else "")
+            + "; transformers' own key check was not run"
+        )
+    embed = next((e for e in entries if e.transpose and e.rows is not None), None)
+    ids = {f: config.get(f) for f in _MEDIA_TOKEN_FIELDS if isinstance(config.get(f), int)}
+    inside = {f: i for f, i in ids.items() if embed is not None and i < embed.rows}
+    if inside:
+        shown = ", ".join(f"{i} ({f})" for f, i in sorted(inside.items(), key=lambda kv: kv[1]))
+        notes.append(
+            f"media tokens inside the base vocabulary: {shown}; their rows are merged like any "
+            "token (the base and multilingual tokenizers hold them too), so a fine-tune that "
+            "never saw them leaves the VLM's rows unchanged"
+        )
+    return notes
 
 
 def weight_keys(ckpt: Checkpoint) -> list[str]:
@@ -327,8 +439,14 @@ def _tie_heads(entries: list[Entry], vlm: Checkpoint) -> None:
         entries.sort(key=lambda e: e.tied_to is not None)
 
 
-def _raise_problems(unknown, unmatched, mismatched, missing_in_vlm, family) -> None:
+def _raise_problems(unknown, unmatched, mismatched, missing_in_vlm, family, unloadable) -> None:
     problems = []
+    if unloadable:
+        problems.append(
+            f"transformers would not load {len(unloadable)} VLM tensor(s) as stored: "
+            f"{_shown(unloadable)}. Likely cause: a damaged, edited or other-version checkpoint; "
+            "nothing was written"
+        )
     if unknown:
         problems.append(
             f"{len(unknown)} VLM tensor(s) fit no part of the {family} layout: {_shown(unknown)}. "

@@ -24,6 +24,9 @@ class Preset:
     multilingual: str
     multimodal: str
     note: str
+    family: str = ""  # the VLM's model_type
+    gigabytes: float = 0.0  # the VLM's weights in bf16 (each of the two loaded for chat)
+    tested: str = ""  # what this project ran on this trio; "" = never run with real weights
 
     def __post_init__(self) -> None:
         for role in ("base", "multilingual", "multimodal"):
@@ -82,9 +85,116 @@ _HUB_PRESETS = (
 )
 
 
+def _family(
+    key: str,
+    family: str,
+    base: str,
+    multilingual: str,
+    multimodal: str,
+    gigabytes: float,
+    gpu: str,
+    note: str,
+    tested: str = "",
+) -> Preset:
+    """A family's real trio; its title says the VLM, the GPU it needs and that it is untested."""
+    mark = "" if tested else ", untested"
+    title = f"{family}: {multimodal.split('/')[-1]} + {multilingual.split('/')[-1]} ({gpu}{mark})"
+    shown = tested or "not run with real weights here: only tiny models of the family"
+    return Preset(
+        key,
+        title,
+        base,
+        multilingual,
+        multimodal,
+        f"{note} About {gigabytes:g} GB per VLM in bf16. Tested: {shown}.",
+        family,
+        gigabytes,
+        tested,
+    )
+
+
+# One real trio per family that docs/families.md lists. Hub ids as their model cards give them;
+# "untested": nobody ran these weights here (no Hub access, no GPU), only tiny trios of the class
+# and, where marked, header-true copies of the real files. Check plan verifies a trio first.
+FAMILY_PRESETS = (
+    _family(
+        "qwen3-vl-8b-basque",
+        "qwen3_vl",
+        "Qwen/Qwen3-8B-Base",
+        "HiTZ/eu_Qwen3-8B-Base",
+        "Qwen/Qwen3-VL-8B-Instruct",
+        17.5,
+        "GPU, 48 GB for both",
+        "Qwen3-VL-8B's language model is a Qwen3-8B; HiTZ continued Qwen3-8B-Base's pretraining "
+        "on Basque. Needs torchvision for Qwen3-VL's processor. Header-true copies of Qwen3-VL-8B "
+        "and -4B (real names, shapes, shards) plan here, and a 4B cut to 2 layers merges and "
+        "loads.",
+    ),
+    _family(
+        "gemma3-27b-sealion",
+        "gemma3",
+        "google/gemma-3-27b-pt",
+        "aisingapore/Gemma-SEA-LION-v4-27B-IT",
+        "google/medgemma-27b-it",
+        54.9,
+        "GPU, 2x80 GB or one 141 GB",
+        "All three are Gemma3ForConditionalGeneration checkpoints (Gemma 3's base of 4B and up "
+        "is multimodal): the base's and fine-tune's language models are merged, their vision "
+        "towers left aside. MedGemma and SEA-LION v4 both descend from gemma-3-27b-pt (SEA-LION "
+        "through gemma-3-27b-it). Gated: accept the Gemma and Health AI licences, set HF_TOKEN. "
+        "A header-true copy of MedGemma-27B plans here.",
+    ),
+    _family(
+        "llava-next-mistral-turkish",
+        "llava_next",
+        "mistralai/Mistral-7B-Instruct-v0.2",
+        "malhajar/Mistral-7B-Instruct-v0.2-turkish",
+        "llava-hf/llava-v1.6-mistral-7b-hf",
+        15.1,
+        "GPU, 40 GB for both",
+        "LLaVA-NeXT-Mistral starts from Mistral-7B-Instruct-v0.2 (vocabulary 32,000 + <image>, "
+        "padded to 32,064); the fine-tune tunes that model on Turkish.",
+    ),
+    _family(
+        "llava-onevision-qwen2-seallm",
+        "llava_onevision",
+        "Qwen/Qwen2-7B-Instruct",
+        "SeaLLMs/SeaLLMs-v3-7B-Chat",
+        "llava-hf/llava-onevision-qwen2-7b-ov-hf",
+        16.1,
+        "GPU, 40 GB for both",
+        "LLaVA-OneVision-7B's language model is Qwen2-7B-Instruct; SeaLLMs-v3 tunes Qwen2-7B on "
+        "Southeast Asian languages. Needs torchvision for its processor.",
+    ),
+    _family(
+        "mistral-small-3.1-sarvam",
+        "mistral3",
+        "mistralai/Mistral-Small-3.1-24B-Base-2503",
+        "sarvamai/sarvam-m",
+        "mistralai/Mistral-Small-3.1-24B-Instruct-2503",
+        48.0,
+        "GPU, 2x80 GB or one 141 GB",
+        "Mistral-Small-3.1 (40 layers, vocabulary 131,072); Sarvam-M tunes its base on Indic "
+        "languages. The base checkpoint is multimodal like the VLM: its vision tower is left aside.",
+    ),
+    _family(
+        "llama-3.2-vision-sealion",
+        "mllama",
+        "meta-llama/Llama-3.1-8B-Instruct",
+        "aisingapore/llama3.1-8b-cpt-sea-lionv3-base",
+        "meta-llama/Llama-3.2-11B-Vision-Instruct",
+        21.3,
+        "GPU, 48 GB for both",
+        "Llama-3.2-Vision's 40 text layers are Llama-3.1-8B's 32 with 8 cross-attention layers "
+        "inserted (copied, named in the plan) and 8 more embedding rows; SEA-LION v3 continues "
+        "Llama-3.1-8B-Instruct on Southeast Asian languages. Gated: accept the Llama licence.",
+    ),
+)
+
+
 def presets() -> dict[str, Preset]:
     """All presets by key, the offline demo first."""
-    return {p.key: p for p in (demo_preset(), *_HUB_PRESETS)}
+    return {p.key: p for p in (demo_preset(), *_HUB_PRESETS, *FAMILY_PRESETS)}
 
 
 def get_preset(key: str) -> Preset:

@@ -48,3 +48,29 @@ def app_server(tmp_path_factory):
     roots = [ROOT / "assets", tmp_path_factory.getbasetemp()]
     with running_app(scratch, roots) as url:
         yield url, scratch
+
+
+@pytest.fixture(scope="session")
+def tiny_family_trios(tmp_path_factory):
+    """``model_type -> Trio`` for today's VLM families (tests/tiny_families.py), each built once."""
+    from tests.tiny_families import build_family_trio
+
+    built: dict[str, Trio] = {}
+
+    def get(model_type: str) -> Trio:
+        if model_type not in built:
+            root = tmp_path_factory.mktemp(f"family_{model_type}")
+            built[model_type] = build_family_trio(model_type, root)
+        return built[model_type]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3_multimodal_base_trio(tmp_path_factory) -> Trio:
+    """Gemma 3 trio whose base and multilingual model are Gemma3ForConditionalGeneration too."""
+    from tests.tiny_families import build_family_trio
+
+    return build_family_trio(
+        "gemma3", tmp_path_factory.mktemp("gemma3_mm_base"), seed=7, multimodal_base=True
+    )

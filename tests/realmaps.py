@@ -166,10 +166,13 @@ def _safetensors_name(shard: str) -> str:
     return shard
 
 
-def _from_key_list(folder: Path, dtype: str) -> list[TensorInfo]:
+def _from_key_list(folder: Path, config: dict) -> list[TensorInfo]:
+    dtype = _config_dtype(config)
     path = folder / "keys_derived_shapes.txt"
     if not path.is_file():
         path = folder / "keys.txt"
+    if not path.is_file():
+        return []
     rows = []
     for line in path.read_text(encoding="utf-8").splitlines():
         if not line.strip() or line.startswith("#"):
@@ -186,6 +189,68 @@ def _from_key_list(folder: Path, dtype: str) -> list[TensorInfo]:
     for row in rows:
         by_shard.setdefault(row.shard, []).append(row)
     return [t for shard in sorted(by_shard) for t in by_shard[shard]]
+
+
+def _from_index(folder: Path, config: dict) -> list[TensorInfo]:
+    """Names and shards from the real index; shapes from transformers' class of the real config.
+
+    The class named by ``architectures`` is built from the real config on the meta device; each
+    index key is renamed the way transformers loads it (its conversion mapping) to find its shape.
+    The shapes are checked against the index's ``total_size``, which counts every byte of the real
+    files: a wrong shape anywhere fails here, not later.
+    """
+    import transformers
+    from transformers import CONFIG_MAPPING
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, rename_source_key
+
+    data = json.loads((folder / "model.safetensors.index.json").read_text(encoding="utf-8"))
+    cfg = CONFIG_MAPPING[config["model_type"]].from_dict(config)
+    with torch.device("meta"):
+        model = getattr(transformers, config["architectures"][0])(cfg)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    transforms = get_model_conversion_mapping(model)
+    renames = [t for t in transforms if not isinstance(t, WeightConverter)]
+    dtype = _config_dtype(config)
+    rows = []
+    for key, shard in data["weight_map"].items():
+        name, _ = rename_source_key(key, renames, [], model.base_model_prefix, shapes)
+        rows.append(TensorInfo(key, dtype, shapes[name], shard))
+    total = sum(t.nbytes for t in rows)
+    if total != int(data["metadata"]["total_size"]):
+        raise ValueError(
+            f"{folder.name}: shapes add up to {total} bytes, the index says {data['metadata']['total_size']}"
+        )
+    order = {shard: i for i, shard in enumerate(sorted({t.shard for t in rows}))}
+    return sorted(rows, key=lambda t: (order[t.shard], t.key))
+
+
+# The text LLM inside a VLM, where the maps hold no file of the base LLM itself: the VLM's
+# language-model tensors under the plain causal-LM names, the VLM's text config with the base's
+# model type. Qwen3-VL-8B/4B's language models have Qwen3-8B/4B's shapes (36 layers, vocabulary
+# 151,936; the 4B tied), Gemma-3-27B-it's that of the text Gemma-3-27B (Gemma3ForCausalLM).
+TEXT_SUFFIX = "__text"
+TEXT_MODELS = {
+    "qwen3_vl_text": ("qwen3", "Qwen3ForCausalLM"),
+    "gemma3_text": ("gemma3_text", "Gemma3ForCausalLM"),
+}
+
+
+def text_keymap(vlm: KeyMap) -> KeyMap:
+    """The base LLM of ``vlm`` reconstructed from its language model (see :data:`TEXT_MODELS`)."""
+    text = dict(vlm.config["text_config"])
+    model_type, arch = TEXT_MODELS[text["model_type"]]
+    tied = vlm.config.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
+    config = {**text, "model_type": model_type, "architectures": [arch]}
+    config["tie_word_embeddings"] = tied
+    if model_type == "qwen3":  # Qwen3's own rope: the VL model's mrope sections do not apply
+        config["rope_scaling"] = None
+    rows = [
+        replace(t, key=canonical(t.key))
+        for t in vlm.tensors
+        if canonical(t.key) != t.key or t.key.startswith("lm_head.")
+    ]
+    return KeyMap(vlm.name + TEXT_SUFFIX, config, tuple(_greedy_shards(rows)), vlm.special_tokens)
 
 
 def _greedy_shards(rows: list[TensorInfo]) -> list[TensorInfo]:
@@ -226,11 +291,13 @@ def _special_tokens(folder: Path) -> dict[int, str] | None:
 
 def load_keymap(name: str) -> KeyMap:
     """Read the key map of ``name`` (a folder of ``../shared/realmaps``, e.g. ``Qwen__Qwen2-VL-2B``)."""
+    if name.endswith(TEXT_SUFFIX):
+        return text_keymap(load_keymap(name.removesuffix(TEXT_SUFFIX)))
     folder = REALMAPS / name
     if not folder.is_dir():
         raise FileNotFoundError(f"no key map {name!r} in {REALMAPS}")
     config = _config(folder)
-    tensors = _from_headers(folder) or _from_key_list(folder, _config_dtype(config))
+    tensors = _from_headers(folder) or _from_key_list(folder, config) or _from_index(folder, config)
     tokens = _special_tokens(folder)
     if tokens is None and name in TOKENS_FROM:
         tokens = _special_tokens(REALMAPS / TOKENS_FROM[name])
@@ -296,6 +363,9 @@ def cut(keymap: KeyMap, layers: Cut = None, vision_layers: Cut = None) -> KeyMap
         text = config.get("text_config")
         target = text if isinstance(text, dict) and "model_type" in config else config
         target["num_hidden_layers"] = n_lm
+        if isinstance(target.get("layer_types"), list):  # Gemma 3: one entry per layer
+            keep = kept_layers(keymap, layers) if isinstance(layers, int) else sorted(layers)
+            target["layer_types"] = [target["layer_types"][i] for i in keep]
         if "max_window_layers" in target:
             target["max_window_layers"] = min(target["max_window_layers"], n_lm)
     if n_vis is not None:
@@ -486,6 +556,23 @@ TRIOS: dict[str, tuple[str, str, str]] = {
         "Qwen__Qwen2-1.5B-Instruct__reconstructed",  # Qwen2-1.5B base: not in the maps
         "SeaLLMs__SeaLLMs-v3-1.5B-Chat__reconstructed",
         "Qwen__Qwen2-VL-2B",
+    ),
+    # Today's VLMs whose base LLM the maps lack: the base is the VLM's own language model under
+    # the LLM's names (TEXT_SUFFIX), the multilingual model that base + noise (a seed of its own)
+    "qwen3-vl-8b": (
+        "Qwen__Qwen3-VL-8B-Instruct__text",  # Qwen3-8B's shapes
+        "Qwen__Qwen3-VL-8B-Instruct__text",
+        "Qwen__Qwen3-VL-8B-Instruct",
+    ),
+    "qwen3-vl-4b": (
+        "Qwen__Qwen3-VL-4B-Instruct__text",  # Qwen3-4B's shapes, tied
+        "Qwen__Qwen3-VL-4B-Instruct__text",
+        "Qwen__Qwen3-VL-4B-Instruct",
+    ),
+    "gemma-3-27b": (
+        "google__medgemma-27b-it__text",  # the text Gemma-3-27B's shapes (Gemma3ForCausalLM)
+        "google__medgemma-27b-it__text",
+        "google__medgemma-27b-it",  # a Gemma-3-27B-it fine-tune in the original layout
     ),
 }
 

@@ -8,7 +8,16 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from dim3.layout import LANGUAGE, PROJECTOR, VISION, buffer_kind, layout_for, unconverted_layout
+from dim3.layout import (
+    LANGUAGE,
+    NOT_LOADED,
+    PROJECTOR,
+    VISION,
+    VLM_ONLY,
+    buffer_kind,
+    layout_for,
+    unconverted_layout,
+)
 from tests import realmaps
 
 CASES = [
@@ -54,9 +63,65 @@ def test_unknown_family_is_inferred_from_keys_or_refused():
     keys = ["language_model.model.norm.weight", "vision_tower.x.weight", "multi_modal_projector.w"]
     assert layout_for({"model_type": "my_llava"}, keys).family == "llava"
     with pytest.raises(
-        ValueError, match="unsupported VLM family 'blip'.*Supported model types: .*llava"
+        ValueError,
+        match="unsupported VLM family 'blip'.*AutoModelForImageTextToText.*tested: .*llava",
     ):
         layout_for({"model_type": "blip"}, ["text_decoder.w", "vision_model.w"])
+
+
+DERIVED_CASES = [
+    # Gemma 3 in its original on-disk layout (google/medgemma-27b-it) and the newer one
+    (
+        "gemma3",
+        "language_model.model.layers.2.mlp.up_proj.weight",
+        (LANGUAGE, "model.layers.2.mlp.up_proj.weight"),
+    ),
+    ("gemma3", "model.language_model.norm.weight", (LANGUAGE, "model.norm.weight")),
+    ("gemma3", "multi_modal_projector.mm_input_projection_weight", (PROJECTOR, None)),
+    ("gemma3", "vision_tower.vision_model.post_layernorm.weight", (VISION, None)),
+    # Qwen3-VL: q_norm/k_norm are language; deepstack mergers stay vision, the merger projects
+    (
+        "qwen3_vl",
+        "model.language_model.layers.0.self_attn.q_norm.weight",
+        (LANGUAGE, "model.layers.0.self_attn.q_norm.weight"),
+    ),
+    ("qwen3_vl", "model.visual.deepstack_merger_list.0.linear_fc1.weight", (VISION, None)),
+    ("qwen3_vl", "model.visual.merger.linear_fc2.weight", (PROJECTOR, None)),
+    ("qwen3_vl", "lm_head.weight", (LANGUAGE, "lm_head.weight")),
+    # mllama (default config = Llama-3.2-11B-Vision: cross-attention at 3, 8, ..., 38 of 40)
+    (
+        "mllama",
+        "language_model.model.layers.4.mlp.up_proj.weight",
+        (LANGUAGE, "model.layers.3.mlp.up_proj.weight"),
+    ),
+    (
+        "mllama",
+        "language_model.model.layers.39.input_layernorm.weight",
+        (LANGUAGE, "model.layers.31.input_layernorm.weight"),
+    ),
+    ("mllama", "language_model.model.layers.3.cross_attn.q_proj.weight", (VLM_ONLY, None)),
+    ("mllama", "language_model.model.layers.38.cross_attn_attn_gate", (VLM_ONLY, None)),
+    ("mllama", "language_model.lm_head.weight", (LANGUAGE, "lm_head.weight")),
+    ("mllama", "vision_model.gated_positional_embedding.gate", (VISION, None)),
+    ("mistral3", "multi_modal_projector.patch_merger.merging_layer.weight", (PROJECTOR, None)),
+    ("llava_next", "image_newline", (PROJECTOR, None)),
+    ("gemma3", "language_model.model.layers.0.self_attn.made_up.weight", (NOT_LOADED, None)),
+]
+
+
+@pytest.mark.parametrize(("model_type", "key", "expected"), DERIVED_CASES)
+def test_layout_from_transformers_class(model_type, key, expected):
+    """The family's own class (default config, built on the meta device) tells each key's part."""
+    layout = layout_for({"model_type": model_type})
+    assert layout.family == model_type
+    assert layout.classify(key) == expected
+
+
+def test_mllama_layer_map_is_derived_from_the_layer_classes():
+    layout = layout_for({"model_type": "mllama"})
+    assert sorted(layout.vlm_only_layers) == [3, 8, 13, 18, 23, 28, 33, 38]
+    assert len(layout.layer_map) == 32 and layout.layer_map[39] == 31 and layout.layer_map[2] == 2
+    assert "VLM-only decoder layers [3, 8, 13" in layout.describe_layers()
 
 
 # ---------------------------------------------------------------- facts of real checkpoints

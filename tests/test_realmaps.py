@@ -199,3 +199,100 @@ def test_qwen2_vl_2b_merges_and_loads_in_transformers(models, tmp_path):
     merged = model.model.language_model.layers[0].mlp.down_proj.weight.float().flatten()
     assert merged[: 2**20].abs().mean() > 0.01
     assert os.listdir(tmp_path) == ["merged"]
+
+
+# ---------------------------------------------------------------- today's VLMs at real shape
+
+TODAY = ["qwen3-vl-8b", "qwen3-vl-4b", "gemma-3-27b"]
+
+
+def tokenizer_rows(name: str) -> int:
+    """Rows of the tokenizer build_checkpoint writes: the real ids, specials included."""
+    km = load_keymap(name)
+    return max(token_count(name), max(km.special_tokens) + 1)
+
+
+@pytest.mark.parametrize("trio", TODAY)
+def test_todays_real_vlms_plan(models, trio):
+    """Qwen3-VL-8B (untied), -4B (tied) and Gemma-3-27B (medgemma, original layout, tied) at
+    real shape: the family is named, every language-model tensor merged, the rest copied, and
+    the image tokens that sit inside the base vocabulary are merged rows, said in a note."""
+    base_name, _, vlm_name = TRIOS[trio]
+    vlm = load_keymap(vlm_name)
+    plan = engine.plan(models.trio(trio))
+    assert plan.family == vlm.config["model_type"]
+    summary = plan.summary()
+    assert summary["tensors"] == len(vlm.tensors) and summary["bytes"] == vlm.nbytes
+    lm = {t.key for t in vlm.tensors if realmaps.canonical(t.key) != t.key}
+    lm |= {t.key for t in vlm.tensors if t.key.startswith("lm_head.")}
+    assert {e.key for e in plan.entries if e.action == "merge"} == lm
+    copied = {e.role for e in plan.entries if e.action == "copy"}
+    assert copied == {"vision", "projector"}
+    rows = min(vlm.config["text_config"]["vocab_size"], tokenizer_rows(base_name))
+    vocab = [e for e in plan.entries if e.rows is not None]
+    assert vocab and all(e.rows == rows for e in vocab)
+    image = vlm.config.get("image_token_id", vlm.config.get("image_token_index"))
+    assert image < rows  # the image token is inside the base vocabulary
+    note = next(n for n in plan.notes if n.startswith("media tokens inside the base vocabulary"))
+    assert f"{image} (" in note
+    assert f"layout derived from transformers' {vlm.config['architectures'][0]}" in plan.notes
+
+
+def test_gemma3_4b_text_model_does_not_fit_the_27b_vlm(models):
+    """The maps' text-only Gemma-3-4B against the 27B VLM: refused, naming both shapes."""
+    novision = models.get("gghfez__gemma-3-4b-novision", 0)
+    vlm = models.get("google__medgemma-27b-it", 2)
+    recipe = Recipe(Source(str(novision)), Source(str(novision)), Source(str(vlm)))
+    with pytest.raises(PlanError) as err:
+        engine.plan(recipe)
+    msg = str(err.value)
+    assert "do not share a base" in msg
+    assert "(262208, 5376)" in msg and "(262208, 2560)" in msg
+
+
+def test_qwen3_vl_4b_cut_merges_with_the_real_vocabulary_and_loads(models, tmp_path):
+    """Qwen3-VL-4B cut to 2 text layers and 1 vision layer, merged, loaded by transformers:
+    the real 151,936-row vocabulary, tied embeddings, the real two-shard split."""
+    from transformers import AutoModelForImageTextToText
+
+    recipe = models.trio("qwen3-vl-4b", layers=2, vision_layers=1)
+    out = tmp_path / "merged"
+    result = engine.merge_to_folder(recipe, out, shard_size="1GB")
+    assert result.plan.family == "qwen3_vl"
+    cut = realmaps.cut(
+        load_keymap(TRIOS["qwen3-vl-4b"][2]),
+        realmaps.kept_layers(load_keymap(TRIOS["qwen3-vl-4b"][2]), 2),
+        realmaps.kept_layers(load_keymap(TRIOS["qwen3-vl-4b"][2]), 1, vision=True),
+    )
+    keys = {}
+    for file in out.glob("*.safetensors"):
+        with safe_open(file, "pt") as f:
+            keys.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+    assert keys == {t.key: t.shape for t in cut.tensors}
+    assert keys["model.language_model.embed_tokens.weight"] == (151936, 2560)
+    model, info = AutoModelForImageTextToText.from_pretrained(
+        out, dtype=torch.bfloat16, output_loading_info=True
+    )
+    assert type(model).__name__ == "Qwen3VLForConditionalGeneration"
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert not info["mismatched_keys"]
+    assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "Qwen__Qwen3-VL-8B-Instruct",
+        "Qwen__Qwen3-VL-4B-Instruct",
+        "google__medgemma-27b-it",
+        "gghfez__gemma-3-4b-novision",
+        "mistralai__Mistral-7B-Instruct-v0.2",
+    ],
+)
+def test_index_only_maps_get_shapes_that_add_up_to_the_real_size(name):
+    """Maps with an index but no headers: shapes from transformers' class of the real config,
+    byte for byte the index's total_size (load_keymap checks it; this says so)."""
+    km = load_keymap(name)
+    index = json.loads((realmaps.REALMAPS / name / "model.safetensors.index.json").read_text())
+    assert km.nbytes == int(index["metadata"]["total_size"])
+    assert {t.key for t in km.tensors} == set(index["weight_map"])
