@@ -104,9 +104,9 @@ class Recipe:
     def load(cls, path: str | Path) -> Recipe:
         """Read a recipe file; local sources are found wherever the recipe is replayed from.
 
-        A local source is looked for where the recipe recorded it (its absolute path), then
-        relative to the recipe file, then as written (relative to the working folder); if it is in
-        none of them, the error names the role and every place looked.
+        A local source is used as written if that folder exists (relative to the working folder),
+        else where the recipe recorded it (its absolute path), else relative to the recipe file;
+        if it is in none of them, the error names the role and every place looked.
         """
         path = Path(path)
         try:
@@ -124,24 +124,29 @@ class Recipe:
 
 
 def _find_local(role: str, source: Source, recorded: dict, recipe_dir: Path) -> Source:
-    """``source`` with its local folder found (see :meth:`Recipe.load`); Hub ids unchanged."""
+    """``source`` with its local folder found (see :meth:`Recipe.load`); Hub ids unchanged.
+
+    A folder that exists as written is kept as written (so labels stay as the user wrote them);
+    otherwise the recorded absolute path, then the path relative to the recipe, is used.
+    """
     from dim3.checkpoints import looks_local
 
     if not looks_local(source.ref) and not recorded:
+        return source
+    if Path(source.ref).expanduser().is_dir():
         return source
     candidates = [
         Path(p)
         for p in (
             recorded.get("absolute"),
             recorded.get("relative_to_recipe") and recipe_dir / recorded["relative_to_recipe"],
-            source.ref,
         )
         if p
     ]
     for candidate in candidates:
         if candidate.expanduser().is_dir():
             return replace(source, ref=str(candidate.expanduser().resolve()))
-    looked = "; ".join(dict.fromkeys(str(c) for c in candidates))
+    looked = "; ".join(dict.fromkeys(str(c) for c in [Path(source.ref), *candidates]))
     raise ValueError(
         f"the recipe's {role} folder {source.ref!r} is missing: looked for {looked}. Restore "
         "that folder, or edit the recipe's path to where the checkpoint is now"
