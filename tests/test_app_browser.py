@@ -324,8 +324,9 @@ def test_showcase_mode_in_a_browser(browser, tmp_path):
         page.get_by_text("This Space is a showcase").wait_for()
         assert page.locator("#dim3-merge").count() == 0 and page.locator("#dim3-check").count() == 0
         assert '"task_arithmetic"' in page.locator("#dim3-showcase-recipe").inner_text()
+        # the card renders after the page (its code block is highlighted): wait for its title
+        page.locator("#dim3-showcase-card").get_by_text("Merged VLM (task_arithmetic)").wait_for()
         card = page.locator("#dim3-showcase-card").inner_text()
-        assert "Merged VLM (task_arithmetic)" in card
         assert re.search(r"Tensors: [1-9]\d* merged, [1-9]\d* copied", card), card
         assert str(ROOT) not in page.locator("body").inner_text()
         screenshot(page, "showcase")
