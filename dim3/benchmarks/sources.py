@@ -19,6 +19,7 @@ module knows files and datasets; it knows nothing about models or Gradio.
 
 from __future__ import annotations
 
+import itertools
 import random
 import re
 from collections.abc import Iterable, Iterator, Sequence
@@ -58,12 +59,14 @@ def load_items(
     *,
     allowed_roots: Sequence[str | Path] | None = None,
     token: str | None = None,
+    scan: int | None = None,
 ) -> list[Item]:
     """Up to ``limit`` seeded items per language (``None``: all), languages in the order given.
 
     ``dataset``: a Hub id or a local folder (default: the benchmark's Hub id); for ``probe``,
     ``demo`` (default) or a JSONL file. Raises ``ValueError`` naming the problem and the fix (an
     unknown benchmark or language, a missing split or field, a folder outside the allowed ones).
+    ``scan`` reads only the first ``scan`` usable questions of each split (a quick draw).
     """
     bench = benchmark if isinstance(benchmark, Benchmark) else get_benchmark(benchmark)
     if limit is not None and limit < 1:
@@ -77,6 +80,8 @@ def load_items(
     items: list[Item] = []
     for lang in langs:
         rows = _rows(bench, ref, lang, token)
+        if scan is not None:
+            rows = itertools.islice(rows, scan)
         if limit is None:
             items.extend(rows)
         else:
