@@ -149,3 +149,19 @@ def build_m3exam(folder: Path, languages=("english", "chinese"), n: int = 4) -> 
 
 
 BUILDERS = {"xgqa": build_xgqa, "maxm": build_maxm, "marvl": build_marvl, "m3exam": build_m3exam}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m tests.benchmark_data OUT [--n N]``: write the four local copies under OUT."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--n", type=int, default=48, help="questions per language")
+    args = parser.parse_args(argv)
+    for name, build in BUILDERS.items():
+        print(build(args.out / name, n=args.n))
+
+
+if __name__ == "__main__":
+    main()

@@ -216,6 +216,48 @@ def test_bad_sources_fail_with_the_problem_and_the_fix(local_sets, tmp_path):
         load_items("xgqa", folder, ["de"], limit=0)
 
 
+def test_a_large_split_streams_past_without_being_held(tmp_path):
+    """1,500 noise pictures (~10 MB encoded, row groups of 100 as on the Hub): sampling 5 of them
+    holds a row group at a time, not the split; the sample keeps its pictures encoded."""
+    import io
+    import tracemalloc
+
+    import datasets
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+
+    def noise() -> bytes:
+        out = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(out, "PNG")
+        return out.getvalue()
+
+    n = 1500
+    pictures = [{"bytes": noise(), "path": None} for _ in range(n)]
+    encoded = sum(len(p["bytes"]) for p in pictures)
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "question": datasets.Value("string"),
+            "answer": datasets.Value("string"),
+        }
+    )
+    (tmp_path / "data").mkdir()
+    datasets.Dataset.from_dict(
+        {"image": pictures, "question": ["q"] * n, "answer": ["a"] * n}, features=features
+    ).to_parquet(str(tmp_path / "data" / "de-00000-of-00001.parquet"), batch_size=100)
+    del pictures
+    tracemalloc.start()
+    try:
+        items = load_items("xgqa", str(tmp_path), ["de"], limit=5)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(items) == 5 and all(isinstance(it.image, dict) for it in items)
+    assert peak < encoded / 4, (peak, encoded)
+
+
 def test_the_demo_probe_is_a_source_behind_the_same_interface():
     items = load_items("probe", "demo", ["de", "zh"], limit=5, seed=0)
     assert [it.language for it in items] == ["de"] * 5 + ["zh"] * 5

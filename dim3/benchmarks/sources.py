@@ -3,10 +3,11 @@
 :func:`load_items` returns a fixed, seeded subset of each language's questions as
 :class:`~dim3.benchmarks.Item` objects, whatever the source:
 
-- a benchmark (``xgqa``, ``maxm``, ``marvl``, ``m3exam``): its dataset is read with the
-  ``datasets`` library, one split per language, **streamed** (nothing is downloaded beyond the
-  splits asked for, nothing is cached in full, no dataset script is ever run). Pictures stay
-  encoded while the split streams past; a reservoir sample (``random.Random(f"{seed}:{lang}")``,
+- a benchmark (``xgqa``, ``maxm``, ``marvl``, ``m3exam``): the ``datasets`` library resolves the
+  dataset (Hub id or local folder) into its files, one split per language; no dataset script is
+  ever run. A parquet split (all the reference sets) is **streamed** ``STREAM_BATCH`` rows at a
+  time, one row group in memory (other formats stream through ``datasets``). Nothing is cached in
+  full; pictures stay encoded while the split streams past; a reservoir sample (``random.Random(f"{seed}:{lang}")``,
   Algorithm R over the rows in file order) keeps ``limit`` items per language, returned in file
   order. Only those items' encoded pictures are held; they are decoded one batch at a time when
   asked (``dim3.evaluate``).
@@ -30,6 +31,7 @@ from dim3.benchmarks import PROBE, Benchmark, Item, get_benchmark
 
 DEFAULT_LIMIT = 200
 DEFAULT_SEED = 0
+STREAM_BATCH = 64  # rows converted to Python at a time while a split streams past
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$")
 
 
@@ -138,14 +140,7 @@ def _rows(bench: Benchmark, ref: str, lang: str, token: str | None) -> Iterator[
     import datasets
 
     try:
-        stream = datasets.load_dataset(ref, split=lang, streaming=True, token=token)
-    except ValueError as exc:
-        if "split" in str(exc).lower():
-            raise ValueError(
-                f"{ref} has no split {lang!r} ({bench.title} keeps one split per language: "
-                f"{', '.join(bench.languages)}); {exc}"
-            ) from None
-        raise ValueError(f"cannot read {bench.title} from {ref}: {exc}") from None
+        builder = datasets.load_dataset_builder(ref, token=token)
     except FileNotFoundError as exc:
         raise ValueError(
             f"cannot find the dataset {ref} ({exc}); give a local folder, or a Hub id with "
@@ -153,11 +148,34 @@ def _rows(bench: Benchmark, ref: str, lang: str, token: str | None) -> Iterator[
         ) from None
     except Exception as exc:  # noqa: BLE001 - the Hub's many errors become one clear message
         raise ValueError(f"cannot open the dataset {ref}: {type(exc).__name__}: {exc}") from None
+    files = dict(builder.config.data_files or {})
+    if files and lang not in files:
+        raise ValueError(
+            f"{ref} has no split {lang!r} ({bench.title} keeps one split per language: "
+            f"{', '.join(bench.languages)}); its splits: {', '.join(files)}"
+        )
+    if builder.name == "parquet":
+        return _to_items(bench, _parquet_rows(files[lang], token), lang, ref)
+    stream = datasets.load_dataset(ref, split=lang, streaming=True, token=token)
     field = bench.image_field
-    features = stream.features or {}
-    if field and isinstance(features.get(field), datasets.Image):
+    if field and isinstance((stream.features or {}).get(field), datasets.Image):
         stream = stream.cast_column(field, datasets.Image(decode=False))  # keep pictures encoded
     return _to_items(bench, stream, lang, ref)
+
+
+def _parquet_rows(urls: Sequence[str], token: str | None) -> Iterator[dict[str, Any]]:
+    """Rows of parquet files (local paths or ``hf://`` URLs), ``STREAM_BATCH`` at a time.
+
+    ``pre_buffer=False``: pyarrow's default reads a whole file object into memory first; without
+    it only the row group being read is (pictures as ``{"bytes", "path"}``, still encoded)."""
+    import fsspec
+    import pyarrow.parquet as pq
+
+    for url in urls:
+        options = {"token": token} if str(url).startswith("hf://") and token else {}
+        with fsspec.open(str(url), "rb", **options) as f:
+            for batch in pq.ParquetFile(f, pre_buffer=False).iter_batches(STREAM_BATCH):
+                yield from batch.to_pylist()
 
 
 def _to_items(bench: Benchmark, rows: Iterable[dict[str, Any]], lang: str, ref: str):
