@@ -317,3 +317,30 @@ def test_cli_eval_on_each_local_benchmark(local_sets, tmp_path, name):
     preds = [r["predictions"]["original"] for r in record["items"]]
     assert score_items(bench, items, preds) == record["metrics"]["original"]
     assert all(len(r["predictions"]["original"]) < 400 for r in record["items"])
+
+
+def test_the_gold_line_judges_both_answers_to_the_drawn_question_only():
+    from dim3.ui.draw import drawn_record, judge_text
+
+    question = (
+        "Welche Farbe hat die Form? Answer the question using a single word or phrase in English."
+    )
+    drawn = drawn_record("xgqa", Item("de-1", "de", question, ("red",), max_new_tokens=4))
+    asked = {"role": "user", "content": question}
+    left = [asked, {"role": "assistant", "content": "Red."}]
+    right = [asked, {"role": "assistant", "content": "blue"}]
+    text = judge_text(drawn, left, right)
+    assert "**Gold answer:** red" in text and "exact match" in text
+    assert "**Original:** ✅ matches" in text and "**Merged:** ❌ does not match" in text
+    assert judge_text(drawn, left, [asked]) == ""  # the merged pane has not answered yet
+    other = {"role": "user", "content": "Something else?"}
+    assert judge_text(drawn, [*left, other, left[1]], [*right, other, right[1]]) == ""
+    assert judge_text(None, left, right) == ""
+    exam = drawn_record("m3exam", Item("e-1", "english", "q", ("2",), options=("(A) x", "(B) y")))
+    ask = {"role": "user", "content": "q"}
+    line = judge_text(
+        exam,
+        [ask, {"role": "assistant", "content": "B"}],
+        [ask, {"role": "assistant", "content": "(A)"}],
+    )
+    assert "**Original:** ✅" in line and "**Merged:** ❌" in line
