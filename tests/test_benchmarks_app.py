@@ -69,6 +69,19 @@ def test_evaluate_refuses_a_benchmark_folder_outside_the_allowed_ones(app_server
     assert status.startswith("❌") and "outside the allowed folders" in status, status
 
 
+def test_evaluate_names_a_language_the_local_copy_lacks(app_server, xgqa_folder):
+    url, _ = app_server
+    status, *_ = gradio_client.Client(url, verbose=False).predict(
+        methods=[],
+        source="xgqa",
+        languages=["ko"],
+        probe=str(xgqa_folder),
+        questions_per_language=2,
+        api_name="/evaluate",
+    )
+    assert status.startswith("❌") and "has no split 'ko'" in status and "de, zh" in status, status
+
+
 @pytest.mark.slow
 @pytest.mark.browser
 def test_draw_a_question_then_see_the_gold_answer_under_the_pair(app_server, xgqa_folder):

@@ -72,6 +72,7 @@ def draw_controls(gold: gr.Markdown) -> DrawControls:
                 languages_of(PROBE.name),
                 value=DEMO_LANGUAGES[1],
                 label="Language",
+                allow_custom_value=True,  # the benchmark's languages; a typo is refused on draw
                 elem_id="dim3-draw-language",
             )
             dataset = gr.Textbox(

@@ -58,7 +58,7 @@ class EvaluateTab:
 
     methods: gr.CheckboxGroup
     source: gr.Dropdown
-    languages: gr.CheckboxGroup
+    languages: gr.Dropdown
     probe: gr.Textbox
     per_language: gr.Slider
     run: gr.Button
@@ -142,10 +142,12 @@ def _layout() -> EvaluateTab:
             scale=2,
             elem_id="dim3-eval-probe",
         )
-    languages = gr.CheckboxGroup(
+    languages = gr.Dropdown(  # typed values allowed: API callers name any split; checked later
         source_languages(PROBE.name),
         value=[],
-        label="Languages (none ticked = all the source has)",
+        multiselect=True,
+        allow_custom_value=True,
+        label="Languages (none = all the source has)",
         elem_id="dim3-eval-languages",
     )
     run = gr.Button("Evaluate", variant="primary", elem_id="dim3-evaluate")
@@ -166,7 +168,7 @@ def build_evaluate_tab(ctx: AppContext, merge: MergeTab) -> EvaluateTab:
     """Lay out the Evaluate tab inside the current Blocks; it reads ``merge``'s form."""
     tab = _layout()
     tab.source.change(
-        lambda source: gr.CheckboxGroup(choices=source_languages(source), value=[]),
+        lambda source: gr.Dropdown(choices=source_languages(source), value=[]),
         inputs=[tab.source],
         outputs=[tab.languages],
         api_visibility="private",
