@@ -9,11 +9,13 @@ multilingual benchmark (``--benchmark xgqa|maxm|marvl|m3exam``, a Hub id or loca
 ``--dataset``) asked with its reference prompt and generation length and scored by its reference
 metric, on a seeded sample of ``--limit`` questions per language. Results are per language plus
 ``overall`` (all questions pooled); ``--json`` also keeps every question's id, gold answers and
-each model's prediction, so the results can be rescored. Merges use ``dim3.engine.merge_into_model``; between methods the VLM's loaded
-weights are restored from an in-memory copy (so memory is twice the VLM's: fine for demo and
-small models; for large ones, evaluate one method at a time).
+each model's prediction, so the results can be rescored. Merges use
+``dim3.engine.merge_into_model``; between methods the VLM's loaded weights are restored from an
+in-memory copy (so memory is twice the VLM's: fine for demo and small models; for large ones,
+evaluate one method at a time).
 
-This module knows probe files, generation and scoring; it knows nothing about Gradio.
+This module knows generation, scoring and the command line; sources and metrics live in
+``dim3.benchmarks``. It knows nothing about Gradio.
 """
 
 from __future__ import annotations

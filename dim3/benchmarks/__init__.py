@@ -1,8 +1,8 @@
 """Evaluation benchmarks: what a question is, how it is asked and how its answer is scored.
 
-A :class:`Benchmark` is data: its Hugging Face dataset id, its languages (the dataset's splits), how a
-dataset row becomes an :class:`Item` (the prompt the model reads, the gold answers, the picture)
-and its metrics (pure functions in :mod:`dim3.benchmarks.metrics`). :data:`BENCHMARKS` lists them
+A :class:`Benchmark` is data: its Hugging Face dataset id, its languages (the dataset's
+splits), how a dataset row becomes an :class:`Item` (the prompt the model reads, the gold
+answers, the picture) and its metrics (pure functions in :mod:`dim3.benchmarks.metrics`). :data:`BENCHMARKS` lists them
 explicitly; :func:`get_benchmark` names the valid ones on a typo. Prompts, generation lengths and
 metrics follow the DiM3 reference evaluation (an lmms-eval fork; ``lmms_eval/tasks/<task>/``):
 
@@ -100,7 +100,7 @@ class Benchmark:
         return {name: float(fn(prediction, item)) for name, fn in self.metrics.items()}
 
     def check_languages(self, languages: Sequence[str]) -> tuple[str, ...]:
-        """``languages`` (empty: all of the benchmark's), or ``ValueError`` listing the valid ones."""
+        """``languages`` (empty: all of the benchmark's); ``ValueError`` lists the valid ones."""
         langs = tuple(dict.fromkeys(lang.strip() for lang in languages if lang.strip()))
         unknown = [lang for lang in langs if lang not in self.languages]
         if unknown:
