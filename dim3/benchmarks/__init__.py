@@ -3,8 +3,9 @@
 A :class:`Benchmark` is data: its Hugging Face dataset id, its languages (the dataset's
 splits), how a dataset row becomes an :class:`Item` (the prompt the model reads, the gold
 answers, the picture) and its metrics (pure functions in :mod:`dim3.benchmarks.metrics`).
-:data:`BENCHMARKS` lists them explicitly; :func:`get_benchmark` names the valid ones on a typo. Prompts, generation lengths and
-metrics follow the DiM3 reference evaluation (an lmms-eval fork; ``lmms_eval/tasks/<task>/``):
+:data:`BENCHMARKS` lists them explicitly; :func:`get_benchmark` names the valid ones on a typo.
+Prompts, generation lengths and metrics follow the DiM3 reference evaluation (an lmms-eval fork;
+``lmms_eval/tasks/<task>/``):
 
 ============  ==============================  ========================================  ==========
 benchmark     dataset (splits)                prompt ends with                          new tokens
