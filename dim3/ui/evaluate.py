@@ -312,9 +312,8 @@ def _run(ctx: AppContext, tab: EvaluateTab, spec: EvalSpec, progress: Any) -> It
                     SECONDS_PER_ITEM[key] = per_item
                     estimate = estimate_text(per_item, total, len(names), "measured now")
             fraction = sum(done.values()) / max(1, total * len(names))
-            progress(
-                fraction, desc=f"{name}: {done.get(name, 0)}/{total} questions", unit="questions"
-            )
+            what = f"{name}: {done[name]}/{total} questions" if name else "done"
+            progress(fraction, desc=what, unit="questions")
             if time.monotonic() - shown > 0.5 or not thread.is_alive():
                 shown = time.monotonic()
                 yield {tab.status: progress_text(done, total, estimate)}
