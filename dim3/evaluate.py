@@ -1,15 +1,21 @@
-"""``python -m dim3 eval``: accuracy of the original VLM and of every merge on a probe set.
+"""``python -m dim3 eval``: scores of the original VLM and of every merge on a question source.
 
-For each model (the original VLM, then the VLM merged in memory by each method) the probe's
-questions are answered by greedy decoding and judged by exact match of the answer in the
-question's language (after trimming spaces and end punctuation, Unicode NFC and case folding).
-Results are per language plus ``overall`` (all questions pooled). The probe is the built-in demo
-set (``--probe demo``, with the demo trio as default checkpoints) or a user's JSONL file with any
-three checkpoints. Merges use ``dim3.engine.merge_into_model``; between methods the VLM's loaded
-weights are restored from an in-memory copy (so memory is twice the VLM's: fine for demo and
-small models; for large ones, evaluate one method at a time).
+For each model (the original VLM, then the VLM merged in memory by each method) the source's
+questions are answered by greedy decoding and scored by the source's metric. Sources
+(``dim3.benchmarks``): a probe (the built-in demo set, ``--probe demo``, with the demo trio as
+default checkpoints, or a user's JSONL file), judged by exact match of the answer in the question's
+language (after trimming spaces and end punctuation, Unicode NFC and case folding); or a
+multilingual benchmark (``--benchmark xgqa|maxm|marvl|m3exam``, a Hub id or local folder via
+``--dataset``) asked with its reference prompt and generation length and scored by its reference
+metric, on a seeded sample of ``--limit`` questions per language. Results are per language plus
+``overall`` (all questions pooled); ``--json`` also keeps every question's id, gold answers and
+each model's prediction, so the results can be rescored. Merges use
+``dim3.engine.merge_into_model``; between methods the VLM's loaded weights are restored from an
+in-memory copy (so memory is twice the VLM's: fine for demo and small models; for large ones,
+evaluate one method at a time).
 
-This module knows probe files, generation and scoring; it knows nothing about Gradio.
+This module knows generation, scoring and the command line; sources and metrics live in
+``dim3.benchmarks``. It knows nothing about Gradio.
 """
 
 from __future__ import annotations
@@ -25,7 +31,9 @@ from typing import Any
 
 import torch
 
-from dim3.probes import ProbeItem, load_probe
+from dim3.benchmarks import PROBE, Benchmark, get_benchmark
+from dim3.benchmarks.sources import DEFAULT_LIMIT
+from dim3.probes import ProbeItem
 from dim3.recipe import Recipe, Source
 
 END_PUNCTUATION = ".。!！?？,，;；:：\"'«»“”„()[]"
@@ -54,6 +62,24 @@ def accuracy(items: Sequence[ProbeItem], predictions: Sequence[str]) -> dict[str
     return result
 
 
+def score_items(
+    benchmark: Benchmark, items: Sequence[Any], predictions: Sequence[str]
+) -> dict[str, dict[str, float]]:
+    """``{metric: {language: mean, ..., "overall": mean}}`` of ``predictions`` under every metric
+    of ``benchmark`` (the primary metric first); languages in item order, ``overall`` pooled."""
+    sums: dict[str, dict[str, float]] = {m: {} for m in benchmark.metrics}
+    counts: dict[str, int] = {}
+    for item, pred in zip(items, predictions, strict=True):
+        counts[item.language] = counts.get(item.language, 0) + 1
+        for metric, value in benchmark.score(pred, item).items():
+            sums[metric][item.language] = sums[metric].get(item.language, 0.0) + value
+    out: dict[str, dict[str, float]] = {}
+    for metric, per_lang in sums.items():
+        out[metric] = {lang: per_lang.get(lang, 0.0) / n for lang, n in counts.items()}
+        out[metric]["overall"] = sum(per_lang.values()) / max(1, len(items))
+    return out
+
+
 def _tokenizer(processor: Any) -> Any:
     return getattr(processor, "tokenizer", processor)
 
@@ -71,8 +97,10 @@ def _prompt(processor: Any, item: ProbeItem) -> str:
 
 
 def _batch_inputs(model: Any, processor: Any, items: Sequence[ProbeItem]) -> Any:
-    """Tokenized prompts (left-padded) and pictures of ``items`` (all with or all without one)."""
-    from dim3.chat import load_image
+    """Tokenized prompts (left-padded) and pictures of ``items`` (all with or all without one).
+
+    Pictures are decoded here, for this batch only (files, or encoded bytes from a dataset)."""
+    from dim3.benchmarks import decode_image
 
     tokenizer = _tokenizer(processor)
     prompts = [_prompt(processor, item) for item in items]
@@ -85,7 +113,7 @@ def _batch_inputs(model: Any, processor: Any, items: Sequence[ProbeItem]) -> Any
         "add_special_tokens": special,
     }
     if items[0].image is not None:
-        inputs = processor(text=prompts, images=[load_image(it.image) for it in items], **kwargs)
+        inputs = processor(text=prompts, images=[decode_image(it.image) for it in items], **kwargs)
     elif hasattr(processor, "image_processor"):
         inputs = processor(text=prompts, **kwargs)
     else:
@@ -100,29 +128,35 @@ def _batch_inputs(model: Any, processor: Any, items: Sequence[ProbeItem]) -> Any
 def generate_answers(
     model: Any,
     processor: Any,
-    items: Sequence[ProbeItem],
+    items: Sequence[Any],
     *,
     batch_size: int = 64,
     max_new_tokens: int = 12,
+    progress: Callable[[int], None] | None = None,
 ) -> list[str]:
     """Greedy answers to ``items``, in order. ``processor``: a VLM processor or an LLM tokenizer.
 
-    Items with and without a picture are batched apart; prompts use the model's chat template.
+    Items with and without a picture are batched apart, and items with their own generation
+    length (``item.max_new_tokens``, benchmarks) apart from each other; prompts use the model's
+    chat template. ``progress(n)`` is called with the number of items answered after each batch;
+    with it, the first batch is small (8), so that a time per item is known early.
     """
     tokenizer = _tokenizer(processor)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     answers: dict[int, str] = {}
-    with_image = [i for i, it in enumerate(items) if it.image is not None]
-    without = [i for i, it in enumerate(items) if it.image is None]
-    for group in (with_image, without):
-        for start in range(0, len(group), batch_size):
-            chunk = group[start : start + batch_size]
+    groups: dict[tuple[bool, int], list[int]] = {}
+    for i, it in enumerate(items):
+        key = (it.image is None, int(getattr(it, "max_new_tokens", max_new_tokens)))
+        groups.setdefault(key, []).append(i)
+    first = min(8, batch_size) if progress else None
+    for (_, new_tokens), group in sorted(groups.items()):
+        for chunk in _chunks(group, batch_size, first):
             inputs = _batch_inputs(model, processor, [items[i] for i in chunk])
             out = model.generate(
                 **inputs,
-                max_new_tokens=max_new_tokens,
+                max_new_tokens=new_tokens,
                 do_sample=False,
                 pad_token_id=tokenizer.pad_token_id,
             )
@@ -130,7 +164,19 @@ def generate_answers(
                 out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True
             )
             answers.update(zip(chunk, texts, strict=True))
+            if progress:
+                progress(len(answers))
+        first = None
     return [answers[i] for i in range(len(items))]
+
+
+def _chunks(indices: list[int], size: int, first: int | None = None) -> list[list[int]]:
+    """``indices`` cut into batches of ``size`` (the first one of ``first`` when given)."""
+    head = first or size
+    rest = indices[head:]
+    return [indices[:head]] * bool(indices) + [
+        rest[i : i + size] for i in range(0, len(rest), size)
+    ]
 
 
 def evaluate_model(
@@ -143,18 +189,21 @@ def evaluate_model(
 @dataclass(frozen=True)
 class EvalSpec:
     """What to evaluate: the checkpoints (one or more multilingual models), the methods (with
-    options) and the probe items."""
+    options), the items (probe items or ``dim3.benchmarks.Item``) and the benchmark scoring them."""
 
     base: Source
     multilingual: tuple[Source, ...]
     multimodal: Source
-    items: tuple[ProbeItem, ...]
+    items: tuple[Any, ...]
     methods: tuple[str, ...]
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
     batch_size: int = 64
+    benchmark: str = PROBE.name  # how items are scored (dim3.benchmarks)
 
     def __post_init__(self) -> None:
         from dim3.methods import get_method
+
+        get_benchmark(self.benchmark)  # an unknown name fails here, listing the valid ones
 
         for role in ("base", "multimodal"):
             ref = getattr(self, role)
@@ -187,13 +236,18 @@ def evaluate_merges(
     allowed_roots: Sequence[str | Path] | None = None,
     token: str | None = None,
     answers: dict[str, list[str]] | None = None,
+    metrics: dict[str, dict[str, dict[str, float]]] | None = None,
+    item_progress: Callable[[str, int, int], None] | None = None,
 ) -> dict[str, dict[str, float]]:
-    """``{"original": {lang: acc, ..., "overall": acc}, method: {...}, ...}`` for ``spec``.
+    """``{"original": {lang: score, ..., "overall": score}, method: {...}, ...}`` for ``spec``,
+    under the benchmark's primary metric.
 
     Loads the VLM once (float32 on CPU, bfloat16 on CUDA), scores it, then for each method
     restores its weights, merges into it in memory and scores it again. ``allowed_roots``
     restricts local folders as in :func:`dim3.checkpoints.resolve` (None: any folder). When
-    ``answers`` is a dict, each model's raw answers (in ``spec.items`` order) are put in it.
+    ``answers`` is a dict, each model's raw answers (in ``spec.items`` order) are put in it; when
+    ``metrics`` is, each model's scores under every metric (see :func:`score_items`).
+    ``item_progress(model, items done, items)`` follows each model's answers batch by batch.
     """
     from dim3.chat import load_vlm
     from dim3.checkpoints import resolve
@@ -224,14 +278,26 @@ def evaluate_merges(
                 device=device,
             )
             merge_into_model(model, recipe, allowed_roots=allowed_roots, token=token)
-        predictions = generate_answers(model, processor, spec.items, batch_size=spec.batch_size)
-        results[name] = accuracy(spec.items, predictions)
+        follow = _follow(item_progress, name, len(spec.items)) if item_progress else None
+        predictions = generate_answers(
+            model, processor, spec.items, batch_size=spec.batch_size, progress=follow
+        )
+        scores = score_items(get_benchmark(spec.benchmark), spec.items, predictions)
+        results[name] = next(iter(scores.values()))
+        if metrics is not None:
+            metrics[name] = scores
         if answers is not None:
             answers[name] = predictions
     _restore(model, loaded)
     if progress:
         progress("", len(names), len(names))
     return results
+
+
+def _follow(
+    item_progress: Callable[[str, int, int], None], name: str, total: int
+) -> Callable[[int], None]:
+    return lambda done: item_progress(name, done, total)
 
 
 @torch.no_grad()
@@ -285,8 +351,29 @@ def parse_options(values: Sequence[str]) -> dict[str, dict[str, Any]]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``python -m dim3 eval``."""
+    from dim3.benchmarks import BENCHMARKS
+
     parser.add_argument(
         "--probe", default="demo", help="'demo' (built-in probe set) or a JSONL probe file"
+    )
+    parser.add_argument(
+        "--benchmark",
+        default=None,
+        choices=sorted(BENCHMARKS),
+        help="a multilingual benchmark instead of the probe (reference prompt and metric)",
+    )
+    parser.add_argument(
+        "--dataset",
+        default=None,
+        help="the benchmark's dataset: Hub id (default: the benchmark's) or local folder",
+    )
+    parser.add_argument(
+        "--languages",
+        default=None,
+        help="comma-separated languages (the dataset's splits; default: all of the benchmark's)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the per-language sample (benchmarks)"
     )
     for role in ("base", "multilingual", "multimodal"):
         several = " (repeat for several experts)" if role == "multilingual" else ""
@@ -307,17 +394,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a method option, repeatable",
     )
     parser.add_argument(
-        "--json", type=Path, default=None, help="also write the results as JSON here"
+        "--json",
+        type=Path,
+        default=None,
+        help="also write the results, with every question's prediction and gold, as JSON here",
     )
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument(
-        "--limit", type=int, default=None, help="use only the first N probe questions"
+        "--limit",
+        type=int,
+        default=None,
+        help="probe: the first N questions; benchmark: a seeded sample of N per language "
+        f"(default {DEFAULT_LIMIT})",
     )
 
 
+def _items(args: argparse.Namespace) -> tuple[str, tuple[Any, ...]]:
+    """The benchmark's name and its items, from ``--benchmark`` or ``--probe``."""
+    from dim3.benchmarks.sources import load_items
+
+    languages = [x for x in (args.languages or "").split(",") if x.strip()]
+    if getattr(args, "benchmark", None):
+        limit = DEFAULT_LIMIT if args.limit is None else args.limit
+        items = load_items(args.benchmark, args.dataset, languages, limit, args.seed)
+        return args.benchmark, tuple(items)
+    if args.dataset:
+        raise ValueError("--dataset needs --benchmark (for a probe file, use --probe FILE)")
+    items = load_items(PROBE, args.probe, languages, limit=None)
+    if args.limit is not None:
+        items = items[: args.limit]
+    return PROBE.name, tuple(items)
+
+
 def spec_from_args(args: argparse.Namespace) -> EvalSpec:
-    """Resolve ``--probe`` and the checkpoints (demo defaults) into an :class:`EvalSpec`."""
-    from dim3.demo import demo_probe_path, demo_trio
+    """Resolve the question source and the checkpoints (demo defaults) into an :class:`EvalSpec`."""
+    from dim3.demo import demo_trio
 
     roles = ("base", "multilingual", "multimodal")
     given = {r: getattr(args, r) for r in roles}
@@ -330,35 +441,96 @@ def spec_from_args(args: argparse.Namespace) -> EvalSpec:
         given = dict(zip(roles, (str(p) for p in demo_trio()), strict=True))
     ml = given.pop("multilingual")
     given["multilingual"] = tuple(Source(r) for r in ([ml] if isinstance(ml, str) else ml))
-    items = load_probe(demo_probe_path() if args.probe == "demo" else args.probe)
-    if args.limit is not None:
-        items = items[: args.limit]
+    benchmark, items = _items(args)
     return EvalSpec(
         base=Source(given["base"]),
         multilingual=given["multilingual"],
         multimodal=Source(given["multimodal"]),
-        items=tuple(items),
+        items=items,
         methods=parse_methods(args.methods),
         options=parse_options(args.option),
         batch_size=args.batch_size,
+        benchmark=benchmark,
     )
+
+
+def results_record(
+    spec: EvalSpec,
+    results: dict[str, dict[str, float]],
+    metrics: dict[str, dict[str, dict[str, float]]],
+    answers: dict[str, list[str]],
+    **about: Any,
+) -> dict[str, Any]:
+    """The JSON results: scores per model (primary metric, then every metric) and, per question,
+    its id, language, gold answer(s) and each model's prediction and scores."""
+    bench = get_benchmark(spec.benchmark)
+    rows = []
+    for i, item in enumerate(spec.items):
+        preds = {name: answers[name][i] for name in answers}
+        scores = {name: bench.score(pred, item) for name, pred in preds.items()}
+        rows.append(item.record() | {"predictions": preds, "scores": scores})
+    return {
+        "benchmark": bench.name,
+        **about,
+        "metric": bench.primary,
+        "questions": len(spec.items),
+        "models": results,
+        "metrics": metrics,
+        "items": rows,
+    }
+
+
+def write_json(path: Path, record: dict[str, Any]) -> None:
+    """Write ``record`` to ``path`` atomically (a temporary file moved into place)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.replace(path)
 
 
 def run(args: argparse.Namespace) -> int:
     spec = spec_from_args(args)
+    bench = get_benchmark(spec.benchmark)
     start = time.perf_counter()
+    names = [ORIGINAL, *spec.methods]
+    timing: dict[str, float] = {}
 
     def progress(name: str, done: int, total: int) -> None:
         if name:
+            timing["model"] = time.perf_counter()
             print(f"[{done + 1}/{total}] {name} ({time.perf_counter() - start:.0f}s)", flush=True)
 
-    results = evaluate_merges(spec, progress)
-    print(f"\n{len(spec.items)} questions; exact match in the question's language\n")
+    def items_done(name: str, done: int, total: int) -> None:
+        if name == ORIGINAL and "per_item" not in timing:
+            timing["per_item"] = (time.perf_counter() - timing["model"]) / done
+            est = timing["per_item"] * total * len(names)
+            print(
+                f"  {timing['per_item']:.2f} s per question: about {est / 60:.1f} min for "
+                f"{total} questions x {len(names)} models (merges not counted)",
+                flush=True,
+            )
+
+    answers: dict[str, list[str]] = {}
+    metrics: dict[str, dict[str, dict[str, float]]] = {}
+    results = evaluate_merges(
+        spec, progress, answers=answers, metrics=metrics, item_progress=items_done
+    )
+    what = (
+        "exact match in the question's language"
+        if bench is PROBE
+        else f"{bench.title} {bench.primary} (reference metric), seeded sample"
+    )
+    print(f"\n{len(spec.items)} questions; {what}\n")
     print(format_table(results))
+    for metric in list(bench.metrics)[1:]:
+        print(f"\n{metric}\n" + format_table({m: s[metric] for m, s in metrics.items()}))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(
-            json.dumps({"models": results, "questions": len(spec.items)}, indent=1) + "\n"
-        )
+        about = {
+            "dataset": getattr(args, "dataset", None)
+            or (args.probe if bench is PROBE else bench.dataset)
+        }
+        if bench is not PROBE:
+            about |= {"seed": args.seed, "limit_per_language": args.limit or DEFAULT_LIMIT}
+        write_json(args.json, results_record(spec, results, metrics, answers, **about))
         print(f"\nwrote {args.json}")
     return 0

@@ -120,7 +120,7 @@ def test_eval_on_a_user_probe_file_with_real_merges_writes_json(tmp_path, capsys
     assert "task_arithmetic" in printed and "overall" in printed
 
 
-def _evaluate_tab(methods, probe="", per_language=8):
+def _evaluate_tab(methods, probe="", per_language=8, source="probe", languages=()):
     import gradio as gr
 
     from dim3.ui.common import AppContext
@@ -139,8 +139,11 @@ def _evaluate_tab(methods, probe="", per_language=8):
         "methods": methods,
         "probe": probe,
         "questions_per_language": per_language,
+        "source": source,
+        "languages": list(languages),
     }
-    return tab, evaluate_handler(ctx, merge, tab)(progress=lambda *a, **k: None, **values)
+    updates = list(evaluate_handler(ctx, merge, tab)(progress=lambda *a, **k: None, **values))
+    return tab, updates[-1]
 
 
 @pytest.mark.slow

@@ -35,6 +35,7 @@ from dim3.chat import (
 from dim3.examples import load_examples
 from dim3.models import Served
 from dim3.ui.common import AppContext, error_html, error_text, gpu, md_escape
+from dim3.ui.draw import DrawControls, draw_controls, gold_line, wire_draw
 
 NO_MERGE = "No merged model yet: run a merge in the **Merge** tab, then ask again."
 STOPPED = " ⏹ (stopped)"
@@ -66,6 +67,7 @@ class ChatTab:
     max_new_tokens: gr.Slider
     temperature: gr.Slider
     top_p: gr.Slider
+    draw: DrawControls | None = None  # "Draw a question" (dim3/ui/draw.py)
 
     def settings(self) -> list[gr.Slider]:
         return [self.max_new_tokens, self.temperature, self.top_p]
@@ -117,6 +119,7 @@ def _layout(ctx: AppContext) -> tuple[ChatTab, dict[str, gr.Button]]:
             )
             for label, elem in (("Original VLM", "dim3-original"), ("Merged", "dim3-merged"))
         )
+    gold = gold_line()  # a drawn question's gold answer, under the pair
     box = gr.MultimodalTextbox(
         placeholder=(
             f"Ask about a picture, in any language (up to {MAX_MESSAGE_CHARS:,} characters). "
@@ -146,9 +149,10 @@ def _layout(ctx: AppContext) -> tuple[ChatTab, dict[str, gr.Button]]:
             )
             for name, f in GenerationParams.__dataclass_fields__.items()
         ]
+    draw = draw_controls(gold)
     _examples(box)
     states = gr.State([]), gr.State([]), gr.State(None), gr.State(None), gr.State(0)
-    tab = ChatTab(status, left, right, box, *states, *sliders)
+    tab = ChatTab(status, left, right, box, *states, *sliders, draw=draw)
     return tab, {"stop": stop, "regen": regen, "clear": clear}
 
 
@@ -196,6 +200,8 @@ def build_chat_tab(ctx: AppContext) -> ChatTab:
     buttons["stop"].click(_stop(ctx), queue=False, **PRIVATE)
     for event in (buttons["clear"].click, tab.left.clear, tab.right.clear):
         event(_clear(ctx, tab), outputs=shown, queue=False, cancels=[asked, again], **PRIVATE)
+    if tab.draw:
+        wire_draw(ctx, tab, tab.draw, answered=[asked, again])
     chat_api(ctx, tab)
     return tab
 

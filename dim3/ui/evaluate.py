@@ -1,15 +1,23 @@
-"""The Evaluate tab: probe-set accuracy of the original VLM and of merges, per language.
+"""The Evaluate tab: scores of the original VLM and of merges, per language, on a question source.
 
 Layout and wiring only. "Evaluate" takes the three checkpoints (and the selected method's
-options) from the Merge tab's form, the methods ticked here and a probe set (the built-in demo
-probe, or a JSONL file under the allowed folders), and calls ``dim3.evaluate.evaluate_merges``:
-the original VLM, then the VLM merged in memory by each method, each answering every question.
-It shows a per-language table and a grouped bar chart. Errors are shown as messages.
+options) from the Merge tab's form, the methods ticked here and a question source: the built-in
+demo probe or a JSONL probe file under the allowed folders, or a multilingual benchmark
+(``dim3.benchmarks``: xGQA, MaXM, MaRVL, M3Exam; its Hub dataset or a local folder under the
+allowed folders) with the languages and the per-language sample size picked here. It calls
+``dim3.evaluate.evaluate_merges`` on a worker thread and shows, while it runs, one progress bar per
+model and (after the original's first batch) the time the run will take (questions x models x
+measured seconds per question); then a per-language table, a grouped bar chart and the
+predictions as a downloadable JSON file. Errors are shown as messages.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import queue
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,24 +25,31 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
+from dim3.benchmarks import BENCHMARKS, PROBE, get_benchmark
+from dim3.benchmarks.sources import load_items
 from dim3.checkpoints import check_under_roots
 from dim3.demo import demo_probe_path, load_probe
 from dim3.demo.probe import ProbeItem
-from dim3.evaluate import ORIGINAL, EvalSpec, evaluate_merges
+from dim3.evaluate import ORIGINAL, EvalSpec, evaluate_merges, results_record, write_json
 from dim3.methods import METHODS
-from dim3.sweep import first_per_language
-from dim3.ui.common import AppContext, check_text, error_text, gpu, md_escape
+from dim3.ui.common import AppContext, check_text, clock, error_text, gpu, md_escape
 from dim3.ui.merge import HEAVY, MergeTab
 from dim3.ui.sweep import build_sweep_view
 
 INTRO = (
-    "How often each model answers a probe question with the right word **in the question's "
-    "language** (exact match). The original VLM and the VLM merged by each ticked method use the "
-    "three checkpoints of the **Merge** tab (the selected method with its options there). The "
-    "built-in probe fits the built-in demo trio: pictures of coloured shapes, asked about in "
-    "eight languages."
+    "How often each model answers right, per language. The original VLM and the VLM merged by "
+    "each ticked method use the three checkpoints of the **Merge** tab (the selected method with "
+    "its options there). **Source**: the built-in probe (it fits the built-in demo trio: "
+    "pictures of coloured shapes, asked about in eight languages; exact match in the question's "
+    "language) or one of the paper's multilingual benchmarks, asked with the reference prompt "
+    "and scored with the reference metric on a seeded sample per language."
 )
 DEFAULT_METHODS = ("dim3", "task_arithmetic")
+SOURCES = [("Probe (demo or JSONL file)", PROBE.name)] + [
+    (f"{b.title} ({b.dataset})", b.name) for b in BENCHMARKS.values()
+]
+DEMO_LANGUAGES = ("en", "de", "es", "ru", "zh", "ar", "hi", "sw")
+BAR = 20  # characters of a text progress bar
 
 
 @dataclass
@@ -42,12 +57,15 @@ class EvaluateTab:
     """The Evaluate tab's components."""
 
     methods: gr.CheckboxGroup
+    source: gr.Dropdown
+    languages: gr.Dropdown
     probe: gr.Textbox
     per_language: gr.Slider
     run: gr.Button
     status: gr.Markdown
     table: gr.Dataframe
     chart: gr.Plot
+    download: gr.File
 
 
 def results_frame(results: dict[str, dict[str, float]]) -> pd.DataFrame:
@@ -59,7 +77,7 @@ def results_frame(results: dict[str, dict[str, float]]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def chart_figure(results: dict[str, dict[str, float]]):
+def chart_figure(results: dict[str, dict[str, float]], ylabel: str = "accuracy"):
     """A grouped bar chart: one group per language (and overall), one bar per model."""
     import matplotlib
 
@@ -74,7 +92,7 @@ def chart_figure(results: dict[str, dict[str, float]]):
         ax.bar(xs, [accs.get(c, 0.0) for c in columns], width, label=name)
     ax.set_xticks(range(len(columns)), columns)
     ax.set_ylim(0, 1)
-    ax.set_ylabel("accuracy")
+    ax.set_ylabel(ylabel)
     ax.legend(fontsize=8, ncols=min(4, len(results)), loc="upper right")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
@@ -86,6 +104,11 @@ def probe_items(ctx: AppContext, path: str) -> list[ProbeItem]:
     if not path.strip():
         return load_probe(demo_probe_path())
     return load_probe(check_under_roots(Path(path.strip()), ctx.allowed_roots))
+
+
+def source_languages(source: str) -> list[str]:
+    """The languages offered for a source (the demo probe's for ``probe``)."""
+    return list(DEMO_LANGUAGES if source == PROBE.name else get_benchmark(source).languages)
 
 
 def _layout() -> EvaluateTab:
@@ -103,33 +126,64 @@ def _layout() -> EvaluateTab:
             480,
             value=48,
             step=8,
-            label="Questions per language (0 = all)",
+            label="Questions per language (a seeded sample; 0 = all, probes only)",
             scale=1,
             elem_id="dim3-eval-n",
         )
-    probe = gr.Textbox(
-        label="Probe file (JSONL: image, question, answer, language); empty = built-in demo probe",
-        placeholder="./my-probe/probe.jsonl",
-        max_length=300,
-        elem_id="dim3-eval-probe",
+    with gr.Row():
+        source = gr.Dropdown(
+            SOURCES, value=PROBE.name, label="Source", scale=1, elem_id="dim3-eval-source"
+        )
+        probe = gr.Textbox(
+            label="Probe JSONL file, or the benchmark's Hub dataset id / local folder; "
+            "empty = the built-in demo probe or the benchmark's Hub dataset",
+            placeholder="./my-probe/probe.jsonl  ·  neulab/PangeaBench-xgqa  ·  ./data/xgqa",
+            max_length=300,
+            scale=2,
+            elem_id="dim3-eval-probe",
+        )
+    languages = gr.Dropdown(  # typed values allowed: API callers name any split; checked later
+        source_languages(PROBE.name),
+        value=[],
+        multiselect=True,
+        allow_custom_value=True,
+        label="Languages (none = all the source has)",
+        elem_id="dim3-eval-languages",
     )
     run = gr.Button("Evaluate", variant="primary", elem_id="dim3-evaluate")
     status = gr.Markdown("", elem_id="dim3-eval-status")
-    table = gr.Dataframe(
-        label="Accuracy per language", interactive=False, elem_id="dim3-eval-table"
+    table = gr.Dataframe(label="Score per language", interactive=False, elem_id="dim3-eval-table")
+    chart = gr.Plot(label="Score per language", elem_id="dim3-eval-chart")
+    download = gr.File(
+        label="Predictions (JSON: every question's id, gold answer and each model's answer)",
+        interactive=False,
+        elem_id="dim3-eval-download",
     )
-    chart = gr.Plot(label="Accuracy per language", elem_id="dim3-eval-chart")
-    return EvaluateTab(methods, probe, per_lang, run, status, table, chart)
+    return EvaluateTab(
+        methods, source, languages, probe, per_lang, run, status, table, chart, download
+    )
 
 
 def build_evaluate_tab(ctx: AppContext, merge: MergeTab) -> EvaluateTab:
     """Lay out the Evaluate tab inside the current Blocks; it reads ``merge``'s form."""
     tab = _layout()
+    tab.source.change(
+        lambda source: gr.Dropdown(choices=source_languages(source), value=[]),
+        inputs=[tab.source],
+        outputs=[tab.languages],
+        api_visibility="private",
+    )
     tab.run.click(
         evaluate_handler(ctx, merge, tab),
         inputs_kwargs=merge.form.kwargs()
-        | {"methods": tab.methods, "probe": tab.probe, "questions_per_language": tab.per_language},
-        outputs=[tab.status, tab.table, tab.chart],
+        | {
+            "methods": tab.methods,
+            "source": tab.source,
+            "languages": tab.languages,
+            "probe": tab.probe,
+            "questions_per_language": tab.per_language,
+        },
+        outputs=[tab.status, tab.table, tab.chart, tab.download],
         api_name="evaluate",
         concurrency_limit=1,
         concurrency_id=HEAVY,
@@ -138,45 +192,161 @@ def build_evaluate_tab(ctx: AppContext, merge: MergeTab) -> EvaluateTab:
     return tab
 
 
+def _spec(ctx: AppContext, merge: MergeTab, values: dict[str, Any]) -> EvalSpec:
+    """The run the form asks for; ``ValueError`` (shown to the user) for what cannot run."""
+    recipe = merge.form.recipe(values)
+    methods = tuple(values["methods"] or ())
+    source = values.get("source") or PROBE.name
+    dataset = check_text(values["probe"], "probe file or dataset")
+    per_language = int(values["questions_per_language"])
+    if source != PROBE.name and per_language < 1:
+        raise ValueError("pick a sample size per language (at least 1) for a benchmark")
+    items = load_items(
+        source,
+        dataset or None,
+        list(values.get("languages") or ()),
+        limit=per_language or None,
+        allowed_roots=ctx.allowed_roots,
+    )
+    options = {recipe.method: recipe.options} if recipe.method in methods else {}
+    return EvalSpec(
+        recipe.base,
+        recipe.multilingual,
+        recipe.multimodal,
+        items=tuple(items),
+        methods=methods,
+        options=options,
+        benchmark=source,
+    )
+
+
+SECONDS_PER_ITEM: dict[tuple[str, str], float] = {}  # (VLM, benchmark) -> measured on this server
+
+
+def bar(done: int, total: int) -> str:
+    """A text progress bar: ``▰▰▰▱▱▱ 50% (4/8)``."""
+    filled = round(BAR * done / max(1, total))
+    return (
+        f"`{'▰' * filled}{'▱' * (BAR - filled)}` {100 * done / max(1, total):.0f}% ({done}/{total})"
+    )
+
+
+def progress_text(done: dict[str, int], total: int, estimate: str) -> str:
+    """One line per model with its progress bar, then the time estimate."""
+    lines = [f"⏳ **{md_escape(name)}** {bar(n, total)}  " for name, n in done.items()]
+    return "\n".join(lines + ([estimate] if estimate else []))
+
+
+def estimate_text(per_item: float, items: int, models: int, measured: str) -> str:
+    """The time a run takes: questions x models x measured seconds per question."""
+    return (
+        f"⏱ About **{clock(per_item * items * models)}** for {items} questions × {models} "
+        f"models at {per_item:.2f} s per question ({measured}; merges come on top)."
+    )
+
+
 def evaluate_handler(ctx: AppContext, merge: MergeTab, tab: EvaluateTab) -> Callable:
-    """The "Evaluate" click handler: form values -> status, table and chart updates."""
+    """The "Evaluate" click handler: form values -> progress, then status, table, chart, file."""
 
     @gpu(duration=600)
-    def evaluate(progress=gr.Progress(), **values: Any) -> dict[Any, Any]:  # noqa: B008
-        """Probe-set accuracy per language of the original VLM and of each ticked merge."""
-
-        def report(name: str, done: int, total: int) -> None:
-            progress((done, total), desc=f"evaluating {name}" if name else "done", unit="models")
-
+    def evaluate(progress=gr.Progress(), **values: Any) -> Iterator[dict[Any, Any]]:  # noqa: B008
+        """Scores per language of the original VLM and of each ticked merge on a probe set or a
+        multilingual benchmark (xgqa, maxm, marvl, m3exam)."""
         try:
-            recipe = merge.form.recipe(values)
-            methods = tuple(values["methods"] or ())
-            probe = check_text(values["probe"], "probe file path")
-            items = first_per_language(
-                probe_items(ctx, probe), int(values["questions_per_language"])
-            )
-            options = {recipe.method: recipe.options} if recipe.method in methods else {}
-            spec = EvalSpec(
-                recipe.base,
-                recipe.multilingual,
-                recipe.multimodal,
-                items=tuple(items),
-                methods=methods,
-                options=options,
-            )
-            results = evaluate_merges(spec, report, allowed_roots=ctx.allowed_roots)
+            spec = _spec(ctx, merge, values)
         except Exception as exc:  # noqa: BLE001 - the UI boundary: shown, never raised
-            return {tab.status: f"❌ {md_escape(error_text(exc, ctx.allowed_roots), None)}"}
-        best = max(
-            (m for m in results if m != ORIGINAL), key=lambda m: results[m]["overall"], default=None
-        )
-        status = f"✅ {len(items)} questions, {len(results)} models, exact match in the question's language."
-        if best:
-            status += f" Best merge overall: **{best}** ({results[best]['overall']:.3f})."
-        return {
-            tab.status: status,
-            tab.table: results_frame(results),
-            tab.chart: chart_figure(results),
-        }
+            yield {tab.status: f"❌ {md_escape(error_text(exc, ctx.allowed_roots), None)}"}
+            return
+        yield from _run(ctx, tab, spec, progress)
 
     return evaluate
+
+
+def _run(ctx: AppContext, tab: EvaluateTab, spec: EvalSpec, progress: Any) -> Iterator[dict]:
+    names = [ORIGINAL, *spec.methods]
+    total = len(spec.items)
+    key = (spec.multimodal.ref, spec.benchmark)
+    events: queue.Queue[tuple[str, str, int]] = queue.Queue()
+    aborted = threading.Event()
+    outcome: dict[str, Any] = {"answers": {}, "metrics": {}}
+
+    def put(kind: str, name: str, done: int) -> None:
+        if aborted.is_set():
+            raise RuntimeError("the evaluation was cancelled")
+        events.put((kind, name, done))
+
+    def work() -> None:
+        try:
+            outcome["results"] = evaluate_merges(
+                spec,
+                lambda name, done, _: put("model", name, done),
+                allowed_roots=ctx.allowed_roots,
+                answers=outcome["answers"],
+                metrics=outcome["metrics"],
+                item_progress=lambda name, done, _: put("items", name, done),
+            )
+        except BaseException as exc:  # noqa: BLE001 - shown to the user below
+            outcome["error"] = exc
+
+    estimate = ""
+    if key in SECONDS_PER_ITEM:
+        estimate = estimate_text(SECONDS_PER_ITEM[key], total, len(names), "measured earlier")
+    done = {name: 0 for name in names}
+    yield {tab.status: progress_text(done, total, estimate) + "\n\nLoading the VLM…"}
+    thread = threading.Thread(target=work, name="dim3-evaluate", daemon=True)
+    thread.start()
+    started, shown, measured = 0.0, 0.0, False
+    try:
+        while thread.is_alive() or not events.empty():
+            try:
+                kind, name, n = events.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if kind == "model" and name:
+                started = time.perf_counter()
+            elif kind == "items":
+                done[name] = n
+                if name == ORIGINAL and n and not measured:
+                    measured = True
+                    per_item = (time.perf_counter() - started) / n
+                    SECONDS_PER_ITEM[key] = per_item
+                    estimate = estimate_text(per_item, total, len(names), "measured now")
+            fraction = sum(done.values()) / max(1, total * len(names))
+            what = f"{name}: {done[name]}/{total} questions" if name else "done"
+            progress(fraction, desc=what, unit="questions")
+            if time.monotonic() - shown > 0.5 or not thread.is_alive():
+                shown = time.monotonic()
+                yield {tab.status: progress_text(done, total, estimate)}
+        thread.join()
+    finally:
+        aborted.set()
+    if "error" in outcome:
+        exc = outcome["error"]
+        yield {tab.status: f"❌ {md_escape(error_text(exc, ctx.allowed_roots), None)}"}
+        return
+    yield _finish(ctx, tab, spec, outcome)
+
+
+def _finish(ctx: AppContext, tab: EvaluateTab, spec: EvalSpec, outcome: dict) -> dict:
+    results = outcome["results"]
+    bench = get_benchmark(spec.benchmark)
+    record = results_record(spec, results, outcome["metrics"], outcome["answers"])
+    out = Path(tempfile.mkdtemp(prefix="dim3-eval-")) / f"dim3-eval-{bench.name}.json"
+    write_json(out, record)
+    best = max(
+        (m for m in results if m != ORIGINAL), key=lambda m: results[m]["overall"], default=None
+    )
+    metric = (
+        "exact match in the question's language"
+        if bench is PROBE
+        else f"{bench.title} {bench.primary.replace('_', ' ')} (reference metric)"
+    )
+    status = f"✅ {len(spec.items)} questions, {len(results)} models, {metric}."
+    if best:
+        status += f" Best merge overall: **{md_escape(best)}** ({results[best]['overall']:.3f})."
+    return {
+        tab.status: status,
+        tab.table: results_frame(results),
+        tab.chart: chart_figure(results, bench.primary.replace("_", " ")),
+        tab.download: str(out),
+    }
