@@ -24,7 +24,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "merge": ("dim3.cli", "merge three checkpoints into a new VLM checkpoint"),
     "plan": ("dim3.cli", "check three checkpoints and print the merge plan; writes nothing"),
     "diagnose": ("dim3.diagnostics", "per-layer residual geometry of three checkpoints: CSV, PNG"),
-    "eval": ("dim3.evaluate", "accuracy of the original VLM and of each merge on a probe set"),
+    "eval": (
+        "dim3.evaluate",
+        "scores of the original VLM and each merge on a probe set or a multilingual benchmark",
+    ),
     "represent": ("dim3.represent", "per-layer cross-lingual structure of hidden states: CSV, PNG"),
     "sweep": ("dim3.sweep", "a grid of one method's options, tuned and reported on probe halves"),
 }
