@@ -11,13 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import gradio as gr
 import pandas as pd
 
-from dim3.checkpoints import check_under_roots
 from dim3.demo import demo_probe_path, load_probe
 from dim3.demo.probe import ProbeItem
 from dim3.evaluate import ORIGINAL, EvalSpec, evaluate_merges
@@ -85,7 +83,7 @@ def probe_items(ctx: AppContext, path: str) -> list[ProbeItem]:
     """The demo probe (empty ``path``) or a JSONL file that must lie under the allowed folders."""
     if not path.strip():
         return load_probe(demo_probe_path())
-    return load_probe(check_under_roots(Path(path.strip()), ctx.allowed_roots))
+    return load_probe(path.strip(), allowed_roots=ctx.allowed_roots)
 
 
 def _layout() -> EvaluateTab:
