@@ -58,10 +58,13 @@ def allowed_file(
     for root in roots:
         if real.is_relative_to(os.path.realpath(Path(root).expanduser())):
             return real
+    where = (
+        "beside the file that names it, with a path relative to that file's folder"
+        if relative_to is not None
+        else "in one of them"
+    )
     raise OutsideRootsError(
-        f"{what} lies outside the folders this server may read; keep it in one of them "
-        "(for pictures named in a probe or parallel file: beside that file, with a path "
-        "relative to its folder)"
+        f"{what} lies outside the folders this server may read; keep it {where}"
     )
 
 

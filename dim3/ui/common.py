@@ -22,6 +22,8 @@ from dim3.models import MergeInfo, ModelManager, ModelMemoryError, ShowcaseError
 from dim3.paths import redact_paths
 from dim3.plan import PlanError
 from dim3.presets import DEMO_KEY, get_preset
+from dim3.ui.saves import SaveOwners
+from dim3.writer import remove_stale_in_folder
 
 log = logging.getLogger("dim3.ui")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -124,6 +126,7 @@ class AppContext:
     stop_flags: StopFlags = field(default_factory=StopFlags)
     showcase: MergeInfo | None = None
     showcase_card: str = ""
+    saves: SaveOwners = field(default_factory=SaveOwners)  # which session saved which folder
 
     @classmethod
     def from_env(cls) -> AppContext:
@@ -133,6 +136,9 @@ class AppContext:
         loaded here, before the server starts."""
         roots = allowed_roots_from_env()
         output = output_root_from_env()
+        stale = remove_stale_in_folder(output, at_startup=True)  # ours only, by exact name
+        if stale:
+            log.info("removed %d stale temporary folder(s) from the output folder", len(stale))
         default_vlm = get_preset(DEMO_KEY).multimodal
         manager = ModelManager(allowed_roots=[*roots, output], default_vlm=default_vlm)
         ctx = cls(manager=manager, allowed_roots=[*roots, output], output_root=output)
