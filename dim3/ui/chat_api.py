@@ -19,14 +19,14 @@ from dim3.chat import MAX_MESSAGE_CHARS, ChatError, GenerationParams, interleave
 from dim3.models import Served
 from dim3.ui.chat import NO_MERGE, ChatTab, final_text, pane_chunks, start_replies
 from dim3.ui.common import AppContext, error_text, gpu
-from dim3.ui.validate import HeaderCheckedImage
+from dim3.ui.validate import header_checked
 
 
 def chat_api(ctx: AppContext, tab: ChatTab) -> None:
     """``/chat``: one question (and an optional picture) to both models, both answers back."""
     with gr.Group(visible=False):
         message = gr.Textbox(label="message", max_length=MAX_MESSAGE_CHARS)
-        image = HeaderCheckedImage(label="image", type="filepath", image_mode=None)
+        image = header_checked(gr.Image(label="image", type="filepath", image_mode=None))
         answers = (
             gr.Textbox(label="original answer"),
             gr.Textbox(label="merged answer"),

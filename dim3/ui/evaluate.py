@@ -21,6 +21,7 @@ from dim3.demo.probe import ProbeItem
 from dim3.evaluate import ORIGINAL, EvalSpec, evaluate_merges
 from dim3.methods import METHODS
 from dim3.sweep import first_per_language
+from dim3.ui import jobs
 from dim3.ui.common import AppContext, check_text, error_text, gpu, md_escape
 from dim3.ui.merge import HEAVY, MergeTab
 from dim3.ui.sweep import build_sweep_view
@@ -143,7 +144,10 @@ def evaluate_handler(ctx: AppContext, merge: MergeTab, tab: EvaluateTab) -> Call
     def evaluate(progress=gr.Progress(), **values: Any) -> dict[Any, Any]:  # noqa: B008
         """Probe-set accuracy per language of the original VLM and of each ticked merge."""
 
+        budget = jobs.budget("evaluation")
+
         def report(name: str, done: int, total: int) -> None:
+            budget.check(done / max(1, total))
             progress((done, total), desc=f"evaluating {name}" if name else "done", unit="models")
 
         try:
@@ -162,6 +166,8 @@ def evaluate_handler(ctx: AppContext, merge: MergeTab, tab: EvaluateTab) -> Call
                 methods=methods,
                 options=options,
             )
+            merges = [(m, options.get(m, {})) for m in methods if m != ORIGINAL]
+            jobs.refuse_estimate(budget, recipe, merges, ctx.allowed_roots)
             results = evaluate_merges(spec, report, allowed_roots=ctx.allowed_roots)
         except Exception as exc:  # noqa: BLE001 - the UI boundary: shown, never raised
             return {tab.status: f"❌ {md_escape(error_text(exc, ctx.allowed_roots), None)}"}

@@ -20,6 +20,7 @@ import pandas as pd
 
 from dim3 import represent as rp
 from dim3.models import MERGED, ORIGINAL
+from dim3.ui import jobs
 from dim3.ui.common import AppContext, gpu
 from dim3.ui.merge import HEAVY
 from dim3.ui.progress import err
@@ -161,7 +162,10 @@ def compute_handler(ctx: AppContext, view: RepresentView) -> Callable:
     def represent(probe: str, probe_file: str, map_method: str, progress=gr.Progress()):  # noqa: B008
         """Per-layer silhouette and retrieval of the loaded original and merged VLMs."""
 
+        budget = jobs.budget("representation analysis")
+
         def report(name: str, done: int, total: int) -> None:
+            budget.check(done / max(1, total))  # per model: the first model's share projects
             progress((done, total), desc=f"{name}: {done}/{total} items", unit="items")
 
         try:

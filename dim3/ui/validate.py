@@ -6,8 +6,9 @@ A browser sends what its widgets hold; an API caller may send anything: ``"abc"`
 those into "upstream app raised an exception" (or no message at all). :class:`StudioBlocks`
 checks each input of each event against its component's type first, naming the parameter and
 what it takes; whatever else Gradio's own input processing raises is answered the same way.
-:class:`HeaderCheckedImage` reads a picture's size from its header (``dim3.limits``) before
-anything decodes it. Nothing here decides what a handler does with valid input.
+:func:`header_checked` makes an image input read a picture's size from its header
+(``dim3.limits``) before anything decodes it. Nothing here decides what a handler does with
+valid input.
 """
 
 from __future__ import annotations
@@ -96,15 +97,21 @@ def _unreadable(block_fn: Any, exc: Exception) -> str:
     return f"an input could not be read ({type(exc).__name__}); check the parameters' types"
 
 
-class HeaderCheckedImage(gr.Image):
-    """``gr.Image`` that refuses a file that is not a picture, or one with too many pixels, from
-    its header, before anything decodes it (``dim3.limits.check_image_header``)."""
+def header_checked(image: gr.Image) -> gr.Image:
+    """``image`` made to refuse a file that is not a picture, or one with too many pixels,
+    from its header, before Gradio or a handler decodes it (``dim3.limits.check_image_header``).
+    (A wrapper of this one component's ``preprocess``, not a subclass: Gradio would write a
+    type stub beside a subclass.)"""
+    preprocess = image.preprocess
 
-    def preprocess(self, payload):  # type: ignore[override]
+    def checked(payload: Any) -> Any:
         path = getattr(payload, "path", None)
         if path:
             try:
                 check_image_header(path)
             except ValueError as exc:
                 raise gr.Error(str(exc), print_exception=False) from None
-        return super().preprocess(payload)
+        return preprocess(payload)
+
+    image.preprocess = checked  # type: ignore[method-assign]
+    return image
