@@ -60,18 +60,42 @@ class Generation(threading.Event):
 
     @property
     def cleared(self) -> bool:
-        return self._flags.epoch(self._session) != self._epoch
+        return self._flags.epoch(self._session) > self._epoch
 
 
 class StopFlags:
-    """Per browser session: the running generation's stop flag (for Stop), and a count of
-    Clears (the *epoch*), so that a question asked before a Clear is never answered after it,
-    however the Clear and the answer's start interleave."""
+    """Per browser session: the running generation's stop flag (for Stop), a count of Clears
+    (the *epoch*: the browser counts its Clears and sends the count with each question and each
+    Clear), so that a question asked before a Clear is never answered after it, however the
+    Clear and the answer's events interleave; and the conversation as last stored, which an
+    event that lost the race to a Clear shows again rather than its own."""
 
     def __init__(self) -> None:
         self._flags: dict[str, Generation] = {}
         self._epochs: dict[str, int] = {}
+        self._latest: dict[str, Any] = {}
         self._lock = threading.Lock()
+
+    def clear(self, session: str, count: int, cleared: Any = None) -> None:
+        """The browser's ``count``-th Clear (each Clear counts one, also should the browser's
+        count arrive late): its conversation ends (``cleared`` is what is stored now),
+        questions asked before it are not answered, the running one stops."""
+        with self._lock:
+            self._latest[session] = cleared
+            self._epochs[session] = max(self._epochs.get(session, 0) + 1, count)
+            flag = self._flags.get(session)
+        if flag is not None:
+            flag.set()
+
+    def remember(self, session: str, conversation: Any) -> None:
+        """The conversation a handler stores for the session (see :meth:`latest`)."""
+        with self._lock:
+            self._latest[session] = conversation
+
+    def latest(self, session: str) -> Any:
+        """The conversation last stored for the session (None if none)."""
+        with self._lock:
+            return self._latest.get(session)
 
     def epoch(self, session: str) -> int:
         """How many times the session was cleared; a question records it when it is asked."""
@@ -104,6 +128,7 @@ class StopFlags:
         self.stop(session, clear=True)
         with self._lock:
             self._epochs.pop(session, None)
+            self._latest.pop(session, None)
 
     def finish(self, session: str, flag: threading.Event) -> None:
         with self._lock:
