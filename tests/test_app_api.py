@@ -281,7 +281,7 @@ def test_heavy_jobs_over_the_time_budget_are_refused_before_they_start(app):
     assert time.perf_counter() - start < 120  # measured in seconds, not run for half an hour
     assert c.predict("Welche Farbe?", api_name="/chat")[2] == before  # nothing changed
     grid = "density=" + ",".join(f"0.{i:04d}" for i in range(1, 1001))
-    status, *_ = c.predict(grid=grid, api_name="/sweep")
+    status, *_ = c.predict(grid=grid, probe="", api_name="/sweep")
     assert status.startswith("❌") and "1,000 values" in status
 
 
