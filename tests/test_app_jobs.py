@@ -90,7 +90,7 @@ def test_an_iterative_rule_is_estimated_from_measured_steps():
     few = estimate_rule_seconds("wudi", {"iterations": 200}, shapes, 2)
     many = estimate_rule_seconds("wudi", {"iterations": 20_000}, shapes, 2)
     assert few is not None and many is not None and 0 < few < many
-    assert many / few > 10  # grows with the iterations (100×, less the fixed cost, ± noise)
+    assert many / few > 5  # grows with the iterations (100×, less the fixed cost, ± noise)
     # The estimate against the rule itself, run for real at the smaller count.
     from dim3.methods import get_method
 
@@ -104,7 +104,7 @@ def test_an_iterative_rule_is_estimated_from_measured_steps():
         wudi.merge(b, t, wudi.make_options({"iterations": 200}))
     real = time.perf_counter() - start
     # Same order as the real run (timings on a busy shared machine scatter by several times).
-    assert few / 30 < real < few * 30, (few, real)
+    assert few / 50 < real < few * 50, (few, real)
 
 
 def test_a_merge_over_its_budget_ends_cleanly_and_changes_nothing(tiny_llava_trio, tmp_path):
