@@ -8,7 +8,7 @@ sharding convention (``model-00001-of-00002.safetensors`` plus ``model.safetenso
 a single shard is ``model.safetensors``). Temporary folders are named ``.NAME.dim3-tmp-PID-XXXXXXXX``
 beside the destination ``NAME``; those a killed merge left behind are removed when the next merge
 to ``NAME`` starts (:func:`remove_stale_temporaries`; :func:`remove_stale_in_folder` for a whole
-output folder). The ``safetensors`` library's own writer needs all of a
+output folder, which the app runs at start-up). The ``safetensors`` library's own writer needs all of a
 shard's tensors in memory at once, hence this one. This module knows nothing of models or merging.
 """
 
