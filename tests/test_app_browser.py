@@ -354,7 +354,8 @@ def test_showcase_mode_in_a_browser(browser, tmp_path):
         info = client.view_api(return_format="dict", print_info=False)
         public = {"/chat", "/evaluate", "/diagnose", "/represent", "/sweep"}  # no merge/save/push
         assert set(info["named_endpoints"]) == public
-        original, merged = client.predict("Welche Farbe?", api_name="/chat")
+        original, merged, model = client.predict("Welche Farbe?", api_name="/chat")
+        assert model.startswith("task_arithmetic merge of")
         assert original.strip() and merged.strip() and "No merged model" not in merged
     assert "showcase: serving task_arithmetic merge of" in (tmp_path / "app.log").read_text()
 
