@@ -35,6 +35,7 @@ DEVICES = ("auto", "cpu", "cuda")
 GIB = 1024**3
 OVERHEAD = 1.10  # activations, KV cache and allocator slack on top of the weights
 RESERVE = 512 * 1024**2  # bytes kept free on every device
+MERGE_WAIT = 120.0  # seconds a merge waits for a cancelled one to wind down
 
 
 class ModelMemoryError(ValueError):
@@ -208,7 +209,8 @@ class ModelManager:
 
     - ``mode="showcase"``: the models are fixed at start-up (:meth:`start_showcase`); every later
       :meth:`merge`, :meth:`load` or :meth:`unload` raises :class:`ShowcaseError`.
-    - ``mode="open"``: anyone may merge, one merge at a time. A merge is built in a staging copy
+    - ``mode="open"``: anyone may merge, one merge at a time (a merge waits up to
+      ``MERGE_WAIT`` seconds for one that is winding down after a cancel). A merge is built in a staging copy
       while the current models keep serving; only a complete merge replaces them (original and
       merged together), and :attr:`Served.info` then names the new recipe and time so that chats
       can tell their visitors. A failed or aborted merge changes nothing.
@@ -359,9 +361,12 @@ class ModelManager:
         MergeResult). ``ShowcaseError`` in a showcase.
         """
         self._check_open("merge")
-        if not self._merging.acquire(blocking=False):
+        # The app runs one merge at a time (its heavy queue slot), so a merge still holding the
+        # lock here is one whose visitor left or was stopped: it ends at its next step. Wait
+        # for it rather than refuse the visitor who queued behind it.
+        if not self._merging.acquire(timeout=MERGE_WAIT):
             raise ModelMemoryError(
-                "another merge is running on this server; try again when it has finished"
+                "another merge is still running on this server; try again when it has finished"
             )
         try:
             return self._merge(recipe, progress)

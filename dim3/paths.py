@@ -6,6 +6,12 @@ models. ``save_destination`` is the app's guard for "Save to folder": the engine
 (``dim3.writer``) resolves its destination, so a symbolic link would lead it out of the output
 folder; the check is made here, on the unresolved path, before the writer runs.
 ``public_path`` and ``redact_paths`` keep absolute server paths out of what visitors read.
+
+``allowed_file`` is the one check for files a visitor names, directly (a probe file typed into
+the app) or inside a file they named (a probe's or a parallel set's pictures): the path is
+resolved (symbolic links followed) and compared with the allowed folders *before* anything opens
+it or tests whether it exists, and a refusal names no server path, so it tells nothing about
+files outside those folders. ``roots=None`` is the command line's local user: no check.
 """
 
 from __future__ import annotations
@@ -20,6 +26,46 @@ FOLDER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 class DestinationError(ValueError):
     """A save destination that would leave the output folder; the message says what to do."""
+
+
+class OutsideRootsError(ValueError):
+    """A named file that lies outside the allowed folders; the message names no server path."""
+
+
+def allowed_file(
+    name: str | Path,
+    roots: Sequence[str | Path] | None,
+    *,
+    relative_to: str | Path | None = None,
+    what: str = "the file",
+) -> Path:
+    """``name`` as a path (relative names taken from ``relative_to``), checked against ``roots``.
+
+    With ``roots`` (the app), the path is resolved, symbolic links included, and must lie under
+    one of them (also resolved); nothing is opened or tested for existence before that, and the
+    refusal is the same whether or not the file exists. Returns the resolved path. With
+    ``roots=None`` (the command line) the path is returned as given, unresolved.
+    """
+    text = str(name)
+    if "\0" in text:
+        raise OutsideRootsError(f"{what} contains a NUL character; give a plain path")
+    path = Path(text)
+    if relative_to is not None and not path.is_absolute():
+        path = Path(relative_to) / path
+    if roots is None:
+        return path
+    real = Path(os.path.realpath(path.expanduser()))
+    for root in roots:
+        if real.is_relative_to(os.path.realpath(Path(root).expanduser())):
+            return real
+    where = (
+        "beside the file that names it, with a path relative to that file's folder"
+        if relative_to is not None
+        else "in one of them"
+    )
+    raise OutsideRootsError(
+        f"{what} lies outside the folders this server may read; keep it {where}"
+    )
 
 
 def save_destination(output_root: Path, name: str) -> Path:

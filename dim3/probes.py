@@ -21,6 +21,10 @@ Two JSON Lines formats, each read with clear, line-numbered errors:
 :func:`split_units` fixes a seeded tuning/reporting split of a probe (by picture, so one picture
 never lands in both halves). This module knows files and their validation; not models, not the
 demo world (``dim3.demo`` only generates its own probe and parallel set in these formats).
+
+``allowed_roots`` (the app): the file itself and every picture it names must lie under those
+folders, checked by ``dim3.paths.allowed_file`` before anything is opened or tested for
+existence. None (the command line, a local user): any readable path.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from dim3.paths import OutsideRootsError, allowed_file
 
 REQUIRED_KEYS = ("question", "answer", "language")
 PARALLEL_KEYS = ("id", "language", "text")
@@ -63,6 +69,14 @@ class ParallelItem:
     image: Path | None = None
 
 
+def _checked(path: str | Path, roots: Sequence[str | Path] | None, what: str) -> Path:
+    """The file a user named, checked against ``roots`` before anything reads it."""
+    try:
+        return allowed_file(path, roots, what=f"the {what} file")
+    except OutsideRootsError as exc:
+        raise ProbeError(str(exc)) from None
+
+
 def _read_lines(path: Path, what: str, example: str) -> list[tuple[str, int, dict[str, Any]]]:
     """(location, line number, object) for every non-empty line of a JSONL file."""
     nothing = "questions" if what == "probe" else "items"
@@ -87,13 +101,17 @@ def _read_lines(path: Path, what: str, example: str) -> list[tuple[str, int, dic
     return rows
 
 
-def _image(obj: dict[str, Any], path: Path, where: str) -> Path | None:
+def _image(
+    obj: dict[str, Any], path: Path, where: str, roots: Sequence[str | Path] | None
+) -> Path | None:
     if not obj.get("image"):
         return None
     if not isinstance(obj["image"], str):
-        raise ProbeError(f"{where}: image must be a path (a string), got {obj['image']!r}")
-    image = Path(obj["image"])
-    image = image if image.is_absolute() else path.parent / image
+        raise ProbeError(f"{where}: image must be a path (a string), got {obj['image']!r:.80}")
+    try:  # before anything stats or opens it: the check reveals nothing about outside files
+        image = allowed_file(obj["image"], roots, relative_to=path.parent, what="the image")
+    except OutsideRootsError as exc:
+        raise ProbeError(f"{where}: {exc}") from None
     if not image.is_file():
         raise ProbeError(
             f"{where}: image {image} does not exist; paths are relative to the file's folder"
@@ -101,9 +119,13 @@ def _image(obj: dict[str, Any], path: Path, where: str) -> Path | None:
     return image
 
 
-def load_probe(path: str | Path) -> list[ProbeItem]:
-    """Read a JSONL probe file; relative image paths are taken from the file's folder."""
-    path = Path(path)
+def load_probe(
+    path: str | Path, *, allowed_roots: Sequence[str | Path] | None = None
+) -> list[ProbeItem]:
+    """Read a JSONL probe file; relative image paths are taken from the file's folder.
+
+    allowed_roots: folders the file and its pictures must lie in (the app); None: any."""
+    path = _checked(path, allowed_roots, "probe")
     items = []
     for where, _, obj in _read_lines(path, "probe", "--probe demo"):
         missing = [
@@ -118,7 +140,7 @@ def load_probe(path: str | Path) -> list[ProbeItem]:
                 question=obj["question"],
                 answer=obj["answer"],
                 language=obj["language"],
-                image=_image(obj, path, where),
+                image=_image(obj, path, where, allowed_roots),
                 kind=str(obj.get("kind", "")),
                 context=str(obj.get("context", "")),
             )
@@ -126,14 +148,18 @@ def load_probe(path: str | Path) -> list[ProbeItem]:
     return items
 
 
-def load_parallel(path: str | Path) -> list[ParallelItem]:
+def load_parallel(
+    path: str | Path, *, allowed_roots: Sequence[str | Path] | None = None
+) -> list[ParallelItem]:
     """Read and check a JSONL parallel set (see the module docstring).
+
+    allowed_roots: folders the file and its pictures must lie in (the app); None: any.
 
     Refused, with the line and the fix: a missing or empty ``id``/``language``/``text``, a
     repeated (id, language) pair, a missing picture, pictures on some lines only, fewer than two
     languages or two content groups, or a group present in one language only.
     """
-    path = Path(path)
+    path = _checked(path, allowed_roots, "parallel")
     items: list[ParallelItem] = []
     seen: dict[tuple[str, str], str] = {}
     for where, _, obj in _read_lines(path, "parallel", "--probe demo|sentences"):
@@ -155,7 +181,9 @@ def load_parallel(path: str | Path) -> list[ParallelItem]:
                 f"{seen[group, language]}; give each content once per language"
             )
         seen[group, language] = where
-        items.append(ParallelItem(group, language, str(obj["text"]), _image(obj, path, where)))
+        items.append(
+            ParallelItem(group, language, str(obj["text"]), _image(obj, path, where, allowed_roots))
+        )
     check_parallel(items, str(path))
     return items
 

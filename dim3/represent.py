@@ -66,8 +66,11 @@ Progress = Callable[[str, int, int], None]  # (model name, items done, items tot
 # --- inputs -----------------------------------------------------------------------------------
 
 
-def parallel_items(name: str) -> list[ParallelItem]:
-    """A built-in parallel set (``demo``, ``demo-text``, ``sentences``) or a JSONL file."""
+def parallel_items(
+    name: str, *, allowed_roots: Sequence[str | Path] | None = None
+) -> list[ParallelItem]:
+    """A built-in parallel set (``demo``, ``demo-text``, ``sentences``) or a JSONL file (which,
+    with its pictures, must lie under ``allowed_roots`` when given: the app)."""
     if name == "demo":
         from dim3.demo.parallel import demo_parallel
 
@@ -78,7 +81,7 @@ def parallel_items(name: str) -> list[ParallelItem]:
         return demo_parallel(pictures=False)
     if name == "sentences":
         return load_parallel(SENTENCES)
-    return load_parallel(name)
+    return load_parallel(name, allowed_roots=allowed_roots)
 
 
 def _tokenizer(processor: Any) -> Any:

@@ -24,6 +24,7 @@ import argparse
 import dataclasses
 import itertools
 import json
+import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ from dim3.probes import SPLIT_SEED, ProbeItem, load_probe, split_units
 ENGLISH = "en"
 SELECT_RULES = ("mean", "others", "overall")
 ORIGINAL = "original"
+MAX_POINTS = 200  # grid points one sweep may score
 
 
 def parse_grid(values: Sequence[str]) -> dict[str, list[Any]]:
@@ -54,7 +56,13 @@ def parse_grid(values: Sequence[str]) -> dict[str, list[Any]]:
             raise ValueError(f"--option {text!r} has no key or no values; write KEY=V1,V2,...")
         if key in grid:
             raise ValueError(f"option {key!r} is given twice; list all its values in one --option")
-        grid[key] = [parse_option(f"{key}={v.strip()}")[1] for v in raw.split(",") if v.strip()]
+        texts = [v.strip() for v in raw.split(",") if v.strip()]
+        if len(texts) > MAX_POINTS:  # counted before any value is parsed
+            raise ValueError(
+                f"option {key[:40]!r} has {len(texts):,} values; a grid has at most {MAX_POINTS} "
+                "points"
+            )
+        grid[key] = [parse_option(f"{key}={v}")[1] for v in texts]
     return grid
 
 
@@ -65,6 +73,13 @@ def grid_points(
     (an unknown key or a value out of range fails here, before any model is loaded)."""
     m = get_method(method)
     keys = list(grid)
+    count = math.prod(len(grid[k]) for k in keys)  # before any point is built
+    if count > MAX_POINTS:
+        sizes = " × ".join(str(len(grid[k])) for k in keys)
+        raise ValueError(
+            f"the grid has {sizes} = {count:,} points; keep it to at most {MAX_POINTS} "
+            "(fewer values per option)"
+        )
     points = []
     for combo in itertools.product(*(grid[k] for k in keys)):
         options = dict(fixed or {}) | dict(zip(keys, combo, strict=True))
@@ -73,8 +88,6 @@ def grid_points(
         except (TypeError, ValueError) as exc:
             raise ValueError(f"grid point {options} of {method}: {exc}") from None
         points.append(options)
-    if len(points) > 200:
-        raise ValueError(f"the grid has {len(points)} points; keep it under 200")
     return points
 
 

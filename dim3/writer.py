@@ -8,7 +8,7 @@ sharding convention (``model-00001-of-00002.safetensors`` plus ``model.safetenso
 a single shard is ``model.safetensors``). Temporary folders are named ``.NAME.dim3-tmp-PID-XXXXXXXX``
 beside the destination ``NAME``; those a killed merge left behind are removed when the next merge
 to ``NAME`` starts (:func:`remove_stale_temporaries`; :func:`remove_stale_in_folder` for a whole
-output folder). The ``safetensors`` library's own writer needs all of a
+output folder, which the app runs at start-up). The ``safetensors`` library's own writer needs all of a
 shard's tensors in memory at once, hence this one. This module knows nothing of models or merging.
 """
 
@@ -258,10 +258,14 @@ def move_into_place(folder: Path, out_dir: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _owner_alive(rest: str) -> bool:
-    """Whether the process that made a temporary folder (pid in its name) still runs here."""
+def _owner_alive(rest: str, dead_pids: frozenset[int] = frozenset()) -> bool:
+    """Whether the process that made a temporary folder (pid in its name) still runs here;
+    ``dead_pids`` are known not to be writing (the calling server at its start-up, whose pid a
+    container may reuse from its previous run)."""
     match = _OURS.match(rest)
     if match is None or match.group(1) is None:
+        return False
+    if int(match.group(1)) in dead_pids:
         return False
     try:
         os.kill(int(match.group(1)), 0)
@@ -272,15 +276,19 @@ def _owner_alive(rest: str) -> bool:
     return True
 
 
-def _stale(entry: Path, out_dir: Path, tag: str, rest: str) -> bool:
+def _stale(
+    entry: Path, out_dir: Path, tag: str, rest: str, dead_pids: frozenset[int] = frozenset()
+) -> bool:
     if not _OURS.match(rest) or entry.is_symlink() or not entry.is_dir():
         return False
     if tag == OLD_TAG and not out_dir.exists():
         return False  # a merge died between the two renames: this is the previous output
-    return not _owner_alive(rest)
+    return not _owner_alive(rest, dead_pids)
 
 
-def remove_stale_temporaries(out_dir: str | Path) -> list[Path]:
+def remove_stale_temporaries(
+    out_dir: str | Path, *, dead_pids: frozenset[int] = frozenset()
+) -> list[Path]:
     """Remove the folders a killed merge to ``out_dir`` left beside it; returns those removed.
 
     Only this tool's: ``.NAME.dim3-tmp-*`` (a partial output) and ``.NAME.dim3-old-*`` (a replaced
@@ -296,17 +304,20 @@ def remove_stale_temporaries(out_dir: str | Path) -> list[Path]:
             prefix = f".{out_dir.name}{tag}"
             if entry.name.startswith(prefix):
                 rest = entry.name[len(prefix) :]
-                if _stale(entry, out_dir, tag, rest):
+                if _stale(entry, out_dir, tag, rest, dead_pids):
                     shutil.rmtree(entry, ignore_errors=True)
                     removed.append(entry)
     return removed
 
 
-def remove_stale_in_folder(folder: str | Path) -> list[Path]:
+def remove_stale_in_folder(folder: str | Path, *, at_startup: bool = False) -> list[Path]:
     """:func:`remove_stale_temporaries` for every destination directly inside ``folder``.
 
-    For an app's output folder: call it at start-up or before saving into ``folder``.
+    For an app's output folder: call it at start-up (``at_startup``: nothing of this process
+    is being written yet, so folders carrying its own pid, left by an earlier run that had the
+    same pid, are stale too) or before saving into ``folder``.
     """
+    dead = frozenset({os.getpid()}) if at_startup else frozenset()
     folder = Path(folder).expanduser().resolve()
     if not folder.is_dir():
         return []
@@ -315,4 +326,6 @@ def remove_stale_in_folder(folder: str | Path) -> list[Path]:
         match = _ANY_OURS.match(entry.name)
         if match and _OURS.match(match.group("rest")):
             names.add(match.group("name"))
-    return [p for name in sorted(names) for p in remove_stale_temporaries(folder / name)]
+    return [
+        p for name in sorted(names) for p in remove_stale_temporaries(folder / name, dead_pids=dead)
+    ]

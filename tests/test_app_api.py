@@ -9,6 +9,7 @@ showcase whose models nobody can change.
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -63,10 +64,11 @@ def test_merge_with_defaults_then_chat_in_one_call_with_a_picture(app):
     plan, log, status = c.predict(api_name="/merge")
     assert status.startswith("✅ Merged"), status
     assert "Merged:" in plan and str(ROOT) not in log + plan + status
-    original, merged = c.predict("Welche Farbe?", api_name="/chat")
+    original, merged, model = c.predict("Welche Farbe?", api_name="/chat")
     assert original.strip() and merged.strip() and NO_MERGE not in merged
+    assert model.startswith("dim3 merge of ./assets/demo/multimodal · version ")
     picture = gradio_client.handle_file(str(ROOT / "assets" / "examples" / "red_circle.png"))
-    original, merged = c.predict(
+    original, merged, _ = c.predict(
         "What colour is the shape?", image=picture, max_new_tokens=8, api_name="/chat"
     )
     assert original.strip() and merged.strip()
@@ -171,3 +173,161 @@ def test_sweep_errors_echo_the_grid_escaped(app):
     status, *_ = c.predict(grid="density=**big**", probe="", api_name="/sweep")
     assert status.startswith("❌") and "'**big**'" not in status, status
     assert r"\*\*big\*\*" in status, status  # shown literally, not as bold
+
+
+# -- the hardened public Space (issue 17) ------------------------------------------------------
+
+
+def write_probe(folder, image: str):
+    folder.mkdir(parents=True, exist_ok=True)
+    line = {"image": image, "question": "Colour?", "answer": "red", "language": "en"}
+    (folder / "probe.jsonl").write_text(json.dumps(line) + "\n")
+    return folder / "probe.jsonl"
+
+
+@pytest.fixture
+def outside_png():
+    """A real, readable PNG outside the app's allowed folders (not under pytest's base)."""
+    import shutil
+    import tempfile
+
+    from PIL import Image
+
+    folder = tempfile.mkdtemp(prefix="dim3-outside-")
+    Image.new("RGB", (8, 8), (200, 0, 0)).save(os.path.join(folder, "outside.png"))
+    yield os.path.join(folder, "outside.png")
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_files_named_inside_probe_and_parallel_files_stay_in_the_allowed_folders(
+    app, tmp_path, outside_png
+):
+    url, _ = app
+    c = client(url)
+    outside = outside_png
+    answers = []
+    for image in ("/etc/passwd", "/etc/no_such_file_zz", "../../../../../../etc/passwd", outside):
+        probe = write_probe(tmp_path / "p", image)
+        status, *_ = c.predict(probe=str(probe), api_name="/evaluate")
+        answers.append(status)
+        rows = [
+            {"id": g, "language": lang, "text": "x", "image": image}
+            for g in ("a", "b")
+            for lang in ("en", "de")
+        ]
+        parallel = tmp_path / "p" / "parallel.jsonl"
+        parallel.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        rep_status, *_ = c.predict(probe="file", probe_file=str(parallel), api_name="/represent")
+        answers.append(rep_status)
+    for status in answers:
+        assert status.startswith("❌") and "outside the folders this server may read" in status
+        assert (
+            "passwd" not in status and "no\\_such" not in status and "not a readable" not in status
+        )
+        assert "does not exist" not in status
+    # Whether the named file exists, or is a real picture, cannot be told from the answer.
+    assert len(set(answers[::2])) == 1 and len(set(answers[1::2])) == 1
+    status, *_ = c.predict(probe="/etc/hostname", api_name="/evaluate")
+    assert "probe file lies outside" in status and "checkpoint" not in status
+
+
+def test_wrong_types_nan_and_unreadable_pictures_get_specific_messages(app, tmp_path):
+    import time
+    import urllib.request
+
+    from PIL import Image
+
+    url, _ = app
+    c = client(url)
+    AppError = gradio_client.exceptions.AppError
+    with pytest.raises(AppError, match="ties_density must be a number, got 'abc'"):
+        c.predict(method="ties", ties_density="abc", api_name="/plan")
+    with pytest.raises(AppError, match="temperature must be a number, got 'hot'"):
+        c.predict("hi", temperature="hot", api_name="/chat")
+    fake = tmp_path / "fake.png"
+    fake.write_text("not a picture")
+    with pytest.raises(AppError, match="fake.png is not a readable image"):
+        c.predict("hi", image=gradio_client.handle_file(str(fake)), api_name="/chat")
+    big = tmp_path / "big.png"
+    Image.new("L", (12000, 12000)).save(big)
+    start = time.perf_counter()
+    with pytest.raises(AppError, match="12000×12000 pixels"):
+        c.predict("hi", image=gradio_client.handle_file(str(big)), api_name="/chat")
+    assert time.perf_counter() - start < 5  # the header is read, nothing is decoded
+    # NaN for an integer through the raw HTTP API: a message, not {"error": null}.
+    info = c.view_api(return_format="dict", print_info=False)["named_endpoints"]["/plan"]
+    data = [p["parameter_default"] for p in info["parameters"]]
+    names = [p["parameter_name"] for p in info["parameters"]]
+    data[names.index("wudi_iterations")] = float("nan")
+    body = json.dumps({"data": data}).encode()
+    request = urllib.request.Request(
+        url + "gradio_api/call/plan", data=body, headers={"Content-Type": "application/json"}
+    )
+    event = json.load(urllib.request.urlopen(request))["event_id"]
+    stream = urllib.request.urlopen(f"{url}gradio_api/call/plan/{event}").read().decode()
+    assert "wudi_iterations must be a finite number" in stream, stream
+
+
+def test_heavy_jobs_over_the_time_budget_are_refused_before_they_start(app):
+    import time
+
+    url, _ = app
+    c = client(url)
+    before = c.predict("Welche Farbe?", api_name="/chat")[2]
+    start = time.perf_counter()
+    *_, status = c.predict(method="wudi", wudi_iterations=100_000, api_name="/merge")
+    assert status.startswith("❌") and "would take about" in status and "not started" in status
+    assert "DIM3\\_JOB\\_BUDGET" in status and "fewer iterations" in status
+    assert time.perf_counter() - start < 120  # measured in seconds, not run for half an hour
+    assert c.predict("Welche Farbe?", api_name="/chat")[2] == before  # nothing changed
+    grid = "density=" + ",".join(f"0.{i:04d}" for i in range(1, 1001))
+    status, *_ = c.predict(grid=grid, probe="", api_name="/sweep")
+    assert status.startswith("❌") and "1,000 values" in status
+
+
+def test_saves_belong_to_their_session_and_push_takes_only_its_own(app):
+    url, scratch = app
+    alice, bob = client(url), client(url)
+    folder = scratch / "outputs" / "alice-merge"
+    _, status, *_ = alice.predict(folder="alice-merge", api_name="/save")
+    assert status.startswith("✅"), status
+    recipe = (folder / "dim3_recipe.json").read_text()
+    _, status, *_ = bob.predict(
+        folder="alice-merge", overwrite=True, method="ties", api_name="/save"
+    )
+    assert status.startswith("❌") and "not saved from this browser session" in status
+    assert (folder / "dim3_recipe.json").read_text() == recipe  # still Alice's model
+    status = bob.predict(repo_id="bob/x", token="hf_fake", api_name="/push")
+    assert "nothing to push yet" in status
+    _, status, *_ = alice.predict(folder="alice-merge", overwrite=True, api_name="/save")
+    assert status.startswith("✅"), status  # her own folder: she may overwrite it
+
+
+def test_chat_names_the_merged_model_so_a_client_sees_a_swap(app):
+    url, _ = app
+    c, other = client(url), client(url)
+    c.predict(api_name="/merge")
+    *_, first = c.predict("Welche Farbe?", api_name="/chat")
+    other.predict(method="linear", api_name="/merge")  # another visitor's merge
+    *_, second = c.predict("Welche Farbe?", api_name="/chat")
+    assert first.startswith("dim3 merge of") and second.startswith("linear merge of")
+    v1, v2 = (int(t.split("version ")[1].split(" ")[0]) for t in (first, second))
+    assert v2 == v1 + 1 and "merged at" in second
+    c.predict(api_name="/merge")  # leave the default merge served for the other tests
+
+
+def test_a_merge_queued_behind_a_cancelled_one_is_not_refused(app):
+    import time
+
+    url, _ = app
+    c = client(url)
+    job = c.submit(method="wudi", wudi_iterations=300, api_name="/merge")
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not job.done():
+        if any("step" in (u.desc or "") for u in job.status().progress_data or []):
+            break
+        time.sleep(0.05)
+    job.cancel()
+    *_, status = client(url).predict(api_name="/merge")
+    assert status.startswith("✅ Merged"), status
+    assert "another merge" not in status

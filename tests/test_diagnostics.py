@@ -313,7 +313,8 @@ def test_analysis_handler_shows_plots_table_and_csv(tiny_llava_trio, tmp_path):
     handler = _compute(ctx, merge, tab)
     seen = []
     values = _form_values(merge, tiny_llava_trio, calibration=0.5)
-    out = handler(progress=lambda *a, **k: seen.append(a[0]), **values)
+    run = handler(progress=lambda *a, **k: seen.append(a[0]), **values)
+    out = next(run)  # the handler removes its CSV's folder once Gradio has copied the file
     assert out[tab.status].startswith("✅"), out[tab.status]
     rows = dg.diagnose(recipe_of(tiny_llava_trio, calibration=0.5))
     assert seen[-1] == (len(rows), len(rows))
@@ -326,6 +327,7 @@ def test_analysis_handler_shows_plots_table_and_csv(tiny_llava_trio, tmp_path):
     table = out[tab.table]
     assert set(table["module"]) == {r.module for r in rows}
     assert open(out[tab.download], encoding="utf-8").read() == dg.to_csv(rows)
+    assert list(run) == [] and not os.path.exists(os.path.dirname(out[tab.download]))
 
 
 def test_analysis_handler_shows_errors_as_messages(tiny_llava_trio, tmp_path):
@@ -334,7 +336,7 @@ def test_analysis_handler_shows_errors_as_messages(tiny_llava_trio, tmp_path):
     app, ctx, merge, tab = _analysis_app(tiny_llava_trio, tmp_path)
     values = _form_values(merge, tiny_llava_trio)
     values["multilingual"] = "/definitely/not/allowed"
-    out = _compute(ctx, merge, tab)(progress=lambda *a, **k: None, **values)
+    out = next(_compute(ctx, merge, tab)(progress=lambda *a, **k: None, **values))
     assert out[tab.status].startswith("❌") and "allowed" in out[tab.status]
     assert set(out) == {tab.status}
 

@@ -97,13 +97,23 @@ def _dataset_ref(
     bench: Benchmark, dataset: str | None, allowed_roots: Sequence[str | Path] | None
 ) -> str:
     """A local folder (resolved, checked against ``allowed_roots``) or a Hub dataset id."""
-    from dim3.checkpoints import check_under_roots
+    from dim3.paths import OutsideRootsError, allowed_file
 
     ref = (dataset or "").strip() or bench.dataset
     folder = Path(ref).expanduser()
-    if ref.startswith((".", "/", "~")) or folder.exists():
-        if allowed_roots is not None:  # checked first: nothing is said about folders outside
-            folder = check_under_roots(folder, allowed_roots)
+    local = ref.startswith((".", "/", "~"))
+    if allowed_roots is not None:  # checked first: nothing is said about folders outside
+        if local:
+            folder = allowed_file(ref, allowed_roots, what="the dataset folder")
+        else:  # a bare name is a local folder only if it is one under the allowed folders
+            try:
+                folder = allowed_file(ref, allowed_roots, what="the dataset folder")
+                local = folder.is_dir()
+            except OutsideRootsError:
+                local = False
+    else:
+        local = local or folder.exists()
+    if local:
         if not folder.is_dir():
             raise ValueError(
                 f"dataset folder {ref} does not exist; give a folder with the {bench.title} "
@@ -198,18 +208,13 @@ def _probe_items(
     seed: int,
     allowed_roots: Sequence[str | Path] | None,
 ) -> list[Item]:
-    from dim3.checkpoints import check_under_roots
     from dim3.demo import demo_probe_path
     from dim3.probes import load_probe
 
     ref = (path or "").strip()
-    if ref in ("", "demo"):
-        file = demo_probe_path()
-    else:
-        file = Path(ref).expanduser()
-        if allowed_roots is not None:
-            file = check_under_roots(file, allowed_roots)
-    probe = load_probe(file)
+    file = demo_probe_path() if ref in ("", "demo") else Path(ref).expanduser()
+    # the file and every picture it names are checked against the allowed folders before use
+    probe = load_probe(file, allowed_roots=allowed_roots)
     present = list(dict.fromkeys(it.language for it in probe))
     wanted = [lang.strip() for lang in languages if lang.strip()] or present
     unknown = [lang for lang in wanted if lang not in present]

@@ -20,6 +20,7 @@ from dim3.ui.chat import MAXLENGTH_JS, build_chat_tab, refresh_status, stop_sess
 from dim3.ui.common import CSS, MAX_UPLOAD, AppContext
 from dim3.ui.evaluate import build_evaluate_tab
 from dim3.ui.merge import build_merge_tab
+from dim3.ui.validate import StudioBlocks
 
 TITLE = "DiM3 Studio"
 INTRO = (
@@ -39,7 +40,7 @@ SHOWCASE_NOTE = (
 def build_app(ctx: AppContext | None = None) -> gr.Blocks:
     """The whole app (not launched). ``ctx`` defaults to one built from the environment."""
     ctx = ctx or AppContext.from_env()
-    with gr.Blocks(title=TITLE, analytics_enabled=False) as app:
+    with StudioBlocks(title=TITLE, analytics_enabled=False) as app:  # typed inputs, see validate
         gr.Markdown(INTRO + (SHOWCASE_NOTE if ctx.is_showcase else ""))
         with gr.Tabs():
             with gr.Tab("Merge", id="merge", elem_id="dim3-tab-merge"):

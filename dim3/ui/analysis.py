@@ -10,7 +10,6 @@ options (defaults when another method is selected there). Errors are shown as me
 from __future__ import annotations
 
 import math
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ import pandas as pd
 
 from dim3 import diagnostics as dg
 from dim3.engine import Progress
+from dim3.ui import jobs
 from dim3.ui.common import AppContext, error_text, gpu, md_escape
 from dim3.ui.merge import HEAVY, MergeTab
 from dim3.ui.represent import build_represent_view
@@ -109,7 +109,7 @@ def build_analysis_tab(ctx: AppContext, merge: MergeTab) -> AnalysisTab:
 
 
 def _write_csv(rows: list[dg.DiagnosticRow]) -> Path:
-    folder = Path(tempfile.mkdtemp(prefix="dim3-diagnostics-"))
+    folder = jobs.job_folder("dim3-diagnostics-")  # removed once Gradio has copied the CSV
     path = folder / dg.CSV_FILE
     path.write_text(dg.to_csv(rows), encoding="utf-8")
     return path
@@ -117,10 +117,13 @@ def _write_csv(rows: list[dg.DiagnosticRow]) -> Path:
 
 def _compute(ctx: AppContext, merge: MergeTab, tab: AnalysisTab) -> Callable:
     @gpu(duration=300)
+    @jobs.cleans_up
     def diagnose(progress=gr.Progress(), **values: Any) -> dict[Any, Any]:  # noqa: B008
         """Per-layer residual geometry of the three checkpoints (plots, table and CSV)."""
+        budget = jobs.budget("diagnosis")
 
         def report(p: Progress) -> None:
+            budget.check(p.done / max(1, p.total), p.elapsed)
             progress((p.done, p.total), desc=f"{p.done}/{p.total} tensors", unit="tensors")
 
         try:

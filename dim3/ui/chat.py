@@ -17,6 +17,7 @@ image and generation settings in, both answers out.
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,7 @@ STOPPED = " ⏹ (stopped)"
 EMPTY = "(no answer: the model produced only blank tokens)"
 MIN_UPDATE = 0.05  # seconds between streamed screen updates
 PRIVATE = {"api_visibility": "private"}
+COUNT_JS = "(n) => (Number(n) || 0) + 1"  # Clear's count, kept in the browser
 # The browser cannot send more than the server accepts (MultimodalTextbox has no max_length).
 MAXLENGTH_JS = f"""() => {{
   const cap = () => document.querySelectorAll('#dim3-box textarea').forEach(
@@ -63,7 +65,8 @@ class ChatTab:
     right_msgs: gr.State
     image: gr.State
     seen: gr.State  # the merged model's version this session last answered with
-    asked: gr.State  # the session's Clear count when the question was asked
+    clears: gr.Number  # hidden, in the browser: how many times this page pressed Clear
+    turn: gr.Textbox  # hidden, in the browser: the id of the question its stream answers
     max_new_tokens: gr.Slider
     temperature: gr.Slider
     top_p: gr.Slider
@@ -151,8 +154,13 @@ def _layout(ctx: AppContext) -> tuple[ChatTab, dict[str, gr.Button]]:
         ]
     draw = draw_controls(gold)
     _examples(box)
-    states = gr.State([]), gr.State([]), gr.State(None), gr.State(None), gr.State(0)
-    tab = ChatTab(status, left, right, box, *states, *sliders, draw=draw)
+    states = gr.State([]), gr.State([]), gr.State(None), gr.State(None)
+    # Browser-side values: read when an event is triggered, not when the server runs it.
+    # (visible="hidden": in the page but not shown; a visible=False one is not in the page, and
+    # events would read its first value, not its current one)
+    clears = gr.Number(0, precision=0, visible="hidden", elem_id="dim3-clears")
+    turn = gr.Textbox("", visible="hidden", elem_id="dim3-turn")
+    tab = ChatTab(status, left, right, box, *states, clears, turn, *sliders, draw=draw)
     return tab, {"stop": stop, "regen": regen, "clear": clear}
 
 
@@ -176,30 +184,38 @@ def build_chat_tab(ctx: AppContext) -> ChatTab:
 
     tab, buttons = _layout(ctx)
     shown = [tab.left, tab.right, tab.left_msgs, tab.right_msgs, tab.image, tab.box]
-    turn_out = [*shown, tab.asked]
-    stream_in = [tab.left_msgs, tab.right_msgs, tab.image, tab.seen, tab.asked, *tab.settings()]
+    turn_out = [*shown, tab.turn]
+    stream_in = [tab.left_msgs, tab.right_msgs, tab.image, tab.seen, tab.turn, *tab.settings()]
     stream_out = [*shown, tab.status, tab.seen]
     stream = _stream(ctx, tab)
-    streaming = {"concurrency_limit": 4, "concurrency_id": "dim3-chat", **PRIVATE}
+    # "multiple": a question asked after Clear starts even while the stopped answer's event
+    # is still winding down (with "once", the browser would drop it and leave the box locked).
+    turns = {"trigger_mode": "multiple", **PRIVATE}
+    streaming = {"concurrency_limit": 4, "concurrency_id": "dim3-chat", **turns}
     asked = tab.box.submit(
         _add_turn(ctx, tab),
-        inputs=[tab.box, tab.left_msgs, tab.right_msgs, tab.image],
+        inputs=[tab.box, tab.left_msgs, tab.right_msgs, tab.image, tab.clears],
         outputs=turn_out,
-        **PRIVATE,
+        **turns,
     ).success(stream, inputs=stream_in, outputs=stream_out, **streaming)
     again = (
         buttons["regen"]
         .click(
             _regenerate(ctx, tab),
-            inputs=[tab.left_msgs, tab.right_msgs, tab.image],
+            inputs=[tab.left_msgs, tab.right_msgs, tab.image, tab.clears],
             outputs=turn_out,
-            **PRIVATE,
+            **turns,
         )
         .success(stream, inputs=stream_in, outputs=stream_out, **streaming)
     )
     buttons["stop"].click(_stop(ctx), queue=False, **PRIVATE)
+    # Clear counts itself in the browser at once, then ends the conversation on the server in
+    # the session's queue (ordered with its questions' events). Nothing is cancelled: a stream
+    # that learns of the Clear stops itself and shows the conversation as the Clear left it.
     for event in (buttons["clear"].click, tab.left.clear, tab.right.clear):
-        event(_clear(ctx, tab), outputs=shown, queue=False, cancels=[asked, again], **PRIVATE)
+        event(
+            None, inputs=[tab.clears], outputs=[tab.clears], js=COUNT_JS, queue=False, **PRIVATE
+        ).then(_clear(ctx, tab), inputs=[tab.clears], outputs=shown, **PRIVATE)
     if tab.draw:
         wire_draw(ctx, tab, tab.draw, answered=[asked, again])
     chat_api(ctx, tab)
@@ -226,8 +242,16 @@ def _locked(tab: ChatTab) -> dict:
 
 def _add_turn(ctx: AppContext, tab: ChatTab):
     def handler(
-        box: dict | None, left: list, right: list, image: str | None, request: gr.Request
+        box: dict | None,
+        left: list,
+        right: list,
+        image: str | None,
+        clears: float | None,
+        request: gr.Request,
     ) -> dict:
+        epoch = _before_clear(ctx, clears, request)
+        if epoch is None:  # asked before a Clear: not asked; its stream has nothing to answer
+            return {tab.turn: ""}
         box = box or {}
         text = (box.get("text") or "").strip()
         files = box.get("files") or []
@@ -257,10 +281,12 @@ def _add_turn(ctx: AppContext, tab: ChatTab):
             if left:
                 gr.Info("A new picture starts a new conversation.")
             left, right, image = [], [], str(files[0])
-        turn = {"role": "user", "content": text}
+        if _alive(left, epoch) is not left:  # a conversation a Clear ended: start afresh
+            left, right, image = [], [], None
+        turn = {"role": "user", "content": text, "epoch": epoch, "turn": uuid.uuid4().hex}
         left, right = [*left, turn], [*right, turn]
-        asked = {tab.asked: ctx.stop_flags.epoch(request.session_hash)}
-        return _shown(tab, left, right, image) | _locked(tab) | asked
+        ctx.stop_flags.remember(request.session_hash, (left, right, image))
+        return _shown(tab, left, right, image) | _locked(tab) | {tab.turn: turn["turn"]}
 
     return handler
 
@@ -276,15 +302,46 @@ def _shown(tab: ChatTab, left: list[dict], right: list[dict], image: str | None)
 
 
 def _regenerate(ctx: AppContext, tab: ChatTab):
-    def handler(left: list, right: list, image: str | None, request: gr.Request) -> dict:
-        left, right = _drop_reply(left), _drop_reply(right)
+    def handler(
+        left: list, right: list, image: str | None, clears: float | None, request: gr.Request
+    ) -> dict:
+        epoch = _before_clear(ctx, clears, request)
+        if epoch is None:
+            return {tab.turn: ""}
+        left, right = _drop_reply(_alive(left, epoch)), _drop_reply(_alive(right, epoch))
         if not left:
             gr.Warning("Nothing to regenerate yet: ask a question first.", title="No question")
             return {tab.box: gr.skip()}
-        asked = {tab.asked: ctx.stop_flags.epoch(request.session_hash)}
-        return _shown(tab, left, right, image) | _locked(tab) | asked
+        turn = uuid.uuid4().hex
+        left = [*left[:-1], left[-1] | {"turn": turn}]
+        right = [*right[:-1], right[-1] | {"turn": turn}]
+        ctx.stop_flags.remember(request.session_hash, (left, right, image))
+        return _shown(tab, left, right, image) | _locked(tab) | {tab.turn: turn}
 
     return handler
+
+
+def _before_clear(ctx: AppContext, clears: float | None, request: gr.Request) -> int | None:
+    """The page's Clear count when it asked, or None when it asked before a Clear that the
+    server has already seen: then nothing is asked."""
+    epoch = int(clears or 0)
+    return None if epoch < ctx.stop_flags.epoch(request.session_hash) else epoch
+
+
+def _alive(messages: list[dict], epoch: int) -> list[dict]:
+    """``messages`` unless a Clear (the ``epoch``-th) ended them: then none."""
+    asked = next((m["epoch"] for m in messages if "epoch" in m), None)
+    return [] if asked is not None and asked < epoch else messages
+
+
+def _again(tab: ChatTab, stored: tuple | None) -> dict:
+    """What an event that has nothing of its own to show leaves on screen: the conversation
+    as stored, the box unlocked unless a question in it is waiting for its answer."""
+    left, right, image = stored or ([], [], None)
+    out = _shown(tab, left, right, image)
+    if not left or left[-1]["role"] != "user":
+        out[tab.box] = gr.MultimodalTextbox(interactive=True)
+    return out
 
 
 def _drop_reply(messages: list[dict]) -> list[dict]:
@@ -303,8 +360,8 @@ def _stop(ctx: AppContext):
 
 
 def _clear(ctx: AppContext, tab: ChatTab):
-    def handler(request: gr.Request) -> dict:
-        ctx.stop_flags.stop(request.session_hash, clear=True)
+    def handler(clears: float | None, request: gr.Request) -> dict:
+        ctx.stop_flags.clear(request.session_hash, int(clears or 0), ([], [], None))
         return _shown(tab, [], [], None) | {
             tab.box: gr.MultimodalTextbox(value=None, interactive=True)
         }
@@ -371,20 +428,23 @@ def _stream(ctx: AppContext, tab: ChatTab):
         right: list,
         image_path: str | None,
         seen: int | None,
-        asked: int,
+        turn: str | None,
         max_new_tokens: float,
         temperature: float,
         top_p: float,
         request: gr.Request,
     ) -> Iterator[dict]:
         done = {tab.box: gr.MultimodalTextbox(interactive=True)}
-        flag = ctx.stop_flags.start(request.session_hash, int(asked or 0))
-        if flag.cleared:  # Clear came after the question: it is not answered, nothing is shown
-            ctx.stop_flags.finish(request.session_hash, flag)
+        session = request.session_hash
+        question = left[-1] if left and left[-1]["role"] == "user" else None
+        if question is None or question.get("turn") != turn:
+            # Refused, cleared, or another question's: nothing of its own to answer.
+            yield _again(tab, (left, right, image_path))
             return
-        if not left or left[-1]["role"] != "user":  # the question was refused: nothing to answer
-            ctx.stop_flags.finish(request.session_hash, flag)
-            yield done
+        flag = ctx.stop_flags.start(session, int(question.get("epoch", 0)))
+        if flag.cleared:  # Clear came after the question: it is not answered
+            ctx.stop_flags.finish(session, flag)
+            yield _again(tab, ctx.stop_flags.latest(session))
             return
         try:
             params = GenerationParams(int(max_new_tokens), float(temperature), float(top_p))
@@ -397,28 +457,34 @@ def _stream(ctx: AppContext, tab: ChatTab):
             left, right = _with_notice(left, note), _with_notice(right, note)
             replies = start_replies(served, (left, right), image, params, flag)
         except ChatError as exc:  # refused before any forward pass: the question is taken back
-            ctx.stop_flags.finish(request.session_hash, flag)
+            ctx.stop_flags.finish(session, flag)
             if flag.cleared:
+                yield _again(tab, ctx.stop_flags.latest(session))
                 return
             gr.Warning(error_html(exc, ctx.allowed_roots), title="Cannot answer this")
+            ctx.stop_flags.remember(session, (left[:-1], right[:-1], image_path))
             yield done | _shown(tab, left[:-1], right[:-1], image_path)
             return
         except Exception as exc:  # noqa: BLE001 - the UI boundary: the answer is the message
-            ctx.stop_flags.finish(request.session_hash, flag)
+            ctx.stop_flags.finish(session, flag)
             if flag.cleared:
+                yield _again(tab, ctx.stop_flags.latest(session))
                 return
             problem = f"⚠️ {error_text(exc, ctx.allowed_roots)}"
-            yield done | _finish(ctx, tab, (left, right), (problem, problem), image_path, None)
+            out = done | _finish(ctx, tab, (left, right), (problem, problem), image_path, None)
+            ctx.stop_flags.remember(session, (out[tab.left_msgs], out[tab.right_msgs], image_path))
+            yield out
             return
-        yield from _run(
-            ctx, tab, request.session_hash, flag, served, (left, right), replies, image_path, done
-        )
+        yield from _run(ctx, tab, session, flag, served, (left, right), replies, image_path, done)
+        if flag.cleared:  # a Clear that came while the last update was on its way: it wins
+            yield _again(tab, ctx.stop_flags.latest(session))
 
     return handler
 
 
 def _run(ctx, tab, session, flag, served, convs, replies, image_path, done) -> Iterator[dict]:
-    """Stream both replies into the panes; nothing more once Clear has stopped them."""
+    """Stream both replies into the panes; once Clear has stopped them, the conversation as the
+    Clear (or a later question) left it, shown again over any partial answer that got out."""
     panes = (
         pane_chunks(replies[0], "No original VLM is loaded."),
         pane_chunks(replies[1], NO_MERGE),
@@ -435,8 +501,12 @@ def _run(ctx, tab, session, flag, served, convs, replies, image_path, done) -> I
         for p in panes:
             p.close()
         ctx.stop_flags.finish(session, flag)
-    if not flag.cleared:
-        yield done | _finish(ctx, tab, convs, texts, image_path, served)
+    if flag.cleared:
+        yield _again(tab, ctx.stop_flags.latest(session))
+        return
+    out = done | _finish(ctx, tab, convs, texts, image_path, served)
+    ctx.stop_flags.remember(session, (out[tab.left_msgs], out[tab.right_msgs], image_path))
+    yield out
 
 
 def _by(served: Served | None) -> tuple[str | None, str | None]:

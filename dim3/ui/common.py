@@ -22,6 +22,8 @@ from dim3.models import MergeInfo, ModelManager, ModelMemoryError, ShowcaseError
 from dim3.paths import redact_paths
 from dim3.plan import PlanError
 from dim3.presets import DEMO_KEY, get_preset
+from dim3.ui.saves import SaveOwners
+from dim3.writer import remove_stale_in_folder
 
 log = logging.getLogger("dim3.ui")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -58,18 +60,42 @@ class Generation(threading.Event):
 
     @property
     def cleared(self) -> bool:
-        return self._flags.epoch(self._session) != self._epoch
+        return self._flags.epoch(self._session) > self._epoch
 
 
 class StopFlags:
-    """Per browser session: the running generation's stop flag (for Stop), and a count of
-    Clears (the *epoch*), so that a question asked before a Clear is never answered after it,
-    however the Clear and the answer's start interleave."""
+    """Per browser session: the running generation's stop flag (for Stop), a count of Clears
+    (the *epoch*: the browser counts its Clears and sends the count with each question and each
+    Clear), so that a question asked before a Clear is never answered after it, however the
+    Clear and the answer's events interleave; and the conversation as last stored, which an
+    event that lost the race to a Clear shows again rather than its own."""
 
     def __init__(self) -> None:
         self._flags: dict[str, Generation] = {}
         self._epochs: dict[str, int] = {}
+        self._latest: dict[str, Any] = {}
         self._lock = threading.Lock()
+
+    def clear(self, session: str, count: int, cleared: Any = None) -> None:
+        """The browser's ``count``-th Clear (each Clear counts one, also should the browser's
+        count arrive late): its conversation ends (``cleared`` is what is stored now),
+        questions asked before it are not answered, the running one stops."""
+        with self._lock:
+            self._latest[session] = cleared
+            self._epochs[session] = max(self._epochs.get(session, 0) + 1, count)
+            flag = self._flags.get(session)
+        if flag is not None:
+            flag.set()
+
+    def remember(self, session: str, conversation: Any) -> None:
+        """The conversation a handler stores for the session (see :meth:`latest`)."""
+        with self._lock:
+            self._latest[session] = conversation
+
+    def latest(self, session: str) -> Any:
+        """The conversation last stored for the session (None if none)."""
+        with self._lock:
+            return self._latest.get(session)
 
     def epoch(self, session: str) -> int:
         """How many times the session was cleared; a question records it when it is asked."""
@@ -102,6 +128,7 @@ class StopFlags:
         self.stop(session, clear=True)
         with self._lock:
             self._epochs.pop(session, None)
+            self._latest.pop(session, None)
 
     def finish(self, session: str, flag: threading.Event) -> None:
         with self._lock:
@@ -124,6 +151,7 @@ class AppContext:
     stop_flags: StopFlags = field(default_factory=StopFlags)
     showcase: MergeInfo | None = None
     showcase_card: str = ""
+    saves: SaveOwners = field(default_factory=SaveOwners)  # which session saved which folder
 
     @classmethod
     def from_env(cls) -> AppContext:
@@ -133,6 +161,9 @@ class AppContext:
         loaded here, before the server starts."""
         roots = allowed_roots_from_env()
         output = output_root_from_env()
+        stale = remove_stale_in_folder(output, at_startup=True)  # ours only, by exact name
+        if stale:
+            log.info("removed %d stale temporary folder(s) from the output folder", len(stale))
         default_vlm = get_preset(DEMO_KEY).multimodal
         manager = ModelManager(allowed_roots=[*roots, output], default_vlm=default_vlm)
         ctx = cls(manager=manager, allowed_roots=[*roots, output], output_root=output)

@@ -14,7 +14,7 @@ predictions as a downloadable JSON file. Errors are shown as messages.
 from __future__ import annotations
 
 import queue
-import tempfile
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -27,11 +27,12 @@ import pandas as pd
 
 from dim3.benchmarks import BENCHMARKS, PROBE, get_benchmark
 from dim3.benchmarks.sources import load_items
-from dim3.checkpoints import check_under_roots
 from dim3.demo import demo_probe_path, load_probe
 from dim3.demo.probe import ProbeItem
 from dim3.evaluate import ORIGINAL, EvalSpec, evaluate_merges, results_record, write_json
+from dim3.limits import JobBudget
 from dim3.methods import METHODS
+from dim3.ui import jobs
 from dim3.ui.common import AppContext, check_text, clock, error_text, gpu, md_escape
 from dim3.ui.merge import HEAVY, MergeTab
 from dim3.ui.sweep import build_sweep_view
@@ -103,7 +104,7 @@ def probe_items(ctx: AppContext, path: str) -> list[ProbeItem]:
     """The demo probe (empty ``path``) or a JSONL file that must lie under the allowed folders."""
     if not path.strip():
         return load_probe(demo_probe_path())
-    return load_probe(check_under_roots(Path(path.strip()), ctx.allowed_roots))
+    return load_probe(path.strip(), allowed_roots=ctx.allowed_roots)
 
 
 def source_languages(source: str) -> list[str]:
@@ -252,27 +253,38 @@ def evaluate_handler(ctx: AppContext, merge: MergeTab, tab: EvaluateTab) -> Call
     def evaluate(progress=gr.Progress(), **values: Any) -> Iterator[dict[Any, Any]]:  # noqa: B008
         """Scores per language of the original VLM and of each ticked merge on a probe set or a
         multilingual benchmark (xgqa, maxm, marvl, m3exam)."""
+        budget = jobs.budget("evaluation")
         try:
             spec = _spec(ctx, merge, values)
+            recipe = merge.form.recipe(values)
+            merges = [(m, spec.options.get(m, {})) for m in spec.methods if m != ORIGINAL]
+            jobs.refuse_estimate(budget, recipe, merges, ctx.allowed_roots)
         except Exception as exc:  # noqa: BLE001 - the UI boundary: shown, never raised
             yield {tab.status: f"❌ {md_escape(error_text(exc, ctx.allowed_roots), None)}"}
             return
-        yield from _run(ctx, tab, spec, progress)
+        yield from _run(ctx, tab, spec, progress, budget)
 
     return evaluate
 
 
-def _run(ctx: AppContext, tab: EvaluateTab, spec: EvalSpec, progress: Any) -> Iterator[dict]:
+def _run(
+    ctx: AppContext, tab: EvaluateTab, spec: EvalSpec, progress: Any, budget: JobBudget
+) -> Iterator[dict]:
     names = [ORIGINAL, *spec.methods]
     total = len(spec.items)
     key = (spec.multimodal.ref, spec.benchmark)
     events: queue.Queue[tuple[str, str, int]] = queue.Queue()
     aborted = threading.Event()
     outcome: dict[str, Any] = {"answers": {}, "metrics": {}}
+    progress_by_model: dict[str, int] = {}
 
     def put(kind: str, name: str, done: int) -> None:
         if aborted.is_set():
             raise RuntimeError("the evaluation was cancelled")
+        if kind == "items":
+            finished = sum(n for m, n in progress_by_model.items() if m != name) + done
+            budget.check(finished / max(1, total * len(names)))
+            progress_by_model[name] = done
         events.put((kind, name, done))
 
     def work() -> None:
@@ -324,14 +336,18 @@ def _run(ctx: AppContext, tab: EvaluateTab, spec: EvalSpec, progress: Any) -> It
         exc = outcome["error"]
         yield {tab.status: f"❌ {md_escape(error_text(exc, ctx.allowed_roots), None)}"}
         return
-    yield _finish(ctx, tab, spec, outcome)
+    folder = jobs.job_folder("dim3-eval-")
+    try:
+        yield _finish(ctx, tab, spec, outcome, folder)
+    finally:  # Gradio has copied the predictions file once it resumes (or closes) this handler
+        shutil.rmtree(folder, ignore_errors=True)
 
 
-def _finish(ctx: AppContext, tab: EvaluateTab, spec: EvalSpec, outcome: dict) -> dict:
+def _finish(ctx: AppContext, tab: EvaluateTab, spec: EvalSpec, outcome: dict, folder: Path) -> dict:
     results = outcome["results"]
     bench = get_benchmark(spec.benchmark)
     record = results_record(spec, results, outcome["metrics"], outcome["answers"])
-    out = Path(tempfile.mkdtemp(prefix="dim3-eval-")) / f"dim3-eval-{bench.name}.json"
+    out = folder / f"dim3-eval-{bench.name}.json"
     write_json(out, record)
     best = max(
         (m for m in results if m != ORIGINAL), key=lambda m: results[m]["overall"], default=None

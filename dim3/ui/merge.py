@@ -25,6 +25,7 @@ import gradio as gr
 from dim3 import engine
 from dim3.presets import presets
 from dim3.recipe import ROLES
+from dim3.ui import jobs
 from dim3.ui.common import AppContext, gpu, md_escape
 from dim3.ui.form import MergeForm, build_form
 from dim3.ui.progress import LOG_LINES, drive, err, ok, plain
@@ -267,12 +268,21 @@ def _merge(ctx: AppContext, tab: MergeTab) -> Callable:
         log: list[str] = []
         out: dict = {}
         try:
+            budget = jobs.budget("merge")
             recipe = tab.form.recipe(values)
+            jobs.refuse_estimate(
+                budget, recipe, [(recipe.method, recipe.options)], ctx.allowed_roots
+            )
             shown = ctx.manager.display_ref(recipe.multimodal.ref)
             log.append(f"Recipe: {recipe.method} on {shown}; loading a staging copy of the VLM…")
             yield {tab.log_box: "\n".join(log), tab.status: "⏳ Loading the VLM and merging…"}
             yield from drive(
-                lambda cb: ctx.manager.merge(recipe, progress=cb), progress, log, tab.log_box, out
+                lambda cb: ctx.manager.merge(recipe, progress=cb),
+                progress,
+                log,
+                tab.log_box,
+                out,
+                budget,
             )
             merged, result = out["result"]
         except Exception as exc:  # noqa: BLE001 - the UI boundary

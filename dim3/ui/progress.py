@@ -16,6 +16,7 @@ from typing import Any
 import gradio as gr
 
 from dim3.engine import Progress
+from dim3.limits import JobBudget
 from dim3.ui.common import AppContext, clock, error_text, md_escape, size
 
 LOG_LINES = 14
@@ -46,12 +47,14 @@ def run_with_progress(
     work: Callable[[Callable[[Progress], None]], Any],
     progress: gr.Progress,
     log: list[str],
+    budget: JobBudget | None = None,
 ) -> Iterator[str | tuple[str, Any]]:
     """Run ``work(callback)`` on a thread; yield the log text while it runs, then ("done", result).
 
     The engine's callback (per tensor, and per inner step of a slow rule) feeds ``gr.Progress``
     (bar, tensors done, steps, ETA); if the browser goes away the generator is closed and the
-    next callback aborts the merge, within a step of WUDI's optimisation.
+    next callback aborts the merge, within a step of WUDI's optimisation. So does ``budget``
+    (``dim3.limits.JobBudget``) once the time it allows is spent or projected to be.
     """
     events: queue.Queue[Progress] = queue.Queue()
     aborted = threading.Event()
@@ -60,6 +63,8 @@ def run_with_progress(
     def callback(p: Progress) -> None:
         if aborted.is_set():
             raise Aborted("the merge was cancelled")
+        if budget is not None:
+            budget.check(progress_fraction(p), p.elapsed)
         events.put(p)
 
     def target() -> None:
@@ -94,10 +99,15 @@ def run_with_progress(
 
 
 def drive(
-    work: Callable, progress: gr.Progress, log: list[str], log_box: Any, out: dict
+    work: Callable,
+    progress: gr.Progress,
+    log: list[str],
+    log_box: Any,
+    out: dict,
+    budget: JobBudget | None = None,
 ) -> Iterator[dict]:
     """Run ``work`` with live progress, yielding ``log_box`` updates; its result lands in ``out``."""
-    for item in run_with_progress(work, progress, log):
+    for item in run_with_progress(work, progress, log, budget):
         if isinstance(item, tuple):
             out["result"] = item[1]
         else:

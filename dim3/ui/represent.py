@@ -13,15 +13,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import gradio as gr
 import pandas as pd
 
 from dim3 import represent as rp
-from dim3.checkpoints import check_under_roots
 from dim3.models import MERGED, ORIGINAL
+from dim3.ui import jobs
 from dim3.ui.common import AppContext, gpu
 from dim3.ui.merge import HEAVY
 from dim3.ui.progress import err
@@ -142,8 +141,7 @@ def load_items(ctx: AppContext, probe: str, path: str) -> list[rp.ParallelItem]:
         return rp.parallel_items(probe)
     if not (path or "").strip():
         raise ValueError("choose a built-in parallel set or give the path of a JSONL file")
-    file = check_under_roots(Path(path.strip()), ctx.allowed_roots)
-    return rp.parallel_items(str(file))
+    return rp.parallel_items(path.strip(), allowed_roots=ctx.allowed_roots)
 
 
 def _loaded(ctx: AppContext) -> dict[str, tuple[Any, Any]]:
@@ -164,7 +162,10 @@ def compute_handler(ctx: AppContext, view: RepresentView) -> Callable:
     def represent(probe: str, probe_file: str, map_method: str, progress=gr.Progress()):  # noqa: B008
         """Per-layer silhouette and retrieval of the loaded original and merged VLMs."""
 
+        budget = jobs.budget("representation analysis")
+
         def report(name: str, done: int, total: int) -> None:
+            budget.check(done / max(1, total))  # per model: the first model's share projects
             progress((done, total), desc=f"{name}: {done}/{total} items", unit="items")
 
         try:

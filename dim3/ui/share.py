@@ -2,9 +2,10 @@
 "Save to folder" and "Push to Hub".
 
 Saving writes only inside the server's output folder (``dim3.paths.save_destination`` refuses
-names that are paths and any symbolic link in the way, before the engine's writer runs). Pushing
-uploads the folder this session saved last, with a token the visitor types (never stored or
-logged, blanked out of any error message).
+names that are paths and any symbolic link in the way, before the engine's writer runs), and
+only to a folder this browser session created (``dim3.ui.saves``). Pushing uploads the folder
+this session saved last, exactly as it saved it, with a token the visitor types (never stored
+or logged, blanked out of any error message).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import gradio as gr
 
 from dim3 import engine
 from dim3.paths import save_destination
+from dim3.ui import jobs
 from dim3.ui.common import AppContext, check_text, gpu, md_escape
 from dim3.ui.progress import LOG_LINES, drive, err, ok, plain
 
@@ -31,6 +33,7 @@ REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 def save_handler(ctx: AppContext, tab: MergeTab) -> Callable:
     @gpu(duration=300)
     def save(
+        request: gr.Request,
         progress=gr.Progress(),  # noqa: B008
         folder: str = "",
         overwrite: bool = False,
@@ -39,7 +42,10 @@ def save_handler(ctx: AppContext, tab: MergeTab) -> Callable:
         """Merge to a new checkpoint folder inside the server's output folder."""
         log: list[str] = []
         out: dict = {}
+        session = _session(request)
+        name, dest = "", None
         try:
+            budget = jobs.budget("save")
             name = check_text(folder, "folder name", 100)
             dest = save_destination(ctx.output_root, name)
             recipe = tab.form.recipe(values)
@@ -48,6 +54,10 @@ def save_handler(ctx: AppContext, tab: MergeTab) -> Callable:
                     f"a folder named {name!r} already exists in the output folder; "
                     "choose another name or tick Overwrite"
                 )
+            ctx.saves.claim(name, session, dest.exists())  # another session's folder: refused
+            jobs.refuse_estimate(
+                budget, recipe, [(recipe.method, recipe.options)], ctx.allowed_roots
+            )
             ctx.output_root.mkdir(parents=True, exist_ok=True)
             log.append(f"Writing the {recipe.method} merge to {name} in the output folder…")
             yield {tab.log_box: "\n".join(log), tab.status: "⏳ Saving…"}
@@ -63,9 +73,13 @@ def save_handler(ctx: AppContext, tab: MergeTab) -> Callable:
                 log,
                 tab.log_box,
                 out,
+                budget,
             )
             result = out["result"]
+            ctx.saves.saved(name, session, result.out_dir)
         except Exception as exc:  # noqa: BLE001 - the UI boundary
+            if dest is not None:
+                ctx.saves.release(name, session, dest)
             log.append(plain(ctx, exc))
             yield {tab.log_box: "\n".join(log[-LOG_LINES:]), tab.status: err(ctx, exc)}
             return
@@ -83,13 +97,20 @@ def save_handler(ctx: AppContext, tab: MergeTab) -> Callable:
 
 
 def push_handler(ctx: AppContext, tab: MergeTab) -> Callable:
-    def push(repo_id: str = "", token: str = "", private: bool = True, saved=None) -> dict:
+    def push(
+        request: gr.Request,
+        repo_id: str = "",
+        token: str = "",
+        private: bool = True,
+        saved=None,
+    ) -> dict:
         """Upload the folder saved last in this session to a Hub repository."""
-        secret = (token or "").strip()
+        secret = (token or "").strip() if isinstance(token, str) else ""
         try:
             repo = check_text(repo_id, "Hub repository", REPO_ID_CHARS)
             if not saved or not Path(saved).is_dir():
                 raise ValueError("nothing to push yet: save the merge to a folder first")
+            ctx.saves.check_push(Path(saved), _session(request))  # exactly what it saved
             if not REPO_ID.match(repo):
                 raise ValueError("the Hub repository must look like your-name/model-name")
             if not secret:
@@ -106,6 +127,10 @@ def push_handler(ctx: AppContext, tab: MergeTab) -> Callable:
         return {tab.status: ok(f"Pushed to [{md_escape(repo)}]({url}).")}
 
     return push
+
+
+def _session(request: gr.Request | None) -> str:
+    return getattr(request, "session_hash", None) or "local"
 
 
 def upload(folder: Path, repo_id: str, token: str, *, private: bool) -> str:

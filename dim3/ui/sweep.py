@@ -21,6 +21,7 @@ import pandas as pd
 
 from dim3 import sweep as sw
 from dim3.methods import METHODS
+from dim3.ui import jobs
 from dim3.ui.common import AppContext, gpu
 from dim3.ui.merge import HEAVY, MergeTab
 from dim3.ui.progress import err
@@ -223,6 +224,9 @@ def sweep_handler(ctx: AppContext, merge: MergeTab, view: SweepView) -> Callable
             spec = sw.SweepSpec(
                 recipe, grid, tuple(items), references=refs, select=values[view.select]
             )
+            budget = jobs.budget("sweep")
+            merges = [(method, p) for p in spec.points] + [(m, {}) for m in (method, *refs)]
+            jobs.refuse_estimate(budget, recipe, merges, ctx.allowed_roots)
         except Exception as exc:  # noqa: BLE001 - the UI boundary: shown, never raised
             yield {view.status: err(ctx, exc)}
             return
@@ -231,6 +235,7 @@ def sweep_handler(ctx: AppContext, merge: MergeTab, view: SweepView) -> Callable
         yield {view.status: f"⏳ Loading the VLM; {total} models to score…"}
         try:
             for point in sw.iter_sweep(spec, allowed_roots=ctx.allowed_roots):
+                budget.check(len(points) / total)  # scored so far: the next would run past it
                 points.append(point)
                 progress((len(points), total), desc=f"scored {point.label}", unit="models")
                 yield {
