@@ -9,6 +9,7 @@ It shows a per-language table and a grouped bar chart. Errors are shown as messa
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
+from dim3 import estimate as est
 from dim3.checkpoints import check_under_roots
 from dim3.demo import demo_probe_path, load_probe
 from dim3.demo.probe import ProbeItem
@@ -34,6 +36,7 @@ INTRO = (
     "built-in probe fits the built-in demo trio: pictures of coloured shapes, asked about in "
     "eight languages."
 )
+EMPTY = "*Press **Evaluate** to see a table and a bar chart of each model's accuracy per language.*"
 DEFAULT_METHODS = ("dim3", "task_arithmetic")
 
 
@@ -48,6 +51,8 @@ class EvaluateTab:
     status: gr.Markdown
     table: gr.Dataframe
     chart: gr.Plot
+    empty: gr.Markdown  # what will appear, until the first run
+    results: gr.Column  # the table and the chart, shown by the first run
 
 
 def results_frame(results: dict[str, dict[str, float]]) -> pd.DataFrame:
@@ -60,25 +65,38 @@ def results_frame(results: dict[str, dict[str, float]]) -> pd.DataFrame:
 
 
 def chart_figure(results: dict[str, dict[str, float]]):
-    """A grouped bar chart: one group per language (and overall), one bar per model."""
-    import matplotlib
+    """A grouped bar chart: one group per language (and overall), one bar per model in its
+    colour (``dim3.plots.accuracy_figure``)."""
+    from dim3 import plots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    return plots.accuracy_figure(results)
 
-    columns = list(next(iter(results.values())))
-    fig, ax = plt.subplots(figsize=(9, 3.4), dpi=100)
-    width = 0.8 / len(results)
-    for i, (name, accs) in enumerate(results.items()):
-        xs = [c + (i - (len(results) - 1) / 2) * width for c in range(len(columns))]
-        ax.bar(xs, [accs.get(c, 0.0) for c in columns], width, label=name)
-    ax.set_xticks(range(len(columns)), columns)
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("accuracy")
-    ax.legend(fontsize=8, ncols=min(4, len(results)), loc="upper right")
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    return fig
+
+def _timed_progress(progress: Any, vlm: str, questions: int, methods: tuple[str, ...]) -> Callable:
+    """evaluate_merges' progress callback: the bar, with the time left from measured costs
+    (the first model's answers measure the cost per answer; each later interval, a merge)."""
+    marks: list[float] = []
+
+    def report(name: str, done: int, total: int) -> None:
+        now = time.perf_counter()
+        if marks:
+            took = now - marks[-1]
+            if done == 1:
+                est.BOOK.record_answers(vlm, questions, took)
+            else:
+                answers = (est.BOOK.per_answer(vlm) or 0.0) * questions
+                est.BOOK.record_merge(vlm, methods[done - 2], max(took - answers, 1e-3))
+        marks.append(now)
+        left = est.remaining_text(
+            est.BOOK, vlm, questions, methods[max(done - 1, 0) :], total - done
+        )
+        if done == 0:
+            whole = est.BOOK.estimate(vlm, questions, methods)
+            left = f"about {est.clock(whole)} in all" if whole is not None else ""
+        desc = f"evaluating {name}" if name else "done"
+        progress((done, total), desc=f"{desc} ({left})" if left and name else desc, unit="models")
+
+    return report
 
 
 def probe_items(ctx: AppContext, path: str) -> list[ProbeItem]:
@@ -101,7 +119,7 @@ def _layout() -> EvaluateTab:
         per_lang = gr.Slider(
             0,
             480,
-            value=48,
+            value=16,
             step=8,
             label="Questions per language (0 = all)",
             scale=1,
@@ -115,11 +133,13 @@ def _layout() -> EvaluateTab:
     )
     run = gr.Button("Evaluate", variant="primary", elem_id="dim3-evaluate")
     status = gr.Markdown("", elem_id="dim3-eval-status")
-    table = gr.Dataframe(
-        label="Accuracy per language", interactive=False, elem_id="dim3-eval-table"
-    )
-    chart = gr.Plot(label="Accuracy per language", elem_id="dim3-eval-chart")
-    return EvaluateTab(methods, probe, per_lang, run, status, table, chart)
+    empty = gr.Markdown(EMPTY, elem_id="dim3-eval-empty")
+    with gr.Column(visible=False, elem_id="dim3-eval-results") as results:
+        table = gr.Dataframe(
+            label="Accuracy per language", interactive=False, wrap=True, elem_id="dim3-eval-table"
+        )
+        chart = gr.Plot(show_label=False, elem_id="dim3-eval-chart")
+    return EvaluateTab(methods, probe, per_lang, run, status, table, chart, empty, results)
 
 
 def build_evaluate_tab(ctx: AppContext, merge: MergeTab) -> EvaluateTab:
@@ -129,7 +149,7 @@ def build_evaluate_tab(ctx: AppContext, merge: MergeTab) -> EvaluateTab:
         evaluate_handler(ctx, merge, tab),
         inputs_kwargs=merge.form.kwargs()
         | {"methods": tab.methods, "probe": tab.probe, "questions_per_language": tab.per_language},
-        outputs=[tab.status, tab.table, tab.chart],
+        outputs=[tab.status, tab.table, tab.chart, tab.empty, tab.results],
         api_name="evaluate",
         concurrency_limit=1,
         concurrency_id=HEAVY,
@@ -145,9 +165,6 @@ def evaluate_handler(ctx: AppContext, merge: MergeTab, tab: EvaluateTab) -> Call
     def evaluate(progress=gr.Progress(), **values: Any) -> dict[Any, Any]:  # noqa: B008
         """Probe-set accuracy per language of the original VLM and of each ticked merge."""
 
-        def report(name: str, done: int, total: int) -> None:
-            progress((done, total), desc=f"evaluating {name}" if name else "done", unit="models")
-
         try:
             recipe = merge.form.recipe(values)
             methods = tuple(values["methods"] or ())
@@ -155,6 +172,7 @@ def evaluate_handler(ctx: AppContext, merge: MergeTab, tab: EvaluateTab) -> Call
             items = first_per_language(
                 probe_items(ctx, probe), int(values["questions_per_language"])
             )
+            report = _timed_progress(progress, f"{recipe.multimodal.ref}@cpu", len(items), methods)
             options = {recipe.method: recipe.options} if recipe.method in methods else {}
             spec = EvalSpec(
                 recipe.base,
@@ -177,6 +195,8 @@ def evaluate_handler(ctx: AppContext, merge: MergeTab, tab: EvaluateTab) -> Call
             tab.status: status,
             tab.table: results_frame(results),
             tab.chart: chart_figure(results),
+            tab.empty: gr.Markdown(visible=False),
+            tab.results: gr.Column(visible=True),
         }
 
     return evaluate

@@ -50,6 +50,7 @@ class MergeTab:
     token: gr.Textbox | None = None
     private: gr.Checkbox | None = None
     saved: gr.State | None = None
+    weights: gr.Plot | None = None  # DiM3's weights as a heat map, after a DiM3 merge
 
 
 INTRO = (
@@ -77,6 +78,7 @@ def _layout(ctx: AppContext) -> tuple[MergeTab, dict[str, gr.Button]]:
         check = gr.Button("Check plan", variant="secondary", elem_id="dim3-check")
         merge = gr.Button("Merge", variant="primary", elem_id="dim3-merge")
     status = gr.Markdown("", elem_id="dim3-merge-status")
+    weights = gr.Plot(visible=False, show_label=False, elem_id="dim3-merge-heatmap")
     plan_box, log_box = _plan_and_log()
     with gr.Accordion("Save to a folder and share on the Hub", open=False):
         with gr.Row():
@@ -107,6 +109,7 @@ def _layout(ctx: AppContext) -> tuple[MergeTab, dict[str, gr.Button]]:
     tab = MergeTab(
         form, note, plan_box, log_box, status, folder, overwrite, repo, token, private, saved
     )
+    tab.weights = weights
     return tab, {"check": check, "merge": merge, "save": save, "push": push}
 
 
@@ -195,7 +198,7 @@ def build_merge_tab(ctx: AppContext) -> MergeTab:
     buttons["merge"].click(
         _merge(ctx, tab),
         inputs_kwargs=form.kwargs(),
-        outputs=[tab.plan_box, tab.log_box, tab.status],
+        outputs=[tab.plan_box, tab.log_box, tab.status, tab.weights],
         api_name="merge",
         **heavy,
     )
@@ -293,6 +296,24 @@ def _merge(ctx: AppContext, tab: MergeTab) -> Callable:
                 f"{result.seconds:.1f} s. Open the **Chat** tab to compare; every open chat "
                 "now answers with this merge."
             ),
+            tab.weights: weights_plot(ctx, recipe, result.plan),
         }
 
     return merge
+
+
+HEATMAP_BYTES = 2 * 10**9  # above this the heat map (a second read of the trio) is left to Analysis
+
+
+def weights_plot(ctx: AppContext, recipe: engine.Recipe, plan: Any) -> Any:
+    """The heat map of DiM3's weights per layer and module after a DiM3 merge (hidden after
+    another method's, or for a large trio whose second read the Analysis tab offers)."""
+    if recipe.method != "dim3" or plan.summary()["bytes"] > HEATMAP_BYTES:
+        return gr.Plot(visible=False)
+    from dim3 import diagnostics as dg
+
+    try:
+        rows = dg.diagnose(recipe, allowed_roots=ctx.allowed_roots)
+    except Exception:  # noqa: BLE001 - a picture is not worth failing a finished merge
+        return gr.Plot(visible=False)
+    return gr.Plot(dg.heatmap(rows), visible=True) if rows else gr.Plot(visible=False)

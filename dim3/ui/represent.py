@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
-import pandas as pd
 
 from dim3 import represent as rp
 from dim3.checkpoints import check_under_roots
@@ -34,6 +33,10 @@ INTRO = (
     "alignment lowers it); **by content**, high when the same meaning sits together; "
     "**retrieval** is how often an item's nearest neighbour in another language is its "
     "translation. Uses the original and merged VLMs in memory: merge in the **Merge** tab first."
+)
+EMPTY = (
+    "*Press **Compute representations** to draw the three scores per layer for each model and a "
+    "2-D map of one layer (colour = language, marker = content), with a slider for the layer.*"
 )
 PROBES = [
     ("Demo: pictures + colour question (8 languages)", "demo"),
@@ -52,21 +55,12 @@ class RepresentView:
     map_method: gr.Radio
     compute: gr.Button
     status: gr.Markdown
-    curves: dict[str, gr.LinePlot]
+    empty: gr.Markdown
+    curves: gr.Plot
     layer: gr.Slider
     map: gr.Plot
     state: gr.State
-
-
-def curve_frame(rep: rp.Representations, metric: str) -> pd.DataFrame:
-    """Plot data of one metric: columns layer, model, value (undefined values left out)."""
-    rows = [
-        {"layer": layer, "model": name, "value": v}
-        for name, m in rep.metrics.items()
-        for layer, v in enumerate(m[metric])
-        if v == v
-    ]
-    return pd.DataFrame(rows, columns=["layer", "model", "value"])
+    results: gr.Column  # curves, layer slider and map, shown by the first run
 
 
 def _layout() -> RepresentView:
@@ -94,23 +88,23 @@ def _layout() -> RepresentView:
         )
     compute = gr.Button("Compute representations", variant="primary", elem_id="dim3-represent")
     status = gr.Markdown("", elem_id="dim3-rep-status")
-    curves = {}
-    with gr.Row(equal_height=True):
-        for metric, title in rp.METRICS.items():
-            curves[metric] = gr.LinePlot(
-                x="layer",
-                y="value",
-                color="model",
-                title=title,
-                x_title="layer (0 = embeddings)",
-                y_title=metric,
-                height=240,
-                elem_id=f"dim3-rep-{metric}",
-            )
-    layer = gr.Slider(0, 1, value=0, step=1, label="Layer of the map", elem_id="dim3-rep-layer")
-    map_plot = gr.Plot(label="2-D map: colour = language, marker = content", elem_id="dim3-rep-map")
+    empty = gr.Markdown(EMPTY, elem_id="dim3-rep-empty")
+    with gr.Column(visible=False, elem_id="dim3-rep-results") as results:
+        curves = gr.Plot(show_label=False, elem_id="dim3-rep-curves")
+        layer = gr.Slider(0, 1, value=0, step=1, label="Layer of the map", elem_id="dim3-rep-layer")
+        map_plot = gr.Plot(show_label=False, elem_id="dim3-rep-map")
     return RepresentView(
-        probe, path, map_method, compute, status, curves, layer, map_plot, gr.State(None)
+        probe,
+        path,
+        map_method,
+        compute,
+        status,
+        empty,
+        curves,
+        layer,
+        map_plot,
+        gr.State(None),
+        results,
     )
 
 
@@ -120,7 +114,15 @@ def build_represent_view(ctx: AppContext) -> RepresentView:
     view.compute.click(
         compute_handler(ctx, view),
         inputs=[view.probe, view.path, view.map_method],
-        outputs=[view.status, view.state, view.layer, view.map, *view.curves.values()],
+        outputs=[
+            view.status,
+            view.state,
+            view.empty,
+            view.results,
+            view.curves,
+            view.layer,
+            view.map,
+        ],
         api_name="represent",
         concurrency_limit=1,
         concurrency_id=HEAVY,
@@ -185,10 +187,13 @@ def compute_handler(ctx: AppContext, view: RepresentView) -> Callable:
         out: dict[Any, Any] = {
             view.status: status,
             view.state: rep,
+            view.empty: gr.Markdown(visible=False),
+            view.results: gr.Column(visible=True),
+            view.curves: rp.curves_figure(rep),
             view.layer: gr.Slider(0, len(rep.layers) - 1, value=layer, step=1),
             view.map: figure,
         }
-        return out | {plot: curve_frame(rep, m) for m, plot in view.curves.items()}
+        return out
 
     return represent
 

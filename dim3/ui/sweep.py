@@ -19,6 +19,7 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
+from dim3 import estimate as est
 from dim3 import sweep as sw
 from dim3.methods import METHODS
 from dim3.ui.common import AppContext, gpu
@@ -36,11 +37,16 @@ EXAMPLE_GRIDS = {
     "dim3": "above_average_ratio=0.5,1,2\ncalibration=0.5,1",
     "task_arithmetic": "scaling=0.25,0.5,0.75,1",
     "linear": "multilingual_weight=0.5,1,2",
-    "ties": "density=0.1,0.2,0.4,0.8",
+    "ties": "density=0.2,0.5,0.8",
     "dare_task_arithmetic": "drop_rate=0.1,0.5,0.9",
     "dare_ties": "drop_rate=0.1,0.5,0.9",
     "breadcrumbs": "density=0.5,0.7,0.9",
 }
+EMPTY = (
+    "*Press **Run sweep** to score each setting; a table grows as they finish and a plot of "
+    "English against the other languages follows. The time it will take is said first.*"
+)
+DEFAULT_PER_LANGUAGE = 16  # the defaults score 5 models in about a minute on the demo, 2 CPUs
 COLUMNS = ["model", "options", "tune en", "tune others", "tune rule", "report en", "report others"]
 
 
@@ -61,6 +67,7 @@ class SweepView:
     point: gr.Dropdown
     send: gr.Button
     points: gr.State
+    results: gr.Column  # the plot and the table, shown when the first point is scored
 
 
 def points_frame(points: list[sw.SweepPoint], rule: str) -> pd.DataFrame:
@@ -107,7 +114,7 @@ def _layout() -> SweepView:
             per_language = gr.Slider(
                 0,
                 480,
-                value=48,
+                value=DEFAULT_PER_LANGUAGE,
                 step=8,
                 label="Questions per language (0 = all)",
                 elem_id="dim3-sweep-n",
@@ -130,19 +137,21 @@ def _layout() -> SweepView:
             elem_id="dim3-sweep-probe",
         )
         references = gr.Checkbox(
-            value=True,
-            label="Other methods at their defaults as reference points",
+            value=False,
+            label=f"Also score the {len(METHODS) - 1} other methods at their defaults (slow)",
             scale=1,
             elem_id="dim3-sweep-refs",
         )
     run = gr.Button("Run sweep", variant="primary", elem_id="dim3-sweep")
-    status = gr.Markdown("", elem_id="dim3-sweep-status")
-    with gr.Row():
-        plot = gr.Plot(
-            label="English vs the other languages (tuning half)", elem_id="dim3-sweep-plot"
-        )
+    status = gr.Markdown(EMPTY, elem_id="dim3-sweep-status")
+    with gr.Column(visible=False, elem_id="dim3-sweep-results") as results:
+        plot = gr.Plot(show_label=False, elem_id="dim3-sweep-plot")
         table = gr.Dataframe(
-            headers=COLUMNS, label="Per setting", interactive=False, elem_id="dim3-sweep-table"
+            headers=COLUMNS,
+            label="Per setting (accuracy)",
+            interactive=False,
+            wrap=True,
+            elem_id="dim3-sweep-table",
         )
     with gr.Row():
         point = gr.Dropdown([], label="Setting", scale=3, elem_id="dim3-sweep-point")
@@ -161,6 +170,7 @@ def _layout() -> SweepView:
         point,
         send,
         gr.State([]),
+        results,
     )
 
 
@@ -176,7 +186,7 @@ def build_sweep_view(ctx: AppContext, merge: MergeTab) -> SweepView:
     view.run.click(
         sweep_handler(ctx, merge, view),
         inputs_kwargs=merge.form.kwargs() | sweep_kwargs(view),
-        outputs=[view.status, view.plot, view.table, view.point, view.points],
+        outputs=[view.status, view.plot, view.table, view.point, view.points, view.results],
         api_name="sweep",
         concurrency_limit=1,
         concurrency_id=HEAVY,
@@ -228,14 +238,24 @@ def sweep_handler(ctx: AppContext, merge: MergeTab, view: SweepView) -> Callable
             return
         points: list[sw.SweepPoint] = []
         total = spec.total()
-        yield {view.status: f"⏳ Loading the VLM; {total} models to score…"}
+        vlm, n = f"{recipe.multimodal.ref}@{recipe.device}", len(spec.items)
+        merges = [*spec.references, *[method] * (1 + len(spec.points))]
+        plan = est.plan_text(est.BOOK, vlm, n, merges)
+        yield {view.status: f"⏳ Loading the VLM. {plan}"}
         try:
-            for point in sw.iter_sweep(spec, allowed_roots=ctx.allowed_roots):
+            for point in sw.iter_sweep(
+                spec, allowed_roots=ctx.allowed_roots, costs=_recorder(vlm, n)
+            ):
                 points.append(point)
+                left = est.remaining_text(
+                    est.BOOK, vlm, n, merges[len(points) - 1 :], total - len(points)
+                )
                 progress((len(points), total), desc=f"scored {point.label}", unit="models")
                 yield {
-                    view.status: f"⏳ {len(points)}/{total}: {point.label}",
+                    view.status: f"⏳ {len(points)}/{total}: {point.label}"
+                    + (f" ({left})" if left else ""),
                     view.table: points_frame(points, spec.select),
+                    view.results: gr.Column(visible=True),
                 }
         except Exception as exc:  # noqa: BLE001 - the UI boundary
             yield {view.status: err(ctx, exc)}
@@ -258,6 +278,17 @@ def sweep_handler(ctx: AppContext, merge: MergeTab, view: SweepView) -> Callable
         }
 
     return handler
+
+
+def _recorder(vlm: str, questions: int) -> Callable[[str, float, float], None]:
+    """Book each scored point's measured cost (for the next estimates)."""
+
+    def record(method: str, merge_seconds: float, answer_seconds: float) -> None:
+        est.BOOK.record_answers(vlm, questions, answer_seconds)
+        if method:
+            est.BOOK.record_merge(vlm, method, merge_seconds)
+
+    return record
 
 
 def send_handler(merge: MergeTab, view: SweepView) -> Callable:
