@@ -1,4 +1,9 @@
-"""Every figure of DiM3 Studio, built once for the CLI's PNGs and the app's plots.
+"""The figures of DiM3 Studio, built once for the CLI's PNGs and the app's plots.
+
+Diagnostics (line panels and the heat map of DiM3's weights), evaluation bars, the sweep's
+Pareto plot and the representation curves are drawn here; the representation map
+(``dim3.represent.map_figure``, colour = language) is drawn beside its projection code on
+:func:`new_figure`.
 
 One house style (DESIGN.md, point 20):
 
@@ -360,8 +365,9 @@ def weights_grid(rows: Sequence[Any], metric: str) -> tuple[list[int], list[str]
 
 
 def weights_heatmap(rows: Sequence[Any], title: str | None = None):
-    """DiM3's mean weight per layer (rows) and module (columns): Δmm beside Δml (one panel per
-    multilingual update), one colour scale, the value written in each cell when they are few."""
+    """DiM3's mean weight per layer and module: Δmm beside Δml (one panel per multilingual
+    update), one colour scale, the value written in each cell when they are few. The longer of
+    the two axes runs down (modules down for a small model, layers down for a real one)."""
     updates = list(dict.fromkeys(getattr(r, "update", "multilingual") for r in rows))
     own = [r for r in rows if getattr(r, "update", "multilingual") == updates[0]]
     panels = [("Δmm (multimodal update)", own, "dim3_mm_weight")]
@@ -383,20 +389,40 @@ def weights_heatmap(rows: Sequence[Any], title: str | None = None):
     vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
     if vmax - vmin < 1e-6:
         vmin, vmax = vmin - 0.05, vmax + 0.05
-    width = min(6.5, 1.6 + 0.42 * len(modules))
-    height = min(9.0, 2.3 + 0.42 * len(layers))
+    # the longer axis runs down the page: modules down when they outnumber the layers (a small
+    # model), layers down otherwise (a real one), so that the figure stays compact and module
+    # names read horizontally
+    modules_down = len(modules) > len(layers)
+    across, down = (len(layers), len(modules)) if modules_down else (len(modules), len(layers))
+    label_w = 1.9 if modules_down else 0.6
+    width = min(7.0, label_w + 0.5 * across + (0 if modules_down else 0.4))
+    height = min(9.0, (1.4 if modules_down else 2.3) + 0.32 * down)
     fig = new_figure(width * len(panels) + 1.0, height)
     axes = fig.subplots(1, len(panels), squeeze=False, sharey=True)
     annotate = len(layers) * len(modules) <= 160
     image = None
+    layer_labels = [str(x) for x in layers]
+    if len(layers) > 24:  # every k-th layer labelled
+        step = math.ceil(len(layers) / 16)
+        layer_ticks_ = list(range(0, len(layers), step))
+    else:
+        layer_ticks_ = list(range(len(layers)))
     for ax, (label, _, _), (_, mods, grid) in zip(axes[0], panels, grids, strict=True):
-        image = ax.imshow(grid, cmap="viridis", vmin=vmin, vmax=vmax, aspect="auto")
+        shown = grid.T if modules_down else grid  # (down, across)
+        image = ax.imshow(shown, cmap="viridis", vmin=vmin, vmax=vmax, aspect="auto")
         ax.set_title(label, fontsize=10)
-        ax.set_xticks(range(len(mods)), mods, rotation=45, ha="right", fontsize=8)
-        ax.set_yticks(range(len(layers)), [str(x) for x in layers], fontsize=8)
-        ax.set_xlabel("module")
+        module_ticks = (range(len(mods)), mods)
+        layer_ticks_at = (layer_ticks_, [layer_labels[i] for i in layer_ticks_])
+        if modules_down:
+            ax.set_xticks(*layer_ticks_at, fontsize=8)
+            ax.set_yticks(*module_ticks, fontsize=8)
+            ax.set_xlabel("layer")
+        else:
+            ax.set_xticks(*module_ticks, rotation=45, ha="right", fontsize=8)
+            ax.set_yticks(*layer_ticks_at, fontsize=8)
+            ax.set_xlabel("module")
         if annotate:
-            for (i, j), v in np.ndenumerate(grid):
+            for (i, j), v in np.ndenumerate(shown):
                 if math.isfinite(v):
                     light = (v - vmin) / (vmax - vmin) > 0.6
                     ax.text(
@@ -408,15 +434,9 @@ def weights_heatmap(rows: Sequence[Any], title: str | None = None):
                         fontsize=7,
                         color="black" if light else "white",
                     )
-    axes[0][0].set_ylabel("layer")
-    if len(layers) > 24:  # every k-th layer labelled
-        step = math.ceil(len(layers) / 16)
-        rows_shown = range(0, len(layers), step)
-        axes[0][0].set_yticks(list(rows_shown), [str(layers[i]) for i in rows_shown])
+    axes[0][0].set_ylabel("module" if modules_down else "layer")
     fig.colorbar(image, ax=axes[0].tolist(), label="mean DiM3 weight", shrink=0.9)
-    fig.suptitle(
-        title or "What DiM3 did: the weight of each update, per layer and module", fontsize=11
-    )
+    fig.suptitle(title or "What DiM3 did: the weight of each update", fontsize=11)
     return fig
 
 
@@ -537,8 +557,7 @@ def curves_figure(
     titles: Mapping[str, str],
 ):
     """One panel per metric over layers (0 = embeddings), one line per model in its colour and
-    marker (LLMs dashed), integer layer ticks, the legend below; a model whose curve is constant
-    in a panel is drawn (it is few points) but also said under the panels."""
+    marker (LLMs dashed), integer layer ticks, the legend below."""
     keys = list(titles)
     fig = new_figure(4.3 * len(keys), 3.9)
     axes = fig.subplots(1, len(keys), squeeze=False)

@@ -98,9 +98,12 @@ def _layout() -> AnalysisTab:
     status = gr.Markdown("", elem_id="dim3-analysis-status")
     empty = gr.Markdown(EMPTY, elem_id="dim3-analysis-empty")
     with gr.Column(visible=False, elem_id="dim3-analysis-results") as results:
-        heatmap = gr.Plot(show_label=False, elem_id="dim3-analysis-heatmap")
+        heatmap = gr.Plot(
+            show_label=False, elem_id="dim3-analysis-heatmap", elem_classes="dim3-figure"
+        )
         plots = {
-            name: gr.Plot(show_label=False, elem_id=f"dim3-plot-{name}") for name in SHOWN_FIGURES
+            name: gr.Plot(show_label=False, elem_id=f"dim3-plot-{name}", elem_classes="dim3-figure")
+            for name in SHOWN_FIGURES
         }
         table = gr.Dataframe(
             headers=[HEADERS.get(c, c) for c in SUMMARY_COLUMNS],

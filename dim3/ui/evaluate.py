@@ -114,6 +114,7 @@ def _layout() -> EvaluateTab:
             value=list(DEFAULT_METHODS),
             label="Merge methods",
             scale=3,
+            min_width=300,  # the slider goes below it on a phone
             elem_id="dim3-eval-methods",
         )
         per_lang = gr.Slider(
@@ -138,7 +139,7 @@ def _layout() -> EvaluateTab:
         table = gr.Dataframe(
             label="Accuracy per language", interactive=False, wrap=True, elem_id="dim3-eval-table"
         )
-        chart = gr.Plot(show_label=False, elem_id="dim3-eval-chart")
+        chart = gr.Plot(show_label=False, elem_id="dim3-eval-chart", elem_classes="dim3-figure")
     return EvaluateTab(methods, probe, per_lang, run, status, table, chart, empty, results)
 
 

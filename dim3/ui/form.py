@@ -194,6 +194,7 @@ def build_form(ctx: AppContext) -> tuple[MergeForm, gr.Markdown]:
             value=first.key,
             label="Preset",
             scale=3,
+            min_width=300,  # a line of its own on a phone, not squeezed beside dtype
             visible=edit,
         )
         dtype = gr.Dropdown(
@@ -201,7 +202,7 @@ def build_form(ctx: AppContext) -> tuple[MergeForm, gr.Markdown]:
             value=fixed.dtype if fixed else "auto",
             label="dtype",
             scale=1,
-            info="auto: bf16 on GPU, fp32 on CPU (a saved folder keeps the VLM's dtype)",
+            info="auto: bf16 on GPU, fp32 on CPU",  # one line, like Device's: boxes in line
             interactive=edit,
         )
         device = gr.Dropdown(

@@ -78,7 +78,9 @@ def _layout(ctx: AppContext) -> tuple[MergeTab, dict[str, gr.Button]]:
         check = gr.Button("Check plan", variant="secondary", elem_id="dim3-check")
         merge = gr.Button("Merge", variant="primary", elem_id="dim3-merge")
     status = gr.Markdown("", elem_id="dim3-merge-status")
-    weights = gr.Plot(visible=False, show_label=False, elem_id="dim3-merge-heatmap")
+    weights = gr.Plot(
+        visible=False, show_label=False, elem_id="dim3-merge-heatmap", elem_classes="dim3-figure"
+    )
     plan_box, log_box = _plan_and_log()
     with gr.Accordion("Save to a folder and share on the Hub", open=False):
         with gr.Row():
@@ -116,10 +118,16 @@ def _layout(ctx: AppContext) -> tuple[MergeTab, dict[str, gr.Button]]:
 def _plan_and_log(visible: bool = True) -> tuple[gr.Textbox, gr.Textbox]:
     with gr.Row(visible=visible):
         plan_box = gr.Textbox(
-            label="Plan", lines=8, max_lines=16, interactive=False, elem_id="dim3-plan"
+            label="Plan",
+            lines=8,
+            max_lines=16,
+            interactive=False,
+            min_width=320,  # stacked on a phone
+            elem_id="dim3-plan",
         )
         log_box = gr.Textbox(
             label="Log",
+            min_width=320,
             lines=8,
             max_lines=16,
             interactive=False,

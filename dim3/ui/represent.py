@@ -71,12 +71,14 @@ def _layout() -> RepresentView:
             value="demo",
             label="Parallel set",
             scale=2,
+            min_width=260,
             elem_id="dim3-rep-probe",
         )
         path = gr.Textbox(
             label="JSONL file (id, language, text, image)",
             placeholder="/path/to/parallel.jsonl",
             scale=2,
+            min_width=260,
             elem_id="dim3-rep-file",
         )
         map_method = gr.Radio(
@@ -90,9 +92,9 @@ def _layout() -> RepresentView:
     status = gr.Markdown("", elem_id="dim3-rep-status")
     empty = gr.Markdown(EMPTY, elem_id="dim3-rep-empty")
     with gr.Column(visible=False, elem_id="dim3-rep-results") as results:
-        curves = gr.Plot(show_label=False, elem_id="dim3-rep-curves")
+        curves = gr.Plot(show_label=False, elem_id="dim3-rep-curves", elem_classes="dim3-figure")
         layer = gr.Slider(0, 1, value=0, step=1, label="Layer of the map", elem_id="dim3-rep-layer")
-        map_plot = gr.Plot(show_label=False, elem_id="dim3-rep-map")
+        map_plot = gr.Plot(show_label=False, elem_id="dim3-rep-map", elem_classes="dim3-figure")
     return RepresentView(
         probe,
         path,

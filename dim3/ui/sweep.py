@@ -101,6 +101,7 @@ def _layout() -> SweepView:
             value="ties",
             label="Method to sweep",
             scale=1,
+            min_width=200,
             elem_id="dim3-sweep-method",
         )
         grid = gr.Textbox(
@@ -108,9 +109,10 @@ def _layout() -> SweepView:
             lines=3,
             label="Grid: one option=v1,v2,... per line",
             scale=2,
+            min_width=260,
             elem_id="dim3-sweep-grid",
         )
-        with gr.Column(scale=1):
+        with gr.Column(scale=1, min_width=260):
             per_language = gr.Slider(
                 0,
                 480,
@@ -134,18 +136,20 @@ def _layout() -> SweepView:
             label="Probe file (JSONL); empty = built-in demo probe",
             placeholder="/path/to/probe.jsonl",
             scale=3,
+            min_width=300,
             elem_id="dim3-sweep-probe",
         )
         references = gr.Checkbox(
             value=False,
             label=f"Also score the {len(METHODS) - 1} other methods at their defaults (slow)",
             scale=1,
+            min_width=260,
             elem_id="dim3-sweep-refs",
         )
     run = gr.Button("Run sweep", variant="primary", elem_id="dim3-sweep")
     status = gr.Markdown(EMPTY, elem_id="dim3-sweep-status")
     with gr.Column(visible=False, elem_id="dim3-sweep-results") as results:
-        plot = gr.Plot(show_label=False, elem_id="dim3-sweep-plot")
+        plot = gr.Plot(show_label=False, elem_id="dim3-sweep-plot", elem_classes="dim3-figure")
         table = gr.Dataframe(
             headers=COLUMNS,
             label="Per setting (accuracy)",
