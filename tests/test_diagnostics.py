@@ -321,9 +321,10 @@ def test_analysis_handler_shows_plots_table_and_csv(tiny_llava_trio, tmp_path):
     rows = dg.diagnose(recipe_of(tiny_llava_trio, calibration=0.5))
     assert seen[-1] == (len(rows), len(rows))
     # the heat map's cells are DiM3's weights with the Merge tab's DiM3 options
-    _, ml_image = (ax.images[0] for ax in out[tab.heatmap].axes if ax.images)
+    mm_ax, ml_ax = (ax for ax in out[tab.heatmap].axes if ax.images)
     layers, modules, grid = plots.weights_grid(rows, "dim3_ml_weight")
-    np.testing.assert_allclose(np.asarray(ml_image.get_array()), grid)
+    shown = np.asarray(ml_ax.images[0].get_array())
+    np.testing.assert_allclose(shown, grid.T if mm_ax.get_ylabel() == "module" else grid)
     assert len(layers) == len({r.layer for r in rows if r.layer is not None})
     # each figure below it has its panels' titles in words and integer layer ticks
     norms = out[tab.plots["residual_norms"]]

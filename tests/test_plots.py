@@ -197,27 +197,34 @@ def test_the_legend_sits_outside_the_axes():
     assert box.x0 >= 0 and box.x1 <= fig.bbox.width + 1  # inside the figure: not cut off
 
 
-def test_heatmap_cells_are_the_rows_weights_side_by_side():
-    rows = make_rows(3)
+@pytest.mark.parametrize("layers", [3, 6])  # fewer layers than modules, and more
+def test_heatmap_cells_are_the_rows_weights_side_by_side(layers):
+    rows = make_rows(layers)
     fig = dg.heatmap(rows)
-    images = [ax.images[0] for ax in fig.axes if ax.images]
-    assert len(images) == 2  # Δmm beside Δml
+    panels = [ax for ax in fig.axes if ax.images]
+    assert len(panels) == 2  # Δmm beside Δml
+    assert panels[0].get_position().x1 <= panels[1].get_position().x0  # side by side
     modules = plots.module_order(list(MODULES))
-    for image, metric in zip(images, ("dim3_mm_weight", "dim3_ml_weight"), strict=True):
-        data = np.asarray(image.get_array())
+    modules_down = panels[0].get_ylabel() == "module"
+    assert modules_down == (len(modules) > layers)  # the longer axis runs down
+    for ax, metric in zip(panels, ("dim3_mm_weight", "dim3_ml_weight"), strict=True):
+        data = np.asarray(ax.images[0].get_array())
         expected = np.array(
             [
                 [
                     next(getattr(r, metric) for r in rows if r.layer == i and r.module == m)
                     for m in modules
                 ]
-                for i in range(3)
+                for i in range(layers)
             ]
         )
-        np.testing.assert_allclose(data, expected)
-    assert images[0].get_clim() == images[1].get_clim()  # one colour scale
+        np.testing.assert_allclose(data, expected.T if modules_down else expected)
+        # integer layer ticks (a shared y axis is labelled on the first panel only)
+        ticks = ax.get_xticklabels() if modules_down else panels[0].get_yticklabels()
+        assert [t.get_text() for t in ticks] == [str(i) for i in range(layers)]
+    assert panels[0].images[0].get_clim() == panels[1].images[0].get_clim()  # one colour scale
     # one panel per multilingual update when there are several
-    two = [*rows, *make_rows(3, update="multilingual_2", seed=1)]
+    two = [*rows, *make_rows(layers, update="multilingual_2", seed=1)]
     assert sum(1 for ax in dg.heatmap(two).axes if ax.images) == 3
 
 
