@@ -16,7 +16,7 @@ It lives beside the browser tests because it drives the same real server and bro
 checks that fonts for every example language are installed (Debian: ``fonts-noto-core``,
 ``fonts-noto-cjk``, ``fonts-noto-color-emoji``) and stops with that list if not, so that no
 screenshot shows empty boxes where CJK, Indic or emoji text should be. Images are downscaled to
-at most 1000 px wide and stored with a 256-colour palette to keep the repository small.
+at most 1000 px wide (full colour: a 256-colour palette visibly shifted the methods' colours).
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def save(page, target, path: Path) -> None:
         img = img.convert("RGB")
         if img.width > 1000:
             img = img.resize((1000, round(img.height * 1000 / img.width)), Image.Resampling.LANCZOS)
-        img.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
+        img.save(path, optimize=True)  # full colour: a palette shifts the methods' colours
     raw.unlink()
     print(f"wrote {path}")
 

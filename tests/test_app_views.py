@@ -121,7 +121,7 @@ def test_chat_panes_side_by_side_or_stacked(page):
     ("tab", "empty", "hidden"),
     [
         ("evaluate", "#dim3-eval-empty", ("#dim3-eval-table", "#dim3-eval-chart")),
-        ("evaluate", "#dim3-sweep-status", ("#dim3-sweep-plot", "#dim3-sweep-table")),
+        ("evaluate", "#dim3-sweep-empty", ("#dim3-sweep-plot", "#dim3-sweep-table")),
         ("analysis", "#dim3-analysis-empty", ("#dim3-analysis-heatmap", "#dim3-analysis-table")),
         ("analysis", "#dim3-rep-empty", ("#dim3-rep-curves", "#dim3-rep-map")),
     ],

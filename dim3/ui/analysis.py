@@ -25,6 +25,7 @@ from dim3.engine import Progress
 from dim3.ui.common import AppContext, error_text, gpu, md_escape
 from dim3.ui.merge import HEAVY, MergeTab
 from dim3.ui.represent import build_represent_view
+from dim3.ui.reveal import reveal_after
 
 INTRO = (
     "How the two updates relate, per layer and module (the paper's Figure 1): their size "
@@ -119,22 +120,21 @@ def _layout() -> AnalysisTab:
 def build_analysis_tab(ctx: AppContext, merge: MergeTab) -> AnalysisTab:
     """Lay out the Analysis tab inside the current Blocks; it reads ``merge``'s form."""
     tab = _layout()
-    tab.compute.click(
+    event = tab.compute.click(
         _compute(ctx, merge, tab),
         inputs_kwargs=merge.form.kwargs(),
         outputs=[
             tab.status,
-            tab.empty,
             tab.heatmap,
             tab.table,
             tab.download,
-            tab.results,
             *tab.plots.values(),
         ],
         api_name="diagnose",
         concurrency_limit=1,
         concurrency_id=HEAVY,
     )
+    reveal_after(event, tab.status, tab.results, tab.empty)
     build_represent_view(ctx)  # the representation view (dim3/ui/represent.py)
     return tab
 
@@ -172,8 +172,6 @@ def _compute(ctx: AppContext, merge: MergeTab, tab: AnalysisTab) -> Callable:
         drawn = figures(rows)
         out: dict[Any, Any] = {
             tab.status: status,
-            tab.empty: gr.Markdown(visible=False),
-            tab.results: gr.Column(visible=True),
             tab.heatmap: drawn["heatmap"],
             tab.table: summary_frame(rows),
             tab.download: str(csv_path),

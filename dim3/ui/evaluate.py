@@ -27,6 +27,7 @@ from dim3.methods import METHODS
 from dim3.sweep import first_per_language
 from dim3.ui.common import AppContext, check_text, error_text, gpu, md_escape
 from dim3.ui.merge import HEAVY, MergeTab
+from dim3.ui.reveal import reveal_after
 from dim3.ui.sweep import build_sweep_view
 
 INTRO = (
@@ -146,15 +147,16 @@ def _layout() -> EvaluateTab:
 def build_evaluate_tab(ctx: AppContext, merge: MergeTab) -> EvaluateTab:
     """Lay out the Evaluate tab inside the current Blocks; it reads ``merge``'s form."""
     tab = _layout()
-    tab.run.click(
+    event = tab.run.click(
         evaluate_handler(ctx, merge, tab),
         inputs_kwargs=merge.form.kwargs()
         | {"methods": tab.methods, "probe": tab.probe, "questions_per_language": tab.per_language},
-        outputs=[tab.status, tab.table, tab.chart, tab.empty, tab.results],
+        outputs=[tab.status, tab.table, tab.chart],
         api_name="evaluate",
         concurrency_limit=1,
         concurrency_id=HEAVY,
     )
+    reveal_after(event, tab.status, tab.results, tab.empty)
     build_sweep_view(ctx, merge)  # the Sweep view (dim3/ui/sweep.py)
     return tab
 
@@ -196,8 +198,6 @@ def evaluate_handler(ctx: AppContext, merge: MergeTab, tab: EvaluateTab) -> Call
             tab.status: status,
             tab.table: results_frame(results),
             tab.chart: chart_figure(results),
-            tab.empty: gr.Markdown(visible=False),
-            tab.results: gr.Column(visible=True),
         }
 
     return evaluate

@@ -28,6 +28,7 @@ from dim3.recipe import ROLES
 from dim3.ui.common import AppContext, gpu, md_escape
 from dim3.ui.form import MergeForm, build_form
 from dim3.ui.progress import LOG_LINES, drive, err, ok, plain
+from dim3.ui.reveal import succeeded
 from dim3.ui.share import REPO_ID_CHARS, push_handler, save_handler
 
 HEAVY = "dim3-heavy"  # concurrency id shared by merge, save and push: one at a time per server
@@ -206,10 +207,10 @@ def build_merge_tab(ctx: AppContext) -> MergeTab:
     buttons["merge"].click(
         _merge(ctx, tab),
         inputs_kwargs=form.kwargs(),
-        outputs=[tab.plan_box, tab.log_box, tab.status, tab.weights],
+        outputs=[tab.plan_box, tab.log_box, tab.status],
         api_name="merge",
         **heavy,
-    )
+    ).then(_weights(ctx), inputs=[tab.status], outputs=[tab.weights], **PRIVATE)
     buttons["save"].click(
         save_handler(ctx, tab),
         inputs_kwargs=form.kwargs() | {"folder": tab.folder, "overwrite": tab.overwrite},
@@ -304,7 +305,6 @@ def _merge(ctx: AppContext, tab: MergeTab) -> Callable:
                 f"{result.seconds:.1f} s. Open the **Chat** tab to compare; every open chat "
                 "now answers with this merge."
             ),
-            tab.weights: weights_plot(ctx, recipe, result.plan),
         }
 
     return merge
@@ -313,15 +313,26 @@ def _merge(ctx: AppContext, tab: MergeTab) -> Callable:
 HEATMAP_BYTES = 2 * 10**9  # above this the heat map (a second read of the trio) is left to Analysis
 
 
-def weights_plot(ctx: AppContext, recipe: engine.Recipe, plan: Any) -> Any:
-    """The heat map of DiM3's weights per layer and module after a DiM3 merge (hidden after
-    another method's, or for a large trio whose second read the Analysis tab offers)."""
-    if recipe.method != "dim3" or plan.summary()["bytes"] > HEATMAP_BYTES:
-        return gr.Plot(visible=False)
-    from dim3 import diagnostics as dg
+def _weights(ctx: AppContext) -> Callable:
+    def weights(status: str) -> Any:
+        """After a merge: the heat map of the served merge's DiM3 weights per layer and module
+        (hidden after a failed merge, another method's merge, or a trio above 2 GB, whose second
+        read the Analysis tab offers)."""
+        served = ctx.manager.served()
+        info = served.info
+        if not succeeded(status) or info is None or info.recipe.method != "dim3":
+            return gr.Plot(visible=False)
+        size = (info.summary or {}).get("bytes") or (
+            served.merged.placement.needed if served.merged else 0
+        )
+        if size > HEATMAP_BYTES:
+            return gr.Plot(visible=False)
+        from dim3 import diagnostics as dg
 
-    try:
-        rows = dg.diagnose(recipe, allowed_roots=ctx.allowed_roots)
-    except Exception:  # noqa: BLE001 - a picture is not worth failing a finished merge
-        return gr.Plot(visible=False)
-    return gr.Plot(dg.heatmap(rows), visible=True) if rows else gr.Plot(visible=False)
+        try:
+            rows = dg.diagnose(info.recipe, allowed_roots=ctx.allowed_roots)
+        except Exception:  # noqa: BLE001 - a picture is not worth failing a finished merge
+            return gr.Plot(visible=False)
+        return gr.Plot(dg.heatmap(rows), visible=True) if rows else gr.Plot(visible=False)
+
+    return weights

@@ -24,6 +24,7 @@ from dim3.models import MERGED, ORIGINAL
 from dim3.ui.common import AppContext, gpu
 from dim3.ui.merge import HEAVY
 from dim3.ui.progress import err
+from dim3.ui.reveal import reveal_after
 
 INTRO = (
     "### Representations\n"
@@ -113,14 +114,12 @@ def _layout() -> RepresentView:
 def build_represent_view(ctx: AppContext) -> RepresentView:
     """Lay out the representation view inside the current Blocks and wire its events."""
     view = _layout()
-    view.compute.click(
+    event = view.compute.click(
         compute_handler(ctx, view),
         inputs=[view.probe, view.path, view.map_method],
         outputs=[
             view.status,
             view.state,
-            view.empty,
-            view.results,
             view.curves,
             view.layer,
             view.map,
@@ -129,6 +128,7 @@ def build_represent_view(ctx: AppContext) -> RepresentView:
         concurrency_limit=1,
         concurrency_id=HEAVY,
     )
+    reveal_after(event, view.status, view.results, view.empty)
     for trigger in (view.layer.release, view.map_method.change):
         trigger(
             map_handler(ctx, view),
@@ -189,8 +189,6 @@ def compute_handler(ctx: AppContext, view: RepresentView) -> Callable:
         out: dict[Any, Any] = {
             view.status: status,
             view.state: rep,
-            view.empty: gr.Markdown(visible=False),
-            view.results: gr.Column(visible=True),
             view.curves: rp.curves_figure(rep),
             view.layer: gr.Slider(0, len(rep.layers) - 1, value=layer, step=1),
             view.map: figure,
