@@ -16,7 +16,7 @@ It lives beside the browser tests because it drives the same real server and bro
 checks that fonts for every example language are installed (Debian: ``fonts-noto-core``,
 ``fonts-noto-cjk``, ``fonts-noto-color-emoji``) and stops with that list if not, so that no
 screenshot shows empty boxes where CJK, Indic or emoji text should be. Images are downscaled to
-at most 1000 px wide (full colour: a 256-colour palette visibly shifted the methods' colours).
+at most 1000 px wide and stored with a 256-colour octree palette (small, colours kept).
 """
 
 from __future__ import annotations
@@ -67,7 +67,10 @@ def save(page, target, path: Path) -> None:
         img = img.convert("RGB")
         if img.width > 1000:
             img = img.resize((1000, round(img.height * 1000 / img.width)), Image.Resampling.LANCZOS)
-        img.save(path, optimize=True)  # full colour: a palette shifts the methods' colours
+        # 256 colours by octree, no dithering: small files, and the methods' colours kept
+        # (a median-cut palette visibly shifted them)
+        img = img.quantize(colors=256, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE)
+        img.save(path, optimize=True)
     raw.unlink()
     print(f"wrote {path}")
 
@@ -119,7 +122,7 @@ def run_views(page, out: Path, suffix: str) -> None:
     page.click("#dim3-diagnose")
     wait_status(page, "#dim3-analysis-status")
     page.locator("#dim3-analysis-heatmap img").wait_for()
-    save(page, page.locator("#dim3-analysis-heatmap"), out / f"heatmap{suffix}.png")
+    save(page, page.locator("#dim3-analysis-heatmap img"), out / f"heatmap{suffix}.png")
     save(page, page, out / f"analysis{suffix}.png")
 
     page.click("#dim3-represent")

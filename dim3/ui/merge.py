@@ -210,7 +210,9 @@ def build_merge_tab(ctx: AppContext) -> MergeTab:
         outputs=[tab.plan_box, tab.log_box, tab.status],
         api_name="merge",
         **heavy,
-    ).then(_weights(ctx), inputs=[tab.status], outputs=[tab.weights], **PRIVATE)
+    ).then(  # the heat map reads the trio again: in the heavy queue slot
+        _weights(ctx), inputs=[tab.status], outputs=[tab.weights], **heavy, **PRIVATE
+    )
     buttons["save"].click(
         save_handler(ctx, tab),
         inputs_kwargs=form.kwargs() | {"folder": tab.folder, "overwrite": tab.overwrite},
