@@ -84,6 +84,22 @@ FIGURES: dict[str, tuple[str, tuple[str, ...]]] = {
     ),
 }
 
+# metric -> (panel title, y-axis title), in words, for the figures
+AXES: dict[str, tuple[str, str]] = {
+    "mm_norm": ("Size of the multimodal update", "‖Δmm‖ / ‖base‖"),
+    "ml_norm": ("Size of the multilingual update", "‖Δml‖ / ‖base‖"),
+    "mm_reorientation": ("How far Δmm turns the base's columns", "mean 1 − cos(column, base)"),
+    "ml_reorientation": ("How far Δml turns the base's columns", "mean 1 − cos(column, base)"),
+    "cross_alignment": ("Do the two updates point the same way?", "cos(Δml, Δmm)"),
+    "dim3_mm_weight": ("DiM3's weight of the multimodal update", "mean weight"),
+    "dim3_ml_weight": ("DiM3's weight of the multilingual update", "mean weight"),
+    "dim3_mm_calibrated_magnitude": ("Multimodal: columns calibrated by magnitude", "share"),
+    "dim3_ml_calibrated_magnitude": ("Multilingual: columns calibrated by magnitude", "share"),
+    "dim3_mm_calibrated_direction": ("Multimodal: columns calibrated by direction", "share"),
+    "dim3_ml_calibrated_direction": ("Multilingual: columns calibrated by direction", "share"),
+}
+HEATMAP_FILE = "dim3_weights_heatmap.png"
+
 GROUPS = ("attention", "mlp", "norm", "embedding", "other")
 LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
@@ -393,79 +409,36 @@ def plot(
     metrics: Sequence[str] | None = None,
     title: str | None = None,
 ) -> Path:
-    """Write a PNG of line plots over layers (one panel per metric, one line per module type).
+    """Write a PNG of line plots over layers (one panel per metric, one line per module type;
+    ``dim3.plots.diagnostics_figure``, the figure the app shows too).
 
     Tensors outside the decoder layers are drawn as markers left of layer 0 ("embed": the token
-    embeddings) and right of the last layer ("out": final norm, head). Returns the path written.
+    embeddings) and right of the last layer ("out": final norm, head). Constant series and
+    repeated panels are said in words under the panels. Returns the path written.
     """
-    import matplotlib
+    from dim3 import plots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter, MaxNLocator
+    return plots.save(figure(rows, metrics, title), path)
+
+
+def figure(
+    rows: Sequence[DiagnosticRow], metrics: Sequence[str] | None = None, title: str | None = None
+):
+    """The matplotlib figure of :func:`plot` (for the app, which shows it without a file)."""
+    from dim3 import plots
 
     metrics = list(metrics or METRICS)
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
         raise ValueError(f"unknown metric(s) {unknown}; valid metrics: {', '.join(METRICS)}")
-    layers = [r.layer for r in rows if r.layer is not None]
-    last = max(layers) if layers else 0
-    modules = [s["module"] for s in summarize(rows)]
+    return plots.diagnostics_figure(rows, metrics, AXES, title)
 
-    def ticks(x: float, _pos: int) -> str:
-        return {-1: "embed", last + 1: "out"}.get(round(x), str(round(x)))
 
-    cmap = plt.get_cmap("tab20")
-    colors = {m: cmap(i % 20) for i, m in enumerate(modules)}
-    styles = {"attention": "-", "mlp": "--", "norm": ":", "embedding": "-", "other": "-."}
-    ncols = 2 if len(metrics) > 1 else 1
-    nrows = math.ceil(len(metrics) / ncols)
-    panels_w, legend_w = 6.5 * ncols, 2.6  # inches; the legend gets its own strip on the right
-    fig, axes = plt.subplots(
-        nrows, ncols, figsize=(panels_w + legend_w, 3.6 * nrows + 0.4), squeeze=False
-    )
-    for ax, metric in zip(axes.flat, metrics, strict=False):
-        for module in modules:
-            own = [r for r in rows if r.module == module]
-            layered = sorted((r.layer, getattr(r, metric)) for r in own if r.layer is not None)
-            style = styles[own[0].group]
-            if layered:
-                xs, ys = zip(*layered, strict=True)
-                ax.plot(xs, ys, style, color=colors[module], label=module, marker=".")
-            for r in own:
-                if r.layer is None:
-                    x = -1 if r.group == "embedding" and "embed" in module else last + 1
-                    ax.plot([x], [getattr(r, metric)], "D", color=colors[module], label=module)
-        ax.set_title(METRICS[metric], fontsize=10)
-        ax.set_xlabel("layer")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.xaxis.set_major_formatter(FuncFormatter(ticks))
-        ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(metrics) :]:
-        ax.set_visible(False)
-    handles, labels = {}, []
-    for ax in axes.flat:
-        for h, label in zip(*ax.get_legend_handles_labels(), strict=True):
-            if label not in handles:
-                handles[label] = h
-                labels.append(label)
-    right = panels_w / (panels_w + legend_w)
-    fig.legend(
-        [handles[x] for x in labels],
-        labels,
-        loc="center left",
-        bbox_to_anchor=(right, 0.5),
-        fontsize=8,
-        frameon=False,
-    )
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0, right, 1))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+def heatmap(rows: Sequence[DiagnosticRow], title: str | None = None):
+    """DiM3's mean weight per layer and module, Δmm beside Δml (``dim3.plots.weights_heatmap``)."""
+    from dim3 import plots
+
+    return plots.weights_heatmap(rows, title)
 
 
 def updates(rows: Sequence[DiagnosticRow]) -> list[str]:
@@ -484,8 +457,9 @@ def summarize_updates(rows: Sequence[DiagnosticRow]) -> list[dict[str, Any]]:
 
 
 def write_report(rows: Sequence[DiagnosticRow], out_dir: str | Path) -> list[Path]:
-    """Write ``diagnostics.csv``, ``diagnostics_by_module.csv`` and one PNG per figure (per
-    multilingual update when there are several: ``NAME_multilingual_2.png``)."""
+    """Write ``diagnostics.csv``, ``diagnostics_by_module.csv``, one PNG per figure (per
+    multilingual update when there are several: ``NAME_multilingual_2.png``) and the heat map of
+    DiM3's weights (``dim3_weights_heatmap.png``, every update side by side)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = [out / CSV_FILE, out / SUMMARY_FILE]
@@ -498,6 +472,9 @@ def write_report(rows: Sequence[DiagnosticRow], out_dir: str | Path) -> list[Pat
         for name, (title, metrics) in FIGURES.items():
             label = f"{title} ({u})" if suffix else title
             written.append(plot(own, out / f"{name}{suffix}.png", metrics, label))
+    from dim3 import plots
+
+    written.append(plots.save(heatmap(rows), out / HEATMAP_FILE))
     return written
 
 

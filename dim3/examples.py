@@ -5,17 +5,27 @@ This module knows the example prompts (data below) and writes them, with their p
 :func:`load_examples`. Pictures are drawn by the demo world's renderer (``dim3.demo.world``), so the
 demo VLM sees the kind of image it was trained on; they are saved enlarged so that they look good
 in the browser (the processor shrinks them again). Languages the demo world does not teach
-(``demo=False``) are there for real models. It knows nothing about Gradio or models.
+(``demo=False``) are there for real models.
+
+A model folder may declare the languages it was taught in ``dim3_languages.json``
+(``{"languages": ["en", ...]}``); the demo VLM does (``python -m dim3.examples`` writes it from
+the demo world's languages). :func:`examples_for` then offers only the examples in those
+languages; a model that declares nothing (any Hub model) gets all of them. :func:`label` isolates
+each part of a chip's text (Unicode FSI/PDI) so that right-to-left punctuation stays with its
+sentence. It knows nothing about Gradio or models.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "assets" / "examples"
 RTL_LANGUAGES = frozenset({"ar", "he", "fa", "ur"})
+LANGUAGES_FILE = "dim3_languages.json"  # in a model folder: the languages it was taught
+FSI, PDI = "\u2068", "\u2069"  # first-strong isolate and its end (Unicode bidi)
 DISPLAY_SIZE = 256  # pixels per side of a saved example picture
 
 # name -> (shape, colour, size, centre x, centre y, radius, background grey), in the world's
@@ -107,6 +117,49 @@ def load_examples(folder: Path = EXAMPLES_DIR) -> list[tuple[Example, Path]]:
     return out
 
 
+def declared_languages(folder: Path) -> tuple[str, ...] | None:
+    """The languages ``folder``'s model declares in ``dim3_languages.json``; None when it
+    declares none (no such file, or not a folder)."""
+    path = Path(folder) / LANGUAGES_FILE
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text(encoding="utf-8"))
+    languages = data.get("languages") if isinstance(data, dict) else None
+    if not isinstance(languages, list) or not all(isinstance(x, str) for x in languages):
+        raise ValueError(f'{LANGUAGES_FILE} must hold {{"languages": [codes]}}; got {data!r}')
+    return tuple(languages)
+
+
+def write_languages(folder: Path, languages: Sequence[str]) -> Path:
+    """Declare ``languages`` for the model in ``folder`` (``dim3_languages.json``)."""
+    path = Path(folder) / LANGUAGES_FILE
+    note = "the languages this model was taught; DiM3 Studio shows chat examples in these only"
+    text = json.dumps({"languages": list(languages), "note": note}, ensure_ascii=False, indent=1)
+    path.write_text(text + "\n", encoding="utf-8")
+    return path
+
+
+def examples_for(vlm: str | Path | None, folder: Path = EXAMPLES_DIR) -> list[tuple[Example, Path]]:
+    """The examples that fit the VLM ``vlm`` (a local folder or a Hub id): those in the
+    languages it declares (:func:`declared_languages`), all of them when it declares none."""
+    examples = load_examples(folder)
+    path = Path(vlm).expanduser() if vlm else None
+    languages = declared_languages(path) if path is not None and path.is_dir() else None
+    if languages is None:
+        return examples
+    return [(e, p) for e, p in examples if e.language in languages]
+
+
+def label(example: Example) -> str:
+    """A chip's text, ``language · question``, each part isolated so that a right-to-left
+    question keeps its punctuation at its own end (``العربية · ما لون الشكل؟``)."""
+    return f"{FSI}{example.language_name}{PDI} · {FSI}{example.text}{PDI}"
+
+
 if __name__ == "__main__":
+    from dim3.demo import DEMO_DIR
+    from dim3.demo.world import LANGUAGES
+
     for p in write_examples():
         print(p)
+    print(write_languages(DEMO_DIR / "multimodal", LANGUAGES))

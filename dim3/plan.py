@@ -110,7 +110,7 @@ class MergePlan:
             ),
             f"Copied unchanged: {s['copied']} tensors ({copied})",
             f"Vocabulary tensors with VLM-only rows kept: {s['padded']}",
-            f"Output size: {s['bytes'] / 2**30:.2f} GiB in {s['tensors']} tensors",
+            f"Output size: {human_size(s['bytes'])} in {s['tensors']} tensors",
         ]
         for e in self.entries:
             if e.padded:
@@ -118,6 +118,18 @@ class MergePlan:
                     f"  {e.key}: rows 0..{e.rows - 1} merged, {e.rows}..{e.shape[0] - 1} kept"
                 )
         return "\n".join(lines + [f"Note: {n}" for n in self.notes])
+
+
+def human_size(n: int) -> str:
+    """Bytes in the unit a person reads at a glance: ``512 B``, ``3.6 MB``, ``15.2 GB``
+    (decimal units, like the merge log; three significant digits)."""
+    if n < 1000:
+        return f"{n} B"
+    for unit, scale in (("kB", 10**3), ("MB", 10**6), ("GB", 10**9), ("TB", 10**12)):
+        text = f"{n / scale:.3g}"
+        if float(text) < 1000:
+            return f"{text} {unit}"
+    return f"{n / 10**12:.0f} TB"
 
 
 def _shown(items: list[str]) -> str:

@@ -378,42 +378,28 @@ def project(points: np.ndarray, method: str = "tsne", seed: int = 0) -> np.ndarr
     return tsne.fit_transform(points)
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def curves_figure(rep: Representations):
-    """Three panels (language silhouette, content silhouette, retrieval) over layers."""
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), dpi=100)
-    for ax, (key, title) in zip(axes, METRICS.items(), strict=True):
-        for name, m in rep.metrics.items():
-            style = "--" if name in ("base", "multilingual") else "-"
-            ax.plot(rep.layers, m[key], style, marker="o", label=name)
-        ax.set_title(title, fontsize=9)
-        ax.set_xlabel("layer (0 = embeddings)")
-        ax.set_xticks(rep.layers)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+    """Three panels (language silhouette, content silhouette, retrieval) over layers, one line
+    per model in its colour and marker (``dim3.plots.curves_figure``)."""
+    from dim3 import plots
+
+    return plots.curves_figure(rep.layers, rep.metrics, METRICS)
 
 
 def map_figure(rep: Representations, layer: int, method: str = "tsne", seed: int = 0):
     """One 2-D map per model of ``layer``: colour = language, marker = content."""
-    plt = _pyplot()
+    from dim3 import plots
+
     if not 0 <= layer < len(rep.layers):
         raise ValueError(f"layer {layer} does not exist; choose 0..{len(rep.layers) - 1}")
     names = list(rep.states)
     languages = list(dict.fromkeys(it.language for it in rep.items))
     groups = list(dict.fromkeys(it.group for it in rep.items))
-    cmap = plt.get_cmap("tab20" if len(languages) > 10 else "tab10")
-    fig, axes = plt.subplots(1, len(names), figsize=(4.4 * len(names), 4.4), dpi=100, squeeze=False)
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab20" if len(languages) > 10 else "tab10"]
+    fig = plots.new_figure(4.2 * len(names) + 1.2, 4.4)
+    axes = fig.subplots(1, len(names), squeeze=False)
     for ax, name in zip(axes[0], names, strict=True):
         xy = project(rep.states[name][layer], method, seed)
         for li, lang in enumerate(languages):
@@ -433,8 +419,13 @@ def map_figure(rep: Representations, layer: int, method: str = "tsne", seed: int
         ax.set_title(f"{name}: layer {layer} ({method})", fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
-    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), title="language")
-    fig.tight_layout()
+    fig.legend(
+        *axes[0][-1].get_legend_handles_labels(),
+        loc="outside right center",
+        fontsize=8,
+        title="language",
+        frameon=False,
+    )
     return fig
 
 
@@ -442,7 +433,8 @@ def write_outputs(
     rep: Representations, out: Path, *, layer: int, method: str, seed: int
 ) -> list[Path]:
     """CSV, JSON, the curves PNG and the map PNG of ``layer`` into folder ``out``."""
-    plt = _pyplot()
+    from dim3.plots import save
+
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / CSV_FILE, out / JSON_FILE, out / CURVES_FILE, out / f"represent_map_{layer}.png"]
     paths[0].write_text(rep.csv_text(), encoding="utf-8")
@@ -452,8 +444,7 @@ def write_outputs(
         (curves_figure(rep), paths[2]),
         (map_figure(rep, layer, method, seed), paths[3]),
     ):
-        fig.savefig(path)
-        plt.close(fig)
+        save(fig, path, dpi=100)
     return paths
 
 

@@ -26,7 +26,7 @@ import itertools
 import json
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -168,9 +168,13 @@ def iter_sweep(
     *,
     allowed_roots: Sequence[str | Path] | None = None,
     token: str | None = None,
+    costs: Callable[[str, float, float], None] | None = None,
 ) -> Iterator[SweepPoint]:
     """Score the original, the references, the method's default and every grid point, yielding
-    each :class:`SweepPoint` as it is done (the VLM loaded once, merged in place each time)."""
+    each :class:`SweepPoint` as it is done (the VLM loaded once, merged in place each time).
+
+    ``costs(method, merge_seconds, answer_seconds)`` is told each point's measured cost (method
+    "" and merge 0 for the original), for time estimates."""
     from dim3.chat import load_vlm
     from dim3.checkpoints import resolve
     from dim3.engine import merge_into_model, resolve_device
@@ -188,10 +192,14 @@ def iter_sweep(
     )
 
     def score(name: str, kind: str, method: str, options: dict[str, Any]) -> SweepPoint:
+        start = time.perf_counter()
         if kind != "original":
             r = dataclasses.replace(recipe, method=method, options=options)
             merge_into_model(model, r, allowed_roots=allowed_roots, token=token)
+        merged = time.perf_counter()
         preds = generate_answers(model, processor, spec.items, batch_size=spec.batch_size)
+        if costs:
+            costs(method, merged - start, time.perf_counter() - merged)
         split = ([preds[i] for i in tune], [preds[i] for i in report])
         return SweepPoint(
             name,
@@ -267,45 +275,11 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
 
 def pareto_figure(points: Sequence[SweepPoint], half: str = "tuning", chosen: str | None = None):
     """English accuracy (x) against the mean of the other languages (y), one point per model;
-    the Pareto front of the grid joined by a line, the chosen setting circled."""
-    import matplotlib
+    the Pareto front of the grid joined by a line, the chosen setting ringed
+    (``dim3.plots.pareto_figure``: the same figure in the app and the CLI's PNG)."""
+    from dim3 import plots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.6), dpi=100)
-    grid = [p for p in points if p.kind in ("grid", "default")]
-    xy = [(p.tuning if half == "tuning" else p.report) for p in grid]
-    coords = [(a.get(ENGLISH, float("nan")), a["others"]) for a in xy]
-    ax.scatter(*zip(*coords, strict=True), s=26, color="tab:blue", label="grid settings")
-    front = sorted(pareto_front(coords))
-    line = sorted(coords[i] for i in front)
-    ax.plot(*zip(*line, strict=True), color="tab:blue", alpha=0.4)
-    for p, (x, y) in zip(grid, coords, strict=True):
-        if p.kind == "default" or p.label == chosen:
-            ax.annotate(p.label, (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
-        if p.label == chosen:
-            ax.scatter([x], [y], s=120, facecolors="none", edgecolors="red", label="chosen")
-    markers = iter(("*", "X", "P", "D", "v", "^", "<", ">", "h", "s"))
-    for p in points:
-        if p.kind in ("original", "reference"):
-            a = p.tuning if half == "tuning" else p.report
-            ax.scatter(
-                [a.get(ENGLISH, float("nan"))],
-                [a["others"]],
-                marker=next(markers, "o"),
-                s=70,
-                label=p.label,
-            )
-    ax.set_xlabel("English accuracy")
-    ax.set_ylabel("mean accuracy, other languages")
-    ax.set_title(f"{grid[0].method}: {half} half", fontsize=10)
-    ax.set_xlim(-0.03, 1.03)
-    ax.set_ylim(-0.03, 1.03)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    return fig
+    return plots.pareto_figure(points, half, chosen, english=ENGLISH)
 
 
 def format_table(points: Sequence[SweepPoint], rule: str) -> str:
@@ -417,12 +391,9 @@ def run(args: argparse.Namespace) -> int:
     args.json.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     print(f"wrote {args.json}")
     if args.plot:
-        import matplotlib.pyplot as plt
+        from dim3.plots import save
 
-        fig = pareto_figure(points, chosen=chosen["label"])
-        args.plot.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(args.plot)
-        plt.close(fig)
+        save(pareto_figure(points, chosen=chosen["label"]), args.plot)
         print(f"wrote {args.plot}")
     return 0
 

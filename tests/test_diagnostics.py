@@ -7,6 +7,7 @@ import io
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -14,6 +15,7 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 from dim3 import diagnostics as dg
+from dim3 import plots
 from dim3.cli import main
 from dim3.methods.dim3 import DiM3Options, dim3_weights
 from dim3.recipe import Recipe, Source
@@ -244,7 +246,8 @@ def test_cli_writes_csv_and_pngs(tiny_llava_trio, tmp_path, capsys):
     )
     assert code == 0
     names = {p.name for p in out.iterdir()}
-    assert {dg.CSV_FILE, dg.SUMMARY_FILE} | {f"{n}.png" for n in dg.FIGURES} == names
+    expected_files = {dg.CSV_FILE, dg.SUMMARY_FILE, dg.HEATMAP_FILE}
+    assert expected_files | {f"{n}.png" for n in dg.FIGURES} == names
     rows = list(csv.DictReader((out / dg.CSV_FILE).open()))
     expected = dg.diagnose(recipe_of(tiny_llava_trio, calibration=0.5))
     assert [float(r["dim3_ml_weight"]) for r in rows] == [e.dim3_ml_weight for e in expected]
@@ -318,14 +321,19 @@ def test_analysis_handler_shows_plots_table_and_csv(tiny_llava_trio, tmp_path):
     assert out[tab.status].startswith("✅"), out[tab.status]
     rows = dg.diagnose(recipe_of(tiny_llava_trio, calibration=0.5))
     assert seen[-1] == (len(rows), len(rows))
-    frame = out[tab.plots["ml_norm"]]
-    layered = [r for r in rows if r.layer is not None]
-    assert len(frame) == len(layered) and set(frame.columns) == {"layer", "module", "value"}
-    assert frame["value"].tolist() == [r.ml_norm for r in layered]
-    weights = out[tab.plots["dim3_ml_weight"]]["value"].tolist()
-    assert weights == [r.dim3_ml_weight for r in layered]  # the Merge tab's DiM3 options
+    # the heat map's cells are DiM3's weights with the Merge tab's DiM3 options
+    mm_ax, ml_ax = (ax for ax in out[tab.heatmap].axes if ax.images)
+    layers, modules, grid = plots.weights_grid(rows, "dim3_ml_weight")
+    shown = np.asarray(ml_ax.images[0].get_array())
+    np.testing.assert_allclose(shown, grid.T if mm_ax.get_ylabel() == "module" else grid)
+    assert len(layers) == len({r.layer for r in rows if r.layer is not None})
+    # each figure below it has its panels' titles in words and integer layer ticks
+    norms = out[tab.plots["residual_norms"]]
+    titles = {ax.get_title() for ax in norms.axes}
+    assert dg.AXES["ml_norm"][0] in titles
     table = out[tab.table]
     assert set(table["module"]) == {r.module for r in rows}
+    assert "Δml size" in table.columns  # headers in words
     assert open(out[tab.download], encoding="utf-8").read() == dg.to_csv(rows)
     assert list(run) == [] and not os.path.exists(os.path.dirname(out[tab.download]))
 
@@ -361,8 +369,9 @@ def test_analysis_tab_in_a_browser(tiny_qwen2vl_trio, tmp_path):
             status = page.locator("#dim3-analysis-status")
             status.get_by_text("language-model tensors").wait_for(timeout=60_000)
             assert "✅" in status.inner_text()
-            plot = page.locator("#dim3-plot-cross_alignment")
-            plot.locator("canvas, svg").first.wait_for(timeout=30_000)
+            page.locator("#dim3-analysis-heatmap img").wait_for(timeout=30_000)
+            page.locator("#dim3-plot-cross_alignment img").wait_for(timeout=30_000)
+            assert not page.locator("#dim3-analysis-empty").is_visible()
             assert "q_proj" in page.locator("#dim3-analysis-table").inner_text()
             link = page.locator("#dim3-analysis-csv a").first
             link.wait_for(timeout=30_000)

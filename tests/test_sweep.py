@@ -185,7 +185,7 @@ def test_represent_and_sweep_views_in_the_browser(server, browser):
     status.filter(has_text="✅").or_(status.filter(has_text="❌")).wait_for()
     text = status.inner_text()
     assert "✅" in text and "original, merged" in text, text
-    page.locator("#dim3-rep-map img, #dim3-rep-map canvas, #dim3-rep-map svg").first.wait_for()
+    page.locator("#dim3-rep-map img").wait_for()  # matplotlib: an image (the label icon is hidden)
     screenshot(page, "represent")
 
     page.click("#dim3-tab-evaluate-button")

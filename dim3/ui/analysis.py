@@ -2,8 +2,9 @@
 
 Layout and wiring only. "Compute" turns the Merge tab's form into a recipe, streams
 ``dim3.diagnostics.diagnose`` over the checkpoints (one tensor trio at a time, with a progress
-bar) and shows each metric as a line plot over layers, one line per module type, beside a
-per-module table and the full per-tensor CSV to download. DiM3's weights use the Merge tab's DiM3
+bar) and shows DiM3's weights as a heat map (layer x module, Δmm beside Δml) and the other metrics
+as line plots over layers (``dim3.plots``, the figures the CLI writes), with a per-module table
+and the full per-tensor CSV to download. Before the first run a line says what will appear. DiM3's weights use the Merge tab's DiM3
 options (defaults when another method is selected there). Errors are shown as messages.
 """
 
@@ -24,6 +25,7 @@ from dim3.ui import jobs
 from dim3.ui.common import AppContext, error_text, gpu, md_escape
 from dim3.ui.merge import HEAVY, MergeTab
 from dim3.ui.represent import build_represent_view
+from dim3.ui.reveal import reveal_after
 
 INTRO = (
     "How the two updates relate, per layer and module (the paper's Figure 1): their size "
@@ -31,8 +33,28 @@ INTRO = (
     "way, and what weight DiM3 gives each. Uses the three checkpoints of the **Merge** tab; reads "
     "them one tensor at a time, like the merge."
 )
-PLOTTED = tuple(dg.METRICS)  # one plot per metric
+EMPTY = (
+    "*Press **Compute diagnostics** to draw a heat map of DiM3's weights per layer and module, "
+    "the size and turn of each update per layer, a table per module type and a CSV of every "
+    "tensor (a few seconds on the demo trio).*"
+)
+# figures shown below the heat map (the heat map already shows DiM3's mean weights)
+SHOWN_FIGURES = tuple(name for name in dg.FIGURES if name != "dim3_weights")
 SUMMARY_COLUMNS = ("module", "group", "tensors", *dg.METRICS)
+# the table's headers in words (short, so that they wrap between words)
+HEADERS = {
+    "mm_norm": "Δmm size",
+    "ml_norm": "Δml size",
+    "mm_reorientation": "Δmm turn",
+    "ml_reorientation": "Δml turn",
+    "cross_alignment": "cos(Δml, Δmm)",
+    "dim3_mm_weight": "DiM3 weight of Δmm",
+    "dim3_ml_weight": "DiM3 weight of Δml",
+    "dim3_mm_calibrated_magnitude": "Δmm calibrated (magnitude)",
+    "dim3_ml_calibrated_magnitude": "Δml calibrated (magnitude)",
+    "dim3_mm_calibrated_direction": "Δmm calibrated (direction)",
+    "dim3_ml_calibrated_direction": "Δml calibrated (direction)",
+}
 
 
 @dataclass
@@ -41,16 +63,22 @@ class AnalysisTab:
 
     compute: gr.Button
     status: gr.Markdown
-    plots: dict[str, gr.LinePlot]
+    empty: gr.Markdown
+    heatmap: gr.Plot
+    plots: dict[str, gr.Plot]
     table: gr.Dataframe
     download: gr.File
+    results: gr.Column  # everything above the CSV, shown by the first run
 
 
-def plot_frame(rows: list[dg.DiagnosticRow], metric: str) -> pd.DataFrame:
-    """One metric's plot data: columns layer, module, value (layered tensors, no NaN)."""
-    data = [d for d in dg.long_table(rows, [metric]) if not math.isnan(d["value"])]
-    frame = pd.DataFrame(data, columns=["layer", "module", "metric", "value"])
-    return frame.drop(columns="metric")
+def figures(rows: list[dg.DiagnosticRow]) -> dict[str, Any]:
+    """The heat map and each shown figure (the first multilingual update's when several)."""
+    first = [r for r in rows if r.update == rows[0].update]
+    out = {"heatmap": dg.heatmap(rows)}
+    for name in SHOWN_FIGURES:
+        title, metrics = dg.FIGURES[name]
+        out[name] = dg.figure(first, metrics, title)
+    return out
 
 
 def summary_frame(rows: list[dg.DiagnosticRow]) -> pd.DataFrame:
@@ -60,7 +88,8 @@ def summary_frame(rows: list[dg.DiagnosticRow]) -> pd.DataFrame:
         for k, v in r.items():
             if isinstance(v, float):
                 r[k] = None if math.isnan(v) else float(f"{v:.4g}")
-    return pd.DataFrame(records, columns=list(SUMMARY_COLUMNS))
+    frame = pd.DataFrame(records, columns=list(SUMMARY_COLUMNS))
+    return frame.rename(columns=HEADERS)
 
 
 def _layout() -> AnalysisTab:
@@ -68,42 +97,44 @@ def _layout() -> AnalysisTab:
     with gr.Row():
         compute = gr.Button("Compute diagnostics", variant="primary", elem_id="dim3-diagnose")
     status = gr.Markdown("", elem_id="dim3-analysis-status")
-    plots: dict[str, gr.LinePlot] = {}
-    for i in range(0, len(PLOTTED), 2):
-        with gr.Row(equal_height=True):
-            for metric in PLOTTED[i : i + 2]:
-                plots[metric] = gr.LinePlot(
-                    x="layer",
-                    y="value",
-                    color="module",
-                    title=dg.METRICS[metric],
-                    x_title="layer",
-                    y_title=metric,
-                    color_title="module",
-                    height=260,
-                    elem_id=f"dim3-plot-{metric}",
-                )
-    table = gr.Dataframe(
-        headers=list(SUMMARY_COLUMNS),
-        label="Per module type (mean over layers)",
-        interactive=False,
-        elem_id="dim3-analysis-table",
-    )
-    download = gr.File(label="Per-tensor diagnostics (CSV)", elem_id="dim3-analysis-csv")
-    return AnalysisTab(compute, status, plots, table, download)
+    empty = gr.Markdown(EMPTY, elem_id="dim3-analysis-empty")
+    with gr.Column(visible=False, elem_id="dim3-analysis-results") as results:
+        heatmap = gr.Plot(
+            show_label=False, elem_id="dim3-analysis-heatmap", elem_classes="dim3-figure"
+        )
+        plots = {
+            name: gr.Plot(show_label=False, elem_id=f"dim3-plot-{name}", elem_classes="dim3-figure")
+            for name in SHOWN_FIGURES
+        }
+        table = gr.Dataframe(
+            headers=[HEADERS.get(c, c) for c in SUMMARY_COLUMNS],
+            label="Per module type (mean over layers; every figure per tensor in the CSV)",
+            interactive=False,
+            wrap=True,
+            elem_id="dim3-analysis-table",
+        )
+        download = gr.File(label="Per-tensor diagnostics (CSV)", elem_id="dim3-analysis-csv")
+    return AnalysisTab(compute, status, empty, heatmap, plots, table, download, results)
 
 
 def build_analysis_tab(ctx: AppContext, merge: MergeTab) -> AnalysisTab:
     """Lay out the Analysis tab inside the current Blocks; it reads ``merge``'s form."""
     tab = _layout()
-    tab.compute.click(
+    event = tab.compute.click(
         _compute(ctx, merge, tab),
         inputs_kwargs=merge.form.kwargs(),
-        outputs=[tab.status, tab.table, tab.download, *tab.plots.values()],
+        outputs=[
+            tab.status,
+            tab.heatmap,
+            tab.table,
+            tab.download,
+            *tab.plots.values(),
+        ],
         api_name="diagnose",
         concurrency_limit=1,
         concurrency_id=HEAVY,
     )
+    reveal_after(event, tab.status, tab.results, tab.empty)
     build_represent_view(ctx)  # the representation view (dim3/ui/represent.py)
     return tab
 
@@ -141,11 +172,13 @@ def _compute(ctx: AppContext, merge: MergeTab, tab: AnalysisTab) -> Callable:
             f"{md_escape(ctx.manager.display_ref(recipe.multimodal.ref))} "
             f"(DiM3 weights with {options})."
         )
+        drawn = figures(rows)
         out: dict[Any, Any] = {
             tab.status: status,
+            tab.heatmap: drawn["heatmap"],
             tab.table: summary_frame(rows),
             tab.download: str(csv_path),
         }
-        return out | {plot: plot_frame(rows, m) for m, plot in tab.plots.items()}
+        return out | {plot: drawn[name] for name, plot in tab.plots.items()}
 
     return diagnose

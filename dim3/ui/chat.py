@@ -33,7 +33,8 @@ from dim3.chat import (
     load_image,
     stream_reply,
 )
-from dim3.examples import load_examples
+from dim3.examples import examples_for, load_examples
+from dim3.examples import label as example_label
 from dim3.models import Served
 from dim3.ui.common import AppContext, error_html, error_text, gpu, md_escape
 from dim3.ui.draw import DrawControls, draw_controls, gold_line, wire_draw
@@ -136,9 +137,10 @@ def _layout(ctx: AppContext) -> tuple[ChatTab, dict[str, gr.Button]]:
         elem_classes="dim3-bidi",
     )
     with gr.Row():
-        stop = gr.Button("⏹ Stop", elem_id="dim3-stop", variant="stop")
-        regen = gr.Button("🔄 Regenerate", elem_id="dim3-regen")
-        clear = gr.Button("🗑 Clear", elem_id="dim3-clear")
+        small = {"min_width": 90}  # the three stay in one row on a phone
+        stop = gr.Button("⏹ Stop", elem_id="dim3-stop", variant="stop", **small)
+        regen = gr.Button("🔄 Regenerate", elem_id="dim3-regen", **small)
+        clear = gr.Button("🗑 Clear", elem_id="dim3-clear", **small)
     with gr.Accordion("Generation settings", open=False):
         sliders = [
             gr.Slider(
@@ -153,7 +155,7 @@ def _layout(ctx: AppContext) -> tuple[ChatTab, dict[str, gr.Button]]:
             for name, f in GenerationParams.__dataclass_fields__.items()
         ]
     draw = draw_controls(gold)
-    _examples(box)
+    _examples(box, ctx.showcase.recipe.multimodal.ref if ctx.showcase else ctx.manager.default_vlm)
     states = gr.State([]), gr.State([]), gr.State(None), gr.State(None)
     # Browser-side values: read when an event is triggered, not when the server runs it.
     # (visible="hidden": in the page but not shown; a visible=False one is not in the page, and
@@ -164,14 +166,19 @@ def _layout(ctx: AppContext) -> tuple[ChatTab, dict[str, gr.Button]]:
     return tab, {"stop": stop, "regen": regen, "clear": clear}
 
 
-def _examples(box: gr.MultimodalTextbox) -> None:
-    examples = load_examples()
+def _examples(box: gr.MultimodalTextbox, vlm: str | None) -> None:
+    """Example chips that fit the VLM served at start (its declared languages; all otherwise),
+    each with its picture; right-to-left text isolated (``dim3.examples.label``)."""
+    examples = examples_for(vlm)
     if examples:
+        every = len({e.language for e, _ in load_examples()})
+        languages = len({e.language for e, _ in examples})
+        which = "" if languages == every else " (the ones this VLM was taught)"
         gr.Examples(
             [[{"text": e.text, "files": [str(path)]}] for e, path in examples],
             inputs=[box],
-            example_labels=[f"{e.language_name} · {e.text}" for e, _ in examples],
-            label=f"Examples in {len({e.language for e, _ in examples})} languages",
+            example_labels=[example_label(e) for e, _ in examples],
+            label=f"Examples in {languages} languages{which}",
             examples_per_page=len(examples),
             elem_id="dim3-examples",
             api_visibility="private",

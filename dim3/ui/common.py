@@ -290,4 +290,11 @@ CSS = """
 .dim3-status { font-size: 0.9em; opacity: 0.85; }
 .dim3-error { color: var(--error-text-color, #b91c1c); }
 footer { display: none !important; }
+/* phones: the four tabs fit in one row instead of hiding two behind a "more" menu */
+@media (max-width: 520px) {
+    .tab-container button { padding-left: 8px !important; padding-right: 8px !important; }
+    /* figures keep a legible size and scroll sideways inside their box, not the page */
+    .dim3-figure [data-testid="matplotlib"] { display: block; overflow-x: auto; }
+    .dim3-figure [data-testid="matplotlib"] img { min-width: 640px; max-width: none; }
+}
 """

@@ -35,6 +35,7 @@ from dim3.methods import METHODS
 from dim3.ui import jobs
 from dim3.ui.common import AppContext, check_text, clock, error_text, gpu, md_escape
 from dim3.ui.merge import HEAVY, MergeTab
+from dim3.ui.reveal import reveal_after
 from dim3.ui.sweep import build_sweep_view
 
 INTRO = (
@@ -51,6 +52,10 @@ SOURCES = [("Probe (demo or JSONL file)", PROBE.name)] + [
 ]
 DEMO_LANGUAGES = ("en", "de", "es", "ru", "zh", "ar", "hi", "sw")
 BAR = 20  # characters of a text progress bar
+EMPTY = (
+    "*Press **Evaluate** to see a table and a bar chart of each model's score per language, "
+    "and the predictions to download.*"
+)
 
 
 @dataclass
@@ -67,6 +72,8 @@ class EvaluateTab:
     table: gr.Dataframe
     chart: gr.Plot
     download: gr.File
+    empty: gr.Markdown  # what will appear, until the first run
+    results: gr.Column  # the table, the chart and the file, shown by the first successful run
 
 
 def results_frame(results: dict[str, dict[str, float]]) -> pd.DataFrame:
@@ -79,24 +86,12 @@ def results_frame(results: dict[str, dict[str, float]]) -> pd.DataFrame:
 
 
 def chart_figure(results: dict[str, dict[str, float]], ylabel: str = "accuracy"):
-    """A grouped bar chart: one group per language (and overall), one bar per model."""
-    import matplotlib
+    """A grouped bar chart: one group per language (and overall), one bar per model in its
+    colour (``dim3.plots.accuracy_figure``), the metric named on the y axis."""
+    from dim3 import plots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    columns = list(next(iter(results.values())))
-    fig, ax = plt.subplots(figsize=(9, 3.4), dpi=100)
-    width = 0.8 / len(results)
-    for i, (name, accs) in enumerate(results.items()):
-        xs = [c + (i - (len(results) - 1) / 2) * width for c in range(len(columns))]
-        ax.bar(xs, [accs.get(c, 0.0) for c in columns], width, label=name)
-    ax.set_xticks(range(len(columns)), columns)
-    ax.set_ylim(0, 1)
-    ax.set_ylabel(ylabel)
-    ax.legend(fontsize=8, ncols=min(4, len(results)), loc="upper right")
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
+    fig = plots.accuracy_figure(results)
+    fig.axes[0].set_ylabel(ylabel)
     return fig
 
 
@@ -120,12 +115,13 @@ def _layout() -> EvaluateTab:
             value=list(DEFAULT_METHODS),
             label="Merge methods",
             scale=3,
+            min_width=300,  # the slider goes below it on a phone
             elem_id="dim3-eval-methods",
         )
         per_lang = gr.Slider(
             0,
             480,
-            value=48,
+            value=16,
             step=8,
             label="Questions per language (a seeded sample; 0 = all, probes only)",
             scale=1,
@@ -153,15 +149,30 @@ def _layout() -> EvaluateTab:
     )
     run = gr.Button("Evaluate", variant="primary", elem_id="dim3-evaluate")
     status = gr.Markdown("", elem_id="dim3-eval-status")
-    table = gr.Dataframe(label="Score per language", interactive=False, elem_id="dim3-eval-table")
-    chart = gr.Plot(label="Score per language", elem_id="dim3-eval-chart")
-    download = gr.File(
-        label="Predictions (JSON: every question's id, gold answer and each model's answer)",
-        interactive=False,
-        elem_id="dim3-eval-download",
-    )
+    empty = gr.Markdown(EMPTY, elem_id="dim3-eval-empty")
+    with gr.Column(visible=False, elem_id="dim3-eval-results") as results:
+        table = gr.Dataframe(
+            label="Score per language", interactive=False, wrap=True, elem_id="dim3-eval-table"
+        )
+        chart = gr.Plot(show_label=False, elem_id="dim3-eval-chart", elem_classes="dim3-figure")
+        download = gr.File(
+            label="Predictions (JSON: every question's id, gold answer and each model's answer)",
+            interactive=False,
+            elem_id="dim3-eval-download",
+        )
     return EvaluateTab(
-        methods, source, languages, probe, per_lang, run, status, table, chart, download
+        methods,
+        source,
+        languages,
+        probe,
+        per_lang,
+        run,
+        status,
+        table,
+        chart,
+        download,
+        empty,
+        results,
     )
 
 
@@ -174,7 +185,7 @@ def build_evaluate_tab(ctx: AppContext, merge: MergeTab) -> EvaluateTab:
         outputs=[tab.languages],
         api_visibility="private",
     )
-    tab.run.click(
+    event = tab.run.click(
         evaluate_handler(ctx, merge, tab),
         inputs_kwargs=merge.form.kwargs()
         | {
@@ -189,6 +200,7 @@ def build_evaluate_tab(ctx: AppContext, merge: MergeTab) -> EvaluateTab:
         concurrency_limit=1,
         concurrency_id=HEAVY,
     )
+    reveal_after(event, tab.status, tab.results, tab.empty)
     build_sweep_view(ctx, merge)  # the Sweep view (dim3/ui/sweep.py)
     return tab
 

@@ -20,10 +20,11 @@ from dim3.presets import presets
 from dim3.recipe import DEVICES, DTYPES, ROLES
 from dim3.ui.common import MAX_REF_CHARS, AppContext, check_text
 
+# one-line labels (at 1400 px), so that the three boxes stay in line
 ROLE_LABELS = {
     "base": "Base LLM",
-    "multilingual": "Multilingual LLM (fine-tuned from the base)",
-    "multimodal": "Multimodal VLM (its language model fine-tuned from the base)",
+    "multilingual": "Multilingual LLM (from the base)",
+    "multimodal": "Multimodal VLM (from the base)",
 }
 MAX_EXPERTS = 4  # multilingual models the form offers (the engine takes any number)
 EXTRA_ROLES = tuple(f"multilingual_{i}" for i in range(2, MAX_EXPERTS + 1))
@@ -193,6 +194,7 @@ def build_form(ctx: AppContext) -> tuple[MergeForm, gr.Markdown]:
             value=first.key,
             label="Preset",
             scale=3,
+            min_width=300,  # a line of its own on a phone, not squeezed beside dtype
             visible=edit,
         )
         dtype = gr.Dropdown(
@@ -200,7 +202,7 @@ def build_form(ctx: AppContext) -> tuple[MergeForm, gr.Markdown]:
             value=fixed.dtype if fixed else "auto",
             label="dtype",
             scale=1,
-            info="auto: bf16 on GPU, fp32 on CPU (a saved folder keeps the VLM's dtype)",
+            info="auto: bf16 on GPU, fp32 on CPU",  # one line, like Device's: boxes in line
             interactive=edit,
         )
         device = gr.Dropdown(

@@ -29,6 +29,7 @@ from dim3.ui import jobs
 from dim3.ui.common import AppContext, gpu, md_escape
 from dim3.ui.form import MergeForm, build_form
 from dim3.ui.progress import LOG_LINES, drive, err, ok, plain
+from dim3.ui.reveal import succeeded
 from dim3.ui.share import REPO_ID_CHARS, push_handler, save_handler
 
 HEAVY = "dim3-heavy"  # concurrency id shared by merge, save and push: one at a time per server
@@ -51,6 +52,7 @@ class MergeTab:
     token: gr.Textbox | None = None
     private: gr.Checkbox | None = None
     saved: gr.State | None = None
+    weights: gr.Plot | None = None  # DiM3's weights as a heat map, after a DiM3 merge
 
 
 INTRO = (
@@ -78,6 +80,9 @@ def _layout(ctx: AppContext) -> tuple[MergeTab, dict[str, gr.Button]]:
         check = gr.Button("Check plan", variant="secondary", elem_id="dim3-check")
         merge = gr.Button("Merge", variant="primary", elem_id="dim3-merge")
     status = gr.Markdown("", elem_id="dim3-merge-status")
+    weights = gr.Plot(
+        visible=False, show_label=False, elem_id="dim3-merge-heatmap", elem_classes="dim3-figure"
+    )
     plan_box, log_box = _plan_and_log()
     with gr.Accordion("Save to a folder and share on the Hub", open=False):
         with gr.Row():
@@ -108,16 +113,23 @@ def _layout(ctx: AppContext) -> tuple[MergeTab, dict[str, gr.Button]]:
     tab = MergeTab(
         form, note, plan_box, log_box, status, folder, overwrite, repo, token, private, saved
     )
+    tab.weights = weights
     return tab, {"check": check, "merge": merge, "save": save, "push": push}
 
 
 def _plan_and_log(visible: bool = True) -> tuple[gr.Textbox, gr.Textbox]:
     with gr.Row(visible=visible):
         plan_box = gr.Textbox(
-            label="Plan", lines=8, max_lines=16, interactive=False, elem_id="dim3-plan"
+            label="Plan",
+            lines=8,
+            max_lines=16,
+            interactive=False,
+            min_width=320,  # stacked on a phone
+            elem_id="dim3-plan",
         )
         log_box = gr.Textbox(
             label="Log",
+            min_width=320,
             lines=8,
             max_lines=16,
             interactive=False,
@@ -199,6 +211,8 @@ def build_merge_tab(ctx: AppContext) -> MergeTab:
         outputs=[tab.plan_box, tab.log_box, tab.status],
         api_name="merge",
         **heavy,
+    ).then(  # the heat map reads the trio again: in the heavy queue slot
+        _weights(ctx), inputs=[tab.status], outputs=[tab.weights], **heavy, **PRIVATE
     )
     buttons["save"].click(
         save_handler(ctx, tab),
@@ -306,3 +320,31 @@ def _merge(ctx: AppContext, tab: MergeTab) -> Callable:
         }
 
     return merge
+
+
+HEATMAP_BYTES = 2 * 10**9  # above this the heat map (a second read of the trio) is left to Analysis
+
+
+def _weights(ctx: AppContext) -> Callable:
+    def weights(status: str) -> Any:
+        """After a merge: the heat map of the served merge's DiM3 weights per layer and module
+        (hidden after a failed merge, another method's merge, or a trio above 2 GB, whose second
+        read the Analysis tab offers)."""
+        served = ctx.manager.served()
+        info = served.info
+        if not succeeded(status) or info is None or info.recipe.method != "dim3":
+            return gr.Plot(visible=False)
+        size = (info.summary or {}).get("bytes") or (
+            served.merged.placement.needed if served.merged else 0
+        )
+        if size > HEATMAP_BYTES:
+            return gr.Plot(visible=False)
+        from dim3 import diagnostics as dg
+
+        try:
+            rows = dg.diagnose(info.recipe, allowed_roots=ctx.allowed_roots)
+        except Exception:  # noqa: BLE001 - a picture is not worth failing a finished merge
+            return gr.Plot(visible=False)
+        return gr.Plot(dg.heatmap(rows), visible=True) if rows else gr.Plot(visible=False)
+
+    return weights

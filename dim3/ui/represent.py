@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import gradio as gr
-import pandas as pd
 
 from dim3 import represent as rp
 from dim3.models import MERGED, ORIGINAL
@@ -24,6 +23,7 @@ from dim3.ui import jobs
 from dim3.ui.common import AppContext, gpu
 from dim3.ui.merge import HEAVY
 from dim3.ui.progress import err
+from dim3.ui.reveal import reveal_after
 
 INTRO = (
     "### Representations\n"
@@ -33,6 +33,10 @@ INTRO = (
     "alignment lowers it); **by content**, high when the same meaning sits together; "
     "**retrieval** is how often an item's nearest neighbour in another language is its "
     "translation. Uses the original and merged VLMs in memory: merge in the **Merge** tab first."
+)
+EMPTY = (
+    "*Press **Compute representations** to draw the three scores per layer for each model and a "
+    "2-D map of one layer (colour = language, marker = content), with a slider for the layer.*"
 )
 PROBES = [
     ("Demo: pictures + colour question (8 languages)", "demo"),
@@ -51,21 +55,12 @@ class RepresentView:
     map_method: gr.Radio
     compute: gr.Button
     status: gr.Markdown
-    curves: dict[str, gr.LinePlot]
+    empty: gr.Markdown
+    curves: gr.Plot
     layer: gr.Slider
     map: gr.Plot
     state: gr.State
-
-
-def curve_frame(rep: rp.Representations, metric: str) -> pd.DataFrame:
-    """Plot data of one metric: columns layer, model, value (undefined values left out)."""
-    rows = [
-        {"layer": layer, "model": name, "value": v}
-        for name, m in rep.metrics.items()
-        for layer, v in enumerate(m[metric])
-        if v == v
-    ]
-    return pd.DataFrame(rows, columns=["layer", "model", "value"])
+    results: gr.Column  # curves, layer slider and map, shown by the first run
 
 
 def _layout() -> RepresentView:
@@ -76,12 +71,14 @@ def _layout() -> RepresentView:
             value="demo",
             label="Parallel set",
             scale=2,
+            min_width=260,
             elem_id="dim3-rep-probe",
         )
         path = gr.Textbox(
             label="JSONL file (id, language, text, image)",
             placeholder="/path/to/parallel.jsonl",
             scale=2,
+            min_width=260,
             elem_id="dim3-rep-file",
         )
         map_method = gr.Radio(
@@ -93,37 +90,44 @@ def _layout() -> RepresentView:
         )
     compute = gr.Button("Compute representations", variant="primary", elem_id="dim3-represent")
     status = gr.Markdown("", elem_id="dim3-rep-status")
-    curves = {}
-    with gr.Row(equal_height=True):
-        for metric, title in rp.METRICS.items():
-            curves[metric] = gr.LinePlot(
-                x="layer",
-                y="value",
-                color="model",
-                title=title,
-                x_title="layer (0 = embeddings)",
-                y_title=metric,
-                height=240,
-                elem_id=f"dim3-rep-{metric}",
-            )
-    layer = gr.Slider(0, 1, value=0, step=1, label="Layer of the map", elem_id="dim3-rep-layer")
-    map_plot = gr.Plot(label="2-D map: colour = language, marker = content", elem_id="dim3-rep-map")
+    empty = gr.Markdown(EMPTY, elem_id="dim3-rep-empty")
+    with gr.Column(visible=False, elem_id="dim3-rep-results") as results:
+        curves = gr.Plot(show_label=False, elem_id="dim3-rep-curves", elem_classes="dim3-figure")
+        layer = gr.Slider(0, 1, value=0, step=1, label="Layer of the map", elem_id="dim3-rep-layer")
+        map_plot = gr.Plot(show_label=False, elem_id="dim3-rep-map", elem_classes="dim3-figure")
     return RepresentView(
-        probe, path, map_method, compute, status, curves, layer, map_plot, gr.State(None)
+        probe,
+        path,
+        map_method,
+        compute,
+        status,
+        empty,
+        curves,
+        layer,
+        map_plot,
+        gr.State(None),
+        results,
     )
 
 
 def build_represent_view(ctx: AppContext) -> RepresentView:
     """Lay out the representation view inside the current Blocks and wire its events."""
     view = _layout()
-    view.compute.click(
+    event = view.compute.click(
         compute_handler(ctx, view),
         inputs=[view.probe, view.path, view.map_method],
-        outputs=[view.status, view.state, view.layer, view.map, *view.curves.values()],
+        outputs=[
+            view.status,
+            view.state,
+            view.curves,
+            view.layer,
+            view.map,
+        ],
         api_name="represent",
         concurrency_limit=1,
         concurrency_id=HEAVY,
     )
+    reveal_after(event, view.status, view.results, view.empty)
     for trigger in (view.layer.release, view.map_method.change):
         trigger(
             map_handler(ctx, view),
@@ -186,10 +190,11 @@ def compute_handler(ctx: AppContext, view: RepresentView) -> Callable:
         out: dict[Any, Any] = {
             view.status: status,
             view.state: rep,
+            view.curves: rp.curves_figure(rep),
             view.layer: gr.Slider(0, len(rep.layers) - 1, value=layer, step=1),
             view.map: figure,
         }
-        return out | {plot: curve_frame(rep, m) for m, plot in view.curves.items()}
+        return out
 
     return represent
 

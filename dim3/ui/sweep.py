@@ -19,12 +19,14 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
+from dim3 import estimate as est
 from dim3 import sweep as sw
 from dim3.methods import METHODS
 from dim3.ui import jobs
 from dim3.ui.common import AppContext, gpu
 from dim3.ui.merge import HEAVY, MergeTab
 from dim3.ui.progress import err
+from dim3.ui.reveal import reveal_after, reveal_now
 
 INTRO = (
     "### Sweep\n"
@@ -37,11 +39,16 @@ EXAMPLE_GRIDS = {
     "dim3": "above_average_ratio=0.5,1,2\ncalibration=0.5,1",
     "task_arithmetic": "scaling=0.25,0.5,0.75,1",
     "linear": "multilingual_weight=0.5,1,2",
-    "ties": "density=0.1,0.2,0.4,0.8",
+    "ties": "density=0.2,0.5,0.8",
     "dare_task_arithmetic": "drop_rate=0.1,0.5,0.9",
     "dare_ties": "drop_rate=0.1,0.5,0.9",
     "breadcrumbs": "density=0.5,0.7,0.9",
 }
+EMPTY = (
+    "*Press **Run sweep** to score each setting; a table grows as they finish and a plot of "
+    "English against the other languages follows. The time it will take is said first.*"
+)
+DEFAULT_PER_LANGUAGE = 16  # the defaults score 4 models x 128 questions: about a minute on 2 CPUs
 COLUMNS = ["model", "options", "tune en", "tune others", "tune rule", "report en", "report others"]
 
 
@@ -62,6 +69,8 @@ class SweepView:
     point: gr.Dropdown
     send: gr.Button
     points: gr.State
+    results: gr.Column  # the plot and the table, shown while a sweep runs and after it
+    empty: gr.Markdown  # what will appear, until the first sweep
 
 
 def points_frame(points: list[sw.SweepPoint], rule: str) -> pd.DataFrame:
@@ -95,6 +104,7 @@ def _layout() -> SweepView:
             value="ties",
             label="Method to sweep",
             scale=1,
+            min_width=200,
             elem_id="dim3-sweep-method",
         )
         grid = gr.Textbox(
@@ -102,13 +112,14 @@ def _layout() -> SweepView:
             lines=3,
             label="Grid: one option=v1,v2,... per line",
             scale=2,
+            min_width=260,
             elem_id="dim3-sweep-grid",
         )
-        with gr.Column(scale=1):
+        with gr.Column(scale=1, min_width=260):
             per_language = gr.Slider(
                 0,
                 480,
-                value=48,
+                value=DEFAULT_PER_LANGUAGE,
                 step=8,
                 label="Questions per language (0 = all)",
                 elem_id="dim3-sweep-n",
@@ -128,22 +139,27 @@ def _layout() -> SweepView:
             label="Probe file (JSONL); empty = built-in demo probe",
             placeholder="/path/to/probe.jsonl",
             scale=3,
+            min_width=300,
             elem_id="dim3-sweep-probe",
         )
         references = gr.Checkbox(
-            value=True,
-            label="Other methods at their defaults as reference points",
+            value=False,
+            label=f"Also score the {len(METHODS) - 1} other methods at their defaults (slow)",
             scale=1,
+            min_width=260,
             elem_id="dim3-sweep-refs",
         )
     run = gr.Button("Run sweep", variant="primary", elem_id="dim3-sweep")
     status = gr.Markdown("", elem_id="dim3-sweep-status")
-    with gr.Row():
-        plot = gr.Plot(
-            label="English vs the other languages (tuning half)", elem_id="dim3-sweep-plot"
-        )
+    empty = gr.Markdown(EMPTY, elem_id="dim3-sweep-empty")
+    with gr.Column(visible=False, elem_id="dim3-sweep-results") as results:
+        plot = gr.Plot(show_label=False, elem_id="dim3-sweep-plot", elem_classes="dim3-figure")
         table = gr.Dataframe(
-            headers=COLUMNS, label="Per setting", interactive=False, elem_id="dim3-sweep-table"
+            headers=COLUMNS,
+            label="Per setting (accuracy)",
+            interactive=False,
+            wrap=True,
+            elem_id="dim3-sweep-table",
         )
     with gr.Row():
         point = gr.Dropdown([], label="Setting", scale=3, elem_id="dim3-sweep-point")
@@ -162,6 +178,8 @@ def _layout() -> SweepView:
         point,
         send,
         gr.State([]),
+        results,
+        empty,
     )
 
 
@@ -174,7 +192,8 @@ def build_sweep_view(ctx: AppContext, merge: MergeTab) -> SweepView:
         outputs=view.grid,
         api_visibility="private",
     )
-    view.run.click(
+    reveal_now(view.run.click, view.results, view.empty)  # the table grows as points finish
+    event = view.run.click(
         sweep_handler(ctx, merge, view),
         inputs_kwargs=merge.form.kwargs() | sweep_kwargs(view),
         outputs=[view.status, view.plot, view.table, view.point, view.points],
@@ -182,6 +201,7 @@ def build_sweep_view(ctx: AppContext, merge: MergeTab) -> SweepView:
         concurrency_limit=1,
         concurrency_id=HEAVY,
     )
+    reveal_after(event, view.status, view.results, view.empty)
     form = merge.form
     view.send.click(
         send_handler(merge, view),
@@ -232,14 +252,23 @@ def sweep_handler(ctx: AppContext, merge: MergeTab, view: SweepView) -> Callable
             return
         points: list[sw.SweepPoint] = []
         total = spec.total()
-        yield {view.status: f"⏳ Loading the VLM; {total} models to score…"}
+        vlm, n = f"{recipe.multimodal.ref}@{recipe.device}", len(spec.items)
+        merges = [*spec.references, *[method] * (1 + len(spec.points))]
+        plan = est.plan_text(est.BOOK, vlm, n, merges)
+        yield {view.status: f"⏳ Loading the VLM. {plan}"}
         try:
-            for point in sw.iter_sweep(spec, allowed_roots=ctx.allowed_roots):
+            for point in sw.iter_sweep(
+                spec, allowed_roots=ctx.allowed_roots, costs=_recorder(vlm, n)
+            ):
                 budget.check(len(points) / total)  # scored so far: the next would run past it
                 points.append(point)
+                left = est.remaining_text(
+                    est.BOOK, vlm, n, merges[len(points) - 1 :], total - len(points)
+                )
                 progress((len(points), total), desc=f"scored {point.label}", unit="models")
                 yield {
-                    view.status: f"⏳ {len(points)}/{total}: {point.label}",
+                    view.status: f"⏳ {len(points)}/{total}: {point.label}"
+                    + (f" ({left})" if left else ""),
                     view.table: points_frame(points, spec.select),
                 }
         except Exception as exc:  # noqa: BLE001 - the UI boundary
@@ -263,6 +292,17 @@ def sweep_handler(ctx: AppContext, merge: MergeTab, view: SweepView) -> Callable
         }
 
     return handler
+
+
+def _recorder(vlm: str, questions: int) -> Callable[[str, float, float], None]:
+    """Book each scored point's measured cost (for the next estimates)."""
+
+    def record(method: str, merge_seconds: float, answer_seconds: float) -> None:
+        est.BOOK.record_answers(vlm, questions, answer_seconds)
+        if method:
+            est.BOOK.record_merge(vlm, method, merge_seconds)
+
+    return record
 
 
 def send_handler(merge: MergeTab, view: SweepView) -> Callable:
