@@ -313,7 +313,7 @@ class _Source:
         vlm = rows(self.inputs.multimodal, e.key, b)
         if step.stage == "copy":
             return (vlm,)
-        shared = min(b, e.rows if e.rows is not None else e.shape[0])
+        shared = max(a, min(b, e.rows if e.rows is not None else e.shape[0]))  # may be none
         mls = zip(self.inputs.multilingual, e.multilingual_keys, strict=True)
         return (
             vlm,

@@ -18,6 +18,7 @@ This module knows tensors and budgets only: no files, no rules, no models.
 from __future__ import annotations
 
 import math
+import mmap
 import threading
 from collections.abc import Sequence
 
@@ -138,6 +139,23 @@ class FirstMask:
         return mask
 
 
+HUGE = 2 * 2**20  # a transparent huge page
+
+
+def _allocate(nbytes: int, device: torch.device, pin: bool) -> Tensor:
+    """``nbytes`` of uninitialised memory. A large CPU buffer is its own anonymous mapping with
+    transparent huge pages asked for (``MADV_HUGEPAGE``, where the kernel offers them): the
+    kernel then faults it in 2 MiB at a time, 512 times fewer faults than 4 KiB pages."""
+    if device.type != "cpu" or pin or nbytes < HUGE or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return torch.empty(nbytes, dtype=torch.uint8, device=device, pin_memory=pin)
+    region = mmap.mmap(-1, nbytes)
+    try:
+        region.madvise(mmap.MADV_HUGEPAGE)
+    except OSError:  # THP not built in: ordinary pages
+        pass
+    return torch.frombuffer(region, dtype=torch.uint8)  # keeps the mapping alive
+
+
 class Buffers:
     """Named buffers reused across the slices of a merge: :meth:`take` returns a view of the
     buffer called ``name``, allocated at the first request and again only when a request is
@@ -167,8 +185,7 @@ class Buffers:
             if have is not None and have.numel() >= nbytes and have.device == device:
                 return
             self._flat.pop(name, None)  # free the smaller one first: peak memory stays one buffer
-            flat = torch.empty(nbytes, dtype=torch.uint8, device=device, pin_memory=pin)
-            self._flat[name] = flat
+            self._flat[name] = _allocate(nbytes, device, pin)
             self.allocations += 1
 
     def take(
