@@ -1,17 +1,31 @@
 """The merge engine: one streaming loop from checkpoints, through a rule, to a writer or a model.
 
 :func:`iter_merged` is the only loop that moves tensors: for each planned tensor it reads the base,
-multilingual and VLM tensors (the next entry's tensors are prefetched on a thread while the current one is
-computed), applies the method on the chosen device in float32, and yields the result. Its two
-consumers are :func:`merge_to_folder` (a sharded safetensors checkpoint with configs, tokenizer,
-processor, model card and recipe, moved into place only when complete) and
+multilingual and VLM rows, applies the method on the chosen device in float32, and yields the
+result. Its two consumers are :func:`merge_to_folder` (a sharded safetensors checkpoint with
+configs, tokenizer, processor, model card and recipe, moved into place only when complete) and
 :func:`merge_into_model` (an already loaded VLM, updated in place, so the app can chat with the
-result without writing it to disk). A tensor larger than the chunk budget (``chunk_size``, 32 MiB of
-float32 by default) is read and merged in row slices, in as many passes as its method's kind needs
-(:data:`PASSES`: DiM3 gathers column statistics first, TIES and Breadcrumbs find their exact
+result without writing it to disk). A tensor larger than the chunk budget (``chunk_size``, 32 MiB
+of float32 by default) is read and merged in row slices, in as many passes as its method's kind
+needs (:data:`PASSES`: DiM3 gathers column statistics first, TIES and Breadcrumbs find their exact
 magnitude thresholds in two radix passes, PCB its four order statistics in two stages of two
-passes), so peak memory is a few slices per model whatever the
-vocabulary; "matrix" methods (SVD, optimisation) take each tensor whole.
+passes), so peak memory is a few slices per model whatever the vocabulary; "matrix" methods (SVD,
+optimisation) take each tensor whole.
+
+A merge is bound by reading three models and writing one, so the loop does little else:
+
+- **No allocation in the steady state.** Every slice-sized buffer (the float32 work rows, a rule's
+  temporaries, the rows in the output dtype, pinned host and device staging for CUDA) is one of a
+  merge's :class:`dim3.slices.Buffers`, made at its first use and reused for every later slice
+  (``out=`` arguments, in-place ops, ``copy_`` for dtype changes); rules take their temporaries
+  through :func:`dim3.methods._utils.scratch`. Inputs are converted straight from the mapped shard
+  files (:mod:`dim3.mapped`, no read copy), and shards are written past the page cache
+  (:class:`dim3.writer.ShardedWriter`, ``O_DIRECT`` where the file system allows it).
+- **Reading, computing and writing overlap**: a read thread prepares the next step (page-cache
+  read-ahead on the CPU; pinned staging and a copy on a transfer stream for CUDA, :data:`SLOTS`
+  steps in flight) and a write thread writes the previous ones (at most two queued,
+  :class:`_Pipe`), while torch computes on :func:`compute_threads` threads.
+
 The engine knows no tokenization and no UI; progress goes to an optional callback.
 """
 
@@ -348,6 +362,8 @@ class _Source:
             for j, t in enumerate(staged.tensors)
         ]
         if staged.slot is not None:
+            for t in staged.tensors:  # one too large for the buffers is freed once used here
+                t.record_stream(torch.cuda.current_stream())
             self.consumed[staged.slot].record()
         return work
 
@@ -606,8 +622,8 @@ def iter_merged(
                 del staged
                 if out is not None:
                     yield step.out, step.start, out, step.last
-            streams.synchronize()
     finally:
+        streams.synchronize()  # nothing queued may outlive the buffers it uses
         source.close()
 
 
@@ -630,23 +646,23 @@ def _return_freed_memory() -> None:
         pass
 
 
-IO_THREADS = 2  # the read thread and the write thread
-
-
 def compute_threads(device: torch.device, cores: int | None = None) -> int:
     """torch's intra-op threads for a merge on ``device``.
 
-    On the CPU the merge has two I/O threads besides the computation: the read thread (asking the
-    kernel for the next slice's pages) and the write thread (gathering converted rows into the
-    direct-write buffer and waiting on the disk). They need little CPU but need it promptly, and
-    torch's OpenMP workers spin while they wait for work, so the computation gets every core but
-    one up to 2 (one core: 1 thread; 2 cores: 1 thread, the other core for I/O and the rest of the
-    machine) and every core but ``IO_THREADS`` above that. A CUDA merge leaves torch's setting.
+    Besides the computation a CPU merge runs a read thread (asking the kernel to read the next
+    slice's pages ahead, when they are not cached) and a write thread (gathering converted rows
+    into the aligned direct-write buffer, then waiting on the disk). Both spend nearly all their
+    time asleep in system calls and need a few milliseconds when they wake, which the scheduler
+    gives a waking thread promptly. On up to 2 cores the computation therefore keeps every core:
+    holding one back for the I/O threads would halve the elementwise work's throughput to save
+    them little. Above that one core is left to them and to the rest of the machine (the
+    elementwise work is bound by memory bandwidth long before 16 threads). A CUDA merge leaves
+    torch's setting.
     """
     cores = cores or os.cpu_count() or 1
     if device.type != "cpu":
         return torch.get_num_threads()
-    return max(1, cores - (1 if cores <= 3 else IO_THREADS))
+    return cores if cores <= 2 else cores - 1
 
 
 def _run(
@@ -737,7 +753,7 @@ class _Pipe:
     def put(self, key: str, start: int, rows: torch.Tensor, dtype: torch.dtype) -> None:
         slot = self._n % (self._depth + 1)
         self._n += 1
-        cpu = torch.device("cpu")
+        cpu, pin = torch.device("cpu"), self._streams.cuda
         if rows.device.type == "cuda":
             dev = self._buffers.take(f"out.device{slot}", rows.shape, dtype, rows.device)
             host = self._buffers.take(f"out{slot}", rows.shape, dtype, cpu, pin=True)
@@ -750,7 +766,7 @@ class _Pipe:
                 copied.record(transfer)
             ready: torch.cuda.Event | None = copied
         else:
-            host = self._buffers.take(f"out{slot}", rows.shape, dtype, cpu).copy_(rows)
+            host = self._buffers.take(f"out{slot}", rows.shape, dtype, cpu, pin=pin).copy_(rows)
             ready = None
         self._pending.append(self._pool.submit(self._write_when, ready, key, start, host))
         while len(self._pending) > self._depth:

@@ -9,7 +9,10 @@ a single shard is ``model.safetensors``). Temporary folders are named ``.NAME.di
 beside the destination ``NAME``; those a killed merge left behind are removed when the next merge
 to ``NAME`` starts (:func:`remove_stale_temporaries`; :func:`remove_stale_in_folder` for a whole
 output folder). The ``safetensors`` library's own writer needs all of a
-shard's tensors in memory at once, hence this one. This module knows nothing of models or merging.
+shard's tensors in memory at once, hence this one. Shards are written with ``O_DIRECT`` where the
+file system allows it (:class:`_StreamFile`): a merged model is written once, and through the page
+cache its gigabytes would cost the kernel a copy per page and evict the inputs being read. This
+module knows nothing of models or merging.
 """
 
 from __future__ import annotations

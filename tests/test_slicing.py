@@ -142,11 +142,11 @@ def test_buffers_grow_only_for_a_larger_request_and_keep_their_memory():
     assert buffers.like("z", t.T).stride() == t.T.stride()  # a transposed buffer for a .T
 
 
-def test_compute_threads_leave_a_core_to_the_io_threads():
+def test_compute_threads_leave_a_core_to_the_io_threads_above_two():
     cpu = torch.device("cpu")
     assert engine.compute_threads(cpu, cores=1) == 1
-    assert engine.compute_threads(cpu, cores=2) == 1
-    assert engine.compute_threads(cpu, cores=16) == 14
+    assert engine.compute_threads(cpu, cores=2) == 2
+    assert engine.compute_threads(cpu, cores=16) == 15
 
 
 # ---------------------------------------------------------------- CUDA (skipped without a GPU)
