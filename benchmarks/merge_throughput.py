@@ -1,13 +1,18 @@
-"""Merge a synthetic Llama/LLaVA-shaped trio and print wall time, throughput and peak memory.
+"""Merge a synthetic or header-true trio and print wall time, CPU, page faults and peak memory
+beside the I/O floor measured in the same rounds.
 
-Beside the merge it measures the I/O floor on the same machine: the time to merely read the three
-inputs and write one output of the same size. Peak process memory is anonymous RSS (RssAnon,
-sampled every 20 ms), which excludes the safetensors files' memory-mapped pages.
+The I/O floor is reading every byte of the three inputs once and writing as many bytes as the
+output has, each in a fresh process, in two variants: buffered writes plus ``fsync`` (through the
+page cache, as ``cat`` and ``dd`` would) and ``O_DIRECT`` writes (past it, as the engine writes its
+shards). Each round runs both floors and then the merge back to back, each in a fresh process,
+recording before each the load average and how much of the inputs is in the page cache
+(``fincore``); ratios are taken within a round and the medians over ``--repeat`` rounds reported.
+``--against OTHER_CHECKOUT`` also runs that checkout's engine in every round (paired old/new).
 
     python benchmarks/merge_throughput.py --shape tiny          # seconds, any machine
     python benchmarks/merge_throughput.py --shape 1b --dtype bfloat16
     python benchmarks/merge_throughput.py --shape 7b --device cuda   # ~40 GB of disk
-    python benchmarks/merge_throughput.py --shape qwen2-vl-2b --repeat 1   # ~20 GB of disk
+    python benchmarks/merge_throughput.py --shape qwen2-vl-2b --workdir /tmp/b2b   # ~20 GB of disk
     python benchmarks/merge_throughput.py --shape qwen2-vl-7b --device cuda   # ~75 GB of disk
 
 The synthetic shapes (tiny, 1b, 7b) are written straight to safetensors (random weights; the
@@ -17,12 +22,14 @@ copying all take part. The real shapes (qwen2-vl-2b, qwen2-vl-7b, qwen2.5-vl-7b,
 header-true copies of real Hub trios built by ``tests/realmaps.py`` from ``../shared/realmaps``:
 real names, dtypes, shapes, shard splits, vocabularies (151,936 / 152,064 / 32,064 rows) and tied
 embeddings, with random data (``--data random``, the default: a benchmark must not merge zeros).
+``--workdir`` keeps the trio for the next run.
 
-Each merge runs in a fresh child process, so its memory figures are its own: peak anonymous RSS
-(RssAnon, sampled every 20 ms; it excludes the safetensors files' mapped pages) and the figure the
-issue's target uses, that peak minus the process's RssAnon once the package is imported, as a
-share of one output model. The disk needed (inputs, output and the floor's output) is checked
-before anything is written.
+Each merge runs in a fresh child process, so its figures are its own: user and system CPU time
+and minor page faults of the merge call (``getrusage``), the slice buffers it allocated, peak
+anonymous RSS (RssAnon, sampled every 20 ms; it excludes the safetensors files' mapped pages) and
+the figure the memory target uses, that peak minus the process's RssAnon once the package is
+imported, as a share of one output model. The disk needed (inputs, output and the floor's output)
+is checked before anything is written.
 """
 
 from __future__ import annotations

@@ -631,11 +631,15 @@ def iter_merged(
 def _return_freed_memory() -> None:
     """Make glibc hand large freed blocks back to the system (once per process).
 
-    glibc raises its mmap threshold after the first large free (up to 32 MiB), so the slices of a
-    merge then come from heap arenas (one per thread: reader, computer, writer) that keep what is
-    freed: measured on the Qwen2-VL-2B shape, anonymous memory grew to ~2.5 GiB with 32 MiB slices
-    instead of a few hundred MiB. A fixed threshold of 1 MiB keeps every slice-sized buffer in its
-    own mapping, returned when freed. Other C libraries are left alone.
+    glibc raises its mmap threshold after the first large free (up to 32 MiB), so freed slices
+    then stay in heap arenas (one per thread): before the loop reused its buffers, anonymous
+    memory grew to ~2.5 GiB on the Qwen2-VL-2B shape. The loop's own buffers are now mappings of
+    their own, made once (:class:`dim3.slices.Buffers`), which no threshold affects; what still
+    goes through malloc per slice is the temporaries of rule code that does not take
+    :func:`dim3.methods._utils.scratch` buffers (masks in TIES' selection, PCB's weights), each
+    above 1 MiB in its own mapping, returned when freed. A higher threshold would let the heap
+    recycle them (fewer page faults) at the risk of the arena growth above; that trade-off was
+    not re-measured, so the fixed 1 MiB stays. Other C libraries are left alone.
     """
     if sys.platform != "linux":
         return
