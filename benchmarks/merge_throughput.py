@@ -1,13 +1,18 @@
-"""Merge a synthetic Llama/LLaVA-shaped trio and print wall time, throughput and peak memory.
+"""Merge a synthetic or header-true trio and print wall time, CPU, page faults and peak memory
+beside the I/O floor measured in the same rounds.
 
-Beside the merge it measures the I/O floor on the same machine: the time to merely read the three
-inputs and write one output of the same size. Peak process memory is anonymous RSS (RssAnon,
-sampled every 20 ms), which excludes the safetensors files' memory-mapped pages.
+The I/O floor is reading every byte of the three inputs once and writing as many bytes as the
+output has, each in a fresh process, in two variants: buffered writes plus ``fsync`` (through the
+page cache, as ``cat`` and ``dd`` would) and ``O_DIRECT`` writes (past it, as the engine writes its
+shards). Each round runs both floors and then the merge back to back, each in a fresh process,
+recording before each the load average and how much of the inputs is in the page cache
+(``fincore``); ratios are taken within a round and the medians over ``--repeat`` rounds reported.
+``--against OTHER_CHECKOUT`` also runs that checkout's engine in every round (paired old/new).
 
     python benchmarks/merge_throughput.py --shape tiny          # seconds, any machine
     python benchmarks/merge_throughput.py --shape 1b --dtype bfloat16
     python benchmarks/merge_throughput.py --shape 7b --device cuda   # ~40 GB of disk
-    python benchmarks/merge_throughput.py --shape qwen2-vl-2b --repeat 1   # ~20 GB of disk
+    python benchmarks/merge_throughput.py --shape qwen2-vl-2b --workdir /tmp/b2b   # ~20 GB of disk
     python benchmarks/merge_throughput.py --shape qwen2-vl-7b --device cuda   # ~75 GB of disk
 
 The synthetic shapes (tiny, 1b, 7b) are written straight to safetensors (random weights; the
@@ -17,12 +22,14 @@ copying all take part. The real shapes (qwen2-vl-2b, qwen2-vl-7b, qwen2.5-vl-7b,
 header-true copies of real Hub trios built by ``tests/realmaps.py`` from ``../shared/realmaps``:
 real names, dtypes, shapes, shard splits, vocabularies (151,936 / 152,064 / 32,064 rows) and tied
 embeddings, with random data (``--data random``, the default: a benchmark must not merge zeros).
+``--workdir`` keeps the trio for the next run.
 
-Each merge runs in a fresh child process, so its memory figures are its own: peak anonymous RSS
-(RssAnon, sampled every 20 ms; it excludes the safetensors files' mapped pages) and the figure the
-issue's target uses, that peak minus the process's RssAnon once the package is imported, as a
-share of one output model. The disk needed (inputs, output and the floor's output) is checked
-before anything is written.
+Each merge runs in a fresh child process, so its figures are its own: user and system CPU time
+and minor page faults of the merge call (``getrusage``), the slice buffers it allocated, peak
+anonymous RSS (RssAnon, sampled every 20 ms; it excludes the safetensors files' mapped pages) and
+the figure the memory target uses, that peak minus the process's RssAnon once the package is
+imported, as a share of one output model. The disk needed (inputs, output and the floor's output)
+is checked before anything is written.
 """
 
 from __future__ import annotations
@@ -41,7 +48,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a clone, no install
+# run from a clone, no install; DIM3_BENCH_ROOT: another checkout's engine (paired comparisons)
+sys.path.insert(0, os.environ.get("DIM3_BENCH_ROOT") or str(Path(__file__).resolve().parent.parent))
 
 from dim3 import engine
 from dim3.recipe import Recipe, Source
@@ -189,33 +197,82 @@ class AnonPeak:
         self._thread.join()
 
 
-def io_floor(recipe: Recipe, out: Path) -> tuple[float, int, int]:
-    """Read every tensor of the three inputs; write as many bytes as the output will have."""
-    from safetensors import safe_open
+def input_files(recipe: Recipe) -> list[Path]:
+    return [
+        p for src in recipe.sources().values() for p in sorted(Path(src.ref).glob("*.safetensors"))
+    ]
 
-    start, read = time.perf_counter(), 0
-    for src in recipe.sources().values():
-        for file in sorted(Path(src.ref).glob("*.safetensors")):
-            with safe_open(file, "pt") as f:
-                for key in f.keys():
-                    read += f.get_tensor(key).numel()
-    written = sum(p.stat().st_size for p in Path(recipe.multimodal.ref).glob("*.safetensors"))
-    chunk = bytearray(64 * 2**20)
+
+def io_floor(spec: dict) -> dict:
+    """Read every byte of the three inputs once and write as many bytes as the output has, in
+    this (fresh) process: ``readinto`` a reused 16 MiB buffer, then either buffered writes and
+    ``fsync`` (``direct`` false) or ``O_DIRECT`` writes from an aligned buffer, as the engine
+    writes its shards. Returns wall seconds and this process's CPU and page-fault counts."""
+    import mmap
+    import resource
+
+    files = [Path(f) for f in spec["inputs"]]
+    written = int(spec["written"])
+    out = Path(spec["out"])
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "floor.bin", "wb") as f:
-        left = written
+    chunk = 16 * 2**20
+    buf = mmap.mmap(-1, chunk)  # page-aligned, as O_DIRECT needs
+    view = memoryview(buf)
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    start = time.perf_counter()
+    read = 0
+    for file in files:
+        with open(file, "rb", buffering=0) as f:
+            while n := f.readinto(view):
+                read += n
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    fd = os.open(out / "floor.bin", flags | (os.O_DIRECT if spec["direct"] else 0), 0o644)
+    try:
+        left = written - written % 4096 if spec["direct"] else written
         while left > 0:
-            f.write(chunk[: min(left, len(chunk))])
-            left -= len(chunk)
-        f.flush()
-        os.fsync(f.fileno())
+            left -= os.write(fd, view[: min(left, chunk)])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     seconds = time.perf_counter() - start
-    read_bytes = sum(
-        p.stat().st_size
-        for s in recipe.sources().values()
-        for p in Path(s.ref).glob("*.safetensors")
-    )
-    return seconds, read_bytes, written
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    return {"seconds": seconds, "read": read, **usage(before, after)}
+
+
+def usage(before, after) -> dict:
+    return {
+        "user": after.ru_utime - before.ru_utime,
+        "sys": after.ru_stime - before.ru_stime,
+        "minflt": after.ru_minflt - before.ru_minflt,
+        "majflt": after.ru_majflt - before.ru_majflt,
+    }
+
+
+def resident(files: list[Path]) -> float:
+    """Share of the files' pages in the page cache now (``fincore``), or -1 if unknown."""
+    try:
+        done = subprocess.run(
+            [
+                "fincore",
+                "--bytes",
+                "--noheadings",
+                "--raw",
+                "--output",
+                "RES,SIZE",
+                *map(str, files),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return -1.0
+    res = size = 0
+    for line in done.stdout.split("\n"):
+        if line.strip():
+            r, z = line.split()
+            res, size = res + int(r), size + int(z)
+    return res / size if size else -1.0
 
 
 def build_real_trio(root: Path, shape: str, data: str, layers: int | None) -> Recipe:
@@ -249,7 +306,12 @@ def check_disk(root: Path, need: int) -> None:
 
 
 def child(spec: dict) -> None:
-    """Run one merge in this (fresh) process and print its figures as JSON."""
+    """Run one merge (or the I/O floor) in this (fresh) process and print its figures as JSON."""
+    import resource
+
+    if spec.get("floor"):
+        print(json.dumps(io_floor(spec)))
+        return
     recipe = Recipe(
         *(Source(spec[r]) for r in ("base", "multilingual", "multimodal")),
         method=spec["method"],
@@ -261,32 +323,49 @@ def child(spec: dict) -> None:
         torch.cuda.init()
         torch.cuda.reset_peak_memory_stats()
     out = Path(spec["out"])
+    before = resource.getrusage(resource.RUSAGE_SELF)
     with AnonPeak() as mem:
         start = time.perf_counter()  # the whole call: plan, merge, side files, fsync
-        engine.merge_to_folder(recipe, out)
+        result = engine.merge_to_folder(recipe, out)
         for f in out.glob("*.safetensors"):  # the floor includes fsync; so does the merge
             fd = os.open(f, os.O_RDONLY)
             os.fsync(fd)
             os.close(fd)
         seconds = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_SELF)
     gpu = torch.cuda.max_memory_allocated() if cuda else 0
     written = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     figures = {"seconds": seconds, "peak": mem.peak, "start": mem.start, "imported": imported}
-    print(json.dumps({**figures, "gpu": gpu, "written": written}))
+    extra = {"buffers": getattr(result, "buffers", None), **usage(before, after)}
+    print(json.dumps({**figures, "gpu": gpu, "written": written, **extra}))
 
 
-def run_child(recipe: Recipe, out: Path, method: str, device: str) -> dict:
-    spec = {r: s.ref for r, s in recipe.sources().items()}
-    spec.update(out=str(out), method=method, device=device)
+def run_child(spec: dict, root: Path | None = None) -> dict:
+    """Run :func:`child` in a fresh process, importing ``dim3`` from ``root`` (default: this
+    checkout; another checkout's engine for a paired old-against-new comparison)."""
+    env = dict(os.environ)
+    if root is not None:
+        env["DIM3_BENCH_ROOT"] = str(root)
+        env["PYTHONDONTWRITEBYTECODE"] = "1"  # leave the other checkout as it is
     done = subprocess.run(
         [sys.executable, __file__, "--child", json.dumps(spec)],
         capture_output=True,
         text=True,
         check=False,
+        env=env,
     )
     if done.returncode != 0:
-        sys.exit(f"the merge failed:\n{done.stderr.strip()[-2000:]}")
+        sys.exit(f"the run failed:\n{done.stderr.strip()[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def merge_spec(recipe: Recipe, out: Path, method: str, device: str) -> dict:
+    spec = {r: s.ref for r, s in recipe.sources().items()}
+    return {**spec, "out": str(out), "method": method, "device": device}
+
+
+def load() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
 def main() -> None:
@@ -303,7 +382,13 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--method", default="dim3", help="a method, or several: dim3,ties,...")
     parser.add_argument("--workdir", default=None, help="where to write the trio (default: temp)")
-    parser.add_argument("--repeat", type=int, default=2, help="merge runs (the best is reported)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each (medians reported)")
+    parser.add_argument(
+        "--against",
+        default=None,
+        help="another checkout of this repository: its engine is run on the same trio in each "
+        "round, for a paired comparison",
+    )
     args = parser.parse_args()
 
     root = Path(args.workdir or tempfile.mkdtemp(prefix="dim3-bench-"))
@@ -321,37 +406,86 @@ def main() -> None:
             recipe = build_trio(root / "trio", args.shape, DTYPES[args.dtype])
             dtype = args.dtype
         print(f"built {args.shape} trio ({dtype}) in {time.perf_counter() - t0:.1f} s", flush=True)
-        floor_s, read_b, write_b = io_floor(recipe, root / "floor")
-        shutil.rmtree(root / "floor")
+        files = input_files(recipe)
+        written = sum(p.stat().st_size for p in Path(recipe.multimodal.ref).glob("*.safetensors"))
+        floor_spec = {"floor": True, "inputs": [str(f) for f in files], "written": written}
+        warm = run_child({**floor_spec, "out": str(root / "floor"), "direct": False})
+        print(f"warm-up read of the inputs: {warm['seconds']:.1f} s", flush=True)
         for method in args.method.split(","):
-            runs = []
+            rounds = []
             for i in range(args.repeat):
-                runs.append(run_child(recipe, root / f"out{i}", method, args.device))
-                shutil.rmtree(root / f"out{i}")
-            best = min(runs, key=lambda r: r["seconds"])
-            report(
-                argparse.Namespace(**{**vars(args), "method": method}),
-                real,
-                best,
-                floor_s,
-                read_b,
-                write_b,
-            )
+                rounds.append(one_round(args, recipe, root, method, floor_spec, files, i))
+            report(argparse.Namespace(**{**vars(args), "method": method}), real, rounds)
             print(flush=True)
     finally:
+        shutil.rmtree(root / "floor", ignore_errors=True)
         if not args.workdir:
             shutil.rmtree(root, ignore_errors=True)
 
 
-def report(args, real: bool, best: dict, floor_s: float, read_b: int, write_b: int) -> None:
+def one_round(args, recipe, root: Path, method: str, floor_spec: dict, files, i: int) -> dict:
+    """Floors (buffered and direct writes) and the merge, back to back, each in a fresh process,
+    with the inputs' page-cache residency and the load average before each."""
+    got: dict = {}
+    for name, spec, where in (
+        ("floor_buffered", {**floor_spec, "out": str(root / "floor"), "direct": False}, None),
+        ("floor_direct", {**floor_spec, "out": str(root / "floor"), "direct": True}, None),
+        ("merge", merge_spec(recipe, root / "out", method, args.device), None),
+        *(
+            [("old", merge_spec(recipe, root / "out", method, args.device), args.against)]
+            if args.against
+            else []
+        ),
+    ):
+        cached, loadavg = resident(files), load()
+        got[name] = {**run_child(spec, where), "cached": cached, "load": loadavg}
+        shutil.rmtree(root / "out", ignore_errors=True)
+        shutil.rmtree(root / "floor", ignore_errors=True)
+        r = got[name]
+        print(
+            f"  round {i + 1} {name:<14} {r['seconds']:7.2f} s  user {r['user']:6.2f}  "
+            f"sys {r['sys']:6.2f}  minflt {r['minflt']:>9}  inputs cached {100 * cached:.0f}%  "
+            f"load {loadavg}",
+            flush=True,
+        )
+    return got
+
+
+def median(values: list[float]) -> float:
+    v = sorted(values)
+    mid = len(v) // 2
+    return v[mid] if len(v) % 2 else (v[mid - 1] + v[mid]) / 2
+
+
+def report(args, real: bool, rounds: list[dict]) -> None:
+    """Medians over the rounds; each ratio is taken within its round (same cache, same load)."""
     device = engine.resolve_device(args.device)
     gib = 2**30
-    over = best["peak"] - best["imported"]
+    merges = [r["merge"] for r in rounds]
+    best = min(merges, key=lambda r: r["seconds"])
+    written = best["written"]
+    read_b = rounds[0]["floor_buffered"]["read"]
     shape = args.shape
     if real and args.layers:
         vlm = realmaps.load_keymap(realmaps.TRIOS[args.shape][2])
         shape += f" (cut to layers {realmaps.kept_layers(vlm, args.layers)})"
     data = f"{args.data} data" if real else args.dtype
+
+    def med(name: str, field: str = "seconds") -> float:
+        return median([r[name][field] for r in rounds])
+
+    def ratio(name: str, floor: str) -> float:
+        return median([r[name]["seconds"] / r[floor]["seconds"] for r in rounds])
+
+    def cpu(name: str) -> str:
+        user, sys_ = med(name, "user"), med(name, "sys")
+        share = median(
+            [r[name]["sys"] / max(1e-9, r[name]["sys"] + r[name]["user"]) for r in rounds]
+        )
+        return f"user {user:.1f} s, sys {sys_:.1f} s ({100 * share:.0f}% kernel), minor faults {med(name, 'minflt'):,.0f}"
+
+    over = median([m["peak"] - m["imported"] for m in merges])
+    cached = min(min(r[k]["cached"] for k in r) for r in rounds)
     rows = [
         (
             "machine",
@@ -359,30 +493,52 @@ def report(args, real: bool, best: dict, floor_s: float, read_b: int, write_b: i
             + (f", {torch.cuda.get_device_name()}" if device.type == "cuda" else ""),
         ),
         ("shape / data / device / method", f"{shape} / {data} / {device} / {args.method}"),
-        ("inputs read / output written", f"{read_b / gib:.2f} GiB / {write_b / gib:.2f} GiB"),
-        ("I/O floor (read 3 + write 1)", f"{floor_s:.2f} s"),
+        ("inputs read / output written", f"{read_b / gib:.2f} GiB / {written / gib:.2f} GiB"),
         (
-            "merge wall time (best of runs)",
-            f"{best['seconds']:.2f} s  ({best['seconds'] / floor_s:.2f}x floor)",
+            "rounds / load average",
+            f"{len(rounds)} (medians below) / " + "; ".join(r["merge"]["load"] for r in rounds),
         ),
+        (
+            "page cache",
+            "inputs resident before every run: "
+            + (f"at least {100 * cached:.0f}%" if cached >= 0 else "unknown (no fincore)"),
+        ),
+        ("I/O floor, buffered write", f"{med('floor_buffered'):.2f} s; {cpu('floor_buffered')}"),
+        ("I/O floor, O_DIRECT write", f"{med('floor_direct'):.2f} s; {cpu('floor_direct')}"),
+        (
+            "merge wall time",
+            f"{med('merge'):.2f} s = {ratio('merge', 'floor_direct'):.2f}x the direct floor, "
+            f"{ratio('merge', 'floor_buffered'):.2f}x the buffered floor (per-round ratios)",
+        ),
+        ("merge CPU", cpu("merge")),
         (
             "merge throughput",
-            f"read {read_b / gib / best['seconds']:.2f} GiB/s, "
-            f"write {write_b / gib / best['seconds']:.2f} GiB/s",
+            f"read {read_b / gib / med('merge'):.2f} GiB/s, "
+            f"write {written / gib / med('merge'):.2f} GiB/s",
         ),
+        ("slice buffers allocated", str(best.get("buffers"))),
         (
             "peak anonymous RSS (process)",
             f"{best['peak'] / gib:.2f} GiB ({best['imported'] / gib:.2f} once imported)",
         ),
         (
             "peak minus import (target <= 25%)",
-            f"{over / gib:.2f} GiB = {100 * over / best['written']:.0f}% of one output model "
-            f"({best['written'] / gib:.2f} GiB)",
+            f"{over / gib:.2f} GiB = {100 * over / written:.0f}% of one output model "
+            f"({written / gib:.2f} GiB)",
         ),
         ("peak GPU memory", f"{best['gpu'] / gib:.2f} GiB" if best["gpu"] else "n/a"),
     ]
+    if args.against:
+        rows += [
+            (
+                "other engine (--against)",
+                f"{med('old'):.2f} s = {ratio('old', 'floor_direct'):.2f}x the direct floor; "
+                f"new/old wall {median([r['merge']['seconds'] / r['old']['seconds'] for r in rounds]):.2f}",
+            ),
+            ("other engine CPU", cpu("old")),
+        ]
     if best["gpu"]:
-        rows.append(("peak GPU / output model", f"{100 * best['gpu'] / best['written']:.0f}%"))
+        rows.append(("peak GPU / output model", f"{100 * best['gpu'] / written:.0f}%"))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")

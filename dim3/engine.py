@@ -1,17 +1,31 @@
 """The merge engine: one streaming loop from checkpoints, through a rule, to a writer or a model.
 
 :func:`iter_merged` is the only loop that moves tensors: for each planned tensor it reads the base,
-multilingual and VLM tensors (the next entry's tensors are prefetched on a thread while the current one is
-computed), applies the method on the chosen device in float32, and yields the result. Its two
-consumers are :func:`merge_to_folder` (a sharded safetensors checkpoint with configs, tokenizer,
-processor, model card and recipe, moved into place only when complete) and
+multilingual and VLM rows, applies the method on the chosen device in float32, and yields the
+result. Its two consumers are :func:`merge_to_folder` (a sharded safetensors checkpoint with
+configs, tokenizer, processor, model card and recipe, moved into place only when complete) and
 :func:`merge_into_model` (an already loaded VLM, updated in place, so the app can chat with the
-result without writing it to disk). A tensor larger than the chunk budget (``chunk_size``, 32 MiB of
-float32 by default) is read and merged in row slices, in as many passes as its method's kind needs
-(:data:`PASSES`: DiM3 gathers column statistics first, TIES and Breadcrumbs find their exact
+result without writing it to disk). A tensor larger than the chunk budget (``chunk_size``, 32 MiB
+of float32 by default) is read and merged in row slices, in as many passes as its method's kind
+needs (:data:`PASSES`: DiM3 gathers column statistics first, TIES and Breadcrumbs find their exact
 magnitude thresholds in two radix passes, PCB its four order statistics in two stages of two
-passes), so peak memory is a few slices per model whatever the
-vocabulary; "matrix" methods (SVD, optimisation) take each tensor whole.
+passes), so peak memory is a few slices per model whatever the vocabulary; "matrix" methods (SVD,
+optimisation) take each tensor whole.
+
+A merge is bound by reading three models and writing one, so the loop does little else:
+
+- **No allocation in the steady state.** Every slice-sized buffer (the float32 work rows, a rule's
+  temporaries, the rows in the output dtype, pinned host and device staging for CUDA) is one of a
+  merge's :class:`dim3.slices.Buffers`, made at its first use and reused for every later slice
+  (``out=`` arguments, in-place ops, ``copy_`` for dtype changes); rules take their temporaries
+  through :func:`dim3.methods._utils.scratch`. Inputs are converted straight from the mapped shard
+  files (:mod:`dim3.mapped`, no read copy), and shards are written past the page cache
+  (:class:`dim3.writer.ShardedWriter`, ``O_DIRECT`` where the file system allows it).
+- **Reading, computing and writing overlap**: a read thread prepares the next step (page-cache
+  read-ahead on the CPU; pinned staging and a copy on a transfer stream for CUDA, :data:`SLOTS`
+  steps in flight) and a write thread writes the previous ones (at most two queued,
+  :class:`_Pipe`), while torch computes on :func:`compute_threads` threads.
+
 The engine knows no tokenization and no UI; progress goes to an optional callback.
 """
 
@@ -21,6 +35,7 @@ import ctypes
 import functools
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -36,8 +51,9 @@ import torch
 
 from dim3.checkpoints import Checkpoint
 from dim3.layout import layout_for
+from dim3.mapped import MappedShards
 from dim3.methods import Method, get_method
-from dim3.methods._utils import deltas, listen_steps, rank_indexes
+from dim3.methods._utils import deltas, listen_steps, rank_indexes, reuse_buffers
 from dim3.plan import Entry, MergePlan, PlanError, build_plan
 from dim3.recipe import (
     RECIPE_FILE,
@@ -48,7 +64,15 @@ from dim3.recipe import (
     multilingual_labels,
     write_recipe,
 )
-from dim3.slices import ExactSelect, FirstMask, key_value, magnitude_bits, order_keys, row_slices
+from dim3.slices import (
+    Buffers,
+    ExactSelect,
+    FirstMask,
+    key_value,
+    magnitude_bits,
+    order_keys,
+    row_slices,
+)
 from dim3.writer import ShardedWriter, TensorSpec, check_destination, parse_size
 
 __all__ = [
@@ -103,11 +127,13 @@ ProgressFn = Callable[[Progress], None]
 
 @dataclass(frozen=True)
 class MergeResult:
-    """What a merge did: its plan, its output folder (None for in-memory) and its wall time."""
+    """What a merge did: its plan, its output folder (None for in-memory), its wall time and how
+    many slice buffers it allocated."""
 
     plan: MergePlan
     out_dir: Path | None
     seconds: float
+    buffers: int = 0  # slice buffers the loop allocated (the same for any number of slices)
 
 
 class Inputs:
@@ -256,21 +282,114 @@ def _schedule(plan: MergePlan, method: Method, budget: int) -> list[_Step]:
     return steps
 
 
-def _read(step: _Step, inputs: Inputs) -> tuple[torch.Tensor, ...]:
-    """The CPU tensors one step needs: (vlm rows,) to copy, (vlm, base, *multilingual) rows to
-    merge (base and multilingual rows only up to the entry's shared rows)."""
-    e, a, b = step.source, step.start, step.stop
+SLOTS = 2  # input slices in flight: one computed while the next is read
 
-    def rows(ckpt: Checkpoint, key: str, stop: int) -> torch.Tensor:
-        whole = a == 0 and (not e.shape or stop >= e.shape[0])
-        return ckpt.get(key) if whole else ckpt.get_rows(key, a, stop)
 
-    vlm = rows(inputs.multimodal, e.key, b)
-    if step.stage == "copy":
-        return (vlm,)
-    shared = min(b, e.rows if e.rows is not None else e.shape[0])
-    mls = zip(inputs.multilingual, e.multilingual_keys, strict=True)
-    return (vlm, rows(inputs.base, e.base_key, shared), *(rows(m, k, shared) for m, k in mls))
+@dataclass
+class _Staged:
+    """One step's input rows: (vlm, base, *multilingual) rows to merge, (vlm,) to copy.
+
+    CPU: read-only views of the mapped shards. CUDA (merged rows): device buffers of ``slot``,
+    filled on the transfer stream; :attr:`_Source.ready` says when.
+    """
+
+    tensors: tuple[torch.Tensor, ...]
+    slot: int | None = None
+
+
+class _Source:
+    """Where a merge's input rows come from, one step ahead of the computation.
+
+    On the CPU, steps are zero-copy views of the mapped shards (:class:`MappedShards`) whose pages
+    the kernel is asked to read ahead; the computation converts them straight into its float32
+    buffers. For CUDA, merged rows go through pinned host buffers to device buffers, copied
+    without blocking on a transfer stream, in :data:`SLOTS` slots: a slot's pinned buffers are
+    refilled once its last copy is done (:attr:`ready`), its device buffers once the compute
+    stream has converted them (:attr:`consumed`).
+    """
+
+    def __init__(self, inputs: Inputs, device: torch.device, buffers: Buffers, streams: _Streams):
+        self.inputs, self.device, self.buffers, self.streams = inputs, device, buffers, streams
+        self.maps = MappedShards()
+        if streams.cuda:
+            self.ready = [torch.cuda.Event() for _ in range(SLOTS)]
+            self.consumed = [torch.cuda.Event() for _ in range(SLOTS)]
+
+    def _views(self, step: _Step) -> tuple[torch.Tensor, ...]:
+        e, a, b = step.source, step.start, step.stop
+        prefetch = True
+
+        def rows(ckpt: Checkpoint, key: str, stop: int) -> torch.Tensor:
+            where = (ckpt.file_of(key), key, ckpt.dtype(key), tuple(ckpt.shape(key)), a, stop)
+            if prefetch:
+                self.maps.prefetch(*where)
+            return self.maps.rows(*where)
+
+        vlm = rows(self.inputs.multimodal, e.key, b)
+        if step.stage == "copy":
+            return (vlm,)
+        shared = max(a, min(b, e.rows if e.rows is not None else e.shape[0]))  # may be none
+        mls = zip(self.inputs.multilingual, e.multilingual_keys, strict=True)
+        return (
+            vlm,
+            rows(self.inputs.base, e.base_key, shared),
+            *(rows(m, k, shared) for m, k in mls),
+        )
+
+    def stage(self, step: _Step, slot: int) -> _Staged:
+        """The rows ``step`` needs (runs on the read thread)."""
+        views = self._views(step)
+        if not self.streams.cuda or step.stage == "copy":
+            return _Staged(views)
+        cpu, transfer = torch.device("cpu"), self.streams.transfer
+        self.ready[slot].synchronize()  # the slot's pinned buffers are free again
+        staged = []
+        with torch.cuda.stream(transfer):
+            transfer.wait_event(self.consumed[slot])  # and its device buffers
+            for j, view in enumerate(views):
+                host = self.buffers.take(f"pinned{slot}.{j}", view.shape, view.dtype, cpu, pin=True)
+                host.copy_(view)
+                dev = self.buffers.take(f"staged{slot}.{j}", view.shape, view.dtype, self.device)
+                staged.append(dev.copy_(host, non_blocking=True))
+            self.ready[slot].record(transfer)
+        return _Staged(tuple(staged), slot)
+
+    def to_work(self, staged: _Staged) -> list[torch.Tensor]:
+        """The staged rows in the float32 work buffers (on the compute stream for CUDA)."""
+        if staged.slot is not None:
+            torch.cuda.current_stream().wait_event(self.ready[staged.slot])
+        work = [
+            self.buffers.take(f"in{j}", t.shape, torch.float32, self.device).copy_(t)
+            for j, t in enumerate(staged.tensors)
+        ]
+        if staged.slot is not None:
+            for t in staged.tensors:  # one too large for the buffers is freed once used here
+                t.record_stream(torch.cuda.current_stream())
+            self.consumed[staged.slot].record()
+        return work
+
+    def close(self) -> None:
+        self.maps.close()
+
+
+class _Streams:
+    """A CUDA merge's two streams: ``transfer`` for host-device copies, ``compute`` for the rule
+    (and the conversion to the output dtype). Nothing on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self.transfer = torch.cuda.Stream(device)
+            self.compute = torch.cuda.Stream(device)
+
+    def computing(self):
+        """Context in which the computation's kernels are queued (the compute stream)."""
+        return torch.cuda.stream(self.compute) if self.cuda else nullcontext()
+
+    def synchronize(self) -> None:
+        if self.cuda:
+            self.compute.synchronize()
+            self.transfer.synchronize()
 
 
 class _Merger:
@@ -282,14 +401,21 @@ class _Merger:
         method: Method,
         options: Any,
         device: torch.device,
+        buffers: Buffers,
         on_step: Callable[[str, int, int], None] | None = None,
     ):
         self.method, self.options, self.device = method, options, device
+        self.buffers = buffers
         self.on_step = on_step
         self.state: Any = None
 
-    def __call__(self, step: _Step, tensors: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
-        vlm, base, *mls = (t.to(self.device).float() for t in tensors)
+    def __call__(self, step: _Step, work: list[torch.Tensor]) -> torch.Tensor | None:
+        """Merge one step's float32 rows ``work`` = [vlm, base, *multilingual] (the engine's
+        buffers); returns the merged rows, in a buffer reused by the next call, or None."""
+        with reuse_buffers(self.buffers):
+            return self._step(step, *work)
+
+    def _step(self, step: _Step, vlm, base, *mls) -> torch.Tensor | None:
         if step.stage == "whole":
             return self._whole(step.source, vlm, base, mls)
         r = base.shape[0]  # merged rows in this slice (the rest are the VLM's own rows)
@@ -367,8 +493,9 @@ class _Merger:
             n = rows * math.prod(e.shape[1:])
             ks = self.method.parts.ks(self.options, n)
             self.state = (n, ks, [ExactSelect(ks, n, self.device) for _ in part[1:]])
+        x = self.buffers.take("select.delta", part[0].shape, torch.float32, self.device)
         for t, select in zip(part[1:], self.state[2], strict=True):
-            select.observe(magnitude_bits(t - part[0]))
+            select.observe(magnitude_bits(torch.sub(t, part[0], out=x), out=x))
         if step.last:
             for select in self.state[2]:
                 select.next_pass()
@@ -381,9 +508,10 @@ class _Merger:
 
     def _selection_apply(self, step: _Step, part: list[torch.Tensor]) -> torch.Tensor:
         parts = self.method.parts
-        d = torch.stack([t - part[0] for t in part[1:]])  # (T, r, ...)
+        d = deltas(part[0], part[1:])  # (T, r, ...), a reused buffer
+        mag = self.buffers.take("select.magnitude", part[0].shape, torch.float32, self.device)
         for x, firsts in zip(d, self.state, strict=True):
-            bits = magnitude_bits(x)
+            bits = magnitude_bits(x, out=mag)
             keep = parts.keep([first(bits) for first in firsts])
             x.masked_fill_(~keep.reshape(x.shape), 0.0)
         return parts.combine(d, self.options).add_(part[0])
@@ -434,6 +562,15 @@ class _RankState:
     top: torch.Tensor | None = None
 
 
+def _limit(plan: MergePlan, budget: int) -> int:
+    """The largest buffer a sliced step asks for: T + 1 slices of the budget (a rule's (T, ...)
+    updates plus one), or the largest tensor the plan merges whole if smaller. Requests above it
+    (a "matrix" rule's whole tensor) get fresh memory that is not kept."""
+    models = 2 + plan.multilingual  # vlm, base and each multilingual model
+    largest = max((4 * math.prod(e.shape) for e in plan.entries), default=4)
+    return min(budget, largest) * models
+
+
 def iter_merged(
     plan: MergePlan,
     inputs: Inputs,
@@ -442,48 +579,68 @@ def iter_merged(
     device: torch.device,
     chunk_size: str | int = DEFAULT_CHUNK,
     on_step: Callable[[str, int, int], None] | None = None,
+    *,
+    buffers: Buffers | None = None,
+    streams: _Streams | None = None,
 ) -> Iterator[tuple[Entry, int, torch.Tensor, bool]]:
     """Yield ``(entry, start_row, rows, done)`` pieces of every planned tensor, in plan order.
 
     A tensor of more than ``chunk_size`` bytes in float32 is read and merged in row slices, in
     one or more passes as its method's kind needs (see :data:`PASSES`); a smaller one (or any
-    tensor of a "matrix" method) comes whole. Copied rows come back as stored (CPU, their dtype);
-    merged ones as float32 on ``device``. ``done`` marks an entry's last piece. Reads of the next
-    step overlap the current computation (one prefetch thread).
+    tensor of a "matrix" method) comes whole. Copied rows come back as stored (CPU, their dtype,
+    a read-only view of the mapped file); merged ones as float32 on ``device``. ``done`` marks an
+    entry's last piece. Each piece lives in a buffer the loop reuses (``buffers``, made once per
+    merge): use or copy it before asking for the next. Reads of the next step overlap the current
+    computation (one read thread, :data:`SLOTS` steps in flight). For CUDA, kernels are queued on
+    ``streams.compute``: a consumer works on that stream too (:meth:`_Streams.computing`).
     ``on_step(key, done, total)`` hears the inner steps of slow rules
     (:func:`dim3.methods._utils.report_step`) and may raise to stop.
     """
-    steps = _schedule(plan, method, parse_size(chunk_size))
-    merger = _Merger(method, options, device, on_step)
+    budget = parse_size(chunk_size)
+    steps = _schedule(plan, method, budget)
+    buffers = buffers if buffers is not None else Buffers(_limit(plan, budget))
+    streams = streams if streams is not None else _Streams(device)
+    source = _Source(inputs, device, buffers, streams)
+    merger = _Merger(method, options, device, buffers, on_step)
     tied_sources = {e.tied_to for e in plan.entries if e.tied_to}
     whole: dict[str, torch.Tensor] = {}  # merged whole tensors that a tied head repeats
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dim3-read") as pool:
-        pending: Future | None = None
-        for i, step in enumerate(steps):
-            tensors = pending.result() if pending else _read(step, inputs)
-            pending = pool.submit(_read, steps[i + 1], inputs) if i + 1 < len(steps) else None
-            if step.stage == "copy":
-                out = tensors[0]
-            elif step.stage == "whole" and step.source.key in whole:
-                out = whole.pop(step.source.key)
-            else:
-                out = merger(step, tensors)
-                if step.stage == "whole" and step.source.key in tied_sources:
-                    whole[step.source.key] = out
-            del tensors
-            if out is not None:
-                yield step.out, step.start, out, step.last
+    try:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dim3-read") as pool:
+            pending: Future | None = None
+            for i, step in enumerate(steps):
+                staged = pending.result() if pending else source.stage(step, i % SLOTS)
+                if i + 1 < len(steps):
+                    pending = pool.submit(source.stage, steps[i + 1], (i + 1) % SLOTS)
+                if step.stage == "copy":
+                    out = staged.tensors[0]
+                elif step.stage == "whole" and step.source.key in whole:
+                    out = whole.pop(step.source.key)
+                else:
+                    with streams.computing():
+                        out = merger(step, source.to_work(staged))
+                        if step.stage == "whole" and step.source.key in tied_sources:
+                            whole[step.source.key] = out = out.clone()  # outlives its buffer
+                del staged
+                if out is not None:
+                    yield step.out, step.start, out, step.last
+    finally:
+        streams.synchronize()  # nothing queued may outlive the buffers it uses
+        source.close()
 
 
 @functools.cache
 def _return_freed_memory() -> None:
     """Make glibc hand large freed blocks back to the system (once per process).
 
-    glibc raises its mmap threshold after the first large free (up to 32 MiB), so the slices of a
-    merge then come from heap arenas (one per thread: reader, computer, writer) that keep what is
-    freed: measured on the Qwen2-VL-2B shape, anonymous memory grew to ~2.5 GiB with 32 MiB slices
-    instead of a few hundred MiB. A fixed threshold of 1 MiB keeps every slice-sized buffer in its
-    own mapping, returned when freed. Other C libraries are left alone.
+    glibc raises its mmap threshold after the first large free (up to 32 MiB), so freed slices
+    then stay in heap arenas (one per thread): before the loop reused its buffers, anonymous
+    memory grew to ~2.5 GiB on the Qwen2-VL-2B shape. The loop's own buffers are now mappings of
+    their own, made once (:class:`dim3.slices.Buffers`), which no threshold affects; what still
+    goes through malloc per slice is the temporaries of rule code that does not take
+    :func:`dim3.methods._utils.scratch` buffers (masks in TIES' selection, PCB's weights), each
+    above 1 MiB in its own mapping, returned when freed. A higher threshold would let the heap
+    recycle them (fewer page faults) at the risk of the arena growth above; that trade-off was
+    not re-measured, so the fixed 1 MiB stays. Other C libraries are left alone.
     """
     if sys.platform != "linux":
         return
@@ -494,6 +651,25 @@ def _return_freed_memory() -> None:
         pass
 
 
+def compute_threads(device: torch.device, cores: int | None = None) -> int:
+    """torch's intra-op threads for a merge on ``device``.
+
+    Besides the computation a CPU merge runs a read thread (asking the kernel to read the next
+    slice's pages ahead, when they are not cached) and a write thread (gathering converted rows
+    into the aligned direct-write buffer, then waiting on the disk). Both spend nearly all their
+    time asleep in system calls and need a few milliseconds when they wake, which the scheduler
+    gives a waking thread promptly. On up to 2 cores the computation therefore keeps every core:
+    holding one back for the I/O threads would halve the elementwise work's throughput to save
+    them little. Above that one core is left to them and to the rest of the machine (the
+    elementwise work is bound by memory bandwidth long before 16 threads). A CUDA merge leaves
+    torch's setting.
+    """
+    cores = cores or os.cpu_count() or 1
+    if device.type != "cpu":
+        return torch.get_num_threads()
+    return cores if cores <= 2 else cores - 1
+
+
 def _run(
     plan: MergePlan,
     inputs: Inputs,
@@ -501,6 +677,9 @@ def _run(
     sink: Callable[[Entry, int, torch.Tensor], None],
     progress: ProgressFn | None,
     chunk_size: str | int = DEFAULT_CHUNK,
+    *,
+    buffers: Buffers,
+    streams: _Streams,
 ) -> float:
     """Drive :func:`iter_merged` into ``sink``, reporting progress; returns seconds taken."""
     _return_freed_memory()
@@ -518,37 +697,90 @@ def _run(
                 )
             )
 
-    pieces = iter_merged(plan, inputs, method, options, device, chunk_size, on_step)
-    for entry, first_row, tensor, last in pieces:
-        sink(entry, first_row, tensor)
-        done_bytes += (
-            entry.nbytes
-            * (tensor.shape[0] if entry.shape else 1)
-            // max(1, entry.shape[0] if entry.shape else 1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(compute_threads(device))
+    try:
+        pieces = iter_merged(
+            plan,
+            inputs,
+            method,
+            options,
+            device,
+            chunk_size,
+            on_step,
+            buffers=buffers,
+            streams=streams,
         )
-        done += last
-        if progress is not None:
-            elapsed = time.perf_counter() - start
-            progress(Progress(done, len(plan.entries), entry.key, done_bytes, total_bytes, elapsed))
+        for entry, first_row, tensor, last in pieces:
+            with streams.computing():
+                sink(entry, first_row, tensor)
+            done_bytes += (
+                entry.nbytes
+                * (tensor.shape[0] if entry.shape else 1)
+                // max(1, entry.shape[0] if entry.shape else 1)
+            )
+            done += last
+            if progress is not None:
+                elapsed = time.perf_counter() - start
+                progress(
+                    Progress(done, len(plan.entries), entry.key, done_bytes, total_bytes, elapsed)
+                )
+    finally:
+        torch.set_num_threads(threads)
     return time.perf_counter() - start
 
 
 class _Pipe:
-    """Run ``write(key, start_row, rows)`` calls in order on one thread, at most ``depth`` queued.
+    """Write merged rows on one thread, in order, with at most ``depth`` writes queued.
 
-    Writing the previous tensor then overlaps computing the next; a failed write is raised at
-    the next ``put`` or at ``drain``.
+    :meth:`put` converts the rows into the output dtype in one of ``depth + 1`` reused buffers
+    (for CUDA: on the compute stream, then copied to pinned host memory on the transfer stream,
+    the write thread waiting for that copy), so writing overlaps computing the next slice and a
+    buffer is reused only once its write is done. A failed write is raised at the next ``put`` or
+    at ``drain``.
     """
 
-    def __init__(self, write: Callable[[str, int, torch.Tensor], None], depth: int = 2):
+    def __init__(
+        self,
+        write: Callable[[str, int, torch.Tensor], None],
+        buffers: Buffers,
+        streams: _Streams,
+        depth: int = 2,
+    ):
         self._write, self._depth = write, depth
+        self._buffers, self._streams = buffers, streams
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dim3-write")
         self._pending: list[Future] = []
+        self._n = 0
+        if streams.cuda:
+            self._copied = [torch.cuda.Event() for _ in range(depth + 1)]
 
-    def put(self, key: str, start: int, tensor: torch.Tensor) -> None:
-        self._pending.append(self._pool.submit(self._write, key, start, tensor))
+    def put(self, key: str, start: int, rows: torch.Tensor, dtype: torch.dtype) -> None:
+        slot = self._n % (self._depth + 1)
+        self._n += 1
+        cpu, pin = torch.device("cpu"), self._streams.cuda
+        if rows.device.type == "cuda":
+            dev = self._buffers.take(f"out.device{slot}", rows.shape, dtype, rows.device)
+            host = self._buffers.take(f"out{slot}", rows.shape, dtype, cpu, pin=True)
+            # the previous copy from this slot is done: its write (below) waited for it
+            dev.copy_(rows)  # on the compute stream
+            transfer, copied = self._streams.transfer, self._copied[slot]
+            transfer.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(transfer):
+                host.copy_(dev, non_blocking=True)
+                copied.record(transfer)
+            ready: torch.cuda.Event | None = copied
+        else:
+            host = self._buffers.take(f"out{slot}", rows.shape, dtype, cpu, pin=pin).copy_(rows)
+            ready = None
+        self._pending.append(self._pool.submit(self._write_when, ready, key, start, host))
         while len(self._pending) > self._depth:
             self._pending.pop(0).result()
+
+    def _write_when(self, ready, key: str, start: int, rows: torch.Tensor) -> None:
+        if ready is not None:
+            ready.synchronize()
+        self._write(key, start, rows)
 
     def drain(self) -> None:
         while self._pending:
@@ -616,15 +848,26 @@ def merge_to_folder(
             TensorSpec(e.key, output_dtype(e, recipe.dtype), e.shape) for e in merge_plan.entries
         ]
         dtypes = {s.name: s.dtype for s in specs}
+        buffers = Buffers(_limit(merge_plan, parse_size(chunk_size)))
+        streams = _Streams(resolve_device(recipe.device))
         with (
             ShardedWriter(out, specs, shard_size=shard_size, overwrite=overwrite) as writer,
-            _Pipe(writer.write_rows) as pipe,
+            _Pipe(writer.write_rows, buffers, streams) as pipe,
         ):
 
             def sink(entry: Entry, first_row: int, rows: torch.Tensor) -> None:
-                pipe.put(entry.key, first_row, rows.to(dtypes[entry.key]))
+                pipe.put(entry.key, first_row, rows, dtypes[entry.key])
 
-            seconds = _run(merge_plan, inputs, recipe, sink, progress, chunk_size)
+            seconds = _run(
+                merge_plan,
+                inputs,
+                recipe,
+                sink,
+                progress,
+                chunk_size,
+                buffers=buffers,
+                streams=streams,
+            )
             pipe.drain()
             _copy_side_files(inputs.multimodal.path, writer.folder, recipe.dtype)
             resolved = inputs.resolved()
@@ -637,7 +880,7 @@ def merge_to_folder(
                 recipe, merge_plan.summary(), resolved, dtype=", ".join(written), source_cards=cards
             )
             (writer.folder / "README.md").write_text(card)
-    return MergeResult(merge_plan, out, seconds)
+    return MergeResult(merge_plan, out, seconds, buffers.allocations)
 
 
 def _model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -680,8 +923,19 @@ def merge_into_model(
                 target = targets[layout.classify(entry.key)[1]]
                 target[first_row : first_row + rows.shape[0]].copy_(rows)
 
-        seconds = _run(merge_plan, inputs, recipe, sink, progress, chunk_size)
-    return MergeResult(merge_plan, None, seconds)
+        buffers = Buffers(_limit(merge_plan, parse_size(chunk_size)))
+        streams = _Streams(resolve_device(recipe.device))
+        seconds = _run(
+            merge_plan,
+            inputs,
+            recipe,
+            sink,
+            progress,
+            chunk_size,
+            buffers=buffers,
+            streams=streams,
+        )
+    return MergeResult(merge_plan, None, seconds, buffers.allocations)
 
 
 def _check_model_fits(merge_plan: MergePlan, layout, targets: dict[str, torch.Tensor]) -> None:

@@ -9,7 +9,15 @@ from transformers import AutoModelForImageTextToText
 from dim3 import engine
 from dim3.methods import METHODS
 from dim3.methods._utils import first_by_magnitude
-from dim3.slices import ExactSelect, FirstMask, key_value, magnitude_bits, order_keys, row_slices
+from dim3.slices import (
+    Buffers,
+    ExactSelect,
+    FirstMask,
+    key_value,
+    magnitude_bits,
+    order_keys,
+    row_slices,
+)
 from tests.test_engine import load_all, recipe_of
 
 SLICED = [name for name, m in METHODS.items() if m.kind != "matrix"]
@@ -88,3 +96,87 @@ def test_sliced_merge_into_a_loaded_model_equals_the_folder(tiny_llava_trio, tmp
     want = AutoModelForImageTextToText.from_pretrained(tmp_path / "out").state_dict()
     for key, tensor in model.state_dict().items():
         torch.testing.assert_close(tensor, want[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+# ---------------------------------------------------------------- buffers
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "dim3", "ties", "dare_ties"])
+def test_the_loop_reuses_its_buffers_in_the_steady_state(method, tiny_llava_trio):
+    """Hundreds of slices, a handful of buffers: once every shape has been met (the first half
+    of the steps holds every layer's shapes), no step allocates, and every merged piece lives
+    in one of a few buffers."""
+    recipe = recipe_of(tiny_llava_trio, method=method)
+    m = METHODS[method]
+    budget = 1024  # a few rows per slice
+    with engine.open_inputs(recipe) as inputs:
+        plan = engine.build_plan(inputs.base, inputs.multilingual, inputs.multimodal)
+        buffers = Buffers(engine._limit(plan, budget))
+        counts, where = [], set()
+        pieces = engine.iter_merged(
+            plan, inputs, m, recipe.method_options(), torch.device("cpu"), budget, buffers=buffers
+        )
+        for entry, _, rows, _ in pieces:
+            counts.append(buffers.allocations)
+            if entry.action == "merge":
+                where.add(rows.untyped_storage().data_ptr())
+    steps = len(counts)
+    assert steps > 20 * counts[-1], steps  # the budget cuts every matrix into many slices
+    assert counts[steps // 2] == counts[-1], "a buffer was allocated after the first half"
+    assert counts[-1] <= 16, counts[-1]  # the working set: inputs, a few temporaries, outputs
+    assert len(where) <= 4, len(where)
+
+
+def test_buffers_grow_only_for_a_larger_request_and_keep_their_memory():
+    buffers = Buffers(limit=1 << 20)
+    cpu = torch.device("cpu")
+    a = buffers.take("x", (10, 10), torch.float32, cpu)
+    b = buffers.take("x", (5, 4), torch.bfloat16, cpu)  # smaller: the same memory
+    assert b.data_ptr() == a.data_ptr() and buffers.allocations == 1
+    c = buffers.take("x", (20, 10), torch.float32, cpu)  # larger: one new buffer
+    assert buffers.allocations == 2 and c.shape == (20, 10)
+    assert buffers.take("x", (20, 10), torch.float32, cpu).data_ptr() == c.data_ptr()
+    big = buffers.take("y", (1 << 19,), torch.float32, cpu)  # above the limit: not kept
+    assert big.numel() == 1 << 19 and buffers.allocations == 2
+    t = torch.randn(6, 4)
+    assert buffers.like("z", t.T).stride() == t.T.stride()  # a transposed buffer for a .T
+
+
+def test_compute_threads_leave_a_core_to_the_io_threads_above_two():
+    cpu = torch.device("cpu")
+    assert engine.compute_threads(cpu, cores=1) == 1
+    assert engine.compute_threads(cpu, cores=2) == 2
+    assert engine.compute_threads(cpu, cores=16) == 15
+
+
+# ---------------------------------------------------------------- CUDA (skipped without a GPU)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method", SLICED)
+def test_cuda_sliced_merge_equals_cpu_merge(method, tiny_qwen2vl_trio, tmp_path):
+    """The CUDA path (pinned staging, transfer and compute streams, pinned output buffers)
+    writes what the CPU path writes."""
+    cpu = engine.merge_to_folder(
+        recipe_of(tiny_qwen2vl_trio, method=method, device="cpu"), tmp_path / "cpu", chunk_size=4096
+    )
+    gpu = engine.merge_to_folder(
+        recipe_of(tiny_qwen2vl_trio, method=method, device="cuda"),
+        tmp_path / "gpu",
+        chunk_size=4096,
+    )
+    a, b = load_all(cpu.out_dir), load_all(gpu.out_dir)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_merge_into_a_loaded_model_equals_the_folder(tiny_llava_trio, tmp_path):
+    recipe = recipe_of(tiny_llava_trio, device="cuda")
+    engine.merge_to_folder(recipe, tmp_path / "out", chunk_size=4096)
+    model = AutoModelForImageTextToText.from_pretrained(tiny_llava_trio.multimodal).cuda()
+    engine.merge_into_model(model, recipe, chunk_size=4096)
+    want = AutoModelForImageTextToText.from_pretrained(tmp_path / "out").state_dict()
+    for key, tensor in model.state_dict().items():
+        torch.testing.assert_close(tensor.cpu(), want[key], rtol=1e-5, atol=1e-6, msg=key)

@@ -69,6 +69,43 @@ def listen_steps(listener: Callable[[int, int], None]) -> Iterator[None]:
         _STEP_LISTENER.reset(token)
 
 
+_BUFFERS: ContextVar[Any] = ContextVar("dim3_buffers", default=None)
+
+
+@contextmanager
+def reuse_buffers(buffers: Any) -> Iterator[None]:
+    """Rules run in this context take their slice-sized temporaries (:func:`scratch`) from
+    ``buffers`` (the engine's :class:`dim3.slices.Buffers`), the same memory slice after slice,
+    instead of new tensors. What a rule returns may then live in one of them: the caller uses it
+    before the next rule call."""
+    token = _BUFFERS.set(buffers)
+    try:
+        yield
+    finally:
+        _BUFFERS.reset(token)
+
+
+def scratch(
+    name: str, shape: Sequence[int] | torch.Size, like: Tensor, dtype: torch.dtype | None = None
+) -> Tensor:
+    """An uninitialised buffer of ``shape`` on ``like``'s device (``dtype``, default ``like``'s)
+    for a rule's temporary ``name``: the engine's reused one inside :func:`reuse_buffers`, a new
+    tensor otherwise. Names are per call site: two buffers alive at once need two names."""
+    dtype = dtype or like.dtype
+    buffers = _BUFFERS.get()
+    if buffers is None:
+        return torch.empty(tuple(shape), dtype=dtype, device=like.device)
+    return buffers.take(f"rule.{name}", tuple(shape), dtype, like.device)
+
+
+def scratch_like(name: str, t: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """:func:`scratch` shaped like ``t``, laid out like it (a transposed matrix gets a transposed
+    buffer, so elementwise work on the two walks memory in the same order)."""
+    if t.dim() == 2 and not t.is_contiguous() and t.T.is_contiguous():
+        return scratch(name, t.T.shape, t, dtype).T
+    return scratch(name, t.shape, t, dtype)
+
+
 def number(default: float, help: str, lo: float, hi: float) -> dataclasses.Field:
     """A dataclass field with the registry's metadata (help, min, max)."""
     return dataclasses.field(default=default, metadata={"help": help, "min": lo, "max": hi})
@@ -83,12 +120,13 @@ def model_weights(tuned: Sequence[Tensor], multimodal: float, multilingual: floa
 
 
 def deltas(base: Tensor, tuned: Sequence[Tensor]) -> Tensor:
-    """Task vectors ``Δ_t = tuned_t − base``, written into one new buffer (no temporaries).
+    """Task vectors ``Δ_t = tuned_t − base``, written into one buffer (no temporaries): a new
+    one, or the engine's reused one inside :func:`reuse_buffers`.
 
     T × base.shape -> (T, *base.shape). The rules then work in place on this buffer, so a merge
     holds the inputs plus about T + 1 tensors.
     """
-    out = torch.empty((len(tuned), *base.shape), dtype=base.dtype, device=base.device)
+    out = scratch("deltas", (len(tuned), *base.shape), base)
     for i, t in enumerate(tuned):
         torch.sub(t, base, out=out[i])
     return out
@@ -234,14 +272,25 @@ def elect_positive(masked: Tensor) -> Tensor:
 
 
 def disjoint_mean_(masked: Tensor) -> Tensor:
-    """TIES disjoint merge: mean of the non-zero updates that agree with the elected sign; 0
-    where none agrees. Zeroes the disagreeing entries of ``masked`` in place.
+    """TIES disjoint merge: mean of the non-zero updates that agree with the elected sign
+    (:func:`elect_positive`); 0 where none agrees. Zeroes the disagreeing entries of ``masked``
+    in place; its temporaries are :func:`scratch` buffers.
 
     masked (T, ...) -> (...).
     """
-    agree = torch.where(elect_positive(masked), masked > 0, masked < 0)  # (T, ...); 0 never agrees
-    count = agree.sum(dim=0, dtype=masked.dtype).clamp_(min=1)  # (...)
-    return masked.masked_fill_(~agree, 0.0).sum(dim=0).div_(count)
+    shape, f32 = masked.shape[1:], masked.dtype
+    total = torch.sum(masked, dim=0, out=scratch("ties.sum", shape, masked))  # (...)
+    # the elected sign as ±1: an update agrees when update · sign > 0 (0 never agrees)
+    sign = torch.ge(total, 0, out=scratch("ties.sign", shape, masked, torch.bool))
+    elected = scratch("ties.elected", shape, masked).copy_(sign).mul_(2.0).sub_(1.0)
+    agree = torch.gt(
+        torch.mul(masked, elected, out=scratch("ties.signed", masked.shape, masked)),
+        0,
+        out=scratch("ties.agree", masked.shape, masked, torch.bool),
+    )  # (T, ...)
+    count = torch.sum(agree, dim=0, dtype=f32, out=elected).clamp_(min=1)  # (...)
+    masked.masked_fill_(torch.logical_not(agree, out=agree), 0.0)
+    return torch.sum(masked, dim=0, out=total).div_(count)
 
 
 def dare_seed(seed: int, name: str, index: int) -> int:
@@ -273,15 +322,19 @@ def dare_keep_mask(
     rows, row_shape = shape[0], tuple(shape[1:])
     per_row = max(1, math.prod(row_shape))
     block = max(1, DARE_BLOCK // per_row)  # rows per block
-    parts = []
+    cpu = torch.empty(0)
+    mask = scratch("dare.keep", shape, cpu, torch.bool)
+    done = 0
     for b in range(offset // block, -(-(offset + rows) // block) if rows else offset // block):
         gen = torch.Generator(device="cpu").manual_seed(dare_seed(seed, f"{name}\0b{b}", index))
-        part = torch.rand((block, *row_shape), generator=gen, dtype=torch.float32)
+        part = scratch("dare.rand", (block, *row_shape), cpu)
+        torch.rand((block, *row_shape), generator=gen, out=part)
         lo, hi = max(offset, b * block) - b * block, min(offset + rows, (b + 1) * block) - b * block
-        parts.append(part[lo:hi])
-    if not parts:
+        torch.ge(part[lo:hi], drop_rate, out=mask[done : done + hi - lo])
+        done += hi - lo
+    if rows == 0:
         return torch.ones(shape, dtype=torch.bool)
-    return torch.cat(parts) >= drop_rate
+    return mask
 
 
 def dare_(
@@ -292,7 +345,8 @@ def dare_(
     if drop_rate == 0.0:
         return delta
     keep = dare_keep_mask(delta.shape, drop_rate, seed, name, index, offset).to(delta.device)
-    return delta.masked_fill_(~keep, 0.0).div_(1.0 - drop_rate)
+    dropped = torch.logical_not(keep, out=keep)  # keep is ours: a new or a scratch mask
+    return delta.masked_fill_(dropped, 0.0).div_(1.0 - drop_rate)
 
 
 def dare(

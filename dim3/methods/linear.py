@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from dim3.methods._utils import check_options, model_weights, number
+from dim3.methods._utils import check_options, model_weights, number, scratch
 
 NAME = "linear"
 
@@ -48,7 +48,8 @@ def merge(
     if total <= 0:
         raise ValueError("linear: the model weights sum to 0; give a positive weight")
     # base + the weighted mean of the deltas, so that equal inputs give back base exactly
-    merged = torch.zeros_like(base)
+    merged = scratch("linear.sum", base.shape, base).zero_()
+    delta = scratch("linear.delta", base.shape, base)
     for w, t in zip(weights, tuned, strict=True):
-        merged.add_(t - base, alpha=w / total)
+        merged.add_(torch.sub(t, base, out=delta), alpha=w / total)
     return merged.add_(base)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from dim3.methods._utils import check_options, model_weights, number
+from dim3.methods._utils import check_options, model_weights, number, scratch
 
 NAME = "task_arithmetic"
 
@@ -48,7 +48,8 @@ def merge(
     Returns a float32 tensor shaped like base.
     """
     weights = model_weights(tuned, options.multimodal_weight, options.multilingual_weight)
-    summed = torch.zeros_like(base)
+    summed = scratch("task_arithmetic.sum", base.shape, base).zero_()
+    delta = scratch("task_arithmetic.delta", base.shape, base)
     for w, t in zip(weights, tuned, strict=True):
-        summed.add_(t - base, alpha=w)  # Σ_t w_t Δ_t, one delta alive at a time
+        summed.add_(torch.sub(t, base, out=delta), alpha=w)  # Σ_t w_t Δ_t, one delta at a time
     return summed.mul_(options.scaling).add_(base)

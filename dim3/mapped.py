@@ -1,0 +1,120 @@
+"""Rows of safetensors tensors as zero-copy views of the shard files, mapped read-only.
+
+The merge engine reads each input byte once: its float32 work buffers are filled by converting
+straight from these views (the page cache's own pages), so reading allocates nothing and costs no
+system call per slice; :meth:`MappedShards.prefetch` asks the kernel to read a range ahead
+(``MADV_WILLNEED``, skipped when the range is already cached) while the previous slice is computed. Views are read-only: writing into one
+crashes the process, so callers copy from them and never write. The headers were checked when the
+checkpoint was opened (:func:`dim3.checkpoints.read_header`); this module only locates the bytes.
+It knows files and tensors, nothing of models or merging.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import os
+import struct
+import warnings
+from pathlib import Path
+
+import torch
+
+PAGE = mmap.PAGESIZE
+
+
+class MappedShards:
+    """Each shard file mapped once (read-only), with its tensors' byte offsets."""
+
+    def __init__(self) -> None:
+        self._maps: dict[Path, tuple[mmap.mmap, torch.Tensor, dict[str, int]]] = {}
+        self._fds: dict[Path, int] = {}  # for page-cache probes
+
+    def _open(self, file: Path) -> tuple[mmap.mmap, torch.Tensor, dict[str, int]]:
+        if file not in self._maps:
+            with open(file, "rb") as f:
+                n = struct.unpack("<Q", f.read(8))[0]
+                header = json.loads(f.read(n))
+                m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            starts = {
+                k: 8 + n + int(v["data_offsets"][0])
+                for k, v in header.items()
+                if k != "__metadata__"
+            }
+            with warnings.catch_warnings():  # torch warns that the buffer is not writable
+                warnings.simplefilter("ignore", UserWarning)
+                data = torch.frombuffer(m, dtype=torch.uint8) if len(m) else torch.empty(0)
+            self._maps[file] = (m, data, starts)
+        return self._maps[file]
+
+    @staticmethod
+    def _span(
+        shape: tuple[int, ...], dtype: torch.dtype, start: int, stop: int
+    ) -> tuple[int, int, tuple[int, ...]]:
+        stop = max(start, stop)
+        per_row = math.prod(shape[1:]) * dtype.itemsize if shape else dtype.itemsize
+        rows = (stop - start) if shape else 1
+        return start * per_row, rows * per_row, ((stop - start, *shape[1:]) if shape else ())
+
+    def rows(
+        self,
+        file: Path,
+        key: str,
+        dtype: torch.dtype,
+        shape: tuple[int, ...],
+        start: int,
+        stop: int,
+    ) -> torch.Tensor:
+        """Rows ``start:stop`` of tensor ``key`` (of ``dtype`` and ``shape``) in ``file``, as a
+        read-only CPU view of the mapped file (the whole tensor for a 0-d one)."""
+        _, data, starts = self._open(file)
+        offset, nbytes, out_shape = self._span(shape, dtype, start, stop)
+        begin = starts[key] + offset
+        if nbytes == 0:
+            return torch.empty(out_shape, dtype=dtype)
+        return data[begin : begin + nbytes].view(dtype).view(out_shape)
+
+    def prefetch(
+        self,
+        file: Path,
+        key: str,
+        dtype: torch.dtype,
+        shape: tuple[int, ...],
+        start: int,
+        stop: int,
+    ) -> None:
+        """Ask the kernel to read rows ``start:stop`` of ``key`` into the page cache now
+        (asynchronously; a no-op where ``madvise`` is missing)."""
+        m, _, starts = self._open(file)
+        offset, nbytes, _ = self._span(shape, dtype, start, stop)
+        begin = starts[key] + offset
+        if nbytes == 0 or not hasattr(m, "madvise") or self._cached(file, begin, nbytes):
+            return
+        lo = begin - begin % PAGE
+        m.madvise(mmap.MADV_WILLNEED, lo, min(len(m), begin + nbytes) - lo)
+
+    def _cached(self, file: Path, begin: int, nbytes: int) -> bool:
+        """Whether the range's first and last bytes are in the page cache (a read that must not
+        wait, ``RWF_NOWAIT``): then the kernel has nothing to read ahead, and asking it to look
+        page by page costs more system time than it saves (about 1 s per 10 GiB)."""
+        flag = getattr(os, "RWF_NOWAIT", None)
+        if flag is None:
+            return False
+        if file not in self._fds:
+            self._fds[file] = os.open(file, os.O_RDONLY)
+        probe = bytearray(1)
+        try:
+            for at in (begin, begin + nbytes - 1):
+                if os.preadv(self._fds[file], [probe], at, flag) != 1:
+                    return False
+        except OSError:  # EAGAIN: not cached; or the flag is unsupported here
+            return False
+        return True
+
+    def close(self) -> None:
+        """Drop the mappings (views still alive keep theirs until they are freed)."""
+        self._maps.clear()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
