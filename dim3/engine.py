@@ -119,6 +119,9 @@ class Inputs:
         self, base: Checkpoint, multilingual: Sequence[Checkpoint], multimodal: Checkpoint
     ):
         self.base, self.multilingual, self.multimodal = base, tuple(multilingual), multimodal
+        # the rule's extra per-tensor inputs (Fisher), if its method takes any: an object with
+        # ``count``, ``rows(entry, start, stop) -> tuple of tensors`` and ``close()``
+        self.extras: Any = None
 
     def roles(self) -> dict[str, Checkpoint]:
         """Every checkpoint by role label, as :meth:`Recipe.sources` names them."""
@@ -141,6 +144,8 @@ class Inputs:
     ) -> None:
         for ckpt in self.roles().values():
             ckpt.close()
+        if self.extras is not None:
+            self.extras.close()
 
 
 def open_inputs(
@@ -165,7 +170,12 @@ def open_inputs(
     try:
         base = one(recipe.base)
         mls = [one(s) for s in recipe.multilingual]
-        return Inputs(base, mls, one(recipe.multimodal))
+        inputs = Inputs(base, mls, one(recipe.multimodal))
+        if get_method(recipe.method).extra_inputs == "fisher":
+            from dim3.fisher import open_fisher_inputs
+
+            inputs.extras = open_fisher_inputs(recipe, inputs, allowed_roots=allowed_roots)
+        return inputs
     except BaseException:
         for ckpt in opened:
             ckpt.close()
@@ -269,7 +279,9 @@ def _read(step: _Step, inputs: Inputs) -> tuple[torch.Tensor, ...]:
         return (vlm,)
     shared = min(b, e.rows if e.rows is not None else e.shape[0])
     mls = zip(inputs.multilingual, e.multilingual_keys, strict=True)
-    return (vlm, rows(inputs.base, e.base_key, shared), *(rows(m, k, shared) for m, k in mls))
+    read = (vlm, rows(inputs.base, e.base_key, shared), *(rows(m, k, shared) for m, k in mls))
+    extra = inputs.extras.rows(e, a, shared) if inputs.extras is not None else ()
+    return (*read, *extra)  # the rule's extra inputs last, rows a:shared like the base's
 
 
 class _Merger:
@@ -282,15 +294,20 @@ class _Merger:
         options: Any,
         device: torch.device,
         on_step: Callable[[str, int, int], None] | None = None,
+        extras: int = 0,
     ):
         self.method, self.options, self.device = method, options, device
         self.on_step = on_step
+        self.extras = extras  # how many of a step's tensors are the rule's extra inputs (last)
         self.state: Any = None
 
     def __call__(self, step: _Step, tensors: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
-        vlm, base, *mls = (t.to(self.device).float() for t in tensors)
+        tensors = tuple(t.to(self.device).float() for t in tensors)
+        n = len(tensors) - self.extras
+        (vlm, base, *mls), extra = tensors[:n], tensors[n:]
+        kw = {"extra": list(extra)} if self.extras else {}  # elementwise rules only (Fisher)
         if step.stage == "whole":
-            return self._whole(step.source, vlm, base, mls)
+            return self._whole(step.source, vlm, base, mls, kw)
         r = base.shape[0]  # merged rows in this slice (the rest are the VLM's own rows)
         part = [base, vlm[:r], *(m[:r] for m in mls)]
         kind = self.method.kind
@@ -306,7 +323,7 @@ class _Merger:
             return vlm
         if kind == "elementwise":
             merged = self.method.fn(
-                part[0], part[1:], self.options, name=step.source.key, offset=step.start
+                part[0], part[1:], self.options, name=step.source.key, offset=step.start, **kw
             )
         elif kind == "columns":
             merged = self._column_apply(step, part)
@@ -318,7 +335,7 @@ class _Merger:
         vlm[:r] = merged
         return vlm
 
-    def _whole(self, e: Entry, vlm, base, mls) -> torch.Tensor:
+    def _whole(self, e: Entry, vlm, base, mls, kw: dict | None = None) -> torch.Tensor:
         """The whole tensor at once; elementwise and selection rules see the stored layout."""
         rows = e.rows if e.rows is not None else vlm.shape[0]
         part = [t[:rows] for t in (base, vlm, *mls)]  # shared token rows only
@@ -329,7 +346,7 @@ class _Merger:
             listen_steps(functools.partial(self.on_step, e.key)) if self.on_step else nullcontext()
         )
         with steps:
-            merged = self.method.fn(part[0], part[1:], self.options, name=e.key)
+            merged = self.method.fn(part[0], part[1:], self.options, name=e.key, **(kw or {}))
         if transpose:
             merged = merged.T
         if rows == vlm.shape[0]:
@@ -453,7 +470,8 @@ def iter_merged(
     (:func:`dim3.methods._utils.report_step`) and may raise to stop.
     """
     steps = _schedule(plan, method, parse_size(chunk_size))
-    merger = _Merger(method, options, device, on_step)
+    extras = inputs.extras.count if inputs.extras is not None else 0
+    merger = _Merger(method, options, device, on_step, extras)
     tied_sources = {e.tied_to for e in plan.entries if e.tied_to}
     whole: dict[str, torch.Tensor] = {}  # merged whole tensors that a tied head repeats
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dim3-read") as pool:

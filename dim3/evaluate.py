@@ -254,11 +254,12 @@ def format_table(results: dict[str, dict[str, float]]) -> str:
 
 
 def parse_methods(text: str | None) -> tuple[str, ...]:
-    """``"dim3,ties"`` -> ("dim3", "ties"); None or "all" -> every registered method; "none" -> ()."""
+    """``"dim3,ties"`` -> ("dim3", "ties"); None or "all" -> every data-free method (``fisher``
+    needs Fisher folders, so it is named explicitly); "none" -> ()."""
     from dim3.methods import METHODS, get_method
 
     if text is None or text.strip() == "all":
-        return tuple(METHODS)
+        return tuple(name for name, m in METHODS.items() if not m.extra_inputs)
     if text.strip() == "none":
         return ()
     names = tuple(n.strip() for n in text.split(",") if n.strip())
