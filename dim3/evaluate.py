@@ -152,10 +152,21 @@ class EvalSpec:
     methods: tuple[str, ...]
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
     batch_size: int = 64
+    fisher: dict[str, str] = field(default_factory=dict)  # Fisher folders by role (fisher method)
+
+    def recipe(self, method: str, device: str = "auto") -> Recipe:
+        """The recipe that merges ``method`` with its options (and the Fishers it may need)."""
+        return Recipe(
+            base=self.base,
+            multilingual=self.multilingual,
+            multimodal=self.multimodal,
+            method=method,
+            options=self.options.get(method, {}),
+            device=device,
+            fisher=self.fisher,
+        )
 
     def __post_init__(self) -> None:
-        from dim3.methods import get_method
-
         for role in ("base", "multimodal"):
             ref = getattr(self, role)
             if not isinstance(ref, Source):
@@ -169,7 +180,7 @@ class EvalSpec:
         if not self.items:
             raise ValueError("the probe set is empty: give at least one question")
         for name in self.methods:
-            get_method(name).make_options(self.options.get(name, {}))  # unknown names fail here
+            self.recipe(name)  # unknown names, bad options, missing Fisher folders fail here
         unknown = sorted(set(self.options) - set(self.methods))
         if unknown:
             raise ValueError(f"options given for methods not evaluated: {unknown}")
@@ -215,14 +226,7 @@ def evaluate_merges(
             progress(name, done, len(names))
         if name != ORIGINAL:
             _restore(model, loaded)
-            recipe = Recipe(
-                base=spec.base,
-                multilingual=spec.multilingual,
-                multimodal=spec.multimodal,
-                method=name,
-                options=spec.options.get(name, {}),
-                device=device,
-            )
+            recipe = spec.recipe(name, device)
             merge_into_model(model, recipe, allowed_roots=allowed_roots, token=token)
         predictions = generate_answers(model, processor, spec.items, batch_size=spec.batch_size)
         results[name] = accuracy(spec.items, predictions)
@@ -308,6 +312,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a method option, repeatable",
     )
     parser.add_argument(
+        "--fisher",
+        nargs="+",
+        default=[],
+        metavar="ROLE=FOLDER",
+        help="Fisher folders for the fisher method (python -m dim3 fisher): multimodal=F "
+        "multilingual=F (multilingual_1=F ... for several experts)",
+    )
+    parser.add_argument(
         "--json", type=Path, default=None, help="also write the results as JSON here"
     )
     parser.add_argument("--batch-size", type=int, default=64)
@@ -318,6 +330,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def spec_from_args(args: argparse.Namespace) -> EvalSpec:
     """Resolve ``--probe`` and the checkpoints (demo defaults) into an :class:`EvalSpec`."""
+    from dim3.cli import parse_fisher
     from dim3.demo import demo_probe_path, demo_trio
 
     roles = ("base", "multilingual", "multimodal")
@@ -342,6 +355,7 @@ def spec_from_args(args: argparse.Namespace) -> EvalSpec:
         methods=parse_methods(args.methods),
         options=parse_options(args.option),
         batch_size=args.batch_size,
+        fisher=parse_fisher(getattr(args, "fisher", [])),
     )
 
 

@@ -34,9 +34,13 @@ This module knows models, probe items and files; it knows nothing about Gradio.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
+import hashlib
 import json
 import math
 import random
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -46,7 +50,14 @@ from typing import Any
 import torch
 
 import dim3
-from dim3.checkpoints import Checkpoint, CheckpointError, _resolve_local, _weight_files, resolve
+from dim3.checkpoints import (
+    Checkpoint,
+    CheckpointError,
+    _resolve_local,
+    _weight_files,
+    check_under_roots,
+    resolve,
+)
 from dim3.layout import EMBED, LANGUAGE, LM_HEAD, layout_for
 from dim3.plan import Entry, weight_keys
 from dim3.probes import ProbeItem, load_probe
@@ -57,7 +68,11 @@ FISHER_FILE = "fisher.json"
 FORMAT = "dim3-fisher"
 LABELS = ("given", "sampled")
 OUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-DEMO_SOURCES = ("demo", "demo-text")
+DEMO_SOURCES = ("demo", "demo-text", "demo-probe")
+# the demo world's Fisher data: scenes drawn by their own seed, never the probe's (1_000_003) nor
+# training's (0..N+5), so a Fisher estimated on "demo" does not see the questions eval asks
+DEMO_FISHER_SEED = 2_000_003
+DEMO_FISHER_SCENES = 48
 
 
 # --------------------------------------------------------------------------- what to estimate
@@ -67,8 +82,10 @@ DEMO_SOURCES = ("demo", "demo-text")
 class FisherSpec:
     """One Fisher estimation: the model, the data source, N examples, the seed and the labels.
 
-    data: ``demo`` (the demo probe: pictures for a VLM, their descriptions as text for an LLM),
-    ``demo-text`` (always the descriptions), or a probe JSONL file. dtype: of the stored Fisher.
+    data: ``demo`` (fresh scenes of the demo world, not the probe's: pictures for a VLM, their
+    descriptions as text for an LLM; every language and question kind), ``demo-text`` (always the
+    descriptions), ``demo-probe`` (the demo probe itself, which ``eval`` scores: for checks only)
+    or a probe JSONL file. dtype: of the stored Fisher.
     """
 
     model: Source
@@ -95,15 +112,28 @@ class FisherSpec:
             raise ValueError("give a data source: demo, demo-text or a probe JSONL file")
 
 
-def source_items(data: str, *, vlm: bool) -> list[ProbeItem]:
-    """The examples of a data source (see :class:`FisherSpec`); an LLM cannot take pictures."""
-    from dim3.demo import demo_probe
-    from dim3.demo.probe import text_probe
+def source_items(data: str, *, vlm: bool, workdir: Path | None = None) -> list[ProbeItem]:
+    """The examples of a data source (see :class:`FisherSpec`); an LLM cannot take pictures.
 
-    if data == "demo":
+    ``demo`` for a VLM draws its pictures into ``workdir`` (which must then be given).
+    """
+    from dim3.demo import demo_probe
+    from dim3.demo.probe import demo_items, demo_scenes, text_probe
+
+    if data in ("demo", "demo-text"):
+        scenes = demo_scenes(DEMO_FISHER_SCENES, DEMO_FISHER_SEED)
+        paths = None
+        if vlm and data == "demo":
+            if workdir is None:
+                raise ValueError("the demo source draws pictures: give a folder for them")
+            from dim3.demo import world
+
+            paths = [workdir / f"{i:04d}.png" for i in range(len(scenes))]
+            for scene, path in zip(scenes, paths, strict=True):
+                world.render(scene).save(path)
+        items = demo_items(scenes, paths)
+    elif data == "demo-probe":
         items = demo_probe() if vlm else text_probe()
-    elif data == "demo-text":
-        items = text_probe()
     else:
         items = load_probe(data)
     if not vlm and any(item.image is not None for item in items):
@@ -322,20 +352,21 @@ def estimate_to_folder(
     if out == folder or out.is_relative_to(folder):
         raise ValueError(f"output folder {out} lies in the model {folder}; choose another folder")
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    everything = source_items(spec.data, vlm=is_vlm(config))
-    items = choose(everything, spec.n, spec.seed)
-    model, processor = load_model(folder, device)
-    start = time.perf_counter()
-    fisher = estimate(
-        model,
-        processor,
-        items,
-        labels=spec.labels,
-        seed=spec.seed,
-        max_new_tokens=spec.max_new_tokens,
-        progress=progress,
-    )
-    seconds = time.perf_counter() - start
+    with tempfile.TemporaryDirectory(prefix="dim3-fisher-") as work:
+        everything = source_items(spec.data, vlm=is_vlm(config), workdir=Path(work))
+        items = choose(everything, spec.n, spec.seed)
+        model, processor = load_model(folder, device)
+        start = time.perf_counter()
+        fisher = estimate(
+            model,
+            processor,
+            items,
+            labels=spec.labels,
+            seed=spec.seed,
+            max_new_tokens=spec.max_new_tokens,
+            progress=progress,
+        )
+        seconds = time.perf_counter() - start
     dtype = OUT_DTYPES[spec.dtype]
     meta = {
         "format": FORMAT,
@@ -521,6 +552,47 @@ def describe_fishers(recipe: Recipe) -> dict[str, dict[str, Any]]:
     return out
 
 
+def fishers_for(
+    sources: dict[str, Source],
+    out_root: str | Path,
+    *,
+    base: bool = False,
+    device: str = "auto",
+    data: str = "demo",
+    n: int = 32,
+    seed: int = 0,
+    labels: str = "given",
+    allowed_roots: Sequence[str | Path] | None = None,
+    token: str | None = None,
+    progress: Callable[[str, int, int, float], None] | None = None,
+) -> dict[str, str]:
+    """Estimate (or reuse, when the same model, data, N, seed and labels were estimated before)
+    the Fishers that a ``fisher`` merge of ``sources`` (:meth:`Recipe.sources`) needs, under
+    ``out_root/fisher/``: ``{role: folder}`` (the base's only when ``base``).
+    ``progress(role, done, n, seconds)`` hears every example."""
+    roles = {r: s for r, s in sources.items() if r != "base" or base}
+    if data not in DEMO_SOURCES and allowed_roots is not None:
+        data = str(check_under_roots(Path(data), allowed_roots))
+    out: dict[str, str] = {}
+    for role, source in roles.items():
+        spec = FisherSpec(source, data=data, n=n, seed=seed, labels=labels, device=device)
+        model = resolve(source.ref, source.revision, allowed_roots=allowed_roots, token=token)
+        key = json.dumps([str(model), *asdict(spec).values()], default=str)
+        folder = (
+            Path(out_root) / "fisher" / f"{role}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+        )
+        if not (folder / FISHER_FILE).is_file():
+            report = None if progress is None else functools.partial(progress, role)
+            spec = dataclasses.replace(spec, model=Source(str(model)))
+            estimate_to_folder(
+                spec, folder, overwrite=True, progress=report, allowed_roots=allowed_roots
+            )
+        elif progress is not None:
+            progress(role, n, n, 0.0)
+        out[role] = str(folder)
+    return out
+
+
 # --------------------------------------------------------------------------- the command
 
 
@@ -531,8 +603,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data",
         default="demo",
-        help="demo (the demo probe: pictures for a VLM, text for an LLM), demo-text, or a probe "
-        "JSONL file (question, answer, language; image or context)",
+        help="demo (fresh demo-world scenes, not the probe's: pictures for a VLM, text for an "
+        "LLM), demo-text, demo-probe (the probe eval scores), or a probe JSONL file (question, "
+        "answer, language; image or context)",
     )
     parser.add_argument("--n", type=int, default=64, help="examples drawn from the source")
     parser.add_argument("--seed", type=int, default=0, help="seed of the draw and the sampling")

@@ -343,3 +343,24 @@ def test_fisher_merge_refuses_missing_foreign_and_fake_fishers(tiny_llava_trio, 
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
     folder = FisherFolder(fishers["multimodal"])
     assert folder.key_for(LM_HEAD) == LM_HEAD  # untied LLaVA: its own head's Fisher
+
+
+# --------------------------------------------------------------------------- the app
+
+
+def test_app_merges_with_fisher_after_estimating_and_reuses_the_fishers(app_server):
+    gradio_client = pytest.importorskip("gradio_client")
+    url, scratch = app_server
+    c = gradio_client.Client(url, verbose=False)
+    kw = {"method": "fisher", "fisher_data": "demo", "fisher_n": 4, "api_name": "/merge"}
+    plan, log, status = c.predict(**kw)
+    assert status.startswith("✅ Merged"), status
+    assert "Fisher of multimodal: first example" in log and "Fisher of multilingual" in log
+    folders = sorted((scratch / "outputs" / "fisher").iterdir())
+    assert [f.name.split("-")[0] for f in folders] == ["multilingual", "multimodal"]
+    meta = json.loads((folders[1] / FISHER_FILE).read_text())
+    assert meta["n"] == 4 and meta["data"] == "demo" and meta["labels"] == "given"
+    *_, status = c.predict(**kw)  # the same Fishers again: reused, not estimated
+    assert status.startswith("✅ Merged") and len(list(folders[0].parent.iterdir())) == 2
+    *_, status = c.predict(**(kw | {"fisher_data": "/etc/passwd"}))
+    assert status.startswith("❌") and "outside the allowed folders" in status

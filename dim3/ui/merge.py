@@ -26,6 +26,7 @@ from dim3 import engine
 from dim3.presets import presets
 from dim3.recipe import ROLES
 from dim3.ui.common import AppContext, gpu, md_escape
+from dim3.ui.fisher import estimate_step
 from dim3.ui.form import MergeForm, build_form
 from dim3.ui.progress import LOG_LINES, drive, err, ok, plain
 from dim3.ui.share import REPO_ID_CHARS, push_handler, save_handler
@@ -244,7 +245,7 @@ def _check_plan(ctx: AppContext, tab: MergeTab) -> Callable:
     def plan(**values: Any) -> dict:
         """Check that the three checkpoints can be merged; returns the plan and a status line."""
         try:
-            recipe = tab.form.recipe(values)
+            recipe = tab.form.recipe(_without_fisher(tab, values))  # the plan is the method's
             plan = engine.plan(recipe, allowed_roots=ctx.allowed_roots)
         except Exception as exc:  # noqa: BLE001 - the UI boundary: shown, never raised
             return {tab.plan_box: ctx.public(plain(ctx, exc)), tab.status: err(ctx, exc)}
@@ -260,6 +261,14 @@ def _check_plan(ctx: AppContext, tab: MergeTab) -> Callable:
     return plan
 
 
+def _without_fisher(tab: MergeTab, values: dict) -> dict:
+    """A fisher merge's values as a data-free one (linear), for what does not need its Fishers
+    yet: the plan, and the checked sources whose Fishers are estimated first."""
+    if tab.form.fixed is None and values.get("method") == "fisher":
+        return values | {"method": "linear"}
+    return values
+
+
 def _merge(ctx: AppContext, tab: MergeTab) -> Callable:
     @gpu(duration=300)
     def merge(progress=gr.Progress(), **values: Any) -> Iterator[dict]:  # noqa: B008
@@ -267,7 +276,15 @@ def _merge(ctx: AppContext, tab: MergeTab) -> Callable:
         log: list[str] = []
         out: dict = {}
         try:
-            recipe = tab.form.recipe(values)
+            recipe = tab.form.recipe(_without_fisher(tab, values))
+            if recipe.method != values.get("method", recipe.method):  # fisher: estimate first
+                folders: dict[str, str] = {}
+                for item in estimate_step(ctx, recipe, values, log):
+                    if isinstance(item, tuple):
+                        folders = item[1]
+                    else:
+                        yield {tab.log_box: item, tab.status: "⏳ Estimating the Fishers…"}
+                recipe = tab.form.recipe(values, fisher=folders)
             shown = ctx.manager.display_ref(recipe.multimodal.ref)
             log.append(f"Recipe: {recipe.method} on {shown}; loading a staging copy of the VLM…")
             yield {tab.log_box: "\n".join(log), tab.status: "⏳ Loading the VLM and merging…"}
