@@ -364,3 +364,30 @@ def test_app_merges_with_fisher_after_estimating_and_reuses_the_fishers(app_serv
     assert status.startswith("✅ Merged") and len(list(folders[0].parent.iterdir())) == 2
     *_, status = c.predict(**(kw | {"fisher_data": "/etc/passwd"}))
     assert status.startswith("❌") and "outside the allowed folders" in status
+
+
+def test_eval_and_sweep_carry_the_fisher_folders(tiny_llava_trio, tmp_path):
+    from dim3 import evaluate, sweep
+    from dim3.cli import build_parser
+
+    trio = tiny_llava_trio
+    roles = ["--base", str(trio.base), "--multilingual", str(trio.multilingual)]
+    roles += ["--multimodal", str(trio.multimodal)]
+    probe = write_probe(tmp_path / "p.jsonl", picture_items(tmp_path / "pics") * 4)
+    folders = ["multimodal=F_mm", "multilingual=F_ml"]
+    args = build_parser().parse_args(
+        ["eval", "--probe", str(probe), *roles, "--methods", "ties,fisher", "--fisher", *folders]
+    )
+    spec = evaluate.spec_from_args(args)
+    assert spec.recipe("fisher").fisher == {"multimodal": "F_mm", "multilingual": "F_ml"}
+    args.fisher = ["multimodal=F_mm"]
+    with pytest.raises(ValueError, match="needs a Fisher folder for multilingual"):
+        evaluate.spec_from_args(args)
+    args = build_parser().parse_args(
+        ["sweep", "--probe", str(probe), *roles, "--method", "fisher", "--fisher", *folders]
+        + ["--option", "multimodal_weight=0.5,2", "--option", "multilingual_weight=1,3"]
+        + ["--json", str(tmp_path / "s.json"), "--references", "all"]
+    )
+    spec = sweep.spec_from_args(args)
+    assert spec.recipe.fisher == {"multimodal": "F_mm", "multilingual": "F_ml"}
+    assert len(spec.points) == 4 and "fisher" not in spec.references
