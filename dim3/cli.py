@@ -30,6 +30,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     ),
     "represent": ("dim3.represent", "per-layer cross-lingual structure of hidden states: CSV, PNG"),
     "sweep": ("dim3.sweep", "a grid of one method's options, tuned and reported on probe halves"),
+    "fisher": ("dim3.fisher", "a model's diagonal Fisher on N examples, for --method fisher"),
 }
 
 
@@ -73,6 +74,27 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
         help="a method option, repeatable (see each method's options in the README)",
     )
     add_dim3_arguments(parser)
+    parser.add_argument(
+        "--fisher",
+        nargs="+",
+        default=[],
+        metavar="ROLE=FOLDER",
+        help="Fisher folders (python -m dim3 fisher) for --method fisher: multimodal=F and "
+        "multilingual=F (multilingual_1=F ... for several), base=F when its weight is above 0",
+    )
+
+
+def parse_fisher(values: Sequence[str]) -> dict[str, str]:
+    """``["base=F0", "multimodal=F2"]`` -> ``{"base": "F0", "multimodal": "F2"}``."""
+    out: dict[str, str] = {}
+    for text in values or ():
+        role, sep, folder = (part.strip() for part in text.partition("="))
+        if not sep or not role or not folder:
+            raise ValueError(f"--fisher {text!r} is not ROLE=FOLDER (e.g. multimodal=fisher/vlm)")
+        if role in out:
+            raise ValueError(f"--fisher gives {role} twice; give one folder per role")
+        out[role] = folder
+    return out
 
 
 def add_dim3_arguments(parser: argparse.ArgumentParser, prefix: str = "DiM3") -> None:
@@ -144,6 +166,7 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
         options=options,
         dtype=getattr(args, "dtype", "auto"),
         device=getattr(args, "device", "auto"),
+        fisher=parse_fisher(getattr(args, "fisher", [])),
     )
 
 

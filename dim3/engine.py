@@ -146,6 +146,9 @@ class Inputs:
         self, base: Checkpoint, multilingual: Sequence[Checkpoint], multimodal: Checkpoint
     ):
         self.base, self.multilingual, self.multimodal = base, tuple(multilingual), multimodal
+        # the rule's extra per-tensor inputs (Fisher), if its method takes any: an object with
+        # ``count``, ``rows(entry, start, stop) -> tuple of tensors`` and ``close()``
+        self.extras: Any = None
 
     def roles(self) -> dict[str, Checkpoint]:
         """Every checkpoint by role label, as :meth:`Recipe.sources` names them."""
@@ -168,6 +171,8 @@ class Inputs:
     ) -> None:
         for ckpt in self.roles().values():
             ckpt.close()
+        if self.extras is not None:
+            self.extras.close()
 
 
 def open_inputs(
@@ -192,7 +197,12 @@ def open_inputs(
     try:
         base = one(recipe.base)
         mls = [one(s) for s in recipe.multilingual]
-        return Inputs(base, mls, one(recipe.multimodal))
+        inputs = Inputs(base, mls, one(recipe.multimodal))
+        if get_method(recipe.method).extra_inputs == "fisher":
+            from dim3.fisher import open_fisher_inputs
+
+            inputs.extras = open_fisher_inputs(recipe, inputs, allowed_roots=allowed_roots)
+        return inputs
     except BaseException:
         for ckpt in opened:
             ckpt.close()
@@ -330,11 +340,14 @@ class _Source:
             return (vlm,)
         shared = max(a, min(b, e.rows if e.rows is not None else e.shape[0]))  # may be none
         mls = zip(self.inputs.multilingual, e.multilingual_keys, strict=True)
-        return (
+        read = (
             vlm,
             rows(self.inputs.base, e.base_key, shared),
             *(rows(m, k, shared) for m, k in mls),
         )
+        extras = self.inputs.extras
+        extra = extras.rows(e, a, shared) if extras is not None else ()
+        return (*read, *extra)  # the rule's extra inputs last, rows a:shared like the base's
 
     def stage(self, step: _Step, slot: int) -> _Staged:
         """The rows ``step`` needs (runs on the read thread)."""
@@ -403,21 +416,25 @@ class _Merger:
         device: torch.device,
         buffers: Buffers,
         on_step: Callable[[str, int, int], None] | None = None,
+        extras: int = 0,
     ):
         self.method, self.options, self.device = method, options, device
         self.buffers = buffers
         self.on_step = on_step
+        self.extras = extras  # how many of a step's tensors are the rule's extra inputs (last)
         self.state: Any = None
 
     def __call__(self, step: _Step, work: list[torch.Tensor]) -> torch.Tensor | None:
-        """Merge one step's float32 rows ``work`` = [vlm, base, *multilingual] (the engine's
-        buffers); returns the merged rows, in a buffer reused by the next call, or None."""
+        """Merge one step's float32 rows ``work`` = [vlm, base, *multilingual, *extra] (the
+        engine's buffers); returns the merged rows, in a buffer reused by the next call, or None."""
+        n = len(work) - self.extras
+        kw = {"extra": list(work[n:])} if self.extras else {}  # elementwise rules only (Fisher)
         with reuse_buffers(self.buffers):
-            return self._step(step, *work)
+            return self._step(step, kw, *work[:n])
 
-    def _step(self, step: _Step, vlm, base, *mls) -> torch.Tensor | None:
+    def _step(self, step: _Step, kw: dict, vlm, base, *mls) -> torch.Tensor | None:
         if step.stage == "whole":
-            return self._whole(step.source, vlm, base, mls)
+            return self._whole(step.source, vlm, base, mls, kw)
         r = base.shape[0]  # merged rows in this slice (the rest are the VLM's own rows)
         part = [base, vlm[:r], *(m[:r] for m in mls)]
         kind = self.method.kind
@@ -433,7 +450,7 @@ class _Merger:
             return vlm
         if kind == "elementwise":
             merged = self.method.fn(
-                part[0], part[1:], self.options, name=step.source.key, offset=step.start
+                part[0], part[1:], self.options, name=step.source.key, offset=step.start, **kw
             )
         elif kind == "columns":
             merged = self._column_apply(step, part)
@@ -445,7 +462,7 @@ class _Merger:
         vlm[:r] = merged
         return vlm
 
-    def _whole(self, e: Entry, vlm, base, mls) -> torch.Tensor:
+    def _whole(self, e: Entry, vlm, base, mls, kw: dict | None = None) -> torch.Tensor:
         """The whole tensor at once; elementwise and selection rules see the stored layout."""
         rows = e.rows if e.rows is not None else vlm.shape[0]
         part = [t[:rows] for t in (base, vlm, *mls)]  # shared token rows only
@@ -456,7 +473,7 @@ class _Merger:
             listen_steps(functools.partial(self.on_step, e.key)) if self.on_step else nullcontext()
         )
         with steps:
-            merged = self.method.fn(part[0], part[1:], self.options, name=e.key)
+            merged = self.method.fn(part[0], part[1:], self.options, name=e.key, **(kw or {}))
         if transpose:
             merged = merged.T
         if rows == vlm.shape[0]:
@@ -601,7 +618,8 @@ def iter_merged(
     buffers = buffers if buffers is not None else Buffers(_limit(plan, budget))
     streams = streams if streams is not None else _Streams(device)
     source = _Source(inputs, device, buffers, streams)
-    merger = _Merger(method, options, device, buffers, on_step)
+    extras = inputs.extras.count if inputs.extras is not None else 0
+    merger = _Merger(method, options, device, buffers, on_step, extras)
     tied_sources = {e.tied_to for e in plan.entries if e.tied_to}
     whole: dict[str, torch.Tensor] = {}  # merged whole tensors that a tied head repeats
     try:

@@ -199,9 +199,21 @@ class EvalSpec:
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
     batch_size: int = 64
     benchmark: str = PROBE.name  # how items are scored (dim3.benchmarks)
+    fisher: dict[str, str] = field(default_factory=dict)  # Fisher folders by role (fisher method)
+
+    def recipe(self, method: str, device: str = "auto") -> Recipe:
+        """The recipe that merges ``method`` with its options (and the Fishers it may need)."""
+        return Recipe(
+            base=self.base,
+            multilingual=self.multilingual,
+            multimodal=self.multimodal,
+            method=method,
+            options=self.options.get(method, {}),
+            device=device,
+            fisher=self.fisher,
+        )
 
     def __post_init__(self) -> None:
-        from dim3.methods import get_method
 
         get_benchmark(self.benchmark)  # an unknown name fails here, listing the valid ones
 
@@ -218,7 +230,7 @@ class EvalSpec:
         if not self.items:
             raise ValueError("the probe set is empty: give at least one question")
         for name in self.methods:
-            get_method(name).make_options(self.options.get(name, {}))  # unknown names fail here
+            self.recipe(name)  # unknown names, bad options, missing Fisher folders fail here
         unknown = sorted(set(self.options) - set(self.methods))
         if unknown:
             raise ValueError(f"options given for methods not evaluated: {unknown}")
@@ -269,14 +281,7 @@ def evaluate_merges(
             progress(name, done, len(names))
         if name != ORIGINAL:
             _restore(model, loaded)
-            recipe = Recipe(
-                base=spec.base,
-                multilingual=spec.multilingual,
-                multimodal=spec.multimodal,
-                method=name,
-                options=spec.options.get(name, {}),
-                device=device,
-            )
+            recipe = spec.recipe(name, device)
             merge_into_model(model, recipe, allowed_roots=allowed_roots, token=token)
         follow = _follow(item_progress, name, len(spec.items)) if item_progress else None
         predictions = generate_answers(
@@ -320,11 +325,12 @@ def format_table(results: dict[str, dict[str, float]]) -> str:
 
 
 def parse_methods(text: str | None) -> tuple[str, ...]:
-    """``"dim3,ties"`` -> ("dim3", "ties"); None or "all" -> every registered method; "none" -> ()."""
+    """``"dim3,ties"`` -> ("dim3", "ties"); None or "all" -> every data-free method (``fisher``
+    needs Fisher folders, so it is named explicitly); "none" -> ()."""
     from dim3.methods import METHODS, get_method
 
     if text is None or text.strip() == "all":
-        return tuple(METHODS)
+        return tuple(name for name, m in METHODS.items() if not m.extra_inputs)
     if text.strip() == "none":
         return ()
     names = tuple(n.strip() for n in text.split(",") if n.strip())
@@ -394,6 +400,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a method option, repeatable",
     )
     parser.add_argument(
+        "--fisher",
+        nargs="+",
+        default=[],
+        metavar="ROLE=FOLDER",
+        help="Fisher folders for the fisher method (python -m dim3 fisher): multimodal=F "
+        "multilingual=F (multilingual_1=F ... for several experts)",
+    )
+    parser.add_argument(
         "--json",
         type=Path,
         default=None,
@@ -428,6 +442,7 @@ def _items(args: argparse.Namespace) -> tuple[str, tuple[Any, ...]]:
 
 def spec_from_args(args: argparse.Namespace) -> EvalSpec:
     """Resolve the question source and the checkpoints (demo defaults) into an :class:`EvalSpec`."""
+    from dim3.cli import parse_fisher
     from dim3.demo import demo_trio
 
     roles = ("base", "multilingual", "multimodal")
@@ -451,6 +466,7 @@ def spec_from_args(args: argparse.Namespace) -> EvalSpec:
         options=parse_options(args.option),
         batch_size=args.batch_size,
         benchmark=benchmark,
+        fisher=parse_fisher(getattr(args, "fisher", [])),
     )
 
 

@@ -62,6 +62,9 @@ class Recipe:
     options: dict[str, Any] = field(default_factory=dict)
     dtype: str = "auto"
     device: str = "auto"
+    # Fisher folders (``python -m dim3 fisher``) by role label, for methods with extra inputs
+    # ("fisher"): multimodal and every multilingual label, plus base when its weight is above 0.
+    fisher: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         ml = self.multilingual
@@ -75,6 +78,30 @@ class Recipe:
         if self.device not in DEVICES and not str(self.device).startswith("cuda:"):
             raise ValueError(f"device {self.device!r} is not one of {', '.join(DEVICES)}, cuda:N")
         self.method_options()  # unknown method or bad options fail here
+        self._check_fisher()
+
+    def _check_fisher(self) -> None:
+        """The Fisher folders name known roles; a Fisher merge has one for every model it needs."""
+        if not isinstance(self.fisher, dict):
+            raise ValueError(f"fisher must map role labels to folders, got {self.fisher!r}")
+        object.__setattr__(self, "fisher", {str(k): str(v) for k, v in self.fisher.items()})
+        roles = list(self.sources())
+        unknown = sorted(set(self.fisher) - set(roles))
+        if unknown:
+            raise ValueError(f"Fisher given for unknown role(s) {unknown}; roles: {roles}")
+        if get_method(self.method).extra_inputs != "fisher":
+            return  # other methods ignore them (a sweep scores references from one recipe)
+        needed = [r for r in roles if r != "base"]
+        if self.method_options().base_weight > 0:
+            needed.insert(0, "base")
+        missing = [r for r in needed if not self.fisher.get(r, "").strip()]
+        if missing:
+            raise ValueError(
+                f"method fisher needs a Fisher folder for {', '.join(missing)}: estimate each "
+                "with `python -m dim3 fisher --model M --data SOURCE --out F`, then give "
+                + " ".join(f"{r}=F" for r in missing)
+                + " (CLI: --fisher ROLE=FOLDER ...; recipe: the fisher field)"
+            )
 
     def method_options(self) -> Any:
         """The method's validated options object."""
@@ -91,7 +118,8 @@ class Recipe:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Recipe:
         """From JSON data; ``multilingual`` may be one source (older recipes) or a list."""
-        data = {k: v for k, v in data.items() if k not in ("dim3_version", "resolved", "local")}
+        skip = ("dim3_version", "resolved", "local", "fisher_info")
+        data = {k: v for k, v in data.items() if k not in skip}
         try:
             ml = data.pop("multilingual")
             ml = [ml] if isinstance(ml, dict) else ml
@@ -178,7 +206,38 @@ def write_recipe(
         "resolved": resolved,
         "local": local_paths(recipe, final_dir or folder),
     }
+    if _uses_fisher(recipe):  # what each Fisher was estimated from (replay ignores it)
+        from dim3.fisher import describe_fishers
+
+        data["fisher_info"] = describe_fishers(recipe)
     (folder / RECIPE_FILE).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def _uses_fisher(recipe: Recipe) -> bool:
+    return bool(recipe.fisher) and get_method(recipe.method).extra_inputs == "fisher"
+
+
+def _fisher_rows(recipe: Recipe) -> str:
+    """Model-card lines naming each Fisher's model, data, N, seed and labels."""
+    if not _uses_fisher(recipe):
+        return ""
+    from dim3.fisher import describe_fishers
+
+    rows = [
+        f"| {role} | `{ref}` | `{m.get('data')}` | {m.get('n')} | {m.get('seed')} | "
+        f"{m.get('labels')} | {m.get('dtype')} |"
+        for (role, ref), m in zip(
+            recipe.fisher.items(), describe_fishers(recipe).values(), strict=True
+        )
+    ]
+    head = (
+        "| role | Fisher folder | data | N | seed | labels | dtype |\n|---|---|---|---|---|---|---|"
+    )
+    return (
+        "\nDiagonal Fisher information of each model (estimated with `python -m dim3 fisher`):\n\n"
+        + "\n".join([head, *rows])
+        + "\n"
+    )
 
 
 def _hub_ids(recipe: Recipe) -> list[str]:
@@ -274,6 +333,7 @@ Method: **{method.name}**: {method.summary} ([paper]({method.paper}))
 {rows}
 
 - Options: `{options}`
+{_fisher_rows(recipe)}
 - Output dtype: `{written}`{" (the VLM's own)" if recipe.dtype == "auto" else ""}
 - Tensors: {summary["merged"]} merged, {summary["copied"]} copied, {summary["padded"]} vocabulary
   tensors with VLM-only rows kept as the VLM's.

@@ -8,6 +8,8 @@ A rule is a pure function ``fn(base, tuned, options, *, name="") -> Tensor``:
   per-model weights accept any number N ≥ 1 of them.
 - ``options``: a frozen dataclass instance of the method's ``options`` class.
 - ``name``: the tensor's name, for rules that need a per-tensor seed (DARE) and for messages.
+- ``extra`` (only for a method with ``extra_inputs``): more tensors shaped like ``base``, e.g.
+  each model's Fisher information for ``fisher``.
 
 It returns the merged tensor, float32, shaped like ``base``, on ``base``'s device. It does no I/O
 and chooses no device. 2-D tensors are (out, in) with columns as the units that rules such as DiM3
@@ -31,6 +33,7 @@ from dim3.methods import (
     breadcrumbs,
     dare,
     dim3,
+    fisher,
     iso,
     linear,
     optmerge,
@@ -61,6 +64,10 @@ class Method:
     kind: str = "elementwise"
     # The pieces the engine drives slice by slice for "columns", "selection" and "ranked" rules.
     parts: Any = None
+    # Per-tensor inputs besides the weights that the rule takes as ``extra=[...]``, read by the
+    # engine slice by slice like the weights: "" (none) or "fisher" (each model's diagonal Fisher,
+    # from the recipe's ``fisher`` folders; see dim3/fisher.py).
+    extra_inputs: str = ""
 
     def make_options(self, values: dict[str, Any] | None = None) -> Any:
         """Build validated options from a plain dict; unknown keys raise ``ValueError``."""
@@ -182,6 +189,14 @@ METHODS: dict[str, Method] = {
         paper="https://arxiv.org/abs/2505.19892",
         summary="SGD on the interference loss of low-rank denoised updates, from their mean.",
         kind="matrix",
+    ),
+    "fisher": Method(
+        name="fisher",
+        fn=fisher.merge,
+        options=fisher.FisherOptions,
+        paper="https://arxiv.org/abs/2111.09832",
+        summary="Each weight the models' mean weighted by λ and their diagonal Fisher (needs data).",
+        extra_inputs="fisher",
     ),
 }
 

@@ -51,6 +51,8 @@ class MergeForm:
     dtype: gr.Dropdown
     device: gr.Dropdown
     fixed: Recipe | None = None
+    # the Fisher method's estimation inputs: data source, examples per model, labels
+    fisher: dict[str, gr.components.Component] = dataclasses.field(default_factory=dict)
 
     def inputs(self) -> set:
         """The form's components (for events that take a ``values`` dict keyed by component)."""
@@ -65,11 +67,12 @@ class MergeForm:
             out[f"{role}_revision"] = self.revisions[role]
         out["method"] = self.method
         out |= {f"{m}_{f}": w for (m, f), w in self.options.items()}
+        out |= {f"fisher_{k}": w for k, w in self.fisher.items()}
         return out | {"dtype": self.dtype, "device": self.device}
 
-    def recipe(self, values: dict) -> Recipe:
+    def recipe(self, values: dict, fisher: dict[str, str] | None = None) -> Recipe:
         """The form's values (keyed by component or by API name) -> a validated ``Recipe``
-        (``ValueError`` says what is wrong)."""
+        (``ValueError`` says what is wrong). ``fisher``: the Fisher folders of a fisher merge."""
         if self.fixed is not None:
             return self.fixed
         names = self.kwargs()
@@ -99,6 +102,7 @@ class MergeForm:
             options=options,
             dtype=get("dtype"),
             device=get("device"),
+            fisher=fisher or {},
         )
 
 
@@ -125,6 +129,41 @@ def option_widget(
     if isinstance(default, (int, float)):
         return gr.Number(value=value, **common)
     return gr.Textbox(value=str(value), **common)
+
+
+FISHER_NOTE = (
+    "Merge first estimates the diagonal Fisher of the VLM and of each multilingual model on N "
+    "examples of the data (one forward and backward pass per example; sampled labels add a "
+    "forward pass per sampled token), then merges. The log shows the time per example and the "
+    "time left once the first example of each model is done; on this app's CPU the demo models "
+    "take about 0.2–2 s per example. Fishers are kept and reused for the same model, data, N and "
+    "labels. `python -m dim3 fisher` estimates them outside the app."
+)
+
+
+def fisher_inputs(interactive: bool) -> dict[str, gr.components.Component]:
+    """The Fisher method's estimation inputs (shown in its options group), with a note."""
+    gr.Markdown(FISHER_NOTE)
+    return {
+        "data": gr.Textbox(
+            "demo",
+            label="Fisher data",
+            info="demo (demo-world scenes the probe never shows), demo-text, demo-probe, or a "
+            "probe JSONL file under the allowed folders",
+            max_length=MAX_REF_CHARS,
+            interactive=interactive,
+        ),
+        "n": gr.Slider(
+            4, 512, value=32, step=4, label="Examples per model (N)", interactive=interactive
+        ),
+        "labels": gr.Dropdown(
+            ["given", "sampled"],
+            value="given",
+            label="Labels",
+            info="given: the data's answers (empirical Fisher); sampled: the model's own (paper)",
+            interactive=interactive,
+        ),
+    }
 
 
 def _ref_pair(role: str, refs: dict[str, str], interactive: bool) -> tuple[gr.Textbox, gr.Textbox]:
@@ -226,7 +265,7 @@ def build_form(ctx: AppContext) -> tuple[MergeForm, gr.Markdown]:
             scale=2,
             interactive=edit,
         )
-    options, groups = {}, {}
+    options, groups, fisher = {}, {}, {}
     for name in METHODS:
         with gr.Group(visible=name == method_name) as group:
             for field in option_fields(name):
@@ -234,10 +273,13 @@ def build_form(ctx: AppContext) -> tuple[MergeForm, gr.Markdown]:
                 if fixed and name == fixed.method:
                     value = fixed.options.get(field.name, field.default)
                 options[(name, field.name)] = option_widget(field, value, edit)
+            if name == "fisher":
+                fisher = fisher_inputs(edit)
         groups[name] = group
     form = MergeForm(
         preset, refs, revisions, extra_rows, shown, method, options, groups, dtype, device, fixed
     )
+    form.fisher = fisher
     return form, note
 
 

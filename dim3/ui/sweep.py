@@ -237,7 +237,11 @@ def sweep_handler(ctx: AppContext, merge: MergeTab, view: SweepView) -> Callable
             items = sw.first_per_language(
                 probe_items(ctx, values[view.probe] or ""), int(values[view.per_language])
             )
-            refs = tuple(m for m in METHODS if m != method) if values[view.references] else ()
+            refs = (
+                tuple(m for m in METHODS if m != method and not METHODS[m].extra_inputs)
+                if values[view.references]
+                else ()
+            )
             grid = sw.parse_grid(
                 [ln for ln in (values[view.grid] or "").splitlines() if ln.strip()]
             )

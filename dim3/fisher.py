@@ -1,0 +1,653 @@
+"""``python -m dim3 fisher``: estimate a model's diagonal Fisher information, and read it back.
+
+Estimation (:func:`estimate`, :func:`estimate_to_folder`). For each of N examples ``(x, y)`` drawn
+(seeded) from a data source, the gradient of the log-likelihood ``log p_θ(y | x)`` of the answer
+given the prompt is taken, squared elementwise and averaged:
+
+    F = 1/N Σ_n (∇_θ log p_θ(y_n | x_n))²
+
+Matena & Raffel (https://arxiv.org/abs/2111.09832) define the Fisher with ``y`` drawn from the
+model's own predictive distribution (their reference code sums over all labels, weighted by their
+probabilities); the "empirical Fisher" puts the data's answers in its place. Both are offered:
+
+- ``labels="sampled"`` (the paper's Fisher, one Monte-Carlo sample per example): ``y`` is sampled
+  token by token from the model itself (temperature 1, no top-k/top-p), up to ``max_new_tokens``
+  or the end-of-sequence token, with a seeded generator.
+- ``labels="given"`` (the empirical Fisher): ``y`` is the example's answer followed by the
+  end-of-sequence token.
+
+Examples are probe items (:mod:`dim3.probes`): a question (with its picture for a VLM, or a text
+context for an LLM) and its answer. The prompt is the model's chat template, as ``eval`` asks it.
+Memory stays bounded: one example at a time, and each parameter's gradient is squared into its
+float32 accumulator and freed as soon as backpropagation has finished with it, so the peak is the
+model, one gradient-sized accumulator and one example's activations, on the chosen device.
+
+Storage (a *Fisher folder*): the language model's tensors under their canonical LLM names
+(``model.layers.N...``, ``model.embed_tokens.weight``, ``lm_head.weight`` unless tied: a tied
+embedding's Fisher holds both its uses), in the model's shapes, float32 or bfloat16, as sharded
+safetensors; plus ``fisher.json`` with what was estimated how: model, data, N, seed, labels, dtype,
+the Fisher's L2 norm, the time taken. Reading (:class:`FisherInputs`): the merge engine reads the
+Fishers row slice by row slice beside the weights and hands them to the ``fisher`` rule.
+This module knows models, probe items and files; it knows nothing about Gradio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import hashlib
+import json
+import math
+import random
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import dim3
+from dim3.checkpoints import (
+    Checkpoint,
+    CheckpointError,
+    _resolve_local,
+    _weight_files,
+    check_under_roots,
+    resolve,
+)
+from dim3.layout import EMBED, LANGUAGE, LM_HEAD, layout_for
+from dim3.plan import Entry, weight_keys
+from dim3.probes import ProbeItem, load_probe
+from dim3.recipe import Recipe, Source, multilingual_labels
+from dim3.writer import ShardedWriter, TensorSpec
+
+FISHER_FILE = "fisher.json"
+FORMAT = "dim3-fisher"
+LABELS = ("given", "sampled")
+OUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DEMO_SOURCES = ("demo", "demo-text", "demo-probe")
+# the demo world's Fisher data: scenes drawn by their own seed, never the probe's (1_000_003) nor
+# training's (0..N+5), so a Fisher estimated on "demo" does not see the questions eval asks
+DEMO_FISHER_SEED = 2_000_003
+DEMO_FISHER_SCENES = 48
+
+
+# --------------------------------------------------------------------------- what to estimate
+
+
+@dataclass(frozen=True)
+class FisherSpec:
+    """One Fisher estimation: the model, the data source, N examples, the seed and the labels.
+
+    data: ``demo`` (fresh scenes of the demo world, not the probe's: pictures for a VLM, their
+    descriptions as text for an LLM; every language and question kind), ``demo-text`` (always the
+    descriptions), ``demo-probe`` (the demo probe itself, which ``eval`` scores: for checks only)
+    or a probe JSONL file. dtype: of the stored Fisher.
+    """
+
+    model: Source
+    data: str = "demo"
+    n: int = 64
+    seed: int = 0
+    labels: str = "given"
+    dtype: str = "float32"
+    device: str = "auto"
+    max_new_tokens: int = 8
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, Source):
+            object.__setattr__(self, "model", Source(str(self.model)))
+        if self.labels not in LABELS:
+            raise ValueError(f"labels {self.labels!r} is not one of {', '.join(LABELS)}")
+        if self.dtype not in OUT_DTYPES:
+            raise ValueError(f"Fisher dtype {self.dtype!r} is not one of {', '.join(OUT_DTYPES)}")
+        for name, lo in (("n", 1), ("seed", 0), ("max_new_tokens", 1)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < lo:
+                raise ValueError(f"Fisher {name} must be an integer ≥ {lo}, got {value!r}")
+        if not str(self.data).strip():
+            raise ValueError("give a data source: demo, demo-text or a probe JSONL file")
+
+
+def source_items(data: str, *, vlm: bool, workdir: Path | None = None) -> list[ProbeItem]:
+    """The examples of a data source (see :class:`FisherSpec`); an LLM cannot take pictures.
+
+    ``demo`` for a VLM draws its pictures into ``workdir`` (which must then be given).
+    """
+    from dim3.demo import demo_probe
+    from dim3.demo.probe import demo_items, demo_scenes, text_probe
+
+    if data in ("demo", "demo-text"):
+        scenes = demo_scenes(DEMO_FISHER_SCENES, DEMO_FISHER_SEED)
+        paths = None
+        if vlm and data == "demo":
+            if workdir is None:
+                raise ValueError("the demo source draws pictures: give a folder for them")
+            from dim3.demo import world
+
+            paths = [workdir / f"{i:04d}.png" for i in range(len(scenes))]
+            for scene, path in zip(scenes, paths, strict=True):
+                world.render(scene).save(path)
+        items = demo_items(scenes, paths)
+    elif data == "demo-probe":
+        items = demo_probe() if vlm else text_probe()
+    else:
+        items = load_probe(data)
+    if not vlm and any(item.image is not None for item in items):
+        raise ValueError(
+            f"the data source {data} has pictures but the model is a text-only LLM; give text "
+            "questions (a probe without images, with a context) or demo-text"
+        )
+    return items
+
+
+def choose(items: Sequence[ProbeItem], n: int, seed: int) -> list[ProbeItem]:
+    """``n`` of ``items`` drawn without replacement by ``seed``, kept in their source order."""
+    if n > len(items):
+        raise ValueError(
+            f"N = {n} examples asked for but the data source has {len(items)}; give N ≤ "
+            f"{len(items)}"
+        )
+    return [items[i] for i in sorted(random.Random(seed).sample(range(len(items)), n))]
+
+
+# --------------------------------------------------------------------------- the model
+
+
+def is_vlm(config: dict) -> bool:
+    return "vision_config" in config
+
+
+def load_model(folder: Path, device: torch.device) -> tuple[Any, Any]:
+    """``(model, processor or tokenizer)``: float32 on CPU, bfloat16 on GPU, in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dim3.chat import load_vlm
+
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    placement = {"": str(device)} if device.type != "cpu" else None
+    if is_vlm(config):
+        return load_vlm(folder, dtype=dtype, device_map=placement)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(folder), dtype=dtype, device_map=placement, use_safetensors=True
+    )
+    model.eval()
+    return model, AutoTokenizer.from_pretrained(str(folder))
+
+
+def language_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """The language model's parameters by canonical LLM name (a tied embedding once)."""
+    params = dict(model.named_parameters())  # shared parameters appear once
+    config = model.config.to_dict()
+    if not is_vlm(config):
+        return params
+    layout = layout_for(config, params)
+    out = {}
+    for name, p in params.items():
+        cls = layout.classify(name)
+        if cls and cls[0] == LANGUAGE and cls[1]:
+            out[cls[1]] = p
+    return out
+
+
+class SquaredGrads:
+    """Float32 accumulators of the squared gradients of some parameters.
+
+    Each parameter's gradient is added (squared) as soon as backpropagation has finished it, then
+    freed, so no two full sets of gradients are alive at once. Use as a context manager.
+    """
+
+    def __init__(self, params: dict[str, torch.nn.Parameter]):
+        self.sums = {
+            name: torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+            for name, p in params.items()
+        }
+        self._hooks = [
+            p.register_post_accumulate_grad_hook(self._hook(self.sums[name]))
+            for name, p in params.items()
+        ]
+
+    @staticmethod
+    def _hook(acc: torch.Tensor) -> Callable[[torch.Tensor], None]:
+        def add(param: torch.Tensor) -> None:
+            acc.addcmul_(param.grad, param.grad)  # (∂ log p / ∂θ)², in float32
+            param.grad = None
+
+        return add
+
+    def __enter__(self) -> SquaredGrads:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for hook in self._hooks:
+            hook.remove()
+
+
+def _given(tokenizer: Any, item: ProbeItem) -> list[int]:
+    """The given answer's token ids, then the end-of-sequence token (as the demo was trained)."""
+    ids = list(tokenizer(item.answer, add_special_tokens=False)["input_ids"])
+    return [*ids, tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else ids
+
+
+@torch.no_grad()
+def _sample(model: Any, inputs: Any, g: torch.Generator, eos: int | None, steps: int = 8) -> list:
+    """Answer tokens drawn one by one from the model's full distribution (temperature 1)."""
+    out: list[int] = []
+    for _ in range(steps):
+        logits = _forward(model, inputs, out)[0, -1].float()
+        token = int(torch.multinomial(torch.softmax(logits, -1).cpu(), 1, generator=g))
+        out.append(token)
+        if token == eos:
+            break
+    return out
+
+
+def _forward(model: Any, inputs: Any, answer: Sequence[int]) -> torch.Tensor:
+    """Logits (1, prompt + answer, vocab) of the prompt followed by ``answer``."""
+    kwargs = dict(inputs)
+    if answer:
+        extra = torch.tensor([list(answer)], dtype=kwargs["input_ids"].dtype)
+        extra = extra.to(kwargs["input_ids"].device)
+        kwargs["input_ids"] = torch.cat([kwargs["input_ids"], extra], dim=1)
+        mask = kwargs["attention_mask"]
+        kwargs["attention_mask"] = torch.cat([mask, torch.ones_like(extra, dtype=mask.dtype)], 1)
+    return model(**kwargs, use_cache=False).logits
+
+
+def log_likelihood(model: Any, inputs: Any, answer: Sequence[int]) -> torch.Tensor:
+    """``log p(answer | prompt)``: the sum of the answer tokens' log-probabilities (a scalar)."""
+    logits = _forward(model, inputs, answer)[0]  # (P + A, vocab)
+    a = len(answer)
+    logp = torch.log_softmax(logits[-a - 1 : -1].float(), dim=-1)  # predicts answer tokens
+    target = torch.tensor(list(answer), device=logp.device)
+    return logp.gather(1, target[:, None]).sum()
+
+
+Progress = Callable[[int, int, float], None]  # (examples done, examples in all, seconds so far)
+
+
+def estimate(
+    model: Any,
+    processor: Any,
+    items: Sequence[ProbeItem],
+    *,
+    labels: str = "given",
+    seed: int = 0,
+    max_new_tokens: int = 8,
+    progress: Progress | None = None,
+) -> dict[str, torch.Tensor]:
+    """The diagonal Fisher ``1/N Σ_n (∇ log p(y_n | x_n))²`` of ``model``'s language parameters,
+    float32 on the model's device, by canonical name; one example at a time (see the module).
+
+    Parameters outside the language model get no gradient. ``progress(done, total, seconds)``
+    hears every example and may raise to stop.
+    """
+    from dim3.evaluate import _batch_inputs, _tokenizer
+
+    if labels not in LABELS:
+        raise ValueError(f"labels {labels!r} is not one of {', '.join(LABELS)}")
+    params = language_parameters(model)
+    wanted = {id(p) for p in params.values()}
+    saved = {name: p.requires_grad for name, p in model.named_parameters()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in wanted)
+    g = torch.Generator().manual_seed(seed)
+    tokenizer = _tokenizer(processor)
+    start = time.perf_counter()
+    try:
+        with SquaredGrads(params) as squares:
+            for done, item in enumerate(items):
+                inputs = _batch_inputs(model, processor, [item])
+                if labels == "given":
+                    answer = _given(tokenizer, item)
+                else:
+                    answer = _sample(model, inputs, g, tokenizer.eos_token_id, max_new_tokens)
+                log_likelihood(model, inputs, answer).backward()
+                if progress is not None:
+                    progress(done + 1, len(items), time.perf_counter() - start)
+        return {name: acc.div_(len(items)) for name, acc in squares.sums.items()}
+    finally:
+        for name, p in model.named_parameters():
+            p.requires_grad_(saved[name])
+            p.grad = None
+
+
+# --------------------------------------------------------------------------- the folder
+
+
+@dataclass(frozen=True)
+class FisherResult:
+    """What an estimation wrote: the folder, its metadata and the seconds it took."""
+
+    out_dir: Path
+    meta: dict[str, Any]
+    seconds: float
+
+
+def fisher_norm(fisher: dict[str, torch.Tensor], dtype: torch.dtype) -> float:
+    """The L2 norm over all entries of the Fisher as stored (in ``dtype``)."""
+    total = sum(float(t.to(dtype).double().square().sum()) for t in fisher.values())
+    return math.sqrt(total)
+
+
+def estimate_to_folder(
+    spec: FisherSpec,
+    out_dir: str | Path,
+    *,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+    allowed_roots: Sequence[str | Path] | None = None,
+    token: str | None = None,
+) -> FisherResult:
+    """Estimate ``spec`` and write a Fisher folder at ``out_dir`` (moved into place when done)."""
+    from dim3.engine import resolve_device
+
+    device = resolve_device(spec.device)
+    out = Path(out_dir).expanduser().resolve()
+    folder = resolve(spec.model.ref, spec.model.revision, allowed_roots=allowed_roots, token=token)
+    if out == folder or out.is_relative_to(folder):
+        raise ValueError(f"output folder {out} lies in the model {folder}; choose another folder")
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    with tempfile.TemporaryDirectory(prefix="dim3-fisher-") as work:
+        everything = source_items(spec.data, vlm=is_vlm(config), workdir=Path(work))
+        items = choose(everything, spec.n, spec.seed)
+        model, processor = load_model(folder, device)
+        start = time.perf_counter()
+        fisher = estimate(
+            model,
+            processor,
+            items,
+            labels=spec.labels,
+            seed=spec.seed,
+            max_new_tokens=spec.max_new_tokens,
+            progress=progress,
+        )
+        seconds = time.perf_counter() - start
+    dtype = OUT_DTYPES[spec.dtype]
+    meta = {
+        "format": FORMAT,
+        "fisher": "diagonal",
+        **asdict(spec),
+        "model": str(spec.model),
+        "commit": folder.name if folder.parent.name == "snapshots" else None,
+        "fingerprint": fingerprint(Checkpoint(folder)),
+        "data_examples": len(everything),
+        "family": config.get("model_type", ""),
+        "names": "canonical language-model names (model.layers.N..., lm_head.weight)",
+        "norm": fisher_norm(fisher, dtype),
+        "seconds": round(seconds, 2),
+        "device": str(device),
+        "dim3_version": dim3.__version__,
+        "paper": "https://arxiv.org/abs/2111.09832",
+    }
+    specs = [TensorSpec(name, dtype, tuple(t.shape)) for name, t in fisher.items()]
+    with ShardedWriter(out, specs, overwrite=overwrite) as writer:
+        for name, t in fisher.items():
+            writer.write(name, t.to("cpu", dtype))
+        (writer.folder / FISHER_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return FisherResult(out, meta, seconds)
+
+
+class FisherFolder(Checkpoint):
+    """Lazy access to a Fisher folder's tensors (canonical names) and its ``fisher.json``."""
+
+    def __init__(self, path: Path, ref: str | None = None):
+        self.path, self.ref, self.revision = Path(path), ref or str(path), None
+        meta = self.path / FISHER_FILE
+        if not meta.is_file():
+            raise CheckpointError(
+                f"{self.ref} has no {FISHER_FILE}: not a Fisher folder; make one with "
+                "`python -m dim3 fisher --model M --data SOURCE --out F`"
+            )
+        try:
+            self.meta: dict[str, Any] = json.loads(meta.read_text(encoding="utf-8"))
+        except ValueError as exc:
+            raise CheckpointError(f"{meta} is not valid JSON ({exc}); estimate it again") from None
+        if self.meta.get("format") != FORMAT:
+            raise CheckpointError(f"{meta} is not a {FORMAT} file; estimate the Fisher again")
+        self.config: dict = {}
+        self._files, self._info = _weight_files(self.path, {})
+        self._handles: dict[Path, object] = {}
+
+    @classmethod
+    def open_local(
+        cls, ref: str, allowed_roots: Sequence[str | Path] | None = None
+    ) -> FisherFolder:
+        return cls(_resolve_local(ref, allowed_roots), ref)
+
+    @property
+    def norm(self) -> float:
+        return float(self.meta.get("norm") or 0.0)
+
+    def key_for(self, canonical: str) -> str:
+        """The stored tensor for ``canonical`` (a tied head's Fisher is the embedding's)."""
+        if canonical not in self and canonical == LM_HEAD and EMBED in self:
+            return EMBED
+        return canonical
+
+
+def language_keys(ckpt: Checkpoint) -> dict[str, str]:
+    """The checkpoint's language tensors: canonical name -> name on disk (headers only)."""
+    keys = weight_keys(ckpt)
+    if not is_vlm(ckpt.config):
+        return {k: k for k in keys}
+    layout = layout_for(ckpt.config, keys)
+    out = {}
+    for k in keys:
+        cls = layout.classify(k)
+        if cls and cls[0] == LANGUAGE and cls[1]:
+            out[cls[1]] = k
+    return out
+
+
+def fingerprint(ckpt: Checkpoint) -> dict[str, str]:
+    """Which weights a Fisher belongs to: a hash of the first row of one layer-0 matrix as stored
+    (fine-tunes of one base share names and shapes, so shapes alone cannot tell them apart)."""
+    import hashlib
+
+    keys = language_keys(ckpt)
+    two_d = sorted(k for k, disk in keys.items() if len(ckpt.shape(disk)) == 2)
+    name = next((k for k in two_d if ".layers.0." in k), two_d[0] if two_d else None)
+    if name is None:
+        return {}
+    row = ckpt.get_rows(keys[name], 0, 1).contiguous()
+    data = row.view(torch.uint8).numpy().tobytes()
+    return {"tensor": name, "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def check_fits(role: str, fisher: FisherFolder, ckpt: Checkpoint) -> None:
+    """Refuse a Fisher whose tensors are not the model's language tensors, shape for shape, or
+    that was estimated for other weights (its fingerprint)."""
+    want = {name: ckpt.shape(disk) for name, disk in language_keys(ckpt).items()}
+    problems = []
+    mark = fisher.meta.get("fingerprint") or {}
+    if mark and fingerprint(ckpt) != mark:
+        problems.append(f"its weights differ (the first row of {mark.get('tensor')})")
+    for name, shape in want.items():
+        key = fisher.key_for(name)
+        if key not in fisher:
+            problems.append(f"{name} missing")
+        elif fisher.shape(key) != shape and key == name:
+            problems.append(f"{name}: Fisher {fisher.shape(key)}, model {shape}")
+    extra = sorted(set(fisher.keys()) - set(want))
+    problems += [f"{k} is not in the model" for k in extra]
+    if problems:
+        shown = "; ".join(problems[:3]) + (f" (and {len(problems) - 3} more)" * (len(problems) > 3))
+        raise ValueError(
+            f"the {role} Fisher {fisher.ref} does not fit the {role} model {ckpt.ref}: {shown}. "
+            f"Likely cause: it was estimated for another model ({fisher.meta.get('model')}); "
+            "estimate it for this one"
+        )
+
+
+class FisherInputs:
+    """The Fisher folders of a merge, read beside the weights as the rule's extra inputs.
+
+    ``rows(entry, start, stop)`` gives rows ``start:stop`` of each model's Fisher for one planned
+    tensor, in the rule's order ``[base (if its weight > 0), multimodal, multilingual_1, ...]``,
+    each divided by its L2 norm when the options say ``normalize``.
+    """
+
+    def __init__(self, folders: list[tuple[str, FisherFolder]], layout: Any, normalize: bool):
+        self.folders, self.layout = folders, layout
+        self.scales = [1.0 / f.norm if normalize and f.norm > 0 else 1.0 for _, f in folders]
+        self.count = len(folders)
+
+    def _key(self, role: str, entry: Entry) -> str:
+        if role == "base":
+            return entry.base_key or ""
+        if role == "multimodal":
+            return self.layout.classify(entry.key)[1]
+        labels = multilingual_labels(len(entry.multilingual_keys))
+        return entry.multilingual_keys[labels.index(role)]
+
+    def rows(self, entry: Entry, start: int, stop: int) -> tuple[torch.Tensor, ...]:
+        out = []
+        for (role, folder), scale in zip(self.folders, self.scales, strict=True):
+            key = folder.key_for(self._key(role, entry))
+            t = folder.get_rows(key, start, stop).float()
+            out.append(t.mul_(scale) if scale != 1.0 else t)
+        return tuple(out)
+
+    def close(self) -> None:
+        for _, folder in self.folders:
+            folder.close()
+
+
+def open_fisher_inputs(
+    recipe: Recipe, inputs: Any, *, allowed_roots: Sequence[str | Path] | None = None
+) -> FisherInputs:
+    """Open and check the recipe's Fisher folders against the opened checkpoints ``inputs``."""
+    options = recipe.method_options()
+    roles = inputs.roles()
+    order = [r for r in roles if r != "base"]
+    order.remove("multimodal")
+    order = (["base"] if options.base_weight > 0 else []) + ["multimodal", *order]
+    folders: list[tuple[str, FisherFolder]] = []
+    try:
+        for role in order:
+            folder = FisherFolder.open_local(recipe.fisher[role], allowed_roots)
+            folders.append((role, folder))
+            check_fits(role, folder, roles[role])
+    except BaseException:
+        for _, folder in folders:
+            folder.close()
+        raise
+    mm = inputs.multimodal
+    return FisherInputs(folders, layout_for(mm.config, mm.keys()), bool(options.normalize))
+
+
+def describe_fishers(recipe: Recipe) -> dict[str, dict[str, Any]]:
+    """Each Fisher folder's ``fisher.json`` (model, data, N, seed, labels...), by role."""
+    out = {}
+    for role, ref in recipe.fisher.items():
+        try:
+            out[role] = json.loads((Path(ref).expanduser() / FISHER_FILE).read_text("utf-8"))
+        except (OSError, ValueError):
+            out[role] = {"error": f"cannot read {FISHER_FILE}"}
+    return out
+
+
+def fishers_for(
+    sources: dict[str, Source],
+    out_root: str | Path,
+    *,
+    base: bool = False,
+    device: str = "auto",
+    data: str = "demo",
+    n: int = 32,
+    seed: int = 0,
+    labels: str = "given",
+    allowed_roots: Sequence[str | Path] | None = None,
+    token: str | None = None,
+    progress: Callable[[str, int, int, float], None] | None = None,
+) -> dict[str, str]:
+    """Estimate (or reuse, when the same model, data, N, seed and labels were estimated before)
+    the Fishers that a ``fisher`` merge of ``sources`` (:meth:`Recipe.sources`) needs, under
+    ``out_root/fisher/``: ``{role: folder}`` (the base's only when ``base``).
+    ``progress(role, done, n, seconds)`` hears every example."""
+    roles = {r: s for r, s in sources.items() if r != "base" or base}
+    if data not in DEMO_SOURCES and allowed_roots is not None:
+        data = str(check_under_roots(Path(data), allowed_roots))
+    out: dict[str, str] = {}
+    for role, source in roles.items():
+        spec = FisherSpec(source, data=data, n=n, seed=seed, labels=labels, device=device)
+        model = resolve(source.ref, source.revision, allowed_roots=allowed_roots, token=token)
+        key = json.dumps([str(model), *asdict(spec).values()], default=str)
+        folder = (
+            Path(out_root) / "fisher" / f"{role}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+        )
+        if not (folder / FISHER_FILE).is_file():
+            report = None if progress is None else functools.partial(progress, role)
+            spec = dataclasses.replace(spec, model=Source(str(model)))
+            estimate_to_folder(
+                spec, folder, overwrite=True, progress=report, allowed_roots=allowed_roots
+            )
+        elif progress is not None:
+            progress(role, n, n, 0.0)
+        out[role] = str(folder)
+    return out
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``python -m dim3 fisher``."""
+    parser.add_argument("--model", required=True, help="an LLM or VLM: Hub id or folder")
+    parser.add_argument("--revision", default=None, help="Hub revision of --model")
+    parser.add_argument(
+        "--data",
+        default="demo",
+        help="demo (fresh demo-world scenes, not the probe's: pictures for a VLM, text for an "
+        "LLM), demo-text, demo-probe (the probe eval scores), or a probe JSONL file (question, "
+        "answer, language; image or context)",
+    )
+    parser.add_argument("--n", type=int, default=64, help="examples drawn from the source")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the draw and the sampling")
+    parser.add_argument(
+        "--labels",
+        default="given",
+        choices=LABELS,
+        help="given: the data's answers (empirical Fisher); sampled: answers sampled from the "
+        "model (the paper's Fisher)",
+    )
+    parser.add_argument("--max-new-tokens", type=int, default=8, help="length of sampled answers")
+    parser.add_argument("--dtype", default="float32", choices=tuple(OUT_DTYPES))
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--out", required=True, help="the Fisher folder to write")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    spec = FisherSpec(
+        Source(args.model, args.revision),
+        data=args.data,
+        n=args.n,
+        seed=args.seed,
+        labels=args.labels,
+        dtype=args.dtype,
+        device=args.device,
+        max_new_tokens=args.max_new_tokens,
+    )
+    bar = tqdm(total=spec.n, unit="example", desc="Fisher")
+    try:
+        result = estimate_to_folder(
+            spec,
+            args.out,
+            overwrite=args.overwrite,
+            progress=lambda done, _total, _s: bar.update(done - bar.n),
+        )
+    finally:
+        bar.close()
+    print(
+        f"Wrote {result.out_dir}: diagonal Fisher ({spec.labels} labels) of {spec.model} over "
+        f"{spec.n} examples of {spec.data} in {result.seconds:.1f} s"
+    )
+    return 0

@@ -1,0 +1,79 @@
+"""The Fisher step of a merge in the app: estimate each model's Fisher, with its time, then merge.
+
+``estimate_step`` runs :func:`dim3.fisher.fishers_for` on a thread and yields log text while it
+runs (per model: the measured seconds of its first example and the time that N examples will
+take, then its progress), and finally ``("done", {role: folder})``. Layout-free: the Merge tab's
+handler calls it before the merge when the method is ``fisher``.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+from dim3.recipe import Recipe
+from dim3.ui.common import AppContext, clock
+from dim3.ui.progress import LOG_LINES, Aborted
+
+
+def estimate_step(
+    ctx: AppContext, recipe: Recipe, values: dict[str, Any], log: list[str]
+) -> Iterator[str | tuple[str, dict[str, str]]]:
+    """Estimate (or reuse) the Fishers that merging ``recipe``'s models needs, from the form's
+    Fisher inputs (``values``: fisher_data, fisher_n, fisher_labels, fisher_base_weight)."""
+    from dim3.fisher import fishers_for
+
+    data = str(values.get("fisher_data") or "demo").strip()
+    n, labels = int(values.get("fisher_n") or 32), str(values.get("fisher_labels") or "given")
+    events: queue.Queue[tuple[str, int, int, float]] = queue.Queue()
+    stop, outcome = threading.Event(), {}
+
+    def progress(role: str, done: int, total: int, seconds: float) -> None:
+        if stop.is_set():
+            raise Aborted("the merge was cancelled")
+        events.put((role, done, total, seconds))
+
+    def target() -> None:
+        try:
+            outcome["result"] = fishers_for(
+                recipe.sources(),
+                ctx.output_root,
+                base=float(values.get("fisher_base_weight") or 0) > 0,
+                device=recipe.device,
+                data=data,
+                n=n,
+                labels=labels,
+                allowed_roots=ctx.allowed_roots,
+                progress=progress,
+            )
+        except BaseException as exc:  # noqa: BLE001 - shown by the caller
+            outcome["error"] = exc
+
+    log.append(f"Fisher: {n} examples of {data} per model ({labels} labels), then the merge.")
+    thread = threading.Thread(target=target, name="dim3-fisher", daemon=True)
+    thread.start()
+    try:
+        while thread.is_alive() or not events.empty():
+            try:
+                role, done, total, seconds = events.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if done == 1 and total > 1:
+                each = seconds
+                log.append(
+                    f"Fisher of {role}: first example {each:.1f} s → about "
+                    f"{clock(each * (total - 1))} for the other {total - 1}"
+                )
+            elif done == total:
+                log.append(f"Fisher of {role}: {total} examples done ({clock(seconds)})")
+            else:
+                continue
+            yield "\n".join(log[-LOG_LINES:])
+        thread.join()
+    finally:
+        stop.set()
+    if "error" in outcome:
+        raise outcome["error"]
+    yield ("done", outcome["result"])
