@@ -181,5 +181,6 @@ def test_evaluate_tab_refuses_a_probe_file_outside_the_allowed_folders(tmp_path,
     probe = tmp_path / "probe.jsonl"
     probe.write_text('{"question": "q", "answer": "a", "language": "en"}\n')
     tab, out = _evaluate_tab(["dim3"], probe=str(probe))
-    assert out[tab.status].startswith("❌") and "outside the allowed folders" in out[tab.status]
+    assert out[tab.status].startswith("❌") and "lies outside the folders" in out[tab.status]
+    assert str(tmp_path) not in out[tab.status]  # no server path
     assert set(out) == {tab.status}
