@@ -33,8 +33,10 @@ from dim3.methods import (
     dim3,
     iso,
     linear,
+    neuromerging,
     optmerge,
     pcb,
+    stf,
     task_arithmetic,
     ties,
     tsv,
@@ -181,6 +183,22 @@ METHODS: dict[str, Method] = {
         options=optmerge.OptMergeOptions,
         paper="https://arxiv.org/abs/2505.19892",
         summary="SGD on the interference loss of low-rank denoised updates, from their mean.",
+        kind="matrix",
+    ),
+    "neuromerging": Method(
+        name="neuromerging",
+        fn=neuromerging.merge,
+        options=neuromerging.NeuroMergingOptions,
+        paper="https://arxiv.org/abs/2503.05320",
+        summary="Per neuron: TIES on the updates' parts along the base row and, per SVD "
+        "direction, on the rest.",
+    ),
+    "stf": Method(
+        name="stf",
+        fn=stf.merge,
+        options=stf.StfOptions,
+        paper="https://arxiv.org/abs/2502.10698",
+        summary="All updates' singular pairs, each kept at its strength by one linear solve.",
         kind="matrix",
     ),
 }
