@@ -222,18 +222,29 @@ def real_refs(base, tuned):
     s_all = torch.cat(parts_s)
     pu, pv = polar64(torch.cat(parts_u, 1)), polar64(torch.cat(parts_v, 1))
     out["iso_cts"] = w + s_all.mean() * pu @ pv.T
-    # OptMerge: loss Σ ‖(θ − τ̂_i) L_iᵀ‖² / ‖τ_i‖², gradient 2 (θ M − P), SGD(1e-4, 0.9) × 300
-    theta = sum(d) / n
+    # OptMerge: loss Σ ‖(θ − τ̂_i) L_iᵀ‖² / ‖τ_i‖², gradient 2 (θ M − P), M = Σ L_iᵀ L_i / ‖τ_i‖²
+    # (n, n), P = Σ τ̂_i L_iᵀ L_i / ‖τ_i‖². Every gradient's rows lie in the span of the L_i's rows,
+    # so θ_t = θ_0 + Z_t Qᵀ with Q an orthonormal basis of that span (QR); the 300 steps of
+    # SGD(lr 1e-4, momentum 0.9) run literally on Z in the eigenbasis of QᵀMQ (NK × NK)
+    # instead of on the (m, n) θ with an (n, n) M.
+    theta0 = sum(d) / n
     targets = [(a[:, :k] * b[:k]) @ c[:k] for a, b, c in svds]
-    inputs = [b[:k, None] * c[:k] for _, b, c in svds]
+    inputs = [b[:k, None] * c[:k] for _, b, c in svds]  # L_i (k, n)
     norms = [float(x.square().sum()) for x in d]
-    big_m = sum(li.T @ li / nn for li, nn in zip(inputs, norms, strict=True))  # (n, n)
-    big_p = sum(t @ li.T @ li / nn for t, li, nn in zip(targets, inputs, norms, strict=True))
-    buf = torch.zeros_like(theta)
+    q, _ = torch.linalg.qr(torch.cat([li.T for li in inputs], 1))  # (n, NK)
+    lq = [li @ q for li in inputs]  # (k, NK)
+    m_red = sum(a.T @ a / nn for a, nn in zip(lq, norms, strict=True))  # QᵀMQ
+    c_red = sum(
+        (theta0 - t) @ li.T @ a / nn
+        for t, li, a, nn in zip(targets, inputs, lq, norms, strict=True)
+    )  # (θ_0 M − P) Q, (m, NK)
+    lam, e = torch.linalg.eigh(m_red)
+    c_eig = c_red @ e
+    z, buf = torch.zeros_like(c_eig), torch.zeros_like(c_eig)
     for _ in range(300):
-        grad = 2 * (theta @ big_m - big_p)
-        buf = 0.9 * buf + grad
-        theta = theta - 1e-4 * buf
+        buf = 0.9 * buf + 2 * (c_eig + z * lam)
+        z = z - 1e-4 * buf
+    theta = theta0 + (z @ e.T) @ q.T
     out["optmerge"] = w + theta
     return out
 
@@ -268,3 +279,66 @@ def test_randomized_svd_is_opt_in_and_changes_the_merge():
         torch.testing.assert_close(fast, run(method, base, tuned, svd="randomized"), rtol=0, atol=0)
         rel = float((fast.double() - want).abs().max() / (want - base.double()).abs().max())
         assert rel > 1e-2, (method, rel)  # the approximation shows in the merged update
+
+
+# --------------------------------------------------------------------------- where methods appear
+
+
+def test_new_rules_are_registered_and_reach_eval_and_sweeps():
+    from dim3.cli import build_parser
+    from dim3.evaluate import parse_methods
+    from dim3.sweep import grid_points, parse_grid
+
+    assert METHODS["neuromerging"].kind == "elementwise"  # row by row: streamed in row slices
+    assert METHODS["stf"].kind == "matrix"
+    assert {"neuromerging", "stf"} <= set(parse_methods("all"))
+    args = build_parser().parse_args(["merge", "--method", "stf", "--option", "scaling=0.5"])
+    assert args.method == "stf"
+    points = grid_points("neuromerging", parse_grid(["parallel=reference,projection"]))
+    assert [p["parallel"] for p in points] == ["reference", "projection"]
+    points = grid_points("tsv", parse_grid(["svd=exact,randomized"]))
+    assert [p["svd"] for p in points] == ["exact", "randomized"]
+    with pytest.raises(ValueError, match="svd"):
+        grid_points("tsv", parse_grid(["svd=fast"]))
+
+
+def test_app_shows_a_named_choice_as_a_menu_with_help():
+    import gradio as gr
+
+    from dim3.methods import option_fields
+    from dim3.ui.form import option_widget
+
+    with gr.Blocks():
+        for method, name in (("tsv", "svd"), ("neuromerging", "parallel")):
+            field = next(f for f in option_fields(method) if f.name == name)
+            widget = option_widget(field, field.default, True)
+            assert isinstance(widget, gr.Dropdown)
+            assert [c[1] for c in widget.choices] == list(field.metadata["choices"])
+            assert widget.value == field.default and widget.info == field.metadata["help"]
+
+
+@pytest.mark.slow
+def test_cli_merges_with_the_new_rules_and_records_the_svd_choice(tiny_qwen2vl_trio, tmp_path):
+    import json
+
+    from dim3.cli import main
+
+    trio = tiny_qwen2vl_trio
+    args = ["merge", "--base", str(trio.base), "--multilingual", str(trio.multilingual)]
+    args += ["--multimodal", str(trio.multimodal), "--device", "cpu"]
+    runs = {
+        "neuromerging": ["--option", "parallel=projection", "--option", "cum_threshold=0.9"],
+        "stf": ["--option", "scaling=0.8"],
+        "tsv": ["--option", "svd=randomized"],
+    }
+    for method, options in runs.items():
+        out = tmp_path / method
+        assert main([*args, "--method", method, *options, "--out", str(out)]) == 0
+        recipe = json.loads((out / "dim3_recipe.json").read_text())
+        card = (out / "README.md").read_text()
+        assert recipe["method"] == method and METHODS[method].paper in card
+        for pair in options[1::2]:
+            key, value = pair.split("=")
+            assert str(recipe["options"][key]) == value
+            assert f'"{key}": ' in card
+    assert main([*args, "--method", "stf", "--option", "svd=exact", "--out", str(tmp_path / "x")])

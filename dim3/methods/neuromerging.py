@@ -43,7 +43,8 @@ direction with a non-zero singular value), the reference's parallel part, λ = 1
 The per-row SVD is computed exactly, through the eigendecomposition of the row's (N, N) Gram
 matrix ``P Pᵀ = U S² Uᵀ`` in float64: by TIES' homogeneity ``r_j v_j = TIES(U[:, j]) · Pᵀ u_j``,
 so no division by a singular value is needed and LAPACK's arbitrary vectors for zero singular
-values contribute nothing. N ≥ 1 updates; with N = 1 and the default parallel part the result is
+values contribute nothing. Cost: a few float64 passes over the N updates, about 4-10× task
+arithmetic's time (docs/methods.md). N ≥ 1 updates; with N = 1 and the default parallel part the result is
 ``base + λ (p + a w / ‖w‖)``, not ``base + λ τ``. This module knows tensors only.
 """
 
@@ -105,25 +106,25 @@ def ties_kernel(deltas: Tensor) -> Tensor:
     return ties_mean(flat, 0, majority.reshape(1, 1)).reshape(deltas.shape[1:])
 
 
-def row_update(base: Tensor, deltas: Tensor, options: NeuroMergingOptions) -> Tensor:
+def row_update(base: Tensor, tuned: list[Tensor], options: NeuroMergingOptions) -> Tensor:
     """NeuroMerging's merged update of the rows of ``base`` (m, n), float64 inside.
 
-    deltas (N, m, n) -> (m, n), unscaled.
+    tuned: N tensors (m, n) -> (m, n), unscaled. The perpendicular parts are never formed: with
+    ``⟨τ_i, w⟩ = a_i ‖w‖²``, their Gram matrix is ``⟨τ_i, τ_k⟩ − a_i a_k ‖w‖²`` and a combination
+    ``Σ_i c_i p_i`` is ``Σ_i c_i τ_i − (Σ_i c_i a_i) w``.
     """
     w = base.double()  # (m, n)
-    d = deltas.double()  # (N, m, n), becomes the perpendicular parts in place
-    ww = (w * w).sum(dim=1)  # (m,)
+    d = torch.empty((len(tuned), *base.shape), dtype=torch.float64, device=base.device)
+    for i, t in enumerate(tuned):
+        torch.sub(t.double(), w, out=d[i])  # τ_i (N, m, n), in one float64 buffer
+    ww = torch.einsum("mc,mc->m", w, w)  # (m,)
     has_dir = ww > 0
-    a = (d * w).sum(dim=2) / torch.where(has_dir, ww, 1.0) * has_dir  # (N, m) parallel scales
-    d.sub_(a[:, :, None] * w)  # p_i = τ_i − a_i w
-    t = ties_mean(a, 0)  # (m,)
-    norm = ww.sqrt()
-    if options.parallel == "reference":
-        parallel = (t / torch.where(has_dir, norm, 1.0))[:, None] * w
-    else:
-        parallel = t[:, None] * w
-    p = d.permute(1, 0, 2)  # (m, N, n)
-    gram = p @ p.transpose(1, 2)  # (m, N, N)
+    a = torch.einsum("imc,mc->mi", d, w) / torch.where(has_dir, ww, 1.0)[:, None]  # (m, N)
+    a = a * has_dir[:, None]  # parallel scales; a zero row has no direction
+    t = ties_mean(a, 1)  # (m,) the merged parallel scale
+    along = t / torch.where(has_dir, ww.sqrt(), 1.0) if options.parallel == "reference" else t
+    gram = torch.einsum("imc,kmc->mik", d, d)  # (m, N, N) ⟨τ_i, τ_k⟩ per row
+    gram -= a[:, :, None] * a[:, None, :] * ww[:, None, None]  # P Pᵀ
     evals, u = torch.linalg.eigh(gram)  # ascending
     evals, u = evals.flip(-1).clamp(min=0.0), u.flip(-1)  # S² descending, U (m, N, N)
     total = evals.sum(dim=1, keepdim=True)
@@ -135,8 +136,9 @@ def row_update(base: Tensor, deltas: Tensor, options: NeuroMergingOptions) -> Te
     majority = torch.sign(torch.where(evals > 0, col_sign, 0.0).sum(dim=1))  # (m,)
     coef = ties_mean(u, 1, majority[:, None, None]) * kept * (evals > 0)  # (m, N)
     mix = (u * coef[:, None, :]).sum(dim=2)  # (m, N): Σ_j U[i, j] TIES(U[:, j])
-    perpendicular = (mix[:, :, None] * p).sum(dim=1)  # (m, n) = Σ_j r_j v_j
-    return parallel.add_(perpendicular)
+    # Σ_j r_j v_j = Σ_i mix_i p_i = Σ_i mix_i τ_i − (Σ_i mix_i a_i) w, plus the parallel part
+    out = torch.einsum("mi,imc->mc", mix, d)
+    return out.add_(w * (along - (mix * a).sum(dim=1))[:, None])
 
 
 def merge(
@@ -153,9 +155,8 @@ def merge(
     of a larger tensor gives the same rows as the whole (``offset`` is not needed).
     Returns a float32 tensor shaped like base.
     """
-    deltas = torch.stack([t - base for t in tuned])  # (N, ...)
     if base.dim() == 2:
-        update = row_update(base, deltas, options).float()
+        update = row_update(base, tuned, options).float()
     else:
-        update = ties_kernel(deltas)
+        update = ties_kernel(torch.stack([t - base for t in tuned]))  # (N, ...)
     return update.mul_(options.scaling).add_(base)
