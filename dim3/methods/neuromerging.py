@@ -43,9 +43,9 @@ direction with a non-zero singular value), the reference's parallel part, λ = 1
 The per-row SVD is computed exactly, through the eigendecomposition of the row's (N, N) Gram
 matrix ``P Pᵀ = U S² Uᵀ`` in float64: by TIES' homogeneity ``r_j v_j = TIES(U[:, j]) · Pᵀ u_j``,
 so no division by a singular value is needed and LAPACK's arbitrary vectors for zero singular
-values contribute nothing. Cost: a few float64 passes over the N updates, about 4-10× task
-arithmetic's time (docs/methods.md). N ≥ 1 updates; with N = 1 and the default parallel part the result is
-``base + λ (p + a w / ‖w‖)``, not ``base + λ τ``. This module knows tensors only.
+values contribute nothing. Cost: a few float64 passes over the N updates per row slice
+(measured in docs/methods.md). N ≥ 1 updates; with N = 1 and the default parallel part the result
+is ``base + λ (p + a w / ‖w‖)``, not ``base + λ τ``. This module knows tensors only.
 """
 
 from __future__ import annotations
