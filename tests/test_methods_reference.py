@@ -5,7 +5,7 @@ The references here are written from the reference code (``NeuroMerging.py``: ``
 ``inner_ties_kernel``, ``ties_kernel``; ``utils.py``: ``merge_matrix``; and, for the SVD rules,
 FusionBench's TSV-M / Iso-C / Iso-CTS and the MLLM benchmark's OptMerge, as in
 tests/test_methods_matrix.py), literally and in float64, batched the way that code batches, and use
-none of the project's helpers. The comparison is the issue's: the largest difference on a tensor
+none of the project's helpers. The comparison: the largest difference on a tensor must stay
 within 1e-4 of the largest entry of the reference's update.
 """
 
