@@ -6,6 +6,7 @@ excludes the safetensors files' mapped pages) and, on CUDA, ``torch.cuda.max_mem
 
     python benchmarks/methods_cost.py --shape tiny                  # the LLaVA-shaped tiny trio
     python benchmarks/methods_cost.py --shape tiny --methods tsv,wudi --option wudi.iterations=30
+    python benchmarks/methods_cost.py --shape tiny --methods iso_cts --option iso_cts.svd=randomized
     python benchmarks/methods_cost.py --trio /path/to/trio --device cuda   # base/, multilingual/,
                                                                            # multimodal/ inside
 
@@ -78,14 +79,18 @@ def run_one(folder: Path, method: str, options: dict, device: str, out: Path) ->
 
 
 def parse_options(pairs: list[str]) -> dict[str, dict]:
-    """``METHOD.KEY=VALUE`` pairs -> {method: {key: number}}."""
+    """``METHOD.KEY=VALUE`` pairs -> {method: {key: number or name}}."""
     out: dict[str, dict] = {}
     for pair in pairs:
         key, _, value = pair.partition("=")
         method, _, name = key.partition(".")
         if not (method and name and value):
             sys.exit(f"--option {pair!r}: expected METHOD.KEY=VALUE, e.g. wudi.iterations=30")
-        out.setdefault(method, {})[name] = json.loads(value)
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:  # a named choice, e.g. tsv.svd=randomized
+            parsed = value
+        out.setdefault(method, {})[name] = parsed
     return out
 
 

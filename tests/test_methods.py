@@ -49,6 +49,9 @@ def test_registry_entry_is_complete(method):
     defaults = m.make_options({})
     for f in option_fields(method):
         assert f.metadata["help"]
+        if "choices" in f.metadata:  # a named choice: the default is one of them
+            assert getattr(defaults, f.name) == f.default in f.metadata["choices"]
+            continue
         lo, hi = f.metadata["min"], f.metadata["max"]
         assert lo <= getattr(defaults, f.name) <= hi
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -97,9 +100,22 @@ def _numbers(text: str) -> list[float]:
     return [float(x) for x in re.findall(r"-?\d+(?:\.\d+)?(?:e[+-]?\d+)?", text)]
 
 
-@pytest.mark.parametrize(
-    "method,field", [(m, f.name) for m in ALL for f in option_fields(m)], ids=str
-)
+NUMBERS = [(m, f.name) for m in ALL for f in option_fields(m) if "choices" not in f.metadata]
+CHOICES = [(m, f.name) for m in ALL for f in option_fields(m) if "choices" in f.metadata]
+
+
+@pytest.mark.parametrize("method,field", CHOICES, ids=str)
+def test_unknown_choice_names_option_and_choices(method, field):
+    f = next(f for f in option_fields(method) if f.name == field)
+    for bad in ("fastest", 1, None):
+        with pytest.raises(ValueError) as e:
+            get_method(method).make_options({field: bad})
+        assert field in str(e.value) and all(repr(c) in str(e.value) for c in f.metadata["choices"])
+    for good in f.metadata["choices"]:
+        assert getattr(get_method(method).make_options({field: good}), field) == good
+
+
+@pytest.mark.parametrize("method,field", NUMBERS, ids=str)
 @pytest.mark.parametrize("where", ["below", "above", "text"])
 def test_out_of_range_option_names_option_and_range(method, field, where):
     f = next(f for f in option_fields(method) if f.name == field)
@@ -269,8 +285,9 @@ def test_method_matches_straightforward_reference(method, options, reference, sh
 
 def test_every_method_has_a_reference_case():
     from tests.test_methods_matrix import REFERENCED  # SVD, optimisation and PCB rules
+    from tests.test_methods_reference import REFERENCED as NEW  # NeuroMerging, STF
 
-    assert {c[0] for c in CASES} | {"dim3"} | REFERENCED == set(ALL)
+    assert {c[0] for c in CASES} | {"dim3"} | REFERENCED | NEW == set(ALL)
 
 
 # --------------------------------------------------------------------------- worked by hand
@@ -695,6 +712,8 @@ E2E_OPTIONS = {
     "wudi": {"iterations": 10, "lr": 1e-4},
     "optmerge": {"lr": 1e-3},
     "pcb": {"ratio": 0.2},
+    "neuromerging": {"parallel": "projection"},
+    "stf": {"scaling": 0.9},
 }
 LANGUAGE_KEY = "language_model.model.layers.1.mlp.up_proj.weight"
 VISION_KEY = "vision_tower.encoder.layers.0.self_attn.q_proj.weight"

@@ -36,8 +36,10 @@ from dim3.methods import (
     fisher,
     iso,
     linear,
+    neuromerging,
     optmerge,
     pcb,
+    stf,
     task_arithmetic,
     ties,
     tsv,
@@ -197,6 +199,22 @@ METHODS: dict[str, Method] = {
         paper="https://arxiv.org/abs/2111.09832",
         summary="Each weight the models' mean weighted by λ and their diagonal Fisher (needs data).",
         extra_inputs="fisher",
+    ),
+    "neuromerging": Method(
+        name="neuromerging",
+        fn=neuromerging.merge,
+        options=neuromerging.NeuroMergingOptions,
+        paper="https://arxiv.org/abs/2503.05320",
+        summary="Per neuron: TIES on the updates' parts along the base row and, per SVD "
+        "direction, on the rest.",
+    ),
+    "stf": Method(
+        name="stf",
+        fn=stf.merge,
+        options=stf.StfOptions,
+        paper="https://arxiv.org/abs/2502.10698",
+        summary="All updates' singular pairs, each kept at its strength by one linear solve.",
+        kind="matrix",
     ),
 }
 

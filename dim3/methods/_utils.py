@@ -25,13 +25,22 @@ from torch import Tensor
 
 
 def check_options(options: object, method: str) -> None:
-    """Check every field of a frozen options dataclass against its metadata ``min``/``max``.
+    """Check every field of a frozen options dataclass against its metadata ``min``/``max``
+    (or, for a field made by :func:`choice`, against its ``choices``).
 
     A field whose default is an ``int`` must be an int; any other numeric field accepts int or
     float. Raises ``ValueError`` naming the method, the option and the allowed range.
     """
     for f in dataclasses.fields(options):  # type: ignore[arg-type]
         value = getattr(options, f.name)
+        choices = f.metadata.get("choices")
+        if choices is not None:
+            if value not in choices:
+                raise ValueError(
+                    f"{method} option {f.name} must be one of {', '.join(map(repr, choices))}, "
+                    f"got {value!r}"
+                )
+            continue
         lo, hi = f.metadata.get("min"), f.metadata.get("max")
         integral = isinstance(f.default, int) and not isinstance(f.default, bool)
         kinds = (int,) if integral else (int, float)
@@ -109,6 +118,25 @@ def scratch_like(name: str, t: Tensor, dtype: torch.dtype | None = None) -> Tens
 def number(default: float, help: str, lo: float, hi: float) -> dataclasses.Field:
     """A dataclass field with the registry's metadata (help, min, max)."""
     return dataclasses.field(default=default, metadata={"help": help, "min": lo, "max": hi})
+
+
+def choice(default: str, help: str, choices: Sequence[str]) -> dataclasses.Field:
+    """A dataclass field that takes one of a few names, with the registry's metadata (help,
+    choices); the CLI takes it as ``--option KEY=NAME``, the app as a menu."""
+    assert default in choices
+    return dataclasses.field(default=default, metadata={"help": help, "choices": tuple(choices)})
+
+
+def svd_choice(method: str) -> dataclasses.Field:
+    """The ``svd`` option of the rules that keep a top share of singular directions."""
+    return choice(
+        "exact",
+        f"How {method} finds each update's top singular directions: 'exact' (the rule as "
+        "published, the same on every device) or 'randomized' (a fixed-seed sketch with 2 power "
+        "iterations, faster on a CPU when the kept share is at most a quarter of the rank, but it "
+        "approximates the directions and so changes the merged update; see docs/methods.md).",
+        ("exact", "randomized"),
+    )
 
 
 def model_weights(tuned: Sequence[Tensor], multimodal: float, multilingual: float) -> list[float]:

@@ -21,9 +21,10 @@ within its own range only; the mean still runs over all r values, as in the pape
 are not 2-D get the mean of the updates (``base + λ · Σ τ_i / N``), as in the reference code.
 With N = 1 neither rule is the identity: both flatten the one update's spectrum.
 
-On the CPU, Iso-CTS's per-update SVDs (a small share of the rank) are randomized
-(``_svd.top_svd``); the SVD of the sum and the orthogonalisations are exact. This module knows
-tensors only.
+Every SVD is exact on every device. Iso-CTS's ``svd="randomized"`` (off by default) takes a
+randomized SVD (``_svd.top_svd``) for the SVD of the sum and the per-update SVDs where the share
+kept is at most a quarter of the rank; it changes the merged update (measured in docs/methods.md).
+The orthogonalisations are always exact. This module knows tensors only.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import torch
 from torch import Tensor
 
 from dim3.methods._svd import exact_svd, mean_update, numerical_rank, polar, summed, top_svd
-from dim3.methods._utils import check_options, number, report_step
+from dim3.methods._utils import check_options, number, report_step, svd_choice
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ class IsoCTSOptions:
         1.0,
     )
     scaling: float = number(1.0, "λ: scale of the merged (isotropic) update.", 0, 10)
+    svd: str = svd_choice("Iso-CTS")
 
     def __post_init__(self) -> None:
         check_options(self, "iso_cts")
@@ -78,17 +80,20 @@ def split_rank(r: int, n_models: int, fraction: float) -> tuple[int, int]:
     return r - per_task * n_models, per_task
 
 
-def iso_cts_update(deltas: list[Tensor], fraction: float) -> Tensor:
+def iso_cts_update(deltas: list[Tensor], fraction: float, randomized: bool = False) -> Tensor:
     """Iso-CTS's update of N (m, n) updates, unscaled: ``U⊥ diag(mean) V⊥ᵀ``."""
     r = min(deltas[0].shape)
     common, per_task = split_rank(r, len(deltas), fraction)
     stages = len(deltas) + 3  # the sum's SVD, one per update, two orthogonalisations
-    u_c, s_c, vh_c = top_svd(summed(deltas), common)  # (m, rc), (rc,), (rc, n)
+    u_c, s_c, vh_c = top_svd(
+        summed(deltas), common, randomized=randomized
+    )  # (m, rc), (rc,), (rc, n)
     report_step(1, stages)
     us, ss, vhs = [u_c], [s_c], [vh_c]
     for i, d in enumerate(deltas):
         own = d - u_c @ (u_c.T @ d)  # the update without its common-subspace part
-        u, s, vh = top_svd(own, per_task, scale=float(d.norm()))  # rounding residue is no direction
+        # rounding residue is no direction: its scale is the update's
+        u, s, vh = top_svd(own, per_task, scale=float(d.norm()), randomized=randomized)
         us.append(u), ss.append(s), vhs.append(vh)
         report_step(i + 2, stages)
     s_all = torch.cat(ss)  # (r,)
@@ -118,7 +123,8 @@ def merge_cts(
     """
     deltas = [t - base for t in tuned]
     if base.dim() == 2:
-        update = iso_cts_update(deltas, options.common_space_fraction)
+        randomized = options.svd == "randomized"
+        update = iso_cts_update(deltas, options.common_space_fraction, randomized)
     else:
         update = mean_update(deltas)
     return update.mul_(options.scaling).add_(base)

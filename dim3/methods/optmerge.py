@@ -24,8 +24,9 @@ instead of T × 4N (m, n, K) products. The test checks it against a plain SGD lo
 Updates that are all zero take no part in the loss; if none is left (or K directions carry no
 energy), θ stays at the mean. With N = 1, K = min(m, n): τ̂ = τ is θ_0 and the minimum, so the
 result is ``base + λ τ``. Tensors that are not 2-D get the mean update ``base + λ Σ τ_i / N``, as in
-the reference code. On the CPU the truncated SVDs are randomized only when K is at most a quarter
-of the rank (N ≥ 5, see ``_svd.top_svd``). This module knows tensors only.
+the reference code. Every SVD is exact on every device; ``svd="randomized"`` (off by default) takes
+a randomized SVD for the truncations when K is at most a quarter of the rank (N ≥ 5, see
+``_svd.top_svd``), which changes the result (docs/methods.md). This module knows tensors only.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import torch
 from torch import Tensor
 
 from dim3.methods._svd import exact_svd, mean_update, numerical_rank, top_svd
-from dim3.methods._utils import check_options, number, report_step
+from dim3.methods._utils import check_options, number, report_step, svd_choice
 
 NAME = "optmerge"
 
@@ -49,6 +50,7 @@ class OptMergeOptions:
     lr: float = number(1e-4, "SGD learning rate (the reference code: 1e-4).", 1e-9, 1.0)
     momentum: float = number(0.9, "SGD momentum (the reference code: 0.9).", 0.0, 0.999)
     scaling: float = number(1.0, "λ: scale of the optimised update.", 0, 10)
+    svd: str = svd_choice("OptMerge")
 
     def __post_init__(self) -> None:
         check_options(self, NAME)
@@ -67,7 +69,7 @@ class Problem:
     start: Tensor
 
 
-def problem(deltas: list[Tensor]) -> Problem:
+def problem(deltas: list[Tensor], randomized: bool = False) -> Problem:
     """Truncate each (m, n) update to its top ``⌊min(m, n)/N⌋`` components (zero ones dropped)."""
     k = max(1, min(deltas[0].shape) // len(deltas))
     targets, inputs, norms = [], [], []
@@ -76,7 +78,7 @@ def problem(deltas: list[Tensor]) -> Problem:
         norm2 = float((d * d).sum())
         if norm2 == 0.0:
             continue
-        u, s, vh = top_svd(d, k)
+        u, s, vh = top_svd(d, k, randomized=randomized)
         targets.append((u * s) @ vh)  # τ̂_i = U_K S_K V_Kᵀ
         inputs.append(s[:, None] * vh)  # L_i = S_K V_Kᵀ
         norms.append(norm2)
@@ -131,7 +133,8 @@ def merge(base: Tensor, tuned: list[Tensor], options: OptMergeOptions, *, name: 
     """
     deltas = [t - base for t in tuned]
     if base.dim() == 2:
-        update = solve(problem(deltas), options.iterations, options.lr, options.momentum)
+        p = problem(deltas, options.svd == "randomized")
+        update = solve(p, options.iterations, options.lr, options.momentum)
         report_step(len(deltas) + 1, len(deltas) + 1)
     else:
         update = mean_update(deltas)

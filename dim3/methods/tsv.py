@@ -22,9 +22,10 @@ original baseline script applied its TSV only where ``param_name == 'lm_head.wei
 meant), a tensor its own exclusion list removes, so it averaged every tensor; here every 2-D tensor
 the engine merges gets TSV.
 
-On the CPU the per-update SVDs are randomized when k is at most a quarter of the rank
-(N ≥ 5, see ``_svd.top_svd``); the orthogonalisations are always exact. This module knows tensors
-only.
+Every SVD is exact on every device, so a CPU merge equals a GPU one up to float32 rounding.
+``svd="randomized"`` (off by default) takes a randomized SVD for the per-update SVDs when k is at
+most a quarter of the rank (N ≥ 5, see ``_svd.top_svd``); it changes the merged update (measured in
+docs/methods.md). The orthogonalisations are always exact. This module knows tensors only.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import torch
 from torch import Tensor
 
 from dim3.methods._svd import mean_update, polar, top_svd
-from dim3.methods._utils import check_options, number, report_step
+from dim3.methods._utils import check_options, number, report_step, svd_choice
 
 NAME = "tsv"
 
@@ -45,19 +46,20 @@ class TsvOptions:
     """Options of the TSV merge."""
 
     scaling: float = number(1.0, "λ (alpha): scale of the merged update.", 0, 10)
+    svd: str = svd_choice("TSV")
 
     def __post_init__(self) -> None:
         check_options(self, NAME)
 
 
-def tsv_update(deltas: list[Tensor]) -> Tensor:
+def tsv_update(deltas: list[Tensor], randomized: bool = False) -> Tensor:
     """The TSV-M merged update of N (m, n) updates, unscaled: ``U⊥ diag(S) V⊥ᵀ`` (m, n)."""
     n_models = len(deltas)
     k = max(1, min(deltas[0].shape) // n_models)
     stages = n_models + 2  # one SVD per update, then two orthogonalisations
     us, ss, vhs = [], [], []
     for i, d in enumerate(deltas):
-        u, s, vh = top_svd(d, k)
+        u, s, vh = top_svd(d, k, randomized=randomized)
         us.append(u), ss.append(s), vhs.append(vh)
         report_step(i + 1, stages)
     u = torch.cat(us, dim=1)  # (m, Nk)
@@ -77,5 +79,8 @@ def merge(base: Tensor, tuned: list[Tensor], options: TsvOptions, *, name: str =
     Returns a float32 tensor shaped like base.
     """
     deltas = [t - base for t in tuned]
-    update = tsv_update(deltas) if base.dim() == 2 else mean_update(deltas)
+    if base.dim() == 2:
+        update = tsv_update(deltas, options.svd == "randomized")
+    else:
+        update = mean_update(deltas)
     return update.mul_(options.scaling).add_(base)

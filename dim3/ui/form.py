@@ -118,6 +118,8 @@ def option_widget(
     label, info = field.name.replace("_", " "), meta.get("help")
     lo, hi = meta.get("min"), meta.get("max")
     common = {"label": label, "info": info, "interactive": interactive}
+    if meta.get("choices"):  # a named choice (e.g. an SVD's kind): a menu of the names
+        return gr.Dropdown(list(meta["choices"]), value=value, **common)
     if isinstance(default, bool):
         return gr.Checkbox(value=value, **common)
     if isinstance(default, int) and (lo is None or hi is None or hi - lo > 1000):
