@@ -60,6 +60,9 @@ STYLES: dict[str, Style] = {
     "iso_cts": Style("#999933", "h"),
     "wudi": Style("#AA4499", "p"),
     "optmerge": Style("#8C564B", "d"),
+    "neuromerging": Style("#DDCC77", "1"),
+    "stf": Style("#661100", "2"),
+    "fisher": Style("#6699CC", "3"),
     # model roles
     "original": Style("#444444", "H"),
     "merged": Style("#E31A1C", "8"),
