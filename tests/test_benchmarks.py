@@ -206,7 +206,7 @@ def test_bad_sources_fail_with_the_problem_and_the_fix(local_sets, tmp_path):
         load_items("xgqa", folder, ["bn"])
     with pytest.raises(ValueError, match="has no field 'answers'; it is not in the MaXM schema"):
         load_items("maxm", folder, ["zh"])
-    with pytest.raises(ValueError, match="outside the allowed folders"):
+    with pytest.raises(ValueError, match="lies outside the folders"):
         load_items("xgqa", folder, ["de"], allowed_roots=[tmp_path])
     with pytest.raises(ValueError, match="does not exist"):
         load_items("xgqa", str(tmp_path / "missing"), ["de"])

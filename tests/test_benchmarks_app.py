@@ -66,7 +66,7 @@ def test_evaluate_refuses_a_benchmark_folder_outside_the_allowed_ones(app_server
         questions_per_language=2,
         api_name="/evaluate",
     )
-    assert status.startswith("❌") and "outside the allowed folders" in status, status
+    assert status.startswith("❌") and "lies outside the folders" in status, status
 
 
 def test_evaluate_names_a_language_the_local_copy_lacks(app_server, xgqa_folder):

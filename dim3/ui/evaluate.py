@@ -342,6 +342,7 @@ def _run(
                 shown = time.monotonic()
                 yield {tab.status: progress_text(done, total, estimate)}
         thread.join()
+        yield {tab.status: progress_text(done, total, estimate)}  # the bars as they ended
     finally:
         aborted.set()
     if "error" in outcome:
