@@ -107,7 +107,17 @@ def test_chat_panes_side_by_side_or_stacked(page):
     else:
         assert left["y"] + left["height"] <= right["y"]
         assert right["width"] > 0.8 * page.viewport_size["width"]
-    buttons = [box(page, s) for s in ("#dim3-stop", "#dim3-regen", "#dim3-clear")]
+    ids = ("#dim3-stop", "#dim3-regen", "#dim3-clear")
+    try:  # the row settles once the page's fonts and styles have loaded
+        page.wait_for_function(
+            "ids => new Set(ids.map(s => Math.round(document.querySelector(s)"
+            ".getBoundingClientRect().top))).size === 1",
+            arg=list(ids),
+            timeout=10_000,
+        )
+    except playwright.TimeoutError:
+        pass  # measured below, and reported
+    buttons = [box(page, s) for s in ids]
     assert len({round(b["y"]) for b in buttons}) == 1, "the chat buttons left their row"
     for i, a in enumerate(buttons):
         for b in buttons[i + 1 :]:
