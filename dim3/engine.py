@@ -52,7 +52,7 @@ import torch
 from dim3.checkpoints import Checkpoint
 from dim3.layout import layout_for
 from dim3.mapped import MappedShards
-from dim3.methods import Method, get_method
+from dim3.methods import Method, get_method, plan_notes
 from dim3.methods._utils import deltas, listen_steps, rank_indexes, reuse_buffers
 from dim3.plan import Entry, MergePlan, PlanError, build_plan
 from dim3.recipe import (
@@ -212,7 +212,15 @@ def open_inputs(
 def plan(recipe: Recipe, **kwargs: Any) -> MergePlan:
     """Check a recipe and return its plan, writing nothing. ``kwargs`` go to :func:`open_inputs`."""
     with open_inputs(recipe, **kwargs) as inputs:
-        return build_plan(inputs.base, inputs.multilingual, inputs.multimodal)
+        return _plan(recipe, inputs)
+
+
+def _plan(recipe: Recipe, inputs: Any) -> MergePlan:
+    """The plan of ``recipe`` on its opened ``inputs``, with what its method's options change
+    (an approximation asked for) among the notes."""
+    merge_plan = build_plan(inputs.base, inputs.multilingual, inputs.multimodal)
+    merge_plan.notes.extend(plan_notes(recipe.method, recipe.method_options()))
+    return merge_plan
 
 
 def resolve_device(name: str) -> torch.device:
@@ -509,7 +517,11 @@ class _Merger:
             rows = e.rows if e.rows is not None else e.shape[0]
             n = rows * math.prod(e.shape[1:])
             ks = self.method.parts.ks(self.options, n)
-            self.state = (n, ks, [ExactSelect(ks, n, self.device) for _ in part[1:]])
+            self.state = (
+                n,
+                ks,
+                [ExactSelect(ks, n, self.device, self.buffers) for _ in part[1:]],
+            )
         x = self.buffers.take("select.delta", part[0].shape, torch.float32, self.device)
         for t, select in zip(part[1:], self.state[2], strict=True):
             select.observe(magnitude_bits(torch.sub(t, part[0], out=x), out=x))
@@ -519,7 +531,10 @@ class _Merger:
             if step.stage == "stats1":
                 n, ks, selects = self.state
                 self.state = [
-                    [FirstMask(k, n, found) for k, found in zip(ks, s.result(), strict=True)]
+                    [
+                        FirstMask(k, n, found, self.buffers, f"select.first{j}")
+                        for j, (k, found) in enumerate(zip(ks, s.result(), strict=True))
+                    ]
                     for s in selects
                 ]
 
@@ -529,8 +544,8 @@ class _Merger:
         mag = self.buffers.take("select.magnitude", part[0].shape, torch.float32, self.device)
         for x, firsts in zip(d, self.state, strict=True):
             bits = magnitude_bits(x, out=mag)
-            keep = parts.keep([first(bits) for first in firsts])
-            x.masked_fill_(~keep.reshape(x.shape), 0.0)
+            keep = parts.keep([first(bits) for first in firsts])  # in a first's buffer
+            x.masked_fill_(keep.logical_not_().reshape(x.shape), 0.0)
         return parts.combine(d, self.options).add_(part[0])
 
     # -- ranked (PCB): per stage, exact order statistics of values over two passes, then apply
@@ -544,7 +559,7 @@ class _Merger:
         st: _RankState = self.state
         if first and p % 2 == 0:  # a stage begins
             ks = [i + 1 for i in st.indexes[stage]]
-            st.selects = [ExactSelect(ks, st.n, self.device) for _ in part[1:]]
+            st.selects = [ExactSelect(ks, st.n, self.device, self.buffers) for _ in part[1:]]
             st.top = torch.full((len(part) - 1,), -math.inf, device=self.device)
         values = parts.values(stage, _flat_updates(part), st.found, self.options)
         for select, v in zip(st.selects, values, strict=True):
@@ -861,7 +876,7 @@ def merge_to_folder(
     check_destination(out, overwrite)
     with open_inputs(recipe, allowed_roots=allowed_roots, token=token) as inputs:
         _check_not_an_input(out, inputs)
-        merge_plan = build_plan(inputs.base, inputs.multilingual, inputs.multimodal)
+        merge_plan = _plan(recipe, inputs)
         specs = [
             TensorSpec(e.key, output_dtype(e, recipe.dtype), e.shape) for e in merge_plan.entries
         ]
@@ -931,7 +946,7 @@ def merge_into_model(
     """
     targets = _model_tensors(model)
     with open_inputs(recipe, allowed_roots=allowed_roots, token=token) as inputs:
-        merge_plan = build_plan(inputs.base, inputs.multilingual, inputs.multimodal)
+        merge_plan = _plan(recipe, inputs)
         layout = layout_for(inputs.multimodal.config, inputs.multimodal.keys())
         _check_model_fits(merge_plan, layout, targets)
 

@@ -71,8 +71,11 @@ class ExactSelect:
     k ≤ 0 selects nothing and k ≥ n everything (``None`` there).
     """
 
-    def __init__(self, ks: Sequence[int], n: int, device: torch.device):
+    def __init__(
+        self, ks: Sequence[int], n: int, device: torch.device, buffers: Buffers | None = None
+    ):
         self.ks, self.n, self.device = list(ks), n, device
+        self.buffers = buffers  # where a slice's temporaries live (the engine's, reused)
         self.stage = 0
         self.hist = torch.zeros(BINS, dtype=torch.int64, device=device)
         self.hi: list[int] = []  # per k: the high 16 bits of the k-th value
@@ -81,14 +84,15 @@ class ExactSelect:
 
     def observe(self, bits: Tensor) -> None:
         """One slice's bit patterns (flat int32, from :func:`magnitude_bits`)."""
-        hi = bits >> 16
+        hi = torch.bitwise_right_shift(bits, 16, out=_take(self.buffers, "select.hi", bits))
         if self.stage == 0:
             self.hist += torch.bincount(hi, minlength=BINS)
             return
         assert self.lo_hist is not None
-        lo = bits & 0xFFFF
-        for i, h in enumerate(self.hi):
-            self.lo_hist[i] += torch.bincount(lo[hi == h], minlength=BINS)
+        lo = torch.bitwise_and(bits, 0xFFFF, out=_take(self.buffers, "select.lo", bits))
+        inside = _take(self.buffers, "select.mask", bits, torch.bool)
+        for i, h in enumerate(self.hi):  # the values in the k-th value's high bin: few
+            self.lo_hist[i] += torch.bincount(lo[torch.eq(hi, h, out=inside)], minlength=BINS)
 
     def next_pass(self) -> None:
         """End a pass: after the first, fix each k's high bits; after the second, its value."""
@@ -118,22 +122,43 @@ class ExactSelect:
         return out
 
 
-class FirstMask:
-    """The ``first_k`` mask of one selection, slice after slice in flat order."""
+def _take(
+    buffers: Buffers | None, name: str, like: Tensor, dtype: torch.dtype | None = None
+) -> Tensor:
+    """A temporary shaped like ``like``: from ``buffers`` (reused) when given, else new."""
+    dtype = dtype or like.dtype
+    if buffers is None:
+        return torch.empty(like.shape, dtype=dtype, device=like.device)
+    return buffers.take(name, tuple(like.shape), dtype, like.device)
 
-    def __init__(self, k: int, n: int, found: tuple[int, int] | None):
+
+class FirstMask:
+    """The ``first_k`` mask of one selection, slice after slice in flat order. With ``buffers``
+    the mask lives in the buffer ``name`` (reused by the next call)."""
+
+    def __init__(
+        self,
+        k: int,
+        n: int,
+        found: tuple[int, int] | None,
+        buffers: Buffers | None = None,
+        name: str = "select.first",
+    ):
         self.all = k >= n
         self.none = k <= 0
         self.bits, self.need = found if found else (0, 0)
         self.seen = 0  # entries equal to the k-th value met so far
+        self.buffers, self.name = buffers, name
 
     def __call__(self, bits: Tensor) -> Tensor:
+        mask = _take(self.buffers, self.name, bits, torch.bool)
         if self.all or self.none:
-            return torch.full_like(bits, self.all, dtype=torch.bool)
-        mask = bits < self.bits
+            return mask.fill_(self.all)
+        torch.lt(bits, self.bits, out=mask)
         left = self.need - self.seen  # equal entries still to take, the first ones in flat order
         if left > 0:
-            equal = torch.nonzero(bits == self.bits).reshape(-1)
+            equal = _take(self.buffers, "select.mask", bits, torch.bool)  # a passing temporary
+            equal = torch.nonzero(torch.eq(bits, self.bits, out=equal)).reshape(-1)
             mask[equal[:left]] = True
             self.seen += min(left, equal.numel())
         return mask

@@ -139,6 +139,43 @@ def svd_choice(method: str) -> dataclasses.Field:
     )
 
 
+OUTER_CHOICES = ("rule", "linear")
+
+
+def outer_choice() -> dataclasses.Field:
+    """The ``outer_tensors`` option of the DiM3 paper's baselines (NeuroMerging, STF)."""
+    return choice(
+        "rule",
+        "Token embeddings, LM head and final norm: 'rule' merges them with this rule like every "
+        "other tensor (all methods then merge the same tensors); 'linear' as the DiM3 reference "
+        "code does: base + multimodal_weight · τ_VLM + multilingual_weight · Σ τ_multilingual.",
+        OUTER_CHOICES,
+    )
+
+
+def is_outer_tensor(name: str) -> bool:
+    """Is ``name`` (a merged tensor's key) one of the language model's outer tensors, which the
+    DiM3 reference code merges linearly: the token embeddings, the LM head or the final norm
+    (a ``norm.weight`` outside the decoder layers)?"""
+    parts = name.split(".")
+    if "layers" in parts:
+        return False
+    return name.endswith(("embed_tokens.weight", "lm_head.weight")) or parts[-2:] == [
+        "norm",
+        "weight",
+    ]
+
+
+def weighted_sum(
+    base: Tensor, tuned: Sequence[Tensor], multimodal: float, multilingual: float
+) -> Tensor:
+    """``base + w_mm τ_multimodal + w_ml Σ_k τ_multilingual_k`` (engine order) as float32."""
+    out = base.clone()
+    for w, t in zip(model_weights(tuned, multimodal, multilingual), tuned, strict=True):
+        out.add_(t - base, alpha=w)
+    return out
+
+
 def model_weights(tuned: Sequence[Tensor], multimodal: float, multilingual: float) -> list[float]:
     """Per-update weights for the engine's order ``[multimodal, multilingual_1, ...]``: the
     multimodal weight, then the multilingual weight for each multilingual model (experts alike)."""
@@ -228,7 +265,9 @@ class SelectionParts:
 
     - ``ks(options, n) -> tuple[int, ...]``: the ranks it needs; for each k, ``first_k`` marks the
       k smallest magnitudes (ties to the lower flat index, as :func:`first_by_magnitude`);
-    - ``keep(firsts) -> bool Tensor``: the kept entries from those ``first_k`` masks;
+    - ``keep(firsts) -> bool Tensor``: the kept entries from those ``first_k`` masks (it may
+      work in place on them, and the caller may overwrite what it returns: they are the
+      engine's reused buffers);
     - ``combine(masked, options) -> Tensor``: the merged update from the masked deltas (T, ...),
       elementwise across models.
     """
@@ -283,13 +322,36 @@ def ranked_merge(base: Tensor, tuned: Sequence[Tensor], options: Any, parts: Ran
 
 
 def selection_merge(base: Tensor, tuned: Sequence[Tensor], options: Any, parts: SelectionParts):
-    """A whole tensor through a :class:`SelectionParts` rule: ``base + combine(mask_t ⊙ Δ_t)``."""
+    """A whole tensor through a :class:`SelectionParts` rule: ``base + combine(mask_t ⊙ Δ_t)``.
+
+    The ranks are found as the engine finds them over slices (:class:`dim3.slices.ExactSelect`,
+    two histogram passes over the magnitudes' bits; the same masks as
+    :func:`first_by_magnitude`), here over the whole tensor at once, with every slice-sized
+    temporary a :func:`scratch` buffer: inside the engine no tensor is allocated per call (a
+    sort or ``kthvalue`` would copy the tensor each time)."""
+    from dim3.slices import ExactSelect, FirstMask, magnitude_bits
+
     d = deltas(base, tuned)  # (T, *shape), masked in place below
-    ks = parts.ks(options, base.numel())
+    n = base.numel()
+    ks = parts.ks(options, n)
+    buffers = _BUFFERS.get()  # the engine's sliced selection uses the same names: never at once
+    mag = (
+        buffers.take("select.magnitude", (n,), torch.float32, base.device)
+        if buffers is not None
+        else torch.empty(n, dtype=torch.float32, device=base.device)
+    )
     for x in d:
-        mag = x.abs().reshape(-1)
-        keep = parts.keep([first_by_magnitude(mag, k) for k in ks])
-        x.masked_fill_(~keep.reshape(x.shape), 0.0)
+        bits = magnitude_bits(x, out=mag)
+        select = ExactSelect(ks, n, x.device, buffers)
+        for _ in range(2):
+            select.observe(bits)
+            select.next_pass()
+        firsts = [
+            FirstMask(k, n, found, buffers, f"select.first{j}")
+            for j, (k, found) in enumerate(zip(ks, select.result(), strict=True))
+        ]
+        keep = parts.keep([first(bits) for first in firsts])
+        x.masked_fill_(keep.logical_not_().reshape(x.shape), 0.0)
     return parts.combine(d, options).add_(base)
 
 
@@ -306,7 +368,7 @@ def disjoint_mean_(masked: Tensor) -> Tensor:
 
     masked (T, ...) -> (...).
     """
-    shape, f32 = masked.shape[1:], masked.dtype
+    shape = masked.shape[1:]
     total = torch.sum(masked, dim=0, out=scratch("ties.sum", shape, masked))  # (...)
     # the elected sign as ±1: an update agrees when update · sign > 0 (0 never agrees)
     sign = torch.ge(total, 0, out=scratch("ties.sign", shape, masked, torch.bool))
@@ -316,7 +378,12 @@ def disjoint_mean_(masked: Tensor) -> Tensor:
         0,
         out=scratch("ties.agree", masked.shape, masked, torch.bool),
     )  # (T, ...)
-    count = torch.sum(agree, dim=0, dtype=f32, out=elected).clamp_(min=1)  # (...)
+    # how many agree, model by model (a sum over dim 0 with dtype=float32 would first convert
+    # the whole (T, ...) mask to a new float32 tensor)
+    count = elected.zero_()
+    for a in agree:
+        count.add_(a)
+    count.clamp_(min=1)  # (...)
     masked.masked_fill_(torch.logical_not(agree, out=agree), 0.0)
     return torch.sum(masked, dim=0, out=total).div_(count)
 

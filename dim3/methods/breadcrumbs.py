@@ -50,7 +50,8 @@ def _ks(options: BreadcrumbsOptions, n: int) -> tuple[int, ...]:
 
 
 def _keep(firsts: list[Tensor]) -> Tensor:
-    return firsts[0] & ~firsts[1]
+    # in place: the masks are the caller's to reuse (no slice-sized temporaries)
+    return firsts[0].logical_and_(firsts[1].logical_not_())
 
 
 def _combine(masked: Tensor, options: BreadcrumbsOptions) -> Tensor:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from dim3.methods._utils import check_options, model_weights, number
+from dim3.methods._utils import check_options, model_weights, number, scratch_like
 
 NAME = "fisher"
 
@@ -78,13 +78,16 @@ def merge(
         weights, models = [options.base_weight, *weights], [None, *models]  # Δ_base = 0
     elif options.base_weight > 0:
         raise ValueError("fisher: base_weight > 0 needs the base model's Fisher")
-    update = torch.zeros_like(base)  # Σ λ_i F_i Δ_i
-    total = torch.zeros_like(base)  # Σ λ_i F_i
+    # the engine's reused buffers inside its loop (no allocation per slice), new tensors outside
+    update = scratch_like("fisher.update", base).zero_()  # Σ λ_i F_i Δ_i
+    total = scratch_like("fisher.total", base).zero_()  # Σ λ_i F_i
+    wf = scratch_like("fisher.weighted", base)
+    delta = scratch_like("fisher.delta", base)
     for w, theta, f in zip(weights, models, fishers, strict=True):
         if w == 0:
             continue
-        wf = f.clamp_min(options.floor).mul_(w)  # λ_i max(F_i, floor), a new tensor
+        torch.clamp_min(f, options.floor, out=wf).mul_(w)  # λ_i max(F_i, floor)
         total.add_(wf)
         if theta is not None:
-            update.addcmul_(wf, theta - base)
+            update.addcmul_(wf, torch.sub(theta, base, out=delta))
     return update.div_(total).add_(base)

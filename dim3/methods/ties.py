@@ -54,7 +54,7 @@ def _ks(options: TiesOptions, n: int) -> tuple[int, ...]:
 
 
 def _keep(firsts: list[Tensor]) -> Tensor:
-    return ~firsts[0]
+    return firsts[0].logical_not_()  # in place: the mask is the caller's to reuse
 
 
 def _combine(masked: Tensor, options: TiesOptions) -> Tensor:
