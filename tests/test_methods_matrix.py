@@ -519,6 +519,54 @@ def test_gram_svd_fallback_reconstructs_and_drops_zero_directions():
     torch.testing.assert_close(u[:, :4].T @ u[:, :4], torch.eye(4), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("shape", [(300, 40), (40, 300)])
+def test_precise_top_svd_and_polar_equal_float64_lapack(shape, monkeypatch):
+    """The float64 Gram route (TSV and Iso-CTS) against LAPACK's float64 SVD, in small blocks so
+    that the blocking is exercised, on a matrix with a spread spectrum and two zero directions."""
+    monkeypatch.setattr(S, "BLOCK_ELEMENTS", 1000)  # 25 rows of 40 per block, 3 of 300
+    g = torch.Generator().manual_seed(5)
+    m, n = shape
+    r = min(shape)
+    spectrum = torch.cat([torch.logspace(0, -3, r - 2), torch.zeros(2)]).double()
+    q1, _ = torch.linalg.qr(torch.randn(m, r, generator=g, dtype=torch.float64))
+    q2, _ = torch.linalg.qr(torch.randn(n, r, generator=g, dtype=torch.float64))
+    a = ((q1 * spectrum) @ q2.T).float()
+    u64, s64, vh64 = torch.linalg.svd(a.double(), full_matrices=False)
+    k = r - 5
+    u, s, vh = S.top_svd(a, k, precise=True)
+    assert u.dtype == s.dtype == vh.dtype == torch.float64
+    assert u.shape == (m, k) and vh.shape == (k, n)
+    torch.testing.assert_close(s, s64[:k], rtol=1e-9, atol=1e-12)
+    # singular vectors up to sign, compared through the rank-k projectors
+    torch.testing.assert_close(u @ u.T, u64[:, :k] @ u64[:, :k].T, rtol=0, atol=1e-8)
+    torch.testing.assert_close(vh.T @ vh, vh64[:k].T @ vh64[:k], rtol=0, atol=1e-8)
+    # all of it: the two zero directions are dropped, not arbitrary vectors
+    u, s, vh = S.top_svd(a, r, precise=True)
+    assert (s[-2:] == 0).all() and (u[:, -2:] == 0).all() and (vh[-2:] == 0).all()
+    torch.testing.assert_close((u * s) @ vh, a.double(), rtol=0, atol=1e-6)
+    # the polar factor over the numerical rank, against P Qᵀ of the float64 SVD
+    want = u64[:, : r - 2] @ vh64[: r - 2]
+    got = S.polar(a, precise=True)
+    assert got.dtype == torch.float32 and got.shape == a.shape
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=2e-7)
+
+
+def test_tsv_and_iso_cts_are_exact_where_the_concatenation_is_ill_conditioned():
+    """6 updates of a (384, 2240) matrix: TSV's concatenated left vectors are square and their
+    condition number is in the hundreds; the float32 polar factor used to pass the per-update
+    SVDs' rounding into the merge (3.7e-5 of the update here, 4.7e-4 at 1536 x 8960). Against a
+    float64 LAPACK computation of the rules (tests/test_methods_reference.py's references)."""
+    from tests.test_methods_reference import real_refs, updates
+
+    base, tuned = updates((384, 2240), 6, seed=6, scale=1e-3, base_scale=0.02)
+    refs = real_refs(base, tuned, ("tsv", "iso_cts"))
+    for method in ("tsv", "iso_cts"):
+        got = get_method(method).fn(base, tuned, get_method(method).make_options({}))
+        want = refs[method]
+        rel = float((got.double() - want).abs().max() / (want - base.double()).abs().max())
+        assert rel < 2e-6, (method, rel)  # float32 rounding of the result, no amplification
+
+
 # --------------------------------------------------------------------------- inner-step progress
 
 

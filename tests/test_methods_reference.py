@@ -12,6 +12,7 @@ within 1e-4 of the largest entry of the reference's update.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -349,7 +350,9 @@ def test_app_shows_a_named_choice_as_a_menu_with_help():
 
 
 @pytest.mark.slow
-def test_cli_merges_with_the_new_rules_and_records_the_svd_choice(tiny_qwen2vl_trio, tmp_path):
+def test_cli_merges_with_the_new_rules_and_records_the_svd_choice(
+    tiny_qwen2vl_trio, tmp_path, capsys
+):
     import json
 
     from dim3.cli import main
@@ -364,7 +367,11 @@ def test_cli_merges_with_the_new_rules_and_records_the_svd_choice(tiny_qwen2vl_t
     }
     for method, options in runs.items():
         out = tmp_path / method
+        capsys.readouterr()
         assert main([*args, "--method", method, *options, "--out", str(out)]) == 0
+        printed = capsys.readouterr().out  # the plan says what the approximation does
+        assert ("Note: svd=randomized: tsv's per-update SVDs" in printed) == (method == "tsv")
+        assert ("0.80 (tsv)" in printed) == (method == "tsv")
         recipe = json.loads((out / "dim3_recipe.json").read_text())
         card = (out / "README.md").read_text()
         assert recipe["method"] == method and METHODS[method].paper in card
@@ -373,3 +380,45 @@ def test_cli_merges_with_the_new_rules_and_records_the_svd_choice(tiny_qwen2vl_t
             assert str(recipe["options"][key]) == value
             assert f'"{key}": ' in card
     assert main([*args, "--method", "stf", "--option", "svd=exact", "--out", str(tmp_path / "x")])
+
+
+# --------------------------------------------------------------------------- the reference's outer tensors
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["neuromerging", "stf"])
+def test_outer_tensors_linear_merges_them_as_the_reference_code_does(
+    method, tiny_llava_trio, tmp_path
+):
+    """``outer_tensors=linear``: token embeddings, LM head and final norm become
+    base + 0.9 τ_VLM + 0.1 τ_multilingual (the DiM3 reference code's split) on the rows the three
+    share, the VLM-only rows stay the VLM's, and every other tensor is the rule's as before."""
+    from dim3 import engine
+    from tests.test_engine import base_name, load_all, recipe_of
+
+    trio = tiny_llava_trio
+    folders = {}
+    for outer in ("rule", "linear"):
+        recipe = recipe_of(trio, method=method, options={"outer_tensors": outer})
+        engine.merge_to_folder(recipe, tmp_path / outer)
+        folders[outer] = load_all(tmp_path / outer)
+    base, ml, vlm = (load_all(Path(p)) for p in (trio.base, trio.multilingual, trio.multimodal))
+    outer_keys = {"model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"}
+    seen = set()
+    for key, got in folders["linear"].items():
+        name = base_name(key)
+        if name not in outer_keys:
+            torch.testing.assert_close(got, folders["rule"][key], rtol=0, atol=0, msg=key)
+            continue
+        seen.add(name)
+        b, m, v = base[name].double(), ml[name].double(), vlm[key].double()
+        rows = b.shape[0] if b.dim() == 2 else None
+        want = v.clone()
+        if rows is None:
+            want = b + 0.9 * (v - b) + 0.1 * (m - b)
+        else:
+            want[:rows] = b + 0.9 * (v[:rows] - b) + 0.1 * (m[:rows] - b)
+        torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6, msg=key)
+        if got.dim() == 2 or method == "neuromerging":  # STF merges 1-D tensors linearly anyway
+            assert not torch.equal(got, folders["rule"][key]), key  # the rule differs there
+    assert seen == outer_keys

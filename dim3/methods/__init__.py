@@ -219,6 +219,16 @@ METHODS: dict[str, Method] = {
 }
 
 
+def plan_notes(method: str, options: Any) -> list[str]:
+    """What a merge plan should say about ``method`` with ``options``: an approximation asked
+    for (``svd=randomized``) and its measured effect."""
+    from dim3.methods._svd import RANDOMIZED_NOTE
+
+    if getattr(options, "svd", None) == "randomized":
+        return [RANDOMIZED_NOTE.format(method=method)]
+    return []
+
+
 def get_method(name: str) -> Method:
     """Return the registered method ``name``; an unknown name lists the valid ones."""
     try:

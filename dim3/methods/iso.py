@@ -21,7 +21,12 @@ within its own range only; the mean still runs over all r values, as in the pape
 are not 2-D get the mean of the updates (``base + λ · Σ τ_i / N``), as in the reference code.
 With N = 1 neither rule is the identity: both flatten the one update's spectrum.
 
-Every SVD is exact on every device. Iso-CTS's ``svd="randomized"`` (off by default) takes a
+Every SVD is exact on every device. Iso-CTS's SVDs, projections and orthogonalisations run in
+float64 (``_svd.gram_top_svd``, ``_svd.polar(precise=True)``), as TSV's do and for the same
+reason: its concatenation is square (r columns), and in float32 the polar factor amplified the
+SVDs' rounding to 4.6e-6 of the update's largest entry against a 1.2e-6 tolerance with 6 updates
+of a 1536 × 8960 matrix. Iso-C takes the polar factor of the sum itself, whose rounding is not
+amplified, and stays in float32. Iso-CTS's ``svd="randomized"`` (off by default) takes a
 randomized SVD (``_svd.top_svd``) for the SVD of the sum and the per-update SVDs where the share
 kept is at most a quarter of the rank; it changes the merged update (measured in docs/methods.md).
 The orthogonalisations are always exact. This module knows tensors only.
@@ -86,22 +91,28 @@ def iso_cts_update(deltas: list[Tensor], fraction: float, randomized: bool = Fal
     common, per_task = split_rank(r, len(deltas), fraction)
     stages = len(deltas) + 3  # the sum's SVD, one per update, two orthogonalisations
     u_c, s_c, vh_c = top_svd(
-        summed(deltas), common, randomized=randomized
-    )  # (m, rc), (rc,), (rc, n)
+        summed(deltas), common, randomized=randomized, precise=True
+    )  # (m, rc), (rc,), (rc, n), float64 (see the module docstring)
+    u_c, s_c, vh_c = u_c.double(), s_c.double(), vh_c.double()
     report_step(1, stages)
     us, ss, vhs = [u_c], [s_c], [vh_c]
     for i, d in enumerate(deltas):
-        own = d - u_c @ (u_c.T @ d)  # the update without its common-subspace part
+        own = d.to(torch.float64, copy=True)  # the update without its common-subspace part
+        own.addmm_(u_c, u_c.T @ own, alpha=-1.0)
         # rounding residue is no direction: its scale is the update's
-        u, s, vh = top_svd(own, per_task, scale=float(d.norm()), randomized=randomized)
-        us.append(u), ss.append(s), vhs.append(vh)
+        u, s, vh = top_svd(
+            own, per_task, scale=float(d.norm()), randomized=randomized, precise=True
+        )
+        del own
+        us.append(u.double()), ss.append(s.double()), vhs.append(vh.double())
         report_step(i + 2, stages)
-    s_all = torch.cat(ss)  # (r,)
-    u_perp = polar(torch.cat(us, dim=1))  # (m, r)
+    s_mean = float(torch.cat(ss).mean())  # over all r values
+    u_perp = polar(torch.cat(us, dim=1), precise=True)  # (m, r) float32
+    del us
     report_step(stages - 1, stages)
-    v_perp_t = polar(torch.cat(vhs, dim=0).T).T  # (r, n)
+    v_perp_t = polar(torch.cat(vhs, dim=0).T, precise=True).T  # (r, n) float32
     report_step(stages, stages)
-    return (u_perp * s_all.mean()) @ v_perp_t
+    return u_perp.mul_(s_mean) @ v_perp_t
 
 
 def merge_c(base: Tensor, tuned: list[Tensor], options: IsoCOptions, *, name: str = "") -> Tensor:

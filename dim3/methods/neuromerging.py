@@ -31,8 +31,9 @@ direction with a non-zero singular value), the reference's parallel part, λ = 1
 
 - The reference merges only the decoder layers with this rule; the token embeddings, LM head and
   final norm get ``base + 0.9 τ_multimodal + 0.1 τ_multilingual``. Here NeuroMerging sees every
-  tensor DiM3 merges (embeddings and LM head included, row = token), so methods compare like for
-  like; the reference's split is not offered (a rule here does not know a tensor's role).
+  tensor DiM3 merges by default (embeddings and LM head included, row = token), so methods
+  compare like for like; ``outer_tensors="linear"`` gives the reference's split, with
+  ``multimodal_weight`` and ``multilingual_weight`` (0.9 and 0.1, the reference's).
 - A sum of parallel scales that is exactly zero elects + here (the reference takes the sign of
   the majority over the tensor's rows), so that each row is merged on its own and the engine can
   stream the tensor in row slices (kind "elementwise"). Such a tie needs exactly cancelling
@@ -55,7 +56,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from dim3.methods._utils import check_options, choice, number
+from dim3.methods._utils import (
+    check_options,
+    choice,
+    is_outer_tensor,
+    number,
+    outer_choice,
+    weighted_sum,
+)
 
 NAME = "neuromerging"
 
@@ -79,6 +87,13 @@ class NeuroMergingOptions:
         ("reference", "projection"),
     )
     scaling: float = number(1.0, "λ: scale of the merged update (the reference code: 1).", 0, 10)
+    outer_tensors: str = outer_choice()
+    multimodal_weight: float = number(
+        0.9, "With outer_tensors=linear: the VLM's weight there (the reference code's).", 0, 10
+    )
+    multilingual_weight: float = number(
+        0.1, "With outer_tensors=linear: each multilingual weight there (the reference's).", 0, 10
+    )
 
     def __post_init__(self) -> None:
         check_options(self, NAME)
@@ -155,6 +170,8 @@ def merge(
     of a larger tensor gives the same rows as the whole (``offset`` is not needed).
     Returns a float32 tensor shaped like base.
     """
+    if options.outer_tensors == "linear" and is_outer_tensor(name):
+        return weighted_sum(base, tuned, options.multimodal_weight, options.multilingual_weight)
     if base.dim() == 2:
         update = row_update(base, tuned, options).float()
     else:

@@ -23,8 +23,9 @@ Where this differs from the reference code:
 
 - The reference merges only the decoder layers with this rule; the token embeddings, LM head and
   final norm get ``base + λ_vl τ_multimodal + λ_emma τ_multilingual``. Here STF sees every tensor
-  DiM3 merges (2-D embeddings included, as (hidden, vocab): STF of a transpose is the transpose of
-  STF), so methods compare like for like.
+  DiM3 merges by default (2-D embeddings included, as (hidden, vocab): STF of a transpose is the
+  transpose of STF), so methods compare like for like; ``outer_tensors="linear"`` gives the
+  reference's split, with ``multimodal_weight`` and ``multilingual_weight``.
 - Pairs with a zero singular value (rank-deficient updates, e.g. an all-zero one) are left out:
   their vectors are arbitrary (LAPACK's, device-dependent), and the code's equations for them ask
   the merge to be zero along those arbitrary directions.
@@ -47,7 +48,14 @@ import torch
 from torch import Tensor
 
 from dim3.methods._svd import exact_svd, numerical_rank
-from dim3.methods._utils import check_options, model_weights, number, report_step
+from dim3.methods._utils import (
+    check_options,
+    is_outer_tensor,
+    number,
+    outer_choice,
+    report_step,
+    weighted_sum,
+)
 
 NAME = "stf"
 
@@ -60,14 +68,21 @@ class StfOptions:
         1.0, "λ (the code's scale): scale of the merged update of each matrix.", 0, 10
     )
     multimodal_weight: float = number(
-        0.9, "Weight of the VLM's update on tensors that are not 2-D (norms, biases).", 0, 10
-    )
-    multilingual_weight: float = number(
-        0.1,
-        "Weight of each multilingual update on tensors that are not 2-D (norms, biases).",
+        0.9,
+        "Weight of the VLM's update on tensors that are not 2-D (norms, biases), and on the "
+        "outer tensors with outer_tensors=linear.",
         0,
         10,
     )
+    multilingual_weight: float = number(
+        0.1,
+        "Weight of each multilingual update on tensors that are not 2-D (norms, biases), and "
+        "on the outer tensors with outer_tensors=linear.",
+        0,
+        10,
+    )
+
+    outer_tensors: str = outer_choice()
 
     def __post_init__(self) -> None:
         check_options(self, NAME)
@@ -110,11 +125,7 @@ def merge(base: Tensor, tuned: list[Tensor], options: StfOptions, *, name: str =
     base (Tensor of shape (m, n) or any other), tuned: N ≥ 1 tensors shaped like base, in the
     engine's order ``[multimodal, multilingual_1, ...]``. Returns a float32 tensor like base.
     """
-    deltas = [t - base for t in tuned]
-    if base.dim() == 2:
-        return stf_update(deltas).mul_(options.scaling).add_(base)
-    weights = model_weights(tuned, options.multimodal_weight, options.multilingual_weight)
-    out = base.clone()
-    for w, d in zip(weights, deltas, strict=True):
-        out.add_(d, alpha=w)
-    return out
+    outer = options.outer_tensors == "linear" and is_outer_tensor(name)
+    if base.dim() != 2 or outer:
+        return weighted_sum(base, tuned, options.multimodal_weight, options.multilingual_weight)
+    return stf_update([t - base for t in tuned]).mul_(options.scaling).add_(base)

@@ -22,7 +22,13 @@ original baseline script applied its TSV only where ``param_name == 'lm_head.wei
 meant), a tensor its own exclusion list removes, so it averaged every tensor; here every 2-D tensor
 the engine merges gets TSV.
 
-Every SVD is exact on every device, so a CPU merge equals a GPU one up to float32 rounding.
+Every SVD is exact on every device, so a CPU merge equals a GPU one up to float32 rounding. The
+SVDs and orthogonalisations run in float64 (``_svd.gram_top_svd``, ``_svd.polar(precise=True)``):
+the concatenations are ill-conditioned when N·k approaches min(m, n) (square for N = 6 on a
+1536 × 8960 matrix), and in float32 the polar factor amplified the per-update SVDs' rounding to
+4.7e-4 of the merged update's largest entry; in float64 it agrees with a float64 computation of
+the rule to float32 rounding. Peak memory of one tensor: its float64 left vectors, their
+orthogonalised float32 copy and the product, about four float32 copies of the tensor.
 ``svd="randomized"`` (off by default) takes a randomized SVD for the per-update SVDs when k is at
 most a quarter of the rank (N ≥ 5, see ``_svd.top_svd``); it changes the merged update (measured in
 docs/methods.md). The orthogonalisations are always exact. This module knows tensors only.
@@ -58,16 +64,18 @@ def tsv_update(deltas: list[Tensor], randomized: bool = False) -> Tensor:
     k = max(1, min(deltas[0].shape) // n_models)
     stages = n_models + 2  # one SVD per update, then two orthogonalisations
     us, ss, vhs = [], [], []
-    for i, d in enumerate(deltas):
-        u, s, vh = top_svd(d, k, randomized=randomized)
-        us.append(u), ss.append(s), vhs.append(vh)
+    for i, d in enumerate(deltas):  # float64 (see the module docstring)
+        u, s, vh = top_svd(d, k, randomized=randomized, precise=True)
+        us.append(u.double()), ss.append(s.double()), vhs.append(vh.double())
         report_step(i + 1, stages)
     u = torch.cat(us, dim=1)  # (m, Nk)
-    s = torch.cat(ss)  # (Nk,)
+    s = torch.cat(ss).float()  # (Nk,)
     vh = torch.cat(vhs, dim=0)  # (Nk, n)
-    u_perp = polar(u)  # (m, Nk)
+    del us, vhs
+    u_perp = polar(u, precise=True)  # (m, Nk) float32
+    del u
     report_step(stages - 1, stages)
-    v_perp_t = polar(vh.T).T  # (Nk, n)
+    v_perp_t = polar(vh.T, precise=True).T  # (Nk, n) float32
     report_step(stages, stages)
     return (u_perp * s) @ v_perp_t
 
