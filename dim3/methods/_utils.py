@@ -373,17 +373,11 @@ def disjoint_mean_(masked: Tensor) -> Tensor:
     # the elected sign as ±1: an update agrees when update · sign > 0 (0 never agrees)
     sign = torch.ge(total, 0, out=scratch("ties.sign", shape, masked, torch.bool))
     elected = scratch("ties.elected", shape, masked).copy_(sign).mul_(2.0).sub_(1.0)
-    agree = torch.gt(
-        torch.mul(masked, elected, out=scratch("ties.signed", masked.shape, masked)),
-        0,
-        out=scratch("ties.agree", masked.shape, masked, torch.bool),
-    )  # (T, ...)
-    # how many agree, model by model (a sum over dim 0 with dtype=float32 would first convert
-    # the whole (T, ...) mask to a new float32 tensor)
-    count = elected.zero_()
-    for a in agree:
-        count.add_(a)
-    count.clamp_(min=1)  # (...)
+    signed = torch.mul(masked, elected, out=scratch("ties.signed", masked.shape, masked))
+    agree = torch.gt(signed, 0, out=scratch("ties.agree", masked.shape, masked, torch.bool))
+    # how many agree, from the same products as 1.0 / 0.0 in place: summing the bool mask as
+    # float32 (or adding it to a float tensor) would first convert it into a new (T, ...) tensor
+    count = torch.sum(signed.sign_().clamp_(min=0.0), dim=0, out=elected).clamp_(min=1)  # (...)
     masked.masked_fill_(torch.logical_not(agree, out=agree), 0.0)
     return torch.sum(masked, dim=0, out=total).div_(count)
 

@@ -19,10 +19,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from dim3.methods import _utils
-from dim3.methods._utils import check_options, deltas, disjoint_mean_, number
+from dim3.methods._utils import check_options, deltas, disjoint_mean_, number, scratch
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,8 @@ def merge_task_arithmetic(
 ) -> Tensor:
     """``base + λ Σ_t DARE(Δ_t)``. base (out, in) or (n,), tuned: T like base -> like base."""
     d = dropped(base, tuned, options, name, offset)
-    return d.sum(dim=0).mul_(options.scaling).add_(base)
+    out = scratch("dare.sum", base.shape, base)  # the engine's reused buffer in its loop
+    return torch.sum(d, dim=0, out=out).mul_(options.scaling).add_(base)
 
 
 def merge_ties(
