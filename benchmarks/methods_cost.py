@@ -70,12 +70,20 @@ def run_one(folder: Path, method: str, options: dict, device: str, out: Path) ->
     recipe = trio_recipe(folder, method, options, device)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
+    load = os.getloadavg()[0]
     with AnonPeak() as mem:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         engine.merge_to_folder(recipe, out)
-        seconds = time.perf_counter() - start
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     gpu = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
-    return {"seconds": seconds, "rss_peak": mem.peak, "rss_before": mem.start, "gpu_peak": gpu}
+    return {
+        "seconds": seconds,
+        "cpu_seconds": cpu,  # user + system, every thread: what a shared machine does not skew
+        "load": load,
+        "rss_peak": mem.peak,
+        "rss_before": mem.start,
+        "gpu_peak": gpu,
+    }
 
 
 def parse_options(pairs: list[str]) -> dict[str, dict]:
@@ -146,8 +154,11 @@ def main() -> None:
             flush=True,
         )
         gib = 2**30
-        print("| method | options | wall time | peak anon. RSS | peak GPU memory |")
-        print("|---|---|---|---|---|")
+        print(
+            "| method | options | wall time | CPU time | peak anon. RSS | peak GPU memory "
+            "| load average at start |"
+        )
+        print("|---|---|---|---|---|---|---|")
         for method in methods:
             out = root / f"out-{method}"
             cmd = [sys.executable, __file__, "--one", method, "--trio", str(folder)]
@@ -157,14 +168,15 @@ def main() -> None:
             shutil.rmtree(out, ignore_errors=True)
             line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
             if proc.returncode or line is None:
-                print(f"| {method} | failed: {proc.stderr.strip().splitlines()[-1:]} | | | |")
+                print(f"| {method} | failed: {proc.stderr.strip().splitlines()[-1:]} | | | | | |")
                 continue
             r = json.loads(line.removeprefix("RESULT "))
             gpu = f"{r['gpu_peak'] / gib:.2f} GiB" if r["gpu_peak"] else "n/a"
             opts = json.dumps(options.get(method, {})) if method in options else "defaults"
             print(
-                f"| {method} | {opts} | {r['seconds']:.1f} s | {r['rss_peak'] / gib:.2f} GiB "
-                f"({r['rss_before'] / gib:.2f} before) | {gpu} |",
+                f"| {method} | {opts} | {r['seconds']:.1f} s | {r['cpu_seconds']:.1f} s "
+                f"| {r['rss_peak'] / gib:.2f} GiB ({r['rss_before'] / gib:.2f} before) | {gpu} "
+                f"| {r['load']:.1f} |",
                 flush=True,
             )
     finally:
