@@ -366,6 +366,61 @@ def test_app_merges_with_fisher_after_estimating_and_reuses_the_fishers(app_serv
     assert status.startswith("❌") and "outside the allowed folders" in status
 
 
+def test_app_evaluates_and_sweeps_fisher_after_estimating_its_fishers(app_server):
+    gradio_client = pytest.importorskip("gradio_client")
+    url, scratch = app_server
+    c = gradio_client.Client(url, verbose=False)
+    root = scratch / "outputs" / "fisher"
+    before = set(root.iterdir()) if root.is_dir() else set()
+    # fisher ticked while the Merge form holds another method: its Fisher inputs still count
+    status, table, *_ = c.predict(
+        methods=["fisher", "task_arithmetic"],
+        method="dim3",
+        fisher_data="demo",
+        fisher_n=8,
+        questions_per_language=1,
+        probe="",
+        api_name="/evaluate",
+    )
+    assert status.startswith("✅"), status
+    assert [r[0] for r in table["data"]] == ["original", "fisher", "task_arithmetic"]
+    new = sorted(set(root.iterdir()) - before)
+    assert [f.name.split("-")[0] for f in new] == ["multilingual", "multimodal"]
+    assert all(json.loads((f / FISHER_FILE).read_text())["n"] == 8 for f in new)
+    # the sweep reuses them (same models, data, N and labels) and merges each grid point
+    status, _plot, table, *_ = c.predict(
+        sweep_method="fisher",
+        grid="multimodal_weight=0.5,2",
+        fisher_data="demo",
+        fisher_n=8,
+        per_language=8,
+        references=False,
+        probe="",
+        api_name="/sweep",
+    )
+    assert status.startswith("✅"), status
+    assert sorted(set(root.iterdir()) - before) == new  # reused, not estimated again
+    labels = [r[0] for r in table["data"]]
+    assert len(labels) == 4 and any("multimodal_weight=2" in x for x in labels), labels
+    # a base weight above 0 in the grid needs the base's Fisher too: estimated first
+    status, *_ = c.predict(
+        sweep_method="fisher",
+        grid="base_weight=0,0.5",
+        fisher_data="demo",
+        fisher_n=8,
+        per_language=8,
+        references=False,
+        probe="",
+        api_name="/sweep",
+    )
+    assert status.startswith("✅"), status
+    assert [f.name.split("-")[0] for f in set(root.iterdir()) - before - set(new)] == ["base"]
+    status, *_ = c.predict(
+        methods=["fisher"], fisher_data="/etc/passwd", fisher_n=4, probe="", api_name="/evaluate"
+    )
+    assert status.startswith("❌") and "outside the allowed folders" in status, status
+
+
 def test_eval_and_sweep_carry_the_fisher_folders(tiny_llava_trio, tmp_path):
     from dim3 import evaluate, sweep
     from dim3.cli import build_parser

@@ -31,9 +31,10 @@ from dim3.demo import demo_probe_path, load_probe
 from dim3.demo.probe import ProbeItem
 from dim3.evaluate import ORIGINAL, EvalSpec, evaluate_merges, results_record, write_json
 from dim3.limits import JobBudget
-from dim3.methods import METHODS
+from dim3.methods import METHODS, get_method
 from dim3.ui import jobs
 from dim3.ui.common import AppContext, check_text, clock, error_text, gpu, md_escape
+from dim3.ui.fisher import FISHER, data_free, job_fishers
 from dim3.ui.merge import HEAVY, MergeTab
 from dim3.ui.reveal import reveal_after
 from dim3.ui.sweep import build_sweep_view
@@ -41,7 +42,8 @@ from dim3.ui.sweep import build_sweep_view
 INTRO = (
     "How often each model answers right, per language. The original VLM and the VLM merged by "
     "each ticked method use the three checkpoints of the **Merge** tab (the selected method with "
-    "its options there). **Source**: the built-in probe (it fits the built-in demo trio: "
+    "its options there; **fisher** first estimates its Fishers with the Fisher data, N and "
+    "labels set there, or reuses them). **Source**: the built-in probe (it fits the built-in demo trio: "
     "pictures of coloured shapes, asked about in eight languages; exact match in the question's "
     "language) or one of the paper's multilingual benchmarks, asked with the reference prompt "
     "and scored with the reference metric on a seeded sample per language."
@@ -205,10 +207,14 @@ def build_evaluate_tab(ctx: AppContext, merge: MergeTab) -> EvaluateTab:
     return tab
 
 
-def _spec(ctx: AppContext, merge: MergeTab, values: dict[str, Any]) -> EvalSpec:
-    """The run the form asks for; ``ValueError`` (shown to the user) for what cannot run."""
-    recipe = merge.form.recipe(values)
-    methods = tuple(values["methods"] or ())
+def _spec(
+    ctx: AppContext, merge: MergeTab, values: dict[str, Any], fisher: dict[str, str] | None = None
+) -> EvalSpec:
+    """The run the form asks for; ``ValueError`` (shown to the user) for what cannot run.
+    ``fisher``: the Fisher folders of a ticked ``fisher`` (None: leave it out, to check the rest
+    before its Fishers are estimated)."""
+    recipe = merge.form.recipe(data_free(values, merge.form.fixed is not None))
+    methods = tuple(m for m in values["methods"] or () if m != FISHER or fisher is not None)
     source = values.get("source") or PROBE.name
     dataset = check_text(values["probe"], "probe file or dataset")
     per_language = int(values["questions_per_language"])
@@ -222,6 +228,8 @@ def _spec(ctx: AppContext, merge: MergeTab, values: dict[str, Any]) -> EvalSpec:
         allowed_roots=ctx.allowed_roots,
     )
     options = {recipe.method: recipe.options} if recipe.method in methods else {}
+    if FISHER in methods and values.get("method") == FISHER and merge.form.fixed is None:
+        options[FISHER] = merge.form.options_for(values, FISHER)  # the form's own fisher
     return EvalSpec(
         recipe.base,
         recipe.multilingual,
@@ -230,7 +238,16 @@ def _spec(ctx: AppContext, merge: MergeTab, values: dict[str, Any]) -> EvalSpec:
         methods=methods,
         options=options,
         benchmark=source,
+        fisher=dict(fisher or {}),
     )
+
+
+def fisher_base_weight(merge: MergeTab, values: dict[str, Any]) -> float | None:
+    """The base weight a ticked ``fisher`` merges with: the form's when fisher is the form's
+    method (None: ``job_fishers`` reads it there), else the method's default."""
+    if values.get("method") == FISHER and merge.form.fixed is None:
+        return None
+    return float(get_method(FISHER).options().base_weight)
 
 
 SECONDS_PER_ITEM: dict[tuple[str, str], float] = {}  # (VLM, benchmark) -> measured on this server
@@ -267,10 +284,21 @@ def evaluate_handler(ctx: AppContext, merge: MergeTab, tab: EvaluateTab) -> Call
         multilingual benchmark (xgqa, maxm, marvl, m3exam)."""
         budget = jobs.budget("evaluation")
         try:
-            spec = _spec(ctx, merge, values)
-            recipe = merge.form.recipe(values)
+            recipe = merge.form.recipe(data_free(values, merge.form.fixed is not None))
+            folders = dict(recipe.fisher)  # a fixed fisher recipe brings its own
+            estimate = FISHER in (values["methods"] or ()) and not folders
+            spec = _spec(ctx, merge, values, None if estimate else folders)
             merges = [(m, spec.options.get(m, {})) for m in spec.methods if m != ORIGINAL]
             jobs.refuse_estimate(budget, recipe, merges, ctx.allowed_roots)
+            if estimate:  # the Fishers first, with the Merge tab's Fisher inputs
+                weight = fisher_base_weight(merge, values)
+                for item in job_fishers(ctx, recipe, values, budget, base_weight=weight):
+                    if isinstance(item, dict):
+                        folders = item
+                    else:
+                        last = ctx.public(item.splitlines()[-1])
+                        yield {tab.status: f"⏳ Estimating the Fishers… {md_escape(last)}"}
+                spec = _spec(ctx, merge, values, folders)
         except Exception as exc:  # noqa: BLE001 - the UI boundary: shown, never raised
             yield {tab.status: f"❌ {md_escape(error_text(exc, ctx.allowed_roots), None)}"}
             return

@@ -2,8 +2,11 @@
 
 ``estimate_step`` runs :func:`dim3.fisher.fishers_for` on a thread and yields log text while it
 runs (per model: the measured seconds of its first example and the time that N examples will
-take, then its progress), and finally ``("done", {role: folder})``. Layout-free: the Merge tab's
-handler calls it before the merge when the method is ``fisher``.
+take, then its progress), and finally ``("done", {role: folder})``. ``job_fishers`` wraps it for a
+job with a time budget. Layout-free: the Merge tab's handler calls it before the merge when the
+method is ``fisher``, the Evaluate tab and its Sweep view before their first merge when ``fisher``
+is ticked or swept; all read the estimation inputs (data, N, labels) of the Merge tab's form and
+share the Fishers kept under the output folder.
 """
 
 from __future__ import annotations
@@ -13,9 +16,41 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+from dim3.limits import JobBudget
 from dim3.recipe import Recipe
 from dim3.ui.common import AppContext, clock
 from dim3.ui.progress import LOG_LINES, Aborted
+
+FISHER = "fisher"
+
+
+def data_free(values: dict[str, Any], fixed: bool = False) -> dict[str, Any]:
+    """A fisher merge's form values as a data-free one (linear), for what does not need its
+    Fishers yet: the plan, and the checked sources whose Fishers are estimated first."""
+    if not fixed and values.get("method") == FISHER:
+        return values | {"method": "linear"}
+    return values
+
+
+def job_fishers(
+    ctx: AppContext,
+    recipe: Recipe,
+    values: dict[str, Any],
+    budget: JobBudget,
+    *,
+    base_weight: float | None = None,
+) -> Iterator[str | dict[str, str]]:
+    """The Fishers a fisher merge of ``recipe``'s checkpoints needs, estimated (or reused) with the
+    form's Fisher inputs in ``values``: yields the log so far (text) while it runs, then the
+    folders by role (a dict). The estimation counts against ``budget``. ``base_weight``: the
+    fisher method's base weight when it is not the form's (a base weight above 0 needs the
+    base's Fisher too)."""
+    if base_weight is not None:
+        values = values | {"fisher_base_weight": base_weight}
+    log: list[str] = []
+    for item in estimate_step(ctx, recipe, values, log):
+        budget.check()
+        yield item[1] if isinstance(item, tuple) else item
 
 
 def estimate_step(

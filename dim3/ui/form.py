@@ -70,6 +70,16 @@ class MergeForm:
         out |= {f"fisher_{k}": w for k, w in self.fisher.items()}
         return out | {"dtype": self.dtype, "device": self.device}
 
+    def options_for(self, values: dict, method: str) -> dict[str, Any]:
+        """``method``'s options as the form holds them (its widgets, keyed by component or by
+        API name), whichever method is selected."""
+        names = self.kwargs()
+        return {
+            f: values[f"{m}_{f}"] if f"{m}_{f}" in values else values[names[f"{m}_{f}"]]
+            for (m, f) in self.options
+            if m == method
+        }
+
     def recipe(self, values: dict, fisher: dict[str, str] | None = None) -> Recipe:
         """The form's values (keyed by component or by API name) -> a validated ``Recipe``
         (``ValueError`` says what is wrong). ``fisher``: the Fisher folders of a fisher merge."""
@@ -85,7 +95,7 @@ class MergeForm:
             raise ValueError(
                 f"unknown method {str(method)[:40]!r}; choose one of {', '.join(METHODS)}"
             )
-        options = {f: get(f"{m}_{f}") for (m, f) in self.options if m == method}
+        options = self.options_for(values, method)
         sources: dict[str, Any] = {}
         for role in FIELDS:
             ref = check_text(get(role), f"{ROLE_LABELS[role]} reference")

@@ -27,7 +27,7 @@ from dim3.presets import presets
 from dim3.recipe import ROLES
 from dim3.ui import jobs
 from dim3.ui.common import AppContext, gpu, md_escape
-from dim3.ui.fisher import estimate_step
+from dim3.ui.fisher import data_free, estimate_step
 from dim3.ui.form import MergeForm, build_form
 from dim3.ui.progress import LOG_LINES, drive, err, ok, plain
 from dim3.ui.reveal import succeeded
@@ -277,11 +277,7 @@ def _check_plan(ctx: AppContext, tab: MergeTab) -> Callable:
 
 
 def _without_fisher(tab: MergeTab, values: dict) -> dict:
-    """A fisher merge's values as a data-free one (linear), for what does not need its Fishers
-    yet: the plan, and the checked sources whose Fishers are estimated first."""
-    if tab.form.fixed is None and values.get("method") == "fisher":
-        return values | {"method": "linear"}
-    return values
+    return data_free(values, tab.form.fixed is not None)
 
 
 def _merge(ctx: AppContext, tab: MergeTab) -> Callable:

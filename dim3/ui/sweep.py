@@ -23,7 +23,8 @@ from dim3 import estimate as est
 from dim3 import sweep as sw
 from dim3.methods import METHODS
 from dim3.ui import jobs
-from dim3.ui.common import AppContext, gpu
+from dim3.ui.common import AppContext, gpu, md_escape
+from dim3.ui.fisher import FISHER, data_free, job_fishers
 from dim3.ui.merge import HEAVY, MergeTab
 from dim3.ui.progress import err
 from dim3.ui.reveal import reveal_after, reveal_now
@@ -43,6 +44,7 @@ EXAMPLE_GRIDS = {
     "dare_task_arithmetic": "drop_rate=0.1,0.5,0.9",
     "dare_ties": "drop_rate=0.1,0.5,0.9",
     "breadcrumbs": "density=0.5,0.7,0.9",
+    "fisher": "multimodal_weight=0.5,1,2",
 }
 EMPTY = (
     "*Press **Run sweep** to score each setting; a table grows as they finish and a plot of "
@@ -233,7 +235,13 @@ def sweep_handler(ctx: AppContext, merge: MergeTab, view: SweepView) -> Callable
         values = {own[k] if k in own else k: v for k, v in named.items()}
         try:
             method = values[view.method]
-            recipe = dataclasses.replace(merge.form.recipe(values), method=method, options={})
+            fixed = merge.form.fixed is not None
+            recipe = merge.form.recipe(data_free(values, fixed))
+            folders = dict(recipe.fisher)
+            estimate = method == FISHER and not folders
+            recipe = dataclasses.replace(
+                recipe, method="linear" if estimate else method, options={}
+            )
             items = sw.first_per_language(
                 probe_items(ctx, values[view.probe] or ""), int(values[view.per_language])
             )
@@ -245,12 +253,27 @@ def sweep_handler(ctx: AppContext, merge: MergeTab, view: SweepView) -> Callable
             grid = sw.parse_grid(
                 [ln for ln in (values[view.grid] or "").splitlines() if ln.strip()]
             )
-            spec = sw.SweepSpec(
-                recipe, grid, tuple(items), references=refs, select=values[view.select]
-            )
+            if not estimate:
+                spec = sw.SweepSpec(
+                    recipe, grid, tuple(items), references=refs, select=values[view.select]
+                )
+            points_ = sw.grid_points(method, grid) if estimate else spec.points
             budget = jobs.budget("sweep")
-            merges = [(method, p) for p in spec.points] + [(m, {}) for m in (method, *refs)]
+            merges = [(method, p) for p in points_] + [(m, {}) for m in (method, *refs)]
             jobs.refuse_estimate(budget, recipe, merges, ctx.allowed_roots)
+            if estimate:  # the Fishers first, with the Merge tab's Fisher inputs
+                weight = max(float(p.get("base_weight", 0.0)) for p in [{}, *points_])
+                weight = max(weight, float(METHODS[FISHER].options().base_weight))
+                for item in job_fishers(ctx, recipe, values, budget, base_weight=weight):
+                    if isinstance(item, dict):
+                        folders = item
+                    else:
+                        last = ctx.public(item.splitlines()[-1])
+                        yield {view.status: f"⏳ Estimating the Fishers… {md_escape(last)}"}
+                recipe = dataclasses.replace(recipe, method=method, fisher=folders)
+                spec = sw.SweepSpec(
+                    recipe, grid, tuple(items), references=refs, select=values[view.select]
+                )
         except Exception as exc:  # noqa: BLE001 - the UI boundary: shown, never raised
             yield {view.status: err(ctx, exc)}
             return
