@@ -551,6 +551,21 @@ def test_precise_top_svd_and_polar_equal_float64_lapack(shape, monkeypatch):
     torch.testing.assert_close(got.double(), want, rtol=0, atol=2e-7)
 
 
+def test_precise_polar_keeps_ill_conditioned_directions_and_drops_dependent_ones():
+    """A concatenation of unit vectors with condition number 1e4 is full-rank: every direction
+    stays (a float32 tolerance would drop the smallest); an exactly repeated block is not."""
+    g = torch.Generator().manual_seed(8)
+    q1, _ = torch.linalg.qr(torch.randn(2000, 60, generator=g, dtype=torch.float64))
+    q2, _ = torch.linalg.qr(torch.randn(60, 60, generator=g, dtype=torch.float64))
+    x = (q1 * torch.logspace(0, -4, 60, dtype=torch.float64)) @ q2.T
+    want = q1 @ q2.T
+    torch.testing.assert_close(S.polar(x, precise=True).double(), want, rtol=0, atol=1e-6)
+    u = q1[:, :30]
+    twice = torch.cat([u, u], dim=1)  # rank 30 of 60: the polar factor over the rank only
+    p = S.polar(twice, precise=True).double()
+    torch.testing.assert_close(p, torch.cat([u, u], dim=1) / 2**0.5, rtol=0, atol=1e-6)
+
+
 def test_tsv_and_iso_cts_are_exact_where_the_concatenation_is_ill_conditioned():
     """6 updates of a (384, 2240) matrix: TSV's concatenated left vectors are square and their
     condition number is in the hundreds; the float32 polar factor used to pass the per-update

@@ -30,9 +30,10 @@ nothing about files or models. Three pieces:
   its largest entry away from a float64 computation of the rule (tests/test_methods_reference.py);
   in float64 the same error is below 1e-12 before the final float32 rounding. The Gram route is
   also the fast one here: on 2 cores a float64 Gram + ``eigh`` of a (4480, 768) matrix takes
-  0.32 s, a float32 LAPACK SVD 0.60 s, a float64 one 0.89 s. Numerical ranks keep the float32
-  inputs' tolerance (``σ > σ_max · max(m, n) · eps₃₂``), far above the Gram's own rounding
-  (``√eps₆₄ · σ_max``).
+  0.32 s, a float32 LAPACK SVD 0.60 s, a float64 one 0.89 s. The numerical rank of an update
+  keeps the float32 inputs' tolerance (``σ > σ_max · max(m, n) · eps₃₂``); that of a polar
+  factor's input the Gram's own (``σ > σ_max · max(m, n) · √eps₆₄``), since the concatenations
+  are full-rank unless columns are exactly zero or dependent.
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ import torch
 from torch import Tensor
 
 DATA_EPS = torch.finfo(torch.float32).eps  # the rules' inputs are float32: below it is rounding
+# a float64 Gram matrix resolves singular values down to about √eps₆₄ of the largest: the
+# numerical rank of a polar factor computed from it (a zero direction comes out near 1e-8)
+GRAM_EPS = torch.finfo(torch.float64).eps ** 0.5
 BLOCK_ELEMENTS = 1 << 22  # float64 elements of one block of the long side (32 MiB)
 OVERSAMPLE = 10  # extra sketch columns of the randomized SVD (Halko et al. recommend 5-10)
 NITER = 2  # power iterations of the randomized SVD
@@ -215,7 +219,10 @@ def polar(x: Tensor, precise: bool = False) -> Tensor:
         evals, q = torch.linalg.eigh(_gram(t))
         evals, q = evals.flip(0), q.flip(1)
         s = evals.clamp(min=0.0).sqrt()
-        keep = numerical_rank(s, tuple(x.shape), eps=DATA_EPS)
+        # the rank at the Gram's own resolution, not the float32 data's: a concatenation of
+        # unit vectors is full-rank however ill-conditioned (condition numbers in the thousands
+        # are normal for TSV), and only exactly dependent or zero columns are to be dropped
+        keep = numerical_rank(s, tuple(x.shape), eps=GRAM_EPS)
         w = (q[:, :keep] / s[:keep]) @ q[:, :keep].T  # Q Σ⁻¹ Qᵀ over the numerical rank
         out = _times(t, w, torch.float32)
         return out if tall else out.T
