@@ -4,6 +4,7 @@ independent computation from the files."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -388,9 +389,9 @@ def test_app_evaluates_and_sweeps_fisher_after_estimating_its_fishers(app_server
     assert [f.name.split("-")[0] for f in new] == ["multilingual", "multimodal"]
     assert all(json.loads((f / FISHER_FILE).read_text())["n"] == 8 for f in new)
     # the sweep reuses them (same models, data, N and labels) and merges each grid point
-    status, _plot, table, *_ = c.predict(
+    sweep = functools.partial(
+        c.predict,
         sweep_method="fisher",
-        grid="multimodal_weight=0.5,2",
         fisher_data="demo",
         fisher_n=8,
         per_language=8,
@@ -398,21 +399,13 @@ def test_app_evaluates_and_sweeps_fisher_after_estimating_its_fishers(app_server
         probe="",
         api_name="/sweep",
     )
+    status, _plot, table, *_ = sweep(grid="multimodal_weight=0.5,2")
     assert status.startswith("✅"), status
     assert sorted(set(root.iterdir()) - before) == new  # reused, not estimated again
     labels = [r[0] for r in table["data"]]
     assert len(labels) == 4 and any("multimodal_weight=2" in x for x in labels), labels
     # a base weight above 0 in the grid needs the base's Fisher too: estimated first
-    status, *_ = c.predict(
-        sweep_method="fisher",
-        grid="base_weight=0,0.5",
-        fisher_data="demo",
-        fisher_n=8,
-        per_language=8,
-        references=False,
-        probe="",
-        api_name="/sweep",
-    )
+    status, *_ = sweep(grid="base_weight=0,0.5")
     assert status.startswith("✅"), status
     assert [f.name.split("-")[0] for f in set(root.iterdir()) - before - set(new)] == ["base"]
     status, *_ = c.predict(
