@@ -45,6 +45,7 @@ from dim3.methods import (
     tsv,
     wudi,
 )
+from dim3.methods._svd import RANDOMIZED_NOTE
 
 RuleFn = Callable[..., Tensor]
 
@@ -222,8 +223,6 @@ METHODS: dict[str, Method] = {
 def plan_notes(method: str, options: Any) -> list[str]:
     """What a merge plan should say about ``method`` with ``options``: an approximation asked
     for (``svd=randomized``) and its measured effect."""
-    from dim3.methods._svd import RANDOMIZED_NOTE
-
     if getattr(options, "svd", None) == "randomized":
         return [RANDOMIZED_NOTE.format(method=method)]
     return []

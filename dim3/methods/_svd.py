@@ -23,14 +23,13 @@ nothing about files or models. Three pieces:
 - ``precise=True`` (:func:`top_svd`, :func:`polar`): the same in float64, through the
   eigendecomposition of the Gram matrix of the short side (:func:`gram_top_svd`), streamed over
   the long side in float64 blocks. TSV and Iso-CTS orthogonalise a concatenation of per-update
-  singular vectors whose condition number grows with the number of updates (about 2,500 for 6
-  updates of a 1536 × 8960 matrix, where the concatenation is square); the top-k subspace of one
+  singular vectors whose condition number grows as the kept directions fill the rank (with 6
+  updates of a 1536 × 8960 matrix the concatenation is square); the top-k subspace of one
   update is itself only as accurate as ``eps · σ_1 / (σ_k − σ_{k+1})``, and the polar factor
   multiplies that error by the condition number. In float32 that left the merged update 4.7e-4 of
   its largest entry away from a float64 computation of the rule (tests/test_methods_reference.py);
-  in float64 the same error is below 1e-12 before the final float32 rounding. The Gram route is
-  also the fast one here: on 2 cores a float64 Gram + ``eigh`` of a (4480, 768) matrix takes
-  0.32 s, a float32 LAPACK SVD 0.60 s, a float64 one 0.89 s. The numerical rank of an update
+  in float64 that test passes at 1e-4 with 2 and 6 updates. Its cost at the real Qwen2-VL-2B shape
+  is measured in docs/methods.md (`benchmarks/methods_cost.py`). The numerical rank of an update
   keeps the float32 inputs' tolerance (``σ > σ_max · max(m, n) · eps₃₂``); that of a polar
   factor's input the Gram's own (``σ > σ_max · max(m, n) · √eps₆₄``), since the concatenations
   are full-rank unless columns are exactly zero or dependent.
@@ -65,23 +64,6 @@ def numerical_rank(
     return int((s > tol).sum()) if bool(s[0] > 0) else 0
 
 
-def gram_svd(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Thin SVD of a tall ``a`` (m ≥ n) from the eigendecomposition of ``aᵀa`` in float64.
-
-    Slower and less accurate for tiny singular values than LAPACK's divide and conquer, but it
-    always converges: the fallback when ``torch.linalg.svd`` reports an ill-conditioned input.
-    """
-    a64 = a.double()
-    evals, v = torch.linalg.eigh(a64.T @ a64)  # ascending
-    evals, v = evals.flip(0), v.flip(1)
-    s = evals.clamp(min=0.0).sqrt()  # (n,)
-    keep = s > s[0] * max(a.shape) * torch.finfo(a.dtype).eps if s.numel() else s > 0
-    u = torch.zeros((a.shape[0], s.numel()), dtype=torch.float64, device=a.device)
-    u[:, keep] = (a64 @ v[:, keep]) / s[keep]
-    s = torch.where(keep, s, torch.zeros_like(s))
-    return u.to(a.dtype), s.to(a.dtype), v.T.to(a.dtype)
-
-
 def _blocks(rows: int, cols: int) -> range:
     return range(0, rows, max(1, BLOCK_ELEMENTS // max(1, cols)))
 
@@ -106,6 +88,21 @@ def _times(a: Tensor, w: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
     return out
 
 
+def _gram_eig(t: Tensor) -> tuple[Tensor, Tensor]:
+    """Singular values (descending) and right singular vectors of a tall ``t`` from ``eigh`` of
+    its float64 Gram matrix: (s (n,), v (n, n)), float64."""
+    evals, vecs = torch.linalg.eigh(_gram(t))  # ascending
+    return evals.flip(0).clamp(min=0.0).sqrt(), vecs.flip(1)
+
+
+def gram_svd(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Thin SVD of ``a`` through :func:`gram_top_svd`, in ``a``'s dtype: slower than LAPACK's
+    divide and conquer and less accurate for tiny singular values, but it always converges, so it
+    is the fallback when ``torch.linalg.svd`` reports an ill-conditioned input."""
+    u, s, vh = gram_top_svd(a, min(a.shape))
+    return u.to(a.dtype), s.to(a.dtype), vh.to(a.dtype)
+
+
 def gram_top_svd(a: Tensor, k: int, scale: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
     """The top ``k`` singular triplets of ``a`` (m, n) in float64: U (m, k), S (k,), Vh (k, n).
 
@@ -116,10 +113,9 @@ def gram_top_svd(a: Tensor, k: int, scale: float = 0.0) -> tuple[Tensor, Tensor,
     """
     tall = a.shape[0] >= a.shape[1]
     t = a if tall else a.T  # (long, short)
-    evals, vecs = torch.linalg.eigh(_gram(t))  # ascending
     k = max(0, min(k, t.shape[1]))
-    evals, vecs = evals.flip(0)[:k], vecs.flip(1)[:, :k]
-    s = evals.clamp(min=0.0).sqrt()
+    s, vecs = _gram_eig(t)
+    s, vecs = s[:k], vecs[:, :k]
     keep = numerical_rank(s, tuple(a.shape), scale, DATA_EPS) if k else 0
     s, vecs = s.clone(), vecs.clone()
     s[keep:], vecs[:, keep:] = 0.0, 0.0
@@ -216,9 +212,7 @@ def polar(x: Tensor, precise: bool = False) -> Tensor:
     if precise:
         tall = x.shape[0] >= x.shape[1]
         t = x if tall else x.T
-        evals, q = torch.linalg.eigh(_gram(t))
-        evals, q = evals.flip(0), q.flip(1)
-        s = evals.clamp(min=0.0).sqrt()
+        s, q = _gram_eig(t)
         # the rank at the Gram's own resolution, not the float32 data's: a concatenation of
         # unit vectors is full-rank however ill-conditioned (condition numbers in the thousands
         # are normal for TSV), and only exactly dependent or zero columns are to be dropped

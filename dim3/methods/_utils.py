@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from dim3.slices import ExactSelect, FirstMask, magnitude_bits
+
 
 def check_options(options: object, method: str) -> None:
     """Check every field of a frozen options dataclass against its metadata ``min``/``max``
@@ -329,8 +331,6 @@ def selection_merge(base: Tensor, tuned: Sequence[Tensor], options: Any, parts: 
     :func:`first_by_magnitude`), here over the whole tensor at once, with every slice-sized
     temporary a :func:`scratch` buffer: inside the engine no tensor is allocated per call (a
     sort or ``kthvalue`` would copy the tensor each time)."""
-    from dim3.slices import ExactSelect, FirstMask, magnitude_bits
-
     d = deltas(base, tuned)  # (T, *shape), masked in place below
     n = base.numel()
     ks = parts.ks(options, n)

@@ -39,15 +39,16 @@ def job_fishers(
     budget: JobBudget,
     *,
     base_weight: float | None = None,
+    log: list[str] | None = None,
 ) -> Iterator[str | dict[str, str]]:
     """The Fishers a fisher merge of ``recipe``'s checkpoints needs, estimated (or reused) with the
     form's Fisher inputs in ``values``: yields the log so far (text) while it runs, then the
     folders by role (a dict). The estimation counts against ``budget``. ``base_weight``: the
     fisher method's base weight when it is not the form's (a base weight above 0 needs the
-    base's Fisher too)."""
+    base's Fisher too). ``log``: the job's log, which the estimation's lines join."""
     if base_weight is not None:
         values = values | {"fisher_base_weight": base_weight}
-    log: list[str] = []
+    log = [] if log is None else log
     for item in estimate_step(ctx, recipe, values, log):
         budget.check()
         yield item[1] if isinstance(item, tuple) else item

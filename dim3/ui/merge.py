@@ -27,7 +27,7 @@ from dim3.presets import presets
 from dim3.recipe import ROLES
 from dim3.ui import jobs
 from dim3.ui.common import AppContext, gpu, md_escape
-from dim3.ui.fisher import data_free, estimate_step
+from dim3.ui.fisher import data_free, job_fishers
 from dim3.ui.form import MergeForm, build_form
 from dim3.ui.progress import LOG_LINES, drive, err, ok, plain
 from dim3.ui.reveal import succeeded
@@ -260,7 +260,9 @@ def _check_plan(ctx: AppContext, tab: MergeTab) -> Callable:
     def plan(**values: Any) -> dict:
         """Check that the three checkpoints can be merged; returns the plan and a status line."""
         try:
-            recipe = tab.form.recipe(_without_fisher(tab, values))  # the plan is the method's
+            recipe = tab.form.recipe(
+                data_free(values, tab.form.fixed is not None)
+            )  # the plan is the method's
             plan = engine.plan(recipe, allowed_roots=ctx.allowed_roots)
         except Exception as exc:  # noqa: BLE001 - the UI boundary: shown, never raised
             return {tab.plan_box: ctx.public(plain(ctx, exc)), tab.status: err(ctx, exc)}
@@ -276,10 +278,6 @@ def _check_plan(ctx: AppContext, tab: MergeTab) -> Callable:
     return plan
 
 
-def _without_fisher(tab: MergeTab, values: dict) -> dict:
-    return data_free(values, tab.form.fixed is not None)
-
-
 def _merge(ctx: AppContext, tab: MergeTab) -> Callable:
     @gpu(duration=300)
     def merge(progress=gr.Progress(), **values: Any) -> Iterator[dict]:  # noqa: B008
@@ -288,13 +286,12 @@ def _merge(ctx: AppContext, tab: MergeTab) -> Callable:
         out: dict = {}
         try:
             budget = jobs.budget("merge")
-            recipe = tab.form.recipe(_without_fisher(tab, values))
+            recipe = tab.form.recipe(data_free(values, tab.form.fixed is not None))
             if recipe.method != values.get("method", recipe.method):  # fisher: estimate first
                 folders: dict[str, str] = {}
-                for item in estimate_step(ctx, recipe, values, log):
-                    budget.check()  # the Fishers' estimation counts against the merge's budget
-                    if isinstance(item, tuple):
-                        folders = item[1]
+                for item in job_fishers(ctx, recipe, values, budget, log=log):
+                    if isinstance(item, dict):
+                        folders = item
                     else:
                         yield {tab.log_box: item, tab.status: "⏳ Estimating the Fishers…"}
                 recipe = tab.form.recipe(values, fisher=folders)
