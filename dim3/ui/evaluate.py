@@ -34,7 +34,7 @@ from dim3.limits import JobBudget
 from dim3.methods import METHODS, get_method
 from dim3.ui import jobs
 from dim3.ui.common import AppContext, check_text, clock, error_text, gpu, md_escape
-from dim3.ui.fisher import FISHER, data_free, job_fishers
+from dim3.ui.fisher import FISHER, data_free, job_fisher_status
 from dim3.ui.merge import HEAVY, MergeTab
 from dim3.ui.reveal import reveal_after
 from dim3.ui.sweep import build_sweep_view
@@ -292,12 +292,9 @@ def evaluate_handler(ctx: AppContext, merge: MergeTab, tab: EvaluateTab) -> Call
             jobs.refuse_estimate(budget, recipe, merges, ctx.allowed_roots)
             if estimate:  # the Fishers first, with the Merge tab's Fisher inputs
                 weight = fisher_base_weight(merge, values)
-                for item in job_fishers(ctx, recipe, values, budget, base_weight=weight):
-                    if isinstance(item, dict):
-                        folders = item
-                    else:
-                        last = ctx.public(item.splitlines()[-1])
-                        yield {tab.status: f"⏳ Estimating the Fishers… {md_escape(last)}"}
+                folders = yield from job_fisher_status(
+                    ctx, recipe, values, budget, tab.status, base_weight=weight
+                )
                 spec = _spec(ctx, merge, values, folders)
         except Exception as exc:  # noqa: BLE001 - the UI boundary: shown, never raised
             yield {tab.status: f"❌ {md_escape(error_text(exc, ctx.allowed_roots), None)}"}

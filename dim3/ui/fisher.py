@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import Any
 
 from dim3.limits import JobBudget
 from dim3.recipe import Recipe
-from dim3.ui.common import AppContext, clock
+from dim3.ui.common import AppContext, clock, md_escape
 from dim3.ui.progress import LOG_LINES, Aborted
 
 FISHER = "fisher"
@@ -52,6 +52,28 @@ def job_fishers(
     for item in estimate_step(ctx, recipe, values, log):
         budget.check()
         yield item[1] if isinstance(item, tuple) else item
+
+
+def job_fisher_status(
+    ctx: AppContext,
+    recipe: Recipe,
+    values: dict[str, Any],
+    budget: JobBudget,
+    status: Any,
+    *,
+    base_weight: float | None = None,
+) -> Generator[dict[Any, str], None, dict[str, str]]:
+    """:func:`job_fishers` for a tab's job: yields updates of the ``status`` component (the log's
+    last line) while the Fishers are estimated, and returns their folders by role
+    (``folders = yield from job_fisher_status(...)``)."""
+    folders: dict[str, str] = {}
+    for item in job_fishers(ctx, recipe, values, budget, base_weight=base_weight):
+        if isinstance(item, dict):
+            folders = item
+        else:
+            last = ctx.public(item.splitlines()[-1])
+            yield {status: f"⏳ Estimating the Fishers… {md_escape(last)}"}
+    return folders
 
 
 def estimate_step(

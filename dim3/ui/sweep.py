@@ -23,8 +23,8 @@ from dim3 import estimate as est
 from dim3 import sweep as sw
 from dim3.methods import METHODS
 from dim3.ui import jobs
-from dim3.ui.common import AppContext, gpu, md_escape
-from dim3.ui.fisher import FISHER, data_free, job_fishers
+from dim3.ui.common import AppContext, gpu
+from dim3.ui.fisher import FISHER, data_free, job_fisher_status
 from dim3.ui.merge import HEAVY, MergeTab
 from dim3.ui.progress import err
 from dim3.ui.reveal import reveal_after, reveal_now
@@ -264,12 +264,9 @@ def sweep_handler(ctx: AppContext, merge: MergeTab, view: SweepView) -> Callable
             if estimate:  # the Fishers first, with the Merge tab's Fisher inputs
                 weight = max(float(p.get("base_weight", 0.0)) for p in [{}, *points_])
                 weight = max(weight, float(METHODS[FISHER].options().base_weight))
-                for item in job_fishers(ctx, recipe, values, budget, base_weight=weight):
-                    if isinstance(item, dict):
-                        folders = item
-                    else:
-                        last = ctx.public(item.splitlines()[-1])
-                        yield {view.status: f"⏳ Estimating the Fishers… {md_escape(last)}"}
+                folders = yield from job_fisher_status(
+                    ctx, recipe, values, budget, view.status, base_weight=weight
+                )
                 recipe = dataclasses.replace(recipe, method=method, fisher=folders)
                 spec = sw.SweepSpec(
                     recipe, grid, tuple(items), references=refs, select=values[view.select]
