@@ -24,6 +24,13 @@ real names, dtypes, shapes, shard splits, vocabularies (151,936 / 152,064 / 32,0
 embeddings, with random data (``--data random``, the default: a benchmark must not merge zeros).
 ``--workdir`` keeps the trio for the next run.
 
+A merge derives its layout from the VLM's transformers class once per config and transformers
+version, then reads it from the layout cache (``dim3.layout.layout_cache_dir``): the first merge
+of a config pays seconds that no later one does. ``--layout-cache warm`` (the default) points every
+child at a cache in the work folder, filled before the rounds by one plan, as for every merge but
+a config's first; ``--layout-cache off`` turns it off, so each merge derives the layout (the first
+merge's cost). The line "layout cache" says which.
+
 Each merge runs in a fresh child process, so its figures are its own: user and system CPU time
 and minor page faults of the merge call (``getrusage``), the slice buffers it allocated, peak
 anonymous RSS (RssAnon, sampled every 20 ms; it excludes the safetensors files' mapped pages) and
@@ -312,6 +319,16 @@ def child(spec: dict) -> None:
     if spec.get("floor"):
         print(json.dumps(io_floor(spec)))
         return
+    if spec.get("layout"):  # derive the VLM's layout once, filling the layout cache
+        from dim3.checkpoints import Checkpoint
+        from dim3.layout import layout_for
+        from dim3.plan import weight_keys
+
+        vlm = Checkpoint(spec["multimodal"])
+        start = time.perf_counter()
+        layout_for(vlm.config, weight_keys(vlm))
+        print(json.dumps({"seconds": time.perf_counter() - start}))
+        return
     recipe = Recipe(
         *(Source(spec[r]) for r in ("base", "multilingual", "multimodal")),
         method=spec["method"],
@@ -384,6 +401,13 @@ def main() -> None:
     parser.add_argument("--workdir", default=None, help="where to write the trio (default: temp)")
     parser.add_argument("--repeat", type=int, default=3, help="runs of each (medians reported)")
     parser.add_argument(
+        "--layout-cache",
+        choices=["warm", "off"],
+        default="warm",
+        help="merges read the derived layout from a cache filled before the rounds (warm), or "
+        "derive it each time (off: a config's first merge)",
+    )
+    parser.add_argument(
         "--against",
         default=None,
         help="another checkout of this repository: its engine is run on the same trio in each "
@@ -411,6 +435,12 @@ def main() -> None:
         floor_spec = {"floor": True, "inputs": [str(f) for f in files], "written": written}
         warm = run_child({**floor_spec, "out": str(root / "floor"), "direct": False})
         print(f"warm-up read of the inputs: {warm['seconds']:.1f} s", flush=True)
+        if args.layout_cache == "warm":
+            os.environ["DIM3_CACHE_DIR"] = str(root / "cache")  # every child's, this run only
+            got = run_child({"layout": True, "multimodal": recipe.multimodal.ref})
+            print(f"layout cache filled: {got['seconds']:.1f} s to derive the layout", flush=True)
+        else:
+            os.environ["DIM3_CACHE_DIR"] = "off"
         for method in args.method.split(","):
             rounds = []
             for i in range(args.repeat):
@@ -419,6 +449,7 @@ def main() -> None:
             print(flush=True)
     finally:
         shutil.rmtree(root / "floor", ignore_errors=True)
+        shutil.rmtree(root / "cache", ignore_errors=True)
         if not args.workdir:
             shutil.rmtree(root, ignore_errors=True)
 
@@ -493,6 +524,12 @@ def report(args, real: bool, rounds: list[dict]) -> None:
             + (f", {torch.cuda.get_device_name()}" if device.type == "cuda" else ""),
         ),
         ("shape / data / device / method", f"{shape} / {data} / {device} / {args.method}"),
+        (
+            "layout cache",
+            "warm (filled before the rounds, as for every merge but a config's first)"
+            if args.layout_cache == "warm"
+            else "off (each merge derives the layout from transformers, as a config's first)",
+        ),
         ("inputs read / output written", f"{read_b / gib:.2f} GiB / {written / gib:.2f} GiB"),
         (
             "rounds / load average",

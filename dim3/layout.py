@@ -19,10 +19,13 @@ This module knows key names and config fields only: no shapes, files or tensors.
 
 from __future__ import annotations
 
+import functools
+import os
 import re
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 LANGUAGE, VISION, PROJECTOR = "language", "vision", "projector"
 EMBED = "model.embed_tokens.weight"
@@ -200,15 +203,50 @@ class DerivedLayout:
             re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_missing", None) or ()
         )
         self.layer_map, self.vlm_only_layers = _layer_map(model, self.decoder)
+        self._names: dict[str, tuple[str, bool]] = {}  # to_memory's answers so far
+        self._unsaved = False  # answers not yet in the disk cache
+        self._rebuild = None  # a stored layout: builds the class when a new name comes
+
+    @classmethod
+    def from_record(cls, record: dict, rebuild) -> DerivedLayout:
+        """A layout from the disk cache (:func:`_record`): everything the class gave, and the names
+        it gave for the keys seen before. ``rebuild()`` derives the class's layout again, for a
+        key the record does not hold (its renamings are transformers objects, not stored)."""
+        self = cls.__new__(cls)
+        self.family = record["family"]
+        self.model_types = (self.family,)
+        self.class_name = record["class_name"]
+        self.base_model_prefix = record["base_model_prefix"]
+        self.shapes = {k: tuple(v) for k, v in record["shapes"].items()}
+        self._renamings = self._converters = None
+        self.decoder, self.head = record["decoder"], record["head"]
+        self.vision = tuple(record["vision"])
+        self.tied = set(record["tied"])
+        self.optional = tuple(re.compile(p) for p in record["optional"])
+        self.layer_map = {int(j): int(i) for j, i in record["layer_map"]}
+        self.vlm_only_layers = set(record["vlm_only_layers"])
+        self._names = {k: (str(n), bool(c)) for k, (n, c) in record["names"].items()}
+        self._unsaved, self._rebuild = False, rebuild
+        return self
 
     def to_memory(self, key: str) -> tuple[str, bool]:
         """The name transformers loads ``key`` as, and whether a converter (not a rename) fits."""
+        known = self._names.get(key)
+        if known is not None:
+            return known
+        if self._renamings is None:  # from the disk cache, and a key it has not seen
+            built = self._rebuild()
+            if built is None:
+                raise ValueError(f"transformers can no longer build the {self.class_name} class")
+            self._renamings, self._converters = built._renamings, built._converters
         from transformers.core_model_loading import rename_source_key
 
         name, pattern = rename_source_key(
             key, self._renamings, self._converters, self.base_model_prefix, self.shapes
         )
-        return name, pattern is not None
+        self._names[key] = (name, pattern is not None)
+        self._unsaved = True
+        return self._names[key]
 
     def classify(self, key: str) -> tuple[str, str | None] | None:
         name, converted = self.to_memory(key)
@@ -294,22 +332,140 @@ TESTED_FAMILIES = (
 )
 
 
-def derived_layout(config: dict) -> DerivedLayout | None:
+def derived_layout(config: dict, keys: Iterable[str] = ()) -> DerivedLayout | None:
     """The layout of the class ``AutoModelForImageTextToText`` loads for ``config``, or None.
 
     None when transformers has no image-text-to-text class for the ``model_type`` or cannot build
     it from this config. Built once per distinct config, on the meta device: no weights allocated.
+    ``keys`` (a checkpoint's tensor names) are renamed at once, in sorted order as transformers
+    does (a guarded renaming group depends on it), and kept in the disk cache with the layout, so
+    that the next process with the same config, keys and transformers need not build the class
+    (importing the family's modeling code takes seconds; see :func:`layout_cache_dir`).
     """
     import json
 
     model_type = config.get("model_type", "")
     key = json.dumps(config, sort_keys=True, default=str)
+    keys = sorted(keys)
     if key not in _DERIVED:
-        _DERIVED[key] = _derive(model_type, config)
+        stored = _load_record(key, keys)
+        if stored is not None:
+            _DERIVED[key] = DerivedLayout.from_record(stored, lambda: _derive(model_type, config))
+        else:
+            _DERIVED[key] = _derive(model_type, config)
         while len(_DERIVED) > _DERIVED_KEPT:
             _DERIVED.popitem(last=False)
     _DERIVED.move_to_end(key)
-    return _DERIVED[key]
+    layout = _DERIVED[key]
+    if layout is not None:
+        for k in keys:
+            layout.to_memory(k)
+        if layout._unsaved:
+            _save_record(key, layout)
+            layout._unsaved = False
+    return layout
+
+
+# The disk cache of derived layouts. A record is JSON (no pickle): what the class gave (names,
+# shapes, decoder, head, vision modules, tied and optional names, layer numbering) and the
+# in-memory name of every on-disk key seen. Its file name hashes the config, the transformers
+# version and this module's source, so a new transformers or a changed derivation starts afresh;
+# a record that cannot be read or does not fit is ignored (the class is built, as without cache).
+ENV_CACHE = "DIM3_CACHE_DIR"
+_RECORD_FORMAT = 1
+
+
+def layout_cache_dir() -> Path | None:
+    """Where derived layouts are cached: ``$DIM3_CACHE_DIR/layouts`` (``off`` turns the cache
+    off), else ``$XDG_CACHE_HOME/dim3/layouts``, else ``~/.cache/dim3/layouts``."""
+    raw = os.environ.get(ENV_CACHE, "").strip()
+    if raw.lower() == "off":
+        return None
+    if raw:
+        return Path(raw).expanduser() / "layouts"
+    xdg = os.environ.get("XDG_CACHE_HOME", "").strip()
+    return Path(xdg or Path.home() / ".cache").expanduser() / "dim3" / "layouts"
+
+
+def _record_path(config_key: str) -> Path | None:
+    import hashlib
+    from importlib import metadata
+
+    where = layout_cache_dir()
+    if where is None:
+        return None
+    try:
+        version = metadata.version("transformers")
+    except metadata.PackageNotFoundError:
+        return None
+    h = hashlib.sha256()
+    for part in (str(_RECORD_FORMAT), version, _source_hash(), config_key):
+        h.update(part.encode())
+        h.update(b"\0")
+    return where / f"{h.hexdigest()[:40]}.json"
+
+
+@functools.cache
+def _source_hash() -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+
+
+def _load_record(config_key: str, keys: list[str]) -> dict | None:
+    """The stored record for this config if it holds every one of ``keys``, else None."""
+    import json
+
+    path = _record_path(config_key)
+    if path is None or not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        if record.get("format") != _RECORD_FORMAT or record.get("config") != config_key:
+            return None
+        if any(k not in record["names"] for k in keys):
+            return None  # new keys: built again, and the record extended
+        DerivedLayout.from_record(record, lambda: None)  # every field there, of the right kind
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, re.error):
+        return None
+    return record
+
+
+def _save_record(config_key: str, layout: DerivedLayout) -> None:
+    """Write (or extend) the record of ``layout`` atomically; a cache that cannot be written is
+    no error (the next process builds the class again)."""
+    import json
+    import tempfile
+
+    path = _record_path(config_key)
+    if path is None:
+        return
+    record = {
+        "format": _RECORD_FORMAT,
+        "config": config_key,
+        "family": layout.family,
+        "class_name": layout.class_name,
+        "base_model_prefix": layout.base_model_prefix,
+        "shapes": {k: list(v) for k, v in layout.shapes.items()},
+        "decoder": layout.decoder,
+        "head": layout.head,
+        "vision": list(layout.vision),
+        "tied": sorted(layout.tied),
+        "optional": [p.pattern for p in layout.optional],
+        "layer_map": sorted(layout.layer_map.items()),
+        "vlm_only_layers": sorted(layout.vlm_only_layers),
+        "names": {k: list(v) for k, v in layout._names.items()},
+    }
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".layout-", suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(record, f)
+        os.replace(tmp, path)
+    except OSError:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
 
 
 def _derive(model_type: str, config: dict) -> DerivedLayout | None:
@@ -347,7 +503,7 @@ def layout_for(config: dict, keys: Iterable[str] = ()) -> Layout | DerivedLayout
     """
     keys = list(keys)
     model_type = config.get("model_type", "")
-    derived = derived_layout(config)
+    derived = derived_layout(config, keys)
     if derived is not None and (not keys or any(derived.classify(k)[0] == LANGUAGE for k in keys)):
         return derived
     for layout in LAYOUTS:

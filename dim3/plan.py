@@ -153,12 +153,13 @@ def llm_names(ckpt: Checkpoint) -> dict[str, str]:
     """
     if ckpt in _LLM_NAMES:
         return _LLM_NAMES[ckpt]
-    layout = derived_layout(ckpt.config) if _is_vlm_config(ckpt.config) else None
+    keys = weight_keys(ckpt)
+    layout = derived_layout(ckpt.config, keys) if _is_vlm_config(ckpt.config) else None
     if layout is None:
-        names = {k: k for k in weight_keys(ckpt)}
+        names = {k: k for k in keys}
     else:
         names = {}
-        for key in weight_keys(ckpt):
+        for key in keys:
             role, canonical = layout.classify(key)
             if role == LANGUAGE and canonical:
                 names[canonical] = key

@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+
 import pytest
 import torch
 
 from tests.tiny_models import Trio, build_llava_trio, build_qwen2vl_trio, rewrite_to_new_layout
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+# The layout cache (dim3.layout.layout_cache_dir) of this session and of every app or CLI it
+# starts: a temporary folder, so that tests write nothing in the user's home and start cold.
+_CACHE = tempfile.mkdtemp(prefix="dim3-test-cache-")
+os.environ["DIM3_CACHE_DIR"] = _CACHE
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import subprocess
+import sys
+from collections import OrderedDict
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
 
+from dim3 import layout as layout_module
+from dim3.checkpoints import Checkpoint
 from dim3.layout import (
     LANGUAGE,
     NOT_LOADED,
@@ -18,6 +26,7 @@ from dim3.layout import (
     layout_for,
     unconverted_layout,
 )
+from dim3.plan import weight_keys
 from tests import realmaps
 
 CASES = [
@@ -202,3 +211,176 @@ def test_a_vlms_own_buffers_are_not_written(tiny_llava_trio, tmp_path):
     with safe_open(tmp_path / "out" / "model.safetensors", "pt") as f:
         written = set(f.keys())
     assert written == {k for k in tensors if "inv_freq" not in k}
+
+
+# ---------------------------------------------------------------- the disk cache of layouts
+
+TRIO_FIXTURES = {"llava": "tiny_llava_trio", "qwen2_vl": "tiny_qwen2vl_new_layout_trio"}
+
+
+def _trio(model_type: str, request):
+    if model_type in TRIO_FIXTURES:
+        return request.getfixturevalue(TRIO_FIXTURES[model_type])
+    return request.getfixturevalue("tiny_family_trios")(model_type)
+
+
+def _answers(layout, keys: list[str]) -> tuple:
+    """Everything a merge asks a layout, for ``keys``."""
+    return (
+        layout.family,
+        layout.class_name,
+        layout.shapes,
+        layout.expected(),
+        layout.describe_layers(),
+        [layout.to_memory(k) for k in keys],
+        [layout.classify(k) for k in keys],
+    )
+
+
+@pytest.fixture
+def layout_cache(tmp_path, monkeypatch):
+    """A cache folder of this test's own, and a process that has derived no layout yet."""
+    monkeypatch.setenv(layout_module.ENV_CACHE, str(tmp_path / "cache"))
+    monkeypatch.setattr(layout_module, "_DERIVED", OrderedDict())
+    return tmp_path / "cache" / "layouts"
+
+
+def _new_process(monkeypatch) -> None:
+    """Forget this process's layouts (the disk cache stays): what a new process starts with."""
+    monkeypatch.setattr(layout_module, "_DERIVED", OrderedDict())
+
+
+@pytest.mark.parametrize(
+    "model_type",
+    ["llava", "qwen2_vl", "gemma3", "qwen3_vl", "mistral3", "llava_onevision", "mllama"],
+)
+def test_a_cached_layout_answers_as_the_class_does(model_type, request, layout_cache, monkeypatch):
+    """Derived with the cache off, then stored, then read back in a 'new process' without
+    building the class: the same family, shapes, expected tensors, names and roles for every
+    key, and a key the record lacks is answered by building the class then."""
+    ckpt = Checkpoint(_trio(model_type, request).multimodal)
+    keys = weight_keys(ckpt)
+    cache = os.environ[layout_module.ENV_CACHE]
+    monkeypatch.setenv(layout_module.ENV_CACHE, "off")
+    want = _answers(layout_module.derived_layout(ckpt.config, keys), keys)
+    assert not layout_cache.exists()  # "off" writes nothing
+
+    monkeypatch.setenv(layout_module.ENV_CACHE, cache)
+    _new_process(monkeypatch)
+    built = layout_module.derived_layout(ckpt.config, keys)
+    assert built._renamings is not None and len(list(layout_cache.glob("*.json"))) == 1
+    _new_process(monkeypatch)
+    stored = layout_module.derived_layout(ckpt.config, keys)
+    assert stored._renamings is None  # from the record: transformers' class was not built
+    assert _answers(stored, keys) == want
+
+    odd = keys[-1] + "_made_up"  # a name no record holds
+    _new_process(monkeypatch)
+    monkeypatch.setenv(layout_module.ENV_CACHE, "off")
+    truth = layout_module.derived_layout(ckpt.config).classify(odd)
+    assert stored.classify(odd) == truth and stored._renamings is not None
+
+
+def test_layout_for_reads_the_record_when_every_key_is_in_it(
+    tiny_qwen2vl_trio, layout_cache, monkeypatch
+):
+    ckpt = Checkpoint(tiny_qwen2vl_trio.multimodal)
+    keys = weight_keys(ckpt)
+    layout_for(ckpt.config, keys)
+    _new_process(monkeypatch)
+    assert layout_for(ckpt.config, keys)._renamings is None
+    _new_process(monkeypatch)  # more keys than the record holds: built again, record extended
+    more = [*keys, "model.visual.made_up.weight"]
+    assert layout_for(ckpt.config, more)._renamings is not None
+    _new_process(monkeypatch)
+    assert layout_for(ckpt.config, more)._renamings is None
+
+
+def _record_file(layout_cache: Path) -> Path:
+    (path,) = layout_cache.glob("*.json")
+    return path
+
+
+@pytest.mark.parametrize(
+    "damage", ["truncated", "not an object", "fields missing", "wrong types", "another config's"]
+)
+def test_a_damaged_or_foreign_record_is_ignored_and_replaced(
+    damage, tiny_qwen2vl_trio, layout_cache, monkeypatch
+):
+    ckpt = Checkpoint(tiny_qwen2vl_trio.multimodal)
+    keys = weight_keys(ckpt)
+    want = _answers(layout_module.derived_layout(ckpt.config, keys), keys)
+    path = _record_file(layout_cache)
+    record = json.loads(path.read_text())
+    if damage == "truncated":
+        path.write_text(path.read_text()[:1000])
+    elif damage == "not an object":
+        path.write_text("[1, 2]")
+    elif damage == "fields missing":
+        path.write_text(json.dumps({k: v for k, v in record.items() if k != "shapes"}))
+    elif damage == "wrong types":
+        path.write_text(json.dumps({**record, "layer_map": "x", "optional": [1]}))
+    else:  # a record made for another config, under this config's name
+        other = {**ckpt.config, "vocab_size": ckpt.config.get("vocab_size", 0) + 1}
+        record["config"] = json.dumps(other, sort_keys=True, default=str)
+        path.write_text(json.dumps(record))
+    _new_process(monkeypatch)
+    layout = layout_module.derived_layout(ckpt.config, keys)
+    assert layout._renamings is not None  # built from transformers again
+    assert _answers(layout, keys) == want
+    assert json.loads(path.read_text())["config"] == json.dumps(
+        ckpt.config, sort_keys=True, default=str
+    )  # and the record rewritten whole
+
+
+def test_an_unwritable_cache_is_no_error(tiny_qwen2vl_trio, tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv(layout_module.ENV_CACHE, str(blocker))
+    monkeypatch.setattr(layout_module, "_DERIVED", OrderedDict())
+    ckpt = Checkpoint(tiny_qwen2vl_trio.multimodal)
+    layout = layout_for(ckpt.config, weight_keys(ckpt))
+    assert layout.family == "qwen2_vl" and blocker.read_text() == "not a folder"
+    assert list(tmp_path.iterdir()) == [blocker]
+
+
+def test_the_cache_folder_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv(layout_module.ENV_CACHE, str(tmp_path / "c"))
+    assert layout_module.layout_cache_dir() == tmp_path / "c" / "layouts"
+    monkeypatch.setenv(layout_module.ENV_CACHE, "off")
+    assert layout_module.layout_cache_dir() is None
+    monkeypatch.delenv(layout_module.ENV_CACHE)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
+    assert layout_module.layout_cache_dir() == tmp_path / "x" / "dim3" / "layouts"
+
+
+MODELING = (
+    "import json, sys\n"
+    "from dim3 import engine\n"
+    "from dim3.recipe import Recipe, Source\n"
+    "engine.merge_to_folder(Recipe(*(Source(p) for p in sys.argv[1:4])), sys.argv[4])\n"
+    "print(json.dumps(sorted(m for m in sys.modules if m.startswith('transformers.models.')"
+    " and '.modeling_' in m)))\n"
+)
+
+
+@pytest.mark.slow
+def test_a_second_process_merges_without_building_the_class(tiny_qwen2vl_trio, tmp_path):
+    """Two merges in new processes with one cache: the first imports the family's modeling code
+    to build the class, the second does not; both write the bytes a merge without cache writes."""
+    t = tiny_qwen2vl_trio
+    root = Path(__file__).resolve().parent.parent
+    written, imported = [], []
+    for i, cache in enumerate([tmp_path / "cache", tmp_path / "cache", "off"]):
+        env = {**os.environ, layout_module.ENV_CACHE: str(cache), "PYTHONPATH": str(root)}
+        out = tmp_path / f"out{i}"
+        args = [str(t.base), str(t.multilingual), str(t.multimodal), str(out)]
+        done = subprocess.run(
+            [sys.executable, "-c", MODELING, *args], env=env, capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        imported.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        written.append((out / "model.safetensors").read_bytes())
+    assert "transformers.models.qwen2_vl.modeling_qwen2_vl" in imported[0]
+    assert imported[1] == []
+    assert written[0] == written[1] == written[2]
