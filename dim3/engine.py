@@ -40,7 +40,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -489,6 +489,42 @@ class _Merger:
         vlm[:rows] = merged  # rows only the VLM's tokenizer has stay the VLM's
         return vlm
 
+    def row_rule(self, step: _Step) -> Callable[[list[torch.Tensor], int], torch.Tensor] | None:
+        """The rule of ``step`` as a function of a few of its rows, when any cut of the rows
+        gives what the whole step gives (elementwise rules, and the apply pass of column rules,
+        whose per-column weights are known by then): ``rule(work, first)`` merges float32 rows
+        ``first:first + n`` of the step, ``work`` = [vlm, base, *multilingual, *extra] rows.
+        None for the other stages and kinds (statistics passes sum over rows; selection masks
+        count ties in order), which run on the whole step."""
+        kind, key, n = self.method.kind, step.source.key, len(step.source.shape)
+        if n == 0 or not (
+            (kind == "elementwise" and step.stage in ("whole", "apply"))
+            or (kind == "columns" and step.stage == "apply")
+        ):
+            return None
+
+        def split(work: list[torch.Tensor]) -> tuple[list[torch.Tensor], dict]:
+            m = len(work) - self.extras  # [vlm, base, *mls], then the rule's extra inputs
+            kw = {"extra": list(work[m:])} if self.extras else {}
+            vlm, base, *mls = work[:m]
+            return [base, vlm, *mls], kw
+
+        if kind == "columns":
+
+            def rule(work: list[torch.Tensor], first: int) -> torch.Tensor:
+                part, _ = split(work)
+                shifted = _Step(step.source, step.out, step.stage, step.start + first, 0, False)
+                return self._column_apply(shifted, part)
+
+            return rule
+
+        def rule(work: list[torch.Tensor], first: int) -> torch.Tensor:  # noqa: F811
+            part, kw = split(work)
+            start = step.start + first
+            return self.method.fn(part[0], part[1:], self.options, name=key, offset=start, **kw)
+
+        return rule
+
     # -- columns (DiM3): per-column sums over row slices, then weights, then apply per slice
     def _column_stats(self, step: _Step, part: list[torch.Tensor]) -> None:
         stats_fn = self.method.parts.stats
@@ -594,6 +630,85 @@ class _RankState:
     top: torch.Tensor | None = None
 
 
+TILE_BYTES = 2**20  # float32 bytes of one input in a tile (L2-sized: see _Tiles)
+
+
+class _Tiles:
+    """Computes a step in tiles of rows on ``workers`` threads, converting each tile's inputs,
+    merging them and writing the result in the output dtype while the tile is in the CPU's
+    caches, instead of converting the whole step to float32, merging it in several passes over
+    memory and converting it back (each a pass over 32 MiB buffers, far larger than any cache).
+
+    Each thread runs torch with one intra-op thread (they set it when they start; torch keeps it
+    per thread) and its own reused buffers, so that the rule's temporaries
+    (:func:`dim3.methods._utils.scratch`) of two tiles never meet. Only rules that give the same
+    numbers for any cut of the rows use it (:meth:`_Merger.row_rule`): the merged bytes do not
+    depend on the tiling. Measured in docs/performance.md.
+    """
+
+    def __init__(self, workers: int):
+        self.workers = workers
+        self._pool = ThreadPoolExecutor(
+            max_workers=workers,
+            thread_name_prefix="dim3-tile",
+            initializer=torch.set_num_threads,
+            initargs=(1,),
+        )
+        self._buffers = [Buffers() for _ in range(workers)]
+
+    def run(
+        self,
+        views: Sequence[torch.Tensor],
+        rule: Callable[[list[torch.Tensor], int], torch.Tensor],
+        out: torch.Tensor,
+    ) -> None:
+        """Merge the step whose input rows are ``views`` = (vlm, base, *mls, *extra) into
+        ``out`` (the step's rows, output dtype): rows below the base's count by ``rule``, the
+        VLM's own rows after them (tokens only the VLM has) converted from the VLM."""
+        vlm, merged = views[0], views[1].shape[0]
+        per_row = max(1, math.prod(vlm.shape[1:]))
+        rows = max(1, TILE_BYTES // (4 * per_row))
+        cuts = [(a, min(merged, a + rows)) for a in range(0, merged, rows)]
+        share = -(-len(cuts) // self.workers)
+        groups = [cuts[i : i + share] for i in range(0, len(cuts), share)]
+        futures = [
+            self._pool.submit(self._work, self._buffers[w], group, views, rule, out)
+            for w, group in enumerate(groups)
+        ]
+        try:
+            if merged < vlm.shape[0]:
+                out[merged:].copy_(vlm[merged:])
+        finally:
+            wait(futures)  # no worker may still write into ``out`` once this returns
+        for future in futures:
+            future.result()
+
+    @staticmethod
+    def _work(buffers: Buffers, cuts, views, rule, out: torch.Tensor) -> None:
+        cpu = torch.device("cpu")
+        with torch.no_grad(), reuse_buffers(buffers):
+            for a, b in cuts:
+                work = [
+                    buffers.take(f"tile.in{j}", (b - a, *v.shape[1:]), torch.float32, cpu).copy_(
+                        v[a:b]
+                    )
+                    for j, v in enumerate(views)
+                ]
+                out[a:b].copy_(rule(work, a))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+def tile_workers(device: torch.device, cores: int | None = None) -> int:
+    """Threads of :class:`_Tiles` for a CPU merge: one per core torch computes on
+    (:func:`compute_threads`), at most 8 (the work is bound by memory bandwidth); 0 (no
+    tiling) for other devices."""
+    if device.type != "cpu":
+        return 0
+    return min(8, compute_threads(device, cores))
+
+
 def _limit(plan: MergePlan, budget: int) -> int:
     """The largest buffer a sliced step asks for: T + 1 slices of the budget (a rule's (T, ...)
     updates plus one), or the largest tensor the plan merges whole if smaller. Requests above it
@@ -614,6 +729,7 @@ def iter_merged(
     *,
     buffers: Buffers | None = None,
     streams: _Streams | None = None,
+    into: Callable[[Entry, int, tuple[int, ...]], torch.Tensor | None] | None = None,
 ) -> Iterator[tuple[Entry, int, torch.Tensor, bool]]:
     """Yield ``(entry, start_row, rows, done)`` pieces of every planned tensor, in plan order.
 
@@ -627,6 +743,11 @@ def iter_merged(
     ``streams.compute``: a consumer works on that stream too (:meth:`_Streams.computing`).
     ``on_step(key, done, total)`` hears the inner steps of slow rules
     (:func:`dim3.methods._utils.report_step`) and may raise to stop.
+
+    ``into(entry, start_row, shape)`` may give the tensor (the consumer's, in its output dtype)
+    that the rows of a step go to. On the CPU, steps whose rule any cut of rows leaves unchanged
+    (:meth:`_Merger.row_rule`) are then computed straight into it, in tiles (:class:`_Tiles`),
+    and that tensor is yielded; other steps yield float32 rows as above.
     """
     budget = parse_size(chunk_size)
     steps = _schedule(plan, method, budget)
@@ -637,6 +758,8 @@ def iter_merged(
     merger = _Merger(method, options, device, buffers, on_step, extras)
     tied_sources = {e.tied_to for e in plan.entries if e.tied_to}
     whole: dict[str, torch.Tensor] = {}  # merged whole tensors that a tied head repeats
+    workers = tile_workers(device) if into is not None else 0
+    tiles = _Tiles(workers) if workers else None
     try:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dim3-read") as pool:
             pending: Future | None = None
@@ -648,6 +771,14 @@ def iter_merged(
                     out = staged.tensors[0]
                 elif step.stage == "whole" and step.source.key in whole:
                     out = whole.pop(step.source.key)
+                elif (
+                    tiles is not None
+                    and not (step.stage == "whole" and step.source.key in tied_sources)
+                    and (rule := merger.row_rule(step)) is not None
+                    and (out := into(step.out, step.start, tuple(staged.tensors[0].shape)))
+                    is not None
+                ):
+                    tiles.run(staged.tensors, rule, out)
                 else:
                     with streams.computing():
                         out = merger(step, source.to_work(staged))
@@ -659,6 +790,8 @@ def iter_merged(
     finally:
         streams.synchronize()  # nothing queued may outlive the buffers it uses
         source.close()
+        if tiles is not None:
+            tiles.close()
 
 
 @functools.cache
@@ -713,6 +846,7 @@ def _run(
     *,
     buffers: Buffers,
     streams: _Streams,
+    into: Callable[[Entry, int, tuple[int, ...]], torch.Tensor | None] | None = None,
 ) -> float:
     """Drive :func:`iter_merged` into ``sink``, reporting progress; returns seconds taken."""
     _return_freed_memory()
@@ -743,6 +877,7 @@ def _run(
             on_step,
             buffers=buffers,
             streams=streams,
+            into=into,
         )
         for entry, first_row, tensor, last in pieces:
             with streams.computing():
@@ -788,6 +923,14 @@ class _Pipe:
         if streams.cuda:
             self._copied = [torch.cuda.Event() for _ in range(depth + 1)]
 
+    def reserve(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
+        """The CPU buffer the next :meth:`put` will write from (None for CUDA): rows computed
+        straight into it are put without a copy. Free: the write that last used it is done."""
+        if self._streams.cuda:
+            return None
+        slot = self._n % (self._depth + 1)
+        return self._buffers.take(f"out{slot}", shape, dtype, torch.device("cpu"))
+
     def put(self, key: str, start: int, rows: torch.Tensor, dtype: torch.dtype) -> None:
         slot = self._n % (self._depth + 1)
         self._n += 1
@@ -804,7 +947,9 @@ class _Pipe:
                 copied.record(transfer)
             ready: torch.cuda.Event | None = copied
         else:
-            host = self._buffers.take(f"out{slot}", rows.shape, dtype, cpu, pin=pin).copy_(rows)
+            host = self._buffers.take(f"out{slot}", rows.shape, dtype, cpu, pin=pin)
+            if not (rows.dtype == dtype and rows.data_ptr() == host.data_ptr()):
+                host.copy_(rows)  # else the rows were computed in it (reserve)
             ready = None
         self._pending.append(self._pool.submit(self._write_when, ready, key, start, host))
         while len(self._pending) > self._depth:
@@ -891,6 +1036,9 @@ def merge_to_folder(
             def sink(entry: Entry, first_row: int, rows: torch.Tensor) -> None:
                 pipe.put(entry.key, first_row, rows, dtypes[entry.key])
 
+            def into(entry: Entry, first_row: int, shape: tuple[int, ...]) -> torch.Tensor | None:
+                return pipe.reserve(shape, dtypes[entry.key])
+
             seconds = _run(
                 merge_plan,
                 inputs,
@@ -900,6 +1048,7 @@ def merge_to_folder(
                 chunk_size,
                 buffers=buffers,
                 streams=streams,
+                into=into,
             )
             pipe.drain()
             _copy_side_files(inputs.multimodal.path, writer.folder, recipe.dtype)

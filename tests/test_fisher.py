@@ -322,6 +322,21 @@ def test_sliced_fisher_merge_equals_whole(tiny_llava_trio, fishers, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_tiled_fisher_steps_equal_the_untiled_loop(tiny_llava_trio, fishers, tmp_path, monkeypatch):
+    """The Fisher rule in tiles of 4 rows (its Fisher rows cut with the weights'): what the
+    untiled loop computes, bit for bit, in the loop's pieces and in the folder."""
+    from tests.test_slicing import assert_tiled_equals_untiled
+
+    monkeypatch.setattr(engine, "TILE_BYTES", 512)
+    recipe = recipe_of(
+        tiny_llava_trio,
+        method="fisher",
+        fisher={r: str(fishers[r]) for r in ("multimodal", "multilingual")},
+    )
+    out = engine.merge_to_folder(recipe, tmp_path / "out", chunk_size="4KiB").out_dir
+    assert assert_tiled_equals_untiled(recipe, "4KiB", out) > 10
+
+
 def test_fisher_merge_refuses_missing_foreign_and_fake_fishers(tiny_llava_trio, fishers, tmp_path):
     trio = tiny_llava_trio
     with pytest.raises(ValueError, match="needs a Fisher folder for multilingual"):

@@ -46,9 +46,13 @@ class Models:
         return self.built[key]
 
     def trio(
-        self, trio: str, layers: int | None = None, vision_layers: int | None = None
+        self,
+        trio: str,
+        layers: int | None = None,
+        vision_layers: int | None = None,
+        data: str = "sparse",
     ) -> Recipe:
-        kwargs = {}
+        kwargs = {} if data == "sparse" else {"data": data}
         if layers:  # every model keeps the layers the VLM's cut keeps
             vlm = load_keymap(TRIOS[trio][2])
             kwargs["layers"] = tuple(realmaps.kept_layers(vlm, layers))
@@ -199,6 +203,22 @@ def test_qwen2_vl_2b_merges_and_loads_in_transformers(models, tmp_path):
     merged = model.model.language_model.layers[0].mlp.down_proj.weight.float().flatten()
     assert merged[: 2**20].abs().mean() > 0.01
     assert os.listdir(tmp_path) == ["merged"]
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "dim3", "dare_task_arithmetic"])
+def test_tiles_at_the_real_2b_shape_equal_the_untiled_loop(models, method, tmp_path):
+    """Qwen2-VL-2B cut to one layer, random data: the real vocabulary (151,936 x 1,536, 32 MiB
+    steps of 32 tiles each, shared by the worker threads), the real MLP (8,960 x 1,536) and the
+    1-D norms, each merged in tiles into the output dtype, hold exactly what the untiled loop
+    computes, in the loop's pieces and in the folder merge_to_folder writes."""
+    from dataclasses import replace
+
+    from tests.test_slicing import assert_tiled_equals_untiled
+
+    recipe = replace(models.trio("qwen2-vl-2b", 1, 1, data="random"), method=method)
+    assert 151936 * 1536 * 4 > 32 * engine.TILE_BYTES  # the embedding's steps hold many tiles
+    out = engine.merge_to_folder(recipe, tmp_path / "out").out_dir
+    assert assert_tiled_equals_untiled(recipe, folder=out) > 20
 
 
 # ---------------------------------------------------------------- today's VLMs at real shape

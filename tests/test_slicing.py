@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors import safe_open
 from transformers import AutoModelForImageTextToText
 
 from dim3 import engine
@@ -87,6 +88,76 @@ def test_sliced_merge_equals_whole_merge(method, trio_name, request, tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+# ---------------------------------------------------------------- tiles
+
+# rules whose steps the engine computes in tiles of rows (any cut of rows gives the same numbers)
+# (fisher, which needs Fisher folders: tests/test_fisher.py)
+ROW_LOCAL = [
+    n for n, m in METHODS.items() if m.kind in ("elementwise", "columns") and not m.extra_inputs
+]
+
+
+def assert_tiled_equals_untiled(recipe, chunk_size=engine.DEFAULT_CHUNK, folder=None) -> int:
+    """Run the loop twice on ``recipe``: once computing row-local steps in tiles straight into
+    output-dtype tensors (``into``), once on whole float32 steps; every piece must be equal bit
+    for bit once the untiled one is converted to the output dtype. With ``folder`` (a
+    ``merge_to_folder`` output of the recipe) its tensors must be the untiled pieces too.
+    Returns how many pieces were computed in tiles."""
+    method, cpu = METHODS[recipe.method], torch.device("cpu")
+    made: set[int] = set()
+    with engine.open_inputs(recipe) as inputs, engine.open_inputs(recipe) as others:
+        plan = engine.build_plan(inputs.base, inputs.multilingual, inputs.multimodal)
+        dtypes = {e.key: engine.output_dtype(e, recipe.dtype) for e in plan.entries}
+
+        def into(entry, start, shape):
+            t = torch.empty(shape, dtype=dtypes[entry.key])
+            made.add(t.data_ptr())
+            return t
+
+        opts = recipe.method_options()
+        tiled = engine.iter_merged(plan, inputs, method, opts, cpu, chunk_size, into=into)
+        plain = engine.iter_merged(plan, others, method, opts, cpu, chunk_size)  # own inputs
+        files = [safe_open(f, "pt") for f in sorted(folder.glob("*.safetensors"))] if folder else []
+        where = {k: f for f in files for k in f.keys()}
+        n = 0
+        for (e, a, got, _), (e2, a2, want, _) in zip(tiled, plain, strict=True):
+            assert (e.key, a) == (e2.key, a2)
+            tiled = got.data_ptr() in made
+            n += tiled
+            want = want.to(dtypes[e.key])
+            assert torch.equal(got if tiled else got.to(want.dtype), want), (e.key, a)
+            if folder:
+                stored = where[e.key].get_slice(e.key)[a : a + want.shape[0]]
+                assert torch.equal(stored, want), (e.key, a)
+    return n
+
+
+@pytest.mark.parametrize("method", ROW_LOCAL)
+@pytest.mark.parametrize("chunk_size", [4096, engine.DEFAULT_CHUNK])
+def test_tiled_steps_equal_the_untiled_loop_bit_for_bit(
+    method, chunk_size, request, tmp_path, monkeypatch
+):
+    """Tiles of a few rows (many per step, shared among the worker threads), sliced steps and
+    whole ones, padded vocabulary rows and a tied head: the tiled loop and the folder it writes
+    hold exactly what the untiled loop computes."""
+    monkeypatch.setattr(engine, "TILE_BYTES", 512)  # 4 rows of the tiny models' 32 columns
+    recipe = recipe_of(request.getfixturevalue("tiny_llava_trio"), method=method)
+    out = engine.merge_to_folder(recipe, tmp_path / "out", chunk_size=chunk_size).out_dir
+    tiled = assert_tiled_equals_untiled(recipe, chunk_size, out)
+    if METHODS[method].kind == "columns" and chunk_size == engine.DEFAULT_CHUNK:
+        assert tiled == 0  # whole tensors: their column statistics are computed with the rule
+    else:
+        assert tiled > 10
+
+
+def test_tile_workers_follow_the_compute_threads():
+    cpu = torch.device("cpu")
+    assert engine.tile_workers(cpu, cores=1) == 1
+    assert engine.tile_workers(cpu, cores=2) == 2
+    assert engine.tile_workers(cpu, cores=64) == 8
+    assert engine.tile_workers(torch.device("cuda"), cores=2) == 0
 
 
 def test_sliced_merge_into_a_loaded_model_equals_the_folder(tiny_llava_trio, tmp_path):
