@@ -931,7 +931,17 @@ class _Pipe:
         slot = self._n % (self._depth + 1)
         return self._buffers.take(f"out{slot}", shape, dtype, torch.device("cpu"))
 
-    def put(self, key: str, start: int, rows: torch.Tensor, dtype: torch.dtype) -> None:
+    def put(
+        self, key: str, start: int, rows: torch.Tensor, dtype: torch.dtype, stable: bool = False
+    ) -> None:
+        """Queue rows for writing. ``stable``: ``rows`` never change (a copied tensor's rows, a
+        read-only view of a mapped input that keeps its mapping alive): already in ``dtype`` on
+        the CPU, they are written as they are, with no copy into a buffer."""
+        if stable and rows.dtype == dtype and rows.device.type == "cpu":
+            self._pending.append(self._pool.submit(self._write_when, None, key, start, rows))
+            while len(self._pending) > self._depth:
+                self._pending.pop(0).result()
+            return
         slot = self._n % (self._depth + 1)
         self._n += 1
         cpu, pin = torch.device("cpu"), self._streams.cuda
@@ -1034,7 +1044,8 @@ def merge_to_folder(
         ):
 
             def sink(entry: Entry, first_row: int, rows: torch.Tensor) -> None:
-                pipe.put(entry.key, first_row, rows, dtypes[entry.key])
+                stable = entry.action == "copy"  # iter_merged: copied rows are mapped views
+                pipe.put(entry.key, first_row, rows, dtypes[entry.key], stable)
 
             def into(entry: Entry, first_row: int, shape: tuple[int, ...]) -> torch.Tensor | None:
                 return pipe.reserve(shape, dtypes[entry.key])

@@ -27,6 +27,7 @@ import struct
 import tempfile
 import uuid
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -133,19 +134,35 @@ class _StreamFile:
     writes, the unaligned tail at :meth:`close` through the page cache. A merged model is written
     once and not read back soon; through the page cache its gigabytes would cost the kernel a copy
     and a page each and evict the inputs the merge is reading. Elsewhere (tmpfs, macOS, Windows)
-    it is an ordinary buffered file."""
+    it is an ordinary buffered file.
 
-    def __init__(self, path: Path, staging: torch.Tensor | None):
+    With two staging buffers and a ``flusher`` thread, a full buffer is written on that thread
+    while the next one fills: gathering the bytes overlaps the disk's work instead of waiting
+    for it (a direct write returns only once the device has the data). Writes stay in order (one
+    flusher); one that failed is raised by the next switch of buffers or by :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        staging: Sequence[torch.Tensor] = (),
+        flusher: ThreadPoolExecutor | None = None,
+    ):
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0)
         self.fd, self.direct = -1, False
-        if staging is not None and hasattr(os, "O_DIRECT"):
+        if staging and hasattr(os, "O_DIRECT"):
             try:
                 self.fd, self.direct = os.open(path, flags | os.O_DIRECT, 0o666), True
             except OSError:  # the file system refuses O_DIRECT (tmpfs, some FUSE)
                 pass
         if self.fd < 0:
             self.fd = os.open(path, flags, 0o666)
-        self._stage, self._fill = staging, 0
+        self._staged = self.direct  # bytes go through the staging buffers (decided once)
+        self._stages = list(staging)
+        self._pending: list[Future | None] = [None] * len(self._stages)
+        self._flusher = flusher if len(self._stages) > 1 else None
+        self._k, self._fill = 0, 0
+        self._stage = self._stages[0] if self._stages else None
 
     def write(self, data: torch.Tensor | bytes) -> None:
         """Append ``data`` (a flat uint8 CPU tensor, or bytes)."""
@@ -154,7 +171,7 @@ class _StreamFile:
             if isinstance(data, bytes)
             else data
         )
-        if not self.direct:
+        if not self._staged:
             self._write_all(memoryview(flat.numpy()) if flat.numel() else memoryview(b""))
             return
         assert self._stage is not None
@@ -164,12 +181,27 @@ class _StreamFile:
             self._stage[self._fill : self._fill + k].copy_(flat[pos : pos + k])
             self._fill, pos = self._fill + k, pos + k
             if self._fill == cap:
-                self._flush(cap)
+                self._switch()
 
-    def _flush(self, nbytes: int) -> None:
-        """Write the first ``nbytes`` (aligned) of the staging buffer and keep the rest."""
+    def _switch(self) -> None:
+        """Send the full buffer to disk (on the flusher, if any) and fill the next one."""
         assert self._stage is not None
-        view = memoryview(self._stage.numpy())[:nbytes]
+        view = memoryview(self._stage.numpy())
+        if self._flusher is None:
+            self._write_direct(view)
+        else:
+            self._pending[self._k] = self._flusher.submit(self._write_direct, view)
+            self._k = (self._k + 1) % len(self._stages)
+            self._wait(self._k)  # its previous write is done before it is refilled
+            self._stage = self._stages[self._k]
+        self._fill = 0
+
+    def _wait(self, k: int) -> None:
+        pending, self._pending[k] = self._pending[k], None
+        if pending is not None:
+            pending.result()
+
+    def _write_direct(self, view: memoryview) -> None:
         try:
             self._write_all(view)
         except OSError as exc:
@@ -177,6 +209,11 @@ class _StreamFile:
                 raise
             self._buffered()  # opened with O_DIRECT but refused at write time: write normally
             self._write_all(view)
+
+    def _flush(self, nbytes: int) -> None:
+        """Write the first ``nbytes`` (aligned) of the staging buffer now and keep the rest."""
+        assert self._stage is not None
+        self._write_direct(memoryview(self._stage.numpy())[:nbytes])
         rest = self._fill - nbytes
         if rest:
             self._stage[:rest].copy_(self._stage[nbytes : self._fill].clone())
@@ -194,13 +231,24 @@ class _StreamFile:
         if self.fd < 0:
             return
         try:
-            if self.direct and self._fill:
+            for k in range(len(self._pending)):
+                self._wait(k)  # every earlier buffer is on disk, in order
+            if self._staged and self._fill:
                 aligned = self._fill - self._fill % ALIGN
-                if aligned:
+                if aligned and self.direct:
                     self._flush(aligned)
-                self._buffered()  # the tail is not a whole block
+                if self.direct:
+                    self._buffered()  # the tail is not a whole block
                 self._flush(self._fill)
         finally:
+            for k in range(len(self._pending)):  # after a failure: let no write outlive the fd
+                pending = self._pending[k]
+                if pending is not None:
+                    pending.cancel()
+                    try:
+                        pending.result()
+                    except BaseException:  # noqa: BLE001 - the first error is being raised
+                        pass
             os.close(self.fd)
             self.fd = -1
 
@@ -246,10 +294,15 @@ class ShardedWriter:
         self._rows_done = 0  # rows of the current tensor written so far
         self._file: _StreamFile | None = None
         self._shard = -1
-        self._staging: torch.Tensor | None = None
+        self._staging: list[torch.Tensor] = []
+        self._flusher: ThreadPoolExecutor | None = None
         if direct_io and fcntl is not None and hasattr(os, "O_DIRECT"):
-            # page-aligned (an anonymous mapping), allocated once for every shard
-            self._staging = torch.frombuffer(mmap.mmap(-1, STAGING), dtype=torch.uint8)
+            # page-aligned (anonymous mappings), allocated once for every shard: one fills while
+            # the other is written on the flusher thread
+            self._staging = [
+                torch.frombuffer(mmap.mmap(-1, STAGING), dtype=torch.uint8) for _ in range(2)
+            ]
+            self._flusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dim3-flush")
 
     def shard_name(self, i: int) -> str:
         n = len(self.shards)
@@ -296,7 +349,9 @@ class ShardedWriter:
         if self._file is not None:
             self._file.close()
         self._shard += 1
-        self._file = _StreamFile(self.folder / self.shard_name(self._shard), self._staging)
+        self._file = _StreamFile(
+            self.folder / self.shard_name(self._shard), self._staging, self._flusher
+        )
         self._file.write(_header(self.shards[self._shard], {"format": "pt"}))
 
     def _write_index(self) -> None:
@@ -317,9 +372,13 @@ class ShardedWriter:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._file is not None:
-            self._file.close()
         try:
+            try:
+                if self._file is not None:
+                    self._file.close()
+            finally:
+                if self._flusher is not None:
+                    self._flusher.shutdown(wait=True)
             if exc_type is None:
                 if self._next != len(self._order):
                     missing = self._order[self._next].name

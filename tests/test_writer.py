@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -95,12 +96,13 @@ def test_direct_and_buffered_writes_give_the_same_bytes(tmp_path):
     g = torch.Generator().manual_seed(0)
     tensors = {
         "big": torch.randn(STAGING // 4 + 1234, generator=g),  # more than one staging buffer
+        "bigger": torch.randn(5 * STAGING // 4 + 77, generator=g),  # both buffers, reused
         "odd": torch.randn(3, 7, generator=g).to(torch.bfloat16),  # leaves the file unaligned
         "tail": torch.arange(5, dtype=torch.int16),
     }
     spec = [TensorSpec(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()]
     for direct in (True, False):
-        with ShardedWriter(tmp_path / str(direct), spec, shard_size="10MB", direct_io=direct) as w:
+        with ShardedWriter(tmp_path / str(direct), spec, shard_size="20MB", direct_io=direct) as w:
             for k, v in tensors.items():
                 w.write(k, v)
             assert w._file is not None and w._file.direct == (
@@ -108,7 +110,7 @@ def test_direct_and_buffered_writes_give_the_same_bytes(tmp_path):
             )
     files = sorted(p.name for p in (tmp_path / "True").iterdir())
     assert files == sorted(p.name for p in (tmp_path / "False").iterdir())
-    assert len(files) == 3  # two shards and the index
+    assert len(files) == 4  # three shards and the index
     for name in files:
         assert (tmp_path / "True" / name).read_bytes() == (tmp_path / "False" / name).read_bytes()
     got = {}
@@ -117,3 +119,37 @@ def test_direct_and_buffered_writes_give_the_same_bytes(tmp_path):
             got.update({k: f.get_tensor(k) for k in f.keys()})
     for k, v in tensors.items():
         assert torch.equal(got[k], v), k
+
+
+FULL_DISK = """
+import resource, signal, sys, torch
+from pathlib import Path
+from dim3.writer import STAGING, ShardedWriter, TensorSpec
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG), as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (3 * STAGING, 3 * STAGING))
+t = torch.ones(8 * STAGING // 4)
+out = Path(sys.argv[1]) / "out"
+try:
+    with ShardedWriter(out, [TensorSpec("t", t.dtype, tuple(t.shape))], direct_io=True) as w:
+        w.write("t", t)
+except OSError as exc:
+    print("raised", exc.errno)
+"""
+
+
+def test_a_write_the_disk_refuses_mid_file_is_raised_and_leaves_nothing(tmp_path):
+    """A file-size limit makes the disk refuse the writes past 48 MiB of a 128 MiB tensor (with
+    double-buffered direct writes, the first refusal happens on the flusher thread): the error
+    reaches the caller and neither the output nor the temporary folder remains."""
+    import errno
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    done = subprocess.run(
+        [sys.executable, "-c", FULL_DISK, str(tmp_path)], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["raised", str(errno.EFBIG)]
+    assert list(tmp_path.iterdir()) == []
