@@ -525,6 +525,33 @@ class _Merger:
 
         return rule
 
+    def tile_stats(self, step: _Step) -> Callable[[list[torch.Tensor], int], Any] | None:
+        """A column rule's statistics of a few rows of ``step`` (a statistics pass over stored
+        columns), for :meth:`add_stats` to sum in row order; None for other steps."""
+        if (
+            self.method.kind != "columns"
+            or not step.stage.startswith("stats")
+            or step.source.transpose
+            or len(step.source.shape) != 2
+        ):
+            return None
+        stats_fn = self.method.parts.stats
+
+        def stats(work: list[torch.Tensor], first: int) -> Any:
+            vlm, base, *mls = work[: len(work) - self.extras]
+            return stats_fn(base, [vlm, *mls])
+
+        return stats
+
+    def add_stats(self, step: _Step, partials: list[Any]) -> None:
+        """Sum a step's per-tile column statistics in row order into the tensor's."""
+        got = partials[0]
+        for p in partials[1:]:
+            got.add(p)
+        self.state = got if step.start == 0 else self.state.add(got)
+        if step.last:
+            self.state = self.method.parts.weights(self.state, self.options).weights
+
     # -- columns (DiM3): per-column sums over row slices, then weights, then apply per slice
     def _column_stats(self, step: _Step, part: list[torch.Tensor]) -> None:
         stats_fn = self.method.parts.stats
@@ -666,14 +693,9 @@ class _Tiles:
         ``out`` (the step's rows, output dtype): rows below the base's count by ``rule``, the
         VLM's own rows after them (tokens only the VLM has) converted from the VLM."""
         vlm, merged = views[0], views[1].shape[0]
-        per_row = max(1, math.prod(vlm.shape[1:]))
-        rows = max(1, TILE_BYTES // (4 * per_row))
-        cuts = [(a, min(merged, a + rows)) for a in range(0, merged, rows)]
-        share = -(-len(cuts) // self.workers)
-        groups = [cuts[i : i + share] for i in range(0, len(cuts), share)]
         futures = [
             self._pool.submit(self._work, self._buffers[w], group, views, rule, out)
-            for w, group in enumerate(groups)
+            for w, group in enumerate(self._groups(views))
         ]
         try:
             if merged < vlm.shape[0]:
@@ -683,9 +705,30 @@ class _Tiles:
         for future in futures:
             future.result()
 
+    def map(self, views: Sequence[torch.Tensor], fn: Callable[[list[torch.Tensor], int], Any]):
+        """``fn(work, first)`` of every tile of the step's merged rows, in row order (a
+        statistics pass: per-tile sums for the caller to add in this order, whatever the number
+        of threads)."""
+        futures = [
+            self._pool.submit(self._work, self._buffers[w], group, views, fn, None)
+            for w, group in enumerate(self._groups(views))
+        ]
+        wait(futures)
+        return [got for future in futures for got in future.result()]
+
+    def _groups(self, views: Sequence[torch.Tensor]) -> list[list[tuple[int, int]]]:
+        """The tiles (row ranges) of the merged rows, in contiguous runs, one per thread."""
+        merged = views[1].shape[0]
+        per_row = max(1, math.prod(views[0].shape[1:]))
+        rows = max(1, TILE_BYTES // (4 * per_row))
+        cuts = [(a, min(merged, a + rows)) for a in range(0, merged, rows)]
+        share = -(-len(cuts) // self.workers)
+        return [cuts[i : i + share] for i in range(0, len(cuts), share)]
+
     @staticmethod
-    def _work(buffers: Buffers, cuts, views, rule, out: torch.Tensor) -> None:
+    def _work(buffers: Buffers, cuts, views, fn, out: torch.Tensor | None) -> list:
         cpu = torch.device("cpu")
+        got = []
         with torch.no_grad(), reuse_buffers(buffers):
             for a, b in cuts:
                 work = [
@@ -694,7 +737,11 @@ class _Tiles:
                     )
                     for j, v in enumerate(views)
                 ]
-                out[a:b].copy_(rule(work, a))
+                if out is None:
+                    got.append(fn(work, a))
+                else:
+                    out[a:b].copy_(fn(work, a))
+        return got
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -758,7 +805,7 @@ def iter_merged(
     merger = _Merger(method, options, device, buffers, on_step, extras)
     tied_sources = {e.tied_to for e in plan.entries if e.tied_to}
     whole: dict[str, torch.Tensor] = {}  # merged whole tensors that a tied head repeats
-    workers = tile_workers(device) if into is not None else 0
+    workers = tile_workers(device)
     tiles = _Tiles(workers) if workers else None
     try:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dim3-read") as pool:
@@ -771,8 +818,12 @@ def iter_merged(
                     out = staged.tensors[0]
                 elif step.stage == "whole" and step.source.key in whole:
                     out = whole.pop(step.source.key)
+                elif tiles is not None and (stats := merger.tile_stats(step)) is not None:
+                    merger.add_stats(step, tiles.map(staged.tensors, stats))
+                    out = None
                 elif (
                     tiles is not None
+                    and into is not None
                     and not (step.stage == "whole" and step.source.key in tied_sources)
                     and (rule := merger.row_rule(step)) is not None
                     and (out := into(step.out, step.start, tuple(staged.tensors[0].shape)))

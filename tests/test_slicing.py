@@ -152,6 +152,26 @@ def test_tiled_steps_equal_the_untiled_loop_bit_for_bit(
         assert tiled > 10
 
 
+@pytest.mark.parametrize("trio_name", ["tiny_llava_trio", "tiny_qwen2vl_trio"])
+def test_dim3_column_sums_gathered_over_tiles_match_the_reference(
+    trio_name, request, tmp_path, monkeypatch
+):
+    """DiM3's column statistics summed tile by tile (4 rows each, in 4 KiB steps) give what
+    the independent reference computes from whole tensors (tests/test_engine.py)."""
+    from tests.test_engine import base_name, expected_tensor, tokenizer_len
+
+    monkeypatch.setattr(engine, "TILE_BYTES", 512)
+    trio = request.getfixturevalue(trio_name)
+    engine.merge_to_folder(recipe_of(trio), tmp_path / "out", chunk_size=4096)
+    out, vlm = load_all(tmp_path / "out"), load_all(trio.multimodal)
+    base, ml = load_all(trio.base), load_all(trio.multilingual)
+    merged = [k for k in out if base_name(k) is not None]
+    assert merged
+    for key in merged:
+        want = expected_tensor(key, vlm, base, ml, tokenizer_len(trio.base))
+        torch.testing.assert_close(out[key], want, rtol=1e-5, atol=1e-6, msg=key)
+
+
 def test_tile_workers_follow_the_compute_threads():
     cpu = torch.device("cpu")
     assert engine.tile_workers(cpu, cores=1) == 1
