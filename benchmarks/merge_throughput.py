@@ -7,7 +7,9 @@ page cache, as ``cat`` and ``dd`` would) and ``O_DIRECT`` writes (past it, as th
 shards). Each round runs both floors and then the merge back to back, each in a fresh process,
 recording before each the load average and how much of the inputs is in the page cache
 (``fincore``); ratios are taken within a round and the medians over ``--repeat`` rounds reported.
-``--against OTHER_CHECKOUT`` also runs that checkout's engine in every round (paired old/new).
+``--against OTHER_CHECKOUT`` also runs that checkout's engine in every round (paired old/new);
+``--cli`` also times ``python -m dim3 merge`` as a whole process (interpreter start and imports
+included) right after each round's merge, against the same round's floor.
 
     python benchmarks/merge_throughput.py --shape tiny          # seconds, any machine
     python benchmarks/merge_throughput.py --shape 1b --dtype bfloat16
@@ -63,6 +65,7 @@ from dim3.recipe import Recipe, Source
 from dim3.writer import ShardedWriter, TensorSpec
 from tests import realmaps
 
+ROOT = Path(__file__).resolve().parent.parent  # this checkout
 SHAPES = {  # hidden, layers, intermediate, vocab, heads
     "tiny": (256, 4, 688, 32000, 8),
     "1b": (2048, 16, 5632, 32000, 16),
@@ -376,6 +379,26 @@ def run_child(spec: dict, root: Path | None = None) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def run_cli(recipe: Recipe, out: Path, method: str, device: str) -> dict:
+    """``python -m dim3 merge`` on the trio as a whole new process (interpreter start, imports,
+    plan, merge, side files and card included): wall seconds and the child's CPU and faults."""
+    import resource
+
+    src = {r: s.ref for r, s in recipe.sources().items()}
+    argv = [sys.executable, "-m", "dim3", "merge", "--base", src["base"], "--multilingual"]
+    argv += [src["multilingual"], "--multimodal", src["multimodal"], "--out", str(out)]
+    argv += ["--method", method, "--device", device]
+    env = {**os.environ, "PYTHONPATH": os.environ.get("DIM3_BENCH_ROOT") or str(ROOT)}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    done = subprocess.run(argv, capture_output=True, text=True, check=False, env=env)
+    seconds = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if done.returncode != 0:
+        sys.exit(f"the CLI merge failed:\n{done.stderr.strip()[-2000:]}")
+    return {"seconds": seconds, **usage(before, after)}
+
+
 def merge_spec(recipe: Recipe, out: Path, method: str, device: str) -> dict:
     spec = {r: s.ref for r, s in recipe.sources().items()}
     return {**spec, "out": str(out), "method": method, "device": device}
@@ -400,6 +423,11 @@ def main() -> None:
     parser.add_argument("--method", default="dim3", help="a method, or several: dim3,ties,...")
     parser.add_argument("--workdir", default=None, help="where to write the trio (default: temp)")
     parser.add_argument("--repeat", type=int, default=3, help="runs of each (medians reported)")
+    parser.add_argument(
+        "--cli",
+        action="store_true",
+        help="also time `python -m dim3 merge` as a whole process in every round",
+    )
     parser.add_argument(
         "--layout-cache",
         choices=["warm", "off"],
@@ -470,6 +498,15 @@ def one_round(args, recipe, root: Path, method: str, floor_spec: dict, files, i:
     ):
         cached, loadavg = resident(files), load()
         got[name] = {**run_child(spec, where), "cached": cached, "load": loadavg}
+        if name == "merge" and args.cli:  # the whole command line, right after the merge
+            shutil.rmtree(root / "out", ignore_errors=True)
+            got["cli"] = {**run_cli(recipe, root / "out", method, args.device), "cached": cached}
+            r = got["cli"]
+            print(
+                f"  round {i + 1} {'cli':<14} {r['seconds']:7.2f} s  user {r['user']:6.2f}  "
+                f"sys {r['sys']:6.2f}  minflt {r['minflt']:>9}",
+                flush=True,
+            )
         shutil.rmtree(root / "out", ignore_errors=True)
         shutil.rmtree(root / "floor", ignore_errors=True)
         r = got[name]
@@ -565,6 +602,15 @@ def report(args, real: bool, rounds: list[dict]) -> None:
         ),
         ("peak GPU memory", f"{best['gpu'] / gib:.2f} GiB" if best["gpu"] else "n/a"),
     ]
+    if args.cli:
+        rows += [
+            (
+                "CLI, whole process",
+                f"{med('cli'):.2f} s = {ratio('cli', 'floor_direct'):.2f}x the direct floor "
+                "(python -m dim3 merge: interpreter, imports, plan, merge, card)",
+            ),
+            ("CLI CPU", cpu("cli")),
+        ]
     if args.against:
         rows += [
             (
