@@ -722,6 +722,8 @@ class _Tiles:
         per_row = max(1, math.prod(views[0].shape[1:]))
         rows = max(1, TILE_BYTES // (4 * per_row))
         cuts = [(a, min(merged, a + rows)) for a in range(0, merged, rows)]
+        if not cuts:  # a step of the VLM's own rows only (tokens the base does not have)
+            return []
         share = -(-len(cuts) // self.workers)
         return [cuts[i : i + share] for i in range(0, len(cuts), share)]
 

@@ -135,17 +135,22 @@ def assert_tiled_equals_untiled(recipe, chunk_size=engine.DEFAULT_CHUNK, folder=
 
 
 @pytest.mark.parametrize("method", ROW_LOCAL)
-@pytest.mark.parametrize("chunk_size", [4096, engine.DEFAULT_CHUNK])
+@pytest.mark.parametrize("chunk_size", [512, 4096, engine.DEFAULT_CHUNK])
 def test_tiled_steps_equal_the_untiled_loop_bit_for_bit(
     method, chunk_size, request, tmp_path, monkeypatch
 ):
     """Tiles of a few rows (many per step, shared among the worker threads), sliced steps and
-    whole ones, padded vocabulary rows and a tied head: the tiled loop and the folder it writes
-    hold exactly what the untiled loop computes."""
+    whole ones, padded vocabulary rows (at 512 bytes, steps of 4 rows: some hold only the VLM's
+    own rows) and a tied head: the tiled loop and the folder it writes hold exactly what the
+    untiled loop computes."""
     monkeypatch.setattr(engine, "TILE_BYTES", 512)  # 4 rows of the tiny models' 32 columns
     recipe = recipe_of(request.getfixturevalue("tiny_llava_trio"), method=method)
     out = engine.merge_to_folder(recipe, tmp_path / "out", chunk_size=chunk_size).out_dir
     tiled = assert_tiled_equals_untiled(recipe, chunk_size, out)
+    with engine.open_inputs(recipe) as inputs:
+        plan = engine.build_plan(inputs.base, inputs.multilingual, inputs.multimodal)
+    padded = [e for e in plan.entries if e.rows is not None and e.rows < e.shape[0]]
+    assert padded and padded[0].shape[0] - padded[0].rows > 4  # VLM-only steps at 512 bytes
     if METHODS[method].kind == "columns" and chunk_size == engine.DEFAULT_CHUNK:
         assert tiled == 0  # whole tensors: their column statistics are computed with the rule
     else:
