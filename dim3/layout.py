@@ -425,10 +425,41 @@ def _load_record(config_key: str, keys: list[str]) -> dict | None:
             return None
         if any(k not in record["names"] for k in keys):
             return None  # new keys: built again, and the record extended
+        _check_record(record)
         DerivedLayout.from_record(record, lambda: None)  # every field there, of the right kind
     except (OSError, ValueError, KeyError, TypeError, AttributeError, re.error):
         return None
     return record
+
+
+def _check_record(record: dict) -> None:
+    """Raise TypeError unless every field of a stored record has the kind :func:`_save_record`
+    writes (a damaged or edited file is then ignored, not trusted)."""
+
+    def strings(x) -> bool:
+        return isinstance(x, list) and all(isinstance(v, str) for v in x)
+
+    def ints(x) -> bool:
+        return isinstance(x, list) and all(isinstance(v, int) for v in x)
+
+    fine = (
+        all(isinstance(record[k], str) for k in ("family", "class_name", "decoder"))
+        and isinstance(record["base_model_prefix"], str)
+        and (record["head"] is None or isinstance(record["head"], str))
+        and all(strings(record[k]) for k in ("vision", "tied", "optional"))
+        and isinstance(record["shapes"], dict)
+        and all(ints(v) for v in record["shapes"].values())
+        and isinstance(record["layer_map"], list)
+        and all(ints(v) and len(v) == 2 for v in record["layer_map"])
+        and ints(record["vlm_only_layers"])
+        and isinstance(record["names"], dict)
+        and all(
+            isinstance(v, list) and len(v) == 2 and isinstance(v[0], str) and isinstance(v[1], bool)
+            for v in record["names"].values()
+        )
+    )
+    if not fine:
+        raise TypeError("a layout record with fields of the wrong kind")
 
 
 def _save_record(config_key: str, layout: DerivedLayout) -> None:
