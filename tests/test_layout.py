@@ -319,7 +319,8 @@ def test_a_damaged_or_foreign_record_is_ignored_and_replaced(
     elif damage == "fields missing":
         path.write_text(json.dumps({k: v for k, v in record.items() if k != "shapes"}))
     elif damage == "wrong types":
-        path.write_text(json.dumps({**record, "decoder": 5, "names": {keys[0]: ["x", 1]}}))
+        names = {**record["names"], keys[0]: ["x", 1]}
+        path.write_text(json.dumps({**record, "decoder": 5, "names": names}))
     else:  # a record made for another config, under this config's name
         other = {**ckpt.config, "vocab_size": ckpt.config.get("vocab_size", 0) + 1}
         record["config"] = json.dumps(other, sort_keys=True, default=str)
