@@ -657,7 +657,10 @@ class _RankState:
     top: torch.Tensor | None = None
 
 
-TILE_BYTES = 2**20  # float32 bytes of one input in a tile (L2-sized: see _Tiles)
+# float32 bytes of one input in a tile: with the other inputs, the rule's temporaries and the
+# result, a few MiB per thread, within a CPU's last-level cache (32 MiB on the 2-core machine
+# the figures in docs/performance.md come from; 2 and 4 MiB tiles were not faster there)
+TILE_BYTES = 2**20
 
 
 class _Tiles:
