@@ -1166,11 +1166,24 @@ def merge_into_model(
         layout = layout_for(inputs.multimodal.config, inputs.multimodal.keys())
         _check_model_fits(merge_plan, layout, targets)
 
+        def target_rows(entry: Entry, first_row: int, n: int) -> torch.Tensor:
+            target = targets[layout.classify(entry.key)[1]]
+            return target[first_row : first_row + n]
+
         @torch.no_grad()
         def sink(entry: Entry, first_row: int, rows: torch.Tensor) -> None:
             if entry.action == "merge":
-                target = targets[layout.classify(entry.key)[1]]
-                target[first_row : first_row + rows.shape[0]].copy_(rows)
+                target = target_rows(entry, first_row, rows.shape[0])
+                if target.data_ptr() != rows.data_ptr():  # else computed in place (into)
+                    target.copy_(rows)
+
+        def into(entry: Entry, first_row: int, shape: tuple[int, ...]) -> torch.Tensor | None:
+            """The model's own rows, when the tiles can write the merge straight into them."""
+            if entry.action != "merge":
+                return None
+            target = target_rows(entry, first_row, shape[0])
+            fits = target.device.type == "cpu" and target.is_contiguous()
+            return target if fits and tuple(target.shape) == tuple(shape) else None
 
         buffers = Buffers(_limit(merge_plan, parse_size(chunk_size)))
         streams = _Streams(resolve_device(recipe.device))
@@ -1183,6 +1196,7 @@ def merge_into_model(
             chunk_size,
             buffers=buffers,
             streams=streams,
+            into=into,
         )
     return MergeResult(merge_plan, None, seconds, buffers.allocations)
 

@@ -177,6 +177,22 @@ def test_dim3_column_sums_gathered_over_tiles_match_the_reference(
         torch.testing.assert_close(out[key], want, rtol=1e-5, atol=1e-6, msg=key)
 
 
+@pytest.mark.parametrize("method", ["task_arithmetic", "dim3", "dare_task_arithmetic"])
+def test_tiles_written_into_a_loaded_model_equal_the_folder(
+    method, tiny_llava_trio, tmp_path, monkeypatch
+):
+    """An in-memory merge computes its tiles straight into the model's own tensors (4-row
+    tiles, 4 KiB steps): every tensor equals the folder merge's, bit for bit."""
+    monkeypatch.setattr(engine, "TILE_BYTES", 512)
+    recipe = recipe_of(tiny_llava_trio, method=method)
+    engine.merge_to_folder(recipe, tmp_path / "out", chunk_size=4096)
+    model = AutoModelForImageTextToText.from_pretrained(tiny_llava_trio.multimodal)
+    engine.merge_into_model(model, recipe, chunk_size=4096)
+    want = AutoModelForImageTextToText.from_pretrained(tmp_path / "out").state_dict()
+    for key, tensor in model.state_dict().items():
+        assert torch.equal(tensor, want[key]), key
+
+
 def test_tile_workers_follow_the_compute_threads():
     cpu = torch.device("cpu")
     assert engine.tile_workers(cpu, cores=1) == 1
