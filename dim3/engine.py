@@ -435,10 +435,15 @@ class _Merger:
     def __call__(self, step: _Step, work: list[torch.Tensor]) -> torch.Tensor | None:
         """Merge one step's float32 rows ``work`` = [vlm, base, *multilingual, *extra] (the
         engine's buffers); returns the merged rows, in a buffer reused by the next call, or None."""
-        n = len(work) - self.extras
-        kw = {"extra": list(work[n:])} if self.extras else {}  # elementwise rules only (Fisher)
+        models, kw = self._split(work)
         with reuse_buffers(self.buffers):
-            return self._step(step, kw, *work[:n])
+            return self._step(step, kw, *models)
+
+    def _split(self, work: list[torch.Tensor]) -> tuple[list[torch.Tensor], dict]:
+        """``work`` = [vlm, base, *multilingual, *extra] as ([vlm, base, *multilingual], the
+        rule's keyword arguments: ``extra`` for elementwise rules that take some (Fisher))."""
+        n = len(work) - self.extras
+        return work[:n], ({"extra": list(work[n:])} if self.extras else {})
 
     def _step(self, step: _Step, kw: dict, vlm, base, *mls) -> torch.Tensor | None:
         if step.stage == "whole":
@@ -503,27 +508,17 @@ class _Merger:
         ):
             return None
 
-        def split(work: list[torch.Tensor]) -> tuple[list[torch.Tensor], dict]:
-            m = len(work) - self.extras  # [vlm, base, *mls], then the rule's extra inputs
-            kw = {"extra": list(work[m:])} if self.extras else {}
-            vlm, base, *mls = work[:m]
-            return [base, vlm, *mls], kw
+        def columns(work: list[torch.Tensor], first: int) -> torch.Tensor:
+            (vlm, base, *mls), _ = self._split(work)
+            shifted = _Step(step.source, step.out, step.stage, step.start + first, 0, False)
+            return self._column_apply(shifted, [base, vlm, *mls])
 
-        if kind == "columns":
-
-            def rule(work: list[torch.Tensor], first: int) -> torch.Tensor:
-                part, _ = split(work)
-                shifted = _Step(step.source, step.out, step.stage, step.start + first, 0, False)
-                return self._column_apply(shifted, part)
-
-            return rule
-
-        def rule(work: list[torch.Tensor], first: int) -> torch.Tensor:  # noqa: F811
-            part, kw = split(work)
+        def elementwise(work: list[torch.Tensor], first: int) -> torch.Tensor:
+            (vlm, base, *mls), kw = self._split(work)
             start = step.start + first
-            return self.method.fn(part[0], part[1:], self.options, name=key, offset=start, **kw)
+            return self.method.fn(base, [vlm, *mls], self.options, name=key, offset=start, **kw)
 
-        return rule
+        return columns if kind == "columns" else elementwise
 
     def tile_stats(self, step: _Step) -> Callable[[list[torch.Tensor], int], Any] | None:
         """A column rule's statistics of a few rows of ``step`` (a statistics pass over stored
@@ -538,7 +533,7 @@ class _Merger:
         stats_fn = self.method.parts.stats
 
         def stats(work: list[torch.Tensor], first: int) -> Any:
-            vlm, base, *mls = work[: len(work) - self.extras]
+            (vlm, base, *mls), _ = self._split(work)
             return stats_fn(base, [vlm, *mls])
 
         return stats
