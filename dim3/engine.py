@@ -654,7 +654,8 @@ class _RankState:
 
 # float32 bytes of one input in a tile: with the other inputs, the rule's temporaries and the
 # result, a few MiB per thread, within a CPU's last-level cache (32 MiB on the 2-core machine
-# the figures in docs/performance.md come from; 2 and 4 MiB tiles were not faster there)
+# the figures in docs/performance.md come from; there 2 MiB tiles were at most slightly faster
+# and 4 MiB ones slower, in a few noisy runs)
 TILE_BYTES = 2**20
 
 
