@@ -124,23 +124,29 @@ def test_direct_and_buffered_writes_give_the_same_bytes(tmp_path):
 FULL_DISK = """
 import resource, signal, sys, torch
 from pathlib import Path
-from dim3.writer import STAGING, ShardedWriter, TensorSpec
+from dim3.writer import STAGING, ShardedWriter, TensorSpec, _header
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG), as on a full disk
 resource.setrlimit(resource.RLIMIT_FSIZE, (3 * STAGING, 3 * STAGING))
-t = torch.ones(8 * STAGING // 4)
+# a file of exactly 8 staging buffers: no unaligned tail for close() to write on this thread, so
+# every refused write is one of the flusher thread's
+n = 8 * STAGING
+for _ in range(3):
+    n = 8 * STAGING - len(_header([TensorSpec("t", torch.uint8, (n,))], {"format": "pt"}))
+spec = TensorSpec("t", torch.uint8, (n,))
+assert len(_header([spec], {"format": "pt"})) + n == 8 * STAGING
 out = Path(sys.argv[1]) / "out"
 try:
-    with ShardedWriter(out, [TensorSpec("t", t.dtype, tuple(t.shape))], direct_io=True) as w:
-        w.write("t", t)
+    with ShardedWriter(out, [spec], direct_io=True) as w:
+        w.write("t", torch.ones(n, dtype=torch.uint8))
 except OSError as exc:
     print("raised", exc.errno)
 """
 
 
 def test_a_write_the_disk_refuses_mid_file_is_raised_and_leaves_nothing(tmp_path):
-    """A file-size limit makes the disk refuse the writes past 48 MiB of a 128 MiB tensor (with
-    double-buffered direct writes, the first refusal happens on the flusher thread): the error
-    reaches the caller and neither the output nor the temporary folder remains."""
+    """A file-size limit makes the disk refuse the writes past 48 MiB of a 128 MiB file whose
+    bytes all go to disk from the flusher thread (direct writes, no tail): the error reaches the
+    caller and neither the output nor the temporary folder remains."""
     import errno
     import subprocess
     import sys
