@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import mmap
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -195,6 +195,7 @@ class Buffers:
         self.limit = limit
         self.allocations = 0
         self._flat: dict[str, Tensor] = {}
+        self._holds: dict[str, object] = {}  # buffer name -> key of what it holds (:meth:`kept`)
         self._lock = threading.Lock()  # the read thread and the computation take buffers
 
     @property
@@ -210,6 +211,7 @@ class Buffers:
             if have is not None and have.numel() >= nbytes and have.device == device:
                 return
             self._flat.pop(name, None)  # free the smaller one first: peak memory stays one buffer
+            self._holds.pop(name, None)
             self._flat[name] = _allocate(nbytes, device, pin)
             self.allocations += 1
 
@@ -231,6 +233,33 @@ class Buffers:
         with self._lock:
             flat = self._flat[name][: numel * dtype.itemsize]
         return flat.view(dtype).view(tuple(shape))
+
+    def kept(
+        self,
+        name: str,
+        key: object,
+        shape: Sequence[int],
+        dtype: torch.dtype,
+        device: torch.device,
+        fill: Callable[[Tensor], object],
+    ) -> Tensor:
+        """:meth:`take`, filled by ``fill(tensor)`` unless the buffer still holds what an earlier
+        call filled it with for the same ``key`` (and shape and dtype): then that is returned as
+        it is. Values that take long to make and are asked for again by the next few calls (a
+        DARE block's random numbers, which several tiles of rows share) are made once."""
+        t = self.take(name, shape, dtype, device)
+        key = (key, tuple(shape), dtype, str(device))
+        with self._lock:
+            flat = self._flat.get(name)
+            ours = flat is not None and flat.data_ptr() == t.data_ptr()  # not a fresh oversized one
+            if ours and self._holds.get(name) == key:
+                return t
+            self._holds.pop(name, None)  # a fill that fails leaves nothing to be reused
+        fill(t)
+        if ours:
+            with self._lock:
+                self._holds[name] = key
+        return t
 
     def like(self, name: str, t: Tensor, dtype: torch.dtype | None = None) -> Tensor:
         """A buffer shaped, strided and placed like ``t`` (a transposed ``t`` gets a transposed

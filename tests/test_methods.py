@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from dim3.methods import METHODS, get_method, option_fields
 from dim3.methods import _utils as U
 from dim3.methods import dim3 as D
+from dim3.slices import Buffers
 
 ALL = sorted(METHODS)
 
@@ -407,6 +408,33 @@ def test_dare_mask_is_reproducible_and_keyed_by_seed_name_and_model():
     ]:
         assert not torch.equal(m, other)
     assert m.device.type == "cpu" and m.dtype == torch.bool
+
+
+@pytest.mark.parametrize("cut", [None, (2, 9)])
+def test_dare_mask_is_its_blocks_uniform_numbers_at_least_p(cut, monkeypatch):
+    """The definition, computed again: block b of rows draws ``torch.rand`` from a generator
+    seeded by ``dare_seed(seed, name + "\\0b" + b, index)``; an entry is kept where its number
+    is at least p as float32, equal included (p is set to one of the numbers drawn)."""
+    monkeypatch.setattr(U, "DARE_BLOCK", 4 * 7)  # blocks of 4 rows of 7
+    name = "model.layers.3.mlp.up_proj.weight"
+    blocks = []
+    for b in range(3):
+        gen = torch.Generator().manual_seed(U.dare_seed(5, f"{name}\0b{b}", 1))
+        blocks.append(torch.rand((4, 7), generator=gen))
+    uniform = torch.cat(blocks)[:11]
+    p = float(uniform[6, 3])  # an entry exactly at p: kept
+    want = uniform >= torch.tensor(p, dtype=torch.float32)
+    a, b = cut or (0, 11)
+    got = U.dare_keep_mask((b - a, 7), p, 5, name, 1, offset=a)
+    assert torch.equal(got, want[a:b]) and bool(want[6, 3])
+    d = torch.randn(b - a, 7)
+    d[0, 0], d[1, 1] = float("inf"), float("nan")
+    expected = torch.where(want[a:b], d / (1 - p), 0.0)
+    with U.reuse_buffers(Buffers()):  # the engine's path: kept blocks, bit masks
+        got_d = U.dare_(d.clone(), p, 5, name, 1, offset=a)
+    assert torch.equal(got_d.isnan(), expected.isnan())
+    assert torch.equal(got_d.nan_to_num(), expected.nan_to_num())
+    assert not got_d.signbit()[~want[a:b]].any()  # dropped entries are +0.0
 
 
 @pytest.mark.parametrize("method", ["dare_task_arithmetic", "dare_ties"])

@@ -255,6 +255,67 @@ def test_buffers_grow_only_for_a_larger_request_and_keep_their_memory():
     assert buffers.like("z", t.T).stride() == t.T.stride()  # a transposed buffer for a .T
 
 
+def test_kept_buffers_fill_once_per_key_and_never_hand_back_stale_or_half_filled_values():
+    buffers = Buffers(limit=1 << 20)
+    cpu = torch.device("cpu")
+    fills = []
+
+    def fill(value):
+        def f(t):
+            fills.append(value)
+            t.fill_(value)
+
+        return f
+
+    a = buffers.kept("r", "k1", (8,), torch.float32, cpu, fill(1.0))
+    assert torch.equal(a, torch.full((8,), 1.0)) and fills == [1.0]
+    buffers.take("other", (8,), torch.float32, cpu).fill_(9.0)  # another name: no effect
+    again = buffers.kept("r", "k1", (8,), torch.float32, cpu, fill(2.0))
+    assert torch.equal(again, torch.full((8,), 1.0)) and fills == [1.0]  # kept, not refilled
+    assert torch.equal(buffers.kept("r", "k2", (8,), torch.float32, cpu, fill(3.0)), a.fill_(3.0))
+    assert fills == [1.0, 3.0]
+    buffers.kept("r", "k2", (4,), torch.float32, cpu, fill(4.0))  # another shape: filled
+    assert fills[-1] == 4.0
+
+    def broken(t):
+        t.fill_(5.0)
+        raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError):
+        buffers.kept("r", "k3", (8,), torch.float32, cpu, broken)
+    buffers.kept("r", "k3", (8,), torch.float32, cpu, fill(6.0))  # the failed fill is not kept
+    assert fills[-1] == 6.0
+    buffers.kept("r", "k3", (64,), torch.float32, cpu, fill(7.0))  # grown: a new buffer, filled
+    buffers.kept("r", "k3", (8,), torch.float32, cpu, fill(8.0))  # the 64 were held, not k3's 8
+    assert fills[-2:] == [7.0, 8.0]
+    for value in (10.0, 11.0):  # above the limit: a fresh tensor, filled every time
+        buffers.kept("r", "big", (1 << 19,), torch.float32, cpu, fill(value))
+    assert fills[-2:] == [10.0, 11.0]
+
+
+def test_dare_masks_of_interleaved_tiles_in_reused_buffers_equal_the_whole_masks(monkeypatch):
+    """Tiles of rows of two tensors and two models, interleaved, in one set of reused buffers
+    (each random block is drawn once per run of tiles inside it and kept between them): every
+    tile's mask is the rows of its tensor's whole mask."""
+    from dim3.methods import _utils as U
+
+    monkeypatch.setattr(U, "DARE_BLOCK", 96)  # blocks of 3 rows of 32 entries
+    shapes = {"a.weight": (20, 32), "b.weight": (11, 32)}
+    # consecutive calls differ in one of name, model, seed, rows: each must be a key of its own
+    runs = [(n, i, seed) for seed in (3, 4) for i in (0, 1) for n in shapes]
+    whole = {(n, i, seed): U.dare_keep_mask(shapes[n], 0.7, seed, n, i) for n, i, seed in runs}
+    buffers = Buffers()
+    with U.reuse_buffers(buffers):
+        for start in range(0, 20, 2):
+            for name, i, seed in runs:
+                rows, cols = shapes[name]
+                if start < rows:
+                    n = min(2, rows - start)
+                    got = U.dare_keep_mask((n, cols), 0.7, seed, name, i, offset=start)
+                    want = whole[name, i, seed][start : start + n]
+                    assert torch.equal(got, want), (name, i, seed, start)
+
+
 def test_compute_threads_leave_a_core_to_the_io_threads_above_two():
     cpu = torch.device("cpu")
     assert engine.compute_threads(cpu, cores=1) == 1
