@@ -53,7 +53,14 @@ from dim3.checkpoints import Checkpoint
 from dim3.layout import layout_for
 from dim3.mapped import MappedShards
 from dim3.methods import Method, get_method, plan_notes
-from dim3.methods._utils import deltas, listen_steps, rank_indexes, reuse_buffers
+from dim3.methods._utils import (
+    current_buffers,
+    deltas,
+    listen_steps,
+    rank_indexes,
+    reuse_buffers,
+    scratch,
+)
 from dim3.plan import Entry, MergePlan, PlanError, build_plan
 from dim3.recipe import (
     RECIPE_FILE,
@@ -425,12 +432,15 @@ class _Merger:
         buffers: Buffers,
         on_step: Callable[[str, int, int], None] | None = None,
         extras: int = 0,
+        tuned: int = 2,
     ):
         self.method, self.options, self.device = method, options, device
         self.buffers = buffers
         self.on_step = on_step
         self.extras = extras  # how many of a step's tensors are the rule's extra inputs (last)
+        self.tuned = tuned  # the updates: the VLM's, then each multilingual model's
         self.state: Any = None
+        self._lefts: dict[int, list[list[int]]] | None = None  # see before_tiles
 
     def __call__(self, step: _Step, work: list[torch.Tensor]) -> torch.Tensor | None:
         """Merge one step's float32 rows ``work`` = [vlm, base, *multilingual, *extra] (the
@@ -496,15 +506,16 @@ class _Merger:
 
     def row_rule(self, step: _Step) -> Callable[[list[torch.Tensor], int], torch.Tensor] | None:
         """The rule of ``step`` as a function of a few of its rows, when any cut of the rows
-        gives what the whole step gives (elementwise rules, and the apply pass of column rules,
-        whose per-column weights are known by then): ``rule(work, first)`` merges float32 rows
-        ``first:first + n`` of the step, ``work`` = [vlm, base, *multilingual, *extra] rows.
-        None for the other stages and kinds (statistics passes sum over rows; selection masks
-        count ties in order), which run on the whole step."""
+        gives what the whole step gives (elementwise rules, and the apply pass of column and
+        selection rules, whose per-column weights or per-update thresholds are known by then):
+        ``rule(work, first)`` merges float32 rows ``first:first + n`` of the step, ``work`` =
+        [vlm, base, *multilingual, *extra] rows. A selection rule's tiles must first hear how
+        many values tied with a threshold come before each (:meth:`before_tiles`). None for
+        the other stages and kinds (ranked rules), which run on the whole step."""
         kind, key, n = self.method.kind, step.source.key, len(step.source.shape)
         if n == 0 or not (
             (kind == "elementwise" and step.stage in ("whole", "apply"))
-            or (kind == "columns" and step.stage == "apply")
+            or (kind in ("columns", "selection") and step.stage == "apply")
         ):
             return None
 
@@ -518,32 +529,108 @@ class _Merger:
             start = step.start + first
             return self.method.fn(base, [vlm, *mls], self.options, name=key, offset=start, **kw)
 
-        return columns if kind == "columns" else elementwise
-
-    def tile_stats(self, step: _Step) -> Callable[[list[torch.Tensor], int], Any] | None:
-        """A column rule's statistics of a few rows of ``step`` (a statistics pass over stored
-        columns), for :meth:`add_stats` to sum in row order; None for other steps."""
-        if (
-            self.method.kind != "columns"
-            or not step.stage.startswith("stats")
-            or step.source.transpose
-            or len(step.source.shape) != 2
-        ):
-            return None
-        stats_fn = self.method.parts.stats
-
-        def stats(work: list[torch.Tensor], first: int) -> Any:
+        def selection(work: list[torch.Tensor], first: int) -> torch.Tensor:
             (vlm, base, *mls), _ = self._split(work)
-            return stats_fn(base, [vlm, *mls])
+            lefts = self._lefts[first] if self._lefts is not None else None
+            return self._selection_tile(base, [vlm, *mls], lefts)
 
-        return stats
+        return {"columns": columns, "selection": selection}.get(kind, elementwise)
+
+    def before_tiles(self, step: _Step, map_tiles: Callable[[Callable], list]) -> None:
+        """Ready the tiles of ``step`` (``map_tiles(fn)``: ``fn`` of each, in row order): for a
+        selection rule whose first k values of an update still hold some, but not all, of the
+        values tied with the k-th one (in flat order), count those in each tile first."""
+        self._lefts = None
+        if self.method.kind != "selection" or not any(f.ordered for fs in self.state for f in fs):
+            return
+
+        def count(work: list[torch.Tensor], first: int) -> tuple[int, list[list[int]]]:
+            (vlm, base, *mls), _ = self._split(work)
+            d = deltas(base, [vlm, *mls])
+            mag = scratch("select.magnitude", base.shape, base)
+            temp = scratch("select.equal", (base.numel(),), base, torch.bool)
+            counts = []
+            for x, firsts in zip(d, self.state, strict=True):
+                bits = magnitude_bits(x, out=mag)
+                counts.append([f.count(bits, temp) if f.ordered else 0 for f in firsts])
+            return first, counts
+
+        before = [[0] * len(fs) for fs in self.state]  # tied values in the tiles so far
+        self._lefts = {}
+        for first, counts in map_tiles(count):
+            self._lefts[first] = [
+                [max(0, f.left - b) for f, b in zip(fs, bs, strict=True)]
+                for fs, bs in zip(self.state, before, strict=True)
+            ]
+            for bs, cs in zip(before, counts, strict=True):
+                bs[:] = [b + c for b, c in zip(bs, cs, strict=True)]
+        for fs, bs in zip(self.state, before, strict=True):
+            for f, b in zip(fs, bs, strict=True):
+                f.took(b)
+
+    def tile_stats(
+        self, step: _Step
+    ) -> tuple[Callable[[list[torch.Tensor], int], Any], Callable[[Any, Any], Any] | None] | None:
+        """A statistics pass of ``step`` over a few of its rows (``fn(work, first)``), with how
+        two tiles' statistics of one thread add up (``fold``; None: :meth:`add_stats` adds each
+        tile's, in row order): column rules (DiM3) and selection rules (TIES, Breadcrumbs).
+        None for other steps. A tensor's first call makes the state the pass gathers into."""
+        e, kind = step.source, self.method.kind
+        if not step.stage.startswith("stats") or len(e.shape) != 2:
+            return None
+        if kind == "columns":
+            stats_fn = self.method.parts.stats
+
+            def stats(work: list[torch.Tensor], first: int) -> Any:
+                (vlm, base, *mls), _ = self._split(work)
+                if e.transpose:  # columns are the stored rows: a tile's are final
+                    return stats_fn(base.T, [vlm.T, *(m.T for m in mls)])
+                return stats_fn(base, [vlm, *mls])
+
+            return stats, None
+        if kind != "selection":
+            return None
+        if step.start == 0 and step.stage == "stats0":
+            self._selection_begin(e)
+        selects = self.state[2]
+
+        def counts(work: list[torch.Tensor], first: int) -> list[list[torch.Tensor]]:
+            (vlm, base, *mls), _ = self._split(work)
+            d = deltas(base, [vlm, *mls])
+            mag = scratch("select.magnitude", base.shape, base)
+            buffers = current_buffers()
+            return [
+                select.partial(magnitude_bits(x, out=mag), buffers)
+                for x, select in zip(d, selects, strict=True)
+            ]
+
+        def fold(a: list[list[torch.Tensor]], b: list[list[torch.Tensor]]) -> Any:
+            for xs, ys in zip(a, b, strict=True):
+                for x, y in zip(xs, ys, strict=True):
+                    x += y
+            return a
+
+        return counts, fold
 
     def add_stats(self, step: _Step, partials: list[Any]) -> None:
-        """Sum a step's per-tile column statistics in row order into the tensor's."""
-        got = partials[0]
-        for p in partials[1:]:
-            got.add(p)
-        self.state = got if step.start == 0 else self.state.add(got)
+        """Gather a step's per-tile statistics into the tensor's: column sums added in row
+        order, a transposed tensor's column statistics put in row order, selection counts."""
+        if self.method.kind == "selection":
+            for partial in partials:
+                for select, got in zip(self.state[2], partial, strict=True):
+                    select.add(got)
+            if step.last:
+                self._selection_end(step)
+            return
+        if step.source.transpose:
+            self.state = partials if step.start == 0 else [*self.state, *partials]
+            if step.last:
+                self.state = type(partials[0]).concat(self.state)
+        else:
+            got = partials[0]
+            for p in partials[1:]:
+                got.add(p)
+            self.state = got if step.start == 0 else self.state.add(got)
         if step.last:
             self.state = self.method.parts.weights(self.state, self.options).weights
 
@@ -569,32 +656,38 @@ class _Merger:
         return apply(part[0], part[1:], self.state)
 
     # -- selection (TIES, Breadcrumbs): exact per-update ranks over slices, then masks
+    def _selection_begin(self, e: Entry) -> None:
+        rows = e.rows if e.rows is not None else e.shape[0]
+        n = rows * math.prod(e.shape[1:])
+        ks = self.method.parts.ks(self.options, n)
+        self.state = (
+            n,
+            ks,
+            [ExactSelect(ks, n, self.device, self.buffers) for _ in range(self.tuned)],
+        )
+
+    def _selection_end(self, step: _Step) -> None:
+        """A statistics pass over the tensor is over: ready the next, or the masks."""
+        for select in self.state[2]:
+            select.next_pass()
+        if step.stage == "stats1":
+            n, ks, selects = self.state
+            self.state = [
+                [
+                    FirstMask(k, n, found, self.buffers, f"select.first{j}")
+                    for j, (k, found) in enumerate(zip(ks, s.result(), strict=True))
+                ]
+                for s in selects
+            ]
+
     def _selection_stats(self, step: _Step, part: list[torch.Tensor]) -> None:
-        e = step.source
         if step.start == 0 and step.stage == "stats0":
-            rows = e.rows if e.rows is not None else e.shape[0]
-            n = rows * math.prod(e.shape[1:])
-            ks = self.method.parts.ks(self.options, n)
-            self.state = (
-                n,
-                ks,
-                [ExactSelect(ks, n, self.device, self.buffers) for _ in part[1:]],
-            )
+            self._selection_begin(step.source)
         x = self.buffers.take("select.delta", part[0].shape, torch.float32, self.device)
         for t, select in zip(part[1:], self.state[2], strict=True):
             select.observe(magnitude_bits(torch.sub(t, part[0], out=x), out=x))
         if step.last:
-            for select in self.state[2]:
-                select.next_pass()
-            if step.stage == "stats1":
-                n, ks, selects = self.state
-                self.state = [
-                    [
-                        FirstMask(k, n, found, self.buffers, f"select.first{j}")
-                        for j, (k, found) in enumerate(zip(ks, s.result(), strict=True))
-                    ]
-                    for s in selects
-                ]
+            self._selection_end(step)
 
     def _selection_apply(self, step: _Step, part: list[torch.Tensor]) -> torch.Tensor:
         parts = self.method.parts
@@ -605,6 +698,31 @@ class _Merger:
             keep = parts.keep([first(bits) for first in firsts])  # in a first's buffer
             x.masked_fill_(keep.logical_not_().reshape(x.shape), 0.0)
         return parts.combine(d, self.options).add_(part[0])
+
+    def _selection_tile(
+        self, base: torch.Tensor, tuned: list[torch.Tensor], lefts: list[list[int]] | None
+    ) -> torch.Tensor:
+        """One tile of a selection rule's apply pass (a tile thread, its own buffers): ``lefts``
+        per update and rank, how many values tied with the k-th one it takes (None: none is
+        ordered, see :meth:`before_tiles`)."""
+        parts = self.method.parts
+        d = deltas(base, tuned)  # (T, r, ...) in this thread's buffers
+        mag = scratch("select.magnitude", base.shape, base)
+        temp = scratch("select.equal", (base.numel(),), base, torch.bool)
+        for t, (x, firsts) in enumerate(zip(d, self.state, strict=True)):
+            bits = magnitude_bits(x, out=mag)
+            masks = [
+                f.mask(
+                    bits,
+                    lefts[t][j] if lefts is not None else 0,
+                    scratch(f"select.first{j}", (bits.numel(),), base, torch.bool),
+                    temp,
+                )
+                for j, f in enumerate(firsts)
+            ]
+            keep = parts.keep(masks)  # in one of the masks' buffers
+            x.masked_fill_(keep.logical_not_().reshape(x.shape), 0.0)
+        return parts.combine(d, self.options).add_(base)
 
     # -- ranked (PCB): per stage, exact order statistics of values over two passes, then apply
     def _ranked_stats(self, step: _Step, part: list[torch.Tensor]) -> None:
@@ -704,12 +822,19 @@ class _Tiles:
         for future in futures:
             future.result()
 
-    def map(self, views: Sequence[torch.Tensor], fn: Callable[[list[torch.Tensor], int], Any]):
+    def map(
+        self,
+        views: Sequence[torch.Tensor],
+        fn: Callable[[list[torch.Tensor], int], Any],
+        fold: Callable[[Any, Any], Any] | None = None,
+    ) -> list:
         """``fn(work, first)`` of every tile of the step's merged rows, in row order (a
         statistics pass: per-tile sums for the caller to add in this order, whatever the number
-        of threads)."""
+        of threads). With ``fold(a, b)``, each thread folds its tiles' results into one (in
+        place into ``a``; for sums whose order does not matter, such as counts): one per
+        thread, in row order."""
         futures = [
-            self._pool.submit(self._work, self._buffers[w], group, views, fn, None)
+            self._pool.submit(self._work, self._buffers[w], group, views, fn, None, fold)
             for w, group in enumerate(self._groups(views))
         ]
         wait(futures)
@@ -727,9 +852,9 @@ class _Tiles:
         return [cuts[i : i + share] for i in range(0, len(cuts), share)]
 
     @staticmethod
-    def _work(buffers: Buffers, cuts, views, fn, out: torch.Tensor | None) -> list:
+    def _work(buffers: Buffers, cuts, views, fn, out: torch.Tensor | None, fold=None) -> list:
         cpu = torch.device("cpu")
-        got = []
+        got: list = []
         with torch.no_grad(), reuse_buffers(buffers):
             for a, b in cuts:
                 work = [
@@ -738,10 +863,12 @@ class _Tiles:
                     )
                     for j, v in enumerate(views)
                 ]
-                if out is None:
-                    got.append(fn(work, a))
-                else:
+                if out is not None:
                     out[a:b].copy_(fn(work, a))
+                elif fold is not None and got:
+                    got[0] = fold(got[0], fn(work, a))
+                else:
+                    got.append(fn(work, a))
         return got
 
     def close(self) -> None:
@@ -803,7 +930,7 @@ def iter_merged(
     streams = streams if streams is not None else _Streams(device)
     source = _Source(inputs, device, buffers, streams)
     extras = inputs.extras.count if inputs.extras is not None else 0
-    merger = _Merger(method, options, device, buffers, on_step, extras)
+    merger = _Merger(method, options, device, buffers, on_step, extras, 1 + plan.multilingual)
     tied_sources = {e.tied_to for e in plan.entries if e.tied_to}
     whole: dict[str, torch.Tensor] = {}  # merged whole tensors that a tied head repeats
     workers = tile_workers(device)
@@ -820,7 +947,7 @@ def iter_merged(
                 elif step.stage == "whole" and step.source.key in whole:
                     out = whole.pop(step.source.key)
                 elif tiles is not None and (stats := merger.tile_stats(step)) is not None:
-                    merger.add_stats(step, tiles.map(staged.tensors, stats))
+                    merger.add_stats(step, tiles.map(staged.tensors, *stats))
                     out = None
                 elif (
                     tiles is not None
@@ -830,6 +957,7 @@ def iter_merged(
                     and (out := into(step.out, step.start, tuple(staged.tensors[0].shape)))
                     is not None
                 ):
+                    merger.before_tiles(step, functools.partial(tiles.map, staged.tensors))
                     tiles.run(staged.tensors, rule, out)
                 else:
                     with streams.computing():

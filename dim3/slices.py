@@ -66,9 +66,13 @@ class ExactSelect:
     """Find, for several ranks k, the k-th smallest of a set of non-negative float32 values seen
     in slices: two passes over the data (:meth:`observe` then :meth:`next_pass`, twice).
 
-    After the second pass, :meth:`result` gives per k ``(bits of the k-th value, need)``: the
-    first k values are those below it plus the first ``need`` equal to it (in flat order).
-    k ≤ 0 selects nothing and k ≥ n everything (``None`` there).
+    After the second pass, :meth:`result` gives per k ``(bits of the k-th value, need, equal)``:
+    the first k values are those below it plus the first ``need`` of the ``equal`` values equal
+    to it (in flat order). k ≤ 0 selects nothing and k ≥ n everything (``None`` there).
+
+    A pass may also be cut among threads: :meth:`partial` of each piece (any order, any
+    thread: it only reads what the last pass found), then :meth:`add` of every partial: counts
+    are integers, so the sum is the same in any order.
     """
 
     def __init__(
@@ -84,15 +88,28 @@ class ExactSelect:
 
     def observe(self, bits: Tensor) -> None:
         """One slice's bit patterns (flat int32, from :func:`magnitude_bits`)."""
-        hi = torch.bitwise_right_shift(bits, 16, out=_take(self.buffers, "select.hi", bits))
+        self.add(self.partial(bits, self.buffers))
+
+    def partial(self, bits: Tensor, buffers: Buffers | None = None) -> list[Tensor]:
+        """The counts of this pass over one piece's bit patterns, for :meth:`add`: the histogram
+        of the high 16 bits (first pass), or per k that of the low 16 bits of the values whose
+        high bits are the k-th value's (second pass). Temporaries from ``buffers``."""
+        hi = torch.bitwise_right_shift(bits, 16, out=_take(buffers, "select.hi", bits))
         if self.stage == 0:
-            self.hist += torch.bincount(hi, minlength=BINS)
+            return [torch.bincount(hi, minlength=BINS)]
+        lo = torch.bitwise_and(bits, 0xFFFF, out=_take(buffers, "select.lo", bits))
+        inside = _take(buffers, "select.mask", bits, torch.bool)
+        # the values in the k-th value's high bin: few
+        return [torch.bincount(lo[torch.eq(hi, h, out=inside)], minlength=BINS) for h in self.hi]
+
+    def add(self, partial: list[Tensor]) -> None:
+        """Count one piece's :meth:`partial` in."""
+        if self.stage == 0:
+            self.hist += partial[0]
             return
         assert self.lo_hist is not None
-        lo = torch.bitwise_and(bits, 0xFFFF, out=_take(self.buffers, "select.lo", bits))
-        inside = _take(self.buffers, "select.mask", bits, torch.bool)
-        for i, h in enumerate(self.hi):  # the values in the k-th value's high bin: few
-            self.lo_hist[i] += torch.bincount(lo[torch.eq(hi, h, out=inside)], minlength=BINS)
+        for i, counts in enumerate(partial):
+            self.lo_hist[i] += counts
 
     def next_pass(self) -> None:
         """End a pass: after the first, fix each k's high bits; after the second, its value."""
@@ -106,10 +123,11 @@ class ExactSelect:
             self.lo_hist = torch.zeros((len(self.ks), BINS), dtype=torch.int64, device=self.device)
         self.stage += 1
 
-    def result(self) -> list[tuple[int, int] | None]:
-        """Per k: (bits of the k-th smallest value, how many equal to it are in the first k)."""
+    def result(self) -> list[tuple[int, int, int] | None]:
+        """Per k: (bits of the k-th smallest value, how many equal to it are in the first k, how
+        many equal it in all)."""
         assert self.stage == 2 and self.lo_hist is not None
-        out: list[tuple[int, int] | None] = []
+        out: list[tuple[int, int, int] | None] = []
         for i, k in enumerate(self.ks):
             if k <= 0 or k >= self.n:
                 out.append(None)
@@ -118,7 +136,7 @@ class ExactSelect:
             rest = k - self.below[i]  # rank of the k-th value within its high bin
             lo = int(torch.searchsorted(cum, rest))
             less = self.below[i] + (int(cum[lo - 1]) if lo > 0 else 0)
-            out.append(((self.hi[i] << 16) | lo, k - less))
+            out.append(((self.hi[i] << 16) | lo, k - less, int(self.lo_hist[i, lo])))
         return out
 
 
@@ -134,34 +152,67 @@ def _take(
 
 class FirstMask:
     """The ``first_k`` mask of one selection, slice after slice in flat order. With ``buffers``
-    the mask lives in the buffer ``name`` (reused by the next call)."""
+    the mask lives in the buffer ``name`` (reused by the next call).
+
+    Only the values equal to the k-th one make the order matter, and only while some but not
+    all of them are in the first k (:attr:`ordered`): pieces cut among threads then need to
+    know how many of them come before each piece (:meth:`count`), and each piece takes
+    :meth:`mask` with its share ``left``; :meth:`took` counts the pieces' equal values in.
+    """
 
     def __init__(
         self,
         k: int,
         n: int,
-        found: tuple[int, int] | None,
+        found: tuple[int, int, int] | None,
         buffers: Buffers | None = None,
         name: str = "select.first",
     ):
         self.all = k >= n
         self.none = k <= 0
-        self.bits, self.need = found if found else (0, 0)
+        self.bits, self.need, self.equal = found if found else (0, 0, 0)
         self.seen = 0  # entries equal to the k-th value met so far
         self.buffers, self.name = buffers, name
 
+    @property
+    def left(self) -> int:
+        """Entries equal to the k-th value still to take (the next ones in flat order)."""
+        return max(0, self.need - self.seen)
+
+    @property
+    def ordered(self) -> bool:
+        """Whether the next piece's mask depends on the equal values before it."""
+        return not (self.all or self.none) and 0 < self.left and self.need < self.equal
+
     def __call__(self, bits: Tensor) -> Tensor:
-        mask = _take(self.buffers, self.name, bits, torch.bool)
-        if self.all or self.none:
-            return mask.fill_(self.all)
-        torch.lt(bits, self.bits, out=mask)
-        left = self.need - self.seen  # equal entries still to take, the first ones in flat order
-        if left > 0:
-            equal = _take(self.buffers, "select.mask", bits, torch.bool)  # a passing temporary
-            equal = torch.nonzero(torch.eq(bits, self.bits, out=equal)).reshape(-1)
-            mask[equal[:left]] = True
-            self.seen += min(left, equal.numel())
+        temp = _take(self.buffers, "select.mask", bits, torch.bool)  # a passing temporary
+        ordered = self.ordered
+        mask = self.mask(bits, self.left, _take(self.buffers, self.name, bits, torch.bool), temp)
+        if ordered:
+            self.took(self.count(bits, temp))
         return mask
+
+    def count(self, bits: Tensor, temp: Tensor) -> int:
+        """How many of a piece's values equal the k-th one (``temp``: a bool buffer like bits)."""
+        return int(torch.eq(bits, self.bits, out=temp).sum())
+
+    def took(self, equal: int) -> None:
+        """A piece holding ``equal`` values equal to the k-th one has been masked."""
+        self.seen += equal
+
+    def mask(self, bits: Tensor, left: int, out: Tensor, temp: Tensor) -> Tensor:
+        """The mask of one piece (into bool ``out``, shaped like ``bits``) whose first ``left``
+        values equal to the k-th one belong to the first k (``temp``: a bool buffer like bits,
+        overwritten)."""
+        if self.all or self.none:
+            return out.fill_(self.all)
+        if self.need == self.equal:  # every equal value is in: no order to keep
+            return torch.le(bits, self.bits, out=out)
+        torch.lt(bits, self.bits, out=out)
+        if left > 0:
+            equal = torch.nonzero(torch.eq(bits, self.bits, out=temp)).reshape(-1)
+            out[equal[:left]] = True
+        return out
 
 
 HUGE = 2 * 2**20  # a transparent huge page

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -95,7 +97,9 @@ def test_sliced_merge_equals_whole_merge(method, trio_name, request, tmp_path):
 # rules whose steps the engine computes in tiles of rows (any cut of rows gives the same numbers)
 # (fisher, which needs Fisher folders: tests/test_fisher.py)
 ROW_LOCAL = [
-    n for n, m in METHODS.items() if m.kind in ("elementwise", "columns") and not m.extra_inputs
+    n
+    for n, m in METHODS.items()
+    if m.kind in ("elementwise", "columns", "selection") and not m.extra_inputs
 ]
 
 
@@ -151,10 +155,65 @@ def test_tiled_steps_equal_the_untiled_loop_bit_for_bit(
         plan = engine.build_plan(inputs.base, inputs.multilingual, inputs.multimodal)
     padded = [e for e in plan.entries if e.rows is not None and e.rows < e.shape[0]]
     assert padded and padded[0].shape[0] - padded[0].rows > 4  # VLM-only steps at 512 bytes
-    if METHODS[method].kind == "columns" and chunk_size == engine.DEFAULT_CHUNK:
-        assert tiled == 0  # whole tensors: their column statistics are computed with the rule
+    if METHODS[method].kind in ("columns", "selection") and chunk_size == engine.DEFAULT_CHUNK:
+        assert tiled == 0  # whole tensors: their statistics are computed with the rule
     else:
         assert tiled > 10
+
+
+def on_a_grid(trio, folder, step=2.0**-8):
+    """A copy of ``trio`` whose every value is a multiple of ``step``: the updates take a few
+    distinct magnitudes (each tied thousands of times, as in bfloat16 checkpoints, only more),
+    and the differences are exact in float32."""
+    from safetensors.torch import load_file, save_file
+
+    roles = {}
+    for role in ("base", "multilingual", "multimodal"):
+        dst = folder / role
+        shutil.copytree(getattr(trio, role), dst)
+        for f in dst.glob("*.safetensors"):
+            tensors = load_file(f)
+            save_file(
+                {k: t.div(step).round().mul(step).to(t.dtype) for k, t in tensors.items()},
+                f,
+                metadata={"format": "pt"},
+            )
+        roles[role] = dst
+    return type(trio)(**roles)
+
+
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs"])
+def test_selection_tiles_take_tied_values_in_flat_order(
+    method, tiny_llava_trio, tmp_path, monkeypatch
+):
+    """Updates of a few distinct magnitudes, so the k-th largest is tied many times over and
+    only the first of the tied values (in flat order, across slices and tiles) are kept: the
+    apply pass in 4-row tiles (after counting the tied values of each tile) equals the untiled
+    loop, and the merged tensors equal the independent definition on whole tensors."""
+    from tests.test_engine import base_name, tokenizer_len
+    from tests.test_methods import ref_breadcrumbs, ref_ties
+
+    monkeypatch.setattr(engine, "TILE_BYTES", 512)
+    trio = on_a_grid(tiny_llava_trio, tmp_path / "grid")
+    recipe = recipe_of(trio, method=method)
+    out = engine.merge_to_folder(recipe, tmp_path / "out", chunk_size=4096).out_dir
+    assert assert_tiled_equals_untiled(recipe, 4096, out) > 10
+    merged, vlm = load_all(out), load_all(trio.multimodal)
+    base, ml = load_all(trio.base), load_all(trio.multilingual)
+    ref = ref_ties if method == "ties" else ref_breadcrumbs
+    rows = tokenizer_len(trio.base)
+    ordered = 0
+    for key in merged:
+        name = base_name(key)
+        if name is None or merged[key].dim() != 2:
+            continue
+        b, v, m = base[name], vlm[key], ml[name]
+        r = min(rows, b.shape[0])
+        d = (v[:r] - b[:r]).abs().flatten()
+        ordered += int((d == d.kthvalue(d.numel() - round(0.2 * d.numel())).values).sum() > 1)
+        want = ref(b[:r], [v[:r], m[:r]]).float()
+        torch.testing.assert_close(merged[key][:r], want, rtol=0, atol=1e-7, msg=key)
+    assert ordered > 5  # the thresholds are tied: the order of the tied values decides
 
 
 @pytest.mark.parametrize("trio_name", ["tiny_llava_trio", "tiny_qwen2vl_trio"])
