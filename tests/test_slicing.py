@@ -40,6 +40,7 @@ def test_exact_select_matches_first_by_magnitude_with_many_ties(seed):
     # bfloat16-rounded values: many exact ties, zeros included, as in real checkpoints' deltas
     x = (torch.randn(5003, generator=g) * 0.01).to(torch.bfloat16).float()
     x[::7] = 0.0
+    x[11], x[12] = float("inf"), -float("inf")
     mag = x.abs()
     ks = [0, 1, 2, 700, 2500, 5002, 5003]
     cuts = [(0, 1000), (1000, 1001), (1001, 4000), (4000, 5003)]
@@ -50,8 +51,20 @@ def test_exact_select_matches_first_by_magnitude_with_many_ties(seed):
         select.next_pass()
     for k, found in zip(ks, select.result(), strict=True):
         first = FirstMask(k, x.numel(), found)
+        want = first_by_magnitude(mag, k)
         got = torch.cat([first(magnitude_bits(x[a:b])) for a, b in cuts])
-        assert torch.equal(got, first_by_magnitude(mag, k)), k
+        assert torch.equal(got, want), k
+        # the tiles' form: int32 words (-1 / 0), each piece told how many tied values it takes
+        first, words = FirstMask(k, x.numel(), found), []
+        for a, b in cuts:
+            bits = magnitude_bits(x[a:b])
+            temp = torch.empty(b - a, dtype=torch.bool)
+            out = torch.empty(b - a, dtype=torch.int32)
+            left = first.left
+            if first.ordered:
+                first.took(first.count(bits, temp))
+            words.append(first.words(bits, left, out, temp))
+        assert torch.equal(torch.cat(words), -want.to(torch.int32)), k
 
 
 @pytest.mark.parametrize("seed", [0, 1])

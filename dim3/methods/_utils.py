@@ -290,9 +290,10 @@ class SelectionParts:
 
     - ``ks(options, n) -> tuple[int, ...]``: the ranks it needs; for each k, ``first_k`` marks the
       k smallest magnitudes (ties to the lower flat index, as :func:`first_by_magnitude`);
-    - ``keep(firsts) -> bool Tensor``: the kept entries from those ``first_k`` masks (it may
-      work in place on them, and the caller may overwrite what it returns: they are the
-      engine's reused buffers);
+    - ``keep(firsts) -> Tensor``: the kept entries from those ``first_k`` masks (it may work in
+      place on them, and the caller may overwrite what it returns: they are the engine's reused
+      buffers), with bitwise operations only: the masks are bool tensors, or int32 words
+      (-1 for true, 0 for false) that the engine's tiles AND into float32 bit patterns;
     - ``combine(masked, options) -> Tensor``: the merged update from the masked deltas (T, ...),
       elementwise across models.
     """

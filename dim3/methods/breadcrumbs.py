@@ -50,8 +50,9 @@ def _ks(options: BreadcrumbsOptions, n: int) -> tuple[int, ...]:
 
 
 def _keep(firsts: list[Tensor]) -> Tensor:
-    # in place: the masks are the caller's to reuse (no slice-sized temporaries)
-    return firsts[0].logical_and_(firsts[1].logical_not_())
+    # in place: the masks are the caller's to reuse (no slice-sized temporaries); bitwise, so
+    # that it serves bool masks and the engine's int32 words (-1 / 0) alike
+    return firsts[0].bitwise_and_(firsts[1].bitwise_not_())
 
 
 def _combine(masked: Tensor, options: BreadcrumbsOptions) -> Tensor:

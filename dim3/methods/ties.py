@@ -54,7 +54,9 @@ def _ks(options: TiesOptions, n: int) -> tuple[int, ...]:
 
 
 def _keep(firsts: list[Tensor]) -> Tensor:
-    return firsts[0].logical_not_()  # in place: the mask is the caller's to reuse
+    # in place: the mask is the caller's to reuse; bitwise, so that it serves bool masks and
+    # the engine's int32 words (-1 / 0) alike
+    return firsts[0].bitwise_not_()
 
 
 def _combine(masked: Tensor, options: TiesOptions) -> Tensor:
