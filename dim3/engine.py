@@ -38,7 +38,9 @@ import math
 import os
 import shutil
 import sys
+import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import nullcontext
@@ -810,10 +812,7 @@ class _Tiles:
         ``out`` (the step's rows, output dtype): rows below the base's count by ``rule``, the
         VLM's own rows after them (tokens only the VLM has) converted from the VLM."""
         vlm, merged = views[0], views[1].shape[0]
-        futures = [
-            self._pool.submit(self._work, self._buffers[w], group, views, rule, out)
-            for w, group in enumerate(self._groups(views))
-        ]
+        futures = self._start(views, rule, out, None)
         try:
             if merged < vlm.shape[0]:
                 out[merged:].copy_(vlm[merged:])
@@ -830,15 +829,21 @@ class _Tiles:
     ) -> list:
         """``fn(work, first)`` of every tile of the step's merged rows, in row order (a
         statistics pass: per-tile sums for the caller to add in this order, whatever the number
-        of threads). With ``fold(a, b)``, each thread folds its tiles' results into one (in
-        place into ``a``; for sums whose order does not matter, such as counts): one per
-        thread, in row order."""
-        futures = [
-            self._pool.submit(self._work, self._buffers[w], group, views, fn, None, fold)
-            for w, group in enumerate(self._groups(views))
-        ]
+        of threads and whichever thread computed which tile). With ``fold(a, b)``, each thread
+        folds the results of the tiles it computed into one (in place into ``a``; for sums whose
+        order does not matter, such as counts): one per thread that computed any."""
+        results: dict[int, Any] = {}
+        futures = self._start(views, fn, None, fold, results)
         wait(futures)
-        return [got for future in futures for got in future.result()]
+        folded = [got for future in futures for got in future.result()]
+        return folded if fold is not None else [results[i] for i in sorted(results)]
+
+    def _start(self, views, fn, out, fold, results=None) -> list[Future]:
+        share = _Share(self._groups(views))
+        return [
+            self._pool.submit(self._work, self._buffers[w], share, w, views, fn, out, fold, results)
+            for w in range(share.workers)
+        ]
 
     def _groups(self, views: Sequence[torch.Tensor]) -> list[list[tuple[int, int]]]:
         """The tiles (row ranges) of the merged rows, in contiguous runs, one per thread."""
@@ -852,11 +857,12 @@ class _Tiles:
         return [cuts[i : i + share] for i in range(0, len(cuts), share)]
 
     @staticmethod
-    def _work(buffers: Buffers, cuts, views, fn, out: torch.Tensor | None, fold=None) -> list:
+    def _work(buffers: Buffers, share: _Share, w: int, views, fn, out, fold, results) -> list:
         cpu = torch.device("cpu")
         got: list = []
         with torch.no_grad(), reuse_buffers(buffers):
-            for a, b in cuts:
+            while (tile := share.next(w)) is not None:
+                a, b = tile
                 work = [
                     buffers.take(f"tile.in{j}", (b - a, *v.shape[1:]), torch.float32, cpu).copy_(
                         v[a:b]
@@ -865,14 +871,34 @@ class _Tiles:
                 ]
                 if out is not None:
                     out[a:b].copy_(fn(work, a))
-                elif fold is not None and got:
-                    got[0] = fold(got[0], fn(work, a))
+                elif fold is not None:
+                    got = [fold(got[0], fn(work, a))] if got else [fn(work, a)]
                 else:
-                    got.append(fn(work, a))
+                    results[a] = fn(work, a)
         return got
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+
+
+class _Share:
+    """The tiles of one step among the threads: each takes its own run's tiles from the front
+    (consecutive rows, so that what a rule keeps from one tile to the next, such as a DARE
+    block, serves the next), and a thread done with its run takes the last tile of the longest
+    run left: a thread slowed down (by the read and write threads, on a small machine) no longer
+    keeps the step waiting for its half."""
+
+    def __init__(self, groups: list[list[tuple[int, int]]]):
+        self.workers = len(groups)
+        self._runs = [deque(g) for g in groups]
+        self._lock = threading.Lock()
+
+    def next(self, w: int) -> tuple[int, int] | None:
+        with self._lock:
+            if self._runs[w]:
+                return self._runs[w].popleft()
+            longest = max(self._runs, key=len)
+            return longest.pop() if longest else None
 
 
 def tile_workers(device: torch.device, cores: int | None = None) -> int:

@@ -265,6 +265,45 @@ def test_tiles_written_into_a_loaded_model_equal_the_folder(
         assert torch.equal(tensor, want[key]), key
 
 
+def test_a_thread_done_with_its_tiles_takes_the_last_ones_of_the_longest_run():
+    share = engine._Share([[(0, 1), (1, 2)], [(2, 3), (3, 4), (4, 5), (5, 6)]])
+    assert share.next(0) == (0, 1) and share.next(0) == (1, 2)  # its own, from the front
+    assert share.next(0) == (5, 6)  # then the other run's last
+    assert share.next(1) == (2, 3) and share.next(1) == (3, 4) and share.next(1) == (4, 5)
+    assert share.next(0) is None and share.next(1) is None
+
+
+def test_tiles_come_back_in_row_order_when_one_thread_is_slow(monkeypatch):
+    """One thread stalls on its first tile: the other computes its own tiles and then the
+    stalled one's others; the results still come back in row order, and every row is merged."""
+    import threading
+    import time
+
+    monkeypatch.setattr(engine, "TILE_BYTES", 4 * 8 * 2)  # 2 rows of 8 columns a tile
+    x = torch.arange(40 * 8, dtype=torch.float32).reshape(40, 8)
+    views = [x, x]
+    stalled = threading.Event()
+    names = {}
+
+    def fn(work, first):
+        names[first] = threading.current_thread().name
+        if first == 20 and not stalled.is_set():  # the second thread's first tile
+            stalled.set()
+            time.sleep(0.5)
+        return work[1].sum(dim=1).clone()
+
+    tiles = engine._Tiles(2)
+    try:
+        got = tiles.map(views, fn)
+        out = torch.empty(40, 8)
+        tiles.run(views, lambda work, first: work[1] * 2, out)
+    finally:
+        tiles.close()
+    assert torch.equal(torch.cat(got), x.sum(dim=1))
+    assert torch.equal(out, x * 2)
+    assert names[38] == names[0] != names[20]  # the last tile was taken over
+
+
 def test_tile_workers_follow_the_compute_threads():
     cpu = torch.device("cpu")
     assert engine.tile_workers(cpu, cores=1) == 1

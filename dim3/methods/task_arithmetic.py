@@ -48,8 +48,15 @@ def merge(
     Returns a float32 tensor shaped like base.
     """
     weights = model_weights(tuned, options.multimodal_weight, options.multilingual_weight)
-    summed = scratch("task_arithmetic.sum", base.shape, base).zero_()
+    summed = scratch("task_arithmetic.sum", base.shape, base)
     delta = scratch("task_arithmetic.delta", base.shape, base)
-    for w, t in zip(weights, tuned, strict=True):
-        summed.add_(torch.sub(t, base, out=delta), alpha=w)  # Σ_t w_t Δ_t, one delta at a time
-    return summed.mul_(options.scaling).add_(base)
+    # Σ_t w_t Δ_t, one delta at a time; the first term is w_1 Δ_1 itself (0 + x is x) and a
+    # factor of 1 is no pass at all: with the default weights four passes over the rows
+    torch.sub(tuned[0], base, out=summed)
+    if weights[0] != 1.0:
+        summed.mul_(weights[0])
+    for w, t in zip(weights[1:], tuned[1:], strict=True):
+        summed.add_(torch.sub(t, base, out=delta), alpha=w)
+    if options.scaling != 1.0:
+        summed.mul_(options.scaling)
+    return summed.add_(base)
