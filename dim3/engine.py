@@ -1022,9 +1022,10 @@ def _return_freed_memory() -> None:
     back the top of its heap whenever that much is free, and the next temporary faults it in
     again. The selection rules' tiles make several such temporaries (histograms of 512 KiB
     from ``torch.bincount``, which takes no ``out``) per tile: on the Qwen2-VL-2B shape TIES
-    took 2.45 million page faults and 7.7 s in the kernel; with :data:`TRIM_THRESHOLD` left
-    free at the top of each arena (main, read, writer and tile threads: a few of them), fewer
-    than a million and about 4 s. Other C libraries are left alone.
+    took 2.45 million page faults and 7.7 s in the kernel in one run; with
+    :data:`TRIM_THRESHOLD` left free at the top of each arena (main, read, writer and tile
+    threads: a few of them), 1.0–1.6 million and 4–5 s (docs/performance.md). Other C
+    libraries are left alone.
     """
     if sys.platform != "linux":
         return

@@ -274,21 +274,24 @@ def test_a_thread_done_with_its_tiles_takes_the_last_ones_of_the_longest_run():
 
 
 def test_tiles_come_back_in_row_order_when_one_thread_is_slow(monkeypatch):
-    """One thread stalls on its first tile: the other computes its own tiles and then the
-    stalled one's others; the results still come back in row order, and every row is merged."""
+    """One thread stalls on the first tile of its run (after the other has seen it start): the
+    other computes its own tiles and then the stalled run's last ones; the results still come
+    back in row order, and every row is merged."""
     import threading
     import time
 
     monkeypatch.setattr(engine, "TILE_BYTES", 4 * 8 * 2)  # 2 rows of 8 columns a tile
     x = torch.arange(40 * 8, dtype=torch.float32).reshape(40, 8)
     views = [x, x]
-    stalled = threading.Event()
+    started = threading.Event()  # the second run's first tile (rows 20:22) has begun
     names = {}
 
     def fn(work, first):
         names[first] = threading.current_thread().name
-        if first == 20 and not stalled.is_set():  # the second thread's first tile
-            stalled.set()
+        if first == 0:  # both threads are at work before the first run goes on
+            assert started.wait(30), "the second thread never started"
+        if first == 20 and not started.is_set():
+            started.set()
             time.sleep(0.5)
         return work[1].sum(dim=1).clone()
 

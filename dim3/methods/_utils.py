@@ -442,8 +442,9 @@ def _dare_keep_bits(
     shape: Sequence[int], drop_rate: float, seed: int, name: str, index: int, offset: int = 0
 ) -> Tensor:
     """:func:`dare_keep_mask` (of a tensor of at least one dimension) as int32 words: −1 (every
-    bit set) where kept, 0 where dropped, to AND with float32 bit patterns: a float32 pass over
-    the entries, several times faster on a CPU than bool masks (``masked_fill_``, comparisons).
+    bit set) where kept, 0 where dropped, to AND with float32 bit patterns: one integer pass
+    over the entries, several times faster on a CPU than bool masks (``masked_fill_``,
+    comparisons).
     May be a view of a kept buffer: use it before the next call."""
     rows, row_shape = shape[0], tuple(shape[1:])
     per_row = max(1, math.prod(row_shape))
