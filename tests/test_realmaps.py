@@ -205,20 +205,34 @@ def test_qwen2_vl_2b_merges_and_loads_in_transformers(models, tmp_path):
     assert os.listdir(tmp_path) == ["merged"]
 
 
-@pytest.mark.parametrize("method", ["task_arithmetic", "dim3", "dare_task_arithmetic"])
-def test_tiles_at_the_real_2b_shape_equal_the_untiled_loop(models, method, tmp_path):
+@pytest.mark.parametrize(
+    "method", ["task_arithmetic", "dim3", "dare_task_arithmetic", "ties", "dare_ties"]
+)
+def test_tiles_at_the_real_2b_shape_equal_the_untiled_loop(models, method, tmp_path, monkeypatch):
     """Qwen2-VL-2B cut to one layer, random data: the real vocabulary (151,936 x 1,536, 32 MiB
     steps of 32 tiles each, shared by the worker threads), the real MLP (8,960 x 1,536) and the
     1-D norms, each merged in tiles into the output dtype, hold exactly what the untiled loop
-    computes, in the loop's pieces and in the folder merge_to_folder writes."""
+    computes, in the loop's pieces and in the folder merge_to_folder writes. TIES: its exact
+    selection's histograms gathered over the tiles, and bfloat16 updates, whose thresholds are
+    tied, so that the tiles take the tied values in flat order after counting them."""
     from dataclasses import replace
 
     from tests.test_slicing import assert_tiled_equals_untiled
 
     recipe = replace(models.trio("qwen2-vl-2b", 1, 1, data="random"), method=method)
     assert 151936 * 1536 * 4 > 32 * engine.TILE_BYTES  # the embedding's steps hold many tiles
+    counted = []  # steps whose tiles first counted their values tied with a threshold
+    before_tiles = engine._Merger.before_tiles
+
+    def spy(self, step, map_tiles):
+        before_tiles(self, step, map_tiles)
+        counted.append(self._lefts is not None)
+
+    monkeypatch.setattr(engine._Merger, "before_tiles", spy)
     out = engine.merge_to_folder(recipe, tmp_path / "out").out_dir
     assert assert_tiled_equals_untiled(recipe, folder=out) > 20
+    if method == "ties":
+        assert sum(counted) > 10  # the ordered path: tied thresholds, counted per tile
 
 
 # ---------------------------------------------------------------- today's VLMs at real shape
