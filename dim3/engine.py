@@ -532,11 +532,18 @@ class _Merger:
             return self.method.fn(base, [vlm, *mls], self.options, name=key, offset=start, **kw)
 
         def selection(work: list[torch.Tensor], first: int) -> torch.Tensor:
-            (vlm, base, *mls), _ = self._split(work)
             lefts = self._lefts[first] if self._lefts is not None else None
-            return self._selection_tile(base, [vlm, *mls], lefts)
+            return self._selection_tile(work, lefts)
 
         return {"columns": columns, "selection": selection}.get(kind, elementwise)
+
+    def _tile_updates(
+        self, work: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A tile's base rows, its updates (T, rows, ...) and a buffer for one update's
+        magnitudes (:func:`magnitude_bits`), all in the tile thread's buffers."""
+        (vlm, base, *mls), _ = self._split(work)
+        return base, deltas(base, [vlm, *mls]), scratch("select.magnitude", base.shape, base)
 
     def before_tiles(self, step: _Step, map_tiles: Callable[[Callable], list]) -> None:
         """Ready the tiles of ``step`` (``map_tiles(fn)``: ``fn`` of each, in row order): for a
@@ -547,9 +554,7 @@ class _Merger:
             return
 
         def count(work: list[torch.Tensor], first: int) -> tuple[int, list[list[int]]]:
-            (vlm, base, *mls), _ = self._split(work)
-            d = deltas(base, [vlm, *mls])
-            mag = scratch("select.magnitude", base.shape, base)
+            base, d, mag = self._tile_updates(work)
             temp = scratch("select.equal", (base.numel(),), base, torch.bool)
             counts = []
             for x, firsts in zip(d, self.state, strict=True):
@@ -597,9 +602,7 @@ class _Merger:
         selects = self.state[2]
 
         def counts(work: list[torch.Tensor], first: int) -> list[list[torch.Tensor]]:
-            (vlm, base, *mls), _ = self._split(work)
-            d = deltas(base, [vlm, *mls])
-            mag = scratch("select.magnitude", base.shape, base)
+            _, d, mag = self._tile_updates(work)
             buffers = current_buffers()
             return [
                 select.partial(magnitude_bits(x, out=mag), buffers)
@@ -702,14 +705,13 @@ class _Merger:
         return parts.combine(d, self.options).add_(part[0])
 
     def _selection_tile(
-        self, base: torch.Tensor, tuned: list[torch.Tensor], lefts: list[list[int]] | None
+        self, work: list[torch.Tensor], lefts: list[list[int]] | None
     ) -> torch.Tensor:
         """One tile of a selection rule's apply pass (a tile thread, its own buffers): ``lefts``
         per update and rank, how many values tied with the k-th one it takes (None: none is
         ordered, see :meth:`before_tiles`)."""
         parts = self.method.parts
-        d = deltas(base, tuned)  # (T, r, ...) in this thread's buffers
-        mag = scratch("select.magnitude", base.shape, base)
+        base, d, mag = self._tile_updates(work)
         temp = scratch("select.equal", (base.numel(),), base, torch.bool)
         for t, (x, firsts) in enumerate(zip(d, self.state, strict=True)):
             bits = magnitude_bits(x, out=mag)
@@ -1021,11 +1023,10 @@ def _return_freed_memory() -> None:
     Fixing the mmap threshold also fixes the trim threshold, at 128 KiB: an arena then hands
     back the top of its heap whenever that much is free, and the next temporary faults it in
     again. The selection rules' tiles make several such temporaries (histograms of 512 KiB
-    from ``torch.bincount``, which takes no ``out``) per tile: on the Qwen2-VL-2B shape TIES
-    took 2.45 million page faults and 7.7 s in the kernel in one run; with
-    :data:`TRIM_THRESHOLD` left free at the top of each arena (main, read, writer and tile
-    threads: a few of them), 1.0–1.6 million and 4–5 s (docs/performance.md). Other C
-    libraries are left alone.
+    from ``torch.bincount``, which takes no ``out``) per tile, and on the Qwen2-VL-2B shape
+    that more than doubled TIES's page faults; :data:`TRIM_THRESHOLD` is left free at the top
+    of each arena instead (main, read, writer and tile threads: a few of them). TIES's faults
+    with it are in docs/performance.md. Other C libraries are left alone.
     """
     if sys.platform != "linux":
         return

@@ -326,7 +326,7 @@ class Buffers:
         """:meth:`take`, filled by ``fill(tensor)`` unless the buffer still holds what an earlier
         call filled it with for the same ``key`` (and shape and dtype): then that is returned as
         it is. Values that take long to make and are asked for again by the next few calls (a
-        DARE block's keep mask, drawn from ~4 ns random numbers and shared by several tiles of
+        DARE block's keep mask, drawn from slow random numbers and shared by several tiles of
         rows) are made once."""
         t = self.take(name, shape, dtype, device)
         key = (key, tuple(shape), dtype, str(device))

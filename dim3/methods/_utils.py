@@ -470,7 +470,8 @@ def _dare_keep_bits(
             torch.sub(p_bits - 1, part, out=part).bitwise_right_shift_(31)
 
         # the engine's tiles are a few rows each, several to a block: the block is drawn once
-        # (about 4 ns a number), not once per tile (kept per model: a tile masks every model)
+        # (torch.rand is slow next to the arithmetic), not once per tile (kept per model: a tile
+        # masks every model)
         key = (seed, name, index, b, p_bits)
         part = scratch_kept(f"dare.keep{index}", key, (block, *row_shape), cpu, draw)
         lo, hi = max(offset, b * block) - b * block, min(offset + rows, (b + 1) * block) - b * block
