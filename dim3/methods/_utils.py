@@ -379,6 +379,18 @@ def selection_merge(base: Tensor, tuned: Sequence[Tensor], options: Any, parts: 
     return parts.combine(d, options).add_(base)
 
 
+def sum_models(x: Tensor, out: Tensor | None = None) -> Tensor:
+    """Σ over the first (model) dimension: x (T, ...) -> (...), into ``out`` when given.
+
+    Two models, the usual case, are one ``add``: on a CPU the reduction kernel over a leading
+    dimension of 2 is some 2.5x slower than adding the two halves, and gives the same values
+    (one rounding either way; at most the sign of a zero differs, which no rule here reads).
+    """
+    if x.dim() > 1 and x.shape[0] == 2:
+        return torch.add(x[0], x[1], out=out) if out is not None else torch.add(x[0], x[1])
+    return torch.sum(x, dim=0, out=out) if out is not None else torch.sum(x, dim=0)
+
+
 def elect_positive(masked: Tensor) -> Tensor:
     """TIES sign election: is the sign of the summed (trimmed) updates, i.e. the sign holding
     more total magnitude, positive? A zero sum elects +. masked (T, ...) -> bool (...)."""
@@ -400,12 +412,12 @@ def disjoint_mean_(masked: Tensor) -> Tensor:
     NaN or infinite update either agrees or makes the sum NaN, so no ∞ · 0 is ever kept).
     """
     shape = masked.shape[1:]
-    total = torch.sum(masked, dim=0, out=scratch("ties.sum", shape, masked))  # (...)
+    total = sum_models(masked, scratch("ties.sum", shape, masked))  # (...)
     elected = torch.sign(total, out=scratch("ties.elected", shape, masked)).add_(0.5).sign_()
     agree = torch.mul(masked, elected, out=scratch("ties.agree", masked.shape, masked))
     agree.sign_().clamp_(min=0.0)  # 1.0 where the update agrees, 0.0 elsewhere
-    count = torch.sum(agree, dim=0, out=elected).clamp_(min=1)  # (...)
-    return torch.sum(masked.mul_(agree), dim=0, out=total).div_(count)
+    count = sum_models(agree, elected).clamp_(min=1)  # (...)
+    return sum_models(masked.mul_(agree), total).div_(count)
 
 
 def dare_seed(seed: int, name: str, index: int) -> int:

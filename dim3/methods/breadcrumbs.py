@@ -22,6 +22,7 @@ from dim3.methods._utils import (
     keep_count,
     number,
     selection_merge,
+    sum_models,
 )
 
 NAME = "breadcrumbs"
@@ -56,7 +57,7 @@ def _keep(firsts: list[Tensor]) -> Tensor:
 
 
 def _combine(masked: Tensor, options: BreadcrumbsOptions) -> Tensor:
-    return masked.sum(dim=0).mul_(options.scaling)
+    return sum_models(masked).mul_(options.scaling)
 
 
 PARTS = SelectionParts(_ks, _keep, _combine)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 from dim3.methods import _utils
@@ -62,7 +61,7 @@ def merge_task_arithmetic(
     """``base + λ Σ_t DARE(Δ_t)``. base (out, in) or (n,), tuned: T like base -> like base."""
     d = dropped(base, tuned, options, name, offset)
     out = scratch("dare.sum", base.shape, base)  # the engine's reused buffer in its loop
-    return torch.sum(d, dim=0, out=out).mul_(options.scaling).add_(base)
+    return _utils.sum_models(d, out).mul_(options.scaling).add_(base)
 
 
 def merge_ties(
