@@ -56,6 +56,7 @@ from dim3.layout import layout_for
 from dim3.mapped import MappedShards
 from dim3.methods import Method, get_method, plan_notes
 from dim3.methods._utils import (
+    DARE_BLOCK,
     current_buffers,
     deltas,
     listen_steps,
@@ -848,15 +849,38 @@ class _Tiles:
         ]
 
     def _groups(self, views: Sequence[torch.Tensor]) -> list[list[tuple[int, int]]]:
-        """The tiles (row ranges) of the merged rows, in contiguous runs, one per thread."""
+        """The tiles (row ranges) of the merged rows, in contiguous runs, one per thread.
+
+        Cut along DARE's random blocks (``DARE_BLOCK`` entries of whole rows, each drawn from
+        its own generator, the slowest part of a DARE merge): no tile straddles a block, and a
+        step of at least as many blocks as threads is shared in runs of whole blocks, so that
+        each block is drawn by one thread (which keeps it for the block's next tiles), not in
+        part again by the thread whose run starts inside it. Tiles are of about ``TILE_BYTES``
+        float32 bytes per input (up to 1.5 times that): a block's rows cut into near-equal
+        tiles, or a tile of as many whole blocks as fit."""
         merged = views[1].shape[0]
         per_row = max(1, math.prod(views[0].shape[1:]))
         rows = max(1, TILE_BYTES // (4 * per_row))
-        cuts = [(a, min(merged, a + rows)) for a in range(0, merged, rows)]
-        if not cuts:  # a step of the VLM's own rows only (tokens the base does not have)
+        block = max(1, DARE_BLOCK // per_row)  # rows, as _utils.dare_keep_mask cuts them
+        step = max(block, rows - rows % block)  # one block, or the whole blocks a tile holds
+        blocks = []  # the tiles of each block (of each tile of whole blocks)
+        for a in range(0, merged, step):
+            b = min(merged, a + step)
+            n = max(1, (b - a + rows // 2) // rows)  # 1 unless a block is cut
+            blocks.append([(a + (b - a) * i // n, a + (b - a) * (i + 1) // n) for i in range(n)])
+        tiles = [t for group in blocks for t in group]
+        if not tiles:  # a step of the VLM's own rows only (tokens the base does not have)
             return []
-        share = -(-len(cuts) // self.workers)
-        return [cuts[i : i + share] for i in range(0, len(cuts), share)]
+        if len(blocks) < self.workers:  # too few blocks to go round: tile by tile
+            share = -(-len(tiles) // self.workers)
+            return [tiles[i : i + share] for i in range(0, len(tiles), share)]
+        runs: list[list[tuple[int, int]]] = [[] for _ in range(self.workers)]
+        before = 0
+        for group in blocks:  # each block to the run its middle tile falls in
+            middle = 2 * before + len(group)  # twice the middle tile's index
+            runs[min(self.workers - 1, middle * self.workers // (2 * len(tiles)))].extend(group)
+            before += len(group)
+        return [r for r in runs if r]
 
     @staticmethod
     def _work(buffers: Buffers, share: _Share, w: int, views, fn, out, fold, results) -> list:

@@ -21,6 +21,7 @@ import math
 import mmap
 import threading
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -321,25 +322,25 @@ class Buffers:
         shape: Sequence[int],
         dtype: torch.dtype,
         device: torch.device,
-        fill: Callable[[Tensor], object],
+        fill: Callable[[Tensor, Any], Any],
     ) -> Tensor:
-        """:meth:`take`, filled by ``fill(tensor)`` unless the buffer still holds what an earlier
-        call filled it with for the same ``key`` (and shape and dtype): then that is returned as
-        it is. Values that take long to make and are asked for again by the next few calls (a
-        DARE block's keep mask, drawn from slow random numbers and shared by several tiles of
-        rows) are made once."""
+        """:meth:`take`, filled by ``fill(tensor, held)``, which returns what the buffer now holds
+        (how far it is filled, say): ``held`` is what the last fill of this buffer returned when
+        that was for the same ``key`` (and shape and dtype) and the buffer still holds it, else
+        None (fill from scratch). Values that take long to make and are asked for again by the
+        next few calls (a DARE block's keep mask, drawn from slow random numbers and shared by
+        several tiles of rows) are made once, as far as they are needed. A fill that raises
+        leaves nothing held."""
         t = self.take(name, shape, dtype, device)
         key = (key, tuple(shape), dtype, str(device))
         with self._lock:
             flat = self._flat.get(name)
             ours = flat is not None and flat.data_ptr() == t.data_ptr()  # not a fresh oversized one
-            if ours and self._holds.get(name) == key:
-                return t
-            self._holds.pop(name, None)  # a fill that fails leaves nothing to be reused
-        fill(t)
+            last = self._holds.pop(name, None)  # a fill that fails leaves nothing to be reused
+        held = fill(t, last[1] if ours and last is not None and last[0] == key else None)
         if ours:
             with self._lock:
-                self._holds[name] = key
+                self._holds[name] = (key, held)
         return t
 
     def like(self, name: str, t: Tensor, dtype: torch.dtype | None = None) -> Tensor:

@@ -375,9 +375,11 @@ def test_kept_buffers_fill_once_per_key_and_never_hand_back_stale_or_half_filled
     fills = []
 
     def fill(value):
-        def f(t):
-            fills.append(value)
-            t.fill_(value)
+        def f(t, held):
+            if held is None:  # otherwise still filled with what ``held`` says
+                fills.append(value)
+                t.fill_(value)
+            return value
 
         return f
 
@@ -391,7 +393,7 @@ def test_kept_buffers_fill_once_per_key_and_never_hand_back_stale_or_half_filled
     buffers.kept("r", "k2", (4,), torch.float32, cpu, fill(4.0))  # another shape: filled
     assert fills[-1] == 4.0
 
-    def broken(t):
+    def broken(t, held):
         t.fill_(5.0)
         raise RuntimeError("interrupted")
 
@@ -428,6 +430,56 @@ def test_dare_masks_of_interleaved_tiles_in_reused_buffers_equal_the_whole_masks
                     got = U.dare_keep_mask((n, cols), 0.7, seed, name, i, offset=start)
                     want = whole[name, i, seed][start : start + n]
                     assert torch.equal(got, want), (name, i, seed, start)
+
+
+def test_dare_blocks_are_drawn_once_and_only_as_far_as_the_tiles_reach(monkeypatch):
+    """Tiles of 2 rows over blocks of 3 (some straddle two blocks; the last block is short) in
+    one set of reused buffers: each random number the masks use is drawn once, none beyond the
+    tensor's last row (whole blocks would draw 7 x 96 = 672), and the masks are the whole
+    tensor's."""
+    from dim3.methods import _utils as U
+
+    monkeypatch.setattr(U, "DARE_BLOCK", 96)  # blocks of 3 rows of 32 entries
+    whole = U.dare_keep_mask((20, 32), 0.6, 9, "w", 1)
+    drawn = []
+    rand = torch.rand
+
+    def counted(*args, **kwargs):
+        got = rand(*args, **kwargs)
+        drawn.append(got.numel())
+        return got
+
+    monkeypatch.setattr(torch, "rand", counted)
+    with U.reuse_buffers(Buffers()):
+        for start in range(0, 20, 2):
+            got = U.dare_keep_mask((2, 32), 0.6, 9, "w", 1, offset=start)
+            assert torch.equal(got, whole[start : start + 2]), start
+    assert sum(drawn) == 20 * 32
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3, 8])
+@pytest.mark.parametrize("shape", [(1536, 1536), (256, 1536), (8960, 1536), (1536, 8960), (40, 8)])
+def test_tiles_follow_the_dare_blocks(shape, workers):
+    """The tiles cover the rows in order; none straddles a DARE block (682 rows of 1536, 117
+    of 8960); a step of at least as many blocks as threads goes to the threads in whole blocks;
+    more than one thread shares a step of more than one tile."""
+    from dim3.methods import _utils as U
+
+    tiles = engine._Tiles(workers)
+    try:
+        runs = tiles._groups([torch.empty(shape), torch.empty(shape)])
+    finally:
+        tiles.close()
+    flat = [t for run in runs for t in run]
+    assert flat[0][0] == 0 and flat[-1][1] == shape[0]
+    assert all(a[1] == b[0] and a[0] < a[1] for a, b in zip(flat, flat[1:], strict=False))
+    block = max(1, U.DARE_BLOCK // shape[1])
+    assert all((a // block == (b - 1) // block) or a % block == 0 for a, b in flat)
+    assert all(b - a <= 1.5 * engine.TILE_BYTES / (4 * shape[1]) or a % block == 0 for a, b in flat)
+    if -(-shape[0] // block) >= workers:
+        assert all(run[0][0] % block == 0 for run in runs)
+    assert all(run for run in runs) and len(runs) <= workers
+    assert len(runs) > 1 or workers == 1 or len(flat) == 1
 
 
 def test_compute_threads_leave_a_core_to_the_io_threads_above_two():

@@ -119,15 +119,16 @@ def scratch_kept(
     key: object,
     shape: Sequence[int] | torch.Size,
     like: Tensor,
-    fill: Callable[[Tensor], object],
+    fill: Callable[[Tensor, Any], Any],
 ) -> Tensor:
-    """:func:`scratch` filled by ``fill(buffer)``; inside the engine's loop the buffer keeps what
-    it was filled with for ``key``, and a later call with the same key (and shape) gets it again
-    without ``fill`` (:meth:`dim3.slices.Buffers.kept`). Outside it, a new tensor, filled."""
+    """:func:`scratch` filled by ``fill(buffer, held)``; inside the engine's loop the buffer keeps
+    what it was filled with for ``key``, and a later call with the same key (and shape) passes
+    ``fill`` what the last fill returned, to go on from there
+    (:meth:`dim3.slices.Buffers.kept`). Outside it, a new tensor, ``fill(tensor, None)``."""
     buffers = _BUFFERS.get()
     if buffers is None:
         t = torch.empty(tuple(shape), dtype=like.dtype, device=like.device)
-        fill(t)
+        fill(t, None)
         return t
     return buffers.kept(f"rule.{name}", key, tuple(shape), like.dtype, like.device, fill)
 
@@ -473,20 +474,27 @@ def _dare_keep_bits(
         mask = scratch("dare.keep", tuple(shape), cpu)
     done = 0
     for b in blocks:
-        block_seed = dare_seed(seed, f"{name}\0b{b}", index)
+        lo, hi = max(offset, b * block) - b * block, min(offset + rows, (b + 1) * block) - b * block
 
-        def draw(part: Tensor, block_seed: int = block_seed) -> None:
-            gen = torch.Generator(device="cpu").manual_seed(block_seed)
-            uniform = part.view(torch.float32)
-            torch.rand(part.shape, generator=gen, out=uniform)
-            torch.sub(p_bits - 1, part, out=part).bitwise_right_shift_(31)
+        def draw(part: Tensor, held: Any, b: int = b, upto: int = hi) -> Any:
+            # the block's rows [0, upto) drawn: its generator's stream goes on where the last
+            # tile left it (torch.rand takes one 32-bit number per float32, in order), so a
+            # block is drawn once, up to the rows asked for, not whole (a tensor's last block
+            # is often short) nor again for each tile of rows inside it
+            if held is None:
+                seed_b = dare_seed(seed, f"{name}\0b{b}", index)
+                held = (torch.Generator(device="cpu").manual_seed(seed_b), [0])
+            gen, drawn = held
+            if drawn[0] < upto:
+                new = part[drawn[0] : upto]
+                torch.rand(new.shape, generator=gen, out=new.view(torch.float32))
+                torch.sub(p_bits - 1, new, out=new).bitwise_right_shift_(31)
+                drawn[0] = upto
+            return held
 
-        # the engine's tiles are a few rows each, several to a block: the block is drawn once
-        # (torch.rand is slow next to the arithmetic), not once per tile (kept per model: a tile
-        # masks every model)
+        # kept per model: a tile masks every model
         key = (seed, name, index, b, p_bits)
         part = scratch_kept(f"dare.keep{index}", key, (block, *row_shape), cpu, draw)
-        lo, hi = max(offset, b * block) - b * block, min(offset + rows, (b + 1) * block) - b * block
         if mask is None:
             return part[lo:hi]
         mask[done : done + hi - lo] = part[lo:hi]
