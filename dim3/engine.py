@@ -31,6 +31,7 @@ The engine knows no tokenization and no UI; progress goes to an optional callbac
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import functools
 import json
@@ -444,6 +445,9 @@ class _Merger:
         self.tuned = tuned  # the updates: the VLM's, then each multilingual model's
         self.state: Any = None
         self._lefts: dict[int, list[list[int]]] | None = None  # see before_tiles
+        # a selection's values tied with each threshold in the first pass's tiles, when one
+        # pass found the thresholds: per update, per rank, (tile first rows, counts before each)
+        self._ties: list[list[tuple[list[int], list[int]]]] | None = None
 
     def __call__(self, step: _Step, work: list[torch.Tensor]) -> torch.Tensor | None:
         """Merge one step's float32 rows ``work`` = [vlm, base, *multilingual, *extra] (the
@@ -546,12 +550,26 @@ class _Merger:
         (vlm, base, *mls), _ = self._split(work)
         return base, deltas(base, [vlm, *mls]), scratch("select.magnitude", base.shape, base)
 
-    def before_tiles(self, step: _Step, map_tiles: Callable[[Callable], list]) -> None:
-        """Ready the tiles of ``step`` (``map_tiles(fn)``: ``fn`` of each, in row order): for a
-        selection rule whose first k values of an update still hold some, but not all, of the
-        values tied with the k-th one (in flat order), count those in each tile first."""
+    def skips(self, step: _Step) -> bool:
+        """Whether ``step`` has nothing left to do: the second statistics pass of a selection
+        whose thresholds the first pass found (:meth:`ExactSelect.window`)."""
+        return self.method.kind == "selection" and step.stage == "stats1" and self._ties is not None
+
+    def before_tiles(
+        self,
+        step: _Step,
+        map_tiles: Callable[[Callable], list],
+        cuts: Sequence[tuple[int, int]] = (),
+    ) -> None:
+        """Ready the tiles of ``step`` (``map_tiles(fn)``: ``fn`` of each, in row order; ``cuts``:
+        their rows in the step): for a selection rule whose first k values of an update still
+        hold some, but not all, of the values tied with the k-th one (in flat order), how many
+        of those come before each tile: from the first statistics pass's tiles when it found
+        the thresholds and cut the rows the same way, else counted in a pass over the tiles."""
         self._lefts = None
         if self.method.kind != "selection" or not any(f.ordered for fs in self.state for f in fs):
+            return
+        if self._ties is not None and cuts and self._tied_from_stats(step, cuts):
             return
 
         def count(work: list[torch.Tensor], first: int) -> tuple[int, list[list[int]]]:
@@ -576,8 +594,36 @@ class _Merger:
             for f, b in zip(fs, bs, strict=True):
                 f.took(b)
 
+    def _tied_from_stats(self, step: _Step, cuts: Sequence[tuple[int, int]]) -> bool:
+        """:meth:`before_tiles` from the tied values the first pass's tiles counted; False
+        (nothing done) when a tile of ``step`` does not start where one of those did."""
+        assert self._ties is not None
+        firsts = [step.start + a for a, _ in cuts]
+        end = step.start + cuts[-1][1]
+        starts = next((set(keys) for per in self._ties for keys, _ in per if keys), set())
+        if any(a not in starts for a in firsts):
+            return False
+
+        def before(t: int, j: int, row: int) -> int:  # tied values in the rows above ``row``
+            keys, counts = self._ties[t][j]  # type: ignore[index]
+            return counts[bisect.bisect_left(keys, row)]
+
+        self._lefts = {}
+        for a, first in zip((a for a, _ in cuts), firsts, strict=True):
+            self._lefts[a] = [
+                [
+                    max(0, f.left - (before(t, j, first) - before(t, j, step.start)))
+                    for j, f in enumerate(fs)
+                ]
+                for t, fs in enumerate(self.state)
+            ]
+        for t, fs in enumerate(self.state):
+            for j, f in enumerate(fs):
+                f.took(before(t, j, end) - before(t, j, step.start))
+        return True
+
     def tile_stats(
-        self, step: _Step
+        self, step: _Step, views: Sequence[torch.Tensor] = ()
     ) -> tuple[Callable[[list[torch.Tensor], int], Any], Callable[[Any, Any], Any] | None] | None:
         """A statistics pass of ``step`` over a few of its rows (``fn(work, first)``), with how
         two tiles' statistics of one thread add up (``fold``; None: :meth:`add_stats` adds each
@@ -600,20 +646,28 @@ class _Merger:
             return None
         if step.start == 0 and step.stage == "stats0":
             self._selection_begin(e)
+            if views:
+                self._selection_windows(views)
         selects = self.state[2]
 
-        def counts(work: list[torch.Tensor], first: int) -> list[list[torch.Tensor]]:
+        def counts(work: list[torch.Tensor], first: int) -> Any:
+            # (per update: the counts to add up; per tile: its first row and per update the
+            # values in the guessed windows, kept apart to count each tile's tied values)
             _, d, mag = self._tile_updates(work)
             buffers = current_buffers()
-            return [
+            got = [
                 select.partial(magnitude_bits(x, out=mag), buffers)
                 for x, select in zip(d, selects, strict=True)
             ]
+            sums = [g[: s.summed] for g, s in zip(got, selects, strict=True)]
+            kept = [g[s.summed :] for g, s in zip(got, selects, strict=True)]
+            return sums, ([(step.start + first, kept)] if any(kept) else [])
 
-        def fold(a: list[list[torch.Tensor]], b: list[list[torch.Tensor]]) -> Any:
-            for xs, ys in zip(a, b, strict=True):
+        def fold(a: Any, b: Any) -> Any:
+            for xs, ys in zip(a[0], b[0], strict=True):
                 for x, y in zip(xs, ys, strict=True):
                     x += y
+            a[1].extend(b[1])
             return a
 
         return counts, fold
@@ -622,9 +676,11 @@ class _Merger:
         """Gather a step's per-tile statistics into the tensor's: column sums added in row
         order, a transposed tensor's column statistics put in row order, selection counts."""
         if self.method.kind == "selection":
-            for partial in partials:
-                for select, got in zip(self.state[2], partial, strict=True):
+            for sums, kept in partials:
+                for t, (select, got) in enumerate(zip(self.state[2], sums, strict=True)):
                     select.add(got)
+                    for key, values in kept:
+                        select.keep(key, values[t])
             if step.last:
                 self._selection_end(step)
             return
@@ -663,6 +719,7 @@ class _Merger:
 
     # -- selection (TIES, Breadcrumbs): exact per-update ranks over slices, then masks
     def _selection_begin(self, e: Entry) -> None:
+        self._ties = None
         rows = e.rows if e.rows is not None else e.shape[0]
         n = rows * math.prod(e.shape[1:])
         ks = self.method.parts.ks(self.options, n)
@@ -672,11 +729,58 @@ class _Merger:
             [ExactSelect(ks, n, self.device, self.buffers) for _ in range(self.tuned)],
         )
 
+    def _selection_windows(self, views: Sequence[torch.Tensor]) -> None:
+        """Guess each update's thresholds from a sample of the tensor's first step (``views``:
+        the step's [vlm, base, *multilingual, *extra] rows) so that one statistics pass finds
+        them (:meth:`ExactSelect.window`): per rank k of n, the sample's values within
+        4.5 standard deviations of its rank (more when the sample is small), widened to whole
+        bins below. No guess when the values inside would be many (more than a quarter, or
+        ``WINDOW_BYTES`` in all), as when an update is mostly one value."""
+        n, ks, selects = self.state
+        (vlm, base, *mls), _ = self._split(list(views))
+        rows = base.shape[0]
+        per_row = max(1, math.prod(base.shape[1:]))
+        total = rows * per_row
+        size = min(total, SAMPLE)
+        if size == 0:
+            return
+        stride = total // size
+        while stride > 1 and math.gcd(stride, per_row) > 1:  # every column met
+            stride -= 1
+        at = torch.arange(size, dtype=torch.int64).mul_(stride)
+        b = base.reshape(-1)[at].float()
+        guesses = []
+        for t in [vlm[:rows], *(m[:rows] for m in mls)]:
+            bits = torch.abs(t.reshape(-1)[at].float().sub_(b)).view(torch.int32).sort().values
+            windows: list[tuple[int, int] | None] = []
+            for k in ks:
+                if k <= 0 or k >= n:
+                    windows.append(None)
+                    continue
+                q = k / n
+                spread = 4.5 * math.sqrt(size * q * (1 - q)) + 8
+                lo_rank, hi_rank = math.floor(q * size - spread), math.ceil(q * size + spread)
+                lo = 0 if lo_rank < 0 else (int(bits[lo_rank]) >> 16) << 16
+                hi = 1 << 31 if hi_rank >= size else int(bits[hi_rank]) + 1
+                inside = int(torch.searchsorted(bits, hi)) - int(torch.searchsorted(bits, lo))
+                if inside * 4 > size or inside * n * 4 * len(selects) > WINDOW_BYTES * size:
+                    return  # too many values to keep: the two passes
+                windows.append((lo, hi))
+            guesses.append(windows)
+        for select, windows in zip(selects, guesses, strict=True):  # all updates, or none
+            select.window(windows)
+
     def _selection_end(self, step: _Step) -> None:
         """A statistics pass over the tensor is over: ready the next, or the masks."""
         for select in self.state[2]:
             select.next_pass()
-        if step.stage == "stats1":
+        known = step.stage == "stats0" and all(select.known for select in self.state[2])
+        if known:  # the first pass found every threshold: the tied values are counted too
+            self._ties = [
+                [_prefix(ties) for ties in select.ties]  # type: ignore[union-attr]
+                for select in self.state[2]
+            ]
+        if step.stage == "stats1" or known:
             n, ks, selects = self.state
             self.state = [
                 [
@@ -757,6 +861,20 @@ class _Merger:
                 stats = [top if r is None else key_value(r[0]) for r in select.result()]
                 rows.append([*stats, top])
             st.found.append(torch.tensor(rows, dtype=torch.float32, device=self.device))
+
+
+def _prefix(ties: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
+    """Tiles' (first row, tied values) as (first rows, tied values in the tiles before each,
+    and after the last)."""
+    keys, before = [], [0]
+    for key, count in ties:
+        keys.append(key)
+        before.append(before[-1] + count)
+    return keys, before
+
+
+SAMPLE = 1 << 16  # values of each update sampled to guess a selection's thresholds
+WINDOW_BYTES = 64 << 20  # at most this many bytes of values kept inside the guessed windows
 
 
 def _flat_updates(part: list[torch.Tensor]) -> torch.Tensor:
@@ -851,35 +969,33 @@ class _Tiles:
     def _groups(self, views: Sequence[torch.Tensor]) -> list[list[tuple[int, int]]]:
         """The tiles (row ranges) of the merged rows, in contiguous runs, one per thread.
 
-        Cut along DARE's random blocks (``DARE_BLOCK`` entries of whole rows, each drawn from
-        its own generator, the slowest part of a DARE merge): no tile straddles a block, and a
-        step of at least as many blocks as threads is shared in runs of whole blocks, so that
-        each block is drawn by one thread (which keeps it for the block's next tiles), not in
-        part again by the thread whose run starts inside it. Tiles are of about ``TILE_BYTES``
-        float32 bytes per input (up to 1.5 times that): a block's rows cut into near-equal
-        tiles, or a tile of as many whole blocks as fit."""
+        A step of at least as many DARE blocks as threads (``DARE_BLOCK`` entries of whole
+        rows, each drawn from its own generator, the slowest part of a DARE merge) is cut into
+        runs at block boundaries, so that each block is drawn by one thread (which keeps it
+        for the block's next tiles), not in part again by the thread whose run starts inside
+        it. Tiles are of ``TILE_BYTES`` float32 bytes per input (the last of a run shorter),
+        never more: a larger tile's temporaries would pass the allocator's mmap threshold."""
         merged = views[1].shape[0]
         per_row = max(1, math.prod(views[0].shape[1:]))
         rows = max(1, TILE_BYTES // (4 * per_row))
         block = max(1, DARE_BLOCK // per_row)  # rows, as _utils.dare_keep_mask cuts them
-        step = max(block, rows - rows % block)  # one block, or the whole blocks a tile holds
-        blocks = []  # the tiles of each block (of each tile of whole blocks)
-        for a in range(0, merged, step):
-            b = min(merged, a + step)
-            n = max(1, (b - a + rows // 2) // rows)  # 1 unless a block is cut
-            blocks.append([(a + (b - a) * i // n, a + (b - a) * (i + 1) // n) for i in range(n)])
-        tiles = [t for group in blocks for t in group]
-        if not tiles:  # a step of the VLM's own rows only (tokens the base does not have)
+        blocks = -(-merged // block)
+        if not merged:  # a step of the VLM's own rows only (tokens the base does not have)
             return []
-        if len(blocks) < self.workers:  # too few blocks to go round: tile by tile
-            share = -(-len(tiles) // self.workers)
-            return [tiles[i : i + share] for i in range(0, len(tiles), share)]
-        runs: list[list[tuple[int, int]]] = [[] for _ in range(self.workers)]
-        before = 0
-        for group in blocks:  # each block to the run its middle tile falls in
-            middle = 2 * before + len(group)  # twice the middle tile's index
-            runs[min(self.workers - 1, middle * self.workers // (2 * len(tiles)))].extend(group)
-            before += len(group)
+        if blocks >= self.workers:
+            ends = [
+                *(
+                    min(merged, round(w * merged / self.workers / block) * block)
+                    for w in range(1, self.workers)
+                ),
+                merged,
+            ]
+            spans = list(zip([0, *ends[:-1]], ends, strict=True))
+        else:  # too few blocks to go round: runs of about equal tiles
+            tiles = -(-merged // rows)
+            share = -(-tiles // self.workers) * rows
+            spans = [(a, min(merged, a + share)) for a in range(0, merged, share)]
+        runs = [[(a, min(b, a + rows)) for a in range(s, b, rows)] for s, b in spans]
         return [r for r in runs if r]
 
     @staticmethod
@@ -998,7 +1114,11 @@ def iter_merged(
                     out = staged.tensors[0]
                 elif step.stage == "whole" and step.source.key in whole:
                     out = whole.pop(step.source.key)
-                elif tiles is not None and (stats := merger.tile_stats(step)) is not None:
+                elif merger.skips(step):
+                    out = None
+                elif (
+                    tiles is not None and (stats := merger.tile_stats(step, staged.tensors))
+                ) is not None:
                     merger.add_stats(step, tiles.map(staged.tensors, *stats))
                     out = None
                 elif (
@@ -1009,7 +1129,11 @@ def iter_merged(
                     and (out := into(step.out, step.start, tuple(staged.tensors[0].shape)))
                     is not None
                 ):
-                    merger.before_tiles(step, functools.partial(tiles.map, staged.tensors))
+                    merger.before_tiles(
+                        step,
+                        functools.partial(tiles.map, staged.tensors),
+                        [t for run in tiles._groups(staged.tensors) for t in run],
+                    )
                     tiles.run(staged.tensors, rule, out)
                 else:
                     with streams.computing():

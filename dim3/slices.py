@@ -74,6 +74,13 @@ class ExactSelect:
     A pass may also be cut among threads: :meth:`partial` of each piece (any order, any
     thread: it only reads what the last pass found), then :meth:`add` of every partial: counts
     are integers, so the sum is the same in any order.
+
+    One pass is enough when each k-th value's bit patterns are guessed beforehand (from a
+    sample: :meth:`window`): the first pass then also keeps each piece's values inside the
+    guessed ranges (:meth:`keep`), and if every k-th value is among them, :meth:`next_pass`
+    finds it exactly from those and the first pass's counts (:attr:`known`), with how many
+    values equal to it each piece holds (:attr:`ties`). Otherwise the second pass runs as
+    without a guess: a wrong guess costs time, never exactness.
     """
 
     def __init__(
@@ -86,6 +93,35 @@ class ExactSelect:
         self.hi: list[int] = []  # per k: the high 16 bits of the k-th value
         self.below: list[int] = []  # per k: how many values have smaller high bits
         self.lo_hist: Tensor | None = None
+        self.windows: list[tuple[int, int] | None] | None = None  # per k: [lo, hi) guessed
+        self._kept: list[tuple[int, list[Tensor]]] = []  # (piece key, values in each window)
+        self._found: list[tuple[int, int, int] | None] | None = None
+        self.ties: list[list[tuple[int, int]]] | None = None  # per k: (piece key, equal values)
+
+    @property
+    def summed(self) -> int:
+        """How many leading tensors of a :meth:`partial` are counts to add (the rest are the
+        values inside the windows, to :meth:`keep`)."""
+        return 0 if self.known else 1 if self.stage == 0 else len(self.ks)
+
+    @property
+    def known(self) -> bool:
+        """Whether :meth:`result` is known after the first pass (the guesses held)."""
+        return self._found is not None
+
+    def window(self, windows: Sequence[tuple[int, int] | None]) -> None:
+        """Before the first pass: per k, the bit patterns ``[lo, hi)`` its k-th value is
+        guessed to lie in, ``lo`` a multiple of 2**16 (None: no guess, for a k that selects
+        nothing or everything)."""
+        assert self.stage == 0 and len(windows) == len(self.ks)
+        for w in windows:
+            assert w is None or (w[0] % BINS == 0 and 0 <= w[0] < w[1] <= 1 << 31), w
+        self.windows = list(windows)
+
+    def keep(self, key: int, values: list[Tensor]) -> None:
+        """A first-pass piece's values inside each window (``partial()[summed:]``), under a key
+        that orders the pieces (their first row)."""
+        self._kept.append((key, values))
 
     def observe(self, bits: Tensor) -> None:
         """One slice's bit patterns (flat int32, from :func:`magnitude_bits`)."""
@@ -95,9 +131,25 @@ class ExactSelect:
         """The counts of this pass over one piece's bit patterns, for :meth:`add`: the histogram
         of the high 16 bits (first pass), or per k that of the low 16 bits of the values whose
         high bits are the k-th value's (second pass). Temporaries from ``buffers``."""
+        if self.known:  # found in the first pass: a second has nothing to count
+            return []
         hi = torch.bitwise_right_shift(bits, 16, out=_take(buffers, "select.hi", bits))
         if self.stage == 0:
-            return [torch.bincount(hi, minlength=BINS)]
+            counts = [torch.bincount(hi, minlength=BINS)]
+            if self.windows is None:
+                return counts
+            # the values in each [lo, hi): bits − lo as a 31-bit word is below hi − lo just for
+            # them (one below lo wraps to at least 2**31 − lo ≥ hi − lo)
+            for w in self.windows:
+                if w is None:
+                    counts.append(bits[:0])
+                    continue
+                d = torch.sub(bits, w[0], out=hi).bitwise_and_(0x7FFFFFFF)
+                inside = torch.lt(
+                    d, w[1] - w[0], out=_take(buffers, "select.mask", bits, torch.bool)
+                )
+                counts.append(bits[inside])
+            return counts
         if bits.dtype == torch.int32:  # magnitudes (0 ≤ bits < 2**31): no bool masks
             # bits − (h << 16) is the low 16 bits of a value in bin h and outside [0, 2**16)
             # for the others; with the sign bit cleared a negative one is at least 2**16 too
@@ -117,6 +169,8 @@ class ExactSelect:
 
     def add(self, partial: list[Tensor]) -> None:
         """Count one piece's :meth:`partial` in."""
+        if self.known:
+            return
         if self.stage == 0:
             self.hist += partial[0]
             return
@@ -125,7 +179,10 @@ class ExactSelect:
             self.lo_hist[i] += counts
 
     def next_pass(self) -> None:
-        """End a pass: after the first, fix each k's high bits; after the second, its value."""
+        """End a pass: after the first, fix each k's high bits (or, when the guessed windows
+        held, its value: then no second pass); after the second, its value."""
+        if self.known:
+            return
         if self.stage == 0:
             cum = torch.cumsum(self.hist, 0).cpu()
             for k in self.ks:
@@ -133,12 +190,47 @@ class ExactSelect:
                 h = int(torch.searchsorted(cum, kk))  # first bin whose cumulative count ≥ k
                 self.hi.append(h)
                 self.below.append(int(cum[h - 1]) if h > 0 else 0)
+            if self.windows is not None:
+                self._from_windows(cum)
+                self._kept = []
+                if self.known:
+                    self.stage = 2
+                    return
             self.lo_hist = torch.zeros((len(self.ks), BINS), dtype=torch.int64, device=self.device)
         self.stage += 1
+
+    def _from_windows(self, cum: Tensor) -> None:
+        """Each k-th value from the first pass's counts and the values kept in its window, if
+        it lies there: the values below the window (below ``lo``, a bin's start) are counted by
+        the high-bits histogram, those inside it are all at hand."""
+        assert self.windows is not None
+        self._kept.sort(key=lambda kv: kv[0])
+        found: list[tuple[int, int, int] | None] = []
+        ties: list[list[tuple[int, int]]] = []
+        for i, (k, w) in enumerate(zip(self.ks, self.windows, strict=True)):
+            if k <= 0 or k >= self.n:
+                found.append(None)
+                ties.append([])
+                continue
+            if w is None:
+                return
+            below = int(cum[(w[0] >> 16) - 1]) if w[0] else 0
+            inside = torch.cat([values[i].to(self.device) for _, values in self._kept])
+            rank = k - below  # of the k-th value among those inside
+            if not 1 <= rank <= inside.numel():
+                return  # not inside: the second pass finds it
+            kth = int(torch.kthvalue(inside.cpu(), rank).values)
+            less = below + int(torch.count_nonzero(inside < kth))
+            equal = int(torch.count_nonzero(inside == kth))
+            found.append((kth, k - less, equal))
+            ties.append([(key, int(torch.count_nonzero(v[i] == kth))) for key, v in self._kept])
+        self._found, self.ties = found, ties
 
     def result(self) -> list[tuple[int, int, int] | None]:
         """Per k: (bits of the k-th smallest value, how many equal to it are in the first k, how
         many equal it in all)."""
+        if self._found is not None:
+            return list(self._found)
         assert self.stage == 2 and self.lo_hist is not None
         out: list[tuple[int, int, int] | None] = []
         for i, k in enumerate(self.ks):

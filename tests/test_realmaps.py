@@ -217,22 +217,24 @@ def test_tiles_at_the_real_2b_shape_equal_the_untiled_loop(models, method, tmp_p
     tied, so that the tiles take the tied values in flat order after counting them."""
     from dataclasses import replace
 
-    from tests.test_slicing import assert_tiled_equals_untiled
+    from tests.test_slicing import assert_tiled_equals_untiled, second_passes
 
     recipe = replace(models.trio("qwen2-vl-2b", 1, 1, data="random"), method=method)
     assert 151936 * 1536 * 4 > 32 * engine.TILE_BYTES  # the embedding's steps hold many tiles
     counted = []  # steps whose tiles first counted their values tied with a threshold
     before_tiles = engine._Merger.before_tiles
 
-    def spy(self, step, map_tiles):
-        before_tiles(self, step, map_tiles)
+    def spy(self, step, *args):
+        before_tiles(self, step, *args)
         counted.append(self._lefts is not None)
 
     monkeypatch.setattr(engine._Merger, "before_tiles", spy)
+    passes = second_passes(monkeypatch)
     out = engine.merge_to_folder(recipe, tmp_path / "out").out_dir
     assert assert_tiled_equals_untiled(recipe, folder=out) > 20
     if method == "ties":
         assert sum(counted) > 10  # the ordered path: tied thresholds, counted per tile
+        assert passes and not any(passes.values())  # found in one pass, from a sample
 
 
 # ---------------------------------------------------------------- today's VLMs at real shape
