@@ -299,7 +299,8 @@ class FirstMask:
 
     def count(self, bits: Tensor, temp: Tensor) -> int:
         """How many of a piece's values equal the k-th one (``temp``: a bool buffer like bits)."""
-        return int(torch.eq(bits, self.bits, out=temp).sum())
+        # count_nonzero, not sum: a bool tensor's sum makes an int64 copy of it first
+        return int(torch.count_nonzero(torch.eq(bits, self.bits, out=temp)))
 
     def took(self, equal: int) -> None:
         """A piece holding ``equal`` values equal to the k-th one has been masked."""

@@ -244,7 +244,7 @@ def first_by_magnitude(mag: Tensor, k: int) -> Tensor:
         return torch.ones_like(mag, dtype=torch.bool)
     kth = torch.kthvalue(mag, k).values  # the k-th smallest magnitude
     mask = mag < kth
-    need = k - int(mask.sum())  # how many entries equal to kth still belong to the first k
+    need = k - int(torch.count_nonzero(mask))  # entries equal to kth still among the first k
     tied = torch.nonzero(mag == kth).reshape(-1)[:need]  # their positions, ascending
     mask[tied] = True
     return mask
