@@ -57,7 +57,6 @@ from dim3.layout import layout_for
 from dim3.mapped import MappedShards
 from dim3.methods import Method, get_method, plan_notes
 from dim3.methods._utils import (
-    DARE_BLOCK,
     current_buffers,
     deltas,
     listen_steps,
@@ -928,12 +927,14 @@ class _Tiles:
         views: Sequence[torch.Tensor],
         rule: Callable[[list[torch.Tensor], int], torch.Tensor],
         out: torch.Tensor,
+        block: int = 0,
     ) -> None:
         """Merge the step whose input rows are ``views`` = (vlm, base, *mls, *extra) into
         ``out`` (the step's rows, output dtype): rows below the base's count by ``rule``, the
-        VLM's own rows after them (tokens only the VLM has) converted from the VLM."""
+        VLM's own rows after them (tokens only the VLM has) converted from the VLM. ``block``:
+        the rule's random blocks (:attr:`dim3.methods.Method.row_blocks`), see :meth:`_groups`."""
         vlm, merged = views[0], views[1].shape[0]
-        futures = self._start(views, rule, out, None)
+        futures = self._start(views, rule, out, None, block=block)
         try:
             if merged < vlm.shape[0]:
                 out[merged:].copy_(vlm[merged:])
@@ -959,30 +960,31 @@ class _Tiles:
         folded = [got for future in futures for got in future.result()]
         return folded if fold is not None else [results[i] for i in sorted(results)]
 
-    def _start(self, views, fn, out, fold, results=None) -> list[Future]:
-        share = _Share(self._groups(views))
+    def _start(self, views, fn, out, fold, results=None, block: int = 0) -> list[Future]:
+        share = _Share(self._groups(views, block))
         return [
             self._pool.submit(self._work, self._buffers[w], share, w, views, fn, out, fold, results)
             for w in range(share.workers)
         ]
 
-    def _groups(self, views: Sequence[torch.Tensor]) -> list[list[tuple[int, int]]]:
+    def _groups(self, views: Sequence[torch.Tensor], block: int = 0) -> list[list[tuple[int, int]]]:
         """The tiles (row ranges) of the merged rows, in contiguous runs, one per thread.
 
-        A step of at least as many DARE blocks as threads (``DARE_BLOCK`` entries of whole
-        rows, each drawn from its own generator, the slowest part of a DARE merge) is cut into
-        runs at block boundaries, so that each block is drawn by one thread (which keeps it
-        for the block's next tiles), not in part again by the thread whose run starts inside
-        it. Tiles are of ``TILE_BYTES`` float32 bytes per input (the last of a run shorter),
-        never more: a larger tile's temporaries would pass the allocator's mmap threshold."""
+        Tiles are of ``TILE_BYTES`` float32 bytes per input (the last of a run shorter), never
+        more: a larger tile's temporaries would pass the allocator's mmap threshold. With
+        ``block`` (entries of whole rows that a rule draws at random as a unit: DARE's masks,
+        the slowest part of a DARE merge), a step of at least as many blocks as threads is cut
+        into runs at block boundaries, so that each block is drawn by one thread (which keeps it
+        for the block's next tiles), not in part again by the thread whose run starts inside it;
+        otherwise the runs are of about equal tiles."""
         merged = views[1].shape[0]
-        per_row = max(1, math.prod(views[0].shape[1:]))
-        rows = max(1, TILE_BYTES // (4 * per_row))
-        block = max(1, DARE_BLOCK // per_row)  # rows, as _utils.dare_keep_mask cuts them
-        blocks = -(-merged // block)
         if not merged:  # a step of the VLM's own rows only (tokens the base does not have)
             return []
-        if blocks >= self.workers:
+        per_row = max(1, math.prod(views[0].shape[1:]))
+        rows = max(1, TILE_BYTES // (4 * per_row))
+        block = max(1, block // per_row)  # rows, as _utils.dare_keep_mask cuts them
+        blocks = -(-merged // block)
+        if block > 1 and blocks >= self.workers:
             ends = [
                 *(
                     min(merged, round(w * merged / self.workers / block) * block)
@@ -991,7 +993,7 @@ class _Tiles:
                 merged,
             ]
             spans = list(zip([0, *ends[:-1]], ends, strict=True))
-        else:  # too few blocks to go round: runs of about equal tiles
+        else:  # runs of about equal tiles
             tiles = -(-merged // rows)
             share = -(-tiles // self.workers) * rows
             spans = [(a, min(merged, a + share)) for a in range(0, merged, share)]
@@ -1129,12 +1131,13 @@ def iter_merged(
                     and (out := into(step.out, step.start, tuple(staged.tensors[0].shape)))
                     is not None
                 ):
+                    block = method.row_blocks
                     merger.before_tiles(
                         step,
                         functools.partial(tiles.map, staged.tensors),
-                        [t for run in tiles._groups(staged.tensors) for t in run],
+                        [t for run in tiles._groups(staged.tensors, block) for t in run],
                     )
-                    tiles.run(staged.tensors, rule, out)
+                    tiles.run(staged.tensors, rule, out, block)
                 else:
                     with streams.computing():
                         out = merger(step, source.to_work(staged))

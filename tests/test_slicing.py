@@ -610,25 +610,33 @@ def test_dare_blocks_are_drawn_once_and_only_as_far_as_the_tiles_reach(monkeypat
 @pytest.mark.parametrize("workers", [1, 2, 3, 8])
 @pytest.mark.parametrize("shape", [(1536, 1536), (256, 1536), (8960, 1536), (1536, 8960), (40, 8)])
 def test_tiles_follow_the_dare_blocks(shape, workers):
-    """The tiles cover the rows in order, none above ``TILE_BYTES``; a step of at least as
-    many DARE blocks (682 rows of 1536, 117 of 8960) as threads goes to the threads in runs of
-    whole blocks; a step of more than one tile is shared."""
+    """The tiles cover the rows in order, none above ``TILE_BYTES``; for a DARE rule
+    (``Method.row_blocks``) a step of at least as many random blocks (682 rows of 1536, 117 of
+    8960) as threads goes to the threads in runs of whole blocks; a step of more than one tile
+    is shared, in runs of about equal tiles when there are no blocks."""
     from dim3.methods import _utils as U
 
+    assert METHODS["dare_ties"].row_blocks == METHODS["dare_task_arithmetic"].row_blocks
+    assert METHODS["dare_ties"].row_blocks == U.DARE_BLOCK and METHODS["ties"].row_blocks == 0
     tiles = engine._Tiles(workers)
     try:
-        runs = tiles._groups([torch.empty(shape), torch.empty(shape)])
+        for blocks in (0, U.DARE_BLOCK):
+            runs = tiles._groups([torch.empty(shape), torch.empty(shape)], blocks)
+            flat = [t for run in runs for t in run]
+            assert flat[0][0] == 0 and flat[-1][1] == shape[0]
+            assert all(a[1] == b[0] and a[0] < a[1] for a, b in zip(flat, flat[1:], strict=False))
+            assert all(
+                4 * (b - a) * shape[1] <= max(engine.TILE_BYTES, 4 * shape[1]) for a, b in flat
+            )
+            block = max(1, blocks // shape[1])
+            if blocks and -(-shape[0] // block) >= workers:
+                assert all(run[0][0] % block == 0 for run in runs)
+            elif len(runs) > 1:  # about equal: at most one tile apart, the last run shorter
+                assert max(map(len, runs)) - min(map(len, runs[:-1])) <= 1
+            assert all(run for run in runs) and len(runs) <= workers
+            assert len(runs) > 1 or workers == 1 or len(flat) == 1
     finally:
         tiles.close()
-    flat = [t for run in runs for t in run]
-    assert flat[0][0] == 0 and flat[-1][1] == shape[0]
-    assert all(a[1] == b[0] and a[0] < a[1] for a, b in zip(flat, flat[1:], strict=False))
-    assert all(4 * (b - a) * shape[1] <= max(engine.TILE_BYTES, 4 * shape[1]) for a, b in flat)
-    block = max(1, U.DARE_BLOCK // shape[1])
-    if -(-shape[0] // block) >= workers:
-        assert all(run[0][0] % block == 0 for run in runs)
-    assert all(run for run in runs) and len(runs) <= workers
-    assert len(runs) > 1 or workers == 1 or len(flat) == 1
 
 
 def test_compute_threads_leave_a_core_to_the_io_threads_above_two():

@@ -46,6 +46,7 @@ from dim3.methods import (
     wudi,
 )
 from dim3.methods._svd import RANDOMIZED_NOTE
+from dim3.methods._utils import DARE_BLOCK
 
 RuleFn = Callable[..., Tensor]
 
@@ -71,6 +72,10 @@ class Method:
     # engine slice by slice like the weights: "" (none) or "fisher" (each model's diagonal Fisher,
     # from the recipe's ``fisher`` folders; see dim3/fisher.py).
     extra_inputs: str = ""
+    # Entries per block of whole rows that the rule draws at random as a unit (DARE's masks,
+    # :data:`dim3.methods._utils.DARE_BLOCK`; 0: none): the engine cuts the rows among its
+    # threads on block boundaries, so that no block is drawn by two threads.
+    row_blocks: int = 0
 
     def make_options(self, values: dict[str, Any] | None = None) -> Any:
         """Build validated options from a plain dict; unknown keys raise ``ValueError``."""
@@ -127,6 +132,7 @@ METHODS: dict[str, Method] = {
         options=dare.DareOptions,
         paper="https://arxiv.org/abs/2311.03099",
         summary="Randomly drop a fraction p of each update, rescale by 1/(1-p), then add them.",
+        row_blocks=DARE_BLOCK,
     ),
     "dare_ties": Method(
         name="dare_ties",
@@ -134,6 +140,7 @@ METHODS: dict[str, Method] = {
         options=dare.DareOptions,
         paper="https://arxiv.org/abs/2311.03099",
         summary="DARE's random drop and rescale, then TIES' sign election and disjoint mean.",
+        row_blocks=DARE_BLOCK,
     ),
     "breadcrumbs": Method(
         name="breadcrumbs",
