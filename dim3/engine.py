@@ -8,7 +8,8 @@ configs, tokenizer, processor, model card and recipe, moved into place only when
 result without writing it to disk). A tensor larger than the chunk budget (``chunk_size``, 32 MiB
 of float32 by default) is read and merged in row slices, in as many passes as its method's kind
 needs (:data:`PASSES`: DiM3 gathers column statistics first, TIES and Breadcrumbs find their exact
-magnitude thresholds in two radix passes, PCB its four order statistics in two stages of two
+magnitude thresholds in two radix passes (the second skipped where a sampled guess holds, see
+:meth:`_Merger._selection_windows`), PCB its four order statistics in two stages of two
 passes), so peak memory is a few slices per model whatever the vocabulary; "matrix" methods (SVD,
 optimisation) take each tensor whole.
 
