@@ -681,6 +681,8 @@ class _Merger:
                     select.add(got)
                     for key, values in kept:
                         select.keep(key, values[t])
+            for select in self.state[2]:
+                select.compact()
             if step.last:
                 self._selection_end(step)
             return

@@ -95,6 +95,7 @@ class ExactSelect:
         self.lo_hist: Tensor | None = None
         self.windows: list[tuple[int, int] | None] | None = None  # per k: [lo, hi) guessed
         self._kept: list[tuple[int, list[Tensor]]] = []  # (piece key, values in each window)
+        self._compacted = 0  # pieces of _kept gathered by compact()
         self._found: list[tuple[int, int, int] | None] | None = None
         self.ties: list[list[tuple[int, int]]] | None = None  # per k: (piece key, equal values)
 
@@ -122,6 +123,20 @@ class ExactSelect:
         """A first-pass piece's values inside each window (``partial()[summed:]``), under a key
         that orders the pieces (their first row)."""
         self._kept.append((key, values))
+
+    def compact(self) -> None:
+        """Gather the values kept since the last call into one tensor per window, the pieces'
+        becoming views of it: the pieces' own small tensors, made on the tile threads and kept
+        until the pass ends, would otherwise keep those threads' heaps from shrinking."""
+        fresh = range(self._compacted, len(self._kept))
+        self._compacted = len(self._kept)
+        if len(fresh) < 2:
+            return
+        columns = [torch.cat([self._kept[i][1][j] for i in fresh]) for j in range(len(self.ks))]
+        sizes = [[self._kept[i][1][j].numel() for i in fresh] for j in range(len(self.ks))]
+        parts = [col.split(size) for col, size in zip(columns, sizes, strict=True)]
+        for n, i in enumerate(fresh):
+            self._kept[i] = (self._kept[i][0], [part[n] for part in parts])
 
     def observe(self, bits: Tensor) -> None:
         """One slice's bit patterns (flat int32, from :func:`magnitude_bits`)."""
@@ -192,7 +207,7 @@ class ExactSelect:
                 self.below.append(int(cum[h - 1]) if h > 0 else 0)
             if self.windows is not None:
                 self._from_windows(cum)
-                self._kept = []
+                self._kept, self._compacted = [], 0
                 if self.known:
                     self.stage = 2
                     return

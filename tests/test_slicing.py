@@ -81,10 +81,12 @@ def _one_pass(bits, ks, cuts, windows):
     the second pass only if the guesses missed. -> (result, known after one pass, ties)."""
     select = ExactSelect(ks, bits.numel(), bits.device)
     select.window(windows)
-    for a, b in reversed(cuts):  # any order: pieces are keyed
+    for i, (a, b) in enumerate(reversed(cuts)):  # any order: pieces are keyed
         got = select.partial(bits[a:b])
         select.add(got[: select.summed])
         select.keep(a, got[select.summed :])
+        if i % 2:
+            select.compact()  # gathered into one tensor now and then, as the engine does
     select.next_pass()
     known, ties = select.known, select.ties
     if not known:
