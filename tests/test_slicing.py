@@ -273,6 +273,31 @@ def on_a_grid(trio, folder, step=2.0**-8):
     return type(trio)(**roles)
 
 
+def selection_matches_the_definition(method, trio, out) -> int:
+    """Every merged matrix of a TIES or Breadcrumbs merge of ``trio`` (folder ``out``) equals the
+    pure-Python definition on the whole tensor (tests/test_methods.py). Returns how many of them
+    had their TIES threshold (20% kept) tied: the order of the tied values decided."""
+    from tests.test_engine import base_name, tokenizer_len
+    from tests.test_methods import ref_breadcrumbs, ref_ties
+
+    merged, vlm = load_all(out), load_all(trio.multimodal)
+    base, ml = load_all(trio.base), load_all(trio.multilingual)
+    ref = ref_ties if method == "ties" else ref_breadcrumbs
+    rows = tokenizer_len(trio.base)
+    ordered = 0
+    for key in merged:
+        name = base_name(key)
+        if name is None or merged[key].dim() != 2:
+            continue
+        b, v, m = base[name], vlm[key], ml[name]
+        r = min(rows, b.shape[0])
+        d = (v[:r] - b[:r]).abs().flatten()
+        ordered += int((d == d.kthvalue(d.numel() - round(0.2 * d.numel())).values).sum() > 1)
+        want = ref(b[:r], [v[:r], m[:r]]).float()
+        torch.testing.assert_close(merged[key][:r], want, rtol=0, atol=1e-7, msg=key)
+    return ordered
+
+
 def second_passes(monkeypatch) -> dict[str, bool]:
     """Watch the engine: per selection tensor merged in steps, whether its second statistics
     pass ran (it does not when the first pass's guessed windows held)."""
@@ -299,8 +324,7 @@ def test_selection_windows_that_miss_leave_the_thresholds_to_the_second_pass(
     merge is still the definition's, tiled or not."""
     from safetensors.torch import load_file, save_file
 
-    from tests.test_engine import base_name, tokenizer_len
-    from tests.test_methods import ref_breadcrumbs, ref_ties
+    from tests.test_engine import base_name
 
     monkeypatch.setattr(engine, "TILE_BYTES", 512)
     trio = on_a_grid(tiny_llava_trio, tmp_path / "grid")
@@ -321,17 +345,7 @@ def test_selection_windows_that_miss_leave_the_thresholds_to_the_second_pass(
     assert passes and any(passes.values())  # guesses missed: second passes ran
     assert all(passes.values()) or method != "ties"  # TIES' one threshold: every guess missed
     assert assert_tiled_equals_untiled(recipe, 4096, out) > 10
-    merged, vlm, ml = load_all(out), load_all(trio.multimodal), load_all(trio.multilingual)
-    ref = ref_ties if method == "ties" else ref_breadcrumbs
-    rows = tokenizer_len(trio.base)
-    for key in merged:
-        name = base_name(key)
-        if name is None or merged[key].dim() != 2:
-            continue
-        b, v, m = base[name], vlm[key], ml[name]
-        r = min(rows, b.shape[0])
-        want = ref(b[:r], [v[:r], m[:r]]).float()
-        torch.testing.assert_close(merged[key][:r], want, rtol=0, atol=1e-7, msg=key)
+    selection_matches_the_definition(method, trio, out)
 
 
 @pytest.mark.parametrize("method", ["ties", "breadcrumbs"])
@@ -343,8 +357,6 @@ def test_selection_tiles_take_tied_values_in_flat_order(
     apply pass in 4-row tiles (told how many tied values come before each: counted in a pass
     over the tiles, or by the first statistics pass where its guessed windows held) equals the
     untiled loop, and the merged tensors equal the independent definition on whole tensors."""
-    from tests.test_engine import base_name, tokenizer_len
-    from tests.test_methods import ref_breadcrumbs, ref_ties
 
     monkeypatch.setattr(engine, "TILE_BYTES", 512)
     trio = on_a_grid(tiny_llava_trio, tmp_path / "grid")
@@ -363,21 +375,7 @@ def test_selection_tiles_take_tied_values_in_flat_order(
     assert passes and not all(passes.values())  # some thresholds were found in one pass
     assert any(from_stats)
     assert assert_tiled_equals_untiled(recipe, 4096, out) > 10
-    merged, vlm = load_all(out), load_all(trio.multimodal)
-    base, ml = load_all(trio.base), load_all(trio.multilingual)
-    ref = ref_ties if method == "ties" else ref_breadcrumbs
-    rows = tokenizer_len(trio.base)
-    ordered = 0
-    for key in merged:
-        name = base_name(key)
-        if name is None or merged[key].dim() != 2:
-            continue
-        b, v, m = base[name], vlm[key], ml[name]
-        r = min(rows, b.shape[0])
-        d = (v[:r] - b[:r]).abs().flatten()
-        ordered += int((d == d.kthvalue(d.numel() - round(0.2 * d.numel())).values).sum() > 1)
-        want = ref(b[:r], [v[:r], m[:r]]).float()
-        torch.testing.assert_close(merged[key][:r], want, rtol=0, atol=1e-7, msg=key)
+    ordered = selection_matches_the_definition(method, trio, out)
     assert ordered > 5  # the thresholds are tied: the order of the tied values decides
 
 
