@@ -27,6 +27,7 @@ from dim3.limits import (
 from dim3.models import ModelManager
 from dim3.sweep import grid_points, parse_grid
 from dim3.ui import jobs
+from dim3.ui.common import StopFlags
 from dim3.ui.saves import SaveOwners, SaveRefused
 from dim3.ui.validate import type_problem
 from dim3.writer import remove_stale_in_folder
@@ -172,6 +173,24 @@ def test_saves_belong_to_the_session_that_made_them(tmp_path):
     owners.claim("failed", "bob", exists=False)
     owners.release("failed", "bob", tmp_path / "failed")
     owners.claim("failed", "carol", exists=False)  # a failed save leaves the name free
+
+
+def test_a_conversation_stored_after_a_clear_is_not_kept():
+    """A question's handler that checked the Clear count before a Clear and stores after it
+    (the two run on different workers) must not bring the cleared conversation back."""
+    flags = StopFlags()
+    asked = ([{"role": "user", "content": "Welche Farbe?", "epoch": 0}], [], None)
+    flags.clear("s", 1, ([], [], None))  # lands between the question's check and its store
+    assert not flags.remember("s", asked, 0)
+    assert flags.latest("s") == ([], [], None)
+    assert flags.remember("t", asked, 0)  # another visitor's session is its own
+    after = ([{"role": "user", "content": "Und jetzt?", "epoch": 1}], [], None)
+    assert flags.remember("s", after, 1) and flags.latest("s") == after
+    generation = flags.start("s", 1)
+    flags.clear("s", 2, ([], [], None))
+    assert generation.is_set() and generation.cleared
+    assert not flags.remember("s", after, generation.epoch)
+    assert flags.latest("s") == ([], [], None)
 
 
 @pytest.mark.parametrize(

@@ -192,7 +192,10 @@ def build_chat_tab(ctx: AppContext) -> ChatTab:
     tab, buttons = _layout(ctx)
     shown = [tab.left, tab.right, tab.left_msgs, tab.right_msgs, tab.image, tab.box]
     turn_out = [*shown, tab.turn]
-    stream_in = [tab.left_msgs, tab.right_msgs, tab.image, tab.seen, tab.turn, *tab.settings()]
+    stream_in = [
+        *(tab.left_msgs, tab.right_msgs, tab.image, tab.seen, tab.turn, tab.clears),
+        *tab.settings(),
+    ]
     stream_out = [*shown, tab.status, tab.seen]
     stream = _stream(ctx, tab)
     # "multiple": a question asked after Clear starts even while the stopped answer's event
@@ -292,7 +295,8 @@ def _add_turn(ctx: AppContext, tab: ChatTab):
             left, right, image = [], [], None
         turn = {"role": "user", "content": text, "epoch": epoch, "turn": uuid.uuid4().hex}
         left, right = [*left, turn], [*right, turn]
-        ctx.stop_flags.remember(request.session_hash, (left, right, image))
+        if not ctx.stop_flags.remember(request.session_hash, (left, right, image), epoch):
+            return _again(tab, ctx.stop_flags.latest(request.session_hash)) | {tab.turn: ""}
         return _shown(tab, left, right, image) | _locked(tab) | {tab.turn: turn["turn"]}
 
     return handler
@@ -322,7 +326,8 @@ def _regenerate(ctx: AppContext, tab: ChatTab):
         turn = uuid.uuid4().hex
         left = [*left[:-1], left[-1] | {"turn": turn}]
         right = [*right[:-1], right[-1] | {"turn": turn}]
-        ctx.stop_flags.remember(request.session_hash, (left, right, image))
+        if not ctx.stop_flags.remember(request.session_hash, (left, right, image), epoch):
+            return _again(tab, ctx.stop_flags.latest(request.session_hash)) | {tab.turn: ""}
         return _shown(tab, left, right, image) | _locked(tab) | {tab.turn: turn}
 
     return handler
@@ -436,6 +441,7 @@ def _stream(ctx: AppContext, tab: ChatTab):
         image_path: str | None,
         seen: int | None,
         turn: str | None,
+        clears: float | None,
         max_new_tokens: float,
         temperature: float,
         top_p: float,
@@ -445,8 +451,11 @@ def _stream(ctx: AppContext, tab: ChatTab):
         session = request.session_hash
         question = left[-1] if left and left[-1]["role"] == "user" else None
         if question is None or question.get("turn") != turn:
-            # Refused, cleared, or another question's: nothing of its own to answer.
-            yield _again(tab, (left, right, image_path))
+            # Refused, cleared, or another question's: nothing of its own to answer. What the
+            # page sent may predate a Clear whose answer is still on its way: not shown again.
+            alive = _alive(left, int(clears or 0))
+            image_path = image_path if alive is left else None
+            yield _again(tab, (alive, _alive(right, int(clears or 0)), image_path))
             return
         flag = ctx.stop_flags.start(session, int(question.get("epoch", 0)))
         if flag.cleared:  # Clear came after the question: it is not answered
@@ -465,22 +474,18 @@ def _stream(ctx: AppContext, tab: ChatTab):
             replies = start_replies(served, (left, right), image, params, flag)
         except ChatError as exc:  # refused before any forward pass: the question is taken back
             ctx.stop_flags.finish(session, flag)
-            if flag.cleared:
-                yield _again(tab, ctx.stop_flags.latest(session))
+            taken_back = (left[:-1], right[:-1], image_path)
+            if not ctx.stop_flags.remember(session, taken_back, flag.epoch):
+                yield _again(tab, ctx.stop_flags.latest(session))  # cleared meanwhile
                 return
             gr.Warning(error_html(exc, ctx.allowed_roots), title="Cannot answer this")
-            ctx.stop_flags.remember(session, (left[:-1], right[:-1], image_path))
             yield done | _shown(tab, left[:-1], right[:-1], image_path)
             return
         except Exception as exc:  # noqa: BLE001 - the UI boundary: the answer is the message
             ctx.stop_flags.finish(session, flag)
-            if flag.cleared:
-                yield _again(tab, ctx.stop_flags.latest(session))
-                return
             problem = f"⚠️ {error_text(exc, ctx.allowed_roots)}"
             out = done | _finish(ctx, tab, (left, right), (problem, problem), image_path, None)
-            ctx.stop_flags.remember(session, (out[tab.left_msgs], out[tab.right_msgs], image_path))
-            yield out
+            yield _kept(ctx, tab, session, flag, out, image_path)
             return
         yield from _run(ctx, tab, session, flag, served, (left, right), replies, image_path, done)
         if flag.cleared:  # a Clear that came while the last update was on its way: it wins
@@ -512,8 +517,16 @@ def _run(ctx, tab, session, flag, served, convs, replies, image_path, done) -> I
         yield _again(tab, ctx.stop_flags.latest(session))
         return
     out = done | _finish(ctx, tab, convs, texts, image_path, served)
-    ctx.stop_flags.remember(session, (out[tab.left_msgs], out[tab.right_msgs], image_path))
-    yield out
+    yield _kept(ctx, tab, session, flag, out, image_path)
+
+
+def _kept(ctx, tab, session, flag, out: dict, image_path: str | None) -> dict:
+    """``out`` once its conversation is stored for the session; the stored one when a Clear
+    came first (the check and the store are one step: see ``StopFlags.remember``)."""
+    stored = (out[tab.left_msgs], out[tab.right_msgs], image_path)
+    if ctx.stop_flags.remember(session, stored, flag.epoch):
+        return out
+    return _again(tab, ctx.stop_flags.latest(session))
 
 
 def _by(served: Served | None) -> tuple[str | None, str | None]:

@@ -56,11 +56,11 @@ class Generation(threading.Event):
 
     def __init__(self, flags: StopFlags, session: str, epoch: int) -> None:
         super().__init__()
-        self._flags, self._session, self._epoch = flags, session, epoch
+        self._flags, self._session, self.epoch = flags, session, epoch
 
     @property
     def cleared(self) -> bool:
-        return self._flags.epoch(self._session) > self._epoch
+        return self._flags.epoch(self._session) > self.epoch
 
 
 class StopFlags:
@@ -87,10 +87,16 @@ class StopFlags:
         if flag is not None:
             flag.set()
 
-    def remember(self, session: str, conversation: Any) -> None:
-        """The conversation a handler stores for the session (see :meth:`latest`)."""
+    def remember(self, session: str, conversation: Any, epoch: int) -> bool:
+        """Store the conversation a handler made for the session (see :meth:`latest`) from a
+        question asked after ``epoch`` Clears; False, and nothing stored, when a Clear came
+        since. One step under the lock: a Clear that lands between a handler's check and its
+        store would otherwise have the cleared conversation stored again over its own."""
         with self._lock:
+            if self._epochs.get(session, 0) > epoch:
+                return False
             self._latest[session] = conversation
+            return True
 
     def latest(self, session: str) -> Any:
         """The conversation last stored for the session (None if none)."""
