@@ -7,7 +7,8 @@ page cache, as ``cat`` and ``dd`` would) and ``O_DIRECT`` writes (past it, as th
 shards). Each round runs both floors and then the merge back to back, each in a fresh process,
 recording before each the load average and how much of the inputs is in the page cache
 (``fincore``); ratios are taken within a round and the medians over ``--repeat`` rounds reported.
-``--against OTHER_CHECKOUT`` also runs that checkout's engine in every round (paired old/new);
+``--against OTHER_CHECKOUT`` also runs that checkout's engine in every round (paired old/new;
+this checkout's first in rounds 1, 3, ..., the other's first in rounds 2, 4, ...);
 ``--cli`` also times ``python -m dim3 merge`` as a whole process (interpreter start and imports
 included) right after each round's merge, against the same round's floor.
 
@@ -116,14 +117,7 @@ def write_model(
     original = {
         rename(k): k for k in specs
     }  # seeds follow the LLM name, so the VLM shares the base
-    vision = {
-        "vision_tower.embeddings.patch_embedding.weight": (1024, 3, 14, 14),
-        "vision_tower.post_layernorm.weight": (1024,),
-        "multi_modal_projector.linear_1.weight": (config.get("hidden", 0), 1024),
-        "multi_modal_projector.linear_2.weight": (config.get("hidden", 0), config.get("hidden", 0)),
-    }
-    if config.get("vlm"):
-        out.update(vision)
+    out.update(config.get("vision", {}))
     tensor_specs = [TensorSpec(k, dtype, tuple(s)) for k, s in out.items()]
     with ShardedWriter(folder, tensor_specs, shard_size="2GB") as w:
         for spec in tensor_specs:
@@ -135,6 +129,46 @@ def write_model(
                 t += torch.randn(spec.shape, generator=g2) * 0.02 * residual
             w.write(spec.name, t.to(dtype))
         (w.folder / "config.json").write_text(json.dumps(config["json"]))
+
+
+def llava_config(text: dict, vocab: int, tower_layers: int) -> tuple[dict, dict]:
+    """A LLaVA-1.5-style config (a CLIP ViT-L/14-336 tower of ``tower_layers`` layers) and the
+    shapes of its vision tower and projector under the names ``save_pretrained`` stores, taken
+    from the transformers model built on the meta device: a VLM transformers loads as stored."""
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+    )
+
+    config = LlavaConfig(
+        text_config=LlamaConfig(**{k: v for k, v in text.items() if k != "model_type"}),
+        vision_config=CLIPVisionConfig(
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=tower_layers,
+            num_attention_heads=16,
+            image_size=336,
+            patch_size=14,
+            projection_dim=768,
+        ),
+        image_token_index=vocab - 64,
+    )
+    config.text_config.vocab_size = vocab
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(config)
+    stored = {
+        "model.vision_tower.": "vision_tower.",
+        "model.multi_modal_projector.": "multi_modal_projector.",
+    }
+    vision = {
+        stored[prefix] + key[len(prefix) :]: tuple(t.shape)
+        for key, t in model.state_dict().items()
+        for prefix in stored
+        if key.startswith(prefix)
+    }
+    return config.to_dict(), vision
 
 
 def hash_key(key: str) -> int:
@@ -156,11 +190,7 @@ def build_trio(root: Path, shape: str, dtype: torch.dtype) -> Recipe:
     }
     write_model(root / "base", specs, dtype, 0, 0, 0.0, {"json": text})
     write_model(root / "multilingual", specs, dtype, 1, 0, 0.3, {"json": text})
-    llava = {
-        "model_type": "llava",
-        "text_config": {**text, "vocab_size": vocab + 64},
-        "vision_config": {"model_type": "clip_vision_model"},
-    }
+    llava, vision = llava_config(text, vocab + 64, tower_layers=2 if shape == "tiny" else 24)
     write_model(
         root / "multimodal",
         specs,
@@ -168,7 +198,7 @@ def build_trio(root: Path, shape: str, dtype: torch.dtype) -> Recipe:
         2,
         0,
         0.3,
-        {"json": llava, "vlm": True, "hidden": hidden},
+        {"json": llava, "vision": vision},
         rename=vlm_key,
         pad_rows=64,
     )
@@ -486,15 +516,15 @@ def one_round(args, recipe, root: Path, method: str, floor_spec: dict, files, i:
     """Floors (buffered and direct writes) and the merge, back to back, each in a fresh process,
     with the inputs' page-cache residency and the load average before each."""
     got: dict = {}
+    engines = [("merge", merge_spec(recipe, root / "out", method, args.device), None)]
+    if args.against:
+        engines.append(("old", merge_spec(recipe, root / "out", method, args.device), args.against))
+        if i % 2:  # every other round the other engine first: neither always runs right after
+            engines.reverse()  # the floors (a cache state, a quiet moment) or right after a merge
     for name, spec, where in (
         ("floor_buffered", {**floor_spec, "out": str(root / "floor"), "direct": False}, None),
         ("floor_direct", {**floor_spec, "out": str(root / "floor"), "direct": True}, None),
-        ("merge", merge_spec(recipe, root / "out", method, args.device), None),
-        *(
-            [("old", merge_spec(recipe, root / "out", method, args.device), args.against)]
-            if args.against
-            else []
-        ),
+        *engines,
     ):
         cached, loadavg = resident(files), load()
         got[name] = {**run_child(spec, where), "cached": cached, "load": loadavg}

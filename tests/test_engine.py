@@ -533,3 +533,26 @@ def test_qwen2vl_output_answers_an_image_question(tiny_qwen2vl_new_layout_trio, 
     inputs = tok(text, return_tensors="pt")
     generated = model.generate(**inputs, **pixels, max_new_tokens=3, do_sample=False)
     assert generated.shape[1] == inputs["input_ids"].shape[1] + 3
+
+
+def test_the_benchmarks_synthetic_trio_is_a_loadable_llava_and_merges(tmp_path):
+    """``benchmarks/merge_throughput.py --shape tiny`` (also the trio of methods_cost.py and
+    diagnostics_memory.py): the VLM's vision tower and projector are those of the LLaVA its
+    config describes, so the plan's loadability check passes and the merge keeps them."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "merge_throughput.py"
+    spec = importlib.util.spec_from_file_location("merge_throughput", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    recipe = bench.build_trio(tmp_path / "trio", "tiny", torch.bfloat16)
+    out = tmp_path / "out"
+    engine.merge_to_folder(
+        Recipe(recipe.base, recipe.multilingual, recipe.multimodal, method="task_arithmetic"), out
+    )
+    with safe_open(tmp_path / "trio" / "multimodal" / "model.safetensors", "pt") as f:
+        tower = {k: f.get_tensor(k) for k in f.keys() if not k.startswith("language_model.")}
+    merged = load_file(out / "model.safetensors")
+    assert len(tower) > 30 and "vision_tower.embeddings.class_embedding" in tower
+    for key, value in tower.items():
+        assert torch.equal(merged[key], value), key
