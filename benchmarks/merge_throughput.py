@@ -387,7 +387,6 @@ def child(spec: dict) -> None:
     written = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     figures = {"seconds": seconds, "peak": mem.peak, "start": mem.start, "imported": imported}
     extra = {"buffers": getattr(result, "buffers", None), **usage(before, after)}
-    extra["through"] = getattr(result, "written_through", None)
     print(json.dumps({**figures, "gpu": gpu, "written": written, **extra}))
 
 
@@ -622,12 +621,6 @@ def report(args, real: bool, rounds: list[dict]) -> None:
             f"write {written / gib / med('merge'):.2f} GiB/s",
         ),
         ("slice buffers allocated", str(best.get("buffers"))),
-        (
-            "written from the buffers",
-            "n/a"
-            if best.get("through") is None
-            else f"{100 * best['through'] / written:.0f}% of the output (no copy to a staging buffer)",
-        ),
         (
             "peak anonymous RSS (process)",
             f"{best['peak'] / gib:.2f} GiB ({best['imported'] / gib:.2f} once imported)",

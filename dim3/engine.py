@@ -138,14 +138,13 @@ ProgressFn = Callable[[Progress], None]
 
 @dataclass(frozen=True)
 class MergeResult:
-    """What a merge did: its plan, its output folder (None for in-memory), its wall time, how
-    many slice buffers it allocated and how many bytes it wrote straight from them."""
+    """What a merge did: its plan, its output folder (None for in-memory), its wall time and how
+    many slice buffers it allocated."""
 
     plan: MergePlan
     out_dir: Path | None
     seconds: float
     buffers: int = 0  # slice buffers the loop allocated (the same for any number of slices)
-    written_through: int = 0  # output bytes written from their buffers, not copied to a staging
 
 
 class Inputs:
@@ -1290,9 +1289,8 @@ class _Pipe:
         buffers: Buffers,
         streams: _Streams,
         depth: int = 2,
-        skew: Callable[[str, int], int] | None = None,
     ):
-        self._write, self._depth, self._skew = write, depth, skew
+        self._write, self._depth = write, depth
         self._buffers, self._streams = buffers, streams
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dim3-write")
         self._pending: list[Future] = []
@@ -1300,24 +1298,13 @@ class _Pipe:
         if streams.cuda:
             self._copied = [torch.cuda.Event() for _ in range(depth + 1)]
 
-    def reserve(
-        self, key: str, start: int, shape: tuple[int, ...], dtype: torch.dtype
-    ) -> torch.Tensor | None:
-        """The CPU buffer the next :meth:`put` (of rows ``start:`` of ``key``) will write from
-        (None for CUDA): rows computed straight into it are put without a copy. Free: the write
-        that last used it is done."""
+    def reserve(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
+        """The CPU buffer the next :meth:`put` will write from (None for CUDA): rows computed
+        straight into it are put without a copy. Free: the write that last used it is done."""
         if self._streams.cuda:
             return None
-        return self._host(key, start, shape, dtype, pin=False)
-
-    def _host(self, key, start, shape, dtype, *, pin: bool) -> torch.Tensor:
-        """The next slot's host buffer, placed in memory as the rows will be in their file
-        (``skew``): the writer then writes them without copying them (dim3.writer)."""
         slot = self._n % (self._depth + 1)
-        skew = self._skew(key, start) if self._skew is not None else None
-        return self._buffers.take(
-            f"out{slot}", shape, dtype, torch.device("cpu"), pin=pin, skew=skew
-        )
+        return self._buffers.take(f"out{slot}", shape, dtype, torch.device("cpu"))
 
     def put(
         self, key: str, start: int, rows: torch.Tensor, dtype: torch.dtype, stable: bool = False
@@ -1330,11 +1317,12 @@ class _Pipe:
             while len(self._pending) > self._depth:
                 self._pending.pop(0).result()
             return
-        host = self._host(key, start, rows.shape, dtype, pin=self._streams.cuda)
         slot = self._n % (self._depth + 1)
         self._n += 1
+        cpu, pin = torch.device("cpu"), self._streams.cuda
         if rows.device.type == "cuda":
             dev = self._buffers.take(f"out.device{slot}", rows.shape, dtype, rows.device)
+            host = self._buffers.take(f"out{slot}", rows.shape, dtype, cpu, pin=True)
             # the previous copy from this slot is done: its write (below) waited for it
             dev.copy_(rows)  # on the compute stream
             transfer, copied = self._streams.transfer, self._copied[slot]
@@ -1344,6 +1332,7 @@ class _Pipe:
                 copied.record(transfer)
             ready: torch.cuda.Event | None = copied
         else:
+            host = self._buffers.take(f"out{slot}", rows.shape, dtype, cpu, pin=pin)
             if not (rows.dtype == dtype and rows.data_ptr() == host.data_ptr()):
                 host.copy_(rows)  # else the rows were computed in it (reserve)
             ready = None
@@ -1426,7 +1415,7 @@ def merge_to_folder(
         streams = _Streams(resolve_device(recipe.device))
         with (
             ShardedWriter(out, specs, shard_size=shard_size, overwrite=overwrite) as writer,
-            _Pipe(writer.write_rows, buffers, streams, skew=writer.skew) as pipe,
+            _Pipe(writer.write_rows, buffers, streams) as pipe,
         ):
 
             def sink(entry: Entry, first_row: int, rows: torch.Tensor) -> None:
@@ -1434,7 +1423,7 @@ def merge_to_folder(
                 pipe.put(entry.key, first_row, rows, dtypes[entry.key], stable)
 
             def into(entry: Entry, first_row: int, shape: tuple[int, ...]) -> torch.Tensor | None:
-                return pipe.reserve(entry.key, first_row, shape, dtypes[entry.key])
+                return pipe.reserve(shape, dtypes[entry.key])
 
             seconds = _run(
                 merge_plan,
@@ -1459,7 +1448,7 @@ def merge_to_folder(
                 recipe, merge_plan.summary(), resolved, dtype=", ".join(written), source_cards=cards
             )
             (writer.folder / "README.md").write_text(card)
-    return MergeResult(merge_plan, out, seconds, buffers.allocations, writer.through)
+    return MergeResult(merge_plan, out, seconds, buffers.allocations)
 
 
 def _model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -354,7 +354,6 @@ class FirstMask:
 
 
 HUGE = 2 * 2**20  # a transparent huge page
-SKEW_ALIGN = 4096  # the block a direct write is aligned to (dim3.writer.ALIGN)
 
 
 def _allocate(nbytes: int, device: torch.device, pin: bool) -> Tensor:
@@ -413,23 +412,16 @@ class Buffers:
         device: torch.device,
         *,
         pin: bool = False,
-        skew: int | None = None,
     ) -> Tensor:
-        """An uninitialised contiguous tensor of ``shape`` and ``dtype`` in buffer ``name``;
-        with ``skew``, at an address whose remainder modulo ``SKEW_ALIGN`` (4 KiB) is ``skew``
-        (a multiple of the dtype's size): the buffer holds that much more."""
+        """An uninitialised contiguous tensor of ``shape`` and ``dtype`` in buffer ``name``."""
         numel = math.prod(shape)
         nbytes = max(1, numel * dtype.itemsize)
         if self.limit is not None and nbytes > self.limit:
             return torch.empty(tuple(shape), dtype=dtype, device=device, pin_memory=pin)
-        if skew is not None and skew % dtype.itemsize:
-            skew = None  # no view of this dtype starts there
-        pad = 0 if skew is None else SKEW_ALIGN
-        self.reserve(name, nbytes + pad, torch.device(device), pin=pin)
+        self.reserve(name, nbytes, torch.device(device), pin=pin)
         with self._lock:
-            flat = self._flat[name]
-        at = 0 if skew is None else (skew - flat.data_ptr()) % SKEW_ALIGN
-        return flat[at : at + numel * dtype.itemsize].view(dtype).view(tuple(shape))
+            flat = self._flat[name][: numel * dtype.itemsize]
+        return flat.view(dtype).view(tuple(shape))
 
     def kept(
         self,

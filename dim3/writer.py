@@ -126,7 +126,6 @@ def _raw_bytes(t: torch.Tensor) -> torch.Tensor:
 
 ALIGN = 4096  # O_DIRECT needs addresses, lengths and offsets aligned to the device's blocks
 STAGING = 16 * 2**20  # bytes gathered before one direct write
-THROUGH = 2**20  # rows at least this long, placed in memory as in the file, skip the staging
 
 
 class _StreamFile:
@@ -141,11 +140,6 @@ class _StreamFile:
     while the next one fills: gathering the bytes overlaps the disk's work instead of waiting
     for it (a direct write returns only once the device has the data). Writes stay in order (one
     flusher); one that failed is raised by the next switch of buffers or by :meth:`close`.
-
-    Large rows whose address has the alignment their place in the file has (the engine computes
-    its output rows into buffers placed so: :meth:`ShardedWriter.skew`) are written straight
-    from their memory, past the staging buffers: only the partial blocks at their two ends are
-    copied, which saves copying every output byte once more.
     """
 
     def __init__(
@@ -169,7 +163,6 @@ class _StreamFile:
         self._flusher = flusher if len(self._stages) > 1 else None
         self._k, self._fill = 0, 0
         self._stage = self._stages[0] if self._stages else None
-        self.through = 0  # bytes written straight from the callers' memory
 
     def write(self, data: torch.Tensor | bytes) -> None:
         """Append ``data`` (a flat uint8 CPU tensor, or bytes)."""
@@ -182,15 +175,6 @@ class _StreamFile:
             self._write_all(memoryview(flat.numpy()) if flat.numel() else memoryview(b""))
             return
         assert self._stage is not None
-        n = flat.numel()
-        if self.direct and n >= THROUGH and (flat.data_ptr() - self._fill) % ALIGN == 0:
-            self._write_through(flat)
-            return
-        self._gather(flat)
-
-    def _gather(self, flat: torch.Tensor) -> None:
-        """Copy ``flat`` into the staging buffers, sending each one that fills."""
-        assert self._stage is not None
         pos, n, cap = 0, flat.numel(), self._stage.numel()
         while pos < n:
             k = min(n - pos, cap - self._fill)
@@ -199,27 +183,10 @@ class _StreamFile:
             if self._fill == cap:
                 self._switch()
 
-    def _write_through(self, flat: torch.Tensor) -> None:
-        """Write ``flat`` (its address as aligned as the file's position) from its own memory:
-        its head completes the staged block, which is sent; once every staged byte is written,
-        its whole blocks are written directly; its tail is staged. Returns once those blocks
-        are written, so the caller may reuse ``flat``'s memory."""
-        head = -self._fill % ALIGN
-        middle = (flat.numel() - head) // ALIGN * ALIGN
-        self._gather(flat[:head])  # the staged bytes now end on a block boundary
-        if self._fill:
-            self._switch()
-        for k in range(len(self._pending)):
-            self._wait(k)  # every staged byte is on disk, in order, before these
-        self._write_direct(memoryview(flat[head : head + middle].numpy()))
-        self.through += middle
-        self._gather(flat[head + middle :])
-
     def _switch(self) -> None:
-        """Send the buffer's bytes (whole blocks: a full buffer, or ending on a boundary) to disk
-        (on the flusher, if any) and fill the next one."""
+        """Send the full buffer to disk (on the flusher, if any) and fill the next one."""
         assert self._stage is not None
-        view = memoryview(self._stage.numpy())[: self._fill]
+        view = memoryview(self._stage.numpy())
         if self._flusher is None:
             self._write_direct(view)
         else:
@@ -328,8 +295,6 @@ class ShardedWriter:
         self._file: _StreamFile | None = None
         self._shard = -1
         self._staging: list[torch.Tensor] = []
-        self._offsets: dict[str, tuple[int, TensorSpec]] = {}  # name -> (offset in shard, spec)
-        self.through = 0  # bytes written straight from the callers' memory (closed shards)
         self._flusher: ThreadPoolExecutor | None = None
         if direct_io and fcntl is not None and hasattr(os, "O_DIRECT"):
             # page-aligned (anonymous mappings), allocated once for every shard: one fills while
@@ -338,20 +303,6 @@ class ShardedWriter:
                 torch.frombuffer(mmap.mmap(-1, STAGING), dtype=torch.uint8) for _ in range(2)
             ]
             self._flusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dim3-flush")
-
-    def skew(self, name: str, start: int) -> int:
-        """Where row ``start`` of tensor ``name`` falls within a block of its shard file (its
-        offset modulo ``ALIGN``): rows placed in memory at an address with this remainder are
-        written without a copy (see :class:`_StreamFile`)."""
-        if not self._offsets:
-            for shard in self.shards:
-                offset = len(_header(shard, {"format": "pt"}))
-                for spec in shard:
-                    self._offsets[spec.name] = (offset, spec)
-                    offset += spec.nbytes
-        offset, spec = self._offsets[name]
-        row = spec.nbytes // spec.shape[0] if spec.shape and spec.shape[0] else 0
-        return (offset + start * row) % ALIGN
 
     def shard_name(self, i: int) -> str:
         n = len(self.shards)
@@ -397,7 +348,6 @@ class ShardedWriter:
     def _open_next_shard(self) -> None:
         if self._file is not None:
             self._file.close()
-            self.through += self._file.through
         self._shard += 1
         self._file = _StreamFile(
             self.folder / self.shard_name(self._shard), self._staging, self._flusher
@@ -426,7 +376,6 @@ class ShardedWriter:
             try:
                 if self._file is not None:
                     self._file.close()
-                    self.through += self._file.through
             finally:
                 if self._flusher is not None:
                     self._flusher.shutdown(wait=True)

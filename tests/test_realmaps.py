@@ -175,10 +175,6 @@ def test_qwen2_vl_2b_merges_and_loads_in_transformers(models, tmp_path):
     out = tmp_path / "merged"
     result = engine.merge_to_folder(recipe, out, shard_size="1GB")
     assert result.plan.summary()["padded"] == 1  # embed_tokens only: tied, no lm_head stored
-    # the merged rows, computed in buffers placed as in the file, were written from them
-    written = sum(f.stat().st_size for f in out.glob("*.safetensors"))
-    print("written through", result.written_through, "of", written)
-    assert result.written_through > written / 2
 
     keys = {}
     for file in out.glob("*.safetensors"):
