@@ -392,15 +392,10 @@ def sum_models(x: Tensor, out: Tensor | None = None) -> Tensor:
     return torch.sum(x, dim=0, out=out) if out is not None else torch.sum(x, dim=0)
 
 
-def elect_positive(masked: Tensor) -> Tensor:
-    """TIES sign election: is the sign of the summed (trimmed) updates, i.e. the sign holding
-    more total magnitude, positive? A zero sum elects +. masked (T, ...) -> bool (...)."""
-    return masked.sum(dim=0) >= 0
-
-
 def disjoint_mean_(masked: Tensor) -> Tensor:
-    """TIES disjoint merge: mean of the non-zero updates that agree with the elected sign
-    (:func:`elect_positive`); 0 where none agrees. Multiplies the disagreeing entries of
+    """TIES disjoint merge: mean of the non-zero updates that agree with the elected sign (the
+    sign of the summed trimmed updates, i.e. the sign holding more total magnitude; a zero sum
+    elects +); 0 where none agrees. Multiplies the disagreeing entries of
     ``masked`` by 0 in place; its temporaries are :func:`scratch` buffers.
 
     masked (T, ...) -> (...).
