@@ -375,16 +375,17 @@ ENV_CACHE = "DIM3_CACHE_DIR"
 _RECORD_FORMAT = 1
 
 
-def layout_cache_dir() -> Path | None:
-    """Where derived layouts are cached: ``$DIM3_CACHE_DIR/layouts`` (``off`` turns the cache
-    off), else ``$XDG_CACHE_HOME/dim3/layouts``, else ``~/.cache/dim3/layouts``."""
+def layout_cache_dir(kind: str = "layouts") -> Path | None:
+    """Where derived layouts (and, with ``kind``, other derived records: ``tokenizers``) are
+    cached: ``$DIM3_CACHE_DIR/layouts`` (``off`` turns the cache off), else
+    ``$XDG_CACHE_HOME/dim3/layouts``, else ``~/.cache/dim3/layouts``."""
     raw = os.environ.get(ENV_CACHE, "").strip()
     if raw.lower() == "off":
         return None
     if raw:
-        return Path(raw).expanduser() / "layouts"
+        return Path(raw).expanduser() / kind
     xdg = os.environ.get("XDG_CACHE_HOME", "").strip()
-    return Path(xdg or Path.home() / ".cache").expanduser() / "dim3" / "layouts"
+    return Path(xdg or Path.home() / ".cache").expanduser() / "dim3" / kind
 
 
 def _record_path(config_key: str) -> Path | None:
@@ -465,8 +466,6 @@ def _check_record(record: dict) -> None:
 def _save_record(config_key: str, layout: DerivedLayout) -> None:
     """Write (or extend) the record of ``layout`` atomically; a cache that cannot be written is
     no error (the next process builds the class again)."""
-    import json
-    import tempfile
 
     path = _record_path(config_key)
     if path is None:
@@ -487,10 +486,19 @@ def _save_record(config_key: str, layout: DerivedLayout) -> None:
         "vlm_only_layers": sorted(layout.vlm_only_layers),
         "names": {k: list(v) for k, v in layout._names.items()},
     }
+    store_record(path, record)
+
+
+def store_record(path: Path, record: object) -> None:
+    """Write a cache record as JSON, atomically (a reader sees the old file or the new one); a
+    cache that cannot be written is no error (the next process derives it again)."""
+    import json
+    import tempfile
+
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".layout-", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".record-", suffix=".tmp")
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(record, f)
         os.replace(tmp, path)

@@ -10,6 +10,8 @@ and the likely cause. This module reads headers, tokenizer files and one tensor 
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import weakref
 from collections.abc import Sequence
@@ -29,7 +31,9 @@ from dim3.layout import (
     DerivedLayout,
     buffer_kind,
     derived_layout,
+    layout_cache_dir,
     layout_for,
+    store_record,
 )
 
 SHOWN = 4  # tensors named per problem in an error message
@@ -202,7 +206,52 @@ def tokenizer_vocab(folder: Path) -> dict[str, int] | None:
 def _tokenizer_rows(
     base: Checkpoint, mls: Sequence[Checkpoint], vlm: Checkpoint, notes: list[str]
 ) -> int | None:
-    """How many leading token rows all share; refuses a multilingual tokenizer change."""
+    """How many leading token rows all share; refuses a multilingual tokenizer change.
+
+    Parsing and comparing the tokenizer.json files (megabytes of JSON each for a 150,000-token
+    vocabulary) was most of a plan's time; a comparison that passed is kept on disk under the
+    files' content digests (``layout_cache_dir("tokenizers")``), so the next plan of the same
+    files only reads and hashes them. Changed files have other digests: compared afresh."""
+    record = _compared_record(base, mls, vlm)
+    if record is not None:
+        try:
+            rows = json.loads(record.read_text(encoding="utf-8"))
+            if type(rows) is int and rows > 0:  # else damaged or edited: compared afresh
+                return rows
+        except (OSError, ValueError):
+            pass
+    rows = _compare_tokenizers(base, mls, vlm, notes)
+    if record is not None and rows is not None:
+        store_record(record, rows)
+    return rows
+
+
+def _compared_record(base: Checkpoint, mls: Sequence[Checkpoint], vlm: Checkpoint) -> Path | None:
+    """The cache file of a passed comparison of these tokenizers (None: the cache is off, or a
+    model has no tokenizer.json)."""
+    where = layout_cache_dir("tokenizers")
+    files = [c.path / "tokenizer.json" for c in (base, *mls, vlm)]
+    if where is None or not all(f.is_file() for f in files):
+        return None
+    h = hashlib.sha256(_source_digest().encode())
+    try:
+        for i, f in enumerate(files):
+            h.update(f"\0{i}\0{'vlm' if i == len(files) - 1 else 'llm'}\0".encode())
+            h.update(hashlib.sha256(f.read_bytes()).digest())
+    except OSError:
+        return None
+    return where / f"{h.hexdigest()[:40]}.json"
+
+
+@functools.cache
+def _source_digest() -> str:
+    """This module's source: a record made by other comparison code is not trusted."""
+    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+
+
+def _compare_tokenizers(
+    base: Checkpoint, mls: Sequence[Checkpoint], vlm: Checkpoint, notes: list[str]
+) -> int | None:
     vb, vv = tokenizer_vocab(base.path), tokenizer_vocab(vlm.path)
     vms = [tokenizer_vocab(c.path) for c in mls]
     if vb is None or any(vm is None for vm in vms):

@@ -381,6 +381,44 @@ def test_multilingual_with_another_tokenizer_is_refused(tiny_llava_trio, tmp_pat
         engine.plan(recipe)
 
 
+def test_a_passed_tokenizer_comparison_is_kept_for_the_same_files_only(
+    tiny_llava_trio, tmp_path, monkeypatch
+):
+    """The plan keeps a passed tokenizer comparison on disk under the files' content digests:
+    the next plan of the same files reads it; an edited tokenizer, or a damaged record, is
+    compared afresh."""
+    monkeypatch.setenv("DIM3_CACHE_DIR", str(tmp_path / "cache"))
+    ml = tmp_path / "ml"
+    shutil.copytree(tiny_llava_trio.multilingual, ml)
+    recipe = Recipe(
+        Source(str(tiny_llava_trio.base)), Source(str(ml)), Source(str(tiny_llava_trio.multimodal))
+    )
+
+    def embedding_rows() -> int:
+        entry = next(
+            e for e in engine.plan(recipe).entries if e.key.endswith("embed_tokens.weight")
+        )
+        return entry.rows
+
+    rows = embedding_rows()
+    vocab = json.loads((tiny_llava_trio.base / "tokenizer.json").read_text())["model"]["vocab"]
+    assert rows == max(vocab.values()) + 1
+    (record,) = (tmp_path / "cache" / "tokenizers").glob("*.json")
+    assert json.loads(record.read_text()) == rows
+    record.write_text(json.dumps(rows - 5))  # read, not compared again: the plan follows it
+    assert embedding_rows() == rows - 5
+    record.write_text("{damaged")
+    assert embedding_rows() == rows and json.loads(record.read_text()) == rows
+
+    data = json.loads((ml / "tokenizer.json").read_text())
+    token = next(t for t, i in data["model"]["vocab"].items() if i == 100)
+    data["model"]["vocab"]["zzextra"] = data["model"]["vocab"].pop(token)
+    (ml / "tokenizer.json").write_text(json.dumps(data))
+    with pytest.raises(PlanError, match="multilingual model's tokenizer differs"):
+        engine.plan(recipe)
+    assert len(list((tmp_path / "cache" / "tokenizers").glob("*.json"))) == 1
+
+
 def test_pickle_only_checkpoint_is_refused(tiny_llava_trio, tmp_path):
     base = tmp_path / "pickled"
     shutil.copytree(tiny_llava_trio.base, base)
