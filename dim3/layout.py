@@ -376,9 +376,9 @@ _RECORD_FORMAT = 1
 
 
 def layout_cache_dir(kind: str = "layouts") -> Path | None:
-    """Where derived layouts (and, with ``kind``, other derived records: ``tokenizers``) are
-    cached: ``$DIM3_CACHE_DIR/layouts`` (``off`` turns the cache off), else
-    ``$XDG_CACHE_HOME/dim3/layouts``, else ``~/.cache/dim3/layouts``."""
+    """Where derived layouts are cached (with ``kind``, other derived records: ``tokenizers``,
+    the plan's passed tokenizer comparisons): ``$DIM3_CACHE_DIR/<kind>`` (``off`` turns the
+    cache off), else ``$XDG_CACHE_HOME/dim3/<kind>``, else ``~/.cache/dim3/<kind>``."""
     raw = os.environ.get(ENV_CACHE, "").strip()
     if raw.lower() == "off":
         return None
@@ -466,7 +466,6 @@ def _check_record(record: dict) -> None:
 def _save_record(config_key: str, layout: DerivedLayout) -> None:
     """Write (or extend) the record of ``layout`` atomically; a cache that cannot be written is
     no error (the next process builds the class again)."""
-
     path = _record_path(config_key)
     if path is None:
         return
