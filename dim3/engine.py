@@ -9,7 +9,7 @@ result without writing it to disk). A tensor larger than the chunk budget (``chu
 of float32 by default) is read and merged in row slices, in as many passes as its method's kind
 needs (:data:`PASSES`: DiM3 gathers column statistics first, TIES and Breadcrumbs find their exact
 magnitude thresholds in two radix passes (the second skipped where a sampled guess holds, see
-:meth:`_Merger._selection_windows`), PCB its four order statistics in two stages of two
+:meth:`_Merger.guess`), PCB its four order statistics in two stages of two
 passes), so peak memory is a few slices per model whatever the vocabulary; "matrix" methods (SVD,
 optimisation) take each tensor whole.
 
@@ -284,8 +284,14 @@ def _passes(method: Method) -> int:
     return PASSES[method.kind] * stages
 
 
-def _schedule(plan: MergePlan, method: Method, budget: int) -> list[_Step]:
-    """Every step of a merge, in order: what is read, when, and which pass it belongs to."""
+def _schedule(plan: MergePlan, method: Method, budget: int, tiled: bool = False) -> list[_Step]:
+    """Every step of a merge, in order: what is read, when, and which pass it belongs to.
+
+    ``tiled``: the steps' tiles run on their own threads (:class:`_Tiles`, CPU). Column and
+    selection rules then take their statistics and apply passes in tiles for a small matrix
+    too (one step each), instead of merging it whole on the loop's thread while the tile
+    threads wait: on the Qwen2-VL-2B trio the attention matrices, 12% of the merged weights,
+    were merged that way."""
     by_key = {e.key: e for e in plan.entries}
     steps: list[_Step] = []
 
@@ -302,6 +308,8 @@ def _schedule(plan: MergePlan, method: Method, budget: int) -> list[_Step]:
             continue
         rows = src.rows if src.rows is not None else src.shape[0]
         small = 4 * rows * math.prod(src.shape[1:]) <= budget
+        if tiled and method.kind in ("columns", "selection") and len(src.shape) == 2:
+            small = False  # in tiles: passes of one step each
         if small or method.kind == "matrix" or len(src.shape) < 2:
             steps.append(_Step(src, entry, "whole", 0, src.shape[0], True))
             continue
@@ -319,11 +327,13 @@ class _Staged:
     """One step's input rows: (vlm, base, *multilingual) rows to merge, (vlm,) to copy.
 
     CPU: read-only views of the mapped shards. CUDA (merged rows): device buffers of ``slot``,
-    filled on the transfer stream; :attr:`_Source.ready` says when.
+    filled on the transfer stream; :attr:`_Source.ready` says when. ``guess``: a selection's
+    guessed thresholds (:meth:`_Merger.guess`), made on the read thread too.
     """
 
     tensors: tuple[torch.Tensor, ...]
     slot: int | None = None
+    guess: list[list[tuple[int, int] | None]] | None = None
 
 
 class _Source:
@@ -623,12 +633,13 @@ class _Merger:
         return True
 
     def tile_stats(
-        self, step: _Step, views: Sequence[torch.Tensor] = ()
+        self, step: _Step, guess: list[list[tuple[int, int] | None]] | None = None
     ) -> tuple[Callable[[list[torch.Tensor], int], Any], Callable[[Any, Any], Any] | None] | None:
         """A statistics pass of ``step`` over a few of its rows (``fn(work, first)``), with how
         two tiles' statistics of one thread add up (``fold``; None: :meth:`add_stats` adds each
         tile's, in row order): column rules (DiM3) and selection rules (TIES, Breadcrumbs).
-        None for other steps. A tensor's first call makes the state the pass gathers into."""
+        None for other steps. A tensor's first call makes the state the pass gathers into,
+        with a selection's ``guess`` of its thresholds (:meth:`guess`), if any."""
         e, kind = step.source, self.method.kind
         if not step.stage.startswith("stats") or len(e.shape) != 2:
             return None
@@ -646,8 +657,9 @@ class _Merger:
             return None
         if step.start == 0 and step.stage == "stats0":
             self._selection_begin(e)
-            if views:
-                self._selection_windows(views)
+            if guess is not None:
+                for select, windows in zip(self.state[2], guess, strict=True):
+                    select.window(windows)
         selects = self.state[2]
 
         def counts(work: list[torch.Tensor], first: int) -> Any:
@@ -720,32 +732,51 @@ class _Merger:
         return apply(part[0], part[1:], self.state)
 
     # -- selection (TIES, Breadcrumbs): exact per-update ranks over slices, then masks
-    def _selection_begin(self, e: Entry) -> None:
-        self._ties = None
+    def _selection_ranks(self, e: Entry) -> tuple[int, list[int]]:
+        """A selection's n (the merged rows' values) and its ranks k."""
         rows = e.rows if e.rows is not None else e.shape[0]
         n = rows * math.prod(e.shape[1:])
-        ks = self.method.parts.ks(self.options, n)
+        return n, self.method.parts.ks(self.options, n)
+
+    def _selection_begin(self, e: Entry) -> None:
+        self._ties = None
+        n, ks = self._selection_ranks(e)
         self.state = (
             n,
             ks,
             [ExactSelect(ks, n, self.device, self.buffers) for _ in range(self.tuned)],
         )
 
-    def _selection_windows(self, views: Sequence[torch.Tensor]) -> None:
-        """Guess each update's thresholds from a sample of the tensor's first step (``views``:
-        the step's [vlm, base, *multilingual, *extra] rows) so that one statistics pass finds
-        them (:meth:`ExactSelect.window`): per rank k of n, the sample's values within
-        4.5 standard deviations of its rank (more when the sample is small), widened to whole
-        bins below. No guess when the values inside would be many (more than a quarter, or
-        ``WINDOW_BYTES`` in all), as when an update is mostly one value."""
-        n, ks, selects = self.state
+    def guess(
+        self, step: _Step, views: Sequence[torch.Tensor]
+    ) -> list[list[tuple[int, int] | None]] | None:
+        """For the first step of a selection's statistics, a guess of each update's thresholds
+        from a sample of the step's rows (``views``: [vlm, base, *multilingual, *extra]) so
+        that one statistics pass finds them (:meth:`ExactSelect.window`): per update, per rank
+        k of n, the sample's values within 4.5 standard deviations of its rank (more when the
+        sample is small), widened to whole bins below. None for other steps, and when the
+        values inside would be many (more than a quarter, or ``WINDOW_BYTES`` in all), as when
+        an update is mostly one value.
+
+        Reads only the step and the method: the engine runs it on the read thread, with the
+        staging of the step, while the tiles compute the step before (the strided sample
+        touches every page of the first step's rows, a good part of its time)."""
+        e = step.source
+        if not (
+            self.method.kind == "selection"
+            and step.stage == "stats0"
+            and step.start == 0
+            and len(e.shape) == 2
+        ):
+            return None
+        n, ks = self._selection_ranks(e)
         (vlm, base, *mls), _ = self._split(list(views))
         rows = base.shape[0]
         per_row = max(1, math.prod(base.shape[1:]))
         total = rows * per_row
         size = min(total, SAMPLE)
         if size == 0:
-            return
+            return None
         stride = total // size
         while stride > 1 and math.gcd(stride, per_row) > 1:  # every column met
             stride -= 1
@@ -765,12 +796,11 @@ class _Merger:
                 lo = 0 if lo_rank < 0 else (int(bits[lo_rank]) >> 16) << 16
                 hi = 1 << 31 if hi_rank >= size else int(bits[hi_rank]) + 1
                 inside = int(torch.searchsorted(bits, hi)) - int(torch.searchsorted(bits, lo))
-                if inside * 4 > size or inside * n * 4 * len(selects) > WINDOW_BYTES * size:
-                    return  # too many values to keep: the two passes
+                if inside * 4 > size or inside * n * 4 * self.tuned > WINDOW_BYTES * size:
+                    return None  # too many values to keep: the two passes
                 windows.append((lo, hi))
             guesses.append(windows)
-        for select, windows in zip(selects, guesses, strict=True):  # all updates, or none
-            select.window(windows)
+        return guesses  # all updates, or none
 
     def _selection_end(self, step: _Step) -> None:
         """A statistics pass over the tensor is over: ready the next, or the masks."""
@@ -1098,7 +1128,8 @@ def iter_merged(
     and that tensor is yielded; other steps yield float32 rows as above.
     """
     budget = parse_size(chunk_size)
-    steps = _schedule(plan, method, budget)
+    workers = tile_workers(device)
+    steps = _schedule(plan, method, budget, tiled=workers > 0)
     buffers = buffers if buffers is not None else Buffers(_limit(plan, budget))
     streams = streams if streams is not None else _Streams(device)
     source = _Source(inputs, device, buffers, streams)
@@ -1106,15 +1137,26 @@ def iter_merged(
     merger = _Merger(method, options, device, buffers, on_step, extras, 1 + plan.multilingual)
     tied_sources = {e.tied_to for e in plan.entries if e.tied_to}
     whole: dict[str, torch.Tensor] = {}  # merged whole tensors that a tied head repeats
-    workers = tile_workers(device)
     tiles = _Tiles(workers) if workers else None
+
+    def stage(i: int) -> _Staged:  # on the read thread, but for the first step
+        staged = source.stage(steps[i], i % SLOTS)
+        if tiles is not None:
+            staged.guess = merger.guess(steps[i], staged.tensors)
+        return staged
+
     try:
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dim3-read") as pool:
+        with ThreadPoolExecutor(
+            max_workers=1,
+            thread_name_prefix="dim3-read",
+            initializer=torch.set_num_threads,  # its sample's sort: see loop_threads
+            initargs=(1 if tiles is not None else torch.get_num_threads(),),
+        ) as pool:
             pending: Future | None = None
             for i, step in enumerate(steps):
-                staged = pending.result() if pending else source.stage(step, i % SLOTS)
+                staged = pending.result() if pending else stage(i)
                 if i + 1 < len(steps):
-                    pending = pool.submit(source.stage, steps[i + 1], (i + 1) % SLOTS)
+                    pending = pool.submit(stage, i + 1)
                 if step.stage == "copy":
                     out = staged.tensors[0]
                 elif step.stage == "whole" and step.source.key in whole:
@@ -1122,7 +1164,7 @@ def iter_merged(
                 elif merger.skips(step):
                     out = None
                 elif (
-                    tiles is not None and (stats := merger.tile_stats(step, staged.tensors))
+                    tiles is not None and (stats := merger.tile_stats(step, staged.guess))
                 ) is not None:
                     merger.add_stats(step, tiles.map(staged.tensors, *stats))
                     out = None
@@ -1211,6 +1253,22 @@ def compute_threads(device: torch.device, cores: int | None = None) -> int:
     return cores if cores <= 2 else cores - 1
 
 
+def loop_threads(method: Method, device: torch.device, cores: int | None = None) -> int:
+    """torch's intra-op threads on the merge loop's own thread.
+
+    Where the tiles (:class:`_Tiles`) compute every merged matrix (elementwise, column and
+    selection rules on the CPU), the loop's thread only does small work between them (a
+    histogram's sum, the kept values of :meth:`ExactSelect.next_pass`, vectors merged
+    whole) and runs it on one thread: on more, each such op that torch splits wakes OpenMP's
+    other threads, which then spin for a while before they sleep (libgomp's default wait
+    policy) on the cores the tile threads need. In a TIES merge of the Qwen2-VL-2B trio that
+    spinning was 8% of the merge's CPU time, in a DiM3 merge 7.6% (``perf``). Other rules
+    compute on the loop's thread: :func:`compute_threads`."""
+    if method.kind in ("elementwise", "columns", "selection") and tile_workers(device, cores):
+        return 1
+    return compute_threads(device, cores)
+
+
 def _run(
     plan: MergePlan,
     inputs: Inputs,
@@ -1240,7 +1298,7 @@ def _run(
             )
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(compute_threads(device))
+    torch.set_num_threads(loop_threads(method, device))
     try:
         pieces = iter_merged(
             plan,

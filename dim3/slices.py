@@ -216,8 +216,11 @@ class ExactSelect:
 
     def _from_windows(self, cum: Tensor) -> None:
         """Each k-th value from the first pass's counts and the values kept in its window, if
-        it lies there: the values below the window (below ``lo``, a bin's start) are counted by
-        the high-bits histogram, those inside it are all at hand."""
+        it lies there. The high-bits histogram gives the k-th value's bin and how many values
+        lie below it (:meth:`next_pass`); a bin at or above the window's start (a bin's start)
+        has all its values below the window's end kept, so when the k-th value's rank in its
+        bin is within those, the histogram of their low bits gives it exactly, with how many
+        values are below it and equal to it."""
         assert self.windows is not None
         self._kept.sort(key=lambda kv: kv[0])
         found: list[tuple[int, int, int] | None] = []
@@ -227,18 +230,26 @@ class ExactSelect:
                 found.append(None)
                 ties.append([])
                 continue
-            if w is None:
-                return
-            below = int(cum[(w[0] >> 16) - 1]) if w[0] else 0
-            inside = torch.cat([values[i].to(self.device) for _, values in self._kept])
-            rank = k - below  # of the k-th value among those inside
-            if not 1 <= rank <= inside.numel():
-                return  # not inside: the second pass finds it
-            kth = int(torch.kthvalue(inside.cpu(), rank).values)
-            less = below + int(torch.count_nonzero(inside < kth))
-            equal = int(torch.count_nonzero(inside == kth))
-            found.append((kth, k - less, equal))
-            ties.append([(key, int(torch.count_nonzero(v[i] == kth))) for key, v in self._kept])
+            if w is None or self.hi[i] < w[0] >> 16:
+                return  # no guess, or the k-th value lies below the window
+            pieces = [values[i].to(self.device) for _, values in self._kept]
+            inside = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.int32)
+            h, rank = self.hi[i], k - self.below[i]  # its bin, its rank among the bin's values
+            low = inside[torch.bitwise_right_shift(inside, 16) == h].bitwise_and_(0xFFFF)
+            if rank > low.numel():
+                return  # above the window's end: the second pass finds it
+            counts = torch.bincount(low, minlength=BINS)
+            at = torch.cumsum(counts, 0).cpu()
+            lo = int(torch.searchsorted(at, rank))  # first low bits whose count reaches it
+            kth = (h << 16) | lo
+            less = self.below[i] + (int(at[lo - 1]) if lo > 0 else 0)
+            found.append((kth, k - less, int(counts[lo])))
+            # each piece's values equal to it: the running count at the pieces' ends
+            ends = torch.tensor([p.numel() for p in pieces], dtype=torch.int64).cumsum_(0)
+            running = torch.cumsum(inside == kth, 0)
+            upto = torch.where(ends > 0, running[(ends - 1).clamp_(min=0)], 0).tolist()
+            each = [b - a for a, b in zip([0, *upto[:-1]], upto, strict=True)]
+            ties.append([(key, c) for (key, _), c in zip(self._kept, each, strict=True)])
         self._found, self.ties = found, ties
 
     def result(self) -> list[tuple[int, int, int] | None]:

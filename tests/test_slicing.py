@@ -246,10 +246,10 @@ def test_tiled_steps_equal_the_untiled_loop_bit_for_bit(
         plan = engine.build_plan(inputs.base, inputs.multilingual, inputs.multimodal)
     padded = [e for e in plan.entries if e.rows is not None and e.rows < e.shape[0]]
     assert padded and padded[0].shape[0] - padded[0].rows > 4  # VLM-only steps at 512 bytes
-    if METHODS[method].kind in ("columns", "selection") and chunk_size == engine.DEFAULT_CHUNK:
-        assert tiled == 0  # whole tensors: their statistics are computed with the rule
-    else:
-        assert tiled > 10
+    # every matrix in tiles, at 32 MiB those of column and selection rules too (in one
+    # statistics step and one apply step each, not merged whole on the loop's thread)
+    matrices = [e for e in plan.entries if len(e.shape) == 2 and e.action != "copy"]
+    assert tiled >= len(matrices) > 10
 
 
 def on_a_grid(trio, folder, step=2.0**-8):
@@ -502,6 +502,54 @@ def test_the_loop_reuses_its_buffers_in_the_steady_state(method, tiny_llava_trio
     assert counts[steps // 2] == counts[-1], "a buffer was allocated after the first half"
     assert counts[-1] <= 16, counts[-1]  # the working set: inputs, a few temporaries, outputs
     assert len(where) <= 4, len(where)
+
+
+@pytest.mark.parametrize("method", ["ties", "dim3", "task_arithmetic", "tsv"])
+def test_the_loop_thread_computes_on_one_thread_where_the_tiles_do_the_work(
+    method, tiny_llava_trio, tmp_path, monkeypatch
+):
+    """Where tiles compute every merged matrix, the loop's thread runs torch on one thread (its
+    small ops would otherwise wake OpenMP threads that spin on the tiles' cores) and guesses a
+    selection's thresholds on the read thread, ahead of the step; a rule that computes on the
+    loop's thread ("matrix": TSV) keeps every compute thread. torch's setting is restored."""
+    import threading
+
+    kind = METHODS[method].kind
+    threads: list[int] = []
+    guessed: list[str] = []
+    call, add_stats, guess = engine._Merger.__call__, engine._Merger.add_stats, engine._Merger.guess
+    run = engine._Tiles.run
+
+    def on_run(self, *args, **kwargs):
+        threads.append(torch.get_num_threads())
+        return run(self, *args, **kwargs)
+
+    def on_call(self, step, work):
+        threads.append(torch.get_num_threads())
+        return call(self, step, work)
+
+    def on_stats(self, step, partials):
+        threads.append(torch.get_num_threads())
+        return add_stats(self, step, partials)
+
+    def on_guess(self, step, views):
+        if step.stage == "stats0" and step.start == 0:
+            guessed.append(threading.current_thread().name)
+        return guess(self, step, views)
+
+    monkeypatch.setattr(engine._Merger, "__call__", on_call)
+    monkeypatch.setattr(engine._Merger, "add_stats", on_stats)
+    monkeypatch.setattr(engine._Merger, "guess", on_guess)
+    monkeypatch.setattr(engine._Tiles, "run", on_run)
+    before = torch.get_num_threads()
+    engine.merge_to_folder(recipe_of(tiny_llava_trio, method=method), tmp_path / "out")
+    assert torch.get_num_threads() == before
+    cpu = torch.device("cpu")
+    tiled = kind in ("elementwise", "columns", "selection")
+    assert threads and set(threads) == {1 if tiled else engine.compute_threads(cpu)}
+    if kind == "selection":  # every matrix's, on the read thread (but the merge's first step's)
+        assert len(guessed) > 10
+        assert all(name.startswith("dim3-read") for name in guessed[1:]), guessed
 
 
 def test_buffers_grow_only_for_a_larger_request_and_keep_their_memory():
