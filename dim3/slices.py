@@ -233,7 +233,11 @@ class ExactSelect:
             if w is None or self.hi[i] < w[0] >> 16:
                 return  # no guess, or the k-th value lies below the window
             pieces = [values[i].to(self.device) for _, values in self._kept]
-            inside = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.int32)
+            inside = (
+                torch.cat(pieces)
+                if pieces
+                else torch.zeros(0, dtype=torch.int32, device=self.device)
+            )
             h, rank = self.hi[i], k - self.below[i]  # its bin, its rank among the bin's values
             low = inside[torch.bitwise_right_shift(inside, 16) == h].bitwise_and_(0xFFFF)
             if rank > low.numel():
