@@ -1261,9 +1261,8 @@ def loop_threads(method: Method, device: torch.device, cores: int | None = None)
     histogram's sum, the kept values of :meth:`ExactSelect.next_pass`, vectors merged
     whole) and runs it on one thread: on more, each such op that torch splits wakes OpenMP's
     other threads, which then spin for a while before they sleep (libgomp's default wait
-    policy) on the cores the tile threads need. In a TIES merge of the Qwen2-VL-2B trio that
-    spinning was 8% of the merge's CPU time, in a DiM3 merge 7.6% (``perf``). Other rules
-    compute on the loop's thread: :func:`compute_threads`."""
+    policy) on the cores the tile threads need (docs/performance.md). Other rules compute on
+    the loop's thread: :func:`compute_threads`."""
     if method.kind in ("elementwise", "columns", "selection") and tile_workers(device, cores):
         return 1
     return compute_threads(device, cores)
