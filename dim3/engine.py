@@ -45,7 +45,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from contextlib import nullcontext
+from contextlib import closing, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -521,6 +521,14 @@ class _Merger:
         vlm[:rows] = merged  # rows only the VLM's tokenizer has stay the VLM's
         return vlm
 
+    def by_rows(self, step: _Step) -> bool:
+        """Whether any cut of ``step``'s rows gives what the whole step gives (:meth:`row_rule`)."""
+        kind = self.method.kind
+        return len(step.source.shape) > 0 and (
+            (kind == "elementwise" and step.stage in ("whole", "apply"))
+            or (kind in ("columns", "selection") and step.stage == "apply")
+        )
+
     def row_rule(self, step: _Step) -> Callable[[list[torch.Tensor], int], torch.Tensor] | None:
         """The rule of ``step`` as a function of a few of its rows, when any cut of the rows
         gives what the whole step gives (elementwise rules, and the apply pass of column and
@@ -528,18 +536,20 @@ class _Merger:
         ``rule(work, first)`` merges float32 rows ``first:first + n`` of the step, ``work`` =
         [vlm, base, *multilingual, *extra] rows. A selection rule's tiles must first hear how
         many values tied with a threshold come before each (:meth:`before_tiles`). None for
-        the other stages and kinds (ranked rules), which run on the whole step."""
-        kind, key, n = self.method.kind, step.source.key, len(step.source.shape)
-        if n == 0 or not (
-            (kind == "elementwise" and step.stage in ("whole", "apply"))
-            or (kind in ("columns", "selection") and step.stage == "apply")
-        ):
+        the other stages and kinds (ranked rules), which run on the whole step. The rule reads
+        the state gathered for the step (column weights, thresholds, tied counts) as it is when
+        this is called: call it after :meth:`before_tiles`."""
+        if not self.by_rows(step):
             return None
+        kind, key = self.method.kind, step.source.key
+        # what the step's tiles read is bound now: they may still run while the loop goes on
+        # to the next step, which gathers the next tensor's state (:func:`_pieces`)
+        state, lefts_at = self.state, self._lefts
 
         def columns(work: list[torch.Tensor], first: int) -> torch.Tensor:
             (vlm, base, *mls), _ = self._split(work)
             shifted = _Step(step.source, step.out, step.stage, step.start + first, 0, False)
-            return self._column_apply(shifted, [base, vlm, *mls])
+            return self._column_apply(shifted, [base, vlm, *mls], state)
 
         def elementwise(work: list[torch.Tensor], first: int) -> torch.Tensor:
             (vlm, base, *mls), kw = self._split(work)
@@ -547,8 +557,8 @@ class _Merger:
             return self.method.fn(base, [vlm, *mls], self.options, name=key, offset=start, **kw)
 
         def selection(work: list[torch.Tensor], first: int) -> torch.Tensor:
-            lefts = self._lefts[first] if self._lefts is not None else None
-            return self._selection_tile(work, lefts)
+            lefts = lefts_at[first] if lefts_at is not None else None
+            return self._selection_tile(work, lefts, state)
 
         return {"columns": columns, "selection": selection}.get(kind, elementwise)
 
@@ -724,12 +734,15 @@ class _Merger:
         if step.last:
             self.state = self.method.parts.weights(self.state, self.options).weights
 
-    def _column_apply(self, step: _Step, part: list[torch.Tensor]) -> torch.Tensor:
+    def _column_apply(
+        self, step: _Step, part: list[torch.Tensor], weights: torch.Tensor | None = None
+    ) -> torch.Tensor:
         apply = self.method.parts.apply
+        weights = self.state if weights is None else weights
         if step.source.transpose:
-            w = self.state[:, step.start : step.start + part[0].shape[0]]
+            w = weights[:, step.start : step.start + part[0].shape[0]]
             return apply(part[0].T, [t.T for t in part[1:]], w).T
-        return apply(part[0], part[1:], self.state)
+        return apply(part[0], part[1:], weights)
 
     # -- selection (TIES, Breadcrumbs): exact per-update ranks over slices, then masks
     def _selection_ranks(self, e: Entry) -> tuple[int, list[int]]:
@@ -842,15 +855,15 @@ class _Merger:
         return parts.combine(d, self.options).add_(part[0])
 
     def _selection_tile(
-        self, work: list[torch.Tensor], lefts: list[list[int]] | None
+        self, work: list[torch.Tensor], lefts: list[list[int]] | None, state: list
     ) -> torch.Tensor:
         """One tile of a selection rule's apply pass (a tile thread, its own buffers): ``lefts``
         per update and rank, how many values tied with the k-th one it takes (None: none is
-        ordered, see :meth:`before_tiles`)."""
+        ordered, see :meth:`before_tiles`); ``state``: the tensor's :class:`FirstMask` lists."""
         parts = self.method.parts
         base, d, mag = self._tile_updates(work)
         temp = scratch("select.equal", (base.numel(),), base, torch.bool)
-        for t, (x, firsts) in enumerate(zip(d, self.state, strict=True)):
+        for t, (x, firsts) in enumerate(zip(d, state, strict=True)):
             bits = magnitude_bits(x, out=mag)
             words = [
                 f.words(
@@ -953,7 +966,7 @@ class _Tiles:
             initializer=torch.set_num_threads,
             initargs=(1,),
         )
-        self._buffers = [Buffers() for _ in range(workers)]
+        self._local = threading.local()  # each thread's own Buffers (_mine)
 
     def run(
         self,
@@ -966,15 +979,28 @@ class _Tiles:
         ``out`` (the step's rows, output dtype): rows below the base's count by ``rule``, the
         VLM's own rows after them (tokens only the VLM has) converted from the VLM. ``block``:
         the rule's random blocks (:attr:`dim3.methods.Method.row_blocks`), see :meth:`_groups`."""
+        self.start(views, rule, out, block).wait()
+
+    def start(
+        self,
+        views: Sequence[torch.Tensor],
+        rule: Callable[[list[torch.Tensor], int], torch.Tensor],
+        out: torch.Tensor,
+        block: int = 0,
+    ) -> _Running:
+        """:meth:`run`, returning once the tiles are queued (the VLM's own rows are copied
+        here): ``out`` holds the merged rows once the returned :meth:`_Running.wait` returns.
+        Steps started one after another are computed in that order; ``views`` and ``out`` must
+        stay untouched until then, and ``rule`` must not read state that changes meanwhile."""
         vlm, merged = views[0], views[1].shape[0]
-        futures = self._start(views, rule, out, None, block=block)
+        running = _Running(self._start(views, rule, out, None, block=block))
         try:
             if merged < vlm.shape[0]:
                 out[merged:].copy_(vlm[merged:])
-        finally:
-            wait(futures)  # no worker may still write into ``out`` once this returns
-        for future in futures:
-            future.result()
+        except BaseException:
+            running.wait()  # no worker may still write into ``out`` once this raises
+            raise
+        return running
 
     def map(
         self,
@@ -996,7 +1022,7 @@ class _Tiles:
     def _start(self, views, fn, out, fold, results=None, block: int = 0) -> list[Future]:
         share = _Share(self._groups(views, block))
         return [
-            self._pool.submit(self._work, self._buffers[w], share, w, views, fn, out, fold, results)
+            self._pool.submit(self._work, share, w, views, fn, out, fold, results)
             for w in range(share.workers)
         ]
 
@@ -1033,9 +1059,17 @@ class _Tiles:
         runs = [[(a, min(b, a + rows)) for a in range(s, b, rows)] for s, b in spans]
         return [r for r in runs if r]
 
-    @staticmethod
-    def _work(buffers: Buffers, share: _Share, w: int, views, fn, out, fold, results) -> list:
+    def _mine(self) -> Buffers:
+        """The calling tile thread's buffers: per thread, not per run of a step, since a thread
+        done with its run of one step takes the next step's while the other is still busy."""
+        buffers = getattr(self._local, "buffers", None)
+        if buffers is None:
+            buffers = self._local.buffers = Buffers()
+        return buffers
+
+    def _work(self, share: _Share, w: int, views, fn, out, fold, results) -> list:
         cpu = torch.device("cpu")
+        buffers = self._mine()
         got: list = []
         with torch.no_grad(), reuse_buffers(buffers):
             while (tile := share.next(w)) is not None:
@@ -1056,6 +1090,19 @@ class _Tiles:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+
+
+class _Running:
+    """A step's tiles, queued or computing (:meth:`_Tiles.start`)."""
+
+    def __init__(self, futures: list[Future]):
+        self._futures = futures
+
+    def wait(self) -> None:
+        """Return once every tile is done; raise the first tile's error, if any."""
+        wait(self._futures)
+        for future in self._futures:
+            future.result()
 
 
 class _Share:
@@ -1127,6 +1174,44 @@ def iter_merged(
     (:meth:`_Merger.row_rule`) are then computed straight into it, in tiles (:class:`_Tiles`),
     and that tensor is yielded; other steps yield float32 rows as above.
     """
+    pieces = _pieces(
+        plan,
+        inputs,
+        method,
+        options,
+        device,
+        chunk_size,
+        on_step,
+        buffers=buffers,
+        streams=streams,
+        into=into,
+    )
+    with closing(pieces):
+        for entry, start, rows, last, running in pieces:
+            if running is not None:
+                running.wait()
+            yield entry, start, rows, last
+
+
+def _pieces(
+    plan: MergePlan,
+    inputs: Inputs,
+    method: Method,
+    options: Any,
+    device: torch.device,
+    chunk_size: str | int = DEFAULT_CHUNK,
+    on_step: Callable[[str, int, int], None] | None = None,
+    *,
+    buffers: Buffers | None = None,
+    streams: _Streams | None = None,
+    into: Callable[[Entry, int, tuple[int, ...]], torch.Tensor | None] | None = None,
+) -> Iterator[tuple[Entry, int, torch.Tensor, bool, _Running | None]]:
+    """:func:`iter_merged`'s pieces, each with the tiles still computing it, if any (a
+    :class:`_Running`): a step computed in tiles straight into ``into``'s tensor is yielded as
+    soon as its tiles are queued, and the loop goes on to the next step while they compute, so
+    that the tile threads are not left waiting while the loop hands the piece on (a write
+    queued, the next step's statistics gathered). The consumer waits for it before it reads
+    the rows; the ``into`` tensors of the steps in flight must stay the consumer's meanwhile."""
     budget = parse_size(chunk_size)
     workers = tile_workers(device)
     steps = _schedule(plan, method, budget, tiled=workers > 0)
@@ -1153,6 +1238,7 @@ def iter_merged(
             initargs=(1 if tiles is not None else torch.get_num_threads(),),
         ) as pool:
             pending: Future | None = None
+            running: _Running | None = None
             for i, step in enumerate(steps):
                 staged = pending.result() if pending else stage(i)
                 if i + 1 < len(steps):
@@ -1172,7 +1258,7 @@ def iter_merged(
                     tiles is not None
                     and into is not None
                     and not (step.stage == "whole" and step.source.key in tied_sources)
-                    and (rule := merger.row_rule(step)) is not None
+                    and merger.by_rows(step)
                     and (out := into(step.out, step.start, tuple(staged.tensors[0].shape)))
                     is not None
                 ):
@@ -1182,7 +1268,9 @@ def iter_merged(
                         functools.partial(tiles.map, staged.tensors),
                         [t for run in tiles._groups(staged.tensors, block) for t in run],
                     )
-                    tiles.run(staged.tensors, rule, out, block)
+                    rule = merger.row_rule(step)
+                    assert rule is not None
+                    running = tiles.start(staged.tensors, rule, out, block)
                 else:
                     with streams.computing():
                         out = merger(step, source.to_work(staged))
@@ -1190,7 +1278,8 @@ def iter_merged(
                             whole[step.source.key] = out = out.clone()  # outlives its buffer
                 del staged
                 if out is not None:
-                    yield step.out, step.start, out, step.last
+                    yield step.out, step.start, out, step.last, running
+                running = None
     finally:
         streams.synchronize()  # nothing queued may outlive the buffers it uses
         source.close()
@@ -1272,7 +1361,7 @@ def _run(
     plan: MergePlan,
     inputs: Inputs,
     recipe: Recipe,
-    sink: Callable[[Entry, int, torch.Tensor], None],
+    sink: Callable[[Entry, int, torch.Tensor, _Running | None], None],
     progress: ProgressFn | None,
     chunk_size: str | int = DEFAULT_CHUNK,
     *,
@@ -1280,7 +1369,10 @@ def _run(
     streams: _Streams,
     into: Callable[[Entry, int, tuple[int, ...]], torch.Tensor | None] | None = None,
 ) -> float:
-    """Drive :func:`iter_merged` into ``sink``, reporting progress; returns seconds taken."""
+    """Drive the merge's pieces into ``sink(entry, first_row, rows, running)``, reporting
+    progress; returns seconds taken. ``running``: the tiles still computing ``rows`` (which
+    are then ``into``'s tensor), or None (see :func:`_pieces`): the sink waits for them before
+    it reads the rows, and all of them are done when this returns or raises."""
     _return_freed_memory()
     method, options = get_method(recipe.method), recipe.method_options()
     device = resolve_device(recipe.device)
@@ -1298,8 +1390,9 @@ def _run(
 
     threads = torch.get_num_threads()
     torch.set_num_threads(loop_threads(method, device))
+    pieces = None
     try:
-        pieces = iter_merged(
+        pieces = _pieces(
             plan,
             inputs,
             method,
@@ -1311,9 +1404,9 @@ def _run(
             streams=streams,
             into=into,
         )
-        for entry, first_row, tensor, last in pieces:
+        for entry, first_row, tensor, last, running in pieces:
             with streams.computing():
-                sink(entry, first_row, tensor)
+                sink(entry, first_row, tensor, running)
             done_bytes += (
                 entry.nbytes
                 * (tensor.shape[0] if entry.shape else 1)
@@ -1326,6 +1419,8 @@ def _run(
                     Progress(done, len(plan.entries), entry.key, done_bytes, total_bytes, elapsed)
                 )
     finally:
+        if pieces is not None:
+            pieces.close()  # returns once the tile threads' queued work is done (_Tiles.close)
         torch.set_num_threads(threads)
     return time.perf_counter() - start
 
@@ -1364,11 +1459,19 @@ class _Pipe:
         return self._buffers.take(f"out{slot}", shape, dtype, torch.device("cpu"))
 
     def put(
-        self, key: str, start: int, rows: torch.Tensor, dtype: torch.dtype, stable: bool = False
+        self,
+        key: str,
+        start: int,
+        rows: torch.Tensor,
+        dtype: torch.dtype,
+        stable: bool = False,
+        running: _Running | None = None,
     ) -> None:
         """Queue rows for writing. ``stable``: ``rows`` never change (a copied tensor's rows, a
         read-only view of a mapped input that keeps its mapping alive): already in ``dtype`` on
-        the CPU, they are written as they are, with no copy into a buffer."""
+        the CPU, they are written as they are, with no copy into a buffer. ``running``: the
+        tiles still computing ``rows`` (in the buffer :meth:`reserve` gave): the write thread
+        waits for them, and a tile's error is raised like a failed write's."""
         if stable and rows.dtype == dtype and rows.device.type == "cpu":
             self._pending.append(self._pool.submit(self._write_when, None, key, start, rows))
             while len(self._pending) > self._depth:
@@ -1391,14 +1494,19 @@ class _Pipe:
         else:
             host = self._buffers.take(f"out{slot}", rows.shape, dtype, cpu, pin=pin)
             if not (rows.dtype == dtype and rows.data_ptr() == host.data_ptr()):
+                if running is not None:
+                    running.wait()
+                    running = None
                 host.copy_(rows)  # else the rows were computed in it (reserve)
-            ready = None
+            ready = running
         self._pending.append(self._pool.submit(self._write_when, ready, key, start, host))
         while len(self._pending) > self._depth:
             self._pending.pop(0).result()
 
     def _write_when(self, ready, key: str, start: int, rows: torch.Tensor) -> None:
-        if ready is not None:
+        if isinstance(ready, _Running):
+            ready.wait()
+        elif ready is not None:
             ready.synchronize()
         self._write(key, start, rows)
 
@@ -1475,9 +1583,11 @@ def merge_to_folder(
             _Pipe(writer.write_rows, buffers, streams) as pipe,
         ):
 
-            def sink(entry: Entry, first_row: int, rows: torch.Tensor) -> None:
+            def sink(
+                entry: Entry, first_row: int, rows: torch.Tensor, running: _Running | None
+            ) -> None:
                 stable = entry.action == "copy"  # iter_merged: copied rows are mapped views
-                pipe.put(entry.key, first_row, rows, dtypes[entry.key], stable)
+                pipe.put(entry.key, first_row, rows, dtypes[entry.key], stable, running)
 
             def into(entry: Entry, first_row: int, shape: tuple[int, ...]) -> torch.Tensor | None:
                 return pipe.reserve(shape, dtypes[entry.key])
@@ -1546,8 +1656,17 @@ def merge_into_model(
             target = targets[layout.classify(entry.key)[1]]
             return target[first_row : first_row + n]
 
+        running_tiles: deque[_Running] = deque()
+
         @torch.no_grad()
-        def sink(entry: Entry, first_row: int, rows: torch.Tensor) -> None:
+        def sink(
+            entry: Entry, first_row: int, rows: torch.Tensor, running: _Running | None
+        ) -> None:
+            if running is not None:  # computed in place (into): waited for a step later
+                running_tiles.append(running)
+                while len(running_tiles) > 1:
+                    running_tiles.popleft().wait()
+                return
             if entry.action == "merge":
                 target = target_rows(entry, first_row, rows.shape[0])
                 if target.data_ptr() != rows.data_ptr():  # else computed in place (into)
@@ -1574,6 +1693,8 @@ def merge_into_model(
             streams=streams,
             into=into,
         )
+        while running_tiles:  # done (see _run), but a tile's error is raised here
+            running_tiles.popleft().wait()
     return MergeResult(merge_plan, None, seconds, buffers.allocations)
 
 

@@ -400,6 +400,7 @@ class Buffers:
         self.allocations = 0
         self._flat: dict[str, Tensor] = {}
         self._holds: dict[str, object] = {}  # buffer name -> key of what it holds (:meth:`kept`)
+        self._views: dict[tuple, Tensor] = {}  # (name, shape, dtype, device, pin) -> a view
         self._lock = threading.Lock()  # the read thread and the computation take buffers
 
     @property
@@ -416,6 +417,7 @@ class Buffers:
                 return
             self._flat.pop(name, None)  # free the smaller one first: peak memory stays one buffer
             self._holds.pop(name, None)
+            self._views = {k: v for k, v in self._views.items() if k[0] != name}
             self._flat[name] = _allocate(nbytes, device, pin)
             self.allocations += 1
 
@@ -428,15 +430,28 @@ class Buffers:
         *,
         pin: bool = False,
     ) -> Tensor:
-        """An uninitialised contiguous tensor of ``shape`` and ``dtype`` in buffer ``name``."""
+        """An uninitialised contiguous tensor of ``shape`` and ``dtype`` in buffer ``name``.
+
+        A request met before gets the same tensor object back (while the buffer stays): the
+        tile threads ask for a few buffers per tile, many thousands of times per merge, and
+        making a view costs several tensor objects, all under Python's global lock that those
+        threads share. Callers change what the tensor holds, never its shape or strides."""
+        key = (name, tuple(shape), dtype, device, pin)
+        view = self._views.get(key)
+        if view is not None:
+            return view
         numel = math.prod(shape)
         nbytes = max(1, numel * dtype.itemsize)
         if self.limit is not None and nbytes > self.limit:
             return torch.empty(tuple(shape), dtype=dtype, device=device, pin_memory=pin)
-        self.reserve(name, nbytes, torch.device(device), pin=pin)
+        device = torch.device(device)
+        self.reserve(name, nbytes, device, pin=pin)
         with self._lock:
-            flat = self._flat[name][: numel * dtype.itemsize]
-        return flat.view(dtype).view(tuple(shape))
+            flat = self._flat[name]
+            view = flat[: numel * dtype.itemsize].view(dtype).view(tuple(shape))
+            if not (device.type == "cuda" and device.index is None):  # else: the current one
+                self._views[key] = view
+        return view
 
     def kept(
         self,

@@ -11,7 +11,7 @@ from transformers import AutoModelForImageTextToText
 
 from dim3 import engine
 from dim3.methods import METHODS
-from dim3.methods._utils import first_by_magnitude
+from dim3.methods._utils import current_buffers, first_by_magnitude
 from dim3.slices import (
     Buffers,
     ExactSelect,
@@ -457,6 +457,86 @@ def test_tiles_come_back_in_row_order_when_one_thread_is_slow(monkeypatch):
     assert names[38] == names[0] != names[20]  # the last tile was taken over
 
 
+def test_a_step_started_while_the_last_one_computes_runs_on_each_threads_own_buffers(
+    monkeypatch,
+):
+    """The loop queues a step's tiles and goes on (engine._pieces): the next step's tiles begin
+    while the last step's still compute, a thread done with one step taking the next. Each
+    thread keeps its own buffers whichever step's run it takes (never one that another thread
+    is using), and each step's rows come out right."""
+    import threading
+
+    monkeypatch.setattr(engine, "TILE_BYTES", 4 * 8 * 2)  # 2 rows of 8 columns a tile
+    x = torch.arange(16 * 8, dtype=torch.float32).reshape(16, 8)  # 8 tiles: 2 runs of 4
+    later = threading.Event()  # the second step has begun
+    seen: dict[str, object] = {}
+    in_use: list[int] = []
+    lock = threading.Lock()
+
+    def rule(factor):
+        def fn(work, first):
+            mine = current_buffers()
+            assert seen.setdefault(threading.current_thread().name, mine) is mine
+            with lock:
+                assert id(mine) not in in_use, "two threads on one thread's buffers"
+                in_use.append(id(mine))
+            try:
+                if factor == 3:
+                    later.set()
+                elif first == 14:  # the first step's last tile waits for the second step
+                    assert later.wait(30), "the second step did not begin"
+                return work[1] * factor
+            finally:
+                with lock:
+                    in_use.remove(id(mine))
+
+        return fn
+
+    tiles = engine._Tiles(2)
+    a, b = torch.empty(16, 8), torch.empty(16, 8)
+    try:
+        first = tiles.start([x, x], rule(2), a)
+        second = tiles.start([x, x], rule(3), b)
+        first.wait()
+        second.wait()
+    finally:
+        tiles.close()
+    assert torch.equal(a, x * 2) and torch.equal(b, x * 3)
+    assert len(seen) == 2 and len({id(v) for v in seen.values()}) == 2
+
+
+def test_a_tiles_error_is_raised_by_the_merge_and_leaves_no_folder(
+    tiny_llava_trio, tmp_path, monkeypatch
+):
+    """A step whose tiles fail after the loop has gone on (the write thread waits for them)
+    fails the merge with the tile's own error, and nothing is left where the folder would be;
+    a merge into a loaded model raises it too."""
+    row_rule = engine._Merger.row_rule
+    calls = []
+
+    def failing(self, step):
+        rule = row_rule(self, step)
+        calls.append(step.source.key)
+        if len(calls) < 12:
+            return rule
+
+        def fn(work, first):
+            raise RuntimeError(f"tile of {step.source.key} failed")
+
+        return fn
+
+    monkeypatch.setattr(engine._Merger, "row_rule", failing)
+    monkeypatch.setattr(engine, "TILE_BYTES", 512)
+    recipe = recipe_of(tiny_llava_trio, method="dim3")
+    with pytest.raises(RuntimeError, match="tile of .* failed"):
+        engine.merge_to_folder(recipe, tmp_path / "out", chunk_size=512)
+    assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []
+    calls.clear()
+    model = AutoModelForImageTextToText.from_pretrained(tiny_llava_trio.multimodal)
+    with pytest.raises(RuntimeError, match="tile of .* failed"):
+        engine.merge_into_model(model, recipe, chunk_size=512)
+
+
 def test_tile_workers_follow_the_compute_threads():
     cpu = torch.device("cpu")
     assert engine.tile_workers(cpu, cores=1) == 1
@@ -518,11 +598,11 @@ def test_the_loop_thread_computes_on_one_thread_where_the_tiles_do_the_work(
     threads: list[int] = []
     guessed: list[str] = []
     call, add_stats, guess = engine._Merger.__call__, engine._Merger.add_stats, engine._Merger.guess
-    run = engine._Tiles.run
+    start = engine._Tiles.start
 
-    def on_run(self, *args, **kwargs):
+    def on_start(self, *args, **kwargs):
         threads.append(torch.get_num_threads())
-        return run(self, *args, **kwargs)
+        return start(self, *args, **kwargs)
 
     def on_call(self, step, work):
         threads.append(torch.get_num_threads())
@@ -540,7 +620,7 @@ def test_the_loop_thread_computes_on_one_thread_where_the_tiles_do_the_work(
     monkeypatch.setattr(engine._Merger, "__call__", on_call)
     monkeypatch.setattr(engine._Merger, "add_stats", on_stats)
     monkeypatch.setattr(engine._Merger, "guess", on_guess)
-    monkeypatch.setattr(engine._Tiles, "run", on_run)
+    monkeypatch.setattr(engine._Tiles, "start", on_start)
     before = torch.get_num_threads()
     engine.merge_to_folder(recipe_of(tiny_llava_trio, method=method), tmp_path / "out")
     assert torch.get_num_threads() == before
@@ -550,6 +630,20 @@ def test_the_loop_thread_computes_on_one_thread_where_the_tiles_do_the_work(
     if kind == "selection":  # every matrix's, on the read thread (but the merge's first step's)
         assert len(guessed) > 10
         assert all(name.startswith("dim3-read") for name in guessed[1:]), guessed
+
+
+def test_buffers_hand_back_the_view_of_a_request_met_before_until_the_buffer_grows():
+    buffers = Buffers(limit=1 << 20)
+    cpu = torch.device("cpu")
+    a = buffers.take("x", (10, 10), torch.float32, cpu)
+    assert buffers.take("x", (10, 10), torch.float32, cpu) is a  # no new tensor object
+    b = buffers.take("x", (5, 4), torch.bfloat16, cpu)  # another view of the same memory
+    assert b is not a and b.data_ptr() == a.data_ptr()
+    assert (tuple(b.shape), b.dtype) == ((5, 4), torch.bfloat16)
+    c = buffers.take("x", (20, 20), torch.float32, cpu)  # larger: new memory
+    again = buffers.take("x", (10, 10), torch.float32, cpu)
+    assert again is not a and again.data_ptr() == c.data_ptr() != a.data_ptr()
+    assert buffers.take("y", (10, 10), torch.float32, cpu).data_ptr() != c.data_ptr()
 
 
 def test_buffers_grow_only_for_a_larger_request_and_keep_their_memory():
