@@ -596,7 +596,7 @@ class _Merger:
             base, d, mag = self._tile_updates(work)
             temp = scratch("select.equal", (base.numel(),), base, torch.bool)
             counts = []
-            for x, firsts in zip(d, self.state, strict=True):
+            for x, firsts in zip(d.unbind(0), self.state, strict=True):
                 bits = magnitude_bits(x, out=mag)
                 counts.append([f.count(bits, temp) if f.ordered else 0 for f in firsts])
             return first, counts
@@ -679,7 +679,7 @@ class _Merger:
             buffers = current_buffers()
             got = [
                 select.partial(magnitude_bits(x, out=mag), buffers)
-                for x, select in zip(d, selects, strict=True)
+                for x, select in zip(d.unbind(0), selects, strict=True)
             ]
             sums = [g[: s.summed] for g, s in zip(got, selects, strict=True)]
             kept = [g[s.summed :] for g, s in zip(got, selects, strict=True)]
@@ -863,7 +863,7 @@ class _Merger:
         parts = self.method.parts
         base, d, mag = self._tile_updates(work)
         temp = scratch("select.equal", (base.numel(),), base, torch.bool)
-        for t, (x, firsts) in enumerate(zip(d, state, strict=True)):
+        for t, (x, firsts) in enumerate(zip(d.unbind(0), state, strict=True)):
             bits = magnitude_bits(x, out=mag)
             words = [
                 f.words(
@@ -1071,14 +1071,13 @@ class _Tiles:
         cpu = torch.device("cpu")
         buffers = self._mine()
         got: list = []
+        inputs = [(f"tile.in{j}", tuple(v.shape[1:]), v) for j, v in enumerate(views)]
         with torch.no_grad(), reuse_buffers(buffers):
             while (tile := share.next(w)) is not None:
                 a, b = tile
                 work = [
-                    buffers.take(f"tile.in{j}", (b - a, *v.shape[1:]), torch.float32, cpu).copy_(
-                        v[a:b]
-                    )
-                    for j, v in enumerate(views)
+                    buffers.take(name, (b - a, *rest), torch.float32, cpu).copy_(v[a:b])
+                    for name, rest, v in inputs
                 ]
                 if out is not None:
                     out[a:b].copy_(fn(work, a))

@@ -46,6 +46,8 @@ def magnitude_bits(x: Tensor, out: Tensor | None = None) -> Tensor:
     the engine); a new tensor otherwise."""
     if out is None:
         return x.abs().reshape(-1).contiguous().view(torch.int32)
+    if out.shape == x.shape and out.is_contiguous():  # the engine's buffers: no views to make
+        return torch.abs(x, out=out).view(-1).view(torch.int32)
     flat = out.reshape(-1)[: x.numel()].view(x.shape)
     return torch.abs(x, out=flat).reshape(-1).view(torch.int32)
 

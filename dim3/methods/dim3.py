@@ -190,7 +190,7 @@ def apply_weights(base: Tensor, tuned: list[Tensor], weights: Tensor) -> Tensor:
     merged = scratch_like("dim3.merged", base).copy_(base)
     cols = merged if base.dim() < 2 else _as_columns(merged)  # a view: updates land in merged
     delta = scratch_like("dim3.delta", base)
-    for t, w_t in zip(tuned, weights, strict=True):
+    for t, w_t in zip(tuned, weights.unbind(0), strict=True):
         cols.addcmul_(torch.sub(t, base, out=delta).reshape(cols.shape), w_t)  # += Δ_t · w_t
     return merged
 
