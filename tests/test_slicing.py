@@ -505,6 +505,39 @@ def test_a_step_started_while_the_last_one_computes_runs_on_each_threads_own_buf
     assert len(seen) == 2 and len({id(v) for v in seen.values()}) == 2
 
 
+def test_the_write_pipe_writes_rows_only_once_their_tiles_are_done(monkeypatch):
+    """Rows handed to the write pipe while their tiles still compute are written once the tiles
+    are done: computed in the pipe's own buffer (``reserve``), the write thread waits for them;
+    computed elsewhere, ``put`` waits before it copies them into its buffer."""
+    import time
+
+    monkeypatch.setattr(engine, "TILE_BYTES", 4 * 8 * 2)  # 2 rows of 8 columns a tile
+    x = torch.arange(8 * 8, dtype=torch.float32).reshape(8, 8)
+    written: dict[str, torch.Tensor] = {}
+
+    def write(key, start, rows):
+        written[key] = rows.clone()
+
+    def slow(work, first):
+        time.sleep(0.2)
+        return work[1] * 2
+
+    tiles = engine._Tiles(2)
+    cpu = torch.device("cpu")
+    try:
+        with engine._Pipe(write, Buffers(), engine._Streams(cpu)) as pipe:
+            own = pipe.reserve((8, 8), torch.bfloat16)
+            pipe.put("own", 0, own, torch.bfloat16, running=tiles.start([x, x], slow, own))
+            elsewhere = torch.empty(8, 8, dtype=torch.bfloat16)
+            running = tiles.start([x, x], slow, elsewhere)
+            pipe.put("elsewhere", 0, elsewhere, torch.bfloat16, running=running)
+            pipe.drain()
+    finally:
+        tiles.close()
+    want = (x * 2).to(torch.bfloat16)
+    assert torch.equal(written["own"], want) and torch.equal(written["elsewhere"], want)
+
+
 def test_a_tiles_error_is_raised_by_the_merge_and_leaves_no_folder(
     tiny_llava_trio, tmp_path, monkeypatch
 ):
