@@ -437,10 +437,11 @@ class Buffers:
         A request met before gets the same tensor object back (while the buffer stays): the
         tile threads ask for a few buffers per tile, many thousands of times per merge, and
         making a view costs several tensor objects, all under Python's global lock that those
-        threads share. Callers change what the tensor holds, never its shape or strides."""
+        threads share. Callers change what the tensor holds, not its shape; one that did (an
+        ``out=`` of another shape is resized in place) gets a fresh view the next time."""
         key = (name, tuple(shape), dtype, device, pin)
         view = self._views.get(key)
-        if view is not None:
+        if view is not None and view.shape == key[1]:
             return view
         numel = math.prod(shape)
         nbytes = max(1, numel * dtype.itemsize)

@@ -677,6 +677,11 @@ def test_buffers_hand_back_the_view_of_a_request_met_before_until_the_buffer_gro
     again = buffers.take("x", (10, 10), torch.float32, cpu)
     assert again is not a and again.data_ptr() == c.data_ptr() != a.data_ptr()
     assert buffers.take("y", (10, 10), torch.float32, cpu).data_ptr() != c.data_ptr()
+    with pytest.warns(UserWarning, match="resized"):  # an out= of another shape: resized
+        torch.sum(torch.ones(3, 4), dim=0, out=again)
+    assert again.shape == (4,)
+    fresh = buffers.take("x", (10, 10), torch.float32, cpu)
+    assert fresh.shape == (10, 10) and fresh.data_ptr() == c.data_ptr()
 
 
 def test_buffers_grow_only_for_a_larger_request_and_keep_their_memory():
