@@ -968,19 +968,6 @@ class _Tiles:
         )
         self._local = threading.local()  # each thread's own Buffers (_mine)
 
-    def run(
-        self,
-        views: Sequence[torch.Tensor],
-        rule: Callable[[list[torch.Tensor], int], torch.Tensor],
-        out: torch.Tensor,
-        block: int = 0,
-    ) -> None:
-        """Merge the step whose input rows are ``views`` = (vlm, base, *mls, *extra) into
-        ``out`` (the step's rows, output dtype): rows below the base's count by ``rule``, the
-        VLM's own rows after them (tokens only the VLM has) converted from the VLM. ``block``:
-        the rule's random blocks (:attr:`dim3.methods.Method.row_blocks`), see :meth:`_groups`."""
-        self.start(views, rule, out, block).wait()
-
     def start(
         self,
         views: Sequence[torch.Tensor],
@@ -988,10 +975,14 @@ class _Tiles:
         out: torch.Tensor,
         block: int = 0,
     ) -> _Running:
-        """:meth:`run`, returning once the tiles are queued (the VLM's own rows are copied
-        here): ``out`` holds the merged rows once the returned :meth:`_Running.wait` returns.
-        Steps started one after another are computed in that order; ``views`` and ``out`` must
-        stay untouched until then, and ``rule`` must not read state that changes meanwhile."""
+        """Queue the step whose input rows are ``views`` = (vlm, base, *mls, *extra), to be
+        merged into ``out`` (the step's rows, output dtype): rows below the base's count by
+        ``rule``, the VLM's own rows after them (tokens only the VLM has) converted from the VLM,
+        here. ``block``: the rule's random blocks (:attr:`dim3.methods.Method.row_blocks`), see
+        :meth:`_groups`. ``out`` holds the merged rows once the returned :meth:`_Running.wait`
+        returns. Steps started one after another are computed in that order; ``views`` and
+        ``out`` must stay untouched until then, and ``rule`` must not read state that changes
+        meanwhile."""
         vlm, merged = views[0], views[1].shape[0]
         running = _Running(self._start(views, rule, out, None, block=block))
         try:

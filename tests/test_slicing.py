@@ -449,7 +449,7 @@ def test_tiles_come_back_in_row_order_when_one_thread_is_slow(monkeypatch):
     try:
         got = tiles.map(views, fn)
         out = torch.empty(40, 8)
-        tiles.run(views, lambda work, first: work[1] * 2, out)
+        tiles.start(views, lambda work, first: work[1] * 2, out).wait()
     finally:
         tiles.close()
     assert torch.equal(torch.cat(got), x.sum(dim=1))
