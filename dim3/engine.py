@@ -53,6 +53,7 @@ from typing import Any
 
 import torch
 
+from dim3 import fused
 from dim3.checkpoints import Checkpoint
 from dim3.layout import layout_for
 from dim3.mapped import MappedShards
@@ -458,6 +459,10 @@ class _Merger:
         # a selection's values tied with each threshold in the first pass's tiles, when one
         # pass found the thresholds: per update, per rank, (tile first rows, counts before each)
         self._ties: list[list[tuple[list[int], list[int]]]] | None = None
+        # TIES' tiles of two updates on the CPU: compiled, one loop per pass (dim3/fused.py)
+        self._fused = (
+            method.name == "ties" and tuned == 2 and device.type == "cpu" and fused.available()
+        )
 
     def __call__(self, step: _Step, work: list[torch.Tensor]) -> torch.Tensor | None:
         """Merge one step's float32 rows ``work`` = [vlm, base, *multilingual, *extra] (the
@@ -675,12 +680,17 @@ class _Merger:
         def counts(work: list[torch.Tensor], first: int) -> Any:
             # (per update: the counts to add up; per tile: its first row and per update the
             # values in the guessed windows, kept apart to count each tile's tied values)
-            _, d, mag = self._tile_updates(work)
-            buffers = current_buffers()
-            got = [
-                select.partial(magnitude_bits(x, out=mag), buffers)
-                for x, select in zip(d.unbind(0), selects, strict=True)
-            ]
+            if self._fused and fused.fits_counts(selects):
+                (vlm, base, ml), _ = self._split(work)
+                kept = [scratch(f"fused.in{t}", (base.numel(),), base, torch.int32) for t in (0, 1)]
+                got = fused.counts(base, [vlm, ml], selects, kept)
+            else:
+                _, d, mag = self._tile_updates(work)
+                buffers = current_buffers()
+                got = [
+                    select.partial(magnitude_bits(x, out=mag), buffers)
+                    for x, select in zip(d.unbind(0), selects, strict=True)
+                ]
             sums = [g[: s.summed] for g, s in zip(got, selects, strict=True)]
             kept = [g[s.summed :] for g, s in zip(got, selects, strict=True)]
             return sums, ([(step.start + first, kept)] if any(kept) else [])
@@ -860,6 +870,12 @@ class _Merger:
         """One tile of a selection rule's apply pass (a tile thread, its own buffers): ``lefts``
         per update and rank, how many values tied with the k-th one it takes (None: none is
         ordered, see :meth:`before_tiles`); ``state``: the tensor's :class:`FirstMask` lists."""
+        if self._fused:
+            (vlm, base, ml), _ = self._split(work)
+            firsts = [f for (f,) in state]  # TIES: one rank per update
+            shares = [0, 0] if lefts is None else [left for (left,) in lefts]
+            out = scratch("fused.out", base.shape, base)
+            return fused.apply(base, [vlm, ml], firsts, shares, self.options.scaling, out)
         parts = self.method.parts
         base, d, mag = self._tile_updates(work)
         temp = scratch("select.equal", (base.numel(),), base, torch.bool)

@@ -1,0 +1,113 @@
+"""Compiled kernels for TIES' hot tiles on the CPU: one pass over a tile instead of a dozen.
+
+In eager torch, a TIES tile is some twenty passes over memory (updates, magnitudes, a histogram,
+the values inside the guessed windows; then masks, the elected sign, the agreeing updates and
+their mean), each a Python call under the global lock. These kernels, compiled by numba (LLVM,
+no C compiler needed), do each of the two passes in one loop that releases the lock, for the
+usual case of two updates (the VLM's and one multilingual model's):
+
+- :func:`counts`: the first statistics pass of :class:`dim3.slices.ExactSelect` (the histogram
+  of the magnitudes' high 16 bits and the values inside each guessed window);
+- :func:`apply`: the apply pass (trim by each update's :class:`dim3.slices.FirstMask`, elect the
+  sign, disjoint mean, ``· λ + base``).
+
+Both give the very bits of the eager code (``dim3.methods._utils.disjoint_mean_`` and
+``FirstMask.words``; tests/test_fused.py compares them on adversarial values): the same float32
+operations in the same order, no fast-math, no contraction into fused multiply-adds.
+
+:func:`available` says whether numba imports here (a platform without its wheels keeps the eager
+code); ``DIM3_FUSED=0`` turns the kernels off (to measure against them). This module knows
+float32 tiles and selections only.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cache
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from dim3.slices import BINS, ExactSelect, FirstMask
+
+_ALL = 1 << 31  # above every magnitude's bits
+
+
+@cache
+def _kernels() -> Any:
+    """The compiled kernels (:mod:`dim3.kernels`), or None where numba does not import."""
+    try:
+        from dim3 import kernels
+    except ImportError:
+        return None
+    return kernels
+
+
+def available() -> bool:
+    """Whether the kernels run here (numba imports, ``DIM3_FUSED`` is not ``0``)."""
+    return os.environ.get("DIM3_FUSED", "1") != "0" and _kernels() is not None
+
+
+def _flat(t: Tensor) -> Any:
+    return t.reshape(-1).numpy()
+
+
+def counts(
+    base: Tensor, tuned: list[Tensor], selects: list[ExactSelect], kept: list[Tensor]
+) -> list[list[Tensor]]:
+    """:meth:`ExactSelect.partial` of the two updates ``tuned_t − base`` of a tile, in one pass
+    (each select in its first pass, one rank each). ``kept``: two int32 buffers of the tile's
+    size for the values inside the windows (copied out).
+
+    base, tuned: contiguous float32 CPU tensors of one shape. Returns per update
+    ``[histogram (int64, BINS)]`` plus, with windows, ``[values inside (int32)]``."""
+    hists = [torch.zeros(BINS, dtype=torch.int64) for _ in tuned]
+    windows = [s.windows[0] if s.windows is not None and s.windows[0] else (0, 0) for s in selects]
+    (lo0, hi0), (lo1, hi1) = windows
+    n0, n1 = _kernels().counts2(
+        _flat(base), *map(_flat, tuned), *map(_flat, hists),
+        lo0, hi0 - lo0, lo1, hi1 - lo1, *map(_flat, kept),
+    )  # fmt: skip
+    out = []
+    for hist, select, buf, n in zip(hists, selects, kept, (n0, n1), strict=True):
+        out.append([hist] if select.windows is None else [hist, buf[:n].clone()])
+    return out
+
+
+def fits_counts(selects: list[ExactSelect]) -> bool:
+    """Whether :func:`counts` does these selects' pass: two updates, one rank, a first pass."""
+    return len(selects) == 2 and all(
+        len(s.ks) == 1 and s.stage == 0 and not s.known for s in selects
+    )
+
+
+def _threshold(first: FirstMask, left: int) -> tuple[int, int, int]:
+    """A :class:`FirstMask` of one tile as (k, e, l): first iff bits < k, and the first ``l`` of
+    the values whose bits are ``e`` (as :meth:`FirstMask.words` with ``left``)."""
+    if first.all or first.none:
+        return (_ALL if first.all else 0), -1, 0
+    if first.need == first.equal:  # every tied value is in
+        return first.bits + 1, -1, 0
+    return first.bits, first.bits, left
+
+
+def apply(
+    base: Tensor,
+    tuned: list[Tensor],
+    firsts: list[FirstMask],
+    lefts: list[int],
+    scaling: float,
+    out: Tensor,
+) -> Tensor:
+    """TIES' apply pass over one tile: ``base + λ · disjoint_mean(trim(tuned_t − base))``, each
+    update trimmed by its :class:`FirstMask` (``lefts``: the tile's share of the tied values,
+    as for :meth:`FirstMask.words`), into float32 ``out`` (shaped like base; returned)."""
+    (k0, e0, l0), (k1, e1, l1) = (
+        _threshold(f, left) for f, left in zip(firsts, lefts, strict=True)
+    )
+    _kernels().apply2(
+        _flat(base), *map(_flat, tuned), k0, k1, e0, e1, l0, l1, np.float32(scaling), _flat(out)
+    )
+    return out

@@ -1,0 +1,172 @@
+"""The compiled TIES kernels (dim3/fused.py) give the very bits of the eager rule.
+
+Compared with ``dim3.methods.ties.merge`` (eager torch, the whole tensor at once) at a real tile
+shape (1536 columns, as Qwen2-VL-2B's hidden size; tiles of 1 MiB of float32 as the engine
+cuts them, and a ragged last one), on values built to hit every branch: thresholds tied
+thousands of times (the tied values split among tiles, flat order deciding), ±0, ±∞ and NaN in
+the base and the updates, λ not a float32 value, densities that keep nothing but the one
+few values or all of them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dim3 import engine, fused
+from dim3.methods import ties
+from dim3.slices import ExactSelect, FirstMask, magnitude_bits
+from tests.test_engine import recipe_of
+from tests.test_methods import ref_ties
+
+COLS = 1536
+TILE_ROWS = engine.TILE_BYTES // (4 * COLS)  # 170 rows: one tile of the engine's
+
+
+def test_the_kernels_are_available():
+    """numba is a pinned requirement: a fresh install runs the compiled kernels, not the
+    eager fallback."""
+    assert fused.available()
+
+
+def _tiles(rows: int) -> list[tuple[int, int]]:
+    return [(a, min(a + TILE_ROWS, rows)) for a in range(0, rows, TILE_ROWS)]
+
+
+def _selects(base, tuned, density, windows=None):
+    """Per update, an ExactSelect over the whole tensor in tiles (two passes, or one with
+    ``windows``) and its FirstMask."""
+    n = base.numel()
+    ks = ties._ks(ties.TiesOptions(density=density), n)
+    firsts = []
+    for t in tuned:
+        bits = magnitude_bits(t - base)
+        select = ExactSelect(ks, n, base.device)
+        for _ in range(2):
+            select.observe(bits)
+            select.next_pass()
+        (found,) = select.result()
+        firsts.append(FirstMask(ks[0], n, found))
+    return firsts
+
+
+def _fused_merge(base, tuned, density, scaling):
+    """The kernel over the tensor's tiles in row order, each told how many of the values tied
+    with each threshold it takes (as the engine's :meth:`before_tiles` tells it)."""
+    firsts = _selects(base, tuned, density)
+    out = torch.empty_like(base)
+    for a, b in _tiles(base.shape[0]):
+        lefts = [f.left for f in firsts]
+        fused.apply(base[a:b], [t[a:b] for t in tuned], firsts, lefts, scaling, out[a:b])
+        for f, t in zip(firsts, tuned, strict=True):
+            bits = magnitude_bits(t[a:b] - base[a:b])
+            f.took(int((bits == f.bits).sum()))
+    return out
+
+
+def _trio(kind: str, rows: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(rows, COLS, generator=g) * 0.02
+    tuned = [base + torch.randn(rows, COLS, generator=g) * s for s in (1e-3, 2e-3)]
+    if kind == "grid":  # few distinct updates: every threshold tied thousands of times
+        step = 2.0**-10
+        base = (base / step).round() * step
+        tuned = [base + ((t - base) / step).round().clamp(-3, 3) * step for t in tuned]
+    if kind == "bf16":  # checkpoint values: differences of bfloat16 numbers
+        base, tuned = base.bfloat16().float(), [t.bfloat16().float() for t in tuned]
+    if kind == "specials":
+        flat = [x.view(-1) for x in (base, *tuned)]
+        for i, x in enumerate(flat):
+            x[i::997] = 0.0
+            x[i + 1 :: 1009] = -0.0
+            x[i + 2 :: 50021] = float("nan")
+            x[i + 3 :: 70001] = float("inf")
+            x[i + 4 :: 70003] = -float("inf")
+        flat[1][5::13] = flat[0][5::13]  # equal to the base: a zero update
+        flat[2][6::17] = -0.0
+    return base, tuned
+
+
+def _same_bits(got, want):
+    """Equal bit for bit, except that a NaN is any NaN."""
+    nan = want.isnan()
+    assert torch.equal(got.isnan(), nan)
+    assert torch.equal(got[~nan].view(torch.int32), want[~nan].view(torch.int32))
+
+
+@pytest.mark.parametrize("kind", ["normal", "grid", "bf16", "specials"])
+@pytest.mark.parametrize("density,scaling", [(0.2, 1.0), (0.37, 0.3), (0.01, 1.7), (1.0, 1.0)])
+def test_fused_apply_equals_the_eager_rule_bit_for_bit(kind, density, scaling):
+    rows = 3 * TILE_ROWS + 57  # four tiles, the last one ragged
+    base, tuned = _trio(kind, rows, seed=len(kind))
+    options = ties.TiesOptions(density=density, scaling=scaling)  # 1.0: nothing trimmed
+    want = ties.merge(base, tuned, options)
+    got = _fused_merge(base, tuned, options.density, scaling)
+    _same_bits(got, want)
+    if kind in ("normal", "bf16") and density == 0.2:  # and the definition, in float64
+        torch.testing.assert_close(
+            got, ref_ties(base, tuned, 0.2, scaling).float(), rtol=0, atol=1e-7
+        )
+
+
+def test_tied_thresholds_split_among_tiles_in_flat_order():
+    """The grid trio's thresholds are tied so often that some tiles take only part of the tied
+    values: the kernel's second loop (the tile's share, in flat order) decides them."""
+    base, tuned = _trio("grid", 3 * TILE_ROWS + 57, seed=4)
+    firsts = _selects(base, tuned, 0.2)
+    assert all(0 < f.need < f.equal for f in firsts)  # neither none nor all of them kept
+    _same_bits(_fused_merge(base, tuned, 0.2, 1.0), ties.merge(base, tuned, ties.TiesOptions()))
+
+
+@pytest.mark.parametrize("kind", ["normal", "grid", "specials"])
+def test_fused_counts_equal_the_eager_partial(kind):
+    """One first-pass tile: the histograms and the values inside the windows (in flat order)
+    are those of :meth:`ExactSelect.partial`; without windows, the histograms alone."""
+    base, tuned = _trio(kind, TILE_ROWS, seed=7)
+    n = base.numel()
+    bits = magnitude_bits(tuned[0] - base).sort().values
+    at = [int(bits[int(q * n)]) for q in (0.45, 0.5, 0.55, 0.8)]
+    guesses = [(at[0] >> 16 << 16, at[2] + 1), (at[1] >> 16 << 16, at[3] + 1)]  # around k
+    for windows in ([guesses[0]], [guesses[1]], [None], None):
+        selects = [ExactSelect([n // 2], n, base.device) for _ in tuned]
+        if windows is not None:
+            for s in selects:
+                s.window(windows)
+        kept = [torch.empty(n, dtype=torch.int32) for _ in tuned]
+        got = fused.counts(base, tuned, selects, kept)
+        for t, s, g in zip(tuned, selects, got, strict=True):
+            want = s.partial(magnitude_bits(t - base))
+            assert len(g) == len(want)
+            for x, y in zip(g, want, strict=True):
+                assert x.dtype == y.dtype and torch.equal(x, y)
+        assert windows in (None, [None]) or got[0][1].numel() > n // 20
+
+
+def test_a_ties_merge_runs_the_kernels_and_writes_the_eager_bytes(
+    tiny_llava_trio, tmp_path, monkeypatch
+):
+    """Through the engine, on the grid trio of test_slicing (thresholds tied across tiles): the
+    folder written with the kernels holds the bytes of the one written without them."""
+    from tests.test_slicing import on_a_grid
+
+    monkeypatch.setattr(engine, "TILE_BYTES", 512)
+    trio = on_a_grid(tiny_llava_trio, tmp_path / "grid")
+    recipe = recipe_of(trio, method="ties")
+    calls = {"apply": 0, "counts": 0}
+    for name in calls:
+        real = getattr(fused, name)
+
+        def counted(*a, _real=real, _name=name, **k):
+            calls[_name] += 1
+            return _real(*a, **k)
+
+        monkeypatch.setattr(fused, name, counted)
+    with_kernels = engine.merge_to_folder(recipe, tmp_path / "fused").out_dir
+    assert calls["apply"] > 10 and calls["counts"] > 10
+    monkeypatch.setenv("DIM3_FUSED", "0")
+    calls.update(apply=0, counts=0)
+    eager = engine.merge_to_folder(recipe, tmp_path / "eager").out_dir
+    assert calls == {"apply": 0, "counts": 0}
+    files = sorted(p.name for p in with_kernels.glob("*.safetensors"))
+    assert files == sorted(p.name for p in eager.glob("*.safetensors"))
+    for name in files:
+        assert (with_kernels / name).read_bytes() == (eager / name).read_bytes(), name
