@@ -111,3 +111,60 @@ def apply(
         _flat(base), *map(_flat, tuned), k0, k1, e0, e1, l0, l1, np.float32(scaling), _flat(out)
     )
     return out
+
+
+class DareDraws:
+    """The numbers of ``torch.Generator().manual_seed(seed)`` (MT19937 on the CPU) as DARE's
+    keep words, drawn by :func:`dim3.kernels.dare_words` where ``torch.rand`` and two integer
+    passes took three times as long; the stream goes on from one call to the next."""
+
+    def __init__(self, seed: int):
+        self.state = np.empty(624, dtype=np.uint32)
+        _kernels().mt_seed(seed, self.state)
+        self.pos = 624  # no word left: the first call twists
+
+    def words(self, drop_rate: float, out: Tensor) -> Tensor:
+        """``out`` (contiguous int32, CPU): -1 where the next number, as ``torch.rand``'s
+        float32, is at least ``drop_rate`` (kept), 0 where it is below (dropped)."""
+        self.pos = _kernels().dare_words(self.state, self.pos, np.float32(drop_rate), _flat(out))
+        return out
+
+
+def fits_dare(base: Tensor, tuned: list[Tensor], drop_rate: float) -> bool:
+    """Whether :func:`dare_ties` merges these: two updates, contiguous float32 CPU tensors of
+    one shape (at least one dimension), some entries dropped."""
+    return (
+        len(tuned) == 2
+        and drop_rate > 0.0
+        and base.dim() > 0
+        and all(
+            t.device.type == "cpu"
+            and t.dtype == torch.float32
+            and t.is_contiguous()
+            and t.shape == base.shape
+            for t in (base, *tuned)
+        )
+        and available()
+    )
+
+
+def dare_ties(
+    base: Tensor,
+    tuned: list[Tensor],
+    words: list[Tensor],
+    drop_rate: float,
+    scaling: float,
+    out: Tensor,
+) -> Tensor:
+    """DARE-TIES in one pass: ``base + λ · disjoint_mean((tuned_t − base) ⊙ keep_t / (1 − p))``
+    with each update's keep ``words`` (int32, -1 kept, 0 dropped, shaped like base), into
+    float32 ``out`` (returned)."""
+    _kernels().dare_ties2(
+        _flat(base),
+        *map(_flat, tuned),
+        *(_flat(w.contiguous()) for w in words),
+        np.float32(1.0 - drop_rate),
+        np.float32(scaling),
+        _flat(out),
+    )
+    return out

@@ -98,3 +98,69 @@ def counts2(b, v0, v1, h0, h1, lo0, w0, lo1, w1, in0, in1):  # noqa: ANN001, ANN
             in1[n1] = a1
             n1 += 1
     return n0, n1
+
+
+# -- DARE's random keep masks: torch's CPU generator (MT19937), number for number
+_U = np.uint32
+_N, _M = 624, 397  # MT19937's state words and shift
+
+
+@_jit()
+def mt_seed(seed, state):  # noqa: ANN001, ANN201
+    """``state`` (624 uint32) as ``torch.Generator().manual_seed(seed)`` sets it (MT19937's
+    init_genrand of the seed's low 32 bits)."""
+    state[0] = _U(seed & 0xFFFFFFFF)
+    for j in range(1, _N):
+        prev = state[j - 1]
+        state[j] = _U(1812433253) * (prev ^ (prev >> _U(30))) + _U(j)
+
+
+@_jit(inline="always")
+def _mix(a, b, c):  # noqa: ANN001, ANN202
+    y = (a & _U(0x80000000)) | (b & _U(0x7FFFFFFF))
+    return c ^ (y >> _U(1)) ^ ((_U(0) - (y & _U(1))) & _U(0x9908B0DF))
+
+
+@_jit()
+def _twist(s):  # noqa: ANN001, ANN202
+    for i in range(_N - _M):
+        s[i] = _mix(s[i], s[i + 1], s[i + _M])
+    for i in range(_N - _M, _N - 1):
+        s[i] = _mix(s[i], s[i + 1], s[i + _M - _N])
+    s[_N - 1] = _mix(s[_N - 1], s[0], s[_M - 1])
+
+
+@_jit()
+def dare_words(state, pos, p, out):  # noqa: ANN001, ANN201
+    """DARE's keep words from the generator ``state`` at word ``pos`` (624: none left): per
+    entry of int32 ``out``, -1 where torch.rand's float32 (the number's low 24 bits · 2**-24)
+    is at least ``p`` (float32), else 0. Returns the new ``pos``."""
+    i, n = 0, out.size
+    while i < n:
+        if pos >= _N:
+            _twist(state)
+            pos = 0
+        m = min(_N - pos, n - i)
+        for j in range(m):
+            y = state[pos + j]  # MT19937's tempering
+            y ^= y >> _U(11)
+            y ^= (y << _U(7)) & _U(0x9D2C5680)
+            y ^= (y << _U(15)) & _U(0xEFC60000)
+            y ^= y >> _U(18)
+            r = np.float32(np.float64(y & _U(0xFFFFFF)) * 5.9604644775390625e-08)  # 2**-24
+            out[i + j] = np.int32(-1) if r >= p else np.int32(0)
+        pos += m
+        i += m
+    return pos
+
+
+@_jit()
+def dare_ties2(b, v0, v1, w0, w1, kept, lam, out):  # noqa: ANN001, ANN201
+    """DARE-TIES over a tile of two updates: ``out = base + λ · disjoint_mean`` of the updates
+    ``v_t − b`` ANDed with their keep words ``w_t`` (-1 kept, 0 dropped: +0.0) and divided by
+    ``kept`` = 1 − p (float32), as :func:`dim3.methods.dare.merge_ties` computes them."""
+    for i in range(b.size):
+        bi = b[i]
+        x0 = np.int32(np.float32(v0[i] - bi).view(np.int32) & w0[i]).view(np.float32) / kept
+        x1 = np.int32(np.float32(v1[i] - bi).view(np.int32) & w1[i]).view(np.float32) / kept
+        out[i] = _merged(bi, x0, x1, np.int32(0), np.int32(0), lam)

@@ -170,3 +170,57 @@ def test_a_ties_merge_runs_the_kernels_and_writes_the_eager_bytes(
     assert files == sorted(p.name for p in eager.glob("*.safetensors"))
     for name in files:
         assert (with_kernels / name).read_bytes() == (eager / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("seed", [0, 9, 2**32 + 5, 2**63 - 25])
+@pytest.mark.parametrize("drop_rate", [0.0, 0.1, 0.9, 0.99])
+def test_dare_draws_are_torch_rand_number_for_number(seed, drop_rate):
+    """DARE's compiled keep words come from the very numbers of torch's CPU generator: drawn
+    in pieces of every size around the generator's 624-word state (the stream goes on from
+    one call to the next), compared with torch.rand's float32 against p."""
+    sizes = [1, 623, 624, 625, 5000, 1, 1248, 100_003]
+    gen = torch.Generator().manual_seed(seed)
+    draws = fused.DareDraws(seed)
+    p = torch.tensor(drop_rate, dtype=torch.float32)
+    for size in sizes:
+        want = torch.rand(size, generator=gen) >= p
+        got = draws.words(drop_rate, torch.empty(size, dtype=torch.int32))
+        assert torch.equal(got, -want.to(torch.int32)), size
+
+
+def test_a_number_equal_to_the_drop_rate_is_kept():
+    """torch.rand's number equal to p (as float32) is kept (r ≥ p), as the eager words say."""
+    seed = 11
+    numbers = torch.rand(1000, generator=torch.Generator().manual_seed(seed))
+    p = float(numbers[500])  # a float32 value: p is exactly the 501st number
+    got = fused.DareDraws(seed).words(p, torch.empty(1000, dtype=torch.int32))
+    assert got[500] == -1 and torch.equal(got, -(numbers >= numbers[500]).to(torch.int32))
+
+
+@pytest.mark.parametrize("kind", ["normal", "bf16", "specials"])
+@pytest.mark.parametrize("drop_rate,scaling", [(0.9, 1.0), (0.37, 0.3), (0.99, 2.5)])
+def test_fused_dare_ties_equals_the_eager_rule_bit_for_bit(kind, drop_rate, scaling, monkeypatch):
+    """DARE-TIES over tiles of a real shape inside the engine's reused buffers, some tiles
+    straddling two random blocks of 682 rows (each update's keep words then joined in its own
+    buffer, both alive at once): the bits of the eager rule (``DIM3_FUSED=0``)."""
+    from dim3.methods import dare
+    from dim3.methods._utils import reuse_buffers
+    from dim3.slices import Buffers
+
+    rows = 1400  # blocks of 682 rows: [0, 682), [682, 1364), [1364, 1400)
+    base, tuned = _trio(kind, rows, seed=len(kind) + 1)
+    options = dare.DareOptions(drop_rate=drop_rate, scaling=scaling, seed=3)
+    cuts = [(0, 170), (170, 600), (600, 800), (800, 1390), (1390, 1400)]
+
+    def merged() -> torch.Tensor:
+        with reuse_buffers(Buffers()):
+            return torch.cat(
+                [
+                    dare.merge_ties(base[a:b], [t[a:b] for t in tuned], options, name="w", offset=a)
+                    for a, b in cuts
+                ]
+            )
+
+    got = merged()
+    monkeypatch.setenv("DIM3_FUSED", "0")
+    _same_bits(got, merged())

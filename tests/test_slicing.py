@@ -762,24 +762,32 @@ def test_dare_masks_of_interleaved_tiles_in_reused_buffers_equal_the_whole_masks
                     assert torch.equal(got, want), (name, i, seed, start)
 
 
-def test_dare_blocks_are_drawn_once_and_only_as_far_as_the_tiles_reach(monkeypatch):
+@pytest.mark.parametrize("compiled", ["1", "0"])
+def test_dare_blocks_are_drawn_once_and_only_as_far_as_the_tiles_reach(compiled, monkeypatch):
     """Tiles of 2 rows over blocks of 3 (some straddle two blocks; the last block is short) in
     one set of reused buffers: each random number the masks use is drawn once, none beyond the
     tensor's last row (whole blocks would draw 7 x 96 = 672), and the masks are the whole
-    tensor's."""
+    tensor's; with the compiled generator (dim3/fused.py) and with torch.rand."""
+    from dim3 import fused
     from dim3.methods import _utils as U
 
+    monkeypatch.setenv("DIM3_FUSED", compiled)
     monkeypatch.setattr(U, "DARE_BLOCK", 96)  # blocks of 3 rows of 32 entries
     whole = U.dare_keep_mask((20, 32), 0.6, 9, "w", 1)
     drawn = []
-    rand = torch.rand
+    rand, words = torch.rand, fused.DareDraws.words
 
     def counted(*args, **kwargs):
         got = rand(*args, **kwargs)
         drawn.append(got.numel())
         return got
 
+    def counted_words(self, p, out):
+        drawn.append(out.numel())
+        return words(self, p, out)
+
     monkeypatch.setattr(torch, "rand", counted)
+    monkeypatch.setattr(fused.DareDraws, "words", counted_words)
     with U.reuse_buffers(Buffers()):
         for start in range(0, 20, 2):
             got = U.dare_keep_mask((2, 32), 0.6, 9, "w", 1, offset=start)

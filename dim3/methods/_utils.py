@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from dim3 import fused
 from dim3.slices import ExactSelect, FirstMask, magnitude_bits
 
 
@@ -453,7 +454,7 @@ def _dare_keep_bits(
     bit set) where kept, 0 where dropped, to AND with float32 bit patterns: one integer pass
     over the entries, several times faster on a CPU than bool masks (``masked_fill_``,
     comparisons).
-    May be a view of a kept buffer: use it before the next call."""
+    May be a view of a kept buffer: use it before the next call for the same ``index``."""
     rows, row_shape = shape[0], tuple(shape[1:])
     per_row = max(1, math.prod(row_shape))
     block = max(1, DARE_BLOCK // per_row)  # rows per block
@@ -466,7 +467,7 @@ def _dare_keep_bits(
         return torch.full(tuple(shape), -1, dtype=torch.int32)
     mask = None
     if len(blocks) > 1:
-        mask = scratch("dare.keep", tuple(shape), cpu)
+        mask = scratch(f"dare.keep{index}.rows", tuple(shape), cpu)  # apart from the others
     done = 0
     for b in blocks:
         lo, hi = max(offset, b * block) - b * block, min(offset + rows, (b + 1) * block) - b * block
@@ -476,14 +477,23 @@ def _dare_keep_bits(
             # tile left it (torch.rand takes one 32-bit number per float32, in order), so a
             # block is drawn once, up to the rows asked for, not whole (a tensor's last block
             # is often short) nor again for each tile of rows inside it
+            # (dim3.fused.DareDraws: the same numbers, compiled, where numba runs)
             if held is None:
                 seed_b = dare_seed(seed, f"{name}\0b{b}", index)
-                held = (torch.Generator(device="cpu").manual_seed(seed_b), [0])
+                gen = (
+                    fused.DareDraws(seed_b)
+                    if fused.available()
+                    else torch.Generator(device="cpu").manual_seed(seed_b)
+                )
+                held = (gen, [0])
             gen, drawn = held
             if drawn[0] < upto:
                 new = part[drawn[0] : upto]
-                torch.rand(new.shape, generator=gen, out=new.view(torch.float32))
-                torch.sub(p_bits - 1, new, out=new).bitwise_right_shift_(31)
+                if isinstance(gen, fused.DareDraws):
+                    gen.words(drop_rate, new)
+                else:
+                    torch.rand(new.shape, generator=gen, out=new.view(torch.float32))
+                    torch.sub(p_bits - 1, new, out=new).bitwise_right_shift_(31)
                 drawn[0] = upto
             return held
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from dim3 import fused
 from dim3.methods import _utils
 from dim3.methods._utils import check_options, deltas, disjoint_mean_, number, scratch
 
@@ -67,6 +68,16 @@ def merge_task_arithmetic(
 def merge_ties(
     base: Tensor, tuned: list[Tensor], options: DareOptions, *, name: str = "", offset: int = 0
 ) -> Tensor:
-    """``base + λ · disjoint_mean(DARE(Δ_t))``. base (out, in) or (n,) -> like base."""
+    """``base + λ · disjoint_mean(DARE(Δ_t))``. base (out, in) or (n,) -> like base.
+
+    Two updates on the CPU: one compiled pass over the keep masks (:func:`dim3.fused.dare_ties`,
+    the same bits)."""
+    if fused.fits_dare(base, tuned, options.drop_rate):
+        words = [
+            _utils._dare_keep_bits(base.shape, options.drop_rate, options.seed, name, i, offset)
+            for i in range(len(tuned))
+        ]  # each update's own buffers: both alive at once
+        out = scratch("dare.merged", base.shape, base)
+        return fused.dare_ties(base, tuned, words, options.drop_rate, options.scaling, out)
     d = dropped(base, tuned, options, name, offset)
     return disjoint_mean_(d).mul_(options.scaling).add_(base)
