@@ -460,8 +460,10 @@ class _Merger:
         # pass found the thresholds: per update, per rank, (tile first rows, counts before each)
         self._ties: list[list[tuple[list[int], list[int]]]] | None = None
         # TIES' tiles of two updates on the CPU: compiled, one loop per pass (dim3/fused.py)
-        self._fused = (
-            method.name == "ties" and tuned == 2 and device.type == "cpu" and fused.available()
+        cpu2 = tuned == 2 and device.type == "cpu" and extras == 0 and fused.available()
+        self._fused = method.name == "ties" and cpu2
+        self._fused_dare = (  # DARE-TIES: dim3.methods.dare.merge_ties takes the kernel
+            method.name == "dare_ties" and cpu2 and options.drop_rate > 0
         )
 
     def __call__(self, step: _Step, work: list[torch.Tensor]) -> torch.Tensor | None:
@@ -564,6 +566,10 @@ class _Merger:
         def selection(work: list[torch.Tensor], first: int) -> torch.Tensor:
             lefts = lefts_at[first] if lefts_at is not None else None
             return self._selection_tile(work, lefts, state)
+
+        # the compiled kernels read bfloat16 rows as stored (:meth:`_Tiles._work`)
+        selection.reads_stored = self._fused  # type: ignore[attr-defined]
+        elementwise.reads_stored = self._fused_dare  # type: ignore[attr-defined]
 
         return {"columns": columns, "selection": selection}.get(kind, elementwise)
 
@@ -680,7 +686,7 @@ class _Merger:
         def counts(work: list[torch.Tensor], first: int) -> Any:
             # (per update: the counts to add up; per tile: its first row and per update the
             # values in the guessed windows, kept apart to count each tile's tied values)
-            if self._fused and fused.fits_counts(selects):
+            if reads_stored:
                 (vlm, base, ml), _ = self._split(work)
                 kept = [scratch(f"fused.in{t}", (base.numel(),), base, torch.int32) for t in (0, 1)]
                 got = fused.counts(base, [vlm, ml], selects, kept)
@@ -694,6 +700,9 @@ class _Merger:
             sums = [g[: s.summed] for g, s in zip(got, selects, strict=True)]
             kept = [g[s.summed :] for g, s in zip(got, selects, strict=True)]
             return sums, ([(step.start + first, kept)] if any(kept) else [])
+
+        reads_stored = self._fused and fused.fits_counts(selects)  # fixed for the pass
+        counts.reads_stored = reads_stored  # type: ignore[attr-defined]
 
         def fold(a: Any, b: Any) -> Any:
             for xs, ys in zip(a[0], b[0], strict=True):
@@ -874,7 +883,7 @@ class _Merger:
             (vlm, base, ml), _ = self._split(work)
             firsts = [f for (f,) in state]  # TIES: one rank per update
             shares = [0, 0] if lefts is None else [left for (left,) in lefts]
-            out = scratch("fused.out", base.shape, base)
+            out = scratch("fused.out", base.shape, base, torch.float32)
             return fused.apply(base, [vlm, ml], firsts, shares, self.options.scaling, out)
         parts = self.method.parts
         base, d, mag = self._tile_updates(work)
@@ -1079,13 +1088,22 @@ class _Tiles:
         buffers = self._mine()
         got: list = []
         inputs = [(f"tile.in{j}", tuple(v.shape[1:]), v) for j, v in enumerate(views)]
+        # a rule that reads its inputs as stored (dim3/fused.py's kernels) gets the rows as
+        # they are, unconverted, when each is float32 or bfloat16
+        raw = getattr(fn, "reads_stored", False) and all(
+            fused.widens(v) and v.is_contiguous() for v in views
+        )
         with torch.no_grad(), reuse_buffers(buffers):
             while (tile := share.next(w)) is not None:
                 a, b = tile
-                work = [
-                    buffers.take(name, (b - a, *rest), torch.float32, cpu).copy_(v[a:b])
-                    for name, rest, v in inputs
-                ]
+                work = (
+                    [v[a:b] for v in views]
+                    if raw
+                    else [
+                        buffers.take(name, (b - a, *rest), torch.float32, cpu).copy_(v[a:b])
+                        for name, rest, v in inputs
+                    ]
+                )
                 if out is not None:
                     out[a:b].copy_(fn(work, a))
                 elif fold is not None:

@@ -1,23 +1,25 @@
-"""Compiled kernels for TIES' hot tiles on the CPU: one pass over a tile instead of a dozen.
+"""Compiled kernels for the CPU's hot loops of TIES and DARE: one pass over a tile where eager
+torch makes a dozen or more, each a Python call under the global lock.
 
-In eager torch, a TIES tile is some twenty passes over memory (updates, magnitudes, a histogram,
-the values inside the guessed windows; then masks, the elected sign, the agreeing updates and
-their mean), each a Python call under the global lock. These kernels, compiled by numba (LLVM,
-no C compiler needed), do each of the two passes in one loop that releases the lock, for the
-usual case of two updates (the VLM's and one multilingual model's):
+The kernels (:mod:`dim3.kernels`, compiled by numba with LLVM: no C compiler needed) release
+the lock, and here get torch tensors:
 
-- :func:`counts`: the first statistics pass of :class:`dim3.slices.ExactSelect` (the histogram
-  of the magnitudes' high 16 bits and the values inside each guessed window);
-- :func:`apply`: the apply pass (trim by each update's :class:`dim3.slices.FirstMask`, elect the
-  sign, disjoint mean, ``· λ + base``).
+- :func:`counts`: the first statistics pass of TIES' :class:`dim3.slices.ExactSelect` over a
+  tile of two updates (the histogram of the magnitudes' high 16 bits and the values inside
+  each guessed window);
+- :func:`apply`: TIES' apply pass over a tile (trim by each update's
+  :class:`dim3.slices.FirstMask`, elect the sign, disjoint mean, ``· λ + base``);
+- :class:`DareDraws`: DARE's keep masks from torch's own CPU generator's numbers (MT19937),
+  number for number;
+- :func:`dare_ties`: DARE-TIES over a tile of two updates, from their keep masks.
 
-Both give the very bits of the eager code (``dim3.methods._utils.disjoint_mean_`` and
-``FirstMask.words``; tests/test_fused.py compares them on adversarial values): the same float32
-operations in the same order, no fast-math, no contraction into fused multiply-adds.
-
-:func:`available` says whether numba imports here (a platform without its wheels keeps the eager
-code); ``DIM3_FUSED=0`` turns the kernels off (to measure against them). This module knows
-float32 tiles and selections only.
+Each gives the very bits of the eager code (``dim3.methods._utils.disjoint_mean_``,
+``FirstMask.words``, ``torch.rand``; tests/test_fused.py compares them on adversarial values):
+the same float32 operations in the same order, no fast-math, no contraction into fused
+multiply-adds. The engine and the rules take them for two updates (the VLM's and one
+multilingual model's) on the CPU; more updates, other devices, and a machine where numba does
+not import keep the eager code. ``DIM3_FUSED=0`` turns them off (to measure against them).
+This module knows tensors, selections and generators only.
 """
 
 from __future__ import annotations
@@ -51,7 +53,14 @@ def available() -> bool:
 
 
 def _flat(t: Tensor) -> Any:
-    return t.reshape(-1).numpy()
+    """A contiguous CPU tensor as a flat numpy array (a bfloat16 one as its int16 bits)."""
+    flat = t.reshape(-1)
+    return (flat.view(torch.int16) if flat.dtype == torch.bfloat16 else flat).numpy()
+
+
+def widens(t: Tensor) -> bool:
+    """Whether the kernels read ``t`` as it is: float32, or bfloat16 (widened as they read)."""
+    return t.dtype in (torch.float32, torch.bfloat16)
 
 
 def counts(
@@ -61,7 +70,8 @@ def counts(
     (each select in its first pass, one rank each). ``kept``: two int32 buffers of the tile's
     size for the values inside the windows (copied out).
 
-    base, tuned: contiguous float32 CPU tensors of one shape. Returns per update
+    base, tuned: contiguous float32 or bfloat16 (:func:`widens`) CPU tensors of one shape.
+    Returns per update
     ``[histogram (int64, BINS)]`` plus, with windows, ``[values inside (int32)]``."""
     hists = [torch.zeros(BINS, dtype=torch.int64) for _ in tuned]
     windows = [s.windows[0] if s.windows is not None and s.windows[0] else (0, 0) for s in selects]
@@ -103,7 +113,9 @@ def apply(
 ) -> Tensor:
     """TIES' apply pass over one tile: ``base + λ · disjoint_mean(trim(tuned_t − base))``, each
     update trimmed by its :class:`FirstMask` (``lefts``: the tile's share of the tied values,
-    as for :meth:`FirstMask.words`), into float32 ``out`` (shaped like base; returned)."""
+    as for :meth:`FirstMask.words`), into float32 ``out`` (shaped like base; returned). base,
+    tuned: contiguous float32 or bfloat16 (:func:`widens`) CPU tensors of one shape."""
+    assert out.dtype == torch.float32
     (k0, e0, l0), (k1, e1, l1) = (
         _threshold(f, left) for f, left in zip(firsts, lefts, strict=True)
     )
@@ -131,17 +143,14 @@ class DareDraws:
 
 
 def fits_dare(base: Tensor, tuned: list[Tensor], drop_rate: float) -> bool:
-    """Whether :func:`dare_ties` merges these: two updates, contiguous float32 CPU tensors of
-    one shape (at least one dimension), some entries dropped."""
+    """Whether :func:`dare_ties` merges these: two updates, contiguous float32 or bfloat16
+    (:func:`widens`) CPU tensors of one shape (at least one dimension), some entries dropped."""
     return (
         len(tuned) == 2
         and drop_rate > 0.0
         and base.dim() > 0
         and all(
-            t.device.type == "cpu"
-            and t.dtype == torch.float32
-            and t.is_contiguous()
-            and t.shape == base.shape
+            t.device.type == "cpu" and widens(t) and t.is_contiguous() and t.shape == base.shape
             for t in (base, *tuned)
         )
         and available()
@@ -158,7 +167,8 @@ def dare_ties(
 ) -> Tensor:
     """DARE-TIES in one pass: ``base + λ · disjoint_mean((tuned_t − base) ⊙ keep_t / (1 − p))``
     with each update's keep ``words`` (int32, -1 kept, 0 dropped, shaped like base), into
-    float32 ``out`` (returned)."""
+    float32 ``out`` (returned). base, tuned: as for :func:`fits_dare`."""
+    assert out.dtype == torch.float32
     _kernels().dare_ties2(
         _flat(base),
         *map(_flat, tuned),

@@ -1,5 +1,6 @@
-"""numba kernels of TIES' two passes over a tile of two updates (see :mod:`dim3.fused`, which
-calls them on torch tensors; this module imports numba and knows numpy arrays only).
+"""numba kernels: TIES' two passes and DARE-TIES over a tile of two updates, and DARE's draws
+from torch's CPU generator (see :mod:`dim3.fused`, which calls them on torch tensors; this
+module imports numba and knows numpy arrays only).
 
 The same float32 operations, in the same order, as the eager code: no fast-math, no
 contraction into fused multiply-adds (numba's defaults). Compiled on first use and kept in
@@ -13,6 +14,7 @@ from typing import Any
 
 import numba
 import numpy as np
+from numba.extending import overload
 
 _ABS = 0x7FFFFFFF  # all bits but the sign
 _ONE, _ZERO = np.float32(1.0), np.float32(0.0)
@@ -26,6 +28,21 @@ def _jit(**kw: Any) -> Any:
             return numba.njit(nogil=True, **kw)(fn)
 
     return wrap
+
+
+def _load(a, i):  # noqa: ANN001, ANN202
+    """Entry ``i`` of ``a`` as a float32: a float32 array's own, or a bfloat16 one's (its bits
+    as int16, numpy having no bfloat16) widened exactly, as torch converts it."""
+    raise NotImplementedError  # compiled only (the overload below)
+
+
+@overload(_load, inline="always")
+def _load_overload(a, i):  # noqa: ANN001, ANN202
+    if a.dtype == numba.types.int16:
+        return lambda a, i: np.uint32((np.uint32(a[i]) & np.uint32(0xFFFF)) << np.uint32(16)).view(
+            np.float32
+        )
+    return lambda a, i: a[i]
 
 
 @_jit(inline="always")
@@ -56,8 +73,8 @@ def apply2(b, v0, v1, k0, k1, e0, e1, l0, l1, lam, out):  # noqa: ANN001, ANN201
     (in [0, 2**31]), then the first ``l_t`` of those whose bits are ``e_t`` (tied with the
     k-th value), in flat order. ``lam``: float32."""
     for i in range(b.size):
-        bi = b[i]
-        x0, x1 = v0[i] - bi, v1[i] - bi
+        bi = _load(b, i)
+        x0, x1 = _load(v0, i) - bi, _load(v1, i) - bi
         f0 = np.int32((_magnitude(x0) - k0) >> 63)  # -1 below k
         f1 = np.int32((_magnitude(x1) - k1) >> 63)
         out[i] = _merged(bi, x0, x1, f0, f1, lam)
@@ -65,8 +82,8 @@ def apply2(b, v0, v1, k0, k1, e0, e1, l0, l1, lam, out):  # noqa: ANN001, ANN201
         return
     s0 = s1 = 0  # tied values met so far
     for i in range(b.size):
-        bi = b[i]
-        x0, x1 = v0[i] - bi, v1[i] - bi
+        bi = _load(b, i)
+        x0, x1 = _load(v0, i) - bi, _load(v1, i) - bi
         a0, a1 = _magnitude(x0), _magnitude(x1)
         t0 = a0 == e0 and s0 < l0
         t1 = a1 == e1 and s1 < l1
@@ -87,8 +104,8 @@ def counts2(b, v0, v1, h0, h1, lo0, w0, lo1, w1, in0, in1):  # noqa: ANN001, ANN
     order. Returns how many each got."""
     n0 = n1 = 0
     for i in range(b.size):
-        bi = b[i]
-        a0, a1 = _magnitude(v0[i] - bi), _magnitude(v1[i] - bi)
+        bi = _load(b, i)
+        a0, a1 = _magnitude(_load(v0, i) - bi), _magnitude(_load(v1, i) - bi)
         h0[a0 >> 16] += 1
         h1[a1 >> 16] += 1
         if ((a0 - lo0) & _ABS) < w0:  # bits − lo wraps above w below the window
@@ -160,7 +177,8 @@ def dare_ties2(b, v0, v1, w0, w1, kept, lam, out):  # noqa: ANN001, ANN201
     ``v_t − b`` ANDed with their keep words ``w_t`` (-1 kept, 0 dropped: +0.0) and divided by
     ``kept`` = 1 − p (float32), as :func:`dim3.methods.dare.merge_ties` computes them."""
     for i in range(b.size):
-        bi = b[i]
-        x0 = np.int32(np.float32(v0[i] - bi).view(np.int32) & w0[i]).view(np.float32) / kept
-        x1 = np.int32(np.float32(v1[i] - bi).view(np.int32) & w1[i]).view(np.float32) / kept
+        bi = _load(b, i)
+        x0 = np.int32(np.float32(_load(v0, i) - bi).view(np.int32) & w0[i]).view(np.float32)
+        x1 = np.int32(np.float32(_load(v1, i) - bi).view(np.int32) & w1[i]).view(np.float32)
+        x0, x1 = x0 / kept, x1 / kept
         out[i] = _merged(bi, x0, x1, np.int32(0), np.int32(0), lam)

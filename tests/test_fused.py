@@ -9,6 +9,8 @@ few values or all of them."""
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -49,14 +51,19 @@ def _selects(base, tuned, density, windows=None):
     return firsts
 
 
-def _fused_merge(base, tuned, density, scaling):
+def _fused_merge(base, tuned, density, scaling, dtype=torch.float32):
     """The kernel over the tensor's tiles in row order, each told how many of the values tied
-    with each threshold it takes (as the engine's :meth:`before_tiles` tells it)."""
+    with each threshold it takes (as the engine's :meth:`before_tiles` tells it); the kernel
+    reads the tensors in ``dtype`` (bfloat16: as the engine hands it bfloat16 checkpoints)."""
     firsts = _selects(base, tuned, density)
     out = torch.empty_like(base)
+    stored = [x.to(dtype) for x in (base, *tuned)]
+    for s, x in zip(stored, (base, *tuned), strict=True):  # the same values, NaNs too
+        assert torch.equal(s.float().view(torch.int32), x.view(torch.int32))
     for a, b in _tiles(base.shape[0]):
         lefts = [f.left for f in firsts]
-        fused.apply(base[a:b], [t[a:b] for t in tuned], firsts, lefts, scaling, out[a:b])
+        rows = [x[a:b] for x in stored]
+        fused.apply(rows[0], rows[1:], firsts, lefts, scaling, out[a:b])
         for f, t in zip(firsts, tuned, strict=True):
             bits = magnitude_bits(t[a:b] - base[a:b])
             f.took(int((bits == f.bits).sum()))
@@ -102,6 +109,8 @@ def test_fused_apply_equals_the_eager_rule_bit_for_bit(kind, density, scaling):
     want = ties.merge(base, tuned, options)
     got = _fused_merge(base, tuned, options.density, scaling)
     _same_bits(got, want)
+    if kind == "bf16":  # the same values stored in bfloat16, read as stored
+        _same_bits(_fused_merge(base, tuned, density, scaling, torch.bfloat16), want)
     if kind in ("normal", "bf16") and density == 0.2:  # and the definition, in float64
         torch.testing.assert_close(
             got, ref_ties(base, tuned, 0.2, scaling).float(), rtol=0, atol=1e-7
@@ -117,7 +126,7 @@ def test_tied_thresholds_split_among_tiles_in_flat_order():
     _same_bits(_fused_merge(base, tuned, 0.2, 1.0), ties.merge(base, tuned, ties.TiesOptions()))
 
 
-@pytest.mark.parametrize("kind", ["normal", "grid", "specials"])
+@pytest.mark.parametrize("kind", ["normal", "grid", "specials", "bf16"])
 def test_fused_counts_equal_the_eager_partial(kind):
     """One first-pass tile: the histograms and the values inside the windows (in flat order)
     are those of :meth:`ExactSelect.partial`; without windows, the histograms alone."""
@@ -132,7 +141,8 @@ def test_fused_counts_equal_the_eager_partial(kind):
             for s in selects:
                 s.window(windows)
         kept = [torch.empty(n, dtype=torch.int32) for _ in tuned]
-        got = fused.counts(base, tuned, selects, kept)
+        dtype = torch.bfloat16 if kind == "bf16" else torch.float32  # read as stored
+        got = fused.counts(base.to(dtype), [t.to(dtype) for t in tuned], selects, kept)
         for t, s, g in zip(tuned, selects, got, strict=True):
             want = s.partial(magnitude_bits(t - base))
             assert len(g) == len(want)
@@ -141,31 +151,56 @@ def test_fused_counts_equal_the_eager_partial(kind):
         assert windows in (None, [None]) or got[0][1].numel() > n // 20
 
 
-def test_a_ties_merge_runs_the_kernels_and_writes_the_eager_bytes(
-    tiny_llava_trio, tmp_path, monkeypatch
+def _in_bfloat16(trio, folder):
+    """A copy of ``trio`` stored in bfloat16, as real checkpoints are."""
+    from safetensors.torch import load_file, save_file
+
+    roles = {}
+    for role in ("base", "multilingual", "multimodal"):
+        dst = folder / role
+        shutil.copytree(getattr(trio, role), dst)
+        for f in dst.glob("*.safetensors"):
+            tensors = {k: t.to(torch.bfloat16) for k, t in load_file(f).items()}
+            save_file(tensors, f, metadata={"format": "pt"})
+        roles[role] = dst
+    return type(trio)(**roles)
+
+
+@pytest.mark.parametrize(
+    "method,kernels", [("ties", ("apply", "counts")), ("dare_ties", ("dare_ties",))]
+)
+@pytest.mark.parametrize("stored", ["float32", "bfloat16"])
+def test_a_merge_runs_the_kernels_and_writes_the_eager_bytes(
+    method, kernels, stored, tiny_llava_trio, tmp_path, monkeypatch
 ):
-    """Through the engine, on the grid trio of test_slicing (thresholds tied across tiles): the
+    """Through the engine, on the grid trio of test_slicing (thresholds tied across tiles),
+    stored in float32 or in bfloat16 (the tiles then hand the kernels the rows as stored): the
     folder written with the kernels holds the bytes of the one written without them."""
     from tests.test_slicing import on_a_grid
 
     monkeypatch.setattr(engine, "TILE_BYTES", 512)
     trio = on_a_grid(tiny_llava_trio, tmp_path / "grid")
-    recipe = recipe_of(trio, method="ties")
-    calls = {"apply": 0, "counts": 0}
-    for name in calls:
+    if stored == "bfloat16":
+        trio = _in_bfloat16(trio, tmp_path / "bf16")
+    recipe = recipe_of(trio, method=method)
+    calls: dict[str, int] = {}
+    dtypes: set[torch.dtype] = set()
+    for name in kernels:
         real = getattr(fused, name)
 
-        def counted(*a, _real=real, _name=name, **k):
-            calls[_name] += 1
-            return _real(*a, **k)
+        def counted(base, *a, _real=real, _name=name, **k):
+            calls[_name] = calls.get(_name, 0) + 1
+            dtypes.add(base.dtype)
+            return _real(base, *a, **k)
 
         monkeypatch.setattr(fused, name, counted)
     with_kernels = engine.merge_to_folder(recipe, tmp_path / "fused").out_dir
-    assert calls["apply"] > 10 and calls["counts"] > 10
+    assert all(calls.get(name, 0) > 10 for name in kernels), calls
+    assert dtypes == {getattr(torch, stored)}  # bfloat16 rows unconverted
     monkeypatch.setenv("DIM3_FUSED", "0")
-    calls.update(apply=0, counts=0)
+    calls.clear()
     eager = engine.merge_to_folder(recipe, tmp_path / "eager").out_dir
-    assert calls == {"apply": 0, "counts": 0}
+    assert calls == {}
     files = sorted(p.name for p in with_kernels.glob("*.safetensors"))
     assert files == sorted(p.name for p in eager.glob("*.safetensors"))
     for name in files:
@@ -222,5 +257,8 @@ def test_fused_dare_ties_equals_the_eager_rule_bit_for_bit(kind, drop_rate, scal
             )
 
     got = merged()
+    if kind == "bf16":  # the kernel reads bfloat16 as stored
+        base, tuned = base.bfloat16(), [t.bfloat16() for t in tuned]
+        _same_bits(merged(), got)
     monkeypatch.setenv("DIM3_FUSED", "0")
     _same_bits(got, merged())

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from dim3 import fused
@@ -71,13 +72,16 @@ def merge_ties(
     """``base + λ · disjoint_mean(DARE(Δ_t))``. base (out, in) or (n,) -> like base.
 
     Two updates on the CPU: one compiled pass over the keep masks (:func:`dim3.fused.dare_ties`,
-    the same bits)."""
+    the same bits), which also reads bfloat16 tensors as stored (the engine's tiles pass them
+    unconverted); returns float32 either way."""
     if fused.fits_dare(base, tuned, options.drop_rate):
         words = [
             _utils._dare_keep_bits(base.shape, options.drop_rate, options.seed, name, i, offset)
             for i in range(len(tuned))
         ]  # each update's own buffers: both alive at once
-        out = scratch("dare.merged", base.shape, base)
+        out = scratch("dare.merged", base.shape, base, torch.float32)
         return fused.dare_ties(base, tuned, words, options.drop_rate, options.scaling, out)
+    if base.dtype != torch.float32 or any(t.dtype != torch.float32 for t in tuned):
+        base, tuned = base.float(), [t.float() for t in tuned]  # as stored: widened here
     d = dropped(base, tuned, options, name, offset)
     return disjoint_mean_(d).mul_(options.scaling).add_(base)
