@@ -460,7 +460,9 @@ class _Merger:
         # pass found the thresholds: per update, per rank, (tile first rows, counts before each)
         self._ties: list[list[tuple[list[int], list[int]]]] | None = None
         # TIES' tiles of two updates on the CPU: compiled, one loop per pass (dim3/fused.py)
-        cpu2 = tuned == 2 and device.type == "cpu" and extras == 0 and fused.available()
+        # (numba is imported only for these two methods: its import alone takes ~0.3 s)
+        cpu2 = method.name in ("ties", "dare_ties") and tuned == 2 and device.type == "cpu"
+        cpu2 = cpu2 and extras == 0 and fused.available()
         self._fused = method.name == "ties" and cpu2
         self._fused_dare = (  # DARE-TIES: dim3.methods.dare.merge_ties takes the kernel
             method.name == "dare_ties" and cpu2 and options.drop_rate > 0
