@@ -24,6 +24,7 @@ This module knows tensors, selections and generators only.
 
 from __future__ import annotations
 
+import math
 import os
 from functools import cache
 from typing import Any
@@ -138,7 +139,9 @@ class DareDraws:
     def words(self, drop_rate: float, out: Tensor) -> Tensor:
         """``out`` (contiguous int32, CPU): -1 where the next number, as ``torch.rand``'s
         float32, is at least ``drop_rate`` (kept), 0 where it is below (dropped)."""
-        self.pos = _kernels().dare_words(self.state, self.pos, np.float32(drop_rate), _flat(out))
+        # kept ⟺ bits · 2**-24 ≥ p ⟺ bits ≥ p · 2**24 (exact in a double) ⟺ bits ≥ ⌈p · 2**24⌉
+        t = math.ceil(float(np.float32(drop_rate)) * 2**24)
+        self.pos = _kernels().dare_words(self.state, self.pos, t, _flat(out))
         return out
 
 

@@ -148,24 +148,31 @@ def _twist(s):  # noqa: ANN001, ANN202
 
 
 @_jit()
-def dare_words(state, pos, p, out):  # noqa: ANN001, ANN201
+def _temper(s, pos, out, at, m, t):  # noqa: ANN001, ANN202
+    # MT19937's tempering of words pos:pos + m into keep words out[at:at + m]: kept (-1) where
+    # the number's low 24 bits are at least t; a loop of its own, which LLVM vectorizes
+    for j in range(m):
+        y = s[pos + j]
+        y ^= y >> _U(11)
+        y ^= (y << _U(7)) & _U(0x9D2C5680)
+        y ^= (y << _U(15)) & _U(0xEFC60000)
+        y ^= y >> _U(18)
+        out[at + j] = ~np.int32((np.int32(y & _U(0xFFFFFF)) - np.int32(t)) >> np.int32(31))
+
+
+@_jit()
+def dare_words(state, pos, t, out):  # noqa: ANN001, ANN201
     """DARE's keep words from the generator ``state`` at word ``pos`` (624: none left): per
-    entry of int32 ``out``, -1 where torch.rand's float32 (the number's low 24 bits · 2**-24)
-    is at least ``p`` (float32), else 0. Returns the new ``pos``."""
+    entry of int32 ``out``, -1 where the number's low 24 bits are at least ``t`` (kept), else 0.
+    torch.rand's float32 is those bits · 2**-24, exactly, so with t = ⌈p · 2**24⌉ (p a float32)
+    that is where it is at least p. Returns the new ``pos``."""
     i, n = 0, out.size
     while i < n:
         if pos >= _N:
             _twist(state)
             pos = 0
         m = min(_N - pos, n - i)
-        for j in range(m):
-            y = state[pos + j]  # MT19937's tempering
-            y ^= y >> _U(11)
-            y ^= (y << _U(7)) & _U(0x9D2C5680)
-            y ^= (y << _U(15)) & _U(0xEFC60000)
-            y ^= y >> _U(18)
-            r = np.float32(np.float64(y & _U(0xFFFFFF)) * 5.9604644775390625e-08)  # 2**-24
-            out[i + j] = np.int32(-1) if r >= p else np.int32(0)
+        _temper(state, pos, out, i, m, t)
         pos += m
         i += m
     return pos

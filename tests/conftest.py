@@ -17,6 +17,8 @@ torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 # starts: a temporary folder, so that tests write nothing in the user's home and start cold.
 _CACHE = tempfile.mkdtemp(prefix="dim3-test-cache-")
 os.environ["DIM3_CACHE_DIR"] = _CACHE
+# numba's cache of the compiled kernels (dim3/kernels.py) too, instead of dim3/__pycache__
+os.environ["NUMBA_CACHE_DIR"] = os.path.join(_CACHE, "numba")
 
 
 def pytest_unconfigure(config):
