@@ -51,6 +51,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import numpy as np
 import torch
 
 from dim3 import fused
@@ -685,13 +686,18 @@ class _Merger:
                     select.window(windows)
         selects = self.state[2]
 
-        def counts(work: list[torch.Tensor], first: int) -> Any:
+        def counts(work: list[torch.Tensor], first: int, so_far: Any = None) -> Any:
             # (per update: the counts to add up; per tile: its first row and per update the
             # values in the guessed windows, kept apart to count each tile's tied values)
-            if reads_stored:
+            if reads_stored:  # the kernel counts into the thread's histograms so far
                 (vlm, base, ml), _ = self._split(work)
                 kept = [scratch(f"fused.in{t}", (base.numel(),), base, torch.int32) for t in (0, 1)]
-                got = fused.counts(base, [vlm, ml], selects, kept)
+                into = None if so_far is None else [sums[0] for sums in so_far[0]]
+                got = fused.counts(base, [vlm, ml], selects, kept, into)
+                if so_far is not None:
+                    pieces = [g[1:] for g in got]
+                    so_far[1].extend([(step.start + first, pieces)] if any(pieces) else [])
+                    return so_far
             else:
                 _, d, mag = self._tile_updates(work)
                 buffers = current_buffers()
@@ -705,6 +711,7 @@ class _Merger:
 
         reads_stored = self._fused and fused.fits_counts(selects)  # fixed for the pass
         counts.reads_stored = reads_stored  # type: ignore[attr-defined]
+        counts.folds = reads_stored  # type: ignore[attr-defined]  # (see _Tiles._work)
 
         def fold(a: Any, b: Any) -> Any:
             for xs, ys in zip(a[0], b[0], strict=True):
@@ -814,22 +821,33 @@ class _Merger:
         stride = total // size
         while stride > 1 and math.gcd(stride, per_row) > 1:  # every column met
             stride -= 1
-        at = torch.arange(size, dtype=torch.int64).mul_(stride)
-        b = base.reshape(-1)[at].float()
+
+        def sample(t: torch.Tensor) -> torch.Tensor:
+            # every stride-th value: a strided view, of the mapped (read-only) input itself
+            # when it is float32 (never written to: the updates below are new tensors)
+            return t.reshape(-1)[: size * stride : stride].float()
+
+        def ranks(k: int) -> tuple[int, int]:  # the sample's ranks around k's
+            q = k / n
+            spread = 4.5 * math.sqrt(size * q * (1 - q)) + 8
+            return math.floor(q * size - spread), math.ceil(q * size + spread)
+
+        wanted = sorted({r for k in ks if 0 < k < n for r in ranks(k) if 0 <= r < size})
+        b = sample(base)
         guesses = []
         for t in [vlm[:rows], *(m[:rows] for m in mls)]:
-            bits = torch.abs(t.reshape(-1)[at].float().sub_(b)).view(torch.int32).sort().values
+            bits = torch.sub(sample(t), b).abs_().view(torch.int32).numpy().astype(np.int64)
+            # the order statistics the windows need, in linear time (a sort took most of this)
+            at = np.partition(bits, wanted) if wanted else bits
             windows: list[tuple[int, int] | None] = []
             for k in ks:
                 if k <= 0 or k >= n:
                     windows.append(None)
                     continue
-                q = k / n
-                spread = 4.5 * math.sqrt(size * q * (1 - q)) + 8
-                lo_rank, hi_rank = math.floor(q * size - spread), math.ceil(q * size + spread)
-                lo = 0 if lo_rank < 0 else (int(bits[lo_rank]) >> 16) << 16
-                hi = 1 << 31 if hi_rank >= size else int(bits[hi_rank]) + 1
-                inside = int(torch.searchsorted(bits, hi)) - int(torch.searchsorted(bits, lo))
+                lo_rank, hi_rank = ranks(k)
+                lo = 0 if lo_rank < 0 else (int(at[lo_rank]) >> 16) << 16
+                hi = 1 << 31 if hi_rank >= size else int(at[hi_rank]) + 1
+                inside = int(np.count_nonzero(bits < hi)) - int(np.count_nonzero(bits < lo))
                 if inside * 4 > size or inside * n * 4 * self.tuned > WINDOW_BYTES * size:
                     return None  # too many values to keep: the two passes
                 windows.append((lo, hi))
@@ -1030,7 +1048,9 @@ class _Tiles:
         statistics pass: per-tile sums for the caller to add in this order, whatever the number
         of threads and whichever thread computed which tile). With ``fold(a, b)``, each thread
         folds the results of the tiles it computed into one (in place into ``a``; for sums whose
-        order does not matter, such as counts): one per thread that computed any."""
+        order does not matter, such as counts): one per thread that computed any. A ``fn``
+        marked ``folds`` does that itself: called as ``fn(work, first, so_far)`` with the
+        thread's result so far (None for its first tile), it returns it updated."""
         results: dict[int, Any] = {}
         futures = self._start(views, fn, None, fold, results)
         wait(futures)
@@ -1108,6 +1128,8 @@ class _Tiles:
                 )
                 if out is not None:
                     out[a:b].copy_(fn(work, a))
+                elif getattr(fn, "folds", False):  # fn(work, first, the tiles' so far)
+                    got = [fn(work, a, got[0] if got else None)]
                 elif fold is not None:
                     got = [fold(got[0], fn(work, a))] if got else [fn(work, a)]
                 else:

@@ -65,16 +65,21 @@ def widens(t: Tensor) -> bool:
 
 
 def counts(
-    base: Tensor, tuned: list[Tensor], selects: list[ExactSelect], kept: list[Tensor]
+    base: Tensor,
+    tuned: list[Tensor],
+    selects: list[ExactSelect],
+    kept: list[Tensor],
+    into: list[Tensor] | None = None,
 ) -> list[list[Tensor]]:
     """:meth:`ExactSelect.partial` of the two updates ``tuned_t − base`` of a tile, in one pass
     (each select in its first pass, one rank each). ``kept``: two int32 buffers of the tile's
-    size for the values inside the windows (copied out).
+    size for the values inside the windows (copied out). ``into``: the two histograms to count
+    into (those of the tiles before, which then need no adding up), else new ones.
 
     base, tuned: contiguous float32 or bfloat16 (:func:`widens`) CPU tensors of one shape.
     Returns per update
     ``[histogram (int64, BINS)]`` plus, with windows, ``[values inside (int32)]``."""
-    hists = [torch.zeros(BINS, dtype=torch.int64) for _ in tuned]
+    hists = into if into is not None else [torch.zeros(BINS, dtype=torch.int64) for _ in tuned]
     windows = [s.windows[0] if s.windows is not None and s.windows[0] else (0, 0) for s in selects]
     (lo0, hi0), (lo1, hi1) = windows
     n0, n1 = _kernels().counts2(

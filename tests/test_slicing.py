@@ -399,7 +399,9 @@ def test_dim3_column_sums_gathered_over_tiles_match_the_reference(
         torch.testing.assert_close(out[key], want, rtol=1e-5, atol=1e-6, msg=key)
 
 
-@pytest.mark.parametrize("method", ["task_arithmetic", "dim3", "dare_task_arithmetic"])
+@pytest.mark.parametrize(
+    "method", ["task_arithmetic", "dim3", "dare_task_arithmetic", "ties", "dare_ties"]
+)
 def test_tiles_written_into_a_loaded_model_equal_the_folder(
     method, tiny_llava_trio, tmp_path, monkeypatch
 ):
