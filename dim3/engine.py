@@ -462,8 +462,11 @@ class _Merger:
         self._ties: list[list[tuple[list[int], list[int]]]] | None = None
         # TIES' tiles of two updates on the CPU: compiled, one loop per pass (dim3/fused.py)
         # (numba is imported only for these two methods: its import alone takes ~0.3 s)
-        cpu2 = method.name in ("ties", "dare_ties") and tuned == 2 and device.type == "cpu"
-        cpu2 = cpu2 and extras == 0 and fused.available()
+        cpu2 = (
+            method.name in ("ties", "dare_ties")
+            and (tuned, extras, device.type) == (2, 0, "cpu")
+            and fused.available()
+        )
         self._fused = method.name == "ties" and cpu2
         self._fused_dare = (  # DARE-TIES: dim3.methods.dare.merge_ties takes the kernel
             method.name == "dare_ties" and cpu2 and options.drop_rate > 0
@@ -694,10 +697,6 @@ class _Merger:
                 kept = [scratch(f"fused.in{t}", (base.numel(),), base, torch.int32) for t in (0, 1)]
                 into = None if so_far is None else [sums[0] for sums in so_far[0]]
                 got = fused.counts(base, [vlm, ml], selects, kept, into)
-                if so_far is not None:
-                    pieces = [g[1:] for g in got]
-                    so_far[1].extend([(step.start + first, pieces)] if any(pieces) else [])
-                    return so_far
             else:
                 _, d, mag = self._tile_updates(work)
                 buffers = current_buffers()
@@ -707,7 +706,11 @@ class _Merger:
                 ]
             sums = [g[: s.summed] for g, s in zip(got, selects, strict=True)]
             kept = [g[s.summed :] for g, s in zip(got, selects, strict=True)]
-            return sums, ([(step.start + first, kept)] if any(kept) else [])
+            pieces = [(step.start + first, kept)] if any(kept) else []
+            if so_far is not None:  # its histograms are the ones just counted into
+                so_far[1].extend(pieces)
+                return so_far
+            return sums, pieces
 
         reads_stored = self._fused and fused.fits_counts(selects)  # fixed for the pass
         counts.reads_stored = reads_stored  # type: ignore[attr-defined]
