@@ -4,7 +4,8 @@ measured (bounding boxes, scroll widths, what is shown before a run), not pixels
 - no horizontal page scroll at either width, on any tab;
 - all four tabs reachable from the tab bar (none hidden behind a "more" menu on the phone);
 - the three checkpoint boxes in one line on the laptop, stacked on the phone, never overlapping;
-- the chat panes side by side on the laptop and stacked on the phone;
+- the chat panes side by side on the laptop and stacked on the phone; the chat's three buttons in
+  one row, each label on one line (also on a 320 px phone: the row does not wrap whatever the fonts);
 - before a run, no blank plot or placeholder table: a line says what will appear;
 - after a merge, the heat map of DiM3's weights fits the page (on a phone it keeps a legible
   size and scrolls sideways inside its own box), with no label badge over it.
@@ -107,6 +108,13 @@ def test_chat_panes_side_by_side_or_stacked(page):
     else:
         assert left["y"] + left["height"] <= right["y"]
         assert right["width"] > 0.8 * page.viewport_size["width"]
+    chat_buttons_in_one_row(page)
+    chips = page.locator("#dim3-examples button")
+    assert chips.count() == 8  # the demo VLM declares eight languages
+    no_horizontal_scroll(page)
+
+
+def chat_buttons_in_one_row(page) -> None:
     ids = ("#dim3-stop", "#dim3-regen", "#dim3-clear")
     try:  # the row settles once the page's fonts and styles have loaded
         page.wait_for_function(
@@ -119,11 +127,22 @@ def test_chat_panes_side_by_side_or_stacked(page):
         pass  # measured below, and reported
     buttons = [box(page, s) for s in ids]
     assert len({round(b["y"]) for b in buttons}) == 1, "the chat buttons left their row"
+    assert len({round(b["height"]) for b in buttons}) == 1, "a label took two lines"
+    row = box(page, "#dim3-chat-actions")
     for i, a in enumerate(buttons):
+        assert (
+            a["width"] >= 48
+            and row["x"] <= a["x"]
+            and a["x"] + a["width"] <= row["x"] + row["width"] + 1
+        )
         for b in buttons[i + 1 :]:
             assert not overlap(a, b)
-    chips = page.locator("#dim3-examples button")
-    assert chips.count() == 8  # the demo VLM declares eight languages
+
+
+@pytest.mark.parametrize("page", [320], indirect=True, ids=["320px"])
+def test_chat_buttons_one_row_on_a_small_phone(page):
+    open_tab(page, "chat")
+    chat_buttons_in_one_row(page)
     no_horizontal_scroll(page)
 
 

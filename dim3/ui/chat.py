@@ -136,11 +136,10 @@ def _layout(ctx: AppContext) -> tuple[ChatTab, dict[str, gr.Button]]:
         elem_id="dim3-box",
         elem_classes="dim3-bidi",
     )
-    with gr.Row():
-        small = {"min_width": 90}  # the three stay in one row on a phone
-        stop = gr.Button("⏹ Stop", elem_id="dim3-stop", variant="stop", **small)
-        regen = gr.Button("🔄 Regenerate", elem_id="dim3-regen", **small)
-        clear = gr.Button("🗑 Clear", elem_id="dim3-clear", **small)
+    with gr.Row(elem_id="dim3-chat-actions"):  # one row at any width: see CSS
+        stop = gr.Button("⏹ Stop", elem_id="dim3-stop", variant="stop")
+        regen = gr.Button("🔄 Regenerate", elem_id="dim3-regen")
+        clear = gr.Button("🗑 Clear", elem_id="dim3-clear")
     with gr.Accordion("Generation settings", open=False):
         sliders = [
             gr.Slider(

@@ -296,9 +296,19 @@ CSS = """
 .dim3-status { font-size: 0.9em; opacity: 0.85; }
 .dim3-error { color: var(--error-text-color, #b91c1c); }
 footer { display: none !important; }
+/* the chat's three buttons share one row at any width and with any font: each takes its
+   label's width and, where the row is too narrow, shrinks and cuts its label with an ellipsis
+   (a wrapped row, or a label on two lines, is what a phone showed with fallback fonts) */
+#dim3-chat-actions { flex-wrap: nowrap !important; }
+#dim3-chat-actions > button {
+    flex: 1 1 auto !important; min-width: 0 !important;
+    white-space: nowrap; overflow: hidden; text-overflow: ellipsis;
+}
 /* phones: the four tabs fit in one row instead of hiding two behind a "more" menu */
 @media (max-width: 520px) {
     .tab-container button { padding-left: 8px !important; padding-right: 8px !important; }
+    #dim3-chat-actions { gap: 8px !important; }
+    #dim3-chat-actions > button { padding-left: 6px !important; padding-right: 6px !important; }
     /* figures keep a legible size and scroll sideways inside their box, not the page */
     .dim3-figure [data-testid="matplotlib"] { display: block; overflow-x: auto; }
     .dim3-figure [data-testid="matplotlib"] img { min-width: 640px; max-width: none; }
