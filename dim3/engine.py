@@ -694,7 +694,8 @@ class _Merger:
             # values in the guessed windows, kept apart to count each tile's tied values)
             if reads_stored:  # the kernel counts into the thread's histograms so far
                 (vlm, base, ml), _ = self._split(work)
-                kept = [scratch(f"fused.in{t}", (base.numel(),), base, torch.int32) for t in (0, 1)]
+                n = base.numel() + 1  # one more: see fused.counts
+                kept = [scratch(f"fused.in{t}", (n,), base, torch.int32) for t in (0, 1)]
                 into = None if so_far is None else [sums[0] for sums in so_far[0]]
                 got = fused.counts(base, [vlm, ml], selects, kept, into)
             else:

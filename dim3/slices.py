@@ -235,26 +235,12 @@ class ExactSelect:
             if w is None or self.hi[i] < w[0] >> 16:
                 return  # no guess, or the k-th value lies below the window
             pieces = [values[i].to(self.device) for _, values in self._kept]
-            inside = (
-                torch.cat(pieces)
-                if pieces
-                else torch.zeros(0, dtype=torch.int32, device=self.device)
-            )
             h, rank = self.hi[i], k - self.below[i]  # its bin, its rank among the bin's values
-            low = inside[torch.bitwise_right_shift(inside, 16) == h].bitwise_and_(0xFFFF)
-            if rank > low.numel():
+            got = _kth_in_bin(pieces, h, rank, self.device)
+            if got is None:
                 return  # above the window's end: the second pass finds it
-            counts = torch.bincount(low, minlength=BINS)
-            at = torch.cumsum(counts, 0).cpu()
-            lo = int(torch.searchsorted(at, rank))  # first low bits whose count reaches it
-            kth = (h << 16) | lo
-            less = self.below[i] + (int(at[lo - 1]) if lo > 0 else 0)
-            found.append((kth, k - less, int(counts[lo])))
-            # each piece's values equal to it: the running count at the pieces' ends
-            ends = torch.tensor([p.numel() for p in pieces], dtype=torch.int64).cumsum_(0)
-            running = torch.cumsum(inside == kth, 0)
-            upto = torch.where(ends > 0, running[(ends - 1).clamp_(min=0)], 0).tolist()
-            each = [b - a for a, b in zip([0, *upto[:-1]], upto, strict=True)]
+            lo, less, equal, each = got
+            found.append(((h << 16) | lo, k - self.below[i] - less, equal))
             ties.append([(key, c) for (key, _), c in zip(self._kept, each, strict=True)])
         self._found, self.ties = found, ties
 
@@ -275,6 +261,33 @@ class ExactSelect:
             less = self.below[i] + (int(cum[lo - 1]) if lo > 0 else 0)
             out.append(((self.hi[i] << 16) | lo, k - less, int(self.lo_hist[i, lo])))
         return out
+
+
+def _kth_in_bin(
+    pieces: list[Tensor], h: int, rank: int, device: torch.device
+) -> tuple[int, int, int, list[int]] | None:
+    """Among the values of ``pieces`` (int32 bit patterns) whose high 16 bits are ``h``, the
+    ``rank``-th smallest (from 1): (its low 16 bits, how many of those are below it, how many
+    equal it, per piece how many equal it); None when fewer than ``rank``. On the CPU, in one
+    compiled loop where the kernels run (:func:`dim3.fused.kth_in_bin`); the same numbers."""
+    from dim3 import fused  # (it imports this module)
+
+    if device.type == "cpu" and fused.available():
+        return fused.kth_in_bin(pieces, h, rank)
+    inside = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.int32, device=device)
+    low = inside[torch.bitwise_right_shift(inside, 16) == h].bitwise_and_(0xFFFF)
+    if rank > low.numel():
+        return None
+    counts = torch.bincount(low, minlength=BINS)
+    at = torch.cumsum(counts, 0).cpu()
+    lo = int(torch.searchsorted(at, rank))  # first low bits whose count reaches it
+    kth = (h << 16) | lo
+    # each piece's values equal to it: the running count at the pieces' ends
+    ends = torch.tensor([p.numel() for p in pieces], dtype=torch.int64).cumsum_(0)
+    running = torch.cumsum(inside == kth, 0)
+    upto = torch.where(ends > 0, running[(ends - 1).clamp_(min=0)], 0).tolist()
+    each = [b - a for a, b in zip([0, *upto[:-1]], upto, strict=True)]
+    return lo, (int(at[lo - 1]) if lo > 0 else 0), int(counts[lo]), each
 
 
 def _take(

@@ -14,7 +14,7 @@ import shutil
 import pytest
 import torch
 
-from dim3 import engine, fused
+from dim3 import engine, fused, slices
 from dim3.methods import ties
 from dim3.slices import ExactSelect, FirstMask, magnitude_bits
 from tests.test_engine import recipe_of
@@ -140,7 +140,7 @@ def test_fused_counts_equal_the_eager_partial(kind):
         if windows is not None:
             for s in selects:
                 s.window(windows)
-        kept = [torch.empty(n, dtype=torch.int32) for _ in tuned]
+        kept = [torch.empty(n + 1, dtype=torch.int32) for _ in tuned]
         dtype = torch.bfloat16 if kind == "bf16" else torch.float32  # read as stored
         got = fused.counts(base.to(dtype), [t.to(dtype) for t in tuned], selects, kept)
         for t, s, g in zip(tuned, selects, got, strict=True):
@@ -149,6 +149,48 @@ def test_fused_counts_equal_the_eager_partial(kind):
             for x, y in zip(g, want, strict=True):
                 assert x.dtype == y.dtype and torch.equal(x, y)
         assert windows in (None, [None]) or got[0][1].numel() > n // 20
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_kth_in_bin_equals_the_eager_ops_and_a_sort(seed, monkeypatch):
+    """The threshold from the values kept in a window (:meth:`ExactSelect._from_windows`): the
+    compiled loop, the eager ops and a sort give the same low bits, counts below and equal to
+    it, and each piece's values equal to it; for ranks at the bin's ends and past its count,
+    pieces of 0 to 30000 values in the bin and its neighbours, half of them tied on 8 values."""
+    g = torch.Generator().manual_seed(seed)
+    h = 0x3C00 + 7 * seed
+    pieces = []
+    for n in (0, 1, 5000, 0, 17, 30000, 3):
+        bins = torch.randint(h - 1, h + 2, (n,), generator=g)
+        tied = torch.rand(n, generator=g) < 0.5
+        low = torch.where(
+            tied,
+            torch.randint(0, 8, (n,), generator=g) * 4096,
+            torch.randint(0, 1 << 16, (n,), generator=g),
+        )
+        pieces.append(((bins << 16) | low).to(torch.int32))
+    inside = torch.cat(pieces)
+    in_bin = inside[(inside >> 16) == h].sort().values
+    count = in_bin.numel()
+    cpu = torch.device("cpu")
+    for rank in (1, 2, count // 3, count // 2, count - 1, count, count + 1):
+        got = slices._kth_in_bin(pieces, h, rank, cpu)
+        monkeypatch.setenv("DIM3_FUSED", "0")
+        eager = slices._kth_in_bin(pieces, h, rank, cpu)
+        monkeypatch.delenv("DIM3_FUSED")
+        assert got == eager
+        if rank > count:
+            assert got is None
+            continue
+        kth = int(in_bin[rank - 1])
+        want = (
+            kth & 0xFFFF,
+            int((in_bin < kth).sum()),
+            int((in_bin == kth).sum()),
+            [int((p == kth).sum()) for p in pieces],
+        )
+        assert got == want
+    assert slices._kth_in_bin([], h, 1, cpu) is None
 
 
 def _in_bfloat16(trio, folder):
