@@ -99,12 +99,12 @@ def kth_in_bin(pieces: list[Tensor], h: int, rank: int) -> tuple[int, int, int, 
     values (the eager ops took a tenth of a TIES merge, while the tile threads waited)."""
     values = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.int32)
     ends = np.cumsum([p.numel() for p in pieces], dtype=np.int64)
-    low = np.empty(BINS, dtype=np.int64)
+    low = np.empty(BINS + 1, dtype=np.int64)
     each = np.empty(len(pieces), dtype=np.int64)
-    lo, less = _kernels().window_kth(values.numpy(), ends, h, rank, low, each)
+    lo, less, equal = _kernels().window_kth(values.numpy(), ends, h, rank, low, each)
     if lo < 0:
         return None
-    return int(lo), int(less), int(low[lo]), each.tolist()
+    return int(lo), int(less), int(equal), each.tolist()
 
 
 def fits_counts(selects: list[ExactSelect]) -> bool:

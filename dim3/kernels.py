@@ -121,24 +121,36 @@ def counts2(b, v0, v1, h0, h1, lo0, w0, lo1, w1, in0, in1):  # noqa: ANN001, ANN
 @_jit()
 def window_kth(values, ends, h, rank, low, equal):  # noqa: ANN001, ANN201
     """The ``rank``-th smallest (from 1) of the int32 ``values`` whose high 16 bits are ``h``,
-    with the pieces of ``values`` ending at ``ends``: the low 16 bits of each of those counted
-    into ``low`` (zeroed, 2**16 int64), then the k-th value's low bits; per piece, how many
-    values equal it, into ``equal``. Returns (its low bits, how many of those are below it),
-    or (-1, their count) when fewer than ``rank``."""
-    low[:] = 0
+    with the pieces of ``values`` ending at ``ends``: per piece, how many values equal it, into
+    ``equal``. Returns (its low 16 bits, how many of those are below it, how many equal it), or
+    (-1, their count, 0) when fewer than ``rank``. ``low``: 2**16 + 1 int64 of scratch.
+
+    A first loop counts them and finds their least and greatest low bits (no branch, no
+    store: vectorized); when those differ, a second counts each low bits' values into ``low``
+    (the others into its last bin, without a branch). Differences of bfloat16 weights have
+    their low 16 bits zero as a rule: then there is no second loop."""
+    count, least, most = 0, 1 << 16, -1
     for i in range(values.size):
         v = np.int64(values[i])
-        if (v >> 16) == h:
-            low[v & 0xFFFF] += 1
-    below = 0
-    lo = -1
-    for j in range(low.size):
-        if below + low[j] >= rank:
-            lo = j
-            break
-        below += low[j]
-    if lo < 0:
-        return -1, below
+        inside = (v >> 16) == h
+        count += inside
+        least = min(least, v & 0xFFFF if inside else 1 << 16)
+        most = max(most, v & 0xFFFF if inside else -1)
+    if count < rank:
+        return -1, count, 0
+    if least == most:
+        lo, below, same = least, 0, count
+    else:
+        low[:] = 0
+        for i in range(values.size):
+            v = np.int64(values[i])
+            low[v & 0xFFFF if (v >> 16) == h else 1 << 16] += 1
+        below = 0
+        lo = least
+        while below + low[lo] < rank:
+            below += low[lo]
+            lo += 1
+        same = low[lo]
     kth = np.int32((h << 16) | lo)
     start = 0
     for p in range(ends.size):
@@ -147,7 +159,7 @@ def window_kth(values, ends, h, rank, low, equal):  # noqa: ANN001, ANN201
             c += values[i] == kth
         equal[p] = c
         start = ends[p]
-    return lo, below
+    return lo, below, same
 
 
 # -- DARE's random keep masks: torch's CPU generator (MT19937), number for number

@@ -151,12 +151,14 @@ def test_fused_counts_equal_the_eager_partial(kind):
         assert windows in (None, [None]) or got[0][1].numel() > n // 20
 
 
+@pytest.mark.parametrize("lows", ["mixed", "one"])  # "one": bfloat16 differences' low bits
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_kth_in_bin_equals_the_eager_ops_and_a_sort(seed, monkeypatch):
+def test_kth_in_bin_equals_the_eager_ops_and_a_sort(seed, lows, monkeypatch):
     """The threshold from the values kept in a window (:meth:`ExactSelect._from_windows`): the
     compiled loop, the eager ops and a sort give the same low bits, counts below and equal to
     it, and each piece's values equal to it; for ranks at the bin's ends and past its count,
-    pieces of 0 to 30000 values in the bin and its neighbours, half of them tied on 8 values."""
+    pieces of 0 to 30000 values in the bin and its neighbours, half of them tied on 8 values,
+    or all with the same low bits."""
     g = torch.Generator().manual_seed(seed)
     h = 0x3C00 + 7 * seed
     pieces = []
@@ -168,6 +170,8 @@ def test_kth_in_bin_equals_the_eager_ops_and_a_sort(seed, monkeypatch):
             torch.randint(0, 8, (n,), generator=g) * 4096,
             torch.randint(0, 1 << 16, (n,), generator=g),
         )
+        if lows == "one":
+            low = torch.zeros_like(low)
         pieces.append(((bins << 16) | low).to(torch.int32))
     inside = torch.cat(pieces)
     in_bin = inside[(inside >> 16) == h].sort().values

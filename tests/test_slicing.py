@@ -13,6 +13,7 @@ from dim3 import engine
 from dim3.methods import METHODS
 from dim3.methods._utils import current_buffers, first_by_magnitude
 from dim3.slices import (
+    SORT_MAX,
     Buffers,
     ExactSelect,
     FirstMask,
@@ -20,6 +21,7 @@ from dim3.slices import (
     magnitude_bits,
     order_keys,
     row_slices,
+    select_by_sort,
 )
 from tests.test_engine import load_all, recipe_of
 
@@ -65,6 +67,22 @@ def test_exact_select_matches_first_by_magnitude_with_many_ties(seed):
                 first.took(first.count(bits, temp))
             words.append(first.words(bits, left, out, temp))
         assert torch.equal(torch.cat(words), -want.to(torch.int32)), k
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_select_by_sort_equals_the_two_passes(seed):
+    """A vector's selection by a sort (selection_merge's path for at most SORT_MAX values) gives
+    ExactSelect's numbers: bfloat16 ties, zeros, ±∞, NaN, every k from none to all, and sizes
+    up to the largest it takes."""
+    g = torch.Generator().manual_seed(seed)
+    for n in (1, 2, 1536, SORT_MAX):
+        x = (torch.randn(n, generator=g) * 0.01).to(torch.bfloat16).float()
+        x[::7] = 0.0
+        x[n // 2 :: 11] = float("nan")
+        x[:: n // 2 + 1] = float("inf")
+        bits = magnitude_bits(x)
+        ks = sorted({0, 1, 2, n // 3, n // 2, n - 1, n, n + 1})
+        assert select_by_sort(bits, ks) == _two_pass(bits, ks, [(0, n)]), n
 
 
 def _two_pass(bits, ks, cuts):

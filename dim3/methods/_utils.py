@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from dim3 import fused
-from dim3.slices import ExactSelect, FirstMask, magnitude_bits
+from dim3.slices import SORT_MAX, ExactSelect, FirstMask, magnitude_bits, select_by_sort
 
 
 def check_options(options: object, method: str) -> None:
@@ -368,13 +368,17 @@ def selection_merge(base: Tensor, tuned: Sequence[Tensor], options: Any, parts: 
     )
     for x in d:
         bits = magnitude_bits(x, out=mag)
-        select = ExactSelect(ks, n, x.device, buffers)
-        for _ in range(2):
-            select.observe(bits)
-            select.next_pass()
+        if n <= SORT_MAX:  # a vector: a sort, not two 2**16-bin passes (the same numbers)
+            found = select_by_sort(bits, ks)
+        else:
+            select = ExactSelect(ks, n, x.device, buffers)
+            for _ in range(2):
+                select.observe(bits)
+                select.next_pass()
+            found = select.result()
         firsts = [
-            FirstMask(k, n, found, buffers, f"select.first{j}")
-            for j, (k, found) in enumerate(zip(ks, select.result(), strict=True))
+            FirstMask(k, n, f, buffers, f"select.first{j}")
+            for j, (k, f) in enumerate(zip(ks, found, strict=True))
         ]
         keep = parts.keep([first(bits) for first in firsts])
         x.masked_fill_(keep.logical_not_().reshape(x.shape), 0.0)
