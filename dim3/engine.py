@@ -456,7 +456,9 @@ class _Merger:
         self.extras = extras  # how many of a step's tensors are the rule's extra inputs (last)
         self.tuned = tuned  # the updates: the VLM's, then each multilingual model's
         self.state: Any = None
-        self._lefts: dict[int, list[list[int]]] | None = None  # see before_tiles
+        # per apply tile (its first row), per update, per rank: (how many of the values tied
+        # with the k-th one it takes, how many it holds); see before_tiles
+        self._lefts: dict[int, list[list[tuple[int, int]]]] | None = None
         # a selection's values tied with each threshold in the first pass's tiles, when one
         # pass found the thresholds: per update, per rank, (tile first rows, counts before each)
         self._ties: list[list[tuple[list[int], list[int]]]] | None = None
@@ -622,8 +624,8 @@ class _Merger:
         self._lefts = {}
         for first, counts in map_tiles(count):
             self._lefts[first] = [
-                [max(0, f.left - b) for f, b in zip(fs, bs, strict=True)]
-                for fs, bs in zip(self.state, before, strict=True)
+                [(max(0, f.left - b), c) for f, b, c in zip(fs, bs, cs, strict=True)]
+                for fs, bs, cs in zip(self.state, before, counts, strict=True)
             ]
             for bs, cs in zip(before, counts, strict=True):
                 bs[:] = [b + c for b, c in zip(bs, cs, strict=True)]
@@ -646,10 +648,13 @@ class _Merger:
             return counts[bisect.bisect_left(keys, row)]
 
         self._lefts = {}
-        for a, first in zip((a for a, _ in cuts), firsts, strict=True):
+        for (a, b), first in zip(cuts, firsts, strict=True):
             self._lefts[a] = [
                 [
-                    max(0, f.left - (before(t, j, first) - before(t, j, step.start)))
+                    (
+                        max(0, f.left - (before(t, j, first) - before(t, j, step.start))),
+                        before(t, j, step.start + b) - before(t, j, first),
+                    )
                     for j, f in enumerate(fs)
                 ]
                 for t, fs in enumerate(self.state)
@@ -898,15 +903,16 @@ class _Merger:
         return parts.combine(d, self.options).add_(part[0])
 
     def _selection_tile(
-        self, work: list[torch.Tensor], lefts: list[list[int]] | None, state: list
+        self, work: list[torch.Tensor], lefts: list[list[tuple[int, int]]] | None, state: list
     ) -> torch.Tensor:
         """One tile of a selection rule's apply pass (a tile thread, its own buffers): ``lefts``
-        per update and rank, how many values tied with the k-th one it takes (None: none is
-        ordered, see :meth:`before_tiles`); ``state``: the tensor's :class:`FirstMask` lists."""
+        per update and rank, how many values tied with the k-th one it takes and how many it
+        holds (None: none is ordered, see :meth:`before_tiles`); ``state``: the tensor's
+        :class:`FirstMask` lists."""
         if self._fused:
             (vlm, base, ml), _ = self._split(work)
             firsts = [f for (f,) in state]  # TIES: one rank per update
-            shares = [0, 0] if lefts is None else [left for (left,) in lefts]
+            shares = [(0, 0), (0, 0)] if lefts is None else [share for (share,) in lefts]
             out = scratch("fused.out", base.shape, base, torch.float32)
             return fused.apply(base, [vlm, ml], firsts, shares, self.options.scaling, out)
         parts = self.method.parts
@@ -917,7 +923,7 @@ class _Merger:
             words = [
                 f.words(
                     bits,
-                    lefts[t][j] if lefts is not None else 0,
+                    lefts[t][j][0] if lefts is not None else 0,
                     scratch(f"select.first{j}", (bits.numel(),), base, torch.int32),
                     temp,
                 )

@@ -114,12 +114,19 @@ def fits_counts(selects: list[ExactSelect]) -> bool:
     )
 
 
-def _threshold(first: FirstMask, left: int) -> tuple[int, int, int]:
+def _threshold(first: FirstMask, left: int, tied: int) -> tuple[int, int, int]:
     """A :class:`FirstMask` of one tile as (k, e, l): first iff bits < k, and the first ``l`` of
-    the values whose bits are ``e`` (as :meth:`FirstMask.words` with ``left``)."""
+    the values whose bits are ``e`` (as :meth:`FirstMask.words` with ``left``; the tile holds
+    ``tied`` values equal to the k-th one, when ``left`` > 0). The kernel's second loop, over
+    the tile again, runs only for the one tile where the first k stop among the tied values:
+    a tile takes all of its own or none as a rule (bfloat16 weights' updates tie by thousands)."""
     if first.all or first.none:
         return (_ALL if first.all else 0), -1, 0
     if first.need == first.equal:  # every tied value is in
+        return first.bits + 1, -1, 0
+    if left <= 0:  # none of the tile's
+        return first.bits, -1, 0
+    if left >= tied:  # all of the tile's
         return first.bits + 1, -1, 0
     return first.bits, first.bits, left
 
@@ -128,17 +135,18 @@ def apply(
     base: Tensor,
     tuned: list[Tensor],
     firsts: list[FirstMask],
-    lefts: list[int],
+    lefts: list[tuple[int, int]],
     scaling: float,
     out: Tensor,
 ) -> Tensor:
     """TIES' apply pass over one tile: ``base + λ · disjoint_mean(trim(tuned_t − base))``, each
     update trimmed by its :class:`FirstMask` (``lefts``: the tile's share of the tied values,
-    as for :meth:`FirstMask.words`), into float32 ``out`` (shaped like base; returned). base,
-    tuned: contiguous float32 or bfloat16 (:func:`widens`) CPU tensors of one shape."""
+    as for :meth:`FirstMask.words`, and how many it holds), into float32 ``out`` (shaped like
+    base; returned). base, tuned: contiguous float32 or bfloat16 (:func:`widens`) CPU tensors
+    of one shape."""
     assert out.dtype == torch.float32
     (k0, e0, l0), (k1, e1, l1) = (
-        _threshold(f, left) for f, left in zip(firsts, lefts, strict=True)
+        _threshold(f, left, tied) for f, (left, tied) in zip(firsts, lefts, strict=True)
     )
     _kernels().apply2(
         _flat(base), *map(_flat, tuned), k0, k1, e0, e1, l0, l1, np.float32(scaling), _flat(out)

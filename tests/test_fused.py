@@ -61,12 +61,15 @@ def _fused_merge(base, tuned, density, scaling, dtype=torch.float32):
     for s, x in zip(stored, (base, *tuned), strict=True):  # the same values, NaNs too
         assert torch.equal(s.float().view(torch.int32), x.view(torch.int32))
     for a, b in _tiles(base.shape[0]):
-        lefts = [f.left for f in firsts]
+        tied = [
+            int((magnitude_bits(t[a:b] - base[a:b]) == f.bits).sum())
+            for f, t in zip(firsts, tuned, strict=True)
+        ]
+        lefts = [(f.left, n) for f, n in zip(firsts, tied, strict=True)]
         rows = [x[a:b] for x in stored]
         fused.apply(rows[0], rows[1:], firsts, lefts, scaling, out[a:b])
-        for f, t in zip(firsts, tuned, strict=True):
-            bits = magnitude_bits(t[a:b] - base[a:b])
-            f.took(int((bits == f.bits).sum()))
+        for f, n in zip(firsts, tied, strict=True):
+            f.took(n)
     return out
 
 
