@@ -474,6 +474,11 @@ class _Merger:
             method.name == "dare_ties" and cpu2 and options.drop_rate > 0
         )
 
+    @property
+    def compiled(self) -> bool:
+        """Whether the tiles run compiled kernels (:mod:`dim3.fused`)."""
+        return self._fused or self._fused_dare
+
     def __call__(self, step: _Step, work: list[torch.Tensor]) -> torch.Tensor | None:
         """Merge one step's float32 rows ``work`` = [vlm, base, *multilingual, *extra] (the
         engine's buffers); returns the merged rows, in a buffer reused by the next call, or None."""
@@ -998,6 +1003,10 @@ class _RankState:
 # the figures in docs/performance.md come from; there 2 MiB tiles were at most slightly faster
 # and 4 MiB ones slower, in a few noisy runs)
 TILE_BYTES = 2**20
+# tiles of the compiled kernels (dim3/fused.py), in TILE_BYTES: they hold no float32
+# temporaries but the result, and each tile costs a dozen Python calls under the global lock
+# (a TIES merge of the 2B trio: 10.1-10.8 s with these against 11.3-11.4 s with 1 MiB tiles)
+KERNEL_TILES = 4
 
 
 class _Tiles:
@@ -1013,8 +1022,9 @@ class _Tiles:
     depend on the tiling. Measured in docs/performance.md.
     """
 
-    def __init__(self, workers: int):
+    def __init__(self, workers: int, scale: int = 1):
         self.workers = workers
+        self.scale = scale  # tiles of scale * TILE_BYTES (KERNEL_TILES for compiled rules)
         self._pool = ThreadPoolExecutor(
             max_workers=workers,
             thread_name_prefix="dim3-tile",
@@ -1077,8 +1087,9 @@ class _Tiles:
     def _groups(self, views: Sequence[torch.Tensor], block: int = 0) -> list[list[tuple[int, int]]]:
         """The tiles (row ranges) of the merged rows, in contiguous runs, one per thread.
 
-        Tiles are of ``TILE_BYTES`` float32 bytes per input (the last of a run shorter), never
-        more: a larger tile's temporaries would pass the allocator's mmap threshold. With
+        Tiles are of ``scale * TILE_BYTES`` float32 bytes per input (the last of a run
+        shorter), never more (the temporaries of an eager rule's tiles are buffers of the
+        thread's own, sized to the tile). With
         ``block`` (entries of whole rows that a rule draws at random as a unit: DARE's masks,
         the slowest part of a DARE merge), a step of at least as many blocks as threads is cut
         into runs at block boundaries, so that each block is drawn by one thread (which keeps it
@@ -1088,7 +1099,7 @@ class _Tiles:
         if not merged:  # a step of the VLM's own rows only (tokens the base does not have)
             return []
         per_row = max(1, math.prod(views[0].shape[1:]))
-        rows = max(1, TILE_BYTES // (4 * per_row))
+        rows = max(1, self.scale * TILE_BYTES // (4 * per_row))
         block = max(1, block // per_row)  # rows, as _utils.dare_keep_mask cuts them
         blocks = -(-merged // block)
         if block > 1 and blocks >= self.workers:
@@ -1280,7 +1291,7 @@ def _pieces(
     merger = _Merger(method, options, device, buffers, on_step, extras, 1 + plan.multilingual)
     tied_sources = {e.tied_to for e in plan.entries if e.tied_to}
     whole: dict[str, torch.Tensor] = {}  # merged whole tensors that a tied head repeats
-    tiles = _Tiles(workers) if workers else None
+    tiles = _Tiles(workers, KERNEL_TILES if merger.compiled else 1) if workers else None
 
     def stage(i: int) -> _Staged:  # on the read thread, but for the first step
         staged = source.stage(steps[i], i % SLOTS)
