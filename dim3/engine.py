@@ -1005,7 +1005,7 @@ class _RankState:
 TILE_BYTES = 2**20
 # tiles of the compiled kernels (dim3/fused.py), in TILE_BYTES: they hold no float32
 # temporaries but the result, and each tile costs a dozen Python calls under the global lock
-# (a TIES merge of the 2B trio: 10.1-10.8 s with these against 11.3-11.4 s with 1 MiB tiles)
+# (timed by hand, TIES on the 2B trio: 10.1-10.8 s with these, 11.3-11.4 s with 1 MiB tiles)
 KERNEL_TILES = 4
 
 

@@ -269,7 +269,7 @@ SORT_MAX = 1 << 16  # a whole tensor of at most this many values is selected by 
 def select_by_sort(bits: Tensor, ks: Sequence[int]) -> list[tuple[int, int, int] | None]:
     """:meth:`ExactSelect.result` for the int32 magnitude bits of one whole tensor, from a
     sort: for a few values (a norm's weight, a bias) the two passes' 2**16-bin histograms cost
-    a hundred times a sort of them."""
+    far more than a sort of them."""
     flat = bits.reshape(-1)
     n = flat.numel()
     ordered = torch.sort(flat).values
