@@ -474,11 +474,6 @@ class _Merger:
             method.name == "dare_ties" and cpu2 and options.drop_rate > 0
         )
 
-    @property
-    def compiled(self) -> bool:
-        """Whether the tiles run compiled kernels (:mod:`dim3.fused`)."""
-        return self._fused or self._fused_dare
-
     def __call__(self, step: _Step, work: list[torch.Tensor]) -> torch.Tensor | None:
         """Merge one step's float32 rows ``work`` = [vlm, base, *multilingual, *extra] (the
         engine's buffers); returns the merged rows, in a buffer reused by the next call, or None."""
@@ -689,6 +684,7 @@ class _Merger:
                     return stats_fn(base.T, [vlm.T, *(m.T for m in mls)])
                 return stats_fn(base, [vlm, *mls])
 
+            stats.tile_bytes = TILE_BYTES // SUM_TILES  # type: ignore[attr-defined]
             return stats, None
         if kind != "selection":
             return None
@@ -999,14 +995,19 @@ class _RankState:
 
 
 # float32 bytes of one input in a tile: with the other inputs, the rule's temporaries and the
-# result, a few MiB per thread, within a CPU's last-level cache (32 MiB on the 2-core machine
-# the figures in docs/performance.md come from; there 2 MiB tiles were at most slightly faster
-# and 4 MiB ones slower, in a few noisy runs)
-TILE_BYTES = 2**20
-# tiles of the compiled kernels (dim3/fused.py), in TILE_BYTES: they hold no float32
-# temporaries but the result, and each tile costs a dozen Python calls under the global lock
-# (timed by hand, TIES on the 2B trio: 10.1-10.8 s with these, 11.3-11.4 s with 1 MiB tiles)
-KERNEL_TILES = 4
+# result, some 20 MiB per thread, within a server CPU's last-level cache; each tile also costs
+# a dozen or more Python calls under the global lock. Timed by hand on the 2B trio, on the
+# 2-core machine of docs/performance.md's early-afternoon figures (paired, 3 rounds): DiM3
+# 11.0-12.9 s with 4 MiB tiles, 12.4-14.0 s with 2 MiB, 13.5-14.3 s with 1 MiB; TIES (its
+# compiled kernels) 10.1-10.8 s against 11.3-11.4 s with 1 MiB; task arithmetic the same with
+# any. (An earlier machine had found 2 MiB at most slightly faster and 4 MiB slower than 1 MiB,
+# for the engine of that day, in a few noisy runs.)
+TILE_BYTES = 4 << 20
+# DiM3's statistics pass takes tiles of TILE_BYTES // SUM_TILES: their float32 column sums are
+# added tile after tile, so the tiles' size fixes the sums' last bits, and through the columns'
+# ranks DiM3's weights; 1 MiB, the size they were taken in before TILE_BYTES grew, so that the
+# merged bytes stay the same (4 MiB tiles changed 0.4% of the 2B trio's merged weights)
+SUM_TILES = 4
 
 
 class _Tiles:
@@ -1022,9 +1023,8 @@ class _Tiles:
     depend on the tiling. Measured in docs/performance.md.
     """
 
-    def __init__(self, workers: int, scale: int = 1):
+    def __init__(self, workers: int):
         self.workers = workers
-        self.scale = scale  # tiles of scale * TILE_BYTES (KERNEL_TILES for compiled rules)
         self._pool = ThreadPoolExecutor(
             max_workers=workers,
             thread_name_prefix="dim3-tile",
@@ -1078,18 +1078,21 @@ class _Tiles:
         return folded if fold is not None else [results[i] for i in sorted(results)]
 
     def _start(self, views, fn, out, fold, results=None, block: int = 0) -> list[Future]:
-        share = _Share(self._groups(views, block))
+        # a rule may fix its own tiles' size (fn.tile_bytes: DiM3's column sums)
+        share = _Share(self._groups(views, block, getattr(fn, "tile_bytes", TILE_BYTES)))
         return [
             self._pool.submit(self._work, share, w, views, fn, out, fold, results)
             for w in range(share.workers)
         ]
 
-    def _groups(self, views: Sequence[torch.Tensor], block: int = 0) -> list[list[tuple[int, int]]]:
+    def _groups(
+        self, views: Sequence[torch.Tensor], block: int = 0, tile_bytes: int | None = None
+    ) -> list[list[tuple[int, int]]]:
         """The tiles (row ranges) of the merged rows, in contiguous runs, one per thread.
 
-        Tiles are of ``scale * TILE_BYTES`` float32 bytes per input (the last of a run
-        shorter), never more (the temporaries of an eager rule's tiles are buffers of the
-        thread's own, sized to the tile). With
+        Tiles are of ``TILE_BYTES`` float32 bytes per input (the last of a run shorter), never
+        more (the temporaries of an eager rule's tiles are buffers of the thread's own, sized
+        to the tile). With
         ``block`` (entries of whole rows that a rule draws at random as a unit: DARE's masks,
         the slowest part of a DARE merge), a step of at least as many blocks as threads is cut
         into runs at block boundaries, so that each block is drawn by one thread (which keeps it
@@ -1099,7 +1102,7 @@ class _Tiles:
         if not merged:  # a step of the VLM's own rows only (tokens the base does not have)
             return []
         per_row = max(1, math.prod(views[0].shape[1:]))
-        rows = max(1, self.scale * TILE_BYTES // (4 * per_row))
+        rows = max(1, (tile_bytes or TILE_BYTES) // (4 * per_row))
         block = max(1, block // per_row)  # rows, as _utils.dare_keep_mask cuts them
         blocks = -(-merged // block)
         if block > 1 and blocks >= self.workers:
@@ -1291,7 +1294,7 @@ def _pieces(
     merger = _Merger(method, options, device, buffers, on_step, extras, 1 + plan.multilingual)
     tied_sources = {e.tied_to for e in plan.entries if e.tied_to}
     whole: dict[str, torch.Tensor] = {}  # merged whole tensors that a tied head repeats
-    tiles = _Tiles(workers, KERNEL_TILES if merger.compiled else 1) if workers else None
+    tiles = _Tiles(workers) if workers else None
 
     def stage(i: int) -> _Staged:  # on the read thread, but for the first step
         staged = source.stage(steps[i], i % SLOTS)
