@@ -998,10 +998,11 @@ class _RankState:
 # result, some 20 MiB per thread, within a server CPU's last-level cache; each tile also costs
 # a dozen or more Python calls under the global lock. Timed by hand on the 2B trio, on the
 # 2-core machine of docs/performance.md's early-afternoon figures (paired, 3 rounds): DiM3
-# 11.0-12.9 s with 4 MiB tiles, 12.4-14.0 s with 2 MiB, 13.5-14.3 s with 1 MiB; TIES (its
-# compiled kernels) 10.1-10.8 s against 11.3-11.4 s with 1 MiB; task arithmetic the same with
-# any. (An earlier machine had found 2 MiB at most slightly faster and 4 MiB slower than 1 MiB,
-# for the engine of that day, in a few noisy runs.)
+# 11.0-12.9 s with 4 MiB tiles, 12.4-14.0 s with 2 MiB, 13.5-14.3 s with 1 MiB (the
+# benchmark's rounds then showed 0.94-0.98 of the 1 MiB engine's time); TIES (its compiled
+# kernels) 10.1-10.8 s against 11.3-11.4 s with 1 MiB; task arithmetic the same with any. (An
+# earlier machine had found 2 MiB at most slightly faster and 4 MiB slower than 1 MiB, for the
+# engine of that day, in a few noisy runs.)
 TILE_BYTES = 4 << 20
 # DiM3's statistics pass takes tiles of TILE_BYTES // SUM_TILES: their float32 column sums are
 # added tile after tile, so the tiles' size fixes the sums' last bits, and through the columns'
