@@ -116,6 +116,13 @@ def test_chat_panes_side_by_side_or_stacked(page):
 
 def chat_buttons_in_one_row(page) -> None:
     ids = ("#dim3-stop", "#dim3-regen", "#dim3-clear")
+    # the app's own stylesheet keeps the row from wrapping; on a busy machine it can come
+    # seconds after the page (CI saw the row wrapped for 10 s at 320 px, then passed again)
+    page.wait_for_function(
+        "() => getComputedStyle(document.querySelector('#dim3-chat-actions')).flexWrap"
+        " === 'nowrap'",
+        timeout=TIMEOUT,
+    )
     try:  # the row settles once the page's fonts and styles have loaded
         page.wait_for_function(
             "ids => new Set(ids.map(s => Math.round(document.querySelector(s)"
