@@ -331,3 +331,65 @@ def test_a_merge_queued_behind_a_cancelled_one_is_not_refused(app):
     *_, status = client(url).predict(api_name="/merge")
     assert status.startswith("✅ Merged"), status
     assert "another merge" not in status
+
+
+def _page_events(url: str) -> tuple[dict, dict]:
+    """The chat box's submit event and the answer's stream it starts, as the page finds them
+    in ``/config`` (by the box's element id): ``{"fn": index, "trigger": component id}``."""
+    import httpx
+
+    config = httpx.get(url + "config").json()
+    box = next(c["id"] for c in config["components"] if c["props"].get("elem_id") == "dim3-box")
+    deps = config["dependencies"]
+    asked = next(d for d in deps if [box, "submit"] in [list(t) for t in d["targets"]])
+    stream = next(
+        d
+        for d in deps
+        if d.get("trigger_after") == asked["id"] and d["outputs"][:2] == asked["outputs"][:2]
+    )
+    return {"fn": asked["id"], "trigger": box}, {"fn": stream["id"], "trigger": None}
+
+
+def _as_the_page(url: str, session: str, event: dict, data: list) -> list[dict]:
+    """Run one event as the browser does (``queue/join``, then the session's ``queue/data``
+    stream) and return its messages up to ``process_completed``."""
+    import httpx
+
+    api = url + "gradio_api/"
+    body = {"data": data, "fn_index": event["fn"], "trigger_id": event["trigger"]}
+    joined = httpx.post(
+        api + "queue/join", json=body | {"session_hash": session, "event_data": None}
+    )
+    joined.raise_for_status()
+    event_id, messages = joined.json()["event_id"], []
+    with httpx.stream(
+        "GET", api + "queue/data", params={"session_hash": session}, timeout=120
+    ) as s:
+        for line in s.iter_lines():
+            if line.startswith("data:") and (m := json.loads(line[5:])).get("event_id") == event_id:
+                messages.append(m)
+                if m["msg"] == "process_completed":
+                    break
+    return messages
+
+
+def test_an_answer_ends_with_an_update_that_changes_nothing(app):
+    """Gradio closes a stream with a message that carries its last update's values again, and
+    sends it after whatever the session ran meanwhile (CI saw a Clear's empty panes overwritten
+    by the answer that way). The chat's stream therefore ends with an update that leaves the
+    panes, the box and the status as they are. Asked as the page asks, over the wire."""
+    import uuid
+
+    url, _ = app
+    asked, stream = _page_events(url)
+    session = uuid.uuid4().hex[:11]
+    question = {"text": "What colour is the shape?", "files": []}
+    added = _as_the_page(url, session, asked, [question, None, None, None, 0])
+    turn = added[-1]["output"]["data"][-1]  # the question's id, as the page holds it
+    messages = _as_the_page(url, session, stream, [None, None, None, None, turn, 0, 8, 0, 1])
+    chunks = [m["output"]["data"] for m in messages if m["msg"] == "process_generating"]
+    assert any('"assistant"' in json.dumps(c[:2]) for c in chunks), chunks  # it was answered
+    closing = messages[-1]
+    assert closing["msg"] == "process_completed" and closing["success"], closing
+    shown = [v for v in closing["output"]["data"] if v is not None]  # None: session state
+    assert shown and all(v == {"__type__": "update"} for v in shown), closing["output"]["data"]

@@ -433,7 +433,36 @@ def _with_notice(messages: list[dict], note: dict | None) -> list[dict]:
 
 
 def _stream(ctx: AppContext, tab: ChatTab):
+    """The answer's handler: :func:`_answer`'s updates, then one that changes nothing.
+
+    Gradio ends a stream with a closing message that carries the last update's values again,
+    and sends it after whatever ran meanwhile: a Clear shown between the answer's last update
+    and that message would be overwritten by the answer. So the last update leaves the page as
+    it is."""
+    answer = _answer(ctx, tab)
+
     @gpu(duration=120)
+    def handler(
+        left: list,
+        right: list,
+        image_path: str | None,
+        seen: int | None,
+        turn: str | None,
+        clears: float | None,
+        max_new_tokens: float,
+        temperature: float,
+        top_p: float,
+        request: gr.Request,
+    ) -> Iterator[dict]:
+        yield from answer(
+            left, right, image_path, seen, turn, clears, max_new_tokens, temperature, top_p, request
+        )
+        yield {tab.status: gr.skip()}
+
+    return handler
+
+
+def _answer(ctx: AppContext, tab: ChatTab):
     def handler(
         left: list,
         right: list,
