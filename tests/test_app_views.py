@@ -114,36 +114,44 @@ def test_chat_panes_side_by_side_or_stacked(page):
     no_horizontal_scroll(page)
 
 
+CHAT_ROW = """ids => {
+  const rect = e => { const r = e.getBoundingClientRect();
+                      return {x: r.x, y: r.y, width: r.width, height: r.height}; };
+  const row = document.querySelector('#dim3-chat-actions'), style = getComputedStyle(row);
+  return {row: rect(row), buttons: ids.map(s => rect(document.querySelector(s))),
+          styled: style.display === 'flex' && style.flexWrap === 'nowrap'};
+}"""
+
+
 def chat_buttons_in_one_row(page) -> None:
-    ids = ("#dim3-stop", "#dim3-regen", "#dim3-clear")
-    # the app's own stylesheet keeps the row from wrapping; on a busy machine it can come
-    # seconds after the page (CI saw the row wrapped for 10 s at 320 px, then passed again)
-    page.wait_for_function(
-        "() => getComputedStyle(document.querySelector('#dim3-chat-actions')).flexWrap"
-        " === 'nowrap'",
-        timeout=TIMEOUT,
-    )
+    """Stop, Regenerate and Clear on one row, each label on one line, inside the row. Measured
+    in one step in the page (three separate measurements can straddle a shift of the whole
+    row, such as the status line above it growing when the tab's refresh lands: CI saw tops
+    91 px apart that way), once the app's stylesheet holds the row (Gradio's makes it a
+    wrapping flex row, the app's stops the wrap: both, or neither, may have loaded)."""
+    ids = ["#dim3-stop", "#dim3-regen", "#dim3-clear"]
     try:  # the row settles once the page's fonts and styles have loaded
         page.wait_for_function(
-            "ids => new Set(ids.map(s => Math.round(document.querySelector(s)"
-            ".getBoundingClientRect().top))).size === 1",
-            arg=list(ids),
-            timeout=10_000,
+            f"ids => {{ const m = ({CHAT_ROW})(ids);"
+            " return m.styled && new Set(m.buttons.map(b => Math.round(b.y))).size === 1; }",
+            arg=ids,
+            timeout=TIMEOUT,
         )
     except playwright.TimeoutError:
         pass  # measured below, and reported
-    buttons = [box(page, s) for s in ids]
-    assert len({round(b["y"]) for b in buttons}) == 1, "the chat buttons left their row"
-    assert len({round(b["height"]) for b in buttons}) == 1, "a label took two lines"
-    row = box(page, "#dim3-chat-actions")
+    shown = page.evaluate(CHAT_ROW, ids)
+    row, buttons = shown["row"], shown["buttons"]
+    assert shown["styled"], "the app's stylesheet never reached the chat row"
+    assert len({round(b["y"]) for b in buttons}) == 1, f"the chat buttons left their row: {shown}"
+    assert len({round(b["height"]) for b in buttons}) == 1, f"a label took two lines: {shown}"
     for i, a in enumerate(buttons):
         assert (
             a["width"] >= 48
             and row["x"] <= a["x"]
             and a["x"] + a["width"] <= row["x"] + row["width"] + 1
-        )
+        ), shown
         for b in buttons[i + 1 :]:
-            assert not overlap(a, b)
+            assert not overlap(a, b), shown
 
 
 @pytest.mark.parametrize("page", [320], indirect=True, ids=["320px"])
