@@ -473,6 +473,12 @@ class _Merger:
         self._fused_dare = (  # DARE-TIES: dim3.methods.dare.merge_ties takes the kernel
             method.name == "dare_ties" and cpu2 and options.drop_rate > 0
         )
+        # DiM3's apply tiles of two updates on the CPU: compiled, one loop (dim3.fused.dim3_apply)
+        self._fused_columns = (
+            method.name == "dim3"
+            and (tuned, extras, device.type) == (2, 0, "cpu")
+            and fused.gives_dim3_bits()
+        )
 
     def __call__(self, step: _Step, work: list[torch.Tensor]) -> torch.Tensor | None:
         """Merge one step's float32 rows ``work`` = [vlm, base, *multilingual, *extra] (the
@@ -564,7 +570,12 @@ class _Merger:
         def columns(work: list[torch.Tensor], first: int) -> torch.Tensor:
             (vlm, base, *mls), _ = self._split(work)
             shifted = _Step(step.source, step.out, step.stage, step.start + first, 0, False)
-            return self._column_apply(shifted, [base, vlm, *mls], state)
+            part = [base, vlm, *mls]
+            if columns.reads_stored:  # rows as stored (see below)
+                if fused.fits_dim3(base, part[1:]):
+                    return self._column_kernel(shifted, part, state)
+                part = [t.float() for t in part]
+            return self._column_apply(shifted, part, state)
 
         def elementwise(work: list[torch.Tensor], first: int) -> torch.Tensor:
             (vlm, base, *mls), kw = self._split(work)
@@ -577,6 +588,9 @@ class _Merger:
 
         # the compiled kernels read bfloat16 rows as stored (:meth:`_Tiles._work`)
         selection.reads_stored = self._fused  # type: ignore[attr-defined]
+        columns.reads_stored = (  # type: ignore[attr-defined]
+            self._fused_columns and len(step.source.shape) >= 2
+        )
         elementwise.reads_stored = self._fused_dare  # type: ignore[attr-defined]
 
         return {"columns": columns, "selection": selection}.get(kind, elementwise)
@@ -781,6 +795,17 @@ class _Merger:
             w = weights[:, step.start : step.start + part[0].shape[0]]
             return apply(part[0].T, [t.T for t in part[1:]], w).T
         return apply(part[0], part[1:], weights)
+
+    def _column_kernel(
+        self, step: _Step, part: list[torch.Tensor], weights: torch.Tensor
+    ) -> torch.Tensor:
+        """:meth:`_column_apply` of a tile by :func:`dim3.fused.dim3_apply` (the same bits),
+        its rows read as stored; into the tile thread's float32 buffer."""
+        out = scratch("dim3.fused", part[0].shape, part[0], torch.float32)
+        if step.source.transpose:
+            w = weights[:, step.start : step.start + part[0].shape[0]]
+            return fused.dim3_apply(part[0], part[1:], w, True, out)
+        return fused.dim3_apply(part[0], part[1:], weights, False, out)
 
     # -- selection (TIES, Breadcrumbs): exact per-update ranks over slices, then masks
     def _selection_ranks(self, e: Entry) -> tuple[int, list[int]]:

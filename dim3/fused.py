@@ -11,7 +11,8 @@ the lock, and here get torch tensors:
   :class:`dim3.slices.FirstMask`, elect the sign, disjoint mean, ``· λ + base``);
 - :class:`DareDraws`: DARE's keep masks from torch's own CPU generator's numbers (MT19937),
   number for number;
-- :func:`dare_ties`: DARE-TIES over a tile of two updates, from their keep masks.
+- :func:`dare_ties`: DARE-TIES over a tile of two updates, from their keep masks;
+- :func:`dim3_apply`: DiM3's apply pass over a tile of two updates, from its column weights.
 
 Each gives the very bits of the eager code (``dim3.methods._utils.disjoint_mean_``,
 ``FirstMask.words``, ``torch.rand``; tests/test_fused.py compares them on adversarial values):
@@ -209,3 +210,73 @@ def dare_ties(
         _flat(out),
     )
     return out
+
+
+@cache
+def _columns_kernel() -> Any:
+    """The kernel of :func:`dim3_apply` that gives ``apply_weights``' very bits on this machine,
+    or None if neither does. torch's ``addcmul_`` rounds each multiply-add once on x86 CPUs
+    with AVX2 or AVX-512 (its compiler contracts them), twice where it runs its plain code
+    (``ATEN_CPU_CAPABILITY=default``, other CPUs): tried once a process, on random tiles
+    through ``dim3.methods.dim3.apply_weights`` itself, laid out as the engine passes them
+    (columns along the stored rows, and a transposed tensor's)."""
+    from dim3.methods.dim3 import apply_weights
+
+    g = torch.Generator().manual_seed(0)
+    rows, cols = 12, 1003  # a row's tail past the vector width, too
+    base = torch.randn(rows, cols, generator=g)
+    tuned = [base + torch.randn(rows, cols, generator=g) * 0.01 for _ in range(2)]
+    by_col, by_row = torch.rand(2, cols, generator=g), torch.rand(2, rows, generator=g)
+    wants = (
+        (apply_weights(base, tuned, by_col), by_col, False),
+        (apply_weights(base.T, [t.T for t in tuned], by_row).T, by_row, True),
+    )
+    kernels = _kernels()
+    for kernel in (kernels.columns2_fma, kernels.columns2):
+        out = torch.empty_like(base)
+        if all(
+            torch.equal(_columns(kernel, base, tuned, w, by, out), want) for want, w, by in wants
+        ):
+            return kernel
+    return None
+
+
+def _columns(kernel: Any, base: Tensor, tuned: list[Tensor], w: Tensor, by_row: bool, out: Tensor):
+    cols = max(1, math.prod(base.shape[1:]))
+    kernel(
+        _flat(base), *map(_flat, tuned), *(_flat(x.contiguous()) for x in w.float()),
+        cols, by_row, _flat(out),
+    )  # fmt: skip
+    return out
+
+
+def fits_dim3(base: Tensor, tuned: list[Tensor]) -> bool:
+    """Whether :func:`dim3_apply` merges these: two updates, contiguous float32 or bfloat16
+    (:func:`widens`) CPU tensors of one shape with rows and columns, on a machine where the
+    kernel gives torch's bits (``_columns_kernel``)."""
+    return (
+        len(tuned) == 2
+        and base.dim() >= 2
+        and all(
+            t.device.type == "cpu" and widens(t) and t.is_contiguous() and t.shape == base.shape
+            for t in (base, *tuned)
+        )
+        and gives_dim3_bits()
+    )
+
+
+def gives_dim3_bits() -> bool:
+    """Whether :func:`dim3_apply` runs here (:func:`available`) and gives torch's bits."""
+    return available() and _columns_kernel() is not None
+
+
+def dim3_apply(
+    base: Tensor, tuned: list[Tensor], weights: Tensor, by_row: bool, out: Tensor
+) -> Tensor:
+    """DiM3's apply pass over a tile of rows in one loop, the bits of
+    ``dim3.methods.dim3.apply_weights``: ``base + Σ_t (tuned_t − base) · w_t`` with ``weights``
+    (2, columns) per column of the rows (the trailing dims flattened), or (2, rows) per row when
+    ``by_row`` (a tensor whose columns are its stored rows: the engine's transposed ones), into
+    float32 ``out`` (shaped like base; returned). base, tuned: as for :func:`fits_dim3`."""
+    assert out.dtype == torch.float32 and weights.shape[0] == 2
+    return _columns(_columns_kernel(), base, tuned, weights, by_row, out)

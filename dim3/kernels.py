@@ -1,11 +1,12 @@
-"""numba kernels: TIES' two passes and DARE-TIES over a tile of two updates, and DARE's draws
-from torch's CPU generator (see :mod:`dim3.fused`, which calls them on torch tensors; this
-module imports numba and knows numpy arrays only).
+"""numba kernels: TIES' two passes, DARE-TIES and DiM3's apply pass over a tile of two updates, and
+DARE's draws from torch's CPU generator (see :mod:`dim3.fused`, which calls them on torch
+tensors; this module imports numba and knows numpy arrays only).
 
-The same float32 operations, in the same order, as the eager code: no fast-math, no
-contraction into fused multiply-adds (numba's defaults). Compiled on first use and kept in
-numba's cache (``__pycache__`` beside this file, else the user's cache folder); where no cache
-folder is writable, compiled in each process.
+The same float32 operations, in the same order, as the eager code: no fast-math, no contraction
+into fused multiply-adds (numba's defaults), but for :func:`columns2_fma`, which matches torch's
+own contraction where torch has it (:func:`dim3.fused.dim3_apply` finds out). Compiled on first
+use and kept in numba's cache (``__pycache__`` beside this file, else the user's cache folder);
+where no cache folder is writable, compiled in each process.
 """
 
 from __future__ import annotations
@@ -160,6 +161,52 @@ def window_kth(values, ends, h, rank, low, equal):  # noqa: ANN001, ANN201
         equal[p] = c
         start = ends[p]
     return lo, below, same
+
+
+@_jit(inline="always")
+def _columns2(b, v0, v1, w0, w1, cols, by_row, out):  # noqa: ANN001, ANN202
+    """DiM3's apply pass over a tile: ``out = (b + (v0 − b) · w0) + (v1 − b) · w1``, each
+    weight the entry's column's (``w_t[c]``, ``cols`` columns a row), or its row's
+    (``w_t[r]``, ``by_row``: a tensor whose columns are its stored rows). Inlined into the two
+    kernels below, which differ in their multiply-adds only. Row by row, on slices: a loop
+    over ``r * cols + c`` does not vectorize (a third of the speed)."""
+    for r in range(b.size // cols):
+        o, e = r * cols, (r + 1) * cols
+        if by_row:
+            _row2(b[o:e], v0[o:e], v1[o:e], w0[r], w1[r], out[o:e])
+        else:
+            _row2_columns(b[o:e], v0[o:e], v1[o:e], w0, w1, out[o:e])
+
+
+@_jit(inline="always")
+def _row2_columns(b, v0, v1, w0, w1, out):  # noqa: ANN001, ANN202
+    """One row of :func:`_columns2`, weights per column."""
+    for c in range(b.size):
+        bi = _load(b, c)
+        m = bi + (_load(v0, c) - bi) * w0[c]
+        out[c] = m + (_load(v1, c) - bi) * w1[c]
+
+
+@_jit(inline="always")
+def _row2(b, v0, v1, x0, x1, out):  # noqa: ANN001, ANN202
+    """One row of :func:`_columns2`, one weight per update for the whole row."""
+    for c in range(b.size):
+        bi = _load(b, c)
+        m = bi + (_load(v0, c) - bi) * x0
+        out[c] = m + (_load(v1, c) - bi) * x1
+
+
+@_jit()
+def columns2(b, v0, v1, w0, w1, cols, by_row, out):  # noqa: ANN001, ANN201
+    """:func:`_columns2` with each multiply and add rounded (torch's scalar code)."""
+    _columns2(b, v0, v1, w0, w1, cols, by_row, out)
+
+
+@_jit(fastmath={"contract"})
+def columns2_fma(b, v0, v1, w0, w1, cols, by_row, out):  # noqa: ANN001, ANN201
+    """:func:`_columns2` with each multiply-add rounded once (fused), as torch's vectorized
+    ``addcmul_`` computes it on x86 CPUs with AVX2 or AVX-512 (the compiler contracts it)."""
+    _columns2(b, v0, v1, w0, w1, cols, by_row, out)
 
 
 # -- DARE's random keep masks: torch's CPU generator (MT19937), number for number

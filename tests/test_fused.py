@@ -216,7 +216,8 @@ def _in_bfloat16(trio, folder):
 
 
 @pytest.mark.parametrize(
-    "method,kernels", [("ties", ("apply", "counts")), ("dare_ties", ("dare_ties",))]
+    "method,kernels",
+    [("ties", ("apply", "counts")), ("dare_ties", ("dare_ties",)), ("dim3", ("dim3_apply",))],
 )
 @pytest.mark.parametrize("stored", ["float32", "bfloat16"])
 def test_a_merge_runs_the_kernels_and_writes_the_eager_bytes(
@@ -254,6 +255,67 @@ def test_a_merge_runs_the_kernels_and_writes_the_eager_bytes(
     assert files == sorted(p.name for p in eager.glob("*.safetensors"))
     for name in files:
         assert (with_kernels / name).read_bytes() == (eager / name).read_bytes(), name
+
+
+def _dim3_weights(n: int, seed: int) -> torch.Tensor:
+    """Two updates' weights as DiM3 gives them (in [0, 1], the calibration value 1.0 and 0.0
+    among them), and one value not exact in bfloat16."""
+    w = torch.rand(2, n, generator=torch.Generator().manual_seed(seed))
+    w[0, ::7], w[1, 3::11], w[0, 5::13] = 1.0, 0.0, 1 / 3
+    return w
+
+
+@pytest.mark.parametrize("kind", ["normal", "grid", "bf16", "specials"])
+@pytest.mark.parametrize("stored", ["float32", "bfloat16"])
+@pytest.mark.parametrize("by_row", [False, True])
+def test_fused_dim3_apply_equals_the_eager_rule_bit_for_bit(kind, stored, by_row):
+    """DiM3's apply kernel against ``dim3.methods.dim3.apply_weights`` on the converted rows,
+    per tile (1 MiB tiles of 1536 columns and a ragged last one), weights per column, or per
+    row as for a transposed tensor (the engine's embedding)."""
+    from dim3.methods.dim3 import apply_weights
+
+    base, tuned = _trio(kind, 3 * TILE_ROWS + 17, seed=4)
+    dtype = getattr(torch, stored)
+    base, tuned = base.to(dtype), [t.to(dtype) for t in tuned]
+    w = _dim3_weights(base.shape[0] if by_row else COLS, seed=5)
+    assert fused.fits_dim3(base, tuned)
+    for a, b in _tiles(base.shape[0]):
+        rows = [x[a:b] for x in (base, *tuned)]
+        wide = [x.float() for x in rows]
+        if by_row:
+            want = apply_weights(wide[0].T, [t.T for t in wide[1:]], w[:, a:b]).T
+            got = fused.dim3_apply(rows[0], rows[1:], w[:, a:b], True, torch.empty(b - a, COLS))
+        else:
+            want = apply_weights(wide[0], wide[1:], w)
+            got = fused.dim3_apply(rows[0], rows[1:], w, False, torch.empty(b - a, COLS))
+        _same_bits(got, want)
+
+
+def test_dim3_apply_matches_torch_with_its_plain_code_too():
+    """With torch's vectorized code off (``ATEN_CPU_CAPABILITY=default``: no fused
+    multiply-adds in ``addcmul_``), the kernel that rounds twice is the one taken, and gives
+    the eager bits; with torch's x86 vector code, the one that rounds once."""
+    import subprocess
+    import sys
+
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        assert fused._columns_kernel().__name__ == "columns2_fma"
+
+    script = (
+        "import torch; from dim3 import fused; from tests.test_fused import *\n"
+        "k = fused._columns_kernel(); print(torch.backends.cpu.get_cpu_capability(), k.__name__)\n"
+        "for kind in ('normal', 'specials'):\n"
+        "    for by_row in (False, True):\n"
+        "        test_fused_dim3_apply_equals_the_eager_rule_bit_for_bit(kind, 'bfloat16', by_row)\n"
+    )
+    from tests.app_server import ROOT
+
+    env = {**__import__("os").environ, "ATEN_CPU_CAPABILITY": "default"}
+    run = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split() == ["DEFAULT", "columns2"]
 
 
 @pytest.mark.parametrize("seed", [0, 9, 2**32 + 5, 2**63 - 25])
