@@ -463,7 +463,7 @@ class _Merger:
         # pass found the thresholds: per update, per rank, (tile first rows, counts before each)
         self._ties: list[list[tuple[list[int], list[int]]]] | None = None
         # TIES' tiles of two updates on the CPU: compiled, one loop per pass (dim3/fused.py)
-        # (numba is imported only for these two methods: its import alone takes ~0.3 s)
+        # (numba is imported only for these and DiM3: its import alone takes ~0.3 s)
         cpu2 = (
             method.name in ("ties", "dare_ties")
             and (tuned, extras, device.type) == (2, 0, "cpu")
@@ -694,11 +694,24 @@ class _Merger:
 
             def stats(work: list[torch.Tensor], first: int) -> Any:
                 (vlm, base, *mls), _ = self._split(work)
+                if stats.reads_stored:  # rows as stored (see below)
+                    if fused.fits_dim3_stats(base, [vlm, *mls]):
+                        acc = scratch("dim3.sums", (4, 5, base.shape[1]), base, torch.float32)
+                        return fused.dim3_stats(base, [vlm, *mls], acc)
+                    vlm, base, *mls = (t.float() for t in (vlm, base, *mls))
                 if e.transpose:  # columns are the stored rows: a tile's are final
                     return stats_fn(base.T, [vlm.T, *(m.T for m in mls)])
                 return stats_fn(base, [vlm, *mls])
 
             stats.tile_bytes = TILE_BYTES // SUM_TILES  # type: ignore[attr-defined]
+            # the column sums of two updates in one compiled pass (dim3.fused.dim3_stats),
+            # where they give torch's bits: not for the transposed embedding (a row's sum)
+            stats.reads_stored = (  # type: ignore[attr-defined]
+                self._fused_columns
+                and not e.transpose
+                and e.shape[1] % fused.SUM_COLUMNS == 0
+                and fused.sums_match()
+            )
             return stats, None
         if kind != "selection":
             return None

@@ -12,6 +12,7 @@ the lock, and here get torch tensors:
 - :class:`DareDraws`: DARE's keep masks from torch's own CPU generator's numbers (MT19937),
   number for number;
 - :func:`dare_ties`: DARE-TIES over a tile of two updates, from their keep masks;
+- :func:`dim3_stats`: DiM3's column sums over a tile of two updates (its statistics pass);
 - :func:`dim3_apply`: DiM3's apply pass over a tile of two updates, from its column weights.
 
 Each gives the very bits of the eager code (``dim3.methods._utils.disjoint_mean_``,
@@ -280,3 +281,68 @@ def dim3_apply(
     float32 ``out`` (shaped like base; returned). base, tuned: as for :func:`fits_dim3`."""
     assert out.dtype == torch.float32 and weights.shape[0] == 2
     return _columns(_columns_kernel(), base, tuned, weights, by_row, out)
+
+
+SUM_COLUMNS = 64  # torch sums these blocks of columns in the cascade dim3_stats follows
+
+
+@cache
+def _sums_match() -> bool:
+    """Whether :func:`dim3_stats` gives ``dim3.methods.dim3.column_stats``' very bits here:
+    torch's ``sum(dim=0)`` adds each block of 4 vectors of columns (64 floats with AVX-512,
+    32 with AVX2) in the cascade the kernel follows, its last columns otherwise (so the kernel
+    takes widths that are multiples of 64 only). Tried once a process, on float32 and
+    bfloat16 tiles of rows that take every branch of the cascade."""
+    from dim3.methods.dim3 import column_stats
+
+    g = torch.Generator().manual_seed(0)
+    for rows in (1, 5, 16, 17, 33, 170, 257, 1100):
+        for cols in (SUM_COLUMNS, 3 * SUM_COLUMNS):
+            base = torch.randn(rows, cols, generator=g) * torch.rand(rows, 1, generator=g)
+            tuned = [base + torch.randn(rows, cols, generator=g) * 0.01 for _ in range(2)]
+            for dtype in (torch.float32, torch.bfloat16):
+                b, t = base.to(dtype), [x.to(dtype) for x in tuned]
+                want = column_stats(b.float(), [x.float() for x in t])
+                got = _stats(b, t)
+                if not all(torch.equal(vars(got)[f], vars(want)[f]) for f in vars(want)):
+                    return False
+    return True
+
+
+def fits_dim3_stats(base: Tensor, tuned: list[Tensor]) -> bool:
+    """Whether :func:`dim3_stats` sums these: two updates, contiguous float32 or bfloat16
+    (:func:`widens`) CPU matrices of one shape, a multiple of 64 columns, on a machine where
+    the kernel gives torch's bits (``_sums_match``)."""
+    return (
+        len(tuned) == 2
+        and base.dim() == 2
+        and base.shape[1] % SUM_COLUMNS == 0
+        and all(
+            t.device.type == "cpu" and widens(t) and t.is_contiguous() and t.shape == base.shape
+            for t in (base, *tuned)
+        )
+        and sums_match()
+    )
+
+
+def sums_match() -> bool:
+    """Whether :func:`dim3_stats` runs here (:func:`available`) and gives torch's bits."""
+    return available() and _sums_match()
+
+
+def dim3_stats(base: Tensor, tuned: list[Tensor], scratch: Tensor | None = None) -> Any:
+    """``dim3.methods.dim3.column_stats(base, tuned)`` of a tile in one pass over its rows,
+    read as stored (the same bits: see :func:`_sums_match`): a ColumnStats of new tensors.
+    ``scratch``: (4, 5, columns) float32 for the cascade's partial sums, else a new one.
+    base, tuned: as for :func:`fits_dim3_stats`."""
+    return _stats(base, tuned, scratch)
+
+
+def _stats(base: Tensor, tuned: list[Tensor], scratch: Tensor | None = None) -> Any:
+    from dim3.methods.dim3 import ColumnStats
+
+    cols = base.shape[1]
+    acc = scratch if scratch is not None else torch.empty(4, 5, cols)
+    out = torch.empty(5, cols)
+    _kernels().column_sums2(_flat(base), *map(_flat, tuned), cols, acc.numpy(), out.numpy())
+    return ColumnStats(out[0], out[1:3], out[3:5])

@@ -209,6 +209,75 @@ def columns2_fma(b, v0, v1, w0, w1, cols, by_row, out):  # noqa: ANN001, ANN201
     _columns2(b, v0, v1, w0, w1, cols, by_row, out)
 
 
+_LEVELS = 4  # torch's cascade sum: levels of partial sums
+
+
+@_jit()
+def column_sums2(b, v0, v1, cols, acc, out):  # noqa: ANN001, ANN201
+    """DiM3's column sums over a tile's rows in one pass: ``out`` (5, cols) gets Σ b², Σ v0²,
+    Σ v1², Σ v0·b, Σ v1·b per column, each product rounded to float32 and the rows added in
+    the cascade of torch's ``sum(dim=0)`` over a contiguous float32 matrix (its
+    ``multi_row_sum``, which each block of 4 vectors of columns takes: all columns when
+    ``cols`` is a multiple of 64): partial sums of ``2**p`` rows (p = max(4, ⌈log2 rows⌉ //
+    4)) carried up 4 levels, the levels added last. ``acc``: (4, 5, cols) float32 scratch."""
+    rows = b.size // cols
+    power, n = 0, 1
+    while n < rows:
+        n, power = n * 2, power + 1
+    power = max(4, power // _LEVELS)
+    step = 1 << power
+    mask = step - 1
+    acc[:] = 0
+    i = 0
+    while i + step <= rows:
+        for _ in range(step):
+            o = i * cols
+            _sums_row(b[o : o + cols], v0[o : o + cols], v1[o : o + cols], acc[0])
+            i += 1
+        for j in range(1, _LEVELS):
+            _carry(acc[j - 1], acc[j])
+            if (i & (mask << (j * power))) != 0:
+                break
+    while i < rows:
+        o = i * cols
+        _sums_row(b[o : o + cols], v0[o : o + cols], v1[o : o + cols], acc[0])
+        i += 1
+    for j in range(1, _LEVELS):
+        _add(acc[j], acc[0])
+    out[:] = acc[0]
+
+
+@_jit(inline="always")
+def _sums_row(b, v0, v1, acc):  # noqa: ANN001, ANN202
+    """Add one row's five products to the level-0 sums ``acc`` (5, cols)."""
+    s0, s1, s2, s3, s4 = acc[0], acc[1], acc[2], acc[3], acc[4]
+    for c in range(b.size):
+        bi, x0, x1 = _load(b, c), _load(v0, c), _load(v1, c)
+        s0[c] += bi * bi
+        s1[c] += x0 * x0
+        s2[c] += x1 * x1
+        s3[c] += x0 * bi
+        s4[c] += x1 * bi
+
+
+@_jit(inline="always")
+def _carry(low, high):  # noqa: ANN001, ANN202
+    """``high += low``, then ``low = 0`` (one level of the cascade carried up)."""
+    for k in range(low.shape[0]):
+        h, lo = high[k], low[k]
+        for c in range(lo.size):
+            h[c] += lo[c]
+            lo[c] = 0
+
+
+@_jit(inline="always")
+def _add(src, dst):  # noqa: ANN001, ANN202
+    for k in range(src.shape[0]):
+        d, s_ = dst[k], src[k]
+        for c in range(s_.size):
+            d[c] += s_[c]
+
+
 # -- DARE's random keep masks: torch's CPU generator (MT19937), number for number
 _U = np.uint32
 _N, _M = 624, 397  # MT19937's state words and shift

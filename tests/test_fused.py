@@ -217,7 +217,11 @@ def _in_bfloat16(trio, folder):
 
 @pytest.mark.parametrize(
     "method,kernels",
-    [("ties", ("apply", "counts")), ("dare_ties", ("dare_ties",)), ("dim3", ("dim3_apply",))],
+    [
+        ("ties", ("apply", "counts")),
+        ("dare_ties", ("dare_ties",)),
+        ("dim3", ("dim3_apply", "dim3_stats")),
+    ],
 )
 @pytest.mark.parametrize("stored", ["float32", "bfloat16"])
 def test_a_merge_runs_the_kernels_and_writes_the_eager_bytes(
@@ -291,10 +295,47 @@ def test_fused_dim3_apply_equals_the_eager_rule_bit_for_bit(kind, stored, by_row
         _same_bits(got, want)
 
 
+@pytest.mark.parametrize("kind", ["normal", "grid", "bf16", "specials"])
+@pytest.mark.parametrize("stored", ["float32", "bfloat16"])
+def test_fused_dim3_stats_equal_the_eager_sums_bit_for_bit(kind, stored):
+    """DiM3's column sums in one pass against ``dim3.methods.dim3.column_stats`` on the
+    converted rows: tiles of the engine's statistics pass (1536 columns; 1 MiB tiles, whose
+    170 rows take the cascade's level carries, a ragged last one) and single rows up to 1,100
+    (every branch of torch's cascade: fewer rows than a level, a level and one, several)."""
+    from dim3.methods.dim3 import column_stats
+
+    base, tuned = _trio(kind, 1100, seed=6)
+    dtype = getattr(torch, stored)
+    base, tuned = base.to(dtype), [t.to(dtype) for t in tuned]
+    rows = engine.TILE_BYTES // engine.SUM_TILES // (4 * COLS)
+    cuts = [(a, min(a + rows, 1100)) for a in range(0, 1100, rows)]
+    cuts += [(0, n) for n in (1, 15, 16, 17, 255, 256, 257, 1100)]
+    assert fused.fits_dim3_stats(base, tuned)
+    for a, b in cuts:
+        part = [x[a:b] for x in (base, *tuned)]
+        want = column_stats(part[0].float(), [t.float() for t in part[1:]])
+        got = fused.dim3_stats(part[0], part[1:])
+        for field in ("base_sq", "tuned_sq", "dot"):
+            _same_bits(getattr(got, field), getattr(want, field))
+
+
+def test_dim3_kernels_take_only_what_they_match():
+    """The column sums take widths that are multiples of 64 (torch adds the last columns of a
+    row in another order), two updates, rows and columns."""
+    base = torch.zeros(4, 96)
+    assert not fused.fits_dim3_stats(base, [base, base])
+    base = torch.zeros(4, 128)
+    assert fused.fits_dim3_stats(base, [base, base])
+    assert not fused.fits_dim3_stats(base, [base])
+    assert not fused.fits_dim3_stats(base.reshape(-1), [base.reshape(-1)] * 2)
+    assert not fused.fits_dim3_stats(base, [base.half(), base])
+
+
 def test_dim3_apply_matches_torch_with_its_plain_code_too():
     """With torch's vectorized code off (``ATEN_CPU_CAPABILITY=default``: no fused
-    multiply-adds in ``addcmul_``), the kernel that rounds twice is the one taken, and gives
-    the eager bits; with torch's x86 vector code, the one that rounds once."""
+    multiply-adds in ``addcmul_``, another vector width for ``sum``), the apply kernel that
+    rounds twice is the one taken, and both kernels give the eager bits; with torch's x86
+    vector code, the one that rounds once."""
     import subprocess
     import sys
 
@@ -307,6 +348,7 @@ def test_dim3_apply_matches_torch_with_its_plain_code_too():
         "for kind in ('normal', 'specials'):\n"
         "    for by_row in (False, True):\n"
         "        test_fused_dim3_apply_equals_the_eager_rule_bit_for_bit(kind, 'bfloat16', by_row)\n"
+        "    test_fused_dim3_stats_equal_the_eager_sums_bit_for_bit(kind, 'float32')\n"
     )
     from tests.app_server import ROOT
 
