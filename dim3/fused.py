@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cache
 from typing import Any
 
@@ -213,6 +215,19 @@ def dare_ties(
     return out
 
 
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """torch on one intra-op thread meanwhile, as the engine's tile threads run it: the
+    probes below compare with the eager code as the tiles would compute it (how a reduction
+    is cut among threads may change which of torch's loops adds which columns)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @cache
 def _columns_kernel() -> Any:
     """The kernel of :func:`dim3_apply` that gives ``apply_weights``' very bits on this machine,
@@ -228,10 +243,11 @@ def _columns_kernel() -> Any:
     base = torch.randn(rows, cols, generator=g)
     tuned = [base + torch.randn(rows, cols, generator=g) * 0.01 for _ in range(2)]
     by_col, by_row = torch.rand(2, cols, generator=g), torch.rand(2, rows, generator=g)
-    wants = (
-        (apply_weights(base, tuned, by_col), by_col, False),
-        (apply_weights(base.T, [t.T for t in tuned], by_row).T, by_row, True),
-    )
+    with _one_thread():
+        wants = (
+            (apply_weights(base, tuned, by_col), by_col, False),
+            (apply_weights(base.T, [t.T for t in tuned], by_row).T, by_row, True),
+        )
     kernels = _kernels()
     for kernel in (kernels.columns2_fma, kernels.columns2):
         out = torch.empty_like(base)
@@ -302,7 +318,8 @@ def _sums_match() -> bool:
             tuned = [base + torch.randn(rows, cols, generator=g) * 0.01 for _ in range(2)]
             for dtype in (torch.float32, torch.bfloat16):
                 b, t = base.to(dtype), [x.to(dtype) for x in tuned]
-                want = column_stats(b.float(), [x.float() for x in t])
+                with _one_thread():
+                    want = column_stats(b.float(), [x.float() for x in t])
                 got = _stats(b, t)
                 if not all(torch.equal(vars(got)[f], vars(want)[f]) for f in vars(want)):
                     return False
