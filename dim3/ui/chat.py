@@ -16,11 +16,13 @@ image and generation settings in, both answers out.
 
 from __future__ import annotations
 
+import functools
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import gradio as gr
 
@@ -442,21 +444,9 @@ def _stream(ctx: AppContext, tab: ChatTab):
     answer = _answer(ctx, tab)
 
     @gpu(duration=120)
-    def handler(
-        left: list,
-        right: list,
-        image_path: str | None,
-        seen: int | None,
-        turn: str | None,
-        clears: float | None,
-        max_new_tokens: float,
-        temperature: float,
-        top_p: float,
-        request: gr.Request,
-    ) -> Iterator[dict]:
-        yield from answer(
-            left, right, image_path, seen, turn, clears, max_new_tokens, temperature, top_p, request
-        )
+    @functools.wraps(answer)  # Gradio reads the answer's parameters (inputs, gr.Request)
+    def handler(*args: Any, **kwargs: Any) -> Iterator[dict]:
+        yield from answer(*args, **kwargs)
         yield {tab.status: gr.skip()}
 
     return handler
