@@ -473,7 +473,7 @@ class _Merger:
         self._fused_dare = (  # DARE-TIES: dim3.methods.dare.merge_ties takes the kernel
             method.name == "dare_ties" and cpu2 and options.drop_rate > 0
         )
-        # DiM3's apply tiles of two updates on the CPU: compiled, one loop (dim3.fused.dim3_apply)
+        # DiM3's tiles of two updates on the CPU: compiled, one loop per pass (dim3/fused.py)
         self._fused_columns = (
             method.name == "dim3"
             and (tuned, extras, device.type) == (2, 0, "cpu")

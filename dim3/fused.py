@@ -177,19 +177,19 @@ class DareDraws:
         return out
 
 
+def _two_updates(base: Tensor, tuned: list[Tensor]) -> bool:
+    """Two updates, base and both contiguous float32 or bfloat16 (:func:`widens`) CPU tensors
+    of one shape: what every two-update kernel here reads."""
+    return len(tuned) == 2 and all(
+        t.device.type == "cpu" and widens(t) and t.is_contiguous() and t.shape == base.shape
+        for t in (base, *tuned)
+    )
+
+
 def fits_dare(base: Tensor, tuned: list[Tensor], drop_rate: float) -> bool:
     """Whether :func:`dare_ties` merges these: two updates, contiguous float32 or bfloat16
     (:func:`widens`) CPU tensors of one shape (at least one dimension), some entries dropped."""
-    return (
-        len(tuned) == 2
-        and drop_rate > 0.0
-        and base.dim() > 0
-        and all(
-            t.device.type == "cpu" and widens(t) and t.is_contiguous() and t.shape == base.shape
-            for t in (base, *tuned)
-        )
-        and available()
-    )
+    return drop_rate > 0.0 and base.dim() > 0 and _two_updates(base, tuned) and available()
 
 
 def dare_ties(
@@ -271,15 +271,7 @@ def fits_dim3(base: Tensor, tuned: list[Tensor]) -> bool:
     """Whether :func:`dim3_apply` merges these: two updates, contiguous float32 or bfloat16
     (:func:`widens`) CPU tensors of one shape with rows and columns, on a machine where the
     kernel gives torch's bits (``_columns_kernel``)."""
-    return (
-        len(tuned) == 2
-        and base.dim() >= 2
-        and all(
-            t.device.type == "cpu" and widens(t) and t.is_contiguous() and t.shape == base.shape
-            for t in (base, *tuned)
-        )
-        and gives_dim3_bits()
-    )
+    return base.dim() >= 2 and _two_updates(base, tuned) and gives_dim3_bits()
 
 
 def gives_dim3_bits() -> bool:
@@ -331,13 +323,9 @@ def fits_dim3_stats(base: Tensor, tuned: list[Tensor]) -> bool:
     (:func:`widens`) CPU matrices of one shape, a multiple of 64 columns, on a machine where
     the kernel gives torch's bits (``_sums_match``)."""
     return (
-        len(tuned) == 2
-        and base.dim() == 2
+        base.dim() == 2
         and base.shape[1] % SUM_COLUMNS == 0
-        and all(
-            t.device.type == "cpu" and widens(t) and t.is_contiguous() and t.shape == base.shape
-            for t in (base, *tuned)
-        )
+        and _two_updates(base, tuned)
         and sums_match()
     )
 
@@ -356,6 +344,8 @@ def dim3_stats(base: Tensor, tuned: list[Tensor], scratch: Tensor | None = None)
 
 
 def _stats(base: Tensor, tuned: list[Tensor], scratch: Tensor | None = None) -> Any:
+    # the kernel's call, for dim3_stats and for the probe (_sums_match), which is not a
+    # tile's statistics (as _columns is the apply kernel's, for dim3_apply and its probe)
     from dim3.methods.dim3 import ColumnStats
 
     cols = base.shape[1]

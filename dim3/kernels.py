@@ -1,10 +1,11 @@
-"""numba kernels: TIES' two passes, DARE-TIES and DiM3's apply pass over a tile of two updates, and
+"""numba kernels: TIES' two passes, DARE-TIES and DiM3's two passes over a tile of two updates, and
 DARE's draws from torch's CPU generator (see :mod:`dim3.fused`, which calls them on torch
 tensors; this module imports numba and knows numpy arrays only).
 
 The same float32 operations, in the same order, as the eager code: no fast-math, no contraction
 into fused multiply-adds (numba's defaults), but for :func:`columns2_fma`, which matches torch's
-own contraction where torch has it (:func:`dim3.fused.dim3_apply` finds out). Compiled on first
+own contraction where torch has it (:mod:`dim3.fused` finds out which matches), and in the
+order of torch's own code where it is not the formula's (:func:`column_sums2`). Compiled on first
 use and kept in numba's cache (``__pycache__`` beside this file, else the user's cache folder);
 where no cache folder is writable, compiled in each process.
 """
@@ -272,6 +273,7 @@ def _carry(low, high):  # noqa: ANN001, ANN202
 
 @_jit(inline="always")
 def _add(src, dst):  # noqa: ANN001, ANN202
+    """``dst += src`` (the cascade's levels added last)."""
     for k in range(src.shape[0]):
         d, s_ = dst[k], src[k]
         for c in range(s_.size):
