@@ -14,7 +14,7 @@ included) right after each round's merge, against the same round's floor.
 
     python benchmarks/merge_throughput.py --shape tiny          # seconds, any machine
     python benchmarks/merge_throughput.py --shape 1b --dtype bfloat16
-    python benchmarks/merge_throughput.py --shape 7b --device cuda   # ~40 GB of disk
+    python benchmarks/merge_throughput.py --shape 7b --device cuda   # ~55 GB of disk
     python benchmarks/merge_throughput.py --shape qwen2-vl-2b --workdir /tmp/b2b   # ~20 GB of disk
     python benchmarks/merge_throughput.py --shape qwen2-vl-7b --device cuda   # ~75 GB of disk
 
@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shutil
@@ -108,8 +109,11 @@ def write_model(
     config: dict,
     rename=lambda k: k,
     pad_rows: int = 0,
+    device: str = "cpu",
 ) -> None:
-    """Write base-plus-residual weights tensor by tensor (memory: one tensor)."""
+    """Write base-plus-residual weights tensor by tensor (memory: one tensor). ``device``: where
+    the normal draws are made (a CPU draws ~100 million a second on one thread: the 7b trio's
+    33 billion take minutes; a GPU draws them in seconds, other numbers from the same seeds)."""
     vocab = ("embed_tokens.weight", "lm_head.weight")
     out = {
         rename(k): (s[0] + pad_rows, *s[1:]) if k.endswith(vocab) else s for k, s in specs.items()
@@ -122,12 +126,12 @@ def write_model(
     with ShardedWriter(folder, tensor_specs, shard_size="2GB") as w:
         for spec in tensor_specs:
             key = original.get(spec.name, spec.name)
-            g = torch.Generator().manual_seed(base_seed + hash_key(key))
-            t = torch.randn(spec.shape, generator=g) * 0.02
+            g = torch.Generator(device).manual_seed(base_seed + hash_key(key))
+            t = torch.randn(spec.shape, generator=g, device=device) * 0.02
             if residual:
-                g2 = torch.Generator().manual_seed(seed + hash_key(key))
-                t += torch.randn(spec.shape, generator=g2) * 0.02 * residual
-            w.write(spec.name, t.to(dtype))
+                g2 = torch.Generator(device).manual_seed(seed + hash_key(key))
+                t += torch.randn(spec.shape, generator=g2, device=device) * 0.02 * residual
+            w.write(spec.name, t.to(dtype).cpu())
         (w.folder / "config.json").write_text(json.dumps(config["json"]))
 
 
@@ -177,7 +181,8 @@ def hash_key(key: str) -> int:
     return zlib.crc32(key.encode())
 
 
-def build_trio(root: Path, shape: str, dtype: torch.dtype) -> Recipe:
+def build_trio(root: Path, shape: str, dtype: torch.dtype, device: str = "cpu") -> Recipe:
+    """The synthetic trio; its random draws made on ``device`` (the merge's: cuda or cpu)."""
     hidden, layers, inter, vocab, heads = SHAPES[shape]
     specs = llm_specs(hidden, layers, inter, vocab)
     text = {
@@ -188,9 +193,13 @@ def build_trio(root: Path, shape: str, dtype: torch.dtype) -> Recipe:
         "vocab_size": vocab,
         "num_attention_heads": heads,
     }
-    write_model(root / "base", specs, dtype, 0, 0, 0.0, {"json": text})
-    write_model(root / "multilingual", specs, dtype, 1, 0, 0.3, {"json": text})
     llava, vision = llava_config(text, vocab + 64, tower_layers=2 if shape == "tiny" else 24)
+    llm = sum(math.prod(s) for s in specs.values())
+    vlm = llm + 2 * 64 * hidden + sum(math.prod(s) for s in vision.values())
+    root.mkdir(parents=True, exist_ok=True)
+    check_disk(root, (2 * llm + 2 * vlm) * dtype.itemsize)  # the inputs and one output
+    write_model(root / "base", specs, dtype, 0, 0, 0.0, {"json": text}, device=device)
+    write_model(root / "multilingual", specs, dtype, 1, 0, 0.3, {"json": text}, device=device)
     write_model(
         root / "multimodal",
         specs,
@@ -201,6 +210,7 @@ def build_trio(root: Path, shape: str, dtype: torch.dtype) -> Recipe:
         {"json": llava, "vision": vision},
         rename=vlm_key,
         pad_rows=64,
+        device=device,
     )
     return Recipe(
         Source(str(root / "base")),
@@ -485,7 +495,8 @@ def main() -> None:
             recipe = build_real_trio(root / "trio", args.shape, args.data, args.layers)
             dtype = "real dtypes"
         else:
-            recipe = build_trio(root / "trio", args.shape, DTYPES[args.dtype])
+            drawn = engine.resolve_device(args.device).type  # random draws where it merges
+            recipe = build_trio(root / "trio", args.shape, DTYPES[args.dtype], drawn)
             dtype = args.dtype
         print(f"built {args.shape} trio ({dtype}) in {time.perf_counter() - t0:.1f} s", flush=True)
         files = input_files(recipe)
