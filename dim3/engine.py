@@ -1239,8 +1239,9 @@ class _Share:
 def tile_workers(device: torch.device, cores: int | None = None) -> int:
     """Threads of :class:`_Tiles` for a CPU merge: one per core torch computes on
     (:func:`compute_threads`), at most 8 (the work is bound by memory bandwidth); 0 (no
-    tiling) for other devices."""
-    if device.type != "cpu":
+    tiling) for other devices, and on the CPU with ``DIM3_TILES=0``: the loop then computes
+    every step on its own thread, as it does for a GPU (the tests run that path on CPUs)."""
+    if device.type != "cpu" or os.environ.get("DIM3_TILES", "1") == "0":
         return 0
     return min(8, compute_threads(device, cores))
 
@@ -1361,8 +1362,9 @@ def _pieces(
                 elif merger.skips(step):
                     out = None
                 elif (
-                    tiles is not None and (stats := merger.tile_stats(step, staged.guess))
-                ) is not None:
+                    tiles is not None
+                    and (stats := merger.tile_stats(step, staged.guess)) is not None
+                ):
                     merger.add_stats(step, tiles.map(staged.tensors, *stats))
                     out = None
                 elif (

@@ -475,6 +475,13 @@ def test_dare_without_drop_is_task_arithmetic_and_ties_without_trim():
 @pytest.mark.parametrize("method", ALL)
 def test_cuda_matches_cpu(method):
     base, tuned = trio((96, 80), seed=3)
+    if method in ("iso_c", "stf"):
+        # Each merges through one exact SVD of an update, which LAPACK (CPU) and cuSOLVER (GPU)
+        # compute in float32 only to about eps * |update| / (gap between singular values):
+        # on an H200 (torch 2.11, 2026-11-30) they differed by 4.9e-6 (iso_c) and 2.2e-5 (stf)
+        # here, as float32 and float64 differ on the CPU alone (4.7e-6 for stf). In float64 the
+        # two devices must agree to the tolerance below.
+        base, tuned = base.double(), [t.double() for t in tuned]
     cpu = run(method, base, tuned, name="model.layers.3.self_attn.q_proj.weight")
     gpu = run(
         method,

@@ -854,6 +854,45 @@ def test_compute_threads_leave_a_core_to_the_io_threads_above_two():
     assert engine.compute_threads(cpu, cores=16) == 15
 
 
+# ------------------------------------------------ the untiled loop (a GPU's), run on the CPU
+
+
+@pytest.mark.parametrize("method", SLICED)
+def test_untiled_loop_merges_what_the_tiles_merge(method, tiny_qwen2vl_trio, tmp_path, monkeypatch):
+    """With ``DIM3_TILES=0`` a CPU merge computes every step on the loop's thread, the path a
+    CUDA merge takes (no tiles off the CPU): CI has no GPU, so this is where that path runs.
+    It writes what the tiled merge writes, to float32 rounding (sums added in another order)."""
+    tiled = engine.merge_to_folder(
+        recipe_of(tiny_qwen2vl_trio, method=method, device="cpu"),
+        tmp_path / "tiled",
+        chunk_size=4096,
+    )
+    monkeypatch.setenv("DIM3_TILES", "0")
+    assert engine.tile_workers(torch.device("cpu")) == 0
+    untiled = engine.merge_to_folder(
+        recipe_of(tiny_qwen2vl_trio, method=method, device="cpu"),
+        tmp_path / "untiled",
+        chunk_size=4096,
+    )
+    a, b = load_all(tiled.out_dir), load_all(untiled.out_dir)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_untiled_merge_into_a_loaded_model_equals_the_folder(
+    tiny_llava_trio, tmp_path, monkeypatch
+):
+    recipe = recipe_of(tiny_llava_trio, device="cpu")
+    engine.merge_to_folder(recipe, tmp_path / "out", chunk_size=4096)
+    monkeypatch.setenv("DIM3_TILES", "0")
+    model = AutoModelForImageTextToText.from_pretrained(tiny_llava_trio.multimodal)
+    engine.merge_into_model(model, recipe, chunk_size=4096)
+    want = AutoModelForImageTextToText.from_pretrained(tmp_path / "out").state_dict()
+    for key, tensor in model.state_dict().items():
+        torch.testing.assert_close(tensor, want[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
 # ---------------------------------------------------------------- CUDA (skipped without a GPU)
 
 
