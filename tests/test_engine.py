@@ -531,6 +531,49 @@ def test_cli_plan_merge_and_recipe_replay(tiny_llava_trio, tmp_path, capsys):
     assert "--calibration is a DiM3 option; use --option" in capsys.readouterr().err
 
 
+def test_cli_as_a_process_writes_and_prints_everything_before_it_ends(tiny_llava_trio, tmp_path):
+    """``python -m dim3 merge`` and ``plan`` end the process without the interpreter's teardown
+    (dim3/__main__.py): into a pipe, every line they print must still arrive, the merged folder
+    must be whole, and the exit status must be the command's."""
+    import subprocess
+    import sys
+
+    args = [
+        "--base",
+        str(tiny_llava_trio.base),
+        "--multilingual",
+        str(tiny_llava_trio.multilingual),
+    ]
+    args += ["--multimodal", str(tiny_llava_trio.multimodal)]
+    root = Path(__file__).resolve().parent.parent
+
+    def dim3(*argv: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "dim3", *argv]
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # a pipe buffers
+        return subprocess.run(
+            command, cwd=root, env=env, capture_output=True, text=True, timeout=300
+        )
+
+    planned = dim3("plan", *args)
+    assert planned.returncode == 0, planned.stderr
+    assert "Merged: 21 language-model tensors" in planned.stdout
+    assert planned.stdout.endswith("\n")
+    out = tmp_path / "merged"
+    merged = dim3("merge", *args, "--out", str(out))
+    assert merged.returncode == 0, merged.stderr
+    assert merged.stdout.rstrip().splitlines()[-1].startswith(f"Wrote {out}")
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left
+    ref = engine.merge_to_folder(recipe_of(tiny_llava_trio), tmp_path / "ref")  # in-process
+    a, b = load_all(out), load_all(ref.out_dir)
+    assert a and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    _, info = AutoModelForImageTextToText.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert (out / "README.md").is_file() and (out / "dim3_recipe.json").is_file()
+    again = dim3("merge", *args, "--out", str(out))
+    assert again.returncode == 2
+    assert again.stderr.strip().startswith("error:") and "--overwrite" in again.stderr
+
+
 def test_inputs_never_modified_even_on_overwrite(tiny_qwen2vl_trio, tmp_path):
     before = {
         r: digest(getattr(tiny_qwen2vl_trio, r)) for r in ("base", "multilingual", "multimodal")
