@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -293,13 +294,15 @@ def _ml_name(i: int, n: int) -> str:
 def _check_related(
     entries: list[Entry], base: Checkpoint, mls: Sequence[Checkpoint], vlm: Checkpoint
 ) -> None:
-    """Refuse models that share shapes but not weights, comparing one attention matrix."""
-    probe = next(
-        (e for e in entries if e.action == "merge" and len(e.shape) == 2 and "layers.0." in e.key),
-        None,
-    )
-    if probe is None:
+    """Refuse models that share shapes but not weights, comparing the first layer's smallest
+    merged matrix (an attention projection: 0.4 million weights at Qwen2-VL-2B's shape, where
+    the first one listed, an MLP matrix of 13.8 million, took 0.18 s of every plan)."""
+    candidates = [
+        e for e in entries if e.action == "merge" and len(e.shape) == 2 and "layers.0." in e.key
+    ]
+    if not candidates:
         return
+    probe = min(candidates, key=lambda e: math.prod(e.shape))
     b = base.get(probe.base_key)
     others = [("VLM", vlm, probe.key)] + [
         (_ml_name(i, len(mls)), ml, key)
