@@ -463,7 +463,8 @@ class _Merger:
         # pass found the thresholds: per update, per rank, (tile first rows, counts before each)
         self._ties: list[list[tuple[list[int], list[int]]]] | None = None
         # TIES' tiles of two updates on the CPU: compiled, one loop per pass (dim3/fused.py)
-        # (numba is imported only for these and DiM3: its import alone takes ~0.3 s)
+        # (numba is imported only for these, DiM3 and task arithmetic: its import and first
+        # call take ~0.5 s)
         cpu2 = (
             method.name in ("ties", "dare_ties")
             and (tuned, extras, device.type) == (2, 0, "cpu")
@@ -472,6 +473,14 @@ class _Merger:
         self._fused = method.name == "ties" and cpu2
         self._fused_dare = (  # DARE-TIES: dim3.methods.dare.merge_ties takes the kernel
             method.name == "dare_ties" and cpu2 and options.drop_rate > 0
+        )
+        # task arithmetic's tiles of two updates on the CPU: one compiled loop, when the
+        # second update's weight is 1 (dim3.methods.task_arithmetic.merge takes the kernel)
+        self._fused_sum = (
+            method.name == "task_arithmetic"
+            and (tuned, extras, device.type) == (2, 0, "cpu")
+            and options.multilingual_weight == 1.0
+            and fused.available()
         )
         # DiM3's tiles of two updates on the CPU: compiled, one loop per pass (dim3/fused.py)
         self._fused_columns = (
@@ -591,7 +600,7 @@ class _Merger:
         columns.reads_stored = (  # type: ignore[attr-defined]
             self._fused_columns and len(step.source.shape) >= 2
         )
-        elementwise.reads_stored = self._fused_dare  # type: ignore[attr-defined]
+        elementwise.reads_stored = self._fused_dare or self._fused_sum  # type: ignore[attr-defined]
 
         return {"columns": columns, "selection": selection}.get(kind, elementwise)
 

@@ -215,6 +215,27 @@ def dare_ties(
     return out
 
 
+def fits_sum(base: Tensor, tuned: list[Tensor]) -> bool:
+    """Whether :func:`task_arithmetic` merges these: two updates, contiguous float32 or
+    bfloat16 (:func:`widens`) CPU tensors of one shape (at least one dimension)."""
+    return base.dim() > 0 and _two_updates(base, tuned) and available()
+
+
+def task_arithmetic(
+    base: Tensor, tuned: list[Tensor], weight: float, scaling: float, out: Tensor
+) -> Tensor:
+    """Task arithmetic of two updates in one pass, the bits of
+    ``dim3.methods.task_arithmetic.merge`` when the second update's weight is 1:
+    ``base + λ ((tuned_0 − base) · weight + (tuned_1 − base))``, into float32 ``out`` (returned).
+    base, tuned: as for :func:`fits_sum`. The weights are rounded to float32 first, as torch
+    rounds a Python number it multiplies a float32 tensor by."""
+    assert out.dtype == torch.float32
+    _kernels().sum2(
+        _flat(base), *map(_flat, tuned), np.float32(weight), np.float32(scaling), _flat(out)
+    )
+    return out
+
+
 @contextmanager
 def _one_thread() -> Iterator[None]:
     """torch on one intra-op thread meanwhile, as the engine's tile threads run it: the

@@ -1,4 +1,5 @@
-"""numba kernels: TIES' two passes, DARE-TIES and DiM3's two passes over a tile of two updates, and
+"""numba kernels: TIES' two passes, DARE-TIES, DiM3's two passes and task arithmetic over a tile of
+two updates, and
 DARE's draws from torch's CPU generator (see :mod:`dim3.fused`, which calls them on torch
 tensors; this module imports numba and knows numpy arrays only).
 
@@ -208,6 +209,19 @@ def columns2_fma(b, v0, v1, w0, w1, cols, by_row, out):  # noqa: ANN001, ANN201
     """:func:`_columns2` with each multiply-add rounded once (fused), as torch's vectorized
     ``addcmul_`` computes it on x86 CPUs with AVX2 or AVX-512 (the compiler contracts it)."""
     _columns2(b, v0, v1, w0, w1, cols, by_row, out)
+
+
+@_jit()
+def sum2(b, v0, v1, w0, lam, out):  # noqa: ANN001, ANN201
+    """Task arithmetic of two updates, the second weighted 1: ``((v0 − b) · w0 + (v1 − b)) · λ
+    + b``, each operation rounded to float32 in the eager code's order (a factor of 1, a pass
+    the eager code skips, changes no value: every operand is the result of a subtraction, never
+    a signalling NaN)."""
+    for i in range(b.size):
+        bi = _load(b, i)
+        m = (_load(v0, i) - bi) * w0
+        m = m + (_load(v1, i) - bi)
+        out[i] = m * lam + bi
 
 
 _LEVELS = 4  # torch's cascade sum: levels of partial sums

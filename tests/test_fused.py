@@ -221,6 +221,7 @@ def _in_bfloat16(trio, folder):
         ("ties", ("apply", "counts")),
         ("dare_ties", ("dare_ties",)),
         ("dim3", ("dim3_apply", "dim3_stats")),
+        ("task_arithmetic", ("task_arithmetic",)),
     ],
 )
 @pytest.mark.parametrize("stored", ["float32", "bfloat16"])
@@ -417,3 +418,64 @@ def test_fused_dare_ties_equals_the_eager_rule_bit_for_bit(kind, drop_rate, scal
         _same_bits(merged(), got)
     monkeypatch.setenv("DIM3_FUSED", "0")
     _same_bits(got, merged())
+
+
+@pytest.mark.parametrize("kind", ["normal", "grid", "bf16", "specials"])
+@pytest.mark.parametrize("stored", ["float32", "bfloat16"])
+@pytest.mark.parametrize(
+    "weights", [{}, {"multimodal_weight": 0.7, "scaling": 1.3}, {"scaling": 0.45}]
+)
+def test_fused_task_arithmetic_equals_the_eager_rule_bit_for_bit(
+    kind, stored, weights, monkeypatch
+):
+    """Task arithmetic of two updates over tiles of a real shape (one engine tile, a row, a
+    whole 1400-row matrix, a vector), as stored (bfloat16 rows unconverted): the bits of the
+    eager rule (``DIM3_FUSED=0``) on the same values widened to float32."""
+    from dim3.methods import get_method
+
+    method = get_method("task_arithmetic")
+    options = method.make_options(weights)
+    base, tuned = _trio(kind, 1400, seed=len(kind) + 7)
+    dtype = getattr(torch, stored)
+    pieces = [(0, TILE_ROWS), (TILE_ROWS, TILE_ROWS + 1), (0, 1400)]
+    for a, b in pieces:
+        rows = [t[a:b].to(dtype) for t in (base, *tuned)]
+        assert fused.fits_sum(rows[0], rows[1:])
+        got = method.merge(rows[0], rows[1:], options)
+        monkeypatch.setenv("DIM3_FUSED", "0")
+        want = method.merge(rows[0].float(), [t.float() for t in rows[1:]], options)
+        monkeypatch.delenv("DIM3_FUSED")
+        assert got.dtype == torch.float32
+        _same_bits(got, want)
+    vector = [t[7].to(dtype) for t in (base, *tuned)]  # a norm's weights: one dimension
+    got = method.merge(vector[0], vector[1:], options)
+    monkeypatch.setenv("DIM3_FUSED", "0")
+    _same_bits(got, method.merge(vector[0].float(), [t.float() for t in vector[1:]], options))
+
+
+def test_task_arithmetic_kernel_takes_only_what_it_matches(monkeypatch):
+    """Three updates, a multilingual weight other than 1, a scalar, a strided view or float16
+    rows go to the eager rule (same result as with the kernels off); two updates do not."""
+    from dim3.methods import get_method
+
+    method = get_method("task_arithmetic")
+    base, tuned = _trio("normal", 8, seed=3)
+    calls = []
+    real = fused.task_arithmetic
+    monkeypatch.setattr(fused, "task_arithmetic", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cases = [
+        (base, [*tuned, tuned[0] * 2], {}),
+        (base, tuned, {"multilingual_weight": 0.5}),
+        (base[0, 0], [t[0, 0] for t in tuned], {}),
+        (base[:, ::2], [t[:, ::2] for t in tuned], {}),
+        (base.half(), [t.half() for t in tuned], {}),
+    ]
+    for b, ts, opts in cases:
+        got = method.merge(b, ts, method.make_options(opts))
+        monkeypatch.setenv("DIM3_FUSED", "0")
+        want = method.merge(b.float(), [t.float() for t in ts], method.make_options(opts))
+        monkeypatch.delenv("DIM3_FUSED")
+        _same_bits(got, want)
+    assert calls == []
+    method.merge(base, tuned, method.make_options({}))
+    assert calls == [1]

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from dim3 import fused
 from dim3.methods._utils import check_options, model_weights, number, scratch
 
 NAME = "task_arithmetic"
@@ -45,9 +46,17 @@ def merge(
 
     base (Tensor of shape (out, in) or (n,)), tuned = [multimodal, multilingual_1, ...] shaped like base
     (each multilingual update gets ``multilingual_weight``).
-    Returns a float32 tensor shaped like base.
+    Returns a float32 tensor shaped like base. Two updates on the CPU with the multilingual
+    weight 1: one compiled pass (:func:`dim3.fused.task_arithmetic`, the same bits).
     """
     weights = model_weights(tuned, options.multimodal_weight, options.multilingual_weight)
+    if len(tuned) == 2 and weights[1] == 1.0 and fused.fits_sum(base, tuned):
+        # two updates on the CPU: one compiled pass (dim3.fused.task_arithmetic, the same bits),
+        # which also reads bfloat16 tensors as stored (the engine's tiles pass them unconverted)
+        out = scratch("task_arithmetic.sum", base.shape, base, torch.float32)
+        return fused.task_arithmetic(base, tuned, weights[0], options.scaling, out)
+    if base.dtype != torch.float32 or any(t.dtype != torch.float32 for t in tuned):
+        base, tuned = base.float(), [t.float() for t in tuned]  # as stored: widened here
     summed = scratch("task_arithmetic.sum", base.shape, base)
     delta = scratch("task_arithmetic.delta", base.shape, base)
     # Σ_t w_t Δ_t, one delta at a time; the first term is w_1 Δ_1 itself (0 + x is x) and a
