@@ -1,7 +1,6 @@
-"""numba kernels: TIES' two passes, DARE-TIES, DiM3's two passes and task arithmetic over a tile of
-two updates, and
-DARE's draws from torch's CPU generator (see :mod:`dim3.fused`, which calls them on torch
-tensors; this module imports numba and knows numpy arrays only).
+"""numba kernels: TIES' two passes, DARE-TIES, DiM3's two passes and task arithmetic over a tile
+of two updates, and DARE's draws from torch's CPU generator (see :mod:`dim3.fused`, which calls
+them on torch tensors; this module imports numba and knows numpy arrays only).
 
 The same float32 operations, in the same order, as the eager code: no fast-math, no contraction
 into fused multiply-adds (numba's defaults), but for :func:`columns2_fma`, which matches torch's
