@@ -249,7 +249,8 @@ def column_sums2(b, v0, v1, cols, acc, out):  # noqa: ANN001, ANN201
             _sums_row(b[o : o + cols], v0[o : o + cols], v1[o : o + cols], acc[0])
             i += 1
         for j in range(1, _LEVELS):
-            _carry(acc[j - 1], acc[j])
+            _add(acc[j - 1], acc[j])  # one level carried up, then emptied
+            acc[j - 1][:] = 0
             if (i & (mask << (j * power))) != 0:
                 break
     while i < rows:
@@ -275,18 +276,8 @@ def _sums_row(b, v0, v1, acc):  # noqa: ANN001, ANN202
 
 
 @_jit(inline="always")
-def _carry(low, high):  # noqa: ANN001, ANN202
-    """``high += low``, then ``low = 0`` (one level of the cascade carried up)."""
-    for k in range(low.shape[0]):
-        h, lo = high[k], low[k]
-        for c in range(lo.size):
-            h[c] += lo[c]
-            lo[c] = 0
-
-
-@_jit(inline="always")
 def _add(src, dst):  # noqa: ANN001, ANN202
-    """``dst += src`` (the cascade's levels added last)."""
+    """``dst += src`` (the cascade's levels added last, or one carried up)."""
     for k in range(src.shape[0]):
         d, s_ = dst[k], src[k]
         for c in range(s_.size):
