@@ -3,7 +3,7 @@
 Issue 4 asks that computing the diagnostics need no more memory than the merge. This script builds
 the synthetic LLaVA-shaped trio of ``merge_throughput.py`` once, then runs, each in a fresh Python
 process so that one run's freed memory cannot hide the other's peak, a merge with each requested
-method and ``dim3.diagnostics.diagnose``, and prints wall time, peak anonymous RSS (RssAnon,
+method and ``dim3.diagnostics.diagnose``, and prints wall time, peak anonymous RSS (RssAnon plus RssShmem,
 excluding the safetensors files' mapped pages) and peak GPU memory.
 
     python benchmarks/diagnostics_memory.py --shape tiny

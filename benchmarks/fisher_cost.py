@@ -10,7 +10,7 @@ tokens, an answer of ``--answer`` tokens): cost does not depend on what the toke
 
 Prints one JSON line: parameters, wall and CPU seconds per example (after one warm-up example;
 CPU seconds count every thread, so on a shared machine they say more than wall time), peak anonymous
-memory (RssAnon sampled every 20 ms: weights + Fisher accumulators + one example's activations)
+memory (RssAnon plus RssShmem sampled every 20 ms: weights + Fisher accumulators + one example's activations)
 and the load average before and after, so a figure from a shared machine can be read honestly.
 """
 

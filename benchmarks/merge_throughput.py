@@ -36,9 +36,10 @@ merge's cost). The line "layout cache" says which.
 
 Each merge runs in a fresh child process, so its figures are its own: user and system CPU time
 and minor page faults of the merge call (``getrusage``), the slice buffers it allocated, peak
-anonymous RSS (RssAnon, sampled every 20 ms; it excludes the safetensors files' mapped pages) and
-the figure the memory target uses, that peak minus the process's RssAnon once the package is
-imported, as a share of one output model. The disk needed (inputs, output and the floor's output)
+anonymous RSS (RssAnon plus RssShmem, sampled every 20 ms; it excludes the safetensors files' mapped
+pages; before 2026-11-30's late evening RssAnon alone, which missed the engine's large buffers, then
+shared anonymous mappings) and the figure the memory target uses, that peak minus the process's
+anonymous RSS once the package is imported, as a share of one output model. The disk needed (inputs, output and the floor's output)
 is checked before anything is written.
 """
 
@@ -220,7 +221,8 @@ def build_trio(root: Path, shape: str, dtype: torch.dtype, device: str = "cpu") 
 
 
 class AnonPeak:
-    """Sample RssAnon (anonymous resident memory, excluding mapped file pages) in a thread."""
+    """Sample anonymous resident memory in a thread: ``RssAnon`` plus ``RssShmem`` (shared
+    anonymous mappings, which the kernel counts apart), excluding mapped file pages."""
 
     def __init__(self):
         self.peak, self._stop = 0, threading.Event()
@@ -228,10 +230,11 @@ class AnonPeak:
 
     @staticmethod
     def now() -> int:
+        total = 0
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-        return 0
+            if line.startswith(("RssAnon:", "RssShmem:")):
+                total += int(line.split()[1]) * 1024
+        return total
 
     def _run(self):
         while not self._stop.wait(0.02):

@@ -1,7 +1,7 @@
 """Wall time and peak memory of a full ``merge_to_folder`` for every registered merge method.
 
 Each method runs in its own child process on the same trio, so that its peak memory is its own:
-anonymous RSS (RssAnon sampled every 20 ms, as benchmarks/merge_throughput.py measures it; it
+anonymous RSS (RssAnon plus RssShmem sampled every 20 ms, as benchmarks/merge_throughput.py measures it; it
 excludes the safetensors files' mapped pages) and, on CUDA, ``torch.cuda.max_memory_allocated``.
 
     python benchmarks/methods_cost.py --shape tiny                  # the LLaVA-shaped tiny trio

@@ -5,7 +5,7 @@
 language model needs no copy. The alternative keeps a CPU copy of the language-model tensors and
 restores it before each merge. This script builds a real LLaVA trio (random weights, transformers
 classes, saved with ``save_pretrained``), then in a fresh process per mode loads the VLM (float32,
-CPU) and runs three merges, printing anonymous RSS (RssAnon, sampled every 20 ms) after loading
+CPU) and runs three merges, printing anonymous RSS (RssAnon plus RssShmem, sampled every 20 ms) after loading
 and at the peak, and the wall time per merge.
 
     python benchmarks/sweep_memory.py [--hidden 1024 --layers 12 --vocab 8000]
@@ -150,7 +150,7 @@ def main() -> None:
             r = json.loads(out)
             print(
                 f"{mode:8s} params {r['params'] / 1e6:.0f}M (fp32 {r['model_gib']:.2f} GiB): "
-                f"RssAnon loaded {r['loaded_gib']:.2f} GiB, peak {r['peak_gib']:.2f} GiB "
+                f"anonymous RSS loaded {r['loaded_gib']:.2f} GiB, peak {r['peak_gib']:.2f} GiB "
                 f"(+{r['peak_over_loaded_gib']:.2f} over loaded), "
                 f"{r['seconds_per_merge']:.1f} s per merge"
             )

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import errno
 import json
-import mmap
 import os
 import re
 import shutil
@@ -38,6 +37,8 @@ except ImportError:  # Windows: no O_DIRECT either
     fcntl = None  # type: ignore[assignment]
 
 import torch
+
+from dim3.slices import huge_pages
 
 DTYPE_NAMES = {
     torch.float64: "F64",
@@ -297,11 +298,9 @@ class ShardedWriter:
         self._staging: list[torch.Tensor] = []
         self._flusher: ThreadPoolExecutor | None = None
         if direct_io and fcntl is not None and hasattr(os, "O_DIRECT"):
-            # page-aligned (anonymous mappings), allocated once for every shard: one fills while
-            # the other is written on the flusher thread
-            self._staging = [
-                torch.frombuffer(mmap.mmap(-1, STAGING), dtype=torch.uint8) for _ in range(2)
-            ]
+            # page-aligned (private anonymous mappings in huge pages), allocated once for every
+            # shard: one fills while the other is written on the flusher thread
+            self._staging = [huge_pages(STAGING) for _ in range(2)]
             self._flusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dim3-flush")
 
     def shard_name(self, i: int) -> str:
