@@ -301,6 +301,41 @@ def usage(before, after) -> dict:
     }
 
 
+def drop_cached(files: list[Path]) -> None:
+    """Ask the kernel to drop the files' pages from the page cache (``POSIX_FADV_DONTNEED``,
+    after ``fsync``: dirty pages are not dropped)."""
+    for file in files:
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def huge_mapped(files: list[Path]) -> float:
+    """Share of the files' bytes that a read-only mapping of them maps in 2 MiB pages once
+    every page is touched (``FilePmdMapped`` in ``/proc/self/smaps``): the bytes the page
+    cache holds in 2 MiB folios, each one page fault, where the rest of the file takes one fault
+    per 16 pages at most (the kernel's fault-around). Run in a fresh process; the files should
+    be cached (touching reads what is not)."""
+    import mmap
+    import re
+
+    total = huge = 0
+    for file in files:
+        with open(file, "rb") as f:
+            m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        view = memoryview(m)
+        sum(view[::4096])  # one byte of every page
+        maps = Path("/proc/self/smaps").read_text()
+        huge += sum(int(k) for k in re.findall(r"FilePmdMapped:\s+(\d+) kB", maps)) * 1024
+        total += len(m)
+        view.release()
+        m.close()
+    return huge / total if total else 0.0
+
+
 def resident(files: list[Path]) -> float:
     """Share of the files' pages in the page cache now (``fincore``), or -1 if unknown."""
     try:
@@ -364,6 +399,9 @@ def child(spec: dict) -> None:
 
     if spec.get("floor"):
         print(json.dumps(io_floor(spec)))
+        return
+    if spec.get("huge"):
+        print(json.dumps({"share": huge_mapped([Path(f) for f in spec["inputs"]])}))
         return
     if spec.get("layout"):  # derive the VLM's layout once, filling the layout cache
         from dim3.checkpoints import Checkpoint
@@ -479,6 +517,13 @@ def main() -> None:
         "derive it each time (off: a config's first merge)",
     )
     parser.add_argument(
+        "--reread",
+        action="store_true",
+        help="drop the inputs from the page cache before the warm-up read, so that they are "
+        "cached as a read from disk leaves them (after a reboot, or the engine's own read of an "
+        "uncached checkpoint), not as writing the trio left them",
+    )
+    parser.add_argument(
         "--against",
         default=None,
         help="another checkout of this repository: its engine is run on the same trio in each "
@@ -505,8 +550,17 @@ def main() -> None:
         files = input_files(recipe)
         written = sum(p.stat().st_size for p in Path(recipe.multimodal.ref).glob("*.safetensors"))
         floor_spec = {"floor": True, "inputs": [str(f) for f in files], "written": written}
+        if args.reread:
+            drop_cached(files)
+            print(
+                f"inputs dropped from the page cache: {100 * resident(files):.0f}% left", flush=True
+            )
         warm = run_child({**floor_spec, "out": str(root / "floor"), "direct": False})
         print(f"warm-up read of the inputs: {warm['seconds']:.1f} s", flush=True)
+        huge = run_child({"huge": True, "inputs": floor_spec["inputs"]})["share"]
+        print(
+            f"inputs mapped in 2 MiB pages: {100 * huge:.0f}% (the rest in 4 KiB pages)", flush=True
+        )
         if args.layout_cache == "warm":
             os.environ["DIM3_CACHE_DIR"] = str(root / "cache")  # every child's, this run only
             got = run_child({"layout": True, "multimodal": recipe.multimodal.ref})

@@ -2,30 +2,58 @@
 
 The merge engine reads each input byte once: its float32 work buffers are filled by converting
 straight from these views (the page cache's own pages), so reading allocates nothing and costs no
-system call per slice; :meth:`MappedShards.prefetch` asks the kernel to read a range ahead
-(``MADV_WILLNEED``, skipped when the range is already cached) while the previous slice is computed. Views are read-only: writing into one
-crashes the process, so callers copy from them and never write. The headers were checked when the
-checkpoint was opened (:func:`dim3.checkpoints.read_header`); this module only locates the bytes.
-It knows files and tensors, nothing of models or merging.
+system call per slice. :meth:`MappedShards.prefetch`, called on the engine's read thread for the
+next slice while the previous one is computed, asks the kernel to read a range ahead
+(``MADV_WILLNEED``, skipped when the range is already cached) and maps its pages into the process
+(``MADV_POPULATE_READ``, Linux 5.14+), so the threads that compute take no page faults on it. Views
+are read-only: writing into one crashes the process, so callers copy from them and never write.
+The headers were checked when the checkpoint was opened (:func:`dim3.checkpoints.read_header`);
+this module only locates the bytes. It knows files and tensors, nothing of models or merging.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import math
 import mmap
 import os
 import struct
+import sys
 import warnings
 from pathlib import Path
 
 import torch
 
 PAGE = mmap.PAGESIZE
+# madvise(2) advice missing from Python 3.11's mmap module: fault a range's pages in, mapped
+# (Linux 5.14+; EINVAL before, and then it is not asked again)
+MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22 if sys.platform == "linux" else None)
+
+
+def _libc(name: str, *argtypes):
+    """A function of the C library (through ctypes, which lets other threads run Python while
+    it runs: the mmap module's ``madvise`` holds the interpreter's lock), or None where there is
+    none."""
+    if sys.platform != "linux":
+        return None
+    try:
+        fn = getattr(ctypes.CDLL(None, use_errno=True), name)
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = list(argtypes), ctypes.c_int
+    return fn
+
+
+_MINCORE = _libc("mincore", ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
+_MADVISE = _libc("madvise", ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 
 
 class MappedShards:
     """Each shard file mapped once (read-only), with its tensors' byte offsets."""
+
+    populate = True  # whether MADV_POPULATE_READ is asked for (off once a kernel refused it)
 
     def __init__(self) -> None:
         self._maps: dict[Path, tuple[mmap.mmap, torch.Tensor, dict[str, int]]] = {}
@@ -84,20 +112,38 @@ class MappedShards:
         start: int,
         stop: int,
     ) -> None:
-        """Ask the kernel to read rows ``start:stop`` of ``key`` into the page cache now
-        (asynchronously; a no-op where ``madvise`` is missing)."""
-        m, _, starts = self._open(file)
+        """Make rows ``start:stop`` of ``key`` ready to read: ask the kernel to read what of them
+        is not cached (asynchronously), then map their pages into this process, waiting for
+        any still being read. A no-op where ``madvise`` is missing; the mapping step is skipped
+        where the kernel lacks it. Run it on the thread that reads ahead: the threads that later
+        convert the rows take no page fault on them."""
+        m, data, starts = self._open(file)
         offset, nbytes, _ = self._span(shape, dtype, start, stop)
         begin = starts[key] + offset
-        if nbytes == 0 or not hasattr(m, "madvise") or self._cached(file, begin, nbytes):
+        if nbytes == 0 or not hasattr(m, "madvise"):
             return
         lo = begin - begin % PAGE
-        m.madvise(mmap.MADV_WILLNEED, lo, min(len(m), begin + nbytes) - lo)
+        span = min(len(m), begin + nbytes) - lo
+        if not self._cached(file, data, begin, nbytes):
+            m.madvise(mmap.MADV_WILLNEED, lo, span)
+        if MappedShards.populate and _MADVISE is not None and MADV_POPULATE_READ is not None:
+            if _MADVISE(data.data_ptr() + lo, span, MADV_POPULATE_READ) != 0:
+                # EINVAL: a kernel before 5.14 (the threads then fault the pages in as they read)
+                MappedShards.populate = ctypes.get_errno() != errno.EINVAL
 
-    def _cached(self, file: Path, begin: int, nbytes: int) -> bool:
-        """Whether the range's first and last bytes are in the page cache (a read that must not
-        wait, ``RWF_NOWAIT``): then the kernel has nothing to read ahead, and asking it to look
-        page by page costs more system time than it saves (about 1 s per 10 GiB)."""
+    def _cached(self, file: Path, data: torch.Tensor, begin: int, nbytes: int) -> bool:
+        """Whether the range's first and last pages are in the page cache (``mincore``; where
+        it is missing, a read that must not wait, ``RWF_NOWAIT``): then the kernel has nothing
+        to read ahead, and asking it to look page by page costs more system time than it saves
+        (about 1 s per 10 GiB)."""
+        if _MINCORE is not None and data.numel():
+            at = data.data_ptr()
+            first, last = (at + begin) // PAGE * PAGE, (at + begin + nbytes - 1) // PAGE * PAGE
+            vec = (ctypes.c_ubyte * 1)()
+            for page in {first, last}:
+                if _MINCORE(page, PAGE, vec) != 0 or not vec[0] & 1:
+                    return False
+            return True
         flag = getattr(os, "RWF_NOWAIT", None)
         if flag is None:
             return False

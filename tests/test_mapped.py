@@ -7,9 +7,114 @@ written and synced is cached; ``POSIX_FADV_DONTNEED`` drops it where the file sy
 from __future__ import annotations
 
 import mmap
+import os
+import resource
+import sys
 
 import pytest
 import torch
+from safetensors.torch import save_file
+
+from dim3 import mapped
+from dim3.mapped import MappedShards
+
+ROWS, COLS = 4096, 4096  # 32 MiB of bfloat16: a step's rows of a 2B model's matrix
+
+
+@pytest.fixture
+def shard(tmp_path):
+    """A synced safetensors file of one 32 MiB bfloat16 matrix (and a small tensor before it)."""
+    path = tmp_path / "model.safetensors"
+    weight = torch.randn(ROWS, COLS).to(torch.bfloat16)
+    save_file({"a.norm": torch.ones(7), "b.weight": weight}, path)
+    fd = os.open(path, os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
+    return path, weight
+
+
+def _faults() -> int:
+    """This process's minor page faults so far (torch's copy may run on several threads)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def _where(path):
+    return (path, "b.weight", torch.bfloat16, (ROWS, COLS))
+
+
+def test_rows_are_the_stored_values_read_only(shard):
+    path, weight = shard
+    maps = MappedShards()
+    rows = maps.rows(*_where(path), 100, 300)
+    assert rows.shape == (200, COLS) and torch.equal(rows, weight[100:300])
+    assert torch.equal(maps.rows(path, "a.norm", torch.float32, (7,), 0, 7), torch.ones(7))
+    maps.close()
+
+
+@pytest.mark.skipif(
+    sys.platform != "linux" or mapped.MADV_POPULATE_READ is None, reason="Linux's madvise"
+)
+def test_prefetched_rows_are_read_without_a_page_fault(shard):
+    """The read thread's prefetch maps the rows' pages (``MADV_POPULATE_READ``): the thread that
+    converts them then takes no fault, where reading the same rows through a fresh mapping
+    takes one per 2 MiB at the very least (one per 64 KiB unless the page cache holds the file
+    in huge folios)."""
+    path, weight = shard
+    out = torch.empty(ROWS, COLS, dtype=torch.float32)
+    out.fill_(0)  # its own pages faulted in before counting
+
+    cold = MappedShards()
+    before = _faults()
+    out.copy_(cold.rows(*_where(path), 0, ROWS))
+    unprefetched = _faults() - before
+    cold.close()
+    assert unprefetched >= ROWS * COLS * 2 // 2**22  # 8: half its 2 MiB pages, at the least
+
+    warm = MappedShards()
+    warm.prefetch(*_where(path), 0, ROWS)
+    if not MappedShards.populate:
+        pytest.skip("this kernel has no MADV_POPULATE_READ (Linux 5.14+)")
+    before = _faults()
+    out.copy_(warm.rows(*_where(path), 0, ROWS))
+    prefetched = _faults() - before
+    warm.close()
+    assert prefetched <= 2, (prefetched, unprefetched)
+    assert torch.equal(out, weight.float())
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="posix_fadvise")
+def test_cached_tells_a_cached_range_from_a_dropped_one_and_prefetch_reads_it_back(shard):
+    path, weight = shard
+    maps = MappedShards()
+    m, data, starts = maps._open(path)
+    begin, nbytes = starts["b.weight"], ROWS * COLS * 2
+    assert maps._cached(path, data, begin, nbytes)
+    fd = os.open(path, os.O_RDONLY)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+    if maps._cached(path, data, begin, nbytes):
+        pytest.skip("this file system keeps the pages (tmpfs)")
+    maps.prefetch(*_where(path), 0, ROWS)  # read ahead, then (Linux 5.14+) mapped in
+    if MappedShards.populate:
+        assert maps._cached(path, data, begin, nbytes)
+    assert torch.equal(maps.rows(*_where(path), 0, ROWS), weight)
+    maps.close()
+
+
+def test_a_mapping_refused_once_is_not_asked_for_again(shard, monkeypatch):
+    """On a kernel without ``MADV_POPULATE_READ`` (EINVAL) prefetch still reads ahead, and stops
+    asking for the mapping; the rows read the same."""
+    path, weight = shard
+    if mapped._MADVISE is None:
+        pytest.skip("no C library madvise here")
+    monkeypatch.setattr(mapped, "MADV_POPULATE_READ", 0x7FFF)  # advice no kernel knows: EINVAL
+    monkeypatch.setattr(MappedShards, "populate", True)
+    maps = MappedShards()
+    maps.prefetch(*_where(path), 0, 64)
+    assert MappedShards.populate is False
+    maps.prefetch(*_where(path), 64, 128)
+    assert torch.equal(maps.rows(*_where(path), 0, 128), weight[:128])
+    maps.close()
 
 
 def test_huge_page_buffers_are_private_anonymous_memory():
