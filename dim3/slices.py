@@ -425,11 +425,9 @@ def huge_pages(nbytes: int) -> Tensor:
     which the kernel counts as ``RssShmem``, not ``RssAnon``. The length is rounded up to a
     whole number of huge pages, which makes Linux place the mapping on a huge-page boundary.
     """
-    flags = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
-    region = (
-        mmap.mmap(-1, -(-nbytes // HUGE) * HUGE, flags=flags) if flags else mmap.mmap(-1, nbytes)
-    )
-    if hasattr(region, "madvise") and hasattr(mmap, "MADV_HUGEPAGE"):
+    size = -(-nbytes // HUGE) * HUGE
+    region = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # POSIX only
+    if hasattr(mmap, "MADV_HUGEPAGE"):
         try:
             region.madvise(mmap.MADV_HUGEPAGE)
         except OSError:  # THP not built in: ordinary pages
