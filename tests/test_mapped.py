@@ -42,7 +42,7 @@ def _where(path):
     return (path, "b.weight", torch.bfloat16, (ROWS, COLS))
 
 
-def test_rows_are_the_stored_values_read_only(shard):
+def test_rows_are_the_stored_values(shard):
     path, weight = shard
     maps = MappedShards()
     rows = maps.rows(*_where(path), 100, 300)
