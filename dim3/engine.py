@@ -86,7 +86,7 @@ from dim3.slices import (
     order_keys,
     row_slices,
 )
-from dim3.writer import ShardedWriter, TensorSpec, check_destination, parse_size
+from dim3.writer import ALIGN, ShardedWriter, TensorSpec, check_destination, parse_size
 
 __all__ = [
     "Inputs",
@@ -140,13 +140,14 @@ ProgressFn = Callable[[Progress], None]
 
 @dataclass(frozen=True)
 class MergeResult:
-    """What a merge did: its plan, its output folder (None for in-memory), its wall time and how
-    many slice buffers it allocated."""
+    """What a merge did: its plan, its output folder (None for in-memory), its wall time, how
+    many slice buffers it allocated and how many bytes it wrote from them as they were."""
 
     plan: MergePlan
     out_dir: Path | None
     seconds: float
     buffers: int = 0  # slice buffers the loop allocated (the same for any number of slices)
+    unstaged: int = 0  # output bytes written from the merge's own buffers, not copied to write
 
 
 class Inputs:
@@ -1554,17 +1555,27 @@ class _Pipe:
     (for CUDA: on the compute stream, then copied to pinned host memory on the transfer stream,
     the write thread waiting for that copy), so writing overlaps computing the next slice and a
     buffer is reused only once its write is done. A failed write is raised at the next ``put`` or
-    at ``drain``.
+    at ``drain``. ``where(key, start)``: the rows' offset in the output file, when the writer
+    writes rows laid out in memory as in the file (the same address modulo
+    :data:`dim3.writer.ALIGN`) from where they are (:class:`dim3.writer._StreamFile`): on the
+    CPU the buffers' rows are placed so, and the merged bytes are not copied again to be
+    written; a buffer is then reused once its rows are on disk. (A CUDA merge's pinned buffers
+    are copied by the writer as before: that path is measured on a GPU, not here.)
     """
 
     def __init__(
         self,
-        write: Callable[[str, int, torch.Tensor], None],
+        write: Callable[..., Future | None],
         buffers: Buffers,
         streams: _Streams,
-        depth: int = 2,
+        depth: int | None = None,
+        where: Callable[[str, int], int] | None = None,
     ):
-        self._write, self._depth = write, depth
+        # on the CPU a buffer waits for the disk (its rows are written from it): two more
+        # than the two a CUDA merge's pinned buffers need, whose rows the writer copies
+        cpu = not streams.cuda
+        self._depth = depth if depth is not None else 4 if cpu else 2
+        self._write, self._where = write, where if cpu else None
         self._buffers, self._streams = buffers, streams
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dim3-write")
         self._pending: list[Future] = []
@@ -1572,13 +1583,31 @@ class _Pipe:
         if streams.cuda:
             self._copied = [torch.cuda.Event() for _ in range(depth + 1)]
 
-    def reserve(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
-        """The CPU buffer the next :meth:`put` will write from (None for CUDA): rows computed
-        straight into it are put without a copy. Free: the write that last used it is done."""
+    def reserve(
+        self, key: str, start: int, shape: tuple[int, ...], dtype: torch.dtype
+    ) -> torch.Tensor | None:
+        """The CPU buffer the next :meth:`put` (of rows ``start:`` of ``key``) will write
+        from (None for CUDA): rows computed straight into it are put without a copy. Free: the
+        write that last used it is done."""
         if self._streams.cuda:
             return None
-        slot = self._n % (self._depth + 1)
-        return self._buffers.take(f"out{slot}", shape, dtype, torch.device("cpu"))
+        return self._host(self._n % (self._depth + 1), key, start, shape, dtype, False)
+
+    def _host(
+        self, slot: int, key: str, start: int, shape: tuple[int, ...], dtype: torch.dtype, pin: bool
+    ) -> torch.Tensor:
+        """Slot ``slot``'s CPU buffer for rows ``start:`` of ``key``, at an address equal to
+        their file offset modulo ALIGN where the writer tells it (``where``) and that is a
+        whole number of elements into the buffer."""
+        cpu, nbytes = torch.device("cpu"), math.prod(shape) * dtype.itemsize
+        limit = self._buffers.limit
+        if self._where is None or (limit is not None and nbytes + ALIGN > limit):
+            return self._buffers.take(f"out{slot}", shape, dtype, cpu, pin=pin)
+        flat = self._buffers.take(f"out{slot}", (nbytes + ALIGN,), torch.uint8, cpu, pin=pin)
+        skip = (self._where(key, start) - flat.data_ptr()) % ALIGN
+        if skip % dtype.itemsize:
+            skip = 0  # no element starts there: the writer copies these rows
+        return flat[skip : skip + nbytes].view(dtype).view(shape)
 
     def put(
         self,
@@ -1597,14 +1626,14 @@ class _Pipe:
         if stable and rows.dtype == dtype and rows.device.type == "cpu":
             self._pending.append(self._pool.submit(self._write_when, None, key, start, rows))
             while len(self._pending) > self._depth:
-                self._pending.pop(0).result()
+                _written(self._pending.pop(0))
             return
         slot = self._n % (self._depth + 1)
         self._n += 1
-        cpu, pin = torch.device("cpu"), self._streams.cuda
+        pin = self._streams.cuda
         if rows.device.type == "cuda":
             dev = self._buffers.take(f"out.device{slot}", rows.shape, dtype, rows.device)
-            host = self._buffers.take(f"out{slot}", rows.shape, dtype, cpu, pin=True)
+            host = self._host(slot, key, start, tuple(rows.shape), dtype, True)
             # the previous copy from this slot is done: its write (below) waited for it
             dev.copy_(rows)  # on the compute stream
             transfer, copied = self._streams.transfer, self._copied[slot]
@@ -1614,7 +1643,7 @@ class _Pipe:
                 copied.record(transfer)
             ready: torch.cuda.Event | None = copied
         else:
-            host = self._buffers.take(f"out{slot}", rows.shape, dtype, cpu, pin=pin)
+            host = self._host(slot, key, start, tuple(rows.shape), dtype, pin)
             if not (rows.dtype == dtype and rows.data_ptr() == host.data_ptr()):
                 if running is not None:
                     running.wait()
@@ -1623,18 +1652,20 @@ class _Pipe:
             ready = running
         self._pending.append(self._pool.submit(self._write_when, ready, key, start, host))
         while len(self._pending) > self._depth:
-            self._pending.pop(0).result()
+            _written(self._pending.pop(0))
 
-    def _write_when(self, ready, key: str, start: int, rows: torch.Tensor) -> None:
+    def _write_when(self, ready, key: str, start: int, rows: torch.Tensor) -> Future | None:
         if isinstance(ready, _Running):
             ready.wait()
         elif ready is not None:
             ready.synchronize()
-        self._write(key, start, rows)
+        # the rows stay untouched until the write is done (_written): the writer may still be
+        # writing them from where they are when this returns
+        return self._write(key, start, rows, keep=self._where is not None)
 
     def drain(self) -> None:
         while self._pending:
-            self._pending.pop(0).result()
+            _written(self._pending.pop(0))
 
     def __enter__(self) -> _Pipe:
         return self
@@ -1643,6 +1674,14 @@ class _Pipe:
         for future in self._pending:
             future.cancel()
         self._pool.shutdown(wait=True)
+
+
+def _written(queued: Future) -> None:
+    """Wait for a write :class:`_Pipe` queued, and for the part of it still on its way to disk
+    from the rows' own memory (:meth:`ShardedWriter.write_rows` with ``keep``); raise its error."""
+    on_disk = queued.result()
+    if on_disk is not None:
+        on_disk.result()
 
 
 def _check_not_an_input(out_dir: Path, inputs: Inputs) -> None:
@@ -1702,7 +1741,7 @@ def merge_to_folder(
         streams = _Streams(resolve_device(recipe.device))
         with (
             ShardedWriter(out, specs, shard_size=shard_size, overwrite=overwrite) as writer,
-            _Pipe(writer.write_rows, buffers, streams) as pipe,
+            _Pipe(writer.write_rows, buffers, streams, where=writer.offset) as pipe,
         ):
 
             def sink(
@@ -1712,7 +1751,7 @@ def merge_to_folder(
                 pipe.put(entry.key, first_row, rows, dtypes[entry.key], stable, running)
 
             def into(entry: Entry, first_row: int, shape: tuple[int, ...]) -> torch.Tensor | None:
-                return pipe.reserve(shape, dtypes[entry.key])
+                return pipe.reserve(entry.key, first_row, shape, dtypes[entry.key])
 
             seconds = _run(
                 merge_plan,
@@ -1737,7 +1776,7 @@ def merge_to_folder(
                 recipe, merge_plan.summary(), resolved, dtype=", ".join(written), source_cards=cards
             )
             (writer.folder / "README.md").write_text(card)
-    return MergeResult(merge_plan, out, seconds, buffers.allocations)
+    return MergeResult(merge_plan, out, seconds, buffers.allocations, writer.unstaged)
 
 
 def _model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -26,7 +26,7 @@ import struct
 import tempfile
 import uuid
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -127,6 +127,9 @@ def _raw_bytes(t: torch.Tensor) -> torch.Tensor:
 
 ALIGN = 4096  # O_DIRECT needs addresses, lengths and offsets aligned to the device's blocks
 STAGING = 16 * 2**20  # bytes gathered before one direct write
+# a piece this large whose memory is laid out as its place in the file (the same address modulo
+# ALIGN: see ShardedWriter.offset) goes to disk from where it is, not through the staging buffers
+DIRECT_MIN = 2**20
 
 
 class _StreamFile:
@@ -139,8 +142,12 @@ class _StreamFile:
 
     With two staging buffers and a ``flusher`` thread, a full buffer is written on that thread
     while the next one fills: gathering the bytes overlaps the disk's work instead of waiting
-    for it (a direct write returns only once the device has the data). Writes stay in order (one
-    flusher); one that failed is raised by the next switch of buffers or by :meth:`close`.
+    for it (a direct write returns only once the device has the data). A piece of at least
+    ``DIRECT_MIN`` bytes whose address is its file offset modulo ``ALIGN`` skips the copy: its
+    aligned middle is written from the caller's memory, on the calling thread, before
+    :meth:`write` returns (the engine computes merged rows into buffers laid out so). Every
+    write names its offset; one that failed is raised by the next switch of buffers or by
+    :meth:`close`.
     """
 
     def __init__(
@@ -163,10 +170,15 @@ class _StreamFile:
         self._pending: list[Future | None] = [None] * len(self._stages)
         self._flusher = flusher if len(self._stages) > 1 else None
         self._k, self._fill = 0, 0
+        self._at = 0  # the file offset of the staging buffer's first byte
+        self._last: Future | None = None  # the flusher's last write (it writes in order)
         self._stage = self._stages[0] if self._stages else None
+        self.unstaged = 0  # bytes written from the callers' memory, without a copy
 
-    def write(self, data: torch.Tensor | bytes) -> None:
-        """Append ``data`` (a flat uint8 CPU tensor, or bytes)."""
+    def write(self, data: torch.Tensor | bytes, keep: bool = False) -> Future | None:
+        """Append ``data`` (a flat uint8 CPU tensor, or bytes). ``keep``: the caller keeps
+        ``data`` unchanged until the returned future is done, so that a part written from its
+        memory may still be on its way to disk when this returns (None: nothing is)."""
         flat = (
             torch.frombuffer(bytearray(data), dtype=torch.uint8)
             if isinstance(data, bytes)
@@ -174,7 +186,39 @@ class _StreamFile:
         )
         if not self._staged:
             self._write_all(memoryview(flat.numpy()) if flat.numel() else memoryview(b""))
-            return
+            return None
+        n, end = flat.numel(), self._at + self._fill  # ``end``: the file offset of flat[0]
+        done = None
+        if self.direct and n >= DIRECT_MIN and (flat.data_ptr() - end) % ALIGN == 0:
+            head = -end % ALIGN  # bytes up to the next aligned offset, staged
+            body = (n - head) // ALIGN * ALIGN
+            self._stage_bytes(flat[:head])
+            done = self._send(memoryview(flat[head : head + body].numpy()), keep)
+            self.unstaged += body
+            flat = flat[head + body :]
+        self._stage_bytes(flat)
+        return done
+
+    def _send(self, body: memoryview, keep: bool) -> Future | None:
+        """Write the staged bytes (ending at an aligned offset) and ``body`` after them, in one
+        write: on the flusher when the caller keeps ``body`` (the future returned), else now."""
+        assert self._stage is not None
+        staged, at = memoryview(self._stage.numpy())[: self._fill], self._at
+        self._at += self._fill + len(body)
+        if self._flusher is None or not keep:
+            self._write_direct([staged, body], at)
+            self._fill = 0
+            return None
+        done = self._last = self._flusher.submit(self._write_direct, [staged, body], at)
+        if self._fill:  # the staging buffer is in that write: fill the next one meanwhile
+            self._pending[self._k] = done
+            self._k = (self._k + 1) % len(self._stages)
+            self._wait(self._k)
+            self._stage = self._stages[self._k]
+            self._fill = 0
+        return done
+
+    def _stage_bytes(self, flat: torch.Tensor) -> None:
         assert self._stage is not None
         pos, n, cap = 0, flat.numel(), self._stage.numel()
         while pos < n:
@@ -182,58 +226,78 @@ class _StreamFile:
             self._stage[self._fill : self._fill + k].copy_(flat[pos : pos + k])
             self._fill, pos = self._fill + k, pos + k
             if self._fill == cap:
-                self._switch()
+                self._switch(cap)
 
-    def _switch(self) -> None:
-        """Send the full buffer to disk (on the flusher, if any) and fill the next one."""
-        assert self._stage is not None
-        view = memoryview(self._stage.numpy())
+    def _switch(self, nbytes: int) -> None:
+        """Send the buffer's ``nbytes`` (all it holds, aligned) to disk (on the flusher, if any)
+        and fill the next one."""
+        assert self._stage is not None and nbytes == self._fill
+        view, at = memoryview(self._stage.numpy())[:nbytes], self._at
         if self._flusher is None:
-            self._write_direct(view)
+            self._write_direct(view, at)
         else:
-            self._pending[self._k] = self._flusher.submit(self._write_direct, view)
+            self._pending[self._k] = self._last = self._flusher.submit(self._write_direct, view, at)
             self._k = (self._k + 1) % len(self._stages)
             self._wait(self._k)  # its previous write is done before it is refilled
             self._stage = self._stages[self._k]
-        self._fill = 0
+        self._fill, self._at = 0, at + nbytes
 
     def _wait(self, k: int) -> None:
         pending, self._pending[k] = self._pending[k], None
         if pending is not None:
             pending.result()
 
-    def _write_direct(self, view: memoryview) -> None:
+    def _write_direct(self, view: memoryview | list[memoryview], at: int) -> None:
         try:
-            self._write_all(view)
+            self._write_all(view, at)
         except OSError as exc:
             if exc.errno != errno.EINVAL or not self.direct:
                 raise
             self._buffered()  # opened with O_DIRECT but refused at write time: write normally
-            self._write_all(view)
+            self._write_all(view, at)
 
     def _flush(self, nbytes: int) -> None:
         """Write the first ``nbytes`` (aligned) of the staging buffer now and keep the rest."""
         assert self._stage is not None
-        self._write_direct(memoryview(self._stage.numpy())[:nbytes])
+        self._write_direct(memoryview(self._stage.numpy())[:nbytes], self._at)
         rest = self._fill - nbytes
         if rest:
             self._stage[:rest].copy_(self._stage[nbytes : self._fill].clone())
-        self._fill = rest
+        self._fill, self._at = rest, self._at + nbytes
 
     def _buffered(self) -> None:
         fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_DIRECT)
         self.direct = False
 
-    def _write_all(self, view: memoryview) -> None:
-        while len(view):
-            view = view[os.write(self.fd, view) :]
+    def _write_all(self, view: memoryview | list[memoryview], at: int | None = None) -> None:
+        """Write all of ``view`` (or of several, one after another) at file offset ``at``
+        (staged files, every write placed), or at the file's position (unstaged ones, written
+        in order on one thread)."""
+        views = [v for v in (view if isinstance(view, list) else [view]) if len(v)]
+        while views:
+            if at is None:
+                done = os.write(self.fd, views[0])
+            else:
+                done = (
+                    os.pwritev(self.fd, views, at)
+                    if len(views) > 1
+                    else os.pwrite(self.fd, views[0], at)
+                )
+                at += done
+            while views and done >= len(views[0]):
+                done -= len(views[0])
+                views.pop(0)
+            if done:
+                views[0] = views[0][done:]
 
     def close(self) -> None:
         if self.fd < 0:
             return
         try:
             for k in range(len(self._pending)):
-                self._wait(k)  # every earlier buffer is on disk, in order
+                self._wait(k)  # every earlier buffer is on disk
+            if self._last is not None:  # and the callers' bodies (whose errors they get)
+                wait([self._last])
             if self._staged and self._fill:
                 aligned = self._fill - self._fill % ALIGN
                 if aligned and self.direct:
@@ -242,8 +306,8 @@ class _StreamFile:
                     self._buffered()  # the tail is not a whole block
                 self._flush(self._fill)
         finally:
-            for k in range(len(self._pending)):  # after a failure: let no write outlive the fd
-                pending = self._pending[k]
+            # after a failure: let no write outlive the fd
+            for pending in [*self._pending, self._last]:
                 if pending is not None:
                     pending.cancel()
                     try:
@@ -289,12 +353,22 @@ class ShardedWriter:
         check_destination(self.out_dir, overwrite)
         self.overwrite = overwrite
         self.shards = split_shards(list(specs), parse_size(shard_size))
+        self._headers = [_header(shard, {"format": "pt"}) for shard in self.shards]
+        # each tensor's first byte in its shard file, and its bytes per row (offset())
+        self._places: dict[str, tuple[int, int]] = {}
+        for shard, header in zip(self.shards, self._headers, strict=True):
+            at = len(header)
+            for spec in shard:
+                rows = spec.shape[0] if spec.shape else 0
+                self._places[spec.name] = (at, spec.nbytes // rows if rows else 0)
+                at += spec.nbytes
         self.folder: Path = Path()
         self._order = [s for shard in self.shards for s in shard]
         self._next = 0
         self._rows_done = 0  # rows of the current tensor written so far
         self._file: _StreamFile | None = None
         self._shard = -1
+        self._unstaged = 0  # of the shards closed so far (unstaged)
         self._staging: list[torch.Tensor] = []
         self._flusher: ThreadPoolExecutor | None = None
         if direct_io and fcntl is not None and hasattr(os, "O_DIRECT"):
@@ -317,13 +391,25 @@ class ShardedWriter:
         self.folder.chmod(0o777 & ~_umask())
         return self
 
+    def offset(self, name: str, start: int) -> int:
+        """Where row ``start`` of tensor ``name`` goes in its shard file: rows computed into
+        memory at this address modulo ``ALIGN`` are written from there, without a copy
+        (:class:`_StreamFile`)."""
+        at, per_row = self._places[name]
+        return at + start * per_row
+
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Append the next tensor; it must be the one the plan announced, in dtype and shape."""
         self.write_rows(name, 0, tensor)
 
-    def write_rows(self, name: str, start: int, rows: torch.Tensor) -> None:
+    def write_rows(
+        self, name: str, start: int, rows: torch.Tensor, keep: bool = False
+    ) -> Future | None:
         """Append rows ``start:start + len(rows)`` of the next tensor (dim 0 of a tensor of one
-        or more dims). Rows come in order; the tensor is complete when its last row is written."""
+        or more dims). Rows come in order; the tensor is complete when its last row is written.
+        ``keep``: the caller keeps ``rows`` unchanged until the returned future is done (None:
+        they are copied or written already), so that they may be written from where they are,
+        on the flusher thread, while this returns (:meth:`_StreamFile.write`)."""
         if self._next >= len(self._order):
             raise RuntimeError(f"unexpected extra tensor {name!r}")
         spec = self._order[self._next]
@@ -332,26 +418,34 @@ class ShardedWriter:
             raise RuntimeError(f"writer expected {spec} from row {self._rows_done}, got {got}")
         if self._rows_done == 0 and (self._file is None or self._shard_done()):
             self._open_next_shard()
-        self._file.write(_raw_bytes(rows))
+        done = self._file.write(_raw_bytes(rows), keep)
         self._rows_done += rows.shape[0] if rows.dim() else 1
         if not spec.shape or self._rows_done >= spec.shape[0]:
             if spec.shape and self._rows_done != spec.shape[0]:
                 raise RuntimeError(f"writer got {self._rows_done} rows for {spec}")
             self._next += 1
             self._rows_done = 0
+        return done
 
     def _shard_done(self) -> bool:
         done = sum(len(s) for s in self.shards[: self._shard + 1])
         return self._next >= done
 
+    @property
+    def unstaged(self) -> int:
+        """Bytes written from the callers' memory, not copied to be written (rows laid out as
+        in the file: :meth:`offset`)."""
+        return self._unstaged + (self._file.unstaged if self._file is not None else 0)
+
     def _open_next_shard(self) -> None:
         if self._file is not None:
             self._file.close()
+            self._unstaged += self._file.unstaged
         self._shard += 1
         self._file = _StreamFile(
             self.folder / self.shard_name(self._shard), self._staging, self._flusher
         )
-        self._file.write(_header(self.shards[self._shard], {"format": "pt"}))
+        self._file.write(self._headers[self._shard])
 
     def _write_index(self) -> None:
         if len(self.shards) == 1:

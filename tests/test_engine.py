@@ -639,7 +639,10 @@ def test_the_throughput_benchmark_runs_a_round_from_inputs_read_back_from_disk(t
 def test_the_benchmarks_synthetic_trio_is_a_loadable_llava_and_merges(tmp_path):
     """``benchmarks/merge_throughput.py --shape tiny`` (also the trio of methods_cost.py and
     diagnostics_memory.py): the VLM's vision tower and projector are those of the LLaVA its
-    config describes, so the plan's loadability check passes and the merge keeps them."""
+    config describes, so the plan's loadability check passes and the merge keeps them. Its
+    language tensors are task arithmetic's, computed here in float32 from the inputs; the
+    vocabulary matrices' merged rows (steps above DIRECT_MIN) were written from the merge's
+    own buffers, not copied again to be written."""
     import importlib.util
 
     path = Path(__file__).resolve().parent.parent / "benchmarks" / "merge_throughput.py"
@@ -648,12 +651,24 @@ def test_the_benchmarks_synthetic_trio_is_a_loadable_llava_and_merges(tmp_path):
     spec.loader.exec_module(bench)
     recipe = bench.build_trio(tmp_path / "trio", "tiny", torch.bfloat16)
     out = tmp_path / "out"
-    engine.merge_to_folder(
+    result = engine.merge_to_folder(
         Recipe(recipe.base, recipe.multilingual, recipe.multimodal, method="task_arithmetic"), out
     )
-    with safe_open(tmp_path / "trio" / "multimodal" / "model.safetensors", "pt") as f:
-        tower = {k: f.get_tensor(k) for k in f.keys() if not k.startswith("language_model.")}
+    vlm = load_file(tmp_path / "trio" / "multimodal" / "model.safetensors")
+    tower = {k: v for k, v in vlm.items() if not k.startswith("language_model.")}
     merged = load_file(out / "model.safetensors")
     assert len(tower) > 30 and "vision_tower.embeddings.class_embedding" in tower
     for key, value in tower.items():
         assert torch.equal(merged[key], value), key
+    base = load_file(tmp_path / "trio" / "base" / "model.safetensors")
+    ml = load_file(tmp_path / "trio" / "multilingual" / "model.safetensors")
+    vocab = 0
+    for key, b in base.items():
+        got, v = merged["language_model." + key], vlm["language_model." + key]
+        n = b.shape[0]  # the VLM's rows past the base's (its image tokens) are its own
+        b, m = b.float(), ml[key].float()
+        want = ((v[:n].float() - b) + (m - b) + b).to(torch.bfloat16)
+        assert torch.equal(got[:n], want) and torch.equal(got[n:], v[n:]), key
+        if key in ("model.embed_tokens.weight", "lm_head.weight"):
+            vocab += got.numel() * got.element_size()
+    assert vocab > 0 and result.unstaged >= 0.99 * vocab

@@ -536,7 +536,7 @@ def test_the_write_pipe_writes_rows_only_once_their_tiles_are_done(monkeypatch):
     x = torch.arange(8 * 8, dtype=torch.float32).reshape(8, 8)
     written: dict[str, torch.Tensor] = {}
 
-    def write(key, start, rows):
+    def write(key, start, rows, keep=False):
         written[key] = rows.clone()
 
     def slow(work, first):
@@ -547,7 +547,7 @@ def test_the_write_pipe_writes_rows_only_once_their_tiles_are_done(monkeypatch):
     cpu = torch.device("cpu")
     try:
         with engine._Pipe(write, Buffers(), engine._Streams(cpu)) as pipe:
-            own = pipe.reserve((8, 8), torch.bfloat16)
+            own = pipe.reserve("own", 0, (8, 8), torch.bfloat16)
             pipe.put("own", 0, own, torch.bfloat16, running=tiles.start([x, x], slow, own))
             elsewhere = torch.empty(8, 8, dtype=torch.bfloat16)
             running = tiles.start([x, x], slow, elsewhere)

@@ -10,7 +10,16 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from dim3.writer import STAGING, ShardedWriter, TensorSpec, parse_size, split_shards
+from dim3.slices import huge_pages
+from dim3.writer import (
+    ALIGN,
+    DIRECT_MIN,
+    STAGING,
+    ShardedWriter,
+    TensorSpec,
+    parse_size,
+    split_shards,
+)
 
 TENSORS = {
     "a.weight": torch.randn(7, 5),
@@ -119,6 +128,66 @@ def test_direct_and_buffered_writes_give_the_same_bytes(tmp_path):
             got.update({k: f.get_tensor(k) for k in f.keys()})
     for k, v in tensors.items():
         assert torch.equal(got[k], v), k
+
+
+def _placed(rows: torch.Tensor, offset: int, shift: int = 0) -> tuple[torch.Tensor, bool]:
+    """A copy of ``rows`` in memory at ``offset`` (its file offset) modulo ALIGN, plus ``shift``
+    bytes, as the engine's output buffers place merged rows, and whether it is there: not when
+    that address is not a whole number of elements into the buffer (the rows then start at the
+    element before it)."""
+    nbytes, size = rows.numel() * rows.element_size(), rows.element_size()
+    flat = huge_pages(nbytes + 2 * ALIGN)
+    skip = (offset - flat.data_ptr()) % ALIGN + shift
+    placed = flat[skip - skip % size : skip - skip % size + nbytes].view(rows.dtype)
+    return placed.view(rows.shape).copy_(rows), skip % size == 0
+
+
+def test_rows_laid_out_as_in_the_file_are_written_from_where_they_are(tmp_path):
+    """Rows whose address is their file offset modulo ALIGN (ShardedWriter.offset) go to disk
+    from their own memory, on the flusher thread while the writer returns (``keep``): the
+    shards hold the very bytes a buffered writer gives, every such piece's aligned middle was
+    not copied, and a piece placed 2 bytes off (or under DIRECT_MIN, or a float32 one whose
+    file offset is not a multiple of 4 bytes) is copied as before."""
+    if not _direct_supported(tmp_path):
+        pytest.skip("no O_DIRECT on this file system")
+    g = torch.Generator().manual_seed(1)
+    tensors = {
+        "odd": torch.randn(3, 7, generator=g).to(torch.bfloat16),  # unaligns what follows
+        "a": torch.randn(3001, 701, generator=g).to(torch.bfloat16),
+        "one": torch.ones(1, dtype=torch.bfloat16),  # float32 "b" is not 4 bytes into a block
+        "b": torch.randn(1000, 1111, generator=g),
+        "small": torch.randn(5, 9, generator=g).to(torch.bfloat16),
+        "c": torch.randn(2500, 513, generator=g).to(torch.bfloat16),
+        "tail": torch.arange(5, dtype=torch.int16),
+    }
+    pieces = {"a": [0, 1000, 1001, 3001], "b": [0, 333, 1000], "c": [0, 2500]}
+    off = {("a", 1001)}  # this piece is placed 2 bytes away from its file offset
+    spec = [TensorSpec(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()]
+    with ShardedWriter(tmp_path / "buffered", spec, shard_size="6MB", direct_io=False) as w:
+        for k, v in tensors.items():
+            w.write(k, v)
+    want, kept = 0, []
+    with ShardedWriter(tmp_path / "placed", spec, shard_size="6MB") as w:
+        for k, v in tensors.items():
+            cuts = pieces.get(k, [0, v.shape[0]])
+            for a, b in zip(cuts[:-1], cuts[1:], strict=True):
+                at, shifted = w.offset(k, a), (k, a) in off
+                rows, there = _placed(v[a:b], at, 2 if shifted else 0)
+                n = rows.numel() * rows.element_size()
+                if n >= DIRECT_MIN and there and not shifted:
+                    want += (n + at % -ALIGN) // ALIGN * ALIGN  # the whole blocks from ``at``
+                kept.append((rows, w.write_rows(k, a, rows, keep=True)))
+        for rows, done in kept:  # the caller's side of ``keep``: wait, then reuse
+            if done is not None:
+                done.result()
+            rows.zero_()
+        assert w.unstaged == want and want > 2 * DIRECT_MIN  # a[:1000] and c
+    files = sorted(p.name for p in (tmp_path / "placed").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "buffered").iterdir()) and len(files) > 2
+    for name in files:
+        assert (tmp_path / "placed" / name).read_bytes() == (
+            tmp_path / "buffered" / name
+        ).read_bytes(), name
 
 
 FULL_DISK = """
