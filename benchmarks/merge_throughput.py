@@ -438,6 +438,7 @@ def child(spec: dict) -> None:
     written = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     figures = {"seconds": seconds, "peak": mem.peak, "start": mem.start, "imported": imported}
     extra = {"buffers": getattr(result, "buffers", None), **usage(before, after)}
+    extra["unstaged"] = getattr(result, "unstaged", None)  # (an --against engine may lack it)
     print(json.dumps({**figures, "gpu": gpu, "written": written, **extra}))
 
 
@@ -689,6 +690,12 @@ def report(args, real: bool, rounds: list[dict]) -> None:
             f"write {written / gib / med('merge'):.2f} GiB/s",
         ),
         ("slice buffers allocated", str(best.get("buffers"))),
+        (
+            "output written from its buffers",
+            "n/a"
+            if best.get("unstaged") is None
+            else f"{100 * best['unstaged'] / written:.0f}% (not copied again to be written)",
+        ),
         (
             "peak anonymous RSS (process)",
             f"{best['peak'] / gib:.2f} GiB ({best['imported'] / gib:.2f} once imported)",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -633,6 +634,9 @@ def test_the_throughput_benchmark_runs_a_round_from_inputs_read_back_from_disk(t
     share = float(out.split("inputs mapped in 2 MiB pages: ")[1].split("%")[0])
     assert 0 <= share <= 100
     assert "merge wall time" in out and "round 1 merge" in out and "round 1 cli" in out
+    # the vocabulary matrices' merged rows (a third of the tiny trio's output) went unstaged
+    unstaged = re.search(r"output written from its buffers +(\d+)%", out)
+    assert unstaged is not None and 20 <= int(unstaged.group(1)) <= 100, out
     assert not (tmp_path / "floor").exists() and not (tmp_path / "cache").exists()
 
 
