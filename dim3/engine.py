@@ -1565,7 +1565,7 @@ class _Pipe:
 
     def __init__(
         self,
-        write: Callable[..., Future | None],
+        write: Callable[[str, int, torch.Tensor], None],
         buffers: Buffers,
         streams: _Streams,
         depth: int | None = None,
@@ -1582,6 +1582,15 @@ class _Pipe:
         self._n = 0
         if streams.cuda:
             self._copied = [torch.cuda.Event() for _ in range(depth + 1)]
+
+    def prepare(self, nbytes: int) -> None:
+        """Size the CPU buffers for the merge's largest piece of ``nbytes`` now, once: a
+        buffer that grew with the pieces would be mapped and zeroed again each time."""
+        limit = self._buffers.limit
+        if self._where is None or not nbytes or (limit is not None and nbytes + ALIGN > limit):
+            return
+        for slot in range(self._depth + 1):
+            self._buffers.reserve(f"out{slot}", nbytes + ALIGN, torch.device("cpu"))
 
     def reserve(
         self, key: str, start: int, shape: tuple[int, ...], dtype: torch.dtype
@@ -1626,7 +1635,7 @@ class _Pipe:
         if stable and rows.dtype == dtype and rows.device.type == "cpu":
             self._pending.append(self._pool.submit(self._write_when, None, key, start, rows))
             while len(self._pending) > self._depth:
-                _written(self._pending.pop(0))
+                self._pending.pop(0).result()
             return
         slot = self._n % (self._depth + 1)
         self._n += 1
@@ -1652,20 +1661,18 @@ class _Pipe:
             ready = running
         self._pending.append(self._pool.submit(self._write_when, ready, key, start, host))
         while len(self._pending) > self._depth:
-            _written(self._pending.pop(0))
+            self._pending.pop(0).result()
 
-    def _write_when(self, ready, key: str, start: int, rows: torch.Tensor) -> Future | None:
+    def _write_when(self, ready, key: str, start: int, rows: torch.Tensor) -> None:
         if isinstance(ready, _Running):
             ready.wait()
         elif ready is not None:
             ready.synchronize()
-        # the rows stay untouched until the write is done (_written): the writer may still be
-        # writing them from where they are when this returns
-        return self._write(key, start, rows, keep=self._where is not None)
+        self._write(key, start, rows)
 
     def drain(self) -> None:
         while self._pending:
-            _written(self._pending.pop(0))
+            self._pending.pop(0).result()
 
     def __enter__(self) -> _Pipe:
         return self
@@ -1676,12 +1683,13 @@ class _Pipe:
         self._pool.shutdown(wait=True)
 
 
-def _written(queued: Future) -> None:
-    """Wait for a write :class:`_Pipe` queued, and for the part of it still on its way to disk
-    from the rows' own memory (:meth:`ShardedWriter.write_rows` with ``keep``); raise its error."""
-    on_disk = queued.result()
-    if on_disk is not None:
-        on_disk.result()
+def _written_bytes(step: _Step, dtypes: dict[str, torch.dtype]) -> int:
+    """Bytes of the rows ``step`` hands to the write pipe's buffers (merged rows; copied ones
+    are written from the mapped inputs)."""
+    if step.stage not in ("whole", "apply") or step.source.action == "copy":
+        return 0
+    rows = (step.stop - step.start) if step.out.shape else 1
+    return rows * math.prod(step.out.shape[1:]) * dtypes[step.out.key].itemsize
 
 
 def _check_not_an_input(out_dir: Path, inputs: Inputs) -> None:
@@ -1738,11 +1746,16 @@ def merge_to_folder(
         ]
         dtypes = {s.name: s.dtype for s in specs}
         buffers = Buffers(_limit(merge_plan, parse_size(chunk_size)))
-        streams = _Streams(resolve_device(recipe.device))
+        device = resolve_device(recipe.device)
+        streams = _Streams(device)
         with (
             ShardedWriter(out, specs, shard_size=shard_size, overwrite=overwrite) as writer,
             _Pipe(writer.write_rows, buffers, streams, where=writer.offset) as pipe,
         ):
+            budget = parse_size(chunk_size)
+            tiled = tile_workers(device) > 0
+            steps = _schedule(merge_plan, get_method(recipe.method), budget, tiled)
+            pipe.prepare(max((_written_bytes(s, dtypes) for s in steps), default=0))
 
             def sink(
                 entry: Entry, first_row: int, rows: torch.Tensor, running: _Running | None

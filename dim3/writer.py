@@ -26,7 +26,7 @@ import struct
 import tempfile
 import uuid
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -171,14 +171,11 @@ class _StreamFile:
         self._flusher = flusher if len(self._stages) > 1 else None
         self._k, self._fill = 0, 0
         self._at = 0  # the file offset of the staging buffer's first byte
-        self._last: Future | None = None  # the flusher's last write (it writes in order)
         self._stage = self._stages[0] if self._stages else None
         self.unstaged = 0  # bytes written from the callers' memory, without a copy
 
-    def write(self, data: torch.Tensor | bytes, keep: bool = False) -> Future | None:
-        """Append ``data`` (a flat uint8 CPU tensor, or bytes). ``keep``: the caller keeps
-        ``data`` unchanged until the returned future is done, so that a part written from its
-        memory may still be on its way to disk when this returns (None: nothing is)."""
+    def write(self, data: torch.Tensor | bytes) -> None:
+        """Append ``data`` (a flat uint8 CPU tensor, or bytes)."""
         flat = (
             torch.frombuffer(bytearray(data), dtype=torch.uint8)
             if isinstance(data, bytes)
@@ -186,37 +183,20 @@ class _StreamFile:
         )
         if not self._staged:
             self._write_all(memoryview(flat.numpy()) if flat.numel() else memoryview(b""))
-            return None
+            return
         n, end = flat.numel(), self._at + self._fill  # ``end``: the file offset of flat[0]
-        done = None
         if self.direct and n >= DIRECT_MIN and (flat.data_ptr() - end) % ALIGN == 0:
             head = -end % ALIGN  # bytes up to the next aligned offset, staged
             body = (n - head) // ALIGN * ALIGN
             self._stage_bytes(flat[:head])
-            done = self._send(memoryview(flat[head : head + body].numpy()), keep)
+            assert self._stage is not None
+            # the staged bytes (now ending at an aligned offset) and the body: one write, now
+            staged = memoryview(self._stage.numpy())[: self._fill]
+            self._write_direct([staged, memoryview(flat[head : head + body].numpy())], self._at)
+            self._fill, self._at = 0, self._at + self._fill + body
             self.unstaged += body
             flat = flat[head + body :]
         self._stage_bytes(flat)
-        return done
-
-    def _send(self, body: memoryview, keep: bool) -> Future | None:
-        """Write the staged bytes (ending at an aligned offset) and ``body`` after them, in one
-        write: on the flusher when the caller keeps ``body`` (the future returned), else now."""
-        assert self._stage is not None
-        staged, at = memoryview(self._stage.numpy())[: self._fill], self._at
-        self._at += self._fill + len(body)
-        if self._flusher is None or not keep:
-            self._write_direct([staged, body], at)
-            self._fill = 0
-            return None
-        done = self._last = self._flusher.submit(self._write_direct, [staged, body], at)
-        if self._fill:  # the staging buffer is in that write: fill the next one meanwhile
-            self._pending[self._k] = done
-            self._k = (self._k + 1) % len(self._stages)
-            self._wait(self._k)
-            self._stage = self._stages[self._k]
-            self._fill = 0
-        return done
 
     def _stage_bytes(self, flat: torch.Tensor) -> None:
         assert self._stage is not None
@@ -296,8 +276,6 @@ class _StreamFile:
         try:
             for k in range(len(self._pending)):
                 self._wait(k)  # every earlier buffer is on disk
-            if self._last is not None:  # and the callers' bodies (whose errors they get)
-                wait([self._last])
             if self._staged and self._fill:
                 aligned = self._fill - self._fill % ALIGN
                 if aligned and self.direct:
@@ -306,8 +284,7 @@ class _StreamFile:
                     self._buffered()  # the tail is not a whole block
                 self._flush(self._fill)
         finally:
-            # after a failure: let no write outlive the fd
-            for pending in [*self._pending, self._last]:
+            for pending in self._pending:  # after a failure: let no write outlive the fd
                 if pending is not None:
                     pending.cancel()
                     try:
@@ -402,14 +379,11 @@ class ShardedWriter:
         """Append the next tensor; it must be the one the plan announced, in dtype and shape."""
         self.write_rows(name, 0, tensor)
 
-    def write_rows(
-        self, name: str, start: int, rows: torch.Tensor, keep: bool = False
-    ) -> Future | None:
+    def write_rows(self, name: str, start: int, rows: torch.Tensor) -> None:
         """Append rows ``start:start + len(rows)`` of the next tensor (dim 0 of a tensor of one
         or more dims). Rows come in order; the tensor is complete when its last row is written.
-        ``keep``: the caller keeps ``rows`` unchanged until the returned future is done (None:
-        they are copied or written already), so that they may be written from where they are,
-        on the flusher thread, while this returns (:meth:`_StreamFile.write`)."""
+        Rows laid out in memory as in the file (:meth:`offset`) are written from where they
+        are, without a copy, before this returns (:class:`_StreamFile`)."""
         if self._next >= len(self._order):
             raise RuntimeError(f"unexpected extra tensor {name!r}")
         spec = self._order[self._next]
@@ -418,14 +392,13 @@ class ShardedWriter:
             raise RuntimeError(f"writer expected {spec} from row {self._rows_done}, got {got}")
         if self._rows_done == 0 and (self._file is None or self._shard_done()):
             self._open_next_shard()
-        done = self._file.write(_raw_bytes(rows), keep)
+        self._file.write(_raw_bytes(rows))
         self._rows_done += rows.shape[0] if rows.dim() else 1
         if not spec.shape or self._rows_done >= spec.shape[0]:
             if spec.shape and self._rows_done != spec.shape[0]:
                 raise RuntimeError(f"writer got {self._rows_done} rows for {spec}")
             self._next += 1
             self._rows_done = 0
-        return done
 
     def _shard_done(self) -> bool:
         done = sum(len(s) for s in self.shards[: self._shard + 1])

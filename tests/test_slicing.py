@@ -536,7 +536,7 @@ def test_the_write_pipe_writes_rows_only_once_their_tiles_are_done(monkeypatch):
     x = torch.arange(8 * 8, dtype=torch.float32).reshape(8, 8)
     written: dict[str, torch.Tensor] = {}
 
-    def write(key, start, rows, keep=False):
+    def write(key, start, rows):
         written[key] = rows.clone()
 
     def slow(work, first):

@@ -144,10 +144,10 @@ def _placed(rows: torch.Tensor, offset: int, shift: int = 0) -> tuple[torch.Tens
 
 def test_rows_laid_out_as_in_the_file_are_written_from_where_they_are(tmp_path):
     """Rows whose address is their file offset modulo ALIGN (ShardedWriter.offset) go to disk
-    from their own memory, on the flusher thread while the writer returns (``keep``): the
-    shards hold the very bytes a buffered writer gives, every such piece's aligned middle was
-    not copied, and a piece placed 2 bytes off (or under DIRECT_MIN, or a float32 one whose
-    file offset is not a multiple of 4 bytes) is copied as before."""
+    from their own memory before write_rows returns: the shards hold the very bytes a buffered
+    writer gives, every such piece's aligned middle was not copied, and a piece placed 2 bytes
+    off (or under DIRECT_MIN, or a float32 one whose file offset is not a multiple of 4 bytes)
+    is copied as before."""
     if not _direct_supported(tmp_path):
         pytest.skip("no O_DIRECT on this file system")
     g = torch.Generator().manual_seed(1)
@@ -166,7 +166,7 @@ def test_rows_laid_out_as_in_the_file_are_written_from_where_they_are(tmp_path):
     with ShardedWriter(tmp_path / "buffered", spec, shard_size="6MB", direct_io=False) as w:
         for k, v in tensors.items():
             w.write(k, v)
-    want, kept = 0, []
+    want = 0
     with ShardedWriter(tmp_path / "placed", spec, shard_size="6MB") as w:
         for k, v in tensors.items():
             cuts = pieces.get(k, [0, v.shape[0]])
@@ -176,11 +176,8 @@ def test_rows_laid_out_as_in_the_file_are_written_from_where_they_are(tmp_path):
                 n = rows.numel() * rows.element_size()
                 if n >= DIRECT_MIN and there and not shifted:
                     want += (n + at % -ALIGN) // ALIGN * ALIGN  # the whole blocks from ``at``
-                kept.append((rows, w.write_rows(k, a, rows, keep=True)))
-        for rows, done in kept:  # the caller's side of ``keep``: wait, then reuse
-            if done is not None:
-                done.result()
-            rows.zero_()
+                w.write_rows(k, a, rows)
+                rows.zero_()  # written (or copied) by the time write_rows returns
         assert w.unstaged == want and want > 2 * DIRECT_MIN  # a[:1000] and c
     files = sorted(p.name for p in (tmp_path / "placed").iterdir())
     assert files == sorted(p.name for p in (tmp_path / "buffered").iterdir()) and len(files) > 2
@@ -206,16 +203,27 @@ assert len(_header([spec], {"format": "pt"})) + n == 8 * STAGING
 out = Path(sys.argv[1]) / "out"
 try:
     with ShardedWriter(out, [spec], direct_io=True) as w:
-        w.write("t", torch.ones(n, dtype=torch.uint8))
+        if sys.argv[2] == "staged":
+            w.write("t", torch.ones(n, dtype=torch.uint8))
+        else:  # pieces laid out as in the file, written from where they are
+            from dim3.slices import huge_pages
+            from dim3.writer import ALIGN
+            cuts = [0, n // 3, n // 2, n]
+            for a, b in zip(cuts[:-1], cuts[1:]):
+                flat = huge_pages(b - a + ALIGN)
+                skip = (w.offset("t", a) - flat.data_ptr()) % ALIGN
+                w.write_rows("t", a, flat[skip : skip + b - a].fill_(1))
 except OSError as exc:
     print("raised", exc.errno)
 """
 
 
-def test_a_write_the_disk_refuses_mid_file_is_raised_and_leaves_nothing(tmp_path):
+@pytest.mark.parametrize("how", ["staged", "placed"])
+def test_a_write_the_disk_refuses_mid_file_is_raised_and_leaves_nothing(tmp_path, how):
     """A file-size limit makes the disk refuse the writes past 48 MiB of a 128 MiB file whose
-    bytes all go to disk from the flusher thread (direct writes, no tail): the error reaches the
-    caller and neither the output nor the temporary folder remains."""
+    bytes all go to disk in direct writes (no tail), copied into the staging buffers (written
+    by the flusher thread) or written from the caller's memory (on its own thread): the error
+    reaches the caller and neither the output nor the temporary folder remains."""
     import errno
     import subprocess
     import sys
@@ -223,7 +231,10 @@ def test_a_write_the_disk_refuses_mid_file_is_raised_and_leaves_nothing(tmp_path
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "PYTHONPATH": str(root)}
     done = subprocess.run(
-        [sys.executable, "-c", FULL_DISK, str(tmp_path)], env=env, capture_output=True, text=True
+        [sys.executable, "-c", FULL_DISK, str(tmp_path), how],
+        env=env,
+        capture_output=True,
+        text=True,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["raised", str(errno.EFBIG)]
