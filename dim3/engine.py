@@ -1581,7 +1581,7 @@ class _Pipe:
         self._pending: list[Future] = []
         self._n = 0
         if streams.cuda:
-            self._copied = [torch.cuda.Event() for _ in range(depth + 1)]
+            self._copied = [torch.cuda.Event() for _ in range(self._depth + 1)]
 
     def prepare(self, nbytes: int) -> None:
         """Size the CPU buffers for the merge's largest piece of ``nbytes`` now, once: a

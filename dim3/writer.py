@@ -144,10 +144,10 @@ class _StreamFile:
     while the next one fills: gathering the bytes overlaps the disk's work instead of waiting
     for it (a direct write returns only once the device has the data). A piece of at least
     ``DIRECT_MIN`` bytes whose address is its file offset modulo ``ALIGN`` skips the copy: its
-    aligned middle is written from the caller's memory, on the calling thread, before
-    :meth:`write` returns (the engine computes merged rows into buffers laid out so). Every
-    write names its offset; one that failed is raised by the next switch of buffers or by
-    :meth:`close`.
+    aligned middle is written from the caller's memory, with the few staged bytes before it, on
+    the calling thread, before :meth:`write` returns (the engine computes merged rows into
+    buffers laid out so); its error is raised there. Every write names its offset; one of the
+    flusher's that failed is raised by the next switch of buffers or by :meth:`close`.
     """
 
     def __init__(
@@ -216,7 +216,7 @@ class _StreamFile:
         if self._flusher is None:
             self._write_direct(view, at)
         else:
-            self._pending[self._k] = self._last = self._flusher.submit(self._write_direct, view, at)
+            self._pending[self._k] = self._flusher.submit(self._write_direct, view, at)
             self._k = (self._k + 1) % len(self._stages)
             self._wait(self._k)  # its previous write is done before it is refilled
             self._stage = self._stages[self._k]
