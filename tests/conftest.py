@@ -62,7 +62,7 @@ def app_server(tmp_path_factory):
     scratch = tmp_path_factory.mktemp("app")
     roots = [ROOT / "assets", tmp_path_factory.getbasetemp()]
     # a job budget of 4 minutes, not the default 10: WUDI's 100,000 iterations on the demo trio
-    # take ~9-10 minutes on an idle 2-core machine, too close to 10 for the test that expects
+    # take ~8-10 minutes on an idle 2-core machine, too close to 10 for the test that expects
     # them refused (test_heavy_jobs_over_the_time_budget_are_refused_before_they_start); the
     # demo's other jobs take seconds
     with running_app(scratch, roots, DIM3_JOB_BUDGET="240") as url:

@@ -194,7 +194,7 @@ from dim3.writer import STAGING, ShardedWriter, TensorSpec, _header
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG), as on a full disk
 resource.setrlimit(resource.RLIMIT_FSIZE, (3 * STAGING, 3 * STAGING))
 # a file of exactly 8 staging buffers: no unaligned tail for close() to write on this thread, so
-# every refused write is one of the flusher thread's
+# every refused write is one of the flusher thread's ("staged") or of write_rows ("placed")
 n = 8 * STAGING
 for _ in range(3):
     n = 8 * STAGING - len(_header([TensorSpec("t", torch.uint8, (n,))], {"format": "pt"}))
