@@ -1586,8 +1586,7 @@ class _Pipe:
     def prepare(self, nbytes: int) -> None:
         """Size the CPU buffers for the merge's largest piece of ``nbytes`` now, once: a
         buffer that grew with the pieces would be mapped and zeroed again each time."""
-        limit = self._buffers.limit
-        if self._where is None or not nbytes or (limit is not None and nbytes + ALIGN > limit):
+        if not nbytes or not self._places(nbytes):
             return
         for slot in range(self._depth + 1):
             self._buffers.reserve(f"out{slot}", nbytes + ALIGN, torch.device("cpu"))
@@ -1602,6 +1601,12 @@ class _Pipe:
             return None
         return self._host(self._n % (self._depth + 1), key, start, shape, dtype, False)
 
+    def _places(self, nbytes: int) -> bool:
+        """Whether rows of ``nbytes`` are placed at their file offset (a CPU merge whose
+        buffers, with ALIGN bytes to spare, stay under the buffers' limit)."""
+        limit = self._buffers.limit
+        return self._where is not None and (limit is None or nbytes + ALIGN <= limit)
+
     def _host(
         self, slot: int, key: str, start: int, shape: tuple[int, ...], dtype: torch.dtype, pin: bool
     ) -> torch.Tensor:
@@ -1609,8 +1614,7 @@ class _Pipe:
         their file offset modulo ALIGN where the writer tells it (``where``) and that is a
         whole number of elements into the buffer."""
         cpu, nbytes = torch.device("cpu"), math.prod(shape) * dtype.itemsize
-        limit = self._buffers.limit
-        if self._where is None or (limit is not None and nbytes + ALIGN > limit):
+        if not self._places(nbytes):
             return self._buffers.take(f"out{slot}", shape, dtype, cpu, pin=pin)
         flat = self._buffers.take(f"out{slot}", (nbytes + ALIGN,), torch.uint8, cpu, pin=pin)
         skip = (self._where(key, start) - flat.data_ptr()) % ALIGN
