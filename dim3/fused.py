@@ -57,8 +57,48 @@ def available() -> bool:
     return os.environ.get("DIM3_FUSED", "1") != "0" and _kernels() is not None
 
 
+# numpy's type of each dtype a kernel reads or writes (a bfloat16 value as its int16 bits)
+_NUMPY = {
+    dtype: np.dtype(kind).str
+    for dtype, kind in (
+        (torch.float32, np.float32),
+        (torch.bfloat16, np.int16),
+        (torch.float16, np.float16),
+        (torch.float64, np.float64),
+        (torch.int64, np.int64),
+        (torch.int32, np.int32),
+        (torch.int16, np.int16),
+        (torch.int8, np.int8),
+        (torch.uint8, np.uint8),
+        (torch.bool, np.bool_),
+    )
+}
+
+
+class _Held:
+    """The memory of a tensor as numpy sees it (``__array_interface__``), holding the tensor:
+    the array made from it keeps the tensor, and so its memory, alive."""
+
+    __slots__ = ("__array_interface__", "tensor")
+
+    def __init__(self, t: Tensor):
+        self.tensor = t
+        self.__array_interface__ = {
+            "data": (t.data_ptr(), False),
+            "shape": (t.numel(),),
+            "typestr": _NUMPY[t.dtype],
+            "version": 3,
+        }
+
+
 def _flat(t: Tensor) -> Any:
-    """A contiguous CPU tensor as a flat numpy array (a bfloat16 one as its int16 bits)."""
+    """A contiguous CPU tensor as a flat numpy array (a bfloat16 one as its int16 bits),
+    sharing its memory. Made from the tensor's address, without torch's ``reshape``, ``view``
+    and ``numpy``: those dispatch, and each view they make releases Python's global lock when
+    it is freed, about five hand-overs of the lock per call, several calls per tile, on the
+    threads that share it (docs/performance.md). Other tensors take that way."""
+    if t.device.type == "cpu" and t.dtype in _NUMPY and t.numel() and t.is_contiguous():
+        return np.asarray(_Held(t))
     flat = t.reshape(-1)
     return (flat.view(torch.int16) if flat.dtype == torch.bfloat16 else flat).numpy()
 

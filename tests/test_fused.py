@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -479,3 +480,41 @@ def test_task_arithmetic_kernel_takes_only_what_it_matches(monkeypatch):
     assert calls == []
     method.merge(base, tuned, method.make_options({}))
     assert calls == [1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int32, torch.uint8])
+def test_kernels_see_a_tensors_own_memory_and_keep_it_alive(dtype):
+    # the kernels get tensors as numpy arrays made from their address (fused._flat): the
+    # array must be the tensor's very memory, with a bfloat16 value's bits, and must keep
+    # that memory alive once the caller's tensor is gone (a freed tile would be read)
+    g = torch.Generator().manual_seed(3)
+    whole = (torch.randn(64, 48, generator=g) * 100).to(dtype)
+    rows = whole[5:17]  # a view at an offset into its storage
+    got = fused._flat(rows)
+    want = rows.view(torch.int16) if dtype == torch.bfloat16 else rows
+    assert got.shape == (rows.numel(),)
+    assert np.array_equal(got, want.reshape(-1).numpy())
+    got[3] = 7  # written through: the kernels write their output this way
+    assert want.reshape(-1)[3].item() == 7
+    kept = fused._flat(whole.clone()[10:20])  # the clone is freed once the call returns
+    expect = (
+        (whole[10:20].view(torch.int16) if dtype == torch.bfloat16 else whole[10:20])
+        .reshape(-1)
+        .numpy()
+        .copy()
+    )
+    junk = [torch.full((64, 48), 1, dtype=dtype) for _ in range(20)]  # would reuse freed memory
+    assert np.array_equal(kept, expect)
+    del junk
+    # a tensor the address cannot describe takes torch's own way (a copy for a strided one)
+    strided = whole.T
+    assert np.array_equal(
+        fused._flat(strided),
+        (
+            strided.contiguous().view(torch.int16)
+            if dtype == torch.bfloat16
+            else strided.contiguous()
+        )
+        .reshape(-1)
+        .numpy(),
+    )
