@@ -40,7 +40,10 @@ anonymous RSS (RssAnon plus RssShmem, sampled every 20 ms; it excludes the safet
 pages; before 2026-11-30's late evening RssAnon alone, which missed the engine's large buffers, then
 shared anonymous mappings) and the figure the memory target uses, that peak minus the process's
 anonymous RSS once the package is imported, as a share of one output model. The disk needed (inputs, output and the floor's output)
-is checked before anything is written.
+is checked before anything is written. "of which the middle half": the same CPU time and faults
+between the merge's progress reports at a quarter and at three quarters of the bytes (the loop's
+steady state: its buffers made, its threads started, the headers read, nothing left to close),
+with the faults per GiB merged there; what the whole merge takes beyond that is set-up and close.
 """
 
 from __future__ import annotations
@@ -425,9 +428,19 @@ def child(spec: dict) -> None:
         torch.cuda.reset_peak_memory_stats()
     out = Path(spec["out"])
     before = resource.getrusage(resource.RUSAGE_SELF)
+    marks: list = []  # rusage once a quarter and once three quarters of the bytes are merged
+
+    def progress(p) -> None:
+        if (
+            len(marks) < 2
+            and p.bytes_total
+            and p.bytes_done >= p.bytes_total * (1 + 2 * len(marks)) / 4
+        ):
+            marks.append((resource.getrusage(resource.RUSAGE_SELF), p.bytes_done))
+
     with AnonPeak() as mem:
         start = time.perf_counter()  # the whole call: plan, merge, side files, fsync
-        result = engine.merge_to_folder(recipe, out)
+        result = engine.merge_to_folder(recipe, out, progress=progress)
         for f in out.glob("*.safetensors"):  # the floor includes fsync; so does the merge
             fd = os.open(f, os.O_RDONLY)
             os.fsync(fd)
@@ -439,6 +452,9 @@ def child(spec: dict) -> None:
     figures = {"seconds": seconds, "peak": mem.peak, "start": mem.start, "imported": imported}
     extra = {"buffers": getattr(result, "buffers", None), **usage(before, after)}
     extra["unstaged"] = getattr(result, "unstaged", None)  # (an --against engine may lack it)
+    if len(marks) == 2:  # the loop's steady state: buffers made, threads started, headers read
+        (a, done_a), (b, done_b) = marks
+        extra["middle"] = {**usage(a, b), "bytes": done_b - done_a}
     print(json.dumps({**figures, "gpu": gpu, "written": written, **extra}))
 
 
@@ -612,7 +628,13 @@ def one_round(args, recipe, root: Path, method: str, floor_spec: dict, files, i:
         print(
             f"  round {i + 1} {name:<14} {r['seconds']:7.2f} s  user {r['user']:6.2f}  "
             f"sys {r['sys']:6.2f}  minflt {r['minflt']:>9}  inputs cached {100 * cached:.0f}%  "
-            f"load {loadavg}",
+            f"load {loadavg}"
+            + (
+                f"  middle half: user {r['middle']['user']:.2f} sys {r['middle']['sys']:.2f} "
+                f"minflt {r['middle']['minflt']}"
+                if "middle" in r
+                else ""
+            ),
             flush=True,
         )
     return got
@@ -651,6 +673,18 @@ def report(args, real: bool, rounds: list[dict]) -> None:
         )
         return f"user {user:.1f} s, sys {sys_:.1f} s ({100 * share:.0f}% kernel), minor faults {med(name, 'minflt'):,.0f}"
 
+    def middle(name: str) -> str:
+        got = [r[name]["middle"] for r in rounds if "middle" in r[name]]
+        if not got:
+            return "n/a"
+        share = median([m["sys"] / max(1e-9, m["sys"] + m["user"]) for m in got])
+        per_gib = median([m["minflt"] / max(1, m["bytes"]) * gib for m in got])
+        return (
+            f"user {median([m['user'] for m in got]):.1f} s, sys {median([m['sys'] for m in got]):.2f} s "
+            f"({100 * share:.0f}% kernel), minor faults {median([m['minflt'] for m in got]):,.0f} "
+            f"({per_gib:,.0f} per GiB merged), over {median([m['bytes'] for m in got]) / gib:.2f} GiB"
+        )
+
     over = median([m["peak"] - m["imported"] for m in merges])
     cached = min(min(r[k]["cached"] for k in r) for r in rounds)
     rows = [
@@ -684,6 +718,7 @@ def report(args, real: bool, rounds: list[dict]) -> None:
             f"{ratio('merge', 'floor_buffered'):.2f}x the buffered floor (per-round ratios)",
         ),
         ("merge CPU", cpu("merge")),
+        ("  of which the middle half", middle("merge")),
         (
             "merge throughput",
             f"read {read_b / gib / med('merge'):.2f} GiB/s, "
@@ -724,6 +759,7 @@ def report(args, real: bool, rounds: list[dict]) -> None:
                 f"new/old wall {median([r['merge']['seconds'] / r['old']['seconds'] for r in rounds]):.2f}",
             ),
             ("other engine CPU", cpu("old")),
+            ("  of which the middle half", middle("old")),
         ]
     if best["gpu"]:
         rows.append(("peak GPU / output model", f"{100 * best['gpu'] / written:.0f}%"))

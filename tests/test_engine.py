@@ -637,6 +637,18 @@ def test_the_throughput_benchmark_runs_a_round_from_inputs_read_back_from_disk(t
     # the vocabulary matrices' merged rows (a third of the tiny trio's output) went unstaged
     unstaged = re.search(r"output written from its buffers +(\d+)%", out)
     assert unstaged is not None and 20 <= int(unstaged.group(1)) <= 100, out
+    # the CPU time and faults between the progress reports at a quarter and three quarters of
+    # the bytes: a share of the merge's own, over about half of its bytes
+    whole = re.search(r"merge CPU +user ([\d.]+) s, sys ([\d.]+) s .*minor faults ([\d,]+)", out)
+    half = re.search(
+        r"of which the middle half +user ([\d.]+) s, sys ([\d.]+) s \((\d+)% kernel\), "
+        r"minor faults ([\d,]+) \(([\d,]+) per GiB merged\), over ([\d.]+) GiB",
+        out,
+    )
+    assert whole is not None and half is not None, out
+    assert int(half.group(4).replace(",", "")) < int(whole.group(3).replace(",", ""))
+    assert float(half.group(1)) <= float(whole.group(1)) and 0 <= int(half.group(3)) <= 100
+    assert 0.01 <= float(half.group(6)) <= 0.09 * 0.75, out  # the tiny trio writes 0.09 GiB
     assert not (tmp_path / "floor").exists() and not (tmp_path / "cache").exists()
 
 
