@@ -44,6 +44,9 @@ is checked before anything is written. "of which the middle half": the same CPU 
 between the merge's progress reports at a quarter and at three quarters of the bytes (the loop's
 steady state: its buffers made, its threads started, the headers read, nothing left to close),
 with the faults per GiB merged there; what the whole merge takes beyond that is set-up and close.
+"its system time, switches": that system time and the context switches (voluntary and
+involuntary) there by thread (``/proc/self/task``, in clock ticks of 10 ms): the main loop, the
+read-ahead thread, the tile threads, the write thread and the flusher.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -229,7 +233,7 @@ class AnonPeak:
 
     def __init__(self):
         self.peak, self._stop = 0, threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread = threading.Thread(target=self._run, daemon=True, name="rss-sampler")
 
     @staticmethod
     def now() -> int:
@@ -396,6 +400,26 @@ def check_disk(root: Path, need: int) -> None:
         )
 
 
+def threads_now() -> dict[str, list[int]]:
+    """CPU time (user, system: clock ticks) and context switches (voluntary, involuntary) of
+    each of this process's threads now, by thread name (``/proc/self/task``; the engine names
+    its threads dim3-read, dim3-tile, dim3-write, dim3-flush; a pool's threads are added up;
+    threads Python did not start, such as torch's, are "other"). Empty where /proc is missing."""
+    names = {str(t.native_id): re.sub(r"_\d+$", "", t.name) for t in threading.enumerate()}
+    got: dict[str, list[int]] = {}
+    for task in Path("/proc/self/task").glob("*"):
+        try:
+            stat = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            status = (task / "status").read_text().splitlines()
+        except OSError:  # the thread ended meanwhile
+            continue
+        switches = [int(line.split()[1]) for line in status if "ctxt_switches" in line]
+        row = got.setdefault(names.get(task.name, "other"), [0, 0, 0, 0])
+        for i, value in enumerate([int(stat[11]), int(stat[12]), *switches]):
+            row[i] += value
+    return got
+
+
 def child(spec: dict) -> None:
     """Run one merge (or the I/O floor) in this (fresh) process and print its figures as JSON."""
     import resource
@@ -436,7 +460,7 @@ def child(spec: dict) -> None:
             and p.bytes_total
             and p.bytes_done >= p.bytes_total * (1 + 2 * len(marks)) / 4
         ):
-            marks.append((resource.getrusage(resource.RUSAGE_SELF), p.bytes_done))
+            marks.append((resource.getrusage(resource.RUSAGE_SELF), p.bytes_done, threads_now()))
 
     with AnonPeak() as mem:
         start = time.perf_counter()  # the whole call: plan, merge, side files, fsync
@@ -453,8 +477,14 @@ def child(spec: dict) -> None:
     extra = {"buffers": getattr(result, "buffers", None), **usage(before, after)}
     extra["unstaged"] = getattr(result, "unstaged", None)  # (an --against engine may lack it)
     if len(marks) == 2:  # the loop's steady state: buffers made, threads started, headers read
-        (a, done_a), (b, done_b) = marks
-        extra["middle"] = {**usage(a, b), "bytes": done_b - done_a}
+        (a, done_a, ta), (b, done_b, tb) = marks
+        tick = os.sysconf("SC_CLK_TCK")
+        threads = {  # user s, system s, voluntary and involuntary switches, per thread name
+            name: [(y - x) / tick for x, y in zip(ta.get(name, [0] * 4)[:2], row[:2], strict=True)]
+            + [y - x for x, y in zip(ta.get(name, [0] * 4)[2:], row[2:], strict=True)]
+            for name, row in tb.items()
+        }
+        extra["middle"] = {**usage(a, b), "bytes": done_b - done_a, "threads": threads}
     print(json.dumps({**figures, "gpu": gpu, "written": written, **extra}))
 
 
@@ -685,6 +715,17 @@ def report(args, real: bool, rounds: list[dict]) -> None:
             f"({per_gib:,.0f} per GiB merged), over {median([m['bytes'] for m in got]) / gib:.2f} GiB"
         )
 
+    def by_thread(name: str) -> str:
+        got = [r[name]["middle"].get("threads", {}) for r in rounds if "middle" in r[name]]
+        names = sorted({n for g in got for n in g}, key=lambda n: (n == "other", n))
+        parts = []
+        for n in names:
+            rows = [g.get(n, [0, 0, 0, 0]) for g in got]
+            sys_, switches = median([x[1] for x in rows]), median([x[2] + x[3] for x in rows])
+            if sys_ or switches:
+                parts.append(f"{n} {sys_:.2f} s, {switches:,.0f}")
+        return "; ".join(parts) or "n/a"
+
     over = median([m["peak"] - m["imported"] for m in merges])
     cached = min(min(r[k]["cached"] for k in r) for r in rounds)
     rows = [
@@ -719,6 +760,7 @@ def report(args, real: bool, rounds: list[dict]) -> None:
         ),
         ("merge CPU", cpu("merge")),
         ("  of which the middle half", middle("merge")),
+        ("  its system time, switches", by_thread("merge")),
         (
             "merge throughput",
             f"read {read_b / gib / med('merge'):.2f} GiB/s, "
@@ -760,6 +802,7 @@ def report(args, real: bool, rounds: list[dict]) -> None:
             ),
             ("other engine CPU", cpu("old")),
             ("  of which the middle half", middle("old")),
+            ("  its system time, switches", by_thread("old")),
         ]
     if best["gpu"]:
         rows.append(("peak GPU / output model", f"{100 * best['gpu'] / written:.0f}%"))

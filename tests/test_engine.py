@@ -649,6 +649,12 @@ def test_the_throughput_benchmark_runs_a_round_from_inputs_read_back_from_disk(t
     assert int(half.group(4).replace(",", "")) < int(whole.group(3).replace(",", ""))
     assert float(half.group(1)) <= float(whole.group(1)) and 0 <= int(half.group(3)) <= 100
     assert 0.01 <= float(half.group(6)) <= 0.09 * 0.75, out  # the tiny trio writes 0.09 GiB
+    # and by thread: the engine's own threads were running there, each named
+    threads = re.search(r"its system time, switches +(.*)", out)
+    assert threads is not None, out
+    seen = dict(re.findall(r"([\w-]+) [\d.]+ s, ([\d,]+)", threads.group(1)))
+    assert {"MainThread", "dim3-read", "dim3-tile", "dim3-write"} <= seen.keys(), out
+    assert int(seen["dim3-tile"].replace(",", "")) > 0
     assert not (tmp_path / "floor").exists() and not (tmp_path / "cache").exists()
 
 
