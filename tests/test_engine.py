@@ -658,6 +658,35 @@ def test_the_throughput_benchmark_runs_a_round_from_inputs_read_back_from_disk(t
     assert not (tmp_path / "floor").exists() and not (tmp_path / "cache").exists()
 
 
+def test_the_first_touch_benchmark_measures_each_kind_of_page():
+    """``benchmarks/first_touch.py``: each variant in its own process touches every 4 KiB page
+    of the buffer once; in 4 KiB pages that is one fault per page, in the engine's 2 MiB pages
+    (where the kernel gives them) one per 2 MiB."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "first_touch.py"
+    argv = [sys.executable, str(script), "--mib", "8", "--repeat", "1"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = dict(
+        (name.strip(), (float(ms), int(faults.replace(",", ""))))
+        for name, ms, faults in re.findall(
+            r"^(.+?) +sys [\d.]+ s = ([\d.]+) ms per MiB .*minor faults ([\d,]+)$",
+            done.stdout,
+            re.M,
+        )
+    )
+    assert len(rows) == 3, done.stdout
+    pages = 8 * 256
+    assert pages <= rows["4 KiB pages, fresh"][1] <= pages + 64
+    huge = rows["2 MiB pages, fresh (the engine's buffers)"][1]
+    assert huge <= pages + 64 and all(ms >= 0 for ms, _ in rows.values())
+    if Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().find("never]") < 0:
+        # huge pages on offer: one fault per 2 MiB (4 here) for each the kernel could give
+        assert huge < pages - 256
+
+
 def test_the_benchmarks_synthetic_trio_is_a_loadable_llava_and_merges(tmp_path):
     """``benchmarks/merge_throughput.py --shape tiny`` (also the trio of methods_cost.py and
     diagnostics_memory.py): the VLM's vision tower and projector are those of the LLaVA its
