@@ -32,21 +32,24 @@ PAGE = mmap.PAGESIZE
 MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22 if sys.platform == "linux" else None)
 
 
-def _libc(name: str, *argtypes):
+def _libc(name: str, *argtypes, hold: bool = False):
     """A function of the C library (through ctypes, which lets other threads run Python while
     it runs: the mmap module's ``madvise`` holds the interpreter's lock), or None where there is
-    none."""
+    none. ``hold``: keep the interpreter's lock meanwhile, for a call that never waits (one
+    that lets go of it takes it back after, and waits for it whenever another thread took it:
+    two context switches, where the call itself takes a microsecond)."""
     if sys.platform != "linux":
         return None
     try:
-        fn = getattr(ctypes.CDLL(None, use_errno=True), name)
+        fn = getattr((ctypes.PyDLL if hold else ctypes.CDLL)(None, use_errno=True), name)
     except (OSError, AttributeError):
         return None
     fn.argtypes, fn.restype = list(argtypes), ctypes.c_int
     return fn
 
 
-_MINCORE = _libc("mincore", ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
+# one page's residency: the page tables and the page cache looked up, nothing read
+_MINCORE = _libc("mincore", ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p, hold=True)
 _MADVISE = _libc("madvise", ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 
 
