@@ -597,6 +597,42 @@ def test_tile_workers_follow_the_compute_threads():
     assert engine.tile_workers(cpu, cores=2) == 2
     assert engine.tile_workers(cpu, cores=64) == 8
     assert engine.tile_workers(torch.device("cuda"), cores=2) == 0
+    # a light rule (task arithmetic's compiled sum) takes one on up to 2 cores, as many above
+    assert engine.tile_workers(cpu, cores=2, light=True) == 1
+    assert engine.tile_workers(cpu, cores=1, light=True) == 1
+    assert engine.tile_workers(cpu, cores=3, light=True) == 2
+    assert engine.tile_workers(cpu, cores=64, light=True) == 8
+    assert engine.tile_workers(torch.device("cuda"), cores=2, light=True) == 0
+
+
+@pytest.mark.parametrize("cores", [2, 4])
+def test_task_arithmetic_takes_one_tile_thread_on_two_cores_and_merges_the_same_bytes(
+    cores, tiny_llava_trio, tmp_path, monkeypatch
+):
+    """The merge asks for its tile threads by its rule: task arithmetic's compiled sum is
+    light (one thread on up to 2 cores), DiM3 is not; the merged bytes are those of the
+    other number of threads."""
+    made: list[int] = []
+    init = engine._Tiles.__init__
+
+    def on_init(self, workers):
+        made.append(workers)
+        init(self, workers)
+
+    monkeypatch.setattr(engine._Tiles, "__init__", on_init)
+    monkeypatch.setattr(engine.os, "cpu_count", lambda: cores)
+    for method in ("task_arithmetic", "dim3"):
+        engine.merge_to_folder(recipe_of(tiny_llava_trio, method=method), tmp_path / method)
+    want = engine.compute_threads(torch.device("cpu"), cores)
+    assert made == [1 if cores <= 2 else want, want]
+    monkeypatch.setattr(engine.os, "cpu_count", lambda: 6 - cores)  # the other count
+    engine.merge_to_folder(recipe_of(tiny_llava_trio, method="task_arithmetic"), tmp_path / "other")
+    assert made[-1] == (1 if cores > 2 else engine.compute_threads(torch.device("cpu"), 4))
+    shards = sorted(p.name for p in (tmp_path / "other").glob("*.safetensors"))
+    assert shards == sorted(p.name for p in (tmp_path / "task_arithmetic").glob("*.safetensors"))
+    for name in shards:
+        one, two = tmp_path / "other" / name, tmp_path / "task_arithmetic" / name
+        assert one.read_bytes() == two.read_bytes(), name
 
 
 def test_sliced_merge_into_a_loaded_model_equals_the_folder(tiny_llava_trio, tmp_path):
