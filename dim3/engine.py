@@ -1263,7 +1263,7 @@ def tile_workers(device: torch.device, cores: int | None = None, *, light: bool 
     the other core left to the loop, the read and the write threads. A second tile thread
     there only hands Python's lock about: task arithmetic on the 2B trio (2-core machine,
     paired by hand and in the throughput benchmark, docs/performance.md) took the same wall
-    time with one tile thread, 40% fewer context switches and ~0.1 s less system time."""
+    time with one tile thread, 40% fewer context switches and 0.04-0.1 s less system time."""
     if device.type != "cpu" or os.environ.get("DIM3_TILES", "1") == "0":
         return 0
     if light and (cores or os.cpu_count() or 1) <= 2:
