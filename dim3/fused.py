@@ -138,10 +138,25 @@ def counts(
     return out
 
 
-def kth_in_bin(pieces: list[Tensor], h: int, rank: int) -> tuple[int, int, int, list[int]] | None:
+def kth_in_bin(
+    pieces: list[Tensor], h: int, rank: int, buffers: Any = None
+) -> tuple[int, int, int, list[int]] | None:
     """:func:`dim3.slices._kth_in_bin` on CPU int32 ``pieces``, in one compiled loop over their
-    values (the eager ops took a tenth of a TIES merge, while the tile threads waited)."""
-    values = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.int32)
+    values (the eager ops took a tenth of a TIES merge, while the tile threads waited). The
+    pieces are joined in ``buffers`` (a :class:`dim3.slices.Buffers`: the same memory tensor
+    after tensor) when given: a new tensor each time was a fresh mapping the kernel faulted in
+    4 KiB at a time, most of a TIES merge's page faults."""
+    if not pieces:
+        values = torch.zeros(0, dtype=torch.int32)
+    else:
+        total = (sum(p.numel() for p in pieces),)
+        cpu = torch.device("cpu")
+        values = torch.cat(
+            pieces,
+            out=buffers.take("select.window", total, torch.int32, cpu)
+            if buffers is not None
+            else torch.empty(total, dtype=torch.int32),
+        )
     ends = np.cumsum([p.numel() for p in pieces], dtype=np.int64)
     low = np.empty(BINS + 1, dtype=np.int64)
     each = np.empty(len(pieces), dtype=np.int64)

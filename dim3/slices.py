@@ -236,7 +236,7 @@ class ExactSelect:
                 return  # no guess, or the k-th value lies below the window
             pieces = [values[i].to(self.device) for _, values in self._kept]
             h, rank = self.hi[i], k - self.below[i]  # its bin, its rank among the bin's values
-            got = _kth_in_bin(pieces, h, rank, self.device)
+            got = _kth_in_bin(pieces, h, rank, self.device, self.buffers)
             if got is None:
                 return  # above the window's end: the second pass finds it
             lo, less, equal, each = got
@@ -286,7 +286,7 @@ def select_by_sort(bits: Tensor, ks: Sequence[int]) -> list[tuple[int, int, int]
 
 
 def _kth_in_bin(
-    pieces: list[Tensor], h: int, rank: int, device: torch.device
+    pieces: list[Tensor], h: int, rank: int, device: torch.device, buffers: Buffers | None = None
 ) -> tuple[int, int, int, list[int]] | None:
     """Among the values of ``pieces`` (int32 bit patterns) whose high 16 bits are ``h``, the
     ``rank``-th smallest (from 1): (its low 16 bits, how many of those are below it, how many
@@ -295,7 +295,7 @@ def _kth_in_bin(
     from dim3 import fused  # (it imports this module)
 
     if device.type == "cpu" and fused.available():
-        return fused.kth_in_bin(pieces, h, rank)
+        return fused.kth_in_bin(pieces, h, rank, buffers)
     inside = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.int32, device=device)
     low = inside[torch.bitwise_right_shift(inside, 16) == h].bitwise_and_(0xFFFF)
     if rank > low.numel():

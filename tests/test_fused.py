@@ -198,7 +198,16 @@ def test_kth_in_bin_equals_the_eager_ops_and_a_sort(seed, lows, monkeypatch):
             [int((p == kth).sum()) for p in pieces],
         )
         assert got == want
+        # joined in the engine's buffers, the same memory call after call: the same numbers
+        buffers = slices.Buffers()
+        for _ in range(2):
+            assert slices._kth_in_bin(pieces, h, rank, cpu, buffers) == got
+            assert slices._kth_in_bin(pieces[:4], h, rank, cpu, buffers) == slices._kth_in_bin(
+                pieces[:4], h, rank, cpu
+            )
+        assert buffers.allocations == 1  # sized by the first, larger join; reused since
     assert slices._kth_in_bin([], h, 1, cpu) is None
+    assert slices._kth_in_bin([], h, 1, cpu, slices.Buffers()) is None
 
 
 def _in_bfloat16(trio, folder):
