@@ -4,7 +4,7 @@ first time the pages of a new buffer are touched, in 2 MiB pages (the engine's b
 the first was freed.
 
 A merge touches its buffers (the write pipe's output slots, the tile threads' float32 tiles,
-the writer's staging buffers: some 100-140 MiB for the 2B trio) once and reuses them, so this
+the writer's staging buffers: some 100-125 MiB for the 2B trio) once and reuses them, so this
 is a fixed cost per merge in its system time, the one that does not scale with the model.
 On a virtual machine whose host takes back the memory the guest frees (virtio-balloon's free
 page reporting) a new 2 MiB page is backed by the host on first touch, which costs several
