@@ -10,7 +10,19 @@ recording before each the load average and how much of the inputs is in the page
 ``--against OTHER_CHECKOUT`` also runs that checkout's engine in every round (paired old/new;
 this checkout's first in rounds 1, 3, ..., the other's first in rounds 2, 4, ...);
 ``--cli`` also times ``python -m dim3 merge`` as a whole process (interpreter start and imports
-included) right after each round's merge, against the same round's floor.
+included) right after each round's merge, against the same round's floor, and ``python -m dim3
+plan`` on the same trio (the same command's start: interpreter, torch and the package imported,
+checkpoints checked, the plan made, nothing merged), so that the report can tell the merge's own
+share of the command's kernel time from the start's (importing torch alone is 10-15% kernel time
+on a 2-core VM).
+
+"mapping the inputs", in each round: a fresh process maps every input file, has every page
+mapped in (``MADV_POPULATE_READ``, as the engine's read thread does) and unmaps it: the kernel
+time that reading the inputs from the page cache without a copy costs, whoever reads them. It
+depends on how the page cache holds them: one fault per 2 MiB page where it holds 2 MiB folios
+(a read from disk, large writes), one per 16 pages of 4 KiB (the kernel's fault-around) where
+it holds small ones (a copy made with ``cp``, a partial eviction); "inputs mapped in 2 MiB pages"
+says which.
 
     python benchmarks/merge_throughput.py --shape tiny          # seconds, any machine
     python benchmarks/merge_throughput.py --shape 1b --dtype bfloat16
@@ -299,6 +311,41 @@ def io_floor(spec: dict) -> dict:
     return {"seconds": seconds, "read": read, **usage(before, after)}
 
 
+def mapping_floor(spec: dict) -> dict:
+    """Map every input file read-only, have each page mapped in (``MADV_POPULATE_READ``, where
+    the kernel has it; else one byte of every page read) and unmap it, in this (fresh) process:
+    wall seconds, CPU and page faults."""
+    import ctypes
+    import mmap
+    import resource
+    import warnings
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    populate = getattr(mmap, "MADV_POPULATE_READ", 22)
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    start = time.perf_counter()
+    mapped = 0
+    for file in spec["inputs"]:
+        with open(file, "rb") as f:
+            m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        with warnings.catch_warnings():  # torch warns that the buffer is not writable
+            warnings.simplefilter("ignore", UserWarning)
+            at = torch.frombuffer(m, dtype=torch.uint8).data_ptr()
+        span = 64 * 2**20  # a few slices' worth per call, as the read thread asks
+        for lo in range(0, len(m), span):
+            if libc.madvise(at + lo, min(span, len(m) - lo), populate) != 0:
+                view = memoryview(m)
+                sum(view[lo :: mmap.PAGESIZE])  # one byte of every page left
+                view.release()
+                break
+        mapped += len(m)
+        m.close()
+    seconds = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    return {"seconds": seconds, "mapped": mapped, **usage(before, after)}
+
+
 def usage(before, after) -> dict:
     return {
         "user": after.ru_utime - before.ru_utime,
@@ -430,6 +477,9 @@ def child(spec: dict) -> None:
     if spec.get("huge"):
         print(json.dumps({"share": huge_mapped([Path(f) for f in spec["inputs"]])}))
         return
+    if spec.get("mapping"):
+        print(json.dumps(mapping_floor(spec)))
+        return
     if spec.get("layout"):  # derive the VLM's layout once, filling the layout cache
         from dim3.checkpoints import Checkpoint
         from dim3.layout import layout_for
@@ -507,13 +557,15 @@ def run_child(spec: dict, root: Path | None = None) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def run_cli(recipe: Recipe, out: Path, method: str, device: str) -> dict:
+def run_cli(recipe: Recipe, out: Path, method: str, device: str, command: str = "merge") -> dict:
     """``python -m dim3 merge`` on the trio as a whole new process (interpreter start, imports,
-    plan, merge, side files and card included): wall seconds and the child's CPU and faults."""
+    plan, merge, side files and card included): wall seconds and the child's CPU and faults.
+    ``command="plan"``: the same arguments to ``python -m dim3 plan``, which stops before the
+    merge (writes nothing)."""
     import resource
 
     src = {r: s.ref for r, s in recipe.sources().items()}
-    argv = [sys.executable, "-m", "dim3", "merge", "--base", src["base"], "--multilingual"]
+    argv = [sys.executable, "-m", "dim3", command, "--base", src["base"], "--multilingual"]
     argv += [src["multilingual"], "--multimodal", src["multimodal"], "--out", str(out)]
     argv += ["--method", method, "--device", device]
     env = {**os.environ, "PYTHONPATH": os.environ.get("DIM3_BENCH_ROOT") or str(ROOT)}
@@ -523,7 +575,7 @@ def run_cli(recipe: Recipe, out: Path, method: str, device: str) -> dict:
     seconds = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0:
-        sys.exit(f"the CLI merge failed:\n{done.stderr.strip()[-2000:]}")
+        sys.exit(f"the CLI {command} failed:\n{done.stderr.strip()[-2000:]}")
     return {"seconds": seconds, **usage(before, after)}
 
 
@@ -639,19 +691,21 @@ def one_round(args, recipe, root: Path, method: str, floor_spec: dict, files, i:
     for name, spec, where in (
         ("floor_buffered", {**floor_spec, "out": str(root / "floor"), "direct": False}, None),
         ("floor_direct", {**floor_spec, "out": str(root / "floor"), "direct": True}, None),
+        ("mapping", {"mapping": True, "inputs": floor_spec["inputs"]}, None),
         *engines,
     ):
         cached, loadavg = resident(files), load()
         got[name] = {**run_child(spec, where), "cached": cached, "load": loadavg}
         if name == "merge" and args.cli:  # the whole command line, right after the merge
-            shutil.rmtree(root / "out", ignore_errors=True)
-            got["cli"] = {**run_cli(recipe, root / "out", method, args.device), "cached": cached}
-            r = got["cli"]
-            print(
-                f"  round {i + 1} {'cli':<14} {r['seconds']:7.2f} s  user {r['user']:6.2f}  "
-                f"sys {r['sys']:6.2f}  minflt {r['minflt']:>9}",
-                flush=True,
-            )
+            for key, command in (("cli", "merge"), ("cli_plan", "plan")):
+                shutil.rmtree(root / "out", ignore_errors=True)
+                r = run_cli(recipe, root / "out", method, args.device, command)
+                got[key] = {**r, "cached": cached}
+                print(
+                    f"  round {i + 1} {key:<14} {r['seconds']:7.2f} s  user {r['user']:6.2f}  "
+                    f"sys {r['sys']:6.2f}  minflt {r['minflt']:>9}",
+                    flush=True,
+                )
         shutil.rmtree(root / "out", ignore_errors=True)
         shutil.rmtree(root / "floor", ignore_errors=True)
         r = got[name]
@@ -701,7 +755,7 @@ def report(args, real: bool, rounds: list[dict]) -> None:
         share = median(
             [r[name]["sys"] / max(1e-9, r[name]["sys"] + r[name]["user"]) for r in rounds]
         )
-        return f"user {user:.1f} s, sys {sys_:.1f} s ({100 * share:.0f}% kernel), minor faults {med(name, 'minflt'):,.0f}"
+        return f"user {user:.1f} s, sys {sys_:.2f} s ({100 * share:.0f}% kernel), minor faults {med(name, 'minflt'):,.0f}"
 
     def middle(name: str) -> str:
         got = [r[name]["middle"] for r in rounds if "middle" in r[name]]
@@ -725,6 +779,13 @@ def report(args, real: bool, rounds: list[dict]) -> None:
             if sys_ or switches:
                 parts.append(f"{n} {sys_:.2f} s, {switches:,.0f}")
         return "; ".join(parts) or "n/a"
+
+    def rest() -> str:
+        """The CLI's CPU less its start's, round by round: what the merge adds to the command."""
+        user = [r["cli"]["user"] - r["cli_plan"]["user"] for r in rounds]
+        sys_ = [r["cli"]["sys"] - r["cli_plan"]["sys"] for r in rounds]
+        share = median([s / max(1e-9, u + s) for u, s in zip(user, sys_, strict=True)])
+        return f"user {median(user):.1f} s, sys {median(sys_):.2f} s ({100 * share:.0f}% kernel)"
 
     over = median([m["peak"] - m["imported"] for m in merges])
     cached = min(min(r[k]["cached"] for k in r) for r in rounds)
@@ -753,6 +814,11 @@ def report(args, real: bool, rounds: list[dict]) -> None:
         ),
         ("I/O floor, buffered write", f"{med('floor_buffered'):.2f} s; {cpu('floor_buffered')}"),
         ("I/O floor, O_DIRECT write", f"{med('floor_direct'):.2f} s; {cpu('floor_direct')}"),
+        (
+            "mapping the inputs",
+            f"{med('mapping'):.2f} s; {cpu('mapping')} (every page mapped in and unmapped, "
+            "as the merge reads them)",
+        ),
         (
             "merge wall time",
             f"{med('merge'):.2f} s = {ratio('merge', 'floor_direct'):.2f}x the direct floor, "
@@ -792,6 +858,11 @@ def report(args, real: bool, rounds: list[dict]) -> None:
                 "(python -m dim3 merge: interpreter, imports, plan, merge, card)",
             ),
             ("CLI CPU", cpu("cli")),
+            (
+                "  its start (python -m dim3 plan)",
+                f"{med('cli_plan'):.2f} s; {cpu('cli_plan')} (interpreter, imports, plan)",
+            ),
+            ("  the rest (merge, card, exit)", rest()),
         ]
     if args.against:
         rows += [

@@ -655,6 +655,21 @@ def test_the_throughput_benchmark_runs_a_round_from_inputs_read_back_from_disk(t
     seen = dict(re.findall(r"([\w-]+) [\d.]+ s, ([\d,]+)", threads.group(1)))
     assert {"MainThread", "dim3-read", "dim3-tile", "dim3-write"} <= seen.keys(), out
     assert int(seen["dim3-tile"].replace(",", "")) > 0
+    # every input page mapped in and out once, in a process of its own: no more faults than
+    # pages (fault-around and 2 MiB folios map several a fault), and some
+    mapping = re.search(
+        r"mapping the inputs +[\d.]+ s; user [\d.]+ s, sys ([\d.]+) s .*minor faults ([\d,]+)", out
+    )
+    read = re.search(r"inputs read / output written +([\d.]+) GiB", out)
+    assert mapping is not None and read is not None, out
+    pages = float(read.group(1)) * 2**30 / 4096
+    assert 0 < int(mapping.group(2).replace(",", "")) <= 1.01 * pages + 100, out
+    # the command's start (python -m dim3 plan: no merge) and what the merge adds to it
+    start = re.search(r"its start \(python -m dim3 plan\) +[\d.]+ s; user ([\d.]+) s, sys", out)
+    cli = re.search(r"CLI CPU +user ([\d.]+) s", out)
+    rest = re.search(r"the rest \(merge, card, exit\) +user (-?[\d.]+) s, sys (-?[\d.]+) s", out)
+    assert start is not None and cli is not None and rest is not None, out
+    assert "round 1 cli_plan" in out and 0 < float(start.group(1)) <= float(cli.group(1))
     assert not (tmp_path / "floor").exists() and not (tmp_path / "cache").exists()
 
 
