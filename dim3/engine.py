@@ -6,8 +6,8 @@ result. Its two consumers are :func:`merge_to_folder` (a sharded safetensors che
 configs, tokenizer, processor, model card and recipe, moved into place only when complete) and
 :func:`merge_into_model` (an already loaded VLM, updated in place, so the app can chat with the
 result without writing it to disk). A tensor larger than the chunk budget (``chunk_size``, 32 MiB
-of float32 by default) is read and merged in row slices, in as many passes as its method's kind
-needs (:data:`PASSES`: DiM3 gathers column statistics first, TIES and Breadcrumbs find their exact
+of float32 by default; half of it for task arithmetic's compiled sum, :data:`LIGHT_SHARE`) is
+read and merged in row slices, in as many passes as its method's kind needs (:data:`PASSES`: DiM3 gathers column statistics first, TIES and Breadcrumbs find their exact
 magnitude thresholds in two radix passes (the second skipped where a sampled guess holds, see
 :meth:`_Merger.guess`), PCB its four order statistics in two stages of two
 passes), so peak memory is a few slices per model whatever the vocabulary; "matrix" methods (SVD,
@@ -287,8 +287,22 @@ def _passes(method: Method) -> int:
     return PASSES[method.kind] * stages
 
 
-def _schedule(plan: MergePlan, method: Method, budget: int, tiled: bool = False) -> list[_Step]:
+# the light rule's merged pieces are this many times smaller than the budget: its tiles need no
+# float32 slice (they read the rows as stored), so the budget sizes only its write buffers (five
+# pieces in the output dtype), memory each merge touches for the first time. Half the pieces:
+# 40 MiB less of it on the Qwen2-VL-2B trio, 0.1 s less system time on a 2-core VM (the same
+# wall time, 5 paired rounds; docs/performance.md)
+LIGHT_SHARE = 2
+
+
+def _schedule(
+    plan: MergePlan, method: Method, budget: int, tiled: bool = False, light: bool = False
+) -> list[_Step]:
     """Every step of a merge, in order: what is read, when, and which pass it belongs to.
+
+    ``light``: the rule is task arithmetic's compiled sum (:func:`_light`), which holds no
+    float32 slice (its tiles read the rows as stored): its merged pieces are cut to half the
+    budget (:data:`LIGHT_SHARE`), which halves the write buffers it fills.
 
     ``tiled``: the steps' tiles run on their own threads (:class:`_Tiles`, CPU). Column and
     selection rules then take their statistics and apply passes in tiles for a small matrix
@@ -298,8 +312,10 @@ def _schedule(plan: MergePlan, method: Method, budget: int, tiled: bool = False)
     by_key = {e.key: e for e in plan.entries}
     steps: list[_Step] = []
 
-    def stage(src: Entry, out: Entry, name: str, rows: int) -> None:
-        cuts = row_slices(src.shape, budget, rows)
+    merged = max(1, budget // LIGHT_SHARE) if light else budget
+
+    def stage(src: Entry, out: Entry, name: str, rows: int, cut: int = merged) -> None:
+        cuts = row_slices(src.shape, cut, rows)
         steps.extend(
             _Step(src, out, name, a, b, i == len(cuts) - 1) for i, (a, b) in enumerate(cuts)
         )
@@ -307,10 +323,10 @@ def _schedule(plan: MergePlan, method: Method, budget: int, tiled: bool = False)
     for entry in plan.entries:
         src = by_key[entry.tied_to] if entry.tied_to else entry
         if src.action == "copy":
-            stage(src, entry, "copy", src.shape[0] if src.shape else 1)
+            stage(src, entry, "copy", src.shape[0] if src.shape else 1, budget)
             continue
         rows = src.rows if src.rows is not None else src.shape[0]
-        small = 4 * rows * math.prod(src.shape[1:]) <= budget
+        small = 4 * rows * math.prod(src.shape[1:]) <= merged
         if tiled and method.kind in ("columns", "selection") and len(src.shape) == 2:
             small = False  # in tiles: passes of one step each
         if small or method.kind == "matrix" or len(src.shape) < 2:
@@ -437,6 +453,18 @@ class _Streams:
             self.transfer.synchronize()
 
 
+def _light(method: Method, options: Any, device: torch.device, tuned: int, extras: int) -> bool:
+    """Whether the rule's tiles are task arithmetic's compiled sum of two updates on the CPU
+    (when the second update's weight is 1; :func:`dim3.fused.task_arithmetic`): a few float
+    operations per byte, at the speed memory is read (see :meth:`_Merger.light`)."""
+    return (
+        method.name == "task_arithmetic"
+        and (tuned, extras, device.type) == (2, 0, "cpu")
+        and options.multilingual_weight == 1.0
+        and fused.available()
+    )
+
+
 class _Merger:
     """Applies a method to the steps of one entry after another, holding what a sliced merge
     gathers between its passes (column statistics, exact selections)."""
@@ -477,12 +505,7 @@ class _Merger:
         )
         # task arithmetic's tiles of two updates on the CPU: one compiled loop, when the
         # second update's weight is 1 (dim3.methods.task_arithmetic.merge takes the kernel)
-        self._fused_sum = (
-            method.name == "task_arithmetic"
-            and (tuned, extras, device.type) == (2, 0, "cpu")
-            and options.multilingual_weight == 1.0
-            and fused.available()
-        )
+        self._fused_sum = _light(method, options, device, tuned, extras)
         # DiM3's tiles of two updates on the CPU: compiled, one loop per pass (dim3/fused.py)
         self._fused_columns = (
             method.name == "dim3"
@@ -1356,7 +1379,7 @@ def _pieces(
     extras = inputs.extras.count if inputs.extras is not None else 0
     merger = _Merger(method, options, device, buffers, on_step, extras, 1 + plan.multilingual)
     workers = tile_workers(device, light=merger.light)
-    steps = _schedule(plan, method, budget, tiled=workers > 0)
+    steps = _schedule(plan, method, budget, tiled=workers > 0, light=merger.light)
     tied_sources = {e.tied_to for e in plan.entries if e.tied_to}
     whole: dict[str, torch.Tensor] = {}  # merged whole tensors that a tied head repeats
     tiles = _Tiles(workers) if workers else None
@@ -1773,7 +1796,15 @@ def merge_to_folder(
         ):
             budget = parse_size(chunk_size)
             tiled = tile_workers(device) > 0
-            steps = _schedule(merge_plan, get_method(recipe.method), budget, tiled)
+            method, extras = get_method(recipe.method), inputs.extras
+            light = _light(
+                method,
+                recipe.method_options(),
+                device,
+                1 + merge_plan.multilingual,
+                extras.count if extras is not None else 0,
+            )
+            steps = _schedule(merge_plan, method, budget, tiled, light)
             pipe.prepare(max((_written_bytes(s, dtypes) for s in steps), default=0))
 
             def sink(

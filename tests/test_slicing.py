@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import shutil
 from pathlib import Path
 
@@ -633,6 +634,75 @@ def test_task_arithmetic_takes_one_tile_thread_on_two_cores_and_merges_the_same_
     for name in shards:
         one, two = tmp_path / "other" / name, tmp_path / "task_arithmetic" / name
         assert one.read_bytes() == two.read_bytes(), name
+
+
+def test_task_arithmetic_cuts_its_pieces_to_half_the_budget_and_merges_the_same_bytes(
+    tiny_llava_trio, tmp_path, monkeypatch
+):
+    """Task arithmetic's compiled sum holds no float32 slice, so its merged pieces, and the
+    write buffers they fill, are cut to half the budget; copied tensors keep the whole budget,
+    and so does task arithmetic whose multilingual weight is not 1 (not the compiled sum). The
+    bytes are those of whole-budget pieces."""
+    budget = 4096
+    prepared: list[int] = []
+    prepare = engine._Pipe.prepare
+
+    def spy(self, nbytes):
+        prepared.append(nbytes)
+        prepare(self, nbytes)
+
+    monkeypatch.setattr(engine._Pipe, "prepare", spy)
+    pieces: list[int] = []  # the bytes of each merged piece the loop computes into a buffer
+    reserve = engine._Pipe.reserve
+
+    def on_reserve(self, key, start, shape, dtype):
+        pieces.append(math.prod(shape) * dtype.itemsize)
+        return reserve(self, key, start, shape, dtype)
+
+    monkeypatch.setattr(engine._Pipe, "reserve", on_reserve)
+    recipe = recipe_of(tiny_llava_trio, method="task_arithmetic")
+    m = METHODS["task_arithmetic"]
+    cpu = torch.device("cpu")
+    with engine.open_inputs(recipe) as inputs:
+        plan = engine.build_plan(inputs.base, inputs.multilingual, inputs.multimodal)
+    assert engine._light(m, recipe.method_options(), cpu, 2, 0)
+    light = engine._schedule(plan, m, budget, tiled=True, light=True)
+    full = engine._schedule(plan, m, budget, tiled=True)
+
+    def biggest(steps, action):  # the largest piece of float32 rows, per tensor
+        got: dict[str, int] = {}
+        for s in steps:
+            if s.source.action == action and s.source.shape:
+                row = 4 * math.prod(s.source.shape[1:])
+                got[s.source.key] = max(got.get(s.source.key, 0), (s.stop - s.start) * row)
+        return got
+
+    halved, whole = biggest(light, "merge"), biggest(full, "merge")
+    assert halved.keys() == whole.keys() and halved
+    cut = [k for k, n in whole.items() if n > budget // 2]  # the tensors the halving cuts
+    assert cut and all(halved[k] <= max(budget // 2, n // 2) for k, n in whole.items())
+    assert biggest(light, "copy") == biggest(full, "copy")
+    dtypes = {e.key: engine.output_dtype(e, recipe.dtype) for e in plan.entries}
+    engine.merge_to_folder(recipe, tmp_path / "half", chunk_size=budget)
+    assert prepared[-1] == max(engine._written_bytes(s, dtypes) for s in light) == max(pieces)
+    monkeypatch.setattr(engine, "LIGHT_SHARE", 1)  # whole-budget pieces
+    pieces.clear()
+    engine.merge_to_folder(recipe, tmp_path / "whole", chunk_size=budget)
+    assert prepared[-1] == max(engine._written_bytes(s, dtypes) for s in full) > prepared[0]
+    assert max(pieces) == prepared[-1]
+    shards = sorted(p.name for p in (tmp_path / "whole").glob("*.safetensors"))
+    assert shards == sorted(p.name for p in (tmp_path / "half").glob("*.safetensors")) != []
+    for name in shards:
+        one, two = tmp_path / "half" / name, tmp_path / "whole" / name
+        assert one.read_bytes() == two.read_bytes(), name
+    # not the compiled sum: the whole budget
+    monkeypatch.setattr(engine, "LIGHT_SHARE", 2)
+    weighted = recipe_of(
+        tiny_llava_trio, method="task_arithmetic", options={"multilingual_weight": 0.5}
+    )
+    assert not engine._light(m, weighted.method_options(), cpu, 2, 0)
+    engine.merge_to_folder(weighted, tmp_path / "weighted", chunk_size=budget)
+    assert prepared[-1] == prepared[1]
 
 
 def test_sliced_merge_into_a_loaded_model_equals_the_folder(tiny_llava_trio, tmp_path):
