@@ -7,7 +7,8 @@ configs, tokenizer, processor, model card and recipe, moved into place only when
 :func:`merge_into_model` (an already loaded VLM, updated in place, so the app can chat with the
 result without writing it to disk). A tensor larger than the chunk budget (``chunk_size``, 32 MiB
 of float32 by default; half of it for task arithmetic's compiled sum, :data:`LIGHT_SHARE`) is
-read and merged in row slices, in as many passes as its method's kind needs (:data:`PASSES`: DiM3 gathers column statistics first, TIES and Breadcrumbs find their exact
+read and merged in row slices, in as many passes as its method's kind needs (:data:`PASSES`:
+DiM3 gathers column statistics first, TIES and Breadcrumbs find their exact
 magnitude thresholds in two radix passes (the second skipped where a sampled guess holds, see
 :meth:`_Merger.guess`), PCB its four order statistics in two stages of two
 passes), so peak memory is a few slices per model whatever the vocabulary; "matrix" methods (SVD,
@@ -290,8 +291,9 @@ def _passes(method: Method) -> int:
 # the light rule's merged pieces are this many times smaller than the budget: its tiles need no
 # float32 slice (they read the rows as stored), so the budget sizes only its write buffers (five
 # pieces in the output dtype), memory each merge touches for the first time. Half the pieces:
-# 40 MiB less of it on the Qwen2-VL-2B trio, 0.1 s less system time on a 2-core VM (the same
-# wall time, 5 paired rounds; docs/performance.md)
+# 40 MiB less of it on the Qwen2-VL-2B trio, the same wall time; the system time it saves is
+# within a 2-core VM's noise (0.36 against 0.48 s in 5 paired rounds, 0.30 against 0.29 s in 3;
+# docs/performance.md)
 LIGHT_SHARE = 2
 
 
@@ -301,8 +303,8 @@ def _schedule(
     """Every step of a merge, in order: what is read, when, and which pass it belongs to.
 
     ``light``: the rule is task arithmetic's compiled sum (:func:`_light`), which holds no
-    float32 slice (its tiles read the rows as stored): its merged pieces are cut to half the
-    budget (:data:`LIGHT_SHARE`), which halves the write buffers it fills.
+    float32 slice (its tiles read the rows as stored): its merged pieces are cut to a share of
+    the budget (:data:`LIGHT_SHARE`), and so are the write buffers they fill.
 
     ``tiled``: the steps' tiles run on their own threads (:class:`_Tiles`, CPU). Column and
     selection rules then take their statistics and apply passes in tiles for a small matrix
