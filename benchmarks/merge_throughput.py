@@ -56,6 +56,10 @@ is checked before anything is written. "of which the middle half": the same CPU 
 between the merge's progress reports at a quarter and at three quarters of the bytes (the loop's
 steady state: its buffers made, its threads started, the headers read, nothing left to close),
 with the faults per GiB merged there; what the whole merge takes beyond that is set-up and close.
+"and the two ends": the same before the first of those reports (the set-up: buffers touched for
+the first time, the compiled kernels loaded, threads started; and the first quarter of the bytes)
+and after the second (the last quarter, the close and the ``fsync``): each end's excess over half
+the middle half's figures is its set-up or close.
 "its system time, switches": that system time and the context switches (voluntary and
 involuntary) there by thread (``/proc/self/task``, in clock ticks of 10 ms): the main loop, the
 read-ahead thread, the tile threads, the write thread and the flusher.
@@ -535,6 +539,9 @@ def child(spec: dict) -> None:
             for name, row in tb.items()
         }
         extra["middle"] = {**usage(a, b), "bytes": done_b - done_a, "threads": threads}
+        # before the first mark: the set-up (buffers touched, kernels loaded, threads started)
+        # and a quarter of the bytes; after the second: a quarter, the close and the fsync
+        extra["ends"] = {"head": usage(before, a), "tail": usage(b, after)}
     print(json.dumps({**figures, "gpu": gpu, "written": written, **extra}))
 
 
@@ -769,6 +776,19 @@ def report(args, real: bool, rounds: list[dict]) -> None:
             f"({per_gib:,.0f} per GiB merged), over {median([m['bytes'] for m in got]) / gib:.2f} GiB"
         )
 
+    def ends(name: str) -> str:
+        got = [r[name]["ends"] for r in rounds if "ends" in r[name]]
+        if not got:
+            return "n/a"
+        parts = []
+        for key, label in (("head", "to a quarter"), ("tail", "from three quarters")):
+            user, sys_ = median([g[key]["user"] for g in got]), median([g[key]["sys"] for g in got])
+            faults = median([g[key]["minflt"] for g in got])
+            parts.append(
+                f"{label}: user {user:.2f} s, sys {sys_:.2f} s, minor faults {faults:,.0f}"
+            )
+        return "; ".join(parts)
+
     def by_thread(name: str) -> str:
         got = [r[name]["middle"].get("threads", {}) for r in rounds if "middle" in r[name]]
         names = sorted({n for g in got for n in g}, key=lambda n: (n == "other", n))
@@ -826,6 +846,7 @@ def report(args, real: bool, rounds: list[dict]) -> None:
         ),
         ("merge CPU", cpu("merge")),
         ("  of which the middle half", middle("merge")),
+        ("  and the two ends", ends("merge")),
         ("  its system time, switches", by_thread("merge")),
         (
             "merge throughput",
@@ -873,6 +894,7 @@ def report(args, real: bool, rounds: list[dict]) -> None:
             ),
             ("other engine CPU", cpu("old")),
             ("  of which the middle half", middle("old")),
+            ("  and the two ends", ends("old")),
             ("  its system time, switches", by_thread("old")),
         ]
     if best["gpu"]:

@@ -649,6 +649,14 @@ def test_the_throughput_benchmark_runs_a_round_from_inputs_read_back_from_disk(t
     assert int(half.group(4).replace(",", "")) < int(whole.group(3).replace(",", ""))
     assert float(half.group(1)) <= float(whole.group(1)) and 0 <= int(half.group(3)) <= 100
     assert 0.01 <= float(half.group(6)) <= 0.09 * 0.75, out  # the tiny trio writes 0.09 GiB
+    # the two ends and the middle half are the whole merge, fault for fault (one round)
+    ends = re.findall(
+        r"(?:to a quarter|from three quarters): user [\d.]+ s, sys [\d.]+ s, minor faults ([\d,]+)",
+        out,
+    )
+    assert len(ends) == 2, out
+    parts = [int(f.replace(",", "")) for f in [*ends, half.group(4)]]
+    assert sum(parts) == int(whole.group(3).replace(",", "")) and min(parts) > 0, out
     # and by thread: the engine's own threads were running there, each named
     threads = re.search(r"its system time, switches +(.*)", out)
     assert threads is not None, out
