@@ -324,9 +324,10 @@ def mapping_floor(spec: dict) -> dict:
     import resource
     import warnings
 
+    from dim3.mapped import MADV_POPULATE_READ as populate
+
     libc = ctypes.CDLL(None, use_errno=True)
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    populate = getattr(mmap, "MADV_POPULATE_READ", 22)
     before = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
     mapped = 0
@@ -338,7 +339,7 @@ def mapping_floor(spec: dict) -> dict:
             at = torch.frombuffer(m, dtype=torch.uint8).data_ptr()
         span = 64 * 2**20  # a few slices' worth per call, as the read thread asks
         for lo in range(0, len(m), span):
-            if libc.madvise(at + lo, min(span, len(m) - lo), populate) != 0:
+            if populate is None or libc.madvise(at + lo, min(span, len(m) - lo), populate):
                 view = memoryview(m)
                 sum(view[lo :: mmap.PAGESIZE])  # one byte of every page left
                 view.release()
