@@ -129,7 +129,7 @@ ALIGN = 4096  # O_DIRECT needs addresses, lengths and offsets aligned to the dev
 # bytes gathered before one direct write. Since the merged rows go to disk from the engine's
 # own buffers, staging carries the copied tensors (the vision tower) and the rows' unaligned
 # ends; 16 MiB before 2026-12-01: its two buffers, touched once a merge, were 32 MiB of fresh
-# memory that the kernel zeroes (on the development VM up to ~2 ms a MiB, when the host has
+# memory that the kernel zeroes (on the development VM up to 1.3 ms a MiB, when the host has
 # taken freed memory back: benchmarks/first_touch.py). 8 MiB, paired by hand on the 2B trio (6
 # pairs of task arithmetic): 0.07 s less system time a merge, the same wall time; DiM3 and TIES
 # the same wall time (3 pairs each).
