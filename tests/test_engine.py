@@ -678,6 +678,13 @@ def test_the_throughput_benchmark_runs_a_round_from_inputs_read_back_from_disk(t
     rest = re.search(r"the rest \(merge, card, exit\) +user (-?[\d.]+) s, sys (-?[\d.]+) s", out)
     assert start is not None and cli is not None and rest is not None, out
     assert "round 1 cli_plan" in out and 0 < float(start.group(1)) <= float(cli.group(1))
+    # the system time no merge command avoids: the start's, the mapping's and the writing's
+    least = re.search(r"its kernel floor +sys ([\d.]+) s = (\d+)% of the command's CPU", out)
+    start_sys = re.search(r"its start \(python -m dim3 plan\) .*sys ([\d.]+) s", out)
+    assert least is not None and start_sys is not None, out
+    floor = float(least.group(1))
+    assert floor >= max(float(start_sys.group(1)), float(mapping.group(1))) - 0.01, out
+    assert 0 < int(least.group(2)) <= 100, out
     assert not (tmp_path / "floor").exists() and not (tmp_path / "cache").exists()
 
 
