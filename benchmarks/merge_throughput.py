@@ -814,8 +814,9 @@ def report(args, real: bool, rounds: list[dict]) -> None:
         return f"user {median(user):.1f} s, sys {median(sys_):.2f} s ({100 * share:.0f}% kernel)"
 
     def kernel_floor() -> str:
-        """The least system time a whole merge command takes here, round by round: its start's
-        (``python -m dim3 plan``), mapping the inputs in and out, and writing the output's bytes
+        """The least system time the whole merge command takes here, round by round: its
+        start's (``python -m dim3 plan``: the same interpreter, imports and plan), mapping the
+        inputs in and out (the cheapest read of cached pages), and writing the output's bytes
         with ``O_DIRECT`` from one reused buffer (the direct floor's writing alone); and that as
         a share of the command's own CPU time."""
         least = [
@@ -830,7 +831,7 @@ def report(args, real: bool, rounds: list[dict]) -> None:
         )
         return (
             f"sys {median(least):.2f} s = {100 * share:.0f}% of the command's CPU time (its "
-            "start's, mapping the inputs, the direct floor's writing: no merge command's less)"
+            "start's, mapping the inputs, the direct floor's writing: what this command cannot avoid)"
         )
 
     over = median([m["peak"] - m["imported"] for m in merges])
