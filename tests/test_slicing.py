@@ -1033,3 +1033,52 @@ def test_cuda_merge_into_a_loaded_model_equals_the_folder(tiny_llava_trio, tmp_p
     want = AutoModelForImageTextToText.from_pretrained(tmp_path / "out").state_dict()
     for key, tensor in model.state_dict().items():
         torch.testing.assert_close(tensor.cpu(), want[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_the_gpu_check_selects_every_test_that_needs_cuda():
+    """``.ci/gpu`` runs ``-k "cuda or gpu"``: every test in the suite that skips without CUDA
+    must be in that selection (a renamed one would silently drop out of the GPU run)."""
+    import ast
+    import subprocess
+    import sys
+
+    needs = set()
+    for file in sorted((ROOT / "tests").glob("test_*.py")):
+        for node in ast.walk(ast.parse(file.read_text())):
+            if isinstance(node, ast.FunctionDef) and node.name.startswith("test_"):
+                marks = " ".join(ast.unparse(d) for d in node.decorator_list)
+                if "cuda.is_available" in marks:
+                    needs.add(f"tests/{file.name}::{node.name}")
+    assert len(needs) >= 5, needs
+    argv = [sys.executable, "-m", "pytest", "-q", "--co", "-p", "no:cacheprovider", "tests"]
+    done = subprocess.run(
+        [*argv, "-k", "cuda or gpu"], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    selected = {line.split("[")[0] for line in done.stdout.splitlines() if "::" in line}
+    assert needs <= selected, needs - selected
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a CPU-only machine")
+def test_the_gpu_check_refuses_a_machine_without_cuda():
+    """``bash .ci/gpu`` where torch sees no GPU: exit status 2 and a message that says so, before
+    any test or benchmark runs."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHON": sys.executable}
+    done = subprocess.run(
+        ["bash", str(ROOT / ".ci" / "gpu")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "no CUDA device" in done.stderr and "sees none here" in done.stderr
+    assert "passed" not in done.stdout and "I/O floor" not in done.stdout
