@@ -22,10 +22,10 @@ time that reading the inputs from the page cache without a copy costs, whoever r
 depends on how the page cache holds them: one fault per 2 MiB page where it holds 2 MiB folios
 (a read from disk, large writes), one per 16 pages of 4 KiB (the kernel's fault-around) where
 it holds small ones (a copy made with ``cp``, a partial eviction); "inputs mapped in 2 MiB pages"
-says which. With ``--cli``, "its kernel floor" adds up, round by round, the system time no merge
-command avoids here: its start's, mapping the inputs, and the direct floor's writing alone
+says which. With ``--cli``, "its kernel floor" adds up, round by round, the system time the
+command cannot avoid here: its start's, mapping the inputs, and the direct floor's writing alone
 (``O_DIRECT`` from one reused buffer); beside the command's CPU time it is the least kernel share
-any merge command could have on this machine and page cache.
+the command could have on this machine and page cache.
 
     python benchmarks/merge_throughput.py --shape tiny          # seconds, any machine
     python benchmarks/merge_throughput.py --shape 1b --dtype bfloat16

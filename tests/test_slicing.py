@@ -1039,9 +1039,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_the_gpu_check_selects_every_test_that_needs_cuda():
-    """``.ci/gpu`` runs ``-k "cuda or gpu"``: every test in the suite that skips without CUDA
-    must be in that selection (a renamed one would silently drop out of the GPU run)."""
+    """``.ci/gpu`` runs ``-k "cuda or gpu"`` over its files: every test in the suite that skips
+    without CUDA must be in that selection (a renamed or moved one would silently drop out of
+    the GPU run), and those files must not need gradio (a GPU machine's image may lack it)."""
     import ast
+    import re
     import subprocess
     import sys
 
@@ -1053,7 +1055,16 @@ def test_the_gpu_check_selects_every_test_that_needs_cuda():
                 if "cuda.is_available" in marks:
                     needs.add(f"tests/{file.name}::{node.name}")
     assert len(needs) >= 5, needs
-    argv = [sys.executable, "-m", "pytest", "-q", "--co", "-p", "no:cacheprovider", "tests"]
+    files = re.search(r"^tests=\((.*)\)", (ROOT / ".ci" / "gpu").read_text(), re.M)
+    assert files is not None
+    files = files.group(1).split()
+    modules = ", ".join(f"tests.{Path(f).stem}" for f in files)
+    probe = f"import sys; import {modules}; print(sorted({{'gradio', 'playwright'}} & set(sys.modules)))"
+    imported = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert imported.returncode == 0 and imported.stdout.strip() == "[]", imported
+    argv = [sys.executable, "-m", "pytest", "-q", "--co", "-p", "no:cacheprovider", *files]
     done = subprocess.run(
         [*argv, "-k", "cuda or gpu"], cwd=ROOT, capture_output=True, text=True, timeout=300
     )
