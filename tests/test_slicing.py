@@ -1041,7 +1041,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_the_gpu_check_selects_every_test_that_needs_cuda():
     """``.ci/gpu`` runs ``-k "cuda or gpu"`` over its files: every test in the suite that skips
     without CUDA must be in that selection (a renamed or moved one would silently drop out of
-    the GPU run), and those files must not need gradio (a GPU machine's image may lack it)."""
+    the GPU run), and those files must need neither gradio nor Playwright (a GPU machine's
+    image may lack them)."""
     import ast
     import re
     import subprocess
@@ -1055,9 +1056,9 @@ def test_the_gpu_check_selects_every_test_that_needs_cuda():
                 if "cuda.is_available" in marks:
                     needs.add(f"tests/{file.name}::{node.name}")
     assert len(needs) >= 5, needs
-    files = re.search(r"^tests=\((.*)\)", (ROOT / ".ci" / "gpu").read_text(), re.M)
-    assert files is not None
-    files = files.group(1).split()
+    listed = re.search(r"^tests=\((.*)\)", (ROOT / ".ci" / "gpu").read_text(), re.M)
+    assert listed is not None
+    files = listed.group(1).split()
     modules = ", ".join(f"tests.{Path(f).stem}" for f in files)
     probe = f"import sys; import {modules}; print(sorted({{'gradio', 'playwright'}} & set(sys.modules)))"
     imported = subprocess.run(
