@@ -672,6 +672,11 @@ def test_the_throughput_benchmark_runs_a_round_from_inputs_read_back_from_disk(t
     assert mapping is not None and read is not None, out
     pages = float(read.group(1)) * 2**30 / 4096
     assert 0 < int(mapping.group(2).replace(",", "")) <= 1.01 * pages + 100, out
+    # its system time split into mapping the pages in and unmapping them: the two add up
+    split = re.search(r"system time mapping in ([\d.]+) s, unmapping ([\d.]+) s\)", out)
+    assert split is not None, out
+    both = float(split.group(1)) + float(split.group(2))
+    assert abs(both - float(mapping.group(1))) <= 0.015, out
     # the command's start (python -m dim3 plan: no merge) and what the merge adds to it
     start = re.search(r"its start \(python -m dim3 plan\) +[\d.]+ s; user ([\d.]+) s, sys", out)
     cli = re.search(r"CLI CPU +user ([\d.]+) s", out)
