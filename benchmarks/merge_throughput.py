@@ -17,8 +17,9 @@ share of the command's kernel time from the start's (importing torch alone is 10
 on a 2-core VM).
 
 "mapping the inputs", in each round: a fresh process maps every input file, has every page
-mapped in (``MADV_POPULATE_READ``, as the engine's read thread does) and unmaps it: the kernel
-time that reading the inputs from the page cache without a copy costs, whoever reads them. It
+mapped in (``MADV_POPULATE_READ``, as the engine's read thread does), then unmaps them all
+(as a merge does once it is done), and reports the system time of each half: the kernel time
+that reading the inputs from the page cache without a copy costs, whoever reads them. It
 depends on how the page cache holds them: one fault per 2 MiB page where it holds 2 MiB folios
 (a read from disk, large writes), one per 16 pages of 4 KiB (the kernel's fault-around) where
 it holds small ones (a copy made with ``cp``, a partial eviction); "inputs mapped in 2 MiB pages"
