@@ -633,6 +633,15 @@ class _Merger:
             self._fused_columns and len(step.source.shape) >= 2
         )
         elementwise.reads_stored = self._fused_dare or self._fused_sum  # type: ignore[attr-defined]
+        if self._fused_sum and self.method.into is not None:
+            rule_into = self.method.into
+
+            def into(work: list[torch.Tensor], first: int, out: torch.Tensor) -> bool:
+                (vlm, base, *mls), kw = self._split(work)
+                return not kw and rule_into(base, [vlm, *mls], self.options, out)
+
+            # task arithmetic's compiled sum writes the output dtype itself (_Tiles._work)
+            elementwise.into = into  # type: ignore[attr-defined]
 
         return {"columns": columns, "selection": selection}.get(kind, elementwise)
 
@@ -1159,7 +1168,10 @@ class _Tiles:
 
     def _start(self, views, fn, out, fold, results=None, block: int = 0) -> list[Future]:
         # a rule may fix its own tiles' size (fn.tile_bytes: DiM3's column sums)
-        share = _Share(self._groups(views, block, getattr(fn, "tile_bytes", TILE_BYTES)))
+        tile_bytes = getattr(fn, "tile_bytes", TILE_BYTES)
+        if out is not None and self.workers == 1 and _whole(fn, views):
+            tile_bytes = WHOLE  # one pass from the rows as stored: no tile to keep in cache
+        share = _Share(self._groups(views, block, tile_bytes))
         return [
             self._pool.submit(self._work, share, w, views, fn, out, fold, results)
             for w in range(share.workers)
@@ -1216,9 +1228,8 @@ class _Tiles:
         inputs = [(f"tile.in{j}", tuple(v.shape[1:]), v) for j, v in enumerate(views)]
         # a rule that reads its inputs as stored (dim3/fused.py's kernels) gets the rows as
         # they are, unconverted, when each is float32 or bfloat16
-        raw = getattr(fn, "reads_stored", False) and all(
-            fused.widens(v) and v.is_contiguous() for v in views
-        )
+        raw = _raw(fn, views)
+        into = getattr(fn, "into", None) if raw else None
         with torch.no_grad(), reuse_buffers(buffers):
             while (tile := share.next(w)) is not None:
                 a, b = tile
@@ -1231,7 +1242,9 @@ class _Tiles:
                     ]
                 )
                 if out is not None:
-                    out[a:b].copy_(fn(work, a))
+                    rows = out[a:b]
+                    if into is None or not into(work, a, rows):
+                        rows.copy_(fn(work, a))
                 elif getattr(fn, "folds", False):  # fn(work, first, the tiles' so far)
                     got = [fn(work, a, got[0] if got else None)]
                 elif fold is not None:
@@ -1242,6 +1255,26 @@ class _Tiles:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+
+
+# the tile size of a step computed as one tile (_Tiles._start): above any step's bytes
+WHOLE = 1 << 62
+
+
+def _raw(fn: Callable, views: Sequence[torch.Tensor]) -> bool:
+    """Whether the tiles give ``fn`` its rows as stored (a rule that reads them so, the
+    compiled kernels of dim3/fused.py, and float32 or bfloat16 contiguous rows)."""
+    return getattr(fn, "reads_stored", False) and all(
+        fused.widens(v) and v.is_contiguous() for v in views
+    )
+
+
+def _whole(fn: Callable, views: Sequence[torch.Tensor]) -> bool:
+    """Whether a step of ``fn`` is best computed as one tile on a single tile thread: a rule
+    that writes the output dtype itself from the rows as stored (``fn.into``: task
+    arithmetic's compiled sum) makes one pass over memory whatever the tile, and a tile more
+    is only Python's work under its global lock."""
+    return getattr(fn, "into", None) is not None and _raw(fn, views)
 
 
 class _Running:

@@ -291,6 +291,33 @@ def task_arithmetic(
     return out
 
 
+def writes(out: Tensor, base: Tensor) -> bool:
+    """Whether :func:`task_arithmetic_into` writes into ``out``: a contiguous CPU tensor shaped
+    like ``base``, float32 or bfloat16."""
+    return (
+        out.device.type == "cpu"
+        and out.dtype in (torch.float32, torch.bfloat16)
+        and out.is_contiguous()
+        and out.shape == base.shape
+    )
+
+
+def task_arithmetic_into(
+    base: Tensor, tuned: list[Tensor], weight: float, scaling: float, out: Tensor
+) -> bool:
+    """:func:`task_arithmetic` written straight into ``out`` in its own dtype (:func:`writes`):
+    the bits of computing it in float32 and converting it with ``out.copy_``, in one pass and
+    no float32 buffer. False, with ``out`` holding nothing meaningful, where a value is NaN and
+    ``out`` bfloat16 (torch's conversion gives NaN bits of its own): convert those with torch."""
+    if out.dtype == torch.float32:
+        task_arithmetic(base, tuned, weight, scaling, out)
+        return True
+    nans = _kernels().sum2_bf16(
+        _flat(base), *map(_flat, tuned), np.float32(weight), np.float32(scaling), _flat(out)
+    )
+    return nans == 0
+
+
 @contextmanager
 def _one_thread() -> Iterator[None]:
     """torch on one intra-op thread meanwhile, as the engine's tile threads run it: the

@@ -223,6 +223,32 @@ def sum2(b, v0, v1, w0, lam, out):  # noqa: ANN001, ANN201
         out[i] = m * lam + bi
 
 
+@_jit(inline="always")
+def _bfloat16(x):  # noqa: ANN001, ANN202
+    """A float32 that is not NaN as bfloat16 bits (an int16), rounded to nearest, ties to even,
+    as torch converts it (its scalar and vector code agree but for NaN)."""
+    u = np.uint32(np.float32(x).view(np.uint32))
+    u = (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+    return np.uint16(u).view(np.int16)
+
+
+@_jit()
+def sum2_bf16(b, v0, v1, w0, lam, out):  # noqa: ANN001, ANN201
+    """:func:`sum2` into bfloat16 ``out`` (its int16 bits), each value rounded as torch's
+    conversion rounds it. Returns how many values are NaN, whose bits are then not torch's
+    (its vector code writes 0xFFFF, its scalar code 0x7FC0): the caller converts those
+    itself."""
+    nans = 0
+    for i in range(b.size):
+        bi = _load(b, i)
+        m = (_load(v0, i) - bi) * w0
+        m = m + (_load(v1, i) - bi)
+        r = m * lam + bi
+        nans += r != r
+        out[i] = _bfloat16(r)
+    return nans
+
+
 _LEVELS = 4  # torch's cascade sum: levels of partial sums
 
 

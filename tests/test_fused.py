@@ -231,7 +231,7 @@ def _in_bfloat16(trio, folder):
         ("ties", ("apply", "counts")),
         ("dare_ties", ("dare_ties",)),
         ("dim3", ("dim3_apply", "dim3_stats")),
-        ("task_arithmetic", ("task_arithmetic",)),
+        ("task_arithmetic", ("task_arithmetic_into",)),
     ],
 )
 @pytest.mark.parametrize("stored", ["float32", "bfloat16"])
@@ -270,6 +270,52 @@ def test_a_merge_runs_the_kernels_and_writes_the_eager_bytes(
     assert files == sorted(p.name for p in eager.glob("*.safetensors"))
     for name in files:
         assert (with_kernels / name).read_bytes() == (eager / name).read_bytes(), name
+
+
+def test_task_arithmetic_into_the_output_falls_back_where_a_result_is_nan(
+    tiny_llava_trio, tmp_path, monkeypatch
+):
+    """A bfloat16 trio whose VLM has NaN in one merged matrix, through the engine: the tiles
+    write task arithmetic straight into the output's bfloat16 rows, and where a result is NaN
+    (the kernel declines) convert the eager rule's float32 rows with torch; the folder holds
+    the bytes of the one written without the kernels. On one tile thread each step is one
+    tile (a call per step), on two the rows are cut in tiles (more calls, the same bytes)."""
+    from safetensors.torch import load_file, save_file
+
+    monkeypatch.setattr(engine, "TILE_BYTES", 512)
+    trio = _in_bfloat16(tiny_llava_trio, tmp_path / "bf16")
+    (shard,) = trio.multimodal.glob("*.safetensors")
+    tensors = load_file(shard)
+    key = next(k for k in sorted(tensors) if "layers.0.mlp.up_proj" in k)
+    tensors[key].view(-1)[5::97] = float("nan")
+    save_file(tensors, shard, metadata={"format": "pt"})
+    recipe = recipe_of(trio, method="task_arithmetic")
+    monkeypatch.setenv("DIM3_FUSED", "0")
+    eager = engine.merge_to_folder(recipe, tmp_path / "eager").out_dir
+    monkeypatch.delenv("DIM3_FUSED")
+    names = sorted(p.name for p in eager.glob("*.safetensors"))
+    real = fused.task_arithmetic_into
+    calls = {}
+    for workers in (1, 2):
+        answers: list[bool] = []
+
+        def counted(*a, _answers=answers, **k):
+            _answers.append(real(*a, **k))
+            return _answers[-1]
+
+        monkeypatch.setattr(fused, "task_arithmetic_into", counted)
+        monkeypatch.setattr(
+            engine, "tile_workers", lambda device, cores=None, light=False, n=workers: n
+        )
+        out = engine.merge_to_folder(recipe, tmp_path / f"fused{workers}").out_dir
+        assert answers.count(False) >= 1 and answers.count(True) > 10, answers
+        assert names == sorted(p.name for p in out.glob("*.safetensors"))
+        for name in names:
+            assert (out / name).read_bytes() == (eager / name).read_bytes(), (workers, name)
+        merged = load_file(out / names[0])[key]
+        assert merged.isnan().sum() == tensors[key].isnan().sum()  # the NaN made it through
+        calls[workers] = len(answers)
+    assert calls[1] < calls[2]
 
 
 def _dim3_weights(n: int, seed: int) -> torch.Tensor:
@@ -489,6 +535,105 @@ def test_task_arithmetic_kernel_takes_only_what_it_matches(monkeypatch):
     assert calls == []
     method.merge(base, tuned, method.make_options({}))
     assert calls == [1]
+
+
+@pytest.mark.parametrize("kind", ["normal", "grid", "bf16", "specials"])
+@pytest.mark.parametrize("stored", ["float32", "bfloat16"])
+@pytest.mark.parametrize("out_dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("weights", [{}, {"multimodal_weight": 0.7, "scaling": 1.3}])
+def test_task_arithmetic_into_writes_what_converting_the_eager_rule_writes(
+    kind, stored, out_dtype, weights, monkeypatch
+):
+    """The rule written straight into an output tensor (what the engine's tiles do for task
+    arithmetic, one pass, no float32 buffer) holds the bits of the eager rule's float32 result
+    converted by torch (``out.copy_``), on a real tile shape, a whole 1400-row matrix and a
+    vector; where a bfloat16 result would be NaN it declines (torch's NaN bits are its own)."""
+    from dim3.methods import get_method
+
+    method = get_method("task_arithmetic")
+    assert method.into is not None
+    options = method.make_options(weights)
+    base, tuned = _trio(kind, 1400, seed=len(kind) + 11)
+    dtype, out_type = getattr(torch, stored), getattr(torch, out_dtype)
+    cases = [[t[a:b].to(dtype) for t in (base, *tuned)] for a, b in ((0, TILE_ROWS), (0, 1400))]
+    cases.append([t[9].to(dtype) for t in (base, *tuned)])
+    declined = 0
+    for rows in cases:
+        monkeypatch.setenv("DIM3_FUSED", "0")
+        want = method.merge(rows[0].float(), [t.float() for t in rows[1:]], options)
+        monkeypatch.delenv("DIM3_FUSED")
+        want = torch.empty(want.shape, dtype=out_type).copy_(want)
+        out = torch.full(want.shape, 7.0, dtype=out_type)
+        if not method.into(rows[0], rows[1:], options, out):
+            assert out_type == torch.bfloat16 and want.isnan().any()
+            declined += 1
+            continue
+        if out_type == torch.float32:
+            _same_bits(out, want)
+        else:
+            assert not want.isnan().any()
+            assert torch.equal(out.view(torch.int16), want.view(torch.int16))
+    # the special values make NaN results: a bfloat16 output declines those cases only
+    assert declined == (2 if kind == "specials" and out_dtype == "bfloat16" else 0)
+
+
+def test_the_bfloat16_kernel_rounds_every_float_as_torch_converts_it():
+    """``sum2_bf16`` rounds its float32 results to bfloat16 as torch does: on a million random
+    bit patterns (every exponent, subnormals, NaN) and on the edges: ties to even both ways,
+    the largest floats (rounded to infinity), ±0, ±∞. With both updates equal to the base, the
+    result is the base itself (``0 · λ + b``; ±∞ give NaN, -0 gives +0), computed by ``sum2``
+    in float32 and converted by torch; the kernel counts the NaN it could not convert."""
+    from dim3 import kernels
+
+    g = torch.Generator().manual_seed(5)
+    bits = torch.randint(-(2**31), 2**31, (1 << 20,), generator=g, dtype=torch.int64)
+    edges = [
+        0x7F7FFFFF, 0x7F7F8000, 0x7F7F7FFF, 0x3F808000, 0x3F818000, 0x3F807FFF, 0x3F808001,
+        0x00000001, 0x00008000, 0x00018000, 0x0000FFFF, 0x007FFFFF, 0x00800000, 0x7F800000,
+        0x7FC00000, 0x7F800001, 0x00000000,
+    ]  # fmt: skip
+    edges += [e | 0x80000000 for e in edges]
+    bits = torch.cat([bits, torch.tensor(edges, dtype=torch.int64)])
+    b = bits.to(torch.int32).view(torch.float32)  # two's complement: the low 32 bits
+    f = torch.empty_like(b)
+    args = (fused._flat(b), fused._flat(b), fused._flat(b), np.float32(0.7), np.float32(1.3))
+    kernels.sum2(*args, fused._flat(f))
+    got = torch.empty(b.shape, dtype=torch.bfloat16)
+    nans = kernels.sum2_bf16(*args, fused._flat(got))
+    nan = f.isnan()
+    assert nans == int(nan.sum()) > 0
+    want = f.to(torch.bfloat16)
+    assert torch.equal(got.view(torch.int16)[~nan], want.view(torch.int16)[~nan])
+    # the base itself but for -0, which became +0: the sum was computed, not copied
+    moved = f[~nan].view(torch.int32) != b[~nan].view(torch.int32)
+    assert moved.any() and (b[~nan].view(torch.int32)[moved] == -(2**31)).all()
+
+
+def test_task_arithmetic_into_declines_what_it_does_not_match():
+    """Three updates, a multilingual weight other than 1, float16 or strided output, float16
+    rows, an output of another shape: declined before anything is written (the engine then
+    converts the eager rule's result itself); two updates into bfloat16 are written."""
+    from dim3.methods import get_method
+
+    method = get_method("task_arithmetic")
+    base, tuned = _trio("normal", 8, seed=3)
+    plain = method.make_options({})
+    sentinel = 3.0
+    cases = [
+        (base, [*tuned, tuned[0] * 2], plain, torch.full_like(base, sentinel)),
+        (base, tuned, method.make_options({"multilingual_weight": 0.5}), base.clone()),
+        (base, tuned, plain, torch.full(base.shape, sentinel, dtype=torch.float16)),
+        (base, tuned, plain, torch.full((COLS, 8), sentinel).T),
+        (base.half(), [t.half() for t in tuned], plain, torch.full_like(base, sentinel)),
+        (base, tuned, plain, torch.full((8, COLS - 1), sentinel)),
+    ]
+    for b, ts, options, out in cases:
+        before = out.clone()
+        assert not method.into(b, ts, options, out)
+        assert torch.equal(out, before)
+    out = torch.empty(base.shape, dtype=torch.bfloat16)
+    assert method.into(base, tuned, plain, out)
+    assert torch.equal(out, method.merge(base, tuned, plain).bfloat16())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int32, torch.uint8])

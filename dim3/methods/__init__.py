@@ -76,6 +76,11 @@ class Method:
     # :data:`dim3.methods._utils.DARE_BLOCK`; 0: none): the engine cuts the rows among its
     # threads on block boundaries, so that no block is drawn by two threads.
     row_blocks: int = 0
+    # The rule written straight into an output tensor in that tensor's dtype, where a compiled
+    # pass does it: ``into(base, tuned, options, out)`` returns True once ``out`` holds what
+    # ``out.copy_(fn(base, tuned, options))`` would, False (``out`` left meaningless) where it
+    # cannot; None: no such pass. The engine's tiles use it to skip a float32 buffer.
+    into: Callable[..., bool] | None = None
 
     def make_options(self, values: dict[str, Any] | None = None) -> Any:
         """Build validated options from a plain dict; unknown keys raise ``ValueError``."""
@@ -107,6 +112,7 @@ METHODS: dict[str, Method] = {
         name="task_arithmetic",
         fn=task_arithmetic.merge,
         options=task_arithmetic.TaskArithmeticOptions,
+        into=task_arithmetic.merge_into,
         paper="https://arxiv.org/abs/2212.04089",
         summary="Base plus the weighted sum of both updates, scaled by λ.",
     ),

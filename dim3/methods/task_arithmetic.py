@@ -69,3 +69,19 @@ def merge(
     if options.scaling != 1.0:
         summed.mul_(options.scaling)
     return summed.add_(base)
+
+
+def merge_into(
+    base: Tensor, tuned: list[Tensor], options: TaskArithmeticOptions, out: Tensor
+) -> bool:
+    """:func:`merge` written into ``out`` in its own dtype, as ``out.copy_(merge(...))`` would
+    write it, where one compiled pass does it (:func:`dim3.fused.task_arithmetic_into`: two
+    updates on the CPU, the multilingual weight 1, ``out`` float32 or bfloat16 and contiguous,
+    no NaN in a bfloat16 ``out``). False otherwise, ``out`` then holding nothing meaningful:
+    use :func:`merge`."""
+    weights = model_weights(tuned, options.multimodal_weight, options.multilingual_weight)
+    if not (len(tuned) == 2 and weights[1] == 1.0 and fused.fits_sum(base, tuned)):
+        return False
+    if not fused.writes(out, base):
+        return False
+    return fused.task_arithmetic_into(base, tuned, weights[0], options.scaling, out)
