@@ -50,7 +50,7 @@ def merge(
     weight 1: one compiled pass (:func:`dim3.fused.task_arithmetic`, the same bits).
     """
     weights = model_weights(tuned, options.multimodal_weight, options.multilingual_weight)
-    if len(tuned) == 2 and weights[1] == 1.0 and fused.fits_sum(base, tuned):
+    if _compiled(base, tuned, weights):
         # two updates on the CPU: one compiled pass (dim3.fused.task_arithmetic, the same bits),
         # which also reads bfloat16 tensors as stored (the engine's tiles pass them unconverted)
         out = scratch("task_arithmetic.sum", base.shape, base, torch.float32)
@@ -80,8 +80,13 @@ def merge_into(
     no NaN in a bfloat16 ``out``). False otherwise, ``out`` then holding nothing meaningful:
     use :func:`merge`."""
     weights = model_weights(tuned, options.multimodal_weight, options.multilingual_weight)
-    if not (len(tuned) == 2 and weights[1] == 1.0 and fused.fits_sum(base, tuned)):
-        return False
-    if not fused.writes(out, base):
+    if not (_compiled(base, tuned, weights) and fused.writes(out, base)):
         return False
     return fused.task_arithmetic_into(base, tuned, weights[0], options.scaling, out)
+
+
+def _compiled(base: Tensor, tuned: list[Tensor], weights: list[float]) -> bool:
+    """Whether one compiled pass computes these (:func:`dim3.fused.fits_sum`): two updates on
+    the CPU, the second weighted 1 (torch's ``add_(…, alpha=w)`` may fuse its multiply-add for
+    another weight)."""
+    return len(tuned) == 2 and weights[1] == 1.0 and fused.fits_sum(base, tuned)
