@@ -637,8 +637,8 @@ class _Merger:
             rule_into = self.method.into
 
             def into(work: list[torch.Tensor], first: int, out: torch.Tensor) -> bool:
-                (vlm, base, *mls), kw = self._split(work)
-                return not kw and rule_into(base, [vlm, *mls], self.options, out)
+                (vlm, base, *mls), _ = self._split(work)  # no extra inputs: see _light
+                return rule_into(base, [vlm, *mls], self.options, out)
 
             # task arithmetic's compiled sum writes the output dtype itself (_Tiles._work)
             elementwise.into = into  # type: ignore[attr-defined]
