@@ -23,7 +23,11 @@ that reading the inputs from the page cache without a copy costs, whoever reads 
 depends on how the page cache holds them: one fault per 2 MiB page where it holds 2 MiB folios
 (a read from disk, large writes), one per 16 pages of 4 KiB (the kernel's fault-around) where
 it holds small ones (a copy made with ``cp``, a partial eviction); "inputs mapped in 2 MiB pages"
-says which. With ``--cli``, "its kernel floor" adds up, round by round, the system time the
+says which. ``--reread`` drops the inputs from the page cache and reads them back as a read from
+disk does (large folios, where the file system has them); ``--small-pages`` reads them back with
+``POSIX_FADV_RANDOM`` instead, which leaves them in 4 KiB pages (as a file system without large
+folios, or one page at a time, caches a file): the two states a stranger's machine may be in.
+With ``--cli``, "its kernel floor" adds up, round by round, the system time the
 command cannot avoid here: its start's, mapping the inputs, and the direct floor's writing alone
 (``O_DIRECT`` from one reused buffer); beside the command's CPU time it is the least kernel share
 the command could have on this machine and page cache.
@@ -411,6 +415,23 @@ def huge_mapped(files: list[Path]) -> float:
     return huge / total if total else 0.0
 
 
+def read_back_small(files: list[Path]) -> float:
+    """Read the files through the page cache with ``POSIX_FADV_RANDOM`` advice: the kernel then
+    reads no further ahead than asked and caches the pages one by one, in 4 KiB folios, as a
+    file system without large folios caches any file (after ``drop_cached``: pages already
+    cached stay as they are). Seconds taken."""
+    start = time.perf_counter()
+    for file in files:
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+            while os.read(fd, 2**20):
+                pass
+        finally:
+            os.close(fd)
+    return time.perf_counter() - start
+
+
 def resident(files: list[Path]) -> float:
     """Share of the files' pages in the page cache now (``fincore``), or -1 if unknown."""
     try:
@@ -647,6 +668,12 @@ def main() -> None:
         "uncached checkpoint), not as writing the trio left them",
     )
     parser.add_argument(
+        "--small-pages",
+        action="store_true",
+        help="as --reread, but read the inputs back with POSIX_FADV_RANDOM, which leaves them "
+        "in 4 KiB pages of the page cache (as a file system without large folios holds a file)",
+    )
+    parser.add_argument(
         "--against",
         default=None,
         help="another checkout of this repository: its engine is run on the same trio in each "
@@ -673,10 +700,17 @@ def main() -> None:
         files = input_files(recipe)
         written = sum(p.stat().st_size for p in Path(recipe.multimodal.ref).glob("*.safetensors"))
         floor_spec = {"floor": True, "inputs": [str(f) for f in files], "written": written}
-        if args.reread:
+        if args.reread or args.small_pages:
             drop_cached(files)
             print(
                 f"inputs dropped from the page cache: {100 * resident(files):.0f}% left", flush=True
+            )
+        if args.small_pages:
+            seconds = read_back_small(files)
+            print(
+                f"inputs read back in 4 KiB pages (POSIX_FADV_RANDOM): {seconds:.1f} s, "
+                f"{100 * resident(files):.0f}% cached",
+                flush=True,
             )
         warm = run_child({**floor_spec, "out": str(root / "floor"), "direct": False})
         print(f"warm-up read of the inputs: {warm['seconds']:.1f} s", flush=True)

@@ -722,6 +722,46 @@ def test_the_first_touch_benchmark_measures_each_kind_of_page():
         assert huge < pages - 256
 
 
+def test_the_throughput_benchmark_reads_inputs_back_in_small_pages(tmp_path):
+    """``benchmarks/merge_throughput.py --small-pages``: the inputs, dropped from the page cache,
+    are read back with ``POSIX_FADV_RANDOM``, which leaves them all cached and none of them
+    mappable in 2 MiB pages (the state of a file system without large folios), where a plain
+    read of the same files leaves some in 2 MiB pages on a file system that has them."""
+    import importlib.util
+    import sys
+
+    if sys.platform != "linux":
+        pytest.skip("page-cache advice and /proc/self/smaps are Linux's")
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "merge_throughput.py"
+    spec = importlib.util.spec_from_file_location("merge_throughput", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    files = [tmp_path / "a.safetensors", tmp_path / "b.safetensors"]
+    for i, file in enumerate(files):  # 64 MiB: enough for readahead to reach 2 MiB folios
+        file.write_bytes(torch.randint(0, 256, (2**26 + 4096 * i,), dtype=torch.uint8).numpy())
+    before = [hashlib.sha256(f.read_bytes()).hexdigest() for f in files]
+
+    def read_back(small: bool) -> float:
+        bench.drop_cached(files)
+        dropped = bench.resident(files)
+        if dropped > 0.5:
+            pytest.skip(f"this file system keeps the files cached ({dropped:.0%})")
+        if small:
+            assert bench.read_back_small(files) >= 0
+        else:
+            for file in files:
+                with open(file, "rb") as f:
+                    while f.read(2**20):
+                        pass
+        if dropped >= 0:  # fincore is there: every page is cached again
+            assert bench.resident(files) == 1.0
+        return bench.huge_mapped(files)
+
+    plain = read_back(small=False)  # > 0 where the file system caches in large folios
+    assert 0 <= plain <= 1 and read_back(small=True) == 0.0
+    assert [hashlib.sha256(f.read_bytes()).hexdigest() for f in files] == before
+
+
 def test_the_benchmarks_synthetic_trio_is_a_loadable_llava_and_merges(tmp_path):
     """``benchmarks/merge_throughput.py --shape tiny`` (also the trio of methods_cost.py and
     diagnostics_memory.py): the VLM's vision tower and projector are those of the LLaVA its
