@@ -618,19 +618,21 @@ def test_qwen2vl_output_answers_an_image_question(tiny_qwen2vl_new_layout_trio, 
 
 
 def test_the_throughput_benchmark_runs_a_round_from_inputs_read_back_from_disk(tmp_path):
-    """``benchmarks/merge_throughput.py --reread``: the inputs are dropped from the page cache
-    and read back before the rounds, and the report states how they are mapped; one round of the
+    """``benchmarks/merge_throughput.py --small-pages``: the inputs are dropped from the page
+    cache and read back in 4 KiB pages before the rounds (``--reread``'s drop, then
+    :func:`read_back_small`), and the report states how they are mapped; one round of the
     floors, the merge and the whole command line on the tiny trio, each a real process."""
     import subprocess
     import sys
 
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "merge_throughput.py"
-    argv = [sys.executable, str(script), "--shape", "tiny", "--repeat", "1", "--reread"]
+    argv = [sys.executable, str(script), "--shape", "tiny", "--repeat", "1", "--small-pages"]
     argv += ["--method", "task_arithmetic", "--device", "cpu", "--workdir", str(tmp_path), "--cli"]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     out = done.stdout
     assert "inputs dropped from the page cache:" in out
+    assert re.search(r"inputs read back in 4 KiB pages \(POSIX_FADV_RANDOM\): [\d.]+ s", out), out
     share = float(out.split("inputs mapped in 2 MiB pages: ")[1].split("%")[0])
     assert 0 <= share <= 100
     assert "merge wall time" in out and "round 1 merge" in out and "round 1 cli" in out
