@@ -1273,7 +1273,9 @@ def _whole(fn: Callable, views: Sequence[torch.Tensor]) -> bool:
     """Whether a step of ``fn`` is best computed as one tile on a single tile thread: a rule
     that writes the output dtype itself from the rows as stored (``fn.into``: task
     arithmetic's compiled sum) makes one pass over memory whatever the tile, and a tile more
-    is only Python's work under its global lock."""
+    is only Python's work under its global lock. Only for a rule whose tiles read no state made
+    for the usual cut: TIES' shares of its tied values are counted per usual tile
+    (:meth:`_Merger.before_tiles`), so a TIES ``into`` would have to be kept out of this."""
     return getattr(fn, "into", None) is not None and _raw(fn, views)
 
 
