@@ -116,7 +116,9 @@ class Progress:
 
     While a slow rule works on one tensor (WUDI's Adam steps, the SVDs of TSV, Iso-CTS and
     OptMerge), ``key`` is that tensor and ``step`` of ``steps`` its inner steps are done;
-    ``steps`` is 0 otherwise.
+    ``steps`` is 0 otherwise. ``elapsed``: seconds of merging so far, less what readying the
+    compiled kernels took meanwhile (once a process, or once an install: see
+    :func:`dim3.fused.setup_seconds`).
     """
 
     done: int
@@ -1576,10 +1578,17 @@ def _run(
     device = resolve_device(recipe.device)
     total_bytes = sum(e.nbytes for e in plan.entries)
     start, done_bytes, done = time.perf_counter(), 0, 0
+    setup = fused.setup_seconds()
+
+    def working() -> float:
+        """Seconds of merging so far: not the kernels' one-off compiling or loading
+        (:func:`dim3.fused.setup_seconds`), which a projection from the share done (the
+        ETA, the app's time budget) would take for a part of the merge's cost."""
+        return time.perf_counter() - start - (fused.setup_seconds() - setup)
 
     def on_step(key: str, step: int, steps: int) -> None:
         if progress is not None:
-            elapsed = time.perf_counter() - start
+            elapsed = working()
             progress(
                 Progress(
                     done, len(plan.entries), key, done_bytes, total_bytes, elapsed, step, steps
@@ -1612,7 +1621,7 @@ def _run(
             )
             done += last
             if progress is not None:
-                elapsed = time.perf_counter() - start
+                elapsed = working()
                 progress(
                     Progress(done, len(plan.entries), entry.key, done_bytes, total_bytes, elapsed)
                 )

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import math
 import os
+import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
@@ -42,14 +44,31 @@ from dim3.slices import BINS, ExactSelect, FirstMask
 _ALL = 1 << 31  # above every magnitude's bits
 
 
+_IMPORT_SECONDS = 0.0  # importing dim3.kernels (numba) in this process
+
+
 @cache
 def _kernels() -> Any:
     """The compiled kernels (:mod:`dim3.kernels`), or None where numba does not import."""
+    global _IMPORT_SECONDS
+    started = time.perf_counter()
     try:
         from dim3 import kernels
     except ImportError:
         return None
+    finally:
+        _IMPORT_SECONDS += time.perf_counter() - started
     return kernels
+
+
+def setup_seconds() -> float:
+    """Wall seconds this process has spent so far readying the kernels: importing numba,
+    compiling a kernel or loading it from numba's cache (:data:`dim3.kernels.SETUP`). One-off
+    work: the first merge of a process, or of a fresh install (a cold cache: 10 s and more on
+    a small machine for a DiM3 merge), would otherwise take it for merging. Nothing is
+    imported to answer: 0 before the kernels are."""
+    clock = getattr(sys.modules.get("dim3.kernels"), "SETUP", None)  # None: not (yet) imported
+    return _IMPORT_SECONDS + (clock.seconds() if clock is not None else 0.0)
 
 
 def available() -> bool:

@@ -12,14 +12,58 @@ where no cache folder is writable, compiled in each process.
 
 from __future__ import annotations
 
+import threading
+import time
 from typing import Any
 
 import numba
 import numpy as np
+from numba.core import event
 from numba.extending import overload
 
 _ABS = 0x7FFFFFFF  # all bits but the sign
 _ONE, _ZERO = np.float32(1.0), np.float32(0.0)
+
+
+class _SetupClock(event.Listener):
+    """The wall time during which some thread was inside numba's compiler lock (or waiting
+    for it): compiling a kernel for a new type signature, or loading one from numba's cache
+    (at a process's first call, numba also loads its own implementations then). One-off work
+    of a process, not of the merge it happens in: the engine leaves it out of the time it
+    reports (:func:`dim3.fused.setup_seconds`), which the app's time budget projects from."""
+
+    def __init__(self, clock: Any = time.perf_counter) -> None:
+        self._clock = clock
+        self._seconds, self._inside, self._since = 0.0, 0, 0.0
+        self._lock = threading.Lock()
+        self._local = threading.local()  # each thread's depth of nested lock events
+
+    def on_start(self, event: Any) -> None:  # noqa: ARG002
+        depth = getattr(self._local, "depth", 0)
+        self._local.depth = depth + 1
+        if depth == 0:
+            with self._lock:
+                if self._inside == 0:
+                    self._since = self._clock()
+                self._inside += 1
+
+    def on_end(self, event: Any) -> None:  # noqa: ARG002
+        self._local.depth -= 1
+        if self._local.depth == 0:
+            with self._lock:
+                self._inside -= 1
+                if self._inside == 0:
+                    self._seconds += self._clock() - self._since
+
+    def seconds(self) -> float:
+        """The seconds so far, counting a stretch still going on."""
+        with self._lock:
+            ongoing = self._clock() - self._since if self._inside else 0.0
+            return self._seconds + ongoing
+
+
+SETUP = _SetupClock()
+event.register("numba:compiler_lock", SETUP)
 
 
 def _jit(**kw: Any) -> Any:

@@ -672,3 +672,93 @@ def test_kernels_see_a_tensors_own_memory_and_keep_it_alive(dtype):
         .reshape(-1)
         .numpy(),
     )
+
+
+_SETUP_SCRIPT = """
+import json, sys, time
+from dim3 import engine, fused
+from dim3.demo import DEMO_DIR
+from dim3.recipe import Recipe, Source
+
+events = []
+roles = [Source(str(DEMO_DIR / r)) for r in ("base", "multilingual", "multimodal")]
+started = time.perf_counter()
+engine.merge_to_folder(Recipe(*roles, method="dim3", device="cpu"), sys.argv[1], progress=events.append)
+print(json.dumps({
+    "wall": time.perf_counter() - started,
+    "setup": fused.setup_seconds(),
+    "elapsed": [p.elapsed for p in events],
+}))
+"""
+
+
+def test_a_merge_leaves_readying_the_kernels_out_of_its_elapsed_time(tmp_path):
+    """The first merge of a fresh install compiles the kernels (numba's cache is cold): one-off
+    work, which the engine leaves out of the merge's ``Progress.elapsed``, from which the ETA
+    and the app's time budget project the whole merge (a projection from the first tensors
+    took the compiling for a part of the merge's cost, and the Space refused the demo merge on
+    a slow machine). Two processes on a new cache folder: the first compiles, the second loads
+    the kernels from the cache, both merging the demo trio with DiM3 on two tile threads. The
+    elapsed time never runs backwards (the compiling is counted once while two threads wait
+    for numba's lock) and leaves the setup out: the last figure is at most the whole call's
+    wall time less the setup."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.app_server import ROOT
+
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba")}
+    runs = []
+    for run in ("cold", "warm"):
+        done = subprocess.run(
+            [sys.executable, "-c", _SETUP_SCRIPT, str(tmp_path / run)],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    cold, warm = runs
+    assert cold["setup"] > warm["setup"] > 0  # compiled, then loaded from the cache
+    assert cold["setup"] > 1.0  # compiling DiM3's kernels: seconds on any machine
+    for got in runs:
+        elapsed = got["elapsed"]
+        assert len(elapsed) > 10
+        assert all(b >= a - 1e-6 for a, b in zip(elapsed, elapsed[1:], strict=False)), elapsed
+        assert 0 < elapsed[-1] <= got["wall"] - got["setup"] + 1e-3
+    # and well short of the whole call: the compiling is most of a cold demo merge
+    assert cold["elapsed"][-1] < cold["wall"] - 0.5 * cold["setup"]
+
+
+def test_the_setup_clock_counts_time_with_any_thread_inside_numbas_lock_once():
+    """:class:`dim3.kernels._SetupClock` on a clock of its own: one thread inside numba's
+    compiler lock (with a nested acquisition, as a kernel compiling its callees), another
+    entering meanwhile (waiting for the lock), and leaving after the first: the seconds are
+    those of the union of the stretches, 0 to 7, not their sum (9), which would make a
+    merge's elapsed time run backwards; a later stretch adds its own."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dim3 import kernels
+
+    now = [0.0]
+    clock = kernels._SetupClock(clock=lambda: now[0])
+
+    def at(t, call):
+        now[0] = t
+        call(None)
+
+    with ThreadPoolExecutor(max_workers=1) as other:  # one thread: its depth is its own
+        at(0, clock.on_start)
+        at(1, clock.on_start)  # nested
+        at(2, clock.on_end)
+        other.submit(at, 3, clock.on_start).result()
+        assert clock.seconds() == 3  # a stretch still going on counts
+        at(5, clock.on_end)
+        assert clock.seconds() == 5  # the other thread is still inside
+        other.submit(at, 7, clock.on_end).result()
+        assert clock.seconds() == 7
+        now[0] = 9
+        assert clock.seconds() == 7  # nobody inside: the clock stands still
+        at(10, clock.on_start)
+        at(11.5, clock.on_end)
+        assert clock.seconds() == 8.5
