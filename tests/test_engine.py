@@ -760,7 +760,10 @@ def test_the_throughput_benchmark_reads_inputs_back_in_small_pages(tmp_path):
         return bench.huge_mapped(files)
 
     plain = read_back(small=False)  # > 0 where the file system caches in large folios
-    assert 0 <= plain <= 1 and read_back(small=True) == 0.0
+    assert 0 <= plain <= 1
+    if plain == 0:  # no large folios here: every read leaves 4 KiB pages, nothing to tell apart
+        pytest.skip("this file system caches no file in 2 MiB pages")
+    assert read_back(small=True) == 0.0
     assert [hashlib.sha256(f.read_bytes()).hexdigest() for f in files] == before
 
 
