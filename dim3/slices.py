@@ -423,13 +423,19 @@ def huge_pages(nbytes: int) -> Tensor:
     pages. Private, not Python's default shared mapping: shared anonymous memory is shmem,
     which takes huge pages only where ``shmem_enabled`` says so (``never`` by default) and
     which the kernel counts as ``RssShmem``, not ``RssAnon``. The length is rounded up to a
-    whole number of huge pages, which makes Linux place the mapping on a huge-page boundary.
+    whole number of huge pages, which makes Linux place the mapping on a huge-page boundary;
+    huge pages are asked for only over the whole huge pages that ``nbytes`` fills, so that the
+    rest (a write buffer's ``ALIGN`` bytes to spare, say) is faulted in 4 KiB at a time, as far
+    as it is used: asked for too, it would cost a whole fresh 2 MiB page, zeroed, for a few KiB
+    (five such pages for task arithmetic's five 8 MiB write buffers: a fifth more memory
+    touched; docs/performance.md).
     """
     size = -(-nbytes // HUGE) * HUGE
     region = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # POSIX only
-    if hasattr(mmap, "MADV_HUGEPAGE"):
+    whole = nbytes // HUGE * HUGE
+    if hasattr(mmap, "MADV_HUGEPAGE") and whole:
         try:
-            region.madvise(mmap.MADV_HUGEPAGE)
+            region.madvise(mmap.MADV_HUGEPAGE, 0, whole)
         except OSError:  # THP not built in: ordinary pages
             pass
     return torch.frombuffer(region, dtype=torch.uint8)[:nbytes]  # keeps the mapping alive
