@@ -427,7 +427,7 @@ def huge_pages(nbytes: int) -> Tensor:
     huge pages are asked for only over the whole huge pages that ``nbytes`` fills, so that the
     rest (a write buffer's ``ALIGN`` bytes to spare, say) is faulted in 4 KiB at a time, as far
     as it is used: asked for too, it would cost a whole fresh 2 MiB page, zeroed, for a few KiB
-    (five such pages for task arithmetic's five 8 MiB write buffers: a fifth more memory
+    (five such pages for task arithmetic's five 8 MiB write buffers: a quarter more memory
     touched; docs/performance.md).
     """
     size = -(-nbytes // HUGE) * HUGE
