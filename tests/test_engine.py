@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from dim3 import engine
+from dim3 import engine, fused
 from dim3.checkpoints import CheckpointError
 from dim3.cli import main
 from dim3.plan import PlanError
@@ -722,6 +722,38 @@ def test_the_first_touch_benchmark_measures_each_kind_of_page():
     if Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().find("never]") < 0:
         # huge pages on offer: one fault per 2 MiB (4 here) for each the kernel could give
         assert huge < pages - 256
+
+
+def test_the_ties_first_pass_benchmark_takes_counts2_apart_and_checks_the_parts():
+    """``benchmarks/ties_first_pass.py``: its variants of ``kernels.counts2`` (histograms only,
+    window stores only) count and keep what the kernel does (it exits 1 if not), its windows
+    hold about the share asked for, and it times every variant."""
+    import subprocess
+    import sys
+
+    if not fused.available():
+        pytest.skip("the compiled kernels are not available here")
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "ties_first_pass.py"
+    argv = [sys.executable, str(script), "--rows", "16", "--cols", "2048", "--inside", "0.05"]
+    done = subprocess.run(
+        [*argv, "--calls", "1", "--repeat", "1"], capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "checked: the variants count and keep what counts2 does" in done.stdout
+    shares = re.search(r"windows hold ([\d.]+)% and ([\d.]+)%", done.stdout)
+    assert shares is not None, done.stdout
+    assert all(4.0 <= float(x) <= 15.0 for x in shares.groups()), done.stdout
+    rows = re.findall(r"^(.+?) +([\d.]+) ms a tile, +([\d.]+) ns an entry$", done.stdout, re.M)
+    names = [name.strip() for name, _, _ in rows]
+    assert names == [
+        "counts2",
+        "counts2, one block",
+        "histograms only",
+        "window stores only",
+        "loop alone",
+        "apply2",
+    ], done.stdout
+    assert all(float(ms) > 0 for _, ms, _ in rows)
 
 
 def test_the_throughput_benchmark_reads_inputs_back_in_small_pages(tmp_path):
