@@ -4,8 +4,8 @@ the same loop taken apart.
 ``counts2`` reads a tile of the base and two updates (bfloat16 rows as stored), adds the high 16
 bits of each update's magnitude bits to a 65,536-bin histogram, and stores the values inside a
 guessed window (:meth:`dim3.slices.ExactSelect.window`) branch-free. On the 2-core machine of
-2026-12-01 afternoon it was 8.1 s of a Qwen2-VL-2B TIES merge's 15 s of CPU time
-(docs/performance.md). This times, on one thread, medians of ``--repeat`` timings of
+2026-12-01 afternoon it was 8.1 s of a Qwen2-VL-2B TIES merge's 15 s of CPU time (timed by
+hand from Python, docs/performance.md). This times, on one thread, medians of ``--repeat`` timings of
 ``--calls`` calls, in milliseconds a tile and nanoseconds an entry:
 
 - ``counts2``: the engine's kernel, its two histograms two allocations as the engine makes them
@@ -18,8 +18,8 @@ guessed window (:meth:`dim3.slices.ExactSelect.window`) branch-free. On the 2-co
 
 The window is placed around the k-th value of each update for ``--density`` (TIES trims all but
 that share) and holds ``--inside`` of its values (the engine's guesses held 3.1% at the median
-tile of the 2B trio). Before timing, the variants are checked against ``counts2``: the same
-histograms, the same counts and values kept (exit status 1 if not).
+tile of the 2B trio, counted by hand). Before timing, the variants are checked against
+``counts2``: the same histograms, the same counts and values kept (exit status 1 if not).
 
     python benchmarks/ties_first_pass.py                  # a 117 x 8960 tile: 2**20 entries
     python benchmarks/ties_first_pass.py --inside 0.1
@@ -82,10 +82,9 @@ def variants() -> dict:
     return {"histograms only": histograms, "window stores only": stores, "loop alone": alone}
 
 
-def window(bits: np.ndarray, q: float, share: float) -> tuple[int, int]:
-    """``[lo, hi)`` around the ``q`` quantile of ``bits`` holding about ``share`` of them, ``lo``
-    a whole bin (as the engine's guesses are)."""
-    ordered = np.sort(bits)
+def window(ordered: np.ndarray, q: float, share: float) -> tuple[int, int]:
+    """``[lo, hi)`` around the ``q`` quantile of the sorted bits ``ordered`` holding about
+    ``share`` of them, ``lo`` a whole bin (as the engine's guesses are)."""
     n = ordered.size
     lo = int(ordered[max(0, int((q - share / 2) * n))]) >> 16 << 16
     first = int(np.searchsorted(ordered, lo))
@@ -115,11 +114,9 @@ def main() -> None:
     wins, kth = [], []  # per update: its window, and its k-th magnitude bits (for apply2)
     for t in tuned:
         bits = (t.bfloat16().float() - base.bfloat16().float()).abs().reshape(-1)
-        bits = bits.view(torch.int32).numpy()
-        wins.append(window(bits, 1 - args.density, args.inside))
-        kth.append(
-            int(np.partition(bits, int((1 - args.density) * n))[int((1 - args.density) * n)])
-        )
+        ordered = np.sort(bits.view(torch.int32).numpy())
+        wins.append(window(ordered, 1 - args.density, args.inside))
+        kth.append(int(ordered[int((1 - args.density) * n)]))
     (lo0, hi0), (lo1, hi1) = wins
     kept = [np.empty(n + 1, dtype=np.int32) for _ in range(2)]
     apart = [torch.zeros(BINS, dtype=torch.int64).numpy() for _ in range(2)]
