@@ -1,28 +1,36 @@
-"""Where the time of TIES' first statistics pass goes, per tile: ``dim3.kernels.counts2`` against
-the same loop taken apart.
+"""Where the time of TIES' first statistics pass goes, per tile: the engine's kernels against the
+one they replaced and against their loops taken apart.
 
-``counts2`` reads a tile of the base and two updates (bfloat16 rows as stored), adds the high 16
-bits of each update's magnitude bits to a 65,536-bin histogram, and stores the values inside a
-guessed window (:meth:`dim3.slices.ExactSelect.window`) branch-free. On the 2-core machine of
-2026-12-01 afternoon it was 8.1 s of a Qwen2-VL-2B TIES merge's 15 s of CPU time (timed by
-hand from Python, docs/performance.md). This times, on one thread, medians of ``--repeat`` timings of
-``--calls`` calls, in milliseconds a tile and nanoseconds an entry:
+TIES' first pass over a tile reads the base and two updates (bfloat16 rows as stored) and, for
+each update, gathers what finds its threshold (the k-th smallest magnitude) exactly. The engine
+guesses, per tensor, a window of magnitude bits around the threshold from a sample
+(:meth:`dim3.slices.ExactSelect.window`); with it, the pass counts the values below the window
+and keeps those inside (``dim3.kernels.window2``); without one, it counts the histogram of the
+magnitudes' high 16 bits (``dim3.kernels.hist2``, the first of two radix passes). This times, on
+one thread, medians of ``--repeat`` timings of ``--calls`` calls, in milliseconds a tile and
+nanoseconds an entry:
 
-- ``counts2``: the engine's kernel, its two histograms two allocations as the engine makes them
-  (``torch.zeros`` each);
-- ``counts2, one block``: the same, both histograms in one allocation;
-- ``histograms only``: the loop without the window's stores;
-- ``window stores only``: the loop without the histograms;
+- ``counts2 (before)``: the kernel of the engine until 2026-12-01, kept here as it was: a
+  65,536-bin histogram of each update and the values inside the windows stored branch-free,
+  in one loop (on that day's 2-core machine, 8.1 s of a Qwen2-VL-2B TIES merge's 15 s of CPU
+  time, timed by hand);
+- ``window2``: the engine's kernel with a guess: a first loop that counts the values below each
+  window and marks those inside (a byte per entry), which LLVM vectorizes, and a second that
+  takes the marked values eight entries at a time;
+- ``window2's first loop``: that first loop alone;
+- ``hist2``: the engine's kernel without a guess (the histograms alone);
 - ``loop alone``: reading the rows and making the magnitudes, neither counted nor stored;
 - ``apply2``: TIES' apply pass on the same tile, for scale.
 
 The window is placed around the k-th value of each update for ``--density`` (TIES trims all but
 that share) and holds ``--inside`` of its values (the engine's guesses held 3.1% at the median
-tile of the 2B trio, counted by hand). Before timing, the variants are checked against
-``counts2``: the same histograms, the same counts and values kept (exit status 1 if not).
+tile of the 2B trio, counted by hand). Before timing, the kernels are checked against one
+another: ``window2`` keeps what ``counts2`` kept and counts below each window what the
+histogram does; ``hist2`` counts the histograms ``counts2`` counts; the first loop alone counts
+what ``window2`` counts (exit status 1 if not).
 
     python benchmarks/ties_first_pass.py                  # a 117 x 8960 tile: 2**20 entries
-    python benchmarks/ties_first_pass.py --inside 0.1
+    python benchmarks/ties_first_pass.py --inside 0.01
 """
 
 from __future__ import annotations
@@ -43,28 +51,22 @@ from dim3.slices import BINS  # noqa: E402
 
 
 def variants() -> dict:
-    """The loop of ``counts2`` taken apart (compiled as the package's kernels are, uncached)."""
+    """The kernel before, and loops taken apart (compiled as the package's kernels are,
+    uncached)."""
     import numba
 
     from dim3 import kernels as k
 
-    load, magnitude, mask = k._load, k._magnitude, k._ABS  # noqa: SLF001 - the kernel's own
+    load, magnitude, mask = k._load, k._magnitude, k._ABS  # noqa: SLF001 - the kernels' own
 
     @numba.njit(nogil=True)
-    def histograms(b, v0, v1, h0, h1, lo0, w0, lo1, w1, in0, in1):  # noqa: ANN001, ANN202, ARG001
+    def counts2(b, v0, v1, h0, h1, lo0, w0, lo1, w1, in0, in1):  # noqa: ANN001, ANN202
+        n0 = n1 = 0
         for i in range(b.size):
             bi = load(b, i)
             a0, a1 = magnitude(load(v0, i) - bi), magnitude(load(v1, i) - bi)
             h0[a0 >> 16] += 1
             h1[a1 >> 16] += 1
-        return 0, 0
-
-    @numba.njit(nogil=True)
-    def stores(b, v0, v1, h0, h1, lo0, w0, lo1, w1, in0, in1):  # noqa: ANN001, ANN202, ARG001
-        n0 = n1 = 0
-        for i in range(b.size):
-            bi = load(b, i)
-            a0, a1 = magnitude(load(v0, i) - bi), magnitude(load(v1, i) - bi)
             in0[n0] = a0
             n0 += ((a0 - lo0) & mask) < w0
             in1[n1] = a1
@@ -72,14 +74,27 @@ def variants() -> dict:
         return n0, n1
 
     @numba.njit(nogil=True)
-    def alone(b, v0, v1, h0, h1, lo0, w0, lo1, w1, in0, in1):  # noqa: ANN001, ANN202, ARG001
+    def first_loop(b, v0, v1, lo0, w0, lo1, w1, flags):  # noqa: ANN001, ANN202
+        c0 = c1 = 0
+        for i in range(b.size):
+            bi = load(b, i)
+            a0, a1 = magnitude(load(v0, i) - bi), magnitude(load(v1, i) - bi)
+            c0 += a0 < lo0
+            c1 += a1 < lo1
+            f0 = np.uint8(((a0 - lo0) & mask) < w0)
+            f1 = np.uint8(((a1 - lo1) & mask) < w1)
+            flags[i] = f0 | (f1 << np.uint8(1))
+        return c0, c1
+
+    @numba.njit(nogil=True)
+    def alone(b, v0, v1):  # noqa: ANN001, ANN202
         s = 0
         for i in range(b.size):
             bi = load(b, i)
             s += (magnitude(load(v0, i) - bi) >> 16) + (magnitude(load(v1, i) - bi) >> 16)
-        return s, 0
+        return s
 
-    return {"histograms only": histograms, "window stores only": stores, "loop alone": alone}
+    return {"counts2": counts2, "first loop": first_loop, "loop alone": alone}
 
 
 def window(ordered: np.ndarray, q: float, share: float) -> tuple[int, int]:
@@ -118,42 +133,48 @@ def main() -> None:
         wins.append(window(ordered, 1 - args.density, args.inside))
         kth.append(int(ordered[int((1 - args.density) * n)]))
     (lo0, hi0), (lo1, hi1) = wins
+    ws = (lo0, hi0 - lo0, lo1, hi1 - lo1)
     kept = [np.empty(n + 1, dtype=np.int32) for _ in range(2)]
-    apart = [torch.zeros(BINS, dtype=torch.int64).numpy() for _ in range(2)]
-    block = np.zeros(2 * BINS, dtype=np.int64)
-
-    def call(fn, hists) -> tuple:  # noqa: ANN001
-        return fn(b, v0, v1, *hists, lo0, hi0 - lo0, lo1, hi1 - lo1, *kept)
-
+    hists = [np.zeros(BINS, dtype=np.int64) for _ in range(2)]
+    flags = np.empty(n, dtype=np.uint8)
     out = np.empty(n, dtype=np.float32)
+    parts = variants()
     runs = {
-        "counts2": lambda: call(kern.counts2, apart),
-        "counts2, one block": lambda: call(kern.counts2, (block[:BINS], block[BINS:])),
-        **{name: (lambda fn=fn: call(fn, apart)) for name, fn in variants().items()},
+        "counts2 (before)": lambda: parts["counts2"](b, v0, v1, *hists, *ws, *kept),
+        "window2": lambda: kern.window2(b, v0, v1, *ws, flags, *kept),
+        "window2's first loop": lambda: parts["first loop"](b, v0, v1, *ws, flags),
+        "hist2": lambda: kern.hist2(b, v0, v1, *hists),
+        "loop alone": lambda: parts["loop alone"](b, v0, v1),
         "apply2": lambda: kern.apply2(b, v0, v1, *kth, -1, -1, 0, 0, np.float32(1.0), out),
     }
-    # the variants count what counts2 counts
-    for h in apart:
+    # the kernels count and keep what the kernel before did
+    for h in hists:
         h[:] = 0
-    want = call(kern.counts2, apart)
-    want_h = [h.copy() for h in apart]
-    want_kept = [kept[i][: want[i]].copy() for i in range(2)]
-    for h in apart:
+    before = runs["counts2 (before)"]()
+    want_h = [h.copy() for h in hists]
+    want_kept = [kept[i][: before[i]].copy() for i in range(2)]
+    want_below = [int(want_h[0][: lo0 >> 16].sum()), int(want_h[1][: lo1 >> 16].sum())]
+    for h in hists:
         h[:] = 0
-    runs["histograms only"]()
-    ok = all(np.array_equal(h, w) for h, w in zip(apart, want_h, strict=True))
-    got = runs["window stores only"]()
-    ok = ok and tuple(got) == tuple(want)
-    ok = ok and all(np.array_equal(kept[i][: want[i]], want_kept[i]) for i in range(2))
+    runs["hist2"]()
+    ok = all(np.array_equal(h, w) for h, w in zip(hists, want_h, strict=True))
+    n0, n1, c0, c1 = runs["window2"]()
+    ok = ok and (n0, n1) == tuple(before) and [c0, c1] == want_below
+    ok = ok and all(np.array_equal(kept[i][: before[i]], want_kept[i]) for i in range(2))
+    ok = ok and list(runs["window2's first loop"]()) == want_below
     if not ok:
-        print("the variants do not count what counts2 counts", file=sys.stderr)
+        print("the kernels do not count and keep what counts2 did", file=sys.stderr)
         sys.exit(1)
     print(
         f"tile {args.rows} x {args.cols} bfloat16 ({n:,} entries), one thread, torch {torch.__version__}"
     )
     print("load average " + " ".join(Path("/proc/loadavg").read_text().split()[:3]))
-    print(f"windows hold {want[0] / n:.1%} and {want[1] / n:.1%} of the updates' values")
-    print("checked: the variants count and keep what counts2 does")
+    print(f"windows hold {before[0] / n:.1%} and {before[1] / n:.1%} of the updates' values")
+    words = flags[: n // 8 * 8].view(np.uint64)
+    print(
+        f"window2's second loop takes {np.count_nonzero(words) / max(1, words.size):.0%} of the words"
+    )
+    print("checked: the kernels count and keep what counts2 did")
     for name, run in runs.items():
         run()  # compiled, or loaded from numba's cache
         times = []
@@ -163,7 +184,7 @@ def main() -> None:
                 run()
             times.append((time.perf_counter() - start) / args.calls)
         ms = statistics.median(times) * 1e3
-        print(f"{name:<20} {ms:7.3f} ms a tile, {ms * 1e6 / n:6.2f} ns an entry")
+        print(f"{name:<22} {ms:7.3f} ms a tile, {ms * 1e6 / n:6.2f} ns an entry")
 
 
 if __name__ == "__main__":

@@ -9,8 +9,8 @@ result without writing it to disk). A tensor larger than the chunk budget (``chu
 of float32 by default; half of it for task arithmetic's compiled sum, :data:`LIGHT_SHARE`) is
 read and merged in row slices, in as many passes as its method's kind needs (:data:`PASSES`:
 DiM3 gathers column statistics first, TIES and Breadcrumbs find their exact
-magnitude thresholds in two radix passes (the second skipped where a sampled guess holds, see
-:meth:`_Merger.guess`), PCB its four order statistics in two stages of two
+magnitude thresholds in two radix passes (or in one, counting the values below a range guessed
+from a sample and keeping those inside it, where the guess holds; see :meth:`_Merger.guess`), PCB its four order statistics in two stages of two
 passes), so peak memory is a few slices per model whatever the vocabulary; "matrix" methods (SVD,
 optimisation) take each tensor whole.
 
@@ -262,8 +262,8 @@ def output_dtype(entry: Entry, dtype: str) -> torch.dtype:
 class _Step:
     """One unit of the loop: rows ``start:stop`` of ``source`` read and handled for ``out``.
 
-    stage: "copy" (copied rows), "whole" (the whole tensor merged at once), "stats0"/"stats1"
-    (a statistics pass over the merged rows; nothing written), "apply" (merged rows written).
+    stage: "copy" (copied rows), "whole" (the whole tensor merged at once), "stats0", "stats1",
+    ... (a statistics pass over the merged rows; nothing written), "apply" (merged rows written).
     ``out`` differs from ``source`` for a head tied to the embedding: it is computed again.
     """
 
@@ -278,7 +278,7 @@ class _Step:
 PASSES = {
     "elementwise": 0,
     "columns": 1,
-    "selection": 2,
+    "selection": 3,  # planned; one where the guess holds, two without one (_Merger.skips)
     "matrix": 0,
     "ranked": 2,
 }  # ranked: per stage
@@ -495,6 +495,7 @@ class _Merger:
         # a selection's values tied with each threshold in the first pass's tiles, when one
         # pass found the thresholds: per update, per rank, (tile first rows, counts before each)
         self._ties: list[list[tuple[list[int], list[int]]]] | None = None
+        self._selected: str | None = None  # the selection whose thresholds are known
         # TIES' tiles of two updates on the CPU: compiled, one loop per pass (dim3/fused.py)
         # (numba is imported only for these, DiM3 and task arithmetic: its import and first
         # call take ~0.5 s)
@@ -656,9 +657,15 @@ class _Merger:
         return base, deltas(base, [vlm, *mls]), scratch("select.magnitude", base.shape, base)
 
     def skips(self, step: _Step) -> bool:
-        """Whether ``step`` has nothing left to do: the second statistics pass of a selection
-        whose thresholds the first pass found (:meth:`ExactSelect.window`)."""
-        return self.method.kind == "selection" and step.stage == "stats1" and self._ties is not None
+        """Whether ``step`` has nothing left to do: a later statistics pass of a selection whose
+        thresholds are known. A selection plans three (:data:`PASSES`) and takes one where its
+        guessed windows held (:meth:`ExactSelect.window`), two without a guess, all three
+        where the guesses missed."""
+        return (
+            self.method.kind == "selection"
+            and step.stage in ("stats1", "stats2")
+            and self._selected == step.source.key
+        )
 
     def before_tiles(
         self,
@@ -777,10 +784,15 @@ class _Merger:
         def counts(work: list[torch.Tensor], first: int, so_far: Any = None) -> Any:
             # (per update: the counts to add up; per tile: its first row and per update the
             # values in the guessed windows, kept apart to count each tile's tied values)
-            if reads_stored:  # the kernel counts into the thread's histograms so far
+            if reads_stored:  # the kernel counts into the thread's counts so far
                 (vlm, base, ml), _ = self._split(work)
-                n = base.numel() + 1  # one more: see fused.counts
-                kept = [scratch(f"fused.in{t}", (n,), base, torch.int32) for t in (0, 1)]
+                kept = None
+                if selects[0].windows is not None:
+                    n = base.numel() + 1  # one more: see fused.counts
+                    kept = (
+                        *(scratch(f"fused.in{t}", (n,), base, torch.int32) for t in (0, 1)),
+                        scratch("fused.flags", (n - 1,), base, torch.uint8),
+                    )
                 into = None if so_far is None else [sums[0] for sums in so_far[0]]
                 got = fused.counts(base, [vlm, ml], selects, kept, into)
             else:
@@ -880,7 +892,7 @@ class _Merger:
         return n, self.method.parts.ks(self.options, n)
 
     def _selection_begin(self, e: Entry) -> None:
-        self._ties = None
+        self._ties, self._selected = None, None
         n, ks = self._selection_ranks(e)
         self.state = (
             n,
@@ -964,7 +976,8 @@ class _Merger:
                 [_prefix(ties) for ties in select.ties]  # type: ignore[union-attr]
                 for select in self.state[2]
             ]
-        if step.stage == "stats1" or known:
+        if all(select.done for select in self.state[2]):
+            self._selected = step.source.key  # the passes left are skipped
             n, ks, selects = self.state
             self.state = [
                 [

@@ -5,8 +5,8 @@ The kernels (:mod:`dim3.kernels`, compiled by numba with LLVM: no C compiler nee
 the lock, and here get torch tensors:
 
 - :func:`counts`: the first statistics pass of TIES' :class:`dim3.slices.ExactSelect` over a
-  tile of two updates (the histogram of the magnitudes' high 16 bits and the values inside
-  each guessed window);
+  tile of two updates (the values below and inside each guessed window, or without a guess
+  the histogram of the magnitudes' high 16 bits);
 - :func:`apply`: TIES' apply pass over a tile (trim by each update's
   :class:`dim3.slices.FirstMask`, elect the sign, disjoint mean, ``· λ + base``);
 - :class:`DareDraws`: DARE's keep masks from torch's own CPU generator's numbers (MT19937),
@@ -131,40 +131,62 @@ def counts(
     base: Tensor,
     tuned: list[Tensor],
     selects: list[ExactSelect],
-    kept: list[Tensor],
+    scratch: tuple[Tensor, Tensor, Tensor] | None = None,
     into: list[Tensor] | None = None,
 ) -> list[list[Tensor]]:
     """:meth:`ExactSelect.partial` of the two updates ``tuned_t − base`` of a tile, in one pass
-    (each select in its first pass, one rank each). ``kept``: two int32 buffers of one more
-    than the tile's size for the values inside the windows (copied out; the kernel stores every
-    value and keeps those inside). ``into``: the two histograms to count
-    into (those of the tiles before, which then need no adding up), else new ones.
+    (each select in its first pass, one rank each): with guessed windows
+    (:meth:`ExactSelect.window`) how many values lie below each window and the values inside
+    it (:func:`dim3.kernels.window2`), else the histogram of the magnitudes' high 16 bits
+    (:func:`dim3.kernels.hist2`). ``scratch``, for windows: two int32 buffers of one more than
+    the tile's size for the values inside (copied out) and a uint8 one of its size for the
+    kernel's flags. ``into``: the counts of the tiles before (histograms, or counts below), to
+    count into, which then need no adding up; else new ones.
 
     base, tuned: contiguous float32 or bfloat16 (:func:`widens`) CPU tensors of one shape.
-    Returns per update
-    ``[histogram (int64, BINS)]`` plus, with windows, ``[values inside (int32)]``."""
-    assert all(k.numel() > base.numel() for k in kept)
-    hists = into if into is not None else [torch.zeros(BINS, dtype=torch.int64) for _ in tuned]
-    windows = [s.windows[0] if s.windows is not None and s.windows[0] else (0, 0) for s in selects]
+    Returns per update ``[histogram (int64, BINS)]``, or with windows ``[count below (int64,
+    1), values inside (int32)]``."""
+    flat = [_flat(base), *map(_flat, tuned)]
+    if all(s.windows is None for s in selects):
+        hists = into if into is not None else [torch.zeros(BINS, dtype=torch.int64) for _ in tuned]
+        _kernels().hist2(*flat, *map(_flat, hists))
+        return [[h] for h in hists]
+    assert scratch is not None and all(s.windows is not None for s in selects)
+    kept0, kept1, flags = scratch
+    assert kept0.numel() > base.numel() and kept1.numel() > base.numel()
+    windows = [s.windows[0] if s.windows[0] else (0, 0) for s in selects]  # type: ignore[index]
     (lo0, hi0), (lo1, hi1) = windows
-    n0, n1 = _kernels().counts2(
-        _flat(base), *map(_flat, tuned), *map(_flat, hists),
-        lo0, hi0 - lo0, lo1, hi1 - lo1, *map(_flat, kept),
-    )  # fmt: skip
-    out = []
-    for hist, select, buf, n in zip(hists, selects, kept, (n0, n1), strict=True):
-        out.append([hist] if select.windows is None else [hist, buf[:n].clone()])
-    return out
+    n0, n1, c0, c1 = _kernels().window2(
+        *flat, lo0, hi0 - lo0, lo1, hi1 - lo1, _flat(flags), _flat(kept0), _flat(kept1)
+    )
+    below = into if into is not None else [torch.zeros(1, dtype=torch.int64) for _ in tuned]
+    below[0] += c0
+    below[1] += c1
+    return [[below[0], kept0[:n0].clone()], [below[1], kept1[:n1].clone()]]
 
 
-def kth_in_bin(
-    pieces: list[Tensor], h: int, rank: int, buffers: Any = None
+def kth_in_window(
+    pieces: list[Tensor], lo: int, hi: int, rank: int, buffers: Any = None
 ) -> tuple[int, int, int, list[int]] | None:
-    """:func:`dim3.slices._kth_in_bin` on CPU int32 ``pieces``, in one compiled loop over their
-    values (the eager ops took a tenth of a TIES merge, while the tile threads waited). The
-    pieces are joined in ``buffers`` (a :class:`dim3.slices.Buffers`: the same memory tensor
-    after tensor) when given: a new tensor each time was a fresh mapping the kernel faulted in
-    4 KiB at a time, some 40% of a TIES merge's page faults."""
+    """:func:`dim3.slices._kth_in_window` on CPU int32 ``pieces``: the bin of the ``rank``-th
+    smallest from a count of the values per bin of the window (:func:`dim3.kernels.window_bin`),
+    then its low bits as :func:`kth_in_bin` finds them. The pieces are joined once."""
+    values, ends = _joined(pieces, buffers)
+    first, bins = lo >> 16, ((hi - 1) >> 16) - (lo >> 16) + 1
+    h, below = _kernels().window_bin(values.numpy(), first, bins, rank, np.empty(bins, np.int64))
+    if h < 0:
+        return None
+    got = _kth_in_joined(values, ends, int(h), rank - int(below))
+    assert got is not None  # the bin holds at least rank − below values
+    low, less, equal, each = got
+    return (int(h) << 16) | low, int(below) + less, equal, each
+
+
+def _joined(pieces: list[Tensor], buffers: Any) -> tuple[Tensor, np.ndarray]:
+    """The pieces one after the other, in ``buffers`` (a :class:`dim3.slices.Buffers`: the same
+    memory tensor after tensor) when given: a new tensor each time was a fresh mapping the
+    kernel faulted in 4 KiB at a time, some 40% of a TIES merge's page faults. With the
+    pieces' ends."""
     if not pieces:
         values = torch.zeros(0, dtype=torch.int32)
     else:
@@ -176,19 +198,36 @@ def kth_in_bin(
             if buffers is not None
             else torch.empty(total, dtype=torch.int32),
         )
-    ends = np.cumsum([p.numel() for p in pieces], dtype=np.int64)
+    return values, np.cumsum([p.numel() for p in pieces], dtype=np.int64)
+
+
+def _kth_in_joined(
+    values: Tensor, ends: np.ndarray, h: int, rank: int
+) -> tuple[int, int, int, list[int]] | None:
     low = np.empty(BINS + 1, dtype=np.int64)
-    each = np.empty(len(pieces), dtype=np.int64)
+    each = np.empty(ends.size, dtype=np.int64)
     lo, less, equal = _kernels().window_kth(values.numpy(), ends, h, rank, low, each)
     if lo < 0:
         return None
     return int(lo), int(less), int(equal), each.tolist()
 
 
+def kth_in_bin(
+    pieces: list[Tensor], h: int, rank: int, buffers: Any = None
+) -> tuple[int, int, int, list[int]] | None:
+    """:func:`dim3.slices._kth_in_bin` on CPU int32 ``pieces``, in one compiled loop over their
+    values (the eager ops took a tenth of a TIES merge, while the tile threads waited), the
+    pieces joined as :func:`_joined` joins them."""
+    return _kth_in_joined(*_joined(pieces, buffers), h, rank)
+
+
 def fits_counts(selects: list[ExactSelect]) -> bool:
-    """Whether :func:`counts` does these selects' pass: two updates, one rank, a first pass."""
-    return len(selects) == 2 and all(
-        len(s.ks) == 1 and s.stage == 0 and not s.known for s in selects
+    """Whether :func:`counts` does these selects' pass: two updates, one rank, a first pass,
+    both with guessed windows or neither."""
+    return (
+        len(selects) == 2
+        and all(len(s.ks) == 1 and s.stage == 0 and not s.known for s in selects)
+        and (selects[0].windows is None) == (selects[1].windows is None)
     )
 
 

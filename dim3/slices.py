@@ -78,11 +78,12 @@ class ExactSelect:
     are integers, so the sum is the same in any order.
 
     One pass is enough when each k-th value's bit patterns are guessed beforehand (from a
-    sample: :meth:`window`): the first pass then also keeps each piece's values inside the
-    guessed ranges (:meth:`keep`), and if every k-th value is among them, :meth:`next_pass`
-    finds it exactly from those and the first pass's counts (:attr:`known`), with how many
-    values equal to it each piece holds (:attr:`ties`). Otherwise the second pass runs as
-    without a guess: a wrong guess costs time, never exactness.
+    sample: :meth:`window`): the first pass then counts, per k, the values below its guessed
+    range and keeps each piece's values inside it (:meth:`keep`), with no histogram; if every
+    k-th value is among those, :meth:`next_pass` finds it exactly (:attr:`known`), with how
+    many values equal to it each piece holds (:attr:`ties`). Otherwise the select starts over
+    as without a guess (:attr:`missed`): two more passes, the histogram's and the low bits'.
+    A wrong guess costs time, never exactness; :attr:`done` says when :meth:`result` is known.
     """
 
     def __init__(
@@ -96,6 +97,8 @@ class ExactSelect:
         self.below: list[int] = []  # per k: how many values have smaller high bits
         self.lo_hist: Tensor | None = None
         self.windows: list[tuple[int, int] | None] | None = None  # per k: [lo, hi) guessed
+        self.below_window = torch.zeros(len(self.ks), dtype=torch.int64)  # per k: below lo
+        self.missed = False  # the guesses were tried and missed: the passes without them
         self._kept: list[tuple[int, list[Tensor]]] = []  # (piece key, values in each window)
         self._compacted = 0  # pieces of _kept gathered by compact()
         self._found: list[tuple[int, int, int] | None] | None = None
@@ -112,11 +115,17 @@ class ExactSelect:
         """Whether :meth:`result` is known after the first pass (the guesses held)."""
         return self._found is not None
 
+    @property
+    def done(self) -> bool:
+        """Whether :meth:`result` is known: after the first pass where the guesses held, else
+        after the second pass without them."""
+        return self.known or self.stage == 2
+
     def window(self, windows: Sequence[tuple[int, int] | None]) -> None:
         """Before the first pass: per k, the bit patterns ``[lo, hi)`` its k-th value is
         guessed to lie in, ``lo`` a multiple of 2**16 (None: no guess, for a k that selects
         nothing or everything)."""
-        assert self.stage == 0 and len(windows) == len(self.ks)
+        assert self.stage == 0 and not self.missed and len(windows) == len(self.ks)
         for w in windows:
             assert w is None or (w[0] % BINS == 0 and 0 <= w[0] < w[1] <= 1 << 31), w
         self.windows = list(windows)
@@ -145,28 +154,31 @@ class ExactSelect:
         self.add(self.partial(bits, self.buffers))
 
     def partial(self, bits: Tensor, buffers: Buffers | None = None) -> list[Tensor]:
-        """The counts of this pass over one piece's bit patterns, for :meth:`add`: the histogram
-        of the high 16 bits (first pass), or per k that of the low 16 bits of the values whose
-        high bits are the k-th value's (second pass). Temporaries from ``buffers``."""
-        if self.known:  # found in the first pass: a second has nothing to count
+        """The counts of this pass over one piece's bit patterns, for :meth:`add`: in a first
+        pass with guessed windows, per k how many values lie below its window, then per k the
+        values inside it (to :meth:`keep`); in a first pass without, the histogram of the
+        high 16 bits; in the second, per k that of the low 16 bits of the values whose high
+        bits are the k-th value's. Temporaries from ``buffers``."""
+        if self.done:  # found in the first pass: a second has nothing to count
             return []
+        if self.stage == 0 and self.windows is not None:
+            below = torch.zeros(len(self.ks), dtype=torch.int64, device=bits.device)
+            kept = []
+            d = _take(buffers, "select.hi", bits)
+            mask = _take(buffers, "select.mask", bits, torch.bool)
+            for i, w in enumerate(self.windows):
+                if w is None:
+                    kept.append(bits[:0])
+                    continue
+                below[i] = torch.lt(bits, w[0], out=mask).sum()
+                # the values in [lo, hi): bits − lo as a 31-bit word is below hi − lo just for
+                # them (one below lo wraps to at least 2**31 − lo ≥ hi − lo)
+                torch.sub(bits, w[0], out=d).bitwise_and_(0x7FFFFFFF)
+                kept.append(bits[torch.lt(d, w[1] - w[0], out=mask)])
+            return [below, *kept]
         hi = torch.bitwise_right_shift(bits, 16, out=_take(buffers, "select.hi", bits))
         if self.stage == 0:
-            counts = [torch.bincount(hi, minlength=BINS)]
-            if self.windows is None:
-                return counts
-            # the values in each [lo, hi): bits − lo as a 31-bit word is below hi − lo just for
-            # them (one below lo wraps to at least 2**31 − lo ≥ hi − lo)
-            for w in self.windows:
-                if w is None:
-                    counts.append(bits[:0])
-                    continue
-                d = torch.sub(bits, w[0], out=hi).bitwise_and_(0x7FFFFFFF)
-                inside = torch.lt(
-                    d, w[1] - w[0], out=_take(buffers, "select.mask", bits, torch.bool)
-                )
-                counts.append(bits[inside])
-            return counts
+            return [torch.bincount(hi, minlength=BINS)]
         if bits.dtype == torch.int32:  # magnitudes (0 ≤ bits < 2**31): no bool masks
             # bits − (h << 16) is the low 16 bits of a value in bin h and outside [0, 2**16)
             # for the others; with the sign bit cleared a negative one is at least 2**16 too
@@ -186,19 +198,31 @@ class ExactSelect:
 
     def add(self, partial: list[Tensor]) -> None:
         """Count one piece's :meth:`partial` in."""
-        if self.known:
+        if self.done:
             return
         if self.stage == 0:
-            self.hist += partial[0]
+            if self.windows is not None:
+                self.below_window += partial[0].cpu()
+            else:
+                self.hist += partial[0]
             return
         assert self.lo_hist is not None
         for i, counts in enumerate(partial):
             self.lo_hist[i] += counts
 
     def next_pass(self) -> None:
-        """End a pass: after the first, fix each k's high bits (or, when the guessed windows
-        held, its value: then no second pass); after the second, its value."""
-        if self.known:
+        """End a pass: after a first with guessed windows, each k's value where they held (then
+        no other pass), else start over without them; after a first without, fix each k's
+        high bits; after the second, its value."""
+        if self.done:
+            return
+        if self.stage == 0 and self.windows is not None:
+            self._from_windows()
+            self._kept, self._compacted = [], 0
+            if self.known:
+                self.stage = 2
+            else:  # the next pass is the histogram's, as without a guess
+                self.windows, self.missed = None, True
             return
         if self.stage == 0:
             cum = torch.cumsum(self.hist, 0).cpu()
@@ -207,24 +231,18 @@ class ExactSelect:
                 h = int(torch.searchsorted(cum, kk))  # first bin whose cumulative count ≥ k
                 self.hi.append(h)
                 self.below.append(int(cum[h - 1]) if h > 0 else 0)
-            if self.windows is not None:
-                self._from_windows(cum)
-                self._kept, self._compacted = [], 0
-                if self.known:
-                    self.stage = 2
-                    return
             self.lo_hist = torch.zeros((len(self.ks), BINS), dtype=torch.int64, device=self.device)
         self.stage += 1
 
-    def _from_windows(self, cum: Tensor) -> None:
+    def _from_windows(self) -> None:
         """Each k-th value from the first pass's counts and the values kept in its window, if
-        it lies there. The high-bits histogram gives the k-th value's bin and how many values
-        lie below it (:meth:`next_pass`); a bin at or above the window's start (a bin's start)
-        has all its values below the window's end kept, so when the k-th value's rank in its
-        bin is within those, the histogram of their low bits gives it exactly, with how many
-        values are below it and equal to it."""
+        it lies there: with ``below`` values under the window, the k-th smallest is the
+        (k − below)-th of those inside when that is at least the first and at most their
+        count; found exactly from them, with how many values are below it and equal to it
+        (every value equal to it is inside)."""
         assert self.windows is not None
         self._kept.sort(key=lambda kv: kv[0])
+        below_window = self.below_window.tolist()
         found: list[tuple[int, int, int] | None] = []
         ties: list[list[tuple[int, int]]] = []
         for i, (k, w) in enumerate(zip(self.ks, self.windows, strict=True)):
@@ -232,15 +250,15 @@ class ExactSelect:
                 found.append(None)
                 ties.append([])
                 continue
-            if w is None or self.hi[i] < w[0] >> 16:
+            rank = k - below_window[i]  # its rank among the values inside
+            if w is None or rank < 1:
                 return  # no guess, or the k-th value lies below the window
             pieces = [values[i].to(self.device) for _, values in self._kept]
-            h, rank = self.hi[i], k - self.below[i]  # its bin, its rank among the bin's values
-            got = _kth_in_bin(pieces, h, rank, self.device, self.buffers)
+            got = _kth_in_window(pieces, w[0], w[1], rank, self.device, self.buffers)
             if got is None:
-                return  # above the window's end: the second pass finds it
-            lo, less, equal, each = got
-            found.append(((h << 16) | lo, k - self.below[i] - less, equal))
+                return  # above the window's end
+            kth, less, equal, each = got
+            found.append((kth, k - below_window[i] - less, equal))
             ties.append([(key, c) for (key, _), c in zip(self._kept, each, strict=True)])
         self._found, self.ties = found, ties
 
@@ -283,6 +301,37 @@ def select_by_sort(bits: Tensor, ks: Sequence[int]) -> list[tuple[int, int, int]
         upto = int(torch.searchsorted(ordered, kth, right=True))
         out.append((int(kth), k - less, upto - less))
     return out
+
+
+def _kth_in_window(
+    pieces: list[Tensor],
+    lo: int,
+    hi: int,
+    rank: int,
+    device: torch.device,
+    buffers: Buffers | None = None,
+) -> tuple[int, int, int, list[int]] | None:
+    """Among the values of ``pieces`` (int32 bit patterns, all in ``[lo, hi)``), the
+    ``rank``-th smallest (from 1): (its bits, how many of them are below it, how many equal it,
+    per piece how many equal it); None when fewer than ``rank``. Its bin from a count per bin
+    of the window, then :func:`_kth_in_bin`; on the CPU, compiled where the kernels run
+    (:func:`dim3.fused.kth_in_window`): the same numbers."""
+    from dim3 import fused  # (it imports this module)
+
+    if device.type == "cpu" and fused.available():
+        return fused.kth_in_window(pieces, lo, hi, rank, buffers)
+    inside = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.int32, device=device)
+    if rank > inside.numel():
+        return None
+    first = lo >> 16
+    per_bin = torch.bincount(torch.bitwise_right_shift(inside, 16).sub_(first))
+    at = torch.cumsum(per_bin, 0).cpu()
+    j = int(torch.searchsorted(at, rank))  # first bin whose cumulative count reaches it
+    below = int(at[j - 1]) if j > 0 else 0
+    got = _kth_in_bin(pieces, first + j, rank - below, device, buffers)
+    assert got is not None  # the bin holds at least rank − below values
+    low, less, equal, each = got
+    return ((first + j) << 16) | low, below + less, equal, each
 
 
 def _kth_in_bin(

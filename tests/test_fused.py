@@ -132,27 +132,33 @@ def test_tied_thresholds_split_among_tiles_in_flat_order():
 
 @pytest.mark.parametrize("kind", ["normal", "grid", "specials", "bf16"])
 def test_fused_counts_equal_the_eager_partial(kind):
-    """One first-pass tile: the histograms and the values inside the windows (in flat order)
-    are those of :meth:`ExactSelect.partial`; without windows, the histograms alone."""
-    base, tuned = _trio(kind, TILE_ROWS, seed=7)
-    n = base.numel()
-    bits = magnitude_bits(tuned[0] - base).sort().values
-    at = [int(bits[int(q * n)]) for q in (0.45, 0.5, 0.55, 0.8)]
-    guesses = [(at[0] >> 16 << 16, at[2] + 1), (at[1] >> 16 << 16, at[3] + 1)]  # around k
-    for windows in ([guesses[0]], [guesses[1]], [None], None):
-        selects = [ExactSelect([n // 2], n, base.device) for _ in tuned]
-        if windows is not None:
-            for s in selects:
-                s.window(windows)
-        kept = [torch.empty(n + 1, dtype=torch.int32) for _ in tuned]
-        dtype = torch.bfloat16 if kind == "bf16" else torch.float32  # read as stored
-        got = fused.counts(base.to(dtype), [t.to(dtype) for t in tuned], selects, kept)
-        for t, s, g in zip(tuned, selects, got, strict=True):
-            want = s.partial(magnitude_bits(t - base))
-            assert len(g) == len(want)
-            for x, y in zip(g, want, strict=True):
-                assert x.dtype == y.dtype and torch.equal(x, y)
-        assert windows in (None, [None]) or got[0][1].numel() > n // 20
+    """One first-pass tile: with windows, the counts below them and the values inside (in flat
+    order) are those of :meth:`ExactSelect.partial`; without, the histograms. For a whole
+    tile and for one whose size is not a multiple of the kernel's words of 8 flags."""
+    whole, whole_tuned = _trio(kind, TILE_ROWS, seed=7)
+    for cut in (0, 5):
+        n = whole.numel() - cut
+        base, tuned = whole.reshape(-1)[:n], [t.reshape(-1)[:n] for t in whole_tuned]
+        bits = magnitude_bits(tuned[0] - base).sort().values
+        at = [int(bits[int(q * n)]) for q in (0.45, 0.5, 0.55, 0.8)]
+        guesses = [(at[0] >> 16 << 16, at[2] + 1), (at[1] >> 16 << 16, at[3] + 1)]  # around k
+        for windows in ([guesses[0]], [guesses[1]], [None], None):
+            selects = [ExactSelect([n // 2], n, base.device) for _ in tuned]
+            scratch = None
+            if windows is not None:
+                for s in selects:
+                    s.window(windows)
+                kept = [torch.full((n + 1,), -7, dtype=torch.int32) for _ in tuned]
+                scratch = (*kept, torch.empty(n, dtype=torch.uint8))
+            dtype = torch.bfloat16 if kind == "bf16" else torch.float32  # read as stored
+            got = fused.counts(base.to(dtype), [t.to(dtype) for t in tuned], selects, scratch)
+            for t, s, g in zip(tuned, selects, got, strict=True):
+                want = s.partial(magnitude_bits(t - base))
+                assert len(g) == len(want)
+                for x, y in zip(g, want, strict=True):
+                    assert x.dtype == y.dtype and torch.equal(x, y)
+            if windows not in (None, [None]):
+                assert got[0][1].numel() > n // 20 and int(got[0][0]) > n // 3
 
 
 @pytest.mark.parametrize("lows", ["mixed", "one"])  # "one": bfloat16 differences' low bits
@@ -208,6 +214,47 @@ def test_kth_in_bin_equals_the_eager_ops_and_a_sort(seed, lows, monkeypatch):
         assert buffers.allocations == 1  # sized by the first, larger join; reused since
     assert slices._kth_in_bin([], h, 1, cpu) is None
     assert slices._kth_in_bin([], h, 1, cpu, slices.Buffers()) is None
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_kth_in_window_equals_the_eager_ops_and_a_sort(seed, monkeypatch):
+    """The threshold from the values kept in a window spanning several bins (a first pass that
+    counts the values below the window: :meth:`ExactSelect._from_windows`): the compiled loops,
+    the eager ops and a sort give the same bits, counts below and equal to it, and each
+    piece's values equal to it, for ranks at the window's ends, at its bins' edges and past its
+    count; pieces of 0 to 30000 values, a third of them tied on 8 values."""
+    g = torch.Generator().manual_seed(seed)
+    lo, bins = (0x3C00 + 5 * seed) << 16, 9
+    hi = lo + (bins - 1) * (1 << 16) + 12345  # the last bin cut short
+    pieces = []
+    for n in (0, 1, 5000, 0, 17, 30000, 3):
+        v = torch.randint(lo, hi, (n,), generator=g)
+        tied = torch.rand(n, generator=g) < 1 / 3
+        v = torch.where(tied, lo + torch.randint(0, 8, (n,), generator=g) * 70000, v)
+        pieces.append(v.to(torch.int32))
+    inside = torch.cat(pieces).sort().values
+    count = inside.numel()
+    per_bin = torch.bincount((inside >> 16) - (lo >> 16)).cumsum(0).tolist()
+    cpu = torch.device("cpu")
+    ranks = {1, 2, count // 3, count - 1, count, count + 1, *per_bin, *(c + 1 for c in per_bin)}
+    for rank in sorted(ranks):
+        got = slices._kth_in_window(pieces, lo, hi, rank, cpu, slices.Buffers())
+        monkeypatch.setenv("DIM3_FUSED", "0")
+        eager = slices._kth_in_window(pieces, lo, hi, rank, cpu)
+        monkeypatch.delenv("DIM3_FUSED")
+        assert got == eager
+        if rank > count:
+            assert got is None
+            continue
+        kth = int(inside[rank - 1])
+        want = (
+            kth,
+            int((inside < kth).sum()),
+            int((inside == kth).sum()),
+            [int((p == kth).sum()) for p in pieces],
+        )
+        assert got == want, rank
+    assert slices._kth_in_window([], lo, hi, 1, cpu) is None
 
 
 def _in_bfloat16(trio, folder):
