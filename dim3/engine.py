@@ -496,6 +496,8 @@ class _Merger:
         # pass found the thresholds: per update, per rank, (tile first rows, counts before each)
         self._ties: list[list[tuple[list[int], list[int]]]] | None = None
         self._selected: str | None = None  # the selection whose thresholds are known
+        # runs a function on another thread (a Future): the tile threads' pool, where there is one
+        self.helper: Callable[[Callable[[], Any]], Future] | None = None
         # TIES' tiles of two updates on the CPU: compiled, one loop per pass (dim3/fused.py)
         # (numba is imported only for these, DiM3 and task arithmetic: its import and first
         # call take ~0.5 s)
@@ -897,7 +899,7 @@ class _Merger:
         self.state = (
             n,
             ks,
-            [ExactSelect(ks, n, self.device, self.buffers) for _ in range(self.tuned)],
+            [ExactSelect(ks, n, self.device, self.buffers, slot=str(t)) for t in range(self.tuned)],
         )
 
     def guess(
@@ -967,9 +969,18 @@ class _Merger:
         return guesses  # all updates, or none
 
     def _selection_end(self, step: _Step) -> None:
-        """A statistics pass over the tensor is over: ready the next, or the masks."""
-        for select in self.state[2]:
-            select.next_pass()
+        """A statistics pass over the tensor is over: ready the next, or the masks. Where the
+        first pass kept values in guessed windows, each update's threshold is found from them
+        on a thread of its own (:attr:`helper`: the tile threads, which wait meanwhile)."""
+        selects = self.state[2]
+        if self.helper is not None and len(selects) > 1 and selects[0].windows is not None:
+            rest = [self.helper(select.next_pass) for select in selects[1:]]
+            selects[0].next_pass()
+            for future in rest:
+                future.result()
+        else:
+            for select in selects:
+                select.next_pass()
         known = step.stage == "stats0" and all(select.known for select in self.state[2])
         if known:  # the first pass found every threshold: the tied values are counted too
             self._ties = [
@@ -1161,6 +1172,10 @@ class _Tiles:
             running.wait()  # no worker may still write into ``out`` once this raises
             raise
         return running
+
+    def submit(self, fn: Callable[[], Any]) -> Future:
+        """Run ``fn()`` on a tile thread, after the tiles queued before it."""
+        return self._pool.submit(fn)
 
     def map(
         self,
@@ -1435,6 +1450,8 @@ def _pieces(
     tied_sources = {e.tied_to for e in plan.entries if e.tied_to}
     whole: dict[str, torch.Tensor] = {}  # merged whole tensors that a tied head repeats
     tiles = _Tiles(workers) if workers else None
+    if tiles is not None:
+        merger.helper = tiles.submit
 
     def stage(i: int) -> _Staged:  # on the read thread, but for the first step
         staged = source.stage(steps[i], i % SLOTS)

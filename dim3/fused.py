@@ -166,12 +166,18 @@ def counts(
 
 
 def kth_in_window(
-    pieces: list[Tensor], lo: int, hi: int, rank: int, buffers: Any = None
+    pieces: list[Tensor],
+    lo: int,
+    hi: int,
+    rank: int,
+    buffers: Any = None,
+    name: str = "select.window",
 ) -> tuple[int, int, int, list[int]] | None:
     """:func:`dim3.slices._kth_in_window` on CPU int32 ``pieces``: the bin of the ``rank``-th
     smallest from a count of the values per bin of the window (:func:`dim3.kernels.window_bin`),
-    then its low bits as :func:`kth_in_bin` finds them. The pieces are joined once."""
-    values, ends = _joined(pieces, buffers)
+    then its low bits as :func:`kth_in_bin` finds them. The pieces are joined once (in
+    ``buffers``' buffer ``name``)."""
+    values, ends = _joined(pieces, buffers, name)
     first, bins = lo >> 16, ((hi - 1) >> 16) - (lo >> 16) + 1
     h, below = _kernels().window_bin(values.numpy(), first, bins, rank, np.empty(bins, np.int64))
     if h < 0:
@@ -182,7 +188,9 @@ def kth_in_window(
     return (int(h) << 16) | low, int(below) + less, equal, each
 
 
-def _joined(pieces: list[Tensor], buffers: Any) -> tuple[Tensor, np.ndarray]:
+def _joined(
+    pieces: list[Tensor], buffers: Any, name: str = "select.window"
+) -> tuple[Tensor, np.ndarray]:
     """The pieces one after the other, in ``buffers`` (a :class:`dim3.slices.Buffers`: the same
     memory tensor after tensor) when given: a new tensor each time was a fresh mapping the
     kernel faulted in 4 KiB at a time, some 40% of a TIES merge's page faults. With the
@@ -194,7 +202,7 @@ def _joined(pieces: list[Tensor], buffers: Any) -> tuple[Tensor, np.ndarray]:
         cpu = torch.device("cpu")
         values = torch.cat(
             pieces,
-            out=buffers.take("select.window", total, torch.int32, cpu)
+            out=buffers.take(name, total, torch.int32, cpu)
             if buffers is not None
             else torch.empty(total, dtype=torch.int32),
         )

@@ -87,10 +87,17 @@ class ExactSelect:
     """
 
     def __init__(
-        self, ks: Sequence[int], n: int, device: torch.device, buffers: Buffers | None = None
+        self,
+        ks: Sequence[int],
+        n: int,
+        device: torch.device,
+        buffers: Buffers | None = None,
+        slot: str = "",
     ):
         self.ks, self.n, self.device = list(ks), n, device
         self.buffers = buffers  # where a slice's temporaries live (the engine's, reused)
+        # names this select's own buffers: selects of one Buffers may end their passes at once
+        self.slot = slot
         self.stage = 0
         self.hist = torch.zeros(BINS, dtype=torch.int64, device=device)
         self.hi: list[int] = []  # per k: the high 16 bits of the k-th value
@@ -254,7 +261,9 @@ class ExactSelect:
             if w is None or rank < 1:
                 return  # no guess, or the k-th value lies below the window
             pieces = [values[i].to(self.device) for _, values in self._kept]
-            got = _kth_in_window(pieces, w[0], w[1], rank, self.device, self.buffers)
+            got = _kth_in_window(
+                pieces, w[0], w[1], rank, self.device, self.buffers, f"select.window{self.slot}"
+            )
             if got is None:
                 return  # above the window's end
             kth, less, equal, each = got
@@ -310,16 +319,18 @@ def _kth_in_window(
     rank: int,
     device: torch.device,
     buffers: Buffers | None = None,
+    name: str = "select.window",
 ) -> tuple[int, int, int, list[int]] | None:
     """Among the values of ``pieces`` (int32 bit patterns, all in ``[lo, hi)``), the
     ``rank``-th smallest (from 1): (its bits, how many of them are below it, how many equal it,
     per piece how many equal it); None when fewer than ``rank``. Its bin from a count per bin
     of the window, then :func:`_kth_in_bin`; on the CPU, compiled where the kernels run
-    (:func:`dim3.fused.kth_in_window`): the same numbers."""
+    (:func:`dim3.fused.kth_in_window`, the pieces joined in ``buffers``' buffer ``name``): the
+    same numbers."""
     from dim3 import fused  # (it imports this module)
 
     if device.type == "cpu" and fused.available():
-        return fused.kth_in_window(pieces, lo, hi, rank, buffers)
+        return fused.kth_in_window(pieces, lo, hi, rank, buffers, name)
     inside = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.int32, device=device)
     if rank > inside.numel():
         return None

@@ -378,6 +378,35 @@ def test_selection_windows_that_miss_leave_the_thresholds_to_the_passes_without_
 
 
 @pytest.mark.parametrize("method", ["ties", "breadcrumbs"])
+def test_selection_thresholds_of_the_updates_are_found_on_threads_of_their_own(
+    method, tiny_llava_trio, tmp_path, monkeypatch
+):
+    """Where the first pass kept values in guessed windows, the first update's thresholds are
+    found on the loop's thread and the second's at the same time on a tile thread (each
+    joining its values in a buffer of its own); the merge is still the definition's."""
+    import threading
+
+    from dim3 import slices
+
+    monkeypatch.setattr(engine, "TILE_BYTES", 512)
+    trio = on_a_grid(tiny_llava_trio, tmp_path / "grid")
+    seen = []  # (select's slot, its thread, whether its first pass had windows)
+    next_pass = slices.ExactSelect.next_pass
+
+    def watch(self):
+        seen.append((self.slot, threading.current_thread().name, self.windows is not None))
+        next_pass(self)
+
+    monkeypatch.setattr(slices.ExactSelect, "next_pass", watch)
+    out = engine.merge_to_folder(recipe_of(trio, method=method), tmp_path / "out").out_dir
+    windowed = [(slot, thread) for slot, thread, windows in seen if windows]
+    assert windowed and {slot for slot, _ in windowed} == {"0", "1"}
+    assert all(t == "MainThread" for slot, t in windowed if slot == "0")
+    assert all(t.startswith("dim3-tile") for slot, t in windowed if slot == "1")
+    selection_matches_the_definition(method, trio, out)
+
+
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs"])
 def test_selection_tiles_take_tied_values_in_flat_order(
     method, tiny_llava_trio, tmp_path, monkeypatch
 ):
