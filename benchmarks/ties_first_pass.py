@@ -17,7 +17,7 @@ nanoseconds an entry:
 - ``window2``: the engine's kernel with a guess: a first loop that counts the values below each
   window and marks those inside (a byte per entry), which LLVM vectorizes, and a second that
   takes the marked values eight entries at a time;
-- ``window2's first loop``: that first loop alone;
+- ``window2's first loop``: that first loop alone (``dim3.kernels.marks2``);
 - ``hist2``: the engine's kernel without a guess (the histograms alone);
 - ``loop alone``: reading the rows and making the magnitudes, neither counted nor stored;
 - ``apply2``: TIES' apply pass on the same tile, for scale.
@@ -51,7 +51,7 @@ from dim3.slices import BINS  # noqa: E402
 
 
 def variants() -> dict:
-    """The kernel before, and loops taken apart (compiled as the package's kernels are,
+    """The kernel before, and the loop alone (compiled as the package's kernels are,
     uncached)."""
     import numba
 
@@ -74,19 +74,6 @@ def variants() -> dict:
         return n0, n1
 
     @numba.njit(nogil=True)
-    def first_loop(b, v0, v1, lo0, w0, lo1, w1, flags):  # noqa: ANN001, ANN202
-        c0 = c1 = 0
-        for i in range(b.size):
-            bi = load(b, i)
-            a0, a1 = magnitude(load(v0, i) - bi), magnitude(load(v1, i) - bi)
-            c0 += a0 < lo0
-            c1 += a1 < lo1
-            f0 = np.uint8(((a0 - lo0) & mask) < w0)
-            f1 = np.uint8(((a1 - lo1) & mask) < w1)
-            flags[i] = f0 | (f1 << np.uint8(1))
-        return c0, c1
-
-    @numba.njit(nogil=True)
     def alone(b, v0, v1):  # noqa: ANN001, ANN202
         s = 0
         for i in range(b.size):
@@ -94,7 +81,7 @@ def variants() -> dict:
             s += (magnitude(load(v0, i) - bi) >> 16) + (magnitude(load(v1, i) - bi) >> 16)
         return s
 
-    return {"counts2": counts2, "first loop": first_loop, "loop alone": alone}
+    return {"counts2": counts2, "loop alone": alone}
 
 
 def window(ordered: np.ndarray, q: float, share: float) -> tuple[int, int]:
@@ -142,7 +129,7 @@ def main() -> None:
     runs = {
         "counts2 (before)": lambda: parts["counts2"](b, v0, v1, *hists, *ws, *kept),
         "window2": lambda: kern.window2(b, v0, v1, *ws, flags, *kept),
-        "window2's first loop": lambda: parts["first loop"](b, v0, v1, *ws, flags),
+        "window2's first loop": lambda: kern.marks2(b, v0, v1, *ws, flags),
         "hist2": lambda: kern.hist2(b, v0, v1, *hists),
         "loop alone": lambda: parts["loop alone"](b, v0, v1),
         "apply2": lambda: kern.apply2(b, v0, v1, *kth, -1, -1, 0, 0, np.float32(1.0), out),

@@ -169,16 +169,7 @@ def window2(b, v0, v1, lo0, w0, lo1, w1, flags, in0, in1):  # noqa: ANN001, ANN2
     percent of the values (the words with a flag: 42% of them at 3.3%), and the two loops take
     about half the time of one loop with a histogram and a store per entry
     (``benchmarks/ties_first_pass.py``)."""
-    c0 = c1 = 0
-    for i in range(b.size):
-        bi = _load(b, i)
-        a0, a1 = _magnitude(_load(v0, i) - bi), _magnitude(_load(v1, i) - bi)
-        c0 += a0 < lo0
-        c1 += a1 < lo1
-        # bits − lo wraps above w below the window (as a 31-bit word)
-        f0 = np.uint8(((a0 - lo0) & _ABS) < w0)
-        f1 = np.uint8(((a1 - lo1) & _ABS) < w1)
-        flags[i] = f0 | (f1 << np.uint8(1))
+    c0, c1 = marks2(b, v0, v1, lo0, w0, lo1, w1, flags)
     n0 = n1 = 0
     whole = b.size // 8
     words = flags[: whole * 8].view(np.uint64)
@@ -191,6 +182,23 @@ def window2(b, v0, v1, lo0, w0, lo1, w1, flags, in0, in1):  # noqa: ANN001, ANN2
     for i in range(8 * whole, b.size):
         n0, n1 = _keep(b, v0, v1, flags, in0, in1, i, n0, n1)
     return n0, n1, c0, c1
+
+
+@_jit(inline="always")
+def marks2(b, v0, v1, lo0, w0, lo1, w1, flags):  # noqa: ANN001, ANN201
+    """:func:`window2`'s first loop: per update, how many magnitude bits are below ``lo_t``;
+    into ``flags``, per entry, bit t set where update t's are in ``[lo_t, lo_t + w_t)``."""
+    c0 = c1 = 0
+    for i in range(b.size):
+        bi = _load(b, i)
+        a0, a1 = _magnitude(_load(v0, i) - bi), _magnitude(_load(v1, i) - bi)
+        c0 += a0 < lo0
+        c1 += a1 < lo1
+        # bits − lo wraps above w below the window (as a 31-bit word)
+        f0 = np.uint8(((a0 - lo0) & _ABS) < w0)
+        f1 = np.uint8(((a1 - lo1) & _ABS) < w1)
+        flags[i] = f0 | (f1 << np.uint8(1))
+    return c0, c1
 
 
 # a flag byte in a word of eight: its index is the bit index >> 3, its bits 0xFF << (t & 0x38)
