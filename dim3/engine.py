@@ -8,11 +8,11 @@ configs, tokenizer, processor, model card and recipe, moved into place only when
 result without writing it to disk). A tensor larger than the chunk budget (``chunk_size``, 32 MiB
 of float32 by default; half of it for task arithmetic's compiled sum, :data:`LIGHT_SHARE`) is
 read and merged in row slices, in as many passes as its method's kind needs (:data:`PASSES`:
-DiM3 gathers column statistics first, TIES and Breadcrumbs find their exact
-magnitude thresholds in two radix passes (or in one, counting the values below a range guessed
-from a sample and keeping those inside it, where the guess holds; see :meth:`_Merger.guess`), PCB its four order statistics in two stages of two
-passes), so peak memory is a few slices per model whatever the vocabulary; "matrix" methods (SVD,
-optimisation) take each tensor whole.
+DiM3 gathers column statistics first, TIES and Breadcrumbs find their exact magnitude
+thresholds in two radix passes (or in one, counting the values below a range guessed from a
+sample and keeping those inside it, where the guess holds; see :meth:`_Merger.guess`), PCB its
+four order statistics in two stages of two passes), so peak memory is a few slices per model
+whatever the vocabulary; "matrix" methods (SVD, optimisation) take each tensor whole.
 
 A merge is bound by reading three models and writing one, so the loop does little else:
 
