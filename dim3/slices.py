@@ -99,7 +99,9 @@ class ExactSelect:
         # names this select's own buffers: selects of one Buffers may end their passes at once
         self.slot = slot
         self.stage = 0
-        self.hist = torch.zeros(BINS, dtype=torch.int64, device=device)
+        # the high bits' histogram, made at its pass's first count: a first pass with guessed
+        # windows counts none (a 512 KiB zeroing per select saved, on the loop's thread)
+        self.hist: Tensor | None = None
         self.hi: list[int] = []  # per k: the high 16 bits of the k-th value
         self.below: list[int] = []  # per k: how many values have smaller high bits
         self.lo_hist: Tensor | None = None
@@ -211,7 +213,7 @@ class ExactSelect:
             if self.windows is not None:
                 self.below_window += partial[0].cpu()
             else:
-                self.hist += partial[0]
+                self._histogram().add_(partial[0])
             return
         assert self.lo_hist is not None
         for i, counts in enumerate(partial):
@@ -232,7 +234,7 @@ class ExactSelect:
                 self.windows, self.missed = None, True
             return
         if self.stage == 0:
-            cum = torch.cumsum(self.hist, 0).cpu()
+            cum = torch.cumsum(self._histogram(), 0).cpu()
             for k in self.ks:
                 kk = min(max(k, 1), self.n)
                 h = int(torch.searchsorted(cum, kk))  # first bin whose cumulative count ≥ k
@@ -240,6 +242,11 @@ class ExactSelect:
                 self.below.append(int(cum[h - 1]) if h > 0 else 0)
             self.lo_hist = torch.zeros((len(self.ks), BINS), dtype=torch.int64, device=self.device)
         self.stage += 1
+
+    def _histogram(self) -> Tensor:
+        if self.hist is None:
+            self.hist = torch.zeros(BINS, dtype=torch.int64, device=self.device)
+        return self.hist
 
     def _from_windows(self) -> None:
         """Each k-th value from the first pass's counts and the values kept in its window, if
