@@ -264,6 +264,7 @@ class _Step:
 
     stage: "copy" (copied rows), "whole" (the whole tensor merged at once), "stats0", "stats1",
     ... (a statistics pass over the merged rows; nothing written), "apply" (merged rows written).
+    ``reread``: a pass after the first over the same rows (their pages are mapped in already).
     ``out`` differs from ``source`` for a head tied to the embedding: it is computed again.
     """
 
@@ -273,6 +274,7 @@ class _Step:
     start: int
     stop: int
     last: bool  # the last step of its stage for this entry
+    reread: bool = False  # its merged rows were read by the step's first pass (stats0)
 
 
 PASSES = {
@@ -320,8 +322,9 @@ def _schedule(
 
     def stage(src: Entry, out: Entry, name: str, rows: int, cut: int = merged) -> None:
         cuts = row_slices(src.shape, cut, rows)
+        again = name not in ("copy", "stats0") and _passes(method) > 0
         steps.extend(
-            _Step(src, out, name, a, b, i == len(cuts) - 1) for i, (a, b) in enumerate(cuts)
+            _Step(src, out, name, a, b, i == len(cuts) - 1, again) for i, (a, b) in enumerate(cuts)
         )
 
     for entry in plan.entries:
@@ -343,6 +346,10 @@ def _schedule(
 
 
 SLOTS = 2  # input slices in flight: one computed while the next is read
+# steps the read thread stages ahead of the one computed, on the CPU (views of the mapped files:
+# no buffer each, so more than SLOTS - 1): a selection's guess (_Merger.guess) of the next
+# tensor is then made while this tensor's statistics pass computes, not after it
+AHEAD = 8
 
 
 @dataclass
@@ -379,18 +386,22 @@ class _Source:
 
     def _views(self, step: _Step) -> tuple[torch.Tensor, ...]:
         e, a, b = step.source, step.start, step.stop
-        prefetch = True
+        shared = max(a, min(b, e.rows if e.rows is not None else e.shape[0]))  # may be none
+        # a pass after the first reads pages that the first mapped in: it prefetches only the
+        # VLM's own rows (tokens the base lacks), which the statistics passes do not read
+        # (MADV_POPULATE_READ walks the mapped pages again: 0.6 s of the read thread's time
+        # in a TIES merge of the Qwen2-VL-2B trio)
+        fresh = shared if step.reread else a
 
         def rows(ckpt: Checkpoint, key: str, stop: int) -> torch.Tensor:
-            where = (ckpt.file_of(key), key, ckpt.dtype(key), tuple(ckpt.shape(key)), a, stop)
-            if prefetch:
-                self.maps.prefetch(*where)
-            return self.maps.rows(*where)
+            where = (ckpt.file_of(key), key, ckpt.dtype(key), tuple(ckpt.shape(key)))
+            if fresh < stop:
+                self.maps.prefetch(*where, fresh, stop)
+            return self.maps.rows(*where, a, stop)
 
         vlm = rows(self.inputs.multimodal, e.key, b)
         if step.stage == "copy":
             return (vlm,)
-        shared = max(a, min(b, e.rows if e.rows is not None else e.shape[0]))  # may be none
         mls = zip(self.inputs.multilingual, e.multilingual_keys, strict=True)
         read = (
             vlm,
@@ -1459,58 +1470,58 @@ def _pieces(
             staged.guess = merger.guess(steps[i], staged.tensors)
         return staged
 
+    pool = ThreadPoolExecutor(
+        max_workers=1,
+        thread_name_prefix="dim3-read",
+        initializer=torch.set_num_threads,  # its sample's sort: see loop_threads
+        initargs=(1 if tiles is not None else torch.get_num_threads(),),
+    )
     try:
-        with ThreadPoolExecutor(
-            max_workers=1,
-            thread_name_prefix="dim3-read",
-            initializer=torch.set_num_threads,  # its sample's sort: see loop_threads
-            initargs=(1 if tiles is not None else torch.get_num_threads(),),
-        ) as pool:
-            pending: Future | None = None
-            running: _Running | None = None
-            for i, step in enumerate(steps):
-                staged = pending.result() if pending else stage(i)
-                if i + 1 < len(steps):
-                    pending = pool.submit(stage, i + 1)
-                if step.stage == "copy":
-                    out = staged.tensors[0]
-                elif step.stage == "whole" and step.source.key in whole:
-                    out = whole.pop(step.source.key)
-                elif merger.skips(step):
-                    out = None
-                elif (
-                    tiles is not None
-                    and (stats := merger.tile_stats(step, staged.guess)) is not None
-                ):
-                    merger.add_stats(step, tiles.map(staged.tensors, *stats))
-                    out = None
-                elif (
-                    tiles is not None
-                    and into is not None
-                    and not (step.stage == "whole" and step.source.key in tied_sources)
-                    and merger.by_rows(step)
-                    and (out := into(step.out, step.start, tuple(staged.tensors[0].shape)))
-                    is not None
-                ):
-                    block = method.row_blocks
-                    merger.before_tiles(
-                        step,
-                        functools.partial(tiles.map, staged.tensors),
-                        [t for run in tiles._groups(staged.tensors, block) for t in run],
-                    )
-                    rule = merger.row_rule(step)
-                    assert rule is not None
-                    running = tiles.start(staged.tensors, rule, out, block)
-                else:
-                    with streams.computing():
-                        out = merger(step, source.to_work(staged))
-                        if step.stage == "whole" and step.source.key in tied_sources:
-                            whole[step.source.key] = out = out.clone()  # outlives its buffer
-                del staged
-                if out is not None:
-                    yield step.out, step.start, out, step.last, running
-                running = None
+        ahead = SLOTS - 1 if streams.cuda else AHEAD  # CUDA: a slot's buffers per step
+        pending: deque[Future] = deque()
+        queued = 1  # the steps staged or queued for it so far
+        running: _Running | None = None
+        for i, step in enumerate(steps):
+            staged = pending.popleft().result() if pending else stage(i)
+            while queued < len(steps) and len(pending) < ahead:
+                pending.append(pool.submit(stage, queued))
+                queued += 1
+            if step.stage == "copy":
+                out = staged.tensors[0]
+            elif step.stage == "whole" and step.source.key in whole:
+                out = whole.pop(step.source.key)
+            elif merger.skips(step):
+                out = None
+            elif tiles is not None and (stats := merger.tile_stats(step, staged.guess)) is not None:
+                merger.add_stats(step, tiles.map(staged.tensors, *stats))
+                out = None
+            elif (
+                tiles is not None
+                and into is not None
+                and not (step.stage == "whole" and step.source.key in tied_sources)
+                and merger.by_rows(step)
+                and (out := into(step.out, step.start, tuple(staged.tensors[0].shape))) is not None
+            ):
+                block = method.row_blocks
+                merger.before_tiles(
+                    step,
+                    functools.partial(tiles.map, staged.tensors),
+                    [t for run in tiles._groups(staged.tensors, block) for t in run],
+                )
+                rule = merger.row_rule(step)
+                assert rule is not None
+                running = tiles.start(staged.tensors, rule, out, block)
+            else:
+                with streams.computing():
+                    out = merger(step, source.to_work(staged))
+                    if step.stage == "whole" and step.source.key in tied_sources:
+                        whole[step.source.key] = out = out.clone()  # outlives its buffer
+            del staged
+            if out is not None:
+                yield step.out, step.start, out, step.last, running
+            running = None
     finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # the steps staged ahead and not begun
         streams.synchronize()  # nothing queued may outlive the buffers it uses
         source.close()
         if tiles is not None:

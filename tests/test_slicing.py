@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import shutil
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -754,6 +755,92 @@ def test_sliced_merge_into_a_loaded_model_equals_the_folder(tiny_llava_trio, tmp
 
 
 # ---------------------------------------------------------------- buffers
+
+
+def test_the_read_thread_stages_a_bounded_number_of_steps_ahead_on_the_cpu(
+    tiny_llava_trio, monkeypatch
+):
+    """On the CPU the read thread stages ``engine.AHEAD`` steps ahead of the loop (views of the
+    mapped files, no buffer each: a selection's guess of the next tensors is made while this
+    one's statistics pass computes), and no more: while the consumer holds a piece, exactly
+    the steps up to the piece's and ``AHEAD`` after it have been staged."""
+    import time
+
+    staged: list = []
+    stage = engine._Source.stage
+
+    def recording(self, step, slot):
+        staged.append(step)
+        return stage(self, step, slot)
+
+    monkeypatch.setattr(engine._Source, "stage", recording)
+    recipe = recipe_of(tiny_llava_trio, method="ties")
+    with engine.open_inputs(recipe) as inputs:
+        plan = engine.build_plan(inputs.base, inputs.multilingual, inputs.multimodal)
+        pieces = engine.iter_merged(
+            plan, inputs, METHODS["ties"], recipe.method_options(), torch.device("cpu"), 512
+        )
+        with closing(pieces):
+            entry, start, _, _ = next(pieces)
+            j = next(  # the held piece's step: the first of its rows that writes them
+                i
+                for i, s in enumerate(list(staged))
+                if s.out is entry and s.start == start and s.stage in ("copy", "whole", "apply")
+            )
+            deadline = time.monotonic() + 30
+            while len(staged) < j + 1 + engine.AHEAD and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(0.2)  # time enough to stage more, if it would
+            assert len(staged) == j + 1 + engine.AHEAD, (len(staged), j)
+            assert engine.AHEAD > engine.SLOTS - 1  # more than the CUDA slots allow
+
+
+def test_a_pass_after_the_first_prefetches_no_row_again(tiny_llava_trio, monkeypatch):
+    """The read thread asks the kernel to map a step's rows in (``MappedShards.prefetch``) for
+    the first pass over them only: TIES' later passes read pages mapped in already. Every row
+    of every input tensor the merge reads is prefetched once, the VLM's own rows of the padded
+    vocabulary (which only the apply pass reads) included."""
+    from dim3.mapped import MappedShards
+
+    asked: dict[tuple, list[tuple[int, int]]] = {}
+    prefetch = MappedShards.prefetch
+
+    def recording(self, file, key, dtype, shape, start, stop):
+        asked.setdefault((str(file), key), []).append((start, stop))
+        return prefetch(self, file, key, dtype, shape, start, stop)
+
+    monkeypatch.setattr(MappedShards, "prefetch", recording)
+    recipe = recipe_of(tiny_llava_trio, method="ties")
+    with engine.open_inputs(recipe) as inputs:
+        plan = engine.build_plan(inputs.base, inputs.multilingual, inputs.multimodal)
+        method = METHODS["ties"]
+        pieces = engine.iter_merged(
+            plan, inputs, method, recipe.method_options(), torch.device("cpu"), 512
+        )
+        sliced = 0
+        for entry, start, _, _ in pieces:
+            sliced += entry.action == "merge" and start > 0
+        assert sliced > 20  # the budget cuts the matrices into slices of a few rows
+        wanted = {}
+        for e in plan.entries:
+            if e.tied_to:
+                continue
+            rows = e.shape[0] if e.shape else 1
+            vlm = inputs.multimodal
+            wanted[(str(vlm.file_of(e.key)), e.key)] = rows
+            if e.action == "merge":
+                shared = e.rows if e.rows is not None else rows
+                wanted[(str(inputs.base.file_of(e.base_key)), e.base_key)] = shared
+                for ckpt, key in zip(inputs.multilingual, e.multilingual_keys, strict=True):
+                    wanted[(str(ckpt.file_of(key)), key)] = shared
+    assert any(e.rows is not None and e.rows < e.shape[0] for e in plan.entries)  # padded
+    for where, rows in wanted.items():
+        spans = sorted(asked.get(where, []))
+        covered = 0
+        for a, b in spans:
+            assert a == covered, (where, spans)  # each row once, in order, none left out
+            covered = b
+        assert covered == rows, (where, spans)
 
 
 @pytest.mark.parametrize("method", ["task_arithmetic", "dim3", "ties", "dare_ties"])
