@@ -724,6 +724,34 @@ def test_the_first_touch_benchmark_measures_each_kind_of_page():
         assert huge < pages - 256
 
 
+def test_the_dare_words_benchmark_checks_the_kernel_against_the_one_before_and_torch():
+    """``benchmarks/dare_words.py``: the engine's keep-word kernel and the one before it (kept in
+    the benchmark) both give torch.rand's numbers against p, over several tiles of a size that
+    is not a whole number of the generator's 624-word states (it exits 1 if not), and it times
+    each way of drawing them."""
+    import subprocess
+    import sys
+
+    if not fused.available():
+        pytest.skip("the compiled kernels are not available here")
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "dare_words.py"
+    argv = [sys.executable, str(script), "--words", "5001", "--drop-rate", "0.37"]
+    done = subprocess.run(
+        [*argv, "--calls", "1", "--repeat", "1"], capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "checked: the kernels' words are torch.rand's numbers against p" in done.stdout
+    rows = re.findall(r"^(.+?) +([\d.]+) ms a tile, +([\d.]+) ns a word$", done.stdout, re.M)
+    assert [name.strip() for name, _, _ in rows] == [
+        "dare_words (before)",
+        "dare_words",
+        "torch.rand and two passes",
+        "twists alone",
+        "dare_ties2",
+    ], done.stdout
+    assert all(float(ms) > 0 for _, ms, _ in rows)
+
+
 def test_the_ties_first_pass_benchmark_checks_the_kernels_against_the_one_before():
     """``benchmarks/ties_first_pass.py``: the engine's first-pass kernels (``window2`` with a
     guess, ``hist2`` without) count and keep what the kernel before them (``counts2``, kept in
