@@ -45,7 +45,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import closing, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -349,7 +349,7 @@ SLOTS = 2  # input slices in flight: one computed while the next is read
 # steps the read thread stages ahead of the one computed, on the CPU (views of the mapped files:
 # no buffer each, so more than SLOTS - 1): a selection's guess (_Merger.guess) of the next
 # tensor is then made while this tensor's statistics pass computes, not after it
-AHEAD = 8
+AHEAD = 12
 
 
 @dataclass
@@ -788,11 +788,40 @@ class _Merger:
         if kind != "selection":
             return None
         if step.start == 0 and step.stage == "stats0":
-            self._selection_begin(e)
-            if guess is not None:
-                for select, windows in zip(self.state[2], guess, strict=True):
-                    select.window(windows)
-        selects = self.state[2]
+            self.adopt(self.selection_state(e, guess))
+        return self._selection_counts(step, self.state[2])
+
+    def selection_state(
+        self, e: Entry, guess: list[list[tuple[int, int] | None]] | None = None
+    ) -> tuple[int, list[int], list[ExactSelect]]:
+        """A selection's state for tensor ``e``, before its first statistics step, with its
+        ``guess`` (:meth:`guess`), not yet this merger's: the engine makes the next tensor's
+        while this one's thresholds are found, and the merger takes it (:meth:`adopt`) when
+        the loop reaches that step. Its statistics are :meth:`stats_of`."""
+        n, ks = self._selection_ranks(e)
+        selects = [
+            ExactSelect(ks, n, self.device, self.buffers, slot=str(t)) for t in range(self.tuned)
+        ]
+        if guess is not None:
+            for select, windows in zip(selects, guess, strict=True):
+                select.window(windows)
+        return n, ks, selects
+
+    def adopt(self, state: tuple[int, list[int], list[ExactSelect]]) -> None:
+        """Make ``state`` (:meth:`selection_state`) the tensor's whose steps come next."""
+        self._ties, self._selected = None, None
+        self.state = state
+
+    def stats_of(
+        self, step: _Step, state: tuple[int, list[int], list[ExactSelect]]
+    ) -> tuple[Callable[[list[torch.Tensor], int], Any], Callable[[Any, Any], Any] | None]:
+        """:meth:`tile_stats` of a selection's first statistics step over ``state``, not the
+        merger's (:meth:`selection_state`)."""
+        return self._selection_counts(step, state[2])
+
+    def _selection_counts(
+        self, step: _Step, selects: list[ExactSelect]
+    ) -> tuple[Callable[[list[torch.Tensor], int], Any], Callable[[Any, Any], Any] | None]:
 
         def counts(work: list[torch.Tensor], first: int, so_far: Any = None) -> Any:
             # (per update: the counts to add up; per tile: its first row and per update the
@@ -905,13 +934,7 @@ class _Merger:
         return n, self.method.parts.ks(self.options, n)
 
     def _selection_begin(self, e: Entry) -> None:
-        self._ties, self._selected = None, None
-        n, ks = self._selection_ranks(e)
-        self.state = (
-            n,
-            ks,
-            [ExactSelect(ks, n, self.device, self.buffers, slot=str(t)) for t in range(self.tuned)],
-        )
+        self.adopt(self.selection_state(e))
 
     def guess(
         self, step: _Step, views: Sequence[torch.Tensor]
@@ -1201,11 +1224,18 @@ class _Tiles:
         order does not matter, such as counts): one per thread that computed any. A ``fn``
         marked ``folds`` does that itself: called as ``fn(work, first, so_far)`` with the
         thread's result so far (None for its first tile), it returns it updated."""
+        return self.begin(views, fn, fold).collect()
+
+    def begin(
+        self,
+        views: Sequence[torch.Tensor],
+        fn: Callable[[list[torch.Tensor], int], Any],
+        fold: Callable[[Any, Any], Any] | None = None,
+    ) -> _Mapping:
+        """:meth:`map`, queued: its results once :meth:`_Mapping.collect` returns. Tiles queued
+        after it (:meth:`start`, :meth:`begin`) are computed after its own."""
         results: dict[int, Any] = {}
-        futures = self._start(views, fn, None, fold, results)
-        wait(futures)
-        folded = [got for future in futures for got in future.result()]
-        return folded if fold is not None else [results[i] for i in sorted(results)]
+        return _Mapping(self._start(views, fn, None, fold, results), results, fold is not None)
 
     def _start(self, views, fn, out, fold, results=None, block: int = 0) -> list[Future]:
         # a rule may fix its own tiles' size (fn.tile_bytes: DiM3's column sums)
@@ -1318,6 +1348,26 @@ def _whole(fn: Callable, views: Sequence[torch.Tensor]) -> bool:
     for the usual cut: TIES' shares of its tied values are counted per usual tile
     (:meth:`_Merger.before_tiles`), so a TIES ``into`` would have to be kept out of this."""
     return getattr(fn, "into", None) is not None and _raw(fn, views)
+
+
+class _Mapping:
+    """A statistics pass's tiles, queued or computing (:meth:`_Tiles.begin`)."""
+
+    def __init__(self, futures: list[Future], results: dict[int, Any], folded: bool):
+        self._futures, self._results, self._folded = futures, results, folded
+
+    def wait_until(self, other: Future) -> None:
+        """Return once ``other`` is done, or every tile is."""
+        rest = [f for f in self._futures if not f.done()]
+        while rest and not other.done():
+            wait([other, *rest], return_when=FIRST_COMPLETED)
+            rest = [f for f in rest if not f.done()]
+
+    def collect(self) -> list:
+        """Once every tile is done, what :meth:`_Tiles.map` returns; raises a tile's error."""
+        wait(self._futures)
+        folded = [got for future in self._futures for got in future.result()]
+        return folded if self._folded else [self._results[i] for i in sorted(self._results)]
 
 
 class _Running:
@@ -1470,6 +1520,41 @@ def _pieces(
             staged.guess = merger.guess(steps[i], staged.tensors)
         return staged
 
+    # a selection's next tensor: its first statistics pass, queued before this tensor's
+    # thresholds are found (by step index: its state and tiles), see finish_stats
+    early: dict[int, tuple[Any, _Mapping]] = {}
+    pending: deque[Future] = deque()
+    queued = 1  # the steps staged or queued for it so far
+
+    def finish_stats(i: int, mapping: _Mapping) -> None:
+        """Gather the statistics of step ``i`` (its tiles queued: ``mapping``) into the
+        tensor's. Where they end a selection's pass, the next tensor's first pass is queued
+        first, if its rows are staged: the tile threads compute it while this thread finds
+        the thresholds (with no help from them, then), instead of waiting for them."""
+        step, ahead = steps[i], False
+        if tiles is not None and method.kind == "selection" and step.last:
+            first = queued - len(pending)  # the step of pending[0]
+            j = next((j for j in range(i + 1, queued) if steps[j].stage == "stats0"), queued)
+            state = None
+            # each of its first pass's steps staged (or this pass done first: then no more)
+            while j < queued and j not in early and steps[j].stage == "stats0":
+                nxt = steps[j]
+                if (nxt.start == 0) == (state is not None):
+                    break  # the first step after another tensor's
+                mapping.wait_until(pending[j - first])
+                if not pending[j - first].done():
+                    break
+                staged = pending[j - first].result()
+                if state is None:
+                    state = merger.selection_state(nxt.source, staged.guess)
+                early[j] = (state, tiles.begin(staged.tensors, *merger.stats_of(nxt, state)))
+                ahead = True
+                if nxt.last:
+                    break
+                j += 1
+        merger.helper = None if ahead or tiles is None else tiles.submit
+        merger.add_stats(step, mapping.collect())
+
     pool = ThreadPoolExecutor(
         max_workers=1,
         thread_name_prefix="dim3-read",
@@ -1478,8 +1563,6 @@ def _pieces(
     )
     try:
         ahead = SLOTS - 1 if streams.cuda else AHEAD  # CUDA: a slot's buffers per step
-        pending: deque[Future] = deque()
-        queued = 1  # the steps staged or queued for it so far
         running: _Running | None = None
         for i, step in enumerate(steps):
             staged = pending.popleft().result() if pending else stage(i)
@@ -1492,8 +1575,14 @@ def _pieces(
                 out = whole.pop(step.source.key)
             elif merger.skips(step):
                 out = None
+            elif tiles is not None and i in early:  # its statistics' tiles queued already
+                state, mapping = early.pop(i)
+                if step.start == 0:
+                    merger.adopt(state)
+                finish_stats(i, mapping)
+                out = None
             elif tiles is not None and (stats := merger.tile_stats(step, staged.guess)) is not None:
-                merger.add_stats(step, tiles.map(staged.tensors, *stats))
+                finish_stats(i, tiles.begin(staged.tensors, *stats))
                 out = None
             elif (
                 tiles is not None

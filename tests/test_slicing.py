@@ -384,26 +384,91 @@ def test_selection_thresholds_of_the_updates_are_found_on_threads_of_their_own(
 ):
     """Where the first pass kept values in guessed windows, the first update's thresholds are
     found on the loop's thread and the second's at the same time on a tile thread (each
-    joining its values in a buffer of its own); the merge is still the definition's."""
+    joining its values in a buffer of its own), unless the tile threads have the next
+    tensor's first pass to compute (then both on the loop's thread); the merge is still the
+    definition's."""
     import threading
 
     from dim3 import slices
 
     monkeypatch.setattr(engine, "TILE_BYTES", 512)
+    # one step staged ahead: no next tensor's pass is ever queued, the tile threads help
+    monkeypatch.setattr(engine, "AHEAD", 1)
     trio = on_a_grid(tiny_llava_trio, tmp_path / "grid")
-    seen = []  # (select's slot, its thread, whether its first pass had windows)
-    next_pass = slices.ExactSelect.next_pass
+    seen = []  # (select's slot, its thread, whether its first pass had windows, helped)
+    helped = [False]  # whether the tensor's thresholds may take a tile thread's help
+    next_pass, end = slices.ExactSelect.next_pass, engine._Merger._selection_end
 
     def watch(self):
-        seen.append((self.slot, threading.current_thread().name, self.windows is not None))
+        name = threading.current_thread().name
+        seen.append((self.slot, name, self.windows is not None, helped[0]))
         next_pass(self)
 
+    def ending(self, step):
+        helped[0] = self.helper is not None
+        end(self, step)
+
     monkeypatch.setattr(slices.ExactSelect, "next_pass", watch)
+    monkeypatch.setattr(engine._Merger, "_selection_end", ending)
     out = engine.merge_to_folder(recipe_of(trio, method=method), tmp_path / "out").out_dir
-    windowed = [(slot, thread) for slot, thread, windows in seen if windows]
-    assert windowed and {slot for slot, _ in windowed} == {"0", "1"}
-    assert all(t == "MainThread" for slot, t in windowed if slot == "0")
-    assert all(t.startswith("dim3-tile") for slot, t in windowed if slot == "1")
+    windowed = [(slot, thread, help) for slot, thread, windows, help in seen if windows]
+    assert windowed and {slot for slot, _, _ in windowed} == {"0", "1"}
+    assert all(t == "MainThread" for slot, t, _ in windowed if slot == "0")
+    assert all(help for _, _, help in windowed)
+    for slot, thread, help in windowed:
+        if slot == "1":
+            assert thread.startswith("dim3-tile") if help else thread == "MainThread"
+    selection_matches_the_definition(method, trio, out)
+
+
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs"])
+def test_a_selection_queues_the_next_tensors_first_pass_before_finding_its_thresholds(
+    method, tiny_llava_trio, tmp_path, monkeypatch
+):
+    """The tile threads do not wait while the loop finds a tensor's thresholds: the next
+    selection tensor's first statistics pass is queued before (its rows staged ahead), for
+    every tensor whose next one's first step is within the read thread's reach
+    (``engine.AHEAD`` steps); the merge is still the definition's."""
+    import time
+
+    trio = on_a_grid(tiny_llava_trio, tmp_path / "grid")
+    events: list[tuple[str, str]] = []
+    steps: list = []  # in the loop's order (the read thread stages them in order)
+    stats_of, end = engine._Merger.stats_of, engine._Merger._selection_end
+    stage, work = engine._Source.stage, engine._Tiles._work
+
+    def queued(self, step, state):
+        events.append(("queued", step.source.key))
+        return stats_of(self, step, state)
+
+    def ending(self, step):
+        events.append(("thresholds", step.source.key))
+        end(self, step)
+
+    def staging(self, step, slot):
+        steps.append(step)
+        return stage(self, step, slot)
+
+    def slow(self, *args):  # each tile takes long enough for the read thread to stage ahead
+        time.sleep(0.02)
+        return work(self, *args)
+
+    monkeypatch.setattr(engine._Merger, "stats_of", queued)
+    monkeypatch.setattr(engine._Merger, "_selection_end", ending)
+    monkeypatch.setattr(engine._Source, "stage", staging)
+    monkeypatch.setattr(engine._Tiles, "_work", slow)
+    out = engine.merge_to_folder(recipe_of(trio, method=method), tmp_path / "out").out_dir
+    firsts = [i for i, s in enumerate(steps) if s.stage == "stats0" and s.start == 0]
+    checked = 0
+    for a, b in zip(firsts, firsts[1:], strict=False):
+        last = max(i for i in range(a, b) if steps[i].stage == "stats0")  # its first pass's end
+        if b - last > engine.AHEAD:
+            continue  # out of the read thread's reach then
+        this, nxt = steps[a].source.key, steps[b].source.key
+        ends = events.index(("thresholds", this))
+        assert ("queued", nxt) in events[:ends], (this, nxt)
+        checked += 1
+    assert checked >= len(firsts) // 2, (checked, len(firsts))
     selection_matches_the_definition(method, trio, out)
 
 
