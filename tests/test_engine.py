@@ -819,8 +819,9 @@ def test_the_throughput_benchmark_reads_inputs_back_in_small_pages(tmp_path):
                 with open(file, "rb") as f:
                     while f.read(2**20):
                         pass
-        if dropped >= 0:  # fincore is there: every page is cached again
-            assert bench.resident(files) == 1.0
+        if dropped >= 0:  # fincore is there: the pages are cached again (but for a few that
+            # this VM's reclaim may take back at once: 4 of 32,768 in one CI run)
+            assert bench.resident(files) >= 0.99
         return bench.huge_mapped(files)
 
     plain = read_back(small=False)  # > 0 where the file system caches in large folios
