@@ -31,9 +31,7 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a clone, no install
 
+from benchmarks.ties_first_pass import median_ms  # noqa: E402
 from dim3 import fused  # noqa: E402
 
 
@@ -147,14 +146,7 @@ def main() -> None:
     print("load average " + " ".join(Path("/proc/loadavg").read_text().split()[:3]))
     print("checked: the kernels' words are torch.rand's numbers against p")
     for name, run in runs.items():
-        run()  # compiled, or loaded from numba's cache
-        times = []
-        for _ in range(args.repeat):
-            start = time.perf_counter()
-            for _ in range(args.calls):
-                run()
-            times.append((time.perf_counter() - start) / args.calls)
-        ms = statistics.median(times) * 1e3
+        ms = median_ms(run, args.calls, args.repeat)
         print(f"{name:<26} {ms:7.3f} ms a tile, {ms * 1e6 / n:6.2f} ns a word")
 
 

@@ -39,6 +39,7 @@ import argparse
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -163,15 +164,21 @@ def main() -> None:
     )
     print("checked: the kernels count and keep what counts2 did")
     for name, run in runs.items():
-        run()  # compiled, or loaded from numba's cache
-        times = []
-        for _ in range(args.repeat):
-            start = time.perf_counter()
-            for _ in range(args.calls):
-                run()
-            times.append((time.perf_counter() - start) / args.calls)
-        ms = statistics.median(times) * 1e3
+        ms = median_ms(run, args.calls, args.repeat)
         print(f"{name:<22} {ms:7.3f} ms a tile, {ms * 1e6 / n:6.2f} ns an entry")
+
+
+def median_ms(run: Callable[[], object], calls: int, repeat: int) -> float:
+    """The median of ``repeat`` timings of ``calls`` calls of ``run``, in milliseconds a call,
+    after one call first (a kernel compiled, or loaded from numba's cache)."""
+    run()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        for _ in range(calls):
+            run()
+        times.append((time.perf_counter() - start) / calls)
+    return statistics.median(times) * 1e3
 
 
 if __name__ == "__main__":
