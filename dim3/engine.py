@@ -766,11 +766,18 @@ class _Merger:
 
             def stats(work: list[torch.Tensor], first: int) -> Any:
                 (vlm, base, *mls), _ = self._split(work)
-                if stats.reads_stored:  # rows as stored (see below)
+                if stats.reads_stored:  # rows as stored (see below), in runs of sum tiles
+                    run = _tile_rows(stats.tile_bytes, base.shape[1])
                     if fused.fits_dim3_stats(base, [vlm, *mls]):
                         acc = scratch("dim3.sums", (4, 5, base.shape[1]), base, torch.float32)
-                        return fused.dim3_stats(base, [vlm, *mls], acc)
+                        return fused.dim3_stats_runs(base, [vlm, *mls], run, acc)
                     vlm, base, *mls = (t.float() for t in (vlm, base, *mls))
+                    return [
+                        stats_fn(
+                            base[a : a + run], [vlm[a : a + run], *(m[a : a + run] for m in mls)]
+                        )
+                        for a in range(0, base.shape[0], run)
+                    ]
                 if e.transpose:  # columns are the stored rows: a tile's are final
                     return stats_fn(base.T, [vlm.T, *(m.T for m in mls)])
                 return stats_fn(base, [vlm, *mls])
@@ -784,6 +791,9 @@ class _Merger:
                 and e.shape[1] % fused.SUM_COLUMNS == 0
                 and fused.sums_match()
             )
+            # then a tile is SUM_TILES sum tiles, summed apart in one call and added in order
+            # (:meth:`add_stats`): a quarter of the calls, each handing Python's lock over
+            stats.runs = SUM_TILES if stats.reads_stored else 1  # type: ignore[attr-defined]
             return stats, None
         if kind != "selection":
             return None
@@ -884,9 +894,7 @@ class _Merger:
             if step.last:
                 self.state = type(partials[0]).concat(self.state)
         else:
-            got = partials[0]
-            for p in partials[1:]:
-                got.add(p)
+            got = _chain_stats(partials)
             self.state = got if step.start == 0 else self.state.add(got)
         if step.last:
             self.state = self.method.parts.weights(self.state, self.options).weights
@@ -1242,20 +1250,25 @@ class _Tiles:
         tile_bytes = getattr(fn, "tile_bytes", TILE_BYTES)
         if out is not None and self.workers == 1 and _whole(fn, views):
             tile_bytes = WHOLE  # one pass from the rows as stored: no tile to keep in cache
-        share = _Share(self._groups(views, block, tile_bytes))
+        share = _Share(self._groups(views, block, tile_bytes, getattr(fn, "runs", 1)))
         return [
             self._pool.submit(self._work, share, w, views, fn, out, fold, results)
             for w in range(share.workers)
         ]
 
     def _groups(
-        self, views: Sequence[torch.Tensor], block: int = 0, tile_bytes: int | None = None
+        self,
+        views: Sequence[torch.Tensor],
+        block: int = 0,
+        tile_bytes: int | None = None,
+        runs: int = 1,
     ) -> list[list[tuple[int, int]]]:
         """The tiles (row ranges) of the merged rows, in contiguous runs, one per thread.
 
         Tiles are of ``TILE_BYTES`` float32 bytes per input (the last of a run shorter), never
         more (the temporaries of an eager rule's tiles are buffers of the thread's own, sized
-        to the tile). With
+        to the tile); ``runs`` such tiles of ``tile_bytes`` each, with ``runs`` (a rule that
+        cuts its tiles back into those itself: DiM3's column sums). With
         ``block`` (entries of whole rows that a rule draws at random as a unit: DARE's masks,
         the slowest part of a DARE merge), a step of at least as many blocks as threads is cut
         into runs at block boundaries, so that each block is drawn by one thread (which keeps it
@@ -1265,7 +1278,7 @@ class _Tiles:
         if not merged:  # a step of the VLM's own rows only (tokens the base does not have)
             return []
         per_row = max(1, math.prod(views[0].shape[1:]))
-        rows = max(1, (tile_bytes or TILE_BYTES) // (4 * per_row))
+        rows = _tile_rows(tile_bytes or TILE_BYTES, per_row) * runs
         block = max(1, block // per_row)  # rows, as _utils.dare_keep_mask cuts them
         blocks = -(-merged // block)
         if block > 1 and blocks >= self.workers:
@@ -1330,6 +1343,31 @@ class _Tiles:
 
 # the tile size of a step computed as one tile (_Tiles._start): above any step's bytes
 WHOLE = 1 << 62
+
+
+def _tile_rows(tile_bytes: int, per_row: int) -> int:
+    """Rows in a tile of ``tile_bytes`` float32 bytes per input, rows of ``per_row`` values."""
+    return max(1, tile_bytes // (4 * per_row))
+
+
+def _chain_stats(partials: list[Any]) -> Any:
+    """A step's column sums from its tiles' (in row order), added one after another: each a
+    ColumnStats, a list of them (a tile's sum tiles) or :func:`dim3.fused.dim3_stats_runs`'
+    array of them."""
+    if all(isinstance(p, np.ndarray) for p in partials):
+        return fused.chain_sums(partials)
+    from dim3.methods.dim3 import ColumnStats
+
+    flat: list[Any] = []
+    for p in partials:
+        if isinstance(p, np.ndarray):
+            flat += [ColumnStats(t[0], t[1:3], t[3:5]) for t in map(torch.from_numpy, p)]
+        else:
+            flat += p if isinstance(p, list) else [p]
+    got = flat[0]
+    for p in flat[1:]:
+        got.add(p)
+    return got
 
 
 def _raw(fn: Callable, views: Sequence[torch.Tensor]) -> bool:

@@ -512,6 +512,34 @@ def dim3_stats(base: Tensor, tuned: list[Tensor], scratch: Tensor | None = None)
     return _stats(base, tuned, scratch)
 
 
+def dim3_stats_runs(base: Tensor, tuned: list[Tensor], run: int, scratch: Tensor) -> Any:
+    """:func:`dim3_stats` of each ``run`` rows of a tile in turn (the last run shorter), in one
+    call: a numpy array (runs, 5, columns) of each run's Σ b², Σ t0², Σ t1², Σ t0·b, Σ t1·b,
+    for :func:`chain_sums`. No torch tensor is made: each would hand Python's global lock over
+    when freed (see :func:`_flat`). ``scratch``: (4, 5, columns) float32."""
+    cols = base.shape[1]
+    out = np.empty((-(-base.shape[0] // run), 5, cols), np.float32)
+    acc = _flat(scratch).reshape(4, 5, cols)
+    _kernels().column_sums2_runs(_flat(base), *map(_flat, tuned), cols, run, acc, out)
+    return out
+
+
+def chain_sums(parts: list[Any]) -> Any:
+    """The ColumnStats of :func:`dim3_stats_runs`' arrays, in order, added one run after
+    another (``ColumnStats.add`` of each run's sums in turn, bit for bit): the first run's
+    sums are the total's start. The arrays are spent (the total is made in the first)."""
+    from dim3.methods.dim3 import ColumnStats
+
+    first = parts[0]
+    total = first[0]
+    chain = _kernels().chain_add
+    chain(total, first[1:])
+    for p in parts[1:]:
+        chain(total, p)
+    t = torch.from_numpy(total)
+    return ColumnStats(t[0], t[1:3], t[3:5])
+
+
 def _stats(base: Tensor, tuned: list[Tensor], scratch: Tensor | None = None) -> Any:
     # the kernel's call, for dim3_stats and for the probe (_sums_match), which is not a
     # tile's statistics (as _columns is the apply kernel's, for dim3_apply and its probe)

@@ -416,6 +416,24 @@ def column_sums2(b, v0, v1, cols, acc, out):  # noqa: ANN001, ANN201
     out[:] = acc[0]
 
 
+@_jit()
+def column_sums2_runs(b, v0, v1, cols, run, acc, out):  # noqa: ANN001, ANN201
+    """:func:`column_sums2` of each ``run`` rows of a tile in turn (the last run shorter):
+    ``out`` (runs, 5, cols) gets each run's sums, as that many calls would, in one call."""
+    rows = b.size // cols
+    for t in range(out.shape[0]):
+        lo, hi = t * run * cols, min(rows, (t + 1) * run) * cols
+        column_sums2(b[lo:hi], v0[lo:hi], v1[lo:hi], cols, acc, out[t])
+
+
+@_jit()
+def chain_add(total, parts):  # noqa: ANN001, ANN201
+    """``total += parts[0]``, then ``+= parts[1]``, and so on: each element's float32 additions
+    in the parts' order, as torch's ``add_`` of one after another gives them."""
+    for t in range(parts.shape[0]):
+        _add(parts[t], total)
+
+
 @_jit(inline="always")
 def _sums_row(b, v0, v1, acc):  # noqa: ANN001, ANN202
     """Add one row's five products to the level-0 sums ``acc`` (5, cols)."""

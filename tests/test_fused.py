@@ -22,7 +22,7 @@ from tests.test_engine import recipe_of
 from tests.test_methods import ref_ties
 
 COLS = 1536
-TILE_ROWS = engine.TILE_BYTES // (4 * COLS)  # 170 rows: one tile of the engine's
+TILE_ROWS = engine.TILE_BYTES // (4 * COLS)  # 682 rows: one tile of the engine's
 
 
 def test_the_kernels_are_available():
@@ -281,7 +281,7 @@ def _in_bfloat16(trio, folder):
     [
         ("ties", ("apply", "counts")),
         ("dare_ties", ("dare_ties",)),
-        ("dim3", ("dim3_apply", "dim3_stats")),
+        ("dim3", ("dim3_apply", "dim3_stats_runs")),
         ("task_arithmetic", ("task_arithmetic_into",)),
     ],
 )
@@ -425,6 +425,38 @@ def test_fused_dim3_stats_equal_the_eager_sums_bit_for_bit(kind, stored):
         with fused._one_thread():  # as the engine's tile threads run torch
             want = column_stats(part[0].float(), [t.float() for t in part[1:]])
         got = fused.dim3_stats(part[0], part[1:])
+        for field in ("base_sq", "tuned_sq", "dot"):
+            _same_bits(getattr(got, field), getattr(want, field))
+
+
+@pytest.mark.parametrize("stored", ["float32", "bfloat16"])
+def test_dim3_sums_in_runs_add_up_as_the_sum_tiles_one_after_another(stored):
+    """A tile of the statistics pass is SUM_TILES sum tiles (1 MiB each, 170 rows of 1536),
+    summed apart in one call (``dim3_stats_runs``), and a step's tiles are added in order
+    (``chain_sums``): the very bits of ``column_stats`` of each sum tile, added with
+    ``ColumnStats.add`` one after another, as the engine added them when each sum tile was a
+    tile of its own. Tiles of whole runs, a ragged last run, a tile of one run."""
+    from dim3.methods.dim3 import column_stats
+
+    rows = 2100
+    base, tuned = _trio("normal", rows, seed=8)
+    dtype = getattr(torch, stored)
+    base, tuned = base.to(dtype), [t.to(dtype) for t in tuned]
+    run = engine.TILE_BYTES // engine.SUM_TILES // (4 * COLS)
+    assert run == 170 and engine.SUM_TILES == 4
+    with fused._one_thread():
+        want = None
+        for a in range(0, rows, run):
+            got = column_stats(base[a : a + run].float(), [t[a : a + run].float() for t in tuned])
+            want = got if want is None else want.add(got)
+    tile = engine.SUM_TILES * run
+    for cuts in ([(a, min(rows, a + tile)) for a in range(0, rows, tile)], [(0, run), (run, rows)]):
+        scratch = torch.empty(4, 5, COLS)
+        parts = [
+            fused.dim3_stats_runs(base[a:b], [t[a:b] for t in tuned], run, scratch) for a, b in cuts
+        ]
+        assert [len(p) for p in parts] == [-(-(b - a) // run) for a, b in cuts]
+        got = fused.chain_sums(parts)
         for field in ("base_sq", "tuned_sq", "dot"):
             _same_bits(getattr(got, field), getattr(want, field))
 

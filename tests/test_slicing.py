@@ -1144,6 +1144,27 @@ def test_tiles_follow_the_dare_blocks(shape, workers):
         tiles.close()
 
 
+@pytest.mark.parametrize("workers", [1, 2, 3])
+@pytest.mark.parametrize("shape", [(1536, 1536), (8960, 1536), (1536, 8960), (100, 1536)])
+def test_tiles_of_runs_are_whole_runs_of_the_small_tiles(shape, workers):
+    """DiM3's column sums (``runs``: SUM_TILES tiles of TILE_BYTES // SUM_TILES, which fix
+    the sums' bits) take tiles of whole runs of the small tiles: each tile's rows, cut every
+    small tile's rows from its start, are the small tiles of the plain cut, in order."""
+    tiles = engine._Tiles(workers)
+    views = [torch.empty(shape), torch.empty(shape)]
+    small = engine.TILE_BYTES // engine.SUM_TILES
+    try:
+        plain = [t for run in tiles._groups(views, 0, small) for t in run]
+        grouped = [t for run in tiles._groups(views, 0, small, engine.SUM_TILES) for t in run]
+    finally:
+        tiles.close()
+    rows = engine._tile_rows(small, shape[1])
+    assert all(b - a <= engine.SUM_TILES * rows for a, b in grouped)
+    assert len(grouped) == -(-len(plain) // engine.SUM_TILES) or workers > 1
+    cut = [(x, min(b, x + rows)) for a, b in grouped for x in range(a, b, rows)]
+    assert cut == plain
+
+
 def test_compute_threads_leave_a_core_to_the_io_threads_above_two():
     cpu = torch.device("cpu")
     assert engine.compute_threads(cpu, cores=1) == 1
