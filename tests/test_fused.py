@@ -323,6 +323,51 @@ def test_a_merge_runs_the_kernels_and_writes_the_eager_bytes(
         assert (with_kernels / name).read_bytes() == (eager / name).read_bytes(), name
 
 
+def test_dim3_sum_tiles_give_the_sums_of_one_sum_tile_a_tile(
+    tiny_llava_trio, tmp_path, monkeypatch
+):
+    """Through the engine, small tiles (a tile of DiM3's statistics pass holds SUM_TILES sum
+    tiles of 2 rows of the 64-column matrices): every step's column sums, merged with the
+    compiled sums and with torch summing each sum tile (where the kernel would not take a
+    tile), are bit for bit those of the engine without the kernels, whose tiles are one sum
+    tile each; so are the folders' bytes."""
+    monkeypatch.setattr(engine, "TILE_BYTES", 2048)
+    seen: list[int] = []
+    sums: list[list[torch.Tensor]] = []
+    chain = engine._chain_stats
+
+    def spied(partials):
+        seen.extend(len(p) for p in partials if isinstance(p, list | np.ndarray))
+        got = chain(partials)
+        sums[-1].append(torch.cat([got.base_sq[None], got.tuned_sq, got.dot]))
+        return got
+
+    monkeypatch.setattr(engine, "_chain_stats", spied)
+    recipe = recipe_of(tiny_llava_trio, method="dim3")
+    folders = []
+    for name in ("kernels", "torch", "eager"):
+        if name == "torch":
+            monkeypatch.setattr(fused, "fits_dim3_stats", lambda base, tuned: False)
+        if name == "eager":
+            monkeypatch.setenv("DIM3_FUSED", "0")
+        seen.clear()
+        sums.append([])
+        folders.append(engine.merge_to_folder(recipe, tmp_path / name).out_dir)
+        # tiles of several sum tiles (compiled, then torch's), then one sum tile a tile
+        assert (max(seen) == engine.SUM_TILES) if name != "eager" else not seen
+    assert len(sums[0]) > 10
+    for got in sums[:-1]:
+        assert len(got) == len(sums[-1])
+        for a, b in zip(got, sums[-1], strict=True):
+            assert torch.equal(a.view(torch.int32), b.view(torch.int32))
+    files = sorted(p.name for p in folders[-1].glob("*.safetensors"))
+    assert files
+    for folder in folders[:-1]:
+        assert sorted(p.name for p in folder.glob("*.safetensors")) == files
+        for name in files:
+            assert (folder / name).read_bytes() == (folders[-1] / name).read_bytes(), name
+
+
 def test_task_arithmetic_into_the_output_falls_back_where_a_result_is_nan(
     tiny_llava_trio, tmp_path, monkeypatch
 ):
