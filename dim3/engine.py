@@ -623,6 +623,7 @@ class _Merger:
         # what the step's tiles read is bound now: they may still run while the loop goes on
         # to the next step, which gathers the next tensor's state (:func:`_pieces`)
         state, lefts_at = self.state, self._lefts
+        rows = None  # DiM3's weights as its kernel reads them, made once for the step's tiles
 
         def columns(work: list[torch.Tensor], first: int) -> torch.Tensor:
             (vlm, base, *mls), _ = self._split(work)
@@ -630,7 +631,7 @@ class _Merger:
             part = [base, vlm, *mls]
             if columns.reads_stored:  # rows as stored (see below)
                 if fused.fits_dim3(base, part[1:]):
-                    return self._column_kernel(shifted, part, state)
+                    return self._column_kernel(shifted, part, rows)
                 part = [t.float() for t in part]
             return self._column_apply(shifted, part, state)
 
@@ -648,6 +649,8 @@ class _Merger:
         columns.reads_stored = (  # type: ignore[attr-defined]
             self._fused_columns and len(step.source.shape) >= 2
         )
+        if kind == "columns" and columns.reads_stored:
+            rows = fused.weight_rows(state)
         elementwise.reads_stored = self._fused_dare or self._fused_sum  # type: ignore[attr-defined]
         if self._fused_sum and self.method.into is not None:
             rule_into = self.method.into
@@ -924,13 +927,15 @@ class _Merger:
         return apply(part[0], part[1:], weights)
 
     def _column_kernel(
-        self, step: _Step, part: list[torch.Tensor], weights: torch.Tensor
+        self, step: _Step, part: list[torch.Tensor], weights: tuple[Any, Any]
     ) -> torch.Tensor:
         """:meth:`_column_apply` of a tile by :func:`dim3.fused.dim3_apply` (the same bits),
-        its rows read as stored; into the tile thread's float32 buffer."""
+        its rows read as stored; into the tile thread's float32 buffer. ``weights``: the
+        tensor's, as :func:`dim3.fused.weight_rows` gives them."""
         out = scratch("dim3.fused", part[0].shape, part[0], torch.float32)
         if step.source.transpose:
-            w = weights[:, step.start : step.start + part[0].shape[0]]
+            a, b = step.start, step.start + part[0].shape[0]
+            w = (weights[0][a:b], weights[1][a:b])
             return fused.dim3_apply(part[0], part[1:], w, True, out)
         return fused.dim3_apply(part[0], part[1:], weights, False, out)
 

@@ -427,12 +427,18 @@ def _columns_kernel() -> Any:
     return None
 
 
-def _columns(kernel: Any, base: Tensor, tuned: list[Tensor], w: Tensor, by_row: bool, out: Tensor):
+def weight_rows(weights: Tensor) -> tuple[Any, Any]:
+    """DiM3's weights (2, n) as the apply kernel reads them: each update's row, a float32 numpy
+    array. Made once for a step's tiles (:func:`dim3_apply` takes them so), not per tile: the
+    conversion, the rows and their copies are torch calls, each handing Python's lock over."""
+    w0, w1 = (_flat(x.contiguous()) for x in weights.float())
+    return w0, w1
+
+
+def _columns(kernel: Any, base: Tensor, tuned: list[Tensor], w: Any, by_row: bool, out: Tensor):
     cols = max(1, math.prod(base.shape[1:]))
-    kernel(
-        _flat(base), *map(_flat, tuned), *(_flat(x.contiguous()) for x in w.float()),
-        cols, by_row, _flat(out),
-    )  # fmt: skip
+    w0, w1 = w if isinstance(w, tuple) else weight_rows(w)
+    kernel(_flat(base), *map(_flat, tuned), w0, w1, cols, by_row, _flat(out))
     return out
 
 
@@ -449,14 +455,15 @@ def gives_dim3_bits() -> bool:
 
 
 def dim3_apply(
-    base: Tensor, tuned: list[Tensor], weights: Tensor, by_row: bool, out: Tensor
+    base: Tensor, tuned: list[Tensor], weights: Any, by_row: bool, out: Tensor
 ) -> Tensor:
     """DiM3's apply pass over a tile of rows in one loop, the bits of
     ``dim3.methods.dim3.apply_weights``: ``base + Σ_t (tuned_t − base) · w_t`` with ``weights``
     (2, columns) per column of the rows (the trailing dims flattened), or (2, rows) per row when
     ``by_row`` (a tensor whose columns are its stored rows: the engine's transposed ones), into
-    float32 ``out`` (shaped like base; returned). base, tuned: as for :func:`fits_dim3`."""
-    assert out.dtype == torch.float32 and weights.shape[0] == 2
+    float32 ``out`` (shaped like base; returned); ``weights`` may also be
+    :func:`weight_rows`' pair. base, tuned: as for :func:`fits_dim3`."""
+    assert out.dtype == torch.float32 and len(weights) == 2
     return _columns(_columns_kernel(), base, tuned, weights, by_row, out)
 
 
