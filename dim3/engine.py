@@ -623,7 +623,7 @@ class _Merger:
         # what the step's tiles read is bound now: they may still run while the loop goes on
         # to the next step, which gathers the next tensor's state (:func:`_pieces`)
         state, lefts_at = self.state, self._lefts
-        rows = None  # DiM3's weights as its kernel reads them, made once for the step's tiles
+        weights = None  # DiM3's, as its kernel reads them, made once for the step's tiles
 
         def columns(work: list[torch.Tensor], first: int) -> torch.Tensor:
             (vlm, base, *mls), _ = self._split(work)
@@ -631,7 +631,7 @@ class _Merger:
             part = [base, vlm, *mls]
             if columns.reads_stored:  # rows as stored (see below)
                 if fused.fits_dim3(base, part[1:]):
-                    return self._column_kernel(shifted, part, rows)
+                    return self._column_kernel(shifted, part, weights)
                 part = [t.float() for t in part]
             return self._column_apply(shifted, part, state)
 
@@ -650,7 +650,7 @@ class _Merger:
             self._fused_columns and len(step.source.shape) >= 2
         )
         if kind == "columns" and columns.reads_stored:
-            rows = fused.weight_rows(state)
+            weights = fused.weight_rows(state)
         elementwise.reads_stored = self._fused_dare or self._fused_sum  # type: ignore[attr-defined]
         if self._fused_sum and self.method.into is not None:
             rule_into = self.method.into
@@ -786,7 +786,7 @@ class _Merger:
                 return stats_fn(base, [vlm, *mls])
 
             stats.tile_bytes = TILE_BYTES // SUM_TILES  # type: ignore[attr-defined]
-            # the column sums of two updates in one compiled pass (dim3.fused.dim3_stats),
+            # the column sums of two updates in one compiled pass (dim3.fused.dim3_stats_runs),
             # where they give torch's bits: not for the transposed embedding (a row's sum)
             stats.reads_stored = (  # type: ignore[attr-defined]
                 self._fused_columns

@@ -12,7 +12,8 @@ the lock, and here get torch tensors:
 - :class:`DareDraws`: DARE's keep masks from torch's own CPU generator's numbers (MT19937),
   number for number;
 - :func:`dare_ties`: DARE-TIES over a tile of two updates, from their keep masks;
-- :func:`dim3_stats`: DiM3's column sums over a tile of two updates (its statistics pass);
+- :func:`dim3_stats_runs`, :func:`chain_sums`: DiM3's column sums over a tile of two updates,
+  in runs of its rows, and a step's runs added up (its statistics pass);
 - :func:`dim3_apply`: DiM3's apply pass over a tile of two updates, from its column weights.
 
 Each gives the very bits of the eager code (``dim3.methods._utils.disjoint_mean_``,
@@ -467,12 +468,12 @@ def dim3_apply(
     return _columns(_columns_kernel(), base, tuned, weights, by_row, out)
 
 
-SUM_COLUMNS = 64  # torch sums these blocks of columns in the cascade dim3_stats follows
+SUM_COLUMNS = 64  # torch sums these blocks of columns in the cascade column_sums2 follows
 
 
 @cache
 def _sums_match() -> bool:
-    """Whether :func:`dim3_stats` gives ``dim3.methods.dim3.column_stats``' very bits here:
+    """Whether :func:`dim3_stats_runs` gives ``dim3.methods.dim3.column_stats``' very bits here:
     torch's ``sum(dim=0)`` adds each block of 4 vectors of columns (64 floats with AVX-512,
     32 with AVX2) in the cascade the kernel follows, its last columns otherwise (so the kernel
     takes widths that are multiples of 64 only). Tried once a process, on float32 and
@@ -488,14 +489,14 @@ def _sums_match() -> bool:
                 b, t = base.to(dtype), [x.to(dtype) for x in tuned]
                 with _one_thread():
                     want = column_stats(b.float(), [x.float() for x in t])
-                got = _stats(b, t)
+                got = chain_sums([_sums_runs(b, t, rows, torch.empty(4, 5, cols))])
                 if not all(torch.equal(vars(got)[f], vars(want)[f]) for f in vars(want)):
                     return False
     return True
 
 
 def fits_dim3_stats(base: Tensor, tuned: list[Tensor]) -> bool:
-    """Whether :func:`dim3_stats` sums these: two updates, contiguous float32 or bfloat16
+    """Whether :func:`dim3_stats_runs` sums these: two updates, contiguous float32 or bfloat16
     (:func:`widens`) CPU matrices of one shape, a multiple of 64 columns, on a machine where
     the kernel gives torch's bits (``_sums_match``)."""
     return (
@@ -507,23 +508,23 @@ def fits_dim3_stats(base: Tensor, tuned: list[Tensor]) -> bool:
 
 
 def sums_match() -> bool:
-    """Whether :func:`dim3_stats` runs here (:func:`available`) and gives torch's bits."""
+    """Whether :func:`dim3_stats_runs` runs here (:func:`available`) and gives torch's bits."""
     return available() and _sums_match()
 
 
-def dim3_stats(base: Tensor, tuned: list[Tensor], scratch: Tensor | None = None) -> Any:
-    """``dim3.methods.dim3.column_stats(base, tuned)`` of a tile in one pass over its rows,
-    read as stored (the same bits: see :func:`_sums_match`): a ColumnStats of new tensors.
-    ``scratch``: (4, 5, columns) float32 for the cascade's partial sums, else a new one.
-    base, tuned: as for :func:`fits_dim3_stats`."""
-    return _stats(base, tuned, scratch)
-
-
 def dim3_stats_runs(base: Tensor, tuned: list[Tensor], run: int, scratch: Tensor) -> Any:
-    """:func:`dim3_stats` of each ``run`` rows of a tile in turn (the last run shorter), in one
-    call: a numpy array (runs, 5, columns) of each run's Σ b², Σ t0², Σ t1², Σ t0·b, Σ t1·b,
-    for :func:`chain_sums`. No torch tensor is made: each would hand Python's global lock over
-    when freed (see :func:`_flat`). ``scratch``: (4, 5, columns) float32."""
+    """DiM3's column sums (``dim3.methods.dim3.column_stats``' bits: see :func:`_sums_match`) of
+    each ``run`` rows of a tile in turn (the last run shorter), in one pass over its rows, read
+    as stored: a numpy array (runs, 5, columns) of each run's Σ b², Σ t0², Σ t1², Σ t0·b,
+    Σ t1·b, for :func:`chain_sums`. base, tuned: as for :func:`fits_dim3_stats`; ``scratch``:
+    (4, 5, columns) float32. No torch tensor is made: each would hand Python's global lock over
+    when freed (see :func:`_flat`)."""
+    return _sums_runs(base, tuned, run, scratch)
+
+
+def _sums_runs(base: Tensor, tuned: list[Tensor], run: int, scratch: Tensor) -> Any:
+    # the kernel's call, for dim3_stats_runs and for the probe (_sums_match), which is not a
+    # tile's statistics (as _columns is the apply kernel's, for dim3_apply and its probe)
     cols = base.shape[1]
     out = np.empty((-(-base.shape[0] // run), 5, cols), np.float32)
     acc = _flat(scratch).reshape(4, 5, cols)
@@ -545,15 +546,3 @@ def chain_sums(parts: list[Any]) -> Any:
         chain(total, p)
     t = torch.from_numpy(total)
     return ColumnStats(t[0], t[1:3], t[3:5])
-
-
-def _stats(base: Tensor, tuned: list[Tensor], scratch: Tensor | None = None) -> Any:
-    # the kernel's call, for dim3_stats and for the probe (_sums_match), which is not a
-    # tile's statistics (as _columns is the apply kernel's, for dim3_apply and its probe)
-    from dim3.methods.dim3 import ColumnStats
-
-    cols = base.shape[1]
-    acc = scratch if scratch is not None else torch.empty(4, 5, cols)
-    out = torch.empty(5, cols)
-    _kernels().column_sums2(_flat(base), *map(_flat, tuned), cols, acc.numpy(), out.numpy())
-    return ColumnStats(out[0], out[1:3], out[3:5])
