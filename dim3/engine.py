@@ -1356,19 +1356,13 @@ def _tile_rows(tile_bytes: int, per_row: int) -> int:
 
 
 def _chain_stats(partials: list[Any]) -> Any:
-    """A step's column sums from its tiles' (in row order), added one after another: each a
-    ColumnStats, a list of them (a tile's sum tiles) or :func:`dim3.fused.dim3_stats_runs`'
-    array of them."""
-    if all(isinstance(p, np.ndarray) for p in partials):
+    """A step's column sums from its tiles' (in row order), added one after another: all
+    :func:`dim3.fused.dim3_stats_runs`' arrays, or each a ColumnStats or a list of them (a
+    tile's sum tiles summed by torch). A step's tiles all take one way (the kernel takes a
+    tile or not by the step's shape and dtypes)."""
+    if isinstance(partials[0], np.ndarray):
         return fused.chain_sums(partials)
-    from dim3.methods.dim3 import ColumnStats
-
-    flat: list[Any] = []
-    for p in partials:
-        if isinstance(p, np.ndarray):
-            flat += [ColumnStats(t[0], t[1:3], t[3:5]) for t in map(torch.from_numpy, p)]
-        else:
-            flat += p if isinstance(p, list) else [p]
+    flat = [s for p in partials for s in (p if isinstance(p, list) else [p])]
     got = flat[0]
     for p in flat[1:]:
         got.add(p)
