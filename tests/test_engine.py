@@ -575,6 +575,54 @@ def test_cli_as_a_process_writes_and_prints_everything_before_it_ends(tiny_llava
     assert again.stderr.strip().startswith("error:") and "--overwrite" in again.stderr
 
 
+GC_HOOK = """
+import gc, os, sys
+_log = open(os.environ["DIM3_TEST_GC_LOG"], "a", buffering=1)
+def _seen(phase, info):
+    if phase == "stop":
+        imported = "dim3.cli" in sys.modules and hasattr(sys.modules["dim3.cli"], "main")
+        started = hasattr(sys.modules["__main__"], "quick")  # dim3/__main__.py has begun
+        blas = os.environ.get("OPENBLAS_NUM_THREADS", "-")
+        _log.write(f"{int(started)} {int(imported)} {gc.get_freeze_count()} {blas}\\n")
+gc.callbacks.append(_seen)
+"""
+
+
+@pytest.mark.parametrize("blas", [None, "3"])
+def test_cli_process_sets_its_imports_aside_and_still_collects(tiny_llava_trio, tmp_path, blas):
+    """``python -m dim3`` (dim3/__main__.py) imports with the garbage collector off, then sets
+    the imported objects aside (``gc.freeze``) and turns it on again: a command's collections
+    come after its imports, never walk those objects, and do happen (a merge left without a
+    collector would keep every cycle it makes). A plan or a merge starts OpenBLAS on one thread
+    unless the user chose otherwise. Seen from a ``sitecustomize`` hook in the process."""
+    import subprocess
+    import sys
+
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(GC_HOOK)
+    log = tmp_path / "gc.log"
+    root = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    env.update(PYTHONPATH=str(hook), DIM3_TEST_GC_LOG=str(log))
+    if blas is not None:
+        env["OPENBLAS_NUM_THREADS"] = blas
+    trio = tiny_llava_trio
+    command = [sys.executable, "-m", "dim3", "merge", "--base", str(trio.base)]
+    command += ["--multilingual", str(trio.multilingual), "--multimodal", str(trio.multimodal)]
+    command += ["--out", str(tmp_path / "merged")]
+    done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = [line.split() for line in log.read_text().splitlines()]
+    after = [line for line in lines if line[1] == "1"]
+    assert len(after) >= 3, lines  # the collector runs once the command has imported its modules
+    assert all(int(frozen) > 50_000 for _, _, frozen, _ in after), after  # torch's objects aside
+    # nothing is collected while dim3.cli (torch, numpy) is imported (the interpreter's own
+    # start may collect, before dim3/__main__.py runs)
+    assert not [line for line in lines if line[:2] == ["1", "0"]], lines
+    assert {b for *_, b in after} == {blas or "1"}
+
+
 def test_inputs_never_modified_even_on_overwrite(tiny_qwen2vl_trio, tmp_path):
     before = {
         r: digest(getattr(tiny_qwen2vl_trio, r)) for r in ("base", "multilingual", "multimodal")
