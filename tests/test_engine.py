@@ -772,6 +772,29 @@ def test_the_first_touch_benchmark_measures_each_kind_of_page():
         assert huge < pages - 256
 
 
+def test_the_cli_gc_benchmark_counts_the_collections_of_both_ways(tiny_llava_trio):
+    """``benchmarks/cli_gc.py``: the command as shipped and the same command line without
+    dim3/__main__.py's setup, each a fresh process whose collections a hook records. Without
+    the setup, importing torch takes full collections; as shipped, at most one is left."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "cli_gc.py"
+    trio = str(tiny_llava_trio.base.parent)
+    argv = [sys.executable, str(script), "--trio", trio, "--method", "task_arithmetic"]
+    done = subprocess.run([*argv, "--repeat", "1"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = {
+        way: (float(seconds), int(full))
+        for way, seconds, full in re.findall(
+            r"^round 1 (\w+) .* collector ([\d.]+) s \(full: (\d+) ", done.stdout, re.M
+        )
+    }
+    assert rows.keys() == {"plain", "shipped"}, done.stdout
+    assert rows["plain"][1] >= 3 and rows["shipped"][1] <= 1, done.stdout
+    assert "medians of 1 (task_arithmetic):" in done.stdout
+
+
 def test_the_dare_words_benchmark_checks_the_kernel_against_the_one_before_and_torch():
     """``benchmarks/dare_words.py``: the engine's keep-word kernel and the one before it (kept in
     the benchmark) both give torch.rand's numbers against p, over several tiles of a size that
