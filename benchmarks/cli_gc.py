@@ -12,8 +12,16 @@ put on its path records each collection's generation and seconds (``gc.callbacks
 file. Prints per run the wall time, the process's user and system time (``getrusage`` of the
 child, as ``/usr/bin/time`` gives them) and the collections, then the medians.
 
+With ``--app``, the same for the app's server: ``python app.py`` as shipped (the collector off
+while it imports and builds the app, those objects then set aside) against the app built and
+launched as ``app.py`` does without that setup. Each run starts a server, merges through the API
+(``/merge``: ``--trio`` if given, else the built-in demo trio) and asks one question (``/chat``),
+then stops it; the collections are counted from the moment it serves, and the requests timed
+from the client.
+
     python benchmarks/merge_throughput.py --shape qwen2-vl-2b --workdir /tmp/b18 ...  # the trio
     python benchmarks/cli_gc.py --trio /tmp/b18/trio --method dim3 --repeat 3
+    python benchmarks/cli_gc.py --app --repeat 3                 # the app on the demo trio
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run from a clone, no install
 
 HOOK = """
 import gc, os, time
@@ -76,11 +85,7 @@ def run(way: str, args: argparse.Namespace, hook_dir: Path, log: Path, out: Path
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     shutil.rmtree(out)
-    gens: dict[int, list[float]] = {0: [], 1: [], 2: []}
-    for line in log.read_text().split("\n"):
-        if line:
-            g, s = line.split()
-            gens[int(g)].append(float(s))
+    gens = _collections(log.read_text().split("\n"))
     return {
         "wall": wall,
         "user": after.ru_utime - before.ru_utime,
@@ -92,11 +97,96 @@ def run(way: str, args: argparse.Namespace, hook_dir: Path, log: Path, out: Path
     }
 
 
+# app.py without its collector setup
+APP_PLAIN = (
+    "from dim3.ui import build_app, configure_logging, launch_options; "
+    "configure_logging(); build_app().launch(**launch_options())"
+)
+
+
+def _collections(lines: list[str]) -> dict[int, list[float]]:
+    gens: dict[int, list[float]] = {0: [], 1: [], 2: []}
+    for line in lines:
+        if line:
+            g, s = line.split()
+            gens[int(g)].append(float(s))
+    return gens
+
+
+def run_app(way: str, args: argparse.Namespace, hook_dir: Path, log: Path, scratch: Path) -> dict:
+    """One server's life: start, a merge and a question through the API, stop."""
+    import gradio_client
+
+    from tests.app_server import running_app
+
+    trio = Path(args.trio).resolve() if args.trio else None
+    paths = {}
+    if trio is not None:
+        paths = {r: str(trio / r) for r in ("base", "multilingual", "multimodal")}
+    roots = [ROOT / "assets", scratch, *([trio] if trio is not None else [])]
+    argv = ["app.py"] if way == "shipped" else ["-c", APP_PLAIN]
+    log.write_text("")
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    env = {"PYTHONPATH": str(hook_dir), "DIM3_GC_LOG": str(log), "DIM3_JOB_BUDGET": "0"}
+    with running_app(scratch, roots, argv=argv, **env) as url:
+        ready = len(log.read_text().split("\n")) - 1
+        client = gradio_client.Client(url, verbose=False)
+        start = time.perf_counter()
+        *_, status = client.predict(method=args.method, **paths, api_name="/merge")
+        merge = time.perf_counter() - start
+        if not status.startswith("✅"):
+            raise SystemExit(f"the app's merge failed: {status}")
+        start = time.perf_counter()
+        client.predict("Welche Farbe hat die Form?", max_new_tokens=8, api_name="/chat")
+        chat = time.perf_counter() - start
+        served = log.read_text().split("\n")
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    gens, starting = _collections(served[ready:]), _collections(served[:ready])
+    return {
+        "merge": merge,
+        "chat": chat,
+        "user": after.ru_utime - before.ru_utime,
+        "sys": after.ru_stime - before.ru_stime,
+        "start_gc": sum(map(sum, starting.values())),
+        "start_full_n": len(starting[2]),
+        "gc": sum(map(sum, gens.values())),
+        "full": sum(gens[2]),
+        "full_n": len(gens[2]),
+        "young_n": len(gens[0]) + len(gens[1]),
+    }
+
+
+def main_app(args: argparse.Namespace, work: Path) -> None:
+    runs: dict[str, list[dict]] = {"shipped": [], "plain": []}
+    for r in range(args.repeat):
+        for way in ("plain", "shipped"):
+            scratch = work / f"{way}{r}"
+            scratch.mkdir()
+            got = run_app(way, args, work / "hook", work / "gc.log", scratch)
+            runs[way].append(got)
+            print(
+                f"round {r + 1} {way:8s} /merge {got['merge']:6.2f} s  /chat {got['chat']:5.2f} s"
+                f"  server user {got['user']:5.2f} sys {got['sys']:5.2f}  collector while "
+                f"serving {got['gc']:.3f} s (full: {got['full_n']} taking {got['full']:.3f} s; "
+                f"young: {got['young_n']}), while starting {got['start_gc']:.3f} s (full: "
+                f"{got['start_full_n']})  "
+                f"load {os.getloadavg()[0]:.2f}",
+                flush=True,
+            )
+    print(f"medians of {args.repeat} (the app, {args.method}, {args.trio or 'the demo trio'}):")
+    for way, got in runs.items():
+        med = {k: statistics.median(g[k] for g in got) for k in got[0]}
+        print(
+            f"  {way:8s} /merge {med['merge']:.2f} s, /chat {med['chat']:.2f} s, collector while "
+            f"serving {med['gc']:.3f} s (full {med['full']:.3f} s), while starting "
+            f"{med['start_gc']:.3f} s"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--trio", required=True, help="a folder with base/, multilingual/, multimodal/"
-    )
+    parser.add_argument("--trio", help="a folder with base/, multilingual/, multimodal/")
+    parser.add_argument("--app", action="store_true", help="the app's server, not the CLI")
     parser.add_argument("--method", default="dim3")
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
@@ -104,6 +194,11 @@ def main() -> None:
     try:
         (work / "hook").mkdir()
         (work / "hook" / "sitecustomize.py").write_text(HOOK)
+        if args.app:
+            main_app(args, work)
+            return
+        if not args.trio:
+            parser.error("--trio is needed for the command line")
         runs: dict[str, list[dict]] = {"shipped": [], "plain": []}
         # a merge first, not counted: a config's first merge derives its layout (importing
         # transformers' model classes), and a fresh install compiles the kernels

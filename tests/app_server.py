@@ -22,9 +22,12 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_app(scratch: Path, roots: list[Path], **env: str) -> Iterator[str]:
+def running_app(
+    scratch: Path, roots: list[Path], *, argv: list[str] | None = None, **env: str
+) -> Iterator[str]:
     """The app serving on 127.0.0.1 with ``roots`` allowed and outputs in ``scratch``; yields
-    its URL. The server's log is ``scratch/app.log``."""
+    its URL. The server's log is ``scratch/app.log``. ``argv``: the interpreter's arguments
+    (default ``app.py``, as users start it)."""
     port = free_port()
     full_env = os.environ | {
         "GRADIO_SERVER_NAME": "127.0.0.1",
@@ -39,7 +42,11 @@ def running_app(scratch: Path, roots: list[Path], **env: str) -> Iterator[str]:
     log_path = scratch / "app.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
-            [sys.executable, "app.py"], cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT
+            [sys.executable, *(argv or ["app.py"])],
+            cwd=ROOT,
+            env=full_env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
         url = f"http://127.0.0.1:{port}/"
         deadline = time.monotonic() + 180

@@ -393,3 +393,42 @@ def test_an_answer_ends_with_an_update_that_changes_nothing(app):
     assert closing["msg"] == "process_completed" and closing["success"], closing
     shown = [v for v in closing["output"]["data"] if v is not None]  # None: session state
     assert shown and all(v == {"__type__": "update"} for v in shown), closing["output"]["data"]
+
+
+GC_HOOK = """
+import gc, os, sys
+_log = open(os.environ["DIM3_TEST_GC_LOG"], "a", buffering=1)
+def _seen(phase, info):
+    if phase == "stop":
+        main = sys.modules["__main__"]
+        begun, built = hasattr(main, "gc"), hasattr(main, "demo")  # app.py's first and last lines
+        _log.write(f"{int(begun)} {int(built)} {info['generation']} {gc.get_freeze_count()}\\n")
+gc.callbacks.append(_seen)
+"""
+
+
+def test_the_server_sets_its_startup_objects_aside_and_still_collects(tmp_path):
+    """``python app.py`` imports torch, transformers and gradio and builds the app with the
+    garbage collector off, then sets those objects aside (``gc.freeze``) and turns it on again:
+    no collection while they are made, and the collections of a served merge and chat never
+    walk them, yet do happen (a server without a collector would keep every cycle it makes).
+    Seen from a ``sitecustomize`` hook in the server's process."""
+    from tests.app_server import running_app
+
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(GC_HOOK)
+    log = tmp_path / "gc.log"
+    env = {"PYTHONPATH": str(hook), "DIM3_TEST_GC_LOG": str(log)}
+    with running_app(tmp_path, [ROOT / "assets", tmp_path], **env) as url:
+        c = gradio_client.Client(url, verbose=False)
+        *_, status = c.predict(api_name="/merge")
+        assert status.startswith("✅ Merged"), status
+        c.predict("Welche Farbe?", api_name="/chat")
+    lines = [tuple(int(x) for x in line.split()) for line in log.read_text().splitlines()]
+    # the interpreter's own start may collect, before app.py runs; app.py's imports never
+    assert not [line for line in lines if line[:2] == (1, 0)], lines
+    served = [line for line in lines if line[1] == 1]
+    assert len([g for *_, g, _ in served if g == 2]) >= 1, served  # full ones too
+    assert len(served) >= 20, served
+    assert all(frozen > 200_000 for *_, frozen in served), served  # the startup's objects aside

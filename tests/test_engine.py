@@ -795,6 +795,33 @@ def test_the_cli_gc_benchmark_counts_the_collections_of_both_ways(tiny_llava_tri
     assert "medians of 1 (task_arithmetic):" in done.stdout
 
 
+def test_the_cli_gc_benchmark_counts_the_app_servers_collections_of_both_ways():
+    """``benchmarks/cli_gc.py --app``: ``python app.py`` as shipped and the app built and launched
+    without its collector setup, each a server whose collections a hook records while it starts
+    and while it serves a merge and a question of the demo. Without the setup, importing torch,
+    transformers and gradio takes full collections; as shipped, at most one is left."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "cli_gc.py"
+    argv = [sys.executable, str(script), "--app", "--method", "task_arithmetic", "--repeat", "1"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = {
+        way: (float(merge), int(full), int(starting))
+        for way, merge, full, starting in re.findall(
+            r"^round 1 (\w+) +/merge +([\d.]+) s .* serving [\d.]+ s \(full: (\d+) .* while "
+            r"starting [\d.]+ s \(full: (\d+)\)",
+            done.stdout,
+            re.M,
+        )
+    }
+    assert rows.keys() == {"plain", "shipped"}, done.stdout
+    assert rows["plain"][2] >= 2 and rows["shipped"][2] <= 1, done.stdout
+    assert all(merge > 0 for merge, *_ in rows.values())
+    assert "medians of 1 (the app, task_arithmetic, the demo trio):" in done.stdout
+
+
 def test_the_dare_words_benchmark_checks_the_kernel_against_the_one_before_and_torch():
     """``benchmarks/dare_words.py``: the engine's keep-word kernel and the one before it (kept in
     the benchmark) both give torch.rand's numbers against p, over several tiles of a size that
