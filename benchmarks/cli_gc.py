@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -156,31 +157,47 @@ def run_app(way: str, args: argparse.Namespace, hook_dir: Path, log: Path, scrat
     }
 
 
-def main_app(args: argparse.Namespace, work: Path) -> None:
+def rounds(
+    args: argparse.Namespace,
+    one: Callable[[str, int], dict],
+    row: Callable[[dict], str],
+    title: str,
+    summary: Callable[[dict], str],
+) -> None:
+    """``--repeat`` rounds of ``one(way, round)``, the two ways alternating, each printed as
+    ``row`` gives it; then the medians, as ``summary`` gives them."""
     runs: dict[str, list[dict]] = {"shipped": [], "plain": []}
     for r in range(args.repeat):
         for way in ("plain", "shipped"):
-            scratch = work / f"{way}{r}"
-            scratch.mkdir()
-            got = run_app(way, args, work / "hook", work / "gc.log", scratch)
+            got = one(way, r)
             runs[way].append(got)
-            print(
-                f"round {r + 1} {way:8s} /merge {got['merge']:6.2f} s  /chat {got['chat']:5.2f} s"
-                f"  server user {got['user']:5.2f} sys {got['sys']:5.2f}  collector while "
-                f"serving {got['gc']:.3f} s (full: {got['full_n']} taking {got['full']:.3f} s; "
-                f"young: {got['young_n']}), while starting {got['start_gc']:.3f} s (full: "
-                f"{got['start_full_n']})  "
-                f"load {os.getloadavg()[0]:.2f}",
-                flush=True,
-            )
-    print(f"medians of {args.repeat} (the app, {args.method}, {args.trio or 'the demo trio'}):")
+            print(f"round {r + 1} {way:8s} {row(got)}  load {os.getloadavg()[0]:.2f}", flush=True)
+    print(f"medians of {args.repeat} ({title}):")
     for way, got in runs.items():
-        med = {k: statistics.median(g[k] for g in got) for k in got[0]}
-        print(
-            f"  {way:8s} /merge {med['merge']:.2f} s, /chat {med['chat']:.2f} s, collector while "
-            f"serving {med['gc']:.3f} s (full {med['full']:.3f} s), while starting "
-            f"{med['start_gc']:.3f} s"
-        )
+        print(f"  {way:8s} {summary({k: statistics.median(g[k] for g in got) for k in got[0]})}")
+
+
+def main_app(args: argparse.Namespace, work: Path) -> None:
+    def one(way: str, r: int) -> dict:
+        scratch = work / f"{way}{r}"
+        scratch.mkdir()
+        return run_app(way, args, work / "hook", work / "gc.log", scratch)
+
+    rounds(
+        args,
+        one,
+        lambda got: (
+            f"/merge {got['merge']:6.2f} s  /chat {got['chat']:5.2f} s  server user "
+            f"{got['user']:5.2f} sys {got['sys']:5.2f}  collector while serving {got['gc']:.3f} s "
+            f"(full: {got['full_n']} taking {got['full']:.3f} s; young: {got['young_n']}), while "
+            f"starting {got['start_gc']:.3f} s (full: {got['start_full_n']})"
+        ),
+        f"the app, {args.method}, {args.trio or 'the demo trio'}",
+        lambda med: (
+            f"/merge {med['merge']:.2f} s, /chat {med['chat']:.2f} s, collector while serving "
+            f"{med['gc']:.3f} s (full {med['full']:.3f} s), while starting {med['start_gc']:.3f} s"
+        ),
+    )
 
 
 def main() -> None:
@@ -199,28 +216,23 @@ def main() -> None:
             return
         if not args.trio:
             parser.error("--trio is needed for the command line")
-        runs: dict[str, list[dict]] = {"shipped": [], "plain": []}
         # a merge first, not counted: a config's first merge derives its layout (importing
         # transformers' model classes), and a fresh install compiles the kernels
         run("shipped", args, work / "hook", work / "gc.log", work / "out")
-        for r in range(args.repeat):
-            for way in ("plain", "shipped"):
-                got = run(way, args, work / "hook", work / "gc.log", work / "out")
-                runs[way].append(got)
-                print(
-                    f"round {r + 1} {way:8s} wall {got['wall']:6.2f} s  user {got['user']:5.2f}"
-                    f"  sys {got['sys']:5.2f}  collector {got['gc']:.3f} s (full: {got['full_n']}"
-                    f" taking {got['full']:.3f} s; young: {got['young_n']})  "
-                    f"load {os.getloadavg()[0]:.2f}",
-                    flush=True,
-                )
-        print(f"medians of {args.repeat} ({args.method}):")
-        for way, got in runs.items():
-            med = {k: statistics.median(g[k] for g in got) for k in got[0]}
-            print(
-                f"  {way:8s} wall {med['wall']:.2f} s, user {med['user']:.2f} s, sys "
-                f"{med['sys']:.2f} s, collector {med['gc']:.3f} s (full {med['full']:.3f} s)"
-            )
+        rounds(
+            args,
+            lambda way, _: run(way, args, work / "hook", work / "gc.log", work / "out"),
+            lambda got: (
+                f"wall {got['wall']:6.2f} s  user {got['user']:5.2f}  sys {got['sys']:5.2f}  "
+                f"collector {got['gc']:.3f} s (full: {got['full_n']} taking {got['full']:.3f} s; "
+                f"young: {got['young_n']})"
+            ),
+            args.method,
+            lambda med: (
+                f"wall {med['wall']:.2f} s, user {med['user']:.2f} s, sys {med['sys']:.2f} s, "
+                f"collector {med['gc']:.3f} s (full {med['full']:.3f} s)"
+            ),
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
