@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+LAUNCHED = "To create a public link, set `share=True`"  # Blocks.launch, after its own check
 
 
 def free_port() -> int:
@@ -51,16 +52,15 @@ def running_app(
         url = f"http://127.0.0.1:{port}/"
         deadline = time.monotonic() + 180
         try:
-            while True:
-                try:
-                    urllib.request.urlopen(url, timeout=2)
-                    break
-                except OSError:
-                    if proc.poll() is not None or time.monotonic() > deadline:
-                        raise RuntimeError(
-                            f"the app did not start:\n{log_path.read_text()[-3000:]}"
-                        ) from None
-                    time.sleep(0.5)
+            # Ready once launch() is past its own check: it asks for the page with a 3 s timeout
+            # and ends the process if that fails, so a request sent as soon as the page answers
+            # (a merge that holds the interpreter's lock) could make it fail (a CI run on
+            # 2026-12-02 did). Gradio prints this line after that check.
+            while LAUNCHED not in log_path.read_text():
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the app did not start:\n{log_path.read_text()[-3000:]}")
+                time.sleep(0.5)
+            urllib.request.urlopen(url, timeout=10)
             yield url
         finally:
             proc.terminate()
