@@ -16,7 +16,7 @@ quick = sys.argv[1:2] and sys.argv[1] in QUICK_EXIT
 # imported (a module keeps what its import makes, so there is little to free), and they are then
 # set aside (``gc.freeze``): a full collection walks only what came after. A DiM3 merge command on
 # the Qwen2-VL-2B trio spent 0.53-0.62 s in the collector before, 0.06-0.09 s so
-# (``benchmarks/cli_gc.py``, docs/performance.md).
+# (``benchmarks/cli_gc.py``, docs/performance-log.md).
 gc.disable()
 if quick:
     # numpy's and scipy's OpenBLAS (numba imports scipy) each start a pool of threads that spin

@@ -297,7 +297,7 @@ def _passes(method: Method) -> int:
 # pieces in the output dtype), memory each merge touches for the first time. Half the pieces:
 # 40 MiB less of it on the Qwen2-VL-2B trio, the same wall time; the system time it saves is
 # within a 2-core VM's noise (0.36 against 0.48 s in 5 paired rounds, 0.30 against 0.29 s in 3;
-# docs/performance.md)
+# docs/performance-log.md)
 LIGHT_SHARE = 2
 
 
@@ -1158,8 +1158,8 @@ class _RankState:
 # float32 bytes of one input in a tile: with the other inputs, the rule's temporaries and the
 # result, some 20 MiB per thread, within a server CPU's last-level cache; each tile also costs
 # a dozen or more Python calls under the global lock. Timed by hand on the 2B trio, on the
-# 2-core machine of docs/performance.md's early-afternoon figures (paired, 3 rounds): DiM3
-# 11.0-12.9 s with 4 MiB tiles, 12.4-14.0 s with 2 MiB, 13.5-14.3 s with 1 MiB (the
+# 2-core machine of docs/performance-log.md's 2026-11-30 early-afternoon figures (paired, 3
+# rounds): DiM3 11.0-12.9 s with 4 MiB tiles, 12.4-14.0 s with 2 MiB, 13.5-14.3 s with 1 MiB (the
 # benchmark's rounds then showed 0.94-0.98 of the 1 MiB engine's time); TIES (its compiled
 # kernels) 10.1-10.8 s against 11.3-11.4 s with 1 MiB; task arithmetic the same with any. (An
 # earlier machine had found 2 MiB at most slightly faster and 4 MiB slower than 1 MiB, for the
@@ -1450,7 +1450,7 @@ def tile_workers(device: torch.device, cores: int | None = None, *, light: bool 
     (:attr:`_Merger.light`, task arithmetic's compiled sum) gets one thread on up to 2 cores,
     the other core left to the loop, the read and the write threads. A second tile thread
     there only hands Python's lock about: task arithmetic on the 2B trio (2-core machine,
-    paired by hand and in the throughput benchmark, docs/performance.md) took the same wall
+    paired by hand and in the throughput benchmark, docs/performance-log.md) took the same wall
     time with one tile thread, 40% fewer context switches and 0.04-0.1 s less system time."""
     if device.type != "cpu" or os.environ.get("DIM3_TILES", "1") == "0":
         return 0
@@ -1678,7 +1678,7 @@ def _return_freed_memory() -> None:
     from ``torch.bincount``, which takes no ``out``) per tile, and on the Qwen2-VL-2B shape
     that more than doubled TIES's page faults; :data:`TRIM_THRESHOLD` is left free at the top
     of each arena instead (main, read, writer and tile threads: a few of them). TIES's faults
-    with it are in docs/performance.md. Other C libraries are left alone.
+    with it are in docs/performance-log.md. Other C libraries are left alone.
     """
     if sys.platform != "linux":
         return

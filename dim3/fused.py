@@ -116,7 +116,7 @@ def _flat(t: Tensor) -> Any:
     sharing its memory. Made from the tensor's address, without torch's ``reshape``, ``view``
     and ``numpy``: those dispatch, and each view they make releases Python's global lock when
     it is freed, about five hand-overs of the lock per call, several calls per tile, on the
-    threads that share it (docs/performance.md). Other tensors take that way."""
+    threads that share it (docs/performance-log.md). Other tensors take that way."""
     if t.device.type == "cpu" and t.dtype in _NUMPY and t.numel() and t.is_contiguous():
         return np.asarray(_Held(t))
     flat = t.reshape(-1)
