@@ -252,27 +252,31 @@ def build_trio(root: Path, shape: str, dtype: torch.dtype, device: str = "cpu") 
 
 
 class AnonPeak:
-    """Sample anonymous resident memory in a thread: ``RssAnon`` plus ``RssShmem`` (shared
-    anonymous mappings, which the kernel counts apart), excluding mapped file pages."""
+    """Sample resident memory in a thread: anonymous (``RssAnon`` plus ``RssShmem``, shared
+    anonymous mappings, which the kernel counts apart), excluding mapped file pages, and apart
+    the mapped file pages (``RssFile``: the inputs' mapped pages, and the libraries')."""
 
     def __init__(self):
         self.peak, self._stop = 0, threading.Event()
+        self.file_peak = 0
         self._thread = threading.Thread(target=self._run, daemon=True, name="rss-sampler")
 
     @staticmethod
-    def now() -> int:
+    def now(fields: tuple[str, ...] = ("RssAnon:", "RssShmem:")) -> int:
         total = 0
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(("RssAnon:", "RssShmem:")):
+            if line.startswith(fields):
                 total += int(line.split()[1]) * 1024
         return total
 
     def _run(self):
         while not self._stop.wait(0.02):
             self.peak = max(self.peak, self.now())
+            self.file_peak = max(self.file_peak, self.now(("RssFile:",)))
 
     def __enter__(self):
         self.start = self.peak = self.now()
+        self.file_start = self.file_peak = self.now(("RssFile:",))
         self._thread.start()
         return self
 
@@ -566,6 +570,7 @@ def child(spec: dict) -> None:
     gpu = torch.cuda.max_memory_allocated() if cuda else 0
     written = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     figures = {"seconds": seconds, "peak": mem.peak, "start": mem.start, "imported": imported}
+    figures["mapped"] = mem.file_peak - mem.file_start  # the inputs' pages, mostly
     extra = {"buffers": getattr(result, "buffers", None), **usage(before, after)}
     extra["unstaged"] = getattr(result, "unstaged", None)  # (an --against engine may lack it)
     if len(marks) == 2:  # the loop's steady state: buffers made, threads started, headers read
@@ -614,14 +619,18 @@ def run_cli(recipe: Recipe, out: Path, method: str, device: str, command: str = 
     argv += [src["multilingual"], "--multimodal", src["multimodal"], "--out", str(out)]
     argv += ["--method", method, "--device", device]
     env = {**os.environ, "PYTHONPATH": os.environ.get("DIM3_BENCH_ROOT") or str(ROOT)}
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    start = time.perf_counter()
-    done = subprocess.run(argv, capture_output=True, text=True, check=False, env=env)
-    seconds = time.perf_counter() - start
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if done.returncode != 0:
-        sys.exit(f"the CLI {command} failed:\n{done.stderr.strip()[-2000:]}")
-    return {"seconds": seconds, **usage(before, after)}
+    with tempfile.TemporaryFile() as err:
+        start = time.perf_counter()
+        child = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, env=env)
+        _, status, used = os.wait4(child.pid, 0)  # this child's own figures, maxrss too
+        seconds = time.perf_counter() - start
+        child.returncode = os.waitstatus_to_exitcode(status)
+        if child.returncode != 0:
+            err.seek(0)
+            sys.exit(f"the CLI {command} failed:\n{err.read().decode()[-2000:]}")
+    zero = resource.struct_rusage((0.0,) * 16)
+    # ru_maxrss in KiB: the largest resident size, as /usr/bin/time -v prints it
+    return {"seconds": seconds, **usage(zero, used), "maxrss": used.ru_maxrss * 1024}
 
 
 def merge_spec(recipe: Recipe, out: Path, method: str, device: str) -> dict:
@@ -943,6 +952,11 @@ def report(args, real: bool, rounds: list[dict]) -> None:
             f"{over / gib:.2f} GiB = {100 * over / written:.0f}% of one output model "
             f"({written / gib:.2f} GiB)",
         ),
+        (
+            "peak mapped file pages over the start",
+            f"{median([m['mapped'] for m in merges]) / gib:.2f} GiB (RssFile: the inputs' pages "
+            f"as the merge maps them, of {read_b / gib:.2f} GiB read, and libraries it loads)",
+        ),
         ("peak GPU memory", f"{best['gpu'] / gib:.2f} GiB" if best["gpu"] else "n/a"),
     ]
     if args.cli:
@@ -959,6 +973,11 @@ def report(args, real: bool, rounds: list[dict]) -> None:
             ),
             ("  the rest (merge, card, exit)", rest()),
             ("  its kernel floor", kernel_floor()),
+            (
+                "CLI peak resident size",
+                f"{median([r['cli']['maxrss'] for r in rounds]) / gib:.2f} GiB (ru_maxrss, as "
+                "/usr/bin/time -v prints it: the inputs' mapped pages and the libraries count)",
+            ),
         ]
     if args.against:
         rows += [
@@ -971,6 +990,10 @@ def report(args, real: bool, rounds: list[dict]) -> None:
             ("  of which the middle half", middle("old")),
             ("  and the two ends", ends("old")),
             ("  its system time, switches", by_thread("old")),
+            (
+                "  its peak mapped file pages",
+                f"{median([r['old'].get('mapped', 0) for r in rounds]) / gib:.2f} GiB over the start",
+            ),
         ]
     if best["gpu"]:
         rows.append(("peak GPU / output model", f"{100 * best['gpu'] / written:.0f}%"))

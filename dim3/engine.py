@@ -21,7 +21,8 @@ A merge is bound by reading three models and writing one, so the loop does littl
   merge's :class:`dim3.slices.Buffers`, made at its first use and reused for every later slice
   (``out=`` arguments, in-place ops, ``copy_`` for dtype changes); rules take their temporaries
   through :func:`dim3.methods._utils.scratch`. Inputs are converted straight from the mapped shard
-  files (:mod:`dim3.mapped`, no read copy), and shards are written past the page cache
+  files (:mod:`dim3.mapped`, no read copy) and unmapped once merged (:data:`RELEASE_LAG`), so the
+  process's resident size stays a few slices' worth; shards are written past the page cache
   (:class:`dim3.writer.ShardedWriter`, ``O_DIRECT`` where the file system allows it).
 - **Reading, computing and writing overlap**: a read thread prepares the next step (page-cache
   read-ahead on the CPU; pinned staging and a copy on a transfer stream for CUDA, :data:`SLOTS`
@@ -346,10 +347,34 @@ def _schedule(
 
 
 SLOTS = 2  # input slices in flight: one computed while the next is read
+# steps after which the loop unmaps a step's input rows that no later step reads again
+# (_released): past the write pipe's queue (the rows of a copied slice are written from the
+# mapped files) and the tiles still computing, so that the process's mapped input pages stay a
+# few dozen slices' worth; what was read is unmapped at the end anyway
+RELEASE_LAG = 8
 # steps the read thread stages ahead of the one computed, on the CPU (views of the mapped files:
 # no buffer each, so more than SLOTS - 1): a selection's guess (_Merger.guess) of the next
 # tensor is then made while this tensor's statistics pass computes, not after it
 AHEAD = 12
+
+
+def _released(steps: list[_Step]) -> list[bool]:
+    """Per step, whether its input rows may be unmapped once it is done: a step of the last
+    pass over its source's rows that writes or copies them. Not a statistics pass (the passes
+    after it read the same rows), and not a pass that a head tied to that source repeats."""
+    last: dict[str, int] = {}  # per source, where its last pass begins
+    for i, step in enumerate(steps):
+        before = steps[i - 1] if i else None
+        if before is None or (before.source.key, before.out.key, before.stage) != (
+            step.source.key,
+            step.out.key,
+            step.stage,
+        ):
+            last[step.source.key] = i
+    return [
+        step.stage in ("copy", "whole", "apply") and i >= last[step.source.key]
+        for i, step in enumerate(steps)
+    ]
 
 
 @dataclass
@@ -384,9 +409,26 @@ class _Source:
             self.ready = [torch.cuda.Event() for _ in range(SLOTS)]
             self.consumed = [torch.cuda.Event() for _ in range(SLOTS)]
 
-    def _views(self, step: _Step) -> tuple[torch.Tensor, ...]:
+    @staticmethod
+    def _shared(step: _Step) -> int:
+        """Where the rows ``step`` merges from every model end (the VLM's may go on: tokens
+        the base lacks); ``step.start`` where it merges none."""
         e, a, b = step.source, step.start, step.stop
-        shared = max(a, min(b, e.rows if e.rows is not None else e.shape[0]))  # may be none
+        return max(a, min(b, e.rows if e.rows is not None else e.shape[0]))
+
+    def _reads(self, step: _Step) -> list[tuple[Checkpoint, str, int]]:
+        """The mapped inputs ``step`` reads rows ``step.start:stop`` of, as (checkpoint, key,
+        stop): the VLM's, then for merged rows the base's and each multilingual model's."""
+        e, shared = step.source, self._shared(step)
+        read = [(self.inputs.multimodal, e.key, step.stop)]
+        if step.stage != "copy":
+            read.append((self.inputs.base, e.base_key, shared))
+            mls = zip(self.inputs.multilingual, e.multilingual_keys, strict=True)
+            read += [(m, k, shared) for m, k in mls]
+        return read
+
+    def _views(self, step: _Step) -> tuple[torch.Tensor, ...]:
+        a, shared = step.start, self._shared(step)
         # a pass after the first reads pages that the first mapped in: it prefetches only the
         # VLM's own rows (tokens the base lacks), which the statistics passes do not read
         # (MADV_POPULATE_READ walks the mapped pages again: 0.6 s of the read thread's time
@@ -399,18 +441,21 @@ class _Source:
                 self.maps.prefetch(*where, fresh, stop)
             return self.maps.rows(*where, a, stop)
 
-        vlm = rows(self.inputs.multimodal, e.key, b)
+        read = tuple(rows(*r) for r in self._reads(step))
         if step.stage == "copy":
-            return (vlm,)
-        mls = zip(self.inputs.multilingual, e.multilingual_keys, strict=True)
-        read = (
-            vlm,
-            rows(self.inputs.base, e.base_key, shared),
-            *(rows(m, k, shared) for m, k in mls),
-        )
+            return read
         extras = self.inputs.extras
-        extra = extras.rows(e, a, shared) if extras is not None else ()
+        extra = extras.rows(step.source, a, shared) if extras is not None else ()
         return (*read, *extra)  # the rule's extra inputs last, rows a:shared like the base's
+
+    def release(self, step: _Step) -> int:
+        """Unmap the rows of the model files that ``step`` read (:meth:`MappedShards.release`):
+        the caller knows that no later step reads them again. Returns the bytes unmapped."""
+        done = 0
+        for ckpt, key, stop in self._reads(step):
+            where = (ckpt.file_of(key), key, ckpt.dtype(key), tuple(ckpt.shape(key)))
+            done += self.maps.release(*where, step.start, stop)
+        return done
 
     def stage(self, step: _Step, slot: int) -> _Staged:
         """The rows ``step`` needs (runs on the read thread)."""
@@ -1598,10 +1643,16 @@ def _pieces(
         initializer=torch.set_num_threads,  # its sample's sort: see loop_threads
         initargs=(1 if tiles is not None else torch.get_num_threads(),),
     )
+    release = _released(steps)
+    done: deque[int] = deque()  # steps whose rows are unmapped RELEASE_LAG steps later
     try:
         ahead = SLOTS - 1 if streams.cuda else AHEAD  # CUDA: a slot's buffers per step
         running: _Running | None = None
         for i, step in enumerate(steps):
+            while done and done[0] <= i - RELEASE_LAG:
+                source.release(steps[done.popleft()])
+            if release[i]:
+                done.append(i)
             staged = pending.popleft().result() if pending else stage(i)
             while queued < len(steps) and len(pending) < ahead:
                 pending.append(pool.submit(stage, queued))

@@ -5,8 +5,8 @@ straight from these views (the page cache's own pages), so reading allocates not
 system call per slice. :meth:`MappedShards.prefetch`, called on the engine's read thread for the
 next slice while the previous one is computed, asks the kernel to read a range ahead
 (``MADV_WILLNEED``, skipped when the range is already cached) and maps its pages into the process
-(``MADV_POPULATE_READ``, Linux 5.14+), so the threads that compute take no page faults on it. Views
-are read-only: writing into one crashes the process, so callers copy from them and never write.
+(``MADV_POPULATE_READ``, Linux 5.14+), so the threads that compute take no page faults on it;
+:meth:`MappedShards.release` unmaps a range again once it has been merged. Views are read-only: writing into one crashes the process, so callers copy from them and never write.
 The headers were checked when the checkpoint was opened (:func:`dim3.checkpoints.read_header`);
 this module only locates the bytes. It knows files and tensors, nothing of models or merging.
 """
@@ -30,6 +30,10 @@ PAGE = mmap.PAGESIZE
 # madvise(2) advice missing from Python 3.11's mmap module: fault a range's pages in, mapped
 # (Linux 5.14+; EINVAL before, and then it is not asked again)
 MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22 if sys.platform == "linux" else None)
+MADV_DONTNEED = getattr(mmap, "MADV_DONTNEED", 4)
+# the blocks a file's pages are unmapped in (:meth:`MappedShards.release`): a PMD's worth, the
+# largest page a file is mapped in (2 MiB with 4 KiB pages, on x86-64 and arm64)
+HUGE = 2 << 20
 
 
 def _libc(name: str, *argtypes, hold: bool = False):
@@ -61,6 +65,7 @@ class MappedShards:
     def __init__(self) -> None:
         self._maps: dict[Path, tuple[mmap.mmap, torch.Tensor, dict[str, int]]] = {}
         self._fds: dict[Path, int] = {}  # for page-cache probes
+        self._runs: dict[Path, list[int]] = {}  # per file: [released rows' end, unmapped to]
 
     def _open(self, file: Path) -> tuple[mmap.mmap, torch.Tensor, dict[str, int]]:
         if file not in self._maps:
@@ -134,6 +139,44 @@ class MappedShards:
                 # EINVAL: a kernel before 5.14 (the threads then fault the pages in as they read)
                 MappedShards.populate = ctypes.get_errno() != errno.EINVAL
 
+    def release(
+        self,
+        file: Path,
+        key: str,
+        dtype: torch.dtype,
+        shape: tuple[int, ...],
+        start: int,
+        stop: int,
+    ) -> int:
+        """Unmap from this process (``MADV_DONTNEED``; the page cache keeps them) the pages of
+        rows ``start:stop`` of ``key`` once nothing reads them again, so that the inputs' mapped
+        pages, which the process's resident size counts, stay a few slices' worth instead of
+        growing to every input byte. A view read after it reads the same bytes: the mapping is
+        shared and read-only, and its pages are mapped in again from the file.
+
+        Only whole :data:`HUGE` blocks are unmapped: the kernel maps a file's 2 MiB folios
+        whole, and unmapping part of one unmaps all of it, the rows around it too (which the
+        threads reading them would then fault in again). So the released rows of a file are
+        gathered into runs (each call's rows continuing the last call's, as a merge releases
+        them in order), and a run's whole blocks are unmapped as the run reaches past them; a
+        run's first and last partial blocks stay mapped until :meth:`close`. Returns the
+        bytes unmapped (0 where ``madvise`` is missing)."""
+        if _MADVISE is None or file not in self._maps:
+            return 0
+        _, data, starts = self._maps[file]
+        offset, nbytes, _ = self._span(shape, dtype, start, stop)
+        lo = starts[key] + offset
+        hi, run = lo + nbytes, self._runs.get(file)
+        if run is None or lo > run[0]:  # a new run, from the first whole block inside it
+            run = [hi, -(-lo // HUGE) * HUGE]
+        run[0] = max(run[0], hi)
+        self._runs[file] = run
+        end, done = run[0] // HUGE * HUGE, run[1]
+        if end <= done or _MADVISE(data.data_ptr() + done, end - done, MADV_DONTNEED) != 0:
+            return 0
+        run[1] = end
+        return end - done
+
     def _cached(self, file: Path, data: torch.Tensor, begin: int, nbytes: int) -> bool:
         """Whether the range's first and last pages are in the page cache (``mincore``; where
         it is missing, a read that must not wait, ``RWF_NOWAIT``): then the kernel has nothing
@@ -164,6 +207,7 @@ class MappedShards:
     def close(self) -> None:
         """Drop the mappings (views still alive keep theirs until they are freed)."""
         self._maps.clear()
+        self._runs.clear()
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()

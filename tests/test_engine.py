@@ -698,6 +698,15 @@ def test_the_throughput_benchmark_runs_a_round_from_inputs_read_back_from_disk(t
     assert whole is not None and half is not None, out
     assert int(half.group(4).replace(",", "")) < int(whole.group(3).replace(",", ""))
     assert float(half.group(1)) <= float(whole.group(1)) and 0 <= int(half.group(3)) <= 100
+    # the mapped file pages (the inputs', as the merge maps them in and out) and the whole
+    # command's largest resident size, as /usr/bin/time -v would print it (torch alone: ~0.5 GiB)
+    mapped = re.search(
+        r"peak mapped file pages over the start +([\d.]+) GiB .* of ([\d.]+) GiB", out
+    )
+    whole_rss = re.search(r"CLI peak resident size +([\d.]+) GiB", out)
+    assert mapped is not None and whole_rss is not None, out
+    assert 0 <= float(mapped.group(1)) and float(mapped.group(2)) > 0
+    assert float(whole_rss.group(1)) >= 0.2
     assert 0.01 <= float(half.group(6)) <= 0.09 * 0.75, out  # the tiny trio writes 0.09 GiB
     # the two ends and the middle half are the whole merge, fault for fault (one round)
     ends = re.findall(

@@ -117,6 +117,54 @@ def test_a_mapping_refused_once_is_not_asked_for_again(shard, monkeypatch):
     maps.close()
 
 
+def _resident_kib(path) -> int:
+    """The resident KiB of this process's mappings of ``path`` (``/proc/self/smaps``)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split(maxsplit=1)[0]
+            if "-" in head and not head.endswith(":"):  # a mapping: "start-end perms ... path"
+                inside = line.rstrip().endswith(str(path))
+            elif inside and head == "Rss:":
+                total += int(line.split()[1])
+    return total
+
+
+@pytest.mark.skipif(sys.platform != "linux" or mapped._MADVISE is None, reason="Linux's madvise")
+def test_released_rows_leave_the_process_in_whole_blocks_and_read_the_same_after(shard):
+    """``release`` unmaps the whole 2 MiB blocks inside the rows released so far from the
+    process (the resident size of the file's mapping falls by exactly what it says), each
+    call's rows continuing the run of the last, and nothing of a block that rows not released
+    share; the bytes stay as they were: the rows read the stored values again."""
+    path, weight = shard
+    maps = MappedShards()
+    maps.prefetch(*_where(path), 0, ROWS)
+    if not MappedShards.populate:
+        pytest.skip("this kernel has no MADV_POPULATE_READ (Linux 5.14+)")
+    _, _, starts = maps._open(path)
+    at = starts["b.weight"]
+    row = COLS * 2
+    huge = mapped.HUGE
+
+    def blocks(lo: int, hi: int) -> int:  # the bytes of the whole blocks inside rows lo:hi
+        first, last = -(-(at + lo * row) // huge), (at + hi * row) // huge
+        return max(0, last - first) * huge
+
+    mapped_in = _resident_kib(path)
+    assert mapped_in >= ROWS * COLS * 2 // 1024  # the whole matrix is mapped in
+    assert maps.release(*_where(path), 100, 300) == 0  # 400 KiB: inside one block
+    freed = maps.release(*_where(path), 300, 1700)  # the run 100:1700 has whole blocks now
+    assert freed == blocks(100, 1700) > 0
+    assert _resident_kib(path) == mapped_in - freed // 1024
+    more = maps.release(*_where(path), 2000, 4000)  # not the run's rows: a run of its own
+    assert more == blocks(2000, 4000) > 0
+    assert _resident_kib(path) == mapped_in - (freed + more) // 1024
+    assert maps.release(*_where(path), 5, 5) == 0  # no rows
+    assert maps.release(path, "a.norm", torch.float32, (7,), 0, 7) == 0
+    assert torch.equal(maps.rows(*_where(path), 0, ROWS), weight)
+    maps.close()
+
+
 def test_huge_page_buffers_are_private_anonymous_memory():
     """The engine's large buffers and the writer's staging: private anonymous mappings (counted
     as the process's anonymous memory, huge pages where the kernel offers them), not Python's

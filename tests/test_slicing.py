@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 from contextlib import closing
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageTextToText
 
 from dim3 import engine
@@ -27,6 +29,7 @@ from dim3.slices import (
     select_by_sort,
 )
 from tests.test_engine import load_all, recipe_of
+from tests.tiny_models import Trio
 
 # fisher needs Fisher folders: its sliced merge is tested in test_fisher.py
 SLICED = [name for name, m in METHODS.items() if m.kind != "matrix" and not m.extra_inputs]
@@ -282,8 +285,6 @@ def on_a_grid(trio, folder, step=2.0**-8):
     """A copy of ``trio`` whose every value is a multiple of ``step``: the updates take a few
     distinct magnitudes (each tied thousands of times, as in bfloat16 checkpoints, only more),
     and the differences are exact in float32."""
-    from safetensors.torch import load_file, save_file
-
     roles = {}
     for role in ("base", "multilingual", "multimodal"):
         dst = folder / role
@@ -906,6 +907,104 @@ def test_a_pass_after_the_first_prefetches_no_row_again(tiny_llava_trio, monkeyp
             assert a == covered, (where, spans)  # each row once, in order, none left out
             covered = b
         assert covered == rows, (where, spans)
+
+
+def _storing_the_tied_head(trio: Trio, folder: Path) -> Trio:
+    """A copy of a trio whose models tie their embeddings yet store the head too (as some
+    checkpoints do): the VLM's head is then merged from the embedding's rows, read again."""
+    roles = {}
+    for role in ("base", "multilingual", "multimodal"):
+        dst = folder / role
+        shutil.copytree(getattr(trio, role), dst)
+        for f in dst.glob("*.safetensors"):
+            tensors = load_file(f)
+            if "model.embed_tokens.weight" in tensors:
+                tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+                save_file(tensors, f, metadata={"format": "pt"})
+        index = dst / "model.safetensors.index.json"
+        if index.exists():
+            data = json.loads(index.read_text())
+            data["weight_map"]["lm_head.weight"] = data["weight_map"]["model.embed_tokens.weight"]
+            index.write_text(json.dumps(data))
+        roles[role] = dst
+    return Trio(**roles)
+
+
+@pytest.mark.parametrize(
+    "method,tied", [("ties", False), ("task_arithmetic", True), ("dim3", True), ("ties", True)]
+)
+def test_the_loop_unmaps_each_input_row_once_after_its_last_read(
+    method, tied, tiny_qwen2vl_trio, tmp_path, monkeypatch
+):
+    """The loop hands the rows of every input tensor it reads to ``MappedShards.release``
+    once each: after the last step that reads them (statistics passes read the rows again,
+    and so does a head tied to the embedding), and only once the piece of those rows has been
+    handed to the consumer (the write pipe may still write a copied piece from the mapped
+    file). The last ``RELEASE_LAG`` steps' rows are left to the mappings' end."""
+    from dim3.mapped import MappedShards
+
+    trio = _storing_the_tied_head(tiny_qwen2vl_trio, tmp_path) if tied else tiny_qwen2vl_trio
+    staged: list = []  # every step, as the read thread stages them: the schedule
+    released: list = []  # (step, pieces handed to the consumer by then)
+    spans: dict[tuple[str, str], list[tuple[int, int]]] = {}
+    handed: list[tuple[str, int]] = []
+    stage, release, unmap = engine._Source.stage, engine._Source.release, MappedShards.release
+
+    def staging(self, step, slot):
+        staged.append(step)
+        return stage(self, step, slot)
+
+    def releasing(self, step):
+        released.append((step, set(handed)))
+        return release(self, step)
+
+    def unmapping(self, file, key, dtype, shape, start, stop):
+        spans.setdefault((str(file), key), []).append((start, stop))
+        return unmap(self, file, key, dtype, shape, start, stop)
+
+    monkeypatch.setattr(engine._Source, "stage", staging)
+    monkeypatch.setattr(engine._Source, "release", releasing)
+    monkeypatch.setattr(MappedShards, "release", unmapping)
+    recipe = recipe_of(trio, method=method)
+    with engine.open_inputs(recipe) as inputs:
+        plan = engine.build_plan(inputs.base, inputs.multilingual, inputs.multimodal)
+        assert any(e.tied_to for e in plan.entries) == tied
+        pieces = engine.iter_merged(
+            plan, inputs, METHODS[method], recipe.method_options(), torch.device("cpu"), 512
+        )
+        for entry, start, _, _ in pieces:
+            handed.append((entry.key, start))
+        # each released step's rows of every input it read: the VLM's, and (merged rows) the
+        # base's and the multilingual model's, which stop where the VLM's own rows begin
+        wanted: dict[tuple[str, str], list[tuple[int, int]]] = {}
+        for step, _ in released:
+            e, a, b = step.source, step.start, step.stop
+            read = [(inputs.multimodal, e.key, b)]
+            if step.stage != "copy":
+                shared = max(a, min(b, e.rows if e.rows is not None else e.shape[0]))
+                read.append((inputs.base, e.base_key, shared))
+                mls = zip(inputs.multilingual, e.multilingual_keys, strict=True)
+                read += [(ckpt, key, shared) for ckpt, key in mls]
+            for ckpt, key, stop in read:
+                wanted.setdefault((str(ckpt.file_of(key)), key), []).append((a, stop))
+    # the steps whose rows no later step reads, writing or copying them, but those of the last
+    # RELEASE_LAG turns of the loop (their mappings are dropped with the rest at the end)
+    n = len(staged)
+    want = [
+        step
+        for i, step in enumerate(staged)
+        if step.stage in ("copy", "whole", "apply")
+        and i < n - engine.RELEASE_LAG
+        and not any(
+            s.source.key == step.source.key and s.start < step.stop and step.start < s.stop
+            for s in staged[i + 1 :]
+        )
+    ]
+    assert [step for step, _ in released] == want and len(want) > 20
+    assert any(s.stage.startswith("stats") for s in staged) == (method != "task_arithmetic")
+    for step, by_then in released:
+        assert (step.out.key, step.start) in by_then, (step, "released before it was handed")
+    assert {w: sorted(v) for w, v in spans.items()} == {w: sorted(v) for w, v in wanted.items()}
 
 
 @pytest.mark.parametrize("method", ["task_arithmetic", "dim3", "ties", "dare_ties"])
