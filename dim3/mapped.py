@@ -65,7 +65,7 @@ class MappedShards:
     def __init__(self) -> None:
         self._maps: dict[Path, tuple[mmap.mmap, torch.Tensor, dict[str, int]]] = {}
         self._fds: dict[Path, int] = {}  # for page-cache probes
-        self._runs: dict[Path, list[int]] = {}  # per file: [released rows' end, unmapped to]
+        self._runs: dict[Path, list[int]] = {}  # per file: [run's start, its end, unmapped to]
 
     def _open(self, file: Path) -> tuple[mmap.mmap, torch.Tensor, dict[str, int]]:
         if file not in self._maps:
@@ -157,9 +157,10 @@ class MappedShards:
         Only whole :data:`HUGE` blocks are unmapped: the kernel maps a file's 2 MiB folios
         whole, and unmapping part of one unmaps all of it, the rows around it too (which the
         threads reading them would then fault in again). So the released rows of a file are
-        gathered into runs (each call's rows continuing the last call's, as a merge releases
-        them in order), and a run's whole blocks are unmapped as the run reaches past them; a
-        run's first and last partial blocks stay mapped until :meth:`close`. Returns the
+        gathered into runs, each call's rows continuing the last call's (a merge releases a
+        tensor's rows in order, and its tensors mostly in the file's order); rows elsewhere in
+        the file begin a new run. A run's whole blocks are unmapped as it reaches past them;
+        its first and last partial blocks stay mapped until :meth:`close`. Returns the
         bytes unmapped (0 where ``madvise`` is missing)."""
         if _MADVISE is None or file not in self._maps:
             return 0
@@ -167,14 +168,13 @@ class MappedShards:
         offset, nbytes, _ = self._span(shape, dtype, start, stop)
         lo = starts[key] + offset
         hi, run = lo + nbytes, self._runs.get(file)
-        if run is None or lo > run[0]:  # a new run, from the first whole block inside it
-            run = [hi, -(-lo // HUGE) * HUGE]
-        run[0] = max(run[0], hi)
-        self._runs[file] = run
-        end, done = run[0] // HUGE * HUGE, run[1]
+        if run is None or not run[0] <= lo <= run[1]:  # a new run, from its first whole block
+            run = self._runs[file] = [lo, hi, -(-lo // HUGE) * HUGE]
+        run[1] = max(run[1], hi)
+        end, done = run[1] // HUGE * HUGE, run[2]
         if end <= done or _MADVISE(data.data_ptr() + done, end - done, MADV_DONTNEED) != 0:
             return 0
-        run[1] = end
+        run[2] = end
         return end - done
 
     def _cached(self, file: Path, data: torch.Tensor, begin: int, nbytes: int) -> bool:
