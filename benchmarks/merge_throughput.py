@@ -992,7 +992,8 @@ def report(args, real: bool, rounds: list[dict]) -> None:
             ("  its system time, switches", by_thread("old")),
             (
                 "  its peak mapped file pages",
-                f"{median([r['old'].get('mapped', 0) for r in rounds]) / gib:.2f} GiB over the start",
+                f"{median([r['old'].get('mapped', 0) for r in rounds]) / gib:.2f} GiB "
+                "over the start",
             ),
         ]
     if best["gpu"]:

@@ -6,8 +6,9 @@ system call per slice. :meth:`MappedShards.prefetch`, called on the engine's rea
 next slice while the previous one is computed, asks the kernel to read a range ahead
 (``MADV_WILLNEED``, skipped when the range is already cached) and maps its pages into the process
 (``MADV_POPULATE_READ``, Linux 5.14+), so the threads that compute take no page faults on it;
-:meth:`MappedShards.release` unmaps a range again once it has been merged. Views are read-only: writing into one crashes the process, so callers copy from them and never write.
-The headers were checked when the checkpoint was opened (:func:`dim3.checkpoints.read_header`);
+:meth:`MappedShards.release` unmaps a range again once it has been merged. Views are read-only:
+writing into one crashes the process, so callers copy from them and never write. The headers
+were checked when the checkpoint was opened (:func:`dim3.checkpoints.read_header`);
 this module only locates the bytes. It knows files and tensors, nothing of models or merging.
 """
 

@@ -281,23 +281,35 @@ def test_tiled_steps_equal_the_untiled_loop_bit_for_bit(
     assert tiled >= len(matrices) > 10
 
 
-def on_a_grid(trio, folder, step=2.0**-8):
-    """A copy of ``trio`` whose every value is a multiple of ``step``: the updates take a few
-    distinct magnitudes (each tied thousands of times, as in bfloat16 checkpoints, only more),
-    and the differences are exact in float32."""
+def rewritten(trio: Trio, folder: Path, change) -> Trio:
+    """A copy of ``trio`` in ``folder`` whose every shard holds ``change(its tensors)`` (a
+    sharded model's index maps the names that ``change`` adds to their shard)."""
     roles = {}
     for role in ("base", "multilingual", "multimodal"):
         dst = folder / role
         shutil.copytree(getattr(trio, role), dst)
+        index = dst / "model.safetensors.index.json"
+        data = json.loads(index.read_text()) if index.exists() else None
         for f in dst.glob("*.safetensors"):
-            tensors = load_file(f)
-            save_file(
-                {k: t.div(step).round().mul(step).to(t.dtype) for k, t in tensors.items()},
-                f,
-                metadata={"format": "pt"},
-            )
+            tensors = change(load_file(f))
+            save_file(tensors, f, metadata={"format": "pt"})
+            for key in tensors if data is not None else ():
+                data["weight_map"].setdefault(key, f.name)
+        if data is not None:
+            index.write_text(json.dumps(data))
         roles[role] = dst
-    return type(trio)(**roles)
+    return Trio(**roles)
+
+
+def on_a_grid(trio, folder, step=2.0**-8):
+    """A copy of ``trio`` whose every value is a multiple of ``step``: the updates take a few
+    distinct magnitudes (each tied thousands of times, as in bfloat16 checkpoints, only more),
+    and the differences are exact in float32."""
+    return rewritten(
+        trio,
+        folder,
+        lambda ts: {k: t.div(step).round().mul(step).to(t.dtype) for k, t in ts.items()},
+    )
 
 
 def selection_matches_the_definition(method, trio, out) -> int:
@@ -912,22 +924,12 @@ def test_a_pass_after_the_first_prefetches_no_row_again(tiny_llava_trio, monkeyp
 def _storing_the_tied_head(trio: Trio, folder: Path) -> Trio:
     """A copy of a trio whose models tie their embeddings yet store the head too (as some
     checkpoints do): the VLM's head is then merged from the embedding's rows, read again."""
-    roles = {}
-    for role in ("base", "multilingual", "multimodal"):
-        dst = folder / role
-        shutil.copytree(getattr(trio, role), dst)
-        for f in dst.glob("*.safetensors"):
-            tensors = load_file(f)
-            if "model.embed_tokens.weight" in tensors:
-                tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
-                save_file(tensors, f, metadata={"format": "pt"})
-        index = dst / "model.safetensors.index.json"
-        if index.exists():
-            data = json.loads(index.read_text())
-            data["weight_map"]["lm_head.weight"] = data["weight_map"]["model.embed_tokens.weight"]
-            index.write_text(json.dumps(data))
-        roles[role] = dst
-    return Trio(**roles)
+
+    def with_head(tensors: dict) -> dict:
+        embed = tensors.get("model.embed_tokens.weight")
+        return tensors if embed is None else {**tensors, "lm_head.weight": embed.clone()}
+
+    return rewritten(trio, folder, with_head)
 
 
 @pytest.mark.parametrize(
