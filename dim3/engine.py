@@ -48,7 +48,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import closing, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -265,7 +265,8 @@ class _Step:
 
     stage: "copy" (copied rows), "whole" (the whole tensor merged at once), "stats0", "stats1",
     ... (a statistics pass over the merged rows; nothing written), "apply" (merged rows written).
-    ``reread``: a pass after the first over the same rows (their pages are mapped in already).
+    ``reread``: a pass after the first over the same rows, their pages mapped in already (unless
+    unmapped since: :func:`_released`).
     ``out`` differs from ``source`` for a head tied to the embedding: it is computed again.
     """
 
@@ -275,7 +276,7 @@ class _Step:
     start: int
     stop: int
     last: bool  # the last step of its stage for this entry
-    reread: bool = False  # its merged rows were read by the step's first pass (stats0)
+    reread: bool = False  # its merged rows were read by the pass before, and are mapped in
 
 
 PASSES = {
@@ -347,22 +348,38 @@ def _schedule(
 
 
 SLOTS = 2  # input slices in flight: one computed while the next is read
-# steps after which the loop unmaps a step's input rows that no later step reads again
+# steps after which the loop unmaps a step's input rows that no step reads again soon
 # (_released): past the write pipe's queue (the rows of a copied slice are written from the
 # mapped files) and the tiles still computing, so that the process's mapped input pages stay a
 # few dozen slices' worth; what was read is unmapped at the end anyway
 RELEASE_LAG = 8
 # steps the read thread stages ahead of the one computed, on the CPU (views of the mapped files:
-# no buffer each, so more than SLOTS - 1): a selection's guess (_Merger.guess) of the next
-# tensor is then made while this tensor's statistics pass computes, not after it
+# no buffer each, so more than SLOTS - 1): a selection's guess of the next tensor is then made
+# while this tensor's statistics pass computes, not after it
 AHEAD = 12
+# steps ahead of the one computed whose rows are mapped into the process (MappedShards.prefetch):
+# a step staged further ahead is a view only until then, so that the mapped input pages, which
+# the resident size counts, are MAPPED_AHEAD + 1 + RELEASE_LAG steps' worth, not AHEAD's more
+MAPPED_AHEAD = 3
+# steps between two reads of the same rows (passes over a long tensor) from which the rows are
+# unmapped in between and mapped in again for the second read: past RELEASE_LAG and the read
+# thread's MAPPED_AHEAD, so that no rows are unmapped once mapped in for the next read (a pass's
+# cuts may differ by a step from the pass before: the padded vocabulary's rows). A guess's rows
+# are mapped in as it is staged, AHEAD steps before: were a head tied to the embedding merged
+# just before the embedding, rows of the embedding's first step could be unmapped after that,
+# and its tiles would fault them in again (no plan of the families here orders them so)
+FAR = RELEASE_LAG + MAPPED_AHEAD + 2
 
 
-def _released(steps: list[_Step]) -> list[bool]:
-    """Per step, whether its input rows may be unmapped once it is done: a step of the last
-    pass over its source's rows that writes or copies them. Not a statistics pass (the passes
-    after it read the same rows), and not a pass that a head tied to that source repeats."""
-    last: dict[str, int] = {}  # per source, where its last pass begins
+def _released(steps: list[_Step]) -> tuple[list[_Step], list[bool]]:
+    """Per step, whether its input rows are unmapped once it is done: no later step reads them
+    (a step of the last pass over its source's rows, writing or copying them), or the next
+    pass over them reads them more than :data:`FAR` steps later (on the Qwen2-VL-2B trio, DiM3's
+    and TIES' passes over the embedding, 28 steps each). And the steps, those of such a next
+    pass no longer ``reread`` (their pages are mapped in again). A pass is a run of steps of
+    one source, output and stage; a head tied to the embedding reads the embedding's rows
+    again."""
+    spans: list[tuple[int, int]] = []  # the passes, as [first step, past the last)
     for i, step in enumerate(steps):
         before = steps[i - 1] if i else None
         if before is None or (before.source.key, before.out.key, before.stage) != (
@@ -370,11 +387,31 @@ def _released(steps: list[_Step]) -> list[bool]:
             step.out.key,
             step.stage,
         ):
-            last[step.source.key] = i
-    return [
-        step.stage in ("copy", "whole", "apply") and i >= last[step.source.key]
-        for i, step in enumerate(steps)
-    ]
+            spans.append((i, i))
+        spans[-1] = (spans[-1][0], i + 1)
+    following: dict[str, tuple[int, int] | None] = {}  # per source, the pass after the current
+    nexts: list[tuple[int, int] | None] = []
+    for span in reversed(spans):
+        nexts.append(following.get(steps[span[0]].source.key))
+        following[steps[span[0]].source.key] = span
+    nexts.reverse()
+    out, release = list(steps), [False] * len(steps)
+    for (a, b), after in zip(spans, nexts, strict=True):
+        if after is None:  # the last pass over these rows
+            for i in range(a, b):
+                release[i] = steps[i].stage in ("copy", "whole", "apply")
+            continue
+        # the fewest steps from one of this pass's to the first of the next pass's that reads
+        # its rows again (passes go through the rows in order)
+        j, gap = after[0], len(steps)
+        for i in range(a, b):
+            while j < after[1] - 1 and steps[j].stop <= steps[i].start:
+                j += 1
+            gap = min(gap, j - i)
+        if gap > FAR:
+            release[a:b] = [True] * (b - a)
+            out[after[0] : after[1]] = [replace(s, reread=False) for s in out[after[0] : after[1]]]
+    return out, release
 
 
 @dataclass
@@ -427,21 +464,26 @@ class _Source:
             read += [(m, k, shared) for m, k in mls]
         return read
 
+    def _where(self, ckpt: Checkpoint, key: str) -> tuple[Path, str, torch.dtype, tuple]:
+        return ckpt.file_of(key), key, ckpt.dtype(key), tuple(ckpt.shape(key))
+
+    def populate(self, step: _Step) -> None:
+        """Ask the kernel to map ``step``'s rows in (:meth:`MappedShards.prefetch`), on the read
+        thread. A pass after the first reads pages that the first mapped in: then only the
+        VLM's own rows (tokens the base lacks), which the statistics passes do not read
+        (MADV_POPULATE_READ walks the mapped pages again: 0.6 s of the read thread's time in a
+        TIES merge of the Qwen2-VL-2B trio), unless they were unmapped since (_released)."""
+        fresh = self._shared(step) if step.reread else step.start
+        for ckpt, key, stop in self._reads(step):
+            if fresh < stop:
+                self.maps.prefetch(*self._where(ckpt, key), fresh, stop)
+
     def _views(self, step: _Step) -> tuple[torch.Tensor, ...]:
         a, shared = step.start, self._shared(step)
-        # a pass after the first reads pages that the first mapped in: it prefetches only the
-        # VLM's own rows (tokens the base lacks), which the statistics passes do not read
-        # (MADV_POPULATE_READ walks the mapped pages again: 0.6 s of the read thread's time
-        # in a TIES merge of the Qwen2-VL-2B trio)
-        fresh = shared if step.reread else a
-
-        def rows(ckpt: Checkpoint, key: str, stop: int) -> torch.Tensor:
-            where = (ckpt.file_of(key), key, ckpt.dtype(key), tuple(ckpt.shape(key)))
-            if fresh < stop:
-                self.maps.prefetch(*where, fresh, stop)
-            return self.maps.rows(*where, a, stop)
-
-        read = tuple(rows(*r) for r in self._reads(step))
+        read = tuple(
+            self.maps.rows(*self._where(ckpt, key), a, stop)
+            for ckpt, key, stop in self._reads(step)
+        )
         if step.stage == "copy":
             return read
         extras = self.inputs.extras
@@ -450,15 +492,18 @@ class _Source:
 
     def release(self, step: _Step) -> int:
         """Unmap the rows of the model files that ``step`` read (:meth:`MappedShards.release`):
-        the caller knows that no later step reads them again. Returns the bytes unmapped."""
-        done = 0
-        for ckpt, key, stop in self._reads(step):
-            where = (ckpt.file_of(key), key, ckpt.dtype(key), tuple(ckpt.shape(key)))
-            done += self.maps.release(*where, step.start, stop)
-        return done
+        the caller knows that no step reads them again soon (:func:`_released`). Returns the
+        bytes unmapped."""
+        return sum(
+            self.maps.release(*self._where(ckpt, key), step.start, stop)
+            for ckpt, key, stop in self._reads(step)
+        )
 
-    def stage(self, step: _Step, slot: int) -> _Staged:
-        """The rows ``step`` needs (runs on the read thread)."""
+    def stage(self, step: _Step, slot: int, populate: bool = True) -> _Staged:
+        """The rows ``step`` needs (runs on the read thread), their pages mapped in unless not
+        ``populate`` (then :meth:`populate` does, later; CPU only)."""
+        if populate or self.streams.cuda:
+            self.populate(step)
         views = self._views(step)
         if not self.streams.cuda or step.stage == "copy":
             return _Staged(views)
@@ -994,6 +1039,16 @@ class _Merger:
     def _selection_begin(self, e: Entry) -> None:
         self.adopt(self.selection_state(e))
 
+    def guesses(self, step: _Step) -> bool:
+        """Whether :meth:`guess` guesses ``step``'s thresholds: the first step of a selection's
+        statistics over a matrix."""
+        return (
+            self.method.kind == "selection"
+            and step.stage == "stats0"
+            and step.start == 0
+            and len(step.source.shape) == 2
+        )
+
     def guess(
         self, step: _Step, views: Sequence[torch.Tensor]
     ) -> list[list[tuple[int, int] | None]] | None:
@@ -1009,12 +1064,7 @@ class _Merger:
         staging of the step, while the tiles compute the step before (the strided sample
         touches every page of the first step's rows, a good part of its time)."""
         e = step.source
-        if not (
-            self.method.kind == "selection"
-            and step.stage == "stats0"
-            and step.start == 0
-            and len(e.shape) == 2
-        ):
+        if not self.guesses(step):
             return None
         n, ks = self._selection_ranks(e)
         (vlm, base, *mls), _ = self._split(list(views))
@@ -1589,15 +1639,17 @@ def _pieces(
     extras = inputs.extras.count if inputs.extras is not None else 0
     merger = _Merger(method, options, device, buffers, on_step, extras, 1 + plan.multilingual)
     workers = tile_workers(device, light=merger.light)
-    steps = _schedule(plan, method, budget, tiled=workers > 0, light=merger.light)
+    steps, release = _released(
+        _schedule(plan, method, budget, tiled=workers > 0, light=merger.light)
+    )
     tied_sources = {e.tied_to for e in plan.entries if e.tied_to}
     whole: dict[str, torch.Tensor] = {}  # merged whole tensors that a tied head repeats
     tiles = _Tiles(workers) if workers else None
     if tiles is not None:
         merger.helper = tiles.submit
 
-    def stage(i: int) -> _Staged:  # on the read thread, but for the first step
-        staged = source.stage(steps[i], i % SLOTS)
+    def stage(i: int, populate: bool = True) -> _Staged:  # on the read thread, but step 0's
+        staged = source.stage(steps[i], i % SLOTS, populate)
         if tiles is not None:
             staged.guess = merger.guess(steps[i], staged.tensors)
         return staged
@@ -1643,8 +1695,10 @@ def _pieces(
         initializer=torch.set_num_threads,  # its sample's sort: see loop_threads
         initargs=(1 if tiles is not None else torch.get_num_threads(),),
     )
-    release = _released(steps)
     done: deque[int] = deque()  # steps whose rows are unmapped RELEASE_LAG steps later
+    views_only: set[int] = set()  # steps staged with their pages not mapped in yet
+    populating: deque[tuple[int, Future]] = deque()  # (step, its pages being mapped in)
+
     try:
         ahead = SLOTS - 1 if streams.cuda else AHEAD  # CUDA: a slot's buffers per step
         running: _Running | None = None
@@ -1654,9 +1708,22 @@ def _pieces(
             if release[i]:
                 done.append(i)
             staged = pending.popleft().result() if pending else stage(i)
+            while populating and populating[0][0] <= i:  # before it computes, as if staged so
+                populating.popleft()[1].result()
             while queued < len(steps) and len(pending) < ahead:
-                pending.append(pool.submit(stage, queued))
+                # the rows of a step staged far ahead are mapped in MAPPED_AHEAD steps before
+                # it, but a guess's (its sample reads them on the read thread now)
+                now = queued - i <= MAPPED_AHEAD or merger.guesses(steps[queued])
+                if not now:
+                    views_only.add(queued)
+                pending.append(pool.submit(stage, queued, now))
                 queued += 1
+            if (j := i + MAPPED_AHEAD) in views_only:
+                views_only.remove(j)
+                # but a later statistics pass that a selection skips (known once the first
+                # ends: for its first MAPPED_AHEAD steps, not yet)
+                if not merger.skips(steps[j]):
+                    populating.append((j, pool.submit(source.populate, steps[j])))
             if step.stage == "copy":
                 out = staged.tensors[0]
             elif step.stage == "whole" and step.source.key in whole:

@@ -160,18 +160,21 @@ class MappedShards:
         threads reading them would then fault in again). So the released rows of a file are
         gathered into runs, each call's rows continuing the last call's (a merge releases a
         tensor's rows in order, and its tensors mostly in the file's order); rows elsewhere in
-        the file begin a new run. A run's whole blocks are unmapped as it reaches past them;
-        its first and last partial blocks stay mapped until :meth:`close`. Returns the
-        bytes unmapped (0 where ``madvise`` is missing)."""
+        the file begin a new run, and so do rows released before (read again since). A run's
+        whole blocks are unmapped as it reaches past them; its first and last partial blocks
+        stay mapped until :meth:`close`. Returns the bytes unmapped (0 where ``madvise`` is
+        missing)."""
         if _MADVISE is None or file not in self._maps:
             return 0
         _, data, starts = self._maps[file]
         offset, nbytes, _ = self._span(shape, dtype, start, stop)
+        if nbytes == 0:
+            return 0
         lo = starts[key] + offset
         hi, run = lo + nbytes, self._runs.get(file)
-        if run is None or not run[0] <= lo <= run[1]:  # a new run, from its first whole block
+        if run is None or lo != run[1]:  # a new run, from its first whole block
             run = self._runs[file] = [lo, hi, -(-lo // HUGE) * HUGE]
-        run[1] = max(run[1], hi)
+        run[1] = hi
         end, done = run[1] // HUGE * HUGE, run[2]
         if end <= done or _MADVISE(data.data_ptr() + done, end - done, MADV_DONTNEED) != 0:
             return 0

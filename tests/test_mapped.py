@@ -134,8 +134,8 @@ def _resident_kib(path) -> int:
 def test_released_rows_leave_the_process_in_whole_blocks_and_read_the_same_after(shard):
     """``release`` unmaps the whole 2 MiB blocks inside the rows released so far from the
     process (the resident size of the file's mapping falls by exactly what it says), each
-    call's rows continuing the run of the last or, elsewhere in the file, beginning their own,
-    and nothing of a block that rows not released share; the bytes stay as they were: the rows
+    call's rows continuing the run of the last or, elsewhere in the file or read again,
+    beginning their own, and nothing of a block that rows not released share; the bytes stay as they were: the rows
     read the stored values again."""
     path, weight = shard
     maps = MappedShards()
@@ -160,6 +160,12 @@ def test_released_rows_leave_the_process_in_whole_blocks_and_read_the_same_after
     assert maps.release(*_where(path), 100, 300) == 0  # 400 KiB: inside one block
     more = maps.release(*_where(path), 300, 1700)  # the run 100:1700 has whole blocks now
     assert more == blocks(100, 1700) > 0
+    assert _resident_kib(path) == mapped_in - (freed + more) // 1024
+    # the same rows read again (another pass: mapped in again), then released again: a run
+    # of their own, not the end of the last one
+    maps.prefetch(*_where(path), 100, 1700)
+    assert _resident_kib(path) == mapped_in - freed // 1024
+    assert maps.release(*_where(path), 100, 1700) == more
     assert _resident_kib(path) == mapped_in - (freed + more) // 1024
     assert maps.release(*_where(path), 5, 5) == 0  # no rows
     assert maps.release(path, "a.norm", torch.float32, (7,), 0, 7) == 0
