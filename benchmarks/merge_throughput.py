@@ -8,7 +8,9 @@ shards). Each round runs both floors and then the merge back to back, each in a 
 recording before each the load average and how much of the inputs is in the page cache
 (``fincore``); ratios are taken within a round and the medians over ``--repeat`` rounds reported.
 ``--against OTHER_CHECKOUT`` also runs that checkout's engine in every round (paired old/new;
-this checkout's first in rounds 1, 3, ..., the other's first in rounds 2, 4, ...);
+this checkout's first in rounds 1, 3, ..., the other's first in rounds 2, 4, ...; an odd
+``--repeat`` gets one round more, so that each engine runs first as often: the one run right
+after the floors tends to be the slower, 10 of 12 pairs on 2026-12-02);
 ``--cli`` also times ``python -m dim3 merge`` as a whole process (interpreter start and imports
 included) right after each round's merge, against the same round's floor, and ``python -m dim3
 plan`` on the same trio (the same command's start: interpreter, torch and the package imported,
@@ -686,9 +688,12 @@ def main() -> None:
         "--against",
         default=None,
         help="another checkout of this repository: its engine is run on the same trio in each "
-        "round, for a paired comparison",
+        "round, for a paired comparison (an even number of rounds: one more for an odd --repeat)",
     )
     args = parser.parse_args()
+    if args.against and args.repeat % 2:
+        args.repeat += 1
+        print(f"--against: {args.repeat} rounds, each engine first in half of them", flush=True)
 
     root = Path(args.workdir or tempfile.mkdtemp(prefix="dim3-bench-"))
     root.mkdir(parents=True, exist_ok=True)

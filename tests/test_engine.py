@@ -752,6 +752,31 @@ def test_the_throughput_benchmark_runs_a_round_from_inputs_read_back_from_disk(t
     assert not (tmp_path / "floor").exists() and not (tmp_path / "cache").exists()
 
 
+def test_the_throughput_benchmark_pairs_another_checkout_first_as_often_as_this_one(tmp_path):
+    """``benchmarks/merge_throughput.py --against``: the other checkout's engine merges the same
+    trio in every round, first in every other round; an odd ``--repeat`` gets one round more,
+    so that each engine runs right after the floors as often. This checkout against itself
+    (a real process each), the pair's figures reported."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    script = root / "benchmarks" / "merge_throughput.py"
+    argv = [sys.executable, str(script), "--shape", "tiny", "--repeat", "1", "--device", "cpu"]
+    argv += ["--method", "task_arithmetic", "--workdir", str(tmp_path), "--against", str(root)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = done.stdout
+    assert "--against: 2 rounds, each engine first in half of them" in out, out
+    order = re.findall(r"round (\d) +(merge|old) ", out)
+    assert order == [("1", "merge"), ("1", "old"), ("2", "old"), ("2", "merge")], out
+    pair = re.search(
+        r"other engine \(--against\) +[\d.]+ s = [\d.]+x the direct floor; new/old wall ([\d.]+)",
+        out,
+    )
+    assert pair is not None and float(pair.group(1)) > 0, out
+
+
 def test_the_first_touch_benchmark_measures_each_kind_of_page():
     """``benchmarks/first_touch.py``: each variant in its own process touches every 4 KiB page
     of the buffer once; in 4 KiB pages that is one fault per page, in the engine's 2 MiB pages
