@@ -24,10 +24,11 @@ A merge is bound by reading three models and writing one, so the loop does littl
   files (:mod:`dim3.mapped`, no read copy) and unmapped once merged (:data:`RELEASE_LAG`), so the
   process's resident size stays a few slices' worth; shards are written past the page cache
   (:class:`dim3.writer.ShardedWriter`, ``O_DIRECT`` where the file system allows it).
-- **Reading, computing and writing overlap**: a read thread prepares the next step (page-cache
-  read-ahead on the CPU; pinned staging and a copy on a transfer stream for CUDA, :data:`SLOTS`
-  steps in flight) and a write thread writes the previous ones (at most two queued,
-  :class:`_Pipe`), while torch computes on :func:`compute_threads` threads.
+- **Reading, computing and writing overlap**: a read thread prepares the steps ahead (on the CPU
+  :data:`AHEAD` staged as views, their pages mapped in :data:`MAPPED_AHEAD` steps ahead; pinned
+  staging and a copy on a transfer stream for CUDA, :data:`SLOTS` steps in flight) and a write
+  thread writes the previous ones (at most four queued, two for CUDA, :class:`_Pipe`), while
+  torch computes on :func:`compute_threads` threads.
 
 The engine knows no tokenization and no UI; progress goes to an optional callback.
 """

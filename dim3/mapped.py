@@ -66,7 +66,7 @@ class MappedShards:
     def __init__(self) -> None:
         self._maps: dict[Path, tuple[mmap.mmap, torch.Tensor, dict[str, int]]] = {}
         self._fds: dict[Path, int] = {}  # for page-cache probes
-        self._runs: dict[Path, list[int]] = {}  # per file: [run's start, its end, unmapped to]
+        self._runs: dict[Path, list[int]] = {}  # per file, released rows: [end, unmapped to]
 
     def _open(self, file: Path) -> tuple[mmap.mmap, torch.Tensor, dict[str, int]]:
         if file not in self._maps:
@@ -171,14 +171,14 @@ class MappedShards:
         if nbytes == 0:
             return 0
         lo = starts[key] + offset
-        hi, run = lo + nbytes, self._runs.get(file)
-        if run is None or lo != run[1]:  # a new run, from its first whole block
-            run = self._runs[file] = [lo, hi, -(-lo // HUGE) * HUGE]
-        run[1] = hi
-        end, done = run[1] // HUGE * HUGE, run[2]
+        run = self._runs.get(file)
+        if run is None or lo != run[0]:  # a new run, from its first whole block
+            run = self._runs[file] = [lo, -(-lo // HUGE) * HUGE]
+        run[0] = lo + nbytes
+        end, done = run[0] // HUGE * HUGE, run[1]
         if end <= done or _MADVISE(data.data_ptr() + done, end - done, MADV_DONTNEED) != 0:
             return 0
-        run[2] = end
+        run[1] = end
         return end - done
 
     def _cached(self, file: Path, data: torch.Tensor, begin: int, nbytes: int) -> bool:
