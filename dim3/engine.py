@@ -2024,6 +2024,10 @@ class _Pipe:
             with torch.cuda.stream(transfer):
                 host.copy_(dev, non_blocking=True)
                 copied.record(transfer)
+            # a step larger than the buffers keep (a matrix method's whole embedding) gets a
+            # fresh ``dev``, freed as this returns: without this, the allocator could hand its
+            # memory to the compute stream's next tensors while the copy still reads it
+            dev.record_stream(transfer)
             ready: torch.cuda.Event | None = copied
         else:
             host = self._host(slot, key, start, tuple(rows.shape), dtype, pin)

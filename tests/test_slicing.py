@@ -1458,21 +1458,27 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_the_gpu_check_selects_every_test_that_needs_cuda():
     """``.ci/gpu`` runs ``-k "cuda or gpu"`` over its files: every test in the suite that skips
     without CUDA must be in that selection (a renamed or moved one would silently drop out of
-    the GPU run), and those files must need neither gradio nor Playwright (a GPU machine's
-    image may lack them)."""
+    the GPU run), no test that skips with CUDA may be (the script fails on any skip: this one's
+    refusal test was selected, so the script failed on every GPU machine), and those files must
+    need neither gradio nor Playwright (a GPU machine's image may lack them)."""
     import ast
     import re
     import subprocess
     import sys
 
-    needs = set()
+    needs, avoids = set(), set()
     for file in sorted((ROOT / "tests").glob("test_*.py")):
         for node in ast.walk(ast.parse(file.read_text())):
             if isinstance(node, ast.FunctionDef) and node.name.startswith("test_"):
-                marks = " ".join(ast.unparse(d) for d in node.decorator_list)
-                if "cuda.is_available" in marks:
-                    needs.add(f"tests/{file.name}::{node.name}")
-    assert len(needs) >= 5, needs
+                for mark in node.decorator_list:
+                    if not (isinstance(mark, ast.Call) and mark.args):
+                        continue
+                    condition = ast.unparse(mark.args[0]).replace(" ", "")
+                    if condition == "nottorch.cuda.is_available()":  # skips without CUDA
+                        needs.add(f"tests/{file.name}::{node.name}")
+                    elif "cuda.is_available" in condition:  # skips with it (or is unclear)
+                        avoids.add(f"tests/{file.name}::{node.name}")
+    assert len(needs) >= 4 and avoids, (needs, avoids)
     listed = re.search(r"^tests=\((.*)\)", (ROOT / ".ci" / "gpu").read_text(), re.M)
     assert listed is not None
     files = listed.group(1).split()
@@ -1489,10 +1495,11 @@ def test_the_gpu_check_selects_every_test_that_needs_cuda():
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     selected = {line.split("[")[0] for line in done.stdout.splitlines() if "::" in line}
     assert needs <= selected, needs - selected
+    assert not avoids & selected, avoids & selected
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a CPU-only machine")
-def test_the_gpu_check_refuses_a_machine_without_cuda():
+def test_the_device_check_refuses_a_cpu_only_machine():
     """``bash .ci/gpu`` where torch sees no GPU: exit status 2 and a message that says so, before
     any test or benchmark runs."""
     import os
