@@ -742,6 +742,16 @@ class _Merger:
         )
         if kind == "columns" and columns.reads_stored:
             weights = fused.weight_rows(state)
+
+            def columns_into(work: list[torch.Tensor], first: int, out: torch.Tensor) -> bool:
+                (vlm, base, *mls), _ = self._split(work)
+                if not (fused.fits_dim3(base, [vlm, *mls]) and fused.writes(out, base)):
+                    return False
+                shifted = _Step(step.source, step.out, step.stage, step.start + first, 0, False)
+                return self._column_kernel(shifted, [base, vlm, *mls], weights, out)
+
+            # DiM3's kernel writes the output dtype itself (_Tiles._work), as task arithmetic's
+            columns.into = columns_into  # type: ignore[attr-defined]
         elementwise.reads_stored = self._fused_dare or self._fused_sum  # type: ignore[attr-defined]
         if self._fused_sum and self.method.into is not None:
             rule_into = self.method.into
@@ -1018,17 +1028,24 @@ class _Merger:
         return apply(part[0], part[1:], weights)
 
     def _column_kernel(
-        self, step: _Step, part: list[torch.Tensor], weights: tuple[Any, Any]
-    ) -> torch.Tensor:
+        self,
+        step: _Step,
+        part: list[torch.Tensor],
+        weights: tuple[Any, Any],
+        out: torch.Tensor | None = None,
+    ) -> Any:
         """:meth:`_column_apply` of a tile by :func:`dim3.fused.dim3_apply` (the same bits),
-        its rows read as stored; into the tile thread's float32 buffer. ``weights``: the
-        tensor's, as :func:`dim3.fused.weight_rows` gives them."""
-        out = scratch("dim3.fused", part[0].shape, part[0], torch.float32)
+        its rows read as stored; into the tile thread's float32 buffer (returned), or with
+        ``out`` into it in its own dtype (:func:`dim3.fused.dim3_apply_into`: returns whether
+        it did). ``weights``: the tensor's, as :func:`dim3.fused.weight_rows` gives them."""
+        w, by_row = weights, False
         if step.source.transpose:
             a, b = step.start, step.start + part[0].shape[0]
-            w = (weights[0][a:b], weights[1][a:b])
-            return fused.dim3_apply(part[0], part[1:], w, True, out)
-        return fused.dim3_apply(part[0], part[1:], weights, False, out)
+            w, by_row = (weights[0][a:b], weights[1][a:b]), True
+        if out is not None:
+            return fused.dim3_apply_into(part[0], part[1:], w, by_row, out)
+        out = scratch("dim3.fused", part[0].shape, part[0], torch.float32)
+        return fused.dim3_apply(part[0], part[1:], w, by_row, out)
 
     # -- selection (TIES, Breadcrumbs): exact per-update ranks over slices, then masks
     def _selection_ranks(self, e: Entry) -> tuple[int, list[int]]:
@@ -1476,10 +1493,11 @@ def _raw(fn: Callable, views: Sequence[torch.Tensor]) -> bool:
 def _whole(fn: Callable, views: Sequence[torch.Tensor]) -> bool:
     """Whether a step of ``fn`` is best computed as one tile on a single tile thread: a rule
     that writes the output dtype itself from the rows as stored (``fn.into``: task
-    arithmetic's compiled sum) makes one pass over memory whatever the tile, and a tile more
-    is only Python's work under its global lock. Only for a rule whose tiles read no state made
-    for the usual cut: TIES' shares of its tied values are counted per usual tile
-    (:meth:`_Merger.before_tiles`), so a TIES ``into`` would have to be kept out of this."""
+    arithmetic's compiled sum, DiM3's apply kernel) makes one pass over memory whatever the
+    tile, and a tile more is only Python's work under its global lock. Only for a rule whose
+    tiles read no state made for the usual cut: TIES' shares of its tied values are counted per
+    usual tile (:meth:`_Merger.before_tiles`), so a TIES ``into`` would have to be kept out of
+    this."""
     return getattr(fn, "into", None) is not None and _raw(fn, views)
 
 

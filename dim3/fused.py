@@ -359,8 +359,8 @@ def task_arithmetic(
 
 
 def writes(out: Tensor, base: Tensor) -> bool:
-    """Whether :func:`task_arithmetic_into` writes into ``out``: a contiguous CPU tensor shaped
-    like ``base``, float32 or bfloat16."""
+    """Whether :func:`task_arithmetic_into` and :func:`dim3_apply_into` write into ``out``: a
+    contiguous CPU tensor shaped like ``base``, float32 or bfloat16."""
     return (
         out.device.type == "cpu"
         and out.dtype in (torch.float32, torch.bfloat16)
@@ -422,7 +422,8 @@ def _columns_kernel() -> Any:
     for kernel in (kernels.columns2_fma, kernels.columns2):
         out = torch.empty_like(base)
         if all(
-            torch.equal(_columns(kernel, base, tuned, w, by, out), want) for want, w, by in wants
+            _columns(kernel, base, tuned, w, by, out) == 0 and torch.equal(out, want)
+            for want, w, by in wants
         ):
             return kernel
     return None
@@ -436,11 +437,13 @@ def weight_rows(weights: Tensor) -> tuple[Any, Any]:
     return w0, w1
 
 
-def _columns(kernel: Any, base: Tensor, tuned: list[Tensor], w: Any, by_row: bool, out: Tensor):
+def _columns(
+    kernel: Any, base: Tensor, tuned: list[Tensor], w: Any, by_row: bool, out: Tensor
+) -> int:
+    """``kernel`` over the tile into ``out``; how many values written are NaN in bfloat16."""
     cols = max(1, math.prod(base.shape[1:]))
     w0, w1 = w if isinstance(w, tuple) else weight_rows(w)
-    kernel(_flat(base), *map(_flat, tuned), w0, w1, cols, by_row, _flat(out))
-    return out
+    return kernel(_flat(base), *map(_flat, tuned), w0, w1, cols, by_row, _flat(out))
 
 
 def fits_dim3(base: Tensor, tuned: list[Tensor]) -> bool:
@@ -465,7 +468,21 @@ def dim3_apply(
     float32 ``out`` (shaped like base; returned); ``weights`` may also be
     :func:`weight_rows`' pair. base, tuned: as for :func:`fits_dim3`."""
     assert out.dtype == torch.float32 and len(weights) == 2
-    return _columns(_columns_kernel(), base, tuned, weights, by_row, out)
+    _columns(_columns_kernel(), base, tuned, weights, by_row, out)
+    return out
+
+
+def dim3_apply_into(
+    base: Tensor, tuned: list[Tensor], weights: Any, by_row: bool, out: Tensor
+) -> bool:
+    """:func:`dim3_apply` written straight into ``out`` in its own dtype (:func:`writes`): the
+    bits of computing it in float32 and converting it with ``out.copy_``, in one pass and no
+    float32 buffer (torch's conversion of a tile took 0.1-0.2 ms of a 2**20-entry tile's
+    0.3-0.6 ms; docs/performance-log.md). False, with ``out`` holding nothing meaningful, where
+    a value is NaN and ``out`` bfloat16 (torch's conversion gives NaN bits of its own): convert
+    those with torch."""
+    assert len(weights) == 2
+    return _columns(_columns_kernel(), base, tuned, weights, by_row, out) == 0
 
 
 SUM_COLUMNS = 64  # torch sums these blocks of columns in the cascade column_sums2 follows

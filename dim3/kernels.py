@@ -92,6 +92,33 @@ def _load_overload(a, i):  # noqa: ANN001, ANN202
     return lambda a, i: a[i]
 
 
+def _store(out, i, x):  # noqa: ANN001, ANN202
+    """Write float32 ``x`` as entry ``i`` of ``out``: as it is into a float32 array, rounded as
+    torch converts it into a bfloat16 one (its bits as int16, :func:`_bfloat16`). Returns
+    whether the bits written are not torch's: a NaN into bfloat16 (whose bits torch's vector
+    and scalar code do not agree on); the caller then converts with torch instead. Compiled
+    as its own function, which LLVM inlines: numba's own inlining of it (``inline="always"``)
+    kept the loops that call it from being vectorized (7 times slower)."""
+    raise NotImplementedError  # compiled only (the overload below)
+
+
+@overload(_store)
+def _store_overload(out, i, x):  # noqa: ANN001, ANN202
+    if out.dtype == numba.types.int16:
+
+        def rounded(out, i, x):  # noqa: ANN001, ANN202
+            out[i] = _bfloat16(x)
+            return x != x
+
+        return rounded
+
+    def stored(out, i, x):  # noqa: ANN001, ANN202
+        out[i] = x
+        return False
+
+    return stored
+
+
 @_jit(inline="always")
 def _magnitude(x):  # noqa: ANN001, ANN202
     """|x| of a float32 as its int32 bit pattern (ordered like the magnitudes), in an int64."""
@@ -298,44 +325,52 @@ def _columns2(b, v0, v1, w0, w1, cols, by_row, out):  # noqa: ANN001, ANN202
     weight the entry's column's (``w_t[c]``, ``cols`` columns a row), or its row's
     (``w_t[r]``, ``by_row``: a tensor whose columns are its stored rows). Inlined into the two
     kernels below, which differ in their multiply-adds only. Row by row, on slices: a loop
-    over ``r * cols + c`` does not vectorize (a third of the speed)."""
+    over ``r * cols + c`` does not vectorize (a third of the speed). ``out``: float32, or
+    bfloat16 as its int16 bits (:func:`_store`). Returns how many values written are NaN in
+    bfloat16 (0 for float32)."""
+    nans = 0
     for r in range(b.size // cols):
         o, e = r * cols, (r + 1) * cols
         if by_row:
-            _row2(b[o:e], v0[o:e], v1[o:e], w0[r], w1[r], out[o:e])
+            nans += _row2(b[o:e], v0[o:e], v1[o:e], w0[r], w1[r], out[o:e])
         else:
-            _row2_columns(b[o:e], v0[o:e], v1[o:e], w0, w1, out[o:e])
+            nans += _row2_columns(b[o:e], v0[o:e], v1[o:e], w0, w1, out[o:e])
+    return nans
 
 
 @_jit(inline="always")
 def _row2_columns(b, v0, v1, w0, w1, out):  # noqa: ANN001, ANN202
     """One row of :func:`_columns2`, weights per column."""
+    nans = 0
     for c in range(b.size):
         bi = _load(b, c)
         m = bi + (_load(v0, c) - bi) * w0[c]
-        out[c] = m + (_load(v1, c) - bi) * w1[c]
+        nans += _store(out, c, m + (_load(v1, c) - bi) * w1[c])
+    return nans
 
 
 @_jit(inline="always")
 def _row2(b, v0, v1, x0, x1, out):  # noqa: ANN001, ANN202
     """One row of :func:`_columns2`, one weight per update for the whole row."""
+    nans = 0
     for c in range(b.size):
         bi = _load(b, c)
         m = bi + (_load(v0, c) - bi) * x0
-        out[c] = m + (_load(v1, c) - bi) * x1
+        nans += _store(out, c, m + (_load(v1, c) - bi) * x1)
+    return nans
 
 
 @_jit()
 def columns2(b, v0, v1, w0, w1, cols, by_row, out):  # noqa: ANN001, ANN201
     """:func:`_columns2` with each multiply and add rounded (torch's scalar code)."""
-    _columns2(b, v0, v1, w0, w1, cols, by_row, out)
+    return _columns2(b, v0, v1, w0, w1, cols, by_row, out)
 
 
 @_jit(fastmath={"contract"})
 def columns2_fma(b, v0, v1, w0, w1, cols, by_row, out):  # noqa: ANN001, ANN201
     """:func:`_columns2` with each multiply-add rounded once (fused), as torch's vectorized
     ``addcmul_`` computes it on x86 CPUs with AVX2 or AVX-512 (the compiler contracts it)."""
-    _columns2(b, v0, v1, w0, w1, cols, by_row, out)
+    return _columns2(b, v0, v1, w0, w1, cols, by_row, out)
 
 
 @_jit()

@@ -281,7 +281,7 @@ def _in_bfloat16(trio, folder):
     [
         ("ties", ("apply", "counts")),
         ("dare_ties", ("dare_ties",)),
-        ("dim3", ("dim3_apply", "dim3_stats_runs")),
+        ("dim3", ("dim3_apply_into", "dim3_stats_runs")),
         ("task_arithmetic", ("task_arithmetic_into",)),
     ],
 )
@@ -368,14 +368,18 @@ def test_dim3_sum_tiles_give_the_sums_of_one_sum_tile_a_tile(
             assert (folder / name).read_bytes() == (folders[-1] / name).read_bytes(), name
 
 
-def test_task_arithmetic_into_the_output_falls_back_where_a_result_is_nan(
-    tiny_llava_trio, tmp_path, monkeypatch
+@pytest.mark.parametrize(
+    "method,kernel", [("task_arithmetic", "task_arithmetic_into"), ("dim3", "dim3_apply_into")]
+)
+def test_a_kernel_into_the_output_falls_back_where_a_result_is_nan(
+    method, kernel, tiny_llava_trio, tmp_path, monkeypatch
 ):
     """A bfloat16 trio whose VLM has NaN in one merged matrix, through the engine: the tiles
-    write task arithmetic straight into the output's bfloat16 rows, and where a result is NaN
-    (the kernel declines) convert the eager rule's float32 rows with torch; the folder holds
-    the bytes of the one written without the kernels. On one tile thread each step is one
-    tile (a call per step), on two the rows are cut in tiles (more calls, the same bytes)."""
+    write task arithmetic (DiM3's apply pass) straight into the output's bfloat16 rows, and
+    where a result is NaN (the kernel declines) convert the eager rule's float32 rows with
+    torch; the folder holds the bytes of the one written without the kernels. On one tile
+    thread each step is one tile (a call per step), on two the rows are cut in tiles (more
+    calls, the same bytes)."""
     from safetensors.torch import load_file, save_file
 
     monkeypatch.setattr(engine, "TILE_BYTES", 512)
@@ -385,12 +389,12 @@ def test_task_arithmetic_into_the_output_falls_back_where_a_result_is_nan(
     key = next(k for k in sorted(tensors) if "layers.0.mlp.up_proj" in k)
     tensors[key].view(-1)[5::97] = float("nan")
     save_file(tensors, shard, metadata={"format": "pt"})
-    recipe = recipe_of(trio, method="task_arithmetic")
+    recipe = recipe_of(trio, method=method)
     monkeypatch.setenv("DIM3_FUSED", "0")
     eager = engine.merge_to_folder(recipe, tmp_path / "eager").out_dir
     monkeypatch.delenv("DIM3_FUSED")
     names = sorted(p.name for p in eager.glob("*.safetensors"))
-    real = fused.task_arithmetic_into
+    real = getattr(fused, kernel)
     calls = {}
     for workers in (1, 2):
         answers: list[bool] = []
@@ -399,7 +403,7 @@ def test_task_arithmetic_into_the_output_falls_back_where_a_result_is_nan(
             _answers.append(real(*a, **k))
             return _answers[-1]
 
-        monkeypatch.setattr(fused, "task_arithmetic_into", counted)
+        monkeypatch.setattr(fused, kernel, counted)
         monkeypatch.setattr(
             engine, "tile_workers", lambda device, cores=None, light=False, n=workers: n
         )
@@ -409,7 +413,10 @@ def test_task_arithmetic_into_the_output_falls_back_where_a_result_is_nan(
         for name in names:
             assert (out / name).read_bytes() == (eager / name).read_bytes(), (workers, name)
         merged = load_file(out / names[0])[key]
-        assert merged.isnan().sum() == tensors[key].isnan().sum()  # the NaN made it through
+        if method == "task_arithmetic":  # the NaN made it through, where they were
+            assert torch.equal(merged.isnan(), tensors[key].isnan())
+        else:  # a column's NaN spreads over it (its weights and its sums)
+            assert merged.isnan().sum() >= tensors[key].isnan().sum() > 0
         calls[workers] = len(answers)
     assert calls[1] < calls[2]
 
@@ -428,7 +435,10 @@ def _dim3_weights(n: int, seed: int) -> torch.Tensor:
 def test_fused_dim3_apply_equals_the_eager_rule_bit_for_bit(kind, stored, by_row):
     """DiM3's apply kernel against ``dim3.methods.dim3.apply_weights`` on the converted rows,
     per tile (1 MiB tiles of 1536 columns and a ragged last one), weights per column, or per
-    row as for a transposed tensor (the engine's embedding)."""
+    row as for a transposed tensor (the engine's embedding); and written straight into the
+    output's dtype (``dim3_apply_into``, what the engine's tiles do): into float32 the same
+    bits, into bfloat16 those of torch's conversion of them, declined (False) just where a
+    value is NaN (torch's NaN bits are its own)."""
     from dim3.methods.dim3 import apply_weights
 
     base, tuned = _trio(kind, 3 * TILE_ROWS + 17, seed=4)
@@ -447,6 +457,14 @@ def test_fused_dim3_apply_equals_the_eager_rule_bit_for_bit(kind, stored, by_row
         weights = w[:, a:b] if by_row else w
         got = fused.dim3_apply(rows[0], rows[1:], weights, by_row, torch.empty(b - a, COLS))
         _same_bits(got, want)
+        into = torch.full((b - a, COLS), 7.0)
+        assert fused.dim3_apply_into(rows[0], rows[1:], weights, by_row, into)
+        _same_bits(into, want)
+        into = torch.full((b - a, COLS), 7.0, dtype=torch.bfloat16)
+        written = fused.dim3_apply_into(rows[0], rows[1:], weights, by_row, into)
+        assert written == (not want.isnan().any())
+        if written:
+            assert torch.equal(into.view(torch.int16), want.bfloat16().view(torch.int16))
 
 
 @pytest.mark.parametrize("kind", ["normal", "grid", "bf16", "specials"])
