@@ -1422,6 +1422,101 @@ def test_untiled_merge_into_a_loaded_model_equals_the_folder(
         torch.testing.assert_close(tensor, want[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
+class _StandIn:
+    """A CUDA stream or event for :func:`_cuda_branches_on_the_cpu`: the work it would queue is
+    done at once on the CPU, and each call is logged (kind, stream or event)."""
+
+    current = None  # the stream work is queued on (torch.cuda.stream sets it)
+
+    def __init__(self, log: list, name: str = "event"):
+        self.log, self.name = log, name
+
+    def wait_event(self, event) -> None:  # a stream's
+        self.log.append(("wait_event", self.name, event.name))
+
+    def wait_stream(self, stream) -> None:
+        self.log.append(("wait_stream", self.name, stream.name))
+
+    def record(self, stream=None) -> None:  # an event's
+        self.log.append(("record", (stream or _StandIn.current).name, self.name))
+
+    def synchronize(self) -> None:
+        self.log.append(("synchronize", self.name, None))
+
+
+def _cuda_branches_on_the_cpu(monkeypatch) -> list:
+    """Make a CPU merge take the engine's CUDA branches (``_Streams.cuda``: pinned staging in
+    slots with ready and consumed events, copies on a transfer stream, the rule on a compute
+    stream, the write pipe's events), with stand-ins for torch's streams and events and
+    unpinned host buffers, the CPU's tiles and compiled kernels off as they are on a GPU.
+    Returns the log of the stand-ins' calls."""
+    import contextlib
+
+    from dim3 import slices
+
+    log: list = []
+    default = _StandIn(log, "default")
+    _StandIn.current = default
+
+    def streams(self, device: torch.device) -> None:
+        self.cuda = True
+        self.transfer, self.compute = _StandIn(log, "transfer"), _StandIn(log, "compute")
+
+    @contextlib.contextmanager
+    def on(stream):
+        before, _StandIn.current = _StandIn.current, stream
+        try:
+            yield
+        finally:
+            _StandIn.current = before
+
+    take = slices.Buffers.take
+    events = iter(range(1 << 30))
+    monkeypatch.setattr(engine._Streams, "__init__", streams)
+    monkeypatch.setattr(torch.cuda, "Event", lambda: _StandIn(log, f"event{next(events)}"))
+    monkeypatch.setattr(torch.cuda, "stream", on)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: _StandIn.current)
+    monkeypatch.setattr(
+        torch.Tensor, "record_stream", lambda t, s: log.append(("record_stream", s.name, None))
+    )
+    monkeypatch.setattr(  # pinned memory needs a CUDA driver
+        slices.Buffers, "take", lambda self, *a, pin=False: take(self, *a, pin=False)
+    )
+    monkeypatch.setenv("DIM3_TILES", "0")
+    monkeypatch.setenv("DIM3_FUSED", "0")
+    return log
+
+
+@pytest.mark.parametrize("method", [*SLICED, "tsv", "iso_c"])
+def test_the_cuda_branches_merge_what_the_cpu_merges(
+    method, tiny_qwen2vl_trio, tmp_path, monkeypatch
+):
+    """CI has no GPU, and a GPU merge's own branches once broke on every GPU unseen (a
+    misplaced parenthesis). Here they run on the CPU with stand-ins for the streams and events
+    (:func:`_cuda_branches_on_the_cpu`): every sliced method and two that merge each tensor
+    whole write what the CPU's loop writes, and the staging's and the pipe's events are
+    recorded, waited for and synchronized. What this cannot check is the order the GPU runs
+    the queued work in: ``bash .ci/gpu`` does, on a GPU."""
+    recipe = recipe_of(tiny_qwen2vl_trio, method=method, device="cpu")
+    monkeypatch.setenv("DIM3_TILES", "0")
+    cpu = engine.merge_to_folder(recipe, tmp_path / "cpu", chunk_size=4096)
+    log = _cuda_branches_on_the_cpu(monkeypatch)
+    cuda = engine.merge_to_folder(recipe, tmp_path / "cuda", chunk_size=4096)
+    _same_to_rounding(cuda.out_dir, cpu.out_dir)
+    kinds = {(kind, stream) for kind, stream, _ in log}
+    # staged on the transfer stream (ready recorded, consumed waited for): at least every
+    # step that reads rows to merge them but a selection's later statistics passes (skipped
+    # where the first found the thresholds)
+    steps = engine._schedule(cuda.plan, METHODS[method], 4096)
+    staged = sum(step.stage in ("whole", "stats0", "apply") for step in steps)
+    assert sum(1 for entry in log if entry[:2] == ("record", "transfer")) >= staged > 0
+    assert ("wait_event", "transfer") in kinds, kinds
+    # the rule's reads on the compute stream (ready waited for, consumed recorded, the
+    # staged rows recorded)
+    assert {("wait_event", "compute"), ("record", "compute"), ("record_stream", "compute")} <= kinds
+    assert any(kind == "synchronize" for kind, _, _ in log)  # a slot's pinned buffers reused
+
+
 # ---------------------------------------------------------------- CUDA (skipped without a GPU)
 
 
