@@ -376,10 +376,7 @@ def task_arithmetic_into(
     the bits of computing it in float32 and converting it with ``out.copy_``, in one pass and
     no float32 buffer. False, with ``out`` holding nothing meaningful, where a value is NaN and
     ``out`` bfloat16 (torch's conversion gives NaN bits of its own): convert those with torch."""
-    if out.dtype == torch.float32:
-        task_arithmetic(base, tuned, weight, scaling, out)
-        return True
-    nans = _kernels().sum2_bf16(
+    nans = _kernels().sum2(
         _flat(base), *map(_flat, tuned), np.float32(weight), np.float32(scaling), _flat(out)
     )
     return nans == 0

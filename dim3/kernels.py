@@ -378,12 +378,17 @@ def sum2(b, v0, v1, w0, lam, out):  # noqa: ANN001, ANN201
     """Task arithmetic of two updates, the second weighted 1: ``((v0 − b) · w0 + (v1 − b)) · λ
     + b``, each operation rounded to float32 in the eager code's order (a factor of 1, a pass
     the eager code skips, changes no value: every operand is the result of a subtraction, never
-    a signalling NaN)."""
+    a signalling NaN). ``out``: float32, or bfloat16 as its int16 bits, each value rounded as
+    torch's conversion rounds it (:func:`_store`). Returns how many values written are NaN in
+    bfloat16, whose bits are then not torch's (its vector code writes 0xFFFF, its scalar code
+    0x7FC0): the caller converts those itself."""
+    nans = 0
     for i in range(b.size):
         bi = _load(b, i)
         m = (_load(v0, i) - bi) * w0
         m = m + (_load(v1, i) - bi)
-        out[i] = m * lam + bi
+        nans += _store(out, i, m * lam + bi)
+    return nans
 
 
 @_jit(inline="always")
@@ -393,23 +398,6 @@ def _bfloat16(x):  # noqa: ANN001, ANN202
     u = np.uint32(np.float32(x).view(np.uint32))
     u = (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
     return np.uint16(u).view(np.int16)
-
-
-@_jit()
-def sum2_bf16(b, v0, v1, w0, lam, out):  # noqa: ANN001, ANN201
-    """:func:`sum2` into bfloat16 ``out`` (its int16 bits), each value rounded as torch's
-    conversion rounds it. Returns how many values are NaN, whose bits are then not torch's
-    (its vector code writes 0xFFFF, its scalar code 0x7FC0): the caller converts those
-    itself."""
-    nans = 0
-    for i in range(b.size):
-        bi = _load(b, i)
-        m = (_load(v0, i) - bi) * w0
-        m = m + (_load(v1, i) - bi)
-        r = m * lam + bi
-        nans += r != r
-        out[i] = _bfloat16(r)
-    return nans
 
 
 _LEVELS = 4  # torch's cascade sum: levels of partial sums

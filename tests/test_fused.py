@@ -725,7 +725,7 @@ def test_task_arithmetic_into_writes_what_converting_the_eager_rule_writes(
 
 
 def test_the_bfloat16_kernel_rounds_every_float_as_torch_converts_it():
-    """``sum2_bf16`` rounds its float32 results to bfloat16 as torch does: on a million random
+    """``sum2`` into bfloat16 rounds its float32 results as torch does: on a million random
     bit patterns (every exponent, subnormals, NaN) and on the edges: ties to even both ways,
     the largest floats (rounded to infinity), ±0, ±∞. With both updates equal to the base, the
     result is the base itself (``0 · λ + b``; ±∞ give NaN, -0 gives +0), computed by ``sum2``
@@ -746,7 +746,7 @@ def test_the_bfloat16_kernel_rounds_every_float_as_torch_converts_it():
     args = (fused._flat(b), fused._flat(b), fused._flat(b), np.float32(0.7), np.float32(1.3))
     kernels.sum2(*args, fused._flat(f))
     got = torch.empty(b.shape, dtype=torch.bfloat16)
-    nans = kernels.sum2_bf16(*args, fused._flat(got))
+    nans = kernels.sum2(*args, fused._flat(got))
     nan = f.isnan()
     assert nans == int(nan.sum()) > 0
     want = f.to(torch.bfloat16)
