@@ -1447,7 +1447,8 @@ class _StandIn:
 def _cuda_branches_on_the_cpu(monkeypatch) -> list:
     """Make a CPU merge take the engine's CUDA branches (``_Streams.cuda``: pinned staging in
     slots with ready and consumed events, copies on a transfer stream, the rule on a compute
-    stream, the write pipe's events), with stand-ins for torch's streams and events and
+    stream, the write pipe's CUDA depth; its device-to-host copy is not taken, the rows being on
+    the CPU), with stand-ins for torch's streams and events and
     unpinned host buffers, the CPU's tiles and compiled kernels off as they are on a GPU.
     Returns the log of the stand-ins' calls."""
     import contextlib
@@ -1494,9 +1495,9 @@ def test_the_cuda_branches_merge_what_the_cpu_merges(
     """CI has no GPU, and a GPU merge's own branches once broke on every GPU unseen (a
     misplaced parenthesis). Here they run on the CPU with stand-ins for the streams and events
     (:func:`_cuda_branches_on_the_cpu`): every sliced method and two that merge each tensor
-    whole write what the CPU's loop writes, and the staging's and the pipe's events are
-    recorded, waited for and synchronized. What this cannot check is the order the GPU runs
-    the queued work in: ``bash .ci/gpu`` does, on a GPU."""
+    whole write what the CPU's loop writes, and the staging's events are recorded, waited for
+    and synchronized. What this cannot check is the order the GPU runs the queued work in, nor
+    the write pipe's device-to-host copy: ``bash .ci/gpu`` does, on a GPU."""
     recipe = recipe_of(tiny_qwen2vl_trio, method=method, device="cpu")
     monkeypatch.setenv("DIM3_TILES", "0")
     cpu = engine.merge_to_folder(recipe, tmp_path / "cpu", chunk_size=4096)
