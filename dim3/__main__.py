@@ -25,6 +25,31 @@ if quick:
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 from dim3.cli import main  # noqa: E402
 
+
+def _numba_without_blas_check() -> None:
+    """Load numba's numpy support with its BLAS check failing. When a process's first kernel
+    call loads it, ``numba.np.arraymath`` checks once for a BLAS (for ``np.dot`` and the like,
+    which no kernel of :mod:`dim3.kernels` calls) by importing ``scipy.linalg.cython_blas``: all
+    of ``scipy.linalg`` and, through scipy, ``numpy.f2py``, 0.3 s of a 2-core machine's time
+    at the start of every merge (docs/performance-log.md). Here it finds ``scipy.linalg``
+    missing, and numba would use its own loops. Run on the main thread before any other starts
+    (no other import can meet the missing entry), which is put back at once: ``scipy.linalg``
+    imports as usual afterwards."""
+    try:
+        import numba  # noqa: F401  (its own version check imports scipy's top level only)
+    except ImportError:
+        return  # the engine runs torch's code
+    if "scipy.linalg" in sys.modules or "numba.np.arraymath" in sys.modules:
+        return
+    sys.modules["scipy.linalg"] = None  # type: ignore[assignment]  # import fails: not found
+    try:
+        import numba.np.arraymath  # noqa: F401
+    finally:
+        del sys.modules["scipy.linalg"]
+
+
+if sys.argv[1:2] == ["merge"]:
+    _numba_without_blas_check()
 gc.freeze()
 gc.enable()
 

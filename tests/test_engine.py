@@ -583,7 +583,11 @@ def _seen(phase, info):
         imported = "dim3.cli" in sys.modules and hasattr(sys.modules["dim3.cli"], "main")
         started = hasattr(sys.modules["__main__"], "quick")  # dim3/__main__.py has begun
         blas = os.environ.get("OPENBLAS_NUM_THREADS", "-")
-        _log.write(f"{int(started)} {int(imported)} {gc.get_freeze_count()} {blas}\\n")
+        numpy_support = int("numba.np.arraymath" in sys.modules)
+        linalg = sys.modules.get("scipy.linalg", "absent")
+        linalg = "none" if linalg is None else "absent" if linalg == "absent" else "module"
+        frozen = gc.get_freeze_count()
+        _log.write(f"{int(started)} {int(imported)} {frozen} {blas} {numpy_support} {linalg}\\n")
 gc.callbacks.append(_seen)
 """
 
@@ -594,7 +598,10 @@ def test_cli_process_sets_its_imports_aside_and_still_collects(tiny_llava_trio, 
     the imported objects aside (``gc.freeze``) and turns it on again: a command's collections
     come after its imports, never walk those objects, and do happen (a merge left without a
     collector would keep every cycle it makes). A plan or a merge starts OpenBLAS on one thread
-    unless the user chose otherwise. Seen from a ``sitecustomize`` hook in the process."""
+    unless the user chose otherwise. A merge loads numba's numpy support without its check for a
+    BLAS, which would import all of ``scipy.linalg``, and leaves no trace of how in
+    ``sys.modules`` (``scipy.linalg`` can be imported as usual). Seen from a ``sitecustomize``
+    hook in the process."""
     import subprocess
     import sys
 
@@ -616,11 +623,14 @@ def test_cli_process_sets_its_imports_aside_and_still_collects(tiny_llava_trio, 
     lines = [line.split() for line in log.read_text().splitlines()]
     after = [line for line in lines if line[1] == "1"]
     assert len(after) >= 3, lines  # the collector runs once the command has imported its modules
-    assert all(int(frozen) > 50_000 for _, _, frozen, _ in after), after  # torch's objects aside
+    assert all(int(line[2]) > 50_000 for line in after), after  # torch's objects aside
     # nothing is collected while dim3.cli (torch, numpy) is imported (the interpreter's own
     # start may collect, before dim3/__main__.py runs)
     assert not [line for line in lines if line[:2] == ["1", "0"]], lines
-    assert {b for *_, b in after} == {blas or "1"}
+    assert {line[3] for line in after} == {blas or "1"}
+    # numba's numpy support loaded before the merge, and scipy.linalg not imported by the end
+    # (the first kernel call would have, through numba's BLAS check), nor left blocked
+    assert {(line[4], line[5]) for line in after} == {("1", "absent")}, after
 
 
 def test_inputs_never_modified_even_on_overwrite(tiny_qwen2vl_trio, tmp_path):
