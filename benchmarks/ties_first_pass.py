@@ -15,8 +15,11 @@ nanoseconds an entry:
   in one loop (on that day's 2-core machine, 8.1 s of a Qwen2-VL-2B TIES merge's 15 s of CPU
   time, timed by hand);
 - ``window2``: the engine's kernel with a guess: a first loop that counts the values below each
-  window and marks those inside (a byte per entry), which LLVM vectorizes, and a second that
-  takes the marked values eight entries at a time;
+  window and marks those inside (a byte per entry), which LLVM vectorizes, a second that lists
+  the words of eight marks with a mark, without a branch, and a third that takes the marked
+  values of each listed word;
+- ``window2 (before)``: the engine's kernel until 2026-12-02, kept here as it was: its second
+  loop went over every word, skipping those without a mark;
 - ``window2's first loop``: that first loop alone (``dim3.kernels.marks2``);
 - ``hist2``: the engine's kernel without a guess (the histograms alone);
 - ``loop alone``: reading the rows and making the magnitudes, neither counted nor stored;
@@ -25,8 +28,8 @@ nanoseconds an entry:
 The window is placed around the k-th value of each update for ``--density`` (TIES trims all but
 that share) and holds ``--inside`` of its values (the engine's guesses held 3.1% at the median
 tile of the 2B trio, counted by hand). Before timing, the kernels are checked against one
-another: ``window2`` keeps what ``counts2`` kept and counts below each window what the
-histogram does; ``hist2`` counts the histograms ``counts2`` counts; the first loop alone counts
+another: ``window2`` and the kernel it replaced keep what ``counts2`` kept and count below each
+window what the histogram does; ``hist2`` counts the histograms ``counts2`` counts; the first loop alone counts
 what ``window2`` counts (exit status 1 if not).
 
     python benchmarks/ties_first_pass.py                  # a 117 x 8960 tile: 2**20 entries
@@ -52,7 +55,7 @@ from dim3.slices import BINS  # noqa: E402
 
 
 def variants() -> dict:
-    """The kernel before, and the loop alone (compiled as the package's kernels are,
+    """The kernels before, and the loop alone (compiled as the package's kernels are,
     uncached)."""
     import numba
 
@@ -74,6 +77,25 @@ def variants() -> dict:
             n1 += ((a1 - lo1) & mask) < w1
         return n0, n1
 
+    keep, marks, cttz = k._keep, k.marks2, k._cttz  # noqa: SLF001
+    to_byte, byte, byte_bits = k._TO_BYTE, k._BYTE, k._BYTE_BITS  # noqa: SLF001
+
+    @numba.njit(nogil=True)
+    def window2_before(b, v0, v1, lo0, w0, lo1, w1, flags, in0, in1):  # noqa: ANN001, ANN202
+        c0, c1 = marks(b, v0, v1, lo0, w0, lo1, w1, flags)
+        n0 = n1 = 0
+        whole = b.size // 8
+        words = flags[: whole * 8].view(np.uint64)
+        for j in range(whole):
+            w = words[j]
+            while w != 0:
+                t = cttz(w)
+                n0, n1 = keep(b, v0, v1, flags, in0, in1, 8 * j + np.int64(t >> to_byte), n0, n1)
+                w &= ~(byte << (t & byte_bits))
+        for i in range(8 * whole, b.size):
+            n0, n1 = keep(b, v0, v1, flags, in0, in1, i, n0, n1)
+        return n0, n1, c0, c1
+
     @numba.njit(nogil=True)
     def alone(b, v0, v1):  # noqa: ANN001, ANN202
         s = 0
@@ -82,7 +104,7 @@ def variants() -> dict:
             s += (magnitude(load(v0, i) - bi) >> 16) + (magnitude(load(v1, i) - bi) >> 16)
         return s
 
-    return {"counts2": counts2, "loop alone": alone}
+    return {"counts2": counts2, "window2 (before)": window2_before, "loop alone": alone}
 
 
 def window(ordered: np.ndarray, q: float, share: float) -> tuple[int, int]:
@@ -125,11 +147,13 @@ def main() -> None:
     kept = [np.empty(n + 1, dtype=np.int32) for _ in range(2)]
     hists = [np.zeros(BINS, dtype=np.int64) for _ in range(2)]
     flags = np.empty(n, dtype=np.uint8)
+    marked = np.empty((n + 7) // 8, dtype=np.int32)
     out = np.empty(n, dtype=np.float32)
     parts = variants()
     runs = {
         "counts2 (before)": lambda: parts["counts2"](b, v0, v1, *hists, *ws, *kept),
-        "window2": lambda: kern.window2(b, v0, v1, *ws, flags, *kept),
+        "window2": lambda: kern.window2(b, v0, v1, *ws, flags, marked, *kept),
+        "window2 (before)": lambda: parts["window2 (before)"](b, v0, v1, *ws, flags, *kept),
         "window2's first loop": lambda: kern.marks2(b, v0, v1, *ws, flags),
         "hist2": lambda: kern.hist2(b, v0, v1, *hists),
         "loop alone": lambda: parts["loop alone"](b, v0, v1),
@@ -149,6 +173,8 @@ def main() -> None:
     n0, n1, c0, c1 = runs["window2"]()
     ok = ok and (n0, n1) == tuple(before) and [c0, c1] == want_below
     ok = ok and all(np.array_equal(kept[i][: before[i]], want_kept[i]) for i in range(2))
+    ok = ok and tuple(runs["window2 (before)"]()) == (n0, n1, c0, c1)
+    ok = ok and all(np.array_equal(kept[i][: before[i]], want_kept[i]) for i in range(2))
     ok = ok and list(runs["window2's first loop"]()) == want_below
     if not ok:
         print("the kernels do not count and keep what counts2 did", file=sys.stderr)
@@ -160,7 +186,7 @@ def main() -> None:
     print(f"windows hold {before[0] / n:.1%} and {before[1] / n:.1%} of the updates' values")
     words = flags[: n // 8 * 8].view(np.uint64)
     print(
-        f"window2's second loop takes {np.count_nonzero(words) / max(1, words.size):.0%} of the words"
+        f"window2's second loop lists {np.count_nonzero(words) / max(1, words.size):.0%} of the words"
     )
     print("checked: the kernels count and keep what counts2 did")
     for name, run in runs.items():

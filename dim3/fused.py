@@ -132,7 +132,7 @@ def counts(
     base: Tensor,
     tuned: list[Tensor],
     selects: list[ExactSelect],
-    scratch: tuple[Tensor, Tensor, Tensor] | None = None,
+    scratch: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
     into: list[Tensor] | None = None,
 ) -> list[list[Tensor]]:
     """:meth:`ExactSelect.partial` of the two updates ``tuned_t − base`` of a tile, in one pass
@@ -140,8 +140,9 @@ def counts(
     (:meth:`ExactSelect.window`) how many values lie below each window and the values inside
     it (:func:`dim3.kernels.window2`), else the histogram of the magnitudes' high 16 bits
     (:func:`dim3.kernels.hist2`). ``scratch``, for windows: two int32 buffers of one more than
-    the tile's size for the values inside (copied out) and a uint8 one of its size for the
-    kernel's flags. ``into``: the counts of the tiles before (histograms, or counts below), to
+    the tile's size for the values inside (copied out), a uint8 one of its size for the
+    kernel's flags and an int32 one of an eighth of its size, rounded up, for the words it
+    lists. ``into``: the counts of the tiles before (histograms, or counts below), to
     count into, which then need no adding up; else new ones.
 
     base, tuned: contiguous float32 or bfloat16 (:func:`widens`) CPU tensors of one shape.
@@ -153,12 +154,13 @@ def counts(
         _kernels().hist2(*flat, *map(_flat, hists))
         return [[h] for h in hists]
     assert scratch is not None and all(s.windows is not None for s in selects)
-    kept0, kept1, flags = scratch
+    kept0, kept1, flags, marked = scratch
     assert kept0.numel() > base.numel() and kept1.numel() > base.numel()
+    assert flags.numel() >= base.numel() and 8 * marked.numel() >= base.numel()
     windows = [s.windows[0] if s.windows[0] else (0, 0) for s in selects]  # type: ignore[index]
     (lo0, hi0), (lo1, hi1) = windows
     n0, n1, c0, c1 = _kernels().window2(
-        *flat, lo0, hi0 - lo0, lo1, hi1 - lo1, _flat(flags), _flat(kept0), _flat(kept1)
+        *flat, lo0, hi0 - lo0, lo1, hi1 - lo1, *map(_flat, (flags, marked, kept0, kept1))
     )
     below = into if into is not None else [torch.zeros(1, dtype=torch.int64) for _ in tuned]
     below[0] += c0

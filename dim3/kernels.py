@@ -183,24 +183,31 @@ def hist2(b, v0, v1, h0, h1):  # noqa: ANN001, ANN201
 
 
 @_jit()
-def window2(b, v0, v1, lo0, w0, lo1, w1, flags, in0, in1):  # noqa: ANN001, ANN201
+def window2(b, v0, v1, lo0, w0, lo1, w1, flags, marked, in0, in1):  # noqa: ANN001, ANN201
     """The first statistics pass over a tile with guessed windows: per update, how many of its
     magnitude bits are below ``lo_t``, and those in ``[lo_t, lo_t + w_t)`` put into ``in_t``
     in flat order. Returns (how many each kept, how many each has below).
 
-    Two loops. The first counts and marks, with no store but a byte of ``flags`` per entry
+    Three loops. The first counts and marks, with no store but a byte of ``flags`` per entry
     (uint8, the tile's size; bit t: inside update t's window): LLVM vectorizes it. The second
-    reads the flags eight at a time and takes the flagged entries of each word again, found
-    from its trailing zero bits (one instruction each), storing both values and keeping each
-    where flagged by moving on (``in_t`` holds one more than the tile). A window holds a few
-    percent of the values (the words with a flag: 42% of them at 3.3%), and the two loops take
-    about half the time of one loop with a histogram and a store per entry
-    (``benchmarks/ties_first_pass.py``)."""
+    reads the flags eight at a time and lists the words with a flag in ``marked`` (int32, at
+    least an eighth of the tile's size), storing each word's index and moving on where it has
+    one: no branch. The third takes the flagged entries of each listed word again, found from
+    its trailing zero bits (one instruction each), storing both values and keeping each where
+    flagged by moving on (``in_t`` holds one more than the tile). A window holds a few percent
+    of the values (the words with a flag: 42% of them at 3.3%). Looping over every word instead
+    and skipping those without a flag mispredicts that branch for a good part of them: the
+    listing took a third off the pass at 3.3% (``benchmarks/ties_first_pass.py``)."""
     c0, c1 = marks2(b, v0, v1, lo0, w0, lo1, w1, flags)
     n0 = n1 = 0
     whole = b.size // 8
     words = flags[: whole * 8].view(np.uint64)
+    m = 0
     for j in range(whole):
+        marked[m] = j
+        m += words[j] != 0
+    for q in range(m):
+        j = np.int64(marked[q])
         w = words[j]
         while w != 0:  # each flagged entry of the eight: its byte's lowest set bit
             t = _cttz(w)

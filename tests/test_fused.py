@@ -149,7 +149,8 @@ def test_fused_counts_equal_the_eager_partial(kind):
                 for s in selects:
                     s.window(windows)
                 kept = [torch.full((n + 1,), -7, dtype=torch.int32) for _ in tuned]
-                scratch = (*kept, torch.empty(n, dtype=torch.uint8))
+                marked = torch.full(((n + 7) // 8,), -7, dtype=torch.int32)
+                scratch = (*kept, torch.empty(n, dtype=torch.uint8), marked)
             dtype = torch.bfloat16 if kind == "bf16" else torch.float32  # read as stored
             got = fused.counts(base.to(dtype), [t.to(dtype) for t in tuned], selects, scratch)
             for t, s, g in zip(tuned, selects, got, strict=True):
