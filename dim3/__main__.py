@@ -30,7 +30,7 @@ def _numba_without_blas_check() -> None:
     """Load numba's numpy support with its BLAS check failing. When a process's first kernel
     call loads it, ``numba.np.arraymath`` checks once for a BLAS (for ``np.dot`` and the like,
     which no kernel of :mod:`dim3.kernels` calls) by importing ``scipy.linalg.cython_blas``: all
-    of ``scipy.linalg`` and, through scipy, ``numpy.f2py``, 0.3 s of a 2-core machine's time
+    of ``scipy.linalg`` and, through scipy, ``numpy.f2py``: 0.1 s of a 2-core machine's time
     at the start of every merge (docs/performance-log.md). Here it finds ``scipy.linalg``
     missing, and numba would use its own loops. Run on the main thread before any other starts
     (no other import can meet the missing entry), which is put back at once: ``scipy.linalg``
