@@ -34,7 +34,8 @@ def _numba_without_blas_check() -> None:
     at the start of every merge (docs/performance-log.md). Here it finds ``scipy.linalg``
     missing, and numba would use its own loops. Run on the main thread before any other starts
     (no other import can meet the missing entry), which is put back at once: ``scipy.linalg``
-    imports as usual afterwards."""
+    imports as usual afterwards. Where the module will not import so (a numba that moved it),
+    numba loads it itself at the first kernel call, the check included, as before."""
     try:
         import numba  # noqa: F401  (its own version check imports scipy's top level only)
     except ImportError:
@@ -44,6 +45,8 @@ def _numba_without_blas_check() -> None:
     sys.modules["scipy.linalg"] = None  # type: ignore[assignment]  # import fails: not found
     try:
         import numba.np.arraymath  # noqa: F401
+    except ImportError:
+        pass
     finally:
         del sys.modules["scipy.linalg"]
 

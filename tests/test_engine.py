@@ -583,11 +583,12 @@ def _seen(phase, info):
         imported = "dim3.cli" in sys.modules and hasattr(sys.modules["dim3.cli"], "main")
         started = hasattr(sys.modules["__main__"], "quick")  # dim3/__main__.py has begun
         blas = os.environ.get("OPENBLAS_NUM_THREADS", "-")
-        numpy_support = int("numba.np.arraymath" in sys.modules)
+        support = sys.modules.get("numba.np.arraymath")  # numba's numpy support
+        checked = "-" if support is None else str(support._HAVE_BLAS)  # its check found a BLAS
         linalg = sys.modules.get("scipy.linalg", "absent")
         linalg = "none" if linalg is None else "absent" if linalg == "absent" else "module"
         frozen = gc.get_freeze_count()
-        _log.write(f"{int(started)} {int(imported)} {frozen} {blas} {numpy_support} {linalg}\\n")
+        _log.write(f"{int(started)} {int(imported)} {frozen} {blas} {checked} {linalg}\\n")
 gc.callbacks.append(_seen)
 """
 
@@ -598,10 +599,11 @@ def test_cli_process_sets_its_imports_aside_and_still_collects(tiny_llava_trio, 
     the imported objects aside (``gc.freeze``) and turns it on again: a command's collections
     come after its imports, never walk those objects, and do happen (a merge left without a
     collector would keep every cycle it makes). A plan or a merge starts OpenBLAS on one thread
-    unless the user chose otherwise. A merge loads numba's numpy support without its check for a
-    BLAS, which would import all of ``scipy.linalg``, and leaves no trace of how in
-    ``sys.modules`` (``scipy.linalg`` can be imported as usual). Seen from a ``sitecustomize``
-    hook in the process."""
+    unless the user chose otherwise. A merge loads numba's numpy support before it starts,
+    without its check for a BLAS, which would import all of ``scipy.linalg``, and leaves no
+    trace of how in ``sys.modules`` (``scipy.linalg`` imports as usual: transformers imports it
+    where a merge derives a layout, as here with the tests' cold layout cache). Seen from a
+    ``sitecustomize`` hook in the process."""
     import subprocess
     import sys
 
@@ -628,9 +630,51 @@ def test_cli_process_sets_its_imports_aside_and_still_collects(tiny_llava_trio, 
     # start may collect, before dim3/__main__.py runs)
     assert not [line for line in lines if line[:2] == ["1", "0"]], lines
     assert {line[3] for line in after} == {blas or "1"}
-    # numba's numpy support loaded before the merge, and scipy.linalg not imported by the end
-    # (the first kernel call would have, through numba's BLAS check), nor left blocked
-    assert {(line[4], line[5]) for line in after} == {("1", "absent")}, after
+    # numba's numpy support loaded before the merge, its BLAS check failed (it would have
+    # imported scipy.linalg at the first kernel call), and scipy.linalg was not left blocked
+    assert {line[4] for line in after} == {"False"}, after
+    assert "none" not in {line[5] for line in after}, after
+
+
+REFUSE_ONCE = """
+import sys
+class _Refuse:
+    # refuses numba.np.arraymath the first time it is imported (a numba that moved it)
+    done = False
+    def find_spec(self, name, path=None, target=None):
+        if name == "numba.np.arraymath" and not _Refuse.done:
+            _Refuse.done = True
+            raise ImportError("numba.np.arraymath refused once by the test")
+        return None
+sys.meta_path.insert(0, _Refuse())
+"""
+
+
+def test_cli_merge_goes_on_where_numba_numpy_support_does_not_import_early(
+    tiny_llava_trio, tmp_path
+):
+    """Where numba's numpy support will not import before the merge (dim3/__main__.py loads it
+    early, without its BLAS check), ``python -m dim3 merge`` still merges: numba loads it at the
+    first kernel call, as it did before. Seen with a ``sitecustomize`` hook that refuses that
+    import once; the merged tensors equal an in-process merge's."""
+    import subprocess
+    import sys
+
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(REFUSE_ONCE)
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(hook)}
+    trio = tiny_llava_trio
+    out = tmp_path / "merged"
+    command = [sys.executable, "-m", "dim3", "merge", "--base", str(trio.base)]
+    command += ["--multilingual", str(trio.multilingual), "--multimodal", str(trio.multimodal)]
+    command += ["--out", str(out), "--method", "ties"]  # a method with compiled kernels
+    done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ref = engine.merge_to_folder(recipe_of(trio, method="ties"), tmp_path / "ref")
+    a, b = load_all(out), load_all(ref.out_dir)
+    assert a and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_inputs_never_modified_even_on_overwrite(tiny_qwen2vl_trio, tmp_path):
