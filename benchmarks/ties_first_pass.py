@@ -174,6 +174,7 @@ def main() -> None:
     ok = ok and (n0, n1) == tuple(before) and [c0, c1] == want_below
     ok = ok and all(np.array_equal(kept[i][: before[i]], want_kept[i]) for i in range(2))
     ok = ok and tuple(runs["window2 (before)"]()) == (n0, n1, c0, c1)
+    # the kernel before wrote into the same arrays: what it kept is checked in turn
     ok = ok and all(np.array_equal(kept[i][: before[i]], want_kept[i]) for i in range(2))
     ok = ok and list(runs["window2's first loop"]()) == want_below
     if not ok:

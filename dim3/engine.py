@@ -948,7 +948,7 @@ class _Merger:
                     kept = (
                         *(scratch(f"fused.in{t}", (n,), base, torch.int32) for t in (0, 1)),
                         scratch("fused.flags", (n - 1,), base, torch.uint8),
-                        scratch("fused.marked", ((n + 6) // 8,), base, torch.int32),
+                        scratch("fused.marked", ((base.numel() + 7) // 8,), base, torch.int32),
                     )
                 into = None if so_far is None else [sums[0] for sums in so_far[0]]
                 got = fused.counts(base, [vlm, ml], selects, kept, into)
