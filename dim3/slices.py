@@ -132,11 +132,12 @@ class ExactSelect:
 
     def window(self, windows: Sequence[tuple[int, int] | None]) -> None:
         """Before the first pass: per k, the bit patterns ``[lo, hi)`` its k-th value is
-        guessed to lie in, ``lo`` a multiple of 2**16 (None: no guess, for a k that selects
-        nothing or everything)."""
+        guessed to lie in (None: no guess, for a k that selects nothing or everything). Any
+        ``lo``: the values below it are counted, not binned (until 2026-12-02 it was a
+        multiple of 2**16, a whole histogram bin, as when the first pass made a histogram)."""
         assert self.stage == 0 and not self.missed and len(windows) == len(self.ks)
         for w in windows:
-            assert w is None or (w[0] % BINS == 0 and 0 <= w[0] < w[1] <= 1 << 31), w
+            assert w is None or 0 <= w[0] < w[1] <= 1 << 31, w
         self.windows = list(windows)
 
     def keep(self, key: int, values: list[Tensor]) -> None:

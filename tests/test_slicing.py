@@ -125,12 +125,15 @@ def _one_pass(bits, ks, cuts, windows):
     return select.result(), known, ties
 
 
-def test_exact_select_in_one_pass_from_guessed_windows_at_a_real_shape():
+@pytest.mark.parametrize("whole_bins", [False, True])
+def test_exact_select_in_one_pass_from_guessed_windows_at_a_real_shape(whole_bins):
     """2.4 M magnitudes of bfloat16 differences (a 1536 x 1536 update: thresholds tied
     thousands of times, zeros, infinities) cut in uneven pieces: windows guessed from a
     65,536-value sample find every k-th value, its share of tied values and each piece's tied
     values in one pass, exactly as the two passes and the sorted values do; windows that miss
-    (below, above, too narrow) leave the selection to two more passes, still exact."""
+    (below, above, too narrow) leave the selection to two more passes, still exact. Windows
+    that start at the sample's value (as the engine guesses them) or, as before 2026-12-02,
+    at the start of its bin."""
     g = torch.Generator().manual_seed(3)
     base = torch.randn(1536 * 1536, generator=g).to(torch.bfloat16)
     tuned = (base.float() + 0.01 * torch.randn(base.shape, generator=g)).to(torch.bfloat16)
@@ -146,7 +149,9 @@ def test_exact_select_in_one_pass_from_guessed_windows_at_a_real_shape():
 
     def window(k, spread):
         r = round(k / n * 65536)
-        lo = int(sample[max(0, r - spread)]) >> 16 << 16
+        lo = int(sample[max(0, r - spread)])
+        if whole_bins:
+            lo = lo >> 16 << 16
         return (lo, int(sample[min(65535, r + spread)]) + 1)
 
     guessed = [None if k in (0, n) else window(k, 600) for k in ks]
@@ -172,6 +177,66 @@ def test_exact_select_in_one_pass_from_guessed_windows_at_a_real_shape():
     ]:  # below, above, short
         missed, known, _ = _one_pass(bits, ks, cuts, [None, wrong, guessed[2], None])
         assert not known and missed == two, wrong
+
+
+def test_sample_ranks_equal_a_sort_and_measure_how_runs_go_together():
+    """A guess's sample (:class:`dim3.engine.SampleRanks`): its r-th smallest value and its
+    counts below a value are those of the sorted sample (bfloat16 differences: tied in
+    blocks, zeros); its clustering is 1 for values drawn one by one, the runs' length where
+    each run is one value, and in between where each run's values share a scale."""
+    import numpy as np
+
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(1 << 16, generator=g).to(torch.bfloat16)
+    tuned = (base.float() + 0.01 * torch.randn(base.shape, generator=g)).to(torch.bfloat16)
+    x = tuned.float() - base.float()
+    x[::97] = 0.0
+    bits = magnitude_bits(x).numpy()
+    at, ordered = engine.SampleRanks(bits), np.sort(bits)
+    for r in (0, 1, 97, 676, 32768, 52428, 65534, 65535):
+        assert at[r] == ordered[r], r
+    for v in (0, 1, int(ordered[40000]), int(ordered[40000]) + 1, 1 << 31):
+        assert at.count_below(v) == int((ordered < v).sum()), v
+    assert int(np.unique(ordered).size) < 2000  # tied in blocks
+    assert 1.0 <= at.clustering(52428, 16) < 1.2  # drawn one by one
+    assert at.clustering(52428, 1) == 1.0
+    same = engine.SampleRanks(np.repeat(bits[:4096], 16))  # each run one value
+    assert same.clustering(52428, 16) == pytest.approx(16.0)
+    scales = torch.exp(torch.randn(4096, 1, generator=g))  # each run's values one scale
+    scaled = magnitude_bits((torch.randn(4096, 16, generator=g) * scales).reshape(-1)).numpy()
+    assert 3 < engine.SampleRanks(scaled).clustering(52428, 16) < 16
+
+
+@pytest.mark.parametrize(
+    ("block", "lo_out", "hi_out"),
+    [
+        ((30000, 32300), True, None),  # ends 3.6 deviations below q's rank: left out
+        ((30000, 32500), False, None),  # ends 2.1 below: kept
+        ((33200, 35000), None, True),  # begins 3.4 above: left out
+        ((33000, 35000), None, False),  # begins 1.8 above: kept
+    ],
+)
+def test_a_guessed_window_leaves_out_a_tied_block_only_far_from_the_rank(block, lo_out, hi_out):
+    """65,536 values, a block of them tied: the window around the median (4.5 deviations of
+    a binomial's count, 128 values, and 8 more each side) ends at the block's value; it
+    leaves the block out where the block's every value is 3 deviations and 8 values away from
+    the median's rank or more, and keeps it where not."""
+    import numpy as np
+
+    bits = np.arange(1 << 16, dtype=np.int32) * 4 + 1000
+    a, b = block
+    bits[a:b] = bits[a]
+    tied = int(bits[a])
+    np.random.default_rng(0).shuffle(bits)
+    at = engine.SampleRanks(bits)
+    lo, hi = at.window(0.5, 1)
+    if lo_out is not None:
+        assert lo == (tied + 1 if lo_out else tied)
+        assert hi == 1000 + 4 * (32768 + 584)  # the value 4.5 deviations and 8 above: left out
+    if hi_out is not None:
+        assert hi == (tied if hi_out else tied + 1)
+        assert lo == 1000 + 4 * (32768 - 584) + 1
+    assert lo <= int(np.sort(bits)[32768]) < hi
 
 
 @pytest.mark.parametrize("seed", [0, 1])
