@@ -1075,62 +1075,18 @@ class _Merger:
         from a sample of the step's rows (``views``: [vlm, base, *multilingual, *extra]) so
         that one statistics pass finds them (:meth:`ExactSelect.window`): per update, per rank
         k of n, the sample's values within 4.5 standard deviations of its rank (more when the
-        sample is small, or when its runs' values go together; :meth:`SampleRanks.window`).
-        None for other steps, and when the values inside would be many (more than a quarter,
-        or ``WINDOW_BYTES`` in all), as when an update is mostly one value.
-
-        The sample is runs of ``RUN`` adjacent values (a cache line of float32, half of one of
-        bfloat16) spread evenly over the rows: one value at every stride-th place waited for
-        memory at every value. Values of one run may go together (a row's updates larger than
-        another's), which makes the sample's ranks vary more than those of as many values taken
-        one by one; the spread is widened by that factor, measured on the sample itself (the
-        variance of the runs' counts below k's value against a binomial's, at least 1).
+        sample is small, or when its runs' values go together; :func:`guess_windows`). None
+        for other steps, and when the values inside would be many (more than a quarter, or
+        ``WINDOW_BYTES`` in all), as when an update is mostly one value.
 
         Reads only the step and the method: the engine runs it on the read thread, with the
         staging of the step, while the tiles compute the step before (the sample touches a
         cache line in every few pages of the first step's rows, a good part of its time)."""
-        e = step.source
         if not self.guesses(step):
             return None
-        n, ks = self._selection_ranks(e)
+        n, ks = self._selection_ranks(step.source)
         (vlm, base, *mls), _ = self._split(list(views))
-        rows = base.shape[0]
-        per_row = max(1, math.prod(base.shape[1:]))
-        total = rows * per_row
-        if total == 0:
-            return None
-        # a larger tensor's larger sample: its window's share of the values (which its first
-        # pass keeps) shrinks as the square root of the sample's size, up to 4 times as many
-        wanted = min(4 * SAMPLE, max(SAMPLE, n >> 10) // RUN * RUN)
-        run = RUN if total > wanted else 1  # a small step is taken whole
-        runs = min(total, wanted) // run
-        stride = total // runs
-        while stride > run and math.gcd(stride, per_row) > run:  # every column met
-            stride -= 1
-        size = runs * run
-
-        def sample(t: torch.Tensor) -> torch.Tensor:
-            # runs of adjacent values, a strided view of the mapped (read-only) input itself
-            # when it is float32 (never written to: the updates below are new tensors)
-            return t.reshape(-1)[: runs * stride].view(runs, stride)[:, :run].float()
-
-        b = sample(base)
-        guesses = []
-        for t in [vlm[:rows], *(m[:rows] for m in mls)]:
-            bits = torch.sub(sample(t), b).abs_().view(torch.int32).numpy().reshape(-1)
-            at = SampleRanks(bits)
-            windows: list[tuple[int, int] | None] = []
-            for k in ks:
-                if k <= 0 or k >= n:
-                    windows.append(None)
-                    continue
-                lo, hi = at.window(k / n, run)
-                inside = at.count_below(hi) - at.count_below(lo)
-                if inside * 4 > size or inside * n * 4 * self.tuned > WINDOW_BYTES * size:
-                    return None  # too many values to keep: the two passes
-                windows.append((lo, hi))
-            guesses.append(windows)
-        return guesses  # all updates, or none
+        return guess_windows(base, [vlm, *mls], n, ks, WINDOW_BYTES // self.tuned)
 
     def _selection_end(self, step: _Step) -> None:
         """A statistics pass over the tensor is over: ready the next, or the masks. Where the
@@ -1253,7 +1209,82 @@ def _prefix(ties: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
 
 
 SAMPLE = 1 << 16  # values of each update sampled to guess a selection's thresholds (or more)
-RUN = 16  # of them adjacent in each run (_Merger.guess)
+RUN = 16  # of them adjacent in each run (guess_windows)
+CLUSTERED = 4.0  # a design effect above which the sample is drawn again one value at a time
+
+
+def guess_windows(
+    base: torch.Tensor, tuned: Sequence[torch.Tensor], n: int, ks: Sequence[int], most: int
+) -> list[list[tuple[int, int] | None]] | None:
+    """Per update ``tuned_t − base`` (the rows of a tensor's first step), per rank k of the
+    tensor's n values, the bit patterns ``[lo, hi)`` its k-th smallest magnitude is guessed to
+    lie in (:meth:`SampleRanks.window`; None for a k of 0 or n); None for all where the values
+    inside one window would be over a quarter of its sample or, over the tensor, over ``most``
+    bytes as int32.
+
+    The sample is runs of ``RUN`` adjacent values (a cache line of float32, half of one of
+    bfloat16) spread evenly over the rows: one value at every stride-th place waited for memory
+    at every value. Values of one run may go together (a row's updates larger than another's),
+    which makes the sample's ranks vary more than those of as many values drawn one by one: the
+    window is widened by that factor, measured on the sample (:meth:`SampleRanks.clustering`),
+    and where it is over ``CLUSTERED`` for some update and rank, the sample is drawn again one
+    value at a time (those windows are narrower than the runs' would be by its square root)."""
+    rows = base.shape[0]
+    per_row = max(1, math.prod(base.shape[1:]))
+    total = rows * per_row
+    if total == 0:
+        return None
+    # a larger tensor's larger sample: its window's share of the values (which the first pass
+    # keeps) shrinks as the square root of the sample's size; up to 4 times as many
+    wanted = min(4 * SAMPLE, max(SAMPLE, n >> 10) // RUN * RUN)
+    run = RUN if total > wanted else 1  # a small step is taken whole
+    ranked = _sampled(base, tuned, rows, per_row, min(total, wanted), run)
+    size = ranked[0].bits.size
+    centers = [min(size - 1, k * size // n) for k in ks if 0 < k < n]
+    if run > 1 and any(at.clustering(c, run) > CLUSTERED for at in ranked for c in centers):
+        run = 1  # drawn again, one value at a time
+        ranked = _sampled(base, tuned, rows, per_row, min(total, wanted), run)
+    guesses: list[list[tuple[int, int] | None]] = []
+    for at in ranked:
+        windows: list[tuple[int, int] | None] = []
+        for k in ks:
+            if k <= 0 or k >= n:
+                windows.append(None)
+                continue
+            lo, hi = at.window(k / n, run)
+            inside = at.count_below(hi) - at.count_below(lo)
+            if inside * 4 > size or inside * n * 4 > most * size:
+                return None  # too many values to keep: the two passes
+            windows.append((lo, hi))
+        guesses.append(windows)
+    return guesses
+
+
+def _sampled(
+    base: torch.Tensor,
+    tuned: Sequence[torch.Tensor],
+    rows: int,
+    per_row: int,
+    size: int,
+    run: int,
+) -> list[SampleRanks]:
+    """Each update's sample for :func:`guess_windows`: ``size // run`` runs of ``run``
+    adjacent values of the first ``rows`` rows, evenly spaced (by a stride that meets every
+    column), a strided view of the mapped (read-only) input itself when it is float32, never
+    written to (the updates are new tensors)."""
+    runs = size // run
+    stride = rows * per_row // runs
+    while stride > run and math.gcd(stride, per_row) > run:  # every column met
+        stride -= 1
+
+    def sample(t: torch.Tensor) -> torch.Tensor:
+        return t[:rows].reshape(-1)[: runs * stride].view(runs, stride)[:, :run].float()
+
+    b = sample(base)
+    return [
+        SampleRanks(torch.sub(sample(t), b).abs_().view(torch.int32).numpy().reshape(-1))
+        for t in tuned
+    ]
 
 
 class SampleRanks:
@@ -1266,6 +1297,7 @@ class SampleRanks:
         self.bits = bits
         self.high = bits >> 16
         self.cum = np.cumsum(np.bincount(self.high, minlength=1 << 15))  # up to each bin
+        self._clustering: dict[tuple[int, int], float] = {}
 
     def __getitem__(self, r: int) -> int:
         b = int(np.searchsorted(self.cum, r, side="right"))
@@ -1282,11 +1314,12 @@ class SampleRanks:
         effect: 1 for independent values, up to ``run`` where a run's values go together)."""
         if run == 1:
             return 1.0
-        below = (self.bits < self[r]).reshape(-1, run).sum(axis=1, dtype=np.int64)
-        p = float(below.mean()) / run
-        if not 0 < p < 1:
-            return 1.0
-        return min(float(run), max(1.0, float(below.var()) / (run * p * (1 - p))))
+        if (r, run) not in self._clustering:
+            below = (self.bits < self[r]).reshape(-1, run).sum(axis=1, dtype=np.int64)
+            p = float(below.mean()) / run
+            effect = float(below.var()) / (run * p * (1 - p)) if 0 < p < 1 else 1.0
+            self._clustering[(r, run)] = min(float(run), max(1.0, effect))
+        return self._clustering[(r, run)]
 
     def window(self, q: float, run: int) -> tuple[int, int]:
         """The bit patterns [lo, hi) that hold the sample's values within 4.5 standard
