@@ -351,8 +351,8 @@ def _schedule(
 SLOTS = 2  # input slices in flight: one computed while the next is read
 # steps after which the loop unmaps a step's input rows that no step reads again soon
 # (_released): past the write pipe's queue (the rows of a copied slice are written from the
-# mapped files) and the tiles still computing, so that the process's mapped input pages stay a
-# few dozen slices' worth; what was read is unmapped at the end anyway
+# mapped files), and not before the step's tiles are done, so that the process's mapped input
+# pages stay a few dozen slices' worth; what was read is unmapped at the end anyway
 RELEASE_LAG = 8
 # steps the read thread stages ahead of the one computed, on the CPU (views of the mapped files:
 # no buffer each, so more than SLOTS - 1): a selection's guess of the next tensor is then made
@@ -1080,8 +1080,8 @@ class _Merger:
         ``WINDOW_BYTES`` in all), as when an update is mostly one value.
 
         Reads only the step and the method: the engine runs it on the read thread, with the
-        staging of the step, while the tiles compute the step before (the sample touches a
-        cache line in every few pages of the first step's rows, a good part of its time)."""
+        staging of the step, while the tiles compute the step before (the sample reads a run
+        of values in about every page of the first step's rows, a good part of its time)."""
         if not self.guesses(step):
             return None
         n, ks = self._selection_ranks(step.source)
@@ -1291,7 +1291,7 @@ class SampleRanks:
     """A selection's sample of one update (its values' bit patterns: non-negative int32, any
     order, a multiple of the runs' length): the r-th smallest for any r, from one count of
     their high 16 bits (a radix select; a partition of the whole sample for each set of ranks
-    took 0.36 ms, this 0.05 ms a rank), and the window :meth:`_Merger.guess` guesses."""
+    took 0.36 ms, this 0.07 ms a rank), and the window :func:`guess_windows` guesses."""
 
     def __init__(self, bits: np.ndarray) -> None:
         self.bits = bits
@@ -1616,11 +1616,19 @@ class _Mapping:
         return folded if self._folded else [self._results[i] for i in sorted(self._results)]
 
 
+def _running(tiles: _Running | None) -> bool:
+    return tiles is not None and tiles.running()
+
+
 class _Running:
     """A step's tiles, queued or computing (:meth:`_Tiles.start`)."""
 
     def __init__(self, futures: list[Future]):
         self._futures = futures
+
+    def running(self) -> bool:
+        """Whether a tile is queued or computing still."""
+        return not all(future.done() for future in self._futures)
 
     def wait(self) -> None:
         """Return once every tile is done; raise the first tile's error, if any."""
@@ -1809,7 +1817,10 @@ def _pieces(
         initializer=torch.set_num_threads,  # its sample's sort: see loop_threads
         initargs=(1 if tiles is not None else torch.get_num_threads(),),
     )
-    done: deque[int] = deque()  # steps whose rows are unmapped RELEASE_LAG steps later
+    # steps whose rows are unmapped RELEASE_LAG steps later, once their tiles are done (a
+    # selection's skipped passes are steps too: the loop may be that far ahead while the tiles
+    # of an apply still read its rows, which they would then fault in again, to stay mapped)
+    done: deque[tuple[int, _Running | None]] = deque()
     views_only: set[int] = set()  # steps staged with their pages not mapped in yet
     populating: deque[tuple[int, Future]] = deque()  # (step, its pages being mapped in)
 
@@ -1817,10 +1828,8 @@ def _pieces(
         ahead = SLOTS - 1 if streams.cuda else AHEAD  # CUDA: a slot's buffers per step
         running: _Running | None = None
         for i, step in enumerate(steps):
-            while done and done[0] <= i - RELEASE_LAG:
-                source.release(steps[done.popleft()])
-            if release[i]:
-                done.append(i)
+            while done and done[0][0] <= i - RELEASE_LAG and not _running(done[0][1]):
+                source.release(steps[done.popleft()[0]])
             staged = pending.popleft().result() if pending else stage(i)
             while populating and populating[0][0] <= i:  # before it computes, as if staged so
                 populating.popleft()[1].result()
@@ -1875,6 +1884,8 @@ def _pieces(
                     if step.stage == "whole" and step.source.key in tied_sources:
                         whole[step.source.key] = out = out.clone()  # outlives its buffer
             del staged
+            if release[i]:
+                done.append((i, running))
             if out is not None:
                 yield step.out, step.start, out, step.last, running
             running = None
