@@ -349,10 +349,12 @@ def _schedule(
 
 
 SLOTS = 2  # input slices in flight: one computed while the next is read
-# steps after which the loop unmaps a step's input rows that no step reads again soon
-# (_released): past the write pipe's queue (the rows of a copied slice are written from the
-# mapped files), and not before the step's tiles are done, so that the process's mapped input
-# pages stay a few dozen slices' worth; what was read is unmapped at the end anyway
+# steps after which the loop unmaps the input rows, which no step reads again soon (_released),
+# of a step whose piece is written from them: past the write pipe's queue (a copied slice's
+# rows are written from the mapped files, and so are those a rule gives back as they are).
+# Those of any other step are unmapped at the next step, once its tiles are done: nothing
+# reads them after. So the process's mapped input pages stay a few slices' worth; what was
+# read is unmapped at the end anyway
 RELEASE_LAG = 8
 # steps the read thread stages ahead of the one computed, on the CPU (views of the mapped files:
 # no buffer each, so more than SLOTS - 1): a selection's guess of the next tensor is then made
@@ -1620,6 +1622,12 @@ def _running(tiles: _Running | None) -> bool:
     return tiles is not None and tiles.running()
 
 
+def _shares(t: torch.Tensor, views: Sequence[torch.Tensor]) -> bool:
+    """Whether ``t`` lies in the memory of one of ``views`` (a mapped file's, on the CPU)."""
+    at = t.untyped_storage().data_ptr()
+    return any(v.untyped_storage().data_ptr() == at for v in views)
+
+
 class _Running:
     """A step's tiles, queued or computing (:meth:`_Tiles.start`)."""
 
@@ -1817,10 +1825,11 @@ def _pieces(
         initializer=torch.set_num_threads,  # its sample's sort: see loop_threads
         initargs=(1 if tiles is not None else torch.get_num_threads(),),
     )
-    # steps whose rows are unmapped RELEASE_LAG steps later, once their tiles are done (a
-    # selection's skipped passes are steps too: the loop may be that far ahead while the tiles
-    # of an apply still read its rows, which they would then fault in again, to stay mapped)
-    done: deque[tuple[int, _Running | None]] = deque()
+    # (the step from which a step's rows are unmapped, the step, its tiles), in the order
+    # computed; the rows wait for the tiles to be done: a selection's skipped passes are steps
+    # too, and the loop may be many steps ahead while an apply's tiles still read its rows,
+    # which they would then fault in again, to stay mapped (0.5 GiB of the 2B trio's for TIES)
+    done: deque[tuple[int, int, _Running | None]] = deque()
     views_only: set[int] = set()  # steps staged with their pages not mapped in yet
     populating: deque[tuple[int, Future]] = deque()  # (step, its pages being mapped in)
 
@@ -1828,8 +1837,8 @@ def _pieces(
         ahead = SLOTS - 1 if streams.cuda else AHEAD  # CUDA: a slot's buffers per step
         running: _Running | None = None
         for i, step in enumerate(steps):
-            while done and done[0][0] <= i - RELEASE_LAG and not _running(done[0][1]):
-                source.release(steps[done.popleft()[0]])
+            while done and done[0][0] <= i and not _running(done[0][2]):
+                source.release(steps[done.popleft()[1]])
             staged = pending.popleft().result() if pending else stage(i)
             while populating and populating[0][0] <= i:  # before it computes, as if staged so
                 populating.popleft()[1].result()
@@ -1883,9 +1892,11 @@ def _pieces(
                     out = merger(step, source.to_work(staged))
                     if step.stage == "whole" and step.source.key in tied_sources:
                         whole[step.source.key] = out = out.clone()  # outlives its buffer
+            # a piece written from the input rows (a copy's, or a rule's giving back its input)
+            read = out is not None and running is None and _shares(out, staged.tensors)
             del staged
             if release[i]:
-                done.append((i, running))
+                done.append((i + (RELEASE_LAG if read else 1), i, running))
             if out is not None:
                 yield step.out, step.start, out, step.last, running
             running = None
