@@ -998,11 +998,11 @@ def _rows_read(inputs, step) -> list[tuple[tuple[str, str], int, int]]:
 def test_a_steps_rows_are_unmapped_only_once_its_tiles_are_done(
     method, tiny_llava_trio, tmp_path, monkeypatch
 ):
-    """The loop unmaps a step's input rows ``RELEASE_LAG`` steps after it, and not while the
-    tiles that merge them still run: a selection's skipped statistics passes are steps too, so
-    the loop can be that far ahead while an apply's tiles (slowed here) read its rows, which
-    they would fault in again, to stay mapped until the end (on the Qwen2-VL-2B trio, TIES'
-    mapped pages grew by 0.5 GiB so). Checked at every release of a step merged in tiles
+    """The loop unmaps a step's input rows after it (at the next step, or ``RELEASE_LAG`` steps
+    later), and not while the tiles that merge them still run: a selection's skipped statistics
+    passes are steps too, so the loop can be far ahead while an apply's tiles (slowed here)
+    read its rows, which they would fault in again, to stay mapped until the end (on the
+    Qwen2-VL-2B trio, TIES' mapped pages grew by 0.5 GiB so). Checked at every release of a step merged in tiles
     (before, the first MLP matrix's apply was released while its tiles ran), and the merge is
     still the definition's."""
     import time
