@@ -1828,8 +1828,10 @@ def _pieces(
     # (the step from which a step's rows are unmapped, the step, its tiles), in the order
     # computed; the rows wait for the tiles to be done: a selection's skipped passes are steps
     # too, and the loop may be many steps ahead while an apply's tiles still read its rows,
-    # which they would then fault in again, to stay mapped (0.5 GiB of the 2B trio's for TIES)
-    done: deque[tuple[int, int, _Running | None]] = deque()
+    # which they would then fault in again, to stay mapped (0.5 GiB of the 2B trio's for TIES).
+    # Each step's are unmapped once its own wait is over: a copy's RELEASE_LAG steps hold back
+    # none of the steps after it (until 2026-12-03 they did: the queue was first in, first out)
+    done: list[tuple[int, int, _Running | None]] = []
     views_only: set[int] = set()  # steps staged with their pages not mapped in yet
     populating: deque[tuple[int, Future]] = deque()  # (step, its pages being mapped in)
 
@@ -1837,8 +1839,14 @@ def _pieces(
         ahead = SLOTS - 1 if streams.cuda else AHEAD  # CUDA: a slot's buffers per step
         running: _Running | None = None
         for i, step in enumerate(steps):
-            while done and done[0][0] <= i and not _running(done[0][2]):
-                source.release(steps[done.popleft()[1]])
+            if any(due <= i for due, _, _ in done):  # each once its own wait is over
+                waiting = []
+                for entry in done:
+                    if entry[0] <= i and not _running(entry[2]):
+                        source.release(steps[entry[1]])
+                    else:
+                        waiting.append(entry)
+                done = waiting
             staged = pending.popleft().result() if pending else stage(i)
             while populating and populating[0][0] <= i:  # before it computes, as if staged so
                 populating.popleft()[1].result()

@@ -14,6 +14,7 @@ this module only locates the bytes. It knows files and tensors, nothing of model
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import errno
 import json
@@ -66,7 +67,8 @@ class MappedShards:
     def __init__(self) -> None:
         self._maps: dict[Path, tuple[mmap.mmap, torch.Tensor, dict[str, int]]] = {}
         self._fds: dict[Path, int] = {}  # for page-cache probes
-        self._runs: dict[Path, list[int]] = {}  # per file, released rows: [end, unmapped to]
+        # per file, the byte ranges released so far, merged: their starts and their ends
+        self._released: dict[Path, tuple[list[int], list[int]]] = {}
 
     def _open(self, file: Path) -> tuple[mmap.mmap, torch.Tensor, dict[str, int]]:
         if file not in self._maps:
@@ -157,29 +159,43 @@ class MappedShards:
 
         Only whole :data:`HUGE` blocks are unmapped: the kernel maps a file's 2 MiB folios
         whole, and unmapping part of one unmaps all of it, the rows around it too (which the
-        threads reading them would then fault in again). So the released rows of a file are
-        gathered into runs, each call's rows continuing the last call's (a merge releases a
-        tensor's rows in order, and its tensors mostly in the file's order); rows elsewhere in
-        the file begin a new run, and so do rows released before (read again since). A run's
-        whole blocks are unmapped as it reaches past them; its first and last partial blocks
-        stay mapped until :meth:`close`. Returns the bytes unmapped (0 where ``madvise`` is
-        missing)."""
+        threads reading them would then fault in again). So the bytes released of each file
+        are kept as merged ranges (the header and what lies past the file's end count as
+        released: nothing reads them through the mapping), and a call unmaps the blocks its
+        rows touch that released ranges now cover whole: the block its rows share with rows
+        released before, in any order, goes with them; one they share with rows not released
+        yet, with those. Rows released again (read again since: another pass) unmap their
+        blocks again. Returns the bytes unmapped (0 where ``madvise`` is missing)."""
         if _MADVISE is None or file not in self._maps:
             return 0
-        _, data, starts = self._maps[file]
+        m, data, starts = self._maps[file]
         offset, nbytes, _ = self._span(shape, dtype, start, stop)
         if nbytes == 0:
             return 0
         lo = starts[key] + offset
-        run = self._runs.get(file)
-        if run is None or lo != run[0]:  # a new run, from its first whole block
-            run = self._runs[file] = [lo, -(-lo // HUGE) * HUGE]
-        run[0] = lo + nbytes
-        end, done = run[0] // HUGE * HUGE, run[1]
-        if end <= done or _MADVISE(data.data_ptr() + done, end - done, MADV_DONTNEED) != 0:
+        hi = lo + nbytes
+        if file not in self._released:  # the header, and the file's last block past its end
+            head = min(starts.values(), default=len(m))
+            self._released[file] = ([0, len(m)], [head, -(-len(m) // HUGE) * HUGE + HUGE])
+        firsts, ends = self._released[file]
+        # merge [lo, hi) with the ranges it touches or meets
+        a = bisect.bisect_left(ends, lo)  # the first range ending at or past lo
+        b = bisect.bisect_right(firsts, hi)  # past the last range starting at or before hi
+        if a < b:
+            lo_all, hi_all = min(lo, firsts[a]), max(hi, ends[b - 1])
+        else:
+            lo_all, hi_all = lo, hi
+        firsts[a:b], ends[a:b] = [lo_all], [hi_all]
+        # the whole blocks of the merged range that these rows touch
+        first = max(-(-lo_all // HUGE), lo // HUGE) * HUGE
+        last = min(hi_all // HUGE, -(-hi // HUGE)) * HUGE
+        last = min(last, -(-len(m) // HUGE) * HUGE)
+        if last <= first:
             return 0
-        run[1] = end
-        return end - done
+        size = min(last, len(m)) - first
+        if _MADVISE(data.data_ptr() + first, size, MADV_DONTNEED) != 0:
+            return 0
+        return size
 
     def _cached(self, file: Path, data: torch.Tensor, begin: int, nbytes: int) -> bool:
         """Whether the range's first and last pages are in the page cache (``mincore``; where
@@ -211,7 +227,7 @@ class MappedShards:
     def close(self) -> None:
         """Drop the mappings (views still alive keep theirs until they are freed)."""
         self._maps.clear()
-        self._runs.clear()
+        self._released.clear()
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()

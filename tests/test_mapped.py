@@ -132,14 +132,16 @@ def _resident_kib(path) -> int:
 
 @pytest.mark.skipif(sys.platform != "linux" or mapped._MADVISE is None, reason="Linux's madvise")
 def test_released_rows_leave_the_process_in_whole_blocks_and_read_the_same_after(shard):
-    """``release`` unmaps the whole 2 MiB blocks inside the rows released so far from the
-    process (the resident size of the file's mapping falls by exactly what it says), each
-    call's rows continuing the run of the last or, elsewhere in the file or read again,
-    beginning their own, and nothing of a block that rows not released share; the bytes stay as they were: the rows
-    read the stored values again."""
+    """``release`` unmaps from the process the whole 2 MiB blocks that the rows released so far
+    cover, in any order (the resident size of the file's mapping falls by exactly what it
+    says): a block shared with rows not released yet stays until they are, and goes with
+    them; rows read again and released again unmap their blocks again; once every byte of
+    the file has been released, nothing of it is left mapped. The bytes stay as they were:
+    the rows read the stored values again."""
     path, weight = shard
     maps = MappedShards()
     maps.prefetch(*_where(path), 0, ROWS)
+    maps.prefetch(path, "a.norm", torch.float32, (7,), 0, 7)
     if not MappedShards.populate:
         pytest.skip("this kernel has no MADV_POPULATE_READ (Linux 5.14+)")
     _, _, starts = maps._open(path)
@@ -156,19 +158,28 @@ def test_released_rows_leave_the_process_in_whole_blocks_and_read_the_same_after
     freed = maps.release(*_where(path), 2000, 4000)
     assert freed == blocks(2000, 4000) > 0
     assert _resident_kib(path) == mapped_in - freed // 1024
-    # rows before the run (a tensor released out of the file's order): a run of their own
+    # rows before those (a tensor released out of the file's order)
     assert maps.release(*_where(path), 100, 300) == 0  # 400 KiB: inside one block
-    more = maps.release(*_where(path), 300, 1700)  # the run 100:1700 has whole blocks now
+    more = maps.release(*_where(path), 300, 1700)  # rows 100:1700 have whole blocks now
     assert more == blocks(100, 1700) > 0
     assert _resident_kib(path) == mapped_in - (freed + more) // 1024
-    # the same rows read again (another pass: mapped in again), then released again: a run
-    # of their own, not the end of the last one
+    # the rows between: the blocks they share with both sides are covered now, and go
+    joined = maps.release(*_where(path), 1700, 2000)
+    assert joined == blocks(100, 4000) - freed - more == 2 * huge
+    assert _resident_kib(path) == mapped_in - (freed + more + joined) // 1024
+    # the same rows read again (another pass: mapped in again), then released again
     maps.prefetch(*_where(path), 100, 1700)
-    assert _resident_kib(path) == mapped_in - freed // 1024
-    assert maps.release(*_where(path), 100, 1700) == more
-    assert _resident_kib(path) == mapped_in - (freed + more) // 1024
+    assert _resident_kib(path) > mapped_in - (freed + more + joined) // 1024
+    again = maps.release(*_where(path), 100, 1700)
+    assert again >= more
+    assert _resident_kib(path) == mapped_in - (freed + more + joined) // 1024
     assert maps.release(*_where(path), 5, 5) == 0  # no rows
+    # the small tensor shares its block with rows not released yet
     assert maps.release(path, "a.norm", torch.float32, (7,), 0, 7) == 0
+    # the rest: the file's first block (its header too) and its last (its end too) go
+    rest = maps.release(*_where(path), 0, 100) + maps.release(*_where(path), 4000, ROWS)
+    assert rest > 0
+    assert _resident_kib(path) == 0
     assert torch.equal(maps.rows(*_where(path), 0, ROWS), weight)
     maps.close()
 

@@ -1259,16 +1259,16 @@ def test_the_loop_unmaps_input_rows_after_their_last_read_and_between_far_reads(
         elif min(k - i for i, k in zip(ids, after, strict=True) if k is not None) > engine.FAR:
             want_ids |= set(ids)
 
-    # unmapped in the order computed, at the step a step's lag after it: a copy's (its piece is
-    # written from the mapped rows), RELEASE_LAG steps later; any other's, the next. So the
-    # rows of the steps from the first one whose lag reaches past the last step are left to
-    # the mappings' end
+    # unmapped at the step a step's lag after it: a copy's (its piece is written from the
+    # mapped rows), RELEASE_LAG steps later; any other's, the next (its tiles are done by the
+    # time the next step is computed: one at a time here). A copy's wait holds back no later
+    # step's. So the rows of the steps whose lag reaches past the last step are left to the
+    # mappings' end, and those released at one step go in the order computed
     def lag(i: int) -> int:
         return engine.RELEASE_LAG if staged[i].stage == "copy" else 1
 
-    ordered = sorted(want_ids)
-    kept = next((k for k, i in enumerate(ordered) if i + lag(i) > n - 1), len(ordered))
-    want = [staged[i] for i in ordered[:kept]]
+    due = sorted((i + lag(i), i) for i in want_ids if i + lag(i) <= n - 1)
+    want = [staged[i] for _, i in due]
     assert [step for step, _ in released] == want and len(want) > 20
     assert any(s.stage.startswith("stats") for s in staged) == (method != "task_arithmetic")
     between = [s for s in want if next_read(staged.index(s)) is not None]
