@@ -23,6 +23,18 @@ if quick:
     # for a while when loaded, and a merge or a plan multiplies no matrices through them. A
     # setting of the user's own is kept.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    # torch's CUDA build imports NVIDIA's Python bindings of the CUDA driver and runtime
+    # (``cuda.bindings``, installed with it) for APIs no command calls (CUDA graph
+    # annotations, green contexts, managed memory); a CUDA merge uses streams, events and
+    # pinned memory, torch's own C++. Importing them was 50-140 ms of every command's start on
+    # a 2-core machine (``python -X importtime``). While torch is imported they are missing
+    # (torch then does without them, as where they are not installed), and put back at once.
+    if "cuda.bindings" not in sys.modules:
+        sys.modules["cuda.bindings"] = None  # type: ignore[assignment]  # import fails: not found
+        try:
+            import torch  # noqa: F401
+        finally:
+            del sys.modules["cuda.bindings"]
 from dim3.cli import main  # noqa: E402
 
 

@@ -588,7 +588,12 @@ def _seen(phase, info):
         linalg = sys.modules.get("scipy.linalg", "absent")
         linalg = "none" if linalg is None else "absent" if linalg == "absent" else "module"
         frozen = gc.get_freeze_count()
-        _log.write(f"{int(started)} {int(imported)} {frozen} {blas} {checked} {linalg}\\n")
+        bindings = sys.modules.get("cuda.bindings", "absent")  # NVIDIA's CUDA bindings
+        bindings = "none" if bindings is None else "absent" if bindings == "absent" else "module"
+        driver = int("cuda.bindings.driver" in sys.modules)
+        _log.write(
+            f"{int(started)} {int(imported)} {frozen} {blas} {checked} {linalg} {bindings} {driver}\\n"
+        )
 gc.callbacks.append(_seen)
 """
 
@@ -602,8 +607,10 @@ def test_cli_process_sets_its_imports_aside_and_still_collects(tiny_llava_trio, 
     unless the user chose otherwise. A merge loads numba's numpy support before it starts,
     without its check for a BLAS, which would import all of ``scipy.linalg``, and leaves no
     trace of how in ``sys.modules`` (``scipy.linalg`` imports as usual: transformers imports it
-    where a merge derives a layout, as here with the tests' cold layout cache). Seen from a
-    ``sitecustomize`` hook in the process."""
+    where a merge derives a layout, as here with the tests' cold layout cache). torch is
+    imported without NVIDIA's CUDA bindings (``cuda.bindings``, which torch's CUDA build loads
+    for APIs no command calls), and they are not left blocked. Seen from a ``sitecustomize``
+    hook in the process."""
     import subprocess
     import sys
 
@@ -634,6 +641,9 @@ def test_cli_process_sets_its_imports_aside_and_still_collects(tiny_llava_trio, 
     # imported scipy.linalg at the first kernel call), and scipy.linalg was not left blocked
     assert {line[4] for line in after} == {"False"}, after
     assert "none" not in {line[5] for line in after}, after
+    # torch came without cuda.bindings' driver module, and cuda.bindings imports as usual since
+    assert {line[7] for line in after} == {"0"}, after
+    assert "none" not in {line[6] for line in after}, after
 
 
 REFUSE_ONCE = """
