@@ -186,10 +186,10 @@ class MappedShards:
         else:
             lo_all, hi_all = lo, hi
         firsts[a:b], ends[a:b] = [lo_all], [hi_all]
-        # the whole blocks of the merged range that these rows touch
+        # the whole blocks of the merged range that these rows touch (the last one up to the
+        # file's end)
         first = max(-(-lo_all // HUGE), lo // HUGE) * HUGE
         last = min(hi_all // HUGE, -(-hi // HUGE)) * HUGE
-        last = min(last, -(-len(m) // HUGE) * HUGE)
         if last <= first:
             return 0
         size = min(last, len(m)) - first
