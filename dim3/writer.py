@@ -348,6 +348,8 @@ class ShardedWriter:
                 at += spec.nbytes
         self.folder: Path = Path()
         self._order = [s for shard in self.shards for s in shard]
+        # the shard files' bytes: headers and tensors (the side files a merge adds are small)
+        self.nbytes = sum(map(len, self._headers)) + sum(s.nbytes for s in self._order)
         self._next = 0
         self._rows_done = 0  # rows of the current tensor written so far
         self._file: _StreamFile | None = None
@@ -366,6 +368,7 @@ class ShardedWriter:
         return "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
 
     def __enter__(self) -> ShardedWriter:
+        check_room(self.out_dir, self.nbytes)  # before the parent folder is made
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(self.out_dir)
         prefix = f".{self.out_dir.name}{TMP_TAG}{os.getpid()}-"
@@ -469,6 +472,26 @@ def check_destination(out_dir: Path, overwrite: bool) -> None:
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(
             f"{out_dir} already exists and is not empty; choose another folder or pass --overwrite"
+        )
+
+
+def check_room(out_dir: Path, nbytes: int) -> None:
+    """Refuse, before anything is written, a checkpoint of ``nbytes`` that the file system
+    ``out_dir`` goes on (that of its nearest existing folder) has no room for: a merge would
+    otherwise fail only when its writes do, minutes into a large one. An old output that
+    ``--overwrite`` replaces is removed only once the new one is in place, so it frees nothing
+    meanwhile. Another writer can still take the room while the merge runs. Free: what an
+    unprivileged process may use (``statvfs``'s ``f_bavail``), the file system's reserve left out."""
+    existing = next(p for p in out_dir.parents if p.is_dir())
+    free = shutil.disk_usage(existing).free
+    if nbytes > free:
+        from dim3.plan import human_size  # a module above this one's: for the message only
+
+        raise OSError(
+            errno.ENOSPC,
+            f"the merged checkpoint needs {human_size(nbytes)} but the file system of "
+            f"{out_dir.parent} has {human_size(free)} free: free some space there or choose "
+            "another output folder",
         )
 
 

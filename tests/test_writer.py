@@ -74,6 +74,31 @@ def test_wrong_tensor_or_missing_tensor_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_checkpoint_the_disk_has_no_room_for_is_refused_before_anything_is_written(tmp_path):
+    """A checkpoint announced larger than the free space of the file system it goes on (here
+    twice the free space of the test's own folder) is refused as the writer opens, with the
+    sizes and the fix, before any folder is made (not even the missing parents) or any byte is
+    written; one that fits opens there as usual."""
+    import errno
+    import shutil
+
+    out = tmp_path / "missing" / "parent" / "out"
+    n = shutil.disk_usage(tmp_path).free // 2 + 1  # float32 values: twice the free bytes
+    huge = [TensorSpec("w", torch.float32, (n,))]
+    writer = ShardedWriter(out, huge)
+    assert writer.nbytes > 4 * n > shutil.disk_usage(tmp_path).free  # the header too
+    with pytest.raises(OSError, match="free some space there or choose another output folder") as e:
+        with writer:
+            pytest.fail("the writer opened")
+    assert e.value.errno == errno.ENOSPC
+    assert f"the file system of {out.parent} has" in str(e.value)
+    assert list(tmp_path.iterdir()) == []
+    with ShardedWriter(out, specs()) as w:
+        for name, tensor in TENSORS.items():
+            w.write(name, tensor)
+    assert (out / "model.safetensors").is_file()
+
+
 def test_sizes_and_shards():
     assert (
         parse_size("5GB") == 5 * 10**9 and parse_size("2MiB") == 2 * 2**20 and parse_size(10) == 10
