@@ -489,7 +489,7 @@ def check_room(out_dir: Path, nbytes: int) -> None:
 
         raise OSError(
             errno.ENOSPC,
-            f"the merged checkpoint needs {human_size(nbytes)} but the file system of "
+            f"the checkpoint needs {human_size(nbytes)} but the file system of "
             f"{out_dir.parent} has {human_size(free)} free: free some space there or choose "
             "another output folder",
         )
