@@ -19,6 +19,7 @@ import json
 import math
 import os
 import re
+import shutil
 import struct
 from collections.abc import Sequence
 from pathlib import Path
@@ -45,6 +46,13 @@ HUB_PATTERNS = [
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 ENV_ROOTS = "DIM3_ALLOWED_ROOTS"
+ENV_MAX_DOWNLOAD = "DIM3_MAX_DOWNLOAD"
+# What a server (the app, whose local folders are limited to allowed roots) downloads from the Hub
+# for one job at most, unless $DIM3_MAX_DOWNLOAD says otherwise: the built-in presets' 7B-11B
+# trios (41-53 GB of safetensors) fit; a 24B or 27B trio (about 150 GB), which a Space could
+# neither keep on its disk nor merge in its memory, does not. A command run by its user has no
+# limit unless the variable sets one.
+SERVER_MAX_DOWNLOAD = 60 * 10**9
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64,
@@ -139,9 +147,124 @@ def _hub_error(ref: str, revision: str | None, exc: Exception) -> CheckpointErro
     return CheckpointError(f"cannot fetch {ref!r}{at} from the Hub: {exc}")
 
 
-def _resolve_hub(ref: str, revision: str | None, token: str | None) -> Path:
+def download_limit(server: bool) -> int | None:
+    """The most bytes one job may download from the Hub: ``$DIM3_MAX_DOWNLOAD`` (``60GB``,
+    ``500MB``; ``0``: no limit), else :data:`SERVER_MAX_DOWNLOAD` for a server and no limit for
+    a command."""
+    raw = os.environ.get(ENV_MAX_DOWNLOAD, "").strip()
+    if not raw:
+        return SERVER_MAX_DOWNLOAD if server else None
+    if raw == "0":
+        return None
+    from dim3.writer import parse_size  # a module above this one's: for the setting only
+
+    try:
+        return parse_size(raw)
+    except ValueError:
+        raise ValueError(
+            f"${ENV_MAX_DOWNLOAD}={raw!r} is not a size; use e.g. 60GB or 500MB (0: no limit)"
+        ) from None
+
+
+def _quiet_tqdm() -> type:
+    """A progress bar class that shows nothing: a dry run's "Fetching N files" is not news."""
+    from tqdm import tqdm
+
+    class Quiet(tqdm):  # not huggingface_hub's subclass: that one decides for itself
+        def __init__(self, *args, **kwargs):
+            kwargs.pop("name", None)
+            kwargs["disable"] = True
+            super().__init__(*args, **kwargs)
+
+    return Quiet
+
+
+def hub_download_size(ref: str, revision: str | None, token: str | None) -> int | None:
+    """The bytes that fetching the Hub id ``ref`` would download (the files of
+    :data:`HUB_PATTERNS` not in the Hub cache yet), asked of the Hub without downloading any
+    (``snapshot_download``'s dry run: the file list and one ``HEAD`` per missing file).
+
+    What the Hub refuses (a missing, gated or private repo, a missing revision) and a repo
+    without safetensors weights raise here, with the fix, before any other checkpoint of the
+    job is downloaded. None where the Hub cannot say (offline, unreachable): the download then
+    uses the cache or reports it as usual."""
+    from huggingface_hub import constants, errors, snapshot_download
+
+    if constants.is_offline_mode():
+        return None
+    try:
+        files = snapshot_download(
+            ref,
+            revision=revision,
+            allow_patterns=HUB_PATTERNS,
+            token=token or os.environ.get("HF_TOKEN") or None,
+            dry_run=True,
+            tqdm_class=_quiet_tqdm(),
+        )
+    except Exception as exc:  # noqa: BLE001 - the Hub client raises many types
+        refused = (errors.RepositoryNotFoundError, errors.RevisionNotFoundError)  # gated too
+        cause: BaseException | None = exc
+        while cause is not None:  # a dry run wraps the Hub's answer (DryRunError from ...)
+            if isinstance(cause, refused):
+                raise _hub_error(ref, revision, cause) from None
+            cause = cause.__cause__
+        return None
+    if not any(f.filename.endswith(".safetensors") and "/" not in f.filename for f in files):
+        _refuse_pickle_repo(ref, revision, token)
+    return sum(f.file_size or 0 for f in files if f.will_download)
+
+
+def check_downloads(
+    sources: Sequence[tuple[str, str | None]],
+    *,
+    token: str | None = None,
+    server: bool = False,
+) -> int:
+    """Refuse, before anything is downloaded, the Hub checkpoints among ``sources`` (ref,
+    revision) whose downloads together pass :func:`download_limit` or do not fit on the file
+    system of the Hub cache: a merge from Hub ids would otherwise fail only when the disk
+    fills, part-way into the second or third download, leaving partial files in the cache, and
+    on a shared server after taking the disk from every other visitor. Returns the bytes to
+    download (0 when all are local, cached, or the Hub cannot say). Room: what an unprivileged
+    process may use (``statvfs``'s ``f_bavail``); another download can still take it meanwhile.
+    """
+    from huggingface_hub import constants
+
+    from dim3.plan import human_size  # a module above this one's: for the messages only
+
+    refs = [((ref or "").strip(), rev) for ref, rev in sources]
+    hub = [(ref, rev) for ref, rev in dict.fromkeys(refs) if ref and not looks_local(ref)]
+    sizes = [(ref, n) for ref, rev in hub if (n := hub_download_size(ref, rev, token))]
+    total = sum(n for _, n in sizes)
+    if not total:
+        return 0
+    what = ", ".join(f"{ref} ({human_size(n)})" for ref, n in sizes)
+    limit = download_limit(server)
+    if limit is not None and total > limit:
+        raise CheckpointError(
+            f"downloading {what} from the Hub would take {human_size(total)}, more than the "
+            f"{human_size(limit)} one job may download here (${ENV_MAX_DOWNLOAD}): choose "
+            "smaller checkpoints, or run the merge on your own machine"
+        )
+    cache = Path(constants.HF_HUB_CACHE).expanduser()
+    existing = next(p for p in (cache, *cache.parents) if p.is_dir())
+    free = shutil.disk_usage(existing).free
+    if total > free:
+        raise CheckpointError(
+            f"downloading {what} from the Hub needs {human_size(total)} but the file system of "
+            f"the Hub cache ({cache}) has {human_size(free)} free: free some space there (`hf "
+            "cache rm`), point HF_HUB_CACHE at a disk with room, or give local folders"
+        )
+    return total
+
+
+def _resolve_hub(
+    ref: str, revision: str | None, token: str | None, *, sized: bool, server: bool
+) -> Path:
     from huggingface_hub import snapshot_download
 
+    if not sized:
+        check_downloads([(ref, revision)], token=token, server=server)
     try:
         folder = snapshot_download(
             ref,
@@ -182,12 +305,16 @@ def resolve(
     *,
     allowed_roots: Sequence[str | Path] | None = None,
     token: str | None = None,
+    sized: bool = False,
 ) -> Path:
     """Resolve a Hub id (with optional revision) or a local folder to a local folder.
 
     Local folders must lie under ``allowed_roots`` when it is given (None allows any path, as
     the command line does). Hub downloads fetch only safetensors, configs, tokenizer, processor
     and chat template files, honour ``HF_TOKEN`` and offline mode, and never log the token.
+    A download is sized first and refused if it does not fit (:func:`check_downloads`; a
+    server, one given ``allowed_roots``, has a limit by default), unless ``sized``: the
+    caller checked it with the job's other downloads.
     """
     ref = (ref or "").strip()
     if not ref:
@@ -196,7 +323,7 @@ def resolve(
         if revision:
             raise CheckpointError(f"a revision ({revision!r}) applies to Hub ids, not {ref!r}")
         return _resolve_local(ref, allowed_roots)
-    return _resolve_hub(ref, revision, token)
+    return _resolve_hub(ref, revision, token, sized=sized, server=allowed_roots is not None)
 
 
 def _refuse_unconverted(folder: Path, ref: str) -> None:
@@ -432,9 +559,11 @@ class Checkpoint:
         *,
         allowed_roots: Sequence[str | Path] | None = None,
         token: str | None = None,
+        sized: bool = False,
     ) -> Checkpoint:
-        """Resolve ``ref`` (Hub id or local folder) and open it lazily."""
-        path = resolve(ref, revision, allowed_roots=allowed_roots, token=token)
+        """Resolve ``ref`` (Hub id or local folder) and open it lazily (``sized``: see
+        :func:`resolve`)."""
+        path = resolve(ref, revision, allowed_roots=allowed_roots, token=token, sized=sized)
         return cls(path, ref=ref, revision=revision)
 
     @property

@@ -58,7 +58,7 @@ import numpy as np
 import torch
 
 from dim3 import fused
-from dim3.checkpoints import Checkpoint
+from dim3.checkpoints import Checkpoint, check_downloads
 from dim3.layout import layout_for
 from dim3.mapped import MappedShards
 from dim3.methods import Method, get_method, plan_notes
@@ -200,15 +200,17 @@ def open_inputs(
     allowed_roots: Sequence[str | Path] | None = None,
     token: str | None = None,
 ) -> Inputs:
-    """Resolve and open the recipe's checkpoints (downloading Hub ids as needed).
+    """Resolve and open the recipe's checkpoints (downloading Hub ids as needed, once their
+    downloads together are known to fit: :func:`check_recipe_downloads`).
 
     If one fails to open, those already opened are closed before the error propagates.
     """
     opened: list[Checkpoint] = []
+    check_recipe_downloads(recipe, allowed_roots=allowed_roots, token=token)
 
     def one(source: Source) -> Checkpoint:
         ckpt = Checkpoint.open(
-            source.ref, source.revision, allowed_roots=allowed_roots, token=token
+            source.ref, source.revision, allowed_roots=allowed_roots, token=token, sized=True
         )
         opened.append(ckpt)
         return ckpt
@@ -226,6 +228,21 @@ def open_inputs(
         for ckpt in opened:
             ckpt.close()
         raise
+
+
+def check_recipe_downloads(
+    recipe: Recipe,
+    *,
+    allowed_roots: Sequence[str | Path] | None = None,
+    token: str | None = None,
+) -> int:
+    """Size the Hub downloads of ``recipe``'s checkpoints together, before the first begins, and
+    refuse them where they do not fit (:func:`dim3.checkpoints.check_downloads`; a server, one
+    given ``allowed_roots``, has a limit by default). Returns the bytes to download."""
+    sources = [recipe.base, *recipe.multilingual, recipe.multimodal]
+    return check_downloads(
+        [(s.ref, s.revision) for s in sources], token=token, server=allowed_roots is not None
+    )
 
 
 def plan(recipe: Recipe, **kwargs: Any) -> MergePlan:

@@ -400,7 +400,10 @@ class ModelManager:
         from dim3 import engine
 
         src = recipe.multimodal
-        path = resolve(src.ref, src.revision, allowed_roots=self.allowed_roots, token=self.token)
+        engine.check_recipe_downloads(recipe, allowed_roots=self.allowed_roots, token=self.token)
+        path = resolve(
+            src.ref, src.revision, allowed_roots=self.allowed_roots, token=self.token, sized=True
+        )
         dev = resolve_device(recipe.device)
         torch_dtype = resolve_dtype(recipe.dtype, dev)
         shown = self.display_ref(src.ref)

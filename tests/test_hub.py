@@ -1,0 +1,212 @@
+"""Hub ids, end to end, against a Hub on loopback (``tests/hub_server.py``): the real
+``huggingface_hub`` client in the real command (``python -m dim3``) and app, no network.
+
+What a user meets: a merge from Hub ids that downloads only what it reads; the Hub's refusals
+(a missing repo or revision, a gated repo, pickle-only weights) as one line with the fix; and
+downloads sized before the first byte, refused when they pass the server's limit or the disk.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dim3 import engine
+from dim3.plan import human_size
+from dim3.recipe import Recipe, Source
+from tests.hub_server import FakeHub, hub_env
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = ROOT / "assets" / "demo"
+TRIO = ("--base", "demo/base", "--multilingual", "demo/multilingual")
+
+
+def dim3(env: dict[str, str], *argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "dim3", *argv],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def repo(tmp: Path, role: str, name: str | None = None) -> Path:
+    """A copy of the demo trio's ``role`` model, to serve (and add files to)."""
+    folder = tmp / "repos" / (name or role)
+    shutil.copytree(DEMO / role, folder)
+    return folder
+
+
+def sparse_weights(folder: Path, size: int) -> None:
+    """Replace ``folder``'s weights by one shard of ``size`` bytes that take no room on disk:
+    what the Hub says of a checkpoint larger than this disk. Nothing reads it."""
+    (folder / "model.safetensors").unlink()
+    with open(folder / "model.safetensors", "wb") as f:
+        f.truncate(size)
+
+
+def blobs(cache: Path) -> list[Path]:
+    return [p for p in cache.glob("*/blobs/*") if p.is_file()]
+
+
+@pytest.fixture()
+def hub(tmp_path):
+    with FakeHub() as hub:
+        for role in ("base", "multilingual"):
+            hub.add(f"demo/{role}", repo(tmp_path, role))
+        yield hub
+
+
+def test_a_merge_from_hub_ids_downloads_only_what_it_reads_and_equals_the_local_merge(
+    hub, tmp_path
+):
+    """The command merges from Hub ids as from local folders (the same bytes out), fetches only
+    safetensors, configs, tokenizer and card files (not a pickle or a Python file the repo also
+    holds), records the commit it resolved to, and then plans again offline from the cache
+    without asking the Hub anything."""
+    vlm = repo(tmp_path, "multimodal")
+    (vlm / "pytorch_model.bin").write_bytes(b"\x80\x04 not to be fetched")
+    (vlm / "modeling_custom.py").write_text("raise SystemExit('remote code ran')\n")
+    served = hub.add("demo/multimodal", vlm)
+    cache = tmp_path / "cache"
+    env = hub_env(hub, cache)
+    out = tmp_path / "merged"
+    done = dim3(env, "merge", *TRIO, "--multimodal", "demo/multimodal", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    fetched = {p.rsplit("/", 1)[-1] for p in hub.downloads() if "/demo/multimodal/" in p}
+    assert "model.safetensors" in fetched and "config.json" in fetched
+    assert not fetched & {"pytorch_model.bin", "modeling_custom.py"}
+    recipe = json.loads((out / "dim3_recipe.json").read_text())
+    assert recipe["resolved"]["multimodal"] == served.sha
+    local = engine.merge_to_folder(
+        Recipe(
+            base=Source(str(DEMO / "base")),
+            multilingual=[Source(str(DEMO / "multilingual"))],
+            multimodal=Source(str(DEMO / "multimodal")),
+        ),
+        tmp_path / "local",
+    )
+    a, b = load_file(out / "model.safetensors"), load_file(local.out_dir / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    asked = len(hub.requests)
+    offline = dim3(env | {"HF_HUB_OFFLINE": "1"}, "plan", *TRIO, "--multimodal", "demo/multimodal")
+    assert offline.returncode == 0, offline.stderr
+    assert len(hub.requests) == asked  # sized only when the Hub can be asked
+
+
+@pytest.mark.parametrize(
+    ("multimodal", "expected"),
+    [
+        ("demo/nothing-here", "no model 'demo/nothing-here' on the Hub"),
+        ("gated/vlm", "'gated/vlm' is gated on the Hub: accept its licence"),
+        ("demo/multimodal@v9", "revision 'v9' does not exist in 'demo/multimodal'"),
+        ("pickled/vlm", "'pickled/vlm' has only pickle weights (pytorch_model.bin)"),
+    ],
+)
+def test_the_hubs_refusals_are_one_line_with_the_fix(hub, tmp_path, multimodal, expected):
+    hub.add("demo/multimodal", repo(tmp_path, "multimodal"))
+    hub.add("gated/vlm", repo(tmp_path, "multimodal", "gated"), gated=True)
+    pickled = repo(tmp_path, "multimodal", "pickled")
+    (pickled / "model.safetensors").rename(pickled / "pytorch_model.bin")
+    hub.add("pickled/vlm", pickled)
+    ref, _, revision = multimodal.partition("@")
+    argv = ["--multimodal", ref] + (["--revision-multimodal", revision] if revision else [])
+    done = dim3(hub_env(hub, tmp_path / "cache"), "plan", *TRIO, *argv)
+    assert done.returncode != 0
+    assert expected in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+    assert not [p for p in hub.downloads() if "model.safetensors" in p or ".bin" in p]
+
+
+def test_downloads_the_disk_has_no_room_for_are_refused_before_the_first_byte(hub, tmp_path):
+    """A VLM that the Hub says is twice the free space of the cache's disk: refused with the
+    sizes and the fix before any file is fetched, the base's and the multilingual model's
+    included (they come first and would fit), and nothing is left in the cache."""
+    free = shutil.disk_usage(tmp_path).free
+    big = repo(tmp_path, "multimodal", "big")
+    sparse_weights(big, 2 * free)
+    hub.add("big/vlm", big)
+    cache = tmp_path / "cache"
+    done = dim3(hub_env(hub, cache), "plan", *TRIO, "--multimodal", "big/vlm")
+    assert done.returncode != 0
+    assert "downloading demo/base (" in done.stderr and "big/vlm (" in done.stderr
+    assert f"file system of the Hub cache ({cache})" in done.stderr
+    assert "point HF_HUB_CACHE at a disk with room, or give local folders" in done.stderr
+    assert hub.downloads() == [] and blobs(cache) == []
+
+
+def test_a_download_limit_refuses_a_job_before_the_first_byte_and_counts_only_what_is_missing(
+    hub, tmp_path
+):
+    """``$DIM3_MAX_DOWNLOAD`` caps one job's downloads together (the demo trio: 2.6 + 2.6 + 3.7
+    MB): a job over it is refused before any file is fetched; once the VLM is in the cache,
+    the same job downloads only the other two, which fit."""
+    hub.add("demo/multimodal", repo(tmp_path, "multimodal"))
+    total = sum(f.stat().st_size for f in (tmp_path / "repos").rglob("*") if f.is_file())
+    cache = tmp_path / "cache"
+    env = hub_env(hub, cache) | {"DIM3_MAX_DOWNLOAD": "6MB"}
+    vlm = ("--multimodal", "demo/multimodal")
+    refused = dim3(env, "plan", *TRIO, *vlm)
+    assert refused.returncode != 0
+    taken = f"would take {human_size(total)}, more than the 6 MB one job may download here"
+    assert taken in refused.stderr, refused.stderr
+    assert "($DIM3_MAX_DOWNLOAD)" in refused.stderr
+    assert hub.downloads() == [] and blobs(cache) == []
+
+    fetch = "from huggingface_hub import snapshot_download as s; s('demo/multimodal')"
+    subprocess.run([sys.executable, "-c", fetch], env=env, check=True, timeout=120)
+    assert all("/demo/multimodal/" in p for p in hub.downloads())
+    fetched = len(hub.downloads())
+    again = dim3(env, "plan", *TRIO, *vlm)
+    assert again.returncode == 0, again.stderr
+    later = hub.downloads()[fetched:]
+    assert later and not [p for p in later if "/demo/multimodal/" in p]
+
+
+def test_the_app_refuses_a_visitors_hub_download_over_its_limit_without_server_paths(tmp_path):
+    """A Space's visitor names Hub ids: a job over the server's download limit, and one its
+    disk has no room for, are refused before anything is downloaded, each with a message that
+    names the limit or the sizes but no server path (the cache appears as ``<hub cache>``)."""
+    from gradio_client import Client
+
+    from tests.app_server import running_app
+
+    free = shutil.disk_usage(tmp_path).free
+    with FakeHub() as hub:
+        for role in ("base", "multilingual"):
+            hub.add(f"demo/{role}", repo(tmp_path, role))
+        for name, size in (("big", 2 * free), ("huge", 8 * free)):
+            folder = repo(tmp_path, "multimodal", name)
+            sparse_weights(folder, size)
+            hub.add(f"{name}/vlm", folder)
+        cache = tmp_path / "cache"
+        env = hub_env(hub, cache) | {"HF_HUB_OFFLINE": "0", "DIM3_MAX_DOWNLOAD": str(4 * free)}
+        env = {k: v for k, v in env.items() if k.startswith(("HF_", "DIM3_MAX"))}
+        with running_app(tmp_path, [DEMO], **env) as url:
+            client = Client(url, verbose=False)
+            messages = {}
+            for name in ("big", "huge"):
+                _, status = client.predict(
+                    base="demo/base",
+                    multilingual="demo/multilingual",
+                    multimodal=f"{name}/vlm",
+                    api_name="/plan",
+                )
+                messages[name] = html.unescape(status.replace("\\", ""))  # as shown
+    assert "one job may download here ($DIM3_MAX_DOWNLOAD)" in messages["huge"]
+    assert "the file system of the Hub cache (<hub cache>)" in messages["big"], messages["big"]
+    for status in messages.values():
+        assert str(tmp_path) not in status and os.sep + "cache" not in status
+    assert hub.downloads() == [] and blobs(cache) == []
