@@ -277,6 +277,14 @@ def output_dtype(entry: Entry, dtype: str) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def output_nbytes(recipe: Recipe, merge_plan: MergePlan) -> int:
+    """The bytes of the merged checkpoint's tensors (in the output dtypes), known from the plan
+    before any is merged."""
+    return sum(
+        math.prod(e.shape) * output_dtype(e, recipe.dtype).itemsize for e in merge_plan.entries
+    )
+
+
 @dataclass(frozen=True)
 class _Step:
     """One unit of the loop: rows ``start:stop`` of ``source`` read and handled for ``out``.

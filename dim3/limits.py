@@ -10,6 +10,9 @@
   progress callbacks (per tensor, per optimisation step, per model), once the projection or
   the clock passes the budget. The job's own clean-up (the writer's temporary folder, the
   model manager's staging copy) leaves nothing half-written.
+- **Saved merges.** ``$DIM3_MAX_SAVED`` (default ``DEFAULT_MAX_SAVED``, ``0`` = none) is what
+  the app's output folder ("Save to folder") may hold in all: :func:`check_saved_room` refuses,
+  before anything is written, a save that would take it past that, with the sizes.
 - **Pictures.** :func:`check_image_header` reads a picture's size from its header (no pixel is
   decoded) and refuses one that is too large or not a picture at all.
 
@@ -34,6 +37,12 @@ PROBE_SECONDS = 0.1  # an estimate times a rule until one run takes this long ..
 REPEATS = 3
 MAX_PROBE_STEPS = 16  # ... or this many iterations (fewer are not estimated: cheap)
 MAX_IMAGE_PIXELS = 40_000_000
+ENV_MAX_SAVED = "DIM3_MAX_SAVED"
+# What the app's output folder may hold in all, unless $DIM3_MAX_SAVED says otherwise: three 7B
+# merges in bfloat16 (about 15 GB each). Saves add up while the server runs (the app deletes
+# none, and a session may save under many names), on the disk that every visitor's Hub
+# downloads share: without a limit one visitor's saves could leave no room for another's merge.
+DEFAULT_MAX_SAVED = 50 * 10**9
 
 
 class BudgetExceeded(ValueError):
@@ -53,6 +62,55 @@ def budget_from_env() -> float | None:
     if not math.isfinite(seconds) or seconds < 0:
         raise ValueError(f"${ENV_BUDGET} must be a number of seconds >= 0, got {raw!r}")
     return seconds or None
+
+
+def saved_limit() -> int | None:
+    """``$DIM3_MAX_SAVED`` in bytes (``50GB``, ``500MB``; default ``DEFAULT_MAX_SAVED``); None
+    when it is 0 (no limit: a server run by its only user)."""
+    raw = os.environ.get(ENV_MAX_SAVED, "").strip()
+    if not raw:
+        return DEFAULT_MAX_SAVED
+    if raw == "0":
+        return None
+    from dim3.writer import parse_size
+
+    try:
+        return parse_size(raw)
+    except ValueError:
+        raise ValueError(
+            f"${ENV_MAX_SAVED}={raw!r} is not a size; use e.g. 50GB or 500MB (0: no limit)"
+        ) from None
+
+
+def folder_bytes(folder: Path) -> int:
+    """The sizes of the files under ``folder`` (links not followed; 0 where it is missing)."""
+    total = 0
+    for parent, _, files in os.walk(folder, followlinks=False):
+        for name in files:
+            try:
+                total += (Path(parent) / name).lstat().st_size
+            except OSError:
+                pass  # removed meanwhile
+    return total
+
+
+def check_saved_room(output_root: Path, nbytes: int) -> None:
+    """Refuse a save of ``nbytes`` that would take the output folder past :func:`saved_limit`.
+    What is there counts, a save this one overwrites included: the writer removes it only once
+    the new one is in place."""
+    limit = saved_limit()
+    if limit is None:
+        return
+    from dim3.plan import human_size
+
+    held = folder_bytes(output_root)
+    if held + nbytes > limit:
+        raise ValueError(
+            f"saving this merge ({human_size(nbytes)}) would bring the server's output folder to "
+            f"{human_size(held + nbytes)}, past the {human_size(limit)} it may hold "
+            f"(${ENV_MAX_SAVED}; {human_size(held)} saved already): chat with the merge without "
+            "saving it, or save it on your own machine"
+        )
 
 
 def clock(seconds: float) -> str:

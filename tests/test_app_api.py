@@ -432,3 +432,38 @@ def test_the_server_sets_its_startup_objects_aside_and_still_collects(tmp_path):
     assert len([g for *_, g, _ in served if g == 2]) >= 1, served  # full ones too
     assert len(served) >= 20, served
     assert all(frozen > 200_000 for *_, frozen in served), served  # the startup's objects aside
+
+
+def test_saves_stop_at_the_output_folders_limit_before_anything_is_written(tmp_path):
+    """``$DIM3_MAX_SAVED`` bounds what the output folder holds in all, whoever saved it (the
+    visitors' saves share the server's disk with its Hub cache): a save that would pass it is
+    refused before anything is written, with the sizes; the saves already there stay."""
+    import struct
+
+    from dim3.plan import human_size
+    from tests.app_server import running_app
+
+    outputs = tmp_path / "outputs"
+    outputs.mkdir()
+    (outputs / "earlier").mkdir()
+    (outputs / "earlier" / "weights.safetensors").write_bytes(b"\0" * 1_000_000)  # counts
+    with open(ROOT / "assets" / "demo" / "multimodal" / "model.safetensors", "rb") as f:
+        header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+    tensors = sum(
+        v["data_offsets"][1] - v["data_offsets"][0]
+        for k, v in header.items()
+        if k != "__metadata__"
+    )
+    with running_app(tmp_path, [ROOT / "assets"], DIM3_MAX_SAVED="6MB") as url:
+        c = client(url)
+        _, first = c.predict(folder="first", api_name="/save")
+        _, second = c.predict(folder="second", api_name="/save")
+    assert first.startswith("✅"), first
+    held = sum(p.stat().st_size for p in outputs.rglob("*") if p.is_file())
+    second = second.replace("\\", "")  # the status line's Markdown escapes
+    assert second.startswith("❌"), second
+    assert f"saving this merge ({human_size(tensors)})" in second
+    assert f"past the 6 MB it may hold ($DIM3_MAX_SAVED; {human_size(held)} saved already)" in (
+        second
+    )
+    assert sorted(p.name for p in outputs.iterdir()) == ["earlier", "first"]  # nothing begun

@@ -2,8 +2,9 @@
 "Save to folder" and "Push to Hub".
 
 Saving writes only inside the server's output folder (``dim3.paths.save_destination`` refuses
-names that are paths and any symbolic link in the way, before the engine's writer runs), and
-only to a folder this browser session created (``dim3.ui.saves``). Pushing uploads the folder
+names that are paths and any symbolic link in the way, before the engine's writer runs), only
+to a folder this browser session created (``dim3.ui.saves``), and only while the output folder
+stays within ``$DIM3_MAX_SAVED`` in all (``dim3.limits.check_saved_room``). Pushing uploads the folder
 this session saved last, exactly as it saved it, with a token the visitor types (never stored
 or logged, blanked out of any error message).
 """
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import gradio as gr
 
 from dim3 import engine
+from dim3.limits import check_saved_room
 from dim3.paths import save_destination
 from dim3.ui import jobs
 from dim3.ui.common import AppContext, check_text, gpu, md_escape
@@ -58,6 +60,8 @@ def save_handler(ctx: AppContext, tab: MergeTab) -> Callable:
             jobs.refuse_estimate(
                 budget, recipe, [(recipe.method, recipe.options)], ctx.allowed_roots
             )
+            merge_plan = engine.plan(recipe, allowed_roots=ctx.allowed_roots)
+            check_saved_room(ctx.output_root, engine.output_nbytes(recipe, merge_plan))
             ctx.output_root.mkdir(parents=True, exist_ok=True)
             log.append(f"Writing the {recipe.method} merge to {name} in the output folder…")
             yield {tab.log_box: "\n".join(log), tab.status: "⏳ Saving…"}
