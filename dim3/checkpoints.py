@@ -21,7 +21,9 @@ import os
 import re
 import shutil
 import struct
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -258,8 +260,72 @@ def check_downloads(
     return total
 
 
+# One job's Hub downloads at a time in this process (an app's visitors): each is sized against
+# the room its disk has once the one before it is done, and they do not split the link.
+DOWNLOADS = threading.Lock()
+
+
+class DownloadMeter:
+    """The bytes a job's Hub downloads have written, told to ``report(done, total)`` at most
+    ``per_second`` times a second (and at the end). An exception ``report`` raises (a closed
+    browser tab, a spent time budget) stops every download of the job where it is, and
+    :func:`resolve` raises it as it was. The bytes are read off ``snapshot_download``'s
+    progress bar for the bytes written (its bar class, :meth:`bar`), which it updates from
+    every download thread."""
+
+    BAR = "huggingface_hub.snapshot_download"  # that bar's name; the others are not counted
+
+    def __init__(self, total: int, report: Callable[[int, int], None], per_second: float = 5):
+        self.total, self.report, self.every = total, report, 1 / per_second
+        self.done = 0
+        self.raised: BaseException | None = None
+        self._lock = threading.Lock()
+        self._shown = 0.0
+
+    def add(self, n: int) -> None:
+        if self.raised is not None:
+            raise self.raised
+        with self._lock:
+            self.done += n
+            now = time.monotonic()
+            if now - self._shown < self.every and self.done < self.total:
+                return
+            self._shown = now
+            done = max(0, min(self.done, self.total))
+        try:
+            self.report(done, self.total)
+        except BaseException as exc:
+            self.raised = exc
+            raise
+
+    def bar(self) -> type:
+        """A ``tqdm_class`` for ``snapshot_download`` that shows nothing and counts."""
+        from huggingface_hub.utils import tqdm as hub_tqdm
+
+        meter = self
+
+        class Counted(hub_tqdm):  # the Hub's subclass: it is handed each bar's name
+            def __init__(self, *args, **kwargs):
+                self.counted = kwargs.get("name") == DownloadMeter.BAR
+                kwargs["disable"] = True
+                super().__init__(*args, **kwargs)
+
+            def update(self, n=1):
+                if self.counted and n:
+                    meter.add(int(n))
+                return super().update(n)
+
+        return Counted
+
+
 def _resolve_hub(
-    ref: str, revision: str | None, token: str | None, *, sized: bool, server: bool
+    ref: str,
+    revision: str | None,
+    token: str | None,
+    *,
+    sized: bool,
+    server: bool,
+    meter: DownloadMeter | None = None,
 ) -> Path:
     from huggingface_hub import snapshot_download
 
@@ -271,8 +337,11 @@ def _resolve_hub(
             revision=revision,
             allow_patterns=HUB_PATTERNS,
             token=token or os.environ.get("HF_TOKEN") or None,
+            **({"tqdm_class": meter.bar()} if meter is not None else {}),
         )
     except Exception as exc:  # the Hub client raises many types; each is mapped to a message
+        if meter is not None and meter.raised is not None:
+            raise meter.raised from None  # the job was stopped: say why, not where
         raise _hub_error(ref, revision, exc) from exc
     folder = Path(folder)
     _refuse_unconverted(folder, ref)
@@ -306,6 +375,7 @@ def resolve(
     allowed_roots: Sequence[str | Path] | None = None,
     token: str | None = None,
     sized: bool = False,
+    meter: DownloadMeter | None = None,
 ) -> Path:
     """Resolve a Hub id (with optional revision) or a local folder to a local folder.
 
@@ -314,7 +384,7 @@ def resolve(
     and chat template files, honour ``HF_TOKEN`` and offline mode, and never log the token.
     A download is sized first and refused if it does not fit (:func:`check_downloads`; a
     server, one given ``allowed_roots``, has a limit by default), unless ``sized``: the
-    caller checked it with the job's other downloads.
+    caller checked it with the job's other downloads. ``meter`` hears the bytes downloaded.
     """
     ref = (ref or "").strip()
     if not ref:
@@ -323,7 +393,9 @@ def resolve(
         if revision:
             raise CheckpointError(f"a revision ({revision!r}) applies to Hub ids, not {ref!r}")
         return _resolve_local(ref, allowed_roots)
-    return _resolve_hub(ref, revision, token, sized=sized, server=allowed_roots is not None)
+    return _resolve_hub(
+        ref, revision, token, sized=sized, server=allowed_roots is not None, meter=meter
+    )
 
 
 def _refuse_unconverted(folder: Path, ref: str) -> None:

@@ -209,10 +209,20 @@ def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     bars: list[tqdm] = []  # created at the first tensor, so early errors print one clean line
+    downloads: list[tqdm] = []  # one bar for the Hub downloads, all checkpoints together
     shown_at = [0.0]  # when a slow rule's step was last drawn
 
     def progress(p: engine.Progress) -> None:
+        if p.phase == "download":
+            if not downloads:
+                downloads.append(
+                    tqdm(total=p.bytes_total, unit="B", unit_scale=True, desc="downloading")
+                )
+            downloads[0].update(p.bytes_done - downloads[0].n)
+            return
         if not bars:
+            for bar in downloads:  # done: the merge has begun
+                bar.close()
             bars.append(tqdm(total=p.total, unit="tensor", desc="merging"))
         step = f" step {p.step}/{p.steps}" if p.steps else ""
         show = bool(p.steps) and time.monotonic() - shown_at[0] >= 0.5  # a step line twice a second
@@ -231,7 +241,7 @@ def run(args: argparse.Namespace) -> int:
             **({"chunk_size": args.chunk_size} if args.chunk_size else {}),
         )
     finally:
-        for bar in bars:
+        for bar in downloads + bars:
             bar.close()
     print(result.plan.describe())
     print(f"Wrote {result.out_dir} in {result.seconds:.1f} s")

@@ -58,7 +58,14 @@ import numpy as np
 import torch
 
 from dim3 import fused
-from dim3.checkpoints import Checkpoint, check_downloads
+from dim3.checkpoints import (
+    DOWNLOADS,
+    Checkpoint,
+    DownloadMeter,
+    check_downloads,
+    looks_local,
+    resolve,
+)
 from dim3.layout import layout_for
 from dim3.mapped import MappedShards
 from dim3.methods import Method, get_method, plan_notes
@@ -131,6 +138,10 @@ class Progress:
     elapsed: float
     step: int = 0
     steps: int = 0
+    # "download": the job's Hub downloads before it opens the checkpoints (:func:`fetch_inputs`):
+    # ``key`` names them, ``bytes_done`` of ``bytes_total`` are downloaded, ``done`` and
+    # ``total`` are 0, ``elapsed`` counts from the first download
+    phase: str = "merge"
 
     @property
     def eta(self) -> float | None:
@@ -194,19 +205,63 @@ class Inputs:
             self.extras.close()
 
 
+def fetch_inputs(
+    recipe: Recipe,
+    *,
+    allowed_roots: Sequence[str | Path] | None = None,
+    token: str | None = None,
+    progress: ProgressFn | None = None,
+) -> int:
+    """Download ``recipe``'s Hub checkpoints that are not in the cache yet, once their downloads
+    together are known to fit (:func:`check_recipe_downloads`), one job at a time in this
+    process (:data:`dim3.checkpoints.DOWNLOADS`). ``progress`` hears the bytes (a
+    :class:`Progress` of phase "download", a few a second); if it raises, the downloads stop
+    and its exception propagates (what was downloaded stays in the cache, and a later download
+    resumes from it). Returns the bytes downloaded (0 when all are local or cached, or the Hub
+    cannot be asked: the opening then uses the cache, or reports why not)."""
+    sources = [recipe.base, *recipe.multilingual, recipe.multimodal]
+    hub = [s for s in sources if s.ref.strip() and not looks_local(s.ref.strip())]
+    if not hub:
+        return 0
+    with DOWNLOADS:
+        total = check_recipe_downloads(recipe, allowed_roots=allowed_roots, token=token)
+        if not total:
+            return 0
+        meter = None
+        if progress is not None:
+            started, names = time.monotonic(), ", ".join(dict.fromkeys(s.ref for s in hub))
+
+            def report(done: int, of: int) -> None:
+                elapsed = time.monotonic() - started
+                progress(Progress(0, 0, names, done, of, elapsed, phase="download"))
+
+            meter = DownloadMeter(total, report)
+        for s in hub:
+            resolve(
+                s.ref,
+                s.revision,
+                allowed_roots=allowed_roots,
+                token=token,
+                sized=True,
+                meter=meter,
+            )
+        return total
+
+
 def open_inputs(
     recipe: Recipe,
     *,
     allowed_roots: Sequence[str | Path] | None = None,
     token: str | None = None,
+    progress: ProgressFn | None = None,
 ) -> Inputs:
-    """Resolve and open the recipe's checkpoints (downloading Hub ids as needed, once their
-    downloads together are known to fit: :func:`check_recipe_downloads`).
+    """Resolve and open the recipe's checkpoints, downloading Hub ids first where needed
+    (:func:`fetch_inputs`, which ``progress`` hears).
 
     If one fails to open, those already opened are closed before the error propagates.
     """
     opened: list[Checkpoint] = []
-    check_recipe_downloads(recipe, allowed_roots=allowed_roots, token=token)
+    fetch_inputs(recipe, allowed_roots=allowed_roots, token=token, progress=progress)
 
     def one(source: Source) -> Checkpoint:
         ckpt = Checkpoint.open(
@@ -2279,12 +2334,13 @@ def merge_to_folder(
     """Merge ``recipe`` into a new Hugging Face checkpoint folder ``out_dir``.
 
     The folder is assembled beside ``out_dir`` and moved into place only when complete; an
-    existing non-empty ``out_dir`` is refused unless ``overwrite``. If ``progress`` raises, the
-    merge stops and nothing is left behind.
+    existing non-empty ``out_dir`` is refused unless ``overwrite``. ``progress`` hears the Hub
+    downloads first (:func:`fetch_inputs`), then each tensor; if it raises, the merge stops and
+    nothing is left behind.
     """
     out = Path(out_dir).expanduser().resolve()
     check_destination(out, overwrite)
-    with open_inputs(recipe, allowed_roots=allowed_roots, token=token) as inputs:
+    with open_inputs(recipe, allowed_roots=allowed_roots, token=token, progress=progress) as inputs:
         _check_not_an_input(out, inputs)
         merge_plan = _plan(recipe, inputs)
         specs = [
@@ -2371,11 +2427,12 @@ def merge_into_model(
     """Merge ``recipe`` into ``model``, a loaded VLM of ``recipe.multimodal``, in place.
 
     Only language-model parameters change (in their own dtype and device); vision encoder and
-    projector stay as loaded. If ``progress`` raises, the merge stops and ``model`` is left
-    partly merged: reload it before use.
+    projector stay as loaded. ``progress`` hears the Hub downloads first (:func:`fetch_inputs`),
+    then each tensor. If it raises, the merge stops and ``model`` is left partly merged: reload
+    it before use.
     """
     targets = _model_tensors(model)
-    with open_inputs(recipe, allowed_roots=allowed_roots, token=token) as inputs:
+    with open_inputs(recipe, allowed_roots=allowed_roots, token=token, progress=progress) as inputs:
         merge_plan = _plan(recipe, inputs)
         layout = layout_for(inputs.multimodal.config, inputs.multimodal.keys())
         _check_model_fits(merge_plan, layout, targets)

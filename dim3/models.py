@@ -400,7 +400,9 @@ class ModelManager:
         from dim3 import engine
 
         src = recipe.multimodal
-        engine.check_recipe_downloads(recipe, allowed_roots=self.allowed_roots, token=self.token)
+        engine.fetch_inputs(  # sized together, under the lock, heard by progress
+            recipe, allowed_roots=self.allowed_roots, token=self.token, progress=progress
+        )
         path = resolve(
             src.ref, src.revision, allowed_roots=self.allowed_roots, token=self.token, sized=True
         )

@@ -15,7 +15,9 @@ And the Hub's errors, with its ``X-Error-Code``: a missing repo (401 ``RepoNotFo
 answers a caller without a token), a gated repo asked without a token (401 ``GatedRepo``), a
 missing revision (404 ``RevisionNotFound``), a missing file (404 ``EntryNotFound``).
 
-Every request is logged (``requests``), so a test can tell what was downloaded. Files are served
+Every request is logged (``requests``; ``log`` with the times each began and ended, once it
+has; ``begun`` as it begins), so a test can tell what was downloaded, and when. ``rate`` (bytes a second) slows the files' bytes down, as
+a slow link would. Files are served
 as they are on disk, the LFS ones (weights, pickles) with a SHA-256 id; a file over
 ``HASHED_UP_TO`` bytes (a sparse file standing for a checkpoint larger than the disk) gets an id
 from its name, size and modification time instead of its bytes' hash: nothing reads it whole.
@@ -28,6 +30,7 @@ import json
 import os
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -91,9 +94,12 @@ class FakeHub:
     """The server: ``with FakeHub() as hub: hub.add("org/name", folder)``; ``hub.url`` is the
     endpoint. ``requests`` logs (method, path) of every request answered."""
 
-    def __init__(self) -> None:
+    def __init__(self, rate: float | None = None) -> None:
         self.repos: dict[str, Repo] = {}
         self.requests: list[tuple[str, str]] = []
+        self.log: list[tuple[str, str, float, float]] = []  # method, path, began, ended
+        self.begun: list[tuple[str, str]] = []  # requests begun, answered or not
+        self.rate = rate
         hub = self
 
         class Handler(_Handler):
@@ -141,6 +147,15 @@ class _Handler(BaseHTTPRequestHandler):
         self._answer(body=True)
 
     def _answer(self, body: bool) -> None:
+        began = time.monotonic()
+        self.hub.begun.append((self.command, unquote(urlsplit(self.path).path)))
+        try:
+            self._route(body)
+        finally:
+            path = unquote(urlsplit(self.path).path)
+            self.hub.log.append((self.command, path, began, time.monotonic()))
+
+    def _route(self, body: bool) -> None:
         url = urlsplit(self.path)
         path = unquote(url.path)
         self.hub.requests.append((self.command, path))
@@ -235,10 +250,17 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if not body:
             return
+        rate, sent, began = self.hub.rate, 0, time.monotonic()
         with open(file, "rb") as f:
             f.seek(start)
-            while chunk := f.read(CHUNK):
-                self.wfile.write(chunk)
+            while chunk := f.read(CHUNK if rate is None else 64 * 1024):
+                try:
+                    self.wfile.write(chunk)
+                except (BrokenPipeError, ConnectionResetError):
+                    return  # the client stopped the download
+                sent += len(chunk)
+                if rate is not None:
+                    time.sleep(max(0.0, began + sent / rate - time.monotonic()))
 
     def _json(self, data: object, body: bool) -> None:
         raw = json.dumps(data).encode()

@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -84,6 +85,7 @@ def test_a_merge_from_hub_ids_downloads_only_what_it_reads_and_equals_the_local_
     out = tmp_path / "merged"
     done = dim3(env, "merge", *TRIO, "--multimodal", "demo/multimodal", "--out", str(out))
     assert done.returncode == 0, done.stderr
+    assert "downloading: 100%" in done.stderr  # one bar, all three checkpoints
     fetched = {p.rsplit("/", 1)[-1] for p in hub.downloads() if "/demo/multimodal/" in p}
     assert "model.safetensors" in fetched and "config.json" in fetched
     assert not fetched & {"pytorch_model.bin", "modeling_custom.py"}
@@ -210,3 +212,84 @@ def test_the_app_refuses_a_visitors_hub_download_over_its_limit_without_server_p
     for status in messages.values():
         assert str(tmp_path) not in status and os.sep + "cache" not in status
     assert hub.downloads() == [] and blobs(cache) == []
+
+
+def _app_env(hub: FakeHub, cache: Path, **extra: str) -> dict[str, str]:
+    env = hub_env(hub, cache) | {"HF_HUB_OFFLINE": "0"} | extra
+    return {k: v for k, v in env.items() if k.startswith(("HF_", "DIM3_"))}
+
+
+def test_the_app_shows_a_download_and_stops_it_when_it_would_pass_the_time_budget(tmp_path):
+    """A visitor's merge from Hub ids over a slow link: the log shows the download's progress,
+    and once the download alone projects past the job's time budget it is stopped where it is
+    (the server's Hub connection closed, no whole weights file kept), with the budget's message,
+    within seconds instead of holding the one merge slot for minutes."""
+    from gradio_client import Client
+
+    from tests.app_server import running_app
+
+    with FakeHub(rate=2e6) as hub:  # 2 MB/s
+        for role in ("base", "multilingual"):
+            hub.add(f"demo/{role}", repo(tmp_path, role))
+        slow = repo(tmp_path, "multimodal", "slow")
+        sparse_weights(slow, 400 * 10**6)  # 200 s at that rate
+        hub.add("slow/vlm", slow)
+        cache = tmp_path / "cache"
+        env = _app_env(hub, cache, DIM3_JOB_BUDGET="30")
+        with running_app(tmp_path, [DEMO], **env) as url:
+            client = Client(url, verbose=False)
+            started = time.monotonic()
+            _, log, status = client.predict(
+                base="demo/base",
+                multilingual="demo/multilingual",
+                multimodal="slow/vlm",
+                api_name="/merge",
+            )
+            took = time.monotonic() - started
+    shown = html.unescape(status.replace("\\", ""))
+    assert shown.startswith("❌") and "the merge would take about" in shown, shown
+    assert "It was stopped" in shown
+    assert "downloading demo/base, demo/multilingual, slow/vlm from the Hub" in log
+    assert took < 25, took  # the budget is 30 s; the download alone would take 200
+    sent = [e for m, p, _, e in hub.log if m == "GET" and "/resolve/" in p]
+    begun = [p for m, p in hub.begun if m == "GET" and "/resolve/" in p]
+    assert sent and len(sent) == len(begun)  # the server stopped sending too ...
+    assert max(sent) - started < 25  # ... soon
+    whole = [p for p in blobs(cache) if not p.name.endswith(".incomplete")]
+    assert all(p.stat().st_size < 400 * 10**6 for p in whole)
+
+
+def test_the_apps_jobs_download_one_at_a_time_so_each_is_sized_against_the_room_left(tmp_path):
+    """Two visitors plan at once (plans run side by side), each naming a VLM the server has not
+    downloaded: the second job's downloads start only once the first job's are done, so the
+    room each was sized against is the room it gets."""
+    from gradio_client import Client
+
+    from tests.app_server import running_app
+
+    with FakeHub(rate=4e6) as hub:
+        for role in ("base", "multilingual"):
+            hub.add(f"demo/{role}", repo(tmp_path, role))
+        for name in ("one", "two"):
+            hub.add(f"{name}/vlm", repo(tmp_path, "multimodal", name))
+        with running_app(tmp_path, [DEMO], **_app_env(hub, tmp_path / "cache")) as url:
+            jobs = [
+                Client(url, verbose=False).submit(
+                    base="demo/base",
+                    multilingual="demo/multilingual",
+                    multimodal=f"{name}/vlm",
+                    api_name="/plan",
+                )
+                for name in ("one", "two")
+            ]
+            statuses = [job.result(timeout=120)[1] for job in jobs]
+    assert all(s.startswith("✅") for s in statuses), statuses
+    gets = [(p, b, e) for m, p, b, e in hub.log if m == "GET" and "/resolve/" in p]
+    by_job = {
+        name: [g for g in gets if g[0].startswith(f"/{name}/vlm/")] for name in ("one", "two")
+    }
+    assert by_job["one"] and by_job["two"]
+    first, second = sorted(by_job.values(), key=lambda g: min(b for _, b, _ in g))
+    shared = [g for g in gets if g[0].startswith("/demo/")]
+    assert len(shared) == len({p for p, _, _ in shared})  # the base and multilingual model once
+    assert max(e for _, _, e in first + shared) <= min(b for _, b, _ in second)

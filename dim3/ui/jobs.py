@@ -4,6 +4,8 @@
   may take on this server (``$DIM3_JOB_BUDGET``, see ``dim3.limits``); :func:`refuse_estimate`
   refuses, before any weight is read, a job whose iterative merges (WUDI, OptMerge) are
   measured to take longer. The handlers call ``budget.check`` from their progress callbacks.
+- :func:`fetch` downloads a job's Hub checkpoints before anything else, its bytes in the log and
+  under the job's budget (a download that alone would pass it is stopped).
 - :func:`job_folder` makes a temporary folder that belongs to the running job, and
   :func:`cleans_up` turns a handler into one that removes those folders once Gradio has taken
   its outputs (a file shown for download is copied into Gradio's cache first), or when the
@@ -76,6 +78,22 @@ def refuse_estimate(
     device = resolve_device(recipe.device)
     total, note = estimate_merges_seconds(iterative, shapes, n_tuned, device)
     job.refuse_estimate(job.elapsed + total, note)
+
+
+def fetch(
+    ctx: Any, recipe: Any, progress: Any, log: list[str], log_box: Any, budget: JobBudget
+) -> Iterator[dict]:
+    """Download ``recipe``'s Hub checkpoints not yet cached (``dim3.engine.fetch_inputs``:
+    sized together first, one job at a time), yielding ``log_box`` updates with the bytes done;
+    the progress bar shows them too. ``budget`` stops the downloads once they alone would pass
+    it, and so does a visitor who leaves. Yields nothing where all are local or cached."""
+    from dim3 import engine
+    from dim3.ui.progress import drive
+
+    def work(callback: Callable) -> int:
+        return engine.fetch_inputs(recipe, allowed_roots=ctx.allowed_roots, progress=callback)
+
+    yield from drive(work, progress, log, log_box, {}, budget)
 
 
 def job_folder(prefix: str) -> Path:

@@ -295,6 +295,7 @@ def _merge(ctx: AppContext, tab: MergeTab) -> Callable:
                     else:
                         yield {tab.log_box: item, tab.status: "⏳ Estimating the Fishers…"}
                 recipe = tab.form.recipe(values, fisher=folders)
+            yield from jobs.fetch(ctx, recipe, progress, log, tab.log_box, budget)
             jobs.refuse_estimate(
                 budget, recipe, [(recipe.method, recipe.options)], ctx.allowed_roots
             )

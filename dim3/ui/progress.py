@@ -27,6 +27,11 @@ class Aborted(Exception):
 
 
 def progress_line(p: Progress) -> str:
+    if p.phase == "download":
+        return (
+            f"downloading {p.key} from the Hub · {size(p.bytes_done)} of {size(p.bytes_total)}"
+            f" · ETA {clock(p.eta)}"
+        )
     line = (
         f"{p.done}/{p.total} tensors · {size(p.bytes_done)} of {size(p.bytes_total)} · "
         f"ETA {clock(p.eta)}"
@@ -38,7 +43,10 @@ def progress_line(p: Progress) -> str:
 
 
 def progress_fraction(p: Progress) -> float:
-    """The merge's share done, counting a slow rule's inner steps within its tensor."""
+    """The merge's share done, counting a slow rule's inner steps within its tensor; while
+    the job downloads, the downloads' share (so a time budget projects the download alone)."""
+    if p.phase == "download":
+        return min(1.0, p.bytes_done / max(1, p.bytes_total))
     inner = p.step / p.steps if p.steps else 0.0
     return min(1.0, (p.done + inner) / max(1, p.total))
 
@@ -86,9 +94,12 @@ def run_with_progress(
                 continue
             progress(progress_fraction(last), desc=progress_line(last), unit="tensors")
             time.sleep(0.05)  # at most ~20 updates a second go to the browser
-            if time.monotonic() - shown > 1.0 or last.done == last.total:
+            merging = last.phase == "merge"
+            if time.monotonic() - shown > 1.0 or (merging and last.done == last.total):
                 shown = time.monotonic()
-                log.append(f"{progress_line(last)} · {last.key}")
+                log.append(
+                    f"{progress_line(last)} · {last.key}" if merging else progress_line(last)
+                )
                 yield "\n".join(log[-LOG_LINES:])
         thread.join()
     finally:

@@ -57,6 +57,7 @@ def save_handler(ctx: AppContext, tab: MergeTab) -> Callable:
                     "choose another name or tick Overwrite"
                 )
             ctx.saves.claim(name, session, dest.exists())  # another session's folder: refused
+            yield from jobs.fetch(ctx, recipe, progress, log, tab.log_box, budget)
             jobs.refuse_estimate(
                 budget, recipe, [(recipe.method, recipe.options)], ctx.allowed_roots
             )
