@@ -221,6 +221,7 @@ def check_downloads(
     *,
     token: str | None = None,
     server: bool = False,
+    output: tuple[Path, Callable[[], int | None]] | None = None,
 ) -> int:
     """Refuse, before anything is downloaded, the Hub checkpoints among ``sources`` (ref,
     revision) whose downloads together pass :func:`download_limit` or do not fit on the file
@@ -229,6 +230,11 @@ def check_downloads(
     on a shared server after taking the disk from every other visitor. Returns the bytes to
     download (0 when all are local, cached, or the Hub cannot say). Room: what an unprivileged
     process may use (``statvfs``'s ``f_bavail``); another download can still take it meanwhile.
+
+    ``output``: (the folder a merge will write, a function giving its bytes or None), asked
+    only when something is to be downloaded. On the Hub cache's file system the two must fit
+    together; elsewhere the output must fit where it goes (as the writer will check, hours of
+    downloading later for a large model).
     """
     from huggingface_hub import constants
 
@@ -249,7 +255,7 @@ def check_downloads(
             "smaller checkpoints, or run the merge on your own machine"
         )
     cache = Path(constants.HF_HUB_CACHE).expanduser()
-    existing = next(p for p in (cache, *cache.parents) if p.is_dir())
+    existing = _existing(cache)
     free = shutil.disk_usage(existing).free
     if total > free:
         raise CheckpointError(
@@ -257,7 +263,27 @@ def check_downloads(
             f"the Hub cache ({cache}) has {human_size(free)} free: free some space there (`hf "
             "cache rm`), point HF_HUB_CACHE at a disk with room, or give local folders"
         )
+    written = output[1]() if output is not None else None
+    if output is not None and written:
+        folder = Path(output[0])
+        if os.stat(_existing(folder)).st_dev != os.stat(existing).st_dev:
+            from dim3.writer import check_room  # a module above this one's
+
+            check_room(folder, written)
+        elif total + written > free:
+            raise CheckpointError(
+                f"downloading {what} from the Hub needs {human_size(total)} and the merged "
+                f"model {human_size(written)} more, {human_size(total + written)} in all, but "
+                f"the file system of the Hub cache ({cache}) and of {folder.parent} has "
+                f"{human_size(free)} free: free some space there, point HF_HUB_CACHE at another "
+                "disk, or choose an output folder on another disk"
+            )
     return total
+
+
+def _existing(path: Path) -> Path:
+    """``path`` or its nearest existing parent."""
+    return next(p for p in (path, *path.parents) if p.is_dir())
 
 
 # One job's Hub downloads at a time in this process (an app's visitors): each is sized against

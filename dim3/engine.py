@@ -60,6 +60,7 @@ import torch
 from dim3 import fused
 from dim3.checkpoints import (
     DOWNLOADS,
+    SAFETENSORS_DTYPES,
     Checkpoint,
     DownloadMeter,
     check_downloads,
@@ -211,20 +212,24 @@ def fetch_inputs(
     allowed_roots: Sequence[str | Path] | None = None,
     token: str | None = None,
     progress: ProgressFn | None = None,
+    output: Path | None = None,
 ) -> int:
     """Download ``recipe``'s Hub checkpoints that are not in the cache yet, once their downloads
     together are known to fit (:func:`check_recipe_downloads`), one job at a time in this
     process (:data:`dim3.checkpoints.DOWNLOADS`). ``progress`` hears the bytes (a
     :class:`Progress` of phase "download", a few a second); if it raises, the downloads stop
     and its exception propagates (what was downloaded stays in the cache, and a later download
-    resumes from it). Returns the bytes downloaded (0 when all are local or cached, or the Hub
-    cannot be asked: the opening then uses the cache, or reports why not)."""
+    resumes from it). ``output``: the folder the merge will write, sized with the downloads
+    (:func:`output_estimate`). Returns the bytes downloaded (0 when all are local or cached, or
+    the Hub cannot be asked: the opening then uses the cache, or reports why not)."""
     sources = [recipe.base, *recipe.multilingual, recipe.multimodal]
     hub = [s for s in sources if s.ref.strip() and not looks_local(s.ref.strip())]
     if not hub:
         return 0
     with DOWNLOADS:
-        total = check_recipe_downloads(recipe, allowed_roots=allowed_roots, token=token)
+        total = check_recipe_downloads(
+            recipe, allowed_roots=allowed_roots, token=token, output=output
+        )
         if not total:
             return 0
         meter = None
@@ -254,14 +259,15 @@ def open_inputs(
     allowed_roots: Sequence[str | Path] | None = None,
     token: str | None = None,
     progress: ProgressFn | None = None,
+    output: Path | None = None,
 ) -> Inputs:
     """Resolve and open the recipe's checkpoints, downloading Hub ids first where needed
-    (:func:`fetch_inputs`, which ``progress`` hears).
+    (:func:`fetch_inputs`, which ``progress`` hears and ``output`` goes to).
 
     If one fails to open, those already opened are closed before the error propagates.
     """
     opened: list[Checkpoint] = []
-    fetch_inputs(recipe, allowed_roots=allowed_roots, token=token, progress=progress)
+    fetch_inputs(recipe, allowed_roots=allowed_roots, token=token, progress=progress, output=output)
 
     def one(source: Source) -> Checkpoint:
         ckpt = Checkpoint.open(
@@ -290,14 +296,58 @@ def check_recipe_downloads(
     *,
     allowed_roots: Sequence[str | Path] | None = None,
     token: str | None = None,
+    output: Path | None = None,
 ) -> int:
     """Size the Hub downloads of ``recipe``'s checkpoints together, before the first begins, and
     refuse them where they do not fit (:func:`dim3.checkpoints.check_downloads`; a server, one
-    given ``allowed_roots``, has a limit by default). Returns the bytes to download."""
+    given ``allowed_roots``, has a limit by default), with the merged checkpoint a merge will
+    write to ``output`` (:func:`output_estimate`). Returns the bytes to download."""
     sources = [recipe.base, *recipe.multilingual, recipe.multimodal]
+
+    def written() -> int | None:
+        return output_estimate(recipe, allowed_roots=allowed_roots, token=token)
+
     return check_downloads(
-        [(s.ref, s.revision) for s in sources], token=token, server=allowed_roots is not None
+        [(s.ref, s.revision) for s in sources],
+        token=token,
+        server=allowed_roots is not None,
+        output=None if output is None else (output, written),
     )
+
+
+def output_estimate(
+    recipe: Recipe,
+    *,
+    allowed_roots: Sequence[str | Path] | None = None,
+    token: str | None = None,
+) -> int | None:
+    """The bytes of ``recipe``'s merged checkpoint, before anything is downloaded: the VLM's
+    tensors (every one is merged or copied, in its shape) in the output dtype, from its
+    safetensors headers alone (a Hub id's read from the Hub: ``get_safetensors_metadata``, a
+    few kB per shard). None where they cannot be had: the writer checks the room anyway."""
+    from huggingface_hub import HfApi
+
+    override = None if recipe.dtype == "auto" else DTYPES[recipe.dtype]
+
+    def nbytes(dtype: torch.dtype, shape: Sequence[int]) -> int:
+        out = override if override is not None and dtype.is_floating_point else dtype
+        return math.prod(shape) * out.itemsize
+
+    src = recipe.multimodal
+    try:
+        if looks_local(src.ref.strip()):
+            with Checkpoint.open(src.ref, allowed_roots=allowed_roots) as vlm:
+                return sum(nbytes(vlm.dtype(k), vlm.shape(k)) for k in vlm.keys())
+        meta = HfApi().get_safetensors_metadata(
+            src.ref.strip(), revision=src.revision, token=token or os.environ.get("HF_TOKEN")
+        )
+        return sum(
+            nbytes(SAFETENSORS_DTYPES[t.dtype], t.shape)
+            for f in meta.files_metadata.values()
+            for t in f.tensors.values()
+        )
+    except Exception:  # noqa: BLE001 - no estimate: the writer's own check still holds
+        return None
 
 
 def plan(recipe: Recipe, **kwargs: Any) -> MergePlan:
@@ -2340,7 +2390,9 @@ def merge_to_folder(
     """
     out = Path(out_dir).expanduser().resolve()
     check_destination(out, overwrite)
-    with open_inputs(recipe, allowed_roots=allowed_roots, token=token, progress=progress) as inputs:
+    with open_inputs(
+        recipe, allowed_roots=allowed_roots, token=token, progress=progress, output=out
+    ) as inputs:
         _check_not_an_input(out, inputs)
         merge_plan = _plan(recipe, inputs)
         specs = [

@@ -9,7 +9,7 @@ It answers what ``snapshot_download`` (and its dry run) and ``HfApi.list_repo_fi
   sizes, git blob ids and, for weights, LFS ids and sizes;
 - ``HEAD`` and ``GET /<repo>/resolve/<rev>/<file>``: a file's metadata in the headers the Hub
   sends (``X-Repo-Commit``, ``ETag``; ``X-Linked-Etag`` and ``X-Linked-Size`` for an LFS file)
-  and its bytes (a ``Range`` from an offset on, as a resumed download asks).
+  and its bytes (or a ``Range`` of them: a resumed download's, a header's).
 
 And the Hub's errors, with its ``X-Error-Code``: a missing repo (401 ``RepoNotFound``, as the Hub
 answers a caller without a token), a gated repo asked without a token (401 ``GatedRepo``), a
@@ -17,7 +17,7 @@ missing revision (404 ``RevisionNotFound``), a missing file (404 ``EntryNotFound
 
 Every request is logged (``requests``; ``log`` with the times each began and ended, once it
 has; ``begun`` as it begins), so a test can tell what was downloaded, and when. ``rate`` (bytes a second) slows the files' bytes down, as
-a slow link would. Files are served
+a slow link would; no file is sent beyond ``max_send`` bytes (``MAX_SEND``) over all requests. Files are served
 as they are on disk, the LFS ones (weights, pickles) with a SHA-256 id; a file over
 ``HASHED_UP_TO`` bytes (a sparse file standing for a checkpoint larger than the disk) gets an id
 from its name, size and modification time instead of its bytes' hash: nothing reads it whole.
@@ -39,6 +39,10 @@ from urllib.parse import parse_qs, unquote, urlsplit
 LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".msgpack")
 HASHED_UP_TO = 256 * 2**20
 CHUNK = 1 << 20
+# The most the hub sends of one file, over all requests (a client resumes a cut-off download):
+# a sparse stand-in for a checkpoint larger than the disk is never sent whole, so a test of its
+# refusal that regresses fails on a refused download instead of filling the disk it runs on.
+MAX_SEND = 2**30
 
 
 @dataclass
@@ -94,12 +98,13 @@ class FakeHub:
     """The server: ``with FakeHub() as hub: hub.add("org/name", folder)``; ``hub.url`` is the
     endpoint. ``requests`` logs (method, path) of every request answered."""
 
-    def __init__(self, rate: float | None = None) -> None:
+    def __init__(self, rate: float | None = None, max_send: int = MAX_SEND) -> None:
         self.repos: dict[str, Repo] = {}
         self.requests: list[tuple[str, str]] = []
         self.log: list[tuple[str, str, float, float]] = []  # method, path, began, ended
         self.begun: list[tuple[str, str]] = []  # requests begun, answered or not
-        self.rate = rate
+        self.rate, self.max_send = rate, max_send
+        self.sent: dict[str, int] = {}  # bytes sent per file path, over all requests
         hub = self
 
         class Handler(_Handler):
@@ -117,7 +122,8 @@ class FakeHub:
         return repo
 
     def downloads(self) -> list[str]:
-        """The paths of the files whose bytes were sent (GET on ``resolve``)."""
+        """The paths of the files whose bytes were asked for (GET on ``resolve``; a part of one,
+        such as a safetensors header, is logged as ``GET range``)."""
         return [p for m, p in self.requests if m == "GET" and "/resolve/" in p]
 
     def __enter__(self) -> FakeHub:
@@ -158,7 +164,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _route(self, body: bool) -> None:
         url = urlsplit(self.path)
         path = unquote(url.path)
-        self.hub.requests.append((self.command, path))
+        ranged = " range" if self.headers.get("range") else ""
+        self.hub.requests.append((self.command + ranged, path))
         if m := API.match(path):
             repo = self._repo(m["repo"])
             if repo is None:
@@ -233,19 +240,24 @@ class _Handler(BaseHTTPRequestHandler):
             return
         size = file.stat().st_size
         blob, lfs = repo.ids(path)
-        start = 0
+        key = f"{repo.folder}/{path}"
+        if body and self.hub.sent.get(key, 0) >= self.hub.max_send:
+            self._error(403, None, f"{path}: this test's hub sends no more of it", repo.sha)
+            return
+        start, stop = 0, size  # stop: past the last byte sent
         ranged = self.headers.get("range")
-        if ranged and (m := re.fullmatch(r"bytes=(\d+)-", ranged.strip())):
+        if ranged and (m := re.fullmatch(r"bytes=(\d+)-(\d*)", ranged.strip())):
             start = min(int(m[1]), size)
-        self.send_response(206 if start else 200)
+            stop = min(int(m[2]) + 1, size) if m[2] else size
+        self.send_response(206 if ranged else 200)
         self.send_header("X-Repo-Commit", repo.sha)
         self.send_header("ETag", f'"{lfs or blob}"')
         if lfs is not None:
             self.send_header("X-Linked-Etag", f'"{lfs}"')
             self.send_header("X-Linked-Size", str(size))
-        self.send_header("Content-Length", str(size - start))
-        if start:
-            self.send_header("Content-Range", f"bytes {start}-{size - 1}/{size}")
+        self.send_header("Content-Length", str(stop - start))
+        if ranged:
+            self.send_header("Content-Range", f"bytes {start}-{stop - 1}/{size}")
         self.send_header("Accept-Ranges", "bytes")
         self.end_headers()
         if not body:
@@ -253,12 +265,16 @@ class _Handler(BaseHTTPRequestHandler):
         rate, sent, began = self.hub.rate, 0, time.monotonic()
         with open(file, "rb") as f:
             f.seek(start)
-            while chunk := f.read(CHUNK if rate is None else 64 * 1024):
+            while chunk := f.read(min(CHUNK if rate is None else 64 * 1024, stop - start - sent)):
                 try:
                     self.wfile.write(chunk)
                 except (BrokenPipeError, ConnectionResetError):
                     return  # the client stopped the download
                 sent += len(chunk)
+                self.hub.sent[key] = self.hub.sent.get(key, 0) + len(chunk)
+                if self.hub.sent[key] >= self.hub.max_send:
+                    self.close_connection = True  # cut off: the client sees a short body
+                    return
                 if rate is not None:
                     time.sleep(max(0.0, began + sent / rate - time.monotonic()))
 

@@ -12,6 +12,7 @@ import html
 import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import time
@@ -147,6 +148,30 @@ def test_downloads_the_disk_has_no_room_for_are_refused_before_the_first_byte(hu
     assert f"file system of the Hub cache ({cache})" in done.stderr
     assert "point HF_HUB_CACHE at a disk with room, or give local folders" in done.stderr
     assert hub.downloads() == [] and blobs(cache) == []
+
+
+def test_a_merge_whose_downloads_and_output_do_not_fit_together_is_refused_before_the_first_byte(
+    hub, tmp_path
+):
+    """The downloads fit the disk, but not with the merged model the command will write beside
+    them: refused before anything is downloaded, the output's size read from the VLM's header
+    on the Hub (a float32 tensor of 0.7 × the free space, in a sparse file), not hours later
+    by the writer."""
+    free = shutil.disk_usage(tmp_path).free
+    big = repo(tmp_path, "multimodal", "big")
+    n = int(0.7 * free) // 4
+    header = json.dumps({"w": {"dtype": "F32", "shape": [n], "data_offsets": [0, 4 * n]}})
+    header += " " * (-len(header) % 8)
+    with open(big / "model.safetensors", "wb") as f:
+        f.write(struct.pack("<Q", len(header)) + header.encode())
+        f.truncate(8 + len(header) + 4 * n)
+    hub.add("big/vlm", big)
+    cache, out = tmp_path / "cache", tmp_path / "merged"
+    done = dim3(hub_env(hub, cache), "merge", *TRIO, "--multimodal", "big/vlm", "--out", str(out))
+    assert done.returncode != 0
+    assert f"and the merged model {human_size(4 * n)} more" in done.stderr, done.stderr
+    assert f"the file system of the Hub cache ({cache}) and of {tmp_path} has" in done.stderr
+    assert hub.downloads() == [] and blobs(cache) == [] and not out.exists()
 
 
 def test_a_download_limit_refuses_a_job_before_the_first_byte_and_counts_only_what_is_missing(
