@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -153,19 +154,23 @@ def download_limit(server: bool) -> int | None:
     """The most bytes one job may download from the Hub: ``$DIM3_MAX_DOWNLOAD`` (``60GB``,
     ``500MB``; ``0``: no limit), else :data:`SERVER_MAX_DOWNLOAD` for a server and no limit for
     a command."""
-    raw = os.environ.get(ENV_MAX_DOWNLOAD, "").strip()
-    if not raw:
-        return SERVER_MAX_DOWNLOAD if server else None
-    if raw == "0":
-        return None
-    from dim3.writer import parse_size  # a module above this one's: for the setting only
+    from dim3.writer import size_from_env  # a module above this one's: for the setting only
 
-    try:
-        return parse_size(raw)
-    except ValueError:
-        raise ValueError(
-            f"${ENV_MAX_DOWNLOAD}={raw!r} is not a size; use e.g. 60GB or 500MB (0: no limit)"
-        ) from None
+    return size_from_env(ENV_MAX_DOWNLOAD, SERVER_MAX_DOWNLOAD if server else None)
+
+
+def _snapshot(ref: str, revision: str | None, token: str | None, **options) -> Any:
+    """``snapshot_download`` of the files a merge needs (:data:`HUB_PATTERNS`), with the
+    token given or ``$HF_TOKEN``."""
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(
+        ref,
+        revision=revision,
+        allow_patterns=HUB_PATTERNS,
+        token=token or os.environ.get("HF_TOKEN") or None,
+        **options,
+    )
 
 
 def _quiet_tqdm() -> type:
@@ -190,19 +195,12 @@ def hub_download_size(ref: str, revision: str | None, token: str | None) -> int 
     without safetensors weights raise here, with the fix, before any other checkpoint of the
     job is downloaded. None where the Hub cannot say (offline, unreachable): the download then
     uses the cache or reports it as usual."""
-    from huggingface_hub import constants, errors, snapshot_download
+    from huggingface_hub import constants, errors
 
     if constants.is_offline_mode():
         return None
     try:
-        files = snapshot_download(
-            ref,
-            revision=revision,
-            allow_patterns=HUB_PATTERNS,
-            token=token or os.environ.get("HF_TOKEN") or None,
-            dry_run=True,
-            tqdm_class=_quiet_tqdm(),
-        )
+        files = _snapshot(ref, revision, token, dry_run=True, tqdm_class=_quiet_tqdm())
     except Exception as exc:  # noqa: BLE001 - the Hub client raises many types
         refused = (errors.RepositoryNotFoundError, errors.RevisionNotFoundError)  # gated too
         cause: BaseException | None = exc
@@ -353,18 +351,11 @@ def _resolve_hub(
     server: bool,
     meter: DownloadMeter | None = None,
 ) -> Path:
-    from huggingface_hub import snapshot_download
-
     if not sized:
         check_downloads([(ref, revision)], token=token, server=server)
     try:
-        folder = snapshot_download(
-            ref,
-            revision=revision,
-            allow_patterns=HUB_PATTERNS,
-            token=token or os.environ.get("HF_TOKEN") or None,
-            **({"tqdm_class": meter.bar()} if meter is not None else {}),
-        )
+        bars = {"tqdm_class": meter.bar()} if meter is not None else {}
+        folder = _snapshot(ref, revision, token, **bars)
     except Exception as exc:  # the Hub client raises many types; each is mapped to a message
         if meter is not None and meter.raised is not None:
             raise meter.raised from None  # the job was stopped: say why, not where

@@ -67,19 +67,9 @@ def budget_from_env() -> float | None:
 def saved_limit() -> int | None:
     """``$DIM3_MAX_SAVED`` in bytes (``50GB``, ``500MB``; default ``DEFAULT_MAX_SAVED``); None
     when it is 0 (no limit: a server run by its only user)."""
-    raw = os.environ.get(ENV_MAX_SAVED, "").strip()
-    if not raw:
-        return DEFAULT_MAX_SAVED
-    if raw == "0":
-        return None
-    from dim3.writer import parse_size
+    from dim3.writer import size_from_env
 
-    try:
-        return parse_size(raw)
-    except ValueError:
-        raise ValueError(
-            f"${ENV_MAX_SAVED}={raw!r} is not a size; use e.g. 50GB or 500MB (0: no limit)"
-        ) from None
+    return size_from_env(ENV_MAX_SAVED, DEFAULT_MAX_SAVED)
 
 
 def folder_bytes(folder: Path) -> int:

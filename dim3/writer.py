@@ -78,6 +78,22 @@ def parse_size(size: str | int) -> int:
     return value
 
 
+def size_from_env(name: str, default: int | None) -> int | None:
+    """The size setting ``$name`` in bytes (``50GB``, ``500MB``): ``default`` when it is unset,
+    None when it is 0 (no limit)."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    if raw == "0":
+        return None
+    try:
+        return parse_size(raw)
+    except ValueError:
+        raise ValueError(
+            f"${name}={raw!r} is not a size; use e.g. 50GB or 500MB (0: no limit)"
+        ) from None
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     """One output tensor: name, dtype and shape, known before any data."""
