@@ -327,11 +327,8 @@ def output_estimate(
     few kB per shard). None where they cannot be had: the writer checks the room anyway."""
     from huggingface_hub import HfApi
 
-    override = None if recipe.dtype == "auto" else DTYPES[recipe.dtype]
-
     def nbytes(dtype: torch.dtype, shape: Sequence[int]) -> int:
-        out = override if override is not None and dtype.is_floating_point else dtype
-        return math.prod(shape) * out.itemsize
+        return math.prod(shape) * converted(dtype, recipe.dtype).itemsize
 
     src = recipe.multimodal
     try:
@@ -377,8 +374,14 @@ def resolve_device(name: str) -> torch.device:
 
 def output_dtype(entry: Entry, dtype: str) -> torch.dtype:
     """The VLM's own dtype (``auto``) or the override, for floating-point tensors only."""
-    if dtype == "auto" or not entry.dtype.is_floating_point:
-        return entry.dtype
+    return converted(entry.dtype, dtype)
+
+
+def converted(stored: torch.dtype, dtype: str) -> torch.dtype:
+    """A tensor stored as ``stored`` in the output of a merge asked for ``dtype``: the override
+    for floating-point tensors, as stored for the rest (and for ``auto``)."""
+    if dtype == "auto" or not stored.is_floating_point:
+        return stored
     return DTYPES[dtype]
 
 
