@@ -46,6 +46,9 @@ HUB_PATTERNS = [
     "*.model",
     "*.tiktoken",
 ]
+# What a plan fetches of a Hub repository (:meth:`Checkpoint.headers`): all of the above but the
+# weights, whose names, shapes and dtypes it reads from their headers on the Hub instead.
+SIDE_PATTERNS = [p for p in HUB_PATTERNS if p != "*.safetensors"]
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 ENV_ROOTS = "DIM3_ALLOWED_ROOTS"
@@ -142,12 +145,28 @@ def _hub_error(ref: str, revision: str | None, exc: Exception) -> CheckpointErro
         return CheckpointError(
             f"no model {ref!r} on the Hub (or it is private: set HF_TOKEN); check the id"
         )
+    if isinstance(exc, errors.SafetensorsParsingError):
+        return CheckpointError(
+            f"{ref!r}{at} has a safetensors header that cannot be read on the Hub: its weights "
+            "are damaged or not safetensors; pick another revision or model"
+        )
     if isinstance(exc, errors.LocalEntryNotFoundError):
         return CheckpointError(
             f"cannot download {ref!r}{at}: the Hub is unreachable or offline mode is on "
             "(HF_HUB_OFFLINE), and it is not in the local cache; connect, or give a local folder"
         )
     return CheckpointError(f"cannot fetch {ref!r}{at} from the Hub: {exc}")
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """Whether ``exc`` says the Hub could not be asked (offline mode, no connection), not
+    what it answered: the Hub client's own errors, or its HTTP library's transport errors
+    (``httpx``'s ``TransportError``, by name: the client's library is its own choice)."""
+    from huggingface_hub import errors
+
+    if isinstance(exc, (errors.OfflineModeIsEnabled, errors.LocalEntryNotFoundError, OSError)):
+        return True
+    return any(c.__name__ == "TransportError" for c in type(exc).__mro__)
 
 
 def download_limit(server: bool) -> int | None:
@@ -159,18 +178,24 @@ def download_limit(server: bool) -> int | None:
     return size_from_env(ENV_MAX_DOWNLOAD, SERVER_MAX_DOWNLOAD if server else None)
 
 
-def _snapshot(ref: str, revision: str | None, token: str | None, **options) -> Any:
-    """``snapshot_download`` of the files a merge needs (:data:`HUB_PATTERNS`), with the
-    token given or ``$HF_TOKEN``."""
+def _snapshot(
+    ref: str, revision: str | None, token: str | None, patterns: list[str] = HUB_PATTERNS, **options
+) -> Any:
+    """``snapshot_download`` of the files a merge needs (:data:`HUB_PATTERNS`; a plan:
+    :data:`SIDE_PATTERNS`), with the token given or ``$HF_TOKEN``."""
     from huggingface_hub import snapshot_download
 
     return snapshot_download(
         ref,
         revision=revision,
-        allow_patterns=HUB_PATTERNS,
-        token=token or os.environ.get("HF_TOKEN") or None,
+        allow_patterns=patterns,
+        token=_token(token),
         **options,
     )
+
+
+def _token(token: str | None) -> str | None:
+    return token or os.environ.get("HF_TOKEN") or None
 
 
 def _quiet_tqdm() -> type:
@@ -186,10 +211,14 @@ def _quiet_tqdm() -> type:
     return Quiet
 
 
-def hub_download_size(ref: str, revision: str | None, token: str | None) -> int | None:
+def hub_download_size(
+    ref: str, revision: str | None, token: str | None, *, weights: bool = True
+) -> int | None:
     """The bytes that fetching the Hub id ``ref`` would download (the files of
-    :data:`HUB_PATTERNS` not in the Hub cache yet), asked of the Hub without downloading any
-    (``snapshot_download``'s dry run: the file list and one ``HEAD`` per missing file).
+    :data:`HUB_PATTERNS` not in the Hub cache yet; without ``weights``, those but the
+    safetensors shards: what a plan fetches, :meth:`Checkpoint.headers`), asked of the Hub
+    without downloading any (``snapshot_download``'s dry run: the file list and one ``HEAD``
+    per missing file).
 
     What the Hub refuses (a missing, gated or private repo, a missing revision) and a repo
     without safetensors weights raise here, with the fix, before any other checkpoint of the
@@ -211,7 +240,11 @@ def hub_download_size(ref: str, revision: str | None, token: str | None) -> int 
         return None
     if not any(f.filename.endswith(".safetensors") and "/" not in f.filename for f in files):
         _refuse_pickle_repo(ref, revision, token)
-    return sum(f.file_size or 0 for f in files if f.will_download)
+    return sum(
+        f.file_size or 0
+        for f in files
+        if f.will_download and (weights or not f.filename.endswith(".safetensors"))
+    )
 
 
 def check_downloads(
@@ -220,6 +253,7 @@ def check_downloads(
     token: str | None = None,
     server: bool = False,
     output: tuple[Path, Callable[[], int | None]] | None = None,
+    weights: bool = True,
 ) -> int:
     """Refuse, before anything is downloaded, the Hub checkpoints among ``sources`` (ref,
     revision) whose downloads together pass :func:`download_limit` or do not fit on the file
@@ -232,7 +266,8 @@ def check_downloads(
     ``output``: (the folder a merge will write, a function giving its bytes or None), asked
     only when something is to be downloaded. On the Hub cache's file system the two must fit
     together; elsewhere the output must fit where it goes (as the writer will check, hours of
-    downloading later for a large model).
+    downloading later for a large model). Without ``weights``: the files but the weights, which
+    a plan fetches (:func:`hub_download_size`).
     """
     from huggingface_hub import constants
 
@@ -240,7 +275,9 @@ def check_downloads(
 
     refs = [((ref or "").strip(), rev) for ref, rev in sources]
     hub = [(ref, rev) for ref, rev in dict.fromkeys(refs) if ref and not looks_local(ref)]
-    sizes = [(ref, n) for ref, rev in hub if (n := hub_download_size(ref, rev, token))]
+    sizes = [
+        (ref, n) for ref, rev in hub if (n := hub_download_size(ref, rev, token, weights=weights))
+    ]
     total = sum(n for _, n in sizes)
     if not total:
         return 0
@@ -655,6 +692,53 @@ class Checkpoint:
         path = resolve(ref, revision, allowed_roots=allowed_roots, token=token, sized=sized)
         return cls(path, ref=ref, revision=revision)
 
+    @classmethod
+    def headers(
+        cls,
+        ref: str,
+        revision: str | None = None,
+        *,
+        allowed_roots: Sequence[str | Path] | None = None,
+        token: str | None = None,
+    ) -> Checkpoint:
+        """:meth:`open` for a plan, which reads the headers and one small tensor, not the
+        weights: a Hub id whose weights the cache lacks is not downloaded whole. Its other files
+        are (config, tokenizer, index: :data:`SIDE_PATTERNS`), its tensors' names, shapes and
+        dtypes are read from the shards' headers on the Hub (``get_safetensors_metadata``, a
+        few kB a shard), and :meth:`get` reads a tensor's bytes from the Hub (a range of its
+        shard). A plan of a 70B trio then takes seconds and no disk, where it downloaded 400 GB.
+        Local folders, a Hub id whose weights are all in the cache, and a Hub the client cannot
+        ask (offline) open as :meth:`open` does. The caller sized the downloads (``sized``)."""
+        from huggingface_hub import HfApi, constants, errors
+
+        ref = (ref or "").strip()
+        if not ref or looks_local(ref):
+            return cls.open(ref, revision, allowed_roots=allowed_roots, token=token, sized=True)
+        refused = (
+            errors.RepositoryNotFoundError,  # gated and private too
+            errors.RevisionNotFoundError,
+            errors.SafetensorsParsingError,
+        )
+        try:
+            if constants.is_offline_mode():
+                raise errors.OfflineModeIsEnabled("offline")
+            folder = Path(_snapshot(ref, revision, token, SIDE_PATTERNS))
+            commit = folder.name if folder.parent.name == "snapshots" else revision
+            meta = HfApi().get_safetensors_metadata(ref, revision=commit, token=_token(token))
+        except errors.NotASafetensorsRepoError:
+            _refuse_pickle_repo(ref, revision, token)
+            raise  # (it raises)
+        except refused as exc:
+            raise _hub_error(ref, revision, exc) from exc
+        except Exception as exc:  # noqa: BLE001 - the Hub client raises many types
+            if not _unreachable(exc):
+                raise _hub_error(ref, revision, exc) from exc
+            # offline or unreachable: the cache, as a download would use it (or why not)
+            return cls.open(ref, revision, allowed_roots=allowed_roots, token=token, sized=True)
+        if all((folder / name).is_file() for name in meta.files_metadata):
+            return cls(folder, ref=ref, revision=revision)  # the weights are in the cache
+        return _HubHeaders(folder, ref, revision, commit, meta, token)
+
     @property
     def commit(self) -> str | None:
         """The Hub commit hash of a downloaded snapshot, or None for a local folder."""
@@ -733,3 +817,91 @@ class Checkpoint:
 
     def __repr__(self) -> str:
         return f"Checkpoint({self.ref!r}, {len(self._files)} tensors)"
+
+
+class _HubHeaders(Checkpoint):
+    """A Hub checkpoint whose weights are not downloaded (:meth:`Checkpoint.headers`): its
+    side files in ``path`` (a snapshot of the Hub cache), its tensors from ``meta`` (a
+    ``SafetensorsRepoMetadata``), a tensor's bytes from the Hub as a range of its shard."""
+
+    def __init__(
+        self, path: Path, ref: str, revision: str | None, commit: str | None, meta: Any, token
+    ):
+        self.path, self.ref, self.revision = Path(path), ref, revision
+        config = self.path / "config.json"
+        try:
+            self.config = json.loads(config.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise CheckpointError(f"{ref} has no config.json; is it a model repository?") from None
+        except ValueError as exc:
+            raise CheckpointError(f"{ref}'s config.json is not valid JSON ({exc})") from None
+        _refuse_unconverted(self.path, self.ref)
+        self._commit, self._token = commit, token
+        self._shard: dict[str, str] = {}  # tensor -> its shard's file name in the repo
+        self._offsets: dict[str, tuple[int, int]] = {}
+        headers: dict[Path, dict[str, tuple[str, tuple[int, ...]]]] = {}
+        for name, file in sorted(meta.files_metadata.items()):
+            tensors = headers.setdefault(self.path / name, {})
+            for key, t in file.tensors.items():
+                if key in self._shard:
+                    raise CheckpointError(f"tensor {key!r} appears in two shards of {ref}")
+                tensors[key] = (t.dtype, tuple(int(n) for n in t.shape))
+                self._shard[key], self._offsets[key] = name, tuple(t.data_offsets)
+        if not self._shard:
+            raise CheckpointError(f"{ref} has no tensors in its safetensors headers")
+        total = (meta.metadata or {}).get("total_size") if meta.sharded else None
+        try:
+            total = int(total) if total is not None else None
+        except (TypeError, ValueError):
+            total = None
+        _check_shard_dtypes(headers, total, _declared_dtype(self.config))
+        self._files = {key: self.path / name for key, name in self._shard.items()}
+        self._info = {key: headers[self._files[key]][key] for key in self._shard}
+        self._handles = {}
+        self._starts: dict[str, int] = {}  # shard -> where its data begins (8 + header)
+
+    @property
+    def commit(self) -> str | None:
+        return self._commit
+
+    def _range(self, name: str, first: int, last: int) -> bytes:
+        """Bytes ``first..last`` (inclusive) of shard ``name`` on the Hub."""
+        from huggingface_hub import hf_hub_url
+        from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+        url = hf_hub_url(self.ref, name, revision=self._commit or self.revision)
+        headers = {**build_hf_headers(token=_token(self._token)), "range": f"bytes={first}-{last}"}
+        try:
+            response = get_session().get(url, headers=headers, timeout=60)
+            hf_raise_for_status(response)
+        except Exception as exc:  # noqa: BLE001 - the Hub client raises many types
+            raise _hub_error(self.ref, self.revision, exc) from exc
+        data = response.content
+        if len(data) != last - first + 1:
+            raise CheckpointError(
+                f"the Hub sent {len(data)} bytes of {self.ref}'s {name} where {last - first + 1} "
+                "were asked for: the file changed on the Hub, or the link was cut; try again"
+            )
+        return data
+
+    def get(self, key: str) -> torch.Tensor:
+        """One tensor (CPU, its stored dtype): from the cache if its shard is there, else its
+        bytes from the Hub."""
+        dtype = self.dtype(key)
+        if self._files[key].is_file():
+            return super().get(key)
+        name = self._shard[key]
+        if name not in self._starts:
+            (n,) = struct.unpack("<Q", self._range(name, 0, 7))
+            self._starts[name] = 8 + n
+        begin, end = self._offsets[key]
+        shape = self.shape(key)
+        if end - begin != math.prod(shape) * dtype.itemsize:
+            raise CheckpointError(f"{self.ref}'s {name} gives {key!r} a size that its shape denies")
+        if end == begin:
+            return torch.empty(shape, dtype=dtype)
+        data = self._range(name, self._starts[name] + begin, self._starts[name] + end - 1)
+        return torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape)
+
+    def get_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        return self.get(key)[start:stop]

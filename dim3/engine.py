@@ -260,19 +260,35 @@ def open_inputs(
     token: str | None = None,
     progress: ProgressFn | None = None,
     output: Path | None = None,
+    headers_only: bool = False,
 ) -> Inputs:
     """Resolve and open the recipe's checkpoints, downloading Hub ids first where needed
-    (:func:`fetch_inputs`, which ``progress`` hears and ``output`` goes to).
+    (:func:`fetch_inputs`, which ``progress`` hears and ``output`` goes to). ``headers_only``
+    (a plan): a Hub id's weights are not downloaded, only its other files, which are sized
+    first (:meth:`Checkpoint.headers`: its tensors read from the Hub).
 
     If one fails to open, those already opened are closed before the error propagates.
     """
     opened: list[Checkpoint] = []
-    fetch_inputs(recipe, allowed_roots=allowed_roots, token=token, progress=progress, output=output)
+    if headers_only:
+        sources = [recipe.base, *recipe.multilingual, recipe.multimodal]
+        server = allowed_roots is not None
+        refs = [(s.ref, s.revision) for s in sources]
+        check_downloads(refs, token=token, server=server, weights=False)
+    else:
+        fetch_inputs(
+            recipe, allowed_roots=allowed_roots, token=token, progress=progress, output=output
+        )
 
     def one(source: Source) -> Checkpoint:
-        ckpt = Checkpoint.open(
-            source.ref, source.revision, allowed_roots=allowed_roots, token=token, sized=True
-        )
+        if headers_only:
+            ckpt = Checkpoint.headers(
+                source.ref, source.revision, allowed_roots=allowed_roots, token=token
+            )
+        else:
+            ckpt = Checkpoint.open(
+                source.ref, source.revision, allowed_roots=allowed_roots, token=token, sized=True
+            )
         opened.append(ckpt)
         return ckpt
 
@@ -348,8 +364,10 @@ def output_estimate(
 
 
 def plan(recipe: Recipe, **kwargs: Any) -> MergePlan:
-    """Check a recipe and return its plan, writing nothing. ``kwargs`` go to :func:`open_inputs`."""
-    with open_inputs(recipe, **kwargs) as inputs:
+    """Check a recipe and return its plan, writing nothing and downloading no weights (a Hub
+    id's are read from their headers on the Hub: :meth:`Checkpoint.headers`). ``kwargs`` go
+    to :func:`open_inputs`."""
+    with open_inputs(recipe, headers_only=True, **kwargs) as inputs:
         return _plan(recipe, inputs)
 
 

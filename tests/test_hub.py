@@ -141,13 +141,13 @@ def test_downloads_the_disk_has_no_room_for_are_refused_before_the_first_byte(hu
     big = repo(tmp_path, "multimodal", "big")
     sparse_weights(big, 2 * free)
     hub.add("big/vlm", big)
-    cache = tmp_path / "cache"
-    done = dim3(hub_env(hub, cache), "plan", *TRIO, "--multimodal", "big/vlm")
+    cache, out = tmp_path / "cache", tmp_path / "merged"
+    done = dim3(hub_env(hub, cache), "merge", *TRIO, "--multimodal", "big/vlm", "--out", str(out))
     assert done.returncode != 0
     assert "downloading demo/base (" in done.stderr and "big/vlm (" in done.stderr
     assert f"file system of the Hub cache ({cache})" in done.stderr
     assert "point HF_HUB_CACHE at a disk with room, or give local folders" in done.stderr
-    assert hub.downloads() == [] and blobs(cache) == []
+    assert hub.downloads() == [] and blobs(cache) == [] and not out.exists()
 
 
 def test_a_merge_whose_downloads_and_output_do_not_fit_together_is_refused_before_the_first_byte(
@@ -178,14 +178,14 @@ def test_a_download_limit_refuses_a_job_before_the_first_byte_and_counts_only_wh
     hub, tmp_path
 ):
     """``$DIM3_MAX_DOWNLOAD`` caps one job's downloads together (the demo trio: 2.6 + 2.6 + 3.7
-    MB): a job over it is refused before any file is fetched; once the VLM is in the cache,
-    the same job downloads only the other two, which fit."""
+    MB): a merge over it is refused before any file is fetched; once the VLM is in the cache,
+    the same merge downloads only the other two, which fit."""
     hub.add("demo/multimodal", repo(tmp_path, "multimodal"))
     total = sum(f.stat().st_size for f in (tmp_path / "repos").rglob("*") if f.is_file())
     cache = tmp_path / "cache"
     env = hub_env(hub, cache) | {"DIM3_MAX_DOWNLOAD": "6MB"}
     vlm = ("--multimodal", "demo/multimodal")
-    refused = dim3(env, "plan", *TRIO, *vlm)
+    refused = dim3(env, "merge", *TRIO, *vlm, "--out", str(tmp_path / "refused"))
     assert refused.returncode != 0
     taken = f"would take {human_size(total)}, more than the 6 MB one job may download here"
     assert taken in refused.stderr, refused.stderr
@@ -196,14 +196,14 @@ def test_a_download_limit_refuses_a_job_before_the_first_byte_and_counts_only_wh
     subprocess.run([sys.executable, "-c", fetch], env=env, check=True, timeout=120)
     assert all("/demo/multimodal/" in p for p in hub.downloads())
     fetched = len(hub.downloads())
-    again = dim3(env, "plan", *TRIO, *vlm)
+    again = dim3(env, "merge", *TRIO, *vlm, "--out", str(tmp_path / "merged"))
     assert again.returncode == 0, again.stderr
     later = hub.downloads()[fetched:]
     assert later and not [p for p in later if "/demo/multimodal/" in p]
 
 
 def test_the_app_refuses_a_visitors_hub_download_over_its_limit_without_server_paths(tmp_path):
-    """A Space's visitor names Hub ids: a job over the server's download limit, and one its
+    """A Space's visitor names Hub ids: a merge over the server's download limit, and one its
     disk has no room for, are refused before anything is downloaded, each with a message that
     names the limit or the sizes but no server path (the cache appears as ``<hub cache>``)."""
     from gradio_client import Client
@@ -225,11 +225,11 @@ def test_the_app_refuses_a_visitors_hub_download_over_its_limit_without_server_p
             client = Client(url, verbose=False)
             messages = {}
             for name in ("big", "huge"):
-                _, status = client.predict(
+                _, _, status = client.predict(
                     base="demo/base",
                     multilingual="demo/multilingual",
                     multimodal=f"{name}/vlm",
-                    api_name="/plan",
+                    api_name="/merge",
                 )
                 messages[name] = html.unescape(status.replace("\\", ""))  # as shown
     assert "one job may download here ($DIM3_MAX_DOWNLOAD)" in messages["huge"]
@@ -284,31 +284,40 @@ def test_the_app_shows_a_download_and_stops_it_when_it_would_pass_the_time_budge
     assert all(p.stat().st_size < 400 * 10**6 for p in whole)
 
 
-def test_the_apps_jobs_download_one_at_a_time_so_each_is_sized_against_the_room_left(tmp_path):
-    """Two visitors plan at once (plans run side by side), each naming a VLM the server has not
-    downloaded: the second job's downloads start only once the first job's are done, so the
-    room each was sized against is the room it gets."""
-    from gradio_client import Client
+def test_two_jobs_of_one_process_download_one_after_the_other_so_each_fits_the_room_left(
+    tmp_path,
+):
+    """Two jobs of one process (an app's merge and its showcase's start-up, say) fetch at once,
+    each naming a VLM not in the cache: the second job's downloads begin only once the first
+    job's are done, so the room each was sized against is the room it gets."""
+    script = """
+from concurrent.futures import ThreadPoolExecutor
+from dim3 import engine
+from dim3.recipe import Recipe, Source
 
-    from tests.app_server import running_app
+def job(name):
+    vlm = Source(name + "/vlm")
+    recipe = Recipe(Source("demo/base"), [Source("demo/multilingual")], vlm)
+    return engine.fetch_inputs(recipe)
 
+with ThreadPoolExecutor(2) as pool:
+    print([f.result() for f in [pool.submit(job, n) for n in ("one", "two")]])
+"""
     with FakeHub(rate=4e6) as hub:
         for role in ("base", "multilingual"):
             hub.add(f"demo/{role}", repo(tmp_path, role))
         for name in ("one", "two"):
             hub.add(f"{name}/vlm", repo(tmp_path, "multimodal", name))
-        with running_app(tmp_path, [DEMO], **_app_env(hub, tmp_path / "cache")) as url:
-            jobs = [
-                Client(url, verbose=False).submit(
-                    base="demo/base",
-                    multilingual="demo/multilingual",
-                    multimodal=f"{name}/vlm",
-                    api_name="/plan",
-                )
-                for name in ("one", "two")
-            ]
-            statuses = [job.result(timeout=120)[1] for job in jobs]
-    assert all(s.startswith("✅") for s in statuses), statuses
+        env = hub_env(hub, tmp_path / "cache")
+        done = subprocess.run(
+            [sys.executable, "-c", script],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    assert done.returncode == 0, done.stderr
     gets = [(p, b, e) for m, p, b, e in hub.log if m == "GET" and "/resolve/" in p]
     by_job = {
         name: [g for g in gets if g[0].startswith(f"/{name}/vlm/")] for name in ("one", "two")
@@ -318,3 +327,76 @@ def test_the_apps_jobs_download_one_at_a_time_so_each_is_sized_against_the_room_
     shared = [g for g in gets if g[0].startswith("/demo/")]
     assert len(shared) == len({p for p, _, _ in shared})  # the base and multilingual model once
     assert max(e for _, _, e in first + shared) <= min(b for _, b, _ in second)
+
+
+def test_a_plan_from_hub_ids_reads_the_headers_not_the_weights_and_equals_the_local_plan(
+    hub, tmp_path
+):
+    """``plan`` from Hub ids downloads no weights: the configs and tokenizers, then each shard's
+    header and the few tensors the plan compares, as ranges of the files (a 70B trio's plan in
+    seconds, not after 400 GB). It says what the plan of the same folders says."""
+    hub.add("demo/multimodal", repo(tmp_path, "multimodal"))
+    cache = tmp_path / "cache"
+    done = dim3(hub_env(hub, cache), "plan", *TRIO, "--multimodal", "demo/multimodal")
+    assert done.returncode == 0, done.stderr
+    local = dim3(
+        dict(os.environ),
+        "plan",
+        *("--base", str(DEMO / "base"), "--multilingual", str(DEMO / "multilingual")),
+        *("--multimodal", str(DEMO / "multimodal")),
+    )
+    assert local.returncode == 0, local.stderr
+    assert done.stdout == local.stdout and "Merged: " in done.stdout
+    assert not [p for p in hub.downloads() if p.endswith(".safetensors")]
+    ranged = {p.split("/")[1] for m, p in hub.requests if m == "GET range"}
+    assert ranged == {"demo"} and len([m for m, _ in hub.requests if m == "GET range"]) >= 3
+    assert list(cache.rglob("config.json")) and not list(cache.rglob("*.safetensors"))
+    weights = sum(f.stat().st_size for f in (tmp_path / "repos").rglob("*.safetensors"))
+    assert sum(p.stat().st_size for p in blobs(cache)) < weights / 4
+
+
+def test_a_visitors_plan_reads_headers_and_does_not_wait_for_anothers_download(tmp_path):
+    """In the app, a visitor's Plan from Hub ids downloads no weights and does not queue behind
+    another visitor's merge, whose download from a slow Hub goes on meanwhile."""
+    from gradio_client import Client
+
+    from tests.app_server import running_app
+
+    with FakeHub(rate=2e6) as hub:  # 2 MB/s
+        for role in ("base", "multilingual", "multimodal"):
+            hub.add(f"demo/{role}", repo(tmp_path, role))
+        slow = repo(tmp_path, "multimodal", "slow")
+        sparse_weights(slow, 400 * 10**6)  # 200 s at that rate
+        hub.add("slow/vlm", slow)
+        env = _app_env(hub, tmp_path / "cache", DIM3_JOB_BUDGET="600")
+        with running_app(tmp_path, [DEMO], **env) as url:
+            merging = Client(url, verbose=False).submit(
+                base="demo/base",
+                multilingual="demo/multilingual",
+                multimodal="slow/vlm",
+                api_name="/merge",
+            )
+            deadline = time.monotonic() + 60
+            while not [p for m, p in hub.begun if m == "GET" and p.startswith("/slow/vlm/")]:
+                assert time.monotonic() < deadline, "the merge's download did not begin"
+                time.sleep(0.2)
+            plan, status = (
+                Client(url, verbose=False)
+                .submit(
+                    base="demo/base",
+                    multilingual="demo/multilingual",
+                    multimodal="demo/multimodal",
+                    api_name="/plan",
+                )
+                .result(timeout=90)  # the slow download alone takes 200 s
+            )
+            planned = time.monotonic()
+            still = not merging.done()
+            merging.cancel()
+    assert status.startswith("✅"), status
+    assert "Merged: 39 language-model tensors" in plan
+    assert still  # the slow download was still going
+    sent = [e for m, p, _, e in hub.log if m == "GET" and p.startswith("/slow/vlm/")]
+    assert not sent or max(sent) > planned - 1
+    full = [p for p in hub.downloads() if p.startswith("/demo/multimodal/")]
+    assert full and not [p for p in full if p.endswith(".safetensors")]
