@@ -723,6 +723,8 @@ class Checkpoint:
             if constants.is_offline_mode():
                 raise errors.OfflineModeIsEnabled("offline")
             folder = Path(_snapshot(ref, revision, token, SIDE_PATTERNS))
+            if _cached_weights(folder):  # read there, as a merge would: nothing more to ask
+                return cls(folder, ref=ref, revision=revision)
             commit = folder.name if folder.parent.name == "snapshots" else revision
             meta = HfApi().get_safetensors_metadata(ref, revision=commit, token=_token(token))
         except errors.NotASafetensorsRepoError:
@@ -735,8 +737,6 @@ class Checkpoint:
                 raise _hub_error(ref, revision, exc) from exc
             # offline or unreachable: the cache, as a download would use it (or why not)
             return cls.open(ref, revision, allowed_roots=allowed_roots, token=token, sized=True)
-        if all((folder / name).is_file() for name in meta.files_metadata):
-            return cls(folder, ref=ref, revision=revision)  # the weights are in the cache
         return _HubHeaders(folder, ref, revision, commit, meta, token)
 
     @property
@@ -817,6 +817,19 @@ class Checkpoint:
 
     def __repr__(self) -> str:
         return f"Checkpoint({self.ref!r}, {len(self._files)} tensors)"
+
+
+def _cached_weights(folder: Path) -> bool:
+    """Whether the snapshot ``folder`` holds every shard its index names (or, without an
+    index, a ``model.safetensors``)."""
+    index = folder / "model.safetensors.index.json"
+    if not index.is_file():
+        return (folder / "model.safetensors").is_file()
+    try:
+        shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False  # the metadata's reading says what is wrong with it
+    return bool(shards) and all(isinstance(n, str) and (folder / n).is_file() for n in shards)
 
 
 class _HubHeaders(Checkpoint):

@@ -75,8 +75,8 @@ def test_a_merge_from_hub_ids_downloads_only_what_it_reads_and_equals_the_local_
 ):
     """The command merges from Hub ids as from local folders (the same bytes out), fetches only
     safetensors, configs, tokenizer and card files (not a pickle or a Python file the repo also
-    holds), records the commit it resolved to, and then plans again offline from the cache
-    without asking the Hub anything."""
+    holds), records the commit it resolved to, and then plans again from the cache: online
+    without reading a header or a tensor from the Hub, offline without asking it anything."""
     vlm = repo(tmp_path, "multimodal")
     (vlm / "pytorch_model.bin").write_bytes(b"\x80\x04 not to be fetched")
     (vlm / "modeling_custom.py").write_text("raise SystemExit('remote code ran')\n")
@@ -103,6 +103,11 @@ def test_a_merge_from_hub_ids_downloads_only_what_it_reads_and_equals_the_local_
     a, b = load_file(out / "model.safetensors"), load_file(local.out_dir / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
+    asked = len(hub.requests)
+    again = dim3(env, "plan", *TRIO, "--multimodal", "demo/multimodal")
+    assert again.returncode == 0, again.stderr
+    # the weights are cached: the plan reads them there, with no header or range asked for
+    assert not [p for m, p in hub.requests[asked:] if m.startswith("GET") and "safetensors" in p]
     asked = len(hub.requests)
     offline = dim3(env | {"HF_HUB_OFFLINE": "1"}, "plan", *TRIO, "--multimodal", "demo/multimodal")
     assert offline.returncode == 0, offline.stderr
