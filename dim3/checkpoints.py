@@ -706,7 +706,8 @@ class Checkpoint:
         are (config, tokenizer, index: :data:`SIDE_PATTERNS`), its tensors' names, shapes and
         dtypes are read from the shards' headers on the Hub (``get_safetensors_metadata``, a
         few kB a shard), and :meth:`get` reads a tensor's bytes from the Hub (a range of its
-        shard). A plan of a 70B trio then takes seconds and no disk, where it downloaded 400 GB.
+        shard). A 70B trio's plan then reads tens of MB (headers, three 8192 x 1024 matrices),
+        where it downloaded 400 GB.
         Local folders, a Hub id whose weights are all in the cache, and a Hub the client cannot
         ask (offline) open as :meth:`open` does. The caller sized the downloads (``sized``)."""
         from huggingface_hub import HfApi, constants, errors

@@ -338,8 +338,8 @@ def test_a_plan_from_hub_ids_reads_the_headers_not_the_weights_and_equals_the_lo
     hub, tmp_path
 ):
     """``plan`` from Hub ids downloads no weights: the configs and tokenizers, then each shard's
-    header and the few tensors the plan compares, as ranges of the files (a 70B trio's plan in
-    seconds, not after 400 GB). It says what the plan of the same folders says."""
+    header and the few tensors the plan compares, as ranges of the files (a 70B trio's plan
+    reads tens of MB, not 400 GB). It says what the plan of the same folders says."""
     hub.add("demo/multimodal", repo(tmp_path, "multimodal"))
     cache = tmp_path / "cache"
     done = dim3(hub_env(hub, cache), "plan", *TRIO, "--multimodal", "demo/multimodal")
