@@ -710,11 +710,11 @@ class Checkpoint:
         where it downloaded 400 GB.
         Local folders, a Hub id whose weights are all in the cache, and a Hub the client cannot
         ask (offline) open as :meth:`open` does. The caller sized the downloads (``sized``)."""
+        ref = (ref or "").strip()
+        if not ref or looks_local(ref):  # (before the Hub client's import: a second or so)
+            return cls.open(ref, revision, allowed_roots=allowed_roots, token=token, sized=True)
         from huggingface_hub import HfApi, constants, errors
 
-        ref = (ref or "").strip()
-        if not ref or looks_local(ref):
-            return cls.open(ref, revision, allowed_roots=allowed_roots, token=token, sized=True)
         refused = (
             errors.RepositoryNotFoundError,  # gated and private too
             errors.RevisionNotFoundError,
