@@ -269,12 +269,14 @@ def check_downloads(
     downloading later for a large model). Without ``weights``: the files but the weights, which
     a plan fetches (:func:`hub_download_size`).
     """
+    refs = [((ref or "").strip(), rev) for ref, rev in sources]
+    hub = [(ref, rev) for ref, rev in dict.fromkeys(refs) if ref and not looks_local(ref)]
+    if not hub:  # local folders only: the Hub client is not even imported
+        return 0
     from huggingface_hub import constants
 
     from dim3.plan import human_size  # a module above this one's: for the messages only
 
-    refs = [((ref or "").strip(), rev) for ref, rev in sources]
-    hub = [(ref, rev) for ref, rev in dict.fromkeys(refs) if ref and not looks_local(ref)]
     sizes = [
         (ref, n) for ref, rev in hub if (n := hub_download_size(ref, rev, token, weights=weights))
     ]
@@ -709,7 +711,8 @@ class Checkpoint:
         shard). A 70B trio's plan then reads tens of MB (headers, three 8192 x 1024 matrices),
         where it downloaded 400 GB.
         Local folders, a Hub id whose weights are all in the cache, and a Hub the client cannot
-        ask (offline) open as :meth:`open` does. The caller sized the downloads (``sized``)."""
+        ask (offline) open as :meth:`open` does. The caller sized the side files' downloads
+        (:func:`check_downloads` without ``weights``)."""
         ref = (ref or "").strip()
         if not ref or looks_local(ref):  # (before the Hub client's import: a second or so)
             return cls.open(ref, revision, allowed_roots=allowed_roots, token=token, sized=True)

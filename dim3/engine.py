@@ -272,10 +272,8 @@ def open_inputs(
     opened: list[Checkpoint] = []
     if headers_only:
         sources = [recipe.base, *recipe.multilingual, recipe.multimodal]
-        refs = [(s.ref.strip(), s.revision) for s in sources]
-        hub = [(ref, rev) for ref, rev in refs if ref and not looks_local(ref)]
-        if hub:  # (local folders only: no Hub client to import)
-            check_downloads(hub, token=token, server=allowed_roots is not None, weights=False)
+        refs = [(s.ref, s.revision) for s in sources]
+        check_downloads(refs, token=token, server=allowed_roots is not None, weights=False)
     else:
         fetch_inputs(
             recipe, allowed_roots=allowed_roots, token=token, progress=progress, output=output
