@@ -56,6 +56,7 @@ from dim3.checkpoints import (
     _resolve_local,
     _weight_files,
     check_under_roots,
+    looks_local,
     resolve,
 )
 from dim3.layout import EMBED, LANGUAGE, LM_HEAD, layout_for
@@ -583,9 +584,19 @@ def fishers_for(
         )
         if not (folder / FISHER_FILE).is_file():
             report = None if progress is None else functools.partial(progress, role)
-            spec = dataclasses.replace(spec, model=Source(str(model)))
+            if not looks_local(source.ref) and model.parent.name == "snapshots":
+                # a Hub id: at the commit just resolved (a path into the Hub cache would be
+                # outside a server's allowed folders), and named so in its fisher.json
+                spec = dataclasses.replace(spec, model=Source(source.ref, model.name))
+            else:  # a local folder: where it resolved to (symlinks followed)
+                spec = dataclasses.replace(spec, model=Source(str(model)))
             estimate_to_folder(
-                spec, folder, overwrite=True, progress=report, allowed_roots=allowed_roots
+                spec,
+                folder,
+                overwrite=True,
+                progress=report,
+                allowed_roots=allowed_roots,
+                token=token,
             )
         elif progress is not None:
             progress(role, n, n, 0.0)

@@ -210,7 +210,8 @@ def test_a_download_limit_refuses_a_job_before_the_first_byte_and_counts_only_wh
 def test_the_app_refuses_a_visitors_hub_download_over_its_limit_without_server_paths(tmp_path):
     """A Space's visitor names Hub ids: a merge over the server's download limit, and one its
     disk has no room for, are refused before anything is downloaded, each with a message that
-    names the limit or the sizes but no server path (the cache appears as ``<hub cache>``)."""
+    names the limit or the sizes but no server path (the cache appears as ``<hub cache>``); so
+    is a fisher merge, whose models are downloaded before their Fishers are estimated."""
     from gradio_client import Client
 
     from tests.app_server import running_app
@@ -237,7 +238,21 @@ def test_the_app_refuses_a_visitors_hub_download_over_its_limit_without_server_p
                     api_name="/merge",
                 )
                 messages[name] = html.unescape(status.replace("\\", ""))  # as shown
+            # a fisher merge downloads before estimating: the trio sized together, not each
+            # model its Fisher needs alone (demo/multilingual's would fit, and be downloaded)
+            _, log, status = client.predict(
+                base="demo/base",
+                multilingual="demo/multilingual",
+                multimodal="huge/vlm",
+                method="fisher",
+                fisher_data="demo",
+                fisher_n=4,
+                api_name="/merge",
+            )
+            messages["fisher"] = html.unescape(status.replace("\\", ""))
+            assert "Fisher of" not in log
     assert "one job may download here ($DIM3_MAX_DOWNLOAD)" in messages["huge"]
+    assert "one job may download here ($DIM3_MAX_DOWNLOAD)" in messages["fisher"]
     assert "the file system of the Hub cache (<hub cache>)" in messages["big"], messages["big"]
     for status in messages.values():
         assert str(tmp_path) not in status and os.sep + "cache" not in status
@@ -358,6 +373,15 @@ def test_a_plan_from_hub_ids_reads_the_headers_not_the_weights_and_equals_the_lo
     assert list(cache.rglob("config.json")) and not list(cache.rglob("*.safetensors"))
     weights = sum(f.stat().st_size for f in (tmp_path / "repos").rglob("*.safetensors"))
     assert sum(p.stat().st_size for p in blobs(cache)) < weights / 4
+    # offline, the cache holds the configs the plan fetched but no weights: not in the cache,
+    # as for a model never fetched (not "no safetensors weights", which would blame the repo)
+    offline = hub_env(hub, cache) | {"HF_HUB_OFFLINE": "1"}
+    for command in (["plan"], ["merge", "--out", str(tmp_path / "merged")]):
+        refused = dim3(offline, *command, *TRIO, "--multimodal", "demo/multimodal")
+        assert refused.returncode != 0
+        assert "cannot download 'demo/base'" in refused.stderr
+        assert "not in the local cache" in refused.stderr and "pickle" not in refused.stderr
+    assert not (tmp_path / "merged").exists()
 
 
 def test_a_visitors_plan_reads_headers_and_does_not_wait_for_anothers_download(tmp_path):
@@ -405,3 +429,37 @@ def test_a_visitors_plan_reads_headers_and_does_not_wait_for_anothers_download(t
     assert not sent or max(sent) > planned - 1
     full = [p for p in hub.downloads() if p.startswith("/demo/multimodal/")]
     assert full and not [p for p in full if p.endswith(".safetensors")]
+
+
+def test_the_app_merges_fisher_from_hub_ids_downloading_the_trio_first(tmp_path):
+    """A visitor's fisher merge from Hub ids: the trio is downloaded first (sized together,
+    with its progress in the log), then each Fisher is estimated from the Hub cache (which lies
+    outside the server's allowed folders) and says in its ``fisher.json`` which Hub id and commit
+    it is of, not where the server keeps it."""
+    from gradio_client import Client
+
+    from dim3.fisher import FISHER_FILE
+    from tests.app_server import running_app
+
+    with FakeHub() as hub:
+        served = {r: hub.add(f"demo/{r}", repo(tmp_path, r)) for r in ("base", "multilingual")}
+        served["multimodal"] = hub.add("demo/multimodal", repo(tmp_path, "multimodal"))
+        with running_app(tmp_path, [DEMO], **_app_env(hub, tmp_path / "cache")) as url:
+            _, log, status = Client(url, verbose=False).predict(
+                base="demo/base",
+                multilingual="demo/multilingual",
+                multimodal="demo/multimodal",
+                method="fisher",
+                fisher_data="demo",
+                fisher_n=4,
+                api_name="/merge",
+            )
+    assert status.startswith("✅ Merged"), status
+    assert "downloading demo/base, demo/multilingual, demo/multimodal from the Hub" in log
+    assert log.index("downloading demo/") < log.index("Fisher of multilingual")
+    assert str(tmp_path) not in log
+    metas = [json.loads(f.read_text()) for f in tmp_path.rglob(f"fisher/*/{FISHER_FILE}")]
+    assert sorted((m["model"], m["commit"]) for m in metas) == [
+        (f"demo/multilingual@{served['multilingual'].sha}", served["multilingual"].sha),
+        (f"demo/multimodal@{served['multimodal'].sha}", served["multimodal"].sha),
+    ]

@@ -1,7 +1,9 @@
 """The Fisher step of a merge in the app: estimate each model's Fisher, with its time, then merge.
 
-``estimate_step`` runs :func:`dim3.fisher.fishers_for` on a thread and yields log text while it
-runs (per model: the measured seconds of its first example and the time that N examples will
+``estimate_step`` downloads the job's Hub checkpoints (all of them, sized together and one job at
+a time, as a merge's are: :func:`dim3.engine.fetch_inputs`), then runs
+:func:`dim3.fisher.fishers_for` on a thread and yields log text while it runs (the download's
+bytes; per model: the measured seconds of its first example and the time that N examples will
 take, then its progress), and finally ``("done", {role: folder})``. ``job_fishers`` wraps it for a
 job with a time budget. Layout-free: the Merge tab's handler calls it before the merge when the
 method is ``fisher``, the Evaluate tab and its Sweep view before their first merge when ``fisher``
@@ -19,7 +21,7 @@ from typing import Any
 from dim3.limits import JobBudget
 from dim3.recipe import Recipe
 from dim3.ui.common import AppContext, clock, md_escape
-from dim3.ui.progress import LOG_LINES, Aborted
+from dim3.ui.progress import LOG_LINES, Aborted, progress_line
 
 FISHER = "fisher"
 
@@ -80,12 +82,16 @@ def estimate_step(
     ctx: AppContext, recipe: Recipe, values: dict[str, Any], log: list[str]
 ) -> Iterator[str | tuple[str, dict[str, str]]]:
     """Estimate (or reuse) the Fishers that merging ``recipe``'s models needs, from the form's
-    Fisher inputs (``values``: fisher_data, fisher_n, fisher_labels, fisher_base_weight)."""
+    Fisher inputs (``values``: fisher_data, fisher_n, fisher_labels, fisher_base_weight).
+    ``recipe``'s Hub checkpoints are downloaded first, all together: the models whose Fishers
+    are estimated and those the merge reads after (a Hub id each estimation sized and fetched
+    alone could pass the server's download limit or its disk together)."""
+    from dim3 import engine
     from dim3.fisher import fishers_for
 
     data = str(values.get("fisher_data") or "demo").strip()
     n, labels = int(values.get("fisher_n") or 32), str(values.get("fisher_labels") or "given")
-    events: queue.Queue[tuple[str, int, int, float]] = queue.Queue()
+    events: queue.Queue[str | tuple[str, int, int, float]] = queue.Queue()
     stop, outcome = threading.Event(), {}
 
     def progress(role: str, done: int, total: int, seconds: float) -> None:
@@ -93,8 +99,14 @@ def estimate_step(
             raise Aborted("the merge was cancelled")
         events.put((role, done, total, seconds))
 
+    def downloaded(p: engine.Progress) -> None:
+        if stop.is_set():  # the visitor left, or the budget ran out: the downloads stop
+            raise Aborted("the merge was cancelled")
+        events.put(progress_line(p))
+
     def target() -> None:
         try:
+            engine.fetch_inputs(recipe, allowed_roots=ctx.allowed_roots, progress=downloaded)
             outcome["result"] = fishers_for(
                 recipe.sources(),
                 ctx.output_root,
@@ -115,9 +127,17 @@ def estimate_step(
     try:
         while thread.is_alive() or not events.empty():
             try:
-                role, done, total, seconds = events.get(timeout=0.5)
+                event = events.get(timeout=0.5)
             except queue.Empty:
                 continue
+            if isinstance(event, str):  # the download's bytes so far: one line, updated
+                if log and log[-1].startswith("downloading "):
+                    log[-1] = event
+                else:
+                    log.append(event)
+                yield "\n".join(log[-LOG_LINES:])
+                continue
+            role, done, total, seconds = event
             if done == 1 and total > 1:
                 each = seconds
                 log.append(
