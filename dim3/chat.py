@@ -92,10 +92,15 @@ def load_vlm(
     dtype: e.g. ``torch.float32`` on CPU, ``torch.bfloat16`` on GPU. device_map: None (CPU), a
     dict ``{"": "cuda:0"}`` or ``"auto"`` (accelerate spreads the layers over the GPUs, within
     ``max_memory`` bytes per GPU index when given).
-    Returns ``(model, processor)`` with the model in eval mode.
+    Returns ``(model, processor)`` with the model in eval mode. Its shards' headers are checked
+    first (:class:`dim3.checkpoints.Checkpoint`): a truncated or damaged file is named, with the
+    fix, rather than failing inside transformers' loading.
     """
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    from dim3.checkpoints import Checkpoint
+
+    Checkpoint(Path(path)).close()
     try:
         processor = AutoProcessor.from_pretrained(str(path))
     except ImportError as exc:  # e.g. Qwen2-VL's video processor needs torchvision

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 
@@ -329,8 +330,6 @@ def test_a_decompression_bomb_is_refused_as_too_many_pixels(tmp_path):
 def test_qwen2vl_chats_through_the_processor_autoprocessor_builds(tiny_qwen2vl_trio, tmp_path):
     """What `pip install -r requirements.txt` must give: Qwen2-VL's processor (which needs
     torchvision in transformers 5) built by AutoProcessor, and a streamed answer to a picture."""
-    import shutil
-
     from transformers import (
         AutoImageProcessor,
         AutoTokenizer,
@@ -356,3 +355,17 @@ def test_qwen2vl_chats_through_the_processor_autoprocessor_builds(tiny_qwen2vl_t
     text = "".join(reply)
     assert reply.new_tokens >= 1 and not reply.stopped
     assert isinstance(text, str)
+
+
+def test_a_damaged_vlm_is_refused_with_its_file_and_the_fix(tiny_llava_trio, tmp_path):
+    """A VLM whose weights file was cut short (an interrupted download) is refused by name, with
+    the fix, before transformers reads it (not its deserializing error)."""
+    from dim3.checkpoints import CheckpointError
+
+    folder = tmp_path / "vlm"
+    shutil.copytree(tiny_llava_trio.multimodal, folder)
+    [shard] = folder.glob("*.safetensors")
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size - 100)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors is truncated .* re-download"):
+        load_vlm(folder, dtype=torch.float32)

@@ -463,3 +463,49 @@ def test_the_app_merges_fisher_from_hub_ids_downloading_the_trio_first(tmp_path)
         (f"demo/multilingual@{served['multilingual'].sha}", served["multilingual"].sha),
         (f"demo/multimodal@{served['multimodal'].sha}", served["multimodal"].sha),
     ]
+
+
+def test_the_apps_evaluate_and_sweep_size_the_trios_downloads_together_before_the_first_byte(
+    tmp_path,
+):
+    """Evaluate and Sweep from Hub ids download the trio as a merge does: sized together and
+    refused over the server's limit before the first byte, even where the VLM alone would fit
+    (they fetched the VLM alone first, then the LLMs)."""
+    from gradio_client import Client
+
+    from tests.app_server import running_app
+
+    with FakeHub() as hub:
+        hub.add("demo/multilingual", repo(tmp_path, "multilingual"))
+        for role in ("base", "multimodal"):
+            folder = repo(tmp_path, role, f"big-{role}")
+            sparse_weights(folder, 60 * 10**6)
+            hub.add(f"big/{role}", folder)
+        cache = tmp_path / "cache"
+        env = _app_env(hub, cache, DIM3_MAX_DOWNLOAD="100MB")
+        trio = {"base": "big/base", "multilingual": "demo/multilingual"}
+        with running_app(tmp_path, [DEMO], **env) as url:
+            client = Client(url, verbose=False)
+            evaluated, *_ = client.predict(
+                **trio,
+                multimodal="big/multimodal",
+                methods=["task_arithmetic"],
+                questions_per_language=1,
+                probe="",
+                api_name="/evaluate",
+            )
+            swept, *_ = client.predict(
+                **trio,
+                multimodal="big/multimodal",
+                sweep_method="task_arithmetic",
+                grid="scaling=0.5,1",
+                per_language=8,
+                references=False,
+                probe="",
+                api_name="/sweep",
+            )
+    for status in (evaluated, swept):
+        shown = html.unescape(status.replace("\\", ""))
+        assert "one job may download here ($DIM3_MAX_DOWNLOAD)" in shown, shown
+        assert str(tmp_path) not in shown
+    assert hub.downloads() == [] and blobs(cache) == []

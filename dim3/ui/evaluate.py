@@ -290,6 +290,8 @@ def evaluate_handler(ctx: AppContext, merge: MergeTab, tab: EvaluateTab) -> Call
             spec = _spec(ctx, merge, values, None if estimate else folders)
             merges = [(m, spec.options.get(m, {})) for m in spec.methods if m != ORIGINAL]
             jobs.refuse_estimate(budget, recipe, merges, ctx.allowed_roots)
+            # the trio's downloads, sized together, before a Fisher or the VLM is loaded
+            yield from jobs.fetch_status(ctx, recipe, progress, tab.status, budget)
             if estimate:  # the Fishers first, with the Merge tab's Fisher inputs
                 weight = fisher_base_weight(merge, values)
                 folders = yield from job_fisher_status(

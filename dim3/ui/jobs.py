@@ -4,8 +4,9 @@
   may take on this server (``$DIM3_JOB_BUDGET``, see ``dim3.limits``); :func:`refuse_estimate`
   refuses, before any weight is read, a job whose iterative merges (WUDI, OptMerge) are
   measured to take longer. The handlers call ``budget.check`` from their progress callbacks.
-- :func:`fetch` downloads a job's Hub checkpoints before anything else, its bytes in the log and
-  under the job's budget (a download that alone would pass it is stopped).
+- :func:`fetch` downloads a job's Hub checkpoints before anything else, its bytes in the log (or
+  the status line: :func:`fetch_status`) and under the job's budget (a download that alone would
+  pass it is stopped).
 - :func:`job_folder` makes a temporary folder that belongs to the running job, and
   :func:`cleans_up` turns a handler into one that removes those folders once Gradio has taken
   its outputs (a file shown for download is copied into Gradio's cache first), or when the
@@ -94,6 +95,18 @@ def fetch(
         return engine.fetch_inputs(recipe, allowed_roots=ctx.allowed_roots, progress=callback)
 
     yield from drive(work, progress, log, log_box, {}, budget)
+
+
+def fetch_status(
+    ctx: Any, recipe: Any, progress: Any, status: Any, budget: JobBudget
+) -> Iterator[dict]:
+    """:func:`fetch` for a tab with a status line and no log (Evaluate, Sweep): yields
+    ``status`` updates with the download's last line."""
+    from dim3.ui.common import md_escape
+
+    for update in fetch(ctx, recipe, progress, [], status, budget):
+        line = str(update[status]).splitlines()[-1]
+        yield {status: f"⏳ {md_escape(line)}"}
 
 
 def job_folder(prefix: str) -> Path:

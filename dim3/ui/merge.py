@@ -287,6 +287,8 @@ def _merge(ctx: AppContext, tab: MergeTab) -> Callable:
         try:
             budget = jobs.budget("merge")
             recipe = tab.form.recipe(data_free(values, tab.form.fixed is not None))
+            # the trio's downloads first, sized together (a fisher merge's Fishers read them)
+            yield from jobs.fetch(ctx, recipe, progress, log, tab.log_box, budget)
             if recipe.method != values.get("method", recipe.method):  # fisher: estimate first
                 folders: dict[str, str] = {}
                 for item in job_fishers(ctx, recipe, values, budget, log=log):
@@ -295,7 +297,6 @@ def _merge(ctx: AppContext, tab: MergeTab) -> Callable:
                     else:
                         yield {tab.log_box: item, tab.status: "⏳ Estimating the Fishers…"}
                 recipe = tab.form.recipe(values, fisher=folders)
-            yield from jobs.fetch(ctx, recipe, progress, log, tab.log_box, budget)
             jobs.refuse_estimate(
                 budget, recipe, [(recipe.method, recipe.options)], ctx.allowed_roots
             )

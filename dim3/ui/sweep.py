@@ -261,6 +261,8 @@ def sweep_handler(ctx: AppContext, merge: MergeTab, view: SweepView) -> Callable
             budget = jobs.budget("sweep")
             merges = [(method, p) for p in points_] + [(m, {}) for m in (method, *refs)]
             jobs.refuse_estimate(budget, recipe, merges, ctx.allowed_roots)
+            # the trio's downloads, sized together, before a Fisher or the VLM is loaded
+            yield from jobs.fetch_status(ctx, recipe, progress, view.status, budget)
             if estimate:  # the Fishers first, with the Merge tab's Fisher inputs
                 weight = max(float(p.get("base_weight", 0.0)) for p in [{}, *points_])
                 weight = max(weight, float(METHODS[FISHER].options().base_weight))
