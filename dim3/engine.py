@@ -2462,7 +2462,7 @@ def merge_to_folder(
             pipe.drain()
             _copy_side_files(inputs.multimodal.path, writer.folder, recipe.dtype)
             resolved = inputs.resolved()
-            write_recipe(writer.folder, recipe, resolved, final_dir=out)
+            write_recipe(writer.folder, recipe, resolved, final_dir=out, roots=allowed_roots)
             written = sorted(
                 {str(d).removeprefix("torch.") for d in dtypes.values() if d.is_floating_point}
             )
@@ -2470,6 +2470,10 @@ def merge_to_folder(
             card = model_card(
                 recipe, merge_plan.summary(), resolved, dtype=", ".join(written), source_cards=cards
             )
+            if allowed_roots is not None:  # a server's: its paths as the app shows them
+                from dim3.paths import redact_paths
+
+                card = redact_paths(card, allowed_roots)
             (writer.folder / "README.md").write_text(card)
     return MergeResult(merge_plan, out, seconds, buffers.allocations, writer.unstaged)
 

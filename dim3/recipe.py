@@ -4,7 +4,8 @@ A :class:`Recipe` is plain data: the base, one or more multilingual fine-tunes o
 with revisions, the method and its options, the output dtype and the device. It validates itself on construction (so bad input fails before any
 tensor is read), round-trips through JSON (``dim3_recipe.json`` in every output, which
 ``python -m dim3 merge --recipe`` replays from any folder: local sources are recorded with their
-absolute path and their path relative to the recipe), and renders the model card. It opens no
+absolute path and their path relative to the recipe, except in a server's saves), and renders the
+model card. It opens no
 checkpoint; it reads only the sources' own model cards (front matter) for the card's metadata.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -197,20 +199,34 @@ def local_paths(recipe: Recipe, recipe_dir: Path) -> dict[str, dict[str, str]]:
 
 
 def write_recipe(
-    folder: Path, recipe: Recipe, resolved: dict[str, str | None], final_dir: Path | None = None
+    folder: Path,
+    recipe: Recipe,
+    resolved: dict[str, str | None],
+    final_dir: Path | None = None,
+    *,
+    roots: Sequence[str | Path] | None = None,
 ) -> None:
     """Save the recipe as ``dim3_recipe.json``, plus the Hub commits it resolved to and where its
     local folders are (relative paths are computed from ``final_dir``, where the folder will be
-    moved to; default ``folder``)."""
+    moved to; default ``folder``). A server's recipe (``roots``: its allowed folders) records
+    neither, and names its other server paths (a Fisher folder, a probe file) as the app shows
+    them (:func:`dim3.paths.redact_paths`): a visitor may push the folder to the Hub as it is, and
+    the server's layout (which a relative path spells out too, up to the common folder) is not
+    theirs to publish. Its local sources replay as written, from the app's folder."""
     data = recipe.to_dict() | {
         "resolved": resolved,
-        "local": local_paths(recipe, final_dir or folder),
+        "local": {} if roots is not None else local_paths(recipe, final_dir or folder),
     }
     if _uses_fisher(recipe):  # what each Fisher was estimated from (replay ignores it)
         from dim3.fisher import describe_fishers
 
         data["fisher_info"] = describe_fishers(recipe)
-    (folder / RECIPE_FILE).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+    if roots is not None:
+        from dim3.paths import redact_paths
+
+        text = redact_paths(text, roots)
+    (folder / RECIPE_FILE).write_text(text)
 
 
 def _uses_fisher(recipe: Recipe) -> bool:

@@ -109,7 +109,7 @@ def test_user_input_is_escaped_and_cut_in_messages(app):
     assert "seed" in status, status
 
 
-def test_save_refuses_a_symlink_and_writes_inside_the_output_folder(app, tmp_path):
+def test_save_refuses_a_symlink_and_writes_inside_the_output_folder(app, tmp_path, monkeypatch):
     url, scratch = app
     c = client(url)
     outputs = scratch / "outputs"
@@ -123,7 +123,18 @@ def test_save_refuses_a_symlink_and_writes_inside_the_output_folder(app, tmp_pat
     assert [p.name for p in target.iterdir()] == ["keep.txt"]
     log, status = c.predict(folder="kept", api_name="/save")
     assert status.startswith("✅") and str(scratch) not in log + status
-    assert (outputs / "kept" / "dim3_recipe.json").is_file()
+    # what a visitor may push to the Hub as it is names no server path, and still replays
+    saved = outputs / "kept"
+    for name in ("dim3_recipe.json", "README.md"):
+        text = (saved / name).read_text()
+        assert str(ROOT) not in text and str(scratch) not in text, name
+    from dim3.recipe import Recipe
+
+    recipe = json.loads((saved / "dim3_recipe.json").read_text())
+    assert recipe["local"] == {} and recipe["base"]["ref"].startswith("./assets/")
+    monkeypatch.chdir(ROOT)  # replayed where the app runs: its folders as the visitor wrote them
+    replayed = Recipe.load(saved / "dim3_recipe.json")
+    assert (ROOT / replayed.base.ref).is_dir()
 
 
 def test_documented_api_example_matches_the_endpoints():

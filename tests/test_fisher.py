@@ -380,6 +380,18 @@ def test_app_merges_with_fisher_after_estimating_and_reuses_the_fishers(app_serv
     assert status.startswith("✅ Merged") and len(list(folders[0].parent.iterdir())) == 2
     *_, status = c.predict(**(kw | {"fisher_data": "/etc/passwd"}))
     assert status.startswith("❌") and "outside the allowed folders" in status
+    # saved as it was merged, with the same Fishers; what a visitor may push names no server path
+    _, status, *_ = c.predict(**(kw | {"folder": "fisher-merge", "api_name": "/save"}))
+    assert status.startswith("✅ Saved"), status
+    assert len(list(folders[0].parent.iterdir())) == 2
+    saved = scratch / "outputs" / "fisher-merge"
+    recipe = json.loads((saved / "dim3_recipe.json").read_text())
+    assert recipe["method"] == "fisher" and set(recipe["fisher"]) == {"multilingual", "multimodal"}
+    assert recipe["fisher_info"]["multimodal"]["n"] == 4
+    for name in ("dim3_recipe.json", "README.md"):
+        text = (saved / name).read_text()
+        assert str(scratch) not in text and str(Path.cwd()) not in text, name
+    assert all(not Path(f).is_absolute() for f in recipe["fisher"].values())
 
 
 def test_app_evaluates_and_sweeps_fisher_after_estimating_its_fishers(app_server):
