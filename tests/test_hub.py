@@ -304,6 +304,47 @@ def test_the_app_shows_a_download_and_stops_it_when_it_would_pass_the_time_budge
     assert all(p.stat().st_size < 400 * 10**6 for p in whole)
 
 
+def test_the_apps_diagnosis_shows_its_download_and_stops_it_at_the_time_budget(tmp_path):
+    """The Analysis tab's diagnosis from Hub ids over a slow link: its progress bar follows the
+    download, and a download that alone would pass the job's budget is stopped within seconds
+    (it downloaded without progress and could not be stopped until it ended)."""
+    from gradio_client import Client
+
+    from tests.app_server import running_app
+
+    with FakeHub(rate=2e6) as hub:  # 2 MB/s
+        for role in ("base", "multilingual"):
+            hub.add(f"demo/{role}", repo(tmp_path, role))
+        slow = repo(tmp_path, "multimodal", "slow")
+        sparse_weights(slow, 400 * 10**6)  # 200 s at that rate
+        hub.add("slow/vlm", slow)
+        cache = tmp_path / "cache"
+        env = _app_env(hub, cache, DIM3_JOB_BUDGET="30")
+        with running_app(tmp_path, [DEMO], **env) as url:
+            job = Client(url, verbose=False).submit(
+                base="demo/base",
+                multilingual="demo/multilingual",
+                multimodal="slow/vlm",
+                api_name="/diagnose",
+            )
+            started, seen = time.monotonic(), set()
+            while not job.done():
+                for unit in job.status().progress_data or []:
+                    seen.add(unit.desc)
+                time.sleep(0.1)
+            status = job.result()[0]
+            took = time.monotonic() - started
+    shown = html.unescape(status.replace("\\", ""))
+    assert shown.startswith("❌") and "the diagnosis would take about" in shown, shown
+    assert "It was stopped" in shown
+    assert any(
+        d and d.startswith("downloading demo/base, demo/multilingual, slow/vlm") for d in seen
+    ), seen
+    assert took < 25, took  # the budget is 30 s; the download alone would take 200
+    sent = [e for m, p, _, e in hub.log if m == "GET" and "/resolve/" in p]
+    assert sent and max(sent) - started < 25  # the server stopped sending soon
+
+
 def test_two_jobs_of_one_process_download_one_after_the_other_so_each_fits_the_room_left(
     tmp_path,
 ):

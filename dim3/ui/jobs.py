@@ -5,8 +5,8 @@
   refuses, before any weight is read, a job whose iterative merges (WUDI, OptMerge) are
   measured to take longer. The handlers call ``budget.check`` from their progress callbacks.
 - :func:`fetch` downloads a job's Hub checkpoints before anything else, its bytes in the log (or
-  the status line: :func:`fetch_status`) and under the job's budget (a download that alone would
-  pass it is stopped).
+  the status line: :func:`fetch_status`; the bar only: :func:`fetch_progress`) and under the
+  job's budget (a download that alone would pass it is stopped).
 - :func:`job_folder` makes a temporary folder that belongs to the running job, and
   :func:`cleans_up` turns a handler into one that removes those folders once Gradio has taken
   its outputs (a file shown for download is copied into Gradio's cache first), or when the
@@ -88,13 +88,29 @@ def fetch(
     sized together first, one job at a time), yielding ``log_box`` updates with the bytes done;
     the progress bar shows them too. ``budget`` stops the downloads once they alone would pass
     it, and so does a visitor who leaves. Yields nothing where all are local or cached."""
-    from dim3 import engine
     from dim3.ui.progress import drive
+
+    yield from drive(_fetch_work(ctx, recipe), progress, log, log_box, {}, budget)
+
+
+def fetch_progress(ctx: Any, recipe: Any, progress: Any, budget: JobBudget) -> Iterator[str]:
+    """:func:`fetch` for a handler that returns once (Analysis): it iterates this to the end,
+    the bar following the bytes (Gradio's bar hears only the handler's own thread, not the
+    download's)."""
+    from dim3.ui.progress import run_with_progress
+
+    for item in run_with_progress(_fetch_work(ctx, recipe), progress, [], budget):
+        if isinstance(item, str):
+            yield item
+
+
+def _fetch_work(ctx: Any, recipe: Any) -> Callable[[Callable], int]:
+    from dim3 import engine
 
     def work(callback: Callable) -> int:
         return engine.fetch_inputs(recipe, allowed_roots=ctx.allowed_roots, progress=callback)
 
-    yield from drive(work, progress, log, log_box, {}, budget)
+    return work
 
 
 def fetch_status(
