@@ -8,6 +8,7 @@ downloads sized before the first byte, refused when they pass the server's limit
 
 from __future__ import annotations
 
+import contextlib
 import html
 import json
 import os
@@ -16,6 +17,7 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -56,6 +58,19 @@ def sparse_weights(folder: Path, size: int) -> None:
     (folder / "model.safetensors").unlink()
     with open(folder / "model.safetensors", "wb") as f:
         f.truncate(size)
+
+
+@contextlib.contextmanager
+def slow_hub(tmp: Path, *roles: str) -> Iterator[FakeHub]:
+    """A Hub serving at 2 MB/s the demo trio's ``roles`` (``demo/<role>``) and ``slow/vlm``, a
+    VLM of 400 MB (200 s at that rate) that takes no room on disk."""
+    with FakeHub(rate=2e6) as hub:
+        for role in roles:
+            hub.add(f"demo/{role}", repo(tmp, role))
+        slow = repo(tmp, "multimodal", "slow")
+        sparse_weights(slow, 400 * 10**6)
+        hub.add("slow/vlm", slow)
+        yield hub
 
 
 def blobs(cache: Path) -> list[Path]:
@@ -273,12 +288,7 @@ def test_the_app_shows_a_download_and_stops_it_when_it_would_pass_the_time_budge
 
     from tests.app_server import running_app
 
-    with FakeHub(rate=2e6) as hub:  # 2 MB/s
-        for role in ("base", "multilingual"):
-            hub.add(f"demo/{role}", repo(tmp_path, role))
-        slow = repo(tmp_path, "multimodal", "slow")
-        sparse_weights(slow, 400 * 10**6)  # 200 s at that rate
-        hub.add("slow/vlm", slow)
+    with slow_hub(tmp_path, "base", "multilingual") as hub:
         cache = tmp_path / "cache"
         env = _app_env(hub, cache, DIM3_JOB_BUDGET="30")
         with running_app(tmp_path, [DEMO], **env) as url:
@@ -312,12 +322,7 @@ def test_the_apps_diagnosis_shows_its_download_and_stops_it_at_the_time_budget(t
 
     from tests.app_server import running_app
 
-    with FakeHub(rate=2e6) as hub:  # 2 MB/s
-        for role in ("base", "multilingual"):
-            hub.add(f"demo/{role}", repo(tmp_path, role))
-        slow = repo(tmp_path, "multimodal", "slow")
-        sparse_weights(slow, 400 * 10**6)  # 200 s at that rate
-        hub.add("slow/vlm", slow)
+    with slow_hub(tmp_path, "base", "multilingual") as hub:
         cache = tmp_path / "cache"
         env = _app_env(hub, cache, DIM3_JOB_BUDGET="30")
         with running_app(tmp_path, [DEMO], **env) as url:
@@ -432,12 +437,7 @@ def test_a_visitors_plan_reads_headers_and_does_not_wait_for_anothers_download(t
 
     from tests.app_server import running_app
 
-    with FakeHub(rate=2e6) as hub:  # 2 MB/s
-        for role in ("base", "multilingual", "multimodal"):
-            hub.add(f"demo/{role}", repo(tmp_path, role))
-        slow = repo(tmp_path, "multimodal", "slow")
-        sparse_weights(slow, 400 * 10**6)  # 200 s at that rate
-        hub.add("slow/vlm", slow)
+    with slow_hub(tmp_path, "base", "multilingual", "multimodal") as hub:
         env = _app_env(hub, tmp_path / "cache", DIM3_JOB_BUDGET="600")
         with running_app(tmp_path, [DEMO], **env) as url:
             merging = Client(url, verbose=False).submit(

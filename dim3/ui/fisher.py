@@ -1,10 +1,10 @@
 """The Fisher step of a merge in the app: estimate each model's Fisher, with its time, then merge.
 
-``estimate_step`` downloads the job's Hub checkpoints (all of them, sized together and one job at
-a time, as a merge's are: :func:`dim3.engine.fetch_inputs`), then runs
-:func:`dim3.fisher.fishers_for` on a thread and yields log text while it runs (the download's
-bytes; per model: the measured seconds of its first example and the time that N examples will
-take, then its progress), and finally ``("done", {role: folder})``. ``job_fishers`` wraps it for a
+``estimate_step`` runs :func:`dim3.fisher.fishers_for` on a thread and yields log text while it
+runs (per model: the measured seconds of its first example and the time that N examples will
+take, then its progress), and finally ``("done", {role: folder})``. The job has downloaded its
+Hub checkpoints before (``dim3.ui.jobs.fetch``: all of them, sized together, one job at a time),
+so each Fisher is estimated from the cache. ``job_fishers`` wraps it for a
 job with a time budget. Layout-free: the Merge tab's handler calls it before the merge when the
 method is ``fisher``, the Evaluate tab and its Sweep view before their first merge when ``fisher``
 is ticked or swept; all read the estimation inputs (data, N, labels) of the Merge tab's form and
@@ -21,7 +21,7 @@ from typing import Any
 from dim3.limits import JobBudget
 from dim3.recipe import Recipe
 from dim3.ui.common import AppContext, clock, md_escape
-from dim3.ui.progress import LOG_LINES, Aborted, progress_line
+from dim3.ui.progress import LOG_LINES, Aborted
 
 FISHER = "fisher"
 
@@ -56,6 +56,29 @@ def job_fishers(
         yield item[1] if isinstance(item, tuple) else item
 
 
+def with_fishers(
+    ctx: AppContext,
+    tab: Any,
+    recipe: Recipe,
+    values: dict[str, Any],
+    budget: JobBudget,
+    log: list[str],
+) -> Generator[dict[Any, str], None, Recipe]:
+    """The Merge tab's job recipe (``recipe``: the form's, made data-free by :func:`data_free`)
+    with its Fishers: for a ``fisher`` merge they are estimated (or reused) first, the job's
+    ``log`` shown in ``tab.log_box``; any other recipe as it is
+    (``recipe = yield from with_fishers(...)``, in Merge and Save to folder)."""
+    if recipe.method == values.get("method", recipe.method):
+        return recipe
+    folders: dict[str, str] = {}
+    for item in job_fishers(ctx, recipe, values, budget, log=log):
+        if isinstance(item, dict):
+            folders = item
+        else:
+            yield {tab.log_box: item, tab.status: "⏳ Estimating the Fishers…"}
+    return tab.form.recipe(values, fisher=folders)
+
+
 def job_fisher_status(
     ctx: AppContext,
     recipe: Recipe,
@@ -83,15 +106,14 @@ def estimate_step(
 ) -> Iterator[str | tuple[str, dict[str, str]]]:
     """Estimate (or reuse) the Fishers that merging ``recipe``'s models needs, from the form's
     Fisher inputs (``values``: fisher_data, fisher_n, fisher_labels, fisher_base_weight).
-    ``recipe``'s Hub checkpoints are downloaded first, all together: the models whose Fishers
-    are estimated and those the merge reads after (a Hub id each estimation sized and fetched
-    alone could pass the server's download limit or its disk together)."""
-    from dim3 import engine
+    The caller downloaded ``recipe``'s Hub checkpoints first (``dim3.ui.jobs.fetch``): a model
+    each estimation sized and fetched alone could pass the server's download limit or its disk
+    together with the others."""
     from dim3.fisher import fishers_for
 
     data = str(values.get("fisher_data") or "demo").strip()
     n, labels = int(values.get("fisher_n") or 32), str(values.get("fisher_labels") or "given")
-    events: queue.Queue[str | tuple[str, int, int, float]] = queue.Queue()
+    events: queue.Queue[tuple[str, int, int, float]] = queue.Queue()
     stop, outcome = threading.Event(), {}
 
     def progress(role: str, done: int, total: int, seconds: float) -> None:
@@ -99,14 +121,8 @@ def estimate_step(
             raise Aborted("the merge was cancelled")
         events.put((role, done, total, seconds))
 
-    def downloaded(p: engine.Progress) -> None:
-        if stop.is_set():  # the visitor left, or the budget ran out: the downloads stop
-            raise Aborted("the merge was cancelled")
-        events.put(progress_line(p))
-
     def target() -> None:
         try:
-            engine.fetch_inputs(recipe, allowed_roots=ctx.allowed_roots, progress=downloaded)
             outcome["result"] = fishers_for(
                 recipe.sources(),
                 ctx.output_root,
@@ -127,17 +143,9 @@ def estimate_step(
     try:
         while thread.is_alive() or not events.empty():
             try:
-                event = events.get(timeout=0.5)
+                role, done, total, seconds = events.get(timeout=0.5)
             except queue.Empty:
                 continue
-            if isinstance(event, str):  # the download's bytes so far: one line, updated
-                if log and log[-1].startswith("downloading "):
-                    log[-1] = event
-                else:
-                    log.append(event)
-                yield "\n".join(log[-LOG_LINES:])
-                continue
-            role, done, total, seconds = event
             if done == 1 and total > 1:
                 each = seconds
                 log.append(

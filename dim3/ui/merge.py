@@ -27,7 +27,7 @@ from dim3.presets import presets
 from dim3.recipe import ROLES
 from dim3.ui import jobs
 from dim3.ui.common import AppContext, gpu, md_escape
-from dim3.ui.fisher import data_free, job_fishers
+from dim3.ui.fisher import data_free, with_fishers
 from dim3.ui.form import MergeForm, build_form
 from dim3.ui.progress import LOG_LINES, drive, err, ok, plain
 from dim3.ui.reveal import succeeded
@@ -289,14 +289,7 @@ def _merge(ctx: AppContext, tab: MergeTab) -> Callable:
             recipe = tab.form.recipe(data_free(values, tab.form.fixed is not None))
             # the trio's downloads first, sized together (a fisher merge's Fishers read them)
             yield from jobs.fetch(ctx, recipe, progress, log, tab.log_box, budget)
-            if recipe.method != values.get("method", recipe.method):  # fisher: estimate first
-                folders: dict[str, str] = {}
-                for item in job_fishers(ctx, recipe, values, budget, log=log):
-                    if isinstance(item, dict):
-                        folders = item
-                    else:
-                        yield {tab.log_box: item, tab.status: "⏳ Estimating the Fishers…"}
-                recipe = tab.form.recipe(values, fisher=folders)
+            recipe = yield from with_fishers(ctx, tab, recipe, values, budget, log)
             jobs.refuse_estimate(
                 budget, recipe, [(recipe.method, recipe.options)], ctx.allowed_roots
             )

@@ -23,7 +23,7 @@ from dim3.limits import check_saved_room
 from dim3.paths import save_destination
 from dim3.ui import jobs
 from dim3.ui.common import AppContext, check_text, gpu, md_escape
-from dim3.ui.fisher import data_free, job_fishers
+from dim3.ui.fisher import data_free, with_fishers
 from dim3.ui.progress import LOG_LINES, drive, err, ok, plain
 
 if TYPE_CHECKING:
@@ -59,14 +59,7 @@ def save_handler(ctx: AppContext, tab: MergeTab) -> Callable:
                 )
             ctx.saves.claim(name, session, dest.exists())  # another session's folder: refused
             yield from jobs.fetch(ctx, recipe, progress, log, tab.log_box, budget)
-            if recipe.method != values.get("method", recipe.method):  # fisher: as Merge does
-                folders: dict[str, str] = {}  # (reused where a merge estimated them)
-                for item in job_fishers(ctx, recipe, values, budget, log=log):
-                    if isinstance(item, dict):
-                        folders = item
-                    else:
-                        yield {tab.log_box: item, tab.status: "⏳ Estimating the Fishers…"}
-                recipe = tab.form.recipe(values, fisher=folders)
+            recipe = yield from with_fishers(ctx, tab, recipe, values, budget, log)
             jobs.refuse_estimate(
                 budget, recipe, [(recipe.method, recipe.options)], ctx.allowed_roots
             )
