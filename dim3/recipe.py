@@ -5,8 +5,8 @@ with revisions, the method and its options, the output dtype and the device. It 
 tensor is read), round-trips through JSON (``dim3_recipe.json`` in every output, which
 ``python -m dim3 merge --recipe`` replays from any folder: local sources are recorded with their
 absolute path and their path relative to the recipe, except in a server's saves), and renders the
-model card. It opens no
-checkpoint; it reads only the sources' own model cards (front matter) for the card's metadata.
+model card. It opens no checkpoint; it reads only the sources' own model cards (front matter) for
+the card's metadata.
 """
 
 from __future__ import annotations

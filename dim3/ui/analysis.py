@@ -159,8 +159,8 @@ def _compute(ctx: AppContext, merge: MergeTab, tab: AnalysisTab) -> Callable:
 
         try:
             recipe = merge.form.recipe(values)
-            for _ in jobs.fetch_progress(ctx, recipe, progress, budget):
-                pass  # the downloads' bytes on the bar; one that alone would pass the budget stops
+            # the downloads' bytes on the bar; one that alone would pass the budget is stopped
+            jobs.fetch_progress(ctx, recipe, progress, budget)
             rows = dg.diagnose(recipe, progress=report, allowed_roots=ctx.allowed_roots)
             if not rows:
                 raise ValueError("these checkpoints have no language-model tensors to compare")

@@ -93,15 +93,14 @@ def fetch(
     yield from drive(_fetch_work(ctx, recipe), progress, log, log_box, {}, budget)
 
 
-def fetch_progress(ctx: Any, recipe: Any, progress: Any, budget: JobBudget) -> Iterator[str]:
-    """:func:`fetch` for a handler that returns once (Analysis): it iterates this to the end,
-    the bar following the bytes (Gradio's bar hears only the handler's own thread, not the
-    download's)."""
+def fetch_progress(ctx: Any, recipe: Any, progress: Any, budget: JobBudget) -> None:
+    """:func:`fetch` for a handler that returns once (Analysis): returns when the downloads are
+    done, the bar having followed their bytes (from this thread: Gradio's bar does not hear the
+    download's threads)."""
     from dim3.ui.progress import run_with_progress
 
-    for item in run_with_progress(_fetch_work(ctx, recipe), progress, [], budget):
-        if isinstance(item, str):
-            yield item
+    for _ in run_with_progress(_fetch_work(ctx, recipe), progress, [], budget):
+        pass
 
 
 def _fetch_work(ctx: Any, recipe: Any) -> Callable[[Callable], int]:
