@@ -805,7 +805,11 @@ def test_the_throughput_benchmark_runs_a_round_from_inputs_read_back_from_disk(t
     cli = re.search(r"CLI CPU +user ([\d.]+) s", out)
     rest = re.search(r"the rest \(merge, card, exit\) +user (-?[\d.]+) s, sys (-?[\d.]+) s", out)
     assert start is not None and cli is not None and rest is not None, out
-    assert "round 1 cli_plan" in out and 0 < float(start.group(1)) <= float(cli.group(1))
+    assert "round 1 cli_plan" in out and float(start.group(1)) > 0
+    # what the merge adds is the command's CPU less its start's, two processes apart: on the
+    # tiny trio it is near nothing and may come out below zero (CI saw start 1.7 s, CLI 1.6 s),
+    # so only the sum is checked (each figure printed to 0.1 s)
+    assert abs(float(cli.group(1)) - float(start.group(1)) - float(rest.group(1))) <= 0.15, out
     # the system time no merge command avoids: the start's, the mapping's and the writing's
     least = re.search(r"its kernel floor +sys ([\d.]+) s = (\d+)% of the command's CPU", out)
     start_sys = re.search(r"its start \(python -m dim3 plan\) .*sys ([\d.]+) s", out)
