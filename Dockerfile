@@ -37,6 +37,9 @@ RUN pip install --no-cache-dir --user --extra-index-url "${TORCH_INDEX}" -r requ
 
 COPY --chown=1000:1000 . .
 
-# Merges saved from the app land in ./outputs; Hub downloads in ~/.cache/huggingface.
+# Merges saved from the app land in ./outputs; Hub downloads in ~/.cache/huggingface, which the
+# server keeps within $DIM3_MAX_HUB_CACHE when set (unset: only on a Space, and only when the disk
+# is short, are the least recently used checkpoints deleted; docs/app.md). Do not set it when you
+# mount your own Hub cache into the container: it deletes from it.
 EXPOSE 7860
 CMD ["python", "app.py"]

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
+from dim3 import hubcache
 from dim3.layout import unconverted_layout
 
 # The files a merge needs from a Hub repository: weights, their index, configs, tokenizer,
@@ -294,16 +295,35 @@ def check_downloads(
     cache = Path(constants.HF_HUB_CACHE).expanduser()
     existing = _existing(cache)
     free = shutil.disk_usage(existing).free
+    written = output[1]() if output is not None else None
+    same_disk = bool(
+        output is not None
+        and written
+        and os.stat(_existing(Path(output[0]))).st_dev == os.stat(existing).st_dev
+    )
+    bounds = hubcache.policy() if server else None
+    if bounds is not None:  # a server keeping its cache within bounds: the oldest make room
+        try:
+            gone = hubcache.make_room(
+                cache,
+                total,
+                [ref for ref, _ in hub],
+                free=free - ((written or 0) if same_disk else 0),
+                limit=bounds.limit,
+            )
+        except hubcache.CacheFull as exc:
+            raise CheckpointError(str(exc)) from None
+        if gone:
+            free = shutil.disk_usage(existing).free
     if total > free:
         raise CheckpointError(
             f"downloading {what} from the Hub needs {human_size(total)} but the file system of "
             f"the Hub cache ({cache}) has {human_size(free)} free: free some space there (`hf "
             "cache rm`), point HF_HUB_CACHE at a disk with room, or give local folders"
         )
-    written = output[1]() if output is not None else None
     if output is not None and written:
         folder = Path(output[0])
-        if os.stat(_existing(folder)).st_dev != os.stat(existing).st_dev:
+        if not same_disk:
             from dim3.writer import check_room  # a module above this one's
 
             check_room(folder, written)
@@ -394,7 +414,8 @@ def _resolve_hub(
         check_downloads([(ref, revision)], token=token, server=server)
     try:
         bars = {"tqdm_class": meter.bar()} if meter is not None else {}
-        folder = _snapshot(ref, revision, token, **bars)
+        with hubcache.hold([ref]):  # not deleted for another job while it downloads
+            folder = _snapshot(ref, revision, token, **bars)
     except Exception as exc:  # the Hub client raises many types; each is mapped to a message
         if meter is not None and meter.raised is not None:
             raise meter.raised from None  # the job was stopped: say why, not where

@@ -57,7 +57,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dim3 import fused
+from dim3 import fused, hubcache
 from dim3.checkpoints import (
     DOWNLOADS,
     SAFETENSORS_DTYPES,
@@ -226,6 +226,8 @@ def fetch_inputs(
     hub = [s for s in sources if s.ref.strip() and not looks_local(s.ref.strip())]
     if not hub:
         return 0
+    if allowed_roots is not None:  # a server's heavy job: its checkpoints stay in the cache
+        hubcache.job(s.ref.strip() for s in hub)
     with DOWNLOADS:
         total = check_recipe_downloads(
             recipe, allowed_roots=allowed_roots, token=token, output=output

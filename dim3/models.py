@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from dim3 import hubcache
 from dim3.chat import load_vlm
 from dim3.checkpoints import Checkpoint, resolve
 
@@ -323,7 +324,7 @@ class ModelManager:
         """
         self._check_slot(slot)
         self._check_open("load a model")
-        with self._lock:
+        with self._lock, hubcache.hold([ref.strip()]):  # not deleted for a job while it loads
             path = resolve(ref, revision, allowed_roots=self.allowed_roots, token=self.token)
             dev = resolve_device(device)
             torch_dtype = resolve_dtype(dtype, dev)
@@ -339,7 +340,7 @@ class ModelManager:
         """The original VLM, loading ``default_vlm`` first if nothing is loaded yet."""
         if self._slots[ORIGINAL] is not None:  # no lock: a running merge must not block chats
             return self._slots[ORIGINAL]
-        with self._lock:
+        with self._lock, hubcache.hold([self.default_vlm or ""]):
             if self._slots[ORIGINAL] is None and self.default_vlm and not self._frozen:
                 path = resolve(self.default_vlm, allowed_roots=self.allowed_roots)
                 dev = resolve_device("auto")

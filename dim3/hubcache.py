@@ -1,0 +1,216 @@
+"""A server's Hub cache, kept within bounds: the least recently used checkpoints make room.
+
+Every visitor of a server shares its Hub cache, and each job's downloads stay in it. Without
+eviction they add up until the disk refuses the next visitor's download (``hf cache rm`` by the
+server's owner). Where ``$DIM3_MAX_HUB_CACHE`` is set (a size, ``100GB``), a server keeps the
+cache within it: before a job downloads, the cached repositories used least recently are deleted
+until the job's downloads fit, both under that size and in the free space of the cache's disk
+(:func:`policy`).
+
+Never deleted: the job's own repositories (what it downloads and what it already has cached) and
+those :func:`hold` marks as in use (a download or a model load running on another thread). Use is
+when this process last resolved a repository, or else the newest access time of its files (what
+``huggingface_hub.scan_cache_dir`` reports; a disk mounted ``noatime`` keeps only the download's).
+Deleting goes through ``huggingface_hub``'s own cache manager (``delete_revisions``), which removes
+a repository's snapshots, references and blobs. A file another thread has open or mapped stays
+readable until it is closed (POSIX unlink), so a model already loaded keeps working.
+
+Unset, a server on a Hugging Face Space (``$SPACE_ID``), whose cache is its own, deletes only when
+its disk is short; anywhere else nothing is ever deleted: on a user's own machine the cache is
+shared with their other tools. ``0``: nothing, anywhere. Only a server (the app) deletes; the
+command line never does.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Collection, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+ENV_MAX_HUB_CACHE = "DIM3_MAX_HUB_CACHE"
+
+log = logging.getLogger(__name__)
+
+_LOCK = threading.Lock()  # one eviction at a time, and the tables below
+_EVICTING = threading.Lock()
+_USED: dict[str, float] = {}  # repository id -> when this process last resolved it (time.time)
+_HELD: Counter[str] = Counter()  # repository id -> how many holds are open on it
+_JOB: set[str] = set()  # the repositories of the server's current heavy job (see job())
+
+
+class CacheFull(ValueError):
+    """A job's downloads cannot be made to fit the Hub cache; says why and what to do."""
+
+
+@dataclass(frozen=True)
+class Evicted:
+    """A repository deleted from the cache to make room: its id, its bytes on disk, and the
+    time (``time.time``) it was last used."""
+
+    repo_id: str
+    nbytes: int
+    last_used: float
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What a server may delete from its Hub cache: ``limit`` (bytes the cache may hold in
+    all; None: no bound but its disk)."""
+
+    limit: int | None
+
+
+def policy() -> Policy | None:
+    """A server's policy for its Hub cache, from ``$DIM3_MAX_HUB_CACHE``: a size (``100GB``)
+    keeps the cache under it and its downloads in the disk's free space; ``0``: nothing is
+    deleted. Unset: on a Hugging Face Space (``$SPACE_ID``, which Spaces set), whose cache is its
+    own, the least recently used make room only when the disk is short; elsewhere (a user's
+    own machine, whose cache other tools share) nothing is deleted. None: nothing is."""
+    import os
+
+    from dim3.writer import size_from_env  # a module above this one's: for the setting only
+
+    raw = os.environ.get(ENV_MAX_HUB_CACHE, "").strip()
+    if not raw:
+        return Policy(None) if os.environ.get("SPACE_ID") else None
+    limit = size_from_env(ENV_MAX_HUB_CACHE, None)
+    return None if limit is None else Policy(limit)
+
+
+def used(repo_id: str) -> None:
+    """Record that ``repo_id`` was resolved now (a job, a chat's model, a plan)."""
+    with _LOCK:
+        _USED[repo_id] = time.time()
+
+
+@contextmanager
+def hold(repo_ids: Iterable[str]) -> Iterator[None]:
+    """While inside, none of ``repo_ids`` is deleted to make room for another job."""
+    ids = [r for r in dict.fromkeys(repo_ids) if r]
+    with _LOCK:
+        _HELD.update(ids)
+        for r in ids:
+            _USED[r] = time.time()
+    try:
+        yield
+    finally:
+        with _LOCK:
+            _HELD.subtract(ids)
+            for r in ids:
+                if _HELD[r] <= 0:
+                    del _HELD[r]
+                _USED[r] = time.time()
+
+
+def job(repo_ids: Iterable[str]) -> None:
+    """Mark ``repo_ids`` as the current heavy job's, in place of the last job's. A server runs
+    one heavy job (merge, save, evaluation, sweep, diagnosis) at a time, and each downloads its
+    checkpoints first: from then until the next job's download they are not deleted, whoever
+    needs room (a chat's model on another thread), so a job reading its inputs for an hour
+    keeps them."""
+    ids = {r for r in repo_ids if r}
+    with _LOCK:
+        _JOB.clear()
+        _JOB.update(ids)
+        now = time.time()
+        for r in ids:
+            _USED[r] = now
+
+
+def held() -> set[str]:
+    """The repositories in use now: held, or the current heavy job's."""
+    with _LOCK:
+        return {r for r, n in _HELD.items() if n > 0} | _JOB
+
+
+def make_room(
+    cache: Path,
+    needed: int,
+    keep: Collection[str],
+    *,
+    free: int,
+    limit: int | None,
+) -> list[Evicted]:
+    """Delete the least recently used model repositories of ``cache`` (not in ``keep``, not
+    held, not the current job's) until ``needed`` more bytes fit: the cache then holds at most
+    ``limit`` bytes (None: no bound) and its disk has ``needed`` bytes free (``free``: what it
+    has now, less anything else the job will write there). Returns what was deleted, oldest
+    first; nothing when it fits already. :class:`CacheFull` when it cannot fit, before anything
+    is deleted."""
+    from huggingface_hub import scan_cache_dir
+    from huggingface_hub.utils import CachedRepoInfo, DeleteCacheStrategy
+
+    from dim3.plan import human_size  # a module above this one's: for the messages only
+
+    if limit is not None and needed > limit:
+        raise CacheFull(
+            f"this job's downloads ({human_size(needed)}) are more than the server's Hub cache "
+            f"may hold ({human_size(limit)}, ${ENV_MAX_HUB_CACHE}): choose smaller checkpoints, "
+            "or run the merge on your own machine"
+        )
+    with _EVICTING:
+        if not cache.is_dir():
+            return []
+        info = scan_cache_dir(cache)
+        over = info.size_on_disk + needed - limit if limit is not None else 0
+        short = max(over, needed - free, 0)
+        if short <= 0:
+            return []
+        with _LOCK:
+            busy = set(keep) | {r for r, n in _HELD.items() if n > 0} | _JOB
+            seen = dict(_USED)
+        candidates = sorted(
+            (
+                (max(repo.last_accessed, repo.last_modified, seen.get(repo.repo_id, 0.0)), repo)
+                for repo in info.repos
+                if repo.repo_type == "model" and repo.repo_id not in busy
+            ),
+            key=lambda pair: pair[0],
+        )
+        # One repository's deletion at a time: ``delete_revisions`` finds revisions by commit
+        # hash in whichever repository it meets first, and two repositories can share commits
+        # (a duplicate, a mirror). Its own figure of the bytes freed counts a blob another
+        # repository shares only once it is freed.
+        chosen: list[tuple[float, CachedRepoInfo, DeleteCacheStrategy]] = []
+        freed = 0
+        for when, repo in candidates:
+            if freed >= short:
+                break
+            alone = replace(info, repos=frozenset({repo}))
+            strategy = alone.delete_revisions(*(r.commit_hash for r in repo.revisions))
+            chosen.append((when, repo, strategy))
+            freed += strategy.expected_freed_size
+        if freed < short:
+            kept = info.size_on_disk - sum(r.size_on_disk for _, r in candidates)
+            bound = (
+                f" of the {human_size(limit)} it may hold (${ENV_MAX_HUB_CACHE})"
+                if limit is not None
+                else ""
+            )
+            raise CacheFull(
+                f"this job's downloads need {human_size(needed)}, and the server's Hub cache "
+                f"cannot make room: it holds {human_size(info.size_on_disk)} "
+                f"({human_size(kept)} of it checkpoints in use now, this job's own included)"
+                f"{bound}, with {human_size(max(free, 0))} free on its disk: try again later, "
+                "choose smaller checkpoints, or run the merge on your own machine"
+            )
+        gone = []
+        for when, repo, strategy in chosen:
+            strategy.execute()
+            gone.append(Evicted(repo.repo_id, strategy.expected_freed_size, when))
+        with _LOCK:
+            for e in gone:
+                _USED.pop(e.repo_id, None)
+        for e in gone:  # the server's log: which visitor's checkpoint was not said to another
+            log.info(
+                "Hub cache: deleted %s (%s, last used %s) to make room",
+                e.repo_id,
+                human_size(e.nbytes),
+                time.strftime("%Y-%m-%d %H:%M", time.localtime(e.last_used)),
+            )
+        return gone
