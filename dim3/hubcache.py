@@ -7,7 +7,8 @@ cache within it: before a job downloads, the cached repositories used least rece
 until the job's downloads fit, both under that size and in the free space of the cache's disk
 (:func:`policy`).
 
-Never deleted: the job's own repositories (what it downloads and what it already has cached) and
+Only model repositories are deleted (not datasets). Never deleted: the job's own repositories
+(what it downloads and what it already has cached), the current heavy job's (:func:`job`) and
 those :func:`hold` marks as in use (a download or a model load running on another thread). Use is
 when this process last resolved a repository, or else the newest access time of its files (what
 ``huggingface_hub.scan_cache_dir`` reports; a disk mounted ``noatime`` keeps only the download's).
@@ -122,12 +123,6 @@ def job(repo_ids: Iterable[str]) -> None:
             _USED[r] = now
 
 
-def held() -> set[str]:
-    """The repositories in use now: held, or the current heavy job's."""
-    with _LOCK:
-        return {r for r, n in _HELD.items() if n > 0} | _JOB
-
-
 def make_room(
     cache: Path,
     needed: int,
@@ -186,7 +181,7 @@ def make_room(
             chosen.append((when, repo, strategy))
             freed += strategy.expected_freed_size
         if freed < short:
-            kept = info.size_on_disk - sum(r.size_on_disk for _, r in candidates)
+            kept = max(info.size_on_disk - sum(r.size_on_disk for _, r in candidates), 0)
             bound = (
                 f" of the {human_size(limit)} it may hold (${ENV_MAX_HUB_CACHE})"
                 if limit is not None
