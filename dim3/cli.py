@@ -209,20 +209,14 @@ def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     bars: list[tqdm] = []  # created at the first tensor, so early errors print one clean line
-    downloads: list[tqdm] = []  # one bar for the Hub downloads, all checkpoints together
+    downloads = DownloadBar()  # one bar for the Hub downloads, all checkpoints together
     shown_at = [0.0]  # when a slow rule's step was last drawn
 
     def progress(p: engine.Progress) -> None:
-        if p.phase == "download":
-            if not downloads:
-                downloads.append(
-                    tqdm(total=p.bytes_total, unit="B", unit_scale=True, desc="downloading")
-                )
-            downloads[0].update(p.bytes_done - downloads[0].n)
+        if downloads(p):
             return
         if not bars:
-            for bar in downloads:  # done: the merge has begun
-                bar.close()
+            downloads.close()  # done: the merge has begun
             bars.append(tqdm(total=p.total, unit="tensor", desc="merging"))
         step = f" step {p.step}/{p.steps}" if p.steps else ""
         show = bool(p.steps) and time.monotonic() - shown_at[0] >= 0.5  # a step line twice a second
@@ -241,11 +235,49 @@ def run(args: argparse.Namespace) -> int:
             **({"chunk_size": args.chunk_size} if args.chunk_size else {}),
         )
     finally:
-        for bar in downloads + bars:
+        downloads.close()
+        for bar in bars:
             bar.close()
     print(result.plan.describe())
     print(f"Wrote {result.out_dir} in {result.seconds:.1f} s")
     return 0
+
+
+class DownloadBar:
+    """A command's one "downloading" bar for a job's Hub downloads, all checkpoints together:
+    called with each :class:`dim3.engine.Progress`, it draws those of phase "download" and says
+    whether it did; made at the first (nothing is drawn where all is cached)."""
+
+    def __init__(self) -> None:
+        self.bar: Any = None
+
+    def __call__(self, p: Any) -> bool:
+        if p.phase != "download":
+            return False
+        if self.bar is None:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=p.bytes_total, unit="B", unit_scale=True, desc="downloading")
+        self.bar.update(p.bytes_done - self.bar.n)
+        return True
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def fetch(recipe: Recipe) -> int:
+    """Download ``recipe``'s Hub checkpoints not yet cached, sized together before the first
+    byte (:func:`dim3.engine.fetch_inputs`), with one bar: what ``eval``, ``sweep`` and
+    ``represent`` do before they load a model, so that a trio that does not fit is refused at
+    once, not after its VLM (loaded first) has downloaded. Returns the bytes downloaded."""
+    from dim3 import engine
+
+    bar = DownloadBar()
+    try:
+        return engine.fetch_inputs(recipe, progress=bar)
+    finally:
+        bar.close()
 
 
 DESCRIPTION = (

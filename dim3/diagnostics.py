@@ -496,10 +496,11 @@ def run(args: argparse.Namespace) -> int:
     """Compute the diagnostics of ``--base/--multilingual/--multimodal`` and write the report."""
     from tqdm.auto import tqdm
 
-    from dim3.cli import dim3_options_from_args, sources_from_args
+    from dim3.cli import dim3_options_from_args, fetch, sources_from_args
 
     options = dim3_options_from_args(args)
     recipe = Recipe(**sources_from_args(args), method="dim3", options=options, device=args.device)
+    fetch(recipe)  # the trio's downloads, sized together, with their bar
     bars: list[Any] = []  # made at the first tensor, so that an early error prints one line
 
     def progress(p: Progress) -> None:

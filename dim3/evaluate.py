@@ -505,8 +505,11 @@ def write_json(path: Path, record: dict[str, Any]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from dim3.cli import fetch
+
     spec = spec_from_args(args)
     bench = get_benchmark(spec.benchmark)
+    fetch(spec.recipe("task_arithmetic"))  # the trio's downloads, sized together first
     start = time.perf_counter()
     names = [ORIGINAL, *spec.methods]
     timing: dict[str, float] = {}

@@ -615,12 +615,13 @@ def demo_defaults(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dim3.cli import recipe_from_args
+    from dim3.cli import fetch, recipe_from_args
     from dim3.evaluate import parse_methods
 
     items = parallel_items(args.probe)
     demo_defaults(args)
     recipe = recipe_from_args(args)
+    fetch(recipe)  # the trio's downloads, sized together first
     methods = parse_methods(args.also) if args.also.strip() else ()
     start = time.perf_counter()
     shown: set[str] = set()

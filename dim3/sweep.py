@@ -370,7 +370,10 @@ def first_per_language(items: Sequence[ProbeItem], n: int) -> list[ProbeItem]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from dim3.cli import fetch
+
     spec = spec_from_args(args)
+    fetch(spec.recipe)  # the trio's downloads, sized together first
     start = time.perf_counter()
     points = []
     for i, point in enumerate(iter_sweep(spec)):

@@ -222,6 +222,37 @@ def test_a_download_limit_refuses_a_job_before_the_first_byte_and_counts_only_wh
     assert later and not [p for p in later if "/demo/multimodal/" in p]
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["eval", "--methods", "task_arithmetic"],
+        ["sweep", "--json", "{out}/sweep.json"],
+        ["represent", "--out", "{out}"],
+        ["diagnose", "--out", "{out}"],
+    ],
+    ids=lambda c: c[0],
+)
+def test_a_command_that_loads_the_vlm_first_sizes_the_trios_downloads_together(
+    hub, tmp_path, command
+):
+    """``eval``, ``sweep``, ``represent`` and ``diagnose`` from Hub ids under
+    ``$DIM3_MAX_DOWNLOAD``: the trio (8.9 MB) is over the 6 MB, its VLM alone (3.7 MB) is not.
+    Each is refused before the first byte, naming all three checkpoints, as ``merge`` is. The
+    first three downloaded the VLM they load first alone (sized alone: it fit), and the trio was
+    found not to fit only when the merge after it sized the rest; ``diagnose`` sized them
+    together already (now with a bar)."""
+    hub.add("demo/multimodal", repo(tmp_path, "multimodal"))
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    env = hub_env(hub, cache) | {"DIM3_MAX_DOWNLOAD": "6MB"}
+    argv = [a.format(out=out) for a in command]
+    done = dim3(env, *argv, *TRIO, "--multimodal", "demo/multimodal")
+    assert done.returncode != 0
+    names = "downloading demo/base (2.63 MB), demo/multilingual (2.63 MB), demo/multimodal ("
+    assert names in done.stderr, done.stderr[-2000:]
+    assert "one job may download here ($DIM3_MAX_DOWNLOAD)" in done.stderr
+    assert hub.downloads() == [] and blobs(cache) == []
+
+
 def test_the_app_refuses_a_visitors_hub_download_over_its_limit_without_server_paths(tmp_path):
     """A Space's visitor names Hub ids: a merge over the server's download limit, and one its
     disk has no room for, are refused before anything is downloaded, each with a message that
