@@ -7,7 +7,8 @@ cache within it: before a job downloads, the cached repositories used least rece
 until the job's downloads fit, both under that size and in the free space of the cache's disk
 (:func:`policy`).
 
-Only model repositories are deleted (not datasets). Never deleted: the job's own repositories
+Partial downloads (``*.incomplete``, what a stopped job leaves) count and go in the same order,
+by when they were last written. Only model repositories are deleted (not datasets). Never deleted: the job's own repositories
 (what it downloads and what it already has cached), the current heavy job's (:func:`job`) and
 those :func:`hold` marks as in use (a download or a model load running on another thread). Use is
 when this process last resolved a repository, or else the newest access time of its files (what
@@ -32,6 +33,7 @@ from collections.abc import Collection, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 ENV_MAX_HUB_CACHE = "DIM3_MAX_HUB_CACHE"
 
@@ -50,12 +52,14 @@ class CacheFull(ValueError):
 
 @dataclass(frozen=True)
 class Evicted:
-    """A repository deleted from the cache to make room: its id, its bytes on disk, and the
-    time (``time.time``) it was last used."""
+    """A repository, or a partial download of one, deleted from the cache to make room: its id,
+    its bytes on disk, and the time (``time.time``) it was last used (a partial download: last
+    written)."""
 
     repo_id: str
     nbytes: int
     last_used: float
+    partial: bool = False  # a partial download of it, not the repository
 
 
 @dataclass(frozen=True)
@@ -138,7 +142,7 @@ def make_room(
     first; nothing when it fits already. :class:`CacheFull` when it cannot fit, before anything
     is deleted."""
     from huggingface_hub import scan_cache_dir
-    from huggingface_hub.utils import CachedRepoInfo, DeleteCacheStrategy
+    from huggingface_hub.utils import DeleteCacheStrategy
 
     from dim3.plan import human_size  # a module above this one's: for the messages only
 
@@ -152,36 +156,54 @@ def make_room(
         if not cache.is_dir():
             return []
         info = scan_cache_dir(cache)
-        over = info.size_on_disk + needed - limit if limit is not None else 0
+        partial = info.incomplete_size_on_disk  # stopped downloads: not in size_on_disk
+        held_now = info.size_on_disk + partial
+        over = held_now + needed - limit if limit is not None else 0
         short = max(over, needed - free, 0)
         if short <= 0:
             return []
         with _LOCK:
             busy = set(keep) | {r for r, n in _HELD.items() if n > 0} | _JOB
             seen = dict(_USED)
-        candidates = sorted(
-            (
-                (max(repo.last_accessed, repo.last_modified, seen.get(repo.repo_id, 0.0)), repo)
-                for repo in info.repos
-                if repo.repo_type == "model" and repo.repo_id not in busy
-            ),
-            key=lambda pair: pair[0],
-        )
+        # A repository, or a partial download (a job stopped by its budget or its visitor left
+        # it; only a later download of the same file resumes it), each when it was last used.
+        candidates: list[tuple[float, str, Any]] = [
+            (max(repo.last_accessed, repo.last_modified, seen.get(repo.repo_id, 0.0)), "", repo)
+            for repo in info.repos
+            if repo.repo_type == "model" and repo.repo_id not in busy
+        ]
+        for f in info.incomplete_files:
+            repo_id = _repo_id(f.file_path)
+            if repo_id is not None and repo_id not in busy:
+                try:
+                    when = f.file_path.stat().st_mtime
+                except OSError:
+                    continue  # finished or removed meanwhile
+                candidates.append((max(when, seen.get(repo_id, 0.0)), repo_id, f))
+        candidates.sort(key=lambda c: c[0])
         # One repository's deletion at a time: ``delete_revisions`` finds revisions by commit
         # hash in whichever repository it meets first, and two repositories can share commits
         # (a duplicate, a mirror). Its own figure of the bytes freed counts a blob another
         # repository shares only once it is freed.
-        chosen: list[tuple[float, CachedRepoInfo, DeleteCacheStrategy]] = []
+        chosen: list[tuple[float, str, Any, DeleteCacheStrategy | None, int]] = []
+        gone_repos: set[str] = set()
         freed = 0
-        for when, repo in candidates:
+        for when, of, item in candidates:
             if freed >= short:
                 break
-            alone = replace(info, repos=frozenset({repo}))
-            strategy = alone.delete_revisions(*(r.commit_hash for r in repo.revisions))
-            chosen.append((when, repo, strategy))
+            if of:  # a partial download, unless its repository went already (with it)
+                if of not in gone_repos:
+                    chosen.append((when, of, item, None, item.size_on_disk))
+                    freed += item.size_on_disk
+                continue
+            alone = replace(info, repos=frozenset({item}))
+            strategy = alone.delete_revisions(*(r.commit_hash for r in item.revisions))
+            chosen.append((when, item.repo_id, item, strategy, strategy.expected_freed_size))
+            gone_repos.add(item.repo_id)
             freed += strategy.expected_freed_size
         if freed < short:
-            kept = max(info.size_on_disk - sum(r.size_on_disk for _, r in candidates), 0)
+            movable = sum(c[2].size_on_disk for c in candidates)
+            kept = max(held_now - movable, 0)
             bound = (
                 f" of the {human_size(limit)} it may hold (${ENV_MAX_HUB_CACHE})"
                 if limit is not None
@@ -189,23 +211,37 @@ def make_room(
             )
             raise CacheFull(
                 f"this job's downloads need {human_size(needed)}, and the server's Hub cache "
-                f"cannot make room: it holds {human_size(info.size_on_disk)} "
+                f"cannot make room: it holds {human_size(held_now)} "
                 f"({human_size(kept)} of it checkpoints in use now, this job's own included)"
                 f"{bound}, with {human_size(max(free, 0))} free on its disk: try again later, "
                 "choose smaller checkpoints, or run the merge on your own machine"
             )
         gone = []
-        for when, repo, strategy in chosen:
-            strategy.execute()
-            gone.append(Evicted(repo.repo_id, strategy.expected_freed_size, when))
+        for when, repo_id, item, strategy, nbytes in chosen:
+            if strategy is not None:
+                strategy.execute()
+            else:
+                item.file_path.unlink(missing_ok=True)
+            gone.append(Evicted(repo_id, nbytes, when, partial=strategy is None))
         with _LOCK:
             for e in gone:
-                _USED.pop(e.repo_id, None)
+                if not e.partial:
+                    _USED.pop(e.repo_id, None)
         for e in gone:  # the server's log: which visitor's checkpoint was not said to another
             log.info(
-                "Hub cache: deleted %s (%s, last used %s) to make room",
+                "Hub cache: deleted %s%s (%s, last used %s) to make room",
+                "a partial download of " if e.partial else "",
                 e.repo_id,
                 human_size(e.nbytes),
                 time.strftime("%Y-%m-%d %H:%M", time.localtime(e.last_used)),
             )
         return gone
+
+
+def _repo_id(blob: Path) -> str | None:
+    """The model repository a file of the cache belongs to (``models--org--name/blobs/...``,
+    as ``huggingface_hub`` names its folders), else None (a dataset's, a space's)."""
+    folder = blob.parent.parent.name
+    if not folder.startswith("models--"):
+        return None
+    return folder.removeprefix("models--").replace("--", "/")

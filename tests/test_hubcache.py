@@ -10,6 +10,7 @@ Each job runs in a process of its own (``huggingface_hub`` reads ``HF_HUB_CACHE`
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -220,8 +221,9 @@ def test_on_a_space_the_least_recently_used_make_room_only_when_the_disk_is_shor
 ):
     """The setting: a size bounds the cache; ``0`` and unset delete nothing, but unset on a
     Space (``$SPACE_ID``) the cache has no bound and its disk's free space is what counts: a
-    job short of half a VLM's room deletes the least recently used checkpoint and no more; one
-    short of more than all that could go is refused with nothing deleted."""
+    job short of half a VLM's room deletes the least recently used and no more: a partial
+    download a stopped job left (not of a repository in use), then a checkpoint; one short of
+    more than all that could go is refused with nothing deleted."""
     from dim3 import hubcache
     from dim3.writer import parse_size
 
@@ -239,10 +241,31 @@ def test_on_a_space_the_least_recently_used_make_room_only_when_the_disk_is_shor
     cache = tmp_path / "cache"
     fill(hub, cache, {"old/vlm": 3, "mid/vlm": 1, "new/vlm": 0.5})
     one_vlm = size(tmp_path / "repos" / "multimodal")
+    # what a stopped download leaves (the blob's name is its ETag): one of a repository nobody
+    # uses, written 5 days ago, and one of the repository a job reads
+    stopped = partial(cache, "gone/vlm", one_vlm, days=5)
+    resumed = partial(cache, "new/vlm", one_vlm, days=6)
+    everything = {"old/vlm", "mid/vlm", "new/vlm", "gone/vlm"}
     with pytest.raises(hubcache.CacheFull, match="cannot make room"):
-        hubcache.make_room(cache, 4 * one_vlm, ["new/vlm"], free=one_vlm, limit=None)
-    assert cached(cache) == {"old/vlm", "mid/vlm", "new/vlm"}
-    gone = hubcache.make_room(cache, one_vlm, [], free=one_vlm // 2, limit=None)
-    assert [e.repo_id for e in gone] == ["old/vlm"] and gone[0].nbytes >= one_vlm
-    assert cached(cache) == {"mid/vlm", "new/vlm"}
+        hubcache.make_room(cache, 5 * one_vlm, ["new/vlm"], free=one_vlm, limit=None)
+    assert cached(cache) == everything and stopped.exists()
+    gone = hubcache.make_room(cache, one_vlm, ["new/vlm"], free=one_vlm // 2, limit=None)
+    assert [(e.repo_id, e.partial, e.nbytes) for e in gone] == [("gone/vlm", True, one_vlm)]
+    assert not stopped.exists() and resumed.exists()
+    gone = hubcache.make_room(cache, one_vlm, ["new/vlm"], free=one_vlm // 2, limit=None)
+    assert [(e.repo_id, e.partial) for e in gone] == [("old/vlm", False)]
+    assert gone[0].nbytes >= one_vlm
+    assert cached(cache) == {"mid/vlm", "new/vlm"} and resumed.exists()
     assert hubcache.make_room(cache, one_vlm, [], free=one_vlm, limit=None) == []
+
+
+def partial(cache: Path, repo_id: str, nbytes: int, *, days: float) -> Path:
+    """A partial download of ``repo_id`` as ``huggingface_hub`` leaves one when stopped:
+    ``blobs/<etag>.incomplete`` in the repository's folder, last written ``days`` ago."""
+    etag = hashlib.sha256(repo_id.encode()).hexdigest()
+    path = cache / f"models--{repo_id.replace('/', '--')}" / "blobs" / f"{etag}.incomplete"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\0" * nbytes)
+    when = time.time() - days * DAY
+    os.utime(path, (when, when))
+    return path
