@@ -367,8 +367,10 @@ def output_estimate(
 def plan(recipe: Recipe, **kwargs: Any) -> MergePlan:
     """Check a recipe and return its plan, writing nothing and downloading no weights (a Hub
     id's are read from their headers on the Hub: :meth:`Checkpoint.headers`). ``kwargs`` go
-    to :func:`open_inputs`."""
-    with open_inputs(recipe, headers_only=True, **kwargs) as inputs:
+    to :func:`open_inputs`. A server's Hub cache keeps the recipe's checkpoints meanwhile
+    (:func:`dim3.hubcache.hold`: another visitor's job does not delete what it reads)."""
+    refs = [s.ref.strip() for s in (recipe.base, *recipe.multilingual, recipe.multimodal)]
+    with hubcache.hold(refs), open_inputs(recipe, headers_only=True, **kwargs) as inputs:
         return _plan(recipe, inputs)
 
 
