@@ -268,9 +268,10 @@ class DownloadBar:
 
 def fetch(recipe: Recipe) -> int:
     """Download ``recipe``'s Hub checkpoints not yet cached, sized together before the first
-    byte (:func:`dim3.engine.fetch_inputs`), with one bar: what ``eval``, ``sweep`` and
-    ``represent`` do before they load a model, so that a trio that does not fit is refused at
-    once, not after its VLM (loaded first) has downloaded. Returns the bytes downloaded."""
+    byte (:func:`dim3.engine.fetch_inputs`), with one bar: what ``eval``, ``sweep``,
+    ``represent`` and ``diagnose`` do before they load a model, so that a trio that does not fit
+    is refused at once, not after its VLM (loaded first) has downloaded. Returns the bytes
+    downloaded."""
     from dim3 import engine
 
     bar = DownloadBar()
