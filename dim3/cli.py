@@ -190,11 +190,56 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _recipe(args: argparse.Namespace) -> Recipe:
     if args.recipe:
-        return Recipe.load(args.recipe)
+        recipe = Recipe.load(args.recipe)
+        _check_fishers(recipe, args.recipe)
+        return recipe
     missing = [f"--{r}" for r in ROLES if not getattr(args, r)]
     if missing:
         raise ValueError(f"missing {', '.join(missing)} (or give --recipe FILE)")
     return recipe_from_args(args)
+
+
+def _check_fishers(recipe: Recipe, path: str) -> None:
+    """A ``fisher`` recipe replayed where its Fisher folders are not (a recipe saved on another
+    machine, or in the app, whose folders it names as the app's): refuse it naming each missing
+    folder with the command that estimates it again, from what the recipe records of it
+    (``fisher_info``: each folder's ``fisher.json`` as it was merged)."""
+    import json
+    import shlex
+    from pathlib import Path
+
+    from dim3.methods import get_method
+
+    if get_method(recipe.method).extra_inputs != "fisher":
+        return
+    missing = {r: ref for r, ref in recipe.fisher.items() if not Path(ref).expanduser().is_dir()}
+    if not missing:
+        return
+    try:
+        info = json.loads(Path(path).read_text(encoding="utf-8")).get("fisher_info") or {}
+    except (OSError, ValueError, AttributeError):
+        info = {}
+    fixes = []
+    for role, ref in missing.items():
+        meta = info.get(role) if isinstance(info.get(role), dict) else {}
+        model, commit = str(meta.get("model") or ""), meta.get("commit")
+        if not model or "data" not in meta:
+            how = "python -m dim3 fisher --model M --data SOURCE --out " + shlex.quote(ref)
+        else:
+            argv = ["--model", model]
+            if commit and model.endswith(f"@{commit}"):
+                argv = ["--model", model[: -len(commit) - 1], "--revision", str(commit)]
+            argv += ["--data", str(meta["data"]), "--n", str(meta.get("n", 64))]
+            argv += ["--seed", str(meta.get("seed", 0)), "--labels", str(meta.get("labels"))]
+            argv += ["--dtype", str(meta.get("dtype", "float32"))]
+            if meta.get("labels") == "sampled":
+                argv += ["--max-new-tokens", str(meta.get("max_new_tokens", 8))]
+            how = shlex.join(["python", "-m", "dim3", "fisher", *argv, "--out", ref])
+        fixes.append(f"{role} ({ref}): `{how}`")
+    raise ValueError(
+        "the recipe's Fisher folders are not here; estimate each again as the recipe records "
+        "it (fisher_info), or write where they are into its fisher field: " + "; ".join(fixes)
+    )
 
 
 def run(args: argparse.Namespace) -> int:

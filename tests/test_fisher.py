@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -335,6 +336,40 @@ def test_tiled_fisher_steps_equal_the_untiled_loop(tiny_llava_trio, fishers, tmp
     )
     out = engine.merge_to_folder(recipe, tmp_path / "out", chunk_size="4KiB").out_dir
     assert assert_tiled_equals_untiled(recipe, "4KiB", out) > 10
+
+
+def test_a_fisher_recipe_replayed_without_its_fishers_names_the_command_that_makes_them(
+    tiny_llava_trio, fishers, tmp_path, capsys
+):
+    """A fisher merge's recipe replayed where its Fisher folders are not: refused naming the
+    missing one with the command that estimates it again, from the recipe's ``fisher_info``.
+    That command, run as given, makes the replay work, and its merge is the same bytes."""
+    import shlex
+    import shutil
+
+    trio, mine = tiny_llava_trio, {}
+    for role in ("multilingual", "multimodal"):
+        mine[role] = tmp_path / "fishers" / role
+        shutil.copytree(fishers[role], mine[role])
+    argv = ["merge", "--base", str(trio.base), "--multilingual", str(trio.multilingual)]
+    argv += ["--multimodal", str(trio.multimodal), "--method", "fisher"]
+    argv += ["--fisher"] + [f"{r}={f}" for r, f in mine.items()] + ["--out", str(tmp_path / "m")]
+    assert main(argv) == 0
+    shutil.rmtree(mine["multimodal"])
+    capsys.readouterr()
+    recipe = str(tmp_path / "m" / "dim3_recipe.json")
+    assert main(["merge", "--recipe", recipe, "--out", str(tmp_path / "again")]) == 2
+    err = capsys.readouterr().err
+    assert "the recipe's Fisher folders are not here" in err and "multilingual (" not in err
+    command = re.search(r"multimodal \((.+?)\): `(python -m dim3 fisher .+?)`", err)
+    assert command is not None and command.group(1) == str(mine["multimodal"]), err
+    words = shlex.split(command.group(2))
+    assert words[words.index("--n") + 1] == "4" and words[words.index("--seed") + 1] == "2"
+    assert main(words[3:]) == 0  # as given, after "python -m dim3"
+    assert main(["merge", "--recipe", recipe, "--out", str(tmp_path / "again")]) == 0
+    first, again = load_all(tmp_path / "m"), load_all(tmp_path / "again")
+    assert first.keys() == again.keys()
+    assert all(torch.equal(first[k], again[k]) for k in first)
 
 
 def test_fisher_merge_refuses_missing_foreign_and_fake_fishers(tiny_llava_trio, fishers, tmp_path):
