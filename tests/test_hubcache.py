@@ -214,6 +214,25 @@ def test_the_app_makes_room_in_its_hub_cache_for_a_visitors_merge(hub, tmp_path)
     assert status.startswith("✅"), status + log
     assert cached(cache) == {"demo/base", "demo/multilingual", "demo/multimodal", "mid/vlm"}
     assert "old/vlm" not in log and str(tmp_path) not in log  # another visitor's, a server path
+    server = (tmp_path / "app.log").read_text()  # the owner's log says what went, and the rule
+    assert "Hub cache: kept within" in server and "Hub cache: deleted old/vlm (" in server
+
+
+@pytest.mark.parametrize(
+    "setting", ["DIM3_MAX_HUB_CACHE=lots", "DIM3_MAX_DOWNLOAD=-3GB", "DIM3_JOB_BUDGET=soon"]
+)
+def test_a_server_with_a_mistyped_limit_does_not_start_and_says_which(tmp_path, setting):
+    """A mistyped limit stops the server at start-up with one line naming the variable (it
+    failed every visitor's job with it instead, or for the Hub cache each download)."""
+    from tests.app_server import running_app
+
+    name, value = setting.split("=")
+    with pytest.raises(RuntimeError, match="the app did not start"):
+        with running_app(tmp_path, [DEMO], **{name: value}):
+            pass
+    log = (tmp_path / "app.log").read_text()
+    assert f"DiM3 Studio cannot start: ${name}" in log, log[-2000:]
+    assert "Traceback" not in log
 
 
 def test_on_a_space_the_least_recently_used_make_room_only_when_the_disk_is_short(

@@ -142,6 +142,36 @@ class StopFlags:
                 del self._flags[session]
 
 
+def check_settings() -> None:
+    """Read the server's limits once at start-up, so that a mistyped one stops the server with
+    its message (naming the variable) instead of failing every visitor's job, and log how the
+    Hub cache is kept (:func:`dim3.hubcache.policy`)."""
+    from dim3 import hubcache
+    from dim3.checkpoints import download_limit
+    from dim3.limits import budget_from_env, saved_limit
+    from dim3.plan import human_size
+
+    try:
+        budget_from_env()
+        saved_limit()
+        download_limit(server=True)
+        bounds = hubcache.policy()
+    except ValueError as exc:
+        raise SystemExit(f"DiM3 Studio cannot start: {exc}") from None
+    if bounds is None:
+        log.info(
+            "Hub cache: nothing is deleted from it ($%s unset or 0)", hubcache.ENV_MAX_HUB_CACHE
+        )
+    elif bounds.limit is None:
+        log.info("Hub cache: the least recently used make room when its disk is short (a Space)")
+    else:
+        log.info(
+            "Hub cache: kept within %s ($%s); the least recently used make room",
+            human_size(bounds.limit),
+            hubcache.ENV_MAX_HUB_CACHE,
+        )
+
+
 @dataclass
 class AppContext:
     """What every handler of one server shares: models, folders, the default trio.
@@ -167,6 +197,7 @@ class AppContext:
         loaded here, before the server starts."""
         roots = allowed_roots_from_env()
         output = output_root_from_env()
+        check_settings()
         stale = remove_stale_in_folder(output, at_startup=True)  # ours only, by exact name
         if stale:
             log.info("removed %d stale temporary folder(s) from the output folder", len(stale))
