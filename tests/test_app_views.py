@@ -85,6 +85,15 @@ def test_every_tab_fits_the_width_and_is_reachable(page):
         no_horizontal_scroll(page)
 
 
+def settle(page, condition: str, arg: object) -> None:
+    """Wait (up to ``TIMEOUT``) for ``condition``, a JavaScript function of ``arg``, to hold
+    as the page's fonts and styles load; the caller then measures and reports, either way."""
+    try:
+        page.wait_for_function(condition, arg=arg, timeout=TIMEOUT)
+    except playwright.TimeoutError:
+        pass
+
+
 BOXES = """sels => sels.map(s => { const r = document.querySelector(s).getBoundingClientRect();
                                    return {x: r.x, y: r.y, width: r.width, height: r.height}; })"""
 
@@ -95,16 +104,13 @@ def test_checkpoint_boxes_line_up_or_stack(page):
     page once its styles have lined the boxes up, or after the wait, as they are."""
     ids = [f"#dim3-ref-{role}" for role in ("base", "multilingual", "multimodal")]
     if page.viewport_size["width"] >= 1000:
-        try:
-            page.wait_for_function(
-                f"sels => {{ const b = ({BOXES})(sels);"
-                " return new Set(b.map(x => Math.round(x.y))).size === 1"
-                " && new Set(b.map(x => Math.round(x.height))).size === 1; }",
-                arg=ids,
-                timeout=TIMEOUT,
-            )
-        except playwright.TimeoutError:
-            pass  # measured below, and reported
+        settle(
+            page,
+            f"sels => {{ const b = ({BOXES})(sels);"
+            " return new Set(b.map(x => Math.round(x.y))).size === 1"
+            " && new Set(b.map(x => Math.round(x.height))).size === 1; }",
+            ids,
+        )
     boxes = page.evaluate(BOXES, ids)
     for i, a in enumerate(boxes):
         for b in boxes[i + 1 :]:
@@ -149,15 +155,12 @@ def chat_buttons_in_one_row(page) -> None:
     91 px apart that way), once the app's stylesheet holds the row (Gradio's makes it a
     wrapping flex row, the app's stops the wrap: both, or neither, may have loaded)."""
     ids = ["#dim3-stop", "#dim3-regen", "#dim3-clear"]
-    try:  # the row settles once the page's fonts and styles have loaded
-        page.wait_for_function(
-            f"ids => {{ const m = ({CHAT_ROW})(ids);"
-            " return m.styled && new Set(m.buttons.map(b => Math.round(b.y))).size === 1; }",
-            arg=ids,
-            timeout=TIMEOUT,
-        )
-    except playwright.TimeoutError:
-        pass  # measured below, and reported
+    settle(  # the row settles once the page's fonts and styles have loaded
+        page,
+        f"ids => {{ const m = ({CHAT_ROW})(ids);"
+        " return m.styled && new Set(m.buttons.map(b => Math.round(b.y))).size === 1; }",
+        ids,
+    )
     shown = page.evaluate(CHAT_ROW, ids)
     row, buttons = shown["row"], shown["buttons"]
     assert shown["styled"], "the app's stylesheet never reached the chat row"
