@@ -41,7 +41,8 @@ log = logging.getLogger(__name__)
 
 _LOCK = threading.Lock()  # one eviction at a time, and the tables below
 _EVICTING = threading.Lock()
-_USED: dict[str, float] = {}  # repository id -> when this process last resolved it (time.time)
+_USED: dict[str, float] = {}  # repository id -> when this process last used it (time.time)
+MAX_TRACKED = 4096  # the most repositories _USED remembers (the most recently used)
 _HELD: Counter[str] = Counter()  # repository id -> how many holds are open on it
 _JOB: set[str] = set()  # the repositories of the server's current heavy job (see job())
 
@@ -87,10 +88,15 @@ def policy() -> Policy | None:
     return None if limit is None else Policy(limit)
 
 
-def used(repo_id: str) -> None:
-    """Record that ``repo_id`` was resolved now (a job, a chat's model, a plan)."""
-    with _LOCK:
-        _USED[repo_id] = time.time()
+def _touch(ids: Iterable[str]) -> None:
+    """Record (``_LOCK`` held) that ``ids`` were used now. Visitors name any string, so the
+    table keeps the ``MAX_TRACKED`` most recent; one forgotten is ordered by its files' times."""
+    now = time.time()
+    for r in ids:
+        _USED.pop(r, None)  # re-inserted last: the dict stays in order of use
+        _USED[r] = now
+    while len(_USED) > MAX_TRACKED:
+        del _USED[next(iter(_USED))]
 
 
 @contextmanager
@@ -99,8 +105,7 @@ def hold(repo_ids: Iterable[str]) -> Iterator[None]:
     ids = [r for r in dict.fromkeys(repo_ids) if r]
     with _LOCK:
         _HELD.update(ids)
-        for r in ids:
-            _USED[r] = time.time()
+        _touch(ids)
     try:
         yield
     finally:
@@ -109,7 +114,7 @@ def hold(repo_ids: Iterable[str]) -> Iterator[None]:
             for r in ids:
                 if _HELD[r] <= 0:
                     del _HELD[r]
-                _USED[r] = time.time()
+            _touch(ids)
 
 
 def job(repo_ids: Iterable[str]) -> None:
@@ -122,9 +127,7 @@ def job(repo_ids: Iterable[str]) -> None:
     with _LOCK:
         _JOB.clear()
         _JOB.update(ids)
-        now = time.time()
-        for r in ids:
-            _USED[r] = now
+        _touch(ids)
 
 
 def make_room(

@@ -288,3 +288,23 @@ def partial(cache: Path, repo_id: str, nbytes: int, *, days: float) -> Path:
     when = time.time() - days * DAY
     os.utime(path, (when, when))
     return path
+
+
+def test_what_the_server_remembers_of_use_stays_bounded_and_holds_are_released():
+    """Visitors name any string, and each is held and remembered as used: the table keeps the
+    most recent ``MAX_TRACKED`` (the one used again moves to the end, the oldest go), and every
+    hold is released on the way out, an error's included."""
+    from dim3 import hubcache
+
+    names = [f"visitor/typo-{i}" for i in range(hubcache.MAX_TRACKED + 100)]
+    with hubcache.hold(["kept/vlm"]):
+        for name in names:
+            with hubcache.hold([name]):
+                pass
+        with pytest.raises(RuntimeError), hubcache.hold(["failed/vlm"]):
+            raise RuntimeError("a load that failed")
+        assert set(hubcache._HELD) == {"kept/vlm"}  # noqa: SLF001 - the state under test
+    used = hubcache._USED  # noqa: SLF001
+    assert len(used) == hubcache.MAX_TRACKED and not hubcache._HELD  # noqa: SLF001
+    assert list(used)[-2:] == ["failed/vlm", "kept/vlm"]  # in order of use, the last last
+    assert names[-1] in used and names[0] not in used
