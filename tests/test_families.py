@@ -17,10 +17,10 @@ from PIL import Image
 from safetensors import safe_open
 
 from dim3 import engine
-from dim3.chat import GenerationParams, build_inputs, load_vlm, stream_reply
+from dim3.chat import ChatError, GenerationParams, build_inputs, load_vlm, stream_reply
 from dim3.plan import PlanError
 from dim3.recipe import Recipe, Source
-from tests.tiny_families import CROSS_LAYER, FAMILIES, STRETCH, build_stretch_trio
+from tests.tiny_families import CROSS_LAYER, FAMILIES, STRETCH, build_stretch_trio, tied
 
 pytestmark = pytest.mark.slow
 TYPES = sorted(FAMILIES)
@@ -138,7 +138,13 @@ def test_merged_model_answers_a_picture_question_streamed(merged, model_type):
     if model_type in NEEDS_TORCHVISION:
         pytest.importorskip("torchvision", reason=f"{model_type}'s processor needs torchvision")
     _, result = merged(model_type)
-    model, processor = load_vlm(result.out_dir, dtype=torch.float32)
+    _answers_a_picture_question(result.out_dir)
+
+
+def _answers_a_picture_question(folder) -> None:
+    """The model in ``folder`` answers a question about a picture through its processor, the
+    picture's placeholder in its prompt, streamed as ``generate`` answers."""
+    model, processor = load_vlm(folder, dtype=torch.float32)
     image = Image.new("RGB", (40, 32), (200, 30, 30))
     question = [{"role": "user", "content": "What colour is the shape?"}]
     inputs = build_inputs(model, processor, question, image)
@@ -223,15 +229,29 @@ def test_every_family_has_one_real_preset_marked_untested():
             assert ref.count("/") == 1 and " " not in ref  # a Hub id, not a local path
 
 
+@pytest.fixture(scope="module")
+def stretch_merged(tmp_path_factory):
+    """model_type -> (trio, merge result) of a stretch family, each built and merged once."""
+    done = {}
+
+    def get(model_type: str):
+        if model_type not in done:
+            root = tmp_path_factory.mktemp(model_type)
+            trio = build_stretch_trio(model_type, root / "trio")
+            done[model_type] = trio, engine.merge_to_folder(_recipe(trio), root / "merged")
+        return done[model_type]
+
+    return get
+
+
 @pytest.mark.parametrize("model_type", sorted(STRETCH))
-def test_stretch_families_plan_merge_and_load(model_type, tmp_path):
-    """InternVL (-hf), Aya Vision, PaliGemma, Idefics3: the layout from transformers alone plans,
-    merges and loads cleanly, VLM + (multilingual - base) in the language model (no processor
-    or chat is built for these: untested)."""
+def test_stretch_families_plan_merge_and_load(stretch_merged, model_type):
+    """InternVL (-hf), Aya Vision, PaliGemma, Idefics3, SmolVLM: the layout from transformers
+    alone plans, merges and loads cleanly, VLM + (multilingual - base) in the language model, the
+    VLM's own vocabulary rows (its image tokens; PaliGemma's location and segment tokens) kept."""
     from transformers import AutoModelForCausalLM
 
-    trio = build_stretch_trio(model_type, tmp_path / "trio")
-    result = engine.merge_to_folder(_recipe(trio), tmp_path / "out")
+    trio, result = stretch_merged(model_type)
     assert result.plan.family == model_type
     assert sorted(e.key for e in result.plan.entries) == sorted(_keys(trio.multimodal))
     out, info = _auto(result.out_dir)
@@ -244,8 +264,61 @@ def test_stretch_families_plan_merge_and_load(model_type, tmp_path):
     )
     got, own = out.get_decoder().state_dict(), vlm.get_decoder().state_dict()
     b, m = base.model.state_dict(), ml.model.state_dict()
+    rows = base.config.vocab_size
+    assert own["embed_tokens.weight"].shape[0] > rows  # the VLM appends its image tokens
     for name, tensor in got.items():
-        torch.testing.assert_close(tensor, own[name] + m[name] - b[name], msg=name)
+        n = b[name].shape[0] if b[name].dim() else None
+        torch.testing.assert_close(tensor[:n], own[name][:n] + m[name] - b[name], msg=name)
+        torch.testing.assert_close(tensor[n:], own[name][n:], msg=name)  # the VLM's own rows
+    head = out.get_output_embeddings().weight
+    assert tied(out) == tied(vlm) == tied(base)  # the VLM's head is as the base's
+    if not tied(out):
+        want = vlm.get_output_embeddings().weight[:rows] + ml.lm_head.weight - base.lm_head.weight
+        torch.testing.assert_close(head[:rows], want)
+    torch.testing.assert_close(head[rows:], vlm.get_output_embeddings().weight[rows:])
+
+
+@pytest.mark.parametrize("model_type", sorted(STRETCH))
+def test_stretch_merge_into_a_loaded_model_equals_the_folder(stretch_merged, model_type):
+    trio, result = stretch_merged(model_type)
+    model, _ = _auto(trio.multimodal)
+    engine.merge_into_model(model, _recipe(trio))
+    want = _auto(result.out_dir)[0].state_dict()
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, want[k], msg=k)
+
+
+@pytest.mark.parametrize("model_type", sorted(set(STRETCH) - {"paligemma", "smolvlm"}))
+def test_stretch_merged_model_answers_a_picture_question_streamed(stretch_merged, model_type):
+    """The merged InternVL, Aya Vision and Idefics3 answer through their real processors and
+    chat templates, streamed, with the text ``generate`` gives."""
+    if model_type == "internvl":
+        pytest.importorskip("torchvision", reason="InternVL's video processor needs torchvision")
+    _, result = stretch_merged(model_type)
+    _answers_a_picture_question(result.out_dir)
+
+
+def test_smolvlm_answers_or_names_the_package_its_processor_needs(stretch_merged):
+    """SmolVLM2's processor needs num2words, which requirements.txt does not install: loading
+    the merged model for a chat names the package; where it is installed, the model answers."""
+    _, result = stretch_merged("smolvlm")
+    try:
+        import num2words  # noqa: F401
+    except ImportError:
+        with pytest.raises(ChatError, match=r"processor of .*Package `num2words` is required"):
+            load_vlm(result.out_dir, dtype=torch.float32)
+    else:
+        _answers_a_picture_question(result.out_dir)
+
+
+def test_paligemma_without_a_chat_template_is_refused_with_the_reason(stretch_merged):
+    """PaliGemma's processors carry no chat template: the chat says so instead of failing."""
+    _, result = stretch_merged("paligemma")
+    model, processor = load_vlm(result.out_dir, dtype=torch.float32)
+    image = Image.new("RGB", (40, 32), (200, 30, 30))
+    question = [{"role": "user", "content": "caption en"}]
+    with pytest.raises(ChatError, match="processor has no chat template"):
+        build_inputs(model, processor, question, image)
 
 
 @pytest.mark.parametrize("model_type", TYPES)

@@ -16,8 +16,10 @@ two vision layers: a trio is built in about a second.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import transformers as tf
@@ -480,7 +482,7 @@ def _save_tok(tok: PreTrainedTokenizerFast, template: str, path: Path) -> None:
     tok.save_pretrained(path)
 
 
-# ---------------------------------------------------------------- stretch families: no processor
+# ---------------------------------------------------------------- stretch families
 
 _SIGLIP = dict(
     model_type="siglip_vision_model",
@@ -492,9 +494,26 @@ _SIGLIP = dict(
     patch_size=8,
 )
 _TOWER = dict(hidden_size=H, intermediate_size=2 * H, num_hidden_layers=1, num_attention_heads=4)
-# model_type -> (base LLM class, its config class, extra text kwargs, VLM config(vocab, image id))
+COHERE_TURNS = ("<|START_OF_TURN_TOKEN|>", "<|USER_TOKEN|>", "<|CHATBOT_TOKEN|>")
+COHERE_END = "<|END_OF_TURN_TOKEN|>"
+
+
+@dataclass(frozen=True)
+class Stretch:
+    """How to build a stretch family's trio: base LLM, VLM config, tokens and processor."""
+
+    llm: str  # base LLM class name in transformers
+    llm_config: str
+    text: dict  # extra text config
+    config: Any  # (text config, image token id) -> the VLM's config
+    base_tokens: tuple[str, ...]  # special tokens of the base LLM (its chat turns)
+    vlm_tokens: tuple[str, ...]  # tokens the VLM's tokenizer appends (its image tokens)
+    image_token: str  # the token the model replaces by image features (config's image id)
+    template: str | None  # the chat template the VLM ships (None: PaliGemma has none)
+
+
 STRETCH = {
-    "internvl": (
+    "internvl": Stretch(
         "Qwen2ForCausalLM",
         "Qwen2Config",
         {},
@@ -504,9 +523,21 @@ STRETCH = {
             image_token_id=img,
             downsample_ratio=0.5,
             vision_feature_layer=-1,
+            tie_word_embeddings=False,  # as its text config: a head of its own, as the base's
+        ),
+        ("<|im_start|>", "<|im_end|>"),
+        ("<img>", "</img>", "<IMG_CONTEXT>", "<video>"),
+        "<IMG_CONTEXT>",
+        # InternVL3-hf: <IMG_CONTEXT> where the picture goes, expanded by InternVLProcessor
+        _template(
+            "<IMG_CONTEXT>\n",
+            "<|im_start|>user\n",
+            "<|im_start|>assistant\n",
+            "<|im_end|>\n",
+            "<|im_start|>assistant\n",
         ),
     ),
-    "aya_vision": (
+    "aya_vision": Stretch(
         "Cohere2ForCausalLM",
         "Cohere2Config",
         {},
@@ -516,8 +547,18 @@ STRETCH = {
             image_token_index=img,
             downsample_factor=2,
         ),
+        (*COHERE_TURNS, COHERE_END),
+        ("<image>", "<|START_OF_IMG|>", "<|END_OF_IMG|>", "<|IMG_PATCH|>", "<|IMG_LINE_BREAK|>"),
+        "<|IMG_PATCH|>",  # AyaVisionProcessor writes <image> as START_OF_IMG, patches, END_OF_IMG
+        _template(
+            "<image>",
+            "".join(COHERE_TURNS[:2]),
+            COHERE_TURNS[0] + COHERE_TURNS[2],
+            COHERE_END,
+            COHERE_TURNS[0] + COHERE_TURNS[2],
+        ),
     ),
-    "paligemma": (
+    "paligemma": Stretch(
         "GemmaForCausalLM",
         "GemmaConfig",
         {"head_dim": 8},
@@ -527,8 +568,12 @@ STRETCH = {
             image_token_index=img,
             projection_dim=H,
         ),
+        (),
+        ("<image>",),  # and PaliGemmaProcessor appends its 1,152 location and segment tokens
+        "<image>",
+        None,  # PaliGemma's processors carry no chat template: prompts are task prefixes
     ),
-    "idefics3": (
+    "idefics3": Stretch(
         "LlamaForCausalLM",
         "LlamaConfig",
         {},
@@ -538,30 +583,139 @@ STRETCH = {
             image_token_id=img,
             scale_factor=2,
         ),
+        (),
+        ("<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"),
+        "<image>",
+        _template("<image>", "User:", "Assistant:", "<end_of_utterance>\n", "Assistant:"),
+    ),
+    "smolvlm": Stretch(
+        "LlamaForCausalLM",
+        "LlamaConfig",
+        {},
+        lambda text, img: tf.SmolVLMConfig(
+            text_config=dict(text, model_type="llama"),
+            vision_config=dict(_TOWER, image_size=32, patch_size=8),
+            image_token_id=img,
+            scale_factor=2,
+        ),
+        (),
+        ("<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"),
+        "<image>",
+        _template("<image>", "User:", "Assistant:", "<end_of_utterance>\n", "Assistant:"),
     ),
 }
 
 
+def _stretch_processor(model_type: str, vtok: PreTrainedTokenizerFast) -> Any:
+    """The stretch family's real processor class, with its PIL image processor: one tile a
+    picture where the class allows it, so the prompts stay short."""
+    fam = STRETCH[model_type]
+    if model_type == "internvl":
+        from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import (
+            GotOcr2ImageProcessorPil,
+        )
+
+        names = ("start_image_token", "end_image_token", "context_image_token", "video_token")
+        vtok = _with_named_tokens(vtok, dict(zip(names, fam.vlm_tokens, strict=True)))
+        return tf.InternVLProcessor(  # its video processor needs torchvision
+            GotOcr2ImageProcessorPil(size={"height": 32, "width": 32}, crop_to_patches=False),
+            vtok,
+            tf.InternVLVideoProcessor(),
+            image_seq_length=4,  # (32 / 8) ** 2 patches, downsampled by 0.5 twice
+            chat_template=fam.template,
+        )
+    if model_type == "aya_vision":
+        from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import (
+            GotOcr2ImageProcessorPil,
+        )
+
+        return tf.AyaVisionProcessor(
+            GotOcr2ImageProcessorPil(size={"height": 32, "width": 32}, crop_to_patches=False),
+            vtok,
+            patch_size=8,
+            img_size=32,
+            downsample_factor=2,
+            chat_template=fam.template,
+        )
+    if model_type == "paligemma":
+        from transformers.models.siglip.image_processing_pil_siglip import (
+            SiglipImageProcessorPil,
+        )
+
+        image = SiglipImageProcessorPil(size={"height": 32, "width": 32})
+        image.image_seq_length = 16  # (32 / 8) ** 2, as PaliGemma's processor config holds it
+        vtok = _with_named_tokens(vtok, {"image_token": "<image>"})
+        return tf.PaliGemmaProcessor(image, vtok)
+    if model_type == "smolvlm":  # SmolVLMProcessor needs num2words, not installed here
+        from transformers.models.smolvlm.image_processing_pil_smolvlm import (
+            SmolVLMImageProcessorPil,
+        )
+
+        return SmolVLMImageProcessorPil(
+            size={"longest_edge": 32},
+            max_image_size={"longest_edge": 32},
+            do_image_splitting=False,
+        )
+    from transformers.models.idefics3.image_processing_pil_idefics3 import (
+        Idefics3ImageProcessorPil,
+    )
+
+    image = Idefics3ImageProcessorPil(
+        size={"longest_edge": 32}, max_image_size={"longest_edge": 32}, do_image_splitting=False
+    )
+    return tf.Idefics3Processor(image, vtok, image_seq_len=4, chat_template=fam.template)
+
+
+def tied(model: torch.nn.Module) -> bool:
+    """Whether the model's head is its input embedding (as transformers tied them)."""
+    head = model.get_output_embeddings().weight
+    return head.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+
+
 def build_stretch_trio(model_type: str, root: Path, *, seed: int = 0) -> Trio:
-    """A tiny trio of a stretch family (:data:`STRETCH`): weights and tokenizer, no processor."""
-    llm_name, cfg_name, extra, vlm_config = STRETCH[model_type]
+    """A tiny trio of a stretch family (:data:`STRETCH`): the base's and multilingual model's
+    tokenizer holds the base's tokens, the VLM's appends its image tokens (rows the merge keeps),
+    and the VLM is saved with its real processor (InternVL's video processor needs torchvision;
+    SmolVLM's processor needs num2words, which is not installed: its image processor, tokenizer
+    and processor config are written as SmolVLMProcessor would write them)."""
+    fam = STRETCH[model_type]
     torch.manual_seed(seed)
-    tok = train_tokenizer(300, extra_special=["<image>"])
-    text = dict(_text(**extra), vocab_size=len(tok))
-    base = getattr(tf, llm_name)(getattr(tf, cfg_name)(**text))
-    ml = getattr(tf, llm_name)(base.config)
+    tok = train_tokenizer(300, extra_special=list(fam.base_tokens) or None)
+    vtok = train_tokenizer(300, extra_special=list(fam.base_tokens + fam.vlm_tokens))
+    processor = _stretch_processor(model_type, vtok)
+    # PaliGemma's has grown by its location and segment tokens; SmolVLM's image processor alone
+    vtok = getattr(processor, "tokenizer", vtok)
+    ids = {  # a Cohere config's defaults name ids of the real 256k vocabulary
+        "bos_token_id": tok.bos_token_id,
+        "eos_token_id": tok.convert_tokens_to_ids(COHERE_END if fam.base_tokens else "</s>"),
+        "pad_token_id": tok.pad_token_id,
+    }
+    text = dict(_text(**fam.text), **ids)
+    base = getattr(tf, fam.llm)(getattr(tf, fam.llm_config)(vocab_size=len(tok), **text))
+    ml = getattr(tf, fam.llm)(base.config)
     ml.load_state_dict(base.state_dict())
     _perturb(ml, 0.3, seed + 1)
     names = tf.models.auto.modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
-    vlm = getattr(tf, names[model_type])(vlm_config(text, tok.convert_tokens_to_ids("<image>")))
+    cfg = fam.config(dict(text, vocab_size=len(vtok)), vtok.convert_tokens_to_ids(fam.image_token))
+    vlm = getattr(tf, names[model_type])(cfg)
     decoder = vlm.get_decoder()
-    with torch.no_grad():
-        decoder.load_state_dict(base.model.state_dict())
-        if not vlm.config.get_text_config().tie_word_embeddings:
-            vlm.lm_head.weight.copy_(base.lm_head.weight)
+    with torch.no_grad():  # the base's rows; the VLM's own rows after them stay its own
+        own = decoder.state_dict()
+        for name, p in base.model.state_dict().items():
+            own[name][: p.shape[0]].copy_(p)
+        decoder.load_state_dict(own)
+        if not tied(vlm):
+            vlm.lm_head.weight[: len(tok)].copy_(base.lm_head.weight)
     _perturb(vlm, 0.3, seed + 2, ("model.language_model.", "model.text_model.", "lm_head."))
     trio = Trio(root / "base", root / "multilingual", root / "multimodal")
     for model, folder in ((base, trio.base), (ml, trio.multilingual), (vlm, trio.multimodal)):
         model.save_pretrained(folder)
+    for folder in (trio.base, trio.multilingual):
+        tok.chat_template = fam.template
         tok.save_pretrained(folder)
+    processor.save_pretrained(trio.multimodal)
+    if not hasattr(processor, "tokenizer"):  # SmolVLM: what SmolVLMProcessor would save
+        _save_tok(vtok, fam.template, trio.multimodal)
+        config = {"processor_class": "SmolVLMProcessor", "image_seq_len": 4}
+        (trio.multimodal / "processor_config.json").write_text(json.dumps(config))
     return trio
