@@ -28,6 +28,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from transformers import TextIteratorStreamer
 
+from dim3.limits import image_size_problem
+
 MAX_IMAGE_PIXELS = 40_000_000  # larger images are refused (decompression-bomb guard)
 MAX_MESSAGE_CHARS = 4000  # one message; longer ones are refused before tokenizing
 IDLE_TIMEOUT = 20.0  # seconds a reply may stay unread before its generation stops
@@ -121,12 +123,9 @@ def load_image(path: str | Path, *, max_pixels: int = MAX_IMAGE_PIXELS) -> Image
     path = Path(path)
     try:
         with Image.open(path) as img:
-            width, height = img.size
-            if width * height > max_pixels:
-                raise ChatError(
-                    f"the image {path.name} is {width}×{height} pixels, more than the "
-                    f"{max_pixels:,} allowed; upload a smaller picture"
-                )
+            problem = image_size_problem(path.name, *img.size, max_pixels)
+            if problem:
+                raise ChatError(problem)
             img.load()
             return img.convert("RGB")
     except Image.DecompressionBombError:

@@ -121,6 +121,50 @@ def check_under_roots(path: Path, roots: Sequence[str | Path]) -> Path:
     )
 
 
+MAX_FOLDER_ENTRIES = 10_000  # a checkpoint folder's files and folders a server checks (links)
+
+
+def check_links(folder: Path, roots: Sequence[Path], ref: str) -> None:
+    """Refuse a checkpoint ``folder`` that holds a symbolic link (or a name in its shard index)
+    leading outside ``roots``: a server's allowed folders for a local folder, the repository's
+    own folder of the Hub cache for a download (whose files link to its ``blobs``). transformers
+    and the engine read what a folder holds by name (configs, tokenizer, processor, templates,
+    shards), so every entry is checked, in its subfolders too (hidden ones aside), before any is
+    opened. The message names the entry within the folder, not where it leads."""
+    real_roots = [Path(r).expanduser().resolve() for r in roots]
+    seen = 0
+    for top, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]  # .git, .cache: nothing reads them
+        for name in (*dirs, *files):
+            seen += 1
+            if seen > MAX_FOLDER_ENTRIES:
+                raise CheckpointError(
+                    f"{ref!r} holds more than {MAX_FOLDER_ENTRIES:,} files and folders; a server "
+                    "reads a checkpoint from its own folder: give that folder"
+                )
+            entry = Path(top) / name
+            real = entry.resolve()
+            if not any(real.is_relative_to(r) for r in real_roots):
+                inside = entry.relative_to(folder)
+                raise CheckpointError(
+                    f"{ref!r} holds {str(inside)!r}, a link to a file outside the folders this "
+                    "server may read; copy the file itself into the checkpoint's folder"
+                )
+
+
+def shard_name_problem(name: object) -> str | None:
+    """Why ``name``, a file a shard index names, is not a shard beside the index (None: it
+    is): a relative path with no ``..`` part, as the Hub's indexes write them."""
+    if not isinstance(name, str) or not name or "\x00" in name:
+        return "not a file name"
+    path = Path(name)
+    if path.is_absolute() or name.startswith(("/", "\\", "~")) or "\\" in name:
+        return "not a relative file name"
+    if ".." in path.parts:
+        return "a name that leads out of the checkpoint's folder"
+    return None
+
+
 def _resolve_local(ref: str, allowed_roots: Sequence[str | Path] | None) -> Path:
     path = Path(ref).expanduser()
     if allowed_roots is not None:
@@ -469,17 +513,23 @@ def resolve(
     if looks_local(ref):
         if revision:
             raise CheckpointError(f"a revision ({revision!r}) applies to Hub ids, not {ref!r}")
-        return _resolve_local(ref, allowed_roots)
-    return _resolve_hub(
+        folder = _resolve_local(ref, allowed_roots)
+        if allowed_roots is not None:
+            check_links(folder, [Path(r) for r in allowed_roots], ref)
+        return folder
+    folder = _resolve_hub(
         ref, revision, token, sized=sized, server=allowed_roots is not None, meter=meter
     )
+    if allowed_roots is not None and len(folder.parents) > 2:  # the repo's folder of the cache
+        check_links(folder, [folder.parents[1]], ref)
+    return folder
 
 
 def _refuse_unconverted(folder: Path, ref: str) -> None:
     """Refuse, by its config's ``architectures``, a layout transformers cannot load."""
     try:
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return  # no or unreadable config: reported where the config is read
     reason = unconverted_layout(config) if isinstance(config, dict) else None
     if reason:
@@ -508,7 +558,7 @@ def read_header(file: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
         header = json.loads(raw)
         entries = {k: v for k, v in header.items() if k != "__metadata__"}
         tensors, end = _check_offsets(entries)
-    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
         raise CheckpointError(f"{file} has a corrupt header ({exc}): {REDOWNLOAD}") from None
     expected = 8 + n + end
     if size < expected:
@@ -598,9 +648,18 @@ def _declared_dtype(config: dict) -> str | None:
 def _read_index(index: Path) -> tuple[dict[str, str], int | None]:
     try:
         data = json.loads(index.read_text(encoding="utf-8"))
-        weight_map = {str(k): str(v) for k, v in data["weight_map"].items()}
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        weight_map = dict(data["weight_map"].items())
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
         raise CheckpointError(f"{index} is not a valid shard index ({exc}): {REDOWNLOAD}") from None
+    for key, name in weight_map.items():
+        problem = shard_name_problem(name)
+        if problem:
+            shown = repr(name)[:80]
+            raise CheckpointError(
+                f"{index} places {str(key)[:80]!r} in {shown}, {problem}: an index names shards "
+                "beside it; the index is damaged or was edited"
+            )
+    weight_map = {str(k): str(v) for k, v in weight_map.items()}
     meta = data.get("metadata")
     total = meta.get("total_size") if isinstance(meta, dict) else None
     try:
@@ -694,7 +753,7 @@ class Checkpoint:
             raise CheckpointError(f"{self.path} has no config.json; is it a model folder?")
         try:
             self.config: dict = json.loads(config.read_text(encoding="utf-8"))
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise CheckpointError(f"{config} is not valid JSON ({exc}): {REDOWNLOAD}") from None
         _refuse_unconverted(self.path, self.ref)
         self._files, self._info = _weight_files(self.path, self.config)
@@ -852,9 +911,11 @@ def _cached_weights(folder: Path) -> bool:
         return (folder / "model.safetensors").is_file()
     try:
         shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
         return False  # the metadata's reading says what is wrong with it
-    return bool(shards) and all(isinstance(n, str) and (folder / n).is_file() for n in shards)
+    if not shards or any(shard_name_problem(n) for n in shards):
+        return False  # the metadata's reading says what is wrong with it
+    return all((folder / n).is_file() for n in shards)
 
 
 class _HubHeaders(Checkpoint):
@@ -871,7 +932,7 @@ class _HubHeaders(Checkpoint):
             self.config = json.loads(config.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise CheckpointError(f"{ref} has no config.json; is it a model repository?") from None
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise CheckpointError(f"{ref}'s config.json is not valid JSON ({exc})") from None
         _refuse_unconverted(self.path, self.ref)
         self._commit, self._token = commit, token

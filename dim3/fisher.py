@@ -66,6 +66,7 @@ from dim3.recipe import Recipe, Source, multilingual_labels
 from dim3.writer import ShardedWriter, TensorSpec
 
 FISHER_FILE = "fisher.json"
+FISHER_ROOT = "fisher"  # a server's Fishers: this folder of its output root (dim3.paths.RESERVED)
 FORMAT = "dim3-fisher"
 LABELS = ("given", "sampled")
 OUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -113,10 +114,17 @@ class FisherSpec:
             raise ValueError("give a data source: demo, demo-text or a probe JSONL file")
 
 
-def source_items(data: str, *, vlm: bool, workdir: Path | None = None) -> list[ProbeItem]:
+def source_items(
+    data: str,
+    *,
+    vlm: bool,
+    workdir: Path | None = None,
+    allowed_roots: Sequence[str | Path] | None = None,
+) -> list[ProbeItem]:
     """The examples of a data source (see :class:`FisherSpec`); an LLM cannot take pictures.
 
-    ``demo`` for a VLM draws its pictures into ``workdir`` (which must then be given).
+    ``demo`` for a VLM draws its pictures into ``workdir`` (which must then be given). A probe
+    file and the pictures it names must lie under ``allowed_roots`` (a server's; None: any).
     """
     from dim3.demo import demo_probe
     from dim3.demo.probe import demo_items, demo_scenes, text_probe
@@ -136,7 +144,7 @@ def source_items(data: str, *, vlm: bool, workdir: Path | None = None) -> list[P
     elif data == "demo-probe":
         items = demo_probe() if vlm else text_probe()
     else:
-        items = load_probe(data)
+        items = load_probe(data, allowed_roots=allowed_roots)
     if not vlm and any(item.image is not None for item in items):
         raise ValueError(
             f"the data source {data} has pictures but the model is a text-only LLM; give text "
@@ -354,7 +362,9 @@ def estimate_to_folder(
         raise ValueError(f"output folder {out} lies in the model {folder}; choose another folder")
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     with tempfile.TemporaryDirectory(prefix="dim3-fisher-") as work:
-        everything = source_items(spec.data, vlm=is_vlm(config), workdir=Path(work))
+        everything = source_items(
+            spec.data, vlm=is_vlm(config), workdir=Path(work), allowed_roots=allowed_roots
+        )
         items = choose(everything, spec.n, spec.seed)
         model, processor = load_model(folder, device)
         start = time.perf_counter()
@@ -580,7 +590,7 @@ def fishers_for(
         model = resolve(source.ref, source.revision, allowed_roots=allowed_roots, token=token)
         key = json.dumps([str(model), *asdict(spec).values()], default=str)
         folder = (
-            Path(out_root) / "fisher" / f"{role}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+            Path(out_root) / FISHER_ROOT / f"{role}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
         )
         if not (folder / FISHER_FILE).is_file():
             report = None if progress is None else functools.partial(progress, role)

@@ -37,6 +37,12 @@ PROBE_SECONDS = 0.1  # an estimate times a rule until one run takes this long ..
 REPEATS = 3
 MAX_PROBE_STEPS = 16  # ... or this many iterations (fewer are not estimated: cheap)
 MAX_IMAGE_PIXELS = 40_000_000
+# How many times longer than wide (or wide than tall) a picture may be. Processors that scale
+# the shorter side to a size (CLIP's and SigLIP's for LLaVA: 336) scale the longer side with
+# it: a 400,000 × 1 PNG of 467 bytes, within the pixel limit, took 4.9 GB to prepare for the
+# demo VLM (shorter side 32), and would take a hundred times that at 336. At 50 to 1 a picture
+# is at most 336 × 16,800 once scaled (68 MB as float32). Qwen2-VL's processors refuse 200 to 1.
+MAX_ASPECT = 50
 ENV_MAX_SAVED = "DIM3_MAX_SAVED"
 # What the app's output folder may hold in all, unless $DIM3_MAX_SAVED says otherwise: three 7B
 # merges in bfloat16 (about 15 GB each). Saves add up while the server runs (the app deletes
@@ -285,9 +291,24 @@ def check_image_header(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> 
             f"the file {name} is not a readable image ({type(exc).__name__}); upload a PNG, "
             "JPEG or WebP picture"
         ) from None
+    problem = image_size_problem(name, width, height, max_pixels)
+    if problem:
+        raise ValueError(problem)
+    return width, height
+
+
+def image_size_problem(name: str, width: int, height: int, max_pixels: int) -> str | None:
+    """What is wrong with a picture of ``width`` × ``height`` (too many pixels, or too long for
+    its width: :data:`MAX_IMAGE_PIXELS`, :data:`MAX_ASPECT`), said to the visitor; None if
+    nothing."""
     if width * height > max_pixels:
-        raise ValueError(
+        return (
             f"the image {name} is {width}×{height} pixels, more than the {max_pixels:,} allowed; "
             "upload a smaller picture"
         )
-    return width, height
+    if max(width, height) > MAX_ASPECT * max(1, min(width, height)):
+        return (
+            f"the image {name} is {width}×{height} pixels, more than {MAX_ASPECT} times as long "
+            "as it is wide; crop it into a less elongated picture"
+        )
+    return None

@@ -68,10 +68,17 @@ def allowed_file(
     )
 
 
+# folders of the output root that the server writes itself, which no save may take or overwrite
+RESERVED = {
+    "fisher": "where it keeps the Fishers that fisher merges estimate"
+}  # fisher.FISHER_ROOT
+
+
 def save_destination(output_root: Path, name: str) -> Path:
     """``output_root / name`` if writing there cannot leave ``output_root``, else raise.
 
-    name: a plain folder name (letters, digits, ``. _ -``), not a path. Refused: a name that is a
+    name: a plain folder name (letters, digits, ``. _ -``), not a path, and not one the server
+    keeps for itself (:data:`RESERVED`). Refused: a name that is a
     symbolic link, an output folder that is (or lies under) one, and an existing destination with
     a symbolic link anywhere inside it (Overwrite would delete or follow it).
     """
@@ -79,6 +86,10 @@ def save_destination(output_root: Path, name: str) -> Path:
         raise DestinationError(
             "the folder name must be a simple name (letters, digits, . _ -, at most 100 "
             "characters), not a path"
+        )
+    if name in RESERVED:
+        raise DestinationError(
+            f"the folder name {name!r} is the server's own ({RESERVED[name]}); choose another name"
         )
     root = Path(os.path.abspath(output_root))
     for parent in (root, *root.parents):

@@ -93,6 +93,10 @@ def _read_lines(path: Path, what: str, example: str) -> list[tuple[str, int, dic
             raise ProbeError(
                 f"{where}: not valid JSON ({exc.msg}); write one JSON object per line"
             ) from None
+        except RecursionError:  # [[[[...]]]] deeper than the parser goes
+            raise ProbeError(
+                f"{where}: nested too deeply to read; write one flat JSON object per line"
+            ) from None
         if not isinstance(obj, dict):
             raise ProbeError(f"{where}: expected a JSON object, got {type(obj).__name__}")
         rows.append((where, number, obj))

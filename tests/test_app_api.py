@@ -121,6 +121,8 @@ def test_save_refuses_a_symlink_and_writes_inside_the_output_folder(app, tmp_pat
     _, status = c.predict(folder="escape", overwrite=True, api_name="/save")
     assert status.startswith("❌") and "symbolic link" in status
     assert [p.name for p in target.iterdir()] == ["keep.txt"]
+    _, status = c.predict(folder="fisher", api_name="/save")  # where the server keeps Fishers
+    assert status.startswith("❌") and "is the server's own" in status, status
     log, status = c.predict(folder="kept", api_name="/save")
     assert status.startswith("✅") and str(scratch) not in log + status
     # what a visitor may push to the Hub as it is names no server path, and still replays
@@ -221,6 +223,11 @@ def test_files_named_inside_probe_and_parallel_files_stay_in_the_allowed_folders
         probe = write_probe(tmp_path / "p", image)
         status, *_ = c.predict(probe=str(probe), api_name="/evaluate")
         answers.append(status)
+        # the same file as a Fisher merge's data: its pictures are read to estimate the Fishers
+        *_, fisher_status = c.predict(
+            method="fisher", fisher_data=str(probe), fisher_n=4, api_name="/merge"
+        )
+        answers.append(fisher_status)
         rows = [
             {"id": g, "language": lang, "text": "x", "image": image}
             for g in ("a", "b")
@@ -237,9 +244,85 @@ def test_files_named_inside_probe_and_parallel_files_stay_in_the_allowed_folders
         )
         assert "does not exist" not in status
     # Whether the named file exists, or is a real picture, cannot be told from the answer.
-    assert len(set(answers[::2])) == 1 and len(set(answers[1::2])) == 1
+    assert all(len(set(answers[i::3])) == 1 for i in range(3)), answers
     status, *_ = c.predict(probe="/etc/hostname", api_name="/evaluate")
     assert "probe file lies outside" in status and "checkpoint" not in status
+
+
+@pytest.fixture
+def outside_weights():
+    """The demo base's weights and config outside the app's allowed folders."""
+    import shutil
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="dim3-outside-")
+    for name in ("model.safetensors", "config.json"):
+        shutil.copy(ROOT / "assets" / "demo" / "base" / name, folder)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_files_named_inside_a_checkpoint_folder_stay_in_the_allowed_folders(
+    app, tmp_path, outside_weights
+):
+    """A folder under the allowed ones whose shard index names files elsewhere (an absolute
+    path, one out through '..', a file that does not exist), or that holds links to files
+    elsewhere: refused before any is opened, the same answer whether the file exists or not,
+    and the merge served before untouched. (A Hub repository's index is read the same way.)"""
+    import shutil
+
+    from safetensors import safe_open
+
+    url, _ = app
+    c = client(url)
+    demo = ROOT / "assets" / "demo" / "base"
+    with safe_open(demo / "model.safetensors", "pt") as f:
+        keys = list(f.keys())
+    secret = os.path.join(outside_weights, "model.safetensors")
+    up = os.path.relpath(secret, tmp_path / "x")
+    named = {"abs": secret, "up": up, "p1": "/etc/passwd", "p2": "/etc/passwe"}  # p2: no such
+    answers = {}
+    for case, target in [*named.items(), ("link", None), ("config", None)]:
+        folder = tmp_path / case
+        shutil.copytree(demo, folder)
+        if target is not None:
+            (folder / "model.safetensors").unlink()
+            index = {"metadata": {}, "weight_map": dict.fromkeys(keys, target)}
+            (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+        elif case == "link":
+            (folder / "model.safetensors").unlink()
+            (folder / "model.safetensors").symlink_to(secret)
+        else:
+            (folder / "config.json").unlink()
+            (folder / "config.json").symlink_to(os.path.join(outside_weights, "config.json"))
+        _, answers[case] = c.predict(base=str(folder), api_name="/plan")
+    c.predict(api_name="/merge")
+    before = c.predict("Welche Farbe hat die Form?", api_name="/chat")
+    *_, status = c.predict(base=str(tmp_path / "abs"), api_name="/merge")
+    assert status.startswith("❌") and "an index names shards beside it" in status, status
+    assert c.predict("Welche Farbe hat die Form?", api_name="/chat") == before
+    for case, status in answers.items():
+        assert status.startswith("❌"), (case, status)
+        assert "header" not in status and "is missing" not in status, (case, status)
+        if case in ("link", "config"):  # where a link leads is not told
+            assert os.path.basename(outside_weights) not in status, (case, status)
+    for case in named:
+        assert "an index names shards beside it" in answers[case], answers[case]
+    assert "leads out of the checkpoint's folder" in answers["up"]
+    assert "not a relative file name" in answers["abs"]
+    # Whether the named file exists, or is a real one, cannot be told from the answer.
+    assert answers["p1"].replace("p1/", "p2/").replace("passwd", "passwe") == answers["p2"]
+    for case, name in (("link", "model.safetensors"), ("config", "config.json")):
+        escaped = name.replace(".", "\\.")  # as the status's Markdown writes it
+        assert f"holds '{escaped}', a link to a file outside the folders" in answers[case]
+
+
+def _png_bytes(image) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def test_wrong_types_nan_and_unreadable_pictures_get_specific_messages(app, tmp_path):
@@ -255,6 +338,21 @@ def test_wrong_types_nan_and_unreadable_pictures_get_specific_messages(app, tmp_
         c.predict(method="ties", ties_density="abc", api_name="/plan")
     with pytest.raises(AppError, match="temperature must be a number, got 'hot'"):
         c.predict("hi", temperature="hot", api_name="/chat")
+    # Out of range, not whole, a list for one choice: named before any work (a Fisher merge's
+    # floor was refused only after its Fishers were estimated; the others ended in "Unexpected
+    # error" or a message naming no parameter, with a traceback in the server's log)
+    for kwargs, message in [
+        ({"method": "ties", "ties_density": 5}, "ties_density must be from 0.01 to 1, got 5"),
+        ({"method": "dare_ties", "dare_ties_seed": 1.5}, "must be a whole number, got 1.5"),
+        ({"method": ["dim3"]}, "method must be one of the listed choices"),
+        ({"method": "<b>x</b>"}, "method must be one of 'dim3', .*; got '&lt;b&gt;x"),
+    ]:
+        with pytest.raises(AppError, match=message) as refused:
+            c.predict(**kwargs, api_name="/merge")
+        assert "<b>" not in str(refused.value)
+    plan, log, status = c.predict(method="fisher", fisher_floor=-1, api_name="/merge")
+    assert status.startswith("❌") and "floor" in status, status
+    assert "Fisher:" not in log, log  # refused before any Fisher was estimated
     fake = tmp_path / "fake.png"
     fake.write_text("not a picture")
     with pytest.raises(AppError, match="fake.png is not a readable image"):
@@ -265,6 +363,21 @@ def test_wrong_types_nan_and_unreadable_pictures_get_specific_messages(app, tmp_
     with pytest.raises(AppError, match="12000×12000 pixels"):
         c.predict("hi", image=gradio_client.handle_file(str(big)), api_name="/chat")
     assert time.perf_counter() - start < 5  # the header is read, nothing is decoded
+    # A few hundred bytes of PNG, within the pixel limit, that a processor would scale to
+    # gigabytes (the shorter side up to its size, the longer one with it): refused from its
+    # header, as is an elongated picture in a dataset or a probe's file.
+    wide = tmp_path / "wide.png"
+    Image.new("L", (400_000, 1)).save(wide)
+    assert wide.stat().st_size < 2000
+    start = time.perf_counter()
+    with pytest.raises(AppError, match="400000×1 pixels, more than 50 times as long as it is wide"):
+        c.predict("hi", image=gradio_client.handle_file(str(wide)), api_name="/chat")
+    assert time.perf_counter() - start < 5
+    from dim3.benchmarks import decode_image
+
+    with pytest.raises(ValueError, match="1×60 pixels, more than 50 times"):
+        decode_image(_png_bytes(Image.new("RGB", (1, 60))))
+    assert decode_image(_png_bytes(Image.new("RGB", (1, 50)))).size == (1, 50)
     # NaN for an integer through the raw HTTP API: a message, not {"error": null}.
     info = c.view_api(return_format="dict", print_info=False)["named_endpoints"]["/plan"]
     data = [p["parameter_default"] for p in info["parameters"]]
@@ -277,6 +390,17 @@ def test_wrong_types_nan_and_unreadable_pictures_get_specific_messages(app, tmp_
     event = json.load(urllib.request.urlopen(request))["event_id"]
     stream = urllib.request.urlopen(f"{url}gradio_api/call/plan/{event}").read().decode()
     assert "wudi_iterations must be a finite number" in stream, stream
+    # A lone surrogate (JSON carries it, no tokenizer takes it): named, not "Unexpected error".
+    info = c.view_api(return_format="dict", print_info=False)["named_endpoints"]["/chat"]
+    data = [p["parameter_default"] for p in info["parameters"]]
+    data[0] = "\ud800 hi"
+    body = json.dumps({"data": data}).encode()  # ASCII JSON: the surrogate as its escape
+    request = urllib.request.Request(
+        url + "gradio_api/call/chat", data=body, headers={"Content-Type": "application/json"}
+    )
+    event = json.load(urllib.request.urlopen(request))["event_id"]
+    stream = urllib.request.urlopen(f"{url}gradio_api/call/chat/{event}").read().decode()
+    assert "lone surrogate" in stream and "Unexpected" not in stream, stream
 
 
 def test_heavy_jobs_over_the_time_budget_are_refused_before_they_start(app):

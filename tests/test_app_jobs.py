@@ -204,6 +204,15 @@ def test_a_conversation_stored_after_a_clear_is_not_kept():
         (gr.Textbox(), 5, "must be text"),
         (gr.CheckboxGroup(["a"]), "a", "must be a list"),
         (gr.Dropdown(["a"]), {"x": 1}, "must be one of the listed choices"),
+        # what the helper's attack of 2026-12-04 found answered by "Unexpected error"
+        (gr.Dropdown(["dim3", "ties"]), ["dim3"], "must be one of the listed choices"),
+        (gr.Radio(["a"]), ["a"], "must be one of the listed choices"),
+        (gr.Dropdown(["a", ("B", "b")]), "<img src=x>", "must be one of 'a', 'b'; got '&lt;img"),
+        (gr.Textbox(), "\ud800 hi", "lone surrogate"),
+        (gr.Slider(0.01, 1, label="density"), 5, "must be from 0.01 to 1, got 5"),
+        (gr.Slider(0, 10), -1.5, "must be from 0 to 10, got -1.5"),
+        (gr.Number(precision=0), 1.5, "must be a whole number, got 1.5"),
+        (gr.Number(minimum=0, precision=0), -2, "must be from 0, got -2"),
     ],
 )
 def test_wrong_input_types_are_named(block, value, problem):
@@ -218,6 +227,12 @@ def test_good_inputs_pass(tmp_path):
         (gr.Textbox(), None),
         (gr.CheckboxGroup(["a"]), ["a"]),
         (gr.Dropdown(["a"]), "a"),
+        (gr.Dropdown(["a", ("B", "b")]), "b"),
+        (gr.Dropdown(["a", "b"], multiselect=True), ["a", "b"]),
+        (gr.Dropdown(["a"], allow_custom_value=True), "my/model"),
+        (gr.Number(precision=0), 3.0),
+        (gr.Slider(0, 1), 1),
+        (gr.Textbox(), "Grüße, 你好 👋"),
     ]:
         assert type_problem(block, value) is None
 

@@ -23,6 +23,18 @@ def test_names_that_are_paths_are_refused(tmp_path, name):
         save_destination(tmp_path, name)
 
 
+def test_the_folder_the_server_keeps_its_fishers_in_is_no_save_name(tmp_path):
+    """A visitor's save named as the Fisher cache would take it over: another visitor's fisher
+    merge would write into the saved model, and the save's overwrite would delete every
+    visitor's Fishers."""
+    from dim3.fisher import FISHER_ROOT
+
+    (tmp_path / FISHER_ROOT).mkdir()
+    with pytest.raises(DestinationError, match=f"{FISHER_ROOT!r} is the server's own"):
+        save_destination(tmp_path, FISHER_ROOT)
+    assert save_destination(tmp_path, FISHER_ROOT + "-2") == tmp_path / (FISHER_ROOT + "-2")
+
+
 def test_a_name_that_is_a_symlink_is_refused_and_its_target_untouched(tmp_path):
     outside = tmp_path / "outside"
     outside.mkdir()

@@ -110,6 +110,15 @@ def test_corrupt_header_json(trio, capsys):
     assert_refused(trio, capsys, str(path), "corrupt header", "re-download")
 
 
+def test_header_nested_deeper_than_the_parser_goes(trio, capsys):
+    """A header of 100,000 nested lists (what no writer makes): a corrupt header, not a
+    RecursionError."""
+    path = shard(trio, 1)
+    header = b"[" * 100_000 + b"]" * 100_000
+    path.write_bytes(struct.pack("<Q", len(header)) + header)
+    assert_refused(trio, capsys, str(path), "corrupt header", "re-download")
+
+
 def test_header_that_lies_about_a_tensor_size(trio, capsys):
     """Same file size, but one tensor's shape claims more bytes than its offsets span."""
     path = shard(trio, 0)
@@ -135,6 +144,23 @@ def test_shard_longer_than_its_header(trio, capsys):
 def test_index_naming_a_missing_shard(trio, capsys):
     shard(trio, 1).unlink()
     assert_refused(trio, capsys, str(shard(trio, 1)), "is missing", "model.safetensors.index.json")
+
+
+@pytest.mark.parametrize("where", ["../elsewhere.safetensors", "/abs/elsewhere.safetensors"])
+def test_index_naming_a_shard_outside_its_folder(trio, capsys, where):
+    """Even where that file exists (the command line allows any folder): an index names the
+    shards beside it, so a checkpoint's files are its own folder's."""
+    index_path = trio["base"] / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    key = next(k for k, v in index["weight_map"].items() if v == SHARDS[1])
+    target = trio["base"].parent / "elsewhere.safetensors"
+    target.write_bytes(shard(trio, 1).read_bytes())
+    index["weight_map"][key] = where if where.startswith("..") else str(target)
+    index_path.write_text(json.dumps(index))
+    line = assert_refused(trio, capsys, repr(key), "an index names shards beside it")
+    assert (
+        "leads out of the checkpoint's folder" if where.startswith("..") else "not a relative"
+    ) in line
 
 
 def test_index_naming_a_tensor_its_shard_lacks(trio, capsys):

@@ -153,6 +153,31 @@ def test_the_hubs_refusals_are_one_line_with_the_fix(hub, tmp_path, multimodal, 
     assert not [p for p in hub.downloads() if "model.safetensors" in p or ".bin" in p]
 
 
+def test_a_hub_repos_shard_index_naming_files_outside_it_is_refused(hub, tmp_path):
+    """A repository whose index places its tensors in a file outside the repository (here a
+    real copy of its weights elsewhere on this machine): the merge is refused naming the index
+    entry, and writes nothing. A visitor's repository could otherwise read any file of the
+    server into a model it then saves and pushes."""
+    from safetensors import safe_open
+
+    evil = repo(tmp_path, "multimodal", "evil")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (evil / "model.safetensors").rename(outside / "model.safetensors")
+    shutil.copy(outside / "model.safetensors", evil / "decoy.safetensors")  # a repo's shard
+    with safe_open(outside / "model.safetensors", "pt") as f:
+        keys = list(f.keys())
+    index = {"weight_map": dict.fromkeys(keys, str(outside / "model.safetensors"))}
+    (evil / "model.safetensors.index.json").write_text(json.dumps(index))
+    hub.add("evil/vlm", evil)
+    out = tmp_path / "out"
+    argv = ("--multimodal", "evil/vlm", "--out", str(out))
+    done = dim3(hub_env(hub, tmp_path / "cache"), "merge", *TRIO, *argv)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert "not a relative file name: an index names shards beside it" in done.stderr
+    assert not out.exists()
+
+
 def test_downloads_the_disk_has_no_room_for_are_refused_before_the_first_byte(hub, tmp_path):
     """A VLM that the Hub says is twice the free space of the cache's disk: refused with the
     sizes and the fix before any file is fetched, the base's and the multilingual model's

@@ -345,6 +345,7 @@ def decode_image(value: Any, max_pixels: int | None = None):
     from PIL import Image
 
     from dim3.chat import MAX_IMAGE_PIXELS, load_image
+    from dim3.limits import image_size_problem
 
     limit = max_pixels or MAX_IMAGE_PIXELS
     if isinstance(value, Path):
@@ -367,8 +368,9 @@ def decode_image(value: Any, max_pixels: int | None = None):
         raise ValueError(f"cannot read a picture from a {type(value).__name__}")
     try:
         with Image.open(io.BytesIO(value)) as img:
-            if img.size[0] * img.size[1] > limit:
-                raise ValueError(f"a picture of {img.size[0]}x{img.size[1]} pixels is too large")
+            problem = image_size_problem("in the dataset", *img.size, limit)
+            if problem:
+                raise ValueError(problem)
             return img.convert("RGB")
     except OSError as exc:
         raise ValueError(f"a picture could not be decoded ({exc})") from None

@@ -213,7 +213,7 @@ def _spec(
     """The run the form asks for; ``ValueError`` (shown to the user) for what cannot run.
     ``fisher``: the Fisher folders of a ticked ``fisher`` (None: leave it out, to check the rest
     before its Fishers are estimated)."""
-    recipe = merge.form.recipe(data_free(values, merge.form.fixed is not None))
+    recipe = merge.form.recipe(data_free(values, merge.form.fixed is not None, merge.form))
     methods = tuple(m for m in values["methods"] or () if m != FISHER or fisher is not None)
     source = values.get("source") or PROBE.name
     dataset = check_text(values["probe"], "probe file or dataset")
@@ -284,7 +284,7 @@ def evaluate_handler(ctx: AppContext, merge: MergeTab, tab: EvaluateTab) -> Call
         multilingual benchmark (xgqa, maxm, marvl, m3exam)."""
         budget = jobs.budget("evaluation")
         try:
-            recipe = merge.form.recipe(data_free(values, merge.form.fixed is not None))
+            recipe = merge.form.recipe(data_free(values, merge.form.fixed is not None, merge.form))
             folders = dict(recipe.fisher)  # a fixed fisher recipe brings its own
             estimate = FISHER in (values["methods"] or ()) and not folders
             spec = _spec(ctx, merge, values, None if estimate else folders)

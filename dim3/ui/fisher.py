@@ -19,6 +19,7 @@ from collections.abc import Generator, Iterator
 from typing import Any
 
 from dim3.limits import JobBudget
+from dim3.methods import get_method
 from dim3.recipe import Recipe
 from dim3.ui.common import AppContext, clock, md_escape
 from dim3.ui.progress import LOG_LINES, Aborted
@@ -26,10 +27,15 @@ from dim3.ui.progress import LOG_LINES, Aborted
 FISHER = "fisher"
 
 
-def data_free(values: dict[str, Any], fixed: bool = False) -> dict[str, Any]:
+def data_free(values: dict[str, Any], fixed: bool = False, form: Any = None) -> dict[str, Any]:
     """A fisher merge's form values as a data-free one (linear), for what does not need its
-    Fishers yet: the plan, and the checked sources whose Fishers are estimated first."""
+    Fishers yet: the plan, and the checked sources whose Fishers are estimated first. With the
+    ``form`` (its :class:`dim3.ui.form.MethodForm`), the fisher method's own options are checked
+    first (``ValueError``): a floor out of range is refused before the Fishers are estimated,
+    not after."""
     if not fixed and values.get("method") == FISHER:
+        if form is not None:
+            get_method(FISHER).make_options(form.options_for(values, FISHER))
         return values | {"method": "linear"}
     return values
 

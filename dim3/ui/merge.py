@@ -261,7 +261,7 @@ def _check_plan(ctx: AppContext, tab: MergeTab) -> Callable:
         """Check that the three checkpoints can be merged; returns the plan and a status line."""
         try:
             recipe = tab.form.recipe(
-                data_free(values, tab.form.fixed is not None)
+                data_free(values, tab.form.fixed is not None, tab.form)
             )  # the plan is the method's
             plan = engine.plan(recipe, allowed_roots=ctx.allowed_roots)
         except Exception as exc:  # noqa: BLE001 - the UI boundary: shown, never raised
@@ -286,7 +286,7 @@ def _merge(ctx: AppContext, tab: MergeTab) -> Callable:
         out: dict = {}
         try:
             budget = jobs.budget("merge")
-            recipe = tab.form.recipe(data_free(values, tab.form.fixed is not None))
+            recipe = tab.form.recipe(data_free(values, tab.form.fixed is not None, tab.form))
             # the trio's downloads first, sized together (a fisher merge's Fishers read them)
             yield from jobs.fetch(ctx, recipe, progress, log, tab.log_box, budget)
             recipe = yield from with_fishers(ctx, tab, recipe, values, budget, log)

@@ -51,7 +51,7 @@ def save_handler(ctx: AppContext, tab: MergeTab) -> Callable:
             budget = jobs.budget("save")
             name = check_text(folder, "folder name", 100)
             dest = save_destination(ctx.output_root, name)
-            recipe = tab.form.recipe(data_free(values, tab.form.fixed is not None))
+            recipe = tab.form.recipe(data_free(values, tab.form.fixed is not None, tab.form))
             if dest.exists() and any(dest.iterdir()) and not overwrite:
                 raise ValueError(
                     f"a folder named {name!r} already exists in the output folder; "

@@ -13,6 +13,7 @@ valid input.
 
 from __future__ import annotations
 
+import html
 import math
 from typing import Any
 
@@ -26,8 +27,26 @@ SHOWN_CHARS = 40  # of a refused value, in the message
 
 
 def _shown(value: Any) -> str:
+    """A refused value as the message shows it: its ``repr``, cut, HTML escaped (Gradio's error
+    pop-ups render their text as HTML)."""
     text = repr(value)
-    return text if len(text) <= SHOWN_CHARS else text[: SHOWN_CHARS - 1] + "…"
+    return html.escape(
+        text if len(text) <= SHOWN_CHARS else text[: SHOWN_CHARS - 1] + "…", quote=False
+    )
+
+
+def _number(value: float) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _unencodable(text: str) -> bool:
+    """Whether ``text`` holds what is no character (a lone surrogate, which JSON can carry but
+    no tokenizer or file takes)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def type_problem(block: Any, value: Any) -> str | None:
@@ -37,20 +56,39 @@ def type_problem(block: Any, value: Any) -> str | None:
             return f"must be a number, got {_shown(value)}"
         if not math.isfinite(value):
             return f"must be a finite number, got {value!r}"
+        low, high = getattr(block, "minimum", None), getattr(block, "maximum", None)
+        if (low is not None and value < low) or (high is not None and value > high):
+            span = f"from {_number(low)}" if low is not None else "up"
+            span += f" to {_number(high)}" if high is not None else ""
+            return f"must be {span}, got {_number(value)}"
+        if getattr(block, "precision", None) == 0 and value != int(value):
+            return f"must be a whole number, got {_number(value)}"
     elif isinstance(block, gr.Checkbox):
         if not isinstance(value, bool):
             return f"must be true or false, got {_shown(value)}"
     elif isinstance(block, gr.Textbox):
         if value is not None and not isinstance(value, str):
             return f"must be text, got {_shown(value)}"
+        if value is not None and _unencodable(value):
+            return "holds a code point that is no character (a lone surrogate); send UTF-8 text"
     elif isinstance(block, gr.CheckboxGroup):
         if value is not None and (
             not isinstance(value, list) or not all(isinstance(v, str) for v in value)
         ):
             return f"must be a list of names, got {_shown(value)}"
     elif isinstance(block, CHOICES):
-        if value is not None and not isinstance(value, (str, int, float, list)):
+        many = isinstance(block, gr.Dropdown) and getattr(block, "multiselect", False)
+        kinds = (str, int, float, list) if many else (str, int, float)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, kinds)):
             return f"must be one of the listed choices, got {_shown(value)}"
+        if value is not None and not getattr(block, "allow_custom_value", False):
+            listed = [c[1] if isinstance(c, (tuple, list)) else c for c in block.choices or []]
+            picked = value if isinstance(value, list) else [value]
+            wrong = next((v for v in picked if v not in listed), None)
+            if listed and wrong is not None:
+                names = ", ".join(_shown(c) for c in listed[:12])
+                more = ", …" if len(listed) > 12 else ""
+                return f"must be one of {names}{more}; got {_shown(wrong)}"
     return None
 
 
@@ -72,6 +110,8 @@ class StudioBlocks(gr.Blocks):
             for i, (block, value) in enumerate(zip(blocks, inputs, strict=True)):
                 if getattr(block, "stateful", False) or i in props:
                     continue
+                if state is not None and block._id in state:  # as this session updated it
+                    block = state[block._id]
                 problem = type_problem(block, value)
                 if problem:
                     raise gr.Error(
@@ -109,8 +149,8 @@ def header_checked(image: gr.Image) -> gr.Image:
         if path:
             try:
                 check_image_header(path)
-            except ValueError as exc:
-                raise gr.Error(str(exc), print_exception=False) from None
+            except ValueError as exc:  # names the file as the visitor named it: escaped
+                raise gr.Error(html.escape(str(exc), quote=False), print_exception=False) from None
         return preprocess(payload)
 
     image.preprocess = checked  # type: ignore[method-assign]
