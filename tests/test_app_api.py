@@ -401,6 +401,16 @@ def test_wrong_types_nan_and_unreadable_pictures_get_specific_messages(app, tmp_
     event = json.load(urllib.request.urlopen(request))["event_id"]
     stream = urllib.request.urlopen(f"{url}gradio_api/call/chat/{event}").read().decode()
     assert "lone surrogate" in stream and "Unexpected" not in stream, stream
+    # The message alone, without the chat's other inputs: what is missing is named.
+    request = urllib.request.Request(
+        url + "gradio_api/call/chat",
+        data=json.dumps({"data": ["hi"]}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    event = json.load(urllib.request.urlopen(request))["event_id"]
+    stream = urllib.request.urlopen(f"{url}gradio_api/call/chat/{event}").read().decode()
+    missing = f"sent 1, without {info['parameters'][1]['parameter_name']}, "
+    assert f"takes {len(data)} inputs" in stream and missing in stream, stream
 
 
 def test_heavy_jobs_over_the_time_budget_are_refused_before_they_start(app):

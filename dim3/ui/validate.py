@@ -106,6 +106,19 @@ class StudioBlocks(gr.Blocks):
     async def preprocess_data(self, block_fn, inputs, state, explicit_call=False):  # type: ignore[override]
         blocks = list(getattr(block_fn, "inputs", []) or [])
         props = getattr(block_fn, "component_prop_inputs", ()) or ()
+        if isinstance(inputs, list) and len(inputs) != len(blocks) and blocks:
+            names = [parameter_name(block_fn, i, b) for i, b in enumerate(blocks)]
+            lacking = names[len(inputs) :]
+            said = (
+                f"without {', '.join(lacking[:6])}{', …' if len(lacking) > 6 else ''}"
+                if lacking
+                else f"with {len(inputs) - len(blocks)} too many"
+            )
+            raise gr.Error(
+                f"this endpoint takes {len(blocks)} inputs, in order; it was sent {len(inputs)}, "
+                f"{said}: send every one (gradio_client fills in the form's defaults)",
+                print_exception=False,
+            )
         if isinstance(inputs, list) and len(inputs) == len(blocks):
             for i, (block, value) in enumerate(zip(blocks, inputs, strict=True)):
                 if getattr(block, "stateful", False) or i in props:
