@@ -129,13 +129,16 @@ def check_links(folder: Path, roots: Sequence[Path], ref: str) -> None:
     leading outside ``roots``: a server's allowed folders for a local folder, the repository's
     own folder of the Hub cache for a download (whose files link to its ``blobs``). transformers
     and the engine read what a folder holds by name (configs, tokenizer, processor, templates,
-    shards), so every entry is checked, in its subfolders too (hidden ones aside), before any is
-    opened. The message names the entry within the folder, not where it leads."""
+    shards), so every entry is checked, and those of its subfolders (hidden folders are not
+    entered), before any is opened. The message names the entry, not where it leads."""
     real_roots = [Path(r).expanduser().resolve() for r in roots]
     seen = 0
     for top, dirs, files in os.walk(folder):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]  # .git, .cache: nothing reads them
-        for name in (*dirs, *files):
+        names = (*dirs, *files)  # each checked, hidden ones too
+        # hidden folders (.git, .cache) are not entered: nothing reads what they hold, and an
+        # index names only files of its own folder (shard_name_problem)
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in names:
             seen += 1
             if seen > MAX_FOLDER_ENTRIES:
                 raise CheckpointError(
@@ -154,7 +157,8 @@ def check_links(folder: Path, roots: Sequence[Path], ref: str) -> None:
 
 def shard_name_problem(name: object) -> str | None:
     """Why ``name``, a file a shard index names, is not a shard beside the index (None: it
-    is): a relative path with no ``..`` part, as the Hub's indexes write them."""
+    is): a file name of the index's own folder, as the Hub's indexes write them (a name with
+    a folder in it could reach through a link in a folder no check enters)."""
     if not isinstance(name, str) or not name or "\x00" in name:
         return "not a file name"
     path = Path(name)
@@ -162,6 +166,8 @@ def shard_name_problem(name: object) -> str | None:
         return "not a relative file name"
     if ".." in path.parts:
         return "a name that leads out of the checkpoint's folder"
+    if len(path.parts) != 1 or name.startswith("."):
+        return "not a file of the index's own folder"
     return None
 
 

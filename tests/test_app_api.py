@@ -282,7 +282,7 @@ def test_files_named_inside_a_checkpoint_folder_stay_in_the_allowed_folders(
     up = os.path.relpath(secret, tmp_path / "x")
     named = {"abs": secret, "up": up, "p1": "/etc/passwd", "p2": "/etc/passwe"}  # p2: no such
     answers = {}
-    for case, target in [*named.items(), ("link", None), ("config", None)]:
+    for case, target in [*named.items(), ("link", None), ("config", None), ("hidden", None)]:
         folder = tmp_path / case
         shutil.copytree(demo, folder)
         if target is not None:
@@ -292,6 +292,8 @@ def test_files_named_inside_a_checkpoint_folder_stay_in_the_allowed_folders(
         elif case == "link":
             (folder / "model.safetensors").unlink()
             (folder / "model.safetensors").symlink_to(secret)
+        elif case == "hidden":  # a hidden folder is not entered, but is itself checked
+            (folder / ".cache").symlink_to(outside_weights, target_is_directory=True)
         else:
             (folder / "config.json").unlink()
             (folder / "config.json").symlink_to(os.path.join(outside_weights, "config.json"))
@@ -304,7 +306,7 @@ def test_files_named_inside_a_checkpoint_folder_stay_in_the_allowed_folders(
     for case, status in answers.items():
         assert status.startswith("❌"), (case, status)
         assert "header" not in status and "is missing" not in status, (case, status)
-        if case in ("link", "config"):  # where a link leads is not told
+        if case in ("link", "config", "hidden"):  # where a link leads is not told
             assert os.path.basename(outside_weights) not in status, (case, status)
     for case in named:
         assert "an index names shards beside it" in answers[case], answers[case]
@@ -312,7 +314,11 @@ def test_files_named_inside_a_checkpoint_folder_stay_in_the_allowed_folders(
     assert "not a relative file name" in answers["abs"]
     # Whether the named file exists, or is a real one, cannot be told from the answer.
     assert answers["p1"].replace("p1/", "p2/").replace("passwd", "passwe") == answers["p2"]
-    for case, name in (("link", "model.safetensors"), ("config", "config.json")):
+    for case, name in (
+        ("link", "model.safetensors"),
+        ("config", "config.json"),
+        ("hidden", ".cache"),
+    ):
         escaped = name.replace(".", "\\.")  # as the status's Markdown writes it
         assert f"holds '{escaped}', a link to a file outside the folders" in answers[case]
 

@@ -146,7 +146,14 @@ def test_index_naming_a_missing_shard(trio, capsys):
     assert_refused(trio, capsys, str(shard(trio, 1)), "is missing", "model.safetensors.index.json")
 
 
-@pytest.mark.parametrize("where", ["../elsewhere.safetensors", "/abs/elsewhere.safetensors"])
+WHERE = {
+    "../elsewhere.safetensors": "leads out of the checkpoint's folder",
+    "/abs/elsewhere.safetensors": "not a relative file name",
+    ".hidden/elsewhere.safetensors": "not a file of the index's own folder",
+}
+
+
+@pytest.mark.parametrize("where", sorted(WHERE))
 def test_index_naming_a_shard_outside_its_folder(trio, capsys, where):
     """Even where that file exists (the command line allows any folder): an index names the
     shards beside it, so a checkpoint's files are its own folder's."""
@@ -155,12 +162,12 @@ def test_index_naming_a_shard_outside_its_folder(trio, capsys, where):
     key = next(k for k, v in index["weight_map"].items() if v == SHARDS[1])
     target = trio["base"].parent / "elsewhere.safetensors"
     target.write_bytes(shard(trio, 1).read_bytes())
-    index["weight_map"][key] = where if where.startswith("..") else str(target)
+    (trio["base"] / ".hidden").mkdir()
+    (trio["base"] / ".hidden" / "elsewhere.safetensors").symlink_to(target)  # no check enters
+    index["weight_map"][key] = str(target) if where.startswith("/") else where
     index_path.write_text(json.dumps(index))
     line = assert_refused(trio, capsys, repr(key), "an index names shards beside it")
-    assert (
-        "leads out of the checkpoint's folder" if where.startswith("..") else "not a relative"
-    ) in line
+    assert WHERE[where] in line
 
 
 def test_index_naming_a_tensor_its_shard_lacks(trio, capsys):
