@@ -512,6 +512,26 @@ class Stretch:
     template: str | None  # the chat template the VLM ships (None: PaliGemma has none)
 
 
+def _idefics(model_type: str) -> Stretch:
+    """Idefics3's or SmolVLM2's stretch family (the same layout, tokens and template)."""
+    config = tf.Idefics3Config if model_type == "idefics3" else tf.SmolVLMConfig
+    return Stretch(
+        "LlamaForCausalLM",
+        "LlamaConfig",
+        {},
+        lambda text, img: config(
+            text_config=dict(text, model_type="llama"),
+            vision_config=dict(_TOWER, image_size=32, patch_size=8),
+            image_token_id=img,
+            scale_factor=2,
+        ),
+        (),
+        ("<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"),
+        "<image>",
+        _template("<image>", "User:", "Assistant:", "<end_of_utterance>\n", "Assistant:"),
+    )
+
+
 STRETCH = {
     "internvl": Stretch(
         "Qwen2ForCausalLM",
@@ -573,36 +593,8 @@ STRETCH = {
         "<image>",
         None,  # PaliGemma's processors carry no chat template: prompts are task prefixes
     ),
-    "idefics3": Stretch(
-        "LlamaForCausalLM",
-        "LlamaConfig",
-        {},
-        lambda text, img: tf.Idefics3Config(
-            text_config=dict(text, model_type="llama"),
-            vision_config=dict(_TOWER, image_size=32, patch_size=8),
-            image_token_id=img,
-            scale_factor=2,
-        ),
-        (),
-        ("<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"),
-        "<image>",
-        _template("<image>", "User:", "Assistant:", "<end_of_utterance>\n", "Assistant:"),
-    ),
-    "smolvlm": Stretch(
-        "LlamaForCausalLM",
-        "LlamaConfig",
-        {},
-        lambda text, img: tf.SmolVLMConfig(
-            text_config=dict(text, model_type="llama"),
-            vision_config=dict(_TOWER, image_size=32, patch_size=8),
-            image_token_id=img,
-            scale_factor=2,
-        ),
-        (),
-        ("<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"),
-        "<image>",
-        _template("<image>", "User:", "Assistant:", "<end_of_utterance>\n", "Assistant:"),
-    ),
+    # SmolVLM2 has Idefics3's layout, tokens and template under its own classes
+    **{m: _idefics(m) for m in ("idefics3", "smolvlm")},
 }
 
 
