@@ -229,20 +229,59 @@ def download_limit(server: bool) -> int | None:
     return size_from_env(ENV_MAX_DOWNLOAD, SERVER_MAX_DOWNLOAD if server else None)
 
 
+_REF_CHARS = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]")  # what git refuses in a ref name
+
+
+def check_revision(revision: str | None) -> None:
+    """Refuse a revision that is no branch, tag or commit name as git writes them: a name with
+    ``..``, a leading or trailing ``/``, an empty or dotted part, a backslash, a space or
+    ``~^:?*[``. Offline, ``huggingface_hub`` reads ``refs/<revision>`` of the cache and goes to
+    the snapshot it names, both without normalising: ``../../x`` would lead a server to any
+    folder whose path a file it can read holds."""
+    if revision is None:
+        return
+    parts = revision.split("/")
+    if (
+        not revision
+        or _REF_CHARS.search(revision)
+        or "@{" in revision
+        or any(not p or p.startswith(".") or p.endswith((".", ".lock")) for p in parts)
+    ):
+        raise CheckpointError(
+            f"revision {revision[:80]!r} is not a branch, tag or commit name (no '..', leading or "
+            "trailing '/', backslash, space or ~^:?*[); check it on the model's page"
+        )
+
+
 def _snapshot(
     ref: str, revision: str | None, token: str | None, patterns: list[str] = HUB_PATTERNS, **options
 ) -> Any:
     """``snapshot_download`` of the files a merge needs (:data:`HUB_PATTERNS`; a plan:
-    :data:`SIDE_PATTERNS`), with the token given or ``$HF_TOKEN``."""
-    from huggingface_hub import snapshot_download
+    :data:`SIDE_PATTERNS`), with the token given or ``$HF_TOKEN``: the repository's snapshot
+    folder in the Hub cache, refused (:class:`CheckpointError`) if it resolves anywhere else."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.file_download import repo_folder_name
 
-    return snapshot_download(
+    check_revision(revision)
+    folder = snapshot_download(
         ref,
         revision=revision,
         allow_patterns=patterns,
         token=_token(token),
         **options,
     )
+    if options.get("dry_run") or options.get("local_dir"):
+        return folder
+    cache = Path(options.get("cache_dir") or constants.HF_HUB_CACHE)
+    snapshots = (cache / repo_folder_name(repo_id=ref, repo_type="model") / "snapshots").resolve()
+    real = Path(folder).resolve()
+    if real.parent != snapshots:
+        raise CheckpointError(
+            f"{ref!r}: the Hub cache's entry for it does not lead to one of its snapshots (a "
+            "damaged or edited cache); delete the model from the cache (`hf cache delete`) and "
+            "download it again"
+        )
+    return real
 
 
 def _token(token: str | None) -> str | None:
@@ -516,6 +555,7 @@ def resolve(
     ref = (ref or "").strip()
     if not ref:
         raise CheckpointError("no checkpoint given: enter a Hub id (org/name) or a local folder")
+    check_revision(revision)
     if looks_local(ref):
         if revision:
             raise CheckpointError(f"a revision ({revision!r}) applies to Hub ids, not {ref!r}")

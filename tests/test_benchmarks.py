@@ -206,6 +206,12 @@ def test_bad_sources_fail_with_the_problem_and_the_fix(local_sets, tmp_path):
         load_items("xgqa", folder, ["bn"])
     with pytest.raises(ValueError, match="has no field 'answers'; it is not in the MaXM schema"):
         load_items("maxm", folder, ["zh"])
+    # a folder of another layout, whose splits datasets names itself (NamedSplit, not text)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "test.jsonl").write_text('{"question": "?", "answer": "red"}\n')
+    with pytest.raises(ValueError, match=r"has no split 'en' .*; its splits: test$"):
+        load_items("xgqa", str(other), ["en"])
     with pytest.raises(ValueError, match="lies outside the folders"):
         load_items("xgqa", folder, ["de"], allowed_roots=[tmp_path])
     with pytest.raises(ValueError, match="does not exist"):

@@ -178,6 +178,35 @@ def test_a_hub_repos_shard_index_naming_files_outside_it_is_refused(hub, tmp_pat
     assert not out.exists()
 
 
+def test_a_revision_or_a_cache_entry_leading_out_of_the_repository_is_refused(hub, tmp_path):
+    """Offline, huggingface_hub reads the cache's ``refs/<revision>`` and goes to the snapshot
+    it names, neither normalised. A revision through '..' to a file that holds a path (a save's
+    copied side file, say) led a server to any folder: refused as no ref name. A cache entry
+    that leads out of the repository's snapshots: refused, and the folder it names not read."""
+    hub.add("demo/multimodal", repo(tmp_path, "multimodal"))
+    cache = tmp_path / "cache"
+    env = hub_env(hub, cache)
+    done = dim3(
+        env, "merge", *TRIO, "--multimodal", "demo/multimodal", "--out", str(tmp_path / "m")
+    )
+    assert done.returncode == 0, done.stderr  # everything cached
+    outside = tmp_path / "outside_model"
+    shutil.copytree(DEMO / "multimodal", outside)
+    (outside / "config.json").write_text("{ marker: read from outside")
+    refs = cache / "models--demo--multimodal" / "refs"
+    planted = tmp_path / "planted.txt"  # what a file the server can read holds
+    planted.write_text(os.path.relpath(outside, refs.parent / "snapshots"))
+    offline = env | {"HF_HUB_OFFLINE": "1"}
+    for rev in (os.path.relpath(planted, refs), str(planted), "main/../main", "a b", "x~1"):
+        argv = ("--multimodal", "demo/multimodal", "--revision-multimodal", rev)
+        done = dim3(offline, "plan", *TRIO, *argv)
+        assert done.returncode != 0 and "is not a branch, tag or commit name" in done.stderr, rev
+    (refs / "main").write_text(planted.read_text())  # the cache's own entry, edited
+    done = dim3(offline, "plan", *TRIO, "--multimodal", "demo/multimodal")
+    assert done.returncode != 0 and "does not lead to one of its snapshots" in done.stderr
+    assert "marker" not in done.stderr and "Traceback" not in done.stderr
+
+
 def test_downloads_the_disk_has_no_room_for_are_refused_before_the_first_byte(hub, tmp_path):
     """A VLM that the Hub says is twice the free space of the cache's disk: refused with the
     sizes and the fix before any file is fetched, the base's and the multilingual model's

@@ -162,7 +162,7 @@ def _rows(bench: Benchmark, ref: str, lang: str, token: str | None) -> Iterator[
     if files and lang not in files:
         raise ValueError(
             f"{ref} has no split {lang!r} ({bench.title} keeps one split per language: "
-            f"{', '.join(bench.languages)}); its splits: {', '.join(files)}"
+            f"{', '.join(bench.languages)}); its splits: {', '.join(map(str, files))}"
         )
     if builder.name == "parquet":
         return _to_items(bench, _parquet_rows(files[lang], token), lang, ref)
