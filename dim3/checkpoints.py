@@ -125,8 +125,7 @@ MAX_FOLDER_ENTRIES = 10_000  # a checkpoint folder's files and folders a server 
 
 
 def check_links(folder: Path, roots: Sequence[Path], ref: str) -> None:
-    """Refuse a checkpoint ``folder`` that holds a symbolic link (or a name in its shard index)
-    leading outside ``roots``: a server's allowed folders for a local folder, the repository's
+    """Refuse a checkpoint ``folder`` that holds a symbolic link leading outside ``roots``: a server's allowed folders for a local folder, the repository's
     own folder of the Hub cache for a download (whose files link to its ``blobs``). transformers
     and the engine read what a folder holds by name (configs, tokenizer, processor, templates,
     shards), so every entry is checked, and those of its subfolders (hidden folders are not

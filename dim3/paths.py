@@ -69,9 +69,8 @@ def allowed_file(
 
 
 # folders of the output root that the server writes itself, which no save may take or overwrite
-RESERVED = {
-    "fisher": "where it keeps the Fishers that fisher merges estimate"
-}  # fisher.FISHER_ROOT
+# (dim3.fisher.FISHER_ROOT: a test holds the two together)
+RESERVED = {"fisher": "where it keeps the Fishers that fisher merges estimate"}
 
 
 def save_destination(output_root: Path, name: str) -> Path:
