@@ -240,8 +240,8 @@ def _fisher_rows(recipe: Recipe) -> str:
     from dim3.fisher import describe_fishers
 
     rows = [
-        f"| {role} | `{ref}` | `{m.get('data')}` | {m.get('n')} | {m.get('seed')} | "
-        f"{m.get('labels')} | {m.get('dtype')} |"
+        f"| {role} | {_code(ref)} | {_code(m.get('data'))} | {_code(m.get('n'))} | "
+        f"{_code(m.get('seed'))} | {_code(m.get('labels'))} | {_code(m.get('dtype'))} |"
         for (role, ref), m in zip(
             recipe.fisher.items(), describe_fishers(recipe).values(), strict=True
         )
@@ -254,6 +254,17 @@ def _fisher_rows(recipe: Recipe) -> str:
         + "\n".join([head, *rows])
         + "\n"
     )
+
+
+def _code(value: Any) -> str:
+    """``value`` as a Markdown code span that stays one table cell whatever it holds: a visitor's
+    folder or revision name may carry ``|``, backticks, ``<`` or a line break. Pipes are escaped
+    (a table splits on them even inside code), line breaks and other control characters shown as
+    ``?``, and the fence is one backtick longer than the longest run inside."""
+    text = re.sub(r"[\x00-\x1f\x7f]", "?", str(value)).replace("|", "\\|")
+    fence = "`" * (max(map(len, re.findall("`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") or not text.strip() else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
 
 
 def _hub_ids(recipe: Recipe) -> list[str]:
@@ -327,7 +338,8 @@ def model_card(
     tags = dict.fromkeys(["merge", "dim3-studio", recipe.method, "multilingual", "vision"])
     front += _yaml_list("tags", list(tags)) + ["---"]
     rows = "\n".join(
-        f"| {role} | `{s.ref}` | {s.revision or 'default'} | {resolved.get(role) or 'local'} |"
+        f"| {role} | {_code(s.ref)} | {_code(s.revision) if s.revision else 'default'} | "
+        f"{_code(resolved[role]) if resolved.get(role) else 'local'} |"
         for role, s in recipe.sources().items()
     )
     options = json.dumps(recipe.method_options().__dict__, ensure_ascii=False)

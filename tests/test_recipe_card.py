@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+from html import escape as html_escape
 from pathlib import Path
 
 import pytest
@@ -129,6 +130,35 @@ def test_model_card_metadata_for_the_hub():
     assert meta["license"] == "llama2"
     assert len(meta["tags"]) == len(set(meta["tags"])) and "ties" in meta["tags"]
     assert "Output dtype: `bfloat16`" in card and "`auto`" not in card
+
+
+def test_model_card_tables_keep_each_value_in_its_cell():
+    """A visitor's folder or revision name may carry what Markdown reads: the card's tables still
+    have one cell per column, each showing the value as written (line breaks as '?'), and no HTML
+    of theirs comes through. Rendered as the Hub renders it (CommonMark with GFM tables)."""
+    from markdown_it import MarkdownIt
+
+    odd = {
+        "base": ("/models/a|b", "<script>alert(1)</script>|x"),
+        "multilingual": ("/models/tick`s ``here``", None),
+        "multimodal": ("/models/line\nbreak\\", "v1"),
+    }
+    recipe = Recipe(
+        Source(*odd["base"]), (Source(*odd["multilingual"]),), Source(*odd["multimodal"])
+    )
+    resolved = {"base": "abc|def", "multilingual": None, "multimodal": "0123"}
+    card = model_card(recipe, {"merged": 1, "copied": 0, "padded": 0}, resolved)
+    html = MarkdownIt("commonmark").enable("table").render(card)
+    assert "<script" not in html and "&lt;script&gt;" in html
+    rows = re.findall(r"<tr>\n<td>(multilingual|base|multimodal)</td>\n(.*?)</tr>", html, re.S)
+    assert [role for role, _ in rows] == ["base", "multilingual", "multimodal"]
+    for role, rest in rows:
+        cells = re.findall(r"<td>(.*?)</td>", rest, re.S)
+        ref, revision = odd[role]
+        want_ref = ref.replace("\n", "?")
+        assert len(cells) == 3 and cells[0] == f"<code>{html_escape(want_ref)}</code>"
+        assert cells[1] == (f"<code>{html_escape(revision)}</code>" if revision else "default")
+        assert cells[2] == (f"<code>{resolved[role]}</code>" if resolved[role] else "local")
 
 
 def test_model_card_of_a_real_merge_loads_and_its_snippet_runs(tiny_llava_trio, tmp_path):
