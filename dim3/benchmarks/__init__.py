@@ -95,6 +95,9 @@ class Benchmark:
     primary: str
     source: str = ""  # the reference task folder
     image_field: str | None = "image"
+    # the columns ``to_item`` reads (the rest of a row is never read: a dataset's other columns
+    # may be of any size); empty: all
+    fields: tuple[str, ...] = ()
 
     def score(self, prediction: str, item: Item) -> dict[str, float]:
         """Every metric of one prediction, 1.0 or 0.0, the primary one first."""
@@ -273,6 +276,7 @@ BENCHMARKS: dict[str, Benchmark] = {
         {"exact_match": lambda p, it: metrics.xgqa_exact_match(p, it.answer)},
         "exact_match",
         TASKS + "xgqa",
+        fields=("question_id", "id", "question", "answer", "image"),
     ),
     "maxm": Benchmark(
         "maxm",
@@ -286,6 +290,7 @@ BENCHMARKS: dict[str, Benchmark] = {
         },
         "relaxed_accuracy",
         TASKS + "maxm",
+        fields=("question_id", "id", "image_id", "question", "answers", "image"),
     ),
     "marvl": Benchmark(
         "marvl",
@@ -296,6 +301,7 @@ BENCHMARKS: dict[str, Benchmark] = {
         {"exact_match": lambda p, it: metrics.marvl_exact_match(p, it.answer)},
         "exact_match",
         TASKS + "marvl",
+        fields=("id", "conversations", "image"),
     ),
     "m3exam": Benchmark(
         "m3exam",
@@ -311,6 +317,16 @@ BENCHMARKS: dict[str, Benchmark] = {
         "accuracy",
         TASKS + "m3exam",
         image_field=None,  # pictures are base64 text in image_0 .. image_9
+        fields=(
+            "question_id",
+            "id",
+            "subject_category",
+            "question_text",
+            "options",
+            "background_description",
+            "answer_text",
+            *M3EXAM_IMAGE_FIELDS,
+        ),
     ),
 }
 
