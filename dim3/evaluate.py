@@ -152,7 +152,8 @@ def generate_answers(
         groups.setdefault(key, []).append(i)
     first = min(8, batch_size) if progress else None
     for (_, new_tokens), group in sorted(groups.items()):
-        for chunk in _chunks(group, batch_size, first):
+        costs = {i: _costs(processor, items[i]) for i in group}
+        for chunk in _chunks(group, batch_size, first, costs):
             inputs = _batch_inputs(model, processor, [items[i] for i in chunk])
             out = model.generate(
                 **inputs,
@@ -170,13 +171,42 @@ def generate_answers(
     return [answers[i] for i in range(len(items))]
 
 
-def _chunks(indices: list[int], size: int, first: int | None = None) -> list[list[int]]:
-    """``indices`` cut into batches of ``size`` (the first one of ``first`` when given)."""
-    head = first or size
-    rest = indices[head:]
-    return [indices[:head]] * bool(indices) + [
-        rest[i : i + size] for i in range(0, len(rest), size)
-    ]
+def _costs(processor: Any, item: Any) -> tuple[int, int]:
+    """What asking ``item`` holds in memory: its prompt's tokens (text only: a picture's tokens
+    are bounded by its pixels) and its picture's pixels, read from the header."""
+    from dim3.benchmarks import picture_pixels
+
+    tokens = len(_tokenizer(processor)(_prompt(processor, item))["input_ids"])
+    return tokens, picture_pixels(item.image) if item.image is not None else 0
+
+
+def _chunks(
+    indices: list[int],
+    size: int,
+    first: int | None = None,
+    costs: dict[int, tuple[int, int]] | None = None,
+) -> list[list[int]]:
+    """``indices`` cut, in order, into batches of ``size`` (the first one of ``first`` when
+    given), a batch also ended before it would hold more than ``MAX_BATCH_TOKENS`` prompt tokens
+    padded to its longest or more than ``MAX_BATCH_PIXELS`` pixels (``costs``: each index's
+    tokens and pixels); a batch holds at least one."""
+    from dim3.limits import MAX_BATCH_PIXELS, MAX_BATCH_TOKENS
+
+    batches: list[list[int]] = []
+    batch: list[int] = []
+    longest = pixels = 0
+    for i in indices:
+        tokens, px = (costs or {}).get(i, (0, 0))
+        if batch and (
+            len(batch) >= ((first or size) if not batches else size)
+            or (len(batch) + 1) * max(longest, tokens) > MAX_BATCH_TOKENS
+            or pixels + px > MAX_BATCH_PIXELS
+        ):
+            batches.append(batch)
+            batch, longest, pixels = [], 0, 0
+        batch.append(i)
+        longest, pixels = max(longest, tokens), pixels + px
+    return batches + [batch] * bool(batch)
 
 
 def evaluate_model(

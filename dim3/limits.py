@@ -15,6 +15,9 @@
   before anything is written, a save that would take it past that, with the sizes.
 - **Pictures.** :func:`check_image_header` reads a picture's size from its header (no pixel is
   decoded) and refuses one that is too large or not a picture at all.
+- **Batches and questions.** Generation batches are cut by the pixels and padded tokens they
+  hold (:data:`MAX_BATCH_PIXELS`, :data:`MAX_BATCH_TOKENS`, ``dim3.evaluate``); a question
+  longer than :data:`MAX_QUESTION_CHARS` is refused where it is read.
 
 Nothing here knows Gradio; ``dim3.ui.jobs`` applies these to the app's handlers.
 """
@@ -43,6 +46,20 @@ MAX_IMAGE_PIXELS = 40_000_000
 # demo VLM (shorter side 32), and would take a hundred times that at 336. At 50 to 1 a picture
 # is at most 336 × 16,800 once scaled (68 MB as float32). Qwen2-VL's processors refuse 200 to 1.
 MAX_ASPECT = 50
+# What one batch of generation (evaluate, sweep) may hold, whatever its number of questions: the
+# pictures it decodes at once (RGB, and the processor's copies: 72 pictures of 40 MP each, in
+# batches of 64, took 17 GB over the server's resident size) and its prompts' tokens, padded to
+# the longest (activations and cache grow with them: 72 questions of 16,000 tokens took 7.5 GB
+# on the demo VLM). A batch past either is cut into smaller ones, in order; one question always
+# fits. At 64 MP a batch holds one picture of the 40 MP allowed (0.4 GB on the demo VLM, where 8
+# in one batch took 2.4 GB). Benchmarks' own batches stay whole: 64 xGQA pictures are some
+# 20 MP, 64 of their prompts 4,000 tokens.
+MAX_BATCH_PIXELS = 64_000_000
+MAX_BATCH_TOKENS = 32_768
+# The longest question (the prompt read by the model: a benchmark's wording around the dataset's
+# question, or a probe's context and question) a dataset or probe file may hold. Twice the chat's
+# message limit: a benchmark's prompts are at most a few thousand (M3Exam with its background).
+MAX_QUESTION_CHARS = 8_000
 ENV_MAX_SAVED = "DIM3_MAX_SAVED"
 # What the app's output folder may hold in all, unless $DIM3_MAX_SAVED says otherwise: three 7B
 # merges in bfloat16 (about 15 GB each). Saves add up while the server runs (the app deletes

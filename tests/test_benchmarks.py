@@ -350,3 +350,84 @@ def test_the_gold_line_judges_both_answers_to_the_drawn_question_only():
         [ask, {"role": "assistant", "content": "(A)"}],
     )
     assert "**Original:** ✅" in line and "**Merged:** ❌" in line
+
+
+# --- what a dataset's pictures and questions may be -------------------------------------------------
+
+
+def _png(width: int, height: int) -> bytes:
+    """A PNG whose header says ``width`` × ``height`` (one row of data: Pillow reads the header
+    alone when asked the size; decoding would fail)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    head = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", head)
+        + chunk(b"IDAT", zlib.compress(b"\0" + b"\0" * 3 * width))
+        + chunk(b"IEND", b"")
+    )
+
+
+def test_pictures_are_sized_from_their_header_and_refused_past_the_limits():
+    """A batch is cut by the pixels its pictures have (``picture_pixels``: from the header, in
+    every form a dataset holds them; past Pillow's own bomb limit, more than it); a picture past
+    that limit (900 MP in a header), past the 40 MP allowed, or more than 50 times as long as wide, is refused naming
+    that, as a decoded image handed over directly is too."""
+    import base64
+
+    from PIL import Image
+
+    from dim3.benchmarks import picture_pixels
+
+    large = _png(9_000, 9_000)
+    for form in (large, {"bytes": large, "path": None}, base64.b64encode(large).decode()):
+        assert picture_pixels(form) == 81_000_000
+    header = _png(30_000, 30_000)
+    assert picture_pixels(header) == 2 * Image.MAX_IMAGE_PIXELS + 1  # Pillow's limit: not read
+    assert picture_pixels(Image.new("RGB", (7, 3))) == 21
+    assert picture_pixels(b"not a picture") == 0 and picture_pixels({"path": "/etc/passwd"}) == 0
+    with pytest.raises(ValueError, match="far more pixels than the 40,000,000 allowed"):
+        decode_image({"bytes": header, "path": None})
+    with pytest.raises(ValueError, match=r"is 8000×6000 pixels, more than the 40,000,000"):
+        decode_image(_png(8000, 6000))
+    with pytest.raises(ValueError, match=r"8000×100 pixels, more than 50 times as long"):
+        decode_image(Image.new("L", (8000, 100)))
+    assert decode_image(Image.new("L", (5000, 100))).mode == "RGB"
+
+
+def test_a_question_longer_than_the_limit_is_refused_where_the_row_is_read(tmp_path):
+    """A dataset row whose prompt would pass MAX_QUESTION_CHARS is refused when the sample is
+    read, before any model: the message says how long and the limit."""
+    import datasets
+
+    from dim3.limits import MAX_QUESTION_CHARS
+    from tests.benchmark_data import picture
+
+    with pytest.raises(ValueError, match="8,001 characters long .* the 8,000"):
+        Item("x", "en", "q" * (MAX_QUESTION_CHARS + 1), ("a",))
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "question": datasets.Value("string"),
+            "answer": datasets.Value("string"),
+        }
+    )
+    questions = ["What colour?", "q" * MAX_QUESTION_CHARS, "Which colour?"]
+    (tmp_path / "data").mkdir()
+    datasets.Dataset.from_dict(
+        {
+            "image": [{"bytes": picture("red"), "path": None}] * 3,
+            "question": questions,
+            "answer": ["red"] * 3,
+        },
+        features=features,
+    ).to_parquet(str(tmp_path / "data" / "de-00000-of-00001.parquet"))
+    with pytest.raises(ValueError, match=r"8,0\d\d characters long"):
+        load_items("xgqa", str(tmp_path), ["de"], limit=3)

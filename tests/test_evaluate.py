@@ -184,3 +184,110 @@ def test_evaluate_tab_refuses_a_probe_file_outside_the_allowed_folders(tmp_path,
     assert out[tab.status].startswith("❌") and "lies outside the folders" in out[tab.status]
     assert str(tmp_path) not in out[tab.status]  # no server path
     assert set(out) == {tab.status}
+
+
+# --------------------------------------------------------------------------- what one batch holds
+
+
+def test_batches_are_cut_by_size_pixels_and_padded_tokens_in_order():
+    """Random costs, checked against the definition: the batches are the items in order; each
+    holds at most its size (the first one ``first``), and within the budgets unless it is one
+    item; and each ends only where the next item would pass one of them."""
+    import random
+
+    from dim3.evaluate import _chunks
+    from dim3.limits import MAX_BATCH_PIXELS, MAX_BATCH_TOKENS
+
+    rng = random.Random(0)
+    for trial in range(300):
+        n = rng.randint(0, 90)
+        indices = sorted(rng.sample(range(200), n))
+        big = trial % 3 == 0  # a third with costs near the limits, the rest small
+        costs = {
+            i: (
+                rng.randint(1, MAX_BATCH_TOKENS if big else 600),
+                rng.choice([0, rng.randint(1, 45_000_000 if big else 900_000)]),
+            )
+            for i in indices
+        }
+        size, first = rng.randint(1, 70), rng.choice([None, rng.randint(1, 9)])
+        batches = _chunks(indices, size, first, costs)
+        assert [i for b in batches for i in b] == indices and all(batches)
+
+        def fits(batch, costs=costs):
+            tokens = len(batch) * max(costs[i][0] for i in batch)
+            pixels = sum(costs[i][1] for i in batch)
+            return tokens <= MAX_BATCH_TOKENS and pixels <= MAX_BATCH_PIXELS
+
+        for k, batch in enumerate(batches):
+            limit = (first or size) if k == 0 else size
+            assert len(batch) <= limit and (len(batch) == 1 or fits(batch))
+            if k + 1 < len(batches):
+                longer = batch + batches[k + 1][:1]
+                assert len(batch) == limit or not fits(longer)
+    # without costs: batches of ``size``, the first of ``first``
+    assert _chunks(list(range(10)), 4, 2) == [[0, 1], [2, 3, 4, 5], [6, 7, 8, 9]]
+
+
+def test_costs_count_the_prompt_tokens_and_the_picture_pixels_from_the_header():
+    """What a batch is cut by, on the demo VLM's real processor: the prompt's tokens as the
+    processor's tokenizer counts the chat template's text, and the pixels of a picture that is
+    not decoded (a 6,300 × 6,300 PNG of 15 KB)."""
+    import io
+
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    from dim3.benchmarks import Item
+    from dim3.evaluate import _costs, _prompt
+
+    processor = AutoProcessor.from_pretrained(str(demo_trio()[2]))
+    buf = io.BytesIO()
+    Image.new("1", (6300, 6300), 1).save(buf, "PNG")
+    picture = {"bytes": buf.getvalue(), "path": None}
+    short = Item("a", "en", "What colour is it?", ("red",), image=picture)
+    long = Item("b", "en", "What colour is it? " * 300, ("red",))
+    tokens, pixels = _costs(processor, short)
+    assert pixels == 6300 * 6300 and len(buf.getvalue()) < 100_000
+    assert tokens == len(processor.tokenizer(_prompt(processor, short))["input_ids"])
+    assert _costs(processor, long)[0] > 20 * tokens and _costs(processor, long)[1] == 0
+
+
+def test_large_pictures_are_asked_a_few_at_a_time():
+    """Eight 40 MP pictures (15 KB each as PNG) in one batch of 64 took 2.4 GB over the loaded
+    demo VLM; cut by the pixels they decode, the evaluation stays within 1 GiB, and answers as
+    one picture at a time does. Measured in a fresh process (its peak resident size)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = """
+import io, json, resource, sys
+import torch
+from PIL import Image
+from dim3.benchmarks import Item
+from dim3.chat import load_vlm
+from dim3.demo import demo_trio
+from dim3.evaluate import generate_answers
+
+buf = io.BytesIO()
+Image.new("1", (6300, 6300), 1).save(buf, "PNG")
+items = [
+    Item(str(i), "en", "What colour is the shape?", ("red",), image={"bytes": buf.getvalue()})
+    for i in range(8)
+]
+model, processor = load_vlm(demo_trio()[2], dtype=torch.float32)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+answers = generate_answers(model, processor, items, batch_size=64)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+alone = [generate_answers(model, processor, [it], batch_size=1)[0] for it in items[:2]]
+print(json.dumps({"peak_kib": peak, "answers": answers, "alone": alone}))
+"""
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=root, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["peak_kib"] < 2**20, out["peak_kib"]  # KiB: under 1 GiB
+    assert out["answers"][:2] == out["alone"] and len(set(out["answers"])) == 1

@@ -65,6 +65,16 @@ class Item:
     max_new_tokens: int = 12
     context: str = ""  # asked before the question (text-only probes); empty for benchmarks
 
+    def __post_init__(self) -> None:
+        from dim3.limits import MAX_QUESTION_CHARS
+
+        length = len(self.question) + len(self.context)
+        if length > MAX_QUESTION_CHARS:
+            raise ValueError(
+                f"its question is {length:,} characters long (with the benchmark's wording), "
+                f"more than the {MAX_QUESTION_CHARS:,} a question may have"
+            )
+
     @property
     def answer(self) -> str:
         """The first gold answer (what is shown as *the* answer)."""
@@ -355,19 +365,13 @@ def get_benchmark(name: str) -> Benchmark:
 # --- pictures -------------------------------------------------------------------------------------
 
 
-def decode_image(value: Any, max_pixels: int | None = None):
-    """A picture as an RGB ``PIL.Image``, from what datasets and probe files hold: a path, a
-    ``{"bytes", "path"}`` dict, raw bytes, base64 text or an image. ``ValueError`` otherwise."""
+def _encoded(value: Any) -> Any:
+    """What a picture field holds, as a path, encoded bytes or an image: a ``{"bytes", "path"}``
+    dict's bytes, base64 text decoded. ``ValueError`` for anything else."""
     from PIL import Image
 
-    from dim3.chat import MAX_IMAGE_PIXELS, load_image
-    from dim3.limits import image_size_problem
-
-    limit = max_pixels or MAX_IMAGE_PIXELS
-    if isinstance(value, Path):
-        return load_image(value, max_pixels=limit)
-    if isinstance(value, Image.Image):
-        return value.convert("RGB")
+    if isinstance(value, (Path, Image.Image)):
+        return value
     if isinstance(value, Mapping):
         if value.get("bytes"):
             value = value["bytes"]
@@ -382,12 +386,58 @@ def decode_image(value: Any, max_pixels: int | None = None):
             raise ValueError("a picture field holds text that is not base64 image data") from None
     if not isinstance(value, (bytes, bytearray)):
         raise ValueError(f"cannot read a picture from a {type(value).__name__}")
+    return value
+
+
+def picture_pixels(value: Any) -> int:
+    """How many pixels the picture ``value`` (as :func:`decode_image` takes it) has, from its
+    header: nothing is decoded; past Pillow's own bomb limit, which refuses to open it, one more
+    than twice that limit. 0 where it cannot be told (:func:`decode_image` then says why). So
+    that batches can be cut by the pixels they decode before any is."""
+    from PIL import Image
+
+    try:
+        data = _encoded(value)
+        if isinstance(data, Image.Image):
+            return data.width * data.height
+        with Image.open(data if isinstance(data, Path) else io.BytesIO(data)) as img:
+            return img.width * img.height
+    except Image.DecompressionBombError:
+        return 2 * (Image.MAX_IMAGE_PIXELS or 0) + 1
+    except Exception:  # noqa: BLE001 - decode_image names the problem when the batch is read
+        return 0
+
+
+def decode_image(value: Any, max_pixels: int | None = None):
+    """A picture as an RGB ``PIL.Image``, from what datasets and probe files hold: a path, a
+    ``{"bytes", "path"}`` dict, raw bytes, base64 text or an image. ``ValueError`` otherwise,
+    naming what is wrong (too many pixels or too elongated: :func:`dim3.limits.image_size_problem`,
+    checked from the header before anything is decoded)."""
+    from PIL import Image
+
+    from dim3.chat import MAX_IMAGE_PIXELS, load_image
+    from dim3.limits import image_size_problem
+
+    limit = max_pixels or MAX_IMAGE_PIXELS
+    value = _encoded(value)
+    if isinstance(value, Path):
+        return load_image(value, max_pixels=limit)
+    if isinstance(value, Image.Image):
+        problem = image_size_problem("in the dataset", *value.size, limit)
+        if problem:
+            raise ValueError(problem)
+        return value.convert("RGB")
     try:
         with Image.open(io.BytesIO(value)) as img:
             problem = image_size_problem("in the dataset", *img.size, limit)
             if problem:
                 raise ValueError(problem)
             return img.convert("RGB")
+    except Image.DecompressionBombError:  # Pillow's own limit, met in its header check
+        raise ValueError(
+            f"a picture in the dataset has far more pixels than the {limit:,} allowed; "
+            "give a dataset with smaller pictures"
+        ) from None
     except OSError as exc:
         raise ValueError(f"a picture could not be decoded ({exc})") from None
 
@@ -400,4 +450,5 @@ __all__ = [
     "Item",
     "decode_image",
     "get_benchmark",
+    "picture_pixels",
 ]
