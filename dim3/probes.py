@@ -25,6 +25,10 @@ demo world (``dim3.demo`` only generates its own probe and parallel set in these
 ``allowed_roots`` (the app): the file itself and every picture it names must lie under those
 folders, checked by ``dim3.paths.allowed_file`` before anything is opened or tested for
 existence. None (the command line, a local user): any readable path.
+
+Bounds (what a visitor's file may make a shared server do): a file of at most
+:data:`MAX_PROBE_BYTES`, a question with its context, or a text, of at most
+``dim3.limits.MAX_QUESTION_CHARS`` characters.
 """
 
 from __future__ import annotations
@@ -36,11 +40,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dim3.limits import MAX_QUESTION_CHARS
 from dim3.paths import OutsideRootsError, allowed_file
 
 REQUIRED_KEYS = ("question", "answer", "language")
 PARALLEL_KEYS = ("id", "language", "text")
 SPLIT_SEED = 0
+# A probe or parallel file is read whole: 64 MiB is some 100,000 questions of 600 characters
+MAX_PROBE_BYTES = 64 * 2**20
 
 
 class ProbeError(ValueError):
@@ -82,6 +89,12 @@ def _read_lines(path: Path, what: str, example: str) -> list[tuple[str, int, dic
     nothing = "questions" if what == "probe" else "items"
     if not path.is_file():
         raise ProbeError(f"{what} file {path} does not exist; give a JSONL file or {example}")
+    size = path.stat().st_size
+    if size > MAX_PROBE_BYTES:
+        raise ProbeError(
+            f"{what} file {path} is {size / 2**20:,.0f} MiB; a {what} file may have at most "
+            f"{MAX_PROBE_BYTES // 2**20} MiB (its pictures are files of their own): split it"
+        )
     rows = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
@@ -139,6 +152,12 @@ def load_probe(
             raise ProbeError(
                 f"{where}: missing or empty {missing}; each line needs {list(REQUIRED_KEYS)}"
             )
+        length = len(obj["question"]) + len(str(obj.get("context", "")))
+        if length > MAX_QUESTION_CHARS:
+            raise ProbeError(
+                f"{where}: the question (with its context) is {length:,} characters long; a "
+                f"question may have at most {MAX_QUESTION_CHARS:,}: shorten it"
+            )
         items.append(
             ProbeItem(
                 question=obj["question"],
@@ -185,6 +204,11 @@ def load_parallel(
                 f"{seen[group, language]}; give each content once per language"
             )
         seen[group, language] = where
+        if len(str(obj["text"])) > MAX_QUESTION_CHARS:
+            raise ProbeError(
+                f"{where}: the text is {len(str(obj['text'])):,} characters long; a text may "
+                f"have at most {MAX_QUESTION_CHARS:,}: shorten it"
+            )
         items.append(
             ParallelItem(group, language, str(obj["text"]), _image(obj, path, where, allowed_roots))
         )

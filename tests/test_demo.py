@@ -7,6 +7,7 @@ import json
 import random
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -267,6 +268,37 @@ def test_bad_probe_lines_name_the_line_and_the_problem(tmp_path, line, message):
     with pytest.raises(ProbeError, match=r"probe.jsonl:2") as info:
         load_probe(path)
     assert message in str(info.value)
+
+
+def test_probe_and_parallel_files_are_bounded_where_they_are_read(tmp_path):
+    """A question (with its context) or a parallel text of more than MAX_QUESTION_CHARS, and a
+    file over MAX_PROBE_BYTES (a sparse one: nothing is written), are refused naming the line
+    or the file, before anything is asked; at the limit a question is read."""
+    from dim3.limits import MAX_QUESTION_CHARS
+    from dim3.probes import MAX_PROBE_BYTES, load_parallel
+
+    def probe(question: str, context: str = "") -> Path:
+        row = {"question": question, "answer": "a", "language": "en", "context": context}
+        path = tmp_path / "probe.jsonl"
+        path.write_text('{"question": "q", "answer": "a", "language": "en"}\n' + json.dumps(row))
+        return path
+
+    assert len(load_probe(probe("q" * MAX_QUESTION_CHARS))) == 2
+    for question, context in (("q" * (MAX_QUESTION_CHARS + 1), ""), ("q" * 10, "c" * 7_991)):
+        with pytest.raises(ProbeError, match=r"probe.jsonl:2: the question .* 8,001 characters"):
+            load_probe(probe(question, context))
+    rows = [{"id": g, "language": lang, "text": "t"} for g in "ab" for lang in ("en", "de")]
+    rows[3]["text"] = "t" * (MAX_QUESTION_CHARS + 1)
+    (tmp_path / "par.jsonl").write_text("\n".join(map(json.dumps, rows)))
+    with pytest.raises(ProbeError, match=r"par.jsonl:4: the text is 8,001 characters"):
+        load_parallel(tmp_path / "par.jsonl")
+    big = tmp_path / "big.jsonl"
+    with big.open("wb") as f:
+        f.truncate(MAX_PROBE_BYTES + 1)
+    with pytest.raises(ProbeError, match=r"big.jsonl is 64 MiB; a probe file may have at most 64"):
+        load_probe(big)
+    with pytest.raises(ProbeError, match=r"a parallel file may have at most 64 MiB"):
+        load_parallel(big)
 
 
 def test_missing_or_empty_probe_file_is_refused(tmp_path):
