@@ -71,7 +71,7 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="a method option, repeatable (see each method's options in the README)",
+        help="a method option, repeatable (each method's options: docs/methods.md)",
     )
     add_dim3_arguments(parser)
     parser.add_argument(
@@ -247,7 +247,7 @@ def run(args: argparse.Namespace) -> int:
 
     recipe = _recipe(args)
     if args.command == "plan":
-        print(engine.plan(recipe).describe())
+        print(engine.plan(recipe).describe(recipe.dtype))
         return 0
     if not args.out:
         raise ValueError("merge needs --out DIR")
@@ -283,7 +283,7 @@ def run(args: argparse.Namespace) -> int:
         downloads.close()
         for bar in bars:
             bar.close()
-    print(result.plan.describe())
+    print(result.plan.describe(recipe.dtype))
     print(f"Wrote {result.out_dir} in {result.seconds:.1f} s")
     return 0
 

@@ -409,9 +409,7 @@ def converted(stored: torch.dtype, dtype: str) -> torch.dtype:
 def output_nbytes(recipe: Recipe, merge_plan: MergePlan) -> int:
     """The bytes of the merged checkpoint's tensors (in the output dtypes), known from the plan
     before any is merged."""
-    return sum(
-        math.prod(e.shape) * output_dtype(e, recipe.dtype).itemsize for e in merge_plan.entries
-    )
+    return merge_plan.summary(recipe.dtype)["bytes"]
 
 
 @dataclass(frozen=True)

@@ -73,6 +73,13 @@ class Entry:
     def nbytes(self) -> int:
         return int(torch.Size(self.shape).numel()) * self.dtype.itemsize
 
+    def nbytes_as(self, dtype: str) -> int:
+        """Its bytes in the output of a merge asked for ``dtype`` (a recipe's: ``auto`` keeps the
+        VLM's; an override converts floating-point tensors only)."""
+        if dtype == "auto" or not self.dtype.is_floating_point:
+            return self.nbytes
+        return int(torch.Size(self.shape).numel()) * getattr(torch, dtype).itemsize
+
     @property
     def padded(self) -> bool:
         return self.rows is not None and self.rows < self.shape[0]
@@ -87,19 +94,21 @@ class MergePlan:
     notes: list[str] = field(default_factory=list)
     multilingual: int = 1  # how many multilingual models are merged
 
-    def summary(self) -> dict[str, int]:
+    def summary(self, dtype: str = "auto") -> dict[str, int]:
+        """Counts of the plan's tensors, and the output's bytes when written in ``dtype``."""
         merged = [e for e in self.entries if e.action == "merge"]
         return {
             "tensors": len(self.entries),
             "merged": len(merged),
             "copied": len(self.entries) - len(merged),
             "padded": sum(e.padded for e in merged),
-            "bytes": sum(e.nbytes for e in self.entries),
+            "bytes": sum(e.nbytes_as(dtype) for e in self.entries),
         }
 
-    def describe(self) -> str:
-        """A short human-readable account of the plan."""
-        s = self.summary()
+    def describe(self, dtype: str = "auto") -> str:
+        """A short human-readable account of the plan, its output's size in ``dtype`` (the
+        recipe's output dtype)."""
+        s = self.summary(dtype)
         roles: dict[str, int] = {}
         for e in self.entries:
             if e.action == "copy":
@@ -115,7 +124,8 @@ class MergePlan:
             ),
             f"Copied unchanged: {s['copied']} tensors ({copied})",
             f"Vocabulary tensors with VLM-only rows kept: {s['padded']}",
-            f"Output size: {human_size(s['bytes'])} in {s['tensors']} tensors",
+            f"Output size: {human_size(s['bytes'])} in {s['tensors']} tensors"
+            + (f" ({dtype})" if dtype != "auto" else ""),
         ]
         for e in self.entries:
             if e.padded:

@@ -213,3 +213,37 @@ def test_each_command_has_its_own_help(name, capsys):
         main([name, "--help"])
     assert exit_.value.code == 0
     assert SUBCOMMANDS[name][1] in " ".join(capsys.readouterr().out.split())  # argparse wraps
+
+
+def test_plan_and_merge_state_the_output_size_in_the_output_dtype(
+    tiny_llava_trio, tmp_path, capsys
+):
+    """``--dtype bfloat16`` of a float32 VLM: the plan and the merge say the size the written
+    tensors have (counted from the written files' headers), not the VLM's own."""
+    from safetensors import safe_open
+
+    from dim3.plan import human_size
+
+    trio = tiny_llava_trio
+    args = ["--base", str(trio.base), "--multilingual", str(trio.multilingual)]
+    args += ["--multimodal", str(trio.multimodal)]
+
+    def written(folder):
+        total = 0
+        for path in folder.glob("*.safetensors"):
+            with safe_open(str(path), "pt") as f:
+                total += sum(f.get_tensor(k).nbytes for k in f.keys())
+        return total
+
+    sizes = {}
+    for dtype in ("auto", "bfloat16"):
+        assert main(["plan", *args, "--dtype", dtype]) == 0
+        planned = capsys.readouterr().out
+        out = tmp_path / dtype
+        assert main(["merge", *args, "--dtype", dtype, "--out", str(out)]) == 0
+        merged = capsys.readouterr().out
+        sizes[dtype] = written(out)
+        line = f"Output size: {human_size(sizes[dtype])} in "
+        assert line in planned and line in merged, (planned, sizes)
+        assert ("(bfloat16)" in planned) == (dtype == "bfloat16")
+    assert sizes["bfloat16"] * 2 == sizes["auto"]  # the tiny VLM is float32

@@ -268,7 +268,7 @@ def _check_plan(ctx: AppContext, tab: MergeTab) -> Callable:
             return {tab.plan_box: ctx.public(plain(ctx, exc)), tab.status: err(ctx, exc)}
         s = plan.summary()
         return {
-            tab.plan_box: ctx.public(plan.describe()),
+            tab.plan_box: ctx.public(plan.describe(recipe.dtype)),
             tab.status: ok(
                 f"The three fit together: {s['merged']} tensors will be merged, "
                 f"{s['copied']} copied. Press Merge."
@@ -316,7 +316,7 @@ def _merge(ctx: AppContext, tab: MergeTab) -> Callable:
         )
         log.append(ctx.manager.memory_note())
         yield {
-            tab.plan_box: ctx.public(result.plan.describe()),
+            tab.plan_box: ctx.public(result.plan.describe(recipe.dtype)),
             tab.log_box: "\n".join(log[-LOG_LINES:]),
             tab.status: ok(
                 f"Merged {s['merged']} tensors and copied {s['copied']} in "
