@@ -484,6 +484,8 @@ def pareto_figure(
     the swept method's settings in its colour with their Pareto front joined, the default and
     every reference method in their own colour and marker, the chosen setting ringed; the
     legend below the axes."""
+    from matplotlib.markers import MarkerStyle
+
     from dim3.sweep import pareto_front
 
     fig = new_figure(6.4, 5.6)
@@ -519,12 +521,14 @@ def pareto_figure(
     for p in points:
         if p.kind in ("original", "reference", "default"):
             s = style(p.method or p.label)
+            edge = "black" if p.kind == "default" else "none"
             ax.scatter(
                 *xy(p),
                 marker=s.marker,
                 s=110 if p.kind == "default" else 70,
                 color=s.color,
-                edgecolors="black" if p.kind == "default" else "none",
+                # an unfilled marker ('x', '+') is all edge: it takes its colour, not an edge's
+                **({"edgecolors": edge} if MarkerStyle(s.marker).is_filled() else {}),
                 linewidths=0.6,
                 label=p.label,
                 zorder=3,

@@ -271,6 +271,32 @@ def test_sweep_points_take_their_methods_style():
     assert len(fig.legends) == 1 and ax.get_legend() is None  # below the axes, not on them
 
 
+def test_sweep_points_of_unfilled_markers_draw_in_their_colour_without_warnings():
+    """Fisher's, STF's and NeuroMerging's markers are lines ('3', '2', '1'): an edge colour
+    given to them made matplotlib warn on every sweep plot with references; they are drawn in
+    the method's colour, the default's too."""
+    import warnings
+
+    from matplotlib.colors import to_hex
+
+    def point(label, kind, method, en, others):
+        return SweepPoint(label, kind, method, {}, {"en": en, "others": others}, {})
+
+    points = [
+        point("original", "original", "", 0.9, 0.1),
+        point("fisher (default)", "reference", "fisher", 0.8, 0.6),
+        point("neuromerging (default)", "reference", "neuromerging", 0.5, 0.6),
+        point("stf (default)", "default", "stf", 0.7, 0.5),
+        point("stf rank=4", "grid", "stf", 0.6, 0.7),
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fig = plots.pareto_figure(points, chosen="stf rank=4")
+    by_label = {c.get_label(): c for c in fig.axes[0].collections}
+    for name, method in (("fisher (default)", "fisher"), ("stf (default)", "stf")):
+        assert to_hex(by_label[name].get_edgecolor()[0]) == plots.STYLES[method].color.lower()
+
+
 def test_save_writes_a_png(tmp_path):
     path = plots.save(dg.heatmap(make_rows(2)), tmp_path / "sub" / "h.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
