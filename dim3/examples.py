@@ -157,9 +157,16 @@ def label(example: Example) -> str:
 
 
 if __name__ == "__main__":
+    import argparse
+
     from dim3.demo import DEMO_DIR
     from dim3.demo.world import LANGUAGES
 
+    argparse.ArgumentParser(
+        prog="python -m dim3.examples",
+        description="Write the chat's example pictures and questions (assets/examples) and the "
+        "demo VLM's dim3_languages.json again, from the code. Takes no options.",
+    ).parse_args()
     for p in write_examples():
         print(p)
     print(write_languages(DEMO_DIR / "multimodal", LANGUAGES))
