@@ -52,6 +52,18 @@ def test_every_public_endpoint_is_named_with_named_parameters(app):
     assert merge["multimodal"]["parameter_default"] == "./assets/demo/multimodal"
     assert merge["method"]["parameter_default"] == "dim3"
     assert all(p["parameter_has_default"] for p in merge.values())
+    # every parameter defaults to the form's value but what only the caller can say
+    required = {
+        name: [
+            p["parameter_name"] for p in endpoint["parameters"] if not p["parameter_has_default"]
+        ]
+        for name, endpoint in info["named_endpoints"].items()
+    }
+    assert {k: v for k, v in required.items() if v} == {
+        "/chat": ["message"],
+        "/save": ["folder"],
+        "/push": ["repo_id", "token"],
+    }
     chat = [p["parameter_name"] for p in info["named_endpoints"]["/chat"]["parameters"]]
     assert chat == ["message", "image", "max_new_tokens", "temperature", "top_p"]
     # No absolute server path anywhere in what the API tells its callers.

@@ -134,6 +134,7 @@ def _layout() -> EvaluateTab:
             SOURCES, value=PROBE.name, label="Source", scale=1, elem_id="dim3-eval-source"
         )
         probe = gr.Textbox(
+            "",  # a default for API callers: the built-in set
             label="Probe JSONL file, or the benchmark's Hub dataset id / local folder; "
             "empty = the built-in demo probe or the benchmark's Hub dataset",
             placeholder="./my-probe/probe.jsonl  ·  neulab/PangeaBench-xgqa  ·  ./data/xgqa",

@@ -75,6 +75,7 @@ def _layout() -> RepresentView:
             elem_id="dim3-rep-probe",
         )
         path = gr.Textbox(
+            "",  # a default for API callers: the built-in set
             label="JSONL file (id, language, text, image)",
             placeholder="/path/to/parallel.jsonl",
             scale=2,

@@ -138,6 +138,7 @@ def _layout() -> SweepView:
             )
     with gr.Row():
         probe = gr.Textbox(
+            "",  # a default for API callers: the built-in set
             label="Probe file (JSONL); empty = built-in demo probe",
             placeholder="/path/to/probe.jsonl",
             scale=3,
