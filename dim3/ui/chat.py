@@ -17,6 +17,7 @@ image and generation settings in, both answers out.
 from __future__ import annotations
 
 import functools
+import re
 import time
 import uuid
 from collections.abc import Iterator
@@ -82,8 +83,9 @@ class ChatTab:
 def display(messages: list[dict], image: str | None) -> list[dict]:
     """A pane's plain messages -> Chatbot messages; the image is shown before the first question.
 
-    A user's text is shown literally (escaped), an answer as Markdown with a small caption naming
-    the model that gave it; app notices in italics."""
+    A user's text is shown literally (escaped), an answer as Markdown (``answer_markdown``: its
+    formatting, but no image, link or HTML) with a small caption naming the model that gave it;
+    app notices in italics."""
     out: list[dict] = []
     for i, m in enumerate(messages):
         if i == 0 and image:
@@ -93,11 +95,139 @@ def display(messages: list[dict], image: str | None) -> list[dict]:
         elif m["role"] == "user":
             out.append({"role": "user", "content": md_escape(m["content"], None)})
         else:
-            text = m["content"] or "…"
+            text = answer_markdown(m["content"]) or "…"
             if m.get("by"):
                 text += f"\n\n<sub>— {md_escape(m['by'])}</sub>"
             out.append({"role": "assistant", "content": text})
     return out
+
+
+# A model's answer is shown to every visitor (the served models are shared), and a visitor's own
+# checkpoint can make it say anything: see ``answer_markdown``.
+_FENCE = re.compile(r"^([ \t]*(?:(?:[-*+]|\d{1,9}[.)])[ \t]+)?)(`{3,}|~{3,})(.*)$")
+_LANGUAGE = re.compile(r"[\w+#.-]{1,40}")
+# what links, images, references, autolinks, HTML, quotes and code spans are made of, as named
+# references (a bare URL that ends in one leaves it out, as GFM does, so the URL stays whole)
+_PROSE = {
+    **{"\\": "&bsol;", "`": "&grave;", "[": "&lsqb;", "]": "&rsqb;"},
+    **{"<": "&lt;", ">": "&gt;", "&": "&amp;"},
+}
+_PROSE_CHARS = re.compile("[" + re.escape("".join(_PROSE)) + "]")
+_PUNCTUATION = re.compile(r"[!-/:-@\[-`{-~]")  # every ASCII punctuation character
+_TICKS = re.compile(r"`+")
+_INDENTED = re.compile(r" {4}| {0,3}\t")  # how a line of an indented code block starts
+_LIST_ITEM = re.compile(r" {0,3}(?:[-*+]|\d{1,9}[.)])(?:[ \t]|$)")
+_PARAGRAPHS = re.compile(r"(\n[ \t]*\n)")
+
+
+def answer_markdown(text: str) -> str:
+    """A model's answer as Markdown that renders its formatting but cannot fetch or link.
+
+    In prose, the characters that links, images, references, autolinks, HTML, quotes and code
+    spans are made of (``\\ ` [ ] < >``, and ``&``) become character references (``&lsqb;``):
+    they show as written, and no parser builds anything from them (references, unlike
+    backslashes, also hold inside a bare URL that Gradio links, whose text is the URL itself).
+    Bold, italics, headings, lists and tables stay. A code span becomes ``<code>`` with all its
+    punctuation as references, so nothing in it is Markdown whatever a parser makes of its line.
+    A fenced block becomes a fence at the left margin after a blank line (no list, quote or HTML
+    block of the prose can hold it), longer than any run of backticks inside and always closed,
+    also mid-stream, so its content stays code; so does an indented code block (one that no open
+    list could hold). ``mermaid`` is dropped from its language: Gradio draws such a block as a
+    diagram, which may hold links and images.
+    """
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    blocks, prose, i, listed = [], [], 0, False  # listed: a list is open in what is written
+    while i < len(lines):
+        line, after_blank = lines[i], not prose or not prose[-1].strip()
+        fence = _FENCE.match(line)
+        if fence and not (fence[2][0] == "`" and "`" in fence[3]):  # no backtick in its info
+            if fence[1].strip():  # a list item that opens with a fence: the item, then the fence
+                prose.append(fence[1].rstrip())
+            i, code = _fenced(lines, i + 1, fence[1], fence[2], fence[3])
+        elif line.strip() and _INDENTED.match(line) and after_blank and not listed:
+            i, code = _indented(lines, i)  # fenced too, so that its content stays verbatim
+        else:
+            if _LIST_ITEM.match(line):
+                listed = True
+            elif line.strip() and not _INDENTED.match(line) and after_blank:
+                listed = False
+            prose.append(line)
+            i += 1
+            continue
+        blocks += [_prose("\n".join(prose).strip("\n")), code]
+        prose, listed = [], False  # a fence at the margin ends any list
+    blocks.append(_prose("\n".join(prose).strip("\n")))
+    return "\n\n".join(b for b in blocks if b)  # a blank line before and after each fence
+
+
+def _fenced(lines: list[str], i: int, indent: str, fence: str, info: str) -> tuple[int, str]:
+    """The fenced block opened before ``lines[i]``: (the line after it, the block re-fenced)."""
+    closing = re.compile(rf"[ \t]*{re.escape(fence[0])}{{{len(fence)},}}[ \t]*")
+    strip = re.compile(rf"[ \t]{{0,{len(indent)}}}")
+    body = []
+    while i < len(lines) and not closing.fullmatch(lines[i]):
+        body.append(strip.sub("", lines[i], count=1))
+        i += 1
+    words = info.split()
+    language = words[0] if words and _LANGUAGE.fullmatch(words[0]) else ""
+    return i + 1, _code_block(body, "" if language.lower() == "mermaid" else language)
+
+
+def _indented(lines: list[str], i: int) -> tuple[int, str]:
+    """The indented code block from ``lines[i]``: (the line after it, the block fenced)."""
+    end = i
+    while end < len(lines) and (_INDENTED.match(lines[end]) or not lines[end].strip()):
+        end += 1
+    while not lines[end - 1].strip():  # blank lines after it are not its own
+        end -= 1
+    return end, _code_block([_INDENTED.sub("", line, count=1) for line in lines[i:end]], "")
+
+
+def _code_block(body: list[str], language: str) -> str:
+    """``body`` fenced anew: longer than any run of backticks inside it, and closed."""
+    code = "".join(f"{line}\n" for line in body)
+    ticks = "`" * max(3, 1 + max((len(t) for t in _TICKS.findall(code)), default=0))
+    return f"{ticks}{language}\n{code}{ticks}"
+
+
+def _prose(text: str) -> str:
+    """Prose with its code spans as ``<code>``, the rest escaped; a span ends in its paragraph."""
+    return "".join(
+        part if _PARAGRAPHS.fullmatch(part) else _spans(part) for part in _PARAGRAPHS.split(text)
+    )
+
+
+def _spans(text: str) -> str:
+    """CommonMark's code spans: a run of n backticks up to the next run of exactly n."""
+    runs = list(_TICKS.finditer(text))
+    after: dict[int, int] = {}  # run index -> the next run of the same length
+    following: dict[int, int] = {}
+    for k in range(len(runs) - 1, -1, -1):
+        n = len(runs[k][0])
+        if n in following:
+            after[k] = following[n]
+        following[n] = k
+    out, start, k = [], 0, 0
+    while k < len(runs):
+        if k not in after:  # no closing run: literal backticks, prose
+            k += 1
+            continue
+        close = after[k]
+        out += [_escape_prose(text[start : runs[k].start()])]
+        out += [_code_span(text[runs[k].end() : runs[close].start()])]
+        start, k = runs[close].end(), close + 1
+    return "".join([*out, _escape_prose(text[start:])])
+
+
+def _code_span(code: str) -> str:
+    code = code.replace("\n", " ")
+    if code[:1] == code[-1:] == " " and code.strip():  # CommonMark drops one space each side
+        code = code[1:-1]
+    return "<code>" + _PUNCTUATION.sub(lambda c: f"&#{ord(c[0])};", code) + "</code>"
+
+
+def _escape_prose(text: str) -> str:
+    return _PROSE_CHARS.sub(lambda c: _PROSE[c[0]], text)
 
 
 def for_model(messages: list[dict]) -> list[dict]:
@@ -122,6 +252,9 @@ def _layout(ctx: AppContext) -> tuple[ChatTab, dict[str, gr.Button]]:
                 elem_id=elem,
                 elem_classes="dim3-pane",
                 buttons=["copy"],
+                # No LaTeX: Gradio cuts $$…$$ out of a message before it parses the Markdown,
+                # across a fence's opening or closing line, which let an answer's code out.
+                latex_delimiters=[],
             )
             for label, elem in (("Original VLM", "dim3-original"), ("Merged", "dim3-merged"))
         )
