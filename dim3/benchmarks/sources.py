@@ -6,11 +6,16 @@
 - a benchmark (``xgqa``, ``maxm``, ``marvl``, ``m3exam``): the ``datasets`` library resolves the
   dataset (Hub id or local folder) into its files, one split per language; no dataset script is
   ever run. A parquet split (all the reference sets) is **streamed** ``STREAM_BATCH`` rows at a
-  time, one row group in memory (other formats stream through ``datasets``). Nothing is cached in
-  full; pictures stay encoded while the split streams past; a reservoir sample (``random.Random(f"{seed}:{lang}")``,
-  Algorithm R over the rows in file order) keeps ``limit`` items per language, returned in file
-  order. Only those items' encoded pictures are held; they are decoded one batch at a time when
-  asked (``dim3.evaluate``).
+  time, one row group in memory, only the columns the benchmark reads (``Benchmark.fields``);
+  other formats stream through ``datasets``, with the same columns and nothing decoded. Nothing
+  is cached in full; pictures stay encoded while the split streams past; a reservoir sample
+  (``random.Random(f"{seed}:{lang}")``, Algorithm R over the rows in file order) keeps ``limit``
+  items per language, returned in file order. Only those items' encoded pictures are held; they
+  are decoded one batch at a time when asked (``dim3.evaluate``).
+- what a dataset may make the reader hold is bounded, each refused with a message that names it
+  (the file's name, the row group or row, the size and the limit): a row group's columns read
+  (``MAX_ROW_GROUP_BYTES``), one picture (``MAX_PICTURE_BYTES``), one text cell
+  (``MAX_TEXT_BYTES``) and all that a sample keeps (``MAX_SAMPLE_BYTES``, or ``max_bytes``).
 - ``probe``: the demo probe (``dataset`` empty or ``demo``) or a JSONL probe file
   (:func:`dim3.probes.load_probe`), sampled the same way.
 
@@ -23,33 +28,95 @@ from __future__ import annotations
 import itertools
 import random
 import re
-from collections.abc import Iterable, Iterator, Sequence
-from pathlib import Path
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path, PurePosixPath
 from typing import Any
 
-from dim3.benchmarks import PROBE, Benchmark, Item, get_benchmark
+from dim3.benchmarks import M3EXAM_IMAGE_FIELDS, PROBE, Benchmark, Item, get_benchmark
 
 DEFAULT_LIMIT = 200
 DEFAULT_SEED = 0
-STREAM_BATCH = 64  # rows converted to Python at a time while a split streams past
+STREAM_BATCH = 64  # rows read at a time while a split streams past
+MIB = 2**20
+# What one row group's columns read may take once read (their uncompressed size in the file's
+# metadata, plus VALUE_BYTES per value for offsets, dictionary indices and nulls). The `datasets`
+# library writes row groups of at most 100 MB (older versions: 100 rows of pictures, some
+# 160 MB for MaRVL's largest photos, 1.6 MB each on average); a 40 KB file whose unused column
+# held 1.2 GB of text took 3.5 GB to read whole.
+MAX_ROW_GROUP_BYTES = 512 * MIB
+VALUE_BYTES = 8
+# One picture's encoded bytes. The reference sets' pictures are photos of a few hundred KB
+# (MaRVL's largest split averages 450 KB, its English photos 1.6 MB; a 12 MP phone JPEG is
+# 3-5 MB); a picture past 16 MiB would have more pixels than the 40 MP a picture may have
+# unless padded, as the attack's 32x32 PNG followed by 20 MB of zeros was.
+MAX_PICTURE_BYTES = 16 * MIB
+# One text cell (a question, an answer list, M3Exam's background passages), in bytes as read.
+# A prompt is at most 8,000 characters (dim3.limits.MAX_QUESTION_CHARS, 32 KB of UTF-8).
+MAX_TEXT_BYTES = 64 * 2**10
+# What a whole sample (every language's kept items: encoded pictures and texts) may hold. All five
+# MaRVL splits, pictures included, are 1.4 GB; the app's largest sample (480 questions in each
+# language) about 0.6 GB. A sample of 480 padded 20 MB pictures per language would be 9.6 GB.
+MAX_SAMPLE_BYTES = 2 * 2**30
+# A batch whose cells hold more than this is converted to Python a row at a time.
+CONVERT_BYTES = 64 * MIB
+# The columns in which the reference sets keep pictures (besides ``Benchmark.image_field``):
+# M3Exam's base64 text. Every other column the reader converts is text (MAX_TEXT_BYTES).
+PICTURE_FIELDS = frozenset({"image", *M3EXAM_IMAGE_FIELDS})
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$")
 
 
-def reservoir(rows: Iterable[Item], k: int, rng: random.Random) -> list[Item]:
+def reservoir(
+    rows: Iterable[Item], k: int, rng: random.Random, budget: SampleBudget | None = None
+) -> list[Item]:
     """``k`` items drawn uniformly from ``rows`` in one pass (Algorithm R), in input order.
 
     Item ``i`` (0-based) replaces a random kept one with probability ``k / (i + 1)``; memory is
-    ``k`` items whatever the length of ``rows``.
+    ``k`` items whatever the length of ``rows``. ``budget`` counts the bytes the kept items
+    hold (and refuses past its limit); it draws nothing, so the sample is the same with it.
     """
+    budget = budget or SampleBudget(None)
     kept: list[tuple[int, Item]] = []
     for i, item in enumerate(rows):
         if i < k:
+            budget.keep(item)
             kept.append((i, item))
         else:
             j = rng.randint(0, i)
             if j < k:
+                budget.keep(item, instead_of=kept[j][1])
                 kept[j] = (i, item)
     return [item for _, item in sorted(kept, key=lambda pair: pair[0])]
+
+
+def item_bytes(item: Item) -> int:
+    """About what ``item`` holds: its encoded picture's bytes and its texts' characters."""
+    picture = item.image
+    if isinstance(picture, Mapping):
+        picture = picture.get("bytes")
+    held = len(picture) if isinstance(picture, (bytes, bytearray, str)) else 0
+    texts = (item.id, item.question, item.context, *item.answers, *item.options)
+    return held + sum(len(text) for text in texts)
+
+
+class SampleBudget:
+    """The bytes a sample's kept items hold (:func:`item_bytes`), refused past ``limit``."""
+
+    def __init__(self, limit: int | None, per_language: int | None = None) -> None:
+        self.limit, self.per_language, self.held, self.kept = limit, per_language, 0, 0
+
+    def keep(self, item: Item, instead_of: Item | None = None) -> None:
+        """Count ``item`` as kept (in place of ``instead_of``, which the sample drops)."""
+        self.held += item_bytes(item) - (item_bytes(instead_of) if instead_of else 0)
+        self.kept += instead_of is None
+        if self.limit is not None and self.held > self.limit:
+            n = self.per_language
+            asked = f"up to {n} per language" if n else "every question of each language"
+            raise ValueError(
+                f"the sample's {self.kept} questions so far ({asked}) hold "
+                f"{_mib(self.held)} of pictures and text, more than the {_mib(self.limit)} a "
+                f"sample may hold; ask for fewer questions per language or fewer languages, or "
+                f"give a dataset with smaller pictures"
+            )
 
 
 def load_items(
@@ -62,6 +129,7 @@ def load_items(
     allowed_roots: Sequence[str | Path] | None = None,
     token: str | None = None,
     scan: int | None = None,
+    max_bytes: int | None = MAX_SAMPLE_BYTES,
 ) -> list[Item]:
     """Up to ``limit`` seeded items per language (``None``: all), languages in the order given.
 
@@ -69,6 +137,7 @@ def load_items(
     ``demo`` (default) or a JSONL file. Raises ``ValueError`` naming the problem and the fix (an
     unknown benchmark or language, a missing split or field, a folder outside the allowed ones).
     ``scan`` reads only the first ``scan`` usable questions of each split (a quick draw).
+    ``max_bytes``: what all the kept items may hold (:func:`item_bytes`; ``None``: no limit).
     """
     bench = benchmark if isinstance(benchmark, Benchmark) else get_benchmark(benchmark)
     if limit is not None and limit < 1:
@@ -80,14 +149,17 @@ def load_items(
     if not any(lang.strip() for lang in languages):  # all of the benchmark's the dataset has
         langs = _present(bench, ref, token)
     items: list[Item] = []
+    budget = SampleBudget(max_bytes, limit)
     for lang in langs:
         rows = _rows(bench, ref, lang, token)
         if scan is not None:
             rows = itertools.islice(rows, scan)
         if limit is None:
-            items.extend(rows)
+            for item in rows:
+                budget.keep(item)
+                items.append(item)
         else:
-            items.extend(reservoir(rows, limit, _rng(seed, lang)))
+            items.extend(reservoir(rows, limit, _rng(seed, lang), budget))
     if not items:
         raise ValueError(f"{ref} has no usable {bench.title} questions in {', '.join(langs)}")
     return items
@@ -165,40 +237,220 @@ def _rows(bench: Benchmark, ref: str, lang: str, token: str | None) -> Iterator[
             f"{', '.join(bench.languages)}); its splits: {', '.join(map(str, files))}"
         )
     if builder.name == "parquet":
-        return _to_items(bench, _parquet_rows(files[lang], token), lang, ref)
+        return _to_items(bench, _parquet_rows(bench, files[lang], token), lang, ref)
     stream = datasets.load_dataset(ref, split=lang, streaming=True, token=token)
-    field = bench.image_field
-    if field and isinstance((stream.features or {}).get(field), datasets.Image):
-        stream = stream.cast_column(field, datasets.Image(decode=False))  # keep pictures encoded
-    return _to_items(bench, stream, lang, ref)
+    if stream.features and bench.fields:  # known before any row is read
+        stream = stream.select_columns([f for f in bench.fields if f in stream.features])
+    if stream.features:  # (unknown: `datasets` decodes nothing)
+        stream = stream.decode(False)  # every picture, in any column, stays encoded
+    return _to_items(bench, _checked(bench, stream, ref), lang, ref)
 
 
-def _parquet_rows(urls: Sequence[str], token: str | None) -> Iterator[dict[str, Any]]:
-    """Rows of parquet files (local paths or ``hf://`` URLs), ``STREAM_BATCH`` at a time.
+def _checked(bench: Benchmark, rows: Iterable[dict[str, Any]], ref: str):
+    """``rows`` (already read by ``datasets``), each cell checked before an item keeps it."""
+    for index, row in enumerate(rows):
+        for field, value in row.items():
+            _check_cell(bench, field, _value_bytes(value), isinstance(value, str), ref, index)
+        yield row
 
-    ``pre_buffer=False``: pyarrow's default reads a whole file object into memory first; without
-    it only the row group being read is (pictures as ``{"bytes", "path"}``, still encoded)."""
+
+def _parquet_rows(
+    bench: Benchmark, urls: Sequence[str], token: str | None
+) -> Iterator[dict[str, Any]]:
+    """The rows of parquet files (local paths or ``hf://`` URLs), the benchmark's fields only.
+
+    Each row group is sized from the file's metadata before it is read
+    (:func:`_check_row_group`); its text and binary columns are read as dictionaries, so a value
+    repeated in many rows is held once; each cell is sized before it is converted to Python
+    (:func:`_cell_sizes`). ``pre_buffer=False``: pyarrow's default reads a whole file object into
+    memory first; without it only the row group being read is (pictures still encoded)."""
     import fsspec
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     for url in urls:
+        name = PurePosixPath(str(url)).name  # never a server path
         options = {"token": token} if str(url).startswith("hf://") and token else {}
         with fsspec.open(str(url), "rb", **options) as f:
-            for batch in pq.ParquetFile(f, pre_buffer=False).iter_batches(STREAM_BATCH):
-                yield from batch.to_pylist()
+            try:
+                meta = pq.ParquetFile(f).metadata
+                names = meta.schema.to_arrow_schema().names
+            except (OSError, pa.ArrowException) as exc:
+                raise ValueError(f"{name} is not a parquet file that can be read: {exc}") from None
+            columns = [c for c in bench.fields if c in names] if bench.fields else names
+            leaves = [
+                meta.schema.column(j).path
+                for j in range(meta.num_columns)
+                if meta.schema.column(j).path.split(".")[0] in columns
+                and meta.schema.column(j).physical_type == "BYTE_ARRAY"
+            ]
+            parquet = pq.ParquetFile(f, pre_buffer=False, metadata=meta, read_dictionary=leaves)
+            first = 0  # the row group's first row in the file
+            for group in range(meta.num_row_groups):
+                _check_row_group(meta.row_group(group), columns, name, group)
+                batches = parquet.iter_batches(STREAM_BATCH, row_groups=[group], columns=columns)
+                for batch in batches:
+                    yield from _batch_rows(bench, batch, name, first)
+                    first += batch.num_rows
+
+
+def _check_row_group(group: Any, columns: Sequence[str], name: str, index: int) -> None:
+    """``ValueError`` when the columns read of a row group would take more than
+    ``MAX_ROW_GROUP_BYTES`` (from the file's metadata: nothing is read)."""
+    size = 0
+    for j in range(group.num_columns):
+        chunk = group.column(j)
+        if chunk.path_in_schema.split(".")[0] in columns:
+            size += chunk.total_uncompressed_size + VALUE_BYTES * chunk.num_values
+    if size > MAX_ROW_GROUP_BYTES:
+        raise ValueError(
+            f"{name}: row group {index} ({group.num_rows:,} rows) takes {_mib(size)} "
+            f"uncompressed in the columns read ({', '.join(columns)}), more than the "
+            f"{_mib(MAX_ROW_GROUP_BYTES)} read at once; write the file with smaller row groups "
+            "(the `datasets` library writes at most 100 MB each)"
+        )
+
+
+def _batch_rows(bench: Benchmark, batch: Any, name: str, first: int) -> Iterator[dict[str, Any]]:
+    """The rows of an Arrow batch as dicts, each cell sized (and refused) before conversion."""
+    import numpy as np
+    import pyarrow as pa
+
+    total = np.zeros(batch.num_rows, dtype=np.int64)
+    for field, column in zip(batch.schema.names, batch.columns, strict=True):
+        sizes = _cell_sizes(column)
+        kind = column.type.value_type if pa.types.is_dictionary(column.type) else column.type
+        text = pa.types.is_string(kind) or pa.types.is_large_string(kind)
+        if len(sizes):
+            worst = int(np.argmax(sizes))
+            _check_cell(bench, field, int(sizes[worst]), text, name, first + worst)
+        total += sizes
+    if total.sum() <= CONVERT_BYTES:
+        yield from batch.to_pylist()
+    else:  # a row at a time: what Python holds at once is one row of checked cells
+        for i in range(batch.num_rows):
+            yield batch.slice(i, 1).to_pylist()[0]
+
+
+def _cell_sizes(column: Any) -> Any:
+    """The bytes each row's value of an Arrow array holds once converted (strings and bytes at
+    their length, a dictionary value at its value's, lists and structs summed), as a numpy
+    int64 array; computed from lengths and offsets, nothing converted."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    kind = column.type
+    if pa.types.is_dictionary(kind):
+        lengths = pa.array(_cell_sizes(column.dictionary))
+        return pc.take(lengths, column.indices).fill_null(0).to_numpy(zero_copy_only=False)
+    binary = (pa.types.is_binary, pa.types.is_large_binary, pa.types.is_string)
+    if any(is_kind(kind) for is_kind in (*binary, pa.types.is_large_string)):
+        lengths = pc.binary_length(column).fill_null(0)
+        return lengths.to_numpy(zero_copy_only=False).astype(np.int64)
+    if pa.types.is_struct(kind):
+        sizes = np.zeros(len(column), dtype=np.int64)
+        for child in column.flatten():
+            sizes += _cell_sizes(child)
+        return sizes
+    if (pa.types.is_list(kind) or pa.types.is_large_list(kind)) and not pa.types.is_map(kind):
+        parents = pc.list_parent_indices(column).to_numpy(zero_copy_only=False)
+        values = _cell_sizes(column.flatten())
+        return np.bincount(parents, weights=values, minlength=len(column)).astype(np.int64)
+    if pa.types.is_fixed_size_list(kind):
+        values = _cell_sizes(column.flatten())
+        return values.reshape(len(column), kind.list_size).sum(axis=1) if len(column) else values
+    try:
+        width = max(kind.bit_width // 8, 1)
+    except ValueError:  # any other type: every row counted at the whole array's size
+        width = column.nbytes
+    return np.full(len(column), width, dtype=np.int64)
+
+
+def _value_bytes(value: Any) -> int:
+    """What a Python value read from a dataset holds, as :func:`_cell_sizes` counts it."""
+    if isinstance(value, str):  # its UTF-8 length, not copied where it is long anyway
+        return len(value) if value.isascii() or len(value) > MAX_TEXT_BYTES else len(value.encode())
+    if isinstance(value, (bytes, bytearray)):
+        return len(value)
+    if isinstance(value, Mapping):
+        return sum(_value_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_value_bytes(v) for v in value)
+    return 8
+
+
+def _check_cell(bench: Benchmark, field: str, size: int, text: bool, where: str, row: int) -> None:
+    """``ValueError`` when one cell is larger than its kind may be: a picture (its encoded bytes;
+    base64 text is 4/3 of them) ``MAX_PICTURE_BYTES``, any other cell ``MAX_TEXT_BYTES``."""
+    if field in PICTURE_FIELDS or field == bench.image_field:
+        encoded = size * 3 // 4 if text else size
+        if encoded > MAX_PICTURE_BYTES:
+            raise ValueError(
+                f"{where}: the picture in field {field!r} of row {row} is {_mib(encoded)} "
+                f"encoded, more than the {_mib(MAX_PICTURE_BYTES)} a picture may have; give a "
+                "dataset with smaller pictures"
+            )
+    elif size > MAX_TEXT_BYTES:
+        raise ValueError(
+            f"{where}: field {field!r} of row {row} holds {size:,} bytes, more than the "
+            f"{MAX_TEXT_BYTES:,} a text of a {bench.title} question may have; give a dataset in "
+            f"the {bench.title} schema ({bench.dataset})"
+        )
+
+
+class _ReadRow(dict):
+    """A row that remembers the last field read (to name it when a value is of the wrong type)."""
+
+    last: str | None = None
+
+    def __getitem__(self, key: str) -> Any:
+        self.last = key
+        return super().__getitem__(key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self.last = key
+        return super().get(key, default)
 
 
 def _to_items(bench: Benchmark, rows: Iterable[dict[str, Any]], lang: str, ref: str):
     for index, row in enumerate(rows):
+        read = _ReadRow(row)
         try:
-            item = bench.to_item(row, lang, index)
+            item = bench.to_item(read, lang, index)
         except KeyError as exc:
             raise ValueError(
                 f"{ref} split {lang!r} row {index} has no field {exc}; it is not in the "
                 f"{bench.title} schema ({bench.dataset})"
             ) from None
+        except (TypeError, AttributeError, ValueError) as exc:
+            where = f"{ref} split {lang!r} row {index}"
+            raise ValueError(_unreadable(bench, exc, read, where)) from None
         if item is not None:
             yield item
+
+
+def _unreadable(bench: Benchmark, exc: Exception, row: _ReadRow, where: str) -> str:
+    """What is wrong with a row ``to_item`` could not read: the field last read and the type of
+    its value (a list or null where text belongs), or the item's own check (a long question)."""
+    frame = exc.__traceback__
+    while frame is not None and frame.tb_next is not None:
+        frame = frame.tb_next
+    if frame is not None and frame.tb_frame.f_code.co_name == "__post_init__":
+        return f"{where}: {exc}"  # Item's own check, which names the problem
+    field = row.last
+    value = dict.get(row, field)
+    held = " is null and" if value is None else f" holds a {type(value).__name__} that"
+    held = held if field in row else ""
+    what = f"its field {field!r}{held} cannot be read" if field else "it cannot be read"
+    return (
+        f"{where}: {what} ({type(exc).__name__}: {exc}); the {bench.title} schema "
+        f"({bench.dataset}) has the fields {', '.join(bench.fields)}"
+    )
+
+
+def _mib(size: int) -> str:
+    return f"{size / MIB:,.1f} MiB"
 
 
 def _probe_items(

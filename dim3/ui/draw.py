@@ -6,6 +6,8 @@ split's first 1,000, kept per source so later draws are instant) and puts its pi
 prompt (the benchmark's reference wording) into the chat box, with the benchmark's generation
 length in the settings (greedy). Once both models have answered that question, the line under
 the panes shows the gold answer and whether each answer matches it under the benchmark's metric.
+Pools keep their pictures encoded and are kept by bytes as well as by number: together at most
+``CACHE_BYTES``; a larger pool is served but not kept, one past ``POOL_BYTES`` refused.
 The drawn question lives in the session's ``gr.State`` as plain data. The demo probe is the
 source offered first (it fits the demo trio the app starts with).
 """
@@ -16,6 +18,7 @@ import random
 import tempfile
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,12 +26,18 @@ from typing import Any
 import gradio as gr
 
 from dim3.benchmarks import BENCHMARKS, PROBE, Item, decode_image, get_benchmark
-from dim3.benchmarks.sources import load_items
+from dim3.benchmarks.sources import MIB, item_bytes, load_items
 from dim3.ui.common import AppContext, check_text, error_html, md_escape
 
 POOL = 64  # questions kept per (source, dataset, language)
 SCAN = 1000  # questions of a split the pool is drawn from
 CACHED = 8  # pools kept
+# What one pool may hold (encoded pictures and texts; a larger one is refused): 64 photos of the
+# reference sets are some 30 MB (MaRVL's largest photos 100 MB); 64 padded pictures of 20 MB
+# each were 1.3 GB, and a few such pools kept left an idle server at 9.1 GB.
+POOL_BYTES = 256 * MIB
+# What the kept pools may hold together: a dozen pools of real photos; one larger is not kept.
+CACHE_BYTES = 128 * MIB
 DEMO_LANGUAGES = ("en", "de", "es", "ru", "zh", "ar", "hi", "sw")
 SOURCES = [("Demo probe", PROBE.name)] + [(b.title, b.name) for b in BENCHMARKS.values()]
 PRIVATE = {"api_visibility": "private"}
@@ -85,31 +94,50 @@ def draw_controls(gold: gr.Markdown) -> DrawControls:
 
 
 class Pools:
-    """Question pools per (source, dataset, language), the most recent ``CACHED`` kept."""
+    """Question pools per (source, dataset, language): the most recent ``CACHED`` kept, together
+    at most ``CACHE_BYTES`` (:func:`~dim3.benchmarks.sources.item_bytes`, pictures included)."""
 
-    def __init__(self) -> None:
-        self._pools: OrderedDict[tuple[str, str, str], list[Item]] = OrderedDict()
+    def __init__(self, cache_bytes: int = CACHE_BYTES) -> None:
+        self.cache_bytes = cache_bytes
+        self._pools: OrderedDict[tuple[str, str, str], tuple[list[Item], int]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, ctx: AppContext, source: str, dataset: str, language: str) -> list[Item]:
+    @property
+    def held(self) -> int:
+        """The bytes the kept pools hold."""
+        with self._lock:
+            return sum(size for _, size in self._pools.values())
+
+    def get(
+        self,
+        source: str,
+        dataset: str,
+        language: str,
+        allowed_roots: Sequence[str | Path] | None = None,
+    ) -> list[Item]:
         key = (source, dataset, language)
         with self._lock:
             if key in self._pools:
                 self._pools.move_to_end(key)
-                return self._pools[key]
+                return self._pools[key][0]
         pool = load_items(
             source,
             dataset or None,
             [language],
             limit=POOL,
             seed=0,
-            allowed_roots=ctx.allowed_roots,
+            allowed_roots=allowed_roots,
             scan=SCAN,
+            max_bytes=POOL_BYTES,
         )
+        size = sum(item_bytes(item) for item in pool)
+        if size > self.cache_bytes:
+            return pool  # served, not kept
         with self._lock:
-            self._pools[key] = pool
-            while len(self._pools) > CACHED:
-                self._pools.popitem(last=False)
+            self._pools[key] = (pool, size)
+            held = sum(size for _, size in self._pools.values())
+            while len(self._pools) > CACHED or held > self.cache_bytes:
+                held -= self._pools.popitem(last=False)[1][1]
         return pool
 
 
@@ -165,7 +193,7 @@ def wire_draw(ctx: AppContext, tab: Any, controls: DrawControls, answered: list)
     def draw(source: str, language: str, dataset: str) -> dict:
         try:
             dataset = check_text(dataset, "dataset")
-            item = random.choice(pools.get(ctx, source, dataset, language))
+            item = random.choice(pools.get(source, dataset, language, ctx.allowed_roots))
             files = []
             if item.image is not None:
                 folder = Path(tempfile.mkdtemp(prefix="dim3-draw-"))

@@ -1,0 +1,389 @@
+"""What a dataset may make the benchmark reader hold, on crafted files in the Hub sets' schema.
+
+Each file is a real parquet file (pyarrow), ``datasets`` Arrow or WebDataset folder, read by the
+real reader (``dim3.benchmarks.sources.load_items``). Large values are written as views of one
+buffer (or through a dictionary), so the files are a few KB and the test holds little; what the
+reader holds is measured: Arrow's allocations (a proxy of its memory pool, made the default while
+the reader runs) plus Python's (tracemalloc).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import random
+import struct
+import tarfile
+import tracemalloc
+import zlib
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from dim3.benchmarks import BENCHMARKS
+from dim3.benchmarks.sources import (
+    MAX_PICTURE_BYTES,
+    MAX_ROW_GROUP_BYTES,
+    MIB,
+    item_bytes,
+    load_items,
+    reservoir,
+)
+from tests.benchmark_data import BUILDERS, picture
+
+IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+_POOLS: list[pa.MemoryPool] = []  # every proxy pool lives as long as the process (Arrow's rule)
+
+
+@contextmanager
+def measured():
+    """``{"arrow", "python", "peak"}``: the most bytes Arrow and Python held during the block."""
+    previous = pa.default_memory_pool()
+    _POOLS.append(pa.proxy_memory_pool(previous))
+    pa.set_memory_pool(_POOLS[-1])
+    tracemalloc.start()
+    result: dict[str, int] = {}
+    try:
+        yield result
+    finally:
+        result["python"] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        pa.set_memory_pool(previous)
+        result["arrow"] = _POOLS[-1].max_memory()
+        result["peak"] = result["arrow"] + result["python"]
+
+
+def repeated(value: bytes, n: int) -> pa.Array:
+    """``n`` rows of ``value`` as binary views of one buffer: ``len(value)`` bytes held, however
+    many rows (written to parquet as ordinary binary values)."""
+    views = np.zeros((n, 4), dtype=np.int32)
+    views[:, 0] = len(value)
+    views[:, 1] = np.frombuffer(value[:4].ljust(4, b"\0"), dtype=np.int32)[0]
+    return pa.Array.from_buffers(
+        pa.binary_view(), n, [None, pa.py_buffer(views.tobytes()), pa.py_buffer(value)]
+    )
+
+
+def padded(extra: int) -> bytes:
+    """A valid 64x64 PNG followed by ``extra`` zero bytes (Pillow reads it; it is that big)."""
+    return picture("red") + b"\0" * extra
+
+
+def images(values: pa.Array) -> pa.StructArray:
+    return pa.StructArray.from_arrays(
+        [values, pa.nulls(len(values), pa.string())], ["bytes", "path"]
+    )
+
+
+def write(folder: Path, table: pa.Table, split: str = "de", **options) -> Path:
+    """``folder/data/<split>-00000-of-00001.parquet``, zstd, read back as plain Arrow types."""
+    (folder / "data").mkdir(parents=True, exist_ok=True)
+    path = folder / "data" / f"{split}-00000-of-00001.parquet"
+    options = {"compression": "zstd", "compression_level": 1, "store_schema": False} | options
+    pq.write_table(table, path, **options)
+    return path
+
+
+def xgqa_table(n: int, image: pa.Array | None = None, **extra: pa.Array) -> pa.Table:
+    """``n`` rows in the xGQA schema (neulab/PangeaBench-xgqa: image, question, answer)."""
+    pictures = image if image is not None else images(pa.array([picture("red")] * n))
+    columns = {"image": pictures, "question": ["What colour is it?"] * n, "answer": ["red"] * n}
+    return pa.table(columns | extra)
+
+
+def m3exam_table(folder: Path) -> pa.Table:
+    """Two English rows of the M3Exam copy in its real schema (``tests.benchmark_data``)."""
+    return pq.read_table(next(BUILDERS["m3exam"](folder, ("english",), 2).rglob("*.parquet")))
+
+
+def same(items, others) -> bool:
+    """The same questions, prompts, answers and (encoded) pictures, in the same order."""
+
+    def key(it):
+        return it.id, it.language, it.question, it.answers, it.options, repr(it.image)
+
+    return [key(it) for it in items] == [key(it) for it in others]
+
+
+# --- the reader reads what a whole read would, and nothing more ------------------------------------
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_the_bounded_reader_gives_the_items_of_a_whole_read(tmp_path, name):
+    """The local copies in each set's real schema (``datasets`` writer, dictionary pages), also
+    rewritten in row groups of 7: the sample is the one a whole read of every column gives."""
+    bench = BENCHMARKS[name]
+    folder = BUILDERS[name](tmp_path / name, n=30)
+    for file in sorted((folder / "data").glob("*.parquet")):
+        lang = file.name.split("-")[0]
+        rows = pq.read_table(file).to_pylist()
+        whole = [bench.to_item(row, lang, i) for i, row in enumerate(rows)]
+        whole = [it for it in whole if it is not None]
+        for limit, seed in ((4, 0), (9, 5), (100, 1)):
+            expected = reservoir(whole, limit, random.Random(f"{seed}:{lang}"))
+            assert same(load_items(name, str(folder), [lang], limit, seed), expected)
+        write(tmp_path / "groups", pq.read_table(file), lang, row_group_size=7)
+        assert same(load_items(name, str(tmp_path / "groups"), [lang], None), whole)
+
+
+def test_columns_the_benchmark_does_not_read_are_left_unread(tmp_path):
+    """A 64 MiB unused column (4 cells of 16 MiB, a few KB compressed) is not read: the reader
+    holds a few MB, where reading every column took the column twice (Arrow and Python)."""
+    junk = repeated(b"A" * (16 * MIB), 4)
+    write(tmp_path / "junk", xgqa_table(4, junk=junk))
+    write(tmp_path / "plain", xgqa_table(4))
+    with measured() as held:
+        items = load_items("xgqa", str(tmp_path / "junk"), ["de"], limit=4)
+    assert held["peak"] < 8 * MIB, held
+    assert same(items, load_items("xgqa", str(tmp_path / "plain"), ["de"], limit=4))
+
+
+def test_a_row_group_past_the_limit_is_refused_from_its_metadata(tmp_path):
+    """26 pictures of 20 MiB in one row group (520 MiB uncompressed, 17 KB on disk): refused
+    before any of it is read, naming the file (not its folder), the row group, size and limit."""
+    big = repeated(padded(20 * MIB - 200), 26)
+    write(tmp_path, xgqa_table(26, images(big)), use_dictionary=False)
+    with measured() as held, pytest.raises(ValueError) as error:
+        load_items("xgqa", str(tmp_path), ["de"], limit=2)
+    message = str(error.value)
+    assert message.startswith("de-00000-of-00001.parquet: row group 0 (26 rows) takes 520.0 MiB")
+    assert f"more than the {MAX_ROW_GROUP_BYTES // MIB}.0 MiB read at once" in message
+    assert "columns read (question, answer, image)" in message and str(tmp_path) not in message
+    assert held["peak"] < 4 * MIB, held
+
+
+# --- cells: pictures and texts ------------------------------------------------------------------
+
+
+def test_a_picture_past_the_limit_is_refused_before_it_is_converted(tmp_path):
+    """A picture of 17 MiB (a PNG padded with zeros) is refused naming the field and row, in
+    both forms the sets store (bytes, M3Exam's base64 text); one of 15 MiB, far larger than
+    the sets' photos, is read."""
+    rows = [picture("red"), padded(15 * MIB), padded(17 * MIB)]
+    write(tmp_path / "xgqa", xgqa_table(3, images(pa.array(rows))), row_group_size=1)
+    with measured() as held, pytest.raises(ValueError) as error:
+        load_items("xgqa", str(tmp_path / "xgqa"), ["de"], limit=3)
+    assert str(error.value) == (
+        "de-00000-of-00001.parquet: the picture in field 'image' of row 2 is 17.0 MiB encoded, "
+        f"more than the {MAX_PICTURE_BYTES // MIB}.0 MiB a picture may have; give a dataset "
+        "with smaller pictures"
+    )
+    assert held["python"] < 20 * MIB, held  # the 15 MiB one, not the 17 MiB one
+    assert len(load_items("xgqa", str(tmp_path / "xgqa"), ["de"], limit=2, scan=2)) == 2
+
+    exam = m3exam_table(tmp_path / "m3")
+    text = base64.b64encode(padded(17 * MIB)).decode()
+    exam = exam.set_column(exam.schema.get_field_index("image_0"), "image_0", pa.array([text] * 2))
+    write(tmp_path / "exam", exam, "english")
+    with pytest.raises(ValueError, match=r"picture in field 'image_0' of row 0 is 17.0 MiB"):
+        load_items("m3exam", str(tmp_path / "exam"), ["english"], limit=2)
+
+
+def test_a_value_repeated_through_the_files_dictionary_is_held_once(tmp_path):
+    """A row group's metadata counts a dictionary value once, whatever the rows that use it: 64
+    rows of one 8 MiB picture (3 KB on disk) are read as a dictionary, each row converted alone
+    (a whole read held 64 copies twice, 1 GiB); a MaXM answer list of 200,000 references to a
+    1 KiB text (200 MB once expanded) is refused from its computed size, never expanded."""
+    write(
+        tmp_path / "xgqa",
+        xgqa_table(64, images(pa.array([padded(8 * MIB)] * 64))),
+        dictionary_pagesize_limit=64 * MIB,
+    )
+    with measured() as held:
+        items = load_items("xgqa", str(tmp_path / "xgqa"), ["de"], limit=2)
+    assert len(items) == 2 and len(items[0].image["bytes"]) == 8 * MIB + len(picture("red"))
+    assert held["peak"] < 64 * MIB, held
+
+    refs = pa.DictionaryArray.from_arrays(pa.array(np.zeros(200_000, np.int32)), ["x" * 1024])
+    answers = pa.ListArray.from_arrays(pa.array([0, 200_000], pa.int32()), refs)
+    maxm = pa.table(
+        {"image": images(pa.array([picture("red")])), "question": ["?"], "answers": answers}
+    )
+    write(tmp_path / "maxm", maxm, "fr")
+    with measured() as held, pytest.raises(ValueError) as error:
+        load_items("maxm", str(tmp_path / "maxm"), ["fr"], limit=2)
+    assert str(error.value).startswith(
+        "fr-00000-of-00001.parquet: field 'answers' of row 0 holds 204,800,000 bytes, more than "
+        "the 65,536 a text of a MaXM question may have"
+    )
+    assert held["peak"] < 16 * MIB, held
+
+
+def test_a_text_cell_past_the_limit_is_refused(tmp_path):
+    """A question of 100,000 characters is refused as a cell, before any item is made of it."""
+    table = xgqa_table(2).set_column(1, "question", pa.array(["Which colour?", "q" * 100_000]))
+    write(tmp_path, table)
+    with pytest.raises(ValueError, match=r"field 'question' of row 1 holds 100,000 bytes"):
+        load_items("xgqa", str(tmp_path), ["de"], limit=2)
+
+
+# --- what a sample keeps ------------------------------------------------------------------------
+
+
+def test_a_sample_past_its_budget_is_refused_while_it_is_drawn(tmp_path):
+    """40 distinct pictures of 1 MiB: a sample of 30 with an 8 MiB budget is refused once its
+    kept items pass it (holding about that, not 30 MiB), saying what to do; the budget draws
+    nothing: under it, the sample is the one drawn without it."""
+    pictures = [padded(MIB) + bytes([i]) for i in range(40)]
+    write(tmp_path, xgqa_table(40, images(pa.array(pictures))), row_group_size=5)
+    with measured() as held, pytest.raises(ValueError) as error:
+        load_items("xgqa", str(tmp_path), ["de"], limit=30, max_bytes=8 * MIB)
+    assert str(error.value).startswith(
+        "the sample's 8 questions so far (up to 30 per language) hold 8.0 MiB of pictures and "
+        "text, more than the 8.0 MiB a sample may hold; ask for fewer questions per language"
+    )
+    assert held["python"] < 16 * MIB, held
+    free = load_items("xgqa", str(tmp_path), ["de"], limit=30, max_bytes=None)
+    assert same(load_items("xgqa", str(tmp_path), ["de"], limit=30, max_bytes=64 * MIB), free)
+    assert sum(item_bytes(it) for it in free) > 30 * MIB
+
+
+def test_draw_pools_are_kept_by_bytes(tmp_path):
+    """ "Draw a question" keeps pools together under its byte limit, least recently used out; a
+    pool larger than that is served but not kept; one past POOL_BYTES is refused."""
+    from dim3.ui.draw import POOL_BYTES, Pools
+
+    sets = {}
+    for name, size in (("a", 200_000), ("b", 0), ("c", 200_000), ("large", 700_000)):
+        cells = [padded(size) + bytes([i % 256]) for i in range(64)]
+        sets[name] = str(tmp_path / name)
+        write(tmp_path / name, xgqa_table(64, images(pa.array(cells))))
+    pools = Pools(cache_bytes=20 * MIB)
+    first = {name: pools.get("xgqa", sets[name], "de") for name in ("a", "b")}
+    assert 12 * MIB < pools.held < 13 * MIB  # 64 pictures of 0.2 MB, and 64 small ones
+    first["c"] = pools.get("xgqa", sets["c"], "de")  # with a and b past 20 MiB: a goes
+    assert 12 * MIB < pools.held < 13 * MIB
+    assert all(pools.get("xgqa", sets[k], "de") is first[k] for k in "bc")
+    large = pools.get("xgqa", sets["large"], "de")  # 43 MiB: served, not kept, nothing goes
+    assert len(large) == 64 and pools.get("xgqa", sets["large"], "de") is not large
+    assert all(pools.get("xgqa", sets[k], "de") is first[k] for k in "bc")
+    assert pools.get("xgqa", sets["a"], "de") is not first["a"]
+
+    huge = padded(POOL_BYTES // 60)  # 64 rows of one picture (a dictionary): over POOL_BYTES
+    write(
+        tmp_path / "huge",
+        xgqa_table(64, images(pa.array([huge] * 64))),
+        dictionary_pagesize_limit=64 * MIB,
+    )
+    with pytest.raises(ValueError, match=r"more than the 256.0 MiB a sample may hold"):
+        Pools().get("xgqa", str(tmp_path / "huge"), "de")
+
+
+# --- formats read through `datasets`: only the fields read, nothing decoded ----------------------
+
+
+def header_only_png(width: int, height: int) -> bytes:
+    """A PNG whose header says ``width`` x ``height`` (Pillow refuses to open one past twice its
+    bomb limit; decoding it would fail)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = struct.pack(">I", zlib.crc32(kind + data))
+        return struct.pack(">I", len(data)) + kind + data + crc
+
+    head = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\0" * (1 + 3 * width))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", head) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def test_a_webdataset_column_the_benchmark_does_not_read_is_not_decoded(tmp_path):
+    """The attack's layout: WebDataset samples whose ``png`` entry (typed Image by `datasets`)
+    claims 30,000 x 30,000 pixels. The column is left out before any row is read, so nothing
+    decodes it (decoding it raised Pillow's DecompressionBombError) nor holds it."""
+    (tmp_path / "data").mkdir()
+    bomb = header_only_png(30_000, 30_000) + b"\0" * 100_000  # and past a text's 64 KiB
+    with tarfile.open(tmp_path / "data" / "de-00000-of-00001.tar", "w") as tar:
+        for i in range(3):
+            entries = (("png", bomb), ("image", picture("red")), ("question", b"Which colour?"))
+            for ext, data in (*entries, ("answer", b"red")):
+                info = tarfile.TarInfo(f"{i:05d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    items = load_items("xgqa", str(tmp_path), ["de"], limit=3)
+    assert len(items) == 3 and all(item.image == picture("red") for item in items)
+
+
+def write_arrow(folder: Path, table: pa.Table, split: str) -> None:
+    """A `datasets` Arrow folder: ``folder/data/<split>-00000-of-00001.arrow`` (a stream)."""
+    (folder / "data").mkdir(parents=True)
+    with pa.OSFile(str(folder / "data" / f"{split}-00000-of-00001.arrow"), "wb") as f:
+        with pa.ipc.new_stream(f, table.schema) as writer:
+            writer.write_table(table)
+
+
+def test_pictures_in_any_field_read_through_datasets_stay_encoded(tmp_path):
+    """A `datasets` Arrow folder in the M3Exam schema whose image_0 is an Image feature (not the
+    Hub's base64 text), with an extra Image column: the item's picture stays encoded (a
+    ``{"bytes", "path"}`` dict, sized from its header later), the extra column is not read."""
+    import datasets
+
+    from dim3.benchmarks import picture_pixels
+
+    rows = m3exam_table(tmp_path / "hub").to_pylist()
+    for row in rows:
+        row["image_0"] = {"bytes": header_only_png(9_000, 9_000), "path": None}
+        row["image_1"] = "None"
+        row["poster"] = {"bytes": header_only_png(30_000, 30_000), "path": None}
+    spec = {k: v for k, v in datasets.Dataset.from_list(rows[:1]).features.items()}
+    spec |= {"image_0": datasets.Image(), "poster": datasets.Image()}
+    table = datasets.Dataset.from_list(rows, features=datasets.Features(spec)).data.table
+    write_arrow(tmp_path / "arrow", table, "english")
+    items = load_items("m3exam", str(tmp_path / "arrow"), ["english"], limit=2)
+    assert len(items) == 2 and all(isinstance(item.image, dict) for item in items)
+    assert picture_pixels(items[0].image) == 81_000_000
+
+
+# --- rows of the wrong shape --------------------------------------------------------------------
+
+
+SCHEMA = "the xGQA schema (neulab/PangeaBench-xgqa) has the fields question_id, id, question"
+
+
+@pytest.mark.parametrize(
+    ("question", "says"),
+    [
+        (pa.array([["a", "b"]]), "its field 'question' holds a list that cannot be read"),
+        (pa.array([None], pa.string()), "its field 'question' is null and cannot be read"),
+    ],
+)
+def test_a_field_of_the_wrong_type_is_named(tmp_path, question, says):
+    write(tmp_path, xgqa_table(1).set_column(1, "question", question))
+    with pytest.raises(ValueError) as error:
+        load_items("xgqa", str(tmp_path), ["de"], limit=1)
+    message = str(error.value)
+    assert f"split 'de' row 0: {says} (AttributeError: " in message and SCHEMA in message
+
+
+def test_other_unreadable_rows_are_named(tmp_path):
+    """MaRVL turns that are not turns, an M3Exam subject that is not one, a `datasets` folder
+    without the fields, a file that is not parquet: each names the row and field (or the file)."""
+    turns = pa.array([["The shape is red", "true"]])  # text, not {"from", "value"} turns
+    marvl = {"image": images(pa.array([picture("red")])), "conversations": turns, "id": ["0"]}
+    write(tmp_path / "marvl", pa.table(marvl), "id")
+    with pytest.raises(
+        ValueError,
+        match=r"row 0: its field 'conversations' holds a list that "
+        r"cannot be read \(TypeError: .*MaRVL schema .* has the fields id, conversations, image",
+    ):
+        load_items("marvl", str(tmp_path / "marvl"), ["id"], limit=1)
+    exam = m3exam_table(tmp_path / "m3")
+    exam = exam.set_column(
+        exam.schema.get_field_index("subject_category"), "subject_category", pa.array(["art"] * 2)
+    )
+    write(tmp_path / "exam", exam, "english")
+    with pytest.raises(
+        ValueError,
+        match=r"row 0: its field 'subject_category' holds a str that "
+        r"cannot be read \(ValueError: ",
+    ):
+        load_items("m3exam", str(tmp_path / "exam"), ["english"], limit=1)
+    write_arrow(tmp_path / "other", pa.table({"caption": ["a red shape"]}), "de")
+    with pytest.raises(ValueError, match=r"row 0 has no field 'question'; it is not in the xGQA"):
+        load_items("xgqa", str(tmp_path / "other"), ["de"], limit=1)
+    (tmp_path / "broken" / "data").mkdir(parents=True)
+    (tmp_path / "broken" / "data" / "de-00000-of-00001.parquet").write_bytes(b"PAR1 not parquet")
+    with pytest.raises(ValueError, match=r"^de-00000-of-00001.parquet is not a parquet file"):
+        load_items("xgqa", str(tmp_path / "broken"), ["de"], limit=1)
