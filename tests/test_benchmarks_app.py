@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -89,6 +90,10 @@ def test_draw_a_question_then_see_the_gold_answer_under_the_pair(app_server, xgq
         pytest.skip(f"no Chromium at {CHROMIUM}")
     playwright = pytest.importorskip("playwright.sync_api")
     url, _ = app_server
+    # the server's temporary folder is this process's (the same environment): each draw writes
+    # its picture there for the box, and removes it once Gradio has it
+    temporary = Path(tempfile.gettempdir())
+    before = set(temporary.glob("dim3-draw-*"))
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(
             executable_path=CHROMIUM,
@@ -137,3 +142,4 @@ def test_draw_a_question_then_see_the_gold_answer_under_the_pair(app_server, xgq
         assert any(c in text for c in ("red", "blue", "green")), text
         assert ("✅" in text or "❌" in text) and "exact match" in text, text
         browser.close()
+    assert set(temporary.glob("dim3-draw-*")) <= before  # two pictures drawn, none left behind

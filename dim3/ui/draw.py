@@ -15,7 +15,6 @@ source offered first (it fits the demo trio the app starts with).
 from __future__ import annotations
 
 import random
-import tempfile
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -28,6 +27,7 @@ import gradio as gr
 from dim3.benchmarks import BENCHMARKS, PROBE, Item, decode_image, get_benchmark
 from dim3.benchmarks.sources import MIB, item_bytes, load_items
 from dim3.ui.common import AppContext, check_text, error_html, md_escape
+from dim3.ui.jobs import cleans_up, job_folder
 
 POOL = 64  # questions kept per (source, dataset, language)
 SCAN = 1000  # questions of a split the pool is drawn from
@@ -190,13 +190,14 @@ def wire_draw(ctx: AppContext, tab: Any, controls: DrawControls, answered: list)
         **PRIVATE,
     )
 
+    @cleans_up  # the picture's folder goes once Gradio has copied it into its cache
     def draw(source: str, language: str, dataset: str) -> dict:
         try:
             dataset = check_text(dataset, "dataset")
             item = random.choice(pools.get(source, dataset, language, ctx.allowed_roots))
             files = []
             if item.image is not None:
-                folder = Path(tempfile.mkdtemp(prefix="dim3-draw-"))
+                folder = job_folder("dim3-draw-")
                 decode_image(item.image).save(folder / "question.png")
                 files = [str(folder / "question.png")]
         except Exception as exc:  # noqa: BLE001 - the UI boundary: a message, never a crash
