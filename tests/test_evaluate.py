@@ -291,3 +291,14 @@ print(json.dumps({"peak_kib": peak, "answers": answers, "alone": alone}))
     out = json.loads(done.stdout.strip().splitlines()[-1])
     assert out["peak_kib"] < 2**20, out["peak_kib"]  # KiB: under 1 GiB
     assert out["answers"][:2] == out["alone"] and len(set(out["answers"])) == 1
+
+
+def test_the_time_per_question_is_taken_after_the_first_batch():
+    """The first batch carries the first generation's set-up: the estimate is the pace of the
+    batches after it, or the first batch's when it was all."""
+    from dim3.evaluate import steady_seconds
+
+    marks = {"model": 100.0}
+    assert steady_seconds(marks, 103.0, 8, 200) is None  # 8 answered in 3 s: set-up
+    assert steady_seconds(marks, 104.0, 72, 200) == 1 / 64  # then 64 in 1 s
+    assert steady_seconds({"model": 5.0}, 7.0, 8, 8) == 0.25

@@ -29,7 +29,14 @@ from dim3.benchmarks import BENCHMARKS, PROBE, get_benchmark
 from dim3.benchmarks.sources import load_items
 from dim3.demo import demo_probe_path, load_probe
 from dim3.demo.probe import ProbeItem
-from dim3.evaluate import ORIGINAL, EvalSpec, evaluate_merges, results_record, write_json
+from dim3.evaluate import (
+    ORIGINAL,
+    EvalSpec,
+    evaluate_merges,
+    results_record,
+    steady_seconds,
+    write_json,
+)
 from dim3.limits import JobBudget
 from dim3.methods import METHODS, get_method
 from dim3.ui import jobs
@@ -347,22 +354,24 @@ def _run(
     yield {tab.status: progress_text(done, total, estimate) + "\n\nLoading the VLM…"}
     thread = threading.Thread(target=work, name="dim3-evaluate", daemon=True)
     thread.start()
-    started, shown, measured = 0.0, 0.0, False
+    marks: dict[str, Any] = {}  # the original's start and first batch (steady_seconds)
+    shown, measured = 0.0, False
     try:
         while thread.is_alive() or not events.empty():
             try:
                 kind, name, n = events.get(timeout=0.2)
             except queue.Empty:
                 continue
-            if kind == "model" and name:
-                started = time.perf_counter()
+            if kind == "model" and name == ORIGINAL:
+                marks["model"] = time.perf_counter()
             elif kind == "items":
                 done[name] = n
                 if name == ORIGINAL and n and not measured:
-                    measured = True
-                    per_item = (time.perf_counter() - started) / n
-                    SECONDS_PER_ITEM[key] = per_item
-                    estimate = estimate_text(per_item, total, len(names), "measured now")
+                    per_item = steady_seconds(marks, time.perf_counter(), n, total)
+                    if per_item is not None:
+                        measured = True
+                        SECONDS_PER_ITEM[key] = per_item
+                        estimate = estimate_text(per_item, total, len(names), "measured now")
             fraction = sum(done.values()) / max(1, total * len(names))
             what = f"{name}: {done[name]}/{total} questions" if name else "done"
             progress(fraction, desc=what, unit="questions")
