@@ -266,6 +266,40 @@ PANES = """() => {
 }"""
 
 
+def test_a_conversation_whose_picture_the_server_removed_says_so(server, browser, tmp_path):
+    """The server removes uploads after a while (``dim3.ui.uploads``): the next question of a
+    conversation whose picture is gone is taken back with a message saying so, not answered
+    about nothing; Clear and the picture again, and it is answered."""
+    import uuid
+    from urllib.parse import unquote
+
+    from PIL import Image
+
+    url, _ = server
+    picture = tmp_path / "blue_note.png"  # its own bytes: no other test's upload shares its path
+    Image.new("RGB", (40, 40), tuple(uuid.uuid4().bytes[:3])).save(picture)
+    page = open_app(browser, url)
+    ask(page, "What colour is this?", picture)
+    assert all(answers(page, 1))
+    src = page.locator("#dim3-original img[src*='blue_note']").first.get_attribute("src")
+    stored = Path(unquote(src.split("file=", 1)[1]))
+    assert stored.is_file() and stored != picture
+    stored.unlink()  # as the server's expiry or its room for uploads would
+    asked = page.locator("#dim3-original [data-testid='user']").count()
+
+    ask(page, "And its shape?")
+    page.get_by_text("no longer on the server").wait_for()
+    page.wait_for_function("() => !document.querySelector('#dim3-box textarea').disabled")
+    assert "And its shape?" not in pane_texts(page)  # taken back, not answered
+    assert page.locator("#dim3-original [data-testid='user']").count() <= asked
+    assert page.locator("#dim3-original [data-testid='bot']").count() == 1
+    assert page.locator("#dim3-original img[src*='blue_note']").count() == 0  # no broken picture
+    page.click("#dim3-clear")
+    ask(page, "And its shape?", picture)
+    assert all(answers(page, 1))
+    page.close()
+
+
 def test_clear_during_an_answer_is_final(server, browser):
     """Clear at 0-200 ms after Enter, on a fresh page each time (the first question of a
     session is where the race was): the conversation never comes back, the box is never left

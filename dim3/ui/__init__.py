@@ -20,6 +20,7 @@ from dim3.ui.chat import MAXLENGTH_JS, build_chat_tab, refresh_status, stop_sess
 from dim3.ui.common import CSS, MAX_UPLOAD, AppContext
 from dim3.ui.evaluate import build_evaluate_tab
 from dim3.ui.merge import build_merge_tab
+from dim3.ui.uploads import UploadGuard, UploadRoom, delete_cache
 from dim3.ui.validate import StudioBlocks
 
 TITLE = "DiM3 Studio"
@@ -40,7 +41,9 @@ SHOWCASE_NOTE = (
 def build_app(ctx: AppContext | None = None) -> gr.Blocks:
     """The whole app (not launched). ``ctx`` defaults to one built from the environment."""
     ctx = ctx or AppContext.from_env()
-    with StudioBlocks(title=TITLE, analytics_enabled=False) as app:  # typed inputs, see validate
+    with StudioBlocks(  # typed inputs (see validate); uploads expire (see uploads)
+        title=TITLE, analytics_enabled=False, delete_cache=delete_cache()
+    ) as app:
         gr.Markdown(INTRO + (SHOWCASE_NOTE if ctx.is_showcase else ""))
         with gr.Tabs():
             with gr.Tab("Merge", id="merge", elem_id="dim3-tab-merge"):
@@ -74,8 +77,13 @@ def configure_logging() -> None:
 
 
 def launch_options() -> dict[str, Any]:
-    """Keyword arguments for ``Blocks.launch``: look, upload limit, no telemetry pages."""
+    """Keyword arguments for ``Blocks.launch``: look, upload limits (a file's size, and the room
+    all uploads share: ``dim3.ui.uploads``), no telemetry pages."""
+    from starlette.middleware import Middleware
+
+    room = UploadRoom.from_env()
     return {
+        "app_kwargs": {"middleware": [Middleware(UploadGuard, room=room)]},
         "theme": gr.themes.Soft(primary_hue="indigo"),
         "css": CSS,
         "js": MAXLENGTH_JS,

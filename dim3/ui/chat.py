@@ -47,6 +47,10 @@ STOPPED = " ⏹ (stopped)"
 EMPTY = "(no answer: the model produced only blank tokens)"
 MIN_UPDATE = 0.05  # seconds between streamed screen updates
 PRIVATE = {"api_visibility": "private"}
+PICTURE_GONE = (
+    "this conversation's picture is no longer on the server (it removes uploads after a while, "
+    "sooner when it is short of room); press Clear and attach the picture again"
+)
 COUNT_JS = "(n) => (Number(n) || 0) + 1"  # Clear's count, kept in the browser
 # The browser cannot send more than the server accepts (MultimodalTextbox has no max_length).
 MAXLENGTH_JS = f"""() => {{
@@ -85,8 +89,9 @@ def display(messages: list[dict], image: str | None) -> list[dict]:
 
     A user's text is shown literally (escaped), an answer as Markdown (``answer_markdown``: its
     formatting, but no image, link or HTML) with a small caption naming the model that gave it;
-    app notices in italics."""
+    app notices in italics. A picture the server no longer holds is left out."""
     out: list[dict] = []
+    image = image if image and Path(image).is_file() else None
     for i, m in enumerate(messages):
         if i == 0 and image:
             out.append({"role": "user", "content": {"path": image}})
@@ -615,6 +620,8 @@ def _answer(ctx: AppContext, tab: ChatTab):
             return
         try:
             params = GenerationParams(int(max_new_tokens), float(temperature), float(top_p))
+            if image_path and not Path(image_path).is_file():
+                raise ChatError(PICTURE_GONE)
             image = load_image(image_path) if image_path else None
             if ctx.manager.get("original") is None:
                 yield {tab.status: "⏳ Loading the original VLM (first question only)…"}

@@ -1,0 +1,239 @@
+"""What visitors' uploads may hold on the server's disk, and for how long.
+
+Gradio writes an upload into its cache folder before any handler sees it: up to
+``max_file_size`` a file, up to 1,000 files in one request, and it keeps them until the server
+stops. Every visitor of a Space may post to its upload route, with or without the page, so one
+visitor could fill the disk that every visitor's Hub downloads and saves share. Here:
+
+- ``UploadGuard``: an ASGI middleware on Gradio's upload route. A request must state its
+  size (``Content-Length``; browsers and ``gradio_client`` do), may carry one file of the
+  upload limit (each of the app's widgets takes one), and must fit in the room: what the app's
+  cache holds (uploads, and files the app handed out) plus the uploads on their way, at most
+  ``$DIM3_UPLOAD_CACHE`` (2 GB by default; 0: no limit). Where it would not fit, the oldest
+  files (over ``UPLOAD_GRACE_S`` old, so that none is taken from under a handler about to open
+  it) are deleted first; where that is not enough, the upload is refused (507) with a message
+  that says so, and nothing of it is written.
+- ``upload_ttl()``: files are deleted once ``$DIM3_UPLOAD_TTL`` seconds old (a day by default;
+  0: kept until the server stops), by Gradio's own ``delete_cache``.
+
+This module knows Gradio's upload route and its record of the files it made
+(``Blocks.temp_file_sets``); it decides nothing about what a handler does with a file.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import anyio.to_thread
+
+from dim3.writer import size_from_env
+
+log = logging.getLogger("dim3.ui")
+
+ENV_TTL = "DIM3_UPLOAD_TTL"
+ENV_CACHE = "DIM3_UPLOAD_CACHE"
+ENV_GRACE = "DIM3_UPLOAD_GRACE"
+DEFAULT_TTL_S = 86_400
+DEFAULT_CACHE = 2 * 10**9
+UPLOAD_GRACE_S = 60.0  # a file younger than this is never deleted to make room ($DIM3_UPLOAD_GRACE)
+MULTIPART_SLACK = 64 * 1024  # a request's bytes besides its file: the multipart headers
+UPLOAD_PATH = "/gradio_api/upload"
+
+
+def upload_ttl() -> int | None:
+    """``$DIM3_UPLOAD_TTL`` in seconds (a day by default); None when 0 (no expiry)."""
+    raw = os.environ.get(ENV_TTL, "").strip()
+    try:
+        ttl = int(raw) if raw else DEFAULT_TTL_S
+    except ValueError:
+        raise ValueError(f"${ENV_TTL}={raw!r} is not a number of seconds; use e.g. 86400") from None
+    if ttl < 0:
+        raise ValueError(f"${ENV_TTL} must be 0 (no expiry) or a number of seconds, got {ttl}")
+    return ttl or None
+
+
+def delete_cache() -> tuple[int, int] | None:
+    """``Blocks(delete_cache=...)``: every hour (or every TTL, if shorter), the files older than
+    the TTL."""
+    ttl = upload_ttl()
+    return None if ttl is None else (min(ttl, 3600), ttl)
+
+
+class UploadRoom:
+    """The bytes Gradio's cache holds for this app, with the uploads under way reserved.
+
+    ``reserve(blocks, n)`` before an upload of ``n`` bytes is read; ``release(n)`` once the
+    request is over (its files are then in Gradio's record and counted from there)."""
+
+    def __init__(self, max_bytes: int | None, grace_s: float = UPLOAD_GRACE_S) -> None:
+        self.max_bytes, self.grace_s = max_bytes, grace_s
+        self._reserved = 0
+        self._sizes: dict[str, int] = {}  # path -> bytes, of the files already counted
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_env(cls) -> UploadRoom:
+        """``$DIM3_UPLOAD_CACHE`` (2 GB; 0: no limit) and ``$DIM3_UPLOAD_GRACE`` (60 s)."""
+        raw = os.environ.get(ENV_GRACE, "").strip()
+        try:
+            grace = float(raw) if raw else UPLOAD_GRACE_S
+        except ValueError:
+            grace = math.nan
+        if not 0 <= grace < math.inf:
+            raise ValueError(f"${ENV_GRACE}={raw!r} is not a number of seconds; use e.g. 60")
+        return cls(size_from_env(ENV_CACHE, DEFAULT_CACHE), grace)
+
+    def held(self, blocks: Any) -> int:
+        """Bytes of the files in Gradio's record for ``blocks`` (sizes of files seen before are
+        remembered; a file that is gone counts nothing)."""
+        with self._lock:
+            return self._held(blocks)
+
+    def reserve(self, blocks: Any, n: int) -> str | None:
+        """Make room for ``n`` bytes (deleting the oldest files if need be) and hold it; or say
+        why not, in words for the visitor."""
+        if self.max_bytes is None:
+            with self._lock:
+                self._reserved += n
+            return None
+        with self._lock:
+            need = self._held(blocks) + self._reserved + n - self.max_bytes
+            if need > 0:
+                need -= self._free(blocks, need)
+            if need > 0:
+                return (
+                    f"The server holds as many uploads as it can keep "
+                    f"({self.max_bytes / 1e9:.2g} GB) and none is old enough to remove; "
+                    "try again in a minute."
+                )
+            self._reserved += n
+            return None
+
+    def release(self, n: int) -> None:
+        with self._lock:
+            self._reserved = max(0, self._reserved - n)
+
+    def _files(self, blocks: Any) -> list[tuple[str, set]]:
+        return [(f, s) for s in list(getattr(blocks, "temp_file_sets", [])) for f in list(s)]
+
+    def _held(self, blocks: Any) -> int:
+        sizes: dict[str, int] = {}
+        for path, _ in self._files(blocks):
+            if path in sizes:
+                continue
+            size = self._sizes.get(path)
+            if size is None:
+                try:
+                    size = os.lstat(path).st_size
+                except OSError:  # gone, or not yet moved into place: counted when it is
+                    continue
+            sizes[path] = size
+        self._sizes = sizes
+        return sum(sizes.values())
+
+    def _free(self, blocks: Any, need: int) -> int:
+        """Delete the oldest files (older than the grace, not kept by a component) until
+        ``need`` bytes are free; the bytes freed."""
+        keep: set[str] = set()
+        for block in list(getattr(blocks, "blocks", {}).values()):
+            keep.update(getattr(block, "keep_in_cache", set()))
+        cutoff = time.time() - self.grace_s
+        aged = []
+        for path, owner in self._files(blocks):
+            try:
+                st = os.lstat(path)
+            except OSError:
+                owner.discard(path)
+                continue
+            if path not in keep and st.st_ctime < cutoff:
+                aged.append((st.st_ctime, path, owner, st.st_size))
+        freed = 0
+        for _, path, owner, size in sorted(aged, key=lambda a: a[0]):
+            if freed >= need:
+                break
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                pass
+            except OSError:
+                continue
+            owner.discard(path)
+            self._sizes.pop(path, None)
+            freed += size
+            try:
+                Path(path).parent.rmdir()  # Gradio's folder for the file, if now empty
+            except OSError:
+                pass
+        if freed:
+            log.info("uploads: removed the oldest files (%.1f MB) to make room", freed / 1e6)
+        return freed
+
+
+def _plain(send: Callable, status: int, text: str):
+    async def respond() -> None:
+        body = text.encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", b"text/plain; charset=utf-8"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+    return respond()
+
+
+class UploadGuard:
+    """ASGI middleware: Gradio's upload route only takes a request whose stated size fits one
+    file of the app's upload limit (``Blocks.max_file_size``, as Gradio parsed it) and the room
+    (``UploadRoom``); other requests pass untouched."""
+
+    def __init__(self, app: Callable, room: UploadRoom) -> None:
+        self.app, self.room = app, room
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if (
+            scope.get("type") != "http"
+            or scope.get("method") != "POST"
+            or not scope.get("path", "").rstrip("/").endswith(UPLOAD_PATH)
+        ):
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        raw = headers.get(b"content-length", b"")
+        try:
+            length = int(raw)
+        except ValueError:
+            length = -1
+        if length < 0 or b"chunked" in headers.get(b"transfer-encoding", b"").lower():
+            await _plain(send, 411, "An upload must state its size (Content-Length).")
+            return
+        blocks = scope["app"].get_blocks()
+        max_file = getattr(blocks, "max_file_size", None)
+        if max_file is not None and length > max_file + MULTIPART_SLACK:
+            await _plain(
+                send,
+                413,
+                f"An upload is one file of at most {max_file / 2**20:.3g} MiB "
+                f"(this request: {length / 2**20:.3g} MiB); upload a smaller file.",
+            )
+            return
+        refused = await anyio.to_thread.run_sync(self.room.reserve, blocks, length)
+        if refused:
+            await _plain(send, 507, refused)
+            return
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.room.release(length)
