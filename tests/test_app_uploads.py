@@ -1,5 +1,5 @@
-"""Visitors' uploads on the server's disk: a real ``python app.py`` and real HTTP requests to
-Gradio's upload route (as a browser or ``gradio_client`` sends them, and as a stranger could).
+"""Visitors' uploads on the server's disk, and the size of a request: a real ``python app.py``
+and real HTTP requests (as a browser or ``gradio_client`` sends them, and as a stranger could).
 
 An upload must state its size and carry one file of the upload limit; all uploads together stay
 within ``$DIM3_UPLOAD_CACHE``: the oldest files past their grace make room, and when none can,
@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from dim3.ui.uploads import UploadRoom, delete_cache, upload_ttl
+from dim3.ui.uploads import UploadRoom, delete_cache, max_request, upload_ttl
 from tests.app_server import ROOT, running_app
 
 MB = 10**6
@@ -74,8 +74,25 @@ def test_uploads_state_their_size_carry_one_file_and_share_a_bounded_room(tmp_pa
         assert set(held) == {"f1.bin", "f2.bin", "g.bin"}
         assert sum(held.values()) <= 30 * MB
 
-        # The app still answers as before: the room guards the upload route only.
+        # Any other request: its body stated and within 1 MiB. Gradio would read a JSON body
+        # whole and keep it in its queue before a component's length limit is checked.
+        message = {"data": ["x" * 2 * MB], "fn_index": 0, "session_hash": "s1"}
+        r = httpx.post(url + "gradio_api/queue/join", json=message, timeout=60)
+        assert r.status_code == 413, r.text
+        assert "at most 1,024 KiB" in r.text and "(this one: 1,953 KiB)" in r.text
+        r = httpx.post(
+            url + "gradio_api/queue/join",
+            content=iter([b'{"data": ["', b"x" * 1000, b'"]}']),
+            headers={"content-type": "application/json"},
+        )
+        assert r.status_code == 411 and "Content-Length" in r.text
+
+        # The app still answers as before.
         assert httpx.get(url + "config", timeout=30).status_code == 200
+        from gradio_client import Client
+
+        plan = Client(url, verbose=False).predict(api_name="/plan")
+        assert "fit together" in str(plan)
     assert "removed the oldest files (9.0 MB)" in (tmp_path / "app.log").read_text()
 
 
@@ -98,12 +115,16 @@ def test_upload_settings_are_read_and_checked(monkeypatch):
     monkeypatch.delenv("DIM3_UPLOAD_TTL", raising=False)
     monkeypatch.delenv("DIM3_UPLOAD_CACHE", raising=False)
     monkeypatch.delenv("DIM3_UPLOAD_GRACE", raising=False)
+    monkeypatch.delenv("DIM3_MAX_REQUEST", raising=False)
     assert upload_ttl() == 86_400 and delete_cache() == (3600, 86_400)
     room = UploadRoom.from_env()
     assert (room.max_bytes, room.grace_s) == (2 * 10**9, 60.0)
     monkeypatch.setenv("DIM3_UPLOAD_TTL", "0")
     monkeypatch.setenv("DIM3_UPLOAD_CACHE", "0")
     assert delete_cache() is None and UploadRoom.from_env().max_bytes is None
+    assert max_request() == 2**20
+    monkeypatch.setenv("DIM3_MAX_REQUEST", "0")
+    assert max_request() is None
     monkeypatch.setenv("DIM3_UPLOAD_TTL", "a day")
     with pytest.raises(ValueError, match=r"\$DIM3_UPLOAD_TTL='a day' is not a number of seconds"):
         upload_ttl()

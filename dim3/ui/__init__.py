@@ -20,7 +20,7 @@ from dim3.ui.chat import MAXLENGTH_JS, build_chat_tab, refresh_status, stop_sess
 from dim3.ui.common import CSS, MAX_UPLOAD, AppContext
 from dim3.ui.evaluate import build_evaluate_tab
 from dim3.ui.merge import build_merge_tab
-from dim3.ui.uploads import UploadGuard, UploadRoom, delete_cache
+from dim3.ui.uploads import RequestGuard, UploadRoom, delete_cache, max_request
 from dim3.ui.validate import StudioBlocks
 
 TITLE = "DiM3 Studio"
@@ -77,13 +77,13 @@ def configure_logging() -> None:
 
 
 def launch_options() -> dict[str, Any]:
-    """Keyword arguments for ``Blocks.launch``: look, upload limits (a file's size, and the room
-    all uploads share: ``dim3.ui.uploads``), no telemetry pages."""
+    """Keyword arguments for ``Blocks.launch``: look, request and upload limits (a file's size,
+    the room all uploads share, a request's body: ``dim3.ui.uploads``), no telemetry pages."""
     from starlette.middleware import Middleware
 
     room = UploadRoom.from_env()
     return {
-        "app_kwargs": {"middleware": [Middleware(UploadGuard, room=room)]},
+        "app_kwargs": {"middleware": [Middleware(RequestGuard, room=room, max_body=max_request())]},
         "theme": gr.themes.Soft(primary_hue="indigo"),
         "css": CSS,
         "js": MAXLENGTH_JS,

@@ -150,7 +150,7 @@ def check_settings() -> None:
     from dim3.checkpoints import download_limit
     from dim3.limits import budget_from_env, saved_limit
     from dim3.plan import human_size
-    from dim3.ui.uploads import UploadRoom, upload_ttl
+    from dim3.ui.uploads import UploadRoom, max_request, upload_ttl
 
     try:
         budget_from_env()
@@ -158,6 +158,7 @@ def check_settings() -> None:
         download_limit(server=True)
         upload_ttl()
         UploadRoom.from_env()
+        max_request()
         bounds = hubcache.policy()
     except ValueError as exc:
         raise SystemExit(f"DiM3 Studio cannot start: {exc}") from None

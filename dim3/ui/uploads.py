@@ -1,11 +1,12 @@
-"""What visitors' uploads may hold on the server's disk, and for how long.
+"""What visitors' uploads may hold on the server's disk and for how long, and how large a
+request may be.
 
 Gradio writes an upload into its cache folder before any handler sees it: up to
 ``max_file_size`` a file, up to 1,000 files in one request, and it keeps them until the server
 stops. Every visitor of a Space may post to its upload route, with or without the page, so one
 visitor could fill the disk that every visitor's Hub downloads and saves share. Here:
 
-- ``UploadGuard``: an ASGI middleware on Gradio's upload route. A request must state its
+- ``RequestGuard``: an ASGI middleware. On Gradio's upload route a request must state its
   size (``Content-Length``; browsers and ``gradio_client`` do), may carry one file of the
   upload limit (each of the app's widgets takes one), and must fit in the room: what the app's
   cache holds (uploads, and files the app handed out) plus the uploads on their way, at most
@@ -13,6 +14,9 @@ visitor could fill the disk that every visitor's Hub downloads and saves share. 
   files (over ``UPLOAD_GRACE_S`` old, so that none is taken from under a handler about to open
   it) are deleted first; where that is not enough, the upload is refused (507) with a message
   that says so, and nothing of it is written.
+  Any other request with a body must state its size and stay within ``$DIM3_MAX_REQUEST`` (1
+  MiB): Gradio reads a request's JSON whole, and a queued event holds it, before any
+  component's length limit is checked (a 400 MB message made a server 2 GB larger).
 - ``upload_ttl()``: files are deleted once ``$DIM3_UPLOAD_TTL`` seconds old (a day by default;
   0: kept until the server stops), by Gradio's own ``delete_cache``.
 
@@ -40,6 +44,8 @@ log = logging.getLogger("dim3.ui")
 ENV_TTL = "DIM3_UPLOAD_TTL"
 ENV_CACHE = "DIM3_UPLOAD_CACHE"
 ENV_GRACE = "DIM3_UPLOAD_GRACE"
+ENV_MAX_REQUEST = "DIM3_MAX_REQUEST"
+DEFAULT_MAX_REQUEST = 2**20  # 1 MiB: the app's largest request in its tests is 10 kB
 DEFAULT_TTL_S = 86_400
 DEFAULT_CACHE = 2 * 10**9
 UPLOAD_GRACE_S = 60.0  # a file younger than this is never deleted to make room ($DIM3_UPLOAD_GRACE)
@@ -57,6 +63,12 @@ def upload_ttl() -> int | None:
     if ttl < 0:
         raise ValueError(f"${ENV_TTL} must be 0 (no expiry) or a number of seconds, got {ttl}")
     return ttl or None
+
+
+def max_request() -> int | None:
+    """``$DIM3_MAX_REQUEST``: the largest body of a request other than an upload (1 MiB; 0: no
+    limit)."""
+    return size_from_env(ENV_MAX_REQUEST, DEFAULT_MAX_REQUEST)
 
 
 def delete_cache() -> tuple[int, int] | None:
@@ -194,29 +206,47 @@ def _plain(send: Callable, status: int, text: str):
     return respond()
 
 
-class UploadGuard:
+class RequestGuard:
     """ASGI middleware: Gradio's upload route only takes a request whose stated size fits one
     file of the app's upload limit (``Blocks.max_file_size``, as Gradio parsed it) and the room
-    (``UploadRoom``); other requests pass untouched."""
+    (``UploadRoom``); any other request with a body must state its size and keep within
+    ``max_body`` (``$DIM3_MAX_REQUEST``), since Gradio reads a request's JSON whole, and a queued
+    event keeps it, before any component's limit is checked."""
 
-    def __init__(self, app: Callable, room: UploadRoom) -> None:
-        self.app, self.room = app, room
+    def __init__(self, app: Callable, room: UploadRoom, max_body: int | None) -> None:
+        self.app, self.room, self.max_body = app, room, max_body
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if (
-            scope.get("type") != "http"
-            or scope.get("method") != "POST"
-            or not scope.get("path", "").rstrip("/").endswith(UPLOAD_PATH)
-        ):
+        if scope.get("type") != "http" or scope.get("method") in ("GET", "HEAD", "OPTIONS"):
             await self.app(scope, receive, send)
             return
         headers = dict(scope.get("headers") or [])
-        raw = headers.get(b"content-length", b"")
         try:
-            length = int(raw)
+            length: int | None = int(headers.get(b"content-length", b""))
         except ValueError:
-            length = -1
-        if length < 0 or b"chunked" in headers.get(b"transfer-encoding", b"").lower():
+            length = None
+        if b"chunked" in headers.get(b"transfer-encoding", b"").lower():
+            length = -1  # any size: refused below
+        if scope.get("method") == "POST" and scope.get("path", "").rstrip("/").endswith(
+            UPLOAD_PATH
+        ):
+            await self._upload(scope, receive, send, length)
+            return
+        if length == -1:
+            await _plain(send, 411, "A request must state its size (Content-Length).")
+            return
+        if self.max_body is not None and length is not None and length > self.max_body:
+            await _plain(
+                send,
+                413,
+                f"A request to this app is at most {self.max_body / 2**10:,.0f} KiB "
+                f"(this one: {length / 2**10:,.0f} KiB); pictures go through the upload route.",
+            )
+            return
+        await self.app(scope, receive, send)  # no stated size and not chunked: no body
+
+    async def _upload(self, scope: dict, receive: Callable, send: Callable, length: int | None):
+        if length is None or length < 0:
             await _plain(send, 411, "An upload must state its size (Content-Length).")
             return
         blocks = scope["app"].get_blocks()
