@@ -244,18 +244,19 @@ def test_accuracy_bars_use_the_method_colours_and_leave_room_above_one():
     assert [t.get_text() for t in ax.get_xticklabels()] == ["en", "de", "overall"]
 
 
+def sweep_point(label, kind, method, en, others):
+    return SweepPoint(label, kind, method, {}, {"en": en, "others": others}, {})
+
+
 def test_sweep_points_take_their_methods_style():
     from matplotlib.colors import to_hex
 
-    def point(label, kind, method, en, others):
-        return SweepPoint(label, kind, method, {}, {"en": en, "others": others}, {})
-
     points = [
-        point("original", "original", "", 0.9, 0.1),
-        point("dim3 (default)", "reference", "dim3", 0.8, 0.6),
-        point("ties (default)", "default", "ties", 0.7, 0.5),
-        point("ties density=0.2", "grid", "ties", 0.6, 0.7),
-        point("ties density=0.8", "grid", "ties", 0.75, 0.4),
+        sweep_point("original", "original", "", 0.9, 0.1),
+        sweep_point("dim3 (default)", "reference", "dim3", 0.8, 0.6),
+        sweep_point("ties (default)", "default", "ties", 0.7, 0.5),
+        sweep_point("ties density=0.2", "grid", "ties", 0.6, 0.7),
+        sweep_point("ties density=0.8", "grid", "ties", 0.75, 0.4),
     ]
     fig = plots.pareto_figure(points, chosen="ties density=0.2")
     (ax,) = fig.axes
@@ -279,15 +280,12 @@ def test_sweep_points_of_unfilled_markers_draw_in_their_colour_without_warnings(
 
     from matplotlib.colors import to_hex
 
-    def point(label, kind, method, en, others):
-        return SweepPoint(label, kind, method, {}, {"en": en, "others": others}, {})
-
     points = [
-        point("original", "original", "", 0.9, 0.1),
-        point("fisher (default)", "reference", "fisher", 0.8, 0.6),
-        point("neuromerging (default)", "reference", "neuromerging", 0.5, 0.6),
-        point("stf (default)", "default", "stf", 0.7, 0.5),
-        point("stf rank=4", "grid", "stf", 0.6, 0.7),
+        sweep_point("original", "original", "", 0.9, 0.1),
+        sweep_point("fisher (default)", "reference", "fisher", 0.8, 0.6),
+        sweep_point("neuromerging (default)", "reference", "neuromerging", 0.5, 0.6),
+        sweep_point("stf (default)", "default", "stf", 0.7, 0.5),
+        sweep_point("stf rank=4", "grid", "stf", 0.6, 0.7),
     ]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
