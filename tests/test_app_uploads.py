@@ -9,6 +9,7 @@ the upload is refused before a byte of it is written. Uploads expire after ``$DI
 
 from __future__ import annotations
 
+import socket
 import time
 from pathlib import Path
 
@@ -29,6 +30,29 @@ def files_in(cache: Path) -> dict[str, int]:
 
 def upload(url: str, *files: tuple[str, bytes]) -> httpx.Response:
     return httpx.post(url + "gradio_api/upload", files=[("files", f) for f in files], timeout=60)
+
+
+def broken_off_upload(url: str, cache: Path, declared: int, sent: int) -> None:
+    """An upload request that states ``declared`` bytes, sends a file's first ``sent`` and
+    hangs up (as a visitor who closes the tab, or on purpose); returns once the server has
+    written what came into ``cache``."""
+    port = int(url.rstrip("/").rsplit(":", 1)[1])
+    head = (
+        b'--b0undary\r\nContent-Disposition: form-data; name="files"; '
+        b'filename="cut.bin"\r\nContent-Type: application/octet-stream\r\n\r\n'
+    )
+    with socket.create_connection(("127.0.0.1", port)) as conn:
+        conn.sendall(
+            b"POST /gradio_api/upload HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: multipart/form-data; boundary=b0undary\r\n"
+            + f"Content-Length: {len(head) + declared}\r\n\r\n".encode()
+            + head
+            + b"c" * sent
+        )
+        deadline = time.monotonic() + 30
+        while sum(p.stat().st_size for p in cache.glob("tmp*")) < sent:
+            assert time.monotonic() < deadline, "the server did not write the upload's start"
+            time.sleep(0.2)
 
 
 def test_uploads_state_their_size_carry_one_file_and_share_a_bounded_room(tmp_path):
@@ -73,6 +97,15 @@ def test_uploads_state_their_size_carry_one_file_and_share_a_bounded_room(tmp_pa
         held = files_in(cache)
         assert set(held) == {"f1.bin", "f2.bin", "g.bin"}
         assert sum(held.values()) <= 30 * MB
+
+        # An upload whose request breaks off: Gradio leaves what it had written in a temporary
+        # file of no record; it counts until no byte was written to it for the grace, then goes.
+        broken_off_upload(url, cache, declared=2 * MB, sent=MB)
+        assert [p.stat().st_size for p in cache.glob("tmp*")] == [MB]
+        time.sleep(3.5)
+        assert upload(url, ("h.bin", b"h")).status_code == 200
+        assert list(cache.glob("tmp*")) == []
+        assert set(files_in(cache)) == {"f1.bin", "f2.bin", "g.bin", "h.bin"}
 
         # Any other request: its body stated and within 1 MiB. Gradio would read a JSON body
         # whole and keep it in its queue before a component's length limit is checked.

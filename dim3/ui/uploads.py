@@ -13,7 +13,8 @@ visitor could fill the disk that every visitor's Hub downloads and saves share. 
   ``$DIM3_UPLOAD_CACHE`` (2 GB by default; 0: no limit). Where it would not fit, the oldest
   files (over ``UPLOAD_GRACE_S`` old, so that none is taken from under a handler about to open
   it) are deleted first; where that is not enough, the upload is refused (507) with a message
-  that says so, and nothing of it is written.
+  that says so, and nothing of it is written. An upload whose request broke off counts until
+  it is swept (no byte written to it for the grace).
   Any other request with a body must state its size and stay within ``$DIM3_MAX_REQUEST`` (1
   MiB): Gradio reads a request's JSON whole, and a queued event holds it, before any
   component's length limit is checked (a 400 MB message made a server 2 GB larger).
@@ -102,35 +103,58 @@ class UploadRoom:
             raise ValueError(f"${ENV_GRACE}={raw!r} is not a number of seconds; use e.g. 60")
         return cls(size_from_env(ENV_CACHE, DEFAULT_CACHE), grace)
 
-    def held(self, blocks: Any) -> int:
-        """Bytes of the files in Gradio's record for ``blocks`` (sizes of files seen before are
-        remembered; a file that is gone counts nothing)."""
-        with self._lock:
-            return self._held(blocks)
-
-    def reserve(self, blocks: Any, n: int) -> str | None:
+    def reserve(self, blocks: Any, n: int, folder: str | None = None) -> str | None:
         """Make room for ``n`` bytes (deleting the oldest files if need be) and hold it; or say
-        why not, in words for the visitor."""
-        if self.max_bytes is None:
-            with self._lock:
-                self._reserved += n
-            return None
+        why not, in words for the visitor. ``folder``: where Gradio writes uploads, whose
+        unfinished ones are swept and counted (:meth:`_unfinished`)."""
         with self._lock:
-            need = self._held(blocks) + self._reserved + n - self.max_bytes
-            if need > 0:
-                need -= self._free(blocks, need)
-            if need > 0:
-                return (
-                    f"The server holds as many uploads as it can keep "
-                    f"({self.max_bytes / 1e9:.2g} GB) and none is old enough to remove; "
-                    "try again in a minute."
-                )
+            pending = self._unfinished(folder) if folder else 0
+            if self.max_bytes is not None:
+                need = self._held(blocks) + pending + self._reserved + n - self.max_bytes
+                if need > 0:
+                    need -= self._free(blocks, need)
+                if need > 0:
+                    return (
+                        f"The server holds as many uploads as it can keep "
+                        f"({self.max_bytes / 1e9:.2g} GB) and none is old enough to remove; "
+                        "try again in a minute."
+                    )
             self._reserved += n
             return None
 
     def release(self, n: int) -> None:
         with self._lock:
             self._reserved = max(0, self._reserved - n)
+
+    def _unfinished(self, folder: str) -> int:
+        """Bytes of the uploads Gradio is still writing, or left when their request broke off.
+
+        Gradio's form parser streams each file into a temporary file (``tmp...``) in the upload
+        folder and moves it into a folder of its own once the request is whole; a request that
+        breaks off leaves it there, in no record, for good (5 MB of a 9 MB upload, three times,
+        by hand). Those no byte was written to for the grace are deleted; the rest count (an
+        upload under way counts twice, with its reservation: the safe side)."""
+        pending = 0
+        cutoff = time.time() - self.grace_s
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            return 0
+        for entry in entries:
+            if not entry.name.startswith("tmp"):
+                continue
+            try:
+                st = entry.stat(follow_symlinks=False)
+                if not entry.is_file(follow_symlinks=False):
+                    continue
+                if st.st_mtime < cutoff:
+                    os.remove(entry.path)
+                    log.info("uploads: removed a broken-off upload (%.1f MB)", st.st_size / 1e6)
+                    continue
+            except OSError:
+                continue
+            pending += st.st_size
+        return pending
 
     def _files(self, blocks: Any) -> list[tuple[str, set]]:
         return [(f, s) for s in list(getattr(blocks, "temp_file_sets", [])) for f in list(s)]
@@ -259,7 +283,8 @@ class RequestGuard:
                 f"(this request: {length / 2**20:.3g} MiB); upload a smaller file.",
             )
             return
-        refused = await anyio.to_thread.run_sync(self.room.reserve, blocks, length)
+        folder = getattr(scope["app"], "uploaded_file_dir", None)
+        refused = await anyio.to_thread.run_sync(self.room.reserve, blocks, length, folder)
         if refused:
             await _plain(send, 507, refused)
             return
