@@ -366,6 +366,23 @@ def test_an_over_long_message_is_capped_in_the_browser_and_refused_by_the_server
     page.close()
 
 
+def test_a_picture_the_server_has_no_room_for_is_refused_with_the_reason(browser, tmp_path):
+    """Uploads share a bounded room on the server's disk (``$DIM3_UPLOAD_CACHE``,
+    ``dim3.ui.uploads``): one that does not fit is refused before it is written, and the
+    visitor reads why, not a broken attachment."""
+    cache = tmp_path / "gradio-cache"
+    env = {"GRADIO_TEMP_DIR": str(cache), "DIM3_UPLOAD_CACHE": "1kB"}
+    with running_app(tmp_path, [ROOT / "assets"], **env) as url:
+        page = open_app(browser, url)
+        page.click("#dim3-tab-chat-button")
+        before = sorted(p for p in cache.rglob("*") if p.is_file())  # the demo's examples
+        page.set_input_files("#dim3-box input[type=file]", str(IMAGE))
+        page.get_by_text("as many uploads as it can keep (1 kB)").wait_for()
+        assert page.locator("#dim3-box .thumbnail-item").count() == 0
+        assert sorted(p for p in cache.rglob("*") if p.is_file()) == before  # nothing written
+        page.close()
+
+
 def test_showcase_mode_in_a_browser(browser, tmp_path):
     from dim3.presets import get_preset
     from dim3.recipe import Recipe, Source

@@ -88,7 +88,7 @@ def test_uploads_state_their_size_carry_one_file_and_share_a_bounded_room(tmp_pa
         # No room, and every file is within its grace (a handler may be about to open it).
         r = upload(url, ("g.bin", b"g" * 9 * MB))
         assert r.status_code == 507, r.text
-        assert "as many uploads as it can keep" in r.text
+        assert "as many uploads as it can keep (30 MB)" in r.text
         assert set(files_in(cache)) == {"f0.bin", "f1.bin", "f2.bin"}
 
         time.sleep(3.5)  # past the grace: the oldest upload makes room

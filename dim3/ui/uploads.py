@@ -38,6 +38,7 @@ from typing import Any
 
 import anyio.to_thread
 
+from dim3.plan import human_size
 from dim3.writer import size_from_env
 
 log = logging.getLogger("dim3.ui")
@@ -116,7 +117,7 @@ class UploadRoom:
                 if need > 0:
                     return (
                         f"The server holds as many uploads as it can keep "
-                        f"({self.max_bytes / 1e9:.2g} GB) and none is old enough to remove; "
+                        f"({human_size(self.max_bytes)}) and none is old enough to remove; "
                         "try again in a minute."
                     )
             self._reserved += n
