@@ -307,11 +307,23 @@ def test_max_new_tokens_is_cut_to_the_room_the_context_leaves(endless):
 
 def test_an_unread_reply_stops_generating(endless):
     model, processor = endless
-    reply = stream_reply(
-        model, processor, QUESTION, None, GenerationParams(max_new_tokens=2048), idle_timeout=0.3
-    )
-    next(reply)  # then the reader goes away
-    reply.thread.join(timeout=30)
+    # 20 ms a step, as a large model's: the tiny one could otherwise write its whole context
+    # within the idle timeout on a fast machine, and end before anything had to stop it
+    hook = model.register_forward_pre_hook(lambda *a: time.sleep(0.02))
+    try:
+        reply = stream_reply(
+            model,
+            processor,
+            QUESTION,
+            None,
+            GenerationParams(max_new_tokens=2048),
+            idle_timeout=0.3,
+        )
+        next(reply)  # then the reader goes away
+        reply.thread.join(timeout=30)
+    finally:
+        hook.remove()
+    assert reply.max_new_tokens * 0.02 > 1.0  # it had more than a second left to write
     assert not reply.thread.is_alive() and reply.stopped
     assert reply.new_tokens < reply.max_new_tokens
 
