@@ -40,6 +40,9 @@ class ChatError(ValueError):
     """A conversation, image or setting that cannot be used; the message says how to fix it."""
 
 
+MIN_TEMPERATURE = 0.01  # the smallest sampling temperature: logits × 100 stay finite
+
+
 @dataclass(frozen=True)
 class GenerationParams:
     """How to sample a reply. ``temperature == 0`` means greedy decoding."""
@@ -71,6 +74,12 @@ class GenerationParams:
             )
         if not 0.0 <= float(self.temperature) <= 2.0:
             raise ChatError(f"temperature must lie in [0, 2], got {self.temperature!r}")
+        if 0.0 < float(self.temperature) < MIN_TEMPERATURE:
+            # logits / 1e-300 are infinite: sampling then fails on NaN probabilities
+            raise ChatError(
+                f"temperature must be 0 (always the most likely token) or at least "
+                f"{MIN_TEMPERATURE}, got {self.temperature!r}"
+            )
         if not 0.05 <= float(self.top_p) <= 1.0:
             raise ChatError(f"top-p must lie in [0.05, 1], got {self.top_p!r}")
 

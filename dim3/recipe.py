@@ -240,8 +240,8 @@ def _fisher_rows(recipe: Recipe) -> str:
     from dim3.fisher import describe_fishers
 
     rows = [
-        f"| {role} | {_code(ref)} | {_code(m.get('data'))} | {_code(m.get('n'))} | "
-        f"{_code(m.get('seed'))} | {_code(m.get('labels'))} | {_code(m.get('dtype'))} |"
+        f"| {role} | {code_span(ref)} | {code_span(m.get('data'))} | {code_span(m.get('n'))} | "
+        f"{code_span(m.get('seed'))} | {code_span(m.get('labels'))} | {code_span(m.get('dtype'))} |"
         for (role, ref), m in zip(
             recipe.fisher.items(), describe_fishers(recipe).values(), strict=True
         )
@@ -256,7 +256,7 @@ def _fisher_rows(recipe: Recipe) -> str:
     )
 
 
-def _code(value: Any) -> str:
+def code_span(value: Any) -> str:
     """``value`` as a Markdown code span that stays one table cell whatever it holds: a visitor's
     folder or revision name may carry ``|``, backticks, ``<`` or a line break. Pipes are escaped
     (a table splits on them even inside code), line breaks and other control characters shown as
@@ -338,8 +338,8 @@ def model_card(
     tags = dict.fromkeys(["merge", "dim3-studio", recipe.method, "multilingual", "vision"])
     front += _yaml_list("tags", list(tags)) + ["---"]
     rows = "\n".join(
-        f"| {role} | {_code(s.ref)} | {_code(s.revision) if s.revision else 'default'} | "
-        f"{_code(resolved[role]) if resolved.get(role) else 'local'} |"
+        f"| {role} | {code_span(s.ref)} | {code_span(s.revision) if s.revision else 'default'} | "
+        f"{code_span(resolved[role]) if resolved.get(role) else 'local'} |"
         for role, s in recipe.sources().items()
     )
     options = json.dumps(recipe.method_options().__dict__, ensure_ascii=False)

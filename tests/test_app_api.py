@@ -135,10 +135,11 @@ def test_save_refuses_a_symlink_and_writes_inside_the_output_folder(app, tmp_pat
     assert [p.name for p in target.iterdir()] == ["keep.txt"]
     _, status = c.predict(folder="fisher", api_name="/save")  # where the server keeps Fishers
     assert status.startswith("❌") and "is the server's own" in status, status
-    log, status = c.predict(folder="kept", api_name="/save")
+    log, status = c.predict(folder="kept_model.v2", api_name="/save")
     assert status.startswith("✅") and str(scratch) not in log + status
+    assert "Saved as `kept_model.v2` in" in status  # a code span shows it as typed: no "\_"
     # what a visitor may push to the Hub as it is names no server path, and still replays
-    saved = outputs / "kept"
+    saved = outputs / "kept_model.v2"
     for name in ("dim3_recipe.json", "README.md"):
         text = (saved / name).read_text()
         assert str(ROOT) not in text and str(scratch) not in text, name

@@ -194,8 +194,17 @@ def test_generation_params_are_checked():
         GenerationParams(max_new_tokens=0)
     with pytest.raises(ChatError, match="temperature"):
         GenerationParams(temperature=3.0)
+    with pytest.raises(ChatError, match=r"0 \(always the most likely token\) or at least 0.01"):
+        GenerationParams(temperature=1e-300)  # logits / 1e-300: infinite, NaN probabilities
     with pytest.raises(ChatError, match="top-p"):
         GenerationParams(top_p=0.0)
+
+
+def test_the_smallest_temperature_samples_finite_probabilities(llava):
+    model, processor = llava
+    params = GenerationParams(max_new_tokens=8, temperature=0.01, top_p=1.0)
+    reply = stream_reply(model, processor, QUESTION, red(), params)
+    assert "".join(reply).strip() and reply.new_tokens >= 1
 
 
 def test_load_image_refuses_non_images_and_huge_ones(tmp_path):

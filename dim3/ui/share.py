@@ -21,6 +21,7 @@ import gradio as gr
 from dim3 import engine
 from dim3.limits import check_saved_room
 from dim3.paths import save_destination
+from dim3.recipe import code_span
 from dim3.ui import jobs
 from dim3.ui.common import AppContext, check_text, gpu, md_escape
 from dim3.ui.fisher import data_free, with_fishers
@@ -95,7 +96,7 @@ def save_handler(ctx: AppContext, tab: MergeTab) -> Callable:
             tab.log_box: "\n".join(log[-LOG_LINES:]),
             tab.saved: str(result.out_dir),
             tab.status: ok(
-                f"Saved as `{md_escape(name)}` in the output folder; it loads with "
+                f"Saved as {code_span(name)} in the output folder; it loads with "
                 "`AutoModelForImageTextToText.from_pretrained`."
             ),
         }
