@@ -130,6 +130,14 @@ def test_out_of_range_option_names_option_and_range(method, field, where):
         assert lo in _numbers(message) and hi in _numbers(message)
 
 
+def test_a_huge_integer_option_is_shown_short():
+    """``int(1e308)``, what a number field gives for 1e308, was echoed as 309 digits."""
+    for bad, shown in ((int(1e308), "got 1e+308"), (10**5000, "got a number of about 5001 digits")):
+        with pytest.raises(ValueError, match=r"wudi option iterations must lie in \[") as e:
+            get_method("wudi").make_options({"iterations": bad})
+        assert str(e.value).endswith(shown) and len(str(e.value)) < 120
+
+
 def test_linear_refuses_two_zero_weights():
     with pytest.raises(ValueError, match="multimodal_weight and multilingual_weight"):
         get_method("linear").make_options({"multimodal_weight": 0, "multilingual_weight": 0})

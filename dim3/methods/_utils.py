@@ -27,6 +27,19 @@ from dim3 import fused
 from dim3.slices import SORT_MAX, ExactSelect, FirstMask, magnitude_bits, select_by_sort
 
 
+def _shown(value: object) -> str:
+    """A refused value as a message shows it: a huge integer (``int(1e308)`` from a number
+    field, 309 digits) in scientific notation (or by its count of digits), anything else by its ``repr`` cut to 40
+    characters."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**12:
+        try:
+            return f"{float(value):.3g}"
+        except OverflowError:
+            return f"a number of about {int(value.bit_length() * 0.30103) + 1} digits"
+    text = repr(value)
+    return text if len(text) <= 40 else text[:39] + "…"
+
+
 def check_options(options: object, method: str) -> None:
     """Check every field of a frozen options dataclass against its metadata ``min``/``max``
     (or, for a field made by :func:`choice`, against its ``choices``).
@@ -50,10 +63,12 @@ def check_options(options: object, method: str) -> None:
         kind = "an integer" if integral else "a number"
         if not isinstance(value, kinds) or isinstance(value, bool) or value != value:
             raise ValueError(
-                f"{method} option {f.name} must be {kind} in [{lo}, {hi}], got {value!r}"
+                f"{method} option {f.name} must be {kind} in [{lo}, {hi}], got {_shown(value)}"
             )
         if (lo is not None and value < lo) or (hi is not None and value > hi):
-            raise ValueError(f"{method} option {f.name} must lie in [{lo}, {hi}], got {value!r}")
+            raise ValueError(
+                f"{method} option {f.name} must lie in [{lo}, {hi}], got {_shown(value)}"
+            )
 
 
 _STEP_LISTENER: ContextVar[Callable[[int, int], None] | None] = ContextVar(
