@@ -87,6 +87,8 @@ def _checked(path: str | Path, roots: Sequence[str | Path] | None, what: str) ->
 def _read_lines(path: Path, what: str, example: str) -> list[tuple[str, int, dict[str, Any]]]:
     """(location, line number, object) for every non-empty line of a JSONL file."""
     nothing = "questions" if what == "probe" else "items"
+    if path.is_dir():
+        raise ProbeError(f"{what} file {path} is a folder; give a JSONL file (one {what} a line)")
     if not path.is_file():
         raise ProbeError(f"{what} file {path} does not exist; give a JSONL file or {example}")
     size = path.stat().st_size
@@ -144,7 +146,9 @@ def load_probe(
     allowed_roots: folders the file and its pictures must lie in (the app); None: any."""
     path = _checked(path, allowed_roots, "probe")
     items = []
-    for where, _, obj in _read_lines(path, "probe", "--probe demo"):
+    for where, _, obj in _read_lines(
+        path, "probe", "the built-in probe ('demo' on the command line, an empty field in the app)"
+    ):
         missing = [
             k for k in REQUIRED_KEYS if not isinstance(obj.get(k), str) or not obj[k].strip()
         ]
@@ -185,7 +189,9 @@ def load_parallel(
     path = _checked(path, allowed_roots, "parallel")
     items: list[ParallelItem] = []
     seen: dict[tuple[str, str], str] = {}
-    for where, _, obj in _read_lines(path, "parallel", "--probe demo|sentences"):
+    for where, _, obj in _read_lines(
+        path, "parallel", "a built-in set (demo, demo-text or sentences)"
+    ):
         bad = [
             k
             for k in PARALLEL_KEYS

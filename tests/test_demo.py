@@ -302,8 +302,10 @@ def test_probe_and_parallel_files_are_bounded_where_they_are_read(tmp_path):
 
 
 def test_missing_or_empty_probe_file_is_refused(tmp_path):
-    with pytest.raises(ProbeError, match="does not exist"):
+    with pytest.raises(ProbeError, match="does not exist; give a JSONL file or the built-in"):
         load_probe(tmp_path / "none.jsonl")
+    with pytest.raises(ProbeError, match="is a folder; give a JSONL file"):
+        load_probe(tmp_path)  # not "does not exist", and no command-line flag in the app
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(ProbeError, match="no questions"):
         load_probe(tmp_path / "empty.jsonl")
