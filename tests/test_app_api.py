@@ -420,6 +420,19 @@ def test_wrong_types_nan_and_unreadable_pictures_get_specific_messages(app, tmp_
     event = json.load(urllib.request.urlopen(request))["event_id"]
     stream = urllib.request.urlopen(f"{url}gradio_api/call/chat/{event}").read().decode()
     assert "lone surrogate" in stream and "Unexpected" not in stream, stream
+    # A picture named by a server path instead of uploaded: the parameter and the fix named.
+    data = [p["parameter_default"] for p in info["parameters"]]
+    data[:2] = ["hi", {"path": "/etc/hostname", "meta": {"_type": "gradio.FileData"}}]
+    request = urllib.request.Request(
+        url + "gradio_api/call/chat",
+        data=json.dumps({"data": data}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    event = json.load(urllib.request.urlopen(request))["event_id"]
+    stream = urllib.request.urlopen(f"{url}gradio_api/call/chat/{event}").read().decode()
+    image = info["parameters"][1]["parameter_name"]
+    assert f"the input {image} names a file this server was not sent" in stream, stream
+    assert "/etc/hostname" not in stream and "check the parameters' types" not in stream
     # The message alone, without the chat's other inputs: what is missing is named.
     request = urllib.request.Request(
         url + "gradio_api/call/chat",

@@ -18,10 +18,12 @@ import math
 from typing import Any
 
 import gradio as gr
+from gradio.exceptions import InvalidPathError
 
 from dim3.limits import check_image_header
 
 NUMBERS = (gr.Number, gr.Slider)
+FILE_INPUTS = (gr.Image, gr.File, gr.MultimodalTextbox)
 CHOICES = (gr.Dropdown, gr.Radio)
 SHOWN_CHARS = 40  # of a refused value, in the message
 
@@ -142,6 +144,13 @@ def _unreadable(block_fn: Any, exc: Exception) -> str:
     """Which input Gradio could not read, without echoing server paths or internals."""
     blocks = list(getattr(block_fn, "inputs", []) or [])
     text = str(exc)
+    if isinstance(exc, InvalidPathError):  # a path the server was never sent, or not its own
+        files = [i for i, b in enumerate(blocks) if isinstance(b, FILE_INPUTS)]
+        name = parameter_name(block_fn, files[0], blocks[files[0]]) if len(files) == 1 else "a file"
+        return (
+            f"the input {name} names a file this server was not sent: upload the file "
+            "(gradio_client: handle_file(path)) rather than naming a path"
+        )
     for i, block in enumerate(blocks):
         label = type(block).__name__
         if label in text or str(getattr(block, "label", "") or "\0") in text:
