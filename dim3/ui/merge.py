@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -332,10 +333,14 @@ HEATMAP_BYTES = 2 * 10**9  # above this the heat map (a second read of the trio)
 
 
 def _weights(ctx: AppContext) -> Callable:
+    computed: dict[int, list] = {}  # the served merge's version -> its rows (the latest only)
+    lock = threading.Lock()
+
     def weights(status: str) -> Any:
         """After a merge: the heat map of the served merge's DiM3 weights per layer and module
         (hidden after a failed merge, another method's merge, or a trio above 2 GB, whose second
-        read the Analysis tab offers)."""
+        read the Analysis tab offers). Computed once per served merge: the status comes from
+        the page, so a caller could ask again and again, and each would read the trio anew."""
         served = ctx.manager.served()
         info = served.info
         if not succeeded(status) or info is None or info.recipe.method != "dim3":
@@ -347,10 +352,15 @@ def _weights(ctx: AppContext) -> Callable:
             return gr.Plot(visible=False)
         from dim3 import diagnostics as dg
 
-        try:
-            rows = dg.diagnose(info.recipe, allowed_roots=ctx.allowed_roots)
-        except Exception:  # noqa: BLE001 - a picture is not worth failing a finished merge
-            return gr.Plot(visible=False)
+        with lock:
+            rows = computed.get(served.version)
+            if rows is None:
+                try:
+                    rows = dg.diagnose(info.recipe, allowed_roots=ctx.allowed_roots)
+                except Exception:  # noqa: BLE001 - a picture is not worth failing a finished merge
+                    rows = []
+                computed.clear()
+                computed[served.version] = rows
         return gr.Plot(dg.heatmap(rows), visible=True) if rows else gr.Plot(visible=False)
 
     return weights
