@@ -34,7 +34,11 @@ from dim3.ui.progress import LOG_LINES, drive, err, ok, plain
 from dim3.ui.reveal import succeeded
 from dim3.ui.share import REPO_ID_CHARS, push_handler, save_handler
 
-HEAVY = "dim3-heavy"  # concurrency id shared by merge, save and push: one at a time per server
+HEAVY = "dim3-heavy"  # the heavy jobs (merge, save, evaluate, sweep, analysis): one at a time
+# Pushes, one at a time, in a queue of their own: an upload takes as long as the visitor's link
+# to the Hub allows (their own token; no job budget can stop it halfway), and would hold the
+# heavy slot, every other visitor's merge, for as long.
+PUSH = "dim3-push"
 PRIVATE = {"api_visibility": "private"}  # UI-only events: not part of the API
 
 
@@ -233,7 +237,8 @@ def build_merge_tab(ctx: AppContext) -> MergeTab:
         },
         outputs=[tab.status],
         api_name="push",
-        **heavy,
+        concurrency_limit=1,
+        concurrency_id=PUSH,
     )
     return tab
 
