@@ -10,10 +10,15 @@ the reader runs) plus Python's (tracemalloc).
 from __future__ import annotations
 
 import base64
+import gzip
 import io
+import json
 import random
+import re
 import struct
 import tarfile
+import tempfile
+import time
 import tracemalloc
 import zlib
 from contextlib import contextmanager
@@ -26,13 +31,18 @@ import pytest
 
 from dim3.benchmarks import BENCHMARKS
 from dim3.benchmarks.sources import (
+    CHECK_ROWS,
     MAX_PICTURE_BYTES,
     MAX_ROW_GROUP_BYTES,
+    MAX_TEXT_FILE_BYTES,
+    MAX_WHOLE_JSON_BYTES,
     MIB,
     item_bytes,
     load_items,
+    max_line_bytes,
     reservoir,
 )
+from dim3.limits import BudgetExceeded, JobBudget
 from tests.benchmark_data import BUILDERS, picture
 
 IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
@@ -387,3 +397,228 @@ def test_other_unreadable_rows_are_named(tmp_path):
     (tmp_path / "broken" / "data" / "de-00000-of-00001.parquet").write_bytes(b"PAR1 not parquet")
     with pytest.raises(ValueError, match=r"^de-00000-of-00001.parquet is not a parquet file"):
         load_items("xgqa", str(tmp_path / "broken"), ["de"], limit=1)
+
+
+# --- files a dataset folder holds: links out of the allowed folders -------------------------------
+
+
+def jsonl_folder(
+    folder: Path, rows: list[dict] | str | None, split: str = "de", name: str = ""
+) -> Path:
+    """A Hub layout with a README config: ``folder/<name or split.jsonl>`` is the split's file
+    (``rows`` as JSON Lines, or text written as it is)."""
+    name = name or f"{split}.jsonl"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "README.md").write_text(
+        f"---\nconfigs:\n- config_name: default\n  data_files:\n  - split: {split}\n"
+        f"    path: {name}\n---\n"
+    )
+    if rows is not None:
+        text = rows if isinstance(rows, str) else "".join(json.dumps(r) + "\n" for r in rows)
+        (folder / name).write_text(text)
+    return folder
+
+
+SECRET = "TOP-SECRET line from outside the allowed folders"
+
+
+def secret_row(n: int = 0) -> dict:
+    return {"question_id": str(n), "question": SECRET, "answer": "x", "image": None}
+
+
+@pytest.mark.parametrize("linked", ["de.jsonl", "README.md", "data/de-00000-of-00001.parquet"])
+def test_a_link_out_of_the_allowed_folders_is_refused_before_it_is_read(tmp_path, linked):
+    """The attack's layout: a dataset folder under the allowed folder whose split file (or the
+    README `datasets` configures itself from, or a parquet file of the Hub layout) is a symbolic
+    link to a file outside. Refused, naming the file as the folder holds it, before `datasets`
+    or pyarrow opens it: the file's text is in no item and no message."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    allowed = tmp_path / "allowed"
+    folder = allowed / "ds"
+    if linked.endswith(".parquet"):
+        write(outside, xgqa_table(2, question=pa.array([SECRET] * 2)))
+        (folder / "data").mkdir(parents=True)
+        target = outside / "data" / "de-00000-of-00001.parquet"
+    else:
+        jsonl_folder(outside, [secret_row()])
+        jsonl_folder(folder, [secret_row()] if linked == "README.md" else None)
+        target = outside / linked
+        (folder / linked).unlink(missing_ok=True)
+    (folder / linked).symlink_to(target)
+    with pytest.raises(ValueError) as error:
+        load_items("xgqa", str(folder), ["de"], limit=2, allowed_roots=[allowed])
+    message = str(error.value)
+    assert f"{folder}: {linked!r} leads outside the folders this server may read" in message
+    assert "copy the file itself into the dataset's folder" in message
+    assert "SECRET" not in message and str(outside) not in message
+    # the command line (no allowed folders) still follows links, as a local user's own
+    assert load_items("xgqa", str(folder), ["de"], limit=2)[0].question.startswith(SECRET)
+
+
+def test_links_that_stay_in_the_allowed_folders_are_read(tmp_path):
+    """A Hub-cache snapshot (its files are links into the repository's ``blobs``) and a link to
+    another allowed file: read as before when the folders they lead into are allowed."""
+    repo = tmp_path / "hub" / "datasets--neulab--PangeaBench-xgqa"
+    blob = write(repo / "blobs" / "tmp", xgqa_table(3))
+    (repo / "blobs" / "5f1e0a").write_bytes(blob.read_bytes())
+    snapshot = repo / "snapshots" / "0123abcd"
+    (snapshot / "data").mkdir(parents=True)
+    (snapshot / "data" / "de-00000-of-00001.parquet").symlink_to("../../../blobs/5f1e0a")
+    items = load_items("xgqa", str(snapshot), ["de"], limit=3, allowed_roots=[tmp_path / "hub"])
+    assert [it.answers for it in items] == [("red",)] * 3
+    with pytest.raises(ValueError, match=r"'data/de-00000-of-00001.parquet' leads outside"):
+        load_items("xgqa", str(snapshot), ["de"], limit=3, allowed_roots=[snapshot])
+    elsewhere = jsonl_folder(tmp_path / "other", [secret_row(1)])
+    folder = jsonl_folder(tmp_path / "ds", None)
+    (folder / "de.jsonl").symlink_to(elsewhere / "de.jsonl")
+    items = load_items("xgqa", str(folder), ["de"], limit=1, allowed_roots=[tmp_path])
+    assert items[0].id == "1"
+
+
+def test_the_app_refuses_a_dataset_that_links_out_of_its_folders(app_server, tmp_path):
+    """The finding as the tester made it: Evaluate on a folder under the app's allowed folders
+    whose split file links to a file outside them. The status names the link; the file's text
+    reaches no prediction and no message."""
+    gradio_client = pytest.importorskip("gradio_client")
+    url, _ = app_server
+    with tempfile.TemporaryDirectory(prefix="dim3-outside-") as outside:  # not an allowed root
+        jsonl_folder(Path(outside), [secret_row()])
+        folder = jsonl_folder(tmp_path / "ds_link", None)
+        (folder / "de.jsonl").symlink_to(Path(outside) / "de.jsonl")
+        status, *_ = gradio_client.Client(url, verbose=False).predict(
+            methods=[],
+            source="xgqa",
+            languages=["de"],
+            probe=str(folder),
+            questions_per_language=2,
+            api_name="/evaluate",
+        )
+    shown = status.replace("\\", "")  # as Markdown shows it
+    assert shown.startswith("❌") and "'de.jsonl' leads outside the folders" in shown, status
+    assert "SECRET" not in shown
+
+
+# --- JSON Lines and CSV files: bounded before `datasets` parses them ------------------------------
+
+
+def test_a_line_past_what_a_row_may_hold_is_refused_without_being_read_whole(tmp_path):
+    """The attack's file, at 30 MiB: a JSON Lines row whose question alone is past what every
+    xGQA field may hold. Refused from a scan of the file (one MiB at a time), naming the line;
+    `datasets` read the whole line before the 64 KiB check could refuse its cell."""
+    limit = max_line_bytes(BENCHMARKS["xgqa"])
+    assert 21 * MIB < limit < 24 * MIB  # one picture as base64 text and the texts, escaped
+    folder = jsonl_folder(tmp_path / "ds", [secret_row(0), secret_row(1)])
+    with open(folder / "de.jsonl", "a") as f:
+        f.write('{"question_id": "2", "question": "' + "a" * (30 * MIB) + '", "answer": "x"}\n')
+    with measured() as held, pytest.raises(ValueError) as error:
+        load_items("xgqa", str(folder), ["de"], limit=2)
+    shown = f"{limit / MIB:.1f} MiB"
+    assert re.match(
+        rf"de.jsonl: line 3 is [\d.]+ MiB or more, more than the {shown} one row of a xGQA "
+        r"question may take \(each field it reads at its limit: a picture 16.0 MiB encoded, a "
+        r"text 65,536 bytes\); give a dataset in the xGQA schema",
+        str(error.value),
+    ), error.value
+    assert held["peak"] < 8 * MIB, held
+
+
+def test_json_and_csv_files_past_their_size_are_refused_from_their_size(tmp_path):
+    """A JSON Lines file past MAX_TEXT_FILE_BYTES (sparse: its size, not its bytes, is read), a
+    JSON array past MAX_WHOLE_JSON_BYTES (`datasets` reads and converts one whole), and
+    compressed files (decompressed on the fly, past any size read here)."""
+    big = jsonl_folder(tmp_path / "big", [secret_row()])
+    with open(big / "de.jsonl", "r+b") as f:
+        f.truncate(MAX_TEXT_FILE_BYTES + MIB)
+    with pytest.raises(ValueError) as error:
+        load_items("xgqa", str(big), ["de"], limit=2)
+    assert str(error.value).startswith(
+        "de.jsonl is 257.0 MiB, more than the 256.0 MiB a JSON or CSV data file may be"
+    ), error.value
+    row = json.dumps(secret_row()) + ",\n"
+    whole = "[\n" + row * (MAX_WHOLE_JSON_BYTES // len(row) + 1) + json.dumps(secret_row()) + "]"
+    jsonl_folder(tmp_path / "array", whole, name="de.json")
+    with pytest.raises(ValueError, match=r"^de.json is 32.0 MiB of one JSON value, more than"):
+        load_items("xgqa", str(tmp_path / "array"), ["de"], limit=2)
+    packed = jsonl_folder(tmp_path / "gz", None, name="de.jsonl.gz")
+    (packed / "de.jsonl.gz").write_bytes(gzip.compress(json.dumps(secret_row()).encode()))
+    with pytest.raises(
+        ValueError, match=r"^de.jsonl.gz is gzip-compressed; a data file is read un"
+    ):
+        load_items("xgqa", str(packed), ["de"], limit=2)
+    # named plainly, but a link to a gzip file whose name `datasets` knows no extension of (a
+    # Hub-cache blob's): it would decompress it on the fly
+    hidden = jsonl_folder(tmp_path / "blob", None)
+    (hidden / "5f1e0a").write_bytes(gzip.compress(json.dumps(secret_row()).encode()))
+    (hidden / "de.jsonl").symlink_to(hidden / "5f1e0a")
+    with pytest.raises(ValueError, match=r"^de.jsonl is gzip-compressed; a data file is read un"):
+        load_items("xgqa", str(hidden), ["de"], limit=2, allowed_roots=[tmp_path])
+
+
+def test_a_csv_file_that_does_not_parse_is_named_with_what_was_expected(tmp_path):
+    """pandas' own words ("Error tokenizing data. C error: ...") become the dataset's: the split,
+    its file, the rows read and the schema expected."""
+    rows = "question_id,question,answer\n0,What colour?,red\n1,What shape?,square,extra,cells\n"
+    folder = jsonl_folder(tmp_path / "csv", rows, name="de.csv")
+    with pytest.raises(ValueError) as error:
+        load_items("xgqa", str(folder), ["de"], limit=2)
+    message = str(error.value)
+    assert message.startswith(
+        f"{folder} split 'de': de.csv cannot be read as CSV (a header row with the field "
+        "names, then one question a row) after 0 rows (ParserError: Error tokenizing data."
+    ), message
+    assert message.endswith(
+        f"give a split in the xGQA schema ({BENCHMARKS['xgqa'].dataset}: "
+        "the fields question_id, id, question, answer, image)"
+    ), message
+    good = jsonl_folder(tmp_path / "good", rows.rsplit("\n", 2)[0] + "\n", name="de.csv")
+    assert [it.answers for it in load_items("xgqa", str(good), ["de"], limit=2)] == [("red",)]
+
+
+# --- the job's time budget while a split is read --------------------------------------------------
+
+
+def long_split(folder: Path, rows: int) -> Path:
+    line = '{"question_id": "%d", "question": "q", "answer": "a", "image": null}\n'
+    return jsonl_folder(folder, "".join(line % i for i in range(rows)))
+
+
+def test_reading_a_split_stops_with_the_job_budget(tmp_path):
+    """A 100,000-row JSON Lines split takes seconds to stream past; a job budget of 50 ms (the
+    app's JobBudget, its real clock) stops the read with the budget's own message, after a few
+    thousand rows (``check`` is called every CHECK_ROWS rows)."""
+    folder = long_split(tmp_path / "rows", 100_000)
+    budget = JobBudget(0.05, "evaluation", "ask fewer questions per language")
+    calls = []
+
+    def check() -> None:
+        calls.append(budget.elapsed)
+        budget.check()
+
+    with pytest.raises(BudgetExceeded, match=r"^the evaluation was stopped after .*\$DIM3_JOB_B"):
+        load_items("xgqa", str(folder), ["de"], limit=4, check=check)
+    assert 1 < len(calls) < 100_000 // CHECK_ROWS, calls
+
+
+def test_the_app_stops_an_evaluation_whose_dataset_outlasts_the_budget(tmp_path):
+    """The finding in the app: with DIM3_JOB_BUDGET=1, an Evaluate on a 1,000,000-row split
+    (72 MB; some 20 s to stream past) ends with the budget's message within seconds, not once
+    the split is read (a 12M-row split held the heavy slot 198 s against a 120 s budget)."""
+    gradio_client = pytest.importorskip("gradio_client")
+    from tests.app_server import ROOT, running_app
+
+    folder = long_split(tmp_path / "rows", 1_000_000)
+    (tmp_path / "app").mkdir()
+    with running_app(tmp_path / "app", [ROOT / "assets", tmp_path], DIM3_JOB_BUDGET="1") as url:
+        started = time.monotonic()
+        status, *_ = gradio_client.Client(url, verbose=False).predict(
+            methods=[],
+            source="xgqa",
+            languages=["de"],
+            probe=str(folder),
+            questions_per_language=2,
+            api_name="/evaluate",
+        )
+        took = time.monotonic() - started
+    assert status.startswith("❌ the evaluation was stopped after"), status
+    assert took < 10, took

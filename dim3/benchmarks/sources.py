@@ -16,6 +16,17 @@
   (the file's name, the row group or row, the size and the limit): a row group's columns read
   (``MAX_ROW_GROUP_BYTES``), one picture (``MAX_PICTURE_BYTES``), one text cell
   (``MAX_TEXT_BYTES``) and all that a sample keeps (``MAX_SAMPLE_BYTES``, or ``max_bytes``).
+  A JSON (Lines) or CSV file, which `datasets` parses before any cell can be sized, is bounded
+  before it is handed over: its size (``MAX_TEXT_FILE_BYTES``; a JSON array, read whole,
+  ``MAX_WHOLE_JSON_BYTES``) and its longest line (:func:`max_line_bytes`), scanned a chunk at a
+  time. Formats other than ``READ_BUILDERS`` are refused.
+- the files: with ``allowed_roots`` (a server), a local folder's top-level files (what `datasets`
+  configures itself from) and each data file of the split read are resolved, symbolic links
+  followed, and checked against them (:func:`dim3.paths.allowed_file`) before anything opens
+  them; `datasets` is given the checked paths. A Hub-cache snapshot (links into its ``blobs``)
+  passes when the cache lies under the roots.
+- the time: ``check`` (the app's job budget) is called every ``CHECK_ROWS`` rows read and every
+  ``CHECK_BYTES`` scanned, and stops the read by raising.
 - ``probe``: the demo probe (``dataset`` empty or ``demo``) or a JSONL probe file
   (:func:`dim3.probes.load_probe`), sampled the same way.
 
@@ -26,9 +37,10 @@ module knows files and datasets; it knows nothing about models or Gradio.
 from __future__ import annotations
 
 import itertools
+import os
 import random
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -63,6 +75,33 @@ CONVERT_BYTES = 64 * MIB
 # M3Exam's base64 text. Every other column the reader converts is text (MAX_TEXT_BYTES).
 PICTURE_FIELDS = frozenset({"image", *M3EXAM_IMAGE_FIELDS})
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$")
+# The `datasets` builders a split is read with: parquet by this module; JSON (Lines), CSV and
+# TSV by `datasets` once each file is bounded (TEXT_BUILDERS); Arrow streams, WebDataset tars
+# and `datasets`' own cache (an offline Hub id) by `datasets`, cell by cell. Any other format
+# (XML, HDF5, plain text, folders of pictures...) is refused before a file is opened.
+TEXT_BUILDERS = frozenset({"json", "csv"})
+READ_BUILDERS = frozenset({"parquet", "arrow", "webdataset", "cache", *TEXT_BUILDERS})
+# The names a text data file may have: uncompressed (`datasets` would decompress a .gz or .zip
+# on the fly, past any size read here).
+TEXT_SUFFIXES = (".json", ".jsonl", ".ndjson", ".csv", ".tsv")
+# A JSON (Lines) or CSV data file is parsed by `datasets` before any cell can be sized: JSON
+# Lines 10 MB at a time plus the line it ends in (held whole), CSV 10,000 rows at a time, so
+# each file is bounded before it is handed over: its size, and its longest line
+# (:func:`max_line_bytes`), read SCAN_CHUNK at a time, no line held whole. A JSONL row whose
+# question was 400 MB made a server 3.2 GB larger before the 64 KiB text check could refuse it.
+MAX_TEXT_FILE_BYTES = 256 * MIB
+# A JSON file that is one array (or an object read by its `field`) is read and converted whole,
+# some three times its size in memory; larger splits belong in JSON Lines (one row a line).
+MAX_WHOLE_JSON_BYTES = 32 * MIB
+# Room in a row for its keys, quotes, separators and fields the benchmark does not read.
+LINE_SLACK = 64 * 2**10
+# A JSON string may spell a character as \u00XX (6 bytes for 1): a text cell's bytes as written.
+JSON_ESCAPE = 6
+SCAN_CHUNK = MIB  # bytes of a data file read at a time while its lines are measured
+# The job's time (``check``) is looked at every CHECK_ROWS rows read and every CHECK_BYTES scanned:
+# a 12M-row JSONL split took 198 s to stream past, against a 120 s budget.
+CHECK_ROWS = 1024
+CHECK_BYTES = 16 * MIB
 
 
 def reservoir(
@@ -130,6 +169,7 @@ def load_items(
     token: str | None = None,
     scan: int | None = None,
     max_bytes: int | None = MAX_SAMPLE_BYTES,
+    check: Callable[[], None] | None = None,
 ) -> list[Item]:
     """Up to ``limit`` seeded items per language (``None``: all), languages in the order given.
 
@@ -138,6 +178,8 @@ def load_items(
     unknown benchmark or language, a missing split or field, a folder outside the allowed ones).
     ``scan`` reads only the first ``scan`` usable questions of each split (a quick draw).
     ``max_bytes``: what all the kept items may hold (:func:`item_bytes`; ``None``: no limit).
+    ``check``: called every ``CHECK_ROWS`` rows read (and while a data file is scanned); it
+    raises to stop the read (the app passes its job budget's ``check``).
     """
     bench = benchmark if isinstance(benchmark, Benchmark) else get_benchmark(benchmark)
     if limit is not None and limit < 1:
@@ -151,7 +193,9 @@ def load_items(
     items: list[Item] = []
     budget = SampleBudget(max_bytes, limit)
     for lang in langs:
-        rows = _rows(bench, ref, lang, token)
+        if check is not None:
+            check()
+        rows = _rows(bench, ref, lang, token, allowed_roots, check)
         if scan is not None:
             rows = itertools.islice(rows, scan)
         if limit is None:
@@ -192,7 +236,11 @@ def _dataset_ref(
                 f"parquet files (e.g. data/<language>-00000-of-00001.parquet) or a Hub id "
                 f"such as {bench.dataset}"
             )
-        return str(folder.resolve())
+        folder = folder.resolve()
+        if allowed_roots is not None:  # what `datasets` reads first (README.md, its configs)
+            for entry in sorted(folder.iterdir()):
+                _allowed(entry, folder, str(folder), allowed_roots)
+        return str(folder)
     if not _HUB_ID.match(ref):
         raise ValueError(
             f"{ref!r} is neither a local folder nor a Hub dataset id (owner/name such as "
@@ -201,11 +249,55 @@ def _dataset_ref(
     return ref
 
 
-def _present(bench: Benchmark, ref: str, token: str | None) -> tuple[str, ...]:
+def _allowed(path: str | Path, folder: Path | None, ref: str, roots: Sequence[str | Path]) -> Path:
+    """``path``, a file of the dataset ``ref`` (a folder), resolved (symbolic links followed) and
+    checked against ``roots`` with :func:`dim3.paths.allowed_file`, the check of every file a
+    visitor names; the refusal names the file as the folder holds it, not where it leads."""
+    from dim3.paths import OutsideRootsError, allowed_file
+
+    try:
+        return allowed_file(path, roots, what="the dataset's file")
+    except OutsideRootsError:
+        raise ValueError(
+            f"{ref}: {_shown(str(path), folder)!r} leads outside the folders this server may read "
+            "(a symbolic link, or a path out of the dataset's folder); copy the file itself into "
+            "the dataset's folder"
+        ) from None
+
+
+def _shown(url: str, folder: Path | None) -> str:
+    """A data file as messages name it: relative to the dataset's folder, else its name."""
+    if folder is not None and "://" not in url:
+        path = Path(os.path.abspath(url))
+        if path.is_relative_to(folder):
+            return str(path.relative_to(folder))
+    return PurePosixPath(url).name
+
+
+def _builder(ref: str, token: str | None) -> Any:
+    """`datasets`' builder for ``ref``: its format and data files, no data file opened."""
     import datasets
 
     try:
-        splits = datasets.get_dataset_split_names(ref, token=token)
+        return datasets.load_dataset_builder(ref, token=token)
+    except FileNotFoundError as exc:
+        raise ValueError(
+            f"cannot find the dataset {ref} ({exc}); give a local folder, or a Hub id with "
+            "network access (and HF_TOKEN for gated sets)"
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - the Hub's many errors become one clear message
+        raise ValueError(f"cannot open the dataset {ref}: {type(exc).__name__}: {exc}") from None
+
+
+def _present(bench: Benchmark, ref: str, token: str | None) -> tuple[str, ...]:
+    """The benchmark's languages ``ref`` has a split for, from its data files' names (none is
+    opened: `datasets` would read a JSON file's first rows to learn its columns)."""
+    import datasets
+
+    files = _builder(ref, token).config.data_files
+    try:
+        splits = [str(split) for split in files] if files else None
+        splits = splits or datasets.get_dataset_split_names(ref, token=token)
     except Exception as exc:  # noqa: BLE001 - reported with the dataset's name
         raise ValueError(f"cannot open the dataset {ref}: {type(exc).__name__}: {exc}") from None
     langs = tuple(lang for lang in bench.languages if lang in splits)
@@ -217,45 +309,249 @@ def _present(bench: Benchmark, ref: str, token: str | None) -> tuple[str, ...]:
     return langs
 
 
-def _rows(bench: Benchmark, ref: str, lang: str, token: str | None) -> Iterator[Item]:
-    """The split ``lang`` of ``ref``, streamed, as items (rows ``to_item`` skips are left out)."""
-    import datasets
+def _rows(
+    bench: Benchmark,
+    ref: str,
+    lang: str,
+    token: str | None,
+    roots: Sequence[str | Path] | None = None,
+    check: Callable[[], None] | None = None,
+) -> Iterator[Item]:
+    """The split ``lang`` of ``ref``, streamed, as items (rows ``to_item`` skips are left out).
 
-    try:
-        builder = datasets.load_dataset_builder(ref, token=token)
-    except FileNotFoundError as exc:
-        raise ValueError(
-            f"cannot find the dataset {ref} ({exc}); give a local folder, or a Hub id with "
-            "network access (and HF_TOKEN for gated sets)"
-        ) from None
-    except Exception as exc:  # noqa: BLE001 - the Hub's many errors become one clear message
-        raise ValueError(f"cannot open the dataset {ref}: {type(exc).__name__}: {exc}") from None
+    Its data files are checked before any is opened: against ``roots`` (a local dataset's, with
+    symbolic links followed), in a format this module reads (READ_BUILDERS), and, for a text
+    format, bounded (:func:`_check_text_file`). `datasets` is then given the checked files."""
+    builder = _builder(ref, token)
     files = dict(builder.config.data_files or {})
     if files and lang not in files:
         raise ValueError(
             f"{ref} has no split {lang!r} ({bench.title} keeps one split per language: "
             f"{', '.join(bench.languages)}); its splits: {', '.join(map(str, files))}"
         )
+    urls = [str(url) for url in files.get(lang, ())]
+    folder = Path(ref) if ref.startswith("/") else None
+    names = [PurePosixPath(url).name for url in urls]  # never a server path
+    paths = _checked_paths(ref, urls, folder, roots)
     if builder.name == "parquet":
-        return _to_items(bench, _parquet_rows(bench, files[lang], token), lang, ref)
-    stream = datasets.load_dataset(ref, split=lang, streaming=True, token=token)
+        return _to_items(bench, _parquet_rows(bench, paths, token, names), lang, ref, check)
+    if builder.name not in READ_BUILDERS:
+        raise ValueError(
+            f"{ref} split {lang!r} is in {builder.name} files ({', '.join(names)}); a "
+            f"{bench.title} split is read from parquet (the Hub's layout: "
+            f"data/{lang}-00000-of-00001.parquet), JSON Lines, CSV, Arrow or WebDataset files"
+        )
+    whole = getattr(builder.config, "field", None) is not None
+    for path, name in zip(paths, names, strict=True):
+        _refuse_compressed(path, name, token)
+        if builder.name in TEXT_BUILDERS:
+            _check_text_file(bench, path, name, token, whole, check)
+    if urls:  # `datasets` reads the files checked, not its own listing again
+        from datasets.data_files import DataFilesList
+
+        metadata = files[lang].origin_metadata
+        builder.config.data_files[lang] = DataFilesList(paths, metadata)
+    try:
+        stream = builder.as_streaming_dataset(split=lang)
+    except Exception as exc:  # noqa: BLE001 - a file `datasets` cannot parse, named
+        raise ValueError(_unparsed(bench, builder.name, ref, lang, names, 0, exc)) from None
     if stream.features and bench.fields:  # known before any row is read
         stream = stream.select_columns([f for f in bench.fields if f in stream.features])
     if stream.features:  # (unknown: `datasets` decodes nothing)
         stream = stream.decode(False)  # every picture, in any column, stays encoded
-    return _to_items(bench, _checked(bench, stream, ref), lang, ref)
+    rows = _checked(bench, stream, ref, lang, names, builder.name)
+    return _to_items(bench, rows, lang, ref, check)
 
 
-def _checked(bench: Benchmark, rows: Iterable[dict[str, Any]], ref: str):
-    """``rows`` (already read by ``datasets``), each cell checked before an item keeps it."""
-    for index, row in enumerate(rows):
+def _checked_paths(
+    ref: str, urls: Sequence[str], folder: Path | None, roots: Sequence[str | Path] | None
+) -> list[str]:
+    """``urls`` as `datasets` may open them: with ``roots`` (a server), a local dataset's files
+    resolved and under ``roots`` (a link out of them refused, a URL refused: a local dataset is
+    read from its folder), a Hub dataset's local files (`datasets`' cache) under the caches."""
+    if roots is None:
+        return list(urls)
+    if folder is None:  # a Hub id: its files are URLs, or in `datasets`' or the Hub's cache
+        from datasets import config
+        from huggingface_hub import constants
+
+        roots = [config.HF_DATASETS_CACHE, constants.HF_HUB_CACHE]
+    paths = []
+    for url in urls:
+        if "://" in url:
+            if folder is not None:
+                raise ValueError(
+                    f"{ref}: its configuration names the data file {url!r}, which is not a file "
+                    "of the folder; a local dataset is read from its own folder"
+                )
+            paths.append(url)
+        else:
+            paths.append(str(_allowed(url, folder, ref, roots)))
+    return paths
+
+
+def _open(url: str, token: str | None) -> tuple[Any, str]:
+    """The fsspec file system and path of a data file (a local path or an ``hf://`` URL)."""
+    import fsspec
+
+    options = {"token": token} if url.startswith("hf://") and token else {}
+    return fsspec.core.url_to_fs(url, **options)
+
+
+def _refuse_compressed(url: str, name: str, token: str | None) -> None:
+    """``ValueError`` for a data file whose first bytes say it is compressed: `datasets`
+    decompresses such a file on the fly when its name has no extension it knows (the target of
+    a link, a Hub-cache blob, has none), past any size read here."""
+    from datasets.utils.file_utils import (
+        MAGIC_NUMBER_MAX_LENGTH,
+        MAGIC_NUMBER_TO_COMPRESSION_PROTOCOL,
+        MAGIC_NUMBER_TO_UNSUPPORTED_COMPRESSION_PROTOCOL,
+    )
+
+    fs, path = _open(url, token)
+    with fs.open(path, "rb") as f:
+        head = f.read(MAGIC_NUMBER_MAX_LENGTH)
+    magics = MAGIC_NUMBER_TO_COMPRESSION_PROTOCOL | MAGIC_NUMBER_TO_UNSUPPORTED_COMPRESSION_PROTOCOL
+    for magic, kind in magics.items():
+        if head.startswith(magic):
+            raise ValueError(
+                f"{name} is {kind}-compressed; a data file is read uncompressed (its size is "
+                "what bounds it): give the split's files uncompressed, or as parquet"
+            )
+
+
+def max_line_bytes(bench: Benchmark) -> int:
+    """The longest line a JSON Lines or CSV file of ``bench`` may have: one row holding every
+    field the benchmark reads at its limit (a picture as base64 text, 4/3 of MAX_PICTURE_BYTES;
+    a text MAX_TEXT_BYTES, JSON_ESCAPE bytes a character as written), plus LINE_SLACK."""
+    pictures = sum(f in PICTURE_FIELDS or f == bench.image_field for f in bench.fields)
+    texts = len(bench.fields) - pictures
+    picture = -(-MAX_PICTURE_BYTES * 4 // 3)
+    return pictures * picture + texts * JSON_ESCAPE * MAX_TEXT_BYTES + LINE_SLACK
+
+
+def _check_text_file(
+    bench: Benchmark,
+    url: str,
+    name: str,
+    token: str | None,
+    whole: bool,
+    check: Callable[[], None] | None,
+) -> None:
+    """``ValueError`` for a JSON (Lines) or CSV data file `datasets` could not parse within
+    bounds: not named as one (TEXT_SUFFIXES: a .gz is decompressed), past MAX_TEXT_FILE_BYTES, a JSON array (or a file read by a ``field``:
+    ``whole``) past MAX_WHOLE_JSON_BYTES, or a line past :func:`max_line_bytes`. The file is
+    read SCAN_CHUNK bytes at a time; no line is held."""
+    if not name.lower().endswith(TEXT_SUFFIXES):
+        raise ValueError(
+            f"{name}: a JSON or CSV data file is read uncompressed (named *"
+            f"{', *'.join(TEXT_SUFFIXES)}); decompress it, or write the split as parquet"
+        )
+    fs, path = _open(url, token)
+    size = int(fs.size(path))
+    if size > MAX_TEXT_FILE_BYTES:
+        raise ValueError(
+            f"{name} is {_mib(size)}, more than the {_mib(MAX_TEXT_FILE_BYTES)} a JSON or CSV "
+            "data file may be (`datasets` parses it before any value can be sized); split it "
+            "into smaller files, or write it as parquet (the Hub's layout)"
+        )
+    with fs.open(path, "rb") as f:
+        head = f.read(64).lstrip(b"\xef\xbb\xbf \t\r\n")
+        if (whole or head.startswith(b"[")) and size > MAX_WHOLE_JSON_BYTES:
+            raise ValueError(
+                f"{name} is {_mib(size)} of one JSON value, more than the "
+                f"{_mib(MAX_WHOLE_JSON_BYTES)} `datasets` may read whole; write it as JSON Lines "
+                "(one row a line) or parquet"
+            )
+        f.seek(0)
+        long = _long_line(f, max_line_bytes(bench), check)
+    if long is not None:
+        line, length = long
+        raise ValueError(
+            f"{name}: line {line:,} is {_mib(length)} or more, more than the "
+            f"{_mib(max_line_bytes(bench))} one row of a {bench.title} question may take (each "
+            f"field it reads at its limit: a picture {_mib(MAX_PICTURE_BYTES)} encoded, a text "
+            f"{MAX_TEXT_BYTES:,} bytes); give a dataset in the {bench.title} schema "
+            f"({bench.dataset}), one question a line"
+        )
+
+
+def _long_line(f: Any, limit: int, check: Callable[[], None] | None) -> tuple[int, int] | None:
+    """The first line of ``f`` (a binary file) longer than ``limit`` bytes: (its number, 1-based;
+    its length so far), or None. A line within one chunk is shorter than the chunk, so only the
+    bytes since the last newline are counted across chunks."""
+    chunk_size = min(SCAN_CHUNK, limit)
+    line, since, read = 1, 0, 0  # the current line's number and bytes so far; bytes read
+    while chunk := f.read(chunk_size):
+        read += len(chunk)
+        if check is not None and read % CHECK_BYTES < len(chunk):
+            check()
+        first = chunk.find(b"\n")
+        if first < 0:
+            since += len(chunk)
+            if since > limit:
+                return line, since
+            continue
+        if since + first > limit:
+            return line, since + first
+        line += chunk.count(b"\n")
+        since = len(chunk) - chunk.rfind(b"\n") - 1
+    return None
+
+
+def _checked(
+    bench: Benchmark,
+    rows: Iterable[dict[str, Any]],
+    ref: str,
+    lang: str = "",
+    names: Sequence[str] = (),
+    kind: str = "",
+) -> Iterator[dict[str, Any]]:
+    """``rows`` (read by `datasets`), each cell checked before an item keeps it; a file
+    `datasets` cannot parse is named with what was expected (:func:`_unparsed`)."""
+    iterator = iter(rows)
+    index = 0
+    while True:
+        try:
+            row = next(iterator)
+        except StopIteration:
+            return
+        except Exception as exc:  # noqa: BLE001 - pandas', pyarrow's and json's many errors
+            raise ValueError(_unparsed(bench, kind, ref, lang, names, index, exc)) from None
         for field, value in row.items():
             _check_cell(bench, field, _value_bytes(value), isinstance(value, str), ref, index)
         yield row
+        index += 1
+
+
+FORMATS = {
+    "json": "JSON Lines (one JSON object a line)",
+    "csv": "CSV (a header row with the field names, then one question a row)",
+}
+
+
+def _unparsed(
+    bench: Benchmark,
+    kind: str,
+    ref: str,
+    lang: str,
+    names: Sequence[str],
+    index: int,
+    exc: Exception,
+) -> str:
+    """A data file `datasets` could not parse: the dataset, the split's files, the row reached,
+    the parser's own first line, and what was expected."""
+    detail = (str(exc).strip().splitlines() or [""])[0][:300]
+    files = ", ".join(names) or "its data files"
+    return (
+        f"{ref} split {lang!r}: {files} cannot be read as {FORMATS.get(kind, kind)} after "
+        f"{index:,} rows ({type(exc).__name__}: {detail}); give a split in the {bench.title} "
+        f"schema ({bench.dataset}: the fields {', '.join(bench.fields)})"
+    )
 
 
 def _parquet_rows(
-    bench: Benchmark, urls: Sequence[str], token: str | None
+    bench: Benchmark, urls: Sequence[str], token: str | None, names: Sequence[str] = ()
 ) -> Iterator[dict[str, Any]]:
     """The rows of parquet files (local paths or ``hf://`` URLs), the benchmark's fields only.
 
@@ -268,8 +564,9 @@ def _parquet_rows(
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    for url in urls:
-        name = PurePosixPath(str(url)).name  # never a server path
+    for i, url in enumerate(urls):
+        # as the dataset names it (a link's name, not its target's), never a server path
+        name = names[i] if i < len(names) else PurePosixPath(str(url)).name
         options = {"token": token} if str(url).startswith("hf://") and token else {}
         with fsspec.open(str(url), "rb", **options) as f:
             try:
@@ -413,8 +710,17 @@ class _ReadRow(dict):
         return super().get(key, default)
 
 
-def _to_items(bench: Benchmark, rows: Iterable[dict[str, Any]], lang: str, ref: str):
+def _to_items(
+    bench: Benchmark,
+    rows: Iterable[dict[str, Any]],
+    lang: str,
+    ref: str,
+    check: Callable[[], None] | None = None,
+) -> Iterator[Item]:
+    """The items of ``rows`` (``check`` called every CHECK_ROWS rows read, skipped ones too)."""
     for index, row in enumerate(rows):
+        if check is not None and index % CHECK_ROWS == CHECK_ROWS - 1:
+            check()
         read = _ReadRow(row)
         try:
             item = bench.to_item(read, lang, index)

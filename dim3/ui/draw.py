@@ -17,7 +17,7 @@ from __future__ import annotations
 import random
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,7 @@ import gradio as gr
 from dim3.benchmarks import BENCHMARKS, PROBE, Item, decode_image, get_benchmark
 from dim3.benchmarks.sources import MIB, item_bytes, load_items
 from dim3.ui.common import AppContext, check_text, error_html, md_escape
-from dim3.ui.jobs import cleans_up, job_folder
+from dim3.ui.jobs import budget, cleans_up, job_folder
 
 POOL = 64  # questions kept per (source, dataset, language)
 SCAN = 1000  # questions of a split the pool is drawn from
@@ -114,7 +114,10 @@ class Pools:
         dataset: str,
         language: str,
         allowed_roots: Sequence[str | Path] | None = None,
+        check: Callable[[], None] | None = None,
     ) -> list[Item]:
+        """The pool of ``language``'s questions; ``check`` is called as the split is read (the
+        draw's time budget) and raises to stop it."""
         key = (source, dataset, language)
         with self._lock:
             if key in self._pools:
@@ -129,6 +132,7 @@ class Pools:
             allowed_roots=allowed_roots,
             scan=SCAN,
             max_bytes=POOL_BYTES,
+            check=check,
         )
         size = sum(item_bytes(item) for item in pool)
         if size > self.cache_bytes:
@@ -194,7 +198,8 @@ def wire_draw(ctx: AppContext, tab: Any, controls: DrawControls, answered: list)
     def draw(source: str, language: str, dataset: str) -> dict:
         try:
             dataset = check_text(dataset, "dataset")
-            item = random.choice(pools.get(source, dataset, language, ctx.allowed_roots))
+            check = budget("question draw").check  # a split read past SCAN rows it skips
+            item = random.choice(pools.get(source, dataset, language, ctx.allowed_roots, check))
             files = []
             if item.image is not None:
                 folder = job_folder("dim3-draw-")

@@ -216,11 +216,16 @@ def build_evaluate_tab(ctx: AppContext, merge: MergeTab) -> EvaluateTab:
 
 
 def _spec(
-    ctx: AppContext, merge: MergeTab, values: dict[str, Any], fisher: dict[str, str] | None = None
+    ctx: AppContext,
+    merge: MergeTab,
+    values: dict[str, Any],
+    fisher: dict[str, str] | None = None,
+    budget: JobBudget | None = None,
 ) -> EvalSpec:
     """The run the form asks for; ``ValueError`` (shown to the user) for what cannot run.
     ``fisher``: the Fisher folders of a ticked ``fisher`` (None: leave it out, to check the rest
-    before its Fishers are estimated)."""
+    before its Fishers are estimated). ``budget``: the job's, checked while the dataset is read
+    (a large split takes minutes to stream past)."""
     recipe = merge.form.recipe(data_free(values, merge.form.fixed is not None, merge.form))
     methods = tuple(m for m in values["methods"] or () if m != FISHER or fisher is not None)
     source = values.get("source") or PROBE.name
@@ -234,6 +239,7 @@ def _spec(
         list(values.get("languages") or ()),
         limit=per_language or None,
         allowed_roots=ctx.allowed_roots,
+        check=budget.check if budget is not None else None,
     )
     options = {recipe.method: recipe.options} if recipe.method in methods else {}
     if FISHER in methods and values.get("method") == FISHER and merge.form.fixed is None:
@@ -295,7 +301,7 @@ def evaluate_handler(ctx: AppContext, merge: MergeTab, tab: EvaluateTab) -> Call
             recipe = merge.form.recipe(data_free(values, merge.form.fixed is not None, merge.form))
             folders = dict(recipe.fisher)  # a fixed fisher recipe brings its own
             estimate = FISHER in (values["methods"] or ()) and not folders
-            spec = _spec(ctx, merge, values, None if estimate else folders)
+            spec = _spec(ctx, merge, values, None if estimate else folders, budget)
             merges = [(m, spec.options.get(m, {})) for m in spec.methods if m != ORIGINAL]
             jobs.refuse_estimate(budget, recipe, merges, ctx.allowed_roots)
             # the trio's downloads, sized together, before a Fisher or the VLM is loaded
@@ -305,7 +311,7 @@ def evaluate_handler(ctx: AppContext, merge: MergeTab, tab: EvaluateTab) -> Call
                 folders = yield from job_fisher_status(
                     ctx, recipe, values, budget, tab.status, base_weight=weight
                 )
-                spec = _spec(ctx, merge, values, folders)
+                spec = _spec(ctx, merge, values, folders, budget)
         except Exception as exc:  # noqa: BLE001 - the UI boundary: shown, never raised
             yield {tab.status: f"❌ {md_escape(error_text(exc, ctx.allowed_roots), None)}"}
             return
