@@ -28,7 +28,9 @@ embedding's Fisher holds both its uses), in the model's shapes, float32 or bfloa
 safetensors; plus ``fisher.json`` with what was estimated how: model, data, N, seed, labels, dtype,
 the Fisher's L2 norm, the time taken. Reading (:class:`FisherInputs`): the merge engine reads the
 Fishers row slice by row slice beside the weights and hands them to the ``fisher`` rule.
-This module knows models, probe items and files; it knows nothing about Gradio.
+A server's Fishers (:func:`fishers_for`, under ``OUTPUT/fisher/``) are one per model, data, N,
+seed and labels whatever the role, and bounded by :func:`fishers_limit` (least recently used
+deleted first). This module knows models, probe items and files; it knows nothing about Gradio.
 """
 
 from __future__ import annotations
@@ -563,6 +565,74 @@ def describe_fishers(recipe: Recipe) -> dict[str, dict[str, Any]]:
     return out
 
 
+ENV_MAX_FISHERS = "DIM3_MAX_FISHERS"
+# Fishers are as large as their models (float32): the share of $DIM3_MAX_SAVED they may hold
+# when $DIM3_MAX_FISHERS is unset
+FISHER_SHARE = 4
+_in_use: dict[Path, int] = {}  # Fisher folders a running fishers_for has chosen (a count each)
+
+
+def fishers_limit() -> int | None:
+    """What the Fishers a server keeps may hold in all: ``$DIM3_MAX_FISHERS`` (``10GB``), else a
+    quarter of ``$DIM3_MAX_SAVED``; None when that is 0 (no limit)."""
+    from dim3.limits import saved_limit
+    from dim3.writer import size_from_env
+
+    saved = saved_limit()
+    return size_from_env(ENV_MAX_FISHERS, None if saved is None else saved // FISHER_SHARE)
+
+
+def fisher_bytes(model: Path, dtype: str = "float32") -> int:
+    """The size of ``model``'s Fisher folder as stored (its language tensors in ``dtype``), from
+    the checkpoint's headers."""
+    ckpt = Checkpoint(model)
+    try:
+        numel = sum(math.prod(ckpt.shape(disk)) for disk in language_keys(ckpt).values())
+    finally:
+        ckpt.close()
+    return numel * OUT_DTYPES[dtype].itemsize
+
+
+def make_fisher_room(root: Path, nbytes: int, keep: Sequence[Path] = ()) -> None:
+    """Delete the least recently used Fishers under ``root`` (none in ``keep`` nor in use) until
+    ``nbytes`` more fit :func:`fishers_limit`; refuse, deleting nothing, when they cannot."""
+    import shutil
+
+    from dim3.limits import folder_bytes
+    from dim3.plan import human_size
+
+    limit = fishers_limit()
+    if limit is None:
+        return
+    held = folder_bytes(root)
+    if held + nbytes <= limit:
+        return
+    protected = {Path(k).resolve() for k in keep} | set(_in_use)
+    old = [f for f in root.iterdir() if f.is_dir() and f.resolve() not in protected]
+    old.sort(key=lambda f: _last_used(f))
+    sizes = {f: folder_bytes(f) for f in old}
+    free = held - sum(sizes.values())
+    if free + nbytes > limit:
+        raise ValueError(
+            f"this Fisher ({human_size(nbytes)}) does not fit the {human_size(limit)} the "
+            f"server keeps for Fishers (${ENV_MAX_FISHERS}; {human_size(free)} of them in use "
+            "by this or a running job): choose fewer or smaller models, or estimate the "
+            "Fishers on your own machine (`python -m dim3 fisher`)"
+        )
+    for folder in old:
+        if held + nbytes <= limit:
+            break
+        shutil.rmtree(folder, ignore_errors=True)
+        held -= sizes[folder]
+
+
+def _last_used(folder: Path) -> float:
+    try:
+        return (folder / FISHER_FILE).stat().st_mtime
+    except OSError:
+        return 0.0  # half-written or foreign: first to go
+
+
 def fishers_for(
     sources: dict[str, Source],
     out_root: str | Path,
@@ -577,40 +647,68 @@ def fishers_for(
     token: str | None = None,
     progress: Callable[[str, int, int, float], None] | None = None,
 ) -> dict[str, str]:
-    """Estimate (or reuse, when the same model, data, N, seed and labels were estimated before)
-    the Fishers that a ``fisher`` merge of ``sources`` (:meth:`Recipe.sources`) needs, under
-    ``out_root/fisher/``: ``{role: folder}`` (the base's only when ``base``).
-    ``progress(role, done, n, seconds)`` hears every example."""
+    """Estimate (or reuse, when the same model, data, N, seed and labels were estimated before,
+    for whatever role) the Fishers that a ``fisher`` merge of ``sources``
+    (:meth:`Recipe.sources`) needs, under ``out_root/fisher/``: ``{role: folder}`` (the base's
+    only when ``base``). ``progress(role, done, n, seconds)`` hears every example.
+
+    The Fishers kept there are bounded (:func:`fishers_limit`): before each estimation the least
+    recently used ones, none this call or a running one holds, are deleted to make room, or the
+    estimation is refused. A call that fails (stopped by its budget, cancelled) deletes the
+    Fishers it made, so that its message "nothing it made was kept" holds and a job over its
+    budget cannot go on where it stopped on the next call."""
     roles = {r: s for r, s in sources.items() if r != "base" or base}
     if data not in DEMO_SOURCES and allowed_roots is not None:
         data = str(check_under_roots(Path(data), allowed_roots))
+    root = Path(out_root) / FISHER_ROOT
     out: dict[str, str] = {}
-    for role, source in roles.items():
-        spec = FisherSpec(source, data=data, n=n, seed=seed, labels=labels, device=device)
-        model = resolve(source.ref, source.revision, allowed_roots=allowed_roots, token=token)
-        key = json.dumps([str(model), *asdict(spec).values()], default=str)
-        folder = (
-            Path(out_root) / FISHER_ROOT / f"{role}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
-        )
-        if not (folder / FISHER_FILE).is_file():
-            report = None if progress is None else functools.partial(progress, role)
-            if not looks_local(source.ref) and model.parent.name == "snapshots":
-                # a Hub id: at the commit just resolved (a path into the Hub cache would be
-                # outside a server's allowed folders), and named so in its fisher.json
-                spec = dataclasses.replace(spec, model=Source(source.ref, model.name))
-            else:  # a local folder: where it resolved to (symlinks followed)
-                spec = dataclasses.replace(spec, model=Source(str(model)))
-            estimate_to_folder(
-                spec,
-                folder,
-                overwrite=True,
-                progress=report,
-                allowed_roots=allowed_roots,
-                token=token,
-            )
-        elif progress is not None:
-            progress(role, n, n, 0.0)
-        out[role] = str(folder)
+    made: list[Path] = []
+    held: list[Path] = []
+    try:
+        for role, source in roles.items():
+            spec = FisherSpec(source, data=data, n=n, seed=seed, labels=labels, device=device)
+            model = resolve(source.ref, source.revision, allowed_roots=allowed_roots, token=token)
+            key = json.dumps([str(model), *asdict(spec).values()], default=str)
+            folder = root / hashlib.sha256(key.encode()).hexdigest()[:16]  # no role: one each
+            resolved = folder.resolve()
+            _in_use[resolved] = _in_use.get(resolved, 0) + 1
+            held.append(resolved)
+            if not (folder / FISHER_FILE).is_file():
+                root.mkdir(parents=True, exist_ok=True)
+                make_fisher_room(root, fisher_bytes(model, spec.dtype), keep=[folder])
+                report = None if progress is None else functools.partial(progress, role)
+                if not looks_local(source.ref) and model.parent.name == "snapshots":
+                    # a Hub id: at the commit just resolved (a path into the Hub cache would be
+                    # outside a server's allowed folders), and named so in its fisher.json
+                    spec = dataclasses.replace(spec, model=Source(source.ref, model.name))
+                else:  # a local folder: where it resolved to (symlinks followed)
+                    spec = dataclasses.replace(spec, model=Source(str(model)))
+                made.append(folder)
+                estimate_to_folder(
+                    spec,
+                    folder,
+                    overwrite=True,
+                    progress=report,
+                    allowed_roots=allowed_roots,
+                    token=token,
+                )
+            else:
+                (folder / FISHER_FILE).touch()  # used now: the last to be deleted for room
+                if progress is not None:
+                    progress(role, n, n, 0.0)
+            out[role] = str(folder)
+    except BaseException:
+        import shutil
+
+        for folder in made:
+            if _in_use.get(folder.resolve(), 0) <= 1:
+                shutil.rmtree(folder, ignore_errors=True)
+        raise
+    finally:
+        for folder in held:
+            _in_use[folder] -= 1
+            if not _in_use[folder]:
+                del _in_use[folder]
     return out
 
 

@@ -5,7 +5,7 @@ runs (per model: the measured seconds of its first example and the time that N e
 take, then its progress), and finally ``("done", {role: folder})``. The job has downloaded its
 Hub checkpoints before (``dim3.ui.jobs.fetch``: all of them, sized together, one job at a time),
 so each Fisher is estimated from the cache. ``job_fishers`` wraps it for a
-job with a time budget. Layout-free: the Merge tab's handler calls it before the merge when the
+job with a time budget, checked at every example with the share done over all roles' N. Layout-free: the Merge tab's handler calls it before the merge when the
 method is ``fisher``, the Evaluate tab and its Sweep view before their first merge when ``fisher``
 is ticked or swept; all read the estimation inputs (data, N, labels) of the Merge tab's form and
 share the Fishers kept under the output folder.
@@ -57,7 +57,7 @@ def job_fishers(
     if base_weight is not None:
         values = values | {"fisher_base_weight": base_weight}
     log = [] if log is None else log
-    for item in estimate_step(ctx, recipe, values, log):
+    for item in estimate_step(ctx, recipe, values, log, budget):
         budget.check()
         yield item[1] if isinstance(item, tuple) else item
 
@@ -108,10 +108,17 @@ def job_fisher_status(
 
 
 def estimate_step(
-    ctx: AppContext, recipe: Recipe, values: dict[str, Any], log: list[str]
+    ctx: AppContext,
+    recipe: Recipe,
+    values: dict[str, Any],
+    log: list[str],
+    budget: JobBudget | None = None,
 ) -> Iterator[str | tuple[str, dict[str, str]]]:
     """Estimate (or reuse) the Fishers that merging ``recipe``'s models needs, from the form's
     Fisher inputs (``values``: fisher_data, fisher_n, fisher_labels, fisher_base_weight).
+    ``budget`` is checked at every example, from the estimation's thread, with the share done
+    over all the roles' examples: past it the estimation stops there (its finished Fishers
+    deleted by :func:`dim3.fisher.fishers_for`) and its :class:`BudgetExceeded` is raised.
     The caller downloaded ``recipe``'s Hub checkpoints first (``dim3.ui.jobs.fetch``): a model
     each estimation sized and fetched alone could pass the server's download limit or its disk
     together with the others."""
@@ -121,18 +128,25 @@ def estimate_step(
     n, labels = int(values.get("fisher_n") or 32), str(values.get("fisher_labels") or "given")
     events: queue.Queue[tuple[str, int, int, float]] = queue.Queue()
     stop, outcome = threading.Event(), {}
+    base = float(values.get("fisher_base_weight") or 0) > 0
+    roles = [r for r in recipe.sources() if r != "base" or base]
+    done_by_role: dict[str, tuple[int, float]] = {}
 
     def progress(role: str, done: int, total: int, seconds: float) -> None:
         if stop.is_set():
             raise Aborted("the merge was cancelled")
         events.put((role, done, total, seconds))
+        if budget is not None:  # projected over every role's N examples, from their seconds
+            done_by_role[role] = (done, seconds)
+            share = sum(d for d, _ in done_by_role.values()) / (len(roles) * total)
+            budget.check(share, sum(s for _, s in done_by_role.values()))
 
     def target() -> None:
         try:
             outcome["result"] = fishers_for(
                 recipe.sources(),
                 ctx.output_root,
-                base=float(values.get("fisher_base_weight") or 0) > 0,
+                base=base,
                 device=recipe.device,
                 data=data,
                 n=n,
