@@ -89,3 +89,21 @@ def test_app_fishers_of_others_do_not_crowd_out_a_save(tight_app):
     assert sum(f.stat().st_size for d in kept for f in d.iterdir()) <= 10**7
     _, status, *_ = c.predict(method="task_arithmetic", folder="mine", api_name="/save")
     assert status.startswith("✅ Saved"), status
+
+
+def test_a_stopped_call_deletes_the_fishers_it_finished_and_keeps_older_ones(tmp_path):
+    from dim3.limits import BudgetExceeded, JobBudget
+
+    kw = {"device": "cpu", "n": 2, "allowed_roots": [ROOT, tmp_path]}
+    older = fishers_for({"multimodal": Source(str(MM))}, tmp_path, **kw)["multimodal"]
+    budget = JobBudget(0.001, "merge")
+
+    def progress(role, done, total, seconds):
+        if role == "multilingual_1":  # the second model: past the budget
+            time.sleep(0.01)
+            budget.check()
+
+    sources = {"multimodal": Source(str(MM)), "multilingual_1": Source(str(ML))}
+    with pytest.raises(BudgetExceeded, match="Nothing it made was kept"):
+        fishers_for(sources, tmp_path, progress=progress, **kw | {"n": 3})
+    assert [str(f) for f in folders(tmp_path)] == [older]  # the n=3 multimodal one is gone
