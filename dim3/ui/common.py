@@ -148,6 +148,7 @@ def check_settings() -> None:
     Hub cache is kept (:func:`dim3.hubcache.policy`)."""
     from dim3 import hubcache
     from dim3.checkpoints import download_limit
+    from dim3.fisher import fishers_limit
     from dim3.limits import budget_from_env, saved_limit
     from dim3.plan import human_size
     from dim3.ui.uploads import UploadRoom, max_request, upload_ttl
@@ -159,6 +160,7 @@ def check_settings() -> None:
         upload_ttl()
         UploadRoom.from_env()
         max_request()
+        fishers_limit()
         bounds = hubcache.policy()
     except ValueError as exc:
         raise SystemExit(f"DiM3 Studio cannot start: {exc}") from None
