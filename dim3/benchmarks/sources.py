@@ -346,6 +346,8 @@ def _rows(
         _refuse_compressed(path, name, token)
         if builder.name in TEXT_BUILDERS:
             _check_text_file(bench, path, name, token, whole, check)
+        elif builder.name == "webdataset":
+            _check_tar_file(bench, path, name, token, check)
     if urls:  # `datasets` reads the files checked, not its own listing again
         from datasets.data_files import DataFilesList
 
@@ -474,6 +476,35 @@ def _check_text_file(
             f"{MAX_TEXT_BYTES:,} bytes); give a dataset in the {bench.title} schema "
             f"({bench.dataset}), one question a line"
         )
+
+
+def _check_tar_file(
+    bench: Benchmark, url: str, name: str, token: str | None, check: Callable[[], None] | None
+) -> None:
+    """``ValueError`` for a WebDataset tar with a member larger than one row of ``bench`` may
+    hold (:func:`max_line_bytes`): `datasets` reads every member of a sample whole, the fields
+    the benchmark leaves unread too, before any cell can be sized (a 300 MiB member took a
+    process to 751 MiB, by hand). Only the members' headers are read; their data is skipped."""
+    import tarfile
+
+    limit = max_line_bytes(bench)
+    fs, path = _open(url, token)
+    with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+        count = 0
+        while (member := tar.next()) is not None:
+            tar.members.clear()  # the headers seen: not kept (a tar may hold millions)
+            count += 1
+            if check is not None and count % CHECK_ROWS == 0:
+                check()
+            if member.size > limit:
+                shown = member.name if len(member.name) <= 60 else member.name[:59] + "…"
+                raise ValueError(
+                    f"{name}: its member {shown!r} is {_mib(member.size)}, more than the "
+                    f"{_mib(limit)} one {bench.title} sample may take (each field "
+                    f"it reads at its limit: a picture {_mib(MAX_PICTURE_BYTES)}, a text "
+                    f"{MAX_TEXT_BYTES:,} bytes), and `datasets` reads a sample's members whole; "
+                    "leave what the benchmark does not read out of the tar, or write it as parquet"
+                )
 
 
 def _long_line(f: Any, limit: int, check: Callable[[], None] | None) -> tuple[int, int] | None:
