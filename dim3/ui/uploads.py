@@ -17,7 +17,7 @@ visitor could fill the disk that every visitor's Hub downloads and saves share. 
   it is swept (no byte written to it for the grace).
   Any other request with a body must state its size and stay within ``$DIM3_MAX_REQUEST`` (1
   MiB): Gradio reads a request's JSON whole, and a queued event holds it, before any
-  component's length limit is checked (a 400 MB message made a server 2 GB larger).
+  component's length limit is checked (a 400 MB message made a server 1.1 GB larger).
 - ``upload_ttl()``: files are deleted once ``$DIM3_UPLOAD_TTL`` seconds old (a day by default;
   0: kept until the server stops), by Gradio's own ``delete_cache``.
 
@@ -83,7 +83,7 @@ def delete_cache() -> tuple[int, int] | None:
 class UploadRoom:
     """The bytes Gradio's cache holds for this app, with the uploads under way reserved.
 
-    ``reserve(blocks, n)`` before an upload of ``n`` bytes is read; ``release(n)`` once the
+    ``reserve(blocks, n, folder)`` before an upload of ``n`` bytes is read; ``release(n)`` once the
     request is over (its files are then in Gradio's record and counted from there)."""
 
     def __init__(self, max_bytes: int | None, grace_s: float = UPLOAD_GRACE_S) -> None:
