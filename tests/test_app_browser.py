@@ -383,6 +383,35 @@ def test_a_picture_the_server_has_no_room_for_is_refused_with_the_reason(browser
         page.close()
 
 
+def test_a_visitor_past_their_share_of_the_queue_reads_why(browser, tmp_path):
+    """One visitor may hold ``$DIM3_MAX_QUEUED`` events waiting or running
+    (``dim3.ui.visitors``): past it, the browser's request is refused and the page says why and
+    what to do. The visitor's share is filled by an API call from the same address, held
+    running by a hook in the server (as in ``test_app_queue``)."""
+    import httpx
+
+    from tests.test_app_queue import HOLD_HOOK
+    from tests.test_app_queue import ask as api_ask
+
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(HOLD_HOOK)
+    hold = tmp_path / "hold"
+    hold.touch()
+    env = {"PYTHONPATH": str(hook), "DIM3_TEST_HOLD": str(hold), "DIM3_MAX_QUEUED": "1"}
+    with running_app(tmp_path, [ROOT / "assets"], **env) as url:
+        page = open_app(browser, url)
+        assert api_ask(url, None).status_code == 200  # this address's one event, held
+        page.click("#dim3-merge")
+        page.get_by_text("You already have 1 request waiting or running").wait_for()
+        page.get_by_text("wait for one to finish, then try again").wait_for()
+        page.wait_for_timeout(500)  # the toast fades in
+        screenshot(page, "queue-share")
+        hold.unlink()
+        assert httpx.get(url, timeout=30).status_code == 200  # the server serves on
+        page.close()
+
+
 def test_showcase_mode_in_a_browser(browser, tmp_path):
     from dim3.presets import get_preset
     from dim3.recipe import Recipe, Source

@@ -226,6 +226,7 @@ def test_the_app_makes_room_in_its_hub_cache_for_a_visitors_merge(hub, tmp_path)
         "DIM3_JOB_BUDGET=soon",
         "DIM3_UPLOAD_TTL=a day",
         "DIM3_MAX_FISHERS=lots",
+        "DIM3_PROXY_HOPS=yes",
     ],
 )
 def test_a_server_with_a_mistyped_limit_does_not_start_and_says_which(tmp_path, setting):

@@ -22,6 +22,7 @@ from dim3.ui.evaluate import build_evaluate_tab
 from dim3.ui.merge import build_merge_tab
 from dim3.ui.uploads import RequestGuard, UploadRoom, delete_cache, max_request
 from dim3.ui.validate import StudioBlocks
+from dim3.ui.visitors import FairQueue, max_queue
 
 TITLE = "DiM3 Studio"
 INTRO = (
@@ -61,7 +62,11 @@ def build_app(ctx: AppContext | None = None) -> gr.Blocks:
             api_visibility="private",
         )
         app.unload(stop_session(ctx))
-    app.queue(default_concurrency_limit=int(os.environ.get("DIM3_CONCURRENCY", "4")))
+    app.queue(
+        default_concurrency_limit=int(os.environ.get("DIM3_CONCURRENCY", "4")),
+        max_size=max_queue(),  # all visitors' waiting events (see visitors)
+    )
+    FairQueue.install(app)  # and one visitor's, waiting or running
     return app
 
 

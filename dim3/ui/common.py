@@ -152,6 +152,7 @@ def check_settings() -> None:
     from dim3.limits import budget_from_env, saved_limit
     from dim3.plan import human_size
     from dim3.ui.uploads import UploadRoom, max_request, upload_ttl
+    from dim3.ui.visitors import max_queue, max_queued, proxy_hops
 
     try:
         budget_from_env()
@@ -161,6 +162,7 @@ def check_settings() -> None:
         UploadRoom.from_env()
         max_request()
         fishers_limit()
+        max_queued(), max_queue(), proxy_hops()
         bounds = hubcache.policy()
     except ValueError as exc:
         raise SystemExit(f"DiM3 Studio cannot start: {exc}") from None

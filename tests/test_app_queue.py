@@ -1,0 +1,159 @@
+"""How much of the server's queue one visitor may hold: a real ``python app.py`` and real HTTP
+requests, as ``gradio_client``, a browser, or a script would send them (``dim3.ui.visitors``).
+
+The server's queue is held still by a ``sitecustomize`` hook in its process (events wait, or
+stay running, while a file exists), so that what is waiting and running is known; the limit
+itself is the app's own code.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import pytest
+from starlette.datastructures import Headers
+
+from dim3.ui.visitors import max_queue, max_queued, proxy_hops, visitor_address
+from tests.app_server import ROOT, running_app
+
+HOLD_HOOK = """
+import asyncio, os
+import gradio.queueing as _q
+_process = _q.Queue.process_events
+async def _held(self, *args, **kwargs):
+    while os.path.exists(os.environ["DIM3_TEST_HOLD"]):
+        await asyncio.sleep(0.05)
+    return await _process(self, *args, **kwargs)
+_q.Queue.process_events = _held
+"""
+
+
+def ask(url: str, visitor: str | None, text: str = "Hallo") -> httpx.Response:
+    """``/call/chat`` (the REST API's way in), from ``visitor`` as the Space's proxy would
+    tell it (``X-Forwarded-For``)."""
+    headers = {"X-Forwarded-For": visitor} if visitor else {}
+    body = {"data": [text, None, 4, 0.0, 1.0]}
+    return httpx.post(url + "gradio_api/call/chat", json=body, headers=headers, timeout=30)
+
+
+def join(url: str, visitor: str, fn_index: int) -> httpx.Response:
+    """``/queue/join``, as the browser queues the same event."""
+    body = {
+        "data": ["Hallo", None, 4, 0.0, 1.0],
+        "fn_index": fn_index,
+        "session_hash": f"s{time.monotonic_ns()}",  # a new one each time, as a script may
+        "event_data": None,
+        "trigger_id": None,
+    }
+    return httpx.post(
+        url + "gradio_api/queue/join",
+        json=body,
+        headers={"X-Forwarded-For": visitor},
+        timeout=30,
+    )
+
+
+def answer(url: str, event_id: str) -> str:
+    """The final data of a ``/call/chat`` event."""
+    with httpx.stream("GET", url + f"gradio_api/call/chat/{event_id}", timeout=120) as r:
+        event = None
+        for line in r.iter_lines():
+            if line.startswith("event: "):
+                event = line[7:]
+            elif line.startswith("data: ") and event in ("complete", "error"):
+                assert event == "complete", line
+                return json.loads(line[6:])[0]
+    raise AssertionError("the stream ended without a result")
+
+
+def test_one_visitor_holds_a_bounded_share_of_the_queue(tmp_path):
+    """One visitor (an address behind the Space's proxy) may have ``$DIM3_MAX_QUEUED`` events
+    waiting or running: the next is refused with a message that says so, whichever route it
+    takes and whatever session id or forged ``X-Forwarded-For`` entries it carries, while other
+    visitors still get in; all waiting events together stop at ``$DIM3_MAX_QUEUE`` (Gradio's
+    "busy"); once a visitor's events are done, their share is theirs again."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(HOLD_HOOK)
+    hold = tmp_path / "hold"
+    hold.touch()
+    env = {
+        "PYTHONPATH": str(hook),
+        "DIM3_TEST_HOLD": str(hold),
+        "DIM3_MAX_QUEUED": "3",
+        "DIM3_MAX_QUEUE": "2",
+        "DIM3_PROXY_HOPS": "1",
+    }
+    with running_app(tmp_path, [ROOT / "assets", tmp_path], **env) as url:
+        config = httpx.get(url + "config", timeout=30).json()
+        chat = next(d["id"] for d in config["dependencies"] if d.get("api_name") == "chat")
+
+        first = [ask(url, "203.0.113.7") for _ in range(2)]  # running (the chat's 4 slots)
+        assert [r.status_code for r in first] == [200, 200], [r.text for r in first]
+        assert join(url, "203.0.113.7", chat).status_code == 200  # the browser's way in
+        for refused in (
+            ask(url, "203.0.113.7"),
+            join(url, "203.0.113.7", chat),
+            ask(url, "198.51.100.1, 203.0.113.7"),  # a forged entry left of the proxy's
+        ):
+            assert refused.status_code == 429, refused.text
+            detail = refused.json()["detail"]
+            assert "You already have 3 requests waiting or running" in detail, detail
+            assert "$DIM3_MAX_QUEUED" in detail and "try again" in detail, detail
+
+        assert ask(url, "198.51.100.1").status_code == 200  # another visitor: the 4th slot
+        waiting = [ask(url, "198.51.100.1"), ask(url, "192.0.2.5")]  # the queue's 2 places
+        assert [r.status_code for r in waiting] == [200, 200], [r.text for r in waiting]
+        full = ask(url, "192.0.2.99")
+        assert full.status_code == 503 and "Queue is full" in full.text, full.text
+
+        hold.unlink()  # the held events run, and end
+        deadline = time.monotonic() + 120
+        again = ask(url, "203.0.113.7", "Welche Farbe?")
+        while again.status_code != 200:
+            assert again.status_code in (429, 503), again.text
+            assert time.monotonic() < deadline, "the visitor's share never came back"
+            time.sleep(0.5)
+            again = ask(url, "203.0.113.7", "Welche Farbe?")
+        assert answer(url, again.json()["event_id"]).strip()  # the original VLM answered
+    log = (tmp_path / "app.log").read_text()
+    assert "203.0.113.7" not in log  # refusals are logged without the address
+
+
+def test_the_visitor_is_the_address_the_trusted_proxy_saw():
+    """``X-Forwarded-For`` read from the right, as many entries as there are trusted proxies;
+    the connection's address where there are none, or the header is shorter than that."""
+    h = Headers(raw=[(b"x-forwarded-for", b"1.1.1.1, 2.2.2.2"), (b"x-forwarded-for", b"3.3.3.3")])
+    assert visitor_address(h, "10.0.0.9", 0) == "10.0.0.9"
+    assert visitor_address(h, "10.0.0.9", 1) == "3.3.3.3"
+    assert visitor_address(h, "10.0.0.9", 2) == "2.2.2.2"
+    assert visitor_address(h, "10.0.0.9", 4) == "10.0.0.9"
+    assert visitor_address(Headers(), "10.0.0.9", 1) == "10.0.0.9"
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "read"),
+    [
+        ("DIM3_MAX_QUEUED", "lots", max_queued),
+        ("DIM3_MAX_QUEUED", "-1", max_queued),
+        ("DIM3_MAX_QUEUE", "1.5", max_queue),
+        ("DIM3_PROXY_HOPS", "yes", proxy_hops),
+        ("DIM3_PROXY_HOPS", "99", proxy_hops),
+    ],
+)
+def test_a_mistyped_queue_setting_is_named(monkeypatch, name, value, read):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=rf"\${name}={value!r}"):
+        read()
+
+
+def test_queue_settings_defaults(monkeypatch):
+    for name in ("DIM3_MAX_QUEUED", "DIM3_MAX_QUEUE", "DIM3_PROXY_HOPS", "SPACE_ID"):
+        monkeypatch.delenv(name, raising=False)
+    assert (max_queued(), max_queue(), proxy_hops()) == (16, 128, 0)
+    monkeypatch.setenv("SPACE_ID", "someone/dim3-studio")
+    assert proxy_hops() == 1
+    monkeypatch.setenv("DIM3_MAX_QUEUED", "0")
+    assert max_queued() is None
