@@ -150,10 +150,20 @@ def test_a_mistyped_queue_setting_is_named(monkeypatch, name, value, read):
 
 
 def test_queue_settings_defaults(monkeypatch):
-    for name in ("DIM3_MAX_QUEUED", "DIM3_MAX_QUEUE", "DIM3_PROXY_HOPS", "SPACE_ID"):
+    for name in (
+        "DIM3_MAX_QUEUED",
+        "DIM3_MAX_QUEUE",
+        "DIM3_PROXY_HOPS",
+        "SPACE_ID",
+        "SPACES_ZERO_GPU",
+    ):
         monkeypatch.delenv(name, raising=False)
     assert (max_queued(), max_queue(), proxy_hops()) == (16, 128, 0)
     monkeypatch.setenv("SPACE_ID", "someone/dim3-studio")
     assert proxy_hops() == 1
     monkeypatch.setenv("DIM3_MAX_QUEUED", "0")
     assert max_queued() is None
+    monkeypatch.setenv("SPACES_ZERO_GPU", "true")  # Gradio's own queue size there, unless set
+    assert max_queue() is None
+    monkeypatch.setenv("DIM3_MAX_QUEUE", "64")
+    assert max_queue() == 64

@@ -59,7 +59,13 @@ def max_queued() -> int | None:
 
 def max_queue() -> int | None:
     """``$DIM3_MAX_QUEUE``: the events all visitors may have waiting together (128; None: no
-    limit), for ``Blocks.queue(max_size=...)``."""
+    limit, or unset on ZeroGPU hardware, where Gradio sets its own), for
+    ``Blocks.queue(max_size=...)``."""
+    if (
+        not os.environ.get(ENV_MAX_QUEUE, "").strip()
+        and os.environ.get("SPACES_ZERO_GPU") == "true"
+    ):
+        return None  # Gradio's default for ZeroGPU (one waiting event), as without this app
     return _count_from_env(ENV_MAX_QUEUE, DEFAULT_MAX_QUEUE, "128")
 
 
