@@ -390,16 +390,11 @@ def test_a_visitor_past_their_share_of_the_queue_reads_why(browser, tmp_path):
     running by a hook in the server (as in ``test_app_queue``)."""
     import httpx
 
-    from tests.test_app_queue import HOLD_HOOK
     from tests.test_app_queue import ask as api_ask
+    from tests.test_app_queue import held_app
 
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(HOLD_HOOK)
     hold = tmp_path / "hold"
-    hold.touch()
-    env = {"PYTHONPATH": str(hook), "DIM3_TEST_HOLD": str(hold), "DIM3_MAX_QUEUED": "1"}
-    with running_app(tmp_path, [ROOT / "assets"], **env) as url:
+    with held_app(tmp_path, hold, DIM3_MAX_QUEUED="1") as url:
         page = open_app(browser, url)
         assert api_ask(url, None).status_code == 200  # this address's one event, held
         page.click("#dim3-merge")

@@ -2,14 +2,17 @@
 requests, as ``gradio_client``, a browser, or a script would send them (``dim3.ui.visitors``).
 
 The server's queue is held still by a ``sitecustomize`` hook in its process (events wait, or
-stay running, while a file exists), so that what is waiting and running is known; the limit
-itself is the app's own code.
+stay running, while a file exists; it can write down the order they leave the line in), so
+that what is waiting and running is known; the limit and the turns are the app's own code.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -22,12 +25,30 @@ HOLD_HOOK = """
 import asyncio, os
 import gradio.queueing as _q
 _process = _q.Queue.process_events
-async def _held(self, *args, **kwargs):
+async def _held(self, events, *args, **kwargs):
+    if os.environ.get("DIM3_TEST_ORDER"):  # the order events leave the line in
+        with open(os.environ["DIM3_TEST_ORDER"], "a") as f:
+            f.write(events[0].data.data[0] + "\\n")
     while os.path.exists(os.environ["DIM3_TEST_HOLD"]):
         await asyncio.sleep(0.05)
-    return await _process(self, *args, **kwargs)
+    return await _process(self, events, *args, **kwargs)
 _q.Queue.process_events = _held
 """
+
+
+@contextlib.contextmanager
+def held_app(tmp_path: Path, hold: Path, **env: str) -> Iterator[str]:
+    """The app with :data:`HOLD_HOOK` in its process, held while ``hold`` exists (created
+    here); yields its URL."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(HOLD_HOOK)
+    hold.touch()
+    env = {"PYTHONPATH": str(hook), "DIM3_TEST_HOLD": str(hold), **env}
+    with running_app(tmp_path, [ROOT / "assets", tmp_path], **env) as url:
+        log = (tmp_path / "app.log").read_text()
+        assert "Error in sitecustomize" not in log, log  # the hold is on
+        yield url
 
 
 def ask(url: str, visitor: str | None, text: str = "Hallo") -> httpx.Response:
@@ -74,19 +95,9 @@ def test_one_visitor_holds_a_bounded_share_of_the_queue(tmp_path):
     takes and whatever session id or forged ``X-Forwarded-For`` entries it carries, while other
     visitors still get in; all waiting events together stop at ``$DIM3_MAX_QUEUE`` (Gradio's
     "busy"); once a visitor's events are done, their share is theirs again."""
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(HOLD_HOOK)
     hold = tmp_path / "hold"
-    hold.touch()
-    env = {
-        "PYTHONPATH": str(hook),
-        "DIM3_TEST_HOLD": str(hold),
-        "DIM3_MAX_QUEUED": "3",
-        "DIM3_MAX_QUEUE": "2",
-        "DIM3_PROXY_HOPS": "1",
-    }
-    with running_app(tmp_path, [ROOT / "assets", tmp_path], **env) as url:
+    env = {"DIM3_MAX_QUEUED": "3", "DIM3_MAX_QUEUE": "2", "DIM3_PROXY_HOPS": "1"}
+    with held_app(tmp_path, hold, **env) as url:
         config = httpx.get(url + "config", timeout=30).json()
         chat = next(d["id"] for d in config["dependencies"] if d.get("api_name") == "chat")
 
@@ -120,6 +131,25 @@ def test_one_visitor_holds_a_bounded_share_of_the_queue(tmp_path):
         assert answer(url, again.json()["event_id"]).strip()  # the original VLM answered
     log = (tmp_path / "app.log").read_text()
     assert "203.0.113.7" not in log  # refusals are logged without the address
+
+
+def test_visitors_take_turns_in_a_line(tmp_path):
+    """A visitor who queued many chat turns does not hold the others up for all of them: with
+    the chat's 4 slots taken by one visitor and 2 more of theirs waiting, the next two visitors'
+    first turns are served before those two (Gradio alone serves its line first come, first
+    served: A5, A6, B1, C1)."""
+    hold, order = tmp_path / "hold", tmp_path / "order"
+    env = {"DIM3_TEST_ORDER": str(order), "DIM3_MAX_QUEUED": "10", "DIM3_PROXY_HOPS": "1"}
+    with held_app(tmp_path, hold, **env) as url:
+        sent = [ask(url, "203.0.113.7", f"A{i}") for i in range(1, 7)]
+        sent += [ask(url, "198.51.100.1", "B1"), ask(url, "192.0.2.5", "C1")]
+        assert all(r.status_code == 200 for r in sent), [r.text for r in sent]
+        hold.unlink()
+        for r in sent:
+            answer(url, r.json()["event_id"])
+    served = order.read_text().split()
+    assert sorted(served[:4]) == ["A1", "A2", "A3", "A4"], served  # the 4 slots, at once
+    assert served[4:] == ["B1", "C1", "A5", "A6"], served
 
 
 def test_the_visitor_is_the_address_the_trusted_proxy_saw():

@@ -8,9 +8,10 @@ each one's request (up to ``$DIM3_MAX_REQUEST``) until its turn. Here:
 
 - ``FairQueue.install(blocks)``: before Gradio queues an event, it counts the events of the
   same visitor that are waiting or running; at ``$DIM3_MAX_QUEUED`` (16; 0: no limit) the
-  request is refused (429) with a message that says so and what to do. The session id is not
-  the visitor (a client chooses it): the visitor is the signed-in user where Gradio's login is
-  on, else the address the request came from (:func:`visitor_address`).
+  request is refused (429) with a message that says so and what to do. Once queued, visitors
+  take turns: a visitor's second waiting merge waits behind every other visitor's first. The
+  session id is not the visitor (a client chooses it): the visitor is the signed-in user where
+  Gradio's login is on, else the address the request came from (:func:`visitor_address`).
 - ``max_queue()``: all visitors' waiting events together, at most ``$DIM3_MAX_QUEUE`` (128; 0:
   no limit), Gradio's own ``max_size`` (503, "busy").
 - ``visitor_address``: behind ``$DIM3_PROXY_HOPS`` reverse proxies (1 on a Hugging Face Space,
@@ -100,12 +101,18 @@ def visitor_address(headers: Any, peer: str | None, hops: int) -> str:
 
 
 class FairQueue:
-    """At most ``limit`` waiting or running events per visitor in a Gradio queue.
+    """Visitors take turns in a Gradio queue, and each holds at most ``limit`` events in it.
 
-    Wraps the queue's ``push`` (the one step every route that queues an event goes through): a
-    visitor at the limit gets ``HTTPException(429)``, with the count and what to do, before the
-    event is made. Events being pushed (``push`` awaits before it appends) count too, so a burst
-    of simultaneous requests cannot pass the limit together."""
+    Wraps the queue's ``push`` (the one step every route that queues an event goes through):
+
+    - a visitor at the limit gets ``HTTPException(429)``, with the count and what to do, before
+      the event is made. Events being pushed (``push`` awaits before it appends) count too, so a
+      burst of simultaneous requests cannot pass the limit together;
+    - once the event is in its line (one per concurrency id: the heavy jobs, the chats), the
+      line is put in turn order: a visitor's n-th event there, counting theirs already running
+      in it, waits behind every other visitor's events of lower n (stable, so first come first
+      served among equals). Gradio serves a line from its front, so a newcomer waits for the
+      jobs running and one of each other visitor's, not for all of one visitor's."""
 
     def __init__(self, queue: Any, limit: int | None, hops: int) -> None:
         self.queue, self.limit, self.hops = queue, limit, hops
@@ -158,8 +165,31 @@ class FairQueue:
                 )
         self._pushing[who] += 1
         try:
-            return await push(body=body, request=request, username=username)
+            result = await push(body=body, request=request, username=username)
         finally:
             self._pushing[who] -= 1
             if not self._pushing[who]:
                 del self._pushing[who]
+        event = self.queue.event_ids_to_events.get(result[1]) if result[0] else None
+        if event is not None:
+            self.take_turns(event.concurrency_id)
+        return result
+
+    def take_turns(self, concurrency_id: str) -> None:
+        """Put the waiting events of one line in turn order (see the class). Runs on the event
+        loop without awaiting, so no other step of the queue sees the line half-sorted."""
+        line = self.queue.event_queue_per_concurrency_id.get(concurrency_id)
+        if line is None or len(line.queue) < 2:
+            return
+        running = [e for job in self.queue.active_jobs if job for e in job]
+        turn = Counter(
+            self.visitor(e.request, e.username)
+            for e in running
+            if e.concurrency_id == concurrency_id
+        )
+        keyed = []
+        for i, e in enumerate(line.queue):
+            who = self.visitor(e.request, e.username)
+            keyed.append((turn[who], i, e))
+            turn[who] += 1
+        line.queue[:] = [e for *_, e in sorted(keyed, key=lambda k: k[:2])]
