@@ -18,7 +18,14 @@ import httpx
 import pytest
 from starlette.datastructures import Headers
 
-from dim3.ui.visitors import max_queue, max_queued, proxy_hops, visitor_address
+from dim3.ui.visitors import (
+    max_queue,
+    max_queued,
+    max_sessions,
+    proxy_hops,
+    visitor_address,
+    visitor_sessions,
+)
 from tests.app_server import ROOT, running_app
 
 HOLD_HOOK = """
@@ -171,6 +178,8 @@ def test_the_visitor_is_the_address_the_trusted_proxy_saw():
         ("DIM3_MAX_QUEUE", "1.5", max_queue),
         ("DIM3_PROXY_HOPS", "yes", proxy_hops),
         ("DIM3_PROXY_HOPS", "99", proxy_hops),
+        ("DIM3_MAX_SESSIONS", "many", max_sessions),
+        ("DIM3_VISITOR_SESSIONS", "-4", visitor_sessions),
     ],
 )
 def test_a_mistyped_queue_setting_is_named(monkeypatch, name, value, read):
@@ -189,6 +198,7 @@ def test_queue_settings_defaults(monkeypatch):
     ):
         monkeypatch.delenv(name, raising=False)
     assert (max_queued(), max_queue(), proxy_hops()) == (16, 128, 0)
+    assert (max_sessions(), visitor_sessions()) == (2000, 100)
     monkeypatch.setenv("SPACE_ID", "someone/dim3-studio")
     assert proxy_hops() == 1
     monkeypatch.setenv("DIM3_MAX_QUEUED", "0")
@@ -197,3 +207,88 @@ def test_queue_settings_defaults(monkeypatch):
     assert max_queue() is None
     monkeypatch.setenv("DIM3_MAX_QUEUE", "64")
     assert max_queue() == 64
+
+
+def _fn(config: dict, elem_id: str, trigger: str) -> int:
+    """The event of the component ``elem_id`` on ``trigger``, as the page calls it."""
+    ids = {c["id"] for c in config["components"] if c.get("props", {}).get("elem_id") == elem_id}
+    return next(
+        d["id"]
+        for d in config["dependencies"]
+        if [t for t in d["targets"] if t[0] in ids] and any(t[1] == trigger for t in d["targets"])
+    )
+
+
+def _page_event(url: str, fn: int, data: list, session: str, visitor: str) -> dict:
+    """A queued event as the page sends it, for ``session``; its final output."""
+    body = {"data": data, "fn_index": fn, "session_hash": session, "event_data": None}
+    headers = {"X-Forwarded-For": visitor}
+    r = httpx.post(url + "gradio_api/queue/join", json=body, headers=headers, timeout=30)
+    assert r.status_code == 200, r.text
+    params = {"session_hash": session}
+    with httpx.stream("GET", url + "gradio_api/queue/data", params=params, timeout=120) as s:
+        for line in s.iter_lines():
+            if (
+                line.startswith("data:")
+                and (m := json.loads(line[5:]))["msg"] == "process_completed"
+            ):
+                return m["output"]
+    raise AssertionError("no result")
+
+
+def test_one_visitors_new_sessions_push_out_only_their_own(tmp_path):
+    """Gradio keeps a session (~0.25 MB here) for every new session id a request names, up to
+    ``$DIM3_MAX_SESSIONS``, dropping the least recently used: a visitor naming new ids (outside
+    the queue, by a page event a script can call) pushed every other visitor's conversation out
+    (attack round 5). Now one visitor keeps ``$DIM3_VISITOR_SESSIONS`` (here 3) and their own
+    least recently used goes: another visitor's conversation stays, the flooder's first goes.
+    Deep links (a GET that wrote each session's settings to disk) are off."""
+    env = {"DIM3_MAX_SESSIONS": "10", "DIM3_VISITOR_SESSIONS": "3", "DIM3_PROXY_HOPS": "1"}
+    with running_app(tmp_path, [ROOT / "assets", tmp_path], **env) as url:
+        config = httpx.get(url + "config", timeout=30).json()
+        ask, regen = _fn(config, "dim3-box", "submit"), _fn(config, "dim3-regen", "click")
+        status = _fn(config, "dim3-tab-chat", "select")  # outside the queue
+        question = [{"text": "What colour is the circle?", "files": []}, None, None, None, 0]
+        visitor, flooder = ("198.51.100.9", "s-visitor"), ("203.0.113.7", "s-flooder")
+        for who, session in (visitor, flooder):
+            _page_event(url, ask, question, session, who)
+        for i in range(30):
+            body = {"data": [], "fn_index": status, "session_hash": f"flood{i}"}
+            r = httpx.post(
+                url + "gradio_api/run/predict",
+                json=body,
+                headers={"X-Forwarded-For": flooder[0]},
+                timeout=30,
+            )
+            assert r.status_code == 200, r.text
+        kept = _page_event(url, regen, [None, None, None, 0], "s-visitor", visitor[0])
+        assert kept["data"][0][0]["content"][0]["text"] == "What colour is the circle?", kept
+        gone = _page_event(url, regen, [None, None, None, 0], "s-flooder", flooder[0])
+        assert gone["data"][0] == {"__type__": "update"}, gone  # nothing to regenerate
+        deep = httpx.get(url + "gradio_api/deep_link", params={"session_hash": "s-visitor"})
+        assert deep.status_code == 404 and "no deep links" in deep.text
+    assert "sessions: 1 dropped" in (tmp_path / "app.log").read_text()
+
+
+def test_an_api_chat_leaves_no_session_record(tmp_path):
+    """``/chat`` through the REST API is a new session each call: its stop flag and records go
+    when it ends (they stayed for good, one per call: attack round 5)."""
+    import gradio as gr
+
+    from dim3.models import ModelManager
+    from dim3.presets import get_preset
+    from dim3.ui.chat_api import _api_chat
+    from dim3.ui.common import AppContext
+
+    ctx = AppContext(
+        manager=ModelManager(
+            allowed_roots=[ROOT / "assets"], default_vlm=get_preset("demo").multimodal
+        ),
+        allowed_roots=[ROOT / "assets"],
+        output_root=tmp_path / "outputs",
+    )
+    chat = _api_chat(ctx)
+    for i in range(3):
+        *_, last = chat("What colour is the circle?", request=gr.Request(session_hash=f"api{i}"))
+        assert last[0].strip(), last
+    assert ctx.stop_flags.sessions() == 0

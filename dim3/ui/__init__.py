@@ -22,7 +22,14 @@ from dim3.ui.evaluate import build_evaluate_tab
 from dim3.ui.merge import build_merge_tab
 from dim3.ui.uploads import RequestGuard, UploadRoom, delete_cache, max_request
 from dim3.ui.validate import StudioBlocks
-from dim3.ui.visitors import FairQueue, max_queue
+from dim3.ui.visitors import (
+    FairQueue,
+    SessionShare,
+    max_queue,
+    max_sessions,
+    proxy_hops,
+    visitor_sessions,
+)
 
 TITLE = "DiM3 Studio"
 INTRO = (
@@ -66,7 +73,9 @@ def build_app(ctx: AppContext | None = None) -> gr.Blocks:
         default_concurrency_limit=int(os.environ.get("DIM3_CONCURRENCY", "4")),
         max_size=max_queue(),  # all visitors' waiting events (see visitors)
     )
-    FairQueue.install(app)  # and one visitor's, waiting or running
+    # one visitor's events waiting or running, and sessions kept (see visitors)
+    app.dim3_sessions = SessionShare(visitor_sessions(), proxy_hops(), ctx.stop_flags.forget_idle)
+    FairQueue.install(app, app.dim3_sessions)
     return app
 
 
@@ -93,5 +102,6 @@ def launch_options() -> dict[str, Any]:
         "css": CSS,
         "js": MAXLENGTH_JS,
         "max_file_size": MAX_UPLOAD,
+        "state_session_capacity": max_sessions() or 10_000,  # Gradio's own default
         "show_error": False,
     }

@@ -70,7 +70,8 @@ def _api_chat(ctx: AppContext):
             ctx.manager.ensure_original()
             served = ctx.manager.served()
             turn = [{"role": "user", "content": text}]
-            flag = ctx.stop_flags.start(request.session_hash if request else "api")
+            session = request.session_hash if request else "api"
+            flag = ctx.stop_flags.start(session)
             replies = start_replies(served, (turn, turn), picture, params, flag)
         except Exception as exc:  # noqa: BLE001 - the API's answer is the message
             raise gr.Error(error_text(exc, ctx.allowed_roots), print_exception=False) from None
@@ -86,6 +87,8 @@ def _api_chat(ctx: AppContext):
         finally:
             for p in panes:
                 p.close()
+            ctx.stop_flags.finish(session, flag)  # an API call's session is its own: no record kept
+            ctx.stop_flags.forget_idle(session)
         yield (final_text(texts[0]), final_text(texts[1]), model)
 
     return chat

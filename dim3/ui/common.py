@@ -136,6 +136,19 @@ class StopFlags:
             self._epochs.pop(session, None)
             self._latest.pop(session, None)
 
+    def forget_idle(self, session: str) -> None:
+        """Drop the session's records unless a generation of it is running (an API call's
+        session, or one Gradio no longer keeps: its records would otherwise stay for good)."""
+        with self._lock:
+            if session not in self._flags:
+                self._epochs.pop(session, None)
+                self._latest.pop(session, None)
+
+    def sessions(self) -> int:
+        """How many sessions have records here."""
+        with self._lock:
+            return len(self._flags.keys() | self._epochs.keys() | self._latest.keys())
+
     def finish(self, session: str, flag: threading.Event) -> None:
         with self._lock:
             if self._flags.get(session) is flag:
@@ -152,7 +165,7 @@ def check_settings() -> None:
     from dim3.limits import budget_from_env, saved_limit
     from dim3.plan import human_size
     from dim3.ui.uploads import UploadRoom, max_request, upload_ttl
-    from dim3.ui.visitors import max_queue, max_queued, proxy_hops
+    from dim3.ui.visitors import max_queue, max_queued, max_sessions, proxy_hops, visitor_sessions
 
     try:
         budget_from_env()
@@ -162,7 +175,7 @@ def check_settings() -> None:
         UploadRoom.from_env()
         max_request()
         fishers_limit()
-        max_queued(), max_queue(), proxy_hops()
+        max_queued(), max_queue(), proxy_hops(), max_sessions(), visitor_sessions()
         bounds = hubcache.policy()
     except ValueError as exc:
         raise SystemExit(f"DiM3 Studio cannot start: {exc}") from None

@@ -27,6 +27,7 @@ This module knows Gradio's upload route and its record of the files it made
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -37,8 +38,10 @@ from pathlib import Path
 from typing import Any
 
 import anyio.to_thread
+from starlette.datastructures import Headers
 
 from dim3.plan import human_size
+from dim3.ui.visitors import visitor_address
 from dim3.writer import size_from_env
 
 log = logging.getLogger("dim3.ui")
@@ -53,6 +56,7 @@ DEFAULT_CACHE = 2 * 10**9
 UPLOAD_GRACE_S = 60.0  # a file younger than this is never deleted to make room ($DIM3_UPLOAD_GRACE)
 MULTIPART_SLACK = 64 * 1024  # a request's bytes besides its file: the multipart headers
 UPLOAD_PATH = "/gradio_api/upload"
+DEEP_LINK = "/deep_link"
 
 
 def upload_ttl() -> int | None:
@@ -231,6 +235,22 @@ def _plain(send: Callable, status: int, text: str):
     return respond()
 
 
+def _names_session(scope: dict) -> bool:
+    """A request outside the queue whose body names a session Gradio may make."""
+    path = scope.get("path", "").rstrip("/")
+    return "/run/" in path or path.endswith("/component_server")
+
+
+def _replay(body: bytes, first: dict | None, receive: Callable) -> Callable:
+    """A ``receive`` that gives ``body`` (or the message ``first``) once, then the real one."""
+    pending = [first or {"type": "http.request", "body": body, "more_body": False}]
+
+    async def replay() -> dict:
+        return pending.pop() if pending else await receive()
+
+    return replay
+
+
 class RequestGuard:
     """ASGI middleware: Gradio's upload route only takes a request whose stated size fits one
     file of the app's upload limit (``Blocks.max_file_size``, as Gradio parsed it) and the room
@@ -242,6 +262,10 @@ class RequestGuard:
         self.app, self.room, self.max_body = app, room, max_body
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope.get("type") == "http" and scope.get("path", "").rstrip("/").endswith(DEEP_LINK):
+            # a GET that writes: every session's settings into the cache folder, past the room
+            await _plain(send, 404, "This app has no deep links.")
+            return
         if scope.get("type") != "http" or scope.get("method") in ("GET", "HEAD", "OPTIONS"):
             await self.app(scope, receive, send)
             return
@@ -268,7 +292,34 @@ class RequestGuard:
                 f"(this one: {length / 2**10:,.0f} KiB); pictures go through the upload route.",
             )
             return
+        if length and _names_session(scope):
+            receive = await self._claim_session(scope, receive)
         await self.app(scope, receive, send)  # no stated size and not chunked: no body
+
+    async def _claim_session(self, scope: dict, receive: Callable) -> Callable:
+        """Read a request outside the queue that names a session (within ``max_body``, as
+        checked) and tell ``dim3.ui.visitors.SessionShare`` whose it is; returns a ``receive``
+        that hands the same body on."""
+        chunks, more = [], True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return _replay(b"", message, receive)
+            chunks.append(message.get("body", b""))
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        app = scope["app"]
+        share = getattr(app.get_blocks(), "dim3_sessions", None)
+        if share is not None:
+            try:
+                session = json.loads(body).get("session_hash")
+            except (ValueError, AttributeError):
+                session = None
+            if isinstance(session, str):
+                client = scope.get("client") or (None, None)
+                who = visitor_address(Headers(scope=scope), client[0], share.hops)
+                share.claim(app.state_holder, session, who)
+        return _replay(body, None, receive)
 
     async def _upload(self, scope: dict, receive: Callable, send: Callable, length: int | None):
         if length is None or length < 0:

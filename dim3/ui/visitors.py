@@ -14,14 +14,17 @@ each one's request (up to ``$DIM3_MAX_REQUEST``) until its turn. Here:
   Gradio's login is on, else the address the request came from (:func:`visitor_address`).
 - ``max_queue()``: all visitors' waiting events together, at most ``$DIM3_MAX_QUEUE`` (128; 0:
   no limit), Gradio's own ``max_size`` (503, "busy").
+- ``SessionShare``: the sessions Gradio keeps (one per session id a request names, ~0.25 MB
+  each here), at most ``$DIM3_MAX_SESSIONS`` for all (2,000) and ``$DIM3_VISITOR_SESSIONS`` for
+  one visitor (100), whose own least recently used goes when they make one more.
 - ``visitor_address``: behind ``$DIM3_PROXY_HOPS`` reverse proxies (1 on a Hugging Face Space,
   where ``$SPACE_ID`` is set; 0 elsewhere), the address the outermost of them saw, taken from
   the right of ``X-Forwarded-For``, where each proxy appends the address it saw, so that
   addresses a client writes into the header itself (on the left) change nothing.
 
 This module knows Gradio's queue (``Blocks._queue``: its ``push``, the waiting events per
-concurrency id and the running ones, each with its request); it decides nothing about which
-event runs next. Visitors behind one address (an office, a classroom) share its limit: raise
+concurrency id and the running ones, each with its request) and its session store
+(``StateHolder``: its ordered ``session_data``, its lock, ``delete_state``). Visitors behind one address (an office, a classroom) share its limit: raise
 ``$DIM3_MAX_QUEUED`` for a showcase to such a room.
 """
 
@@ -29,7 +32,9 @@ from __future__ import annotations
 
 import logging
 import os
-from collections import Counter
+import threading
+from collections import Counter, OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger("dim3.ui")
@@ -37,6 +42,10 @@ log = logging.getLogger("dim3.ui")
 ENV_MAX_QUEUED = "DIM3_MAX_QUEUED"
 ENV_MAX_QUEUE = "DIM3_MAX_QUEUE"
 ENV_PROXY_HOPS = "DIM3_PROXY_HOPS"
+ENV_MAX_SESSIONS = "DIM3_MAX_SESSIONS"
+ENV_VISITOR_SESSIONS = "DIM3_VISITOR_SESSIONS"
+DEFAULT_MAX_SESSIONS = 2000  # Gradio keeps ~0.25 MB a session for this app's ~200 components
+DEFAULT_VISITOR_SESSIONS = 100  # a page (re)load is one: a room of visitors behind one address
 DEFAULT_MAX_QUEUED = 16  # a visitor's tab has at most a few events at once (a chat turn, a job)
 DEFAULT_MAX_QUEUE = 128  # all visitors' waiting events: ~128 MiB of requests at $DIM3_MAX_REQUEST
 
@@ -68,6 +77,18 @@ def max_queue() -> int | None:
     ):
         return None  # Gradio's default for ZeroGPU (one waiting event), as without this app
     return _count_from_env(ENV_MAX_QUEUE, DEFAULT_MAX_QUEUE, "128")
+
+
+def max_sessions() -> int | None:
+    """``$DIM3_MAX_SESSIONS``: the sessions Gradio keeps for all visitors together, least
+    recently used dropped first (2,000; None: Gradio's own 10,000)."""
+    return _count_from_env(ENV_MAX_SESSIONS, DEFAULT_MAX_SESSIONS, "2000")
+
+
+def visitor_sessions() -> int | None:
+    """``$DIM3_VISITOR_SESSIONS``: the sessions kept for one visitor; their least recently used
+    goes when they make one more (100; None: no limit)."""
+    return _count_from_env(ENV_VISITOR_SESSIONS, DEFAULT_VISITOR_SESSIONS, "100")
 
 
 def proxy_hops() -> int:
@@ -114,14 +135,17 @@ class FairQueue:
       served among equals). Gradio serves a line from its front, so a newcomer waits for the
       jobs running and one of each other visitor's, not for all of one visitor's."""
 
-    def __init__(self, queue: Any, limit: int | None, hops: int) -> None:
-        self.queue, self.limit, self.hops = queue, limit, hops
+    def __init__(
+        self, queue: Any, limit: int | None, hops: int, sessions: SessionShare | None = None
+    ) -> None:
+        self.queue, self.limit, self.hops, self.sessions = queue, limit, hops, sessions
         self._pushing: Counter[str] = Counter()
 
     @classmethod
-    def install(cls, blocks: Any) -> FairQueue:
-        """Put the limit from the environment on ``blocks``' queue (after ``blocks.queue()``)."""
-        fair = cls(blocks._queue, max_queued(), proxy_hops())
+    def install(cls, blocks: Any, sessions: SessionShare | None = None) -> FairQueue:
+        """Put the limit from the environment on ``blocks``' queue (after ``blocks.queue()``);
+        the sessions its events name are claimed in ``sessions``."""
+        fair = cls(blocks._queue, max_queued(), proxy_hops(), sessions)
         push = blocks._queue.push
 
         async def fair_push(body: Any, request: Any, username: str | None):
@@ -172,6 +196,8 @@ class FairQueue:
                 del self._pushing[who]
         event = self.queue.event_ids_to_events.get(result[1]) if result[0] else None
         if event is not None:
+            if self.sessions is not None:  # made when the event runs
+                self.sessions.claim(self.queue.blocks.state_holder, event.session_hash, who)
             self.take_turns(event.concurrency_id)
         return result
 
@@ -193,3 +219,72 @@ class FairQueue:
             keyed.append((turn[who], i, e))
             turn[who] += 1
         line.queue[:] = [e for *_, e in sorted(keyed, key=lambda k: k[:2])]
+
+
+class SessionShare:
+    """At most ``limit`` sessions kept per visitor in Gradio's session store.
+
+    Gradio makes a session (its copy of every component's settings, and the values of the
+    ``gr.State``\\ s: about 0.25 MB in this app) for every new session id a request names, a
+    client picks the id, and the store keeps ``state_session_capacity`` of them, dropping the
+    least recently used: one visitor naming new ids could fill the server's memory and push out
+    every other visitor's conversation. Here the requests that name a session say whose it is
+    (:meth:`claim`: ``RequestGuard`` for the routes outside the queue, ``FairQueue`` for the
+    queue's), and when the store makes one for a visitor who has ``limit`` already, the
+    least recently used of theirs is dropped first: a visitor's flood only ever pushes out
+    their own. ``on_drop(session)`` is told of every session dropped (the app's own
+    per-session records)."""
+
+    def __init__(
+        self, limit: int | None, hops: int, on_drop: Callable[[str], None] | None = None
+    ) -> None:
+        self.limit, self.hops, self.on_drop = limit, hops, on_drop
+        self._owner: OrderedDict[str, str] = OrderedDict()  # session -> visitor, newest last
+        self._lock = threading.Lock()
+
+    def claim(self, holder: Any, session: str | None, visitor: str) -> None:
+        """``session`` is ``visitor``'s (told before Gradio makes it). Binds ``holder`` (the
+        app's ``StateHolder``) the first time."""
+        if not session or self.limit is None:
+            return
+        self._bind(holder)
+        with self._lock:
+            if session not in self._owner:
+                self._owner[session] = visitor
+                cap = 4 * max(getattr(holder, "capacity", 10_000), self.limit)
+                while len(self._owner) > cap:  # ids named but never made, or long gone
+                    self._owner.popitem(last=False)
+
+    def _bind(self, holder: Any) -> None:
+        if getattr(holder, "_dim3_share", None) is self:
+            return
+        base = type(holder)
+
+        class Bounded(base):  # type: ignore[misc, valid-type]
+            def __getitem__(inner, session_id: str) -> Any:
+                if session_id not in inner.session_data:
+                    self._making(inner, session_id)
+                return base.__getitem__(inner, session_id)
+
+        holder._dim3_share = self
+        holder.__class__ = Bounded
+
+    def _making(self, holder: Any, session: str) -> None:
+        """Before ``holder`` makes ``session``: drop what must go for it."""
+        with self._lock:
+            visitor = self._owner.get(session)
+            mine = [s for s in holder.session_data if self._owner.get(s) == visitor]
+        drop = mine[: len(mine) - self.limit + 1] if visitor and self.limit else []
+        if len(holder.session_data) - len(drop) >= holder.capacity:  # Gradio drops its oldest
+            drop += [s for s in list(holder.session_data)[:1] if s not in drop]
+        for gone in drop:
+            holder.delete_state(gone)
+            with holder.lock:
+                holder.session_data.pop(gone, None)
+                holder.time_last_used.pop(gone, None)
+            with self._lock:
+                self._owner.pop(gone, None)
+            if self.on_drop is not None:
+                self.on_drop(gone)
+        if drop:
+            log.info("sessions: %d dropped to make room for a new one", len(drop))
