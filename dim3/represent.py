@@ -402,11 +402,12 @@ def map_figure(rep: Representations, layer: int, method: str = "tsne", seed: int
     axes = fig.subplots(1, len(names), squeeze=False)
     for ax, name in zip(axes[0], names, strict=True):
         xy = project(rep.states[name][layer], method, seed)
+        cells: dict[tuple[str, str], list[int]] = {}  # (language, content) -> rows, in one pass
+        for i, it in enumerate(rep.items):
+            cells.setdefault((it.language, it.group), []).append(i)
         for li, lang in enumerate(languages):
             for gi, group in enumerate(groups):
-                rows = [
-                    i for i, it in enumerate(rep.items) if it.language == lang and it.group == group
-                ]
+                rows = cells.get((lang, group))
                 if rows:
                     ax.scatter(
                         xy[rows, 0],

@@ -211,3 +211,28 @@ def test_cli_refuses_a_bad_probe_with_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "bad.jsonl:1" in err[0] and "text" in err[0]
     assert not (tmp_path / "o").exists()
+
+
+def test_the_app_takes_a_parallel_set_of_bounded_size(app_server, tmp_path):
+    """Attack round 5: a 1.4 MB file of 24,000 items ran the app's representation analysis 272 s
+    past its budget (retrieval compares every pair, the map places every item): over
+    ``MAX_ITEMS`` the app refuses the set with the count, before any model runs; at the limit it
+    is analysed."""
+    gradio_client = pytest.importorskip("gradio_client")
+    from dim3.ui.represent import MAX_ITEMS
+
+    url, _ = app_server
+    client = gradio_client.Client(url, verbose=False)
+    over = tmp_path / "over.jsonl"
+    rows = [
+        {"id": str(i // 2), "language": "en de".split()[i % 2], "text": f"t{i}"}
+        for i in range(MAX_ITEMS + 2)
+    ]
+    over.write_text("\n".join(json.dumps(r) for r in rows))
+    status, *_ = client.predict("file", str(over), "pca", api_name="/represent")
+    assert status.startswith("❌") and f"{MAX_ITEMS + 2:,} items" in status, status
+    assert f"at most {MAX_ITEMS:,}" in status, status
+    at = tmp_path / "at.jsonl"
+    at.write_text("\n".join(json.dumps(r) for r in rows[:MAX_ITEMS]))
+    status, *_ = client.predict("file", str(at), "pca", api_name="/represent")
+    assert status.startswith(f"✅ {MAX_ITEMS} items (2 languages)"), status

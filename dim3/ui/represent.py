@@ -25,6 +25,9 @@ from dim3.ui.merge import HEAVY
 from dim3.ui.progress import err
 from dim3.ui.reveal import reveal_after
 
+MAX_ITEMS = 1_000  # a parallel set's items in the app (the built-in sentences: 288)
+MAPS = "dim3-map"  # map redraws, one at a time on the server: a t-SNE takes both cores
+
 INTRO = (
     "### Representations\n"
     "How each model's hidden states of the same content in several languages relate, layer by "
@@ -136,17 +139,28 @@ def build_represent_view(ctx: AppContext) -> RepresentView:
             outputs=[view.map, view.status],
             api_visibility="private",
             show_progress="minimal",
+            concurrency_limit=1,
+            concurrency_id=MAPS,
         )
     return view
 
 
 def load_items(ctx: AppContext, probe: str, path: str) -> list[rp.ParallelItem]:
-    """A built-in parallel set, or a JSONL file that must lie under the allowed folders."""
+    """A built-in parallel set, or a JSONL file that must lie under the allowed folders, of at
+    most :data:`MAX_ITEMS` items."""
     if probe != "file":
         return rp.parallel_items(probe)
     if not (path or "").strip():
         raise ValueError("choose a built-in parallel set or give the path of a JSONL file")
-    return rp.parallel_items(path.strip(), allowed_roots=ctx.allowed_roots)
+    items = rp.parallel_items(path.strip(), allowed_roots=ctx.allowed_roots)
+    if len(items) > MAX_ITEMS:
+        raise ValueError(
+            f"the parallel set has {len(items):,} items; the app takes at most {MAX_ITEMS:,} "
+            "(its retrieval compares every pair of items and its maps place each one: "
+            "24,000 items ran 4.5 minutes): take a sample, or run `python -m dim3 represent` "
+            "on your own machine"
+        )
+    return items
 
 
 def _loaded(ctx: AppContext) -> dict[str, tuple[Any, Any]]:
