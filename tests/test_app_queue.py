@@ -168,6 +168,12 @@ def test_the_visitor_is_the_address_the_trusted_proxy_saw():
     assert visitor_address(h, "10.0.0.9", 2) == "2.2.2.2"
     assert visitor_address(h, "10.0.0.9", 4) == "10.0.0.9"
     assert visitor_address(Headers(), "10.0.0.9", 1) == "10.0.0.9"
+    # an IPv6 address is its /64: a host has all of it, so one address each would be no limit
+    v6 = Headers(raw=[(b"x-forwarded-for", b"2001:db8:0:7::1")])
+    assert visitor_address(v6, None, 1) == "2001:db8:0:7::/64"
+    assert visitor_address(None, "2001:db8:0:7:ffff::2", 0) == "2001:db8:0:7::/64"
+    assert visitor_address(None, "2001:db8:0:8::1", 0) == "2001:db8:0:8::/64"
+    assert visitor_address(None, "::ffff:192.0.2.1", 0) == "192.0.2.1"
 
 
 @pytest.mark.parametrize(
@@ -242,7 +248,8 @@ def test_one_visitors_new_sessions_push_out_only_their_own(tmp_path):
     the queue, by a page event a script can call) pushed every other visitor's conversation out
     (attack round 5). Now one visitor keeps ``$DIM3_VISITOR_SESSIONS`` (here 3) and their own
     least recently used goes: another visitor's conversation stays, the flooder's first goes.
-    Deep links (a GET that wrote each session's settings to disk) are off."""
+    Deep links (a GET that wrote each session's settings to disk) and component server
+    functions (none here; the route made a session for any id, in any body) are off."""
     env = {"DIM3_MAX_SESSIONS": "10", "DIM3_VISITOR_SESSIONS": "3", "DIM3_PROXY_HOPS": "1"}
     with running_app(tmp_path, [ROOT / "assets", tmp_path], **env) as url:
         config = httpx.get(url + "config", timeout=30).json()
@@ -267,6 +274,9 @@ def test_one_visitors_new_sessions_push_out_only_their_own(tmp_path):
         assert gone["data"][0] == {"__type__": "update"}, gone  # nothing to regenerate
         deep = httpx.get(url + "gradio_api/deep_link", params={"session_hash": "s-visitor"})
         assert deep.status_code == 404 and "no deep links" in deep.text
+        body = {"session_hash": "s-new", "component_id": 1, "fn_name": "ls", "data": None}
+        server_fn = httpx.post(url + "gradio_api/component_server/", json=body, timeout=30)
+        assert server_fn.status_code == 404 and "no server functions" in server_fn.text
     assert "sessions: 1 dropped" in (tmp_path / "app.log").read_text()
 
 

@@ -57,6 +57,7 @@ UPLOAD_GRACE_S = 60.0  # a file younger than this is never deleted to make room 
 MULTIPART_SLACK = 64 * 1024  # a request's bytes besides its file: the multipart headers
 UPLOAD_PATH = "/gradio_api/upload"
 DEEP_LINK = "/deep_link"
+COMPONENT_SERVER = "/component_server"
 
 
 def upload_ttl() -> int | None:
@@ -237,8 +238,7 @@ def _plain(send: Callable, status: int, text: str):
 
 def _names_session(scope: dict) -> bool:
     """A request outside the queue whose body names a session Gradio may make."""
-    path = scope.get("path", "").rstrip("/")
-    return "/run/" in path or path.endswith("/component_server")
+    return "/run/" in scope.get("path", "")
 
 
 def _replay(body: bytes, first: dict | None, receive: Callable) -> Callable:
@@ -262,9 +262,14 @@ class RequestGuard:
         self.app, self.room, self.max_body = app, room, max_body
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope.get("type") == "http" and scope.get("path", "").rstrip("/").endswith(DEEP_LINK):
+        path = scope.get("path", "").rstrip("/") if scope.get("type") == "http" else ""
+        if path.endswith(DEEP_LINK):
             # a GET that writes: every session's settings into the cache folder, past the room
             await _plain(send, 404, "This app has no deep links.")
+            return
+        if path.endswith(COMPONENT_SERVER):
+            # no component here has server functions; the route makes a session for any id
+            await _plain(send, 404, "This app's components have no server functions.")
             return
         if scope.get("type") != "http" or scope.get("method") in ("GET", "HEAD", "OPTIONS"):
             await self.app(scope, receive, send)

@@ -30,6 +30,7 @@ concurrency id and the running ones, each with its request) and its session stor
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import threading
@@ -112,13 +113,23 @@ def proxy_hops() -> int:
 def visitor_address(headers: Any, peer: str | None, hops: int) -> str:
     """The address a request came from: with ``hops`` trusted proxies in front, the entry the
     outermost one appended to ``X-Forwarded-For`` (the ``hops``-th from the right); with none,
-    or where the header has fewer entries than that, the connection's own address ``peer``."""
+    or where the header has fewer entries than that, the connection's own address ``peer``.
+    An IPv6 address stands for its /64 network (one home or host has all of it)."""
+    address = peer or "unknown"
     if hops:
         forwarded = ",".join(headers.getlist("x-forwarded-for")) if headers is not None else ""
         entries = [e.strip() for e in forwarded.split(",") if e.strip()]
         if len(entries) >= hops:
-            return entries[-hops]
-    return peer or "unknown"
+            address = entries[-hops]
+    try:
+        ip = ipaddress.ip_address(address.strip("[]"))
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
 
 
 class FairQueue:
@@ -229,7 +240,7 @@ class SessionShare:
     client picks the id, and the store keeps ``state_session_capacity`` of them, dropping the
     least recently used: one visitor naming new ids could fill the server's memory and push out
     every other visitor's conversation. Here the requests that name a session say whose it is
-    (:meth:`claim`: ``RequestGuard`` for the routes outside the queue, ``FairQueue`` for the
+    (:meth:`claim`: ``RequestGuard`` for the route outside the queue, ``FairQueue`` for the
     queue's), and when the store makes one for a visitor who has ``limit`` already, the
     least recently used of theirs is dropped first: a visitor's flood only ever pushes out
     their own. ``on_drop(session)`` is told of every session dropped (the app's own
