@@ -246,8 +246,10 @@ def test_one_visitors_new_sessions_push_out_only_their_own(tmp_path):
     """Gradio keeps a session (~0.25 MB here) for every new session id a request names, up to
     ``$DIM3_MAX_SESSIONS``, dropping the least recently used: a visitor naming new ids (outside
     the queue, by a page event a script can call) pushed every other visitor's conversation out
-    (attack round 5). Now one visitor keeps ``$DIM3_VISITOR_SESSIONS`` (here 3) and their own
-    least recently used goes: another visitor's conversation stays, the flooder's first goes.
+    (attack round 5), and so did new ids by every other route that makes one (the queue's,
+    ``/api/``, a heartbeat's end: the bypass round). Now one visitor keeps
+    ``$DIM3_VISITOR_SESSIONS`` (here 3), whatever the route, and their own least recently used
+    goes: another visitor's conversation stays, the flooder's first goes.
     Deep links (a GET that wrote each session's settings to disk) and component server
     functions (none here; the route made a session for any id, in any body) are off."""
     env = {"DIM3_MAX_SESSIONS": "10", "DIM3_VISITOR_SESSIONS": "3", "DIM3_PROXY_HOPS": "1"}
@@ -259,15 +261,19 @@ def test_one_visitors_new_sessions_push_out_only_their_own(tmp_path):
         visitor, flooder = ("198.51.100.9", "s-visitor"), ("203.0.113.7", "s-flooder")
         for who, session in (visitor, flooder):
             _page_event(url, ask, question, session, who)
-        for i in range(30):
-            body = {"data": [], "fn_index": status, "session_hash": f"flood{i}"}
-            r = httpx.post(
-                url + "gradio_api/run/predict",
-                json=body,
-                headers={"X-Forwarded-For": flooder[0]},
-                timeout=30,
-            )
-            assert r.status_code == 200, r.text
+        headers = {"X-Forwarded-For": flooder[0]}
+        for route in ("run/predict", "api/predict"):  # events outside the queue
+            for i in range(8):
+                body = {"data": [], "fn_index": status, "session_hash": f"{route}{i}"}
+                r = httpx.post(url + f"gradio_api/{route}", json=body, headers=headers, timeout=30)
+                assert r.status_code == 200, r.text
+        for i in range(4):  # the queue's: the page's way in
+            _page_event(url, regen, [None, None, None, 0], f"queued{i}", flooder[0])
+        for i in range(8):  # a heartbeat's end runs the page's unload for its session
+            beat = url + f"gradio_api/heartbeat/beat{i}"
+            with httpx.stream("GET", beat, headers=headers, timeout=30) as r:
+                next(r.iter_lines())
+        time.sleep(2)
         kept = _page_event(url, regen, [None, None, None, 0], "s-visitor", visitor[0])
         assert kept["data"][0][0]["content"][0]["text"] == "What colour is the circle?", kept
         gone = _page_event(url, regen, [None, None, None, 0], "s-flooder", flooder[0])

@@ -27,7 +27,6 @@ This module knows Gradio's upload route and its record of the files it made
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -41,7 +40,7 @@ import anyio.to_thread
 from starlette.datastructures import Headers
 
 from dim3.plan import human_size
-from dim3.ui.visitors import visitor_address
+from dim3.ui.visitors import CURRENT_VISITOR, visitor_address
 from dim3.writer import size_from_env
 
 log = logging.getLogger("dim3.ui")
@@ -58,6 +57,7 @@ MULTIPART_SLACK = 64 * 1024  # a request's bytes besides its file: the multipart
 UPLOAD_PATH = "/gradio_api/upload"
 DEEP_LINK = "/deep_link"
 COMPONENT_SERVER = "/component_server"
+STARTUP = "/startup-events"
 
 
 def upload_ttl() -> int | None:
@@ -236,19 +236,16 @@ def _plain(send: Callable, status: int, text: str):
     return respond()
 
 
-def _names_session(scope: dict) -> bool:
-    """A request outside the queue whose body names a session Gradio may make."""
-    return "/run/" in scope.get("path", "")
-
-
-def _replay(body: bytes, first: dict | None, receive: Callable) -> Callable:
-    """A ``receive`` that gives ``body`` (or the message ``first``) once, then the real one."""
-    pending = [first or {"type": "http.request", "body": body, "more_body": False}]
-
-    async def replay() -> dict:
-        return pending.pop() if pending else await receive()
-
-    return replay
+def _sessions(scope: dict) -> Any:
+    """The app's ``SessionShare``, bound to its session store (``dim3.ui.visitors``); None for
+    a request that is not HTTP or an app without one."""
+    app = scope.get("app")
+    if scope.get("type") != "http" or app is None or not hasattr(app, "state_holder"):
+        return None
+    share = getattr(app.get_blocks(), "dim3_sessions", None)
+    if share is not None:
+        share.bind(app.state_holder)
+    return share
 
 
 class RequestGuard:
@@ -262,6 +259,21 @@ class RequestGuard:
         self.app, self.room, self.max_body = app, room, max_body
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        share = _sessions(scope)
+        if share is None or scope.get("path", "").endswith(STARTUP):
+            # the start-up request (the server's own) starts the queue's task, which would
+            # inherit its visitor
+            await self._guard(scope, receive, send)
+            return
+        client = scope.get("client") or (None, None)
+        who = visitor_address(Headers(scope=scope), client[0], share.hops)
+        token = CURRENT_VISITOR.set(who)  # whose a session made while serving this is
+        try:
+            await self._guard(scope, receive, send)
+        finally:
+            CURRENT_VISITOR.reset(token)
+
+    async def _guard(self, scope: dict, receive: Callable, send: Callable) -> None:
         path = scope.get("path", "").rstrip("/") if scope.get("type") == "http" else ""
         if path.endswith(DEEP_LINK):
             # a GET that writes: every session's settings into the cache folder, past the room
@@ -297,34 +309,7 @@ class RequestGuard:
                 f"(this one: {length / 2**10:,.0f} KiB); pictures go through the upload route.",
             )
             return
-        if length and _names_session(scope):
-            receive = await self._claim_session(scope, receive)
         await self.app(scope, receive, send)  # no stated size and not chunked: no body
-
-    async def _claim_session(self, scope: dict, receive: Callable) -> Callable:
-        """Read a request outside the queue that names a session (within ``max_body``, as
-        checked) and tell ``dim3.ui.visitors.SessionShare`` whose it is; returns a ``receive``
-        that hands the same body on."""
-        chunks, more = [], True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":
-                return _replay(b"", message, receive)
-            chunks.append(message.get("body", b""))
-            more = message.get("more_body", False)
-        body = b"".join(chunks)
-        app = scope["app"]
-        share = getattr(app.get_blocks(), "dim3_sessions", None)
-        if share is not None:
-            try:
-                session = json.loads(body).get("session_hash")
-            except (ValueError, AttributeError):
-                session = None
-            if isinstance(session, str):
-                client = scope.get("client") or (None, None)
-                who = visitor_address(Headers(scope=scope), client[0], share.hops)
-                share.claim(app.state_holder, session, who)
-        return _replay(body, None, receive)
 
     async def _upload(self, scope: dict, receive: Callable, send: Callable, length: int | None):
         if length is None or length < 0:

@@ -30,11 +30,12 @@ concurrency id and the running ones, each with its request) and its session stor
 
 from __future__ import annotations
 
+import contextvars
 import ipaddress
 import logging
 import os
 import threading
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -49,6 +50,13 @@ DEFAULT_MAX_SESSIONS = 2000  # Gradio keeps ~0.25 MB a session for this app's ~2
 DEFAULT_VISITOR_SESSIONS = 100  # a page (re)load is one: a room of visitors behind one address
 DEFAULT_MAX_QUEUED = 16  # a visitor's tab has at most a few events at once (a chat turn, a job)
 DEFAULT_MAX_QUEUE = 128  # all visitors' waiting events: ~128 MiB of requests at $DIM3_MAX_REQUEST
+
+
+# The visitor of the request being served (``RequestGuard`` sets it for every request; a task
+# or thread started while serving it inherits it): whose a session made now is.
+CURRENT_VISITOR: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "dim3_visitor", default=None
+)
 
 
 def _count_from_env(name: str, default: int, example: str) -> int | None:
@@ -146,17 +154,17 @@ class FairQueue:
       served among equals). Gradio serves a line from its front, so a newcomer waits for the
       jobs running and one of each other visitor's, not for all of one visitor's."""
 
-    def __init__(
-        self, queue: Any, limit: int | None, hops: int, sessions: SessionShare | None = None
-    ) -> None:
-        self.queue, self.limit, self.hops, self.sessions = queue, limit, hops, sessions
+    def __init__(self, queue: Any, limit: int | None, hops: int) -> None:
+        self.queue, self.limit, self.hops = queue, limit, hops
         self._pushing: Counter[str] = Counter()
 
     @classmethod
     def install(cls, blocks: Any, sessions: SessionShare | None = None) -> FairQueue:
         """Put the limit from the environment on ``blocks``' queue (after ``blocks.queue()``);
-        the sessions its events name are claimed in ``sessions``."""
-        fair = cls(blocks._queue, max_queued(), proxy_hops(), sessions)
+        ``sessions`` then keeps a session that has an event here."""
+        fair = cls(blocks._queue, max_queued(), proxy_hops())
+        if sessions is not None:
+            sessions.busy = fair.session_busy
         push = blocks._queue.push
 
         async def fair_push(body: Any, request: Any, username: str | None):
@@ -207,10 +215,19 @@ class FairQueue:
                 del self._pushing[who]
         event = self.queue.event_ids_to_events.get(result[1]) if result[0] else None
         if event is not None:
-            if self.sessions is not None:  # made when the event runs
-                self.sessions.claim(self.queue.blocks.state_holder, event.session_hash, who)
+            # its session made now, in this request (whose visitor is known), not when the
+            # event runs in the queue's own task
+            holder = getattr(self.queue.blocks, "state_holder", None)
+            if holder is not None and event.session_hash not in holder:
+                holder[event.session_hash]
             self.take_turns(event.concurrency_id)
         return result
+
+    def session_busy(self, session: str) -> bool:
+        """Whether an event of ``session`` is waiting or running."""
+        events = [e for q in self.queue.event_queue_per_concurrency_id.values() for e in q.queue]
+        events += [e for job in self.queue.active_jobs if job for e in job]
+        return any(e.session_hash == session for e in events)
 
     def take_turns(self, concurrency_id: str) -> None:
         """Put the waiting events of one line in turn order (see the class). Runs on the event
@@ -236,37 +253,28 @@ class SessionShare:
     """At most ``limit`` sessions kept per visitor in Gradio's session store.
 
     Gradio makes a session (its copy of every component's settings, and the values of the
-    ``gr.State``\\ s: about 0.25 MB in this app) for every new session id a request names, a
-    client picks the id, and the store keeps ``state_session_capacity`` of them, dropping the
-    least recently used: one visitor naming new ids could fill the server's memory and push out
-    every other visitor's conversation. Here the requests that name a session say whose it is
-    (:meth:`claim`: ``RequestGuard`` for the route outside the queue, ``FairQueue`` for the
-    queue's), and when the store makes one for a visitor who has ``limit`` already, the
-    least recently used of theirs is dropped first: a visitor's flood only ever pushes out
-    their own. ``on_drop(session)`` is told of every session dropped (the app's own
-    per-session records)."""
+    ``gr.State``\\ s: about 0.25 MB in this app) for every new session id a request names, by
+    many routes (the queue's, ``/run/``, ``/api/``, ``/call/``, a heartbeat's end), a client
+    picks the id, and the store keeps ``state_session_capacity`` of them, dropping the least
+    recently used: one visitor naming new ids could fill the server's memory and push out every
+    other visitor's conversation. Here the store itself is bounded (:meth:`bind`): whichever
+    route makes a session, it is the visitor's of the request it is made in
+    (:data:`CURRENT_VISITOR`, set by ``RequestGuard`` for every request), and when a visitor
+    with ``limit`` sessions makes one more, the least recently used of theirs with no event
+    waiting or running (``busy``) is dropped first: a visitor's flood only ever pushes out their
+    own. ``on_drop(session)`` is told of every session dropped, the store's own capacity's
+    included (the app's per-session records)."""
 
     def __init__(
         self, limit: int | None, hops: int, on_drop: Callable[[str], None] | None = None
     ) -> None:
         self.limit, self.hops, self.on_drop = limit, hops, on_drop
-        self._owner: OrderedDict[str, str] = OrderedDict()  # session -> visitor, newest last
+        self.busy: Callable[[str], bool] = lambda session: False
+        self._owner: dict[str, str] = {}  # session -> visitor, for the sessions in the store
         self._lock = threading.Lock()
 
-    def claim(self, holder: Any, session: str | None, visitor: str) -> None:
-        """``session`` is ``visitor``'s (told before Gradio makes it). Binds ``holder`` (the
-        app's ``StateHolder``) the first time."""
-        if not session or self.limit is None:
-            return
-        self._bind(holder)
-        with self._lock:
-            if session not in self._owner:
-                self._owner[session] = visitor
-                cap = 4 * max(getattr(holder, "capacity", 10_000), self.limit)
-                while len(self._owner) > cap:  # ids named but never made, or long gone
-                    self._owner.popitem(last=False)
-
-    def _bind(self, holder: Any) -> None:
+    def bind(self, holder: Any) -> None:
+        """Bound ``holder`` (the app's ``StateHolder``); once per holder."""
         if getattr(holder, "_dim3_share", None) is self:
             return
         base = type(holder)
@@ -274,19 +282,23 @@ class SessionShare:
         class Bounded(base):  # type: ignore[misc, valid-type]
             def __getitem__(inner, session_id: str) -> Any:
                 if session_id not in inner.session_data:
-                    self._making(inner, session_id)
+                    self._making(inner, session_id, CURRENT_VISITOR.get())
                 return base.__getitem__(inner, session_id)
 
         holder._dim3_share = self
         holder.__class__ = Bounded
 
-    def _making(self, holder: Any, session: str) -> None:
-        """Before ``holder`` makes ``session``: drop what must go for it."""
+    def _making(self, holder: Any, session: str, visitor: str | None) -> None:
+        """Before ``holder`` makes ``session`` for ``visitor``: drop what must go for it."""
         with self._lock:
-            visitor = self._owner.get(session)
-            mine = [s for s in holder.session_data if self._owner.get(s) == visitor]
-        drop = mine[: len(mine) - self.limit + 1] if visitor and self.limit else []
-        if len(holder.session_data) - len(drop) >= holder.capacity:  # Gradio drops its oldest
+            if visitor:
+                self._owner[session] = visitor
+            if len(self._owner) > 2 * holder.capacity:  # sessions the store let go of otherwise
+                self._owner = {s: v for s, v in self._owner.items() if s in holder.session_data}
+            mine = [s for s in holder.session_data if visitor and self._owner.get(s) == visitor]
+        excess = len(mine) - self.limit + 1 if self.limit else 0
+        drop = [s for s in mine if not self.busy(s)][: max(0, excess)]
+        if len(holder.session_data) - len(drop) >= holder.capacity:  # the store drops its oldest
             drop += [s for s in list(holder.session_data)[:1] if s not in drop]
         for gone in drop:
             holder.delete_state(gone)
