@@ -253,7 +253,11 @@ class RequestGuard:
     file of the app's upload limit (``Blocks.max_file_size``, as Gradio parsed it) and the room
     (``UploadRoom``); any other request with a body must state its size and keep within
     ``max_body`` (``$DIM3_MAX_REQUEST``), since Gradio reads a request's JSON whole, and a queued
-    event keeps it, before any component's limit is checked."""
+    event keeps it, before any component's limit is checked. Gradio's deep-link and
+    component-server routes answer 404 (unused here; both made a session for any id, and the
+    first wrote it to disk). Every request is served with its visitor in
+    ``dim3.ui.visitors.CURRENT_VISITOR``, so that a session Gradio makes while serving it is
+    that visitor's (``SessionShare``)."""
 
     def __init__(self, app: Callable, room: UploadRoom, max_body: int | None) -> None:
         self.app, self.room, self.max_body = app, room, max_body
