@@ -48,13 +48,17 @@ def test_fishers_are_bounded_least_recently_used_deleted_first(tmp_path, monkeyp
     assert all(json.loads((f / FISHER_FILE).read_text())["n"] != 4 for f in folders(tmp_path))
 
 
+def _app(tmp_path_factory, name: str, **env: str):
+    """The app with ``env`` and a scratch folder of its own: yields (url, scratch)."""
+    scratch = tmp_path_factory.mktemp(name)
+    with running_app(scratch, [ROOT / "assets", scratch], **env) as url:
+        yield url, scratch
+
+
 @pytest.fixture(scope="module")
 def tight_app(tmp_path_factory):
     """The app with a 4 s job budget."""
-    scratch = tmp_path_factory.mktemp("tight")
-    roots = [ROOT / "assets", scratch]
-    with running_app(scratch, roots, DIM3_JOB_BUDGET="4", DIM3_MAX_SAVED="40MB") as url:
-        yield url, scratch
+    yield from _app(tmp_path_factory, "tight", DIM3_JOB_BUDGET="4")
 
 
 def test_app_fisher_estimation_stops_within_the_budget_and_keeps_nothing(tight_app):
@@ -81,10 +85,7 @@ def test_app_fisher_estimation_stops_within_the_budget_and_keeps_nothing(tight_a
 def small_app(tmp_path_factory):
     """The app with 40 MB for saves (10 MB of Fishers) and no job budget: the merges below
     are not about time (under a 4 s budget one took 5 s in a CI run beside other work)."""
-    scratch = tmp_path_factory.mktemp("small")
-    roots = [ROOT / "assets", scratch]
-    with running_app(scratch, roots, DIM3_JOB_BUDGET="0", DIM3_MAX_SAVED="40MB") as url:
-        yield url, scratch
+    yield from _app(tmp_path_factory, "small", DIM3_JOB_BUDGET="0", DIM3_MAX_SAVED="40MB")
 
 
 def test_app_fishers_of_others_do_not_crowd_out_a_save(small_app):

@@ -181,11 +181,17 @@ class FairQueue:
             getattr(request, "headers", None), getattr(client, "host", None), self.hops
         )
 
+    def _running(self) -> list[Any]:
+        return [e for job in self.queue.active_jobs if job for e in job]
+
+    def _events(self) -> list[Any]:
+        """Every event waiting (in any line) or running."""
+        lines = self.queue.event_queue_per_concurrency_id.values()
+        return [e for line in lines for e in line.queue] + self._running()
+
     def holding(self) -> Counter[str]:
         """Visitor -> the events of theirs waiting or running now."""
-        events = [e for q in self.queue.event_queue_per_concurrency_id.values() for e in q.queue]
-        events += [e for job in self.queue.active_jobs if job for e in job]
-        held = Counter(self.visitor(e.request, e.username) for e in events)
+        held = Counter(self.visitor(e.request, e.username) for e in self._events())
         return held + self._pushing
 
     async def push(self, push: Any, body: Any, request: Any, username: str | None):
@@ -225,9 +231,7 @@ class FairQueue:
 
     def session_busy(self, session: str) -> bool:
         """Whether an event of ``session`` is waiting or running."""
-        events = [e for q in self.queue.event_queue_per_concurrency_id.values() for e in q.queue]
-        events += [e for job in self.queue.active_jobs if job for e in job]
-        return any(e.session_hash == session for e in events)
+        return any(e.session_hash == session for e in self._events())
 
     def take_turns(self, concurrency_id: str) -> None:
         """Put the waiting events of one line in turn order (see the class). Runs on the event
@@ -235,10 +239,9 @@ class FairQueue:
         line = self.queue.event_queue_per_concurrency_id.get(concurrency_id)
         if line is None or len(line.queue) < 2:
             return
-        running = [e for job in self.queue.active_jobs if job for e in job]
         turn = Counter(
             self.visitor(e.request, e.username)
-            for e in running
+            for e in self._running()
             if e.concurrency_id == concurrency_id
         )
         keyed = []
