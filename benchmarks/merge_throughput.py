@@ -4,9 +4,11 @@ beside the I/O floor measured in the same rounds.
 The I/O floor is reading every byte of the three inputs once and writing as many bytes as the
 output has, each in a fresh process, in two variants: buffered writes plus ``fsync`` (through the
 page cache, as ``cat`` and ``dd`` would) and ``O_DIRECT`` writes (past it, as the engine writes its
-shards). Each round runs both floors and then the merge back to back, each in a fresh process,
-recording before each the load average and how much of the inputs is in the page cache
-(``fincore``); ratios are taken within a round and the medians over ``--repeat`` rounds reported.
+shards). Each round runs both floors and then every method's merge (``--method a,b,...``) back to
+back, each in a fresh process, recording before each the load average and how much of the inputs
+is in the page cache (``fincore``); ratios are taken within a round (every method's against that
+round's floors; the methods' order turns by one each round, so that none always runs right after
+the floors) and the medians over ``--repeat`` rounds reported.
 ``--against OTHER_CHECKOUT`` also runs that checkout's engine in every round (paired old/new;
 this checkout's first in rounds 1, 3, ..., the other's first in rounds 2, 4, ...; an odd
 ``--repeat`` gets one round more, so that each engine runs first as often: the one run right
@@ -738,11 +740,13 @@ def main() -> None:
             print(f"layout cache filled: {got['seconds']:.1f} s to derive the layout", flush=True)
         else:
             os.environ["DIM3_CACHE_DIR"] = "off"
-        for method in args.method.split(","):
-            rounds = []
-            for i in range(args.repeat):
-                rounds.append(one_round(args, recipe, root, method, floor_spec, files, i))
-            report(argparse.Namespace(**{**vars(args), "method": method}), real, rounds)
+        methods = args.method.split(",")
+        rounds: dict[str, list[dict]] = {method: [] for method in methods}
+        for i in range(args.repeat):
+            for method, got in one_round(args, recipe, root, methods, floor_spec, files, i).items():
+                rounds[method].append(got)
+        for method in methods:
+            report(argparse.Namespace(**{**vars(args), "method": method}), real, rounds[method])
             print(flush=True)
     finally:
         shutil.rmtree(root / "floor", ignore_errors=True)
@@ -751,21 +755,45 @@ def main() -> None:
             shutil.rmtree(root, ignore_errors=True)
 
 
-def one_round(args, recipe, root: Path, method: str, floor_spec: dict, files, i: int) -> dict:
-    """Floors (buffered and direct writes) and the merge, back to back, each in a fresh process,
-    with the inputs' page-cache residency and the load average before each."""
+def one_round(
+    args, recipe, root: Path, methods: list[str], floor_spec: dict, files, i: int
+) -> dict[str, dict]:
+    """The floors (buffered and direct writes) and the inputs' mapping once, then every method's
+    merge, back to back, each in a fresh process, with the inputs' page-cache residency and the
+    load average before each. Every method's ratios in the round are taken against the same
+    floors; the methods' order turns by one each round, so that none always runs right after
+    the floors."""
+    started = time.perf_counter()
+    shared: dict = {}
+    for name, spec in (
+        ("floor_buffered", {**floor_spec, "out": str(root / "floor"), "direct": False}),
+        ("floor_direct", {**floor_spec, "out": str(root / "floor"), "direct": True}),
+        ("mapping", {"mapping": True, "inputs": floor_spec["inputs"]}),
+    ):
+        cached, loadavg = resident(files), load()
+        shared[name] = {**run_child(spec), "cached": cached, "load": loadavg}
+        shutil.rmtree(root / "floor", ignore_errors=True)
+        print_run(i, name, shared[name])
+    turn = i % len(methods)
+    got: dict[str, dict] = {}
+    for method in methods[turn:] + methods[:turn]:
+        got[method] = {**shared, **merges(args, recipe, root, method, files, i, methods)}
+    took = time.perf_counter() - started
+    print(f"  round {i + 1} took {took:.1f} s in all (each child's start included)", flush=True)
+    return {method: got[method] for method in methods}
+
+
+def merges(args, recipe, root: Path, method: str, files, i: int, methods: list[str]) -> dict:
+    """One method's merge in round ``i`` (and the other checkout's, with ``--against``; the whole
+    command's, with ``--cli``)."""
     got: dict = {}
+    label = "" if len(methods) == 1 else f" {method}"
     engines = [("merge", merge_spec(recipe, root / "out", method, args.device), None)]
     if args.against:
         engines.append(("old", merge_spec(recipe, root / "out", method, args.device), args.against))
         if i % 2:  # every other round the other engine first: neither always runs right after
             engines.reverse()  # the floors (a cache state, a quiet moment) or right after a merge
-    for name, spec, where in (
-        ("floor_buffered", {**floor_spec, "out": str(root / "floor"), "direct": False}, None),
-        ("floor_direct", {**floor_spec, "out": str(root / "floor"), "direct": True}, None),
-        ("mapping", {"mapping": True, "inputs": floor_spec["inputs"]}, None),
-        *engines,
-    ):
+    for name, spec, where in engines:
         cached, loadavg = resident(files), load()
         got[name] = {**run_child(spec, where), "cached": cached, "load": loadavg}
         if name == "merge" and args.cli:  # the whole command line, right after the merge
@@ -774,26 +802,29 @@ def one_round(args, recipe, root: Path, method: str, floor_spec: dict, files, i:
                 r = run_cli(recipe, root / "out", method, args.device, command)
                 got[key] = {**r, "cached": cached}
                 print(
-                    f"  round {i + 1} {key:<14} {r['seconds']:7.2f} s  user {r['user']:6.2f}  "
-                    f"sys {r['sys']:6.2f}  minflt {r['minflt']:>9}",
+                    f"  round {i + 1} {key + label:<14} {r['seconds']:7.2f} s  user "
+                    f"{r['user']:6.2f}  sys {r['sys']:6.2f}  minflt {r['minflt']:>9}",
                     flush=True,
                 )
         shutil.rmtree(root / "out", ignore_errors=True)
-        shutil.rmtree(root / "floor", ignore_errors=True)
-        r = got[name]
-        print(
-            f"  round {i + 1} {name:<14} {r['seconds']:7.2f} s  user {r['user']:6.2f}  "
-            f"sys {r['sys']:6.2f}  minflt {r['minflt']:>9}  inputs cached {100 * cached:.0f}%  "
-            f"load {loadavg}"
-            + (
-                f"  middle half: user {r['middle']['user']:.2f} sys {r['middle']['sys']:.2f} "
-                f"minflt {r['middle']['minflt']}"
-                if "middle" in r
-                else ""
-            ),
-            flush=True,
-        )
+        print_run(i, name + label, got[name])
     return got
+
+
+def print_run(i: int, name: str, r: dict) -> None:
+    """One child's line: wall, CPU, faults, the cache and load before it, the middle half."""
+    cached = f"{100 * r['cached']:.0f}%" if r["cached"] >= 0 else "unknown"
+    print(
+        f"  round {i + 1} {name:<14} {r['seconds']:7.2f} s  user {r['user']:6.2f}  "
+        f"sys {r['sys']:6.2f}  minflt {r['minflt']:>9}  inputs cached {cached}  load {r['load']}"
+        + (
+            f"  middle half: user {r['middle']['user']:.2f} sys {r['middle']['sys']:.2f} "
+            f"minflt {r['middle']['minflt']}"
+            if "middle" in r
+            else ""
+        ),
+        flush=True,
+    )
 
 
 def median(values: list[float]) -> float:

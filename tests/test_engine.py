@@ -845,6 +845,44 @@ def test_the_throughput_benchmark_pairs_another_checkout_first_as_often_as_this_
     assert pair is not None and float(pair.group(1)) > 0, out
 
 
+def test_the_throughput_benchmark_measures_one_floor_a_round_for_all_its_methods(tmp_path):
+    """``benchmarks/merge_throughput.py --method a,b``: each round measures the floors and the
+    mapping once, then merges with every method, whose order turns by one each round (neither
+    always right after the floors); each method's report takes its rounds' own floors."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "merge_throughput.py"
+    argv = [sys.executable, str(script), "--shape", "tiny", "--repeat", "2", "--device", "cpu"]
+    argv += ["--method", "task_arithmetic,dim3", "--workdir", str(tmp_path)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = done.stdout
+    runs = re.findall(r"^  round (\d) (floor_buffered|floor_direct|mapping|merge \w+) ", out, re.M)
+    assert runs == [
+        ("1", "floor_buffered"),
+        ("1", "floor_direct"),
+        ("1", "mapping"),
+        ("1", "merge task_arithmetic"),
+        ("1", "merge dim3"),
+        ("2", "floor_buffered"),
+        ("2", "floor_direct"),
+        ("2", "mapping"),
+        ("2", "merge dim3"),
+        ("2", "merge task_arithmetic"),
+    ], out
+    floors = re.findall(r"^  round \d floor_direct +([\d.]+) s", out, re.M)
+    reports = re.findall(
+        r"shape / data / device / method +tiny / bfloat16 / cpu / (\w+)\n(?:.*\n)*?"
+        r"I/O floor, O_DIRECT write +([\d.]+) s",
+        out,
+    )
+    # both reports: the median of the same two floors
+    median = (float(floors[0]) + float(floors[1])) / 2
+    assert [m for m, _ in reports] == ["task_arithmetic", "dim3"], out
+    assert all(abs(float(f) - median) < 0.011 for _, f in reports), (floors, reports)
+
+
 def test_the_first_touch_benchmark_measures_each_kind_of_page():
     """``benchmarks/first_touch.py``: each variant in its own process touches every 4 KiB page
     of the buffer once; in 4 KiB pages that is one fault per page, in the engine's 2 MiB pages

@@ -1742,7 +1742,7 @@ def test_the_gpu_check_selects_every_test_that_needs_cuda():
                     elif "cuda.is_available" in condition:  # skips with it (or is unclear)
                         avoids.add(f"tests/{file.name}::{node.name}")
     assert len(needs) >= 4 and avoids, (needs, avoids)
-    listed = re.search(r"^tests=\((.*)\)", (ROOT / ".ci" / "gpu").read_text(), re.M)
+    listed = re.search(r"^\s*tests=\((.*)\)", (ROOT / ".ci" / "gpu").read_text(), re.M)
     assert listed is not None
     files = listed.group(1).split()
     modules = ", ".join(f"tests.{Path(f).stem}" for f in files)
