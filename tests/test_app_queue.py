@@ -308,3 +308,77 @@ def test_an_api_chat_leaves_no_session_record(tmp_path):
         *_, last = chat("What colour is the circle?", request=gr.Request(session_hash=f"api{i}"))
         assert last[0].strip(), last
     assert ctx.stop_flags.sessions() == 0
+
+
+def test_a_refused_queue_stream_is_one_line_in_the_log_not_a_traceback(tmp_path):
+    """Gradio's queue stream refuses a session it does not hold (``GET /queue/data``, the REST
+    API's ``GET /call/<name>/<event>``) once the stream has begun, and uvicorn logged a
+    75-line traceback for each: one request naming a made-up id, one traceback (attack round
+    5, F4). The visitor's answer is Gradio's as before; the log holds one line a minute."""
+    with running_app(tmp_path, [ROOT / "assets", tmp_path]) as url:
+
+        def streamed(path: str) -> str:  # what came before Gradio broke the stream off
+            got = []
+            with httpx.stream("GET", url + path, timeout=30) as r:
+                with contextlib.suppress(httpx.RemoteProtocolError):
+                    got += r.iter_lines()
+            return "\n".join(got)
+
+        for i in range(3):
+            text = streamed(f"gradio_api/queue/data?session_hash=made-up-{i}")
+            message = json.loads(text.strip().removeprefix("data: "))
+            assert message["msg"] == "unexpected_error" and message["session_not_found"], text
+        text = streamed("gradio_api/call/chat/made-up-event")
+        assert text.startswith("event: error"), text
+        time.sleep(1)
+    log = (tmp_path / "app.log").read_text()
+    assert "Traceback" not in log and "response already started" not in log, log
+    lines = [line for line in log.splitlines() if "stream(s) refused" in line]
+    assert len(lines) == 1 and "the last with 404" in lines[0], log
+
+
+def test_stream_refusals_counts_the_lines_it_leaves_out():
+    """``StreamRefusals``: a refused stream's record becomes one warning; those within the
+    minute after it are left out and counted in the next; any other record passes whole."""
+    import logging
+    import sys
+
+    from starlette.exceptions import HTTPException
+
+    from dim3.ui.uploads import STREAM_REFUSED, StreamRefusals
+
+    def record(exc: BaseException) -> logging.LogRecord:
+        try:
+            raise exc
+        except BaseException:
+            info = sys.exc_info()
+        return logging.LogRecord("uvicorn.error", logging.ERROR, __file__, 1, "x", None, info)
+
+    def chained() -> logging.LogRecord:
+        try:
+            try:
+                raise HTTPException(404)
+            except HTTPException as cause:
+                raise RuntimeError(f"{STREAM_REFUSED}.") from cause
+        except RuntimeError as exc:
+            return record(exc)
+
+    quiet = StreamRefusals(every=3600)
+    first = chained()
+    assert quiet.filter(first) and first.levelname == "WARNING" and first.exc_info is None
+    assert first.getMessage().startswith("1 stream(s) refused"), first.getMessage()
+    assert not quiet.filter(chained()) and not quiet.filter(chained())
+    other = record(ValueError("boom"))
+    assert quiet.filter(other) and other.exc_info is not None and other.levelname == "ERROR"
+    unchained = record(RuntimeError(f"{STREAM_REFUSED}."))  # no HTTPException behind: passes
+    assert quiet.filter(unchained) and unchained.exc_info is not None
+    quiet.next = 0.0  # the minute is over
+    later = chained()
+    assert quiet.filter(later) and later.getMessage().startswith("3 stream(s) refused")
+    logger = logging.getLogger(StreamRefusals.LOGGER)
+    installed = StreamRefusals.install()
+    try:
+        assert StreamRefusals.install() is installed
+        assert sum(isinstance(f, StreamRefusals) for f in logger.filters) == 1
+    finally:
+        logger.removeFilter(installed)

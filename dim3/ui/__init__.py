@@ -20,7 +20,13 @@ from dim3.ui.chat import MAXLENGTH_JS, build_chat_tab, refresh_status, stop_sess
 from dim3.ui.common import CSS, MAX_UPLOAD, AppContext
 from dim3.ui.evaluate import build_evaluate_tab
 from dim3.ui.merge import build_merge_tab
-from dim3.ui.uploads import RequestGuard, UploadRoom, delete_cache, max_request
+from dim3.ui.uploads import (
+    RequestGuard,
+    StreamRefusals,
+    UploadRoom,
+    delete_cache,
+    max_request,
+)
 from dim3.ui.validate import StudioBlocks
 from dim3.ui.visitors import (
     FairQueue,
@@ -96,6 +102,7 @@ def launch_options() -> dict[str, Any]:
     from starlette.middleware import Middleware
 
     room = UploadRoom.from_env()
+    StreamRefusals.install()  # a refused queue stream: one line, not a traceback
     return {
         "app_kwargs": {"middleware": [Middleware(RequestGuard, room=room, max_body=max_request())]},
         "theme": gr.themes.Soft(primary_hue="indigo"),

@@ -18,6 +18,11 @@ visitor could fill the disk that every visitor's Hub downloads and saves share. 
   Any other request with a body must state its size and stay within ``$DIM3_MAX_REQUEST`` (1
   MiB): Gradio reads a request's JSON whole, and a queued event holds it, before any
   component's length limit is checked (a 400 MB message made a server 1.1 GB larger).
+- ``StreamRefusals``: a logging filter. Gradio's queue stream (``GET /queue/data``, the REST
+  API's ``GET /call/<name>/<event>``) refuses a session it does not hold by raising its 404 after
+  the stream's first bytes went out, and uvicorn logs a 75-line traceback for each: one request
+  naming a made-up session id, by anyone, one traceback. The filter makes them one line, at
+  most one a minute, with how many came since.
 - ``upload_ttl()``: files are deleted once ``$DIM3_UPLOAD_TTL`` seconds old (a day by default;
   0: kept until the server stops), by Gradio's own ``delete_cache``.
 
@@ -58,6 +63,61 @@ UPLOAD_PATH = "/gradio_api/upload"
 DEEP_LINK = "/deep_link"
 COMPONENT_SERVER = "/component_server"
 STARTUP = "/startup-events"
+
+
+STREAM_REFUSED = "Caught handled exception, but response already started"  # Starlette's words
+REFUSALS_EVERY_S = 60.0
+
+
+class StreamRefusals(logging.Filter):
+    """On uvicorn's error logger: the traceback of a queue stream that Gradio refused once it
+    had begun (a ``RuntimeError`` with Starlette's words, raised from an ``HTTPException``)
+    becomes one warning line, at most one every ``every`` seconds, counting the ones left out.
+    Every other record passes as it is. ``install()`` puts one on the logger, once."""
+
+    LOGGER = "uvicorn.error"
+
+    def __init__(self, every: float = REFUSALS_EVERY_S) -> None:
+        super().__init__()
+        self.every, self.count, self.next = every, 0, 0.0
+        self.lock = threading.Lock()
+
+    @classmethod
+    def install(cls) -> StreamRefusals:
+        logger = logging.getLogger(cls.LOGGER)
+        for f in logger.filters:
+            if isinstance(f, cls):
+                return f
+        f = cls()
+        logger.addFilter(f)
+        return f
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from starlette.exceptions import HTTPException
+
+        exc = record.exc_info[1] if record.exc_info else None
+        cause = getattr(exc, "__cause__", None)
+        if not (
+            isinstance(exc, RuntimeError)
+            and str(exc).startswith(STREAM_REFUSED)
+            and isinstance(cause, HTTPException)
+        ):
+            return True
+        with self.lock:
+            self.count += 1
+            now = time.monotonic()
+            if now < self.next:
+                return False
+            count, self.count, self.next = self.count, 0, now + self.every
+        record.msg = (
+            "%d stream(s) refused after they began since the last such line, the last with %s "
+            "(a queue stream for a session the server does not hold: a client that named a "
+            "wrong or expired id)"
+        )
+        record.args = (count, cause.status_code)
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
 
 
 def upload_ttl() -> int | None:
