@@ -352,6 +352,88 @@ def write_arrow(folder: Path, table: pa.Table, split: str) -> None:
             writer.write_table(table)
 
 
+def arrow_file(folder: Path, table: pa.Table, split: str = "de", **options) -> Path:
+    """``folder/data/<split>-00000-of-00001.arrow`` in the IPC file format (not a stream)."""
+    (folder / "data").mkdir(parents=True)
+    path = folder / "data" / f"{split}-00000-of-00001.arrow"
+    with pa.ipc.new_file(str(path), table.schema, options=pa.ipc.IpcWriteOptions(**options)) as w:
+        w.write_table(table)
+    return path
+
+
+def test_arrow_files_are_read_a_bounded_batch_at_a_time(tmp_path):
+    """`datasets` reads an Arrow file a record batch at a time, each whole, every column, and
+    converts it. Before any batch is read, from the messages' metadata and the schema: a batch
+    past the limit, a compressed one (a 0.1 MB file that is 520 MiB to read), and a type whose
+    values are not bounded by their bytes (a dictionary, a view, run-end encoding) are refused,
+    naming the file; an Arrow stream or file of plain types in the schema is read as before."""
+    plain = xgqa_table(3)
+    write_arrow(tmp_path / "stream", plain, "de")
+    arrow_file(tmp_path / "file", plain)
+    for kind in ("stream", "file"):
+        items = load_items("xgqa", str(tmp_path / kind), ["de"], limit=3)
+        assert [item.question.split("?")[0] for item in items] == ["What colour is it"] * 3, kind
+
+    rows, size = 26, 20 * MIB  # one batch of 520 MiB: its pages never touched (zeros)
+    offsets = pa.py_buffer((np.arange(rows + 1, dtype=np.int32) * size).tobytes())
+    zeros = pa.Array.from_buffers(
+        pa.binary(), rows, [None, offsets, pa.allocate_buffer(rows * size)]
+    )
+    big = xgqa_table(rows, images(zeros))
+    path = arrow_file(tmp_path / "big", big)
+    try:
+        with measured() as held, pytest.raises(ValueError) as error:
+            load_items("xgqa", str(tmp_path / "big"), ["de"], limit=2)
+        message = str(error.value)
+        assert message.startswith("de-00000-of-00001.arrow: its batch 1 is 520.0 MiB, more than"), (
+            message
+        )
+        assert (
+            f"the {MAX_ROW_GROUP_BYTES // MIB}.0 MiB read at once" in message
+            and str(tmp_path) not in message
+        )
+        assert held["peak"] < 4 * MIB, held
+    finally:
+        path.unlink()  # not left in the temporary folders
+
+    for kind, write_it in (("zstd", write_arrow), ("lz4", arrow_file)):
+        folder = tmp_path / kind
+        if write_it is write_arrow:
+            (folder / "data").mkdir(parents=True)
+            with pa.OSFile(str(folder / "data" / "de-00000-of-00001.arrow"), "wb") as f:
+                options = pa.ipc.IpcWriteOptions(compression="zstd")
+                with pa.ipc.new_stream(f, plain.schema, options=options) as writer:
+                    writer.write_table(plain)
+        else:
+            arrow_file(folder, plain, compression="lz4")
+        with pytest.raises(
+            ValueError, match=r"^de-00000-of-00001\.arrow: its batches are compressed"
+        ):
+            load_items("xgqa", str(folder), ["de"], limit=2)
+
+    question = plain.schema.get_field_index("question")
+    for kind, column in (
+        ("dictionary-encoded", plain["question"].dictionary_encode()),
+        ("a string view", plain["question"].cast(pa.string_view())),
+        ("run-end encoded", pa.RunEndEncodedArray.from_arrays([3], ["What colour is it?"])),
+    ):
+        folder = tmp_path / kind.replace(" ", "-")
+        write_arrow(folder, plain.set_column(question, "question", column), "de")
+        with pytest.raises(ValueError) as error:
+            load_items("xgqa", str(folder), ["de"], limit=2)
+        assert str(error.value).startswith(
+            f"de-00000-of-00001.arrow: its field 'question' is {kind}"
+        ), error.value
+
+    broken = tmp_path / "broken" / "data" / "de-00000-of-00001.arrow"
+    broken.parent.mkdir(parents=True)
+    broken.write_bytes(
+        (tmp_path / "stream" / "data" / "de-00000-of-00001.arrow").read_bytes()[:300]
+    )
+    with pytest.raises(ValueError, match="is not an Arrow file that can be read"):
+        load_items("xgqa", str(tmp_path / "broken"), ["de"], limit=2)
+
+
 def test_pictures_in_any_field_read_through_datasets_stay_encoded(tmp_path):
     """A `datasets` Arrow folder in the M3Exam schema whose image_0 is an Image feature (not the
     Hub's base64 text), with an extra Image column: the item's picture stays encoded (a

@@ -40,6 +40,7 @@ import itertools
 import os
 import random
 import re
+import struct
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -348,6 +349,8 @@ def _rows(
             _check_text_file(bench, path, name, token, whole, check)
         elif builder.name == "webdataset":
             _check_tar_file(bench, path, name, token, check)
+        elif builder.name == "arrow":
+            _check_arrow_file(path, name, token, check)
     if urls:  # `datasets` reads the files checked, not its own listing again
         from datasets.data_files import DataFilesList
 
@@ -505,6 +508,200 @@ def _check_tar_file(
                     f"{MAX_TEXT_BYTES:,} bytes), and `datasets` reads a sample's members whole; "
                     "leave what the benchmark does not read out of the tar, or write it as parquet"
                 )
+
+
+def _check_arrow_file(
+    url: str, name: str, token: str | None, check: Callable[[], None] | None
+) -> None:
+    """``ValueError`` for an Arrow file (IPC stream or file format) that `datasets` could not
+    read a batch at a time within ``MAX_ROW_GROUP_BYTES``: it reads each record batch whole,
+    every column, so no batch's body may be larger, and none may be compressed (a body of a
+    few kB can stand for gigabytes once decompressed). Only the messages' metadata is read
+    (:func:`_arrow_message`): for a stream each message's in turn, its body skipped; for the
+    file format the footer's blocks, the batches `datasets` reads."""
+    fs, path = _open(url, token)
+    with fs.open(path, "rb") as f:
+        try:
+            for count, (body, compressed) in enumerate(_arrow_bodies(f, fs.size(path)), 1):
+                if check is not None and count % CHECK_ROWS == 0:
+                    check()
+                if compressed:
+                    raise ValueError(
+                        f"{name}: its batches are compressed (LZ4 or Zstandard), which `datasets` "
+                        "decompresses whole before any cell can be sized; write it uncompressed "
+                        "(the `datasets` library's own Arrow files are) or as parquet"
+                    )
+                if body > MAX_ROW_GROUP_BYTES:
+                    raise ValueError(
+                        f"{name}: its batch {count} is {_mib(body)}, more than the "
+                        f"{_mib(MAX_ROW_GROUP_BYTES)} read at once (`datasets` reads a batch whole, "
+                        "every column); write it in smaller batches (the `datasets` library "
+                        "writes 1,000 rows a batch, 100 of pictures) or as parquet"
+                    )
+        except (struct.error, IndexError, _ArrowFramingError) as exc:
+            raise ValueError(f"{name} is not an Arrow file that can be read: {exc}") from None
+        f.seek(0)
+        schema = _arrow_schema(f, name)
+    for field in schema:
+        if (kind := _expanding_type(field.type)) is not None:
+            raise ValueError(
+                f"{name}: its field {field.name!r} is {kind}, whose values a few bytes on disk "
+                "can make gigabytes once `datasets` converts them (a batch is converted whole); "
+                "write it with plain types (the `datasets` library's own Arrow files have them) "
+                "or as parquet"
+            )
+
+
+def _arrow_schema(f: Any, name: str) -> Any:
+    """The schema of the Arrow file ``f`` (stream or file format), no batch read."""
+    import pyarrow as pa
+
+    try:
+        if f.read(6) == ARROW_MAGIC:
+            f.seek(0)
+            return pa.ipc.open_file(f).schema
+        f.seek(0)
+        return pa.ipc.open_stream(f).schema
+    except (OSError, pa.ArrowException) as exc:
+        raise ValueError(f"{name} is not an Arrow file that can be read: {exc}") from None
+
+
+def _expanding_type(kind: Any) -> str | None:
+    """What in the Arrow type ``kind`` (nested types searched) has a logical size its bytes on
+    disk do not bound: a dictionary (one value, any number of rows), a view type (views share
+    their values), run-end encoding (one value for a run of any length); None for none."""
+    import pyarrow.types as t
+
+    checks = (
+        (t.is_dictionary, "dictionary-encoded"),
+        (t.is_binary_view, "a binary view"),
+        (t.is_string_view, "a string view"),
+        (t.is_list_view, "a list view"),
+        (t.is_large_list_view, "a list view"),
+        (t.is_run_end_encoded, "run-end encoded"),
+    )
+    for check, says in checks:
+        if check(kind):
+            return says
+    for i in range(kind.num_fields):
+        if (inner := _expanding_type(kind.field(i).type)) is not None:
+            return inner
+    return None
+
+
+class _ArrowFramingError(Exception):
+    """An Arrow file whose framing (lengths, magic, footer) does not hold together."""
+
+
+ARROW_MAGIC = b"ARROW1"
+ARROW_CONTINUATION = b"\xff\xff\xff\xff"
+MAX_ARROW_METADATA = 64 * MIB  # one message's flatbuffer (a schema with `datasets`' features)
+
+
+def _arrow_bodies(f: Any, size: int) -> Iterator[tuple[int, bool]]:
+    """(body length, compressed) of each dictionary and record batch `datasets` would read from
+    the Arrow file ``f`` of ``size`` bytes, from metadata only (format: arrow.apache.org/docs/
+    format/Columnar.html, "Serialization and Interprocess Communication")."""
+    head = f.read(8)
+    if head[:6] == ARROW_MAGIC:  # the file format: batches where the footer's blocks say
+        f.seek(size - 10)
+        tail = f.read(10)
+        if tail[4:] != ARROW_MAGIC:
+            raise _ArrowFramingError("it begins as the Arrow file format but does not end as one")
+        length = struct.unpack("<i", tail[:4])[0]
+        if not 0 < length <= min(size - 18, MAX_ARROW_METADATA):
+            raise _ArrowFramingError(f"its footer's length ({length:,}) does not fit the file")
+        f.seek(size - 10 - length)
+        footer = f.read(length)
+        table = _fb_root(footer)
+        for index in (2, 3):  # dictionaries, recordBatches: vectors of Block structs
+            for at in _fb_structs(footer, table, index, 24):
+                offset, meta_length, body = struct.unpack_from("<qi4xq", footer, at)
+                if not (0 <= offset < size and 0 < meta_length <= MAX_ARROW_METADATA):
+                    raise _ArrowFramingError(f"a block at {offset:,} does not fit the file")
+                f.seek(offset)
+                message = _arrow_message(f, size)
+                if message is None:
+                    raise _ArrowFramingError(f"the block at {offset:,} holds no message")
+                yield max(body, message[0]), message[1]
+        return
+    f.seek(0)  # a stream: message after message, each body skipped
+    while (message := _arrow_message(f, size)) is not None:
+        body, compressed, batch = message
+        if batch:  # (a schema message has no body)
+            yield body, compressed
+        f.seek(body, os.SEEK_CUR)
+
+
+def _arrow_message(f: Any, size: int) -> tuple[int, bool, bool] | None:
+    """The message at ``f``'s position: (body length, compressed, a batch), its metadata read and
+    the file left at its body; None at the end of a stream."""
+    prefix = f.read(4)
+    if len(prefix) < 4:
+        return None  # a stream may end without its end marker
+    if prefix == ARROW_CONTINUATION:
+        prefix = f.read(4)
+        if len(prefix) < 4:
+            raise _ArrowFramingError("it ends inside a message's length")
+    length = struct.unpack("<i", prefix)[0]
+    if length == 0:
+        return None  # the end-of-stream marker
+    if not 0 < length <= MAX_ARROW_METADATA:
+        raise _ArrowFramingError(f"a message's metadata length ({length:,}) is not one")
+    meta = f.read(length)
+    if len(meta) < length:
+        raise _ArrowFramingError("it ends inside a message's metadata")
+    message = _fb_root(meta)
+    kind = _fb_scalar(meta, message, 1, "<B", 0)  # header_type: 2 dictionary, 3 record batch
+    body = _fb_scalar(meta, message, 3, "<q", 0)  # bodyLength
+    if body < 0 or body > size:
+        raise _ArrowFramingError(f"a message's body length ({body:,}) does not fit the file")
+    header = _fb_table(meta, message, 2)
+    if kind == 2 and header is not None:
+        header = _fb_table(meta, header, 1)  # DictionaryBatch.data: its RecordBatch
+    compressed = kind in (2, 3) and header is not None and _fb_field(meta, header, 3) is not None
+    return body, compressed, kind in (2, 3)
+
+
+def _fb_root(buf: bytes) -> int:
+    """A flatbuffer's root table's position."""
+    return struct.unpack_from("<I", buf, 0)[0]
+
+
+def _fb_field(buf: bytes, table: int, index: int) -> int | None:
+    """The position of field ``index`` of the flatbuffer table at ``table``, or None if absent."""
+    vtable = table - struct.unpack_from("<i", buf, table)[0] if table >= 0 else -1
+    if vtable < 0:  # (unpack_from would read a negative position from the end)
+        raise _ArrowFramingError("its metadata points outside itself")
+    entry = 4 + 2 * index
+    if entry + 2 > struct.unpack_from("<H", buf, vtable)[0]:
+        return None
+    offset = struct.unpack_from("<H", buf, vtable + entry)[0]
+    return table + offset if offset else None
+
+
+def _fb_scalar(buf: bytes, table: int, index: int, fmt: str, default: int) -> int:
+    at = _fb_field(buf, table, index)
+    return default if at is None else struct.unpack_from(fmt, buf, at)[0]
+
+
+def _fb_table(buf: bytes, table: int, index: int) -> int | None:
+    """The table field ``index`` of ``table`` points to, or None."""
+    at = _fb_field(buf, table, index)
+    return None if at is None else at + struct.unpack_from("<I", buf, at)[0]
+
+
+def _fb_structs(buf: bytes, table: int, index: int, width: int) -> Iterator[int]:
+    """The positions of the structs (``width`` bytes each) of the vector field ``index``."""
+    at = _fb_field(buf, table, index)
+    if at is None:
+        return
+    vector = at + struct.unpack_from("<I", buf, at)[0]
+    count = struct.unpack_from("<I", buf, vector)[0]
+    if vector + 4 + count * width > len(buf):
+        raise _ArrowFramingError("its footer lists more blocks than it holds")
+    for i in range(count):
+        yield vector + 4 + i * width
 
 
 def _long_line(f: Any, limit: int, check: Callable[[], None] | None) -> tuple[int, int] | None:
