@@ -380,7 +380,8 @@ def test_arrow_files_are_read_a_bounded_batch_at_a_time(tmp_path):
         pa.binary(), rows, [None, offsets, pa.allocate_buffer(rows * size)]
     )
     big = xgqa_table(rows, images(zeros))
-    path = arrow_file(tmp_path / "big", big)
+    path = tmp_path / "big" / "data" / "de-00000-of-00001.arrow"
+    write_arrow(tmp_path / "big", big, "de")
     try:
         with measured() as held, pytest.raises(ValueError) as error:
             load_items("xgqa", str(tmp_path / "big"), ["de"], limit=2)
@@ -424,6 +425,18 @@ def test_arrow_files_are_read_a_bounded_batch_at_a_time(tmp_path):
         assert str(error.value).startswith(
             f"de-00000-of-00001.arrow: its field 'question' is {kind}"
         ), error.value
+
+    # the file format past 64 MiB: `datasets` would read up to 1.2 GiB of it as a stream first
+    path = arrow_file(tmp_path / "large", xgqa_table(4, images(zeros[:4])))
+    try:
+        with measured() as held, pytest.raises(ValueError) as error:
+            load_items("xgqa", str(tmp_path / "large"), ["de"], limit=2)
+        assert str(error.value).startswith(
+            "de-00000-of-00001.arrow is 80.0 MiB in the Arrow file format"
+        ), error.value
+        assert held["peak"] < 4 * MIB, held
+    finally:
+        path.unlink()
 
     broken = tmp_path / "broken" / "data" / "de-00000-of-00001.arrow"
     broken.parent.mkdir(parents=True)

@@ -520,9 +520,18 @@ def _check_arrow_file(
     (:func:`_arrow_message`): for a stream each message's in turn, its body skipped; for the
     file format the footer's blocks, the batches `datasets` reads."""
     fs, path = _open(url, token)
+    size = fs.size(path)
     with fs.open(path, "rb") as f:
+        if f.read(6) == ARROW_MAGIC and size > MAX_ARROW_FILE_FORMAT:
+            raise ValueError(
+                f"{name} is {_mib(size)} in the Arrow file format, which `datasets` first tries "
+                "to read as a stream, reading up to 1.2 GiB of it at once before it gives up; "
+                f"past {_mib(MAX_ARROW_FILE_FORMAT)} give it as an Arrow stream (what the "
+                "`datasets` library writes) or as parquet"
+            )
+        f.seek(0)
         try:
-            for count, (body, compressed) in enumerate(_arrow_bodies(f, fs.size(path)), 1):
+            for count, (body, compressed) in enumerate(_arrow_bodies(f, size), 1):
                 if check is not None and count % CHECK_ROWS == 0:
                     check()
                 if compressed:
@@ -596,6 +605,10 @@ class _ArrowFramingError(Exception):
 ARROW_MAGIC = b"ARROW1"
 ARROW_CONTINUATION = b"\xff\xff\xff\xff"
 MAX_ARROW_METADATA = 64 * MIB  # one message's flatbuffer (a schema with `datasets`' features)
+# `datasets` opens an Arrow file as a stream first; the file format's magic then reads as a
+# metadata length of 1,330,795,073 bytes, and pyarrow reads that much of the file (all of a
+# 300 MiB file, by hand) before it fails and `datasets` opens it as a file.
+MAX_ARROW_FILE_FORMAT = 64 * MIB
 
 
 def _arrow_bodies(f: Any, size: int) -> Iterator[tuple[int, bool]]:
