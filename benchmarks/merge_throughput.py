@@ -777,17 +777,17 @@ def one_round(
     turn = i % len(methods)
     got: dict[str, dict] = {}
     for method in methods[turn:] + methods[:turn]:
-        got[method] = {**shared, **merges(args, recipe, root, method, files, i, methods)}
+        label = "" if len(methods) == 1 else f" {method}"  # on each line
+        got[method] = {**shared, **merges(args, recipe, root, method, files, i, label)}
     took = time.perf_counter() - started
     print(f"  round {i + 1} took {took:.1f} s in all (each child's start included)", flush=True)
     return {method: got[method] for method in methods}
 
 
-def merges(args, recipe, root: Path, method: str, files, i: int, methods: list[str]) -> dict:
+def merges(args, recipe, root: Path, method: str, files, i: int, label: str) -> dict:
     """One method's merge in round ``i`` (and the other checkout's, with ``--against``; the whole
-    command's, with ``--cli``)."""
+    command's, with ``--cli``), its lines labelled with ``label``."""
     got: dict = {}
-    label = "" if len(methods) == 1 else f" {method}"
     engines = [("merge", merge_spec(recipe, root / "out", method, args.device), None)]
     if args.against:
         engines.append(("old", merge_spec(recipe, root / "out", method, args.device), args.against))

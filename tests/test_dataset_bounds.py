@@ -344,11 +344,13 @@ def test_a_webdataset_member_past_what_a_sample_may_hold_is_refused_from_its_hea
     assert len(load_items("xgqa", str(tmp_path), ["de"], limit=2)) == 2
 
 
-def write_arrow(folder: Path, table: pa.Table, split: str) -> None:
-    """A `datasets` Arrow folder: ``folder/data/<split>-00000-of-00001.arrow`` (a stream)."""
+def write_arrow(folder: Path, table: pa.Table, split: str, **options) -> None:
+    """A `datasets` Arrow folder: ``folder/data/<split>-00000-of-00001.arrow`` (a stream;
+    ``options``: pyarrow's IPC write options, e.g. ``compression``)."""
     (folder / "data").mkdir(parents=True)
     with pa.OSFile(str(folder / "data" / f"{split}-00000-of-00001.arrow"), "wb") as f:
-        with pa.ipc.new_stream(f, table.schema) as writer:
+        ipc = pa.ipc.IpcWriteOptions(**options)
+        with pa.ipc.new_stream(f, table.schema, options=ipc) as writer:
             writer.write_table(table)
 
 
@@ -397,16 +399,9 @@ def test_arrow_files_are_read_a_bounded_batch_at_a_time(tmp_path):
     finally:
         path.unlink()  # not left in the temporary folders
 
-    for kind, write_it in (("zstd", write_arrow), ("lz4", arrow_file)):
-        folder = tmp_path / kind
-        if write_it is write_arrow:
-            (folder / "data").mkdir(parents=True)
-            with pa.OSFile(str(folder / "data" / "de-00000-of-00001.arrow"), "wb") as f:
-                options = pa.ipc.IpcWriteOptions(compression="zstd")
-                with pa.ipc.new_stream(f, plain.schema, options=options) as writer:
-                    writer.write_table(plain)
-        else:
-            arrow_file(folder, plain, compression="lz4")
+    write_arrow(tmp_path / "zstd", plain, "de", compression="zstd")  # a stream
+    arrow_file(tmp_path / "lz4", plain, compression="lz4")  # the file format
+    for folder in (tmp_path / "zstd", tmp_path / "lz4"):
         with pytest.raises(
             ValueError, match=r"^de-00000-of-00001\.arrow: its batches are compressed"
         ):

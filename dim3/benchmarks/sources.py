@@ -522,16 +522,16 @@ def _check_arrow_file(
     fs, path = _open(url, token)
     size = fs.size(path)
     with fs.open(path, "rb") as f:
-        if f.read(6) == ARROW_MAGIC and size > MAX_ARROW_FILE_FORMAT:
+        file_format = f.read(6) == ARROW_MAGIC  # else a stream
+        if file_format and size > MAX_ARROW_FILE_FORMAT:
             raise ValueError(
                 f"{name} is {_mib(size)} in the Arrow file format, which `datasets` first tries "
                 "to read as a stream, reading up to 1.2 GiB of it at once before it gives up; "
                 f"past {_mib(MAX_ARROW_FILE_FORMAT)} give it as an Arrow stream (what the "
                 "`datasets` library writes) or as parquet"
             )
-        f.seek(0)
         try:
-            for count, (body, compressed) in enumerate(_arrow_bodies(f, size), 1):
+            for count, (body, compressed) in enumerate(_arrow_bodies(f, size, file_format), 1):
                 if check is not None and count % CHECK_ROWS == 0:
                     check()
                 if compressed:
@@ -550,7 +550,7 @@ def _check_arrow_file(
         except (struct.error, IndexError, _ArrowFramingError) as exc:
             raise ValueError(f"{name} is not an Arrow file that can be read: {exc}") from None
         f.seek(0)
-        schema = _arrow_schema(f, name)
+        schema = _arrow_schema(f, name, file_format)
     for field in schema:
         if (kind := _expanding_type(field.type)) is not None:
             raise ValueError(
@@ -561,16 +561,12 @@ def _check_arrow_file(
             )
 
 
-def _arrow_schema(f: Any, name: str) -> Any:
-    """The schema of the Arrow file ``f`` (stream or file format), no batch read."""
+def _arrow_schema(f: Any, name: str, file_format: bool) -> Any:
+    """The schema of the Arrow file ``f`` (at its start), no batch read."""
     import pyarrow as pa
 
     try:
-        if f.read(6) == ARROW_MAGIC:
-            f.seek(0)
-            return pa.ipc.open_file(f).schema
-        f.seek(0)
-        return pa.ipc.open_stream(f).schema
+        return (pa.ipc.open_file(f) if file_format else pa.ipc.open_stream(f)).schema
     except (OSError, pa.ArrowException) as exc:
         raise ValueError(f"{name} is not an Arrow file that can be read: {exc}") from None
 
@@ -611,12 +607,12 @@ MAX_ARROW_METADATA = 64 * MIB  # one message's flatbuffer (a schema with `datase
 MAX_ARROW_FILE_FORMAT = 64 * MIB
 
 
-def _arrow_bodies(f: Any, size: int) -> Iterator[tuple[int, bool]]:
+def _arrow_bodies(f: Any, size: int, file_format: bool) -> Iterator[tuple[int, bool]]:
     """(body length, compressed) of each dictionary and record batch `datasets` would read from
-    the Arrow file ``f`` of ``size`` bytes, from metadata only (format: arrow.apache.org/docs/
-    format/Columnar.html, "Serialization and Interprocess Communication")."""
-    head = f.read(8)
-    if head[:6] == ARROW_MAGIC:  # the file format: batches where the footer's blocks say
+    the Arrow file ``f`` of ``size`` bytes (a stream, or the file format), from metadata only
+    (format: arrow.apache.org/docs/format/Columnar.html, "Serialization and Interprocess
+    Communication")."""
+    if file_format:  # batches where the footer's blocks say
         f.seek(size - 10)
         tail = f.read(10)
         if tail[4:] != ARROW_MAGIC:
