@@ -16,7 +16,7 @@ from typing import Any
 import gradio as gr
 
 from dim3.ui.analysis import build_analysis_tab
-from dim3.ui.chat import MAXLENGTH_JS, build_chat_tab, refresh_status, stop_session
+from dim3.ui.chat import PAGE_JS, build_chat_tab, refresh_status, stop_session
 from dim3.ui.common import CSS, MAX_UPLOAD, AppContext
 from dim3.ui.evaluate import build_evaluate_tab
 from dim3.ui.merge import build_merge_tab
@@ -107,7 +107,7 @@ def launch_options() -> dict[str, Any]:
         "app_kwargs": {"middleware": [Middleware(RequestGuard, room=room, max_body=max_request())]},
         "theme": gr.themes.Soft(primary_hue="indigo"),
         "css": CSS,
-        "js": MAXLENGTH_JS,
+        "js": PAGE_JS,
         "max_file_size": MAX_UPLOAD,
         "state_session_capacity": max_sessions() or 10_000,  # Gradio's own default
         "show_error": False,

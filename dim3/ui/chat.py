@@ -51,14 +51,44 @@ PICTURE_GONE = (
     "this conversation's picture is no longer on the server (it removes uploads after a while, "
     "sooner when it is short of room); press Clear and attach the picture again"
 )
-COUNT_JS = "(n) => (Number(n) || 0) + 1"  # Clear's count, kept in the browser
-# The browser cannot send more than the server accepts (MultimodalTextbox has no max_length).
-MAXLENGTH_JS = f"""() => {{
+# The order of a question and a Clear is the order of the visitor's actions, not of Gradio's
+# events: Gradio reads an event's inputs after a tick, which in its async mode waits for a timer
+# or an animation frame, and the box submits only after one; so on a busy page, Enter and then
+# Clear could send the question with the Clear's count, and it was answered after the Clear.
+# The page counts Clear clicks as they happen and notes the count when a question is asked
+# (Enter in the box, its send button, Regenerate); the question's event sends that count.
+# ``counted``, the Clear events' own count, covers a Clear the click listener did not see.
+PAGE_JS = f"""() => {{
   const cap = () => document.querySelectorAll('#dim3-box textarea').forEach(
     t => t.setAttribute('maxlength', '{MAX_MESSAGE_CHARS}'));
   cap();
   new MutationObserver(cap).observe(document.body, {{childList: true, subtree: true}});
+  const order = window.dim3Order = {{clicks: 0, counted: 0, asked: null}};
+  const now = () => Math.max(order.clicks, order.counted);
+  const on = (e, selector) => e.target instanceof Element && e.target.closest(selector);
+  document.addEventListener('click', e => {{
+    if (on(e, '#dim3-clear, .dim3-pane .top-panel button')) order.clicks += 1;
+    else if (on(e, '#dim3-regen, #dim3-box [data-testid="submit-button"]')) order.asked = now();
+  }}, true);
+  document.addEventListener('keypress', e => {{
+    if (e.key === 'Enter' && on(e, '#dim3-box')) order.asked = now();
+  }}, true);
 }}"""
+# A Clear event's count (its place among the page's Clears), kept in the browser.
+COUNT_JS = """(n) => {
+  const count = (Number(n) || 0) + 1, order = window.dim3Order;
+  if (order) order.counted = Math.max(order.counted, count);
+  return count;
+}"""
+# A question's event: the Clear count noted when it was asked (its last input), once.
+ASKED_JS = """(...inputs) => {
+  const order = window.dim3Order;
+  if (order && order.asked !== null) {
+    inputs[inputs.length - 1] = order.asked;
+    order.asked = null;
+  }
+  return inputs;
+}"""
 
 
 @dataclass
@@ -345,6 +375,7 @@ def build_chat_tab(ctx: AppContext) -> ChatTab:
         _add_turn(ctx, tab),
         inputs=[tab.box, tab.left_msgs, tab.right_msgs, tab.image, tab.clears],
         outputs=turn_out,
+        js=ASKED_JS,
         **turns,
     ).success(stream, inputs=stream_in, outputs=stream_out, **streaming)
     again = (
@@ -353,6 +384,7 @@ def build_chat_tab(ctx: AppContext) -> ChatTab:
             _regenerate(ctx, tab),
             inputs=[tab.left_msgs, tab.right_msgs, tab.image, tab.clears],
             outputs=turn_out,
+            js=ASKED_JS,
             **turns,
         )
         .success(stream, inputs=stream_in, outputs=stream_out, **streaming)
@@ -361,10 +393,11 @@ def build_chat_tab(ctx: AppContext) -> ChatTab:
     # Clear counts itself in the browser at once, then ends the conversation on the server in
     # the session's queue (ordered with its questions' events). Nothing is cancelled: a stream
     # that learns of the Clear stops itself and shows the conversation as the Clear left it.
+    # Every click is one Clear ("multiple"): the page's click count must match its events'.
     for event in (buttons["clear"].click, tab.left.clear, tab.right.clear):
         event(
-            None, inputs=[tab.clears], outputs=[tab.clears], js=COUNT_JS, queue=False, **PRIVATE
-        ).then(_clear(ctx, tab), inputs=[tab.clears], outputs=shown, **PRIVATE)
+            None, inputs=[tab.clears], outputs=[tab.clears], js=COUNT_JS, queue=False, **turns
+        ).then(_clear(ctx, tab), inputs=[tab.clears], outputs=shown, **turns)
     if tab.draw:
         wire_draw(ctx, tab, tab.draw, answered=[asked, again])
     chat_api(ctx, tab)
