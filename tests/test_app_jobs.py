@@ -193,6 +193,26 @@ def test_a_conversation_stored_after_a_clear_is_not_kept():
     assert flags.latest("s") == ([], [], None)
 
 
+def test_a_clear_that_reaches_the_server_after_a_later_question_keeps_it():
+    """Clear, then a question at once: the question's event may run first on the server (they
+    run on different workers). The Clear must not end the conversation the question began, nor
+    stop its answer; a question from before the Clear is still ended by it."""
+    flags = StopFlags()
+    before = ([{"role": "user", "content": "Welche Farbe?", "epoch": 0}], [], None)
+    assert flags.remember("s", before, 0)
+    older = flags.start("s", 0)  # the earlier question's answer, still running
+    after = ([{"role": "user", "content": "Und jetzt?", "epoch": 1}], [], None)
+    assert flags.remember("s", after, 1)  # asked after the first Clear, here before it
+    assert not flags.clear("s", 1, ([], [], None))
+    assert flags.latest("s") == after and flags.epoch("s") == 1
+    assert older.is_set() and older.cleared
+    newer = flags.start("s", 1)
+    assert not newer.is_set() and not newer.cleared  # the later question is answered
+    assert flags.clear("s", 2, ([], [], None))  # the next Clear ends it
+    assert newer.is_set() and newer.cleared and flags.latest("s") == ([], [], None)
+    assert flags.clear("s", 0, ([], [], None))  # a count the page did not send: a Clear
+
+
 @pytest.mark.parametrize(
     "block,value,problem",
     [

@@ -545,7 +545,10 @@ def _stop(ctx: AppContext):
 
 def _clear(ctx: AppContext, tab: ChatTab):
     def handler(clears: float | None, request: gr.Request) -> dict:
-        ctx.stop_flags.clear(request.session_hash, int(clears or 0), ([], [], None))
+        session = request.session_hash
+        if not ctx.stop_flags.clear(session, int(clears or 0), ([], [], None)):
+            # a question asked after this Clear got to the server first: its conversation stays
+            return _again(tab, ctx.stop_flags.latest(session))
         return _shown(tab, [], [], None) | {
             tab.box: gr.MultimodalTextbox(value=None, interactive=True)
         }

@@ -73,19 +73,25 @@ class StopFlags:
     def __init__(self) -> None:
         self._flags: dict[str, Generation] = {}
         self._epochs: dict[str, int] = {}
-        self._latest: dict[str, Any] = {}
+        self._latest: dict[str, tuple[Any, int]] = {}  # conversation, its question's epoch
         self._lock = threading.Lock()
 
-    def clear(self, session: str, count: int, cleared: Any = None) -> None:
+    def clear(self, session: str, count: int, cleared: Any = None) -> bool:
         """The browser's ``count``-th Clear (each Clear counts one, also should the browser's
         count arrive late): its conversation ends (``cleared`` is what is stored now),
-        questions asked before it are not answered, the running one stops."""
+        questions asked before it are not answered, the running one stops. False, and the
+        stored conversation kept, when a question asked after this Clear (its count at least
+        ``count``) began it: the two reached the server in the other order."""
         with self._lock:
-            self._latest[session] = cleared
             self._epochs[session] = max(self._epochs.get(session, 0) + 1, count)
+            stored = self._latest.get(session)
+            kept = count > 0 and stored is not None and stored[1] >= count
+            if not kept:
+                self._latest[session] = (cleared, -1)
             flag = self._flags.get(session)
-        if flag is not None:
+        if flag is not None and flag.cleared:  # not a generation for a question after it
             flag.set()
+        return not kept
 
     def remember(self, session: str, conversation: Any, epoch: int) -> bool:
         """Store the conversation a handler made for the session (see :meth:`latest`) from a
@@ -95,13 +101,14 @@ class StopFlags:
         with self._lock:
             if self._epochs.get(session, 0) > epoch:
                 return False
-            self._latest[session] = conversation
+            self._latest[session] = (conversation, epoch)
             return True
 
     def latest(self, session: str) -> Any:
         """The conversation last stored for the session (None if none)."""
         with self._lock:
-            return self._latest.get(session)
+            stored = self._latest.get(session)
+        return None if stored is None else stored[0]
 
     def epoch(self, session: str) -> int:
         """How many times the session was cleared; a question records it when it is asked."""
