@@ -346,53 +346,38 @@ TOGETHER = """([first, clear]) => {
 }"""
 
 
-SETTLED = """question => {
+ANSWERED = """([question, turns]) => {
   const box = document.querySelector('#dim3-box textarea');
   return box && !box.disabled && ['#dim3-original', '#dim3-merged'].every(pane => {
     const users = document.querySelectorAll(pane + " [data-testid='user']");
     const bots = document.querySelectorAll(pane + " [data-testid='bot']");
+    if (users.length === 0) return turns === null;
     const last = bots[bots.length - 1];
-    return users.length === 0 || (users[users.length - 1].innerText.includes(question)
-      && bots.length === users.length && !['', '…'].includes(last.innerText.trim()));
+    return (turns === null || users.length === turns) && bots.length === users.length
+      && users[users.length - 1].innerText.includes(question)
+      && !['', '…'].includes(last.innerText.trim());
   });
 }"""
 
 
-def answered(page, question: str, turns: int) -> str:
+def answered(page, question: str, turns: int | None) -> str:
     """Wait until both panes hold ``turns`` questions, the last ``question``, each answered,
-    and the box is enabled; return the panes' text (what they hold, if they never do)."""
+    and the box is enabled (``turns`` None: that, in any number, or both panes empty); return
+    the panes' text. AssertionError, with what the panes hold, if they never do."""
     try:
-        _answered(page, question, turns)
+        page.wait_for_function(ANSWERED, arg=[question, turns])
     except playwright.TimeoutError:
         raise AssertionError(f"not answered: {page.evaluate(PANES)}") from None
     return pane_texts(page)
 
 
-def _answered(page, question: str, turns: int) -> None:
-    page.wait_for_function(
-        """([question, turns]) => {
-            const box = document.querySelector('#dim3-box textarea');
-            return box && !box.disabled && ['#dim3-original', '#dim3-merged'].every(pane => {
-                const users = document.querySelectorAll(pane + " [data-testid='user']");
-                const bots = document.querySelectorAll(pane + " [data-testid='bot']");
-                const last = bots[bots.length - 1];
-                return users.length === turns && bots.length === turns
-                    && users[turns - 1].innerText.includes(question)
-                    && !['', '…'].includes(last.innerText.trim());
-            });
-        }""",
-        arg=[question, turns],
-    )
-
-
-# A pane's own Clear, then Enter at once, left the page waiting once in seven runs on a loaded
-# machine (2026-12-04, not yet understood): not in the list until it is.
 @pytest.mark.parametrize(
     "clear,first",
     [
         ("#dim3-clear", "enter"),
         ("#dim3-clear", "clear"),
         ("#dim3-merged .top-panel button", "enter"),
+        ("#dim3-merged .top-panel button", "clear"),
     ],
 )
 def test_a_question_and_a_clear_at_once_keep_the_visitors_order(server, browser, clear, first):
@@ -400,7 +385,9 @@ def test_a_question_and_a_clear_at_once_keep_the_visitors_order(server, browser,
     cleared, not answered; Clear then Enter: it is answered, in a fresh conversation. The
     page's Clear count and the server's agree afterwards: the next question is answered.
     (Gradio reads a question's inputs after a tick, by which time the Clear had counted
-    itself: the question went out as asked after it, and was answered.)"""
+    itself: the question went out as asked after it, and was answered. And the Clear's
+    update of the session's states, sent first, could be stored after the question's: its
+    answer found no question and left the panes empty, once in twenty runs when loaded.)"""
     url, _ = server
     page = open_app(browser, url)
     ask(page, "What colour is the shape?")
@@ -411,7 +398,7 @@ def test_a_question_and_a_clear_at_once_keep_the_visitors_order(server, browser,
         texts = answered(page, "Welche Form hat es?", 1)
         assert "What colour is the shape?" not in texts
     else:  # settled: cleared, or (wrongly) the question answered
-        page.wait_for_function(SETTLED, arg="Welche Form hat es?")
+        answered(page, "Welche Form hat es?", None)
         state = page.evaluate(PANES)
         assert (state["users"], state["bots"], state["disabled"]) == (0, 0, False), state
     ask(page, "Und die Farbe?")

@@ -512,6 +512,14 @@ def _before_clear(ctx: AppContext, clears: float | None, request: gr.Request) ->
     return None if epoch < ctx.stop_flags.epoch(request.session_hash) else epoch
 
 
+def _question(messages: list[dict], turn: str | None) -> dict | None:
+    """The last message when it is the question whose id is ``turn``; else None."""
+    last = messages[-1] if messages else None
+    if turn and last is not None and last["role"] == "user" and last.get("turn") == turn:
+        return last
+    return None
+
+
 def _alive(messages: list[dict], epoch: int) -> list[dict]:
     """``messages`` unless a Clear (the ``epoch``-th) ended them: then none."""
     asked = next((m["epoch"] for m in messages if "epoch" in m), None)
@@ -641,8 +649,15 @@ def _answer(ctx: AppContext, tab: ChatTab):
     ) -> Iterator[dict]:
         done = {tab.box: gr.MultimodalTextbox(interactive=True)}
         session = request.session_hash
-        question = left[-1] if left and left[-1]["role"] == "user" else None
-        if question is None or question.get("turn") != turn:
+        question = _question(left, turn)
+        stored = ctx.stop_flags.latest(session)
+        if question is None and stored is not None and _question(stored[0], turn) is not None:
+            # The page's states lost the question: a Clear's update, sent before the question
+            # was added, was stored after it (two events' outputs, on two workers). The
+            # question as the server stored it is the one asked.
+            left, right, image_path = stored
+            question = left[-1]
+        if question is None:
             # Refused, cleared, or another question's: nothing of its own to answer. What the
             # page sent may predate a Clear whose answer is still on its way: not shown again.
             alive = _alive(left, int(clears or 0))
