@@ -387,7 +387,7 @@ def test_a_question_and_a_clear_at_once_keep_the_visitors_order(server, browser,
     (Gradio reads a question's inputs after a tick, by which time the Clear had counted
     itself: the question went out as asked after it, and was answered. And the Clear's
     update of the session's states, sent first, could be stored after the question's: its
-    answer found no question and left the panes empty, once in twenty runs when loaded.)"""
+    answer found no question and left the panes empty, in loaded runs by hand.)"""
     url, _ = server
     page = open_app(browser, url)
     ask(page, "What colour is the shape?")

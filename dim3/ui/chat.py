@@ -650,8 +650,8 @@ def _answer(ctx: AppContext, tab: ChatTab):
         done = {tab.box: gr.MultimodalTextbox(interactive=True)}
         session = request.session_hash
         question = _question(left, turn)
-        stored = ctx.stop_flags.latest(session)
-        if question is None and stored is not None and _question(stored[0], turn) is not None:
+        stored = ctx.stop_flags.latest(session) if question is None else None
+        if stored is not None and _question(stored[0], turn) is not None:
             # The page's states lost the question: a Clear's update, sent before the question
             # was added, was stored after it (two events' outputs, on two workers). The
             # question as the server stored it is the one asked.
