@@ -122,7 +122,7 @@ def test_eval_on_a_user_probe_file_with_real_merges_writes_json(tmp_path, capsys
     assert "task_arithmetic" in printed and "overall" in printed
 
 
-def _evaluate_tab(methods, probe="", per_language=8, source="probe", languages=()):
+def _evaluate_tab(methods, probe="", per_language=8, source="probe", languages=(), fisher=None):
     import gradio as gr
 
     from dim3.ui.common import AppContext
@@ -144,6 +144,7 @@ def _evaluate_tab(methods, probe="", per_language=8, source="probe", languages=(
         "source": source,
         "languages": list(languages),
     }
+    values |= fisher or {}
     updates = list(evaluate_handler(ctx, merge, tab)(progress=lambda *a, **k: None, **values))
     return tab, updates[-1]
 
@@ -174,6 +175,29 @@ def test_evaluate_tab_shows_a_per_language_table_and_a_bar_chart(monkeypatch):
     bars = out[tab.chart].axes[0].patches
     assert len(bars) == 2 * 9
     assert bars[0].get_height() == frame.loc[0, "en"]
+
+
+@pytest.mark.slow
+def test_evaluate_with_fisher_reads_its_questions_once(tmp_path, monkeypatch):
+    """Fisher ticked: the form is checked before the Fishers are estimated and the run is made
+    again with them; the dataset is read once, not at each step (a Hub split streamed twice)."""
+    from dim3.ui import evaluate as ui_evaluate
+
+    monkeypatch.setenv("DIM3_ALLOWED_ROOTS", str(DEMO_DIR))
+    monkeypatch.setenv("DIM3_OUTPUT_DIR", str(tmp_path / "outputs"))
+    reads = []
+    real = ui_evaluate.load_items
+
+    def counted(*args, **kwargs):
+        reads.append(args[:2])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ui_evaluate, "load_items", counted)
+    tab, out = _evaluate_tab(["fisher"], per_language=1, fisher={"fisher_n": 2})
+    assert out[tab.status].startswith("✅ 8 questions, 2 models"), out[tab.status]
+    assert list(out[tab.table]["model"]) == ["original", "fisher"]
+    assert len(list((tmp_path / "outputs" / "fisher").iterdir())) == 2  # estimated here
+    assert reads == [("probe", None)]
 
 
 def test_evaluate_tab_refuses_a_probe_file_outside_the_allowed_folders(tmp_path, monkeypatch):

@@ -221,11 +221,13 @@ def _spec(
     values: dict[str, Any],
     fisher: dict[str, str] | None = None,
     budget: JobBudget | None = None,
+    items: tuple[Any, ...] | None = None,
 ) -> EvalSpec:
     """The run the form asks for; ``ValueError`` (shown to the user) for what cannot run.
     ``fisher``: the Fisher folders of a ticked ``fisher`` (None: leave it out, to check the rest
     before its Fishers are estimated). ``budget``: the job's, checked while the dataset is read
-    (a large split takes minutes to stream past)."""
+    (a large split takes minutes to stream past). ``items``: those an earlier call read (the
+    spec made again once the Fishers are estimated), so that the dataset is read once."""
     recipe = merge.form.recipe(data_free(values, merge.form.fixed is not None, merge.form))
     methods = tuple(m for m in values["methods"] or () if m != FISHER or fisher is not None)
     source = values.get("source") or PROBE.name
@@ -233,14 +235,17 @@ def _spec(
     per_language = int(values["questions_per_language"])
     if source != PROBE.name and per_language < 1:
         raise ValueError("pick a sample size per language (at least 1) for a benchmark")
-    items = load_items(
-        source,
-        dataset or None,
-        list(values.get("languages") or ()),
-        limit=per_language or None,
-        allowed_roots=ctx.allowed_roots,
-        check=budget.check if budget is not None else None,
-    )
+    if items is None:
+        items = tuple(
+            load_items(
+                source,
+                dataset or None,
+                list(values.get("languages") or ()),
+                limit=per_language or None,
+                allowed_roots=ctx.allowed_roots,
+                check=budget.check if budget is not None else None,
+            )
+        )
     options = {recipe.method: recipe.options} if recipe.method in methods else {}
     if FISHER in methods and values.get("method") == FISHER and merge.form.fixed is None:
         options[FISHER] = merge.form.options_for(values, FISHER)  # the form's own fisher
@@ -248,7 +253,7 @@ def _spec(
         recipe.base,
         recipe.multilingual,
         recipe.multimodal,
-        items=tuple(items),
+        items=items,
         methods=methods,
         options=options,
         benchmark=source,
@@ -311,7 +316,7 @@ def evaluate_handler(ctx: AppContext, merge: MergeTab, tab: EvaluateTab) -> Call
                 folders = yield from job_fisher_status(
                     ctx, recipe, values, budget, tab.status, base_weight=weight
                 )
-                spec = _spec(ctx, merge, values, folders, budget)
+                spec = _spec(ctx, merge, values, folders, budget, spec.items)
         except Exception as exc:  # noqa: BLE001 - the UI boundary: shown, never raised
             yield {tab.status: f"❌ {md_escape(error_text(exc, ctx.allowed_roots), None)}"}
             return
