@@ -17,6 +17,7 @@ import gradio as gr
 
 from dim3.ui.analysis import build_analysis_tab
 from dim3.ui.chat import PAGE_JS, build_chat_tab, refresh_status, stop_session
+from dim3.ui.chat_api import chat_api
 from dim3.ui.common import CSS, MAX_UPLOAD, AppContext
 from dim3.ui.evaluate import build_evaluate_tab
 from dim3.ui.merge import build_merge_tab
@@ -64,6 +65,7 @@ def build_app(ctx: AppContext | None = None) -> gr.Blocks:
                 merge = build_merge_tab(ctx)
             with gr.Tab("Chat", id="chat", elem_id="dim3-tab-chat") as chat_tab:
                 chat = build_chat_tab(ctx)
+                chat_api(ctx, chat)
             with gr.Tab("Evaluate", id="evaluate", elem_id="dim3-tab-evaluate"):
                 build_evaluate_tab(ctx, merge)
             with gr.Tab("Analysis", id="analysis", elem_id="dim3-tab-analysis"):

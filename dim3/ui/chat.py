@@ -355,9 +355,8 @@ def _examples(box: gr.MultimodalTextbox, vlm: str | None) -> None:
 
 
 def build_chat_tab(ctx: AppContext) -> ChatTab:
-    """Lay out the Chat tab inside the current Blocks and wire its events."""
-    from dim3.ui.chat_api import chat_api
-
+    """Lay out the Chat tab inside the current Blocks and wire its events (its one-call API,
+    ``/chat``, is wired beside it by ``dim3.ui.chat_api``)."""
     tab, buttons = _layout(ctx)
     shown = [tab.left, tab.right, tab.left_msgs, tab.right_msgs, tab.image, tab.box]
     turn_out = [*shown, tab.turn]
@@ -400,7 +399,6 @@ def build_chat_tab(ctx: AppContext) -> ChatTab:
         ).then(_clear(ctx, tab), inputs=[tab.clears], outputs=shown, **turns)
     if tab.draw:
         wire_draw(ctx, tab, tab.draw, answered=[asked, again])
-    chat_api(ctx, tab)
     return tab
 
 

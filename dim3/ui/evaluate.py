@@ -27,8 +27,6 @@ import pandas as pd
 
 from dim3.benchmarks import BENCHMARKS, PROBE, get_benchmark
 from dim3.benchmarks.sources import load_items
-from dim3.demo import demo_probe_path, load_probe
-from dim3.demo.probe import ProbeItem
 from dim3.evaluate import (
     ORIGINAL,
     EvalSpec,
@@ -102,13 +100,6 @@ def chart_figure(results: dict[str, dict[str, float]], ylabel: str = "accuracy")
     fig = plots.accuracy_figure(results)
     fig.axes[0].set_ylabel(ylabel)
     return fig
-
-
-def probe_items(ctx: AppContext, path: str) -> list[ProbeItem]:
-    """The demo probe (empty ``path``) or a JSONL file that must lie under the allowed folders."""
-    if not path.strip():
-        return load_probe(demo_probe_path())
-    return load_probe(path.strip(), allowed_roots=ctx.allowed_roots)
 
 
 def source_languages(source: str) -> list[str]:

@@ -2,7 +2,8 @@
 
 Layout only: ``build_form`` lays the form out (read-only with a showcase's recipe) and returns a
 :class:`MergeForm`, which names every input for the API (``kwargs``) and turns values into a
-validated ``Recipe``. The checkpoint inputs are built in one function, ``checkpoint_inputs``:
+validated ``Recipe``; :class:`MergeTab` holds it with the tab's other components, for the
+handlers of the Merge tab and of the tabs that merge with its form. The checkpoint inputs are built in one function, ``checkpoint_inputs``:
 one row per role, plus up to ``MAX_EXPERTS - 1`` more multilingual rows (language experts) that
 "Add a multilingual model" shows and "Remove" hides and clears.
 """
@@ -307,3 +308,22 @@ def form_refs(ctx: AppContext, preset: Any, fixed: Recipe | None) -> dict[str, s
         out[role] = ctx.manager.display_ref(src.ref)
         out[f"{role}_revision"] = src.revision or ""
     return out
+
+
+@dataclasses.dataclass
+class MergeTab:
+    """The Merge tab's components: the form, its outputs and the save/push controls (None in
+    a showcase)."""
+
+    form: MergeForm
+    note: gr.Markdown
+    plan_box: gr.Textbox
+    log_box: gr.Textbox
+    status: gr.Markdown
+    folder: gr.Textbox | None = None
+    overwrite: gr.Checkbox | None = None
+    repo: gr.Textbox | None = None
+    token: gr.Textbox | None = None
+    private: gr.Checkbox | None = None
+    saved: gr.State | None = None
+    weights: gr.Plot | None = None  # DiM3's weights as a heat map, after a DiM3 merge

@@ -15,7 +15,6 @@ has no merge, save or push.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import threading
 from collections.abc import Callable, Iterator
@@ -29,7 +28,7 @@ from dim3.recipe import ROLES
 from dim3.ui import jobs
 from dim3.ui.common import AppContext, gpu, md_escape
 from dim3.ui.fisher import data_free, with_fishers
-from dim3.ui.form import MergeForm, build_form
+from dim3.ui.form import MergeForm, MergeTab, build_form
 from dim3.ui.progress import LOG_LINES, drive, err, ok, plain
 from dim3.ui.reveal import succeeded
 from dim3.ui.share import REPO_ID_CHARS, push_handler, save_handler
@@ -40,25 +39,6 @@ HEAVY = "dim3-heavy"  # the heavy jobs (merge, save, evaluate, sweep, analysis):
 # heavy slot, every other visitor's merge, for as long.
 PUSH = "dim3-push"
 PRIVATE = {"api_visibility": "private"}  # UI-only events: not part of the API
-
-
-@dataclasses.dataclass
-class MergeTab:
-    """The Merge tab's components: the form, its outputs and the save/push controls (None in
-    a showcase)."""
-
-    form: MergeForm
-    note: gr.Markdown
-    plan_box: gr.Textbox
-    log_box: gr.Textbox
-    status: gr.Markdown
-    folder: gr.Textbox | None = None
-    overwrite: gr.Checkbox | None = None
-    repo: gr.Textbox | None = None
-    token: gr.Textbox | None = None
-    private: gr.Checkbox | None = None
-    saved: gr.State | None = None
-    weights: gr.Plot | None = None  # DiM3's weights as a heat map, after a DiM3 merge
 
 
 INTRO = (

@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import gradio as gr
 
@@ -25,10 +25,8 @@ from dim3.recipe import code_span
 from dim3.ui import jobs
 from dim3.ui.common import AppContext, check_text, gpu, md_escape
 from dim3.ui.fisher import data_free, with_fishers
+from dim3.ui.form import MergeTab
 from dim3.ui.progress import LOG_LINES, drive, err, ok, plain
-
-if TYPE_CHECKING:
-    from dim3.ui.merge import MergeTab
 
 REPO_ID_CHARS = 96
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")

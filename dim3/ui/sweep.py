@@ -21,6 +21,8 @@ import pandas as pd
 
 from dim3 import estimate as est
 from dim3 import sweep as sw
+from dim3.demo import demo_probe_path, load_probe
+from dim3.demo.probe import ProbeItem
 from dim3.methods import METHODS
 from dim3.ui import jobs
 from dim3.ui.common import AppContext, gpu
@@ -227,11 +229,16 @@ def sweep_kwargs(view: SweepView) -> dict[str, gr.components.Component]:
     }
 
 
+def probe_items(ctx: AppContext, path: str) -> list[ProbeItem]:
+    """The demo probe (empty ``path``) or a JSONL file that must lie under the allowed folders."""
+    if not path.strip():
+        return load_probe(demo_probe_path())
+    return load_probe(path.strip(), allowed_roots=ctx.allowed_roots)
+
+
 def sweep_handler(ctx: AppContext, merge: MergeTab, view: SweepView) -> Callable:
     @gpu(duration=600)
     def handler(progress=gr.Progress(), **named: Any) -> Iterator[dict[Any, Any]]:  # noqa: B008
-        from dim3.ui.evaluate import probe_items
-
         own = sweep_kwargs(view)
         values = {own[k] if k in own else k: v for k, v in named.items()}
         try:
