@@ -33,6 +33,7 @@ from safetensors import SafetensorError, safe_open
 
 from dim3 import hubcache
 from dim3.layout import unconverted_layout
+from dim3.sizes import human_size, size_from_env
 
 # The files a merge needs from a Hub repository: weights, their index, configs, tokenizer,
 # processor and chat template, and the model card (its license and languages go into the merge's
@@ -223,8 +224,6 @@ def download_limit(server: bool) -> int | None:
     """The most bytes one job may download from the Hub: ``$DIM3_MAX_DOWNLOAD`` (``60GB``,
     ``500MB``; ``0``: no limit), else :data:`SERVER_MAX_DOWNLOAD` for a server and no limit for
     a command."""
-    from dim3.writer import size_from_env  # a module above this one's: for the setting only
-
     return size_from_env(ENV_MAX_DOWNLOAD, SERVER_MAX_DOWNLOAD if server else None)
 
 
@@ -363,8 +362,6 @@ def check_downloads(
     if not hub:  # local folders only: the Hub client is not even imported
         return 0
     from huggingface_hub import constants
-
-    from dim3.plan import human_size  # a module above this one's: for the messages only
 
     sizes = [
         (ref, n) for ref, rev in hub if (n := hub_download_size(ref, rev, token, weights=weights))

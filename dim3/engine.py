@@ -88,6 +88,7 @@ from dim3.recipe import (
     multilingual_labels,
     write_recipe,
 )
+from dim3.sizes import parse_size
 from dim3.slices import (
     Buffers,
     ExactSelect,
@@ -97,7 +98,7 @@ from dim3.slices import (
     order_keys,
     row_slices,
 )
-from dim3.writer import ALIGN, ShardedWriter, TensorSpec, check_destination, parse_size
+from dim3.writer import ALIGN, ShardedWriter, TensorSpec, check_destination
 
 __all__ = [
     "Inputs",

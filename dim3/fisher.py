@@ -576,7 +576,7 @@ def fishers_limit() -> int | None:
     """What the Fishers a server keeps may hold in all: ``$DIM3_MAX_FISHERS`` (``10GB``), else a
     quarter of ``$DIM3_MAX_SAVED``; None when that is 0 (no limit)."""
     from dim3.limits import saved_limit
-    from dim3.writer import size_from_env
+    from dim3.sizes import size_from_env
 
     saved = saved_limit()
     return size_from_env(ENV_MAX_FISHERS, None if saved is None else saved // FISHER_SHARE)
@@ -599,7 +599,7 @@ def make_fisher_room(root: Path, nbytes: int, keep: Sequence[Path] = ()) -> None
     import shutil
 
     from dim3.limits import folder_bytes
-    from dim3.plan import human_size
+    from dim3.sizes import human_size
 
     limit = fishers_limit()
     if limit is None:

@@ -35,6 +35,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from dim3.sizes import human_size, size_from_env
+
 ENV_MAX_HUB_CACHE = "DIM3_MAX_HUB_CACHE"
 
 log = logging.getLogger(__name__)
@@ -78,8 +80,6 @@ def policy() -> Policy | None:
     own, the least recently used make room only when the disk is short; elsewhere (a user's
     own machine, whose cache other tools share) nothing is deleted. None: nothing is."""
     import os
-
-    from dim3.writer import size_from_env  # a module above this one's: for the setting only
 
     raw = os.environ.get(ENV_MAX_HUB_CACHE, "").strip()
     if not raw:
@@ -146,8 +146,6 @@ def make_room(
     is deleted."""
     from huggingface_hub import scan_cache_dir
     from huggingface_hub.utils import DeleteCacheStrategy
-
-    from dim3.plan import human_size  # a module above this one's: for the messages only
 
     if limit is not None and needed > limit:
         raise CacheFull(

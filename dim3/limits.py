@@ -90,7 +90,7 @@ def budget_from_env() -> float | None:
 def saved_limit() -> int | None:
     """``$DIM3_MAX_SAVED`` in bytes (``50GB``, ``500MB``; default ``DEFAULT_MAX_SAVED``); None
     when it is 0 (no limit: a server run by its only user)."""
-    from dim3.writer import size_from_env
+    from dim3.sizes import size_from_env
 
     return size_from_env(ENV_MAX_SAVED, DEFAULT_MAX_SAVED)
 
@@ -114,7 +114,7 @@ def check_saved_room(output_root: Path, nbytes: int) -> None:
     limit = saved_limit()
     if limit is None:
         return
-    from dim3.plan import human_size
+    from dim3.sizes import human_size
 
     held = folder_bytes(output_root)
     if held + nbytes > limit:

@@ -36,6 +36,7 @@ from dim3.layout import (
     layout_for,
     store_record,
 )
+from dim3.sizes import human_size
 
 SHOWN = 4  # tensors named per problem in an error message
 RELATED_MIN_COSINE = 0.5  # below this, a "fine-tune" does not descend from the base
@@ -133,18 +134,6 @@ class MergePlan:
                     f"  {e.key}: rows 0..{e.rows - 1} merged, {e.rows}..{e.shape[0] - 1} kept"
                 )
         return "\n".join(lines + [f"Note: {n}" for n in self.notes])
-
-
-def human_size(n: int) -> str:
-    """Bytes in the unit a person reads at a glance: ``512 B``, ``3.6 MB``, ``15.2 GB``
-    (decimal units, like the merge log; three significant digits)."""
-    if n < 1000:
-        return f"{n} B"
-    for unit, scale in (("kB", 10**3), ("MB", 10**6), ("GB", 10**9), ("TB", 10**12)):
-        text = f"{n / scale:.3g}"
-        if float(text) < 1000:
-            return f"{text} {unit}"
-    return f"{n / 10**12:.0f} TB"
 
 
 def _shown(items: list[str]) -> str:

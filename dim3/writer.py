@@ -38,6 +38,7 @@ except ImportError:  # Windows: no O_DIRECT either
 
 import torch
 
+from dim3.sizes import human_size, parse_size
 from dim3.slices import huge_pages
 
 DTYPE_NAMES = {
@@ -59,39 +60,6 @@ TMP_TAG, OLD_TAG = ".dim3-tmp-", ".dim3-old-"
 # and mkdtemp's or uuid's 8 characters
 _OURS = re.compile(r"^(?:(\d+)-)?[a-z0-9_]{8}$")
 _ANY_OURS = re.compile(r"^\.(?P<name>.+?)(?P<tag>\.dim3-tmp-|\.dim3-old-)(?P<rest>[^/]+)$")
-UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
-
-
-def parse_size(size: str | int) -> int:
-    """``"5GB"`` -> 5_000_000_000 (decimal units as the Hub uses; KiB/MiB/GiB binary)."""
-    if isinstance(size, int):
-        value = size
-    else:
-        text = size.strip().upper().replace(" ", "")
-        unit = next((u for u in sorted(UNITS, key=len, reverse=True) if text.endswith(u)), "")
-        try:
-            value = int(float(text[: len(text) - len(unit)]) * UNITS.get(unit, 1))
-        except ValueError:
-            raise ValueError(f"shard size {size!r} is not a size; use e.g. 5GB, 500MB") from None
-    if value <= 0:
-        raise ValueError(f"shard size must be positive, got {size!r}")
-    return value
-
-
-def size_from_env(name: str, default: int | None) -> int | None:
-    """The size setting ``$name`` in bytes (``50GB``, ``500MB``): ``default`` when it is unset,
-    None when it is 0 (no limit)."""
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    if raw == "0":
-        return None
-    try:
-        return parse_size(raw)
-    except ValueError:
-        raise ValueError(
-            f"${name}={raw!r} is not a size; use e.g. 50GB or 500MB (0: no limit)"
-        ) from None
 
 
 @dataclass(frozen=True)
@@ -501,8 +469,6 @@ def check_room(out_dir: Path, nbytes: int) -> None:
     existing = next(p for p in out_dir.parents if p.is_dir())
     free = shutil.disk_usage(existing).free
     if nbytes > free:
-        from dim3.plan import human_size  # a module above this one's: for the message only
-
         raise OSError(
             errno.ENOSPC,
             f"the checkpoint needs {human_size(nbytes)} but the file system of "

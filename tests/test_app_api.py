@@ -617,7 +617,7 @@ def test_saves_stop_at_the_output_folders_limit_before_anything_is_written(tmp_p
     refused before anything is written, with the sizes; the saves already there stay."""
     import struct
 
-    from dim3.plan import human_size
+    from dim3.sizes import human_size
     from tests.app_server import running_app
 
     outputs = tmp_path / "outputs"

@@ -25,8 +25,8 @@ import torch
 from safetensors.torch import load_file
 
 from dim3 import engine
-from dim3.plan import human_size
 from dim3.recipe import Recipe, Source
+from dim3.sizes import human_size
 from tests.hub_server import FakeHub, hub_env
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -252,7 +252,7 @@ def test_on_a_space_the_least_recently_used_make_room_only_when_the_disk_is_shor
     download a stopped job left (not of a repository in use), then a checkpoint; one short of
     more than all that could go is refused with nothing deleted."""
     from dim3 import hubcache
-    from dim3.writer import parse_size
+    from dim3.sizes import parse_size
 
     monkeypatch.delenv("SPACE_ID", raising=False)
     monkeypatch.delenv(hubcache.ENV_MAX_HUB_CACHE, raising=False)

@@ -15,7 +15,7 @@ from dim3 import plots
 from dim3.estimate import CostBook, plan_text, remaining_text
 from dim3.examples import EXAMPLES, FSI, PDI, declared_languages, examples_for, label
 from dim3.methods import METHODS
-from dim3.plan import human_size
+from dim3.sizes import human_size
 from dim3.sweep import SweepPoint
 
 MODULES = {  # module -> group, as the diagnostics name them

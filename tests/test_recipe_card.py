@@ -222,7 +222,7 @@ def test_plan_and_merge_state_the_output_size_in_the_output_dtype(
     tensors have (counted from the written files' headers), not the VLM's own."""
     from safetensors import safe_open
 
-    from dim3.plan import human_size
+    from dim3.sizes import human_size
 
     trio = tiny_llava_trio
     args = ["--base", str(trio.base), "--multilingual", str(trio.multilingual)]

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from dim3.sizes import parse_size
 from dim3.slices import huge_pages
 from dim3.writer import (
     ALIGN,
@@ -17,7 +18,6 @@ from dim3.writer import (
     STAGING,
     ShardedWriter,
     TensorSpec,
-    parse_size,
     split_shards,
 )
 

@@ -170,7 +170,7 @@ def check_settings() -> None:
     from dim3.checkpoints import download_limit
     from dim3.fisher import fishers_limit
     from dim3.limits import budget_from_env, saved_limit
-    from dim3.plan import human_size
+    from dim3.sizes import human_size
     from dim3.ui.uploads import UploadRoom, max_request, upload_ttl
     from dim3.ui.visitors import max_queue, max_queued, max_sessions, proxy_hops, visitor_sessions
 

@@ -44,9 +44,8 @@ from typing import Any
 import anyio.to_thread
 from starlette.datastructures import Headers
 
-from dim3.plan import human_size
+from dim3.sizes import human_size, size_from_env
 from dim3.ui.visitors import CURRENT_VISITOR, visitor_address
-from dim3.writer import size_from_env
 
 log = logging.getLogger("dim3.ui")
 
