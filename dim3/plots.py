@@ -477,6 +477,19 @@ def accuracy_figure(results: Mapping[str, Mapping[str, float]]):
     return fig
 
 
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats on both coordinates (higher is better)."""
+    front = []
+    for i, (x, y) in enumerate(points):
+        if not any(
+            (x2 >= x and y2 >= y) and (x2 > x or y2 > y)
+            for j, (x2, y2) in enumerate(points)
+            if j != i
+        ):
+            front.append(i)
+    return front
+
+
 def pareto_figure(
     points: Sequence[Any], half: str = "tuning", chosen: str | None = None, english: str = "en"
 ):
@@ -485,8 +498,6 @@ def pareto_figure(
     every reference method in their own colour and marker, the chosen setting ringed; the
     legend below the axes."""
     from matplotlib.markers import MarkerStyle
-
-    from dim3.sweep import pareto_front
 
     fig = new_figure(6.4, 5.6)
     ax = fig.subplots()

@@ -260,19 +260,6 @@ def summary(spec: SweepSpec, points: Sequence[SweepPoint]) -> dict[str, Any]:
     }
 
 
-def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
-    """Indices of the points no other point beats on both coordinates (higher is better)."""
-    front = []
-    for i, (x, y) in enumerate(points):
-        if not any(
-            (x2 >= x and y2 >= y) and (x2 > x or y2 > y)
-            for j, (x2, y2) in enumerate(points)
-            if j != i
-        ):
-            front.append(i)
-    return front
-
-
 def pareto_figure(points: Sequence[SweepPoint], half: str = "tuning", chosen: str | None = None):
     """English accuracy (x) against the mean of the other languages (y), one point per model;
     the Pareto front of the grid joined by a line, the chosen setting ringed

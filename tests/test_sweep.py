@@ -11,11 +11,11 @@ from PIL import Image
 
 from dim3 import cli
 from dim3.demo import demo_probe
+from dim3.plots import pareto_front
 from dim3.probes import ProbeItem, split_units
 from dim3.sweep import (
     SweepPoint,
     grid_points,
-    pareto_front,
     parse_grid,
     scores,
     select,
