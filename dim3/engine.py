@@ -299,7 +299,7 @@ def open_inputs(
         mls = [one(s) for s in recipe.multilingual]
         inputs = Inputs(base, mls, one(recipe.multimodal))
         if get_method(recipe.method).extra_inputs == "fisher":
-            from dim3.fisher import open_fisher_inputs
+            from dim3.fisher_files import open_fisher_inputs
 
             inputs.extras = open_fisher_inputs(recipe, inputs, allowed_roots=allowed_roots)
         return inputs

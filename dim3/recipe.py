@@ -26,6 +26,7 @@ RECIPE_FILE = "dim3_recipe.json"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 ROLES = ("base", "multilingual", "multimodal")
+FISHER_FILE = "fisher.json"  # what a Fisher folder was estimated from (dim3.fisher writes it)
 
 
 def multilingual_labels(n: int) -> list[str]:
@@ -218,8 +219,6 @@ def write_recipe(
         "local": {} if roots is not None else local_paths(recipe, final_dir or folder),
     }
     if _uses_fisher(recipe):  # what each Fisher was estimated from (replay ignores it)
-        from dim3.fisher import describe_fishers
-
         data["fisher_info"] = describe_fishers(recipe)
     text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
     if roots is not None:
@@ -227,6 +226,17 @@ def write_recipe(
 
         text = redact_paths(text, roots)
     (folder / RECIPE_FILE).write_text(text)
+
+
+def describe_fishers(recipe: Recipe) -> dict[str, dict[str, Any]]:
+    """Each Fisher folder's ``fisher.json`` (model, data, N, seed, labels...), by role."""
+    out = {}
+    for role, ref in recipe.fisher.items():
+        try:
+            out[role] = json.loads((Path(ref).expanduser() / FISHER_FILE).read_text("utf-8"))
+        except (OSError, ValueError):
+            out[role] = {"error": f"cannot read {FISHER_FILE}"}
+    return out
 
 
 def _uses_fisher(recipe: Recipe) -> bool:
@@ -237,8 +247,6 @@ def _fisher_rows(recipe: Recipe) -> str:
     """Model-card lines naming each Fisher's model, data, N, seed and labels."""
     if not _uses_fisher(recipe):
         return ""
-    from dim3.fisher import describe_fishers
-
     rows = [
         f"| {role} | {code_span(ref)} | {code_span(m.get('data'))} | {code_span(m.get('n'))} | "
         f"{code_span(m.get('seed'))} | {code_span(m.get('labels'))} | {code_span(m.get('dtype'))} |"

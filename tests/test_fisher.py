@@ -20,7 +20,6 @@ from dim3.cli import main
 from dim3.evaluate import _batch_inputs
 from dim3.fisher import (
     FISHER_FILE,
-    FisherFolder,
     FisherSpec,
     choose,
     estimate,
@@ -28,6 +27,7 @@ from dim3.fisher import (
     load_model,
     source_items,
 )
+from dim3.fisher_files import FisherFolder
 from dim3.layout import EMBED, LM_HEAD, layout_for
 from dim3.methods import get_method
 from dim3.probes import ProbeItem

@@ -12,7 +12,7 @@ as ``base + Σ_i λ_i F_i Δ_i / Σ_i λ_i F_i`` (``Δ_i = θ_i − base``, the 
 give back the base exactly. The models are the base (optional: ``base_weight`` > 0 and its Fisher
 given), the VLM's language model and each multilingual model. Dividing each Fisher by its L2 norm
 over the whole model (the reference code's ``normalize_fishers``) happens where the Fishers are
-read (:class:`dim3.fisher.FisherInputs`), not here. This module knows tensors only.
+read (:class:`dim3.fisher_files.FisherInputs`), not here. This module knows tensors only.
 """
 
 from __future__ import annotations
