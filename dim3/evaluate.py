@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,22 +31,12 @@ from typing import Any
 import torch
 
 from dim3.benchmarks import PROBE, Benchmark, get_benchmark
+from dim3.benchmarks.metrics import is_correct
 from dim3.benchmarks.sources import DEFAULT_LIMIT
 from dim3.probes import ProbeItem
 from dim3.recipe import Recipe, Source
 
-END_PUNCTUATION = ".。!！?？,，;；:：\"'«»“”„()[]"
 ORIGINAL = "original"
-
-
-def normalise(text: str) -> str:
-    """The form answers are compared in: NFC, trimmed of spaces and end punctuation, case-folded."""
-    return unicodedata.normalize("NFC", text).strip().strip(END_PUNCTUATION).strip().casefold()
-
-
-def is_correct(prediction: str, answer: str) -> bool:
-    """Exact match of ``prediction`` and ``answer`` after ``normalise``."""
-    return normalise(prediction) == normalise(answer)
 
 
 def accuracy(items: Sequence[ProbeItem], predictions: Sequence[str]) -> dict[str, float]:

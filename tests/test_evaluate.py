@@ -7,13 +7,12 @@ import json
 import pytest
 
 from dim3 import cli
+from dim3.benchmarks.metrics import is_correct, normalise
 from dim3.demo import DEMO_DIR, ProbeItem, demo_probe, demo_trio
 from dim3.evaluate import (
     EvalSpec,
     accuracy,
     format_table,
-    is_correct,
-    normalise,
     parse_methods,
     parse_options,
 )

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import random
 import re
+import unicodedata
 from collections.abc import Sequence
 from difflib import SequenceMatcher
 
@@ -203,8 +204,19 @@ def m3exam_accuracy(prediction: str, answer: str, options: Sequence[str], seed: 
 # --- the demo probe and user JSONL files ----------------------------------------------------------
 
 
+END_PUNCTUATION = ".。!！?？,，;；:：\"'«»“”„()[]"
+
+
+def normalise(text: str) -> str:
+    """The form answers are compared in: NFC, trimmed of spaces and end punctuation, case-folded."""
+    return unicodedata.normalize("NFC", text).strip().strip(END_PUNCTUATION).strip().casefold()
+
+
+def is_correct(prediction: str, answer: str) -> bool:
+    """Exact match of ``prediction`` and ``answer`` after ``normalise``."""
+    return normalise(prediction) == normalise(answer)
+
+
 def probe_exact_match(prediction: str, answer: str) -> bool:
     """Probe files: exact match after NFC, trimming spaces and end punctuation, case folding."""
-    from dim3.evaluate import is_correct
-
     return is_correct(prediction, answer)

@@ -108,7 +108,8 @@ def combined_text_accuracy(base: Path, experts: list[Path], mean: bool, items) -
 def right_language(items, predictions) -> dict[str, float]:
     """Per language (+ overall): the share of answers that are a word of the question's kind in
     the question's language, right or wrong (e.g. "braun" to a German colour question)."""
-    from dim3.evaluate import accuracy, normalise
+    from dim3.benchmarks.metrics import normalise
+    from dim3.evaluate import accuracy
 
     def vocabulary(language: str, kind: str) -> set[str]:
         concepts = world.COLOURS if kind == "colour" else world.SHAPES
