@@ -3,7 +3,7 @@ replaced, against torch.rand, and against the pass that uses the words.
 
 DARE drops each entry of an update at random (``r < p``, ``r`` from ``torch.rand`` of a
 generator seeded per tensor block and model). On the CPU the engine draws those very numbers
-with a compiled MT19937 (:class:`dim3.fused.DareDraws`): ``dim3.kernels.dare_words`` twists
+with a compiled MT19937 (:class:`dim3.compiled.DareDraws`): ``dim3.kernels.dare_words`` twists
 the generator's state and tempers each word into a keep word (-1 kept, 0 dropped). A
 DARE-TIES tile of two updates draws two tiles of words, then merges them in one pass
 (``dim3.kernels.dare_ties2``). This times, on one thread, medians of ``--repeat`` timings of
@@ -40,7 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a clone, no install
 
 from benchmarks.ties_first_pass import median_ms  # noqa: E402
-from dim3 import fused  # noqa: E402
+from dim3 import compiled, fused  # noqa: E402
 
 
 def variants() -> tuple:
@@ -92,7 +92,7 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=10)
     parser.add_argument("--repeat", type=int, default=7)
     args = parser.parse_args()
-    if not fused.available():
+    if not compiled.available():
         print("numba is not available: no compiled kernel to time", file=sys.stderr)
         sys.exit(2)
     from dim3 import kernels as k
@@ -103,7 +103,7 @@ def main() -> None:
 
     # checked: a few tiles of each, from one seed, against torch.rand's numbers
     gen = torch.Generator().manual_seed(args.seed)
-    new, old = fused.DareDraws(args.seed), fused.DareDraws(args.seed)
+    new, old = compiled.DareDraws(args.seed), compiled.DareDraws(args.seed)
     ok = True
     for _ in range(3):
         want = -(torch.rand(n, generator=gen) >= torch.tensor(p)).to(torch.int32)
@@ -116,7 +116,7 @@ def main() -> None:
         sys.exit(1)
 
     out = torch.empty(n, dtype=torch.int32)
-    state = fused.DareDraws(args.seed)
+    state = compiled.DareDraws(args.seed)
     cpu = torch.Generator().manual_seed(args.seed)
     p_bits = int(torch.tensor(p, dtype=torch.float32).view(torch.int32))
     count = max(1, -(-n // k._N))  # noqa: SLF001 - the state's words
@@ -130,7 +130,7 @@ def main() -> None:
 
     g = torch.Generator().manual_seed(args.seed)
     base, v0, v1 = (torch.randn(n, generator=g).to(torch.bfloat16) for _ in range(3))
-    w0, w1 = (fused.DareDraws(s).words(p, torch.empty(n, dtype=torch.int32)) for s in (1, 2))
+    w0, w1 = (compiled.DareDraws(s).words(p, torch.empty(n, dtype=torch.int32)) for s in (1, 2))
     merged = torch.empty(n)
     runs = {
         "dare_words (before)": lambda: setattr(

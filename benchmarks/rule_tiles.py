@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a clone, no install
 
-from dim3 import fused  # noqa: E402
+from dim3.compiled import available  # noqa: E402
 from dim3.methods import get_method  # noqa: E402
 
 
@@ -59,7 +59,7 @@ def main() -> None:
         figures = {}
         for label, run, flag in (("compiled", compiled, "1"), ("eager", eager, "0")):
             os.environ["DIM3_FUSED"] = flag
-            if label == "compiled" and not fused.available():
+            if label == "compiled" and not available():
                 print(f"{name}: the kernels are not available here (numba?)")
                 break
             run()  # compiles, or loads the compiled kernel from the cache

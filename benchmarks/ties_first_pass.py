@@ -50,7 +50,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a clone, no install
 
-from dim3 import fused  # noqa: E402
+from dim3 import compiled  # noqa: E402
 from dim3.slices import BINS  # noqa: E402
 
 
@@ -126,10 +126,10 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=10)
     parser.add_argument("--repeat", type=int, default=7)
     args = parser.parse_args()
-    if not fused.available():
+    if not compiled.available():
         sys.exit("the compiled kernels are not available here (numba?)")
     torch.set_num_threads(1)  # as a tile thread
-    kern = fused._kernels()  # noqa: SLF001 - the kernels themselves, as fused calls them
+    kern = compiled.kernels()  # the kernels themselves, as fused calls them
     g = torch.Generator().manual_seed(0)
     shape = (args.rows, args.cols)
     base = torch.randn(shape, generator=g) * 0.02

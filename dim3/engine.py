@@ -57,7 +57,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dim3 import fused, hubcache
+from dim3 import compiled, fused, hubcache
 from dim3.checkpoints import (
     DOWNLOADS,
     SAFETENSORS_DTYPES,
@@ -129,7 +129,7 @@ class Progress:
     OptMerge), ``key`` is that tensor and ``step`` of ``steps`` its inner steps are done;
     ``steps`` is 0 otherwise. ``elapsed``: seconds of merging so far, less what readying the
     compiled kernels took meanwhile (once a process, or once an install: see
-    :func:`dim3.fused.setup_seconds`).
+    :func:`dim3.compiled.setup_seconds`).
     """
 
     done: int
@@ -722,7 +722,7 @@ def _light(method: Method, options: Any, device: torch.device, tuned: int, extra
         method.name == "task_arithmetic"
         and (tuned, extras, device.type) == (2, 0, "cpu")
         and options.multilingual_weight == 1.0
-        and fused.available()
+        and compiled.available()
     )
 
 
@@ -761,7 +761,7 @@ class _Merger:
         cpu2 = (
             method.name in ("ties", "dare_ties")
             and (tuned, extras, device.type) == (2, 0, "cpu")
-            and fused.available()
+            and compiled.available()
         )
         self._fused = method.name == "ties" and cpu2
         self._fused_dare = (  # DARE-TIES: dim3.methods.dare.merge_ties takes the kernel
@@ -2160,13 +2160,13 @@ def _run(
     device = resolve_device(recipe.device)
     total_bytes = sum(e.nbytes for e in plan.entries)
     start, done_bytes, done = time.perf_counter(), 0, 0
-    setup = fused.setup_seconds()
+    setup = compiled.setup_seconds()
 
     def working() -> float:
         """Seconds of merging so far: not the kernels' one-off compiling or loading
-        (:func:`dim3.fused.setup_seconds`), which a projection from the share done (the
+        (:func:`dim3.compiled.setup_seconds`), which a projection from the share done (the
         ETA, the app's time budget) would take for a part of the merge's cost."""
-        return time.perf_counter() - start - (fused.setup_seconds() - setup)
+        return time.perf_counter() - start - (compiled.setup_seconds() - setup)
 
     def on_step(key: str, step: int, steps: int) -> None:
         if progress is not None:

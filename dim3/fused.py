@@ -1,7 +1,8 @@
 """Compiled kernels for the CPU's hot loops of TIES and DARE: one pass over a tile where eager
 torch makes a dozen or more, each a Python call under the global lock.
 
-The kernels (:mod:`dim3.kernels`, compiled by numba with LLVM: no C compiler needed) release
+The kernels (:mod:`dim3.kernels`, compiled by numba with LLVM: no C compiler needed, loaded by
+:mod:`dim3.compiled`, which also holds the selection's and DARE's draws' primitives) release
 the lock, and here get torch tensors:
 
 - :func:`counts`: the first statistics pass of TIES' :class:`dim3.slices.ExactSelect` over a
@@ -9,8 +10,6 @@ the lock, and here get torch tensors:
   the histogram of the magnitudes' high 16 bits);
 - :func:`apply`: TIES' apply pass over a tile (trim by each update's
   :class:`dim3.slices.FirstMask`, elect the sign, disjoint mean, ``· λ + base``);
-- :class:`DareDraws`: DARE's keep masks from torch's own CPU generator's numbers (MT19937),
-  number for number;
 - :func:`dare_ties`: DARE-TIES over a tile of two updates, from their keep masks;
 - :func:`dim3_stats_runs`, :func:`chain_sums`: DiM3's column sums over a tile of two updates,
   in runs of its rows, and a step's runs added up (its statistics pass);
@@ -28,9 +27,6 @@ This module knows tensors, selections and generators only.
 from __future__ import annotations
 
 import math
-import os
-import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
@@ -40,87 +36,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from dim3.compiled import as_numpy, available, kernels
 from dim3.slices import BINS, ExactSelect, FirstMask
 
 _ALL = 1 << 31  # above every magnitude's bits
-
-
-_IMPORT_SECONDS = 0.0  # importing dim3.kernels (numba) in this process
-
-
-@cache
-def _kernels() -> Any:
-    """The compiled kernels (:mod:`dim3.kernels`), or None where numba does not import."""
-    global _IMPORT_SECONDS
-    started = time.perf_counter()
-    try:
-        from dim3 import kernels
-    except ImportError:
-        return None
-    finally:
-        _IMPORT_SECONDS += time.perf_counter() - started
-    return kernels
-
-
-def setup_seconds() -> float:
-    """Wall seconds this process has spent so far readying the kernels: importing numba,
-    compiling a kernel or loading it from numba's cache (:data:`dim3.kernels.SETUP`). One-off
-    work: the first merge of a process, or of a fresh install (a cold cache: 10 s and more on
-    a small machine for a DiM3 merge), would otherwise take it for merging. Nothing is
-    imported to answer: 0 before the kernels are."""
-    clock = getattr(sys.modules.get("dim3.kernels"), "SETUP", None)  # None: not (yet) imported
-    return _IMPORT_SECONDS + (clock.seconds() if clock is not None else 0.0)
-
-
-def available() -> bool:
-    """Whether the kernels run here (numba imports, ``DIM3_FUSED`` is not ``0``)."""
-    return os.environ.get("DIM3_FUSED", "1") != "0" and _kernels() is not None
-
-
-# numpy's type of each dtype a kernel reads or writes (a bfloat16 value as its int16 bits)
-_NUMPY = {
-    dtype: np.dtype(kind).str
-    for dtype, kind in (
-        (torch.float32, np.float32),
-        (torch.bfloat16, np.int16),
-        (torch.float16, np.float16),
-        (torch.float64, np.float64),
-        (torch.int64, np.int64),
-        (torch.int32, np.int32),
-        (torch.int16, np.int16),
-        (torch.int8, np.int8),
-        (torch.uint8, np.uint8),
-        (torch.bool, np.bool_),
-    )
-}
-
-
-class _Held:
-    """The memory of a tensor as numpy sees it (``__array_interface__``), holding the tensor:
-    the array made from it keeps the tensor, and so its memory, alive."""
-
-    __slots__ = ("__array_interface__", "tensor")
-
-    def __init__(self, t: Tensor):
-        self.tensor = t
-        self.__array_interface__ = {
-            "data": (t.data_ptr(), False),
-            "shape": (t.numel(),),
-            "typestr": _NUMPY[t.dtype],
-            "version": 3,
-        }
-
-
-def _flat(t: Tensor) -> Any:
-    """A contiguous CPU tensor as a flat numpy array (a bfloat16 one as its int16 bits),
-    sharing its memory. Made from the tensor's address, without torch's ``reshape``, ``view``
-    and ``numpy``: those dispatch, and each view they make releases Python's global lock when
-    it is freed, about five hand-overs of the lock per call, several calls per tile, on the
-    threads that share it (docs/performance-log.md). Other tensors take that way."""
-    if t.device.type == "cpu" and t.dtype in _NUMPY and t.numel() and t.is_contiguous():
-        return np.asarray(_Held(t))
-    flat = t.reshape(-1)
-    return (flat.view(torch.int16) if flat.dtype == torch.bfloat16 else flat).numpy()
 
 
 def widens(t: Tensor) -> bool:
@@ -148,10 +67,10 @@ def counts(
     base, tuned: contiguous float32 or bfloat16 (:func:`widens`) CPU tensors of one shape.
     Returns per update ``[histogram (int64, BINS)]``, or with windows ``[count below (int64,
     1), values inside (int32)]``."""
-    flat = [_flat(base), *map(_flat, tuned)]
+    flat = [as_numpy(base), *map(as_numpy, tuned)]
     if all(s.windows is None for s in selects):
         hists = into if into is not None else [torch.zeros(BINS, dtype=torch.int64) for _ in tuned]
-        _kernels().hist2(*flat, *map(_flat, hists))
+        kernels().hist2(*flat, *map(as_numpy, hists))
         return [[h] for h in hists]
     assert scratch is not None and all(s.windows is not None for s in selects)
     kept0, kept1, flags, marked = scratch
@@ -159,77 +78,13 @@ def counts(
     assert flags.numel() >= base.numel() and 8 * marked.numel() >= base.numel()
     windows = [s.windows[0] if s.windows[0] else (0, 0) for s in selects]  # type: ignore[index]
     (lo0, hi0), (lo1, hi1) = windows
-    n0, n1, c0, c1 = _kernels().window2(
-        *flat, lo0, hi0 - lo0, lo1, hi1 - lo1, *map(_flat, (flags, marked, kept0, kept1))
+    n0, n1, c0, c1 = kernels().window2(
+        *flat, lo0, hi0 - lo0, lo1, hi1 - lo1, *map(as_numpy, (flags, marked, kept0, kept1))
     )
     below = into if into is not None else [torch.zeros(1, dtype=torch.int64) for _ in tuned]
     below[0] += c0
     below[1] += c1
     return [[below[0], kept0[:n0].clone()], [below[1], kept1[:n1].clone()]]
-
-
-def kth_in_window(
-    pieces: list[Tensor],
-    lo: int,
-    hi: int,
-    rank: int,
-    buffers: Any = None,
-    name: str = "select.window",
-) -> tuple[int, int, int, list[int]] | None:
-    """:func:`dim3.slices._kth_in_window` on CPU int32 ``pieces``: the bin of the ``rank``-th
-    smallest from a count of the values per bin of the window (:func:`dim3.kernels.window_bin`),
-    then its low bits as :func:`kth_in_bin` finds them. The pieces are joined once (in
-    ``buffers``' buffer ``name``)."""
-    values, ends = _joined(pieces, buffers, name)
-    first, bins = lo >> 16, ((hi - 1) >> 16) - (lo >> 16) + 1
-    h, below = _kernels().window_bin(values.numpy(), first, bins, rank, np.empty(bins, np.int64))
-    if h < 0:
-        return None
-    got = _kth_in_joined(values, ends, int(h), rank - int(below))
-    assert got is not None  # the bin holds at least rank − below values
-    low, less, equal, each = got
-    return (int(h) << 16) | low, int(below) + less, equal, each
-
-
-def _joined(
-    pieces: list[Tensor], buffers: Any, name: str = "select.window"
-) -> tuple[Tensor, np.ndarray]:
-    """The pieces one after the other, in ``buffers`` (a :class:`dim3.slices.Buffers`: the same
-    memory tensor after tensor) when given: a new tensor each time was a fresh mapping the
-    kernel faulted in 4 KiB at a time, some 40% of a TIES merge's page faults. With the
-    pieces' ends."""
-    if not pieces:
-        values = torch.zeros(0, dtype=torch.int32)
-    else:
-        total = (sum(p.numel() for p in pieces),)
-        cpu = torch.device("cpu")
-        values = torch.cat(
-            pieces,
-            out=buffers.take(name, total, torch.int32, cpu)
-            if buffers is not None
-            else torch.empty(total, dtype=torch.int32),
-        )
-    return values, np.cumsum([p.numel() for p in pieces], dtype=np.int64)
-
-
-def _kth_in_joined(
-    values: Tensor, ends: np.ndarray, h: int, rank: int
-) -> tuple[int, int, int, list[int]] | None:
-    low = np.empty(BINS + 1, dtype=np.int64)
-    each = np.empty(ends.size, dtype=np.int64)
-    lo, less, equal = _kernels().window_kth(values.numpy(), ends, h, rank, low, each)
-    if lo < 0:
-        return None
-    return int(lo), int(less), int(equal), each.tolist()
-
-
-def kth_in_bin(
-    pieces: list[Tensor], h: int, rank: int, buffers: Any = None
-) -> tuple[int, int, int, list[int]] | None:
-    """:func:`dim3.slices._kth_in_bin` on CPU int32 ``pieces``, in one compiled loop over their
-    values (the eager ops took a tenth of a TIES merge, while the tile threads waited), the
-    pieces joined as :func:`_joined` joins them."""
-    return _kth_in_joined(*_joined(pieces, buffers), h, rank)
 
 
 def fits_counts(selects: list[ExactSelect]) -> bool:
@@ -276,29 +131,19 @@ def apply(
     (k0, e0, l0), (k1, e1, l1) = (
         _threshold(f, left, tied) for f, (left, tied) in zip(firsts, lefts, strict=True)
     )
-    _kernels().apply2(
-        _flat(base), *map(_flat, tuned), k0, k1, e0, e1, l0, l1, np.float32(scaling), _flat(out)
+    kernels().apply2(
+        as_numpy(base),
+        *map(as_numpy, tuned),
+        k0,
+        k1,
+        e0,
+        e1,
+        l0,
+        l1,
+        np.float32(scaling),
+        as_numpy(out),
     )
     return out
-
-
-class DareDraws:
-    """The numbers of ``torch.Generator().manual_seed(seed)`` (MT19937 on the CPU) as DARE's
-    keep words, drawn by :func:`dim3.kernels.dare_words` where ``torch.rand`` and two integer
-    passes took three times as long; the stream goes on from one call to the next."""
-
-    def __init__(self, seed: int):
-        self.state = np.empty(624, dtype=np.uint32)
-        _kernels().mt_seed(seed, self.state)
-        self.pos = 624  # no word left: the first call twists
-
-    def words(self, drop_rate: float, out: Tensor) -> Tensor:
-        """``out`` (contiguous int32, CPU): -1 where the next number, as ``torch.rand``'s
-        float32, is at least ``drop_rate`` (kept), 0 where it is below (dropped)."""
-        # kept ⟺ bits · 2**-24 ≥ p ⟺ bits ≥ p · 2**24 (exact in a double) ⟺ bits ≥ ⌈p · 2**24⌉
-        t = math.ceil(float(np.float32(drop_rate)) * 2**24)
-        self.pos = _kernels().dare_words(self.state, self.pos, t, _flat(out))
-        return out
 
 
 def _two_updates(base: Tensor, tuned: list[Tensor]) -> bool:
@@ -328,13 +173,13 @@ def dare_ties(
     with each update's keep ``words`` (int32, -1 kept, 0 dropped, shaped like base), into
     float32 ``out`` (returned). base, tuned: as for :func:`fits_dare`."""
     assert out.dtype == torch.float32
-    _kernels().dare_ties2(
-        _flat(base),
-        *map(_flat, tuned),
-        *(_flat(w.contiguous()) for w in words),
+    kernels().dare_ties2(
+        as_numpy(base),
+        *map(as_numpy, tuned),
+        *(as_numpy(w.contiguous()) for w in words),
         np.float32(1.0 - drop_rate),
         np.float32(scaling),
-        _flat(out),
+        as_numpy(out),
     )
     return out
 
@@ -354,8 +199,12 @@ def task_arithmetic(
     base, tuned: as for :func:`fits_sum`. The weights are rounded to float32 first, as torch
     rounds a Python number it multiplies a float32 tensor by."""
     assert out.dtype == torch.float32
-    _kernels().sum2(
-        _flat(base), *map(_flat, tuned), np.float32(weight), np.float32(scaling), _flat(out)
+    kernels().sum2(
+        as_numpy(base),
+        *map(as_numpy, tuned),
+        np.float32(weight),
+        np.float32(scaling),
+        as_numpy(out),
     )
     return out
 
@@ -378,8 +227,12 @@ def task_arithmetic_into(
     the bits of computing it in float32 and converting it with ``out.copy_``, in one pass and
     no float32 buffer. False, with ``out`` holding nothing meaningful, where a value is NaN and
     ``out`` bfloat16 (torch's conversion gives NaN bits of its own): convert those with torch."""
-    nans = _kernels().sum2(
-        _flat(base), *map(_flat, tuned), np.float32(weight), np.float32(scaling), _flat(out)
+    nans = kernels().sum2(
+        as_numpy(base),
+        *map(as_numpy, tuned),
+        np.float32(weight),
+        np.float32(scaling),
+        as_numpy(out),
     )
     return nans == 0
 
@@ -417,8 +270,8 @@ def _columns_kernel() -> Any:
             (apply_weights(base, tuned, by_col), by_col, False),
             (apply_weights(base.T, [t.T for t in tuned], by_row).T, by_row, True),
         )
-    kernels = _kernels()
-    for kernel in (kernels.columns2_fma, kernels.columns2):
+    compiled = kernels()
+    for kernel in (compiled.columns2_fma, compiled.columns2):
         out = torch.empty_like(base)
         if all(
             _columns(kernel, base, tuned, w, by, out) == 0 and torch.equal(out, want)
@@ -432,7 +285,7 @@ def weight_rows(weights: Tensor) -> tuple[Any, Any]:
     """DiM3's weights (2, n) as the apply kernel reads them: each update's row, a float32 numpy
     array. Made once for a step's tiles (:func:`dim3_apply` takes them so), not per tile: the
     conversion, the rows and their copies are torch calls, each handing Python's lock over."""
-    w0, w1 = (_flat(x.contiguous()) for x in weights.float())
+    w0, w1 = (as_numpy(x.contiguous()) for x in weights.float())
     return w0, w1
 
 
@@ -442,7 +295,7 @@ def _columns(
     """``kernel`` over the tile into ``out``; how many values written are NaN in bfloat16."""
     cols = max(1, math.prod(base.shape[1:]))
     w0, w1 = w if isinstance(w, tuple) else weight_rows(w)
-    return kernel(_flat(base), *map(_flat, tuned), w0, w1, cols, by_row, _flat(out))
+    return kernel(as_numpy(base), *map(as_numpy, tuned), w0, w1, cols, by_row, as_numpy(out))
 
 
 def fits_dim3(base: Tensor, tuned: list[Tensor]) -> bool:
@@ -534,7 +387,7 @@ def dim3_stats_runs(base: Tensor, tuned: list[Tensor], run: int, scratch: Tensor
     as stored: a numpy array (runs, 5, columns) of each run's Σ b², Σ t0², Σ t1², Σ t0·b,
     Σ t1·b, for :func:`chain_sums`. base, tuned: as for :func:`fits_dim3_stats`; ``scratch``:
     (4, 5, columns) float32. No torch tensor is made: each would hand Python's global lock over
-    when freed (see :func:`_flat`)."""
+    when freed (see :func:`as_numpy`)."""
     return _sums_runs(base, tuned, run, scratch)
 
 
@@ -543,8 +396,8 @@ def _sums_runs(base: Tensor, tuned: list[Tensor], run: int, scratch: Tensor) -> 
     # tile's statistics (as _columns is the apply kernel's, for dim3_apply and its probe)
     cols = base.shape[1]
     out = np.empty((-(-base.shape[0] // run), 5, cols), np.float32)
-    acc = _flat(scratch).reshape(4, 5, cols)
-    _kernels().column_sums2_runs(_flat(base), *map(_flat, tuned), cols, run, acc, out)
+    acc = as_numpy(scratch).reshape(4, 5, cols)
+    kernels().column_sums2_runs(as_numpy(base), *map(as_numpy, tuned), cols, run, acc, out)
     return out
 
 
@@ -556,7 +409,7 @@ def chain_sums(parts: list[Any]) -> Any:
 
     first = parts[0]
     total = first[0]
-    chain = _kernels().chain_add
+    chain = kernels().chain_add
     chain(total, first[1:])
     for p in parts[1:]:
         chain(total, p)

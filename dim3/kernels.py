@@ -31,7 +31,7 @@ class _SetupClock(event.Listener):
     for it): compiling a kernel for a new type signature, or loading one from numba's cache
     (at a process's first call, numba also loads its own implementations then). One-off work
     of a process, not of the merge it happens in: the engine leaves it out of the time it
-    reports (:func:`dim3.fused.setup_seconds`), which the app's time budget projects from."""
+    reports (:func:`dim3.compiled.setup_seconds`), which the app's time budget projects from."""
 
     def __init__(self, clock: Any = time.perf_counter) -> None:
         self._clock = clock

@@ -26,7 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-BINS = 1 << 16
+from dim3 import compiled
+from dim3.compiled import BINS
 
 
 def row_slices(shape: Sequence[int], budget: int, rows: int | None = None) -> list[tuple[int, int]]:
@@ -333,12 +334,10 @@ def _kth_in_window(
     ``rank``-th smallest (from 1): (its bits, how many of them are below it, how many equal it,
     per piece how many equal it); None when fewer than ``rank``. Its bin from a count per bin
     of the window, then :func:`_kth_in_bin`; on the CPU, compiled where the kernels run
-    (:func:`dim3.fused.kth_in_window`, the pieces joined in ``buffers``' buffer ``name``): the
-    same numbers."""
-    from dim3 import fused  # (it imports this module)
-
-    if device.type == "cpu" and fused.available():
-        return fused.kth_in_window(pieces, lo, hi, rank, buffers, name)
+    (:func:`dim3.compiled.kth_in_window`, the pieces joined in ``buffers``' buffer ``name``):
+    the same numbers."""
+    if device.type == "cpu" and compiled.available():
+        return compiled.kth_in_window(pieces, lo, hi, rank, buffers, name)
     inside = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.int32, device=device)
     if rank > inside.numel():
         return None
@@ -359,11 +358,9 @@ def _kth_in_bin(
     """Among the values of ``pieces`` (int32 bit patterns) whose high 16 bits are ``h``, the
     ``rank``-th smallest (from 1): (its low 16 bits, how many of those are below it, how many
     equal it, per piece how many equal it); None when fewer than ``rank``. On the CPU, in one
-    compiled loop where the kernels run (:func:`dim3.fused.kth_in_bin`); the same numbers."""
-    from dim3 import fused  # (it imports this module)
-
-    if device.type == "cpu" and fused.available():
-        return fused.kth_in_bin(pieces, h, rank, buffers)
+    compiled loop where the kernels run (:func:`dim3.compiled.kth_in_bin`); the same numbers."""
+    if device.type == "cpu" and compiled.available():
+        return compiled.kth_in_bin(pieces, h, rank, buffers)
     inside = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.int32, device=device)
     low = inside[torch.bitwise_right_shift(inside, 16) == h].bitwise_and_(0xFFFF)
     if rank > low.numel():

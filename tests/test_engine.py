@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from dim3 import engine, fused
+from dim3 import compiled, engine
 from dim3.checkpoints import CheckpointError
 from dim3.cli import main
 from dim3.plan import PlanError
@@ -970,7 +970,7 @@ def test_the_dare_words_benchmark_checks_the_kernel_against_the_one_before_and_t
     import subprocess
     import sys
 
-    if not fused.available():
+    if not compiled.available():
         pytest.skip("the compiled kernels are not available here")
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "dare_words.py"
     argv = [sys.executable, str(script), "--words", "5001", "--drop-rate", "0.37"]
@@ -999,7 +999,7 @@ def test_the_ties_first_pass_benchmark_checks_the_kernels_against_the_one_before
     import subprocess
     import sys
 
-    if not fused.available():
+    if not compiled.available():
         pytest.skip("the compiled kernels are not available here")
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "ties_first_pass.py"
     # 15 x 2047: not a whole number of the kernel's words of 8 flags

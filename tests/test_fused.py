@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from dim3 import engine, fused, slices
+from dim3 import compiled, engine, fused, slices
 from dim3.methods import ties
 from dim3.slices import ExactSelect, FirstMask, magnitude_bits
 from tests.test_engine import recipe_of
@@ -28,7 +28,7 @@ TILE_ROWS = engine.TILE_BYTES // (4 * COLS)  # 682 rows: one tile of the engine'
 def test_the_kernels_are_available():
     """numba is a pinned requirement: a fresh install runs the compiled kernels, not the
     eager fallback."""
-    assert fused.available()
+    assert compiled.available()
 
 
 def _tiles(rows: int) -> list[tuple[int, int]]:
@@ -575,7 +575,7 @@ def test_dare_draws_are_torch_rand_number_for_number(seed, drop_rate):
     one call to the next), compared with torch.rand's float32 against p."""
     sizes = [1, 623, 624, 625, 5000, 1, 1248, 100_003]
     gen = torch.Generator().manual_seed(seed)
-    draws = fused.DareDraws(seed)
+    draws = compiled.DareDraws(seed)
     p = torch.tensor(drop_rate, dtype=torch.float32)
     for size in sizes:
         want = torch.rand(size, generator=gen) >= p
@@ -588,7 +588,7 @@ def test_a_number_equal_to_the_drop_rate_is_kept():
     seed = 11
     numbers = torch.rand(1000, generator=torch.Generator().manual_seed(seed))
     p = float(numbers[500])  # a float32 value: p is exactly the 501st number
-    got = fused.DareDraws(seed).words(p, torch.empty(1000, dtype=torch.int32))
+    got = compiled.DareDraws(seed).words(p, torch.empty(1000, dtype=torch.int32))
     assert got[500] == -1 and torch.equal(got, -(numbers >= numbers[500]).to(torch.int32))
 
 
@@ -744,10 +744,16 @@ def test_the_bfloat16_kernel_rounds_every_float_as_torch_converts_it():
     bits = torch.cat([bits, torch.tensor(edges, dtype=torch.int64)])
     b = bits.to(torch.int32).view(torch.float32)  # two's complement: the low 32 bits
     f = torch.empty_like(b)
-    args = (fused._flat(b), fused._flat(b), fused._flat(b), np.float32(0.7), np.float32(1.3))
-    kernels.sum2(*args, fused._flat(f))
+    args = (
+        compiled.as_numpy(b),
+        compiled.as_numpy(b),
+        compiled.as_numpy(b),
+        np.float32(0.7),
+        np.float32(1.3),
+    )
+    kernels.sum2(*args, compiled.as_numpy(f))
     got = torch.empty(b.shape, dtype=torch.bfloat16)
-    nans = kernels.sum2(*args, fused._flat(got))
+    nans = kernels.sum2(*args, compiled.as_numpy(got))
     nan = f.isnan()
     assert nans == int(nan.sum()) > 0
     want = f.to(torch.bfloat16)
@@ -786,19 +792,19 @@ def test_task_arithmetic_into_declines_what_it_does_not_match():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int32, torch.uint8])
 def test_kernels_see_a_tensors_own_memory_and_keep_it_alive(dtype):
-    # the kernels get tensors as numpy arrays made from their address (fused._flat): the
+    # the kernels get tensors as numpy arrays made from their address (compiled.as_numpy): the
     # array must be the tensor's very memory, with a bfloat16 value's bits, and must keep
     # that memory alive once the caller's tensor is gone (a freed tile would be read)
     g = torch.Generator().manual_seed(3)
     whole = (torch.randn(64, 48, generator=g) * 100).to(dtype)
     rows = whole[5:17]  # a view at an offset into its storage
-    got = fused._flat(rows)
+    got = compiled.as_numpy(rows)
     want = rows.view(torch.int16) if dtype == torch.bfloat16 else rows
     assert got.shape == (rows.numel(),)
     assert np.array_equal(got, want.reshape(-1).numpy())
     got[3] = 7  # written through: the kernels write their output this way
     assert want.reshape(-1)[3].item() == 7
-    kept = fused._flat(whole.clone()[10:20])  # the clone is freed once the call returns
+    kept = compiled.as_numpy(whole.clone()[10:20])  # the clone is freed once the call returns
     expect = (
         (whole[10:20].view(torch.int16) if dtype == torch.bfloat16 else whole[10:20])
         .reshape(-1)
@@ -811,7 +817,7 @@ def test_kernels_see_a_tensors_own_memory_and_keep_it_alive(dtype):
     # a tensor the address cannot describe takes torch's own way (a copy for a strided one)
     strided = whole.T
     assert np.array_equal(
-        fused._flat(strided),
+        compiled.as_numpy(strided),
         (
             strided.contiguous().view(torch.int16)
             if dtype == torch.bfloat16
@@ -824,7 +830,7 @@ def test_kernels_see_a_tensors_own_memory_and_keep_it_alive(dtype):
 
 _SETUP_SCRIPT = """
 import json, sys, time
-from dim3 import engine, fused
+from dim3 import compiled, engine
 from dim3.demo import DEMO_DIR
 from dim3.recipe import Recipe, Source
 
@@ -834,7 +840,7 @@ started = time.perf_counter()
 engine.merge_to_folder(Recipe(*roles, method="dim3", device="cpu"), sys.argv[1], progress=events.append)
 print(json.dumps({
     "wall": time.perf_counter() - started,
-    "setup": fused.setup_seconds(),
+    "setup": compiled.setup_seconds(),
     "elapsed": [p.elapsed for p in events],
 }))
 """

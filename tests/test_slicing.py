@@ -1455,15 +1455,15 @@ def test_dare_blocks_are_drawn_once_and_only_as_far_as_the_tiles_reach(compiled,
     """Tiles of 2 rows over blocks of 3 (some straddle two blocks; the last block is short) in
     one set of reused buffers: each random number the masks use is drawn once, none beyond the
     tensor's last row (whole blocks would draw 7 x 96 = 672), and the masks are the whole
-    tensor's; with the compiled generator (dim3/fused.py) and with torch.rand."""
-    from dim3 import fused
+    tensor's; with the compiled generator (dim3/compiled.py) and with torch.rand."""
+    from dim3.compiled import DareDraws
     from dim3.methods import _utils as U
 
     monkeypatch.setenv("DIM3_FUSED", compiled)
     monkeypatch.setattr(U, "DARE_BLOCK", 96)  # blocks of 3 rows of 32 entries
     whole = U.dare_keep_mask((20, 32), 0.6, 9, "w", 1)
     drawn = []
-    rand, words = torch.rand, fused.DareDraws.words
+    rand, words = torch.rand, DareDraws.words
 
     def counted(*args, **kwargs):
         got = rand(*args, **kwargs)
@@ -1475,7 +1475,7 @@ def test_dare_blocks_are_drawn_once_and_only_as_far_as_the_tiles_reach(compiled,
         return words(self, p, out)
 
     monkeypatch.setattr(torch, "rand", counted)
-    monkeypatch.setattr(fused.DareDraws, "words", counted_words)
+    monkeypatch.setattr(DareDraws, "words", counted_words)
     with U.reuse_buffers(Buffers()):
         for start in range(0, 20, 2):
             got = U.dare_keep_mask((2, 32), 0.6, 9, "w", 1, offset=start)

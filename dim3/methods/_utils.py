@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dim3 import fused
+from dim3 import compiled
 from dim3.slices import SORT_MAX, ExactSelect, FirstMask, magnitude_bits, select_by_sort
 
 
@@ -496,19 +496,19 @@ def _dare_keep_bits(
             # tile left it (torch.rand takes one 32-bit number per float32, in order), so a
             # block is drawn once, up to the rows asked for, not whole (a tensor's last block
             # is often short) nor again for each tile of rows inside it
-            # (dim3.fused.DareDraws: the same numbers, compiled, where numba runs)
+            # (dim3.compiled.DareDraws: the same numbers, compiled, where numba runs)
             if held is None:
                 seed_b = dare_seed(seed, f"{name}\0b{b}", index)
                 gen = (
-                    fused.DareDraws(seed_b)
-                    if fused.available()
+                    compiled.DareDraws(seed_b)
+                    if compiled.available()
                     else torch.Generator(device="cpu").manual_seed(seed_b)
                 )
                 held = (gen, [0])
             gen, drawn = held
             if drawn[0] < upto:
                 new = part[drawn[0] : upto]
-                if isinstance(gen, fused.DareDraws):
+                if isinstance(gen, compiled.DareDraws):
                     gen.words(drop_rate, new)
                 else:
                     torch.rand(new.shape, generator=gen, out=new.view(torch.float32))
