@@ -33,12 +33,12 @@ def kernels() -> Any:
     global _IMPORT_SECONDS
     started = time.perf_counter()
     try:
-        from dim3 import kernels
+        from dim3 import kernels as module
     except ImportError:
         return None
     finally:
         _IMPORT_SECONDS += time.perf_counter() - started
-    return kernels
+    return module
 
 
 def setup_seconds() -> float:

@@ -26,8 +26,8 @@ def imports(path: Path, known: dict[str, Path]) -> set[str]:
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
             # `from dim3.x import y`: the module dim3.x.y where there is one, else dim3.x
-            names = [f"{node.module}.{a.name}" for a in node.names] + [node.module]
-            names = [n for n in names[:-1] if n in known] or [node.module]
+            subs = [f"{node.module}.{a.name}" for a in node.names]
+            names = [n for n in subs if n in known] or [node.module]
         else:
             continue
         out |= {n for n in names if n in known}
